@@ -1,0 +1,1 @@
+"""The PySide6 desktop app. Imports the engine and the planner; nothing imports it."""

@@ -1,0 +1,1 @@
+"""The V4 model and its runtime. No Qt here: the engine is usable from a plain script."""

@@ -1,0 +1,129 @@
+#include "fd_platform.h"
+
+#include <stdlib.h>
+
+#if defined(_WIN32)
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#include <malloc.h>
+#include <process.h>
+#else
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+#endif
+
+void *fd_aligned_alloc(size_t nbytes) {
+#if defined(_WIN32)
+    return _aligned_malloc(nbytes ? nbytes : 1, 64);
+#else
+    void *p = NULL;
+    if (posix_memalign(&p, 64, nbytes ? nbytes : 1) != 0) return NULL;
+    return p;
+#endif
+}
+
+void fd_aligned_free(void *p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+double fd_now(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)c.QuadPart / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
+}
+
+int fd_logical_cores(void) {
+#if defined(_WIN32)
+    DWORD n = GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+    return n > 0 ? (int)n : 1;
+#else
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+#endif
+}
+
+typedef struct {
+    fd_task_fn fn;
+    void *arg;
+} fd_thunk;
+
+#if defined(_WIN32)
+static unsigned __stdcall fd_thread_main(void *p) {
+    fd_thunk *t = (fd_thunk *)p;
+    t->fn(t->arg);
+    return 0;
+}
+#else
+static void *fd_thread_main(void *p) {
+    fd_thunk *t = (fd_thunk *)p;
+    t->fn(t->arg);
+    return NULL;
+}
+#endif
+
+int fd_run_parallel(fd_task_fn fn, void *args, size_t arg_size, int n) {
+    char *base = (char *)args;
+    if (n <= 1) {
+        if (n == 1) fn(base);
+        return 0;
+    }
+    fd_thunk *thunks = (fd_thunk *)malloc(sizeof(fd_thunk) * (size_t)n);
+#if defined(_WIN32)
+    HANDLE *h = (HANDLE *)calloc((size_t)n, sizeof(HANDLE));
+#else
+    pthread_t *h = (pthread_t *)calloc((size_t)n, sizeof(pthread_t));
+    char *started = (char *)calloc((size_t)n, 1);
+#endif
+    int failed = 0;
+    if (!thunks || !h) {
+        failed = 1;
+    } else {
+        for (int i = 1; i < n; i++) {
+            thunks[i].fn = fn;
+            thunks[i].arg = base + (size_t)i * arg_size;
+#if defined(_WIN32)
+            h[i] = (HANDLE)_beginthreadex(NULL, 0, fd_thread_main, &thunks[i], 0, NULL);
+            if (!h[i]) failed = 1;
+#else
+            if (pthread_create(&h[i], NULL, fd_thread_main, &thunks[i]) == 0)
+                started[i] = 1;
+            else
+                failed = 1;
+#endif
+        }
+    }
+    fn(base);
+    for (int i = 1; i < n; i++) {
+#if defined(_WIN32)
+        if (h && h[i]) {
+            WaitForSingleObject(h[i], INFINITE);
+            CloseHandle(h[i]);
+        } else {
+            fn(base + (size_t)i * arg_size);
+        }
+#else
+        if (h && started && started[i])
+            pthread_join(h[i], NULL);
+        else
+            fn(base + (size_t)i * arg_size);
+#endif
+    }
+#if !defined(_WIN32)
+    free(started);
+#endif
+    free(h);
+    free(thunks);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,7 @@
+"""`python -m flashdesk` is the `flashdesk` command."""
+
+import sys
+
+from flashdesk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""`flashdesk bench NAME [--json]`: run `benchmarks/NAME.py` from the source tree.
+
+A benchmark module defines `run(json_output: bool) -> dict`; it prints its human report itself
+(machine first, then each figure with its bound and the ratio) and returns the JSON figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+
+def benchmarks_dir() -> Path | None:
+    """benchmarks/ beside the package sources (editable install) or under the working directory."""
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    for candidate in (Path.cwd() / "benchmarks", here):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def available() -> list[str]:
+    folder = benchmarks_dir()
+    if folder is None:
+        return []
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="benchmark to run (see --list)")
+    parser.add_argument("--all", action="store_true", help="run every benchmark")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = available()
+    if not names:
+        print(
+            "No benchmarks/ folder found: run `flashdesk bench` from a FlashDesk source checkout."
+        )
+        return 2
+    if args.list or (not args.all and not args.name):
+        print("benchmarks:", " ".join(names))
+        return 0
+    todo = names if args.all else [args.name]
+    unknown = [n for n in todo if n not in names]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; available: {' '.join(names)}")
+        return 2
+    folder = benchmarks_dir()
+    assert folder is not None
+    for name in todo:
+        spec = importlib.util.spec_from_file_location(
+            f"flashdesk_bench_{name}", folder / f"{name}.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        figures = module.run(json_output=args.json)
+        if args.json:
+            print(json.dumps({"benchmark": name, **figures}))
+    return 0
