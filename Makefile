@@ -20,7 +20,7 @@ SOURCES := pyproject.toml setup.py $(wildcard engine/csrc/*.c engine/csrc/*.h)
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PIP) install --quiet "$(firstword $(TORCH))" $(wordlist 2,99,$(TORCH))
 	touch $@
 
