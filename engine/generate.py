@@ -1,0 +1,334 @@
+"""Generation sessions: prefill, sampling, streaming text, cancellation and live statistics.
+
+A `Session` owns one sequence's model state. `stream()` is a generator the app's worker thread
+iterates; `cancel()` may be called from any other thread and takes effect within one token. The
+state survives a cancel, and a new prompt that extends what the state already holds only prefills
+the new tokens (prefix reuse), so a multi-turn chat does not re-read its history every turn.
+
+The model is anything with `new_state()`, `prefill(ids, state) -> logits[vocab]` (logits of the
+last position) and `decode(token_id, state) -> logits[vocab]`; the tokenizer anything with
+`decode(ids) -> str`. Both are duck-typed so tests can drive a session with small fakes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+# Special token ids of the V4 tokenizer (spec §5.1).
+EOS_ID = 1
+THINK_START_ID = 128821
+THINK_END_ID = 128822
+
+PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory and cancel latency
+
+
+class ContextOverflowError(ValueError):
+    """The prompt does not fit the context window; raised before any work is done."""
+
+    def __init__(self, prompt_tokens: int, context_limit: int, reserved: int = 1):
+        self.prompt_tokens = prompt_tokens
+        self.context_limit = context_limit
+        super().__init__(
+            f"The prompt is {prompt_tokens:,} tokens but the context window holds "
+            f"{context_limit:,} (at least {reserved} must stay free for the answer). "
+            "Remove documents or earlier turns, or load the model with a larger context."
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults follow the V4 model card: temperature 1.0, top_p 1.0. temperature 0 is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 4096
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Figures of one `stream()` call so far. Rates are None until they can be measured."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens served from the cached state instead of prefilled
+    prefill_done: int = 0  # prompt tokens prefilled so far in this call
+    generated_tokens: int = 0
+    reasoning_tokens: int = 0
+    ttft_s: float | None = None
+    prefill_tok_s: float | None = None
+    decode_tok_s: float | None = None
+    context_used: int = 0
+    context_limit: int = 0
+    kv_bytes: int | None = None
+    expert_hit_rate: float | None = None
+    stop_reason: str | None = None  # eos | stop_token | max_tokens | cancelled | context_full
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of a stream: new text (may be empty during prefill), its phase, the stats."""
+
+    text: str
+    phase: str  # "reasoning" | "answer"
+    stats: Stats
+    done: bool = False
+
+
+class IncrementalDecoder:
+    """Turns token ids into text deltas without ever splitting a UTF-8 character.
+
+    Byte-level BPE tokens can end inside a multi-byte character; decoding such a prefix yields
+    U+FFFD. Text is released only once the tail decodes cleanly, re-decoding a short window of
+    recent ids so merges across token boundaries come out as the full decode would.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window re-decoded for context
+        self._read = 0  # ids before this were already emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        full = self._decode(self._ids[self._prefix :])
+        if len(full) <= len(emitted) or (full.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(emitted) :]
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [vocab] -> one token id: greedy at temperature 0, else top-k / top-p sampling."""
+    logits = logits.float().reshape(-1)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class _Timing:
+    start: float = 0.0
+    prefill_s: float = 0.0
+    first_token_at: float | None = None
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one stream() call."""
+
+    stats: Stats
+    phase: str
+    timing: _Timing = field(default_factory=_Timing)
+
+
+class Session:
+    """One conversation's state on one model; not thread-safe except for `cancel()`."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        context_limit: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_limit = int(context_limit or getattr(model, "context_limit", 0) or 1 << 20)
+        self.prefill_chunk = prefill_chunk
+        self._state = None
+        self._ids: list[int] = []  # tokens the state holds, in order
+        self._cancel = threading.Event()
+        self._busy = threading.Lock()
+
+    @property
+    def context_used(self) -> int:
+        return len(self._ids)
+
+    @property
+    def held_ids(self) -> tuple[int, ...]:
+        """The tokens the cached state holds; a prompt that extends them reuses the state."""
+        return tuple(self._ids)
+
+    def reset(self) -> None:
+        """Forget the cached state (a new chat)."""
+        self._state = None
+        self._ids = []
+
+    def cancel(self) -> None:
+        """Stop the running stream after the current token; safe from any thread."""
+        self._cancel.set()
+
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[StreamEvent]:
+        """Prefill `prompt_ids` (reusing the cached prefix) and generate; yields StreamEvents.
+
+        Raises ContextOverflowError before any work when the prompt leaves no room to answer.
+        """
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: nothing to generate from")
+        if len(prompt) >= self.context_limit:
+            raise ContextOverflowError(len(prompt), self.context_limit)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this session is already generating; cancel it first")
+        try:
+            self._cancel.clear()
+            yield from self._stream(prompt, params)
+        finally:
+            self._busy.release()
+
+    def _stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
+        reused = self._reusable_prefix(prompt)
+        if reused == 0 or self._state is None:
+            self._state, self._ids, reused = self.model.new_state(), [], 0
+        phase = "reasoning" if prompt[-1] == THINK_START_ID else "answer"
+        run = _Run(
+            stats=Stats(
+                prompt_tokens=len(prompt),
+                reused_tokens=reused,
+                context_used=len(self._ids),
+                context_limit=self.context_limit,
+            ),
+            phase=phase,
+        )
+        run.timing.start = time.perf_counter()
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+
+        # Prefill the new part of the prompt in chunks, reporting progress between chunks.
+        todo = prompt[reused:]
+        logits = None
+        done = 0
+        while done < len(todo):
+            if self._cancel.is_set():
+                yield self._finish(run, "cancelled")
+                return
+            chunk = todo[done : done + self.prefill_chunk]
+            t0 = time.perf_counter()
+            logits = self.model.prefill(chunk, self._state)
+            run.timing.prefill_s += time.perf_counter() - t0
+            self._ids.extend(chunk)
+            done += len(chunk)
+            run.stats = replace(
+                run.stats,
+                prefill_done=done,
+                prefill_tok_s=done / run.timing.prefill_s if run.timing.prefill_s > 0 else None,
+                context_used=len(self._ids),
+                kv_bytes=self._kv_bytes(),
+            )
+            if done < len(todo):
+                yield StreamEvent("", run.phase, run.stats)
+
+        decoder = IncrementalDecoder(self.tokenizer.decode)
+        stop_ids = {EOS_ID, *params.stop_ids}
+        while True:
+            token = sample(logits, params, generator)
+            now = time.perf_counter()
+            if run.timing.first_token_at is None:
+                run.timing.first_token_at = now
+                run.stats = replace(run.stats, ttft_s=now - run.timing.start)
+            run.stats = replace(
+                run.stats,
+                generated_tokens=run.stats.generated_tokens + 1,
+                reasoning_tokens=run.stats.reasoning_tokens + (run.phase == "reasoning"),
+            )
+            # The sampled token is not fed to the state until the next step; a stop leaves it
+            # unfed, and the next turn's prompt (which contains it) prefills it.
+            reason = None
+            if token in stop_ids:
+                reason = "eos" if token == EOS_ID else "stop_token"
+            elif token == THINK_END_ID and run.phase == "reasoning":
+                tail = decoder.flush()
+                if tail:
+                    yield StreamEvent(tail, run.phase, run.stats)
+                run.phase = "answer"
+                decoder = IncrementalDecoder(self.tokenizer.decode)
+            elif token != THINK_START_ID:
+                text = decoder.push(token)
+                if text:
+                    yield StreamEvent(text, run.phase, run.stats)
+            if reason is None and run.stats.generated_tokens >= params.max_tokens:
+                reason = "max_tokens"
+            elif reason is None and len(self._ids) >= self.context_limit:
+                reason = "context_full"
+            elif reason is None and self._cancel.is_set():
+                reason = "cancelled"
+            if reason is not None:
+                yield self._finish(run, reason, tail=decoder.flush())
+                return
+            t0 = time.perf_counter()
+            logits = self.model.decode(token, self._state)
+            run.timing.decode_s += time.perf_counter() - t0
+            run.timing.decode_steps += 1
+            self._ids.append(token)
+            run.stats = replace(
+                run.stats,
+                decode_tok_s=run.timing.decode_steps / run.timing.decode_s
+                if run.timing.decode_s > 0
+                else None,
+                context_used=len(self._ids),
+                kv_bytes=self._kv_bytes(),
+            )
+
+    def _finish(self, run: _Run, reason: str, tail: str = "") -> StreamEvent:
+        """The final event, carrying any held-back text and the stop reason."""
+        run.stats = replace(
+            run.stats,
+            stop_reason=reason,
+            context_used=len(self._ids),
+            kv_bytes=self._kv_bytes(),
+            expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
+        )
+        return StreamEvent(tail, run.phase, run.stats, done=True)
+
+    def _reusable_prefix(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens the cached state already holds (all or nothing: the
+        caches cannot be rolled back, so the state is reusable only if the prompt extends it)."""
+        n = len(self._ids)
+        if n and n < len(prompt) and prompt[:n] == self._ids:
+            return n
+        return 0
+
+    def _kv_bytes(self) -> int | None:
+        nbytes = getattr(self._state, "nbytes", None)
+        return int(nbytes() if callable(nbytes) else nbytes) if nbytes is not None else None

@@ -1,0 +1,251 @@
+"""Session streaming, stop reasons, cancellation, prefix reuse and UTF-8 safety, on small fakes.
+
+The fakes follow the model/tokenizer contracts of engine/generate.py: a scripted model whose
+logits pick the next token of a script, and a byte tokenizer (id = byte + 2) so that multi-byte
+characters are split across tokens exactly as byte-level BPE can split them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from flashdesk.engine.generate import (
+    EOS_ID,
+    THINK_END_ID,
+    THINK_START_ID,
+    ContextOverflowError,
+    IncrementalDecoder,
+    SamplingParams,
+    Session,
+    sample,
+)
+
+VOCAB = 128830
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class ByteTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [b + 2 for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 2 for i in ids if 2 <= i < 258).decode("utf-8", errors="replace")
+
+
+class ScriptedState:
+    def __init__(self):
+        self.fed: list[int] = []
+        self.step = 0
+
+    def nbytes(self) -> int:
+        return 8 * len(self.fed)
+
+
+class ScriptedModel:
+    """Emits `script` after every prefill, then EOS (or repeats forever when `endless`)."""
+
+    def __init__(self, script: list[int], endless: bool = False):
+        self.script = script
+        self.endless = endless
+        self.prefill_calls: list[list[int]] = []
+        self.decode_calls = 0
+
+    def new_state(self) -> ScriptedState:
+        return ScriptedState()
+
+    def _logits(self, state: ScriptedState) -> torch.Tensor:
+        if state.step < len(self.script):
+            token = self.script[state.step]
+        else:
+            token = self.script[state.step % len(self.script)] if self.endless else EOS_ID
+        out = torch.zeros(VOCAB)
+        out[token] = 10.0
+        return out
+
+    def prefill(self, ids, state: ScriptedState) -> torch.Tensor:
+        self.prefill_calls.append(list(ids))
+        state.fed.extend(ids)
+        state.step = 0
+        return self._logits(state)
+
+    def decode(self, token_id: int, state: ScriptedState) -> torch.Tensor:
+        self.decode_calls += 1
+        state.fed.append(token_id)
+        state.step += 1
+        return self._logits(state)
+
+
+TOK = ByteTokenizer()
+
+
+def run(session: Session, prompt, params=GREEDY):
+    events = list(session.stream(prompt, params))
+    assert events[-1].done and all(not e.done for e in events[:-1])
+    return events
+
+
+def test_multibyte_characters_never_split():
+    text = "naïve €5 — 😀 ok"
+    events = run(Session(ScriptedModel(TOK.encode(text)), TOK), TOK.encode("hi"))
+    deltas = [e.text for e in events if e.text]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert events[-1].stats.stop_reason == "eos"
+    assert events[-1].stats.generated_tokens == len(TOK.encode(text)) + 1  # + EOS
+
+
+def test_incremental_decoder_flushes_an_incomplete_tail():
+    decoder = IncrementalDecoder(TOK.decode)
+    euro = TOK.encode("€")
+    assert decoder.push(euro[0]) == ""
+    assert decoder.push(euro[1]) == ""
+    assert decoder.flush() == "\ufffd"  # a cut character is shown as such, not dropped
+
+
+def test_reasoning_then_answer_phases():
+    script = [*TOK.encode("think"), THINK_END_ID, *TOK.encode("answer")]
+    events = run(Session(ScriptedModel(script), TOK), [*TOK.encode("q"), THINK_START_ID])
+    reasoning = "".join(e.text for e in events if e.phase == "reasoning")
+    answer = "".join(e.text for e in events if e.phase == "answer")
+    assert (reasoning, answer) == ("think", "answer")
+    stats = events[-1].stats
+    assert stats.reasoning_tokens == len("think") + 1  # the </think> token closes the reasoning
+    assert stats.generated_tokens == len(script) + 1
+
+
+def test_non_think_prompt_starts_in_answer_phase():
+    events = run(Session(ScriptedModel(TOK.encode("x")), TOK), [*TOK.encode("q"), THINK_END_ID])
+    assert {e.phase for e in events} == {"answer"}
+
+
+def test_max_tokens_and_stop_ids():
+    model = ScriptedModel(TOK.encode("abcdef"))
+    events = run(Session(model, TOK), TOK.encode("q"), SamplingParams(temperature=0, max_tokens=3))
+    assert "".join(e.text for e in events) == "abc"
+    assert events[-1].stats.stop_reason == "max_tokens"
+    stop = TOK.encode("d")[0]
+    events = run(
+        Session(ScriptedModel(TOK.encode("abcdef")), TOK),
+        TOK.encode("q"),
+        SamplingParams(temperature=0, stop_ids=(stop,)),
+    )
+    assert "".join(e.text for e in events) == "abc"
+    assert events[-1].stats.stop_reason == "stop_token"
+
+
+def test_stats_are_filled():
+    events = run(Session(ScriptedModel(TOK.encode("hello")), TOK, context_limit=100), [5, 6, 7])
+    stats = events[-1].stats
+    assert stats.prompt_tokens == 3
+    assert stats.ttft_s is not None and stats.ttft_s >= 0
+    assert stats.prefill_tok_s and stats.prefill_tok_s > 0
+    assert stats.decode_tok_s and stats.decode_tok_s > 0
+    assert stats.context_limit == 100
+    assert stats.context_used == 3 + 5  # the final EOS is sampled but not fed
+    assert stats.kv_bytes == 8 * stats.context_used
+
+
+def test_prompt_over_the_context_is_refused_before_any_work():
+    model = ScriptedModel(TOK.encode("x"))
+    session = Session(model, TOK, context_limit=10)
+    with pytest.raises(ContextOverflowError, match=r"10 tokens.*holds 10"):
+        list(session.stream(list(range(2, 12)), GREEDY))
+    assert model.prefill_calls == []
+
+
+def test_generation_stops_when_the_context_is_full():
+    model = ScriptedModel(TOK.encode("abcdefghij"), endless=True)
+    events = run(Session(model, TOK, context_limit=8), TOK.encode("qqq"))
+    assert events[-1].stats.stop_reason == "context_full"
+    assert events[-1].stats.context_used == 8
+
+
+def test_cancel_from_another_thread_stops_within_one_token():
+    model = ScriptedModel(TOK.encode("abc"), endless=True)
+    session = Session(model, TOK)
+    events = []
+    cancelled_at = None
+    for event in session.stream(TOK.encode("q"), GREEDY):
+        events.append(event)
+        if len(events) == 5:
+            worker = threading.Thread(target=session.cancel)
+            worker.start()
+            worker.join()
+            cancelled_at = event.stats.generated_tokens
+    assert events[-1].stats.stop_reason == "cancelled"
+    assert events[-1].stats.generated_tokens - cancelled_at <= 1
+    # The state is still usable: a follow-up prompt that extends it only prefills the new part.
+    held = list(session.held_ids)
+    assert len(held) == session.context_used > 1
+    calls = len(model.prefill_calls)
+    events = run(session, [*held, *TOK.encode("!")])
+    assert events[-1].stats.reused_tokens == len(held)
+    assert model.prefill_calls[calls:] == [TOK.encode("!")]
+
+
+def test_prefix_reuse_prefills_only_new_tokens():
+    model = ScriptedModel(TOK.encode("ok"))
+    session = Session(model, TOK)
+    first = TOK.encode("hello")
+    run(session, first)
+    transcript = [*first, *TOK.encode("ok")]  # what the state holds (EOS not fed)
+    assert session.context_used == len(transcript)
+    second = [*transcript, EOS_ID, *TOK.encode("more")]
+    events = run(session, second)
+    assert model.prefill_calls[-1] == [EOS_ID, *TOK.encode("more")]
+    assert events[-1].stats.reused_tokens == len(transcript)
+    # A prompt that does not extend the state starts afresh.
+    run(session, TOK.encode("other"))
+    assert model.prefill_calls[-1] == TOK.encode("other")
+
+
+def test_long_prompt_is_prefilled_in_chunks_with_progress():
+    model = ScriptedModel(TOK.encode("z"))
+    session = Session(model, TOK, prefill_chunk=4)
+    prompt = TOK.encode("0123456789")
+    events = run(session, prompt)
+    assert [len(c) for c in model.prefill_calls] == [4, 4, 2]
+    progress = [e.stats.prefill_done for e in events if not e.text and not e.done]
+    assert progress == [4, 8]
+
+
+def test_cancel_during_prefill():
+    model = ScriptedModel(TOK.encode("z"))
+    session = Session(model, TOK, prefill_chunk=2)
+    stream = session.stream(TOK.encode("0123456789"), GREEDY)
+    first = next(stream)
+    assert first.stats.prefill_done == 2
+    session.cancel()
+    rest = list(stream)
+    assert rest[-1].stats.stop_reason == "cancelled"
+    assert len(model.prefill_calls) == 1
+
+
+def test_sampling():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5])
+    assert sample(logits, GREEDY, None) == 1
+    assert sample(logits, SamplingParams(top_k=1), None) == 1
+    assert sample(logits, SamplingParams(top_p=0.01), None) == 1
+    draws = [
+        sample(logits, SamplingParams(seed=None), torch.Generator().manual_seed(7))
+        for _ in range(3)
+    ]
+    assert len(set(draws)) == 1  # same seed, same draw
+    counts = torch.zeros(4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        counts[sample(logits, SamplingParams(), gen)] += 1
+    expected = torch.softmax(logits, 0) * 2000
+    assert torch.allclose(counts, expected, atol=80)
+    top2 = {sample(logits, SamplingParams(top_k=2), gen) for _ in range(200)}
+    assert top2 == {1, 3}
+
+
+def test_bad_sampling_params_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
