@@ -1,0 +1,174 @@
+"""V4 attention: low-rank queries, one shared K=V vector per token, a 128-token sliding window,
+compressed entries (CSA: top-k chosen by the indexer; HCA: all), attention sinks, inverse RoPE on
+the output and the grouped low-rank output projection (spec §2.6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashdesk.engine.cache import LayerState
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.common import Linear, rms_norm
+from flashdesk.engine.model.compressor import Compressor
+from flashdesk.engine.model.indexer import Indexer
+from flashdesk.engine.model.rope import Rotary, apply_rope
+
+# Above this many visible compressed entries, CSA gathers its top-k rows per query instead of
+# scoring every entry and masking (a multiple of index_topk).
+DENSE_CSA_FACTOR = 2
+GATHER_QUERY_BLOCK = 16
+
+
+class Attention:
+    def __init__(
+        self,
+        *,
+        wq_a: Linear,  # [q_lora, D]
+        q_norm: torch.Tensor,  # [q_lora] fp32
+        wq_b: Linear,  # [H·d, q_lora]
+        wkv: Linear,  # [d, D]
+        kv_norm: torch.Tensor,  # [d] fp32
+        wo_a: torch.Tensor,  # [G·R, H·d/G]
+        wo_b: Linear,  # [D, G·R]
+        sink: torch.Tensor,  # [H] fp32
+        n_heads: int,
+        head_dim: int,
+        o_groups: int,
+        window: int,
+        ratio: int,
+        rotary: Rotary,
+        eps: float,
+        compressor: Compressor | None = None,
+        indexer: Indexer | None = None,
+    ):
+        self.wq_a, self.q_norm, self.wq_b = wq_a, q_norm, wq_b
+        self.wkv, self.kv_norm = wkv, kv_norm
+        self.wo_a = wo_a.view(o_groups, -1, wo_a.shape[-1])  # [G, R, H·d/G]
+        self.wo_b = wo_b
+        self.sink = sink
+        self.n_heads, self.head_dim, self.o_groups = n_heads, head_dim, o_groups
+        self.window = window
+        self.ratio = ratio
+        self.rotary = rotary
+        self.eps = eps
+        self.scale = head_dim**-0.5
+        self.compressor = compressor
+        self.indexer = indexer
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        start: int,
+        state: LayerState,
+        query_block: int = 128,
+        simulate: bool = False,
+    ) -> torch.Tensor:
+        """a `[S, D]` (normed block input) for positions start..start+S-1 → `[S, D]`."""
+        s = a.shape[0]
+        dtype = a.dtype
+        rd = self.rotary.rope_dim
+        positions = torch.arange(start, start + s, device=a.device)
+        cos, sin = self.rotary.cos_sin(positions)
+
+        qr = rms_norm(self.wq_a(a, simulate), self.q_norm, self.eps)  # [S, q_lora]
+        q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
+        q = apply_rope(rms_norm(q, None, self.eps), cos, sin)  # [S, H, d]
+
+        kv = rms_norm(self.wkv(a, simulate), self.kv_norm, self.eps)
+        kv = apply_rope(kv, cos, sin)  # [S, d]
+        if simulate:
+            kv = torch.cat((qsim.fp8_snap(kv[:, :-rd], 64), kv[:, -rd:]), -1)
+
+        n_prev = min(start, self.window - 1)
+        keys = torch.cat((state.window.recent(start, n_prev).to(kv.dtype), kv))
+        state.window.write(kv, start)
+
+        entries = index_keys = qi = wi = None
+        if self.compressor is not None:
+            new = self.compressor.update(a, start, state.carry, dtype, simulate)
+            state.kv_entries.append(new)
+            entries = state.kv_entries.view()
+        if self.indexer is not None:
+            new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
+            state.index_keys.append(new)
+            index_keys = state.index_keys.view()
+            qi, wi = self.indexer.queries(qr, a, cos, sin, simulate)
+
+        o = torch.empty(s, self.n_heads, self.head_dim, dtype=torch.float32, device=a.device)
+        block = query_block
+        if self.indexer is not None:
+            visible_max = (start + s) // self.ratio
+            if visible_max > DENSE_CSA_FACTOR * self.indexer.topk:
+                block = min(block, GATHER_QUERY_BLOCK)
+        for q0 in range(0, s, block):
+            q1 = min(s, q0 + block)
+            o[q0:q1] = self._attend_block(
+                q[q0:q1], keys, n_prev, start, q0, q1, entries, index_keys, qi, wi
+            )
+        o = apply_rope(o.to(dtype), cos, sin, inverse=True)
+        z = torch.einsum("sgk,grk->sgr", o.view(s, self.o_groups, -1), self.wo_a)
+        return self.wo_b(z.flatten(1), simulate)
+
+    def _attend_block(
+        self,
+        q: torch.Tensor,  # [b, H, d]
+        keys: torch.Tensor,  # [n_prev + S, d]: positions start-n_prev .. start+S-1
+        n_prev: int,
+        start: int,
+        q0: int,
+        q1: int,
+        entries: torch.Tensor | None,  # [T, d] compressed KV
+        index_keys: torch.Tensor | None,  # [T, di]
+        qi: torch.Tensor | None,  # [S, Hi, di]
+        wi: torch.Tensor | None,  # [S, Hi]
+    ) -> torch.Tensor:
+        """Sink softmax over window + compressed candidates for queries q0..q1-1 of the chunk."""
+        device = q.device
+        qf = q.float()
+        qpos = start + torch.arange(q0, q1, device=device)
+        lo = max(0, q0 + n_prev - (self.window - 1))
+        kw = keys[lo : q1 + n_prev].float()
+        kpos = start - n_prev + torch.arange(lo, q1 + n_prev, device=device)
+        in_window = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.window)
+        logits = [
+            torch.einsum("qhd,kd->qhk", qf, kw).masked_fill_(~in_window[:, None, :], float("-inf"))
+        ]
+        values = [kw]
+        gathered = None
+        if entries is not None:
+            visible = (qpos + 1) // self.ratio  # entries t < visible[q] are complete
+            t_max = int(visible.max())
+            if t_max > 0:
+                comp = entries[:t_max].float()
+                tpos = torch.arange(t_max, device=device)
+                allowed = tpos[None, :] < visible[:, None]  # [b, T]
+                if self.indexer is not None and t_max > self.indexer.topk:
+                    scores = self.indexer.scores(qi[q0:q1], wi[q0:q1], index_keys[:t_max])
+                    scores = scores.masked_fill(~allowed, float("-inf"))
+                    picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
+                    valid = picked < visible[:, None]
+                    if t_max > DENSE_CSA_FACTOR * self.indexer.topk:
+                        gathered = (comp[picked], valid)  # [b, k, d], [b, k]
+                    else:
+                        allowed = torch.zeros_like(allowed).scatter_(-1, picked, valid)
+                if gathered is None:
+                    lc = torch.einsum("qhd,td->qht", qf, comp)
+                    logits.append(lc.masked_fill_(~allowed[:, None, :], float("-inf")))
+                    values.append(comp)
+                else:
+                    rows, valid = gathered
+                    lc = torch.einsum("qhd,qkd->qhk", qf, rows)
+                    logits.append(lc.masked_fill_(~valid[:, None, :], float("-inf")))
+        sink = self.sink.view(1, -1, 1).expand(q.shape[0], -1, 1)
+        all_logits = torch.cat([lg * self.scale for lg in logits] + [sink], dim=-1)
+        probs = all_logits.softmax(dim=-1)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=device)
+        offset = 0
+        for v in values:
+            out += torch.einsum("qhk,kd->qhd", probs[..., offset : offset + v.shape[0]], v)
+            offset += v.shape[0]
+        if gathered is not None:
+            rows = gathered[0]
+            out += torch.einsum("qhk,qkd->qhd", probs[..., offset : offset + rows.shape[1]], rows)
+        return out

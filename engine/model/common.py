@@ -1,0 +1,59 @@
+"""Small pieces shared by the mechanisms: RMSNorm, the linear with optional activation snapping,
+and the numerics options of a model instance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashdesk.engine.model import qsim
+
+# fetch(name, dtype) -> tensor: the dequantized weight under its official checkpoint name.
+Fetch = Callable[[str, torch.dtype], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a model instance computes.
+
+    dtype: activation and weight dtype of the big linears (float32 or bfloat16). Norms, mHC,
+      router, compressor pooling and attention softmax are float32 regardless, as in the reference.
+    simulate_quant: reproduce the reference's quantise-dequantise steps (spec §2.1): FP8 snapping
+      of KV no-rope channels and of FP8/FP4 linear inputs, Hadamard + FP4 snapping in the indexer.
+    query_block: queries per attention block in prefill (bounds the logits buffer).
+    """
+
+    dtype: torch.dtype = torch.float32
+    simulate_quant: bool = False
+    query_block: int = 128
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32 (weight float32 or None), result in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y.to(x.dtype)
+
+
+class Linear:
+    """`y = x · Wᵀ` with W kept dequantized; `quantized` marks an FP8/FP4 weight of the checkpoint,
+    whose input the reference snaps to FP8 (1×128 blocks) when quantisation is simulated."""
+
+    __slots__ = ("quantized", "weight")
+
+    def __init__(self, weight: torch.Tensor, quantized: bool):
+        self.weight = weight
+        self.quantized = quantized
+
+    def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        if simulate and self.quantized:
+            x = qsim.act_snap(x)
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+    def to(self, device: torch.device | str) -> Linear:
+        return Linear(self.weight.to(device), self.quantized)

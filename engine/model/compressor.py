@@ -1,0 +1,101 @@
+"""KV compressor: gated pooling of every `ratio` tokens into one entry (spec §2.6.1).
+
+Ratio 4 (CSA) overlaps windows: each token's projection has an A half (pooled into the *next*
+entry) and a B half (pooled into its own window's entry), so entry i pools 8 slots with stride 4.
+Other ratios (HCA, 128) pool non-overlapping windows. Pooling is a per-channel softmax of the gates
+over the slots (float32), then RMSNorm, RoPE at position ratio·i, and, when simulating the
+reference's quantisation, FP8 snapping of the no-rope channels (main compressor) or Hadamard +
+FP4 snapping (the indexer's compressor).
+
+Any chunking of the tokens gives the same entries: the tokens of an open window and the A halves
+of the last closed one are carried in `CompressorCarry` between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flashdesk.engine.cache import CompressorCarry
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.common import rms_norm
+from flashdesk.engine.model.rope import Rotary, apply_rope
+
+
+class Compressor:
+    def __init__(
+        self,
+        *,
+        wkv: torch.Tensor,  # [(1+ov)·c, D] float32
+        wgate: torch.Tensor,  # [(1+ov)·c, D] float32
+        ape: torch.Tensor,  # [ratio, (1+ov)·c] float32
+        norm: torch.Tensor,  # [c] float32
+        ratio: int,
+        rotary: Rotary,
+        eps: float,
+        for_indexer: bool,
+    ):
+        self.ratio = ratio
+        self.overlap = ratio == 4
+        self.head = norm.shape[0]
+        self.wkv, self.wgate, self.ape, self.norm = wkv, wgate, ape, norm
+        self.rotary = rotary
+        self.eps = eps
+        self.for_indexer = for_indexer
+
+    def update(
+        self,
+        a: torch.Tensor,
+        start: int,
+        carry: CompressorCarry,
+        out_dtype: torch.dtype,
+        simulate: bool = False,
+    ) -> torch.Tensor:
+        """Feed tokens start..start+S-1 (a `[S, D]`); return the entries they close, `[E, c]`.
+
+        The returned entries have ids (start - start % ratio) / ratio + 0..E-1, i.e. they follow
+        the entries already emitted for this sequence.
+        """
+        m, c = self.ratio, self.head
+        s = a.shape[0]
+        x = a.float()
+        kv = F.linear(x, self.wkv)  # [S, (1+ov)·c]
+        positions = torch.arange(start, start + s, device=a.device)
+        gate = F.linear(x, self.wgate) + self.ape[positions % m]
+        n_open = start % m
+        if n_open:
+            kv = torch.cat((carry.kv[:n_open], kv))
+            gate = torch.cat((carry.gate[:n_open], gate))
+        n_windows = kv.shape[0] // m
+        used = n_windows * m
+        rest = kv.shape[0] - used
+        first = (start - n_open) // m
+        if n_windows == 0:
+            carry.kv[:rest] = kv
+            carry.gate[:rest] = gate
+            return torch.empty(0, c, dtype=out_dtype, device=a.device)
+        win_kv = kv[:used].view(n_windows, m, -1)
+        win_gate = gate[:used].view(n_windows, m, -1)
+        if self.overlap:
+            prev_kv = torch.cat((carry.prev_kv[None], win_kv[:-1, :, :c]))
+            prev_gate = torch.cat((carry.prev_gate[None], win_gate[:-1, :, :c]))
+            slots_kv = torch.cat((prev_kv, win_kv[:, :, c:]), dim=1)  # [n, 2m, c]
+            slots_gate = torch.cat((prev_gate, win_gate[:, :, c:]), dim=1)
+            carry.prev_kv.copy_(win_kv[-1, :, :c])
+            carry.prev_gate.copy_(win_gate[-1, :, :c])
+        else:
+            slots_kv, slots_gate = win_kv, win_gate
+        carry.kv[:rest] = kv[used:]
+        carry.gate[:rest] = gate[used:]
+        pooled = (slots_kv * slots_gate.softmax(dim=1)).sum(dim=1)  # [n, c] float32
+        entries = rms_norm(pooled.to(out_dtype), self.norm, self.eps)
+        entry_pos = (torch.arange(first, first + n_windows, device=a.device)) * m
+        cos, sin = self.rotary.cos_sin(entry_pos)
+        entries = apply_rope(entries, cos, sin)
+        if simulate:
+            if self.for_indexer:
+                entries = qsim.fp4_snap(qsim.hadamard(entries), 32)
+            else:
+                rd = self.rotary.rope_dim
+                entries = torch.cat((qsim.fp8_snap(entries[:, :-rd], 64), entries[:, -rd:]), -1)
+        return entries

@@ -1,0 +1,348 @@
+"""The DeepSeek-V4 model: embedding → blocks (mHC around attention and MoE) → hc_head, norm, head.
+
+`V4Model` is built from a `fetch(name, dtype)` function that returns dequantized tensors under the
+official checkpoint names (spec §4.2), so the same code serves a real checkpoint, a tiny one
+written by our writer, and in-memory test weights.
+
+Public use::
+
+    state = model.new_state()
+    logits = model.prefill(ids, state, chunk_size=None)   # logits of the last position, [V]
+    logits = model.decode(token_id, state)                # [V]
+    all_logits = model.forward_full(ids)                  # [S, V], no cache kept
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flashdesk.engine.cache import SequenceState, new_layer_state
+from flashdesk.engine.config import LayerSpec, ModelConfig
+from flashdesk.engine.model.attention import Attention
+from flashdesk.engine.model.common import Fetch, Linear, Numerics, rms_norm
+from flashdesk.engine.model.compressor import Compressor
+from flashdesk.engine.model.indexer import Indexer
+from flashdesk.engine.model.mhc import hc_head, hc_post, hc_pre
+from flashdesk.engine.model.moe import DenseExperts, MoE, Router, SharedExpert
+from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+
+F32 = torch.float32
+
+
+class ModelInputError(ValueError):
+    """Token ids the model cannot take (empty, out of vocabulary, wrong shape)."""
+
+
+def rotary_tables(config: ModelConfig) -> tuple[Rotary, Rotary]:
+    """(main, compress): θ=rope_theta plain for window layers; compress_rope_theta + YaRN."""
+    rd = config.qk_rope_head_dim
+    main = Rotary(rd, inverse_frequencies(rd, config.rope_theta))
+    compress = Rotary(
+        rd,
+        inverse_frequencies(
+            rd,
+            config.compress_rope_theta,
+            config.rope_factor,
+            config.rope_original_max_position,
+            config.rope_beta_fast,
+            config.rope_beta_slow,
+        ),
+    )
+    return main, compress
+
+
+class Block:
+    """One decoder block (spec §2.4); also the body of an MTP block."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        spec: LayerSpec,
+        fetch: Fetch,
+        numerics: Numerics,
+        rotaries: tuple[Rotary, Rotary],
+    ):
+        self.spec = spec
+        self.config = config
+        p = spec.prefix
+        dt = numerics.dtype
+        eps = config.rms_norm_eps
+        self.hc_attn = (fetch(p + "hc_attn_fn", F32), fetch(p + "hc_attn_scale", F32))
+        self.hc_attn += (fetch(p + "hc_attn_base", F32),)
+        self.hc_ffn = (fetch(p + "hc_ffn_fn", F32), fetch(p + "hc_ffn_scale", F32))
+        self.hc_ffn += (fetch(p + "hc_ffn_base", F32),)
+        self.attn_norm = fetch(p + "attn_norm.weight", F32)
+        self.ffn_norm = fetch(p + "ffn_norm.weight", F32)
+
+        rotary = rotaries[1] if spec.has_compressor else rotaries[0]
+        a = p + "attn."
+        compressor = indexer = None
+        if spec.has_compressor:
+            compressor = _compressor(
+                fetch, a + "compressor.", spec.compress_ratio, rotary, eps, False
+            )
+        if spec.has_indexer:
+            indexer = Indexer(
+                wq_b=Linear(fetch(a + "indexer.wq_b.weight", dt), True),
+                weights_proj=Linear(fetch(a + "indexer.weights_proj.weight", dt), False),
+                compressor=_compressor(
+                    fetch, a + "indexer.compressor.", spec.compress_ratio, rotary, eps, True
+                ),
+                n_heads=config.index_n_heads,
+                head_dim=config.index_head_dim,
+                topk=config.index_topk,
+            )
+        self.attn = Attention(
+            wq_a=Linear(fetch(a + "wq_a.weight", dt), True),
+            q_norm=fetch(a + "q_norm.weight", F32),
+            wq_b=Linear(fetch(a + "wq_b.weight", dt), True),
+            wkv=Linear(fetch(a + "wkv.weight", dt), True),
+            kv_norm=fetch(a + "kv_norm.weight", F32),
+            wo_a=fetch(a + "wo_a.weight", dt),
+            wo_b=Linear(fetch(a + "wo_b.weight", dt), True),
+            sink=fetch(a + "attn_sink", F32),
+            n_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            o_groups=config.o_groups,
+            window=config.sliding_window,
+            ratio=spec.compress_ratio,
+            rotary=rotary,
+            eps=eps,
+            compressor=compressor,
+            indexer=indexer,
+        )
+
+        f = p + "ffn."
+        if spec.hash_routed:
+            bias, tid2eid = None, fetch(f + "gate.tid2eid", torch.int64).long()
+        else:
+            bias, tid2eid = fetch(f + "gate.bias", F32), None
+        router = Router(
+            weight=fetch(f + "gate.weight", F32),
+            bias=bias,
+            tid2eid=tid2eid,
+            top_k=config.num_experts_per_tok,
+            scale=config.routed_scaling_factor,
+        )
+        n_exp = config.n_routed_experts
+        stacked = {
+            w: torch.stack([fetch(f"{f}experts.{e}.{w}.weight", dt) for e in range(n_exp)])
+            for w in ("w1", "w2", "w3")
+        }
+        experts = DenseExperts(stacked["w1"], stacked["w2"], stacked["w3"], config.swiglu_limit)
+        shared = SharedExpert(
+            *(Linear(fetch(f"{f}shared_experts.{w}.weight", dt), True) for w in ("w1", "w2", "w3")),
+            limit=config.swiglu_limit,
+        )
+        self.moe = MoE(router, experts, shared)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [S, hc, D] streams
+        ids: torch.Tensor,  # [S] token ids (hash routing)
+        start: int,
+        state,
+        numerics: Numerics,
+    ) -> torch.Tensor:
+        c = self.config
+        sim = numerics.simulate_quant
+        u, post, comb = hc_pre(x, *self.hc_attn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        f = self.attn.forward(
+            rms_norm(u, self.attn_norm, c.rms_norm_eps), start, state, numerics.query_block, sim
+        )
+        x = hc_post(f, x, post, comb)
+        u, post, comb = hc_pre(x, *self.hc_ffn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        f = self.moe.forward(rms_norm(u, self.ffn_norm, c.rms_norm_eps), ids, sim)
+        return hc_post(f, x, post, comb)
+
+
+def _compressor(
+    fetch: Fetch, p: str, ratio: int, rotary: Rotary, eps: float, for_indexer: bool
+) -> Compressor:
+    return Compressor(
+        wkv=fetch(p + "wkv.weight", F32),
+        wgate=fetch(p + "wgate.weight", F32),
+        ape=fetch(p + "ape", F32),
+        norm=fetch(p + "norm.weight", F32),
+        ratio=ratio,
+        rotary=rotary,
+        eps=eps,
+        for_indexer=for_indexer,
+    )
+
+
+class MTPBlock:
+    """The multi-token-prediction draft head (spec §2.9): from the main model's final 4-stream
+    state at position i and the embedding of token i+1 it predicts token i+2."""
+
+    def __init__(self, config, spec, fetch, numerics, rotaries):
+        p = spec.prefix
+        dt = numerics.dtype
+        self.block = Block(config, spec, fetch, numerics, rotaries)
+        self.e_proj = Linear(fetch(p + "e_proj.weight", dt), True)
+        self.h_proj = Linear(fetch(p + "h_proj.weight", dt), True)
+        self.enorm = fetch(p + "enorm.weight", F32)
+        self.hnorm = fetch(p + "hnorm.weight", F32)
+        self.norm = fetch(p + "norm.weight", F32)
+        self.hc_head = (
+            fetch(p + "hc_head_fn", F32),
+            fetch(p + "hc_head_scale", F32),
+            fetch(p + "hc_head_base", F32),
+        )
+
+
+class V4Model:
+    """DeepSeek-V4 in torch; device-agnostic (weights live where `fetch` + `device` put them)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        fetch: Fetch,
+        *,
+        device: torch.device | str = "cpu",
+        numerics: Numerics | None = None,
+        with_mtp: bool = False,
+    ):
+        self.config = config
+        self.numerics = numerics or Numerics()
+        self.device = torch.device(device)
+        dev = self.device
+
+        def fetch_on(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return fetch(name, dtype).to(dev)
+
+        dt = self.numerics.dtype
+        main, compress = rotary_tables(config)
+        self.rotaries = (main.to(dev), compress.to(dev))
+        self.embed = fetch_on("embed.weight", dt)
+        # The reference computes logits in float32 against a float32 head.
+        self.head = fetch_on("head.weight", F32)
+        self.norm = fetch_on("norm.weight", F32)
+        self.hc_head = (
+            fetch_on("hc_head_fn", F32),
+            fetch_on("hc_head_scale", F32),
+            fetch_on("hc_head_base", F32),
+        )
+        self.blocks = [
+            Block(config, spec, fetch_on, self.numerics, self.rotaries)
+            for spec in config.main_layers
+        ]
+        self.mtp = (
+            [MTPBlock(config, s, fetch_on, self.numerics, self.rotaries) for s in config.mtp_layers]
+            if with_mtp
+            else []
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def new_state(self) -> SequenceState:
+        """Empty per-sequence state (window rings, compressed KV, compressor carry)."""
+        c = self.config
+
+        def layer(spec: LayerSpec):
+            return new_layer_state(
+                window=c.sliding_window,
+                head_dim=c.head_dim,
+                ratio=spec.compress_ratio,
+                index_head_dim=c.index_head_dim,
+                kv_dtype=self.numerics.dtype,
+                device=self.device,
+            )
+
+        return SequenceState(
+            layers=[layer(s) for s in c.main_layers],
+            mtp=[layer(m.block.spec) for m in self.mtp],
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _ids(self, ids) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if t.dim() == 0:
+            t = t.view(1)
+        if t.dim() != 1:
+            raise ModelInputError(
+                f"token ids must be one sequence (1-D), got shape {tuple(t.shape)}; "
+                "pass one prompt at a time"
+            )
+        if t.numel() == 0:
+            raise ModelInputError("no token ids given; the prompt must hold at least one token")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ModelInputError(
+                f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
+                "the tokenizer does not match this checkpoint"
+            )
+        return t
+
+    @torch.inference_mode()
+    def forward_streams(self, ids, state: SequenceState) -> torch.Tensor:
+        """Run tokens through every block, advancing `state`; → final streams `[S, hc, D]`."""
+        ids = self._ids(ids)
+        start = state.position
+        e = self.embed[ids]  # [S, D]
+        x = e.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x = block.forward(x, ids, start, layer_state, self.numerics)
+        state.position = start + ids.numel()
+        return x
+
+    def logits_from_streams(self, x: torch.Tensor) -> torch.Tensor:
+        """Streams `[n, hc, D]` → logits `[n, V]` float32 (hc_head, norm, head)."""
+        c = self.config
+        h = hc_head(x, *self.hc_head, c.hc_eps, c.rms_norm_eps)
+        h = rms_norm(h, self.norm, c.rms_norm_eps)
+        return torch.nn.functional.linear(h.float(), self.head)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int] | torch.Tensor, state: SequenceState, chunk_size=None):
+        """Feed a prompt (or its continuation) into `state`; → logits of its last token `[V]`.
+
+        `chunk_size` bounds the tokens per pass (activation memory); any size gives the same
+        state and logits as one pass.
+        """
+        ids = self._ids(ids)
+        if chunk_size is not None and chunk_size < 1:
+            raise ModelInputError(f"chunk_size must be ≥ 1, got {chunk_size}")
+        step = ids.numel() if chunk_size is None else int(chunk_size)
+        x = None
+        for i in range(0, ids.numel(), step):
+            x = self.forward_streams(ids[i : i + step], state)
+        return self.logits_from_streams(x[-1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, token_id: int, state: SequenceState) -> torch.Tensor:
+        """One token after the state's last one → logits of the next `[V]`."""
+        return self.prefill([int(token_id)], state)
+
+    @torch.inference_mode()
+    def forward_full(self, ids) -> torch.Tensor:
+        """Logits `[S, V]` for every position of `ids` in one pass (a fresh, discarded state)."""
+        state = self.new_state()
+        return self.logits_from_streams(self.forward_streams(ids, state))
+
+    # ------------------------------------------------------------------ MTP
+
+    @torch.inference_mode()
+    def mtp_logits(self, streams: torch.Tensor, next_ids, state: SequenceState) -> torch.Tensor:
+        """Draft logits `[S, V]` of the MTP block: streams `[S, hc, D]` are the main model's final
+        streams at positions P..P+S-1 (P = state.mtp_position), `next_ids` the tokens at
+        P+1..P+S; row i predicts the token at P+i+2. Advances the MTP block's own window."""
+        if not self.mtp:
+            raise RuntimeError("this model was loaded without its MTP block (with_mtp=False)")
+        c = self.config
+        mtp = self.mtp[0]
+        ids = self._ids(next_ids)
+        start = state.mtp_position
+        e = rms_norm(self.embed[ids], mtp.enorm, c.rms_norm_eps)
+        h = rms_norm(streams, mtp.hnorm, c.rms_norm_eps)
+        sim = self.numerics.simulate_quant
+        x = (mtp.e_proj(e, sim).unsqueeze(1) + mtp.h_proj(h, sim)).to(self.numerics.dtype)
+        x = mtp.block.forward(x, ids, start, state.mtp[0], self.numerics)
+        state.mtp_position = start + ids.numel()
+        out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps)
+        out = rms_norm(out, mtp.norm, c.rms_norm_eps)
+        return torch.nn.functional.linear(out.float(), self.head)

@@ -1,0 +1,110 @@
+"""Mixture of experts (spec §2.7): sqrt-softplus router, bias used only to rank, hash routing by
+token id in the first layers, renormalised weights × routed_scaling_factor, clamped SwiGLU experts
+with the routing weight applied before `w2`, plus one always-on shared expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.common import Linear
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) · clamp(up, ±limit) in float32 (no clamp when limit is 0)."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        weight: torch.Tensor,  # [E, D] float32
+        bias: torch.Tensor | None,  # [E] float32 (score-routed layers)
+        tid2eid: torch.Tensor | None,  # [V, k] int64 (hash-routed layers)
+        top_k: int,
+        scale: float,
+    ):
+        if (bias is None) == (tid2eid is None):
+            raise ValueError("a router has either a bias (learned top-k) or tid2eid (hash)")
+        self.weight, self.bias, self.tid2eid = weight, bias, tid2eid
+        self.top_k = top_k
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[T, D]`, token ids `[T]` → expert ids `[T, k]` (int64), weights `[T, k]` float32."""
+        scores = F.softplus(F.linear(x.float(), self.weight)).sqrt()
+        if self.tid2eid is not None:
+            experts = self.tid2eid[ids]
+        else:
+            experts = (scores + self.bias).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        weights = weights / weights.sum(-1, keepdim=True) * self.scale
+        return experts, weights
+
+
+class DenseExperts:
+    """Routed experts held dequantized as stacked tensors (the plain torch path).
+
+    w1, w3 `[E, I, D]`, w2 `[E, D, I]`. The runtime may replace this object with any callable of
+    the same signature (e.g. the FP4 CPU kernels).
+    """
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float):
+        self.w1, self.w2, self.w3 = w1, w2, w3
+        self.limit = limit
+
+    @property
+    def count(self) -> int:
+        return self.w1.shape[0]
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        simulate: bool = False,
+    ) -> torch.Tensor:
+        """x `[T, D]`, experts/weights `[T, k]` → Σ_k weight·expert(x) `[T, D]` float32."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        xin = qsim.act_snap(x) if simulate else x
+        xin = xin.to(self.w1.dtype)
+        for e in torch.unique(experts).tolist():
+            rows, slot = torch.where(experts == e)
+            xs = xin[rows]
+            h = swiglu(F.linear(xs, self.w1[e]), F.linear(xs, self.w3[e]), self.limit)
+            h = (h * weights[rows, slot, None]).to(x.dtype)
+            if simulate:
+                h = qsim.act_snap(h)
+            out.index_add_(0, rows, F.linear(h.to(self.w2.dtype), self.w2[e]).float())
+        return out
+
+
+class SharedExpert:
+    def __init__(self, w1: Linear, w2: Linear, w3: Linear, limit: float):
+        self.w1, self.w2, self.w3 = w1, w2, w3
+        self.limit = limit
+
+    def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        h = swiglu(self.w1(x, simulate), self.w3(x, simulate), self.limit)
+        return self.w2(h.to(x.dtype), simulate).float()
+
+
+class MoE:
+    def __init__(self, router: Router, experts: DenseExperts, shared: SharedExpert):
+        self.router = router
+        self.experts = experts
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        """x `[T, D]` (normed), token ids `[T]` → `[T, D]` in x's dtype."""
+        experts, weights = self.router(x, ids)
+        y = self.experts(x, experts, weights, simulate)
+        y += self.shared(x, simulate)
+        return y.to(x.dtype)

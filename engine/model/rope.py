@@ -1,0 +1,80 @@
+"""Partial, interleaved rotary embedding on the last `rope_dim` channels (spec §2.5).
+
+Two tables exist per model: plain θ=10000 for window-only layers and θ=160000 with YaRN frequency
+interpolation for compressed layers. No YaRN magnitude (mscale) factor is applied anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def inverse_frequencies(
+    rope_dim: int,
+    base: float,
+    yarn_factor: float = 1.0,
+    original_max_position: int = 0,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> torch.Tensor:
+    """ω_i for the `rope_dim // 2` rotated pairs, float32 `[rope_dim // 2]`.
+
+    YaRN (used when `original_max_position > 0`, as in the reference): pairs below the correction
+    range keep ω_i, pairs above it get ω_i / factor, a linear ramp blends in between.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if original_max_position > 0:
+
+        def correction_dim(rotations: float) -> float:
+            return (
+                rope_dim
+                * math.log(original_max_position / (rotations * 2 * math.pi))
+                / (2 * math.log(base))
+            )
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp
+        freqs = freqs / yarn_factor * (1 - keep) + freqs * keep
+    return freqs
+
+
+class Rotary:
+    """One frequency table; cos/sin are computed per call from absolute positions."""
+
+    def __init__(self, rope_dim: int, inv_freq: torch.Tensor):
+        self.rope_dim = rope_dim
+        self.inv_freq = inv_freq
+
+    def to(self, device: torch.device | str) -> Rotary:
+        return Rotary(self.rope_dim, self.inv_freq.to(device))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[S]` (int) → cos, sin `[S, rope_dim // 2]` float32."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """Rotate consecutive pairs of the last `2 * cos.shape[-1]` channels of `x`.
+
+    x `[S, d]` or `[S, H, d]`; cos/sin `[S, r/2]`. Math in float32, result in x's dtype (a new
+    tensor). `inverse=True` rotates by the negative angle (the de-rotation of the attention output).
+    """
+    half = cos.shape[-1]
+    rope_dim = 2 * half
+    if x.dim() == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    rot = x[..., -rope_dim:].float().unflatten(-1, (half, 2))
+    a, b = rot[..., 0], rot[..., 1]
+    if inverse:
+        sin = -sin
+    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-rope_dim], out.to(x.dtype)), dim=-1)
