@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "flashdesk.bench",
         "run a benchmark from benchmarks/ (ratios against measured bounds)",
     ),
+    "fit": ("flashdesk.fit", "what this machine will do with the model: placement, context, speed"),
 }
 
 

@@ -1,0 +1,247 @@
+"""ModelFigures: the sizes of a model as plain numbers, all the planner needs to know about it.
+
+The planner never imports the engine: the glue (`flashdesk fit`) turns the engine's inventory and
+config into these figures with `ModelFigures.from_inventory`, which reads them by duck typing
+(tensors with `layer`, `component`, `expert`, `nbytes`, `numel`; a config with the HF keys).
+Tests build figures straight from the spec's tables.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+# Inventory component names (engine/inventory.py, spec §4.2 categories).
+ROUTED = "routed_experts"
+SHARED = "shared_experts"
+EMBED = "embed"
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class LayerFigures:
+    """One main layer. `attention` is "window", "csa" or "hca" (compress ratio 0, 4, other)."""
+
+    index: int
+    attention: str
+    compress_ratio: int
+    hash_routed: bool
+    dense_bytes: int  # attention, compressor, indexer, mHC, norms, router: read every token
+    dense_params: int
+    shared_bytes: int  # the shared expert: read every token
+    shared_params: int
+    n_experts: int
+    expert_bytes: int  # one routed expert (w1, w3, w2 with scales)
+    expert_params: int
+
+    @property
+    def experts_bytes(self) -> int:
+        return self.n_experts * self.expert_bytes
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """Byte and parameter counts by placement unit, plus the KV-cache geometry (spec §3)."""
+
+    name: str
+    layers: tuple[LayerFigures, ...]
+    experts_per_token: int
+    embed_bytes: int
+    embed_row_bytes: int
+    head_bytes: int
+    head_params: int
+    final_bytes: int  # hc_head + final norm
+    mtp_bytes: int  # not planned: FlashDesk runs without the MTP block for now
+    total_bytes: int  # the whole checkpoint on disk
+    total_params: int
+    window: int  # sliding-window entries per layer
+    kv_dim: int  # one KV entry (K = V), head_dim
+    rope_dim: int
+    index_dim: int  # one lightning-indexer key
+    max_context: int
+    csa_ratio: int = 4
+
+    # ------------------------------------------------------------------ totals
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.layers[0].expert_bytes
+
+    @property
+    def n_experts(self) -> int:
+        return self.layers[0].n_experts
+
+    @property
+    def experts_total_bytes(self) -> int:
+        return sum(layer.experts_bytes for layer in self.layers)
+
+    @property
+    def dense_total_bytes(self) -> int:
+        """Everything read every token except the KV cache: layers' dense + shared, head, final."""
+        return (
+            sum(layer.dense_bytes + layer.shared_bytes for layer in self.layers)
+            + self.head_bytes
+            + self.final_bytes
+        )
+
+    @property
+    def active_params(self) -> int:
+        k = self.experts_per_token
+        return self.head_params + sum(
+            layer.dense_params + layer.shared_params + k * layer.expert_params
+            for layer in self.layers
+        )
+
+    # ------------------------------------------------------------------ KV cache (spec §3)
+
+    def kv_entry_bytes(self, kv_dtype: str) -> tuple[int, int]:
+        """Bytes of one 512-d KV entry and one indexer key.
+
+        bf16: the reference cache (2 bytes per value). fp8: vLLM's layout — the no-rope part as FP8
+        with one E8M0 scale per 64 values, the rope part in BF16, padded to 8 bytes; index keys as
+        FP8 plus one FP32 scale (spec §3.2).
+        """
+        if kv_dtype == "bf16":
+            return 2 * self.kv_dim, 2 * self.index_dim
+        if kv_dtype == "fp8":
+            nope = self.kv_dim - self.rope_dim
+            entry = nope + -(-nope // 64) + 2 * self.rope_dim
+            return -(-entry // 8) * 8, self.index_dim + 4
+        raise ValueError(f"KV dtype {kv_dtype!r} is not 'bf16' or 'fp8'")
+
+    def compressor_state_bytes(self, layer: LayerFigures) -> int:
+        """FP32 kv_state + score_state of the reference layout: [(1+ov)·m, (1+ov)·c] each."""
+        if layer.attention == "window":
+            return 0
+        overlap = 1 if layer.attention == "csa" else 0
+        rows = (1 + overlap) * layer.compress_ratio
+        state = 2 * rows * (1 + overlap) * self.kv_dim * 4
+        if layer.attention == "csa":  # the indexer's own compressor
+            state += 2 * rows * (1 + overlap) * self.index_dim * 4
+        return state
+
+    def kv_layer_bytes(self, layer: LayerFigures, context: int, kv_dtype: str) -> int:
+        """Cache of one layer for one sequence of `context` tokens: window + compressed + state."""
+        e_kv, e_idx = self.kv_entry_bytes(kv_dtype)
+        size = min(self.window, context) * e_kv + self.compressor_state_bytes(layer)
+        if layer.attention == "csa":
+            size += (context // layer.compress_ratio) * (e_kv + e_idx)
+        elif layer.attention == "hca":
+            size += (context // layer.compress_ratio) * e_kv
+        return size
+
+    def kv_bytes(self, context: int, kv_dtype: str) -> int:
+        return sum(self.kv_layer_bytes(layer, context, kv_dtype) for layer in self.layers)
+
+    def kv_read_layer_bytes(
+        self, layer: LayerFigures, context: int, kv_dtype: str, index_topk: int = 512
+    ) -> int:
+        """KV bytes one decode token reads in a layer at `context` (spec §6.2 table).
+
+        Window entries always; CSA: every indexer key plus the top-k selected entries; HCA: every
+        compressed entry.
+        """
+        e_kv, e_idx = self.kv_entry_bytes(kv_dtype)
+        read = min(self.window, context) * e_kv
+        if layer.attention == "csa":
+            n = context // layer.compress_ratio
+            read += n * e_idx + min(index_topk, n) * e_kv
+        elif layer.attention == "hca":
+            read += (context // layer.compress_ratio) * e_kv
+        return read
+
+    # ------------------------------------------------------------------ from the engine
+
+    @classmethod
+    def from_inventory(cls, inventory: Any, config: Any, name: str = "") -> ModelFigures:
+        """Figures from `flashdesk.engine.inventory.Inventory` and its `ModelConfig` (duck-typed)."""
+        n_layers = int(config.num_hidden_layers)
+        dense_b: dict[int, int] = defaultdict(int)
+        dense_p: dict[int, int] = defaultdict(int)
+        shared_b: dict[int, int] = defaultdict(int)
+        shared_p: dict[int, int] = defaultdict(int)
+        expert_b: dict[tuple[int, int], int] = defaultdict(int)
+        expert_p: dict[tuple[int, int], int] = defaultdict(int)
+        totals = defaultdict(int)
+        params = defaultdict(int)
+        total_bytes = 0
+        total_params = 0
+        for t in inventory.tensors:
+            nbytes, numel = int(t.nbytes), int(t.numel)
+            total_bytes += nbytes
+            counted = _param_count(t)
+            layer = t.layer
+            if layer is not None and layer >= n_layers:
+                totals["mtp"] += nbytes
+                continue
+            total_params += counted
+            if layer is None:
+                totals[t.component] += nbytes
+                params[t.component] += counted
+                if t.component == EMBED:
+                    totals["embed_rows"] = max(totals["embed_rows"], int(t.shape[0]))
+                continue
+            if t.component == ROUTED:
+                expert_b[(layer, t.expert)] += nbytes
+                expert_p[(layer, t.expert)] += counted
+            elif t.component == SHARED:
+                shared_b[layer] += nbytes
+                shared_p[layer] += counted
+            else:
+                dense_b[layer] += nbytes
+                dense_p[layer] += counted
+            del numel
+        layers = []
+        for i in range(n_layers):
+            ratio = int(config.compress_ratios[i])
+            kind = "window" if ratio == 0 else ("csa" if ratio == 4 else "hca")
+            experts = sorted(e for (layer, e) in expert_b if layer == i)
+            layers.append(
+                LayerFigures(
+                    index=i,
+                    attention=kind,
+                    compress_ratio=ratio,
+                    hash_routed=i < int(config.num_hash_layers),
+                    dense_bytes=dense_b[i],
+                    dense_params=dense_p[i],
+                    shared_bytes=shared_b[i],
+                    shared_params=shared_p[i],
+                    n_experts=len(experts),
+                    expert_bytes=expert_b[(i, experts[0])] if experts else 0,
+                    expert_params=expert_p[(i, experts[0])] if experts else 0,
+                )
+            )
+        embed = totals[EMBED]
+        rows = totals["embed_rows"] or int(config.vocab_size)
+        final = sum(v for k, v in totals.items() if k not in (EMBED, HEAD, "mtp", "embed_rows"))
+        return cls(
+            name=name,
+            layers=tuple(layers),
+            experts_per_token=int(config.num_experts_per_tok),
+            embed_bytes=embed,
+            embed_row_bytes=embed // rows if rows else 0,
+            head_bytes=totals[HEAD],
+            head_params=params[HEAD],
+            final_bytes=final,
+            mtp_bytes=totals["mtp"],
+            total_bytes=total_bytes,
+            total_params=total_params,
+            window=int(config.sliding_window),
+            kv_dim=int(config.head_dim),
+            rope_dim=int(config.qk_rope_head_dim),
+            index_dim=int(config.index_head_dim),
+            max_context=int(config.max_position_embeddings),
+        )
+
+
+def _param_count(tensor: Any) -> int:
+    """Parameters a tensor holds: packed FP4 bytes hold two; scales hold none."""
+    name = str(tensor.name)
+    if name.endswith(".scale") and tensor.dtype == "F8_E8M0":
+        return 0
+    if tensor.dtype == "I8" and tensor.component == ROUTED:
+        return 2 * int(tensor.numel)
+    if tensor.dtype == "I64":  # tid2eid routing table: data, not weights
+        return 0
+    return int(tensor.numel)

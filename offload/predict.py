@@ -1,0 +1,369 @@
+"""Roofline prediction of decode and prefill speed from a plan and the profile's bandwidths.
+
+Decode is memory-bound: per layer, the attention unit reads its weights and KV on its device, then
+the MoE runs the GPU part (shared expert, GPU-resident picks) and the CPU part (picks from RAM,
+pages from disk) at the same time; each part costs bytes ÷ (bandwidth × efficiency). The bound is
+the same sum at efficiency 1 with no hop overheads: `expert bytes from RAM ÷ RAM bandwidth` plus
+the GPU part, the figure every speed claim is a ratio against.
+
+Prefill is compute- or transfer-bound per chunk: the experts not on the GPU are either computed on
+the CPU or streamed over PCIe to the GPU, whichever is faster for the chunk; the crossover batch
+size is where streaming starts to win. Efficiency factors are `estimated` until a benchmark writes
+`calibrated` ones (`Efficiency.save`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from flashdesk.offload.figures import ModelFigures
+from flashdesk.offload.plan import GPU, Plan
+from flashdesk.offload.probe import HardwareProfile, ProfileError, Sourced, estimated
+
+PREFILL_CHUNK = 2048
+ATTENTION_FLOP_PER_CANDIDATE = 131072  # 4·H·d per (query, candidate) per layer (spec §6.2)
+INDEXER_FLOP_PER_ENTRY = 16384  # 2·64·128 per (query, compressed entry) per CSA layer
+
+
+def _eff(value: float, note: str) -> Sourced:
+    return estimated(value, note)
+
+
+@dataclass
+class Efficiency:
+    """Shares of the bandwidth/compute bound the kernels reach; `calibrated` when measured."""
+
+    cpu_experts: Sourced = field(
+        default_factory=lambda: _eff(0.75, "FP4 expert GEMV vs the RAM read bound")
+    )
+    cpu_dense: Sourced = field(
+        default_factory=lambda: _eff(0.5, "FP8/BF16 attention GEMV on the CPU vs the RAM bound")
+    )
+    gpu_memory: Sourced = field(
+        default_factory=lambda: _eff(0.6, "batch-1 GEMV vs the GPU memory bandwidth")
+    )
+    disk: Sourced = field(default_factory=lambda: _eff(0.6, "random 13 MB expert reads via mmap"))
+    pcie: Sourced = field(default_factory=lambda: _eff(0.9, "large copies vs the copy bandwidth"))
+    cpu_flops: Sourced = field(
+        default_factory=lambda: _eff(0.25, "FP4 expert GEMM in prefill vs FP32 FMA peak")
+    )
+    gpu_flops: Sourced = field(
+        default_factory=lambda: _eff(0.4, "BF16 prefill matmuls vs the tensor-core peak")
+    )
+    hop_seconds: Sourced = field(
+        default_factory=lambda: _eff(50e-6, "GPU↔CPU handoff per layer per token")
+    )
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name).to_json() for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Efficiency:
+        eff = cls()
+        for f in fields(cls):
+            if f.name in data:
+                setattr(eff, f.name, Sourced.from_json(data[f.name], f"efficiency.{f.name}"))
+        return eff
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Efficiency:
+        """Calibrated factors from `path` (default: the user cache); defaults when absent."""
+        if path is None:
+            from flashdesk.offload.bandwidth import cache_dir
+
+            path = cache_dir() / "calibration.json"
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            raise ProfileError(
+                f"the calibration file {path} is unreadable ({exc}); delete it and run the "
+                "benchmarks again."
+            ) from None
+        return cls.from_json(data)
+
+    def all_calibrated(self) -> bool:
+        return all(getattr(self, f.name).source == "calibrated" for f in fields(self))
+
+
+@dataclass
+class Prediction:
+    decode_tok_s: float
+    decode_bound_tok_s: float  # the roofline: efficiency 1, no handoff costs
+    prefill_tok_s: float
+    ttft_s: float
+    prompt_tokens: int
+    prefill_experts: str  # "cpu", "gpu stream", "mixed", "gpu"
+    crossover_tokens: int | None  # chunk size from which streaming experts to the GPU wins
+    confidence: str  # "calibrated" or "estimated"
+    gpu_hit_rate: float
+    bytes_per_token: dict[str, float]  # decode: bytes read per token by device
+    inputs: dict[str, dict]  # the bandwidths and factors used, each with value and source
+
+    def to_json(self) -> dict:
+        return {
+            "decode_tok_s": self.decode_tok_s,
+            "decode_bound_tok_s": self.decode_bound_tok_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "ttft_s": self.ttft_s,
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_experts": self.prefill_experts,
+            "crossover_tokens": self.crossover_tokens,
+            "confidence": self.confidence,
+            "gpu_hit_rate": self.gpu_hit_rate,
+            "bytes_per_token": self.bytes_per_token,
+            "inputs": self.inputs,
+        }
+
+
+@dataclass
+class _Rates:
+    ram: Sourced
+    gpu_mem: Sourced
+    disk: Sourced
+    pinned: Sourced
+    pageable: Sourced
+    cpu_gflops: Sourced
+    gpu_tflops: Sourced
+
+
+def _rates(profile: HardwareProfile) -> _Rates:
+    gpu = profile.gpu
+    ram = profile.ram_bandwidth()
+    disk = profile.disk_read_gbps
+    if not disk.known:
+        disk = estimated(0.5, "disk speed unknown: SATA-SSD figure")
+    cpu = profile.cpu_gflops
+    if not cpu.known:
+        cores = int(profile.physical_cores.value) if profile.physical_cores.known else 4
+        cpu = estimated(cores * 3.0 * 32, f"{cores} cores × 3 GHz × 32 FLOP/cycle")
+
+    def gpu_field(name: str, fallback: float, why: str) -> Sourced:
+        value = getattr(gpu, name) if gpu is not None else None
+        if value is not None and value.known:
+            return value
+        return estimated(fallback, why)
+
+    return _Rates(
+        ram=ram,
+        gpu_mem=gpu_field("memory_bandwidth_gbps", 500.0, "GPU memory bandwidth unknown"),
+        disk=disk,
+        pinned=gpu_field("h2d_pinned_gbps", 20.0, "PCIe unknown: typical 4.0 x16"),
+        pageable=gpu_field("h2d_pageable_gbps", 6.0, "pageable copy speed unknown"),
+        cpu_gflops=cpu,
+        gpu_tflops=gpu_field("bf16_tflops", 50.0, "GPU compute unknown"),
+    )
+
+
+def _decode_seconds(
+    plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency, bound: bool
+) -> tuple[float, dict[str, float]]:
+    def e(s: Sourced) -> float:
+        return 1.0 if bound else float(s.value)
+
+    ram = float(rates.ram.value) * 1e9
+    gpu = float(rates.gpu_mem.value) * 1e9
+    disk = float(rates.disk.value) * 1e9
+    hop = 0.0 if bound else float(eff.hop_seconds.value)
+    hybrid = plan.mode == "gpu+cpu"
+    k, eb = figures.experts_per_token, figures.expert_bytes
+    by_index = {layer.index: layer for layer in figures.layers}
+    read = {"gpu": 0.0, "ram": 0.0, "disk": 0.0}
+    total = 0.0
+    for lp in plan.layers:
+        layer = by_index[lp.index]
+        attn = layer.dense_bytes + figures.kv_read_layer_bytes(layer, plan.context, plan.kv_dtype)
+        gpu_side = cpu_side = 0.0
+        if lp.attention_on == GPU:
+            total += attn / (gpu * e(eff.gpu_memory))
+            gpu_side += layer.shared_bytes / (gpu * e(eff.gpu_memory))
+            read["gpu"] += attn + layer.shared_bytes
+        else:
+            total += attn / (ram * e(eff.cpu_dense))
+            cpu_side += layer.shared_bytes / (ram * e(eff.cpu_dense))
+            read["ram"] += attn + layer.shared_bytes
+            if hybrid:
+                total += hop
+        gpu_bytes = k * eb * lp.gpu_hit_rate
+        ram_bytes = k * eb * lp.ram_hit_rate
+        disk_bytes = k * eb * lp.disk_rate
+        gpu_side += gpu_bytes / (gpu * e(eff.gpu_memory))
+        cpu_side += ram_bytes / (ram * e(eff.cpu_experts)) + disk_bytes / (disk * e(eff.disk))
+        read["gpu"] += gpu_bytes
+        read["ram"] += ram_bytes
+        read["disk"] += disk_bytes
+        total += max(gpu_side, cpu_side)
+        if hybrid and (ram_bytes or disk_bytes):
+            total += hop
+    head = figures.head_bytes + figures.final_bytes
+    if plan.head_on == GPU:
+        total += head / (gpu * e(eff.gpu_memory))
+        read["gpu"] += head
+    else:
+        total += head / (ram * e(eff.cpu_dense))
+        read["ram"] += head
+    read["ram"] += figures.embed_row_bytes
+    return total, read
+
+
+def _expected_distinct(n: int, picks: float) -> float:
+    """Distinct experts out of `n` touched by `picks` uniform picks."""
+    return n * (1.0 - (1.0 - 1.0 / n) ** picks) if n else 0.0
+
+
+def _prefill_chunk_seconds(
+    plan: Plan,
+    figures: ModelFigures,
+    rates: _Rates,
+    eff: Efficiency,
+    chunk: int,
+    position: int,
+    force: str | None = None,
+) -> tuple[float, set[str]]:
+    """Seconds to prefill `chunk` tokens starting at `position`, and which expert paths ran."""
+    cpu_flops = float(rates.cpu_gflops.value) * 1e9 * float(eff.cpu_flops.value)
+    gpu_flops = float(rates.gpu_tflops.value) * 1e12 * float(eff.gpu_flops.value)
+    ram = float(rates.ram.value) * 1e9 * float(eff.cpu_experts.value)
+    disk = float(rates.disk.value) * 1e9 * float(eff.disk.value)
+    pcie_eff = float(eff.pcie.value)
+    pinned_bw = float(rates.pinned.value or 0) * 1e9 * pcie_eff
+    pageable_bw = float(rates.pageable.value or 0) * 1e9 * pcie_eff
+    ram_experts = sum(lp.experts_ram for lp in plan.layers) * figures.expert_bytes
+    pinned_share = plan.pinned_bytes / ram_experts if ram_experts else 0.0
+    has_gpu = plan.mode != "cpu"
+    k, eb, n = figures.experts_per_token, figures.expert_bytes, figures.n_experts
+    mid = position + chunk / 2  # average context the chunk's queries see
+    by_index = {layer.index: layer for layer in figures.layers}
+    total = 0.0
+    paths: set[str] = set()
+    for lp in plan.layers:
+        layer = by_index[lp.index]
+        flops = 2.0 * (layer.dense_params + layer.shared_params) * chunk
+        candidates = min(figures.window, mid)
+        if layer.attention == "csa":
+            entries = mid / layer.compress_ratio
+            candidates += min(512, entries)
+            flops += INDEXER_FLOP_PER_ENTRY * chunk * entries
+        elif layer.attention == "hca":
+            candidates += mid / layer.compress_ratio
+        flops += ATTENTION_FLOP_PER_CANDIDATE * chunk * candidates
+        total += flops / (gpu_flops if lp.attention_on == GPU else cpu_flops)
+        picks = chunk * k
+        expert_flops = 2.0 * layer.expert_params
+        gpu_part = picks * lp.gpu_hit_rate * expert_flops / gpu_flops if has_gpu else 0.0
+        off_gpu = lp.ram_hit_rate + lp.disk_rate
+        if off_gpu <= 0:
+            total += gpu_part
+            paths.add("gpu")
+            continue
+        touched = _expected_distinct(n, picks) * off_gpu * eb
+        disk_bytes = touched * (lp.disk_rate / off_gpu)
+        ram_bytes = touched - disk_bytes
+        from_disk = disk_bytes / disk
+        cpu_time = max(picks * off_gpu * expert_flops / cpu_flops, ram_bytes / ram) + from_disk
+        stream_time = math.inf
+        if has_gpu and pinned_bw > 0 and plan.mode == "gpu+cpu":
+            copy = touched * pinned_share / pinned_bw + touched * (1 - pinned_share) / pageable_bw
+            stream_time = max(copy, picks * off_gpu * expert_flops / gpu_flops) + from_disk
+        if force == "cpu" or (force is None and cpu_time <= stream_time):
+            total += max(cpu_time, gpu_part)
+            paths.add("cpu")
+        else:
+            total += max(stream_time, gpu_part)
+            paths.add("gpu stream")
+    return total, paths
+
+
+def crossover_tokens(
+    plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency
+) -> int | None:
+    """Smallest chunk (power of two up to 64K) for which streaming experts beats the CPU."""
+    if plan.mode != "gpu+cpu" or not any(lp.ram_hit_rate + lp.disk_rate for lp in plan.layers):
+        return None
+    chunk = 1
+    while chunk <= 65536:
+        cpu, _ = _prefill_chunk_seconds(plan, figures, rates, eff, chunk, 0, force="cpu")
+        best, paths = _prefill_chunk_seconds(plan, figures, rates, eff, chunk, 0)
+        if "gpu stream" in paths and best < cpu:
+            return chunk
+        chunk *= 2
+    return None
+
+
+def predict(
+    plan: Plan,
+    figures: ModelFigures,
+    profile: HardwareProfile,
+    prompt_tokens: int = 8192,
+    efficiency: Efficiency | None = None,
+) -> Prediction:
+    """Decode tok/s, prefill tok/s and time to first token for a prompt of `prompt_tokens`."""
+    eff = efficiency or Efficiency()
+    rates = _rates(profile)
+    if not plan.layers:
+        return Prediction(
+            0.0, 0.0, 0.0, math.inf, prompt_tokens, "none", None, "estimated", 0.0, {}, {}
+        )
+    seconds, read = _decode_seconds(plan, figures, rates, eff, bound=False)
+    bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)
+    prompt = max(1, min(prompt_tokens, plan.context))
+    chunk = min(PREFILL_CHUNK, prompt)
+    prefill = 0.0
+    paths: set[str] = set()
+    position = 0
+    while position < prompt:
+        size = min(chunk, prompt - position)
+        t, used = _prefill_chunk_seconds(plan, figures, rates, eff, size, position)
+        prefill += t
+        paths |= used
+        position += size
+    prefill += (
+        (figures.head_bytes / (float(rates.gpu_mem.value) * 1e9))
+        if plan.head_on == GPU
+        else (figures.head_bytes / (float(rates.ram.value) * 1e9))
+    )
+    if paths == {"gpu"}:
+        mode = "gpu"
+    elif "cpu" in paths and "gpu stream" in paths:
+        mode = "mixed"
+    elif "gpu stream" in paths:
+        mode = "gpu stream"
+    else:
+        mode = "cpu"
+    rate_inputs = {
+        "ram_read_gbps": rates.ram,
+        "disk_read_gbps": rates.disk,
+        "cpu_gflops": rates.cpu_gflops,
+    }
+    if plan.mode != "cpu":
+        rate_inputs |= {
+            "gpu_memory_gbps": rates.gpu_mem,
+            "gpu_bf16_tflops": rates.gpu_tflops,
+            "h2d_pinned_gbps": rates.pinned,
+            "h2d_pageable_gbps": rates.pageable,
+        }
+    inputs = {name: s.to_json() for name, s in rate_inputs.items()}
+    inputs |= {f"efficiency.{k}": v for k, v in eff.to_json().items()}
+    bandwidths_measured = rates.ram.source == "measured"
+    confidence = "calibrated" if eff.all_calibrated() and bandwidths_measured else "estimated"
+    total_picks = sum(lp.gpu_hit_rate for lp in plan.layers)
+    return Prediction(
+        decode_tok_s=1.0 / seconds,
+        decode_bound_tok_s=1.0 / bound_seconds,
+        prefill_tok_s=prompt / prefill,
+        ttft_s=prefill,
+        prompt_tokens=prompt,
+        prefill_experts=mode,
+        crossover_tokens=crossover_tokens(plan, figures, rates, eff),
+        confidence=confidence,
+        gpu_hit_rate=total_picks / len(plan.layers),
+        bytes_per_token=read,
+        inputs=inputs,
+    )
