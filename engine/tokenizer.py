@@ -19,7 +19,7 @@ import importlib.util
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 VOCAB_SIZE = 129_280
@@ -47,6 +47,7 @@ EXPECTED_SPECIAL_IDS = {
 # Texts longer than this are split into pieces and encoded in parallel (see `_split_for_parallel`).
 PARALLEL_MIN_CHARS = 256 * 1024
 PARALLEL_PIECE_CHARS = 128 * 1024
+COUNT_BATCH_CHARS = 4 * 1024 * 1024  # count_many reports progress / checks cancel this often
 
 
 class TokenizerError(Exception):
@@ -92,7 +93,9 @@ _CHAR_TO_BYTE = _byte_level_table()
 _SAFE_BOUNDARY = re.compile(r"\n(?=\S)")
 
 
-def _split_for_parallel(text: str, piece_chars: int = PARALLEL_PIECE_CHARS) -> list[str]:
+def _split_for_parallel(text: str, piece_chars: int | None = None) -> list[str]:
+    if piece_chars is None:
+        piece_chars = PARALLEL_PIECE_CHARS
     pieces = []
     start = 0
     n = len(text)
@@ -155,8 +158,17 @@ class V4Tokenizer:
         encs = self._tok.encode_batch(_split_for_parallel(text), add_special_tokens=False)
         return sum(len(e.ids) for e in encs)
 
-    def count_many(self, texts: Sequence[str]) -> list[int]:
-        """Token counts of several texts, encoded in parallel."""
+    def count_many(
+        self,
+        texts: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> list[int] | None:
+        """Token counts of several texts (each exact), encoded in parallel batches.
+
+        progress(done_chars, total_chars) is called after each batch; when cancel() returns True
+        between batches, counting stops and None is returned.
+        """
         pieces: list[str] = []
         owner: list[int] = []
         for k, text in enumerate(texts):
@@ -164,10 +176,23 @@ class V4Tokenizer:
             pieces.extend(parts)
             owner.extend([k] * len(parts))
         counts = [0] * len(texts)
-        for k, enc in zip(
-            owner, self._tok.encode_batch(pieces, add_special_tokens=False), strict=True
-        ):
-            counts[k] += len(enc.ids)
+        total = sum(len(p) for p in pieces)
+        done = 0
+        start = 0
+        while start < len(pieces):
+            if cancel is not None and cancel():
+                return None
+            stop, size = start, 0
+            while stop < len(pieces) and (stop == start or size < COUNT_BATCH_CHARS):
+                size += len(pieces[stop])
+                stop += 1
+            encs = self._tok.encode_batch(pieces[start:stop], add_special_tokens=False)
+            for k, enc in zip(owner[start:stop], encs, strict=True):
+                counts[k] += len(enc.ids)
+            done += size
+            start = stop
+            if progress is not None:
+                progress(done, total)
         return counts
 
     def token_id(self, token: str) -> int:

@@ -123,6 +123,7 @@ def test_parallel_count_is_exact(tok, monkeypatch):
     monkeypatch.setattr(tk, "PARALLEL_MIN_CHARS", 1000)
     pieces = tk._split_for_parallel(text, 997)
     assert len(pieces) > 20 and "".join(pieces) == text
+    assert sum(len(tok._tok.encode(p, add_special_tokens=False).ids) for p in pieces) == len(whole)
     monkeypatch.setattr(tk, "PARALLEL_PIECE_CHARS", 997)
     assert tok.encode(text) == whole
     assert tok.count(text) == len(whole)
