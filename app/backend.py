@@ -153,6 +153,10 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self) -> None: ...
 
+    def document_tokenizer(self):
+        """The tokenizer documents are counted with; None: the bundled V4 tokenizer."""
+        return None
+
     def memory_in_use(self) -> dict[str, int | None]:
         """Bytes in use now: {'ram': process RSS, 'vram': GPU memory allocated or None}."""
         ram = None

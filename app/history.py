@@ -82,6 +82,7 @@ class History:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=5.0)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -89,7 +90,7 @@ class History:
             self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self.db.commit()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise HistoryError(
                 f"The chat history at {self.path} could not be opened ({exc}). "
                 "Move that file aside (your chats are in it) and restart FlashDesk to begin a new one."

@@ -36,7 +36,13 @@ from PySide6.QtWidgets import (
 
 from flashdesk.app.backend import Backend, ModelInfo, Prompt, Sampling, TurnStats
 from flashdesk.app.conversation import ChatIdRole, ChatListModel, ConversationView, MessageModel
-from flashdesk.app.formatting import context_meter_text, human_bytes, human_tokens
+from flashdesk.app.documents_ui import (
+    DocumentTray,
+    document_budget,
+    refusal_for,
+    stored_attachment,
+)
+from flashdesk.app.formatting import context_meter_text, human_bytes, human_seconds, human_tokens
 from flashdesk.app.history import (
     COMPLETE,
     FAILED,
@@ -89,6 +95,7 @@ class MainWindow(QMainWindow):
     ):
         super().__init__()
         self.data_folder = Path(data_folder)
+        self.data_folder.mkdir(parents=True, exist_ok=True)
         self.settings = settings or Settings.load(self.data_folder)
         self.history = history or History.in_folder(self.data_folder)
         self.engine = EngineController(backend, self)
@@ -153,12 +160,11 @@ class MainWindow(QMainWindow):
         self.conversation.regenerate_requested.connect(lambda _row: self.regenerate())
         centre_layout.addWidget(self.conversation, 1)
 
-        self.chip_bar = QWidget()
-        self.chip_layout = QHBoxLayout(self.chip_bar)
-        self.chip_layout.setContentsMargins(0, 0, 0, 0)
-        self.chip_layout.addStretch(1)
-        self.chip_bar.setVisible(False)
-        centre_layout.addWidget(self.chip_bar)
+        self.documents = DocumentTray(self.backend.document_tokenizer, self)
+        self.documents.changed.connect(self._preview_context)
+        self.documents.problem.connect(self.show_error)
+        centre_layout.addWidget(self.documents)
+        self.setAcceptDrops(True)
 
         self.input = PromptEdit()
         self.input.setPlaceholderText("Message FlashDesk (Ctrl+Enter to send)")
@@ -172,6 +178,7 @@ class MainWindow(QMainWindow):
         self.attach_button = QToolButton()
         self.attach_button.setText("📎")
         self.attach_button.setToolTip("Attach documents (or drop them on the window)")
+        self.attach_button.clicked.connect(self.choose_documents)
         row.addWidget(self.attach_button)
         row.addWidget(QLabel("Mode:"))
         self.mode_combo = QComboBox()
@@ -454,12 +461,92 @@ class MainWindow(QMainWindow):
             max_tokens=s.max_tokens,
         )
 
+    # documents ----------------------------------------------------------------------------------
+    def choose_documents(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self,
+            "Attach documents",
+            str(Path.home()),
+            "Documents (*.pdf *.docx *.txt *.md *.csv *.json *.html *.py *.c *.cpp *.h *.rs "
+            "*.go *.java *.js *.ts);;All files (*)",
+        )
+        if paths:
+            self.documents.add_files(paths)
+
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            self.documents.add_files(paths)
+            event.acceptProposedAction()
+
+    def conversation_tokens(self) -> int:
+        """Tokens the conversation so far takes (from the last turn's stats)."""
+        for m in reversed(self.message_model.messages):
+            if m.stats.get("context_used"):
+                return int(m.stats["context_used"])
+        return 0
+
+    def prompt_preview(self) -> tuple[int, int, str]:
+        """(documents tokens, whole prompt tokens, time-to-first-token text) before sending."""
+        docs = self.documents.total_tokens
+        text = self.input.toPlainText()
+        typed = self.backend.count_tokens(text) if text and len(text) < 20000 else len(text) // 3
+        total = self.conversation_tokens() + docs + typed
+        rate, source = None, ""
+        if self._last_stats is not None and self._last_stats.prefill_tok_s:
+            rate, source = self._last_stats.prefill_tok_s, "measured"
+        elif self.settings.plan.get("prefill_tok_s"):
+            rate, source = float(self.settings.plan["prefill_tok_s"]), "predicted by the planner"
+        ttft = ""
+        if rate:
+            ttft = f"first token in ≈ {human_seconds(total / rate)} ({source}, {rate:,.0f} tok/s)"
+        return docs, total, ttft
+
+    def _preview_context(self) -> None:
+        if self.engine.busy:
+            return
+        docs, total, ttft = self.prompt_preview()
+        if not docs and not self.documents.chips:
+            self.preview_label.setText("")
+            return
+        limit = self._context_limit()
+        parts = [f"📎 {docs:,} tokens", f"prompt ≈ {total:,} of {human_tokens(limit)}"]
+        if self.documents.busy:
+            parts.append("counting…")
+        if ttft:
+            parts.append(ttft)
+        self.preview_label.setText(" · ".join(parts))
+        over = total + self.settings.max_tokens > limit
+        self.preview_label.setStyleSheet("color: #c0392b;" if over else "color: palette(mid);")
+        self._set_context(total, limit, None)
+
     def attachments_for_send(self) -> list[dict]:
-        """Documents attached to the next message (the documents feature overrides this)."""
-        return []
+        return self.documents.attachments()
 
     def clear_attachments(self) -> None:
-        """Called after a send (the documents feature overrides this)."""
+        self.documents.clear()
+
+    def check_documents_fit(self, attachments: list[dict]) -> bool:
+        """Refuse (with the documents API's numbers and options) when they do not fit."""
+        if not attachments:
+            return True
+        text = self.input.toPlainText()
+        used = self.conversation_tokens() + (self.backend.count_tokens(text) if text else 0)
+        budget = document_budget(
+            self._context_limit(),
+            used,
+            self.settings.max_tokens,
+            self.settings.plan.get("max_context"),
+        )
+        refusal = refusal_for(attachments, budget)
+        if refusal is None:
+            return True
+        self.show_error("The documents do not fit in the context window", refusal)
+        return False
 
     def send(self) -> None:
         text = self.input.toPlainText().strip()
@@ -473,17 +560,25 @@ class MainWindow(QMainWindow):
                 "The model is not loaded yet. Wait for it, or load it from the Model menu.", 6000
             )
             return
+        if self.documents.busy:
+            self.statusBar().showMessage(
+                "Documents are still being counted; send when their chips show token counts.", 6000
+            )
+            return
+        if not self.check_documents_fit(attachments):
+            return
         try:
             if self.chat_id is None:
                 title = (text or attachments[0]["name"]).splitlines()[0][:60]
                 self.chat_id = self.history.create_chat(title).id
             user = self.history.add_message(
-                self.chat_id, "user", text, attachments=[dict(a) for a in attachments]
+                self.chat_id, "user", text, attachments=[stored_attachment(a) for a in attachments]
             )
         except HistoryError as exc:
             self.show_error("Your message could not be saved", exc.args[0])
             return
         self.message_model.append(user)
+        self.preview_label.setText("")
         self.input.clear()
         self.clear_attachments()
         self.reload_chats()
@@ -510,10 +605,8 @@ class MainWindow(QMainWindow):
                 continue
             content = m.content
             if m.role == "user" and m.attachments:
-                docs = "\n\n".join(
-                    f"[Document: {a.get('name', '?')}]\n{a.get('text', '')}" for a in m.attachments
-                )
-                content = f"{docs}\n\n{content}" if content else docs
+                # Each attachment's text is the documents API's section (header, parts, footer).
+                content = "".join(a.get("text", "") for a in m.attachments) + content
             out.append({"role": m.role, "content": content, "reasoning": m.reasoning})
         return out
 
@@ -619,9 +712,6 @@ class MainWindow(QMainWindow):
         parts.append(f"RAM {human_bytes(mem.get('ram'))}")
         self.memory_label.setText(" · ".join(parts))
 
-    def _preview_context(self) -> None:
-        """Hook for the documents feature; shows the input's size before sending."""
-
     def _update_buttons(self) -> None:
         busy = self.engine.busy
         self.send_button.setEnabled(not busy and self.info is not None)
@@ -669,6 +759,7 @@ class MainWindow(QMainWindow):
         if self.stream_row is not None:
             self._save_stream(STOPPED)
         self.engine.shutdown()
+        self.documents.shutdown()
         self._save_settings()
         super().closeEvent(event)
 

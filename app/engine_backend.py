@@ -1,0 +1,216 @@
+"""The real backend: our V4 engine (checkpoint reader, torch model, chat encoding, Session).
+
+With a checkpoint folder in the settings it opens and verifies that folder and builds the model from
+it; without one it uses the tiny native test model (random weights in the official layout, written
+once into the data folder by our own writer) so every part of the app can be tried on any machine.
+The V4 tokenizer is the folder's `tokenizer.json`, or the bundled one for the test model (which has
+the full V4 vocabulary, so prompts encode exactly as for the real model).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from flashdesk.app.backend import (
+    MODE_VALUES,
+    Backend,
+    BackendError,
+    LoadCancelled,
+    ModelInfo,
+    Progress,
+    Prompt,
+    PromptTooLong,
+    Sampling,
+    TurnEvent,
+    TurnStats,
+    check_mode,
+    engine_messages,
+)
+
+log = logging.getLogger("flashdesk.app.engine_backend")
+
+TEST_MODEL_DIR = "test-model"
+TEST_MODEL_SEED = 0
+V4_VOCAB = 129_280
+
+
+def test_model_config():
+    """The tiny config with the full V4 vocabulary (so the real tokenizer's ids are valid)."""
+    from flashdesk.engine.config import ModelConfig
+
+    return ModelConfig.tiny(vocab_size=V4_VOCAB)
+
+
+def ensure_test_model(folder: Path, progress: Progress | None = None) -> Path:
+    """Write the test checkpoint into `folder` unless a complete one is already there."""
+    from flashdesk.engine.checkpoint import Checkpoint, CheckpointError, write_random
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        try:
+            with Checkpoint.open(folder) as ckpt:
+                if ckpt.verify().ok:
+                    return folder
+        except CheckpointError as exc:
+            log.warning("test model in %s is damaged (%s); writing it again", folder, exc)
+
+    def report(name: str, done: int, total: int) -> None:
+        if progress is not None and total:
+            progress(0.4 * done / total, "Writing the test model (first start only)")
+
+    write_random(folder, test_model_config(), seed=TEST_MODEL_SEED, overwrite=True, progress=report)
+    return folder
+
+
+class EngineBackend(Backend):
+    def __init__(
+        self,
+        model_path: str | Path | None,
+        data_folder: Path,
+        *,
+        context_limit: int = 8192,
+        device: str | None = None,
+        plan_summary: str = "",
+    ):
+        self.model_path = Path(model_path).expanduser() if model_path else None
+        self.data_folder = Path(data_folder)
+        self.requested_context = int(context_limit)
+        self.device = device
+        self.plan_summary = plan_summary
+        self.model = None
+        self.tokenizer = None
+        self.session = None
+        self._lock = threading.Lock()
+
+    # loading ------------------------------------------------------------------------------------
+    def load(self, progress: Progress, is_cancelled: Callable[[], bool]) -> ModelInfo:
+        import torch
+
+        from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
+        from flashdesk.engine.generate import Session
+        from flashdesk.engine.model.model import V4Model
+        from flashdesk.engine.tokenizer import TokenizerError, load_tokenizer
+
+        test_model = self.model_path is None
+        progress(0.0, "Opening the checkpoint")
+        try:
+            folder = (
+                ensure_test_model(self.data_folder / TEST_MODEL_DIR, progress)
+                if test_model
+                else self.model_path
+            )
+            if is_cancelled():
+                raise LoadCancelled()
+            ckpt = Checkpoint.open(folder)
+            report = ckpt.verify()
+        except CheckpointError as exc:
+            raise BackendError(str(exc), kind="load") from exc
+        except OSError as exc:
+            raise BackendError(
+                f"The checkpoint could not be read ({exc.strerror or exc}). Check the folder in "
+                "Model ▸ Hardware fit… and that the disk is readable.",
+                kind="load",
+            ) from exc
+        if not report.ok:
+            listing = "\n".join(f"• {p}" for p in report.problems[:12])
+            more = len(report.problems) - 12
+            raise BackendError(
+                f"The checkpoint in {folder} has {len(report.problems)} problem(s):\n{listing}"
+                + (f"\n…and {more} more (see the log file)." if more > 0 else ""),
+                kind="load",
+            )
+        names = ckpt.names()
+        total = max(1, len(names))
+        done = [0]
+        start = 0.4 if test_model else 0.0
+
+        def fetch(name: str, dtype: torch.dtype) -> torch.Tensor:
+            if is_cancelled():
+                raise LoadCancelled()
+            done[0] += 1
+            progress(start + (0.95 - start) * min(done[0], total) / total, "Loading weights")
+            return ckpt.tensor(name, dtype)
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            model = V4Model(ckpt.config, fetch, device=device)
+        except LoadCancelled:
+            raise
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise BackendError(
+                f"Not enough memory to load the model on {device} ({exc}). Run the hardware-fit "
+                "wizard (Model ▸ Hardware fit…) to pick a smaller context or a different plan.",
+                kind="oom",
+            ) from exc
+        progress(0.97, "Loading the tokenizer")
+        try:
+            tokenizer = load_tokenizer(None if test_model else folder)
+        except TokenizerError as exc:
+            raise BackendError(str(exc), kind="load") from exc
+        context = min(self.requested_context, int(ckpt.config.max_position_embeddings))
+        with self._lock:
+            self.model, self.tokenizer = model, tokenizer
+            self.session = Session(model, tokenizer, context_limit=context)
+        name = "V4 tiny" if test_model else (folder.name or str(folder))
+        summary = self.plan_summary or f"all on {device}"
+        self.info = ModelInfo(
+            name=name,
+            context_limit=context,
+            test_model=test_model,
+            plan_summary=summary,
+            device=device,
+        )
+        progress(1.0, "Ready")
+        return self.info
+
+    def _need_model(self):
+        if self.session is None:
+            raise BackendError("No model is loaded yet. Load one from the Model menu.")
+        return self.session
+
+    # chat ---------------------------------------------------------------------------------------
+    def encode(self, messages: Sequence[dict], mode: str) -> Prompt:
+        from flashdesk.engine.chat import encode_messages
+
+        self._need_model()
+        check_mode(mode, self.info)
+        encoded = encode_messages(
+            engine_messages(messages), MODE_VALUES[mode], tokenizer=self.tokenizer
+        )
+        return Prompt(list(encoded.ids or []), encoded.text, mode)
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            from flashdesk.engine.tokenizer import load_tokenizer
+
+            return load_tokenizer().count(text)
+        return self.tokenizer.count(text)
+
+    def document_tokenizer(self):
+        return self.tokenizer
+
+    def stream(self, prompt: Prompt, sampling: Sampling) -> Iterator[TurnEvent]:
+        from flashdesk.engine.generate import ContextOverflowError, SamplingParams
+
+        session = self._need_model()
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            max_tokens=sampling.max_tokens,
+        )
+        try:
+            for event in session.stream(prompt.ids, params):
+                yield TurnEvent(
+                    event.text, event.phase, TurnStats.from_any(event.stats), event.done
+                )
+        except ContextOverflowError as exc:
+            raise PromptTooLong(exc.prompt_tokens, exc.context_limit) from exc
+
+    def cancel(self) -> None:
+        if self.session is not None:
+            self.session.cancel()
