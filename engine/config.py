@@ -187,6 +187,8 @@ class ModelConfig:
             "o_groups": 2,
             "sliding_window": 8,
             "max_position_embeddings": 4096,
+            # YaRN factor 16 over 256 original positions = 4096, as consistent as the real 65536·16
+            "rope_scaling": {**_default_rope_scaling(), "original_max_position_embeddings": 256},
             "index_n_heads": 16,
             "index_head_dim": 32,
             "index_topk": 4,
@@ -422,6 +424,21 @@ class ModelConfig:
         if "qk_rope_head_dim" not in kwargs and data.get("partial_rotary_factor"):
             head_dim = int(kwargs.get("head_dim", 512))
             kwargs["qk_rope_head_dim"] = int(head_dim * float(data["partial_rotary_factor"]))
+        if kwargs.get("quantization_config") is None:
+            # transformers drops it when it saves a dequantized model; the layout is still V4's.
+            kwargs.pop("quantization_config", None)
+        rope = data.get("rope_parameters")
+        if "rope_scaling" not in kwargs and isinstance(rope, dict):
+            compress = rope.get("compress")
+            if (
+                isinstance(compress, dict)
+                and compress.get("rope_type", compress.get("type")) == "yarn"
+            ):
+                keys = ("beta_fast", "beta_slow", "factor", "original_max_position_embeddings")
+                kwargs["rope_scaling"] = {k: compress[k] for k in keys if k in compress}
+                kwargs["rope_scaling"]["type"] = "yarn"
+                if "rope_theta" in compress:
+                    kwargs.setdefault("compress_rope_theta", compress["rope_theta"])
         qc = kwargs.get("quantization_config")
         if isinstance(qc, dict) and "expert_dtype" in qc and "expert_dtype" not in data:
             kwargs["expert_dtype"] = qc["expert_dtype"]

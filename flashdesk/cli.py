@@ -17,6 +17,10 @@ from flashdesk import __version__
 # name -> (module, one-line help). The module provides `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("flashdesk.engine.info", "show the CPU features and memory bandwidth this build sees"),
+    "make-checkpoint": (
+        "flashdesk.engine.checkpoint_cli",
+        "write a random checkpoint in the official V4 layout (tests, benchmarks)",
+    ),
     "bench": (
         "flashdesk.bench",
         "run a benchmark from benchmarks/ (ratios against measured bounds)",
