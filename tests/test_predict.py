@@ -1,0 +1,243 @@
+"""Speed prediction (roofline against the spec's per-token bytes) and the `flashdesk fit` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from flashdesk.cli import main
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.inventory import inventory
+from flashdesk.fit import _tokens
+from flashdesk.offload.figures import ModelFigures
+from flashdesk.offload.plan import PlanOptions, make_plan
+from flashdesk.offload.predict import Efficiency, predict
+from flashdesk.offload.probe import GIB, HardwareProfile, ProfileError, Sourced
+
+PROFILES = Path(__file__).parent / "profiles"
+EXPERT_BYTES = 13_369_344
+# Spec §6.1: bytes read per decode token: non-expert layer weights 6.709 GB, head 1.059 GB,
+# routed experts 3.449 GB (11.22 GB in all); §6.2: KV read at 128K (BF16) 214 MB.
+NON_EXPERT_PER_TOKEN = 6.709e9 + 1.059e9
+EXPERTS_PER_TOKEN = 3.449e9
+KV_READ_128K = 214e6
+
+
+@pytest.fixture(scope="module")
+def flash() -> ModelFigures:
+    config = ModelConfig.v4_flash()
+    return ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+
+
+def load(name: str) -> HardwareProfile:
+    return HardwareProfile.load(PROFILES / f"{name}.json")
+
+
+def test_rtx4090_decode_is_within_the_roofline(flash):
+    profile = load("rtx4090_192gb_ddr5")
+    plan = make_plan(flash, profile, PlanOptions(context=131072))
+    pred = predict(plan, flash, profile)
+    ram_bw, gpu_bw = 72.0e9, 1008.1e9  # the profile's measured RAM read, GPU memory bandwidth
+    gpu_share = sum(lp.experts_gpu for lp in plan.layers) / (43 * 256)
+    from_ram = EXPERTS_PER_TOKEN * (1 - gpu_share)  # uniform routing
+    assert 0.8 * EXPERTS_PER_TOKEN < from_ram < EXPERTS_PER_TOKEN
+    on_gpu = NON_EXPERT_PER_TOKEN + KV_READ_128K + EXPERTS_PER_TOKEN * gpu_share
+    bound = 1.0 / (from_ram / ram_bw + on_gpu / gpu_bw)  # ≈ 3.45 GB ÷ RAM bw + the GPU part
+    # The model overlaps the shared/GPU experts with the CPU experts: a little faster than the sum.
+    assert pred.decode_bound_tok_s == pytest.approx(bound, rel=0.05)
+    assert pred.decode_bound_tok_s <= ram_bw / from_ram
+    assert 0.4 * pred.decode_bound_tok_s <= pred.decode_tok_s < pred.decode_bound_tok_s
+    assert pred.bytes_per_token["ram"] == pytest.approx(from_ram, rel=0.01)
+    assert pred.gpu_hit_rate == pytest.approx(gpu_share, rel=1e-6)
+    assert pred.confidence == "estimated"
+    assert pred.inputs["ram_read_gbps"]["source"] == "measured"
+
+
+def test_cpu_only_bound_is_all_bytes_over_ram_bandwidth(flash):
+    profile = load("cpu_only_256gb")
+    plan = make_plan(flash, profile, PlanOptions(context=131072))
+    pred = predict(plan, flash, profile)
+    per_token = NON_EXPERT_PER_TOKEN + EXPERTS_PER_TOKEN + KV_READ_128K
+    assert pred.decode_bound_tok_s == pytest.approx(64.0e9 / per_token, rel=0.01)
+    gpu = predict(*_plan_for(flash, "rtx4090_192gb_ddr5"))
+    assert pred.decode_tok_s < gpu.decode_tok_s / 2
+    assert pred.prefill_experts == "cpu" and pred.crossover_tokens is None
+
+
+def _plan_for(flash, name, **options):
+    profile = load(name)
+    return make_plan(flash, profile, PlanOptions(**options)), flash, profile
+
+
+def test_disk_paging_is_priced_by_disk_bandwidth(flash):
+    plan, _, profile = _plan_for(flash, "rtx3090_64gb")
+    pred = predict(plan, flash, profile)
+    from_disk = sum(lp.disk_rate for lp in plan.layers) * 6 * EXPERT_BYTES
+    assert pred.bytes_per_token["disk"] == pytest.approx(from_disk)
+    # Disk reads alone bound the speed: 3 GB/s NVMe (estimated in the profile).
+    assert pred.decode_bound_tok_s <= 3.0e9 / from_disk
+    fast = load("rtx3090_64gb")
+    fast.disk_read_gbps = Sourced(12.0, "estimated")
+    assert predict(plan, flash, fast).decode_tok_s > pred.decode_tok_s
+
+
+def test_prefill_streams_experts_for_long_prompts(flash):
+    plan, _, profile = _plan_for(flash, "rtx4090_192gb_ddr5")
+    short = predict(plan, flash, profile, prompt_tokens=64)
+    long = predict(plan, flash, profile, prompt_tokens=32768)
+    assert short.prefill_experts == "cpu"
+    assert long.prefill_experts in ("gpu stream", "mixed")
+    assert long.crossover_tokens is not None and 64 < long.crossover_tokens <= 8192
+    assert long.prefill_tok_s > short.prefill_tok_s
+    assert long.ttft_s == pytest.approx(32768 / long.prefill_tok_s)
+    # Pageable copies (memlock 8 MiB) make streaming dearer: the crossover moves up or vanishes.
+    slow = load("rtx4090_192gb_ddr5")
+    slow.pin_cap_bytes = Sourced(8 << 20, "reported:getrlimit(RLIMIT_MEMLOCK)")
+    slow_plan = make_plan(flash, slow)
+    assert slow_plan.pinned_bytes == 0
+    slow_cross = predict(slow_plan, flash, slow, prompt_tokens=32768).crossover_tokens
+    assert slow_cross is None or slow_cross > long.crossover_tokens
+
+
+def test_frequency_profile_raises_the_prediction(flash):
+    profile = load("rtx4090_192gb_ddr5")
+    counts = [[1.0 / (1 + e) ** 1.2 for e in range(256)] for _ in range(43)]
+    skewed = make_plan(flash, profile, PlanOptions(expert_frequency=counts))
+    uniform = make_plan(flash, profile)
+    assert (
+        predict(skewed, flash, profile).decode_tok_s > predict(uniform, flash, profile).decode_tok_s
+    )
+
+
+def test_calibrated_efficiency_and_its_file(tmp_path, flash):
+    eff = Efficiency()
+    for name in eff.to_json():
+        old = getattr(eff, name)
+        setattr(eff, name, Sourced(old.value, "calibrated", "bench run"))
+    path = tmp_path / "calibration.json"
+    eff.save(path)
+    loaded = Efficiency.load(path)
+    assert loaded.all_calibrated()
+    plan, _, profile = _plan_for(flash, "rtx4090_192gb_ddr5")
+    assert predict(plan, flash, profile, efficiency=loaded).confidence == "calibrated"
+    assert Efficiency.load(tmp_path / "absent.json").cpu_experts.source == "estimated"
+    path.write_text("{broken")
+    with pytest.raises(ProfileError, match="delete it"):
+        Efficiency.load(path)
+
+
+# ---------------------------------------------------------------------------- flashdesk fit
+
+
+def _fit_json(capsys, *args) -> dict:
+    assert main(["fit", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_fit_json_has_the_required_keys(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    out = _fit_json(capsys, "--profile", str(PROFILES / "rtx4090_192gb_ddr5.json"))
+    assert out["verdict"] == "fits" and out["changes"] == []
+    assert out["kv_bytes"] / GIB == pytest.approx(0.856, rel=0.01)
+    for key in ("decode_tok_s", "prefill_tok_s", "confidence", "ttft_s"):
+        assert key in out["predicted"]
+    assert set(out["memory"]) >= {"gpu", "ram"}
+    assert out["memory"]["gpu"]["used"] <= out["memory"]["gpu"]["budget"]
+    for name, value in out["profile"].items():
+        if isinstance(value, dict):
+            assert set(value) >= {"value", "source"}, name
+    for gpu in out["profile"]["gpus"]:
+        assert all(set(v) >= {"value", "source"} for k, v in gpu.items() if k != "index")
+    assert any(p["location"] == "gpu" for p in out["placement"])
+
+
+def test_fit_kv_at_1m(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    profile = str(PROFILES / "cpu_only_256gb.json")
+    fp8 = _fit_json(capsys, "--profile", profile, "--ctx", "1M", "--kv", "fp8")
+    bf16 = _fit_json(capsys, "--profile", profile, "--ctx", "1048576")
+    assert fp8["kv_bytes"] / GIB == pytest.approx(3.774, rel=0.01)
+    assert bf16["kv_bytes"] / GIB == pytest.approx(6.735, rel=0.01)
+
+
+def test_fit_table(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    assert main(["fit", "--profile", str(PROFILES / "rtx3090_64gb.json")]) == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "Hardware (RTX 3090",
+        "[measured]",
+        "[reported:nvml]",
+        "Placement (gpu+cpu)",
+        "Memory",
+        "Predicted (estimated)",
+        "Verdict: fits with changes",
+        "paged from disk",
+        "GGUF",
+    ):
+        assert needle in text, needle
+
+
+def test_fit_with_a_model_folder_and_frequency_file(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(ModelConfig.v4_flash().to_hf_dict()))
+    freq = tmp_path / "freq.json"
+    freq.write_text(json.dumps([[float(256 - e) for e in range(256)]] * 43))
+    out = _fit_json(
+        capsys,
+        "--model",
+        str(model),
+        "--profile",
+        str(PROFILES / "rtx4090_192gb_ddr5.json"),
+        "--expert-frequency",
+        str(freq),
+    )
+    hot = [lp for lp in out["plan"]["layers"] if lp["hot_expert_ids"]]
+    assert hot and all(lp["hot_expert_ids"][0] == 0 for lp in hot)
+
+
+def test_fit_errors_are_messages(capsys, tmp_path):
+    assert main(["fit", "--profile", str(tmp_path / "nope.json")]) == 2
+    assert "no profile at" in capsys.readouterr().err
+    assert (
+        main(["fit", "--model", str(tmp_path), "--profile", str(PROFILES / "cpu_only_256gb.json")])
+        == 2
+    )
+    assert "No config.json" in capsys.readouterr().err
+    bad = tmp_path / "freq.json"
+    bad.write_text("[[1, 2]]")
+    args = [
+        "fit",
+        "--profile",
+        str(PROFILES / "cpu_only_256gb.json"),
+        "--expert-frequency",
+        str(bad),
+    ]
+    assert main(args) == 2
+    assert "expert-frequency profile has 1 layers" in capsys.readouterr().err
+
+
+def test_fit_probes_this_machine_and_saves_the_profile(capsys, monkeypatch, tmp_path):
+    from flashdesk.offload import bandwidth
+
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    # The measurement itself is tested in test_probe.py; here only its wiring into `fit`.
+    fake = {"best_gbps": 33.0, "mean_gbps": 30.0, "passes": 9, "threads": 2, "nbytes": 1 << 29}
+    monkeypatch.setattr(bandwidth, "measure_ram_read", lambda threads=0, seconds=1.0: fake)
+    saved = tmp_path / "here.json"
+    out = _fit_json(capsys, "--save-profile", str(saved), "--ctx", "4K")
+    again = HardwareProfile.load(saved)
+    assert again.ram_read_gbps.source == "measured" and again.ram_read_gbps.value == 33.0
+    assert out["profile"]["ram_read_gbps"]["source"] == "measured"
+    assert out["verdict"] in ("fits", "fits_with_changes", "does_not_fit")
+
+
+def test_token_counts():
+    assert _tokens("128K") == 131072 and _tokens("1M") == 1 << 20 and _tokens("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError):
+        _tokens("lots")
