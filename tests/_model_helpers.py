@@ -218,3 +218,12 @@ def hf_model(c: ModelConfig, tensors: dict[str, torch.Tensor]):
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def one_thread():
+    """Generator for an autouse fixture: tiny-tensor ops run far faster on one thread when the
+    machine's cores are shared (thread hand-offs dominate); the previous count is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

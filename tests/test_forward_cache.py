@@ -1,0 +1,240 @@
+"""The forward pass against itself and against the spec's numbers: chunked prefill and decode
+with the per-sequence state equal one full pass; state size and reset; input errors; the
+quantisation-simulation primitives; RoPE/YaRN and Sinkhorn properties."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _model_helpers import one_thread, our_model, random_official_tensors, tiny_config
+
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.mhc import sinkhorn
+from flashdesk.engine.model.model import ModelInputError
+from flashdesk.engine.model.rope import apply_rope, inverse_frequencies
+
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config()
+    return config, our_model(config, random_official_tensors(config, 7))
+
+
+_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+def _ids(n, vocab, seed=5):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _state_tensors(state):
+    out = {}
+    for i, layer in enumerate(state.layers):
+        out[f"{i}.window"] = layer.window.buf
+        if layer.kv_entries is not None:
+            out[f"{i}.entries"] = layer.kv_entries.view()
+            n_open = state.position % layer.carry.ratio
+            out[f"{i}.carry_kv"] = layer.carry.kv[:n_open]
+            out[f"{i}.carry_gate"] = layer.carry.gate[:n_open]
+            if layer.carry.overlap:
+                out[f"{i}.prev_kv"] = layer.carry.prev_kv
+                out[f"{i}.prev_gate"] = layer.carry.prev_gate
+        if layer.index_keys is not None:
+            out[f"{i}.index_keys"] = layer.index_keys.view()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 16, 17, 50])
+def test_chunked_prefill_equals_one_pass(tiny, chunk):
+    config, model = tiny
+    ids = _ids(70, config.vocab_size)
+    one = model.new_state()
+    ref = model.prefill(ids, one)
+    chunked = model.new_state()
+    got = model.prefill(ids, chunked, chunk_size=chunk)
+    assert (got - ref).abs().max().item() <= TOL
+    assert chunked.position == one.position == 70
+    a, b = _state_tensors(one), _state_tensors(chunked)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        finite = torch.isfinite(a[name])
+        assert torch.equal(finite, torch.isfinite(b[name])), name
+        assert (a[name][finite] - b[name][finite]).abs().max().item() <= TOL, name
+
+
+def test_decode_after_prefill_equals_full_forward(tiny):
+    config, model = tiny
+    ids = _ids(60, config.vocab_size, 6)
+    full = model.forward_full(ids)
+    state = model.new_state()
+    logits = [model.prefill(ids[:13], state)]
+    logits += [model.decode(int(t), state) for t in ids[13:]]
+    assert (torch.stack(logits) - full[12:]).abs().max().item() <= TOL
+
+
+def test_states_are_independent_and_reset(tiny):
+    config, model = tiny
+    a_ids, b_ids = _ids(30, config.vocab_size, 1), _ids(30, config.vocab_size, 2)
+    state = model.new_state()
+    first = model.prefill(a_ids, state)
+    other = model.new_state()
+    model.prefill(b_ids, other)  # must not disturb `state`
+    nxt = model.decode(3, state)
+    fresh = model.new_state()
+    model.prefill(a_ids, fresh)
+    assert torch.allclose(model.decode(3, fresh), nxt, atol=TOL)
+    state.reset()
+    assert state.position == 0 and state.layers[1].kv_entries.n == 0
+    assert torch.allclose(model.prefill(a_ids, state), first, atol=TOL)
+
+
+def test_state_bytes_follow_the_cache_formula(tiny):
+    config, model = tiny
+    n = 67
+    state = model.new_state()
+    model.prefill(_ids(n, config.vocab_size), state)
+    d, di, w = config.head_dim, config.index_head_dim, config.sliding_window
+    b = state.breakdown()
+    f32 = 4
+    assert b["window"] == (config.num_hidden_layers + len(state.mtp)) * w * d * f32
+    ratios = [s.compress_ratio for s in config.main_layers]
+    assert b["compressed_kv"] == sum(n // r * d * f32 for r in ratios if r)
+    assert b["index_keys"] == sum(n // r * di * f32 for r in ratios if r == 4)
+    assert state.nbytes == sum(b.values())
+
+
+def test_bf16_runs_close_to_fp32():
+    config = tiny_config()
+    tensors = random_official_tensors(config, 8)
+    ids = _ids(40, config.vocab_size, 9)
+    ref = our_model(config, tensors).forward_full(ids)
+    low = our_model(config, tensors, dtype=torch.bfloat16).forward_full(ids)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    corr = torch.corrcoef(torch.stack((low.flatten(), ref.flatten())))[0, 1].item()
+    assert corr > 0.95
+
+
+def test_mtp_draft_logits_are_incremental(tiny):
+    """The MTP head on the main model's final streams: one pass equals step by step."""
+    config, model = tiny
+    ids = _ids(40, config.vocab_size, 4)
+    state = model.new_state()
+    streams = model.forward_streams(ids[:-1], state)
+    full = model.mtp_logits(streams, ids[1:], state)
+    assert full.shape == (39, config.vocab_size) and torch.isfinite(full).all()
+    assert full.std() > 0.3
+    step_state = model.new_state()
+    rows = []
+    for i in range(39):
+        s = model.forward_streams(ids[i : i + 1], step_state)
+        rows.append(model.mtp_logits(s, ids[i + 1 : i + 2], step_state)[0])
+    assert (torch.stack(rows) - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [([], "at least one token"), ([1, 512], "outside the vocabulary"), ([[1, 2]], "1-D")],
+)
+def test_bad_token_ids_are_refused_clearly(tiny, ids, match):
+    _, model = tiny
+    with pytest.raises(ModelInputError, match=match):
+        model.prefill(ids, model.new_state())
+
+
+def test_chunk_size_must_be_positive(tiny):
+    _, model = tiny
+    with pytest.raises(ModelInputError, match="chunk_size"):
+        model.prefill([1, 2], model.new_state(), chunk_size=0)
+
+
+# ---------------------------------------------------------------- numerics primitives
+
+
+def test_yarn_correction_range_of_v4_flash():
+    """Spec §2.5: pairs 0..15 keep ω, pairs 25..31 are divided by 16, 16..24 blend."""
+    c = ModelConfig.v4_flash()
+    plain = inverse_frequencies(64, c.compress_rope_theta)
+    yarn = inverse_frequencies(
+        64, c.compress_rope_theta, c.rope_factor, c.rope_original_max_position, 32, 1
+    )
+    assert torch.equal(yarn[:16], plain[:16])
+    assert torch.allclose(yarn[25:], plain[25:] / 16)
+    assert ((yarn[16:25] < plain[16:25]) & (yarn[16:25] > plain[16:25] / 16)).all()
+    main = inverse_frequencies(64, 10000.0)
+    assert torch.allclose(main, 10000.0 ** (-torch.arange(0, 64, 2) / 64))
+
+
+def test_rope_rotates_only_the_tail_pairs_and_inverts():
+    x = torch.randn(5, 3, 40)
+    pos = torch.arange(10, 15)
+    inv = inverse_frequencies(16, 10000.0)
+    ang = pos[:, None].float() * inv
+    y = apply_rope(x, ang.cos(), ang.sin())
+    assert torch.equal(y[..., :24], x[..., :24])
+    pair = (
+        torch.complex(x[..., 24::2], x[..., 25::2])
+        * torch.polar(torch.ones_like(ang), ang)[:, None]
+    )
+    assert torch.allclose(y[..., 24::2], pair.real, atol=1e-6)
+    assert torch.allclose(y[..., 25::2], pair.imag, atol=1e-6)
+    assert torch.allclose(apply_rope(y, ang.cos(), ang.sin(), inverse=True), x, atol=1e-6)
+
+
+def test_sinkhorn_gives_unit_columns_and_near_unit_rows():
+    comb = sinkhorn(torch.randn(10, 4, 4), 20, 1e-6)
+    assert torch.allclose(comb.sum(-2), torch.ones(10, 4), atol=1e-5)  # last pass: columns
+    assert torch.allclose(comb.sum(-1), torch.ones(10, 4), atol=2e-2)  # rows: nearly converged
+    assert (comb > 0).all()
+
+
+def test_pow2_ceil_is_exact():
+    x = torch.tensor([1.0, 1.0000001, 0.75, 2.0**-20, 3.0 * 2.0**-9, 448.0])
+    assert qsim.pow2_ceil(x).tolist() == [1.0, 2.0, 1.0, 2.0**-20, 2.0**-7, 512.0]
+
+
+def test_fp8_snap_blocks_scales_and_idempotence():
+    x = torch.randn(6, 128) * torch.logspace(-3, 2, 6)[:, None]
+    y = qsim.fp8_snap(x, 64)
+    assert torch.equal(qsim.fp8_snap(y, 64), y)
+    for row_x, row_y in zip(x.view(-1, 64), y.view(-1, 64), strict=True):
+        scale = qsim.pow2_ceil(row_x.abs().max() / 448)
+        q = row_y / scale
+        assert torch.equal(q, q.to(torch.float8_e4m3fn).float())  # on the E4M3 grid
+        assert (row_y - row_x).abs().max() <= scale * 16  # within half an E4M3 step at 448
+    assert qsim.fp8_snap(torch.zeros(1, 64), 64).abs().sum() == 0
+
+
+def test_fp4_round_ties_to_even_and_snap():
+    v = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, 0.3, 5.5, 6.0])
+    assert qsim.fp4_round(v).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, 0.5, 6.0, 6.0]
+    x = torch.randn(4, 64)
+    y = qsim.fp4_snap(x, 32)
+    assert torch.equal(qsim.fp4_snap(y, 32), y)
+    assert (
+        len(
+            torch.unique(
+                (
+                    y.view(-1, 32) / qsim.pow2_ceil(x.view(-1, 32).abs().amax(-1, keepdim=True) / 6)
+                ).abs()
+            )
+        )
+        <= 8
+    )
+
+
+def test_hadamard_is_orthonormal():
+    x = torch.randn(3, 128)
+    h = qsim.hadamard(x)
+    assert torch.allclose(qsim.hadamard(h), x, atol=1e-5)
+    assert torch.allclose(h.norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+    assert math.isclose(float(qsim.hadamard(torch.eye(4))[0, 0]), 0.5)
