@@ -347,3 +347,24 @@ def test_plans_never_over_commit(
         assert plan.verdict == FITS_WITH_CHANGES
     if plan.verdict == FITS:
         assert plan.disk_bytes == 0 and plan.context == ctx
+
+
+def test_profile_probed_on_the_lent_h200_machine(flash):
+    # Written by `probe()` on the lent GPU host (NVML, torch copies, 16 threads): the NVML path.
+    profile = load("h200_lent_machine_measured")
+    gpu = profile.gpu
+    for name in (
+        "name",
+        "vram_total_bytes",
+        "compute_capability",
+        "pcie_gen_max",
+        "driver_version",
+    ):
+        assert getattr(gpu, name).source == "reported:nvml", name
+    assert gpu.h2d_pinned_gbps.source == gpu.h2d_pageable_gbps.source == "measured"
+    assert gpu.h2d_pinned_gbps.value > 4 * gpu.h2d_pageable_gbps.value
+    plan = make_plan(flash, profile, PlanOptions(context=1 << 20))
+    check_budgets(plan, profile)
+    assert plan.verdict == FITS and plan.kv_bytes_gpu == spec_kv_bytes(1 << 20, "bf16")
+    # ~130 GiB of VRAM beside ~14 GiB of attention, head and KV: most expert layers go whole.
+    assert len(plan.gpu_expert_layers) >= 30
