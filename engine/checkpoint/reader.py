@@ -405,7 +405,7 @@ class Checkpoint:
         hf = self.naming == "hf"
         missing_shard_names = {n for names in self._missing_shards.values() for n in names}
         missing, wrong = [], []
-        dequantized = 0
+        dequantized = recast = 0
         for name, spec in expected.items():
             info = self._infos.get(name)
             if info is None:
@@ -427,6 +427,9 @@ class Checkpoint:
                 and info.shape == _logical(spec)
             ):
                 dequantized += 1
+                continue
+            if hf and {info.dtype, spec.dtype} <= set(FLOAT_DTYPES) and info.shape == spec.shape:
+                recast += 1
                 continue
             wrong.append(
                 f"{name} is {info.dtype} {list(info.shape)}, expected {spec.dtype} {list(spec.shape)}"
@@ -451,6 +454,8 @@ class Checkpoint:
             report.notes.append("transformers-style names, read through the name mapping table")
             if dequantized:
                 report.notes.append(f"{dequantized} weights are stored dequantized (float)")
+            if recast:
+                report.notes.append(f"{recast} float tensors are stored in another float dtype")
             if (
                 not any(n.startswith("mtp.") for n in self._infos)
                 and self.config.num_nextn_predict_layers
