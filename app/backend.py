@@ -67,10 +67,12 @@ class ModelInfo:
     test_model: bool = False
     plan_summary: str = ""
     device: str = "cpu"
+    note: str = ""  # what kind of model this is, when it is not the real V4 weights
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({TEST_MODEL_LABEL})" if self.test_model else self.name
+        note = self.note or (TEST_MODEL_LABEL if self.test_model else "")
+        return f"{self.name} ({note})" if note else self.name
 
     @property
     def think_max_allowed(self) -> bool:
@@ -153,6 +155,10 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self) -> None: ...
 
+    @abstractmethod
+    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
+        """Settings changed (the fit wizard saved a plan); takes effect at the next load()."""
+
     def document_tokenizer(self):
         """The tokenizer documents are counted with; None: the bundled V4 tokenizer."""
         return None
@@ -167,9 +173,10 @@ class Backend(ABC):
         except Exception:  # psutil missing or process info unavailable: show nothing
             pass
         vram = None
-        torch = _torch_if_loaded()
-        if torch is not None and torch.cuda.is_available():
-            vram = int(torch.cuda.memory_allocated())
+        torch = _torch_if_loaded() if self.info is not None else None  # never mid-import
+        cuda = getattr(torch, "cuda", None)
+        if cuda is not None and cuda.is_available():
+            vram = int(cuda.memory_allocated())
         return {"ram": ram, "vram": vram}
 
 
@@ -229,7 +236,12 @@ class ScriptedBackend(Backend):
         reply: Callable[[str], str] | None = None,
         load_delay_s: float = 0.0,
         fail_load: str | None = None,
+        name: str = "scripted",
+        note: str = "scripted replies, no model",
     ):
+        self.name = name
+        self.note = note
+        self.plan_summary = "no engine"
         self.context_limit = context_limit
         self.delay_s = delay_s
         self.chars_per_event = chars_per_event
@@ -250,7 +262,11 @@ class ScriptedBackend(Backend):
             raise BackendError(self.fail_load, kind="load")
         progress(1.0, "Ready")
         self.info = ModelInfo(
-            "scripted", self.context_limit, test_model=True, plan_summary="all on CPU"
+            self.name,
+            self.context_limit,
+            test_model=True,
+            plan_summary=self.plan_summary,
+            note=self.note,
         )
         return self.info
 
@@ -264,6 +280,10 @@ class ScriptedBackend(Backend):
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
+        self.context_limit = int(context_limit)
+        self.plan_summary = plan_summary
 
     def stream(self, prompt: Prompt, sampling: Sampling) -> Iterator[TurnEvent]:
         if prompt.tokens >= self.context_limit:

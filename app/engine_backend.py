@@ -211,6 +211,11 @@ class EngineBackend(Backend):
         except ContextOverflowError as exc:
             raise PromptTooLong(exc.prompt_tokens, exc.context_limit) from exc
 
+    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
+        self.model_path = Path(model_path).expanduser() if model_path else None
+        self.requested_context = int(context_limit)
+        self.plan_summary = plan_summary
+
     def cancel(self) -> None:
         if self.session is not None:
             self.session.cancel()

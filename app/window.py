@@ -7,7 +7,6 @@ the end), so a crash loses at most the last second of an answer.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -50,7 +49,6 @@ from flashdesk.app.history import (
     STREAMING,
     History,
     HistoryError,
-    Message,
 )
 from flashdesk.app.paths import LOG_NAME
 from flashdesk.app.settings import MODES, THINK_MAX_MIN_CONTEXT, Settings
@@ -253,6 +251,9 @@ class MainWindow(QMainWindow):
         act.triggered.connect(self.close)
         file_menu.addAction(act)
         self.model_menu = self.menuBar().addMenu("&Model")
+        act = QAction("&Hardware fit…", self)
+        act.triggered.connect(self.open_wizard)
+        self.model_menu.addAction(act)
         act = QAction("&Reload model", self)
         act.triggered.connect(self.load_model)
         self.model_menu.addAction(act)
@@ -337,6 +338,26 @@ class MainWindow(QMainWindow):
     def _on_mode_changed(self, mode: str) -> None:
         self.settings.mode = mode
         self._save_settings()
+
+    # fit wizard ---------------------------------------------------------------------------------
+    def open_wizard(self, profile=None):
+        from flashdesk.app.wizard import FitWizard
+
+        self.wizard = FitWizard(self.settings, self.data_folder, self, profile=profile)
+        self.wizard.plan_saved.connect(self.apply_plan)
+        self.wizard.open()
+        return self.wizard
+
+    def apply_plan(self, saved: dict) -> None:
+        """The wizard saved a plan: reload the model with its context (and checkpoint)."""
+        self.backend.configure(
+            self.settings.model_path, self.settings.context_limit, plan_summary(saved)
+        )
+        self._apply_mode_limits()
+        if self.engine.busy:
+            self.statusBar().showMessage("The new plan applies after this answer.", 6000)
+            return
+        self.load_model()
 
     # chats --------------------------------------------------------------------------------------
     def reload_chats(self) -> None:
@@ -764,5 +785,13 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
 
-def messages_as_json(messages: list[Message]) -> str:
-    return json.dumps([m.__dict__ for m in messages], ensure_ascii=False)
+def plan_summary(plan: dict | None) -> str:
+    """'plan: fits · 128K · fp8 KV' for the status bar."""
+    if not plan or not plan.get("verdict"):
+        return ""
+    parts = [f"plan: {plan['verdict'].replace('_', ' ')}"]
+    if plan.get("context"):
+        parts.append(human_tokens(int(plan["context"])))
+    if plan.get("kv_dtype"):
+        parts.append(f"{plan['kv_dtype']} KV")
+    return " · ".join(parts)

@@ -1,0 +1,164 @@
+"""The hardware-fit wizard on saved machine profiles (no probing of this machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtWidgets import QProgressBar, QWizard
+
+from flashdesk.app.backend import ScriptedBackend
+from flashdesk.app.settings import MODES, Settings
+from flashdesk.app.window import MainWindow
+from flashdesk.app.wizard import CONTEXTS, FitWizard
+from flashdesk.offload.probe import HardwareProfile, Sourced
+
+PROFILES = Path(__file__).resolve().parent / "profiles"
+
+
+def profile(name: str) -> HardwareProfile:
+    return HardwareProfile.load(PROFILES / f"{name}.json")
+
+
+def to_plan_page(qtbot, wiz, context=131072):
+    wiz.show()
+    qtbot.waitUntil(lambda: wiz.currentPage() is wiz.probe_page)
+    wiz.next()  # → model page (preset V4-Flash is the default choice)
+    assert wiz.currentPage() is wiz.model_page
+    wiz.next()  # → plan page
+    assert wiz.currentPage() is wiz.plan_page
+    wiz.plan_page.context_slider.setValue(CONTEXTS.index(context))
+    wiz.plan_page.recompute()
+    return wiz.plan_page
+
+
+def test_probe_table_shows_every_value_with_its_source(qtbot, tmp_path):
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+    qtbot.addWidget(wiz)
+    wiz.show()
+    table = wiz.probe_page.table
+    rows = {table.item(r, 0).text(): r for r in range(table.rowCount())}
+    p = wiz.profile
+    assert table.rowCount() == len(p.sourced_items()) + sum(len(g.sourced_items()) for g in p.gpus)
+    r = rows["ram read gbps"]
+    assert table.item(r, 1).text() == f"{p.ram_read_gbps.value:.1f} GB/s"
+    assert table.item(r, 2).text() == p.ram_read_gbps.source
+    assert any(k.startswith("GPU 0 · name") for k in rows)
+    assert all(table.item(r, 2).text() for r in range(table.rowCount()))  # no value without source
+
+
+def test_measure_bandwidth_updates_the_table(qtbot, tmp_path):
+    from flashdesk.offload import bandwidth
+
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("cpu_only_256gb"))
+    wiz.measure_fn = lambda: bandwidth.ram_read_gbps(threads=1, remeasure=True)
+    qtbot.addWidget(wiz)
+    wiz.show()
+    page = wiz.probe_page
+    page.measure_button.click()
+    assert not page.progress.isHidden()
+    qtbot.waitUntil(lambda: page.measure_button.isEnabled(), timeout=60000)
+    assert wiz.profile.ram_read_gbps.source == "measured"
+    assert page.status.text().startswith("RAM read: ")
+    table = page.table
+    row = next(r for r in range(table.rowCount()) if table.item(r, 0).text() == "ram read gbps")
+    assert table.item(row, 2).text() == "measured"
+
+
+def test_big_machine_fits(qtbot, tmp_path):
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+    qtbot.addWidget(wiz)
+    page = to_plan_page(qtbot, wiz)
+    assert wiz.plan.verdict == "fits"
+    assert page.verdict.text().startswith("Fits — DeepSeek-V4-Flash, 128K context")
+    assert "#1e8449" in page.verdict.styleSheet()
+    bars = {b.objectName(): b for b in page.bars_box.findChildren(QProgressBar)}
+    assert set(bars) == {"memory_gpu", "memory_ram"}
+    assert "usable" in bars["memory_gpu"].format()
+    assert "tok/s" in page.prediction.text() and wiz.prediction.confidence in page.prediction.text()
+    assert page.isComplete()
+
+
+def test_small_machine_fits_with_changes_and_lists_them(qtbot, tmp_path):
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx3090_64gb"))
+    qtbot.addWidget(wiz)
+    page = to_plan_page(qtbot, wiz)
+    assert wiz.plan.verdict == "fits_with_changes"
+    assert page.verdict.text().startswith("Fits with changes")
+    assert "#b9770e" in page.verdict.styleSheet()
+    shown = [page.changes.item(i).text() for i in range(page.changes.count())]
+    assert any("paged from disk" in s for s in shown)
+    assert len([s for s in shown if s.startswith("→")]) == len(wiz.plan.changes)
+    # A live control: fp8 KV changes the KV size in the plan.
+    kv_bf16 = wiz.plan.kv_bytes
+    page.kv_combo.setCurrentText("fp8")
+    page.recompute()
+    assert wiz.plan.kv_dtype == "fp8" and wiz.plan.kv_bytes < kv_bf16
+
+
+def test_machine_too_small_does_not_fit(qtbot, tmp_path):
+    small = profile("cpu_only_256gb")
+    small.ram_total_bytes = Sourced(8 << 30, "reported:test")
+    small.ram_available_bytes = Sourced(6 << 30, "reported:test")
+    wiz = FitWizard(Settings(), tmp_path, profile=small)
+    qtbot.addWidget(wiz)
+    page = to_plan_page(qtbot, wiz)
+    assert wiz.plan.verdict == "does_not_fit"
+    assert page.verdict.text().startswith("Does not fit")
+    assert "#c0392b" in page.verdict.styleSheet()
+    assert not page.isComplete()
+    shown = [page.changes.item(i).text() for i in range(page.changes.count())]
+    assert any("RAM" in s for s in shown)
+
+
+def test_checkpoint_problems_are_listed(qtbot, tmp_path):
+    from flashdesk.engine.checkpoint import write_random
+    from flashdesk.engine.config import ModelConfig
+
+    folder = write_random(tmp_path / "ckpt", ModelConfig.tiny(), seed=1)
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+    qtbot.addWidget(wiz)
+    wiz.show()
+    wiz.next()
+    page = wiz.model_page
+    page.path_edit.setText(str(folder))
+    page.verify()
+    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    assert page.verified is not None and page.isComplete()
+    assert page.result.text().startswith("Checkpoint OK")
+
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated download
+    page.verify()
+    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    problems = [page.problems.item(i).text() for i in range(page.problems.count())]
+    assert problems and problems[0].startswith("✗")
+    assert any(shard.name in p for p in problems)
+    assert page.verified is None and not page.isComplete()
+
+
+def test_saving_a_plan_reloads_the_chat_window_with_it(qtbot, tmp_path):
+    backend = ScriptedBackend(context_limit=8192)
+    win = MainWindow(backend, tmp_path)
+    qtbot.addWidget(win)
+    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    assert not win.mode_combo.model().item(MODES.index("Think Max")).isEnabled()
+    wiz = win.open_wizard(profile=profile("rtx4090_192gb_ddr5"))
+    to_plan_page(qtbot, wiz, context=524288)
+    assert wiz.plan.verdict == "fits"
+    wiz.next()
+    assert wiz.currentPage() is wiz.save_page
+    assert "524,288 tokens" in wiz.save_page.summary.text()
+    with qtbot.waitSignal(win.model_ready, timeout=10000):
+        wiz.button(QWizard.WizardButton.FinishButton).click()
+    saved = Settings.load(tmp_path)
+    assert saved.context_limit == 524288 and saved.wizard_done
+    assert saved.plan["verdict"] == "fits" and saved.plan["max_context"] == 1 << 20
+    assert saved.plan["prefill_tok_s"] > 0
+    assert win.info.context_limit == 524288
+    assert win.mode_combo.model().item(MODES.index("Think Max")).isEnabled()
+    assert "plan: fits · 512K · bf16 KV" in win.model_label.text()
+    win.close()
