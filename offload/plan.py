@@ -61,6 +61,10 @@ class PlanOptions:
     def validate(self, figures: ModelFigures) -> None:
         if self.kv_dtype not in KV_DTYPES:
             raise PlanError(f"KV dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}.")
+        for name in ("vram_reserve_bytes", "ram_reserve_bytes", "gpu_workspace_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise PlanError(f"{name} is {value}; reserves cannot be negative.")
         if not 1 <= self.context <= figures.max_context:
             raise PlanError(
                 f"context {self.context} is outside 1..{figures.max_context} tokens, the range "
@@ -360,6 +364,18 @@ def make_plan(
     if plan is None:
         return _does_not_fit(figures, profile, budgets, options)
     _assess(plan, figures, profile, budgets, options, shares)
+    if plan.disk_bytes and not options.allow_disk:
+        plan.verdict = DOES_NOT_FIT
+        plan.changes.insert(
+            0,
+            f"does not fit without paging from disk: {_gb(plan.disk_bytes)} of routed experts "
+            "do not fit in RAM (paging is switched off)",
+        )
+    if len(profile.gpus) > 1 and budgets.mode != "cpu":
+        plan.notes.append(
+            f"{len(profile.gpus)} GPUs found; this plan uses GPU {profile.gpu.index} (the most "
+            "free memory) and leaves the others idle"
+        )
     return plan
 
 
@@ -414,8 +430,6 @@ def _place(
     ram_slots = (host_budget - must_host) // eb if eb else 0
     if ram_slots >= sum(need.values()):
         ram_count = dict(need)
-    elif not options.allow_disk:
-        return None
     else:
         ram_count = _spread_ram(figures, need, ram_slots, fill, shares)
 

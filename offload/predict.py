@@ -98,7 +98,7 @@ class Prediction:
     decode_tok_s: float
     decode_bound_tok_s: float  # the roofline: efficiency 1, no handoff costs
     prefill_tok_s: float
-    ttft_s: float
+    ttft_s: float | None  # None when nothing can run
     prompt_tokens: int
     prefill_experts: str  # "cpu", "gpu stream", "mixed", "gpu"
     crossover_tokens: int | None  # chunk size from which streaming experts to the GPU wins
@@ -309,7 +309,7 @@ def predict(
     rates = _rates(profile)
     if not plan.layers:
         return Prediction(
-            0.0, 0.0, 0.0, math.inf, prompt_tokens, "none", None, "estimated", 0.0, {}, {}
+            0.0, 0.0, 0.0, None, prompt_tokens, "none", None, "estimated", 0.0, {}, {}
         )
     seconds, read = _decode_seconds(plan, figures, rates, eff, bound=False)
     bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)

@@ -368,3 +368,23 @@ def test_profile_probed_on_the_lent_h200_machine(flash):
     assert plan.verdict == FITS and plan.kv_bytes_gpu == spec_kv_bytes(1 << 20, "bf16")
     # ~130 GiB of VRAM beside ~14 GiB of attention, head and KV: most expert layers go whole.
     assert len(plan.gpu_expert_layers) >= 30
+
+
+def test_without_disk_paging_a_small_machine_does_not_fit(flash):
+    profile = load("rtx3090_64gb")
+    plan = make_plan(flash, profile, PlanOptions(allow_disk=False))
+    assert plan.verdict == DOES_NOT_FIT
+    assert plan.changes[0].startswith("does not fit without paging from disk")
+    with pytest.raises(PlanError, match="cannot be negative"):
+        make_plan(flash, profile, PlanOptions(ram_reserve_bytes=-1))
+
+
+def test_two_gpus_use_the_larger_one_and_say_so(flash):
+    profile = load("rtx3090_64gb")
+    small = GpuProfile(index=1)
+    small.vram_total_bytes = reported(8 * GIB, "nvml")
+    small.vram_free_bytes = reported(8 * GIB, "nvml")
+    profile.gpus.append(small)
+    plan = make_plan(flash, profile)
+    assert plan.memory[GPU]["capacity"] == 24 * GIB
+    assert any("2 GPUs found" in n and "GPU 0" in n for n in plan.notes)

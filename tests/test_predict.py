@@ -134,7 +134,11 @@ def test_calibrated_efficiency_and_its_file(tmp_path, flash):
 
 def _fit_json(capsys, *args) -> dict:
     assert main(["fit", "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
+
+    def not_json(constant):
+        raise AssertionError(f"fit --json printed {constant}, which is not JSON")
+
+    return json.loads(capsys.readouterr().out, parse_constant=not_json)
 
 
 def test_fit_json_has_the_required_keys(capsys, monkeypatch, tmp_path):
@@ -241,3 +245,16 @@ def test_token_counts():
     assert _tokens("128K") == 131072 and _tokens("1M") == 1 << 20 and _tokens("4096") == 4096
     with pytest.raises(argparse.ArgumentTypeError):
         _tokens("lots")
+
+
+def test_fit_json_for_a_machine_that_cannot_run_it(capsys, tmp_path):
+    small = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
+    small.ram_total_bytes = Sourced(8 * GIB, "reported:psutil")
+    small.ram_available_bytes = Sourced(7 * GIB, "reported:psutil")
+    path = tmp_path / "small.json"
+    small.save(path)
+    out = _fit_json(capsys, "--profile", str(path))  # strict JSON: no Infinity/NaN
+    assert out["verdict"] == "does_not_fit" and out["changes"]
+    assert out["predicted"]["decode_tok_s"] == 0.0 and out["predicted"]["ttft_s"] is None
+    assert main(["fit", "--profile", str(path)]) == 0
+    assert "Verdict: does not fit" in capsys.readouterr().out
