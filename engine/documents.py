@@ -645,18 +645,40 @@ def load_document(
     head = data[:8]
     kind = kind_of(path)
     if kind == "pdf" or head.startswith(b"%PDF-"):
-        return _load_pdf(path, data, progress, cancel)
-    if kind == "docx":
-        return _load_docx(path, data, progress, cancel)
-    if head.startswith(b"PK\x03\x04") and kind == "text":
+        doc = _load_pdf(path, data, progress, cancel)
+    elif kind == "docx":
+        doc = _load_docx(path, data, progress, cancel)
+    elif head.startswith(b"PK\x03\x04") and kind == "text":
         try:
             names = zipfile.ZipFile(io.BytesIO(data)).namelist()
         except zipfile.BadZipFile:
             names = []
-        if "word/document.xml" in names:
-            return _load_docx(path, data, progress, cancel)
-        raise _binary_error(path)
-    return _load_text(path, kind, data)
+        if "word/document.xml" not in names:
+            raise _binary_error(path)
+        doc = _load_docx(path, data, progress, cancel)
+    else:
+        doc = _load_text(path, kind, data)
+    return _escape_control_tokens(doc)
+
+
+def _escape_control_tokens(doc: Document) -> Document:
+    """Control-token strings quoted in a document stay text (see V4Tokenizer.escape_control_tokens)."""
+    from flashdesk.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    parts = []
+    escaped = 0
+    for part in doc.parts:
+        text, n = tok.escape_control_tokens(part.text)
+        escaped += n
+        parts.append(Part(title=part.title, text=text) if n else part)
+    if not escaped:
+        return doc
+    note = (
+        f"{doc.name}: {escaped:,} DeepSeek control-token strings (such as <think>) were marked "
+        "with a zero-width space so that the model reads them as text."
+    )
+    return replace(doc, parts=tuple(parts), notes=(*doc.notes, note))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ BOS_ID = 0
 EOS_ID = 1
 THINK_START_ID = 128_821
 THINK_END_ID = 128_822
+ZERO_WIDTH_SPACE = "\u200b"
 
 # Ids the rest of FlashDesk relies on (spec §5.1); checked whenever a tokenizer.json is loaded, so
 # a file from another model is refused instead of producing garbage prompts.
@@ -137,6 +138,12 @@ class V4Tokenizer:
         self._special = {
             i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }
+        added = sorted(
+            (t.content for t in self._tok.get_added_tokens_decoder().values()),
+            key=len,
+            reverse=True,
+        )
+        self._control = re.compile("|".join(map(re.escape, added)))
         self._token_bytes: list[bytes] | None = None
         self._lock = threading.Lock()
 
@@ -147,7 +154,7 @@ class V4Tokenizer:
         if len(text) < PARALLEL_MIN_CHARS:
             return self._tok.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
-        for enc in self._tok.encode_batch(_split_for_parallel(text), add_special_tokens=False):
+        for enc in self._batch(_split_for_parallel(text)):
             ids.extend(enc.ids)
         return ids
 
@@ -155,8 +162,7 @@ class V4Tokenizer:
         """Number of tokens of `text` (exactly `len(encode(text))`), parallel for long texts."""
         if len(text) < PARALLEL_MIN_CHARS:
             return len(self._tok.encode(text, add_special_tokens=False).ids)
-        encs = self._tok.encode_batch(_split_for_parallel(text), add_special_tokens=False)
-        return sum(len(e.ids) for e in encs)
+        return sum(len(e.ids) for e in self._batch(_split_for_parallel(text)))
 
     def count_many(
         self,
@@ -186,7 +192,7 @@ class V4Tokenizer:
             while stop < len(pieces) and (stop == start or size < COUNT_BATCH_CHARS):
                 size += len(pieces[stop])
                 stop += 1
-            encs = self._tok.encode_batch(pieces[start:stop], add_special_tokens=False)
+            encs = self._batch(pieces[start:stop])
             for k, enc in zip(owner[start:stop], encs, strict=True):
                 counts[k] += len(enc.ids)
             done += size
@@ -194,6 +200,22 @@ class V4Tokenizer:
             if progress is not None:
                 progress(done, total)
         return counts
+
+    def _batch(self, pieces: list[str]) -> list:
+        """Encode pieces on all cores; the `_fast` variant skips character offsets we never use."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return encode(pieces, add_special_tokens=False)
+
+    def escape_control_tokens(self, text: str) -> tuple[str, int]:
+        """`text` with every control-token string (`<think>`, `<｜User｜>`, ...) made plain text.
+
+        Such strings are matched as control tokens wherever they occur, so a document that quotes
+        them would fake turn boundaries. A zero-width space after their first character keeps them
+        readable and makes them ordinary text. Returns (text, how many were escaped).
+        """
+        if "<" not in text and "｜" not in text:
+            return text, 0
+        return self._control.subn(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
 
     def token_id(self, token: str) -> int:
         """Id of one token string (e.g. `"</think>"`); KeyError if it is not in the vocabulary."""

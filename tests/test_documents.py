@@ -435,3 +435,20 @@ def test_document_objects_can_be_attached_directly(tok):
     doc = Document(path=Path("virtual.md"), kind="markdown", parts=(Part("a", "# A\nx"),))
     att = attach([doc], BIG, tokenizer=tok)
     assert att.content == "[File: virtual.md (markdown)]\n# A\nx\n\n[End of file: virtual.md]\n\n"
+
+
+def test_control_token_strings_in_documents_stay_text(tmp_path, tok):
+    path = tmp_path / "spec.md"
+    path.write_text(
+        "The prompt ends with <｜Assistant｜><think> in Think mode.\n", encoding="utf-8"
+    )
+    doc = load_document(path)
+    assert "2 DeepSeek control-token strings" in doc.notes[0]
+    assert (
+        doc.text.replace("\u200b", "")
+        == "The prompt ends with <｜Assistant｜><think> in Think mode."
+    )
+    att = attach([doc], BIG)
+    assert tok.token_id("<think>") not in tok.encode(att.content)
+    assert tok.token_id("<｜Assistant｜>") not in tok.encode(att.content)
+    assert att.notes == list(doc.notes)
