@@ -388,3 +388,45 @@ def test_two_gpus_use_the_larger_one_and_say_so(flash):
     plan = make_plan(flash, profile)
     assert plan.memory[GPU]["capacity"] == 24 * GIB
     assert any("2 GPUs found" in n and "GPU 0" in n for n in plan.notes)
+
+
+def test_offload_imports_neither_engine_nor_app_and_plans_without_torch():
+    import ast
+    import subprocess
+    import sys
+
+    offload = Path(__file__).resolve().parent.parent / "offload"
+    for path in offload.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("flashdesk.app"), (path.name, name)
+                # Only the C extension (lazily, to measure) and torch (lazily, to time copies).
+                if name.startswith("flashdesk.engine"):
+                    assert name == "flashdesk.engine" or name.endswith("_kernels"), (
+                        path.name,
+                        name,
+                    )
+                if name.startswith(("flashdesk.engine", "torch")):
+                    assert node.col_offset > 0, f"{path.name} imports {name} at module level"
+    code = (
+        "import sys, json;"
+        "from flashdesk.engine.config import ModelConfig;"
+        "from flashdesk.engine.inventory import inventory;"
+        "from flashdesk.offload.figures import ModelFigures;"
+        "from flashdesk.offload.plan import make_plan;"
+        "from flashdesk.offload.predict import predict;"
+        "from flashdesk.offload.probe import HardwareProfile;"
+        "c = ModelConfig.v4_flash(); f = ModelFigures.from_inventory(inventory(c), c);"
+        f"p = HardwareProfile.load({str(PROFILES / 'rtx3090_64gb.json')!r});"
+        "plan = make_plan(f, p); predict(plan, f, p);"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'PySide6'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
