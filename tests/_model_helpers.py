@@ -10,7 +10,6 @@ import torch
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.model.common import Numerics
 from flashdesk.engine.model.model import V4Model
-from flashdesk.engine.model.names import EXPERT_RE, official_to_hf
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -146,78 +145,19 @@ def our_model(c: ModelConfig, tensors, **numerics) -> V4Model:
     return V4Model(c, dict_fetch(tensors), numerics=Numerics(**numerics), with_mtp=with_mtp)
 
 
-def hf_config(c: ModelConfig):
-    from transformers import DeepseekV4Config
+def write_tiny(folder, config: ModelConfig, seed: int, with_mtp: bool = True):
+    """Random weights written in the official layout by our writer (FP8/FP4 quantized)."""
+    from flashdesk.engine.checkpoint import write_checkpoint
 
-    d = c.to_hf_dict()
-    d.pop("quantization_config", None)
-    d.pop("architectures", None)
-    d.pop("model_type", None)
-    d.pop("transformers_version", None)
-    if "layer_types" not in d:
-        d["layer_types"] = c.layer_types
-        d["compress_rates"] = {
-            "compressed_sparse_attention": 4,
-            "heavily_compressed_attention": c.hca_ratio or 128,
-        }
-    d.pop("compress_ratios", None)
-    d["mlp_layer_types"] = ["hash_moe" if s.hash_routed else "moe" for s in c.main_layers]
-    d.pop("num_hash_layers", None)
-    rs = dict(d.pop("rope_scaling"))
-    rs.pop("type", None)
-    d["rope_parameters"] = {
-        "main": {
-            "rope_type": "default",
-            "rope_theta": c.rope_theta,
-            "partial_rotary_factor": c.qk_rope_head_dim / c.head_dim,
-        },
-        "compress": {
-            "rope_type": "yarn",
-            "rope_theta": c.compress_rope_theta,
-            "partial_rotary_factor": c.qk_rope_head_dim / c.head_dim,
-            "attention_factor": 1.0,
-            **rs,
-        },
-    }
-    return DeepseekV4Config(**d)
+    return write_checkpoint(folder, config, random_official_tensors(config, seed, with_mtp))
 
 
-def hf_model(c: ModelConfig, tensors: dict[str, torch.Tensor]):
-    """transformers' DeepseekV4ForCausalLM in float32 holding exactly `tensors`."""
+def hf_from_checkpoint(folder):
+    """transformers' DeepseekV4ForCausalLM loading the same folder itself, all float32."""
     from transformers import DeepseekV4ForCausalLM
 
-    torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(hf_config(c)).to(torch.float32).eval()
-    state = {}
-    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = EXPERT_RE.fullmatch(name)
-        if m:
-            experts.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = t
-            continue
-        hf = official_to_hf(name)
-        if hf is not None:
-            state[hf] = t
-    for layer in range(c.num_hidden_layers):
-        e_count = c.n_routed_experts
-        gate_up = torch.stack(
-            [
-                torch.cat((experts[(layer, e)]["w1"], experts[(layer, e)]["w3"]))
-                for e in range(e_count)
-            ]
-        )
-        down = torch.stack([experts[(layer, e)]["w2"] for e in range(e_count)])
-        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = gate_up
-        state[f"model.layers.{layer}.mlp.experts.down_proj"] = down
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and "inv_freq" not in k]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise AssertionError(
-            f"name mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.load_state_dict(state, strict=False)
-    return model
+    model = DeepseekV4ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.to(torch.float32).eval()
 
 
 def one_thread():

@@ -1,7 +1,8 @@
 """Parity of FlashDesk's V4 forward pass with transformers' DeepseekV4ForCausalLM (float32).
 
-Both models hold the same random weights (official layout → transformers names through
-`flashdesk.engine.model.names`). Covered: window-only, CSA (indexer top-k below and above the
+Random weights are written in the official layout by our writer (FP8/FP4 + E8M0 scales); our
+`load_model` and transformers' own `from_pretrained` each read that folder, so both hold
+bit-identical dequantized weights. Covered: window-only, CSA (indexer top-k below and above the
 number of entries, dense and gathered candidate paths), HCA at a test ratio of 16 and the real
 128, hash-routed and bias-routed MoE, several seeds; full prompts, token-by-token decode with the
 cache, and 32-token greedy continuations.
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _model_helpers import hf_model, one_thread, our_model, random_official_tensors, tiny_config
+from _model_helpers import hf_from_checkpoint, one_thread, tiny_config, write_tiny
+
+from flashdesk.engine import load_model
 
 pytest.importorskip("transformers")
 
@@ -42,16 +45,16 @@ def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(100 + seed))
 
 
-def _pair(case: str, seed: int):
+def _pair(case: str, seed: int, folder, **numerics):
     config = tiny_config(**CASES[case])
-    tensors = random_official_tensors(config, seed, with_mtp=False)
-    return config, our_model(config, tensors), hf_model(config, tensors)
+    write_tiny(folder, config, seed)
+    return config, load_model(folder, **numerics), hf_from_checkpoint(folder)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("case", list(CASES))
-def test_full_prompt_logits_match_transformers(case, seed):
-    config, ours, hf = _pair(case, seed)
+def test_full_prompt_logits_match_transformers(case, seed, tmp_path):
+    config, ours, hf = _pair(case, seed, tmp_path)
     ids = _ids(PROMPT_LEN.get(case, 160), config.vocab_size, seed)
     with torch.no_grad():
         ref = hf(input_ids=ids[None]).logits[0]
@@ -63,10 +66,10 @@ def test_full_prompt_logits_match_transformers(case, seed):
 
 
 @pytest.mark.parametrize("case", ["mixed", "real_ratios", "bias_routed_topk_all"])
-def test_decode_and_greedy_match_transformers(case):
+def test_decode_and_greedy_match_transformers(case, tmp_path):
     """Prefill part of the prompt, decode the rest token by token (both sides with their caches),
     then continue greedily for 32 tokens: same logits to 1e-4, same tokens."""
-    config, ours, hf = _pair(case, 2)
+    config, ours, hf = _pair(case, 2, tmp_path)
     n = PROMPT_LEN.get(case, 96)
     ids = _ids(n, config.vocab_size, 2)
     split = n // 2 + 1
@@ -99,17 +102,18 @@ def test_decode_and_greedy_match_transformers(case):
     assert len(set(ours_tokens)) > 1  # the continuation actually depends on the context
 
 
-def test_quantisation_simulation_is_a_documented_departure_from_transformers():
+def test_quantisation_simulation_is_a_documented_departure_from_transformers(tmp_path):
     """transformers does not reproduce the reference's FP8/FP4 snapping inside attention and
     before quantized linears; with `simulate_quant=True` we follow the official code, so the
     logits move away from transformers by far more than the parity tolerance (but stay close),
     and every cached KV entry's no-rope part is exactly FP8-representable."""
     from flashdesk.engine.model import qsim
 
-    config = tiny_config(head_dim=80)  # 64 no-rope channels: one FP8 block of 64
-    tensors = random_official_tensors(config, 3, with_mtp=False)
-    hf = hf_model(config, tensors)
-    sim = our_model(config, tensors, simulate_quant=True)
+    # 64 no-rope channels (one FP8 block of 64), indexer heads of 128 as in V4
+    config = tiny_config(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
+    write_tiny(tmp_path, config, 3)
+    hf = hf_from_checkpoint(tmp_path)
+    sim = load_model(tmp_path, simulate_quant=True)
     ids = _ids(120, config.vocab_size, 3)
     with torch.no_grad():
         ref = hf(input_ids=ids[None]).logits[0]
