@@ -34,10 +34,16 @@ class LayerFigures:
     n_experts: int
     expert_bytes: int  # one routed expert (w1, w3, w2 with scales)
     expert_params: int
+    table_bytes: int = 0  # in dense_bytes but not read per token: the hash layers' tid2eid table
 
     @property
     def experts_bytes(self) -> int:
         return self.n_experts * self.expert_bytes
+
+    @property
+    def dense_read_bytes(self) -> int:
+        """Dense bytes one decode token reads (one tid2eid row instead of the table)."""
+        return self.dense_bytes - self.table_bytes
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ class ModelFigures:
         n_layers = int(config.num_hidden_layers)
         dense_b: dict[int, int] = defaultdict(int)
         dense_p: dict[int, int] = defaultdict(int)
+        table_b: dict[int, int] = defaultdict(int)
         shared_b: dict[int, int] = defaultdict(int)
         shared_p: dict[int, int] = defaultdict(int)
         expert_b: dict[tuple[int, int], int] = defaultdict(int)
@@ -168,7 +175,7 @@ class ModelFigures:
         total_bytes = 0
         total_params = 0
         for t in inventory.tensors:
-            nbytes, numel = int(t.nbytes), int(t.numel)
+            nbytes = int(t.nbytes)
             total_bytes += nbytes
             counted = _param_count(t)
             layer = t.layer
@@ -191,7 +198,8 @@ class ModelFigures:
             else:
                 dense_b[layer] += nbytes
                 dense_p[layer] += counted
-            del numel
+                if str(t.name).endswith("gate.tid2eid"):
+                    table_b[layer] += nbytes
         layers = []
         for i in range(n_layers):
             ratio = int(config.compress_ratios[i])
@@ -210,6 +218,7 @@ class ModelFigures:
                     n_experts=len(experts),
                     expert_bytes=expert_b[(i, experts[0])] if experts else 0,
                     expert_params=expert_p[(i, experts[0])] if experts else 0,
+                    table_bytes=table_b[i],
                 )
             )
         embed = totals[EMBED]

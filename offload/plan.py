@@ -205,7 +205,7 @@ class _GpuFill:
 
 def _attention_unit(figures: ModelFigures, layer: LayerFigures, ctx: int, kv: str) -> tuple:
     size = layer.dense_bytes + layer.shared_bytes + figures.kv_layer_bytes(layer, ctx, kv)
-    cost = layer.dense_bytes + layer.shared_bytes + figures.kv_read_layer_bytes(layer, ctx, kv)
+    cost = layer.dense_read_bytes + layer.shared_bytes + figures.kv_read_layer_bytes(layer, ctx, kv)
     return size, cost
 
 

@@ -179,7 +179,9 @@ def _decode_seconds(
     total = 0.0
     for lp in plan.layers:
         layer = by_index[lp.index]
-        attn = layer.dense_bytes + figures.kv_read_layer_bytes(layer, plan.context, plan.kv_dtype)
+        attn = layer.dense_read_bytes + figures.kv_read_layer_bytes(
+            layer, plan.context, plan.kv_dtype
+        )
         gpu_side = cpu_side = 0.0
         if lp.attention_on == GPU:
             total += attn / (gpu * e(eff.gpu_memory))

@@ -95,9 +95,13 @@ def test_figures_match_the_spec_budget(flash):
     assert flash.total_bytes == CHECKPOINT_BYTES
     assert flash.total_params == pytest.approx(284.33e9, rel=1e-4)
     assert flash.active_params == pytest.approx(13.27e9, rel=2e-3)
-    # Spec §6.1: non-expert layer weights 6.709 GB + head 1.059 GB read every token (our dense
-    # figure also counts the whole 6.2 MB tid2eid table of the three hash layers).
+    # Spec §6.1: non-expert layer weights 6.709 GB + head 1.059 GB read every token; stored, the
+    # three hash layers' 6.2 MB tid2eid tables come on top (one row of each is read per token).
     assert flash.dense_total_bytes == pytest.approx(6.709e9 + 1.059e9 + 3 * 6.2e6, rel=2e-3)
+    tables = [layer.table_bytes for layer in flash.layers]
+    assert tables[:3] == [129280 * 6 * 8] * 3 and not any(tables[3:])
+    read = sum(layer.dense_read_bytes + layer.shared_bytes for layer in flash.layers)
+    assert read == pytest.approx(6.709e9, rel=1e-3)
     assert [layer.attention for layer in flash.layers].count("csa") == CSA_LAYERS
     assert [layer.attention for layer in flash.layers].count("hca") == HCA_LAYERS
 
