@@ -14,6 +14,7 @@ Public API:
   encode_messages(messages, mode, tools=None, ...) -> EncodedPrompt(text, ids)
   parse_completion(text, mode=None, strict=False) -> Completion(reasoning, answer, tool_calls, ...)
   CompletionStream(mode): feed(text_delta) -> list[StreamEvent]; close() -> Completion
+  TurnStream(mode, tokenizer=None): push(token_id) -> list[StreamEvent]; close() -> Completion
   check_mode(mode, context_tokens) / mode_available(...): Think Max needs >= 384K context.
 """
 
@@ -706,3 +707,37 @@ def _partial_marker_len(text: str, markers: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
+
+
+class TurnStream:
+    """Generated token ids of one assistant turn -> typed events (decode + parse in one place).
+
+    Characters split over several tokens are held back until whole (StreamDecoder), markers split
+    over several tokens until complete (CompletionStream). Push the EOS id too: it ends the turn.
+    """
+
+    def __init__(self, mode: Mode | str, tokenizer: V4Tokenizer | None = None):
+        if tokenizer is None:
+            from flashdesk.engine.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        self._decoder = tokenizer.stream_decoder()
+        self._parser = CompletionStream(mode)
+
+    @property
+    def phase(self) -> str:
+        return self._parser.phase
+
+    @property
+    def completion(self) -> Completion:
+        return self._parser.completion
+
+    def push(self, token_id: int) -> list[StreamEvent]:
+        text = self._decoder.push(token_id)
+        return self._parser.feed(text) if text else []
+
+    def close(self) -> Completion:
+        tail = self._decoder.flush()
+        if tail:
+            self._parser.feed(tail)
+        return self._parser.close()

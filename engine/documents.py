@@ -175,7 +175,7 @@ def _read_file(path: Path, max_bytes: int, progress: Progress | None, cancel: Ca
     except FileNotFoundError:
         raise DocumentError(
             path,
-            f"{path.name} no longer exists at {path.parent} (moved or deleted?). Attach it again "
+            f"{path.name} was not found in {path.parent} (moved or deleted?). Attach it again "
             "from where it is now.",
         ) from None
     except OSError as exc:
@@ -852,3 +852,63 @@ def _refusal(att: Attachment) -> str:
         lines.append("- Attach fewer files.")
     lines.append("- Start a new chat to free the space the conversation uses.")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# `flashdesk documents FILE...`
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("files", nargs="+", help="documents to read and count")
+    parser.add_argument(
+        "--context", type=int, default=1_048_576, help="context size in tokens (default 1M)"
+    )
+    parser.add_argument(
+        "--reserve", type=int, default=32_768, help="tokens kept free for the answer"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    """Count the tokens of documents as the app would attach them, and say whether they fit."""
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    budget = ContextBudget(args.context, 0, args.reserve)
+    att = attach(args.files, budget)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "documents": [
+                        {
+                            "path": str(a.document.path),
+                            "kind": a.document.kind,
+                            "parts": len(a.document.parts),
+                            "tokens": a.tokens,
+                        }
+                        for a in att.documents
+                    ],
+                    "failures": [{"path": str(f.path), "message": f.message} for f in att.failures],
+                    "notes": att.notes,
+                    "tokens": att.tokens,
+                    "available": budget.available,
+                    "fits": att.fits,
+                    "seconds": seconds,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for a in att.documents:
+            print(f"{a.document.name}: {a.tokens:,} tokens ({a.document.describe()})")
+        for f in att.failures:
+            print(f"{f.path.name}: not attached: {f.message}")
+        for note in att.notes:
+            print(f"note: {note}")
+        print(f"total {att.tokens:,} tokens, read and counted in {seconds:.2f} s")
+        print(att.refusal or f"fits: {budget.available:,} tokens free")
+    return 0 if att.fits and not att.failures else 1

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "flashdesk.bench",
         "run a benchmark from benchmarks/ (ratios against measured bounds)",
     ),
+    "documents": ("flashdesk.engine.documents", "count documents' tokens and check they fit"),
     "fit": ("flashdesk.fit", "what this machine will do with the model: placement, context, speed"),
 }
 

@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashdesk.engine.chat import (
     EOS,
@@ -18,6 +20,7 @@ from flashdesk.engine.chat import (
     CompletionStream,
     Mode,
     ModeUnavailable,
+    TurnStream,
     check_mode,
     encode_messages,
     mode_available,
@@ -390,3 +393,62 @@ def test_stream_reports_phases_in_order_and_holds_back_split_markers():
     non = CompletionStream("non-think")
     assert non.phase == "answer"
     assert [e.text for e in non.feed("Hello")] == ["Hello"]
+
+
+def test_turn_stream_from_token_ids():
+    tok = load_tokenizer()
+    text = "想一想 😀</think>答案 ✓" + CALL_TEXT.split("</think>", 1)[1]
+    ids = tok.encode(text)
+    stream = TurnStream("think-high", tok)
+    events = []
+    for i in ids:
+        events += stream.push(i)
+        assert "\ufffd" not in "".join(e.text for e in events)
+    final = stream.close()
+    assert final.reasoning == "想一想 😀"
+    assert final.answer == "答案 ✓Checking."
+    assert [c.name for c in final.tool_calls] == ["search", "noop"] and final.finished
+    assert [e.phase for e in events if e.kind == "phase"] == ["answer", "tool_calls", "done"]
+
+
+_plain = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<｜\r"), max_size=40
+)
+_value = st.one_of(
+    _plain, st.integers(), st.booleans(), st.none(), st.lists(st.integers(), max_size=3)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    reasoning=_plain,
+    answer=_plain.filter(lambda s: "\n\n" not in s),
+    calls=st.lists(
+        st.tuples(
+            st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+            st.dictionaries(st.from_regex(r"[a-z]{1,8}", fullmatch=True), _value, max_size=3),
+        ),
+        max_size=3,
+    ),
+    mode=st.sampled_from(["think-high", "non-think"]),
+)
+def test_encode_then_parse_roundtrip_property(reasoning, answer, calls, mode):
+    """An assistant turn rendered by encode_messages parses back to the same turn."""
+    msg = {"role": "assistant", "content": answer}
+    if mode == "think-high":
+        msg["reasoning_content"] = reasoning
+    if calls:
+        msg["tool_calls"] = [
+            {"type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+            for n, a in calls
+        ]
+    prompt = encode_messages(
+        [{"role": "user", "content": "q"}, msg], mode, tools=[WEATHER_TOOL], tokenize=False
+    ).text
+    opener = "<｜Assistant｜>" + ("<think>" if mode == "think-high" else "</think>")
+    completion = prompt[prompt.index(opener) + len(opener) :]
+    got = parse_completion(completion, mode, strict=True)
+    assert got.finished and not got.problems
+    assert got.answer == answer
+    assert got.reasoning == (reasoning if mode == "think-high" else "")
+    assert [(c.name, c.parsed) for c in got.tool_calls] == [(n, a) for n, a in calls]

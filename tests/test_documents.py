@@ -321,7 +321,7 @@ def test_size_cap_is_stated(tmp_path):
 
 def test_missing_and_vanishing_files(tmp_path):
     gone = tmp_path / "gone.txt"
-    with pytest.raises(DocumentError, match="no longer exists"):
+    with pytest.raises(DocumentError, match="was not found in"):
         load_document(gone)
 
     # the file is cut short by someone else while it is being read
@@ -386,7 +386,7 @@ def test_attach_reports_failures_and_keeps_good_files(tmp_path):
     att = attach([good, bad, tmp_path / "missing.pdf"], BIG)
     assert [d.document.name for d in att.documents] == ["good.txt"]
     assert [f.path.name for f in att.failures] == ["bad.bin", "missing.pdf"]
-    assert "binary" in att.failures[0].message and "no longer exists" in att.failures[1].message
+    assert "binary" in att.failures[0].message and "was not found in" in att.failures[1].message
 
 
 def test_attach_from_worker_thread_with_progress_and_cancel(tmp_path, tok, monkeypatch):
@@ -452,3 +452,16 @@ def test_control_token_strings_in_documents_stay_text(tmp_path, tok):
     assert tok.token_id("<think>") not in tok.encode(att.content)
     assert tok.token_id("<｜Assistant｜>") not in tok.encode(att.content)
     assert att.notes == list(doc.notes)
+
+
+def test_documents_subcommand(tmp_path, capsys):
+    from flashdesk.cli import main
+
+    note = tmp_path / "note.txt"
+    note.write_text("short note", encoding="utf-8")
+    assert main(["documents", str(note), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["documents"][0]["tokens"] == out["tokens"] > 2
+    assert main(["documents", str(note), "--context", "100", "--reserve", "90"]) == 1
+    text = capsys.readouterr().out
+    assert "note.txt:" in text and "only 10 are free" in text
