@@ -19,7 +19,13 @@ from PySide6.QtCore import (
     QUrl,
     Signal,
 )
-from PySide6.QtGui import QDesktopServices, QGuiApplication
+from PySide6.QtGui import (
+    QDesktopServices,
+    QGuiApplication,
+    QPalette,
+    QTextCursor,
+    QTextFormat,
+)
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -152,7 +158,20 @@ class MarkdownView(QTextBrowser):
         self._markdown = text
         rendered, self.code_blocks = markdown_with_copy_links(text)
         self.setMarkdown(rendered)
+        self._shade_code_blocks()
         self._fit()
+
+    def _shade_code_blocks(self) -> None:
+        """Give fenced code a background so it reads as code (Qt's Markdown sets only the font)."""
+        doc = self.document()
+        block = doc.begin()
+        shade = self.palette().color(QPalette.ColorRole.AlternateBase)
+        while block.isValid():
+            fmt = block.blockFormat()
+            if fmt.hasProperty(QTextFormat.Property.BlockCodeFence):
+                fmt.setBackground(shade)
+                QTextCursor(block).setBlockFormat(fmt)
+            block = block.next()
 
     def _fit(self, *_args) -> None:
         self.document().setTextWidth(self.viewport().width())
@@ -213,7 +232,8 @@ class MessageWidget(QFrame):
         footer = QHBoxLayout()
         self.stats = QLabel()
         self.stats.setStyleSheet("color: palette(mid); font-size: small;")
-        footer.addWidget(self.stats, 1)
+        footer.addWidget(self.stats)
+        footer.addStretch(1)
         self.copy_button = QPushButton("Copy")
         self.copy_button.setFlat(True)
         self.copy_button.clicked.connect(lambda: self.copy_requested.emit(self.row))
@@ -233,12 +253,20 @@ class MessageWidget(QFrame):
     def show_message(self, msg: Message, *, is_last: bool, busy: bool) -> None:
         assistant = msg.role == "assistant"
         streaming = msg.status == STREAMING
+        if self.property("role") != msg.role:
+            self.setProperty("role", msg.role)
+            self.setStyleSheet(
+                "QFrame#message { background: palette(alternate-base); border-radius: 6px; }"
+                if msg.role == "user"
+                else "QFrame#message { border-radius: 6px; }"
+            )
         who = "FlashDesk" if assistant else ("You" if msg.role == "user" else "System")
         if assistant and msg.mode:
             who += f" · {msg.mode}"
         self.header.setText(who)
         names = [
-            f"📎 {a.get('name', '?')} — {a.get('tokens', 0):,} tokens" for a in msg.attachments
+            f"Attached: {a.get('name', '?')} — {a.get('tokens', 0):,} tokens"
+            for a in msg.attachments
         ]
         self.attachments.setText("\n".join(names))
         self.attachments.setVisible(bool(names))

@@ -128,7 +128,7 @@ class DocumentChip(QFrame):
         self.setObjectName("documentChip")
         layout = QHBoxLayout(self)
         layout.setContentsMargins(6, 2, 2, 2)
-        self.label = QLabel(f"📄 {path.name} · reading…")
+        self.label = QLabel(f"{path.name} · reading…")
         layout.addWidget(self.label)
         self.bar = QProgressBar()
         self.bar.setMaximumWidth(80)
@@ -149,7 +149,7 @@ class DocumentChip(QFrame):
 
     def set_progress(self, stage: str, done: int, total: int) -> None:
         words = {"reading": "reading", "extracting": "extracting text", "counting": "counting"}
-        self.label.setText(f"📄 {self.path.name} · {words.get(stage, stage)}…")
+        self.label.setText(f"{self.path.name} · {words.get(stage, stage)}…")
         if total > 0:
             self.bar.setRange(0, 1000)
             self.bar.setValue(int(1000 * done / total))
@@ -158,7 +158,7 @@ class DocumentChip(QFrame):
         self.attachment = attachment
         self.bar.setVisible(False)
         self.label.setText(
-            f"📄 {attachment['name']} · {attachment['describe']} · {attachment['tokens']:,} tokens"
+            f"{attachment['name']} · {attachment['describe']} · {attachment['tokens']:,} tokens"
         )
         tip = [str(self.path), *attachment.get("notes", [])]
         self.setToolTip("\n".join(tip))
@@ -166,7 +166,7 @@ class DocumentChip(QFrame):
     def set_failed(self, message: str) -> None:
         self.error = message
         self.bar.setVisible(False)
-        self.label.setText(f"⚠ {self.path.name} · not attached")
+        self.label.setText(f"{self.path.name} · not attached")
         self.label.setStyleSheet("color: #c0392b;")
         self.setToolTip(message)
 

@@ -88,7 +88,7 @@ def context_meter_text(used: int, limit: int, kv_bytes: int | None) -> str:
 
 
 def markdown_with_copy_links(markdown: str) -> tuple[str, list[str]]:
-    """Put a '⧉ Copy code' link (URL `copy:N`) above every fenced code block.
+    """Put a 'Copy code' link (URL `copy:N`) above every fenced code block.
 
     Returns the Markdown to render and the code blocks' text, in order. A fence still open at the
     end (an answer mid-stream) counts as a block up to the end.
@@ -103,7 +103,7 @@ def markdown_with_copy_links(markdown: str) -> tuple[str, list[str]]:
             if match:
                 fence = match.group(1)
                 current = []
-                out.append(f"[⧉ Copy code](copy:{len(blocks)})")
+                out.append(f"[Copy code](copy:{len(blocks)})")
                 out.append("")
                 blocks.append("")
             out.append(line)

@@ -280,7 +280,7 @@ class History:
             parts.append(f"## {who}" + (f" ({m.mode})" if m.mode and m.role == "assistant" else ""))
             parts.append("")
             for a in m.attachments:
-                parts.append(f"📎 {a.get('name', '?')} ({a.get('tokens', '?')} tokens)")
+                parts.append(f"Attached: {a.get('name', '?')} ({a.get('tokens', '?')} tokens)")
             if m.reasoning:
                 parts.append("<details><summary>Reasoning</summary>")
                 parts.append("")

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--screenshot", metavar="PATH", help="render a populated window to PATH (PNG)")
     p.add_argument("--page", choices=PAGES, default="chat", help="what --screenshot shows")
+    p.add_argument(
+        "--profile",
+        metavar="JSON",
+        help="a saved hardware profile for --screenshot --page wizard (default: probe this machine)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="keep history, settings and the log in DIR")
     p.add_argument("--model", metavar="DIR", help="a DeepSeek-V4 checkpoint folder to load")
     p.add_argument(
@@ -98,20 +103,13 @@ def make_application():
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
-    from flashdesk.app.paths import APP_NAME, ORG_NAME
+    from flashdesk.app.paths import APP_NAME, ORG_NAME, asset
 
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "flashdesk"])
     app.setApplicationName(APP_NAME)
     app.setOrganizationName(ORG_NAME)
     app.setApplicationDisplayName(APP_NAME)
-    icon = Path(__file__).resolve().parent.parent / "assets" / "flashdesk.svg"
-    if not icon.exists():
-        from importlib import resources
-
-        try:
-            icon = Path(str(resources.files("flashdesk.assets") / "flashdesk.svg"))
-        except (ModuleNotFoundError, TypeError):
-            icon = Path()
+    icon = asset("flashdesk.svg")
     if icon.is_file():
         app.setWindowIcon(QIcon(str(icon)))
     return app

@@ -73,3 +73,10 @@ def setup_logging(folder: Path, level: int = logging.INFO) -> Path:
     root.addHandler(handler)
     root.setLevel(level)
     return log_path
+
+
+def asset(name: str) -> Path:
+    """A file shipped in `flashdesk.assets` (icons, the desktop entry)."""
+    from importlib import resources
+
+    return Path(str(resources.files("flashdesk.assets") / name))

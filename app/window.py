@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QItemSelectionModel, QModelIndex, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtGui import (
+    QAction,
+    QDesktopServices,
+    QGuiApplication,
+    QIcon,
+    QKeySequence,
+    QShortcut,
+)
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -50,7 +57,7 @@ from flashdesk.app.history import (
     History,
     HistoryError,
 )
-from flashdesk.app.paths import LOG_NAME
+from flashdesk.app.paths import LOG_NAME, asset
 from flashdesk.app.settings import MODES, THINK_MAX_MIN_CONTEXT, Settings
 from flashdesk.app.workers import EngineController
 
@@ -166,7 +173,7 @@ class MainWindow(QMainWindow):
 
         self.input = PromptEdit()
         self.input.setPlaceholderText("Message FlashDesk (Ctrl+Enter to send)")
-        self.input.setMaximumHeight(140)
+        self.input.setMaximumHeight(96)
         self.input.send_requested.connect(self.send)
         self.input.stop_requested.connect(self.stop)
         self.input.textChanged.connect(self._preview_context)
@@ -174,7 +181,11 @@ class MainWindow(QMainWindow):
 
         row = QHBoxLayout()
         self.attach_button = QToolButton()
-        self.attach_button.setText("📎")
+        clip = asset("paperclip.svg")
+        if clip.is_file():
+            self.attach_button.setIcon(QIcon(str(clip)))
+        else:
+            self.attach_button.setText("Attach")
         self.attach_button.setToolTip("Attach documents (or drop them on the window)")
         self.attach_button.clicked.connect(self.choose_documents)
         row.addWidget(self.attach_button)
@@ -535,7 +546,7 @@ class MainWindow(QMainWindow):
             self.preview_label.setText("")
             return
         limit = self._context_limit()
-        parts = [f"📎 {docs:,} tokens", f"prompt ≈ {total:,} of {human_tokens(limit)}"]
+        parts = [f"Documents: {docs:,} tokens", f"prompt ≈ {total:,} of {human_tokens(limit)}"]
         if self.documents.busy:
             parts.append("counting…")
         if ttft:

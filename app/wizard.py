@@ -498,6 +498,7 @@ class PlanPage(QWizardPage):
         while self.bars.count():
             w = self.bars.takeAt(0).widget()
             if w is not None:
+                w.hide()
                 w.deleteLater()
         row = 0
         for device, label in (("gpu", "GPU (VRAM)"), ("ram", "RAM")):

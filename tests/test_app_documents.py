@@ -70,7 +70,7 @@ def test_dropped_pdf_and_docx_become_chips_with_token_counts(qtbot, tmp_path, fi
         assert f"{chip.attachment['tokens']:,} tokens" in chip.label.text()
     total = sum(c.attachment["tokens"] for c in chips)
     assert win.documents.total_tokens == total
-    assert f"📎 {total:,} tokens" in win.preview_label.text()
+    assert f"Documents: {total:,} tokens" in win.preview_label.text()
     assert win.context_meter.value() >= total
 
     # Sending puts the documents before the message, and the history keeps what was attached.
