@@ -118,8 +118,33 @@ def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
 
 
-def fill_host_to_device(gpu: GpuProfile, nbytes: int = 256 << 20) -> None:
-    """Measure pinned and pageable host→device copies with torch, when CUDA is usable."""
+def _gpu_key(gpu: GpuProfile) -> str:
+    return (
+        "|".join(
+            str(getattr(gpu, name).value)
+            for name in ("name", "vram_total_bytes", "pcie_gen_max", "pcie_width_current")
+        )
+        + f"|{gpu.index}"
+    )
+
+
+def fill_host_to_device(gpu: GpuProfile, nbytes: int = 256 << 20, remeasure: bool = False) -> None:
+    """Pinned and pageable host→device copy speed (and the SM count), timed with torch when CUDA
+    is usable; cached like the RAM figure, so a second `fit` does not even import torch."""
+    path = cache_dir() / "host_to_device.json"
+    key = _gpu_key(gpu)
+    if not remeasure:
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))[key]
+            if time.time() - entry["at"] < CACHE_MAX_AGE_S:
+                note = f"{entry['nbytes'] >> 20} MiB copies, cached from {_when(entry['at'])}"
+                gpu.h2d_pinned_gbps = Sourced(entry["pinned"], "measured", note, entry["at"])
+                gpu.h2d_pageable_gbps = Sourced(entry["pageable"], "measured", note, entry["at"])
+                gpu.sm_count = reported(entry["sm_count"], "torch.cuda")
+                gpu.bf16_tflops = estimate_gpu_tflops(gpu)
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     try:
         import torch
     except ImportError:
@@ -132,6 +157,7 @@ def fill_host_to_device(gpu: GpuProfile, nbytes: int = 256 << 20) -> None:
         gpu.sm_count = reported(int(props.multi_processor_count), "torch.cuda")
         gpu.bf16_tflops = estimate_gpu_tflops(gpu)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        now = time.time()
         for name, pinned in (("h2d_pinned_gbps", True), ("h2d_pageable_gbps", False)):
             src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
             dst.copy_(src, non_blocking=pinned)
@@ -145,7 +171,7 @@ def fill_host_to_device(gpu: GpuProfile, nbytes: int = 256 << 20) -> None:
             setattr(
                 gpu,
                 name,
-                Sourced(nbytes / best / 1e9, "measured", f"{nbytes >> 20} MiB copies", time.time()),
+                Sourced(nbytes / best / 1e9, "measured", f"{nbytes >> 20} MiB copies", now),
             )
             del src
         del dst
@@ -154,6 +180,20 @@ def fill_host_to_device(gpu: GpuProfile, nbytes: int = 256 << 20) -> None:
         for name in ("h2d_pinned_gbps", "h2d_pageable_gbps"):
             if getattr(gpu, name).source != "measured":
                 setattr(gpu, name, unknown(f"copy measurement failed: {exc}"))
+        return
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        cached[key] = {
+            "pinned": gpu.h2d_pinned_gbps.value,
+            "pageable": gpu.h2d_pageable_gbps.value,
+            "sm_count": gpu.sm_count.value,
+            "nbytes": nbytes,
+            "at": now,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached), encoding="utf-8")
+    except (OSError, ValueError):
+        pass  # the next probe measures again
 
 
 def fill_estimated_pcie(gpu: GpuProfile) -> None:

@@ -383,7 +383,7 @@ def probe(
     if measure_gpu_copies:
         for gpu in profile.gpus:
             if not gpu.unified.value:
-                bandwidth.fill_host_to_device(gpu)
+                bandwidth.fill_host_to_device(gpu, remeasure=remeasure)
     for gpu in profile.gpus:
         bandwidth.fill_estimated_pcie(gpu)
     _fill_pin_cap(profile)

@@ -337,3 +337,28 @@ def test_apple_gpu_is_unified():
 def test_count_cpu_list():
     assert probe.count_cpu_list("0\n") == 1
     assert probe.count_cpu_list("0-1,3") == 3
+
+
+def test_host_to_device_figures_come_from_the_cache_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    gpu = probe.GpuProfile(index=0)
+    gpu.name = probe.reported("NVIDIA H200", "nvml")
+    gpu.compute_capability = probe.reported("9.0", "nvml")
+    gpu.sm_clock_mhz = probe.reported(1980, "nvml")
+    key = bandwidth._gpu_key(gpu)
+    import time
+
+    entry = {"pinned": 55.4, "pageable": 7.5, "sm_count": 132, "nbytes": 1 << 28, "at": time.time()}
+    (tmp_path / "host_to_device.json").write_text(json.dumps({key: entry}))
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would now fail
+    bandwidth.fill_host_to_device(gpu)
+    assert gpu.h2d_pinned_gbps.value == 55.4 and gpu.h2d_pinned_gbps.source == "measured"
+    assert "cached" in gpu.h2d_pageable_gbps.note and gpu.sm_count.value == 132
+    # 132 SMs × 1980 MHz × 4096 FLOP/clock (Hopper)
+    assert gpu.bf16_tflops.value == pytest.approx(1070.5, rel=1e-3)
+    # Remeasuring needs torch with CUDA; without it the figures are left to the PCIe estimate.
+    other = probe.GpuProfile(index=0)
+    bandwidth.fill_host_to_device(other, remeasure=True)
+    assert other.h2d_pinned_gbps.source == "unknown"
+    bandwidth.fill_estimated_pcie(other)
+    assert other.h2d_pinned_gbps.source == "estimated"
