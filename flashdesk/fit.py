@@ -78,7 +78,8 @@ def build(args: argparse.Namespace):
 
     if args.model:
         config = ModelConfig.from_dir(args.model)
-        name = f"DeepSeek-V4 ({args.model})"
+        variant = "Pro" if config.hidden_size == ModelConfig.v4_pro().hidden_size else "Flash"
+        name = f"DeepSeek-V4-{variant} ({args.model})"
     elif args.preset == "v4-pro":
         config, name = ModelConfig.v4_pro(), "DeepSeek-V4-Pro"
     else:

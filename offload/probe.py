@@ -363,7 +363,7 @@ def probe(
     """
     from flashdesk.offload import bandwidth
 
-    profile = HardwareProfile(label=platform.node() or "this machine")
+    profile = HardwareProfile()
     _probe_os(profile)
     _probe_cpu(profile)
     _probe_memory(profile)
@@ -387,7 +387,19 @@ def probe(
     for gpu in profile.gpus:
         bandwidth.fill_estimated_pcie(gpu)
     _fill_pin_cap(profile)
+    profile.label = describe(profile)
     return profile
+
+
+def describe(profile: HardwareProfile) -> str:
+    """One line naming the machine by its parts (no host name: profiles get shared)."""
+    ram = profile.ram_total_bytes
+    parts = [str(profile.cpu_model.value or "unknown CPU")]
+    if ram.known:
+        parts.append(f"{int(ram.value) / GIB:.0f} GiB RAM")
+    gpu = profile.gpu
+    parts.append(str(gpu.name.value) if gpu is not None and gpu.name.known else "no GPU")
+    return ", ".join(parts)
 
 
 def _int_or_zero(s: Sourced) -> int:
