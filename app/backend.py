@@ -312,7 +312,7 @@ class ScriptedBackend(Backend):
                     yield TurnEvent("", phase, stats, done=True)
                     return
                 time.sleep(self.delay_s)
-                piece = text[i : i + self.chars_per_event]
+                piece = text[i : i + self.chars_per_event][: sampling.max_tokens - generated]
                 generated += len(piece)
                 elapsed = time.perf_counter() - start
                 stats = TurnStats(

@@ -265,6 +265,9 @@ class MainWindow(QMainWindow):
         act = QAction("&Hardware fit…", self)
         act.triggered.connect(self.open_wizard)
         self.model_menu.addAction(act)
+        act = QAction("&Settings…", self)
+        act.triggered.connect(self.open_settings)
+        self.model_menu.addAction(act)
         act = QAction("&Reload model", self)
         act.triggered.connect(self.load_model)
         self.model_menu.addAction(act)
@@ -369,6 +372,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("The new plan applies after this answer.", 6000)
             return
         self.load_model()
+
+    def open_settings(self):
+        from flashdesk.app.settings_dialog import SettingsDialog
+
+        self.settings_dialog = SettingsDialog(self.settings, self)
+        self.settings_dialog.accepted.connect(self._settings_accepted)
+        self.settings_dialog.open()
+        return self.settings_dialog
+
+    def _settings_accepted(self) -> None:
+        reload = self.settings_dialog.apply()
+        self._save_settings()
+        if reload:
+            self.backend.configure(
+                self.settings.model_path,
+                self.settings.context_limit,
+                plan_summary(self.settings.plan),
+            )
+            if self.engine.busy:
+                self.statusBar().showMessage("The new model loads after this answer.", 6000)
+            else:
+                self.load_model()
 
     # chats --------------------------------------------------------------------------------------
     def reload_chats(self) -> None:

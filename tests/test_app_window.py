@@ -244,3 +244,27 @@ def test_history_wal_mode(tmp_path):
     h = History.in_folder(tmp_path)
     assert h.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     h.close()
+
+
+def test_settings_dialog_changes_sampling_and_persists(qtbot, window):
+    dialog = window.open_settings()
+    dialog.temperature.setValue(0.0)
+    dialog.max_tokens.setValue(7)
+    dialog.system_prompt.setPlainText("Be brief.")
+    dialog.fixed_seed.setChecked(True)
+    dialog.seed.setValue(42)
+    dialog.accept()
+    saved = Settings.load(window.data_folder)
+    assert (saved.temperature, saved.max_tokens, saved.seed) == (0.0, 7, 42)
+    assert window.sampling().max_tokens == 7 and window.sampling().temperature == 0.0
+    send(qtbot, window, "hi")
+    assert window.backend.prompts[-1].text.startswith(BOS + "Be brief.")
+    assert len(window.message_model.messages[-1].content) == 7  # the new max applies
+
+
+def test_settings_dialog_new_model_folder_reloads(qtbot, window):
+    dialog = window.open_settings()
+    dialog.model_path.setText("/models/DeepSeek-V4-Flash")
+    with qtbot.waitSignal(window.model_ready, timeout=10000):
+        dialog.accept()
+    assert Settings.load(window.data_folder).model_path == "/models/DeepSeek-V4-Flash"
