@@ -396,7 +396,12 @@ def _place(
 ) -> Plan | None:
     """Placement at `options.context`; None when the always-read parts do not fit in RAM."""
     ctx, kv = options.context, options.kv_dtype
-    fill = _fill_gpu(figures, ctx, kv, budgets.gpu_budget, shares)
+    gpu_budget = budgets.gpu_budget
+    if budgets.mode == "unified":  # leave the shared pool room for the embedding
+        gpu_budget = min(
+            gpu_budget, budgets.host_budget - budgets.gpu_workspace - figures.embed_bytes
+        )
+    fill = _fill_gpu(figures, ctx, kv, gpu_budget, shares)
     if budgets.mode == "cpu":
         fill = _GpuFill(set(), False, set(), {}, 0)
     host_budget = budgets.host_budget
@@ -703,14 +708,15 @@ def _assess(
     if plan.disk_bytes:
         changed = True
         pred = predict.predict(plan, figures, profile)
+        disk = pred.inputs["disk_read_gbps"]
         per_token = sum(
             lp.disk_rate * figures.experts_per_token * figures.expert_bytes for lp in plan.layers
         )
         plan.changes.append(
             f"experts paged from disk: {_gb(plan.disk_bytes)} of routed experts do not fit in RAM "
             f"and are read from the checkpoint when picked (~{per_token / 1e9:.2f} GB from disk "
-            f"per token at {profile.disk_read_gbps.value or 0:.1f} GB/s "
-            f"[{profile.disk_read_gbps.source}]) → ~{pred.decode_tok_s:.2f} tok/s predicted"
+            f"per token at {disk['value']:.1f} GB/s [{disk['source']}]) → "
+            f"~{pred.decode_tok_s:.2f} tok/s predicted"
         )
         plan.changes += _memory_alternatives(figures, budgets, plan)
     if (

@@ -345,6 +345,9 @@ def test_plans_never_over_commit(
     plan = make_plan(flash, profile, PlanOptions(context=ctx, kv_dtype=kv))
     if plan.verdict == DOES_NOT_FIT:
         assert plan.changes and not plan.layers
+        # Only when RAM cannot hold even what is read every token at the smallest context.
+        always_read = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, kv)
+        assert plan.memory["ram"]["budget"] < always_read
         return
     check_budgets(plan, profile)
     if plan.disk_bytes or (plan.cpu_attention_layers and plan.mode != "cpu"):
