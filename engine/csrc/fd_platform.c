@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L /* posix_memalign, clock_gettime under -std=c11 */
 #include "fd_platform.h"
 
 #include <stdlib.h>

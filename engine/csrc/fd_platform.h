@@ -30,4 +30,45 @@ int fd_logical_cores(void);
 typedef void (*fd_task_fn)(void *arg);
 int fd_run_parallel(fd_task_fn fn, void *args, size_t arg_size, int n);
 
+/* Word-sized atomics and a spin hint, for the persistent pool and the kernels' work counters. */
+#if defined(_MSC_VER)
+#include <intrin.h>
+typedef volatile long fd_atomic_int;
+#define fd_atomic_load(p) _InterlockedOr((p), 0)
+#define fd_atomic_store(p, v) ((void)_InterlockedExchange((p), (long)(v)))
+#define fd_atomic_add(p, v) (_InterlockedExchangeAdd((p), (long)(v)) + (long)(v))
+#if defined(_M_X64) || defined(_M_IX86)
+#define fd_cpu_relax() _mm_pause()
+#else
+#define fd_cpu_relax() __yield()
+#endif
+#else
+typedef long fd_atomic_int;
+#define fd_atomic_load(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define fd_atomic_store(p, v) __atomic_store_n((p), (long)(v), __ATOMIC_RELEASE)
+#define fd_atomic_add(p, v) __atomic_add_fetch((p), (long)(v), __ATOMIC_ACQ_REL)
+#if defined(__x86_64__) || defined(__i386__)
+#define fd_cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define fd_cpu_relax() __asm__ __volatile__("yield")
+#else
+#define fd_cpu_relax() ((void)0)
+#endif
+#endif
+
+/* Give the rest of this time slice to another thread (spin loops fall back to this). */
+void fd_yield(void);
+
+/* A persistent pool: worker threads are created once and wait between jobs (spinning briefly, then
+ * sleeping), so a kernel call costs microseconds to dispatch, not a thread start per call.
+ *
+ * fd_pool_run runs fn(ctx, tid, nthreads) for tid in [0, nthreads) — the caller is tid 0 — and
+ * returns when all have finished. Calls from several OS threads are serialised. Inside a job,
+ * fd_pool_barrier() waits until all nthreads of that job reach it. Returns the thread count used
+ * (nthreads clipped to [1, FD_POOL_MAX_THREADS]; fewer if workers could not be started). */
+#define FD_POOL_MAX_THREADS 256
+typedef void (*fd_job_fn)(void *ctx, int tid, int nthreads);
+int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads);
+void fd_pool_barrier(int nthreads);
+
 #endif

@@ -6,8 +6,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdint.h>
+#include <string.h>
+
 #include "bandwidth.h"
 #include "cpu_features.h"
+#include "experts.h"
 
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     (void)self;
@@ -78,6 +82,123 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args, PyObject *kwa
                          "threads", threads);
 }
 
+/* ---------------------------------------------------------------- quant kernels
+ *
+ * The raw entry points take addresses (ints) and sizes: flashdesk.engine.kernels validates
+ * shapes, dtypes and contiguity of numpy arrays / torch tensors and keeps them alive, then calls
+ * these. Passing addresses lets any host buffer in (pinned torch tensors, memory-mapped shards)
+ * without a copy and costs nothing per call.
+ */
+
+static const fd_quant_kernels *kernels_for(const char *isa) {
+    if (!isa || !isa[0]) return fd_kernels_active();
+    fd_kernels_active(); /* tables initialised */
+    const fd_quant_kernels *k = fd_kernels_by_name(isa);
+    if (!k) {
+        PyErr_Format(PyExc_ValueError, "unknown kernel variant %R; this build has: %s", isa,
+                     "see isa_variants()");
+        return NULL;
+    }
+    if (!fd_kernels_supported(k)) {
+        PyErr_Format(PyExc_ValueError,
+                     "kernel variant %s does not run on this CPU (see cpu_features())", isa);
+        return NULL;
+    }
+    return k;
+}
+
+static PyObject *py_isa_variants(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    const fd_quant_kernels *list[8];
+    int n = fd_kernels_compiled(list, 8);
+    PyObject *out = PyDict_New();
+    if (!out) return NULL;
+    for (int i = 0; i < n; i++) {
+        if (PyDict_SetItemString(out, list[i]->name,
+                                 fd_kernels_supported(list[i]) ? Py_True : Py_False) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyObject *py_active_isa(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(fd_kernels_active()->name);
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_isa", &name)) return NULL;
+    const fd_quant_kernels *k;
+    if (strcmp(name, "auto") == 0) {
+        fd_kernels_active();
+        k = fd_kernels_best();
+    } else {
+        k = kernels_for(name);
+        if (!k) return NULL;
+    }
+    fd_kernels_set_active(k);
+    return PyUnicode_FromString(k->name);
+}
+
+static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, table, ids, weights, out;
+    int x_bf16, T, D, I, n_experts, k, out_bf16, threads;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "KpiiiKiKKiKpis:expert_ffn", &x, &x_bf16, &T, &D, &I, &table,
+                          &n_experts, &ids, &weights, &k, &out, &out_bf16, &threads, &isa))
+        return NULL;
+    const fd_quant_kernels *kern = kernels_for(isa);
+    if (!kern) return NULL;
+    char err[160] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fd_expert_ffn(kern, threads, (const void *)(uintptr_t)x, x_bf16, T, D, I,
+                       (const fd_fp4_expert *)(uintptr_t)table, n_experts,
+                       (const int32_t *)(uintptr_t)ids, (const float *)(uintptr_t)weights, k,
+                       (void *)(uintptr_t)out, out_bf16, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, scale, out;
+    int kind, x_bf16, M, K, N, out_bf16, threads;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "iKpiiKKiKpis:quant_linear", &kind, &x, &x_bf16, &M, &K, &w,
+                          &scale, &N, &out, &out_bf16, &threads, &isa))
+        return NULL;
+    if (kind != FD_WEIGHT_FP4 && kind != FD_WEIGHT_FP8) {
+        PyErr_SetString(PyExc_ValueError, "quant_linear: kind must be 4 (FP4) or 8 (FP8)");
+        return NULL;
+    }
+    const fd_quant_kernels *kern = kernels_for(isa);
+    if (!kern) return NULL;
+    char err[160] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fd_quant_linear(kern, threads, kind, (const void *)(uintptr_t)x, x_bf16, M, K,
+                         (const uint8_t *)(uintptr_t)w, (const uint8_t *)(uintptr_t)scale, N,
+                         (void *)(uintptr_t)out, out_bf16, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernel_methods[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS,
      "cpu_features() -> dict\n\nSIMD features this CPU and OS can execute, and the logical core "
@@ -88,6 +209,20 @@ static PyMethodDef kernel_methods[] = {
      "Best memory read bandwidth in GB/s (1e9 B/s) streaming an nbytes buffer with `threads` "
      "threads (0: all logical cores). Use a buffer several times the last-level cache. With "
      "details=True returns best/mean GB/s, passes and seconds."},
+    {"isa_variants", py_isa_variants, METH_NOARGS,
+     "isa_variants() -> dict[str, bool]\n\nKernel variants compiled into this build, mapped to "
+     "whether they run on this CPU."},
+    {"active_isa", py_active_isa, METH_NOARGS,
+     "active_isa() -> str\n\nThe kernel variant calls use unless they name one."},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name) -> str\n\nForce a variant for all later calls ('auto': the best this CPU "
+     "runs). ValueError if unknown or not supported here."},
+    {"expert_ffn", py_expert_ffn, METH_VARARGS,
+     "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, out, out_bf16, threads, "
+     "isa)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
+    {"quant_linear", py_quant_linear, METH_VARARGS,
+     "quant_linear(kind, x, x_bf16, M, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
+     "FP4/FP8 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef kernels_module = {

@@ -1,0 +1,507 @@
+/* Routed-expert FFN and quantized linears on the persistent pool (see experts.h).
+ *
+ * Work is cut into units of a few weight rows and handed out through an atomic counter, so every
+ * thread keeps streaming weights until the phase is done. The expert FFN has two phases with one
+ * barrier: (1) units of (expert, 16 rows of W1 and W3) write h for all of that expert's tokens;
+ * (2) units of 16 output rows loop over the active experts' W2 rows, so each output element is
+ * owned by one thread and accumulated in fp32 across experts before it is added into out.
+ * Up to FD_DOT_MAX_M tokens per expert use the fused decode-and-dot kernel (decode / small
+ * batches); more tokens decode the unit's rows once into fp32 scratch and run an fp32 GEMM.
+ */
+#include "experts.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_features.h"
+#include "fd_platform.h"
+
+#define FD_ROWS_PER_UNIT 16
+#define FD_TOKENS_PER_UNIT 64 /* token block of the quantized linears */
+
+/* ---------------------------------------------------------------- variant selection */
+
+static const fd_quant_kernels *const g_compiled[] = {
+    &fd_kernels_scalar,
+#if defined(FD_HAVE_X86_VARIANTS)
+    &fd_kernels_avx2,
+    &fd_kernels_avx512,
+#endif
+#if defined(FD_HAVE_NEON_VARIANTS)
+    &fd_kernels_neon,
+#endif
+};
+#define FD_N_COMPILED ((int)(sizeof g_compiled / sizeof g_compiled[0]))
+
+static const fd_quant_kernels *volatile g_active = NULL;
+
+int fd_kernels_compiled(const fd_quant_kernels **out, int max) {
+    int n = 0;
+    for (int i = 0; i < FD_N_COMPILED && n < max; i++) out[n++] = g_compiled[i];
+    return n;
+}
+
+const fd_quant_kernels *fd_kernels_by_name(const char *name) {
+    for (int i = 0; i < FD_N_COMPILED; i++)
+        if (strcmp(g_compiled[i]->name, name) == 0) return g_compiled[i];
+    return NULL;
+}
+
+int fd_kernels_supported(const fd_quant_kernels *k) {
+    const fd_cpu_features *f = fd_get_cpu_features();
+    if (k == &fd_kernels_scalar) return 1;
+#if defined(FD_HAVE_X86_VARIANTS)
+    if (k == &fd_kernels_avx2) return f->avx2 && f->fma && f->f16c;
+    if (k == &fd_kernels_avx512)
+        return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx2 && f->fma &&
+               f->f16c;
+#endif
+#if defined(FD_HAVE_NEON_VARIANTS)
+    if (k == &fd_kernels_neon) return f->neon;
+#endif
+    (void)f;
+    return 0;
+}
+
+const fd_quant_kernels *fd_kernels_best(void) {
+    for (int i = FD_N_COMPILED - 1; i >= 0; i--)
+        if (fd_kernels_supported(g_compiled[i])) return g_compiled[i];
+    return &fd_kernels_scalar;
+}
+
+const fd_quant_kernels *fd_kernels_active(void) {
+    const fd_quant_kernels *k = g_active;
+    if (!k) {
+        fd_quant_tables_init();
+        k = fd_kernels_best();
+        g_active = k;
+    }
+    return k;
+}
+
+void fd_kernels_set_active(const fd_quant_kernels *k) {
+    fd_quant_tables_init();
+    g_active = k;
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+static float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a quiet NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static void load_row(const void *x, int bf16, size_t row, int K, float *dst) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)x + row * (size_t)K;
+        for (int k = 0; k < K; k++) dst[k] = bf16_to_f32(src[k]);
+    } else {
+        memcpy(dst, (const float *)x + row * (size_t)K, sizeof(float) * (size_t)K);
+    }
+}
+
+/* out[row, c0 + j] (+)= v[j] for j < n. */
+static void store_row(void *out, int bf16, size_t row, int N, int c0, const float *v, int n,
+                      int accumulate) {
+    if (bf16) {
+        uint16_t *dst = (uint16_t *)out + row * (size_t)N + c0;
+        for (int j = 0; j < n; j++)
+            dst[j] = f32_to_bf16(accumulate ? bf16_to_f32(dst[j]) + v[j] : v[j]);
+    } else {
+        float *dst = (float *)out + row * (size_t)N + c0;
+        if (accumulate)
+            for (int j = 0; j < n; j++) dst[j] += v[j];
+        else
+            memcpy(dst, v, sizeof(float) * (size_t)n);
+    }
+}
+
+static void set_err(char *err, size_t errlen, const char *msg) {
+    if (err && errlen) snprintf(err, errlen, "%s", msg);
+}
+
+/* ---------------------------------------------------------------- expert FFN */
+
+typedef struct {
+    float *scratch; /* decoded rows: 2 * FD_ROWS_PER_UNIT * max(D, I) floats, or NULL */
+    float *g, *u;   /* [max_m, FD_ROWS_PER_UNIT] */
+    float *ybuf;    /* [T, FD_ROWS_PER_UNIT] */
+    const float **xptr; /* [max_m] */
+    char pad[64];
+} ffn_thread;
+
+typedef struct {
+    const fd_quant_kernels *kern;
+    int T, D, I;
+    const fd_fp4_expert *experts;
+    const float *xp;      /* [T, D] in the variant's fp4 layout */
+    float *h;             /* [P, I] in the variant's fp4 layout */
+    const int *active;    /* expert ids with at least one pair */
+    int n_active;
+    const int *offset;    /* [n_experts + 1]: pairs of expert e are offset[e]..offset[e+1] */
+    const int *pair_tok;  /* [P] token of each pair, grouped by expert */
+    const float *pair_w;  /* [P] routing weight */
+    const int *perm_i;    /* [I] position of hidden element j in the fp4 layout */
+    void *out;
+    int out_bf16;
+    ffn_thread *th;
+    int units1_per_expert, units2;
+    fd_atomic_int next1, next2;
+} ffn_ctx;
+
+static float swiglu_clamped(float g, float u) {
+    if (g > 10.0f) g = 10.0f; /* min(g, 10): no lower bound (spec §2.7) */
+    if (u > 10.0f) u = 10.0f;
+    if (u < -10.0f) u = -10.0f;
+    return g / (1.0f + expf(-g)) * u;
+}
+
+static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
+    const fd_quant_kernels *kern = c->kern;
+    const int e = c->active[unit / c->units1_per_expert];
+    const int j0 = (unit % c->units1_per_expert) * FD_ROWS_PER_UNIT;
+    const int nr = c->I - j0 < FD_ROWS_PER_UNIT ? c->I - j0 : FD_ROWS_PER_UNIT;
+    const int D = c->D, I = c->I;
+    const fd_fp4_expert *ex = &c->experts[e];
+    const size_t ws = (size_t)D / 2, ss = (size_t)D / 32;
+    const uint8_t *w1 = ex->w1 + (size_t)j0 * ws, *s1 = ex->s1 + (size_t)j0 * ss;
+    const uint8_t *w3 = ex->w3 + (size_t)j0 * ws, *s3 = ex->s3 + (size_t)j0 * ss;
+    const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
+    for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * D;
+    if (m <= FD_DOT_MAX_M) {
+        kern->fp4_dot(w1, ws, s1, ss, nr, D, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
+        kern->fp4_dot(w3, ws, s3, ss, nr, D, th->xptr, m, th->u, FD_ROWS_PER_UNIT);
+    } else {
+        float *d1 = th->scratch, *d3 = th->scratch + (size_t)FD_ROWS_PER_UNIT * D;
+        for (int r = 0; r < nr; r++) {
+            kern->fp4_decode(w1 + r * ws, s1 + r * ss, D, d1 + (size_t)r * D);
+            kern->fp4_decode(w3 + r * ws, s3 + r * ss, D, d3 + (size_t)r * D);
+        }
+        kern->gemm_f32(th->xptr, m, d1, D, nr, D, th->g, FD_ROWS_PER_UNIT);
+        kern->gemm_f32(th->xptr, m, d3, D, nr, D, th->u, FD_ROWS_PER_UNIT);
+    }
+    for (int t = 0; t < m; t++) {
+        float *hrow = c->h + (size_t)(p0 + t) * I;
+        const float wt = c->pair_w[p0 + t];
+        for (int r = 0; r < nr; r++) {
+            const size_t at = (size_t)t * FD_ROWS_PER_UNIT + r;
+            hrow[c->perm_i[j0 + r]] = swiglu_clamped(th->g[at], th->u[at]) * wt;
+        }
+    }
+}
+
+static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
+    const fd_quant_kernels *kern = c->kern;
+    const int D = c->D, I = c->I;
+    const int n0 = unit * FD_ROWS_PER_UNIT;
+    const int nr = D - n0 < FD_ROWS_PER_UNIT ? D - n0 : FD_ROWS_PER_UNIT;
+    const size_t ws = (size_t)I / 2, ss = (size_t)I / 32;
+    memset(th->ybuf, 0, sizeof(float) * (size_t)c->T * FD_ROWS_PER_UNIT);
+    for (int a = 0; a < c->n_active; a++) {
+        const int e = c->active[a];
+        const fd_fp4_expert *ex = &c->experts[e];
+        const uint8_t *w2 = ex->w2 + (size_t)n0 * ws, *s2 = ex->s2 + (size_t)n0 * ss;
+        const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
+        for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * I;
+        if (m <= FD_DOT_MAX_M) {
+            kern->fp4_dot(w2, ws, s2, ss, nr, I, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
+        } else {
+            for (int r = 0; r < nr; r++)
+                kern->fp4_decode(w2 + r * ws, s2 + r * ss, I, th->scratch + (size_t)r * I);
+            kern->gemm_f32(th->xptr, m, th->scratch, I, nr, I, th->g, FD_ROWS_PER_UNIT);
+        }
+        for (int t = 0; t < m; t++) {
+            float *yrow = th->ybuf + (size_t)c->pair_tok[p0 + t] * FD_ROWS_PER_UNIT;
+            const float *part = th->g + (size_t)t * FD_ROWS_PER_UNIT;
+            for (int r = 0; r < nr; r++) yrow[r] += part[r];
+        }
+    }
+    for (int t = 0; t < c->T; t++)
+        store_row(c->out, c->out_bf16, (size_t)t, D, n0, th->ybuf + (size_t)t * FD_ROWS_PER_UNIT,
+                  nr, 1);
+}
+
+static void ffn_job(void *p, int tid, int nthreads) {
+    ffn_ctx *c = (ffn_ctx *)p;
+    ffn_thread *th = &c->th[tid];
+    const int units1 = c->n_active * c->units1_per_expert;
+    for (;;) {
+        long u = fd_atomic_add(&c->next1, 1) - 1;
+        if (u >= units1) break;
+        ffn_unit1(c, th, (int)u);
+    }
+    fd_pool_barrier(nthreads);
+    for (;;) {
+        long u = fd_atomic_add(&c->next2, 1) - 1;
+        if (u >= c->units2) break;
+        ffn_unit2(c, th, (int)u);
+    }
+}
+
+int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
+                  int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
+                  const float *weights, int k, void *out, int out_bf16, char *err, size_t errlen) {
+    if (T < 0 || D <= 0 || I <= 0 || D % 32 || I % 32 || n_experts <= 0 || k <= 0) {
+        set_err(err, errlen, "expert_ffn: D and I must be positive multiples of 32");
+        return -1;
+    }
+    if (!ids && k != n_experts) {
+        set_err(err, errlen, "expert_ffn: without ids, weights must have one column per expert");
+        return -1;
+    }
+    if (T == 0) return 0;
+    if (threads < 1) threads = 1;
+    int rc = -1;
+    const size_t P = (size_t)T * (size_t)k;
+    int *offset = (int *)calloc((size_t)n_experts + 1, sizeof(int));
+    int *fill = (int *)calloc((size_t)n_experts, sizeof(int));
+    int *active = (int *)malloc(sizeof(int) * (size_t)n_experts);
+    int *pair_tok = (int *)malloc(sizeof(int) * (P ? P : 1));
+    float *pair_w = (float *)malloc(sizeof(float) * (P ? P : 1));
+    int *perm_i = (int *)malloc(sizeof(int) * (size_t)I);
+    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * D);
+    float *row = (float *)malloc(sizeof(float) * (size_t)D);
+    float *h = NULL;
+    ffn_thread *th = NULL;
+    if (!offset || !fill || !active || !pair_tok || !pair_w || !perm_i || !xp || !row) {
+        set_err(err, errlen, "expert_ffn: out of memory for the routing tables");
+        goto done;
+    }
+    /* Group the (token, slot) pairs by expert. */
+    for (size_t p = 0; p < P; p++) {
+        int e = ids ? ids[p] : (int)(p % (size_t)k);
+        if (e < -1 || e >= n_experts) {
+            set_err(err, errlen, "expert_ffn: an expert id is outside [0, number of experts)");
+            goto done;
+        }
+        if (e >= 0) offset[e + 1]++;
+    }
+    int n_active = 0, max_m = 1;
+    for (int e = 0; e < n_experts; e++) {
+        int cnt = offset[e + 1];
+        if (cnt > 0) active[n_active++] = e;
+        if (cnt > max_m) max_m = cnt;
+        offset[e + 1] += offset[e];
+    }
+    for (size_t p = 0; p < P; p++) {
+        int e = ids ? ids[p] : (int)(p % (size_t)k);
+        if (e < 0) continue;
+        int at = offset[e] + fill[e]++;
+        pair_tok[at] = (int)(p / (size_t)k);
+        pair_w[at] = weights[p];
+    }
+    if (n_active == 0) {
+        rc = 0;
+        goto done;
+    }
+    for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j);
+    for (int t = 0; t < T; t++) {
+        load_row(x, x_bf16, (size_t)t, D, row);
+        fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * D, D);
+    }
+    const size_t npairs = (size_t)offset[n_experts];
+    h = (float *)fd_aligned_alloc(sizeof(float) * npairs * (size_t)I);
+    th = (ffn_thread *)calloc((size_t)threads, sizeof(ffn_thread));
+    if (!h || !th) {
+        set_err(err, errlen, "expert_ffn: out of memory for the hidden activations");
+        goto done;
+    }
+    const int need_scratch = max_m > FD_DOT_MAX_M;
+    const size_t dmax = (size_t)(D > I ? D : I);
+    for (int i = 0; i < threads; i++) {
+        th[i].g = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
+        th[i].u = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
+        th[i].ybuf = (float *)malloc(sizeof(float) * (size_t)T * FD_ROWS_PER_UNIT);
+        th[i].xptr = (const float **)malloc(sizeof(float *) * (size_t)max_m);
+        if (need_scratch)
+            th[i].scratch = (float *)fd_aligned_alloc(sizeof(float) * 2 * FD_ROWS_PER_UNIT * dmax);
+        if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || (need_scratch && !th[i].scratch)) {
+            set_err(err, errlen, "expert_ffn: out of memory for per-thread buffers");
+            goto done;
+        }
+    }
+    ffn_ctx c;
+    memset(&c, 0, sizeof c);
+    c.kern = kern;
+    c.T = T;
+    c.D = D;
+    c.I = I;
+    c.experts = experts;
+    c.xp = xp;
+    c.h = h;
+    c.active = active;
+    c.n_active = n_active;
+    c.offset = offset;
+    c.pair_tok = pair_tok;
+    c.pair_w = pair_w;
+    c.perm_i = perm_i;
+    c.out = out;
+    c.out_bf16 = out_bf16;
+    c.th = th;
+    c.units1_per_expert = (I + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
+    c.units2 = (D + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
+    fd_pool_run(ffn_job, &c, threads);
+    rc = 0;
+done:
+    if (th)
+        for (int i = 0; i < threads; i++) {
+            free(th[i].g);
+            free(th[i].u);
+            free(th[i].ybuf);
+            free((void *)th[i].xptr);
+            fd_aligned_free(th[i].scratch);
+        }
+    free(th);
+    fd_aligned_free(h);
+    fd_aligned_free(xp);
+    free(row);
+    free(perm_i);
+    free(pair_w);
+    free(pair_tok);
+    free(active);
+    free(fill);
+    free(offset);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- quantized linears */
+
+typedef struct {
+    const fd_quant_kernels *kern;
+    int kind, M, K, N, ktiles;
+    const float *xp; /* [M, K] (fp4: in the variant's layout) */
+    const uint8_t *w, *scale;
+    void *out;
+    int out_bf16;
+    int row_units, units;
+    fd_atomic_int next;
+    fd_atomic_int failed; /* a thread could not allocate its scratch */
+} lin_ctx;
+
+static void lin_job(void *p, int tid, int nthreads) {
+    (void)tid;
+    (void)nthreads;
+    lin_ctx *c = (lin_ctx *)p;
+    const fd_quant_kernels *kern = c->kern;
+    const int K = c->K;
+    float *scratch = NULL;
+    float ybuf[FD_TOKENS_PER_UNIT * FD_ROWS_PER_UNIT];
+    float ts_buf[64];
+    float *ts = c->ktiles <= 64 ? ts_buf : (float *)malloc(sizeof(float) * (size_t)c->ktiles);
+    const float *xptr[FD_TOKENS_PER_UNIT];
+    if (!ts) {
+        fd_atomic_store(&c->failed, 1);
+        return;
+    }
+    for (;;) {
+        long u = fd_atomic_add(&c->next, 1) - 1;
+        if (u >= c->units) break;
+        const int n0 = (int)(u % c->row_units) * FD_ROWS_PER_UNIT;
+        const int t0 = (int)(u / c->row_units) * FD_TOKENS_PER_UNIT;
+        const int nr = c->N - n0 < FD_ROWS_PER_UNIT ? c->N - n0 : FD_ROWS_PER_UNIT;
+        const int m = c->M - t0 < FD_TOKENS_PER_UNIT ? c->M - t0 : FD_TOKENS_PER_UNIT;
+        for (int t = 0; t < m; t++) xptr[t] = c->xp + (size_t)(t0 + t) * K;
+        const uint8_t *w, *s = NULL;
+        size_t ws, ss = 0;
+        if (c->kind == FD_WEIGHT_FP8) {
+            ws = (size_t)K;
+            w = c->w + (size_t)n0 * ws;
+            const uint8_t *srow = c->scale + (size_t)(n0 / 128) * c->ktiles;
+            for (int kt = 0; kt < c->ktiles; kt++) ts[kt] = fd_e8m0_f32[srow[kt]];
+        } else {
+            ws = (size_t)K / 2;
+            ss = (size_t)K / 32;
+            w = c->w + (size_t)n0 * ws;
+            s = c->scale + (size_t)n0 * ss;
+        }
+        if (m <= FD_DOT_MAX_M) {
+            if (c->kind == FD_WEIGHT_FP8)
+                kern->fp8_dot(w, ws, ts, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
+            else
+                kern->fp4_dot(w, ws, s, ss, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
+        } else {
+            if (!scratch) {
+                scratch = (float *)fd_aligned_alloc(sizeof(float) * FD_ROWS_PER_UNIT * (size_t)K);
+                if (!scratch) {
+                    fd_atomic_store(&c->failed, 1);
+                    break;
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                if (c->kind == FD_WEIGHT_FP8)
+                    kern->fp8_decode(w + r * ws, ts, K, scratch + (size_t)r * K);
+                else
+                    kern->fp4_decode(w + r * ws, s + r * ss, K, scratch + (size_t)r * K);
+            }
+            kern->gemm_f32(xptr, m, scratch, (size_t)K, nr, K, ybuf, FD_ROWS_PER_UNIT);
+        }
+        for (int t = 0; t < m; t++)
+            store_row(c->out, c->out_bf16, (size_t)(t0 + t), c->N, n0,
+                      ybuf + (size_t)t * FD_ROWS_PER_UNIT, nr, 0);
+    }
+    fd_aligned_free(scratch);
+    if (ts != ts_buf) free(ts);
+}
+
+int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const void *x, int x_bf16,
+                    int M, int K, const uint8_t *w, const uint8_t *scale, int N, void *out,
+                    int out_bf16, char *err, size_t errlen) {
+    if (M < 0 || K <= 0 || N <= 0 || (kind == FD_WEIGHT_FP4 && K % 32)) {
+        set_err(err, errlen, "linear: K and N must be positive (FP4: K a multiple of 32)");
+        return -1;
+    }
+    if (M == 0) return 0;
+    if (threads < 1) threads = 1;
+    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)M * K);
+    float *row = (float *)malloc(sizeof(float) * (size_t)K);
+    if (!xp || !row) {
+        fd_aligned_free(xp);
+        free(row);
+        set_err(err, errlen, "linear: out of memory for the activations");
+        return -1;
+    }
+    for (int t = 0; t < M; t++) {
+        if (kind == FD_WEIGHT_FP4) {
+            load_row(x, x_bf16, (size_t)t, K, row);
+            fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * K, K);
+        } else {
+            load_row(x, x_bf16, (size_t)t, K, xp + (size_t)t * K);
+        }
+    }
+    lin_ctx c;
+    memset(&c, 0, sizeof c);
+    c.kern = kern;
+    c.kind = kind;
+    c.M = M;
+    c.K = K;
+    c.N = N;
+    c.ktiles = (K + 127) / 128;
+    c.xp = xp;
+    c.w = w;
+    c.scale = scale;
+    c.out = out;
+    c.out_bf16 = out_bf16;
+    c.row_units = (N + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
+    c.units = c.row_units * ((M + FD_TOKENS_PER_UNIT - 1) / FD_TOKENS_PER_UNIT);
+    fd_pool_run(lin_job, &c, threads);
+    int rc = 0;
+    if (fd_atomic_load(&c.failed)) {
+        set_err(err, errlen, "linear: out of memory for the decode scratch");
+        rc = -1;
+    }
+    fd_aligned_free(xp);
+    free(row);
+    return rc;
+}

@@ -1,0 +1,47 @@
+/* The routed-expert FFN and the FP8/FP4 linears, built from the per-ISA primitives.
+ *
+ * Expert FFN (spec §2.7, step 4), for every selected (token t, expert e, weight w) pair:
+ *   g = W1_e x_t, u = W3_e x_t (fp32), h = silu(min(g, 10)) * clamp(u, -10, 10) * w,
+ *   y_t += W2_e h     (fp32 accumulation over experts, then added into out once).
+ * Weights stay packed (spec §4.4); activations fp32 or bf16; out fp32 or bf16.
+ */
+#ifndef FD_EXPERTS_H
+#define FD_EXPERTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quant_kernels.h"
+
+/* Pointers to one expert's packed tensors: w1/w3 [I, D/2] bytes + [I, D/32] E8M0,
+ * w2 [D, I/2] bytes + [D, I/32] E8M0, all C-contiguous. */
+typedef struct {
+    const uint8_t *w1, *s1, *w3, *s3, *w2, *s2;
+} fd_fp4_expert;
+
+/* The variant in use (chosen once from cpu_features, or forced) and lookups by name. */
+const fd_quant_kernels *fd_kernels_active(void);
+const fd_quant_kernels *fd_kernels_by_name(const char *name); /* NULL: unknown name */
+int fd_kernels_supported(const fd_quant_kernels *k);         /* runs on this CPU */
+const fd_quant_kernels *fd_kernels_best(void);
+void fd_kernels_set_active(const fd_quant_kernels *k);
+/* Every variant compiled into this build, best last; returns the count. */
+int fd_kernels_compiled(const fd_quant_kernels **out, int max);
+
+/* x: [T, D] (fp32, or bf16 when x_bf16), ids: [T, k] int32 indices into experts (-1 = none) or
+ * NULL (then k == n_experts and pair (t, j) uses expert j), weights: [T, k] fp32,
+ * out: [T, D] fp32 or bf16, accumulated into. Returns 0, or -1 with a message in err. */
+int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
+                  int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
+                  const float *weights, int k, void *out, int out_bf16, char *err, size_t errlen);
+
+enum { FD_WEIGHT_FP4 = 4, FD_WEIGHT_FP8 = 8 };
+
+/* out[M, N] = x[M, K] . W[N, K]^T (overwritten; fp32 or bf16).
+ * FP8: w [N, K] E4M3, scale [ceil(N/128), ceil(K/128)] E8M0.
+ * FP4: w [N, K/2] packed E2M1, scale [N, K/32] E8M0 (K a multiple of 32). */
+int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const void *x, int x_bf16,
+                    int M, int K, const uint8_t *w, const uint8_t *scale, int N, void *out,
+                    int out_bf16, char *err, size_t errlen);
+
+#endif

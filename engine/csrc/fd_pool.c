@@ -1,0 +1,226 @@
+/* The persistent thread pool behind every multi-threaded kernel (see fd_platform.h).
+ *
+ * Workers spin for a short while after each job (a decode step calls the kernels twice per layer,
+ * ~1 ms apart), then sleep on a condition variable so an idle app costs no CPU. One job runs at a
+ * time; callers from several OS threads queue on run_lock.
+ */
+#include <stdlib.h>
+
+#include "fd_platform.h"
+
+#if defined(_WIN32)
+#define WIN32_LEAN_AND_MEAN
+#include <process.h>
+#include <windows.h>
+typedef SRWLOCK fd_mutex;
+typedef CONDITION_VARIABLE fd_cond;
+#define fd_mutex_init(m) InitializeSRWLock(m)
+#define fd_mutex_lock(m) AcquireSRWLockExclusive(m)
+#define fd_mutex_unlock(m) ReleaseSRWLockExclusive(m)
+#define fd_cond_init(c) InitializeConditionVariable(c)
+#define fd_cond_wait(c, m) SleepConditionVariableSRW((c), (m), INFINITE, 0)
+#define fd_cond_broadcast(c) WakeAllConditionVariable(c)
+#else
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+typedef pthread_mutex_t fd_mutex;
+typedef pthread_cond_t fd_cond;
+#define fd_mutex_init(m) pthread_mutex_init((m), NULL)
+#define fd_mutex_lock(m) pthread_mutex_lock(m)
+#define fd_mutex_unlock(m) pthread_mutex_unlock(m)
+#define fd_cond_init(c) pthread_cond_init((c), NULL)
+#define fd_cond_wait(c, m) pthread_cond_wait((c), (m))
+#define fd_cond_broadcast(c) pthread_cond_broadcast(c)
+#endif
+
+/* Spin iterations before a waiting worker sleeps (~0.1-0.5 ms of pause instructions). */
+#define FD_SPIN_BEFORE_SLEEP 20000
+/* Spin iterations before a barrier or the caller starts yielding its time slice. */
+#define FD_SPIN_BEFORE_YIELD 2000
+
+typedef struct {
+    fd_mutex lock;      /* guards generation changes for sleepers */
+    fd_cond wake;
+    fd_mutex run_lock;  /* one job at a time */
+    int initialised;
+    int nworkers;       /* started worker threads (tids 1..nworkers) */
+    fd_atomic_int generation;
+    fd_atomic_int pending;
+    fd_atomic_int sleepers;
+    fd_job_fn fn;
+    void *ctx;
+    int job_threads;
+    fd_atomic_int barrier_count;
+    fd_atomic_int barrier_generation;
+#if !defined(_WIN32)
+    pid_t owner_pid;    /* threads do not survive fork(): a child starts a fresh pool */
+#endif
+} fd_pool;
+
+static fd_pool g_pool;
+
+#if defined(_WIN32)
+static INIT_ONCE g_pool_once = INIT_ONCE_STATIC_INIT;
+static BOOL CALLBACK fd_pool_init_once(PINIT_ONCE once, PVOID param, PVOID *ctx) {
+    (void)once;
+    (void)param;
+    (void)ctx;
+    fd_mutex_init(&g_pool.lock);
+    fd_mutex_init(&g_pool.run_lock);
+    fd_cond_init(&g_pool.wake);
+    g_pool.initialised = 1;
+    return TRUE;
+}
+static void fd_pool_init(void) { InitOnceExecuteOnce(&g_pool_once, fd_pool_init_once, NULL, NULL); }
+#else
+static pthread_once_t g_pool_once = PTHREAD_ONCE_INIT;
+static void fd_pool_init_once(void) {
+    fd_mutex_init(&g_pool.lock);
+    fd_mutex_init(&g_pool.run_lock);
+    fd_cond_init(&g_pool.wake);
+    g_pool.owner_pid = getpid();
+    g_pool.initialised = 1;
+}
+static void fd_pool_init(void) { pthread_once(&g_pool_once, fd_pool_init_once); }
+#endif
+
+void fd_yield(void) {
+#if defined(_WIN32)
+    SwitchToThread();
+#else
+    sched_yield();
+#endif
+}
+
+/* `seen` is the generation when the worker was created (read under run_lock by its creator): the
+ * job that follows must not be missed if it is published before the thread first runs. */
+static void fd_pool_worker(int tid, long seen) {
+    for (;;) {
+        long gen;
+        int spins = 0;
+        while ((gen = fd_atomic_load(&g_pool.generation)) == seen) {
+            if (++spins < FD_SPIN_BEFORE_SLEEP) {
+                fd_cpu_relax();
+                continue;
+            }
+            fd_mutex_lock(&g_pool.lock);
+            fd_atomic_add(&g_pool.sleepers, 1);
+            while (fd_atomic_load(&g_pool.generation) == seen) fd_cond_wait(&g_pool.wake, &g_pool.lock);
+            fd_atomic_add(&g_pool.sleepers, -1);
+            fd_mutex_unlock(&g_pool.lock);
+            spins = 0;
+        }
+        seen = gen;
+        if (tid < g_pool.job_threads) g_pool.fn(g_pool.ctx, tid, g_pool.job_threads);
+        fd_atomic_add(&g_pool.pending, -1);
+    }
+}
+
+typedef struct {
+    int tid;
+    long seen;
+} fd_worker_start;
+
+static void fd_pool_thread_body(void *p) {
+    fd_worker_start start = *(fd_worker_start *)p;
+    free(p);
+    fd_pool_worker(start.tid, start.seen);
+}
+
+#if defined(_WIN32)
+static unsigned __stdcall fd_pool_thread_main(void *p) {
+    fd_pool_thread_body(p);
+    return 0;
+}
+#else
+static void *fd_pool_thread_main(void *p) {
+    fd_pool_thread_body(p);
+    return NULL;
+}
+#endif
+
+static int fd_pool_start_thread(int tid) {
+    fd_worker_start *start = (fd_worker_start *)malloc(sizeof *start);
+    if (!start) return -1;
+    start->tid = tid;
+    start->seen = fd_atomic_load(&g_pool.generation);
+#if defined(_WIN32)
+    HANDLE h = (HANDLE)_beginthreadex(NULL, 0, fd_pool_thread_main, start, 0, NULL);
+    if (!h) {
+        free(start);
+        return -1;
+    }
+    CloseHandle(h);
+    return 0;
+#else
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &attr, fd_pool_thread_main, start);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) free(start);
+    return rc == 0 ? 0 : -1;
+#endif
+}
+
+int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > FD_POOL_MAX_THREADS) nthreads = FD_POOL_MAX_THREADS;
+    fd_pool_init();
+    fd_mutex_lock(&g_pool.run_lock);
+#if !defined(_WIN32)
+    if (g_pool.owner_pid != getpid()) { /* forked child: the parent's workers are not here */
+        g_pool.owner_pid = getpid();
+        g_pool.nworkers = 0;
+        g_pool.sleepers = 0;
+    }
+#endif
+    while (g_pool.nworkers < nthreads - 1) {
+        if (fd_pool_start_thread(g_pool.nworkers + 1) != 0) break;
+        g_pool.nworkers++;
+    }
+    if (nthreads > g_pool.nworkers + 1) nthreads = g_pool.nworkers + 1;
+    if (nthreads == 1) {
+        fn(ctx, 0, 1);
+        fd_mutex_unlock(&g_pool.run_lock);
+        return 1;
+    }
+    g_pool.fn = fn;
+    g_pool.ctx = ctx;
+    g_pool.job_threads = nthreads;
+    fd_atomic_store(&g_pool.barrier_count, 0);
+    fd_atomic_store(&g_pool.pending, g_pool.nworkers);
+    fd_mutex_lock(&g_pool.lock);
+    fd_atomic_add(&g_pool.generation, 1);
+    if (fd_atomic_load(&g_pool.sleepers) > 0) fd_cond_broadcast(&g_pool.wake);
+    fd_mutex_unlock(&g_pool.lock);
+    fn(ctx, 0, nthreads);
+    int spins = 0;
+    while (fd_atomic_load(&g_pool.pending) > 0) {
+        if (++spins < FD_SPIN_BEFORE_YIELD)
+            fd_cpu_relax();
+        else
+            fd_yield();
+    }
+    fd_mutex_unlock(&g_pool.run_lock);
+    return nthreads;
+}
+
+void fd_pool_barrier(int nthreads) {
+    if (nthreads <= 1) return;
+    long gen = fd_atomic_load(&g_pool.barrier_generation);
+    if (fd_atomic_add(&g_pool.barrier_count, 1) == nthreads) {
+        fd_atomic_store(&g_pool.barrier_count, 0);
+        fd_atomic_add(&g_pool.barrier_generation, 1);
+        return;
+    }
+    int spins = 0;
+    while (fd_atomic_load(&g_pool.barrier_generation) == gen) {
+        if (++spins < FD_SPIN_BEFORE_YIELD)
+            fd_cpu_relax();
+        else
+            fd_yield();
+    }
+}

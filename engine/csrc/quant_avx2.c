@@ -1,0 +1,261 @@
+/* AVX2 + FMA + F16C variant of the quant primitives; compiled with those flags only here.
+ *
+ * FP4: every E2M1 value (times any power of two) is exact in bf16, so two vpshufb lookups give
+ * the high and low byte of each value's bf16 pattern; byte and word unpacks place them in the top
+ * half of fp32 lanes. In-lane unpacks leave a block's 32 values in "quads" order
+ * (FD_FP4_QUADS: 4 even elements, then the 4 odd ones of the same pairs), which the activations
+ * are permuted to once per call. The block's partial dot is scaled once, as in the reference.
+ * FP8: E4M3 bits are moved into an fp16 (bias 15 for 7) and converted with F16C, times 2^8.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "fd_platform.h"
+#include "quant_kernels.h"
+
+/* bf16 bit patterns of the 16 E2M1 codes, split into high and low bytes (vpshufb tables). */
+FD_INLINE __m256i bf16_hi_lut(void) {
+    return _mm256_broadcastsi128_si256(_mm_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40,
+                                                     0x40, (char)0x80, (char)0xBF, (char)0xBF,
+                                                     (char)0xBF, (char)0xC0, (char)0xC0,
+                                                     (char)0xC0, (char)0xC0));
+}
+FD_INLINE __m256i bf16_lo_lut(void) {
+    return _mm256_broadcastsi128_si256(_mm_setr_epi8(0x00, 0x00, (char)0x80, (char)0xC0, 0x00,
+                                                     0x40, (char)0x80, (char)0xC0, 0x00, 0x00,
+                                                     (char)0x80, (char)0xC0, 0x00, 0x40,
+                                                     (char)0x80, (char)0xC0));
+}
+
+/* One 16-byte FP4 block -> 32 unscaled floats in quads order (v[0..3], 8 each). */
+FD_INLINE void fp4_block_decode(const uint8_t *wb, __m256i hi_lut, __m256i lo_lut, __m256 v[4]) {
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)wb);
+    __m128i lo = _mm_and_si128(bytes, nib);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    __m256i hb = _mm256_shuffle_epi8(hi_lut, idx);
+    __m256i lb = _mm256_shuffle_epi8(lo_lut, idx);
+    __m256i wa = _mm256_unpacklo_epi8(lb, hb);
+    __m256i wb2 = _mm256_unpackhi_epi8(lb, hb);
+    const __m256i z = _mm256_setzero_si256();
+    v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, wa));
+    v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, wa));
+    v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, wb2));
+    v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, wb2));
+}
+
+FD_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
+                          const float *const *x, float *y, size_t ys, const int R, const int M) {
+    const __m256i hi_lut = bf16_hi_lut(), lo_lut = bf16_lo_lut();
+    __m256 acc[2][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm256_setzero_ps();
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++) {
+        for (int i = 0; i < R; i++) {
+            const uint8_t *wb = w + (size_t)i * ws + (size_t)b * 16;
+            _mm_prefetch((const char *)(wb + 1024), _MM_HINT_T0);
+            __m256 v[4];
+            fp4_block_decode(wb, hi_lut, lo_lut, v);
+            __m256 sc = _mm256_set1_ps(fd_e8m0_f32[s[(size_t)i * ss + b]]);
+            for (int t = 0; t < M; t++) {
+                const float *xb = x[t] + b * 32;
+                __m256 p = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
+                __m256 q = _mm256_mul_ps(v[1], _mm256_loadu_ps(xb + 8));
+                p = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xb + 16), p);
+                q = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), q);
+                acc[i][t] = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc[i][t]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = hsum256(acc[i][t]);
+}
+
+static void fp4_dot_avx2(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows, int K,
+                         const float *const *x, int m, float *y, size_t ys) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 1); break;
+        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 2); break;
+        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 3); break;
+        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 4); break;
+        }
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 1); break;
+        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 2); break;
+        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 3); break;
+        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 4); break;
+        }
+    }
+}
+
+static void fp4_decode_avx2(const uint8_t *w, const uint8_t *s, int K, float *dst) {
+    const __m256i hi_lut = bf16_hi_lut(), lo_lut = bf16_lo_lut();
+    for (int b = 0; b < K / 32; b++) {
+        __m256 v[4];
+        fp4_block_decode(w + b * 16, hi_lut, lo_lut, v);
+        __m256 sc = _mm256_set1_ps(fd_e8m0_f32[s[b]]);
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(dst + b * 32 + 8 * q, _mm256_mul_ps(v[q], sc));
+    }
+}
+
+/* 8 E4M3 bytes -> 8 exact floats (fp16 bit move + F16C; NaN codes patched). */
+FD_INLINE __m256 e4m3_decode8(__m128i bytes8) {
+    __m128i wds = _mm_cvtepu8_epi16(bytes8);
+    const __m128i low7 = _mm_set1_epi16(0x7F);
+    __m128i mag = _mm_and_si128(wds, low7);
+    __m128i h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_andnot_si128(low7, wds), 8));
+    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, low7));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(nan));
+}
+
+/* Loads n < 8 trailing elements zero-padded (bytes and floats). */
+FD_INLINE __m128i load_bytes_tail(const uint8_t *p, int n) {
+    uint8_t buf[8] = {0};
+    memcpy(buf, p, (size_t)n);
+    return _mm_loadl_epi64((const __m128i *)buf);
+}
+FD_INLINE __m256 load_floats_tail(const float *p, int n) {
+    float buf[8] = {0};
+    memcpy(buf, p, sizeof(float) * (size_t)n);
+    return _mm256_loadu_ps(buf);
+}
+
+FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, int K,
+                          const float *const *x, float *y, size_t ys, const int R, const int M) {
+    __m256 acc[2][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm256_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        const int k1 = k0 + 128 < K ? k0 + 128 : K;
+        __m256 part[2][FD_DOT_MAX_M];
+        for (int i = 0; i < R; i++)
+            for (int t = 0; t < M; t++) part[i][t] = _mm256_setzero_ps();
+        for (int k = k0; k < k1; k += 8) {
+            const int n = k1 - k < 8 ? k1 - k : 8;
+            __m256 xv[FD_DOT_MAX_M];
+            for (int t = 0; t < M; t++)
+                xv[t] = n == 8 ? _mm256_loadu_ps(x[t] + k) : load_floats_tail(x[t] + k, n);
+            for (int i = 0; i < R; i++) {
+                const uint8_t *wk = w + (size_t)i * ws + k;
+                __m128i bytes = n == 8 ? _mm_loadl_epi64((const __m128i *)wk) : load_bytes_tail(wk, n);
+                __m256 wv = e4m3_decode8(bytes);
+                for (int t = 0; t < M; t++) part[i][t] = _mm256_fmadd_ps(wv, xv[t], part[i][t]);
+            }
+        }
+        const __m256 sc = _mm256_set1_ps(tile_scale[k0 / 128]);
+        for (int i = 0; i < R; i++)
+            for (int t = 0; t < M; t++) acc[i][t] = _mm256_fmadd_ps(part[i][t], sc, acc[i][t]);
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = hsum256(acc[i][t]);
+}
+
+static void fp8_dot_avx2(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                         const float *const *x, int m, float *y, size_t ys) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        switch (m) {
+        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 1); break;
+        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 2); break;
+        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 3); break;
+        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 4); break;
+        }
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        switch (m) {
+        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1); break;
+        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2); break;
+        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3); break;
+        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4); break;
+        }
+    }
+}
+
+static void fp8_decode_avx2(const uint8_t *w, const float *tile_scale, int K, float *dst) {
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = e4m3_decode8(_mm_loadl_epi64((const __m128i *)(w + k)));
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(v, _mm256_set1_ps(tile_scale[k / 128])));
+    }
+    for (; k < K; k++) dst[k] = fd_e4m3_f32[w[k]] * tile_scale[k / 128];
+}
+
+/* N weight rows x M activation rows of fp32 dots, 8 lanes; the K tail zero-padded. */
+FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K, float *y,
+                       size_t ys, const int N, const int M) {
+    __m256 acc[2][4];
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) acc[j][t] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[4];
+        for (int t = 0; t < M; t++) xv[t] = _mm256_loadu_ps(x[t] + k);
+        for (int j = 0; j < N; j++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)j * ldw + k);
+            for (int t = 0; t < M; t++) acc[j][t] = _mm256_fmadd_ps(xv[t], wv, acc[j][t]);
+        }
+    }
+    if (k < K) {
+        __m256 xv[4];
+        for (int t = 0; t < M; t++) xv[t] = load_floats_tail(x[t] + k, K - k);
+        for (int j = 0; j < N; j++) {
+            __m256 wv = load_floats_tail(w + (size_t)j * ldw + k, K - k);
+            for (int t = 0; t < M; t++) acc[j][t] = _mm256_fmadd_ps(xv[t], wv, acc[j][t]);
+        }
+    }
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + j] = hsum256(acc[j][t]);
+}
+
+static void gemm_f32_avx2(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
+                          float *y, size_t ys) {
+    for (int t = 0; t < m; t += 4) {
+        const int mt = m - t < 4 ? m - t : 4;
+        const float *const *xt = x + t;
+        float *yt = y + (size_t)t * ys;
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const float *wj = w + (size_t)j * ldw;
+            switch (mt) {
+            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 2, 1); break;
+            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 2, 2); break;
+            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 2, 3); break;
+            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 2, 4); break;
+            }
+        }
+        for (; j < n; j++) {
+            const float *wj = w + (size_t)j * ldw;
+            switch (mt) {
+            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 1); break;
+            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 2); break;
+            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 3); break;
+            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 4); break;
+            }
+        }
+    }
+}
+
+const fd_quant_kernels fd_kernels_avx2 = {
+    "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2,
+};

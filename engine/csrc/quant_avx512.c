@@ -1,0 +1,210 @@
+/* AVX-512 (F/BW/VL/DQ) variant of the quant primitives; compiled with AVX-512 flags only here.
+ *
+ * FP4: 16 packed bytes (one 32-element block) are zero-extended to 16 dwords; vpermps with the
+ * 16-entry E2M1 table uses the low 4 bits of each dword, so the low nibbles decode with one
+ * permute and the high nibbles with a shift and a permute. The block's partial dot is scaled once
+ * (E8M0 table), as in the scalar reference. FP8: E4M3 bits are moved into an fp16 exponent and
+ * mantissa by shifts into an fp16, converted with vcvtph2ps, NaN codes patched by a mask.
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#include "fd_platform.h"
+#include "quant_kernels.h"
+
+FD_INLINE __m512 fp4_lut(void) {
+    return _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f,
+                          -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+}
+
+/* R rows x M activation rows, both compile-time constants after inlining. */
+FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
+                          const float *const *x, float *y, size_t ys, const int R, const int M) {
+    const __m512 lut = fp4_lut();
+    __m512 acc[4][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps();
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++) {
+        __m512 xe[FD_DOT_MAX_M], xo[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) {
+            xe[t] = _mm512_loadu_ps(x[t] + b * 32);
+            xo[t] = _mm512_loadu_ps(x[t] + b * 32 + 16);
+        }
+        for (int i = 0; i < R; i++) {
+            const uint8_t *wb = w + (size_t)i * ws + (size_t)b * 16;
+            _mm_prefetch((const char *)(wb + 1024), _MM_HINT_T0);
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
+            __m512 lo = _mm512_permutexvar_ps(d, lut);
+            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), lut);
+            __m512 sc = _mm512_set1_ps(fd_e8m0_f32[s[(size_t)i * ss + b]]);
+            for (int t = 0; t < M; t++) {
+                __m512 p = _mm512_fmadd_ps(hi, xo[t], _mm512_mul_ps(lo, xe[t]));
+                acc[i][t] = _mm512_fmadd_ps(p, sc, acc[i][t]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+static void fp4_dot_avx512(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                           int K, const float *const *x, int m, float *y, size_t ys) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 1); break;
+        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 2); break;
+        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 3); break;
+        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 4); break;
+        }
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 1); break;
+        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 2); break;
+        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 3); break;
+        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 4); break;
+        }
+    }
+}
+
+static void fp4_decode_avx512(const uint8_t *w, const uint8_t *s, int K, float *dst) {
+    const __m512 lut = fp4_lut();
+    for (int b = 0; b < K / 32; b++) {
+        __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + b * 16)));
+        __m512 sc = _mm512_set1_ps(fd_e8m0_f32[s[b]]);
+        _mm512_storeu_ps(dst + b * 32, _mm512_mul_ps(_mm512_permutexvar_ps(d, lut), sc));
+        _mm512_storeu_ps(dst + b * 32 + 16,
+                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), lut), sc));
+    }
+}
+
+/* 16 E4M3 bytes -> 16 exact floats: the bits are moved into an fp16 (bias 15 instead of 7, so
+ * E4M3 subnormals stay fp16 subnormals), converted by vcvtph2ps, times 2^8; NaN codes patched. */
+FD_INLINE __m512 e4m3_decode16(__m128i bytes) {
+    __m256i wds = _mm256_cvtepu8_epi16(bytes);
+    const __m256i low7 = _mm256_set1_epi16(0x7F);
+    __m256i mag = _mm256_and_si256(wds, low7);
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                                _mm256_slli_epi16(_mm256_andnot_si256(low7, wds), 8));
+    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+    __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, low7);
+    return _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(NAN));
+}
+
+FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, int K,
+                          const float *const *x, float *y, size_t ys, const int R, const int M) {
+    __m512 acc[4][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        const int k1 = k0 + 128 < K ? k0 + 128 : K;
+        __m512 part[4][FD_DOT_MAX_M];
+        for (int i = 0; i < R; i++)
+            for (int t = 0; t < M; t++) part[i][t] = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k += 16) {
+            const int n = k1 - k < 16 ? k1 - k : 16;
+            const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+            __m512 xv[FD_DOT_MAX_M];
+            for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
+            for (int i = 0; i < R; i++) {
+                __m128i bytes = _mm_maskz_loadu_epi8(mk, w + (size_t)i * ws + k);
+                __m512 wv = e4m3_decode16(bytes);
+                for (int t = 0; t < M; t++) part[i][t] = _mm512_fmadd_ps(wv, xv[t], part[i][t]);
+            }
+        }
+        const __m512 sc = _mm512_set1_ps(tile_scale[k0 / 128]);
+        for (int i = 0; i < R; i++)
+            for (int t = 0; t < M; t++) acc[i][t] = _mm512_fmadd_ps(part[i][t], sc, acc[i][t]);
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+static void fp8_dot_avx512(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                           const float *const *x, int m, float *y, size_t ys) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        switch (m) {
+        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 1); break;
+        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 2); break;
+        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 3); break;
+        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 4); break;
+        }
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        switch (m) {
+        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1); break;
+        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2); break;
+        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3); break;
+        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4); break;
+        }
+    }
+}
+
+static void fp8_decode_avx512(const uint8_t *w, const float *tile_scale, int K, float *dst) {
+    for (int k = 0; k < K; k += 16) {
+        const int n = K - k < 16 ? K - k : 16;
+        const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+        __m512 v = e4m3_decode16(_mm_maskz_loadu_epi8(mk, w + k));
+        _mm512_mask_storeu_ps(dst + k, mk, _mm512_mul_ps(v, _mm512_set1_ps(tile_scale[k / 128])));
+    }
+}
+
+FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K, float *y,
+                       size_t ys, const int N, const int M) {
+    __m512 acc[4][4];
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) acc[j][t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        const int n = K - k < 16 ? K - k : 16;
+        const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+        __m512 xv[4];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
+        for (int j = 0; j < N; j++) {
+            __m512 wv = _mm512_maskz_loadu_ps(mk, w + (size_t)j * ldw + k);
+            for (int t = 0; t < M; t++) acc[j][t] = _mm512_fmadd_ps(xv[t], wv, acc[j][t]);
+        }
+    }
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+static void gemm_f32_avx512(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
+                            float *y, size_t ys) {
+    for (int t = 0; t < m; t += 4) {
+        const int mt = m - t < 4 ? m - t : 4;
+        const float *const *xt = x + t;
+        float *yt = y + (size_t)t * ys;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const float *wj = w + (size_t)j * ldw;
+            switch (mt) {
+            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 1); break;
+            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 2); break;
+            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 3); break;
+            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 4); break;
+            }
+        }
+        for (; j < n; j++) {
+            const float *wj = w + (size_t)j * ldw;
+            switch (mt) {
+            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 1); break;
+            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 2); break;
+            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 3); break;
+            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 4); break;
+            }
+        }
+    }
+}
+
+const fd_quant_kernels fd_kernels_avx512 = {
+    "avx512", FD_FP4_EVEN_ODD, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512, fp8_decode_avx512, gemm_f32_avx512,
+};

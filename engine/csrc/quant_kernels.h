@@ -1,0 +1,77 @@
+/* Per-ISA primitives for the quantized weight formats of V4-Flash (spec §4.3, §4.4).
+ *
+ * FP4 (routed experts): bytes [rows, K/2], byte j holds E2M1 codes of elements 2j (low nibble) and
+ * 2j+1 (high nibble); one E8M0 scale byte per 32 elements, [rows, K/32]. K is a multiple of 32.
+ * FP8 (everything else): E4M3 bytes [rows, K] with one E8M0 scale per 128x128 tile.
+ *
+ * Each variant (scalar reference, AVX2, AVX-512, NEON) fills one fd_quant_kernels table with the
+ * same five primitives; experts.c builds the expert FFN and the linears from them, so threading
+ * and bookkeeping are shared and only the inner loops differ per ISA.
+ *
+ * FP4 activations are passed in the variant's own order within each 32-element block (its
+ * fp4_layout, see fd_fp4_perm_index): SIMD variants decode a register of low nibbles (even
+ * elements) and one of high nibbles (odd elements), so the activations are permuted once per call
+ * to match, instead of shuffling the weights on every row. The scalar reference uses natural order.
+ */
+#ifndef FD_QUANT_KERNELS_H
+#define FD_QUANT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* At most this many activation rows go through one fused dot call. */
+#define FD_DOT_MAX_M 4
+
+enum {
+    FD_FP4_NATURAL = 0, /* element k at k */
+    FD_FP4_EVEN_ODD = 1, /* per block: 16 even elements, then 16 odd (AVX-512, NEON) */
+    FD_FP4_QUADS = 2,    /* per block, per 8: 4 even, then the 4 odd of the same pairs (AVX2) */
+};
+
+typedef struct {
+    const char *name;
+    int fp4_layout;
+    /* y[t*ys + r] = sum_k W[r,k] * x[t][k] for r < rows, t < m <= FD_DOT_MAX_M (overwrites y).
+     * W is FP4: row r at w + r*ws bytes, its scales at s + r*ss. x[t] in fp4_layout, K floats. */
+    void (*fp4_dot)(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows, int K,
+                    const float *const *x, int m, float *y, size_t ys);
+    /* One FP4 row -> K floats, scaled, in fp4_layout order. */
+    void (*fp4_decode)(const uint8_t *w, const uint8_t *s, int K, float *dst);
+    /* Same as fp4_dot for FP8 rows (natural order x). tile_scale[kt] is the float scale of K tile
+     * kt (128 wide) shared by all these rows; K may be any positive length. */
+    void (*fp8_dot)(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                    const float *const *x, int m, float *y, size_t ys);
+    /* One FP8 row -> K floats, scaled. */
+    void (*fp8_decode)(const uint8_t *w, const float *tile_scale, int K, float *dst);
+    /* y[t*ys + j] = dot(x[t], w + j*ldw) over K floats, t < m, j < n (overwrites y). */
+    void (*gemm_f32)(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
+                     float *y, size_t ys);
+} fd_quant_kernels;
+
+/* Exact decode tables (spec §4.3/§4.4): E2M1 code -> value, E8M0 byte -> 2^(b-127) (255: NaN),
+ * E4M3 byte -> value (0x7F/0xFF: NaN). Filled by fd_quant_tables_init(). */
+extern float fd_e2m1_f32[16];
+extern float fd_e8m0_f32[256];
+extern float fd_e4m3_f32[256];
+void fd_quant_tables_init(void);
+
+/* Position of natural element k (within its 32-block and beyond) in an fp4 layout. */
+static inline int fd_fp4_perm_index(int layout, int k) {
+    int j = (k & 31) >> 1, odd = k & 1, base = k & ~31;
+    if (layout == FD_FP4_EVEN_ODD) return base + 16 * odd + j;
+    if (layout == FD_FP4_QUADS) return base + 8 * (j >> 2) + 4 * odd + (j & 3);
+    return k;
+}
+/* src (K natural-order floats, K a multiple of 32) -> dst in the given layout. */
+void fd_fp4_permute_row(int layout, const float *src, float *dst, int K);
+
+extern const fd_quant_kernels fd_kernels_scalar;
+#if defined(FD_HAVE_X86_VARIANTS)
+extern const fd_quant_kernels fd_kernels_avx2;
+extern const fd_quant_kernels fd_kernels_avx512;
+#endif
+#if defined(FD_HAVE_NEON_VARIANTS)
+extern const fd_quant_kernels fd_kernels_neon;
+#endif
+
+#endif

@@ -1,0 +1,104 @@
+/* The portable scalar reference of every quant primitive, and the exact decode tables.
+ *
+ * Every SIMD variant is tested against these loops; they use the same accumulation structure
+ * (per-block partial sums times the block scale, fp32) so variants differ only in summation order.
+ */
+#include <math.h>
+
+#include "quant_kernels.h"
+
+float fd_e2m1_f32[16];
+float fd_e8m0_f32[256];
+float fd_e4m3_f32[256];
+
+void fd_quant_tables_init(void) {
+    static const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    for (int c = 0; c < 16; c++) fd_e2m1_f32[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
+    for (int b = 0; b < 256; b++) fd_e8m0_f32[b] = b == 255 ? NAN : ldexpf(1.0f, b - 127);
+    for (int b = 0; b < 256; b++) {
+        int e = (b >> 3) & 15, m = b & 7;
+        float v;
+        if ((b & 0x7F) == 0x7F)
+            v = NAN;
+        else if (e == 0)
+            v = ldexpf((float)m, -9); /* subnormal: m/8 * 2^-6 */
+        else
+            v = ldexpf(1.0f + (float)m / 8.0f, e - 7);
+        fd_e4m3_f32[b] = (b & 0x80) ? -v : v;
+    }
+}
+
+void fd_fp4_permute_row(int layout, const float *src, float *dst, int K) {
+    for (int k = 0; k < K; k++) dst[fd_fp4_perm_index(layout, k)] = src[k];
+}
+
+static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                           int K, const float *const *x, int m, float *y, size_t ys) {
+    const int nb = K / 32;
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        for (int t = 0; t < m; t++) {
+            const float *xt = x[t];
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                float part = 0.0f;
+                for (int j = 0; j < 16; j++) {
+                    uint8_t byte = wr[b * 16 + j];
+                    part += fd_e2m1_f32[byte & 15] * xt[b * 32 + 2 * j];
+                    part += fd_e2m1_f32[byte >> 4] * xt[b * 32 + 2 * j + 1];
+                }
+                acc += part * fd_e8m0_f32[sr[b]];
+            }
+            y[(size_t)t * ys + r] = acc;
+        }
+    }
+}
+
+static void fp4_decode_scalar(const uint8_t *w, const uint8_t *s, int K, float *dst) {
+    for (int b = 0; b < K / 32; b++) {
+        float scale = fd_e8m0_f32[s[b]];
+        for (int j = 0; j < 16; j++) {
+            uint8_t byte = w[b * 16 + j];
+            dst[b * 32 + 2 * j] = fd_e2m1_f32[byte & 15] * scale;
+            dst[b * 32 + 2 * j + 1] = fd_e2m1_f32[byte >> 4] * scale;
+        }
+    }
+}
+
+static void fp8_dot_scalar(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                           const float *const *x, int m, float *y, size_t ys) {
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        for (int t = 0; t < m; t++) {
+            const float *xt = x[t];
+            float acc = 0.0f;
+            for (int k0 = 0; k0 < K; k0 += 128) {
+                int k1 = k0 + 128 < K ? k0 + 128 : K;
+                float part = 0.0f;
+                for (int k = k0; k < k1; k++) part += fd_e4m3_f32[wr[k]] * xt[k];
+                acc += part * tile_scale[k0 / 128];
+            }
+            y[(size_t)t * ys + r] = acc;
+        }
+    }
+}
+
+static void fp8_decode_scalar(const uint8_t *w, const float *tile_scale, int K, float *dst) {
+    for (int k = 0; k < K; k++) dst[k] = fd_e4m3_f32[w[k]] * tile_scale[k / 128];
+}
+
+static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
+                            float *y, size_t ys) {
+    for (int t = 0; t < m; t++)
+        for (int j = 0; j < n; j++) {
+            const float *wj = w + (size_t)j * ldw;
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += x[t][k] * wj[k];
+            y[(size_t)t * ys + j] = acc;
+        }
+}
+
+const fd_quant_kernels fd_kernels_scalar = {
+    "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar,
+};

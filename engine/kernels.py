@@ -1,0 +1,480 @@
+"""CPU kernels for the quantized V4-Flash weights: the routed-expert FFN and FP8/FP4 linears.
+
+The work happens in C (`flashdesk.engine._kernels`): weights are read in the checkpoint's packed
+formats (spec §4.3, §4.4) and never dequantized into memory, on a persistent thread pool, with
+the GIL released, so a Python thread can run these while the GPU works. This module checks
+shapes, dtypes and contiguity and passes buffer addresses, so any host buffer works without a
+copy: numpy arrays, CPU torch tensors (pinned or not), slices of memory-mapped shards.
+
+The SIMD variant (scalar reference, avx2, avx512, neon) is chosen once from the CPU's features;
+`FLASHDESK_ISA=<name>` or `set_isa()` / `use_isa()` / the `isa=` argument force one (tests and
+benchmarks run every variant on the same inputs). `FLASHDESK_THREADS` or `set_threads()` set the
+thread count (default: physical cores).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from flashdesk.engine import _kernels
+
+__all__ = [
+    "ExpertTable",
+    "ExpertWeights",
+    "active_isa",
+    "available_isas",
+    "expert_ffn",
+    "fp4_linear",
+    "fp8_linear",
+    "get_threads",
+    "set_isa",
+    "set_threads",
+    "use_isa",
+]
+
+_FP4, _FP8 = 4, 8
+
+# torch dtypes (by name) whose elements are one raw byte of a packed weight or scale.
+_TORCH_BYTE_DTYPES = {
+    "torch.uint8",
+    "torch.int8",
+    "torch.float8_e4m3fn",
+    "torch.float8_e8m0fnu",
+    "torch.float4_e2m1fn_x2",
+}
+
+
+class ExpertWeights(NamedTuple):
+    """One routed expert as stored in the checkpoint (`ffn.experts.{e}.w1.weight` / `.scale`, ...).
+
+    w1, w3: [I, D/2] packed E2M1 bytes; w1_scale, w3_scale: [I, D/32] E8M0 bytes;
+    w2: [D, I/2] packed bytes; w2_scale: [D, I/32] E8M0 bytes. V4-Flash: D = 4096, I = 2048.
+    """
+
+    w1: Any
+    w1_scale: Any
+    w3: Any
+    w3_scale: Any
+    w2: Any
+    w2_scale: Any
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def _default_threads() -> int:
+    env = os.environ.get("FLASHDESK_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"FLASHDESK_THREADS={env!r}: set it to a positive thread count")
+        return n
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+_threads = _default_threads()
+
+
+def get_threads() -> int:
+    """Threads a kernel call uses unless it passes `threads=`."""
+    return _threads
+
+
+def set_threads(n: int) -> None:
+    """Set the default thread count (the pool grows to it on the next call)."""
+    global _threads
+    if not isinstance(n, int) or n < 1 or n > 256:
+        raise ValueError(f"threads must be an int in [1, 256], got {n!r}")
+    _threads = n
+
+
+def available_isas() -> list[str]:
+    """Variants compiled into this build that run on this CPU, the scalar reference first."""
+    return [name for name, runs in _kernels.isa_variants().items() if runs]
+
+
+def active_isa() -> str:
+    """The variant kernel calls use unless they pass `isa=`."""
+    return _kernels.active_isa()
+
+
+def set_isa(name: str) -> str:
+    """Force a variant for later calls ('auto': the best this CPU runs); returns its name."""
+    compiled = _kernels.isa_variants()
+    if name != "auto" and name not in compiled:
+        raise ValueError(
+            f"unknown kernel variant {name!r}; this build has {sorted(compiled)} (or 'auto')"
+        )
+    if name != "auto" and not compiled[name]:
+        raise ValueError(
+            f"kernel variant {name!r} does not run on this CPU; it runs {available_isas()}"
+        )
+    return _kernels.set_isa(name)
+
+
+@contextmanager
+def use_isa(name: str) -> Iterator[str]:
+    """Run the block with a forced variant, then restore the previous one."""
+    previous = active_isa()
+    set_isa(name)
+    try:
+        yield name
+    finally:
+        _kernels.set_isa(previous)
+
+
+_env_isa = os.environ.get("FLASHDESK_ISA", "").strip()
+if _env_isa:
+    try:
+        set_isa(_env_isa)
+    except ValueError as exc:
+        raise ValueError(f"FLASHDESK_ISA={_env_isa!r}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ buffers
+
+
+def _is_torch(a: Any) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+def _kind(a: Any) -> str:
+    """'f32', 'bf16', 'u8', 'i32', 'i64', 'f64', or the dtype's name for anything else."""
+    if _is_torch(a):
+        name = str(a.dtype)
+        if name == "torch.float32":
+            return "f32"
+        if name == "torch.bfloat16":
+            return "bf16"
+        if name in _TORCH_BYTE_DTYPES:
+            return "u8"
+        return {"torch.int32": "i32", "torch.int64": "i64", "torch.float64": "f64"}.get(name, name)
+    dt = np.asarray(a).dtype
+    if dt == np.float32:
+        return "f32"
+    if dt in (np.uint8, np.int8):
+        return "u8"
+    return {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}.get(dt, str(dt))
+
+
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in a.shape)
+
+
+def _address(a: Any, name: str, *, writable: bool = False) -> int:
+    """Address of a C-contiguous host buffer (raises a clear error otherwise)."""
+    if _is_torch(a):
+        if a.device.type != "cpu":
+            raise ValueError(f"{name} is on {a.device}; the CPU kernels need a host tensor")
+        if not a.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; pass a contiguous tensor (.contiguous())")
+        return int(a.data_ptr())
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(a).__name__}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} is not C-contiguous; pass np.ascontiguousarray({name})")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; the kernel writes its result there")
+    return int(a.__array_interface__["data"][0])
+
+
+def _small_f32(a: Any, name: str) -> np.ndarray:
+    """Routing weights and the like: small, so a float32 copy is fine."""
+    if _is_torch(a):
+        a = a.detach().to("cpu").float().numpy()
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _small_i32(a: Any, name: str) -> np.ndarray:
+    if _is_torch(a):
+        a = a.detach().to("cpu").numpy()
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer expert indices, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _activations(x: Any, name: str) -> tuple[Any, bool]:
+    """x as a contiguous fp32 or bf16 buffer (a copy only if it was not contiguous)."""
+    kind = _kind(x)
+    if kind not in ("f32", "bf16"):
+        raise TypeError(f"{name} must be float32 or bfloat16, got {kind}")
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} is on {x.device}; the CPU kernels need a host tensor")
+        x = x.contiguous()
+    else:
+        x = np.ascontiguousarray(x)
+    return x, kind == "bf16"
+
+
+def _new_out(like: Any, shape: tuple[int, ...]) -> Any:
+    if _is_torch(like):
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32)
+    return np.zeros(shape, dtype=np.float32)
+
+
+def _check_out(out: Any, shape: tuple[int, ...]) -> bool:
+    kind = _kind(out)
+    if kind not in ("f32", "bf16"):
+        raise TypeError(f"out must be float32 or bfloat16, got {kind}")
+    if _shape(out) != shape:
+        raise ValueError(f"out has shape {_shape(out)}, expected {shape}")
+    return kind == "bf16"
+
+
+def _threads_arg(threads: int | None) -> int:
+    if threads is None:
+        return _threads
+    if not isinstance(threads, int) or threads < 1 or threads > 256:
+        raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
+    return threads
+
+
+# ------------------------------------------------------------------------------------ experts
+
+_EXPERT_KEYS = (
+    ("w1", "w1.weight"),
+    ("w1_scale", "w1.scale"),
+    ("w3", "w3.weight"),
+    ("w3_scale", "w3.scale"),
+    ("w2", "w2.weight"),
+    ("w2_scale", "w2.scale"),
+)
+
+
+def _expert_parts(expert: Any, index: int) -> tuple:
+    if isinstance(expert, Mapping):
+        parts = []
+        for short, ckpt in _EXPERT_KEYS:
+            if short in expert:
+                parts.append(expert[short])
+            elif ckpt in expert:
+                parts.append(expert[ckpt])
+            else:
+                raise KeyError(f"expert {index} has no {short!r} (or {ckpt!r}) tensor")
+        return tuple(parts)
+    parts = tuple(expert)
+    if len(parts) != 6:
+        raise ValueError(
+            f"expert {index}: expected (w1, w1_scale, w3, w3_scale, w2, w2_scale), "
+            f"got {len(parts)} items"
+        )
+    return parts
+
+
+class ExpertTable:
+    """A set of FP4 experts registered once: shapes checked, buffer addresses gathered.
+
+    Build it once per layer and pass it to `expert_ffn` on every call: registering 256 experts
+    costs milliseconds, a call with a table costs microseconds. The table keeps the tensors alive.
+    """
+
+    def __init__(self, experts: Sequence[Any]):
+        experts = list(experts)
+        if not experts:
+            raise ValueError("ExpertTable needs at least one expert")
+        self._tensors = []
+        addresses = np.zeros((len(experts), 6), dtype=np.uintp)
+        dim = inter = None
+        for e, expert in enumerate(experts):
+            w1, s1, w3, s3, w2, s2 = _expert_parts(expert, e)
+            if len(_shape(w1)) != 2 or len(_shape(w2)) != 2:
+                raise ValueError(f"expert {e}: w1 and w2 must be 2-D packed byte tensors")
+            i_rows, half_d = _shape(w1)
+            d_rows, half_i = _shape(w2)
+            if dim is None:
+                dim, inter = 2 * half_d, i_rows
+            expected = {
+                "w1": (inter, dim // 2),
+                "w1_scale": (inter, dim // 32),
+                "w3": (inter, dim // 2),
+                "w3_scale": (inter, dim // 32),
+                "w2": (dim, inter // 2),
+                "w2_scale": (dim, inter // 32),
+            }
+            for j, (key, tensor) in enumerate(zip(expected, (w1, s1, w3, s3, w2, s2))):
+                if _kind(tensor) != "u8":
+                    raise TypeError(
+                        f"expert {e} {key}: expected packed bytes (int8/uint8/float8/float4), "
+                        f"got {_kind(tensor)}"
+                    )
+                if _shape(tensor) != expected[key]:
+                    raise ValueError(
+                        f"expert {e} {key}: shape {_shape(tensor)}, expected {expected[key]} "
+                        f"(hidden {dim}, expert width {inter})"
+                    )
+                addresses[e, j] = _address(tensor, f"expert {e} {key}")
+                self._tensors.append(tensor)
+        if dim % 32 or inter % 32:
+            raise ValueError(f"hidden {dim} and expert width {inter} must be multiples of 32")
+        self.addresses = addresses
+        self.n_experts = len(experts)
+        self.dim = dim
+        self.inter = inter
+
+    def __len__(self) -> int:
+        return self.n_experts
+
+
+def expert_ffn(
+    x: Any,
+    experts: ExpertTable | Sequence[Any],
+    weights: Any,
+    out: Any = None,
+    *,
+    ids: Any = None,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """out[t] += Σ_j weights[t, j] · FFN_{ids[t, j]}(x[t]) over FP4 experts (spec §2.7 step 4).
+
+    FFN_e(x) = W2 · (silu(min(W1·x, 10)) ⊙ clamp(W3·x, −10, 10)), the routing weight applied to
+    the hidden before W2, fp32 accumulation.
+    x: [T, D] or [D], float32 or bfloat16. experts: an ExpertTable, or a sequence of
+    ExpertWeights / 6-tuples / dicts with checkpoint names ('w1.weight', 'w1.scale', ...).
+    weights: [T, k] (or [k] for 1-D x) routing weights. ids: [T, k] expert indices (-1 skips a
+    slot); None means every token uses every expert and weights is [T, n_experts].
+    out: [T, D] (or [D]) float32/bfloat16, accumulated into; None: a new zero float32 buffer.
+    Returns out.
+    """
+    table = experts if isinstance(experts, ExpertTable) else ExpertTable(experts)
+    one_token = len(_shape(x)) == 1
+    x, x_bf16 = _activations(x, "x")
+    x2 = x.reshape(1, -1) if one_token else x
+    if len(_shape(x2)) != 2 or _shape(x2)[1] != table.dim:
+        raise ValueError(f"x has shape {_shape(x)}, expected [T, {table.dim}] or [{table.dim}]")
+    T = _shape(x2)[0]
+    w = _small_f32(weights, "weights").reshape(T, -1) if T else _small_f32(weights, "weights")
+    k = w.shape[1] if w.ndim == 2 else 0
+    if ids is None:
+        if k != table.n_experts:
+            raise ValueError(
+                f"weights has {k} columns; without ids it needs one per expert ({table.n_experts})"
+            )
+        ids_arr = None
+    else:
+        ids_arr = _small_i32(ids, "ids").reshape(T, -1) if T else _small_i32(ids, "ids")
+        if ids_arr.shape != w.shape:
+            raise ValueError(f"ids {ids_arr.shape} and weights {w.shape} must have the same shape")
+        if ids_arr.size and (ids_arr.min() < -1 or ids_arr.max() >= table.n_experts):
+            raise ValueError(
+                f"ids must be in [0, {table.n_experts}) (or -1 for an unused slot); got "
+                f"[{ids_arr.min()}, {ids_arr.max()}]"
+            )
+    out_shape = (table.dim,) if one_token else (T, table.dim)
+    if out is None:
+        out = _new_out(x, out_shape)
+    out_bf16 = _check_out(out, out_shape)
+    if T == 0 or k == 0:
+        return out
+    _kernels.expert_ffn(
+        _address(x2, "x"),
+        x_bf16,
+        T,
+        table.dim,
+        table.inter,
+        int(table.addresses.__array_interface__["data"][0]),
+        table.n_experts,
+        0 if ids_arr is None else _address(ids_arr, "ids"),
+        _address(w, "weights"),
+        k,
+        _address(out, "out", writable=True),
+        out_bf16,
+        _threads_arg(threads),
+        isa or "",
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------ linears
+
+
+def _linear(kind: int, x, w, scale, out, threads, isa, name: str):
+    one_token = len(_shape(x)) == 1
+    x, x_bf16 = _activations(x, "x")
+    x2 = x.reshape(1, -1) if one_token else x
+    if len(_shape(w)) != 2 or _kind(w) != "u8":
+        raise ValueError(f"{name}: w must be a 2-D tensor of raw weight bytes")
+    if _kind(scale) != "u8":
+        raise TypeError(f"{name}: scale must be E8M0 bytes (uint8 or float8_e8m0fnu)")
+    N, wk = _shape(w)
+    K = wk if kind == _FP8 else 2 * wk
+    if len(_shape(x2)) != 2 or _shape(x2)[1] != K:
+        raise ValueError(f"{name}: x has shape {_shape(x)}, expected [M, {K}] or [{K}]")
+    expected_scale = ((N + 127) // 128, (K + 127) // 128) if kind == _FP8 else (N, K // 32)
+    if kind == _FP4 and K % 32:
+        raise ValueError(f"{name}: K = {K} must be a multiple of 32")
+    if _shape(scale) != expected_scale:
+        raise ValueError(f"{name}: scale has shape {_shape(scale)}, expected {expected_scale}")
+    M = _shape(x2)[0]
+    out_shape = (N,) if one_token else (M, N)
+    if out is None:
+        out = _new_out(x, out_shape)
+    out_bf16 = _check_out(out, out_shape)
+    if M == 0:
+        return out
+    _kernels.quant_linear(
+        kind,
+        _address(x2, "x"),
+        x_bf16,
+        M,
+        K,
+        _address(w, "w"),
+        _address(scale, "scale"),
+        N,
+        _address(out, "out", writable=True),
+        out_bf16,
+        _threads_arg(threads),
+        isa or "",
+    )
+    return out
+
+
+def fp8_linear(
+    x: Any,
+    w: Any,
+    scale: Any,
+    out: Any = None,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """out = x · Wᵀ for an FP8 E4M3 weight with 128×128 E8M0 tile scales (spec §4.3).
+
+    x: [M, K] or [K], float32/bfloat16; w: [N, K] E4M3 bytes; scale: [ceil(N/128), ceil(K/128)]
+    E8M0 bytes; out: [M, N] (or [N]) float32/bfloat16, overwritten; None: a new float32 buffer.
+    """
+    return _linear(_FP8, x, w, scale, out, threads, isa, "fp8_linear")
+
+
+def fp4_linear(
+    x: Any,
+    w: Any,
+    scale: Any,
+    out: Any = None,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """out = x · Wᵀ for a packed FP4 E2M1 weight with per-32 E8M0 scales (spec §4.4).
+
+    x: [M, K] or [K]; w: [N, K/2] bytes (low nibble = even element); scale: [N, K/32] bytes.
+    """
+    return _linear(_FP4, x, w, scale, out, threads, isa, "fp4_linear")
