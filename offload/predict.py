@@ -271,8 +271,11 @@ def _prefill_chunk_seconds(
         from_disk = disk_bytes / disk
         cpu_time = max(picks * off_gpu * expert_flops / cpu_flops, ram_bytes / ram) + from_disk
         stream_time = math.inf
-        if has_gpu and pinned_bw > 0 and plan.mode == "gpu+cpu":
-            copy = touched * pinned_share / pinned_bw + touched * (1 - pinned_share) / pageable_bw
+        can_copy = pinned_bw > 0 and (pageable_bw > 0 or pinned_share >= 1)
+        if has_gpu and can_copy and plan.mode == "gpu+cpu":
+            copy = touched * pinned_share / pinned_bw
+            if pinned_share < 1:
+                copy += touched * (1 - pinned_share) / pageable_bw
             stream_time = max(copy, picks * off_gpu * expert_flops / gpu_flops) + from_disk
         if force == "cpu" or (force is None and cpu_time <= stream_time):
             total += max(cpu_time, gpu_part)
