@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="routing counts per layer and expert (JSON list of lists) recorded by the runtime",
     )
     parser.add_argument(
-        "--remeasure", action="store_true", help="measure RAM bandwidth again, ignoring the cache"
+        "--remeasure",
+        action="store_true",
+        help="measure RAM and host-to-GPU bandwidth again, ignoring the cached figures",
     )
 
 
