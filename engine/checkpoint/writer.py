@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flashdesk.engine import quant
@@ -164,47 +165,54 @@ class _DictSource(_PairSource):
         yield t.to(_STORE_DTYPES[spec.dtype])
 
 
-def _fp4_code_table() -> torch.Tensor:
-    """Uniform byte -> E2M1 code distributed like a quantized N(0, 2²): realistic small-heavy codes."""
-    u = (torch.arange(256, dtype=torch.float64) + 0.5) / 256
-    return quant.float_to_e2m1(torch.special.ndtri(u) * 2.0)
+def _quantile_codes(n: int, sigma: float, encode) -> torch.Tensor:
+    """n equiprobable quantiles of N(0, sigma²), encoded: a uniform index then draws a code
+    distributed like a quantized Gaussian (realistic: many small values, few large)."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return encode(torch.special.ndtri(u).to(torch.float32) * sigma)
+
+
+# byte -> E4M3 code; the top quantile (2.66σ) lands near 448, the largest code.
+_FP8_SIGMA = 160.0
+_FP8_LUT = _quantile_codes(256, _FP8_SIGMA, quant.float_to_e4m3).numpy()
+# byte -> packed pair of E2M1 codes, each from 16 quantiles of N(0, 2.5²) (largest: ±4).
+_FP4_SIGMA = 2.5
+_E2M1_16 = _quantile_codes(16, _FP4_SIGMA, quant.float_to_e2m1)
+_FP4_LUT = (_E2M1_16[torch.arange(256) & 15] | (_E2M1_16[torch.arange(256) >> 4] << 4)).numpy()
 
 
 class RandomWeights(_PairSource):
     """Deterministic random weights per tensor name and seed, scaled so a forward pass stays
-    numerically sane through every layer: linears ~ N(0, 1/fan_in) (FP8 tiles and FP4 groups get
-    varied power-of-two scales, so scale indexing is exercised), norms ≈ 1, mHC mixing small."""
+    numerically sane through every layer: linears have std ≈ 1/sqrt(fan_in) (FP8 tiles and FP4
+    groups get varied power-of-two scales, so scale indexing is exercised), norms ≈ 1, mHC mixing
+    small. Quantized weights are drawn as codes directly (no float matrix, no amax pass), which
+    keeps writing a real-size layer fast."""
 
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         super().__init__(config)
         self.seed = seed
-        self._lut = _fp4_code_table()
+
+    def _key(self, name: str) -> int:
+        return (self.seed * 0x9E3779B1 + zlib.crc32(name.encode())) & (2**62 - 1)
 
     def generator(self, name: str) -> torch.Generator:
-        return torch.Generator().manual_seed(
-            (self.seed * 0x9E3779B1 + zlib.crc32(name.encode())) & (2**62 - 1)
-        )
+        return torch.Generator().manual_seed(self._key(name))
 
     def make_pair(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.specs[base + ".weight"]
-        g = self.generator(base)
-        if spec.dtype == "I8":  # FP4 codes drawn directly: no float matrix at all
-            out_f, half = spec.shape
-            lo = self._lut[
-                torch.randint(0, 256, (out_f, half), dtype=torch.uint8, generator=g).long()
+        rng = np.random.Generator(np.random.PCG64(self._key(base)))
+        out_f, cols = spec.shape
+        in_f = 2 * cols if spec.dtype == "I8" else cols
+        codes = torch.from_numpy(
+            (_FP4_LUT if spec.dtype == "I8" else _FP8_LUT)[
+                rng.integers(0, 256, size=(out_f, cols), dtype=np.uint8)
             ]
-            hi = self._lut[
-                torch.randint(0, 256, (out_f, half), dtype=torch.uint8, generator=g).long()
-            ]
-            e0 = round(math.log2(1.0 / (2.0 * math.sqrt(2 * half))))
-            jitter = torch.randint(-1, 2, (out_f, 2 * half // quant.FP4_GROUP), generator=g)
-            return lo | (hi << 4), (jitter + e0 + 127).to(torch.uint8)
-        out_f, in_f = spec.shape
-        bo, bi = self.config.fp8_block
-        w = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
-        tiles = torch.exp2(torch.rand(-(-out_f // bo), -(-in_f // bi), generator=g) * 2 - 1)
-        w *= tiles.repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
-        return quant.quantize_fp8(w, self.config.fp8_block)
+        )
+        sigma = _FP4_SIGMA if spec.dtype == "I8" else _FP8_SIGMA
+        e0 = round(math.log2(1.0 / (sigma * math.sqrt(in_f))))
+        scale_shape = self.specs[base + ".scale"].shape
+        jitter = torch.from_numpy(rng.integers(-1, 2, size=scale_shape, dtype=np.int16))
+        return codes, (jitter + e0 + 127).to(torch.uint8)
 
     def plain(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
         g = self.generator(spec.name)
