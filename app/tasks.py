@@ -30,17 +30,26 @@ class Task(QRunnable):
 
     def run(self) -> None:
         try:
-            result = self.fn()
-        except Exception as exc:
-            log.error("%s failed", self.doing, exc_info=exc)
-            message = getattr(exc, "message", None) or str(exc)
-            self.signals.failed.emit(f"{self.doing} failed: {message}")
-            return
-        self.signals.done.emit(result)
+            try:
+                result = self.fn()
+            except Exception as exc:
+                log.error("%s failed", self.doing, exc_info=exc)
+                message = getattr(exc, "message", None) or str(exc)
+                self.signals.failed.emit(f"{self.doing} failed: {message}")
+                return
+            self.signals.done.emit(result)
+        except RuntimeError as exc:  # the window that asked was closed meanwhile
+            log.info("%s finished after its receiver was gone (%s)", self.doing, exc)
+        finally:
+            _running.discard(self)
+
+
+_running: set[Task] = set()  # keeps a task (and its signals) alive until it has run
 
 
 def start(fn: Callable[[], Any], doing: str, on_done, on_failed) -> Task:
     task = Task(fn, doing)
+    _running.add(task)
     task.signals.done.connect(on_done)
     task.signals.failed.connect(on_failed)
     QThreadPool.globalInstance().start(task)

@@ -113,6 +113,7 @@ class MainWindow(QMainWindow):
         self.last_prompt: Prompt | None = None
         self.setWindowTitle("FlashDesk")
         self.resize(1180, 780)
+        self.ttft_predictor = None
         self._build_ui()
         self._build_menus()
         self._connect_engine()
@@ -120,6 +121,7 @@ class MainWindow(QMainWindow):
         self.meter_timer.timeout.connect(self._update_memory)
         self.meter_timer.start(1000)
         self.reload_chats()
+        self._build_ttft_predictor()
         if self.history.recovered:
             self.statusBar().showMessage(
                 f"{self.history.recovered} answer(s) were interrupted last time; "
@@ -368,6 +370,7 @@ class MainWindow(QMainWindow):
             self.settings.model_path, self.settings.context_limit, plan_summary(saved)
         )
         self._apply_mode_limits()
+        self._build_ttft_predictor()
         if self.engine.busy:
             self.statusBar().showMessage("The new plan applies after this answer.", 6000)
             return
@@ -553,15 +556,40 @@ class MainWindow(QMainWindow):
         text = self.input.toPlainText()
         typed = self.backend.count_tokens(text) if text and len(text) < 20000 else len(text) // 3
         total = self.conversation_tokens() + docs + typed
-        rate, source = None, ""
+        parts = []
+        if self.ttft_predictor is not None:
+            predicted = self.ttft_predictor.ttft_s(total)
+            if predicted is not None:
+                parts.append(
+                    f"{self.ttft_predictor.model} reads it in ≈ {human_seconds(predicted)} "
+                    "(planner)"
+                )
         if self._last_stats is not None and self._last_stats.prefill_tok_s:
-            rate, source = self._last_stats.prefill_tok_s, "measured"
-        elif self.settings.plan.get("prefill_tok_s"):
-            rate, source = float(self.settings.plan["prefill_tok_s"]), "predicted by the planner"
-        ttft = ""
-        if rate:
-            ttft = f"first token in ≈ {human_seconds(total / rate)} ({source}, {rate:,.0f} tok/s)"
-        return docs, total, ttft
+            rate = self._last_stats.prefill_tok_s
+            parts.append(f"≈ {human_seconds(total / rate)} at the {rate:,.0f} tok/s measured here")
+        return docs, total, " · ".join(parts)
+
+    def _build_ttft_predictor(self) -> None:
+        from flashdesk.app import tasks
+        from flashdesk.app.fit_preview import TtftPredictor
+
+        self.ttft_predictor = None
+        plan = dict(self.settings.plan or {})
+        if not plan:
+            return
+        self._predictor_task = tasks.start(
+            lambda: TtftPredictor.build(self.data_folder, plan),
+            "Preparing the planner's prediction",
+            self._on_predictor,
+            self._on_predictor_failed,
+        )
+
+    def _on_predictor(self, predictor) -> None:
+        self.ttft_predictor = predictor
+        self._preview_context()
+
+    def _on_predictor_failed(self, message: str) -> None:
+        log.warning("%s", message)
 
     def _preview_context(self) -> None:
         if self.engine.busy:

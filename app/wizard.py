@@ -43,6 +43,7 @@ from PySide6.QtWidgets import (
 )
 
 from flashdesk.app import tasks
+from flashdesk.app.fit_preview import PROFILE_NAME
 from flashdesk.app.formatting import human_bytes, human_seconds, human_tokens
 from flashdesk.app.settings import Settings
 
@@ -648,6 +649,7 @@ class FitWizard(QWizard):
             "confidence": pred.confidence,
             "max_context": self.max_context(),
             "vram_reserve_bytes": plan.options.vram_reserve_bytes if plan.options else None,
+            "model_path": choice.path,
         }
 
     def accept(self) -> None:
@@ -664,6 +666,7 @@ class FitWizard(QWizard):
         s.wizard_done = True
         try:
             s.save(self.data_folder)
+            self.profile.save(self.data_folder / PROFILE_NAME)
         except OSError as exc:
             log.error("saving the plan failed: %s", exc)
         self.plan_saved.emit(saved)

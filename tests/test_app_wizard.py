@@ -162,3 +162,31 @@ def test_saving_a_plan_reloads_the_chat_window_with_it(qtbot, tmp_path):
     assert win.mode_combo.model().item(MODES.index("Think Max")).isEnabled()
     assert "plan: fits · 512K · bf16 KV" in win.model_label.text()
     win.close()
+
+
+def test_saved_plan_predicts_time_to_first_token_for_attached_documents(qtbot, tmp_path):
+    from flashdesk.app.formatting import human_seconds
+
+    win = MainWindow(ScriptedBackend(context_limit=8192), tmp_path)
+    qtbot.addWidget(win)
+    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    wiz = win.open_wizard(profile=profile("rtx3090_64gb"))
+    to_plan_page(qtbot, wiz, context=131072)
+    wiz.next()
+    with qtbot.waitSignal(win.model_ready, timeout=10000):
+        wiz.button(QWizard.WizardButton.FinishButton).click()
+    assert (tmp_path / "profile.json").exists()
+    qtbot.waitUntil(lambda: win.ttft_predictor is not None, timeout=30000)
+    doc = tmp_path / "long.txt"
+    doc.write_text("Memory bandwidth bounds decode speed. " * 1500)
+    win.documents.add_files([doc])
+    qtbot.waitUntil(
+        lambda: not win.documents.busy and win.documents.total_tokens > 0, timeout=20000
+    )
+    _, total, _ = win.prompt_preview()
+    predicted = win.ttft_predictor.ttft_s(total)
+    assert predicted and predicted > win.ttft_predictor.ttft_s(1000)  # longer prompt, longer wait
+    assert f"DeepSeek-V4-Flash reads it in ≈ {human_seconds(predicted)} (planner)" in (
+        win.preview_label.text()
+    )
+    win.close()

@@ -1,0 +1,73 @@
+"""The planner's time-to-first-token for a prompt of N tokens, for the saved plan on this machine.
+
+The wizard saves the machine's profile (`profile.json`) and the plan's options; from them this
+rebuilds the plan once (figures take ~0.5 s, so it is built off the GUI thread) and answers
+"how long will reading this prompt take" for any length, as the documents preview needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("flashdesk.app.fit_preview")
+
+PROFILE_NAME = "profile.json"
+
+
+class TtftPredictor:
+    def __init__(self, plan: dict, profile, figures, built_plan):
+        self.plan_info = plan
+        self.profile = profile
+        self.figures = figures
+        self.plan = built_plan
+        self.model = plan.get("model", "the model")
+        self._cache: dict[int, float | None] = {}
+
+    @classmethod
+    def build(cls, data_folder: Path, plan: dict) -> TtftPredictor | None:
+        """None when there is no saved plan or profile (the wizard has not been run)."""
+        from flashdesk.app.wizard import figures_for, preset_choice, test_model_choice
+        from flashdesk.offload.plan import PlanOptions, make_plan
+        from flashdesk.offload.probe import HardwareProfile, ProfileError
+
+        path = Path(data_folder) / PROFILE_NAME
+        if not plan or not plan.get("context") or not path.exists():
+            return None
+        try:
+            profile = HardwareProfile.load(path)
+        except (ProfileError, OSError, ValueError) as exc:
+            log.warning("saved profile %s unusable: %s", path, exc)
+            return None
+        kind = plan.get("model_kind")
+        if kind == "test":
+            choice = test_model_choice()
+        elif kind == "checkpoint" and plan.get("model_path"):
+            from flashdesk.app.wizard import ModelChoice
+            from flashdesk.engine.config import ModelConfig
+
+            try:
+                config = ModelConfig.from_dir(plan["model_path"])
+            except (OSError, ValueError) as exc:
+                log.warning("checkpoint config unreadable for the preview: %s", exc)
+                return None
+            choice = ModelChoice("checkpoint", plan.get("model", ""), config, plan["model_path"])
+        else:
+            choice = preset_choice(plan.get("model") or "DeepSeek-V4-Flash")
+        figures = figures_for(choice)
+        options = PlanOptions(
+            context=int(plan["context"]),
+            kv_dtype=plan.get("kv_dtype", "bf16"),
+            vram_reserve_bytes=plan.get("vram_reserve_bytes"),
+        )
+        return cls(plan, profile, figures, make_plan(figures, profile, options))
+
+    def ttft_s(self, prompt_tokens: int) -> float | None:
+        from flashdesk.offload.predict import predict
+
+        key = max(1, int(prompt_tokens) // 256 * 256 or 1)
+        if key not in self._cache:
+            self._cache[key] = predict(
+                self.plan, self.figures, self.profile, prompt_tokens=key
+            ).ttft_s
+        return self._cache[key]
