@@ -7,22 +7,37 @@
 `provider()` returns the loaded model as a `ServedModel` (or None when nothing is loaded); it is
 called per request, so the app can load and unload models while the server runs. No Qt here: the
 app starts and stops the server from its settings.
+
+The names load lazily, so `DEFAULT_PORT` can be read (CLI help, settings) without importing torch
+or the web framework.
 """
 
-from .app import DEFAULT_MAX_BODY_BYTES, ServerOptions, create_app
-from .generation import GenerationQueue, QueueFullError, ServedModel
-from .runner import DEFAULT_PORT, ServerHandle, ServerStartError, start_server, warn_if_exposed
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_PORT",
-    "GenerationQueue",
-    "QueueFullError",
-    "ServedModel",
-    "ServerHandle",
-    "ServerOptions",
-    "ServerStartError",
-    "create_app",
-    "start_server",
-    "warn_if_exposed",
-]
+import importlib
+
+# Used by none of Ollama (11434), LM Studio (1234), llama.cpp (8080), Jan (1337), GPT4All (4891),
+# KoboldCpp (5001), text-generation-webui (5000), vLLM/SGLang (8000/30000).
+DEFAULT_PORT = 8437
+
+_LAZY = {
+    "DEFAULT_MAX_BODY_BYTES": "app",
+    "ServerOptions": "app",
+    "create_app": "app",
+    "GenerationQueue": "generation",
+    "QueueFullError": "generation",
+    "ServedModel": "generation",
+    "ServerHandle": "runner",
+    "ServerStartError": "runner",
+    "start_server": "runner",
+    "warn_if_exposed": "runner",
+}
+
+__all__ = ["DEFAULT_PORT", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,9 @@ from collections.abc import Callable
 
 import uvicorn
 
+from . import DEFAULT_PORT
 from .app import ServerOptions, create_app, is_loopback
 from .generation import GenerationQueue, ServedModel
-
-DEFAULT_PORT = 8437  # used by none of Ollama, LM Studio, llama.cpp, Jan, GPT4All, KoboldCpp, vLLM
 
 
 class ServerStartError(RuntimeError):
