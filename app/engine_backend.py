@@ -44,6 +44,44 @@ def test_model_config():
     return ModelConfig.tiny(vocab_size=V4_VOCAB)
 
 
+# Bytes the engine's all-in-memory model takes per stored byte (it dequantizes to float32).
+_GROWTH = {"F8_E4M3": 4, "I8": 8, "U8": 8, "BF16": 2, "F16": 2, "F32": 1, "I64": 1, "I32": 1}
+
+
+def dequantized_bytes(ckpt) -> int:
+    """Memory the model takes once built in float32 (FP4 codes ×8, FP8 ×4; scales are folded)."""
+    total = 0
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        if info.dtype == "F8_E8M0":
+            continue
+        total += info.nbytes * _GROWTH.get(info.dtype, 4)
+    return total
+
+
+def check_memory(needed: int, device: str) -> None:
+    """Refuse before loading when the built model cannot fit (instead of swapping to a halt)."""
+    import psutil
+
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        where, available = "GPU memory", int(free)
+    else:
+        where, available = "RAM", int(psutil.virtual_memory().available)
+    if needed > available * 0.9:
+        gib = 1 << 30
+        raise BackendError(
+            f"Loading this checkpoint whole needs about {needed / gib:,.1f} GiB of {where}, and "
+            f"{available / gib:,.1f} GiB is free. This build loads the model entirely on one "
+            "device; the GPU + RAM split that runs DeepSeek-V4-Flash on a desktop is not in it "
+            "yet. Use the test model (Model ▸ Settings…, empty checkpoint folder), or a machine "
+            "with more memory.",
+            kind="oom",
+        )
+
+
 def ensure_test_model(folder: Path, progress: Progress | None = None) -> Path:
     """Write the test checkpoint into `folder` unless a complete one is already there."""
     from flashdesk.engine.checkpoint import Checkpoint, CheckpointError, write_random
@@ -135,6 +173,7 @@ class EngineBackend(Backend):
             return ckpt.tensor(name, dtype)
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_memory(dequantized_bytes(ckpt), device)
         try:
             model = V4Model(ckpt.config, fetch, device=device)
         except LoadCancelled:

@@ -1,0 +1,103 @@
+"""EngineBackend on our engine with the tiny random-weights test model (no window)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashdesk.app.backend import BackendError, LoadCancelled, Sampling
+from flashdesk.app.engine_backend import (
+    TEST_MODEL_DIR,
+    EngineBackend,
+    check_memory,
+    dequantized_bytes,
+    ensure_test_model,
+)
+from flashdesk.engine.generate import THINK_END_ID, THINK_START_ID
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-app")
+    ensure_test_model(folder / TEST_MODEL_DIR)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(data_folder):
+    backend = EngineBackend(None, data_folder, context_limit=2048)
+    steps = []
+    info = backend.load(lambda f, what: steps.append((f, what)), lambda: False)
+    return backend, info, steps
+
+
+def test_load_reports_progress_and_labels_the_test_model(loaded):
+    _backend, info, steps = loaded
+    assert info.test_model and info.label == "V4 tiny (test model — random weights)"
+    assert info.context_limit == 2048
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(what == "Loading weights" for _, what in steps)
+
+
+def test_encode_uses_v4_prompt_and_tokenizer(loaded):
+    backend, _, _ = loaded
+    msgs = [{"role": "user", "content": "Hi"}]
+    non = backend.encode(msgs, "Non-think")
+    high = backend.encode(msgs, "Think High")
+    assert non.ids[0] == 0 and non.ids[-1] == THINK_END_ID
+    assert high.ids[-1] == THINK_START_ID and high.ids[:-1] == non.ids[:-1]
+    assert backend.count_tokens("hello world") == 2
+    with pytest.raises(BackendError, match="384K"):
+        backend.encode(msgs, "Think Max")
+
+
+def test_stream_generates_with_stats(loaded):
+    backend, _, _ = loaded
+    prompt = backend.encode([{"role": "user", "content": "Hello"}], "Non-think")
+    events = list(backend.stream(prompt, Sampling(max_tokens=3, seed=0)))
+    last = events[-1]
+    assert last.done and last.stats.stop_reason in ("max_tokens", "eos")
+    assert 1 <= last.stats.generated_tokens <= 3
+    assert last.stats.prompt_tokens == prompt.tokens and last.stats.ttft_s is not None
+    assert last.stats.context_limit == 2048
+
+
+def test_prompt_over_the_context_is_refused_before_work(loaded):
+    backend, _, _ = loaded
+    prompt = backend.encode([{"role": "user", "content": "word " * 3000}], "Non-think")
+    with pytest.raises(BackendError) as err:
+        next(iter(backend.stream(prompt, Sampling(max_tokens=3))))
+    assert err.value.kind == "overflow" and "2,048" in err.value.message
+
+
+def test_load_can_be_cancelled(data_folder):
+    backend = EngineBackend(None, data_folder)
+    calls = []
+    with pytest.raises(LoadCancelled):
+        backend.load(lambda f, w: calls.append(f), lambda: len(calls) > 5)
+    assert backend.session is None
+
+
+def test_broken_checkpoint_lists_its_problems(tmp_path, data_folder):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(data_folder / TEST_MODEL_DIR, folder)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.unlink()
+    backend = EngineBackend(folder, tmp_path / "data")
+    with pytest.raises(BackendError) as err:
+        backend.load(lambda f, w: None, lambda: False)
+    assert err.value.kind == "load" and shard.name in err.value.message
+
+
+def test_memory_check_refuses_a_model_too_big_for_this_machine(data_folder):
+    from flashdesk.engine.checkpoint import Checkpoint
+
+    with Checkpoint.open(data_folder / TEST_MODEL_DIR) as ckpt:
+        needed = dequantized_bytes(ckpt)
+    assert 100 << 20 < needed < 1 << 30  # the test model: a few hundred MiB in float32
+    check_memory(needed, "cpu")  # fits here
+    with pytest.raises(BackendError) as err:
+        check_memory(1 << 50, "cpu")
+    assert err.value.kind == "oom" and "GiB of RAM" in err.value.message
