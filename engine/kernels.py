@@ -298,7 +298,6 @@ class ExpertTable:
             if len(_shape(w1)) != 2 or len(_shape(w2)) != 2:
                 raise ValueError(f"expert {e}: w1 and w2 must be 2-D packed byte tensors")
             i_rows, half_d = _shape(w1)
-            d_rows, half_i = _shape(w2)
             if dim is None:
                 dim, inter = 2 * half_d, i_rows
             expected = {
@@ -309,7 +308,7 @@ class ExpertTable:
                 "w2": (dim, inter // 2),
                 "w2_scale": (dim, inter // 32),
             }
-            for j, (key, tensor) in enumerate(zip(expected, (w1, s1, w3, s3, w2, s2))):
+            for j, (key, tensor) in enumerate(zip(expected, (w1, s1, w3, s3, w2, s2), strict=True)):
                 if _kind(tensor) != "u8":
                     raise TypeError(
                         f"expert {e} {key}: expected packed bytes (int8/uint8/float8/float4), "

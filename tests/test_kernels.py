@@ -1,0 +1,400 @@
+"""CPU kernels (`flashdesk.engine.kernels`): the scalar reference equals torch dequantize-then-
+matmul (engine/quant.py decoders, float64), every SIMD variant this CPU runs equals the scalar
+reference up to fp32 summation order, decoding is bit-exact, and the expert FFN matches the forward
+pass's MoE experts on a checkpoint written by our own writer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from flashdesk.engine import _kernels, kernels, quant
+
+ISAS = kernels.available_isas()
+SIMD = [isa for isa in ISAS if isa != "scalar"]
+LIMIT = 10.0  # swiglu_limit of V4-Flash
+
+
+def rand_fp4(rng, rows, cols, lo=122, hi=129):
+    """Packed E2M1 bytes [rows, cols/2] and E8M0 scales [rows, cols/32] around 2^-3."""
+    w = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+    s = rng.integers(lo, hi, (rows, cols // 32), dtype=np.uint8)
+    return w, s
+
+
+def rand_fp8(rng, rows, cols):
+    w = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    w[(w & 0x7F) == 0x7F] = 0x3C  # no NaN codes in random weights
+    s = rng.integers(118, 126, (-(-rows // 128), -(-cols // 128)), dtype=np.uint8)
+    return w, s
+
+
+def deq4(w, s) -> np.ndarray:
+    return quant.dequant_fp4(torch.from_numpy(w), torch.from_numpy(s)).double().numpy()
+
+
+def deq8(w, s) -> np.ndarray:
+    return quant.dequant_fp8(torch.from_numpy(w), torch.from_numpy(s)).double().numpy()
+
+
+def assert_close_dot(got, want, x, wdeq, rel=2e-6):
+    """|got - want| within rel · Σ|x||w| per element: fp32 rounding of a sum, nothing more."""
+    bound = np.abs(np.atleast_2d(x).astype(np.float64)) @ np.abs(wdeq).T
+    err = np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want, dtype=np.float64))
+    worst = float((err / (bound + 1e-30)).max())
+    assert worst <= rel, f"error {worst:.3g} of the |x|·|w| bound exceeds {rel}"
+
+
+# ------------------------------------------------------------------------------- selection
+
+
+def test_variants_follow_cpu_features():
+    feats = _kernels.cpu_features()
+    assert ISAS[0] == "scalar"
+    assert kernels.active_isa() in ISAS
+    compiled = _kernels.isa_variants()
+    if "avx2" in compiled:
+        assert compiled["avx2"] == (feats["avx2"] and feats["fma"] and feats["f16c"])
+    if "avx512" in compiled:
+        wants = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+        assert compiled["avx512"] == all(feats[f] for f in wants)
+    if "neon" in compiled:
+        assert compiled["neon"] == feats["neon"]
+    # Chosen once: the best one that runs (they are listed best last).
+    if "FLASHDESK_ISA" not in os.environ:
+        assert kernels.active_isa() == ISAS[-1]
+
+
+def test_force_a_variant_and_restore():
+    before = kernels.active_isa()
+    with kernels.use_isa("scalar"):
+        assert kernels.active_isa() == "scalar"
+    assert kernels.active_isa() == before
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        kernels.set_isa("sse9")
+
+
+def test_env_var_forces_a_variant_and_rejects_nonsense():
+    code = "from flashdesk.engine import kernels; print(kernels.active_isa())"
+    env = {**os.environ, "FLASHDESK_ISA": "scalar"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "scalar"
+    env["FLASHDESK_ISA"] = "quantum"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "FLASHDESK_ISA='quantum'" in out.stderr and "unknown kernel variant" in out.stderr
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 5])
+def test_fp4_decode_is_bit_exact(isa, m):
+    """Every byte value and extreme scales (2^-127 subnormal, 2^123): one-hot inputs read out
+    single weights, so any decoding error shows exactly. m=5 goes through decode + GEMM."""
+    K = 512
+    w = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(3, 0)
+    s = np.array([[0] * 8 + [127] * 4 + [250] * 4, [127] * 16, [100 + j for j in range(16)]])
+    s = s.astype(np.uint8)
+    want = deq4(w, s)  # [3, K]
+    for k0 in range(0, K, m):
+        ks = list(range(k0, min(k0 + m, K)))
+        x = np.zeros((len(ks), K), dtype=np.float32)
+        x[np.arange(len(ks)), ks] = 1.0
+        got = kernels.fp4_linear(x, w, s, isa=isa)
+        np.testing.assert_array_equal(got, want[:, ks].T.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 6])
+def test_fp8_decode_is_bit_exact(isa, m):
+    codes = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], dtype=np.uint8)
+    K = codes.size  # 254: a ragged last tile
+    w = np.stack([codes, codes[::-1]])
+    s = np.array([[127, 130]], dtype=np.uint8)
+    want = deq8(w, s)
+    for k0 in range(0, K, m):
+        ks = list(range(k0, min(k0 + m, K)))
+        x = np.zeros((len(ks), K), dtype=np.float32)
+        x[np.arange(len(ks)), ks] = 1.0
+        got = kernels.fp8_linear(x, w, s, isa=isa)
+        np.testing.assert_array_equal(got, want[:, ks].T.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_codes_give_nan(isa):
+    w = np.zeros((2, 128), dtype=np.uint8)
+    w[0, 5] = 0x7F
+    w[1, 9] = 0xFF
+    s = np.full((1, 1), 127, dtype=np.uint8)
+    y = kernels.fp8_linear(np.ones(128, np.float32), w, s, isa=isa)
+    assert np.isnan(y).all()
+    w4, s4 = np.zeros((1, 16), np.uint8), np.array([[255]], np.uint8)  # E8M0 255 = NaN
+    assert np.isnan(kernels.fp4_linear(np.ones(32, np.float32), w4, s4, isa=isa)).all()
+
+
+# ------------------------------------------------------------------------------- linears
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 17, 67])
+def test_fp4_scalar_reference_equals_dequantize_then_matmul(M):
+    rng = np.random.default_rng(M)
+    N, K = 37, 96  # rows not a multiple of any row block; 3 scale blocks
+    w, s = rand_fp4(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    want = x.astype(np.float64) @ deq4(w, s).T
+    got = kernels.fp4_linear(x, w, s, isa="scalar")
+    assert_close_dot(got, want, x, deq4(w, s))
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 67])
+@pytest.mark.parametrize("K", [200, 256])
+def test_fp8_scalar_reference_equals_dequantize_then_matmul(M, K):
+    rng = np.random.default_rng(M * K)
+    N = 150  # a ragged last row tile
+    w, s = rand_fp8(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    got = kernels.fp8_linear(x, w, s, isa="scalar")
+    assert_close_dot(got, x.astype(np.float64) @ deq8(w, s).T, x, deq8(w, s))
+
+
+@pytest.mark.skipif(not SIMD, reason="no SIMD variant runs on this CPU")
+@pytest.mark.parametrize("isa", SIMD)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 67])
+def test_simd_linears_equal_the_scalar_reference(isa, threads, M):
+    rng = np.random.default_rng(1000 + M)
+    x4 = rng.standard_normal((M, 160)).astype(np.float32)
+    w4, s4 = rand_fp4(rng, 41, 160)
+    ref = kernels.fp4_linear(x4, w4, s4, isa="scalar", threads=1)
+    got = kernels.fp4_linear(x4, w4, s4, isa=isa, threads=threads)
+    assert_close_dot(got, ref, x4, deq4(w4, s4))
+    x8 = rng.standard_normal((M, 300)).astype(np.float32)
+    w8, s8 = rand_fp8(rng, 133, 300)
+    ref = kernels.fp8_linear(x8, w8, s8, isa="scalar", threads=1)
+    got = kernels.fp8_linear(x8, w8, s8, isa=isa, threads=threads)
+    assert_close_dot(got, ref, x8, deq8(w8, s8))
+
+
+def test_linears_take_bf16_and_torch_and_write_bf16():
+    rng = np.random.default_rng(7)
+    w, s = rand_fp8(rng, 64, 256)
+    x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32)).bfloat16()
+    want = x.double().numpy() @ deq8(w, s).T
+    out = torch.empty(3, 64, dtype=torch.bfloat16)
+    wt, st = torch.from_numpy(w).view(torch.float8_e4m3fn), torch.from_numpy(s)
+    got = kernels.fp8_linear(x, wt, st.view(torch.float8_e8m0fnu), out)
+    assert got is out
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-2, atol=1e-2)
+    y32 = kernels.fp8_linear(x, wt, st)
+    assert y32.dtype == torch.float32
+    assert torch.equal(y32.bfloat16(), out)  # same fp32 sum, rounded to nearest even
+
+
+def test_linear_errors_are_clear():
+    rng = np.random.default_rng(0)
+    w, s = rand_fp8(rng, 16, 128)
+    with pytest.raises(ValueError, match=r"expected \[M, 128\]"):
+        kernels.fp8_linear(np.zeros((2, 64), np.float32), w, s)
+    with pytest.raises(ValueError, match="scale has shape"):
+        kernels.fp8_linear(np.zeros(128, np.float32), w, s[:, :0])
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        kernels.fp8_linear(np.zeros(128, np.float64), w, s)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        kernels.fp8_linear(np.zeros(128, np.float32), np.asfortranarray(w), s)
+    with pytest.raises(ValueError, match="read-only"):
+        out = np.zeros(16, np.float32)
+        out.flags.writeable = False
+        kernels.fp8_linear(np.zeros(128, np.float32), w, s, out)
+
+
+# ------------------------------------------------------------------------------- expert FFN
+
+
+def make_experts(rng, n, D, width):
+    experts = []
+    for _ in range(n):
+        w1, s1 = rand_fp4(rng, width, D)
+        w3, s3 = rand_fp4(rng, width, D)
+        w2, s2 = rand_fp4(rng, D, width, 118, 124)
+        experts.append(kernels.ExpertWeights(w1, s1, w3, s3, w2, s2))
+    return experts
+
+
+def ffn_reference(x, experts, ids, weights, clamp=True):
+    """Spec §2.7 step 4 in float64 on dequantized weights."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, wt in zip(ids[t], weights[t], strict=True):
+            if e < 0:
+                continue
+            ex = experts[e]
+            g = deq4(ex.w1, ex.w1_scale) @ x[t]
+            u = deq4(ex.w3, ex.w3_scale) @ x[t]
+            if clamp:
+                g, u = np.minimum(g, LIMIT), np.clip(u, -LIMIT, LIMIT)
+            h = g / (1 + np.exp(-g)) * u * wt
+            y[t] += deq4(ex.w2, ex.w2_scale) @ h
+    return y
+
+
+def assert_ffn_close(got, want, rel=2e-5):
+    got, want = np.atleast_2d(np.asarray(got, np.float64)), np.atleast_2d(want)
+    scale = np.abs(want).max(axis=1, keepdims=True) + 1e-12
+    worst = float((np.abs(got - want) / scale).max())
+    assert worst <= rel, f"max error {worst:.3g} of each row's max |y| exceeds {rel}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_expert_ffn_decode_matches_float64_reference(isa):
+    rng = np.random.default_rng(11)
+    D, width, E = 256, 128, 8
+    experts = make_experts(rng, E, D, width)
+    x = (rng.standard_normal(D) * 2).astype(np.float32)
+    ids = np.array([[5, 1, 7, 2, 0, 3]])
+    w = rng.uniform(0.1, 0.5, (1, 6)).astype(np.float32)
+    got = kernels.expert_ffn(x, experts, w[0], ids=ids[0], isa=isa)
+    assert got.shape == (D,)
+    want = ffn_reference(x, experts, ids, w)
+    assert_ffn_close(got, want)
+    # The clamps are active on this input: without them the result differs.
+    assert (
+        np.abs(ffn_reference(x, experts, ids, w, clamp=False) - want).max()
+        > 1e-2 * np.abs(want).max()
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("T", [1, 2, 5, 67])
+def test_expert_ffn_batches_grouped_by_expert(T, threads):
+    """Token batches: experts see 0..T tokens (fused path for <= 4, decode + GEMM above)."""
+    rng = np.random.default_rng(T * 10 + threads)
+    D, width, E, k = 128, 64, 6, 3
+    experts = make_experts(rng, E, D, width)
+    table = kernels.ExpertTable(experts)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids = np.stack([rng.choice(E - 1, k, replace=False) for _ in range(T)])  # expert 5 unused
+    ids[0, -1] = -1  # an empty slot
+    w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    want = ffn_reference(x, experts, ids, w)
+    ref = kernels.expert_ffn(x, table, w, ids=ids, isa="scalar", threads=1)
+    assert_ffn_close(ref, want)
+    for isa in SIMD:
+        got = kernels.expert_ffn(x, table, w, ids=ids, isa=isa, threads=threads)
+        assert_ffn_close(got, ref)
+
+
+def test_expert_ffn_accumulates_bf16_and_dense_routing():
+    rng = np.random.default_rng(3)
+    D, width, E = 128, 64, 3
+    experts = make_experts(rng, E, D, width)
+    x = torch.from_numpy(rng.standard_normal((4, D)).astype(np.float32)).bfloat16()
+    w = rng.uniform(0.1, 1.0, (4, E)).astype(np.float32)
+    want = ffn_reference(x.double().numpy(), experts, np.tile(np.arange(E), (4, 1)), w)
+    base = torch.from_numpy(rng.standard_normal((4, D)).astype(np.float32))
+    out = base.clone()
+    kernels.expert_ffn(x, experts, torch.from_numpy(w), out)  # dense: every token, every expert
+    assert_ffn_close(out.double().numpy() - base.double().numpy(), want)
+    out16 = base.bfloat16()
+    kernels.expert_ffn(x, experts, w, out16)
+    expect16 = (base.double() + torch.from_numpy(want)).numpy()
+    np.testing.assert_allclose(out16.double().numpy(), expect16, rtol=1e-2, atol=1e-2 * 8)
+
+
+def test_expert_ffn_errors_are_clear():
+    rng = np.random.default_rng(0)
+    experts = make_experts(rng, 2, 64, 32)
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 2\)"):
+        kernels.expert_ffn(x, experts, [[1.0]], ids=[[2]])
+    with pytest.raises(ValueError, match="one per expert"):
+        kernels.expert_ffn(x, experts, [[1.0]])
+    with pytest.raises(ValueError, match=r"expected \[T, 64\]"):
+        kernels.expert_ffn(np.zeros((1, 32), np.float32), experts, [[1.0, 1.0]])
+    bad = list(experts[1])
+    bad[5] = bad[5][:32]
+    with pytest.raises(ValueError, match="expert 1 w2_scale: shape"):
+        kernels.ExpertTable([experts[0], bad])
+    with pytest.raises(KeyError, match="no 'w1_scale'"):
+        kernels.ExpertTable([{"w1": experts[0].w1}])
+    with pytest.raises(ValueError, match="out has shape"):
+        kernels.expert_ffn(x, experts, [[1.0, 1.0]], np.zeros((2, 64), np.float32))
+
+
+def test_expert_ffn_releases_the_gil():
+    rng = np.random.default_rng(5)
+    experts = kernels.ExpertTable(make_experts(rng, 6, 1024, 512))
+    x = rng.standard_normal(1024).astype(np.float32)
+    w = np.full(6, 0.2, np.float32)
+    ids = np.arange(6)
+    ticks = 0
+    done = threading.Event()
+
+    def count():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.4:
+            kernels.expert_ffn(x, experts, w, ids=ids, threads=2)
+    finally:
+        done.set()
+        counter.join()
+    assert ticks > 40
+
+
+def test_expert_ffn_matches_the_forward_pass_moe(tmp_path):
+    """The same checkpoint (written by write_random) through the forward pass's DenseExperts and
+    through the kernel, reading the packed bytes as the checkpoint reader maps them."""
+    from flashdesk.engine.checkpoint import Checkpoint
+    from flashdesk.engine.checkpoint.writer import write_random
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.model.moe import DenseExperts
+
+    config = ModelConfig.tiny()
+    write_random(tmp_path / "ckpt", config, seed=3)
+    layer = 3
+    with Checkpoint.open(tmp_path / "ckpt") as ckpt:
+        E = config.n_routed_experts
+        p = f"layers.{layer}.ffn.experts."
+        deq = [ckpt.expert(layer, e) for e in range(E)]  # (w1, w3, w2) float32
+        dense = DenseExperts(
+            torch.stack([d[0] for d in deq]),
+            torch.stack([d[2] for d in deq]),
+            torch.stack([d[1] for d in deq]),
+            config.swiglu_limit,
+        )
+        table = kernels.ExpertTable(
+            [
+                {
+                    f"{w}.{part}": ckpt.raw(f"{p}{e}.{w}.{part}")
+                    for w in ("w1", "w2", "w3")
+                    for part in ("weight", "scale")
+                }
+                for e in range(E)
+            ]
+        )
+        gen = torch.Generator().manual_seed(0)
+        T, k = 9, config.num_experts_per_tok
+        x = torch.randn(T, config.hidden_size, generator=gen) * 3
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+        weights = torch.rand(T, k, generator=gen) + 0.2
+        want = dense(x, ids, weights)
+        for isa in ISAS:
+            got = kernels.expert_ffn(x, table, weights, ids=ids, isa=isa)
+            assert_ffn_close(got.double().numpy(), want.double().numpy(), rel=1e-5)
