@@ -8,6 +8,7 @@ the model only (the GPT4All pattern, with widgets instead of QML).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from PySide6.QtCore import (
@@ -42,6 +43,7 @@ from PySide6.QtWidgets import (
 from flashdesk.app.formatting import markdown_with_copy_links, stats_line, thought_label
 from flashdesk.app.history import COMPLETE, FAILED, INTERRUPTED, STOPPED, STREAMING, Chat, Message
 
+LONG_ANSWER_CHARS = 6000  # beyond this a streaming answer is re-rendered less often
 MessageRole = Qt.ItemDataRole.UserRole + 1
 ChatIdRole = Qt.ItemDataRole.UserRole + 2
 
@@ -199,6 +201,7 @@ class MessageWidget(QFrame):
     def __init__(self, row: int, parent=None):
         super().__init__(parent)
         self.row = row
+        self._last_render = 0.0
         self.setObjectName("message")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         layout = QVBoxLayout(self)
@@ -276,7 +279,12 @@ class MessageWidget(QFrame):
         self.reasoning_toggle.setText(thought_label(reasoning_s, still_thinking))
         if self.reasoning.isVisible() or msg.reasoning:
             self.reasoning.set_markdown(msg.reasoning)
-        self.body.set_markdown(msg.content + (" ▍" if streaming else ""))
+        # A long answer is re-laid out at most 4 times a second while it streams.
+        now = time.monotonic()
+        long_stream = streaming and len(msg.content) > LONG_ANSWER_CHARS
+        if not long_stream or now - self._last_render >= 0.25:
+            self.body.set_markdown(msg.content + (" ▍" if streaming else ""))
+            self._last_render = now
         self.body.setVisible(bool(msg.content) or not msg.reasoning or not streaming)
         notes = {
             STOPPED: "Stopped by you.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -182,6 +183,7 @@ def run_app(args, app) -> int:
         )
         return 1
     install_excepthook(folder)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl+C in the terminal closes the app
     log.info("FlashDesk starting; data in %s", folder)
     window = MainWindow(make_backend(args, folder, settings), folder, settings, history)
     window.show()

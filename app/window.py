@@ -323,6 +323,7 @@ class MainWindow(QMainWindow):
         self._set_context(0, info.context_limit, None)
         self._update_buttons()
         self.statusBar().showMessage(f"Model ready: {info.label}", 5000)
+        log.info("model ready: %s, context %d, %s", info.label, info.context_limit, info.device)
         self.model_ready.emit(info)
 
     def _on_load_failed(self, kind: str, message: str) -> None:
@@ -768,6 +769,14 @@ class MainWindow(QMainWindow):
         if self.stream_row is not None:
             self.message_model.update(self.stream_row, stats=stats.to_dict())
         status = STOPPED if stats.stop_reason == "cancelled" else COMPLETE
+        log.info(
+            "turn %s: %d prompt + %d generated tokens, %s tok/s, stop %s",
+            status,
+            stats.prompt_tokens,
+            stats.generated_tokens,
+            f"{stats.decode_tok_s:.2f}" if stats.decode_tok_s else "-",
+            stats.stop_reason,
+        )
         self._end_turn(status)
 
     def _on_turn_failed(self, kind: str, message: str, stats: TurnStats | None) -> None:
