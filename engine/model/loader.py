@@ -42,7 +42,11 @@ def load_model(
             "device 'cuda' was requested but this torch build sees no CUDA GPU; use device='cpu' "
             "or install a CUDA build of torch"
         )
-    ckpt = Checkpoint.open(path)
+    with Checkpoint.open(path) as ckpt:
+        return _build(ckpt, path, device, dtype, simulate_quant, with_mtp)
+
+
+def _build(ckpt, path, device, dtype, simulate_quant, with_mtp) -> V4Model:
     config = ckpt.config
     if config is None:
         raise CheckpointError(
@@ -53,7 +57,10 @@ def load_model(
         raise CheckpointError(f"{path} holds no MTP block (mtp.0.*); load it with with_mtp=False")
 
     def fetch(name: str, want: torch.dtype) -> torch.Tensor:
-        return ckpt.tensor(name, want)
+        t = ckpt.tensor(name, want)
+        if t.data_ptr() == ckpt.raw(name).data_ptr():
+            t = t.clone()  # own the values: the mapped file can be closed after loading
+        return t
 
     return V4Model(
         config,

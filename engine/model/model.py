@@ -127,10 +127,13 @@ class Block:
             scale=config.routed_scaling_factor,
         )
         n_exp = config.n_routed_experts
-        stacked = {
-            w: torch.stack([fetch(f"{f}experts.{e}.{w}.weight", dt) for e in range(n_exp)])
-            for w in ("w1", "w2", "w3")
-        }
+        stacked = {}
+        for w in ("w1", "w2", "w3"):  # filled in place: no list + stack double copy
+            first = fetch(f"{f}experts.0.{w}.weight", dt)
+            stacked[w] = torch.empty((n_exp, *first.shape), dtype=first.dtype, device=first.device)
+            stacked[w][0] = first
+            for e in range(1, n_exp):
+                stacked[w][e] = fetch(f"{f}experts.{e}.{w}.weight", dt)
         experts = DenseExperts(stacked["w1"], stacked["w2"], stacked["w3"], config.swiglu_limit)
         shared = SharedExpert(
             *(Linear(fetch(f"{f}shared_experts.{w}.weight", dt), True) for w in ("w1", "w2", "w3")),
