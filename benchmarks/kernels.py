@@ -1,0 +1,179 @@
+"""Routed-expert FFN on the CPU at real V4-Flash dimensions, as ratios against bounds measured here.
+
+* Batch 1 (decode): 6 experts of a layer (the weights `write_random` writes, D=4096, I=2048,
+  13.37 MB each). Achieved GB/s of weight bytes ÷ RAM read GB/s (`read_bandwidth`, same threads).
+  Experts rotate over several groups so every call streams weights that are not in the caches.
+* In-cache decode rate per core: the same kernel on rows that fit in L2 — the compute ceiling.
+  Effective expert bandwidth is min(RAM bandwidth, cores × this), which the planner needs.
+* Speed-up over torch's dequantize-then-matmul (engine/quant.py + F.linear) on the same experts.
+* Batches of 8/32/128/512 tokens per expert: GFLOP/s, and the crossover where the CPU stops being
+  bandwidth-bound: tokens per expert at which compute time equals the weight-streaming time
+  (roofline from the measured RAM bandwidth and the largest batch's compute rate).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
+_machine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_machine)
+
+GROUPS = 4  # groups of 6 experts cycled through (4 × 80 MB, well above any last-level cache)
+TOP_K = 6
+BATCHES = (8, 32, 128, 512)
+LAYER = 3
+N_EXPERTS_PER_LAYER = 256
+
+
+def _experts(count: int, seed: int = 0):
+    from flashdesk.engine.checkpoint.writer import RandomWeights
+    from flashdesk.engine.config import ModelConfig
+
+    source = RandomWeights(ModelConfig.v4_flash(), seed)
+    experts = []
+    for e in range(count):
+        parts = []
+        for w in ("w1", "w3", "w2"):
+            codes, scale = source.make_pair(f"layers.{LAYER}.ffn.experts.{e}.{w}")
+            parts += [codes, scale]
+        experts.append(tuple(parts))
+    return experts
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn(0)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _torch_ffn(x, experts, weights, limit: float = 10.0):
+    """The peer: dequantize each expert with engine/quant.py, then matmul (what a plain torch
+    engine does without FP4 kernels)."""
+    import torch
+    import torch.nn.functional as F
+
+    from flashdesk.engine import quant
+
+    y = torch.zeros_like(x)
+    for (w1, s1, w3, s3, w2, s2), wt in zip(experts, weights, strict=True):
+        g = F.linear(x, quant.dequant_fp4(w1, s1))
+        u = F.linear(x, quant.dequant_fp4(w3, s3))
+        h = F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit) * wt
+        y += F.linear(h, quant.dequant_fp4(w2, s2))
+    return y
+
+
+def run(json_output: bool = False) -> dict:
+    import numpy as np
+    import torch
+
+    from flashdesk.engine import _kernels, kernels
+
+    info = _machine.describe()
+    threads = kernels.get_threads()
+    isa = kernels.active_isa()
+    if not json_output:
+        _machine.print_machine(info)
+        print(f"kernel variant {isa}, {threads} threads; generating {GROUPS * TOP_K} experts ...")
+    experts = _experts(GROUPS * TOP_K)
+    table = kernels.ExpertTable(experts)
+    expert_bytes = sum(int(t.numel()) for t in experts[0])
+    call_bytes = TOP_K * expert_bytes
+    ram = _kernels.read_bandwidth(1 << 30, threads, 1.0)
+
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal(table.dim).astype(np.float32)
+    w1 = np.full(TOP_K, 1.5 / TOP_K, dtype=np.float32)
+    out = np.zeros(table.dim, dtype=np.float32)
+
+    def decode(i: int) -> None:
+        ids = np.arange(TOP_K) + TOP_K * (i % GROUPS)
+        kernels.expert_ffn(x1, table, w1, out, ids=ids, threads=threads)
+
+    t_decode = _median_time(decode, 40)
+    expert_gbps = call_bytes / t_decode / 1e9
+
+    # Compute ceiling: decode rate of one core on 256 rows that stay in L2.
+    w_c, s_c = experts[0][0][:256], experts[0][1][:256]
+    y_c = np.zeros(256, dtype=np.float32)
+    t_core = _median_time(
+        lambda i: kernels.fp4_linear(x1, w_c, s_c, y_c, threads=1), 400, warmup=20
+    )
+    core_gbps = (w_c.numel() + s_c.numel()) / t_core / 1e9
+
+    xt = torch.from_numpy(x1).reshape(1, -1)
+    t_torch = _median_time(lambda i: _torch_ffn(xt, experts[:TOP_K], w1.tolist()), 3, 1)
+
+    flops_per_token = TOP_K * 2 * 3 * table.dim * table.inter
+    batches = {}
+    for m in BATCHES:
+        xb = rng.standard_normal((m, table.dim)).astype(np.float32)
+        wb = np.full((m, TOP_K), 1.5 / TOP_K, dtype=np.float32)
+        yb = np.zeros((m, table.dim), dtype=np.float32)
+        ids = np.tile(np.arange(TOP_K), (m, 1))  # every token to the same 6 experts: m per expert
+        t = _median_time(
+            lambda i, xb=xb, wb=wb, yb=yb, ids=ids: kernels.expert_ffn(
+                xb, table, wb, yb, ids=ids + TOP_K * (i % GROUPS), threads=threads
+            ),
+            3 if m >= 128 else 6,
+            1,
+        )
+        batches[m] = {
+            "seconds": t,
+            "gflops": flops_per_token * m / t / 1e9,
+            "weight_gbps": call_bytes / t / 1e9,
+        }
+    largest = batches[BATCHES[-1]]
+    seconds_per_token = largest["seconds"] / BATCHES[-1]  # compute-bound rate
+    crossover = (call_bytes / (ram * 1e9)) / seconds_per_token
+
+    figures = {
+        "machine": info,
+        "isa": isa,
+        "threads": threads,
+        "ram_read_gbps": ram,
+        "expert_bytes": expert_bytes,
+        "decode_ms": t_decode * 1e3,
+        "expert_gbps": expert_gbps,
+        "bandwidth_ratio": expert_gbps / ram,
+        "core_decode_gbps": core_gbps,
+        "compute_ceiling_ratio": min(1.0, core_gbps * threads / ram),
+        "torch_ms": t_torch * 1e3,
+        "torch_speedup": t_torch / t_decode,
+        "batches": {str(m): v for m, v in batches.items()},
+        "crossover_batch": crossover,
+        "crossover_prompt_tokens": crossover * N_EXPERTS_PER_LAYER / TOP_K,
+    }
+    if not json_output:
+        print(f"RAM read, {threads} threads (the bound): {ram:.1f} GB/s")
+        print(
+            f"decode, 6 experts ({call_bytes / 1e6:.1f} MB): {t_decode * 1e3:.2f} ms = "
+            f"{expert_gbps:.1f} GB/s = {figures['bandwidth_ratio']:.2f} x the bound (goal 0.85)"
+        )
+        print(
+            f"in-cache decode, 1 core: {core_gbps:.1f} GB/s; {threads} cores could reach "
+            f"{figures['compute_ceiling_ratio']:.2f} x the bound (the compute ceiling)"
+        )
+        print(
+            f"torch dequantize-then-matmul: {t_torch * 1e3:.1f} ms; kernel speed-up "
+            f"{figures['torch_speedup']:.1f} x (goal 10)"
+        )
+        for m, v in batches.items():
+            print(
+                f"batch {m:>3} tokens per expert: {v['seconds'] * 1e3:8.1f} ms, "
+                f"{v['gflops']:6.1f} GFLOP/s, weights at {v['weight_gbps'] / ram:.2f} x the bound"
+            )
+        print(
+            f"crossover: compute time equals weight streaming at {crossover:.1f} tokens per expert "
+            f"(~{figures['crossover_prompt_tokens']:.0f} prompt tokens per layer with 256 experts)"
+        )
+    return figures
