@@ -1,0 +1,151 @@
+"""The NEON variant checked on an x86 machine: the kernels are cross-compiled for AArch64 with a
+small C driver and run under qemu-user, comparing every NEON primitive (and the expert FFN built
+on them, threaded) with the scalar reference on the same random inputs.
+
+Runs only where `aarch64-linux-gnu-gcc` and `qemu-aarch64` exist (Debian: gcc-aarch64-linux-gnu,
+qemu-user); on an ARM machine test_kernels.py runs the NEON variant natively instead.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parent.parent / "engine" / "csrc"
+CC = shutil.which("aarch64-linux-gnu-gcc")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+
+DRIVER = r"""
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "experts.h"
+#include "quant_kernels.h"
+
+static unsigned long long rng = 88172645463325252ull;
+static unsigned next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (unsigned)rng; }
+static float frand(void) { return (float)((int)(next() % 2001) - 1000) / 500.0f; }
+
+/* |a - b| relative to the reference's magnitude (plus a floor) */
+static double rel(const float *a, const float *b, int n) {
+    double worst = 0, mag = 1e-6;
+    for (int i = 0; i < n; i++) mag = fmax(mag, fabs(b[i]));
+    for (int i = 0; i < n; i++) worst = fmax(worst, fabs((double)a[i] - b[i]) / mag);
+    return worst;
+}
+
+#define CHECK(name, err) do { double e_ = (err); printf("%-28s %.3g\n", name, e_); \
+    if (!(e_ <= 1e-5)) failures++; } while (0)
+
+int main(void) {
+    int failures = 0;
+    fd_quant_tables_init();
+    const fd_quant_kernels *S = &fd_kernels_scalar, *N = &fd_kernels_neon;
+    enum { ROWS = 19, K = 320, M = 4 };
+    static uint8_t w4[ROWS * K / 2], s4[ROWS * K / 32], w8[ROWS * K];
+    static float x[M][K], xs[M][K], xn[M][K], ys[M * ROWS], yn[M * ROWS];
+    static float ds[K], dn[K], dn_nat[K];
+    for (int i = 0; i < ROWS * K / 2; i++) w4[i] = (uint8_t)next();
+    for (int i = 0; i < ROWS * K / 32; i++) s4[i] = (uint8_t)(120 + next() % 9);
+    for (int i = 0; i < ROWS * K; i++) { w8[i] = (uint8_t)next(); if ((w8[i] & 0x7F) == 0x7F) w8[i] = 0x3C; }
+    for (int t = 0; t < M; t++) for (int k = 0; k < K; k++) x[t][k] = frand();
+    for (int t = 0; t < M; t++) {
+        fd_fp4_permute_row(S->fp4_layout, x[t], xs[t], K);
+        fd_fp4_permute_row(N->fp4_layout, x[t], xn[t], K);
+    }
+    const float *ps[M] = {xs[0], xs[1], xs[2], xs[3]}, *pn[M] = {xn[0], xn[1], xn[2], xn[3]};
+    const float *px[M] = {x[0], x[1], x[2], x[3]};
+    for (int m = 1; m <= M; m++) {
+        S->fp4_dot(w4, K / 2, s4, K / 32, ROWS, K, ps, m, ys, ROWS);
+        N->fp4_dot(w4, K / 2, s4, K / 32, ROWS, K, pn, m, yn, ROWS);
+        CHECK("fp4_dot", rel(yn, ys, m * ROWS));
+    }
+    S->fp4_decode(w4, s4, K, ds);
+    N->fp4_decode(w4, s4, K, dn);
+    for (int k = 0; k < K; k++) dn_nat[k] = dn[fd_fp4_perm_index(N->fp4_layout, k)];
+    CHECK("fp4_decode (exact)", memcmp(ds, dn_nat, sizeof ds) == 0 ? 0.0 : 1.0);
+    float ts[(K + 127) / 128] = {0.25f, 0.125f, 2.0f};
+    for (int m = 1; m <= M; m++) {
+        S->fp8_dot(w8, K, ts, ROWS, K - 7, px, m, ys, ROWS); /* ragged last tile and 8-tail */
+        N->fp8_dot(w8, K, ts, ROWS, K - 7, px, m, yn, ROWS);
+        CHECK("fp8_dot", rel(yn, ys, m * ROWS));
+    }
+    static uint8_t all[256];
+    for (int i = 0; i < 256; i++) all[i] = (uint8_t)i;
+    float one[2] = {1.0f, 1.0f}, es[256], en[256];
+    S->fp8_decode(all, one, 256, es);
+    N->fp8_decode(all, one, 256, en);
+    int same = 1;
+    for (int i = 0; i < 256; i++)
+        same &= (isnan(es[i]) && isnan(en[i])) || memcmp(&es[i], &en[i], 4) == 0;
+    CHECK("fp8_decode (all codes)", same ? 0.0 : 1.0);
+    static float wf[ROWS * K];
+    for (int i = 0; i < ROWS * K; i++) wf[i] = frand();
+    for (int m = 1; m <= M; m++) {
+        S->gemm_f32(px, m, wf, K, ROWS, K - 3, ys, ROWS);
+        N->gemm_f32(px, m, wf, K, ROWS, K - 3, yn, ROWS);
+        CHECK("gemm_f32", rel(yn, ys, m * ROWS));
+    }
+    /* Expert FFN, 3 experts, 7 tokens x 2 slots (fused and GEMM paths), 3 threads. */
+    enum { D = 128, I = 64, E = 3, T = 7, KS = 2 };
+    static uint8_t ew[E][3][D * I / 2], es_[E][3][D * I / 32];
+    fd_fp4_expert ex[E];
+    for (int e = 0; e < E; e++) {
+        for (int j = 0; j < 3; j++) {
+            for (int i = 0; i < D * I / 2; i++) ew[e][j][i] = (uint8_t)next();
+            for (int i = 0; i < D * I / 32; i++) es_[e][j][i] = (uint8_t)(121 + next() % 5);
+        }
+        ex[e] = (fd_fp4_expert){ew[e][0], es_[e][0], ew[e][1], es_[e][1], ew[e][2], es_[e][2]};
+    }
+    static float xt[T * D], ya[T * D], yb[T * D], wt[T * KS];
+    static int32_t ids[T * KS];
+    for (int i = 0; i < T * D; i++) xt[i] = frand();
+    for (int t = 0; t < T; t++) {
+        ids[t * KS] = t % E; ids[t * KS + 1] = t < 5 ? 2 - (t % 2) : 0;
+        wt[t * KS] = 0.5f; wt[t * KS + 1] = 0.25f;
+    }
+    char err[160];
+    int ra = fd_expert_ffn(S, 1, xt, 0, T, D, I, ex, E, ids, wt, KS, ya, 0, err, sizeof err);
+    int rb = fd_expert_ffn(N, 3, xt, 0, T, D, I, ex, E, ids, wt, KS, yb, 0, err, sizeof err);
+    CHECK("expert_ffn", (ra || rb) ? 1.0 : rel(yb, ya, T * D));
+    printf("%s\n", failures ? "FAILED" : "OK");
+    return failures != 0;
+}
+"""
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() in ("aarch64", "arm64"), reason="ARM runs NEON natively"
+)
+@pytest.mark.skipif(not (CC and QEMU), reason="needs aarch64-linux-gnu-gcc and qemu-aarch64")
+def test_neon_variant_equals_scalar_under_qemu(tmp_path):
+    driver = tmp_path / "neon_check.c"
+    driver.write_text(DRIVER)
+    sources = [
+        CSRC / name
+        for name in (
+            "quant_scalar.c",
+            "quant_neon.c",
+            "experts.c",
+            "fd_pool.c",
+            "fd_platform.c",
+            "cpu_features.c",
+        )
+    ]
+    exe = tmp_path / "neon_check"
+    build = subprocess.run(
+        [CC, "-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror"]
+        + ["-DFD_HAVE_NEON_VARIANTS=1", "-pthread", "-static", f"-I{CSRC}"]
+        + [str(s) for s in sources]
+        + [str(driver), "-lm", "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([QEMU, str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
