@@ -70,7 +70,41 @@ def _tokens(text: str) -> int:
 
 
 def build(args: argparse.Namespace):
-    """(figures, profile, plan, prediction) for the arguments; raises ValueError with a message."""
+    """(figures, profile, plan, prediction) for the command's arguments."""
+    return evaluate(
+        model=args.model,
+        preset=args.preset or "v4-flash",
+        context=args.ctx,
+        kv_dtype=args.kv,
+        profile_path=args.profile,
+        save_profile=args.save_profile,
+        prompt_tokens=args.prompt,
+        vram_reserve_gib=args.vram_reserve,
+        ram_reserve_gib=args.ram_reserve,
+        expert_frequency_path=args.expert_frequency,
+        remeasure=args.remeasure,
+    )
+
+
+def evaluate(
+    model: str | None = None,
+    preset: str = "v4-flash",
+    context: int = 131072,
+    kv_dtype: str = "bf16",
+    profile_path: str | None = None,
+    save_profile: str | None = None,
+    prompt_tokens: int = 8192,
+    vram_reserve_gib: float | None = None,
+    ram_reserve_gib: float | None = None,
+    expert_frequency_path: str | None = None,
+    remeasure: bool = False,
+    profile=None,
+):
+    """(figures, profile, plan, prediction): the whole `fit` without argparse (the app's wizard).
+
+    `profile` (a HardwareProfile) skips probing; otherwise `profile_path` loads one or this
+    machine is probed. Raises ConfigError / ProfileError / PlanError with a user-facing message.
+    """
     from flashdesk.engine.config import ModelConfig
     from flashdesk.engine.inventory import inventory
     from flashdesk.offload.figures import ModelFigures
@@ -78,42 +112,44 @@ def build(args: argparse.Namespace):
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import HardwareProfile, ProfileError, probe
 
-    if args.model:
-        config = ModelConfig.from_dir(args.model)
+    if model:
+        config = ModelConfig.from_dir(model)
         variant = "Pro" if config.hidden_size == ModelConfig.v4_pro().hidden_size else "Flash"
-        name = f"DeepSeek-V4-{variant} ({args.model})"
-    elif args.preset == "v4-pro":
+        name = f"DeepSeek-V4-{variant} ({model})"
+    elif preset == "v4-pro":
         config, name = ModelConfig.v4_pro(), "DeepSeek-V4-Pro"
-    else:
+    elif preset == "v4-flash":
         config, name = ModelConfig.v4_flash(), "DeepSeek-V4-Flash"
-    figures = ModelFigures.from_inventory(inventory(config), config, name)
-    if args.profile:
-        profile = HardwareProfile.load(args.profile)
     else:
-        profile = probe(remeasure=args.remeasure, disk_path=args.model)
-    if args.save_profile:
+        raise ProfileError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}.")
+    figures = ModelFigures.from_inventory(inventory(config), config, name)
+    if profile is None and profile_path:
+        profile = HardwareProfile.load(profile_path)
+    elif profile is None:
+        profile = probe(remeasure=remeasure, disk_path=model)
+    if save_profile:
         try:
-            profile.save(args.save_profile)
+            profile.save(save_profile)
         except OSError as exc:
-            raise ProfileError(f"cannot write the profile to {args.save_profile}: {exc}") from None
+            raise ProfileError(f"cannot write the profile to {save_profile}: {exc}") from None
     frequency = None
-    if args.expert_frequency:
+    if expert_frequency_path:
         try:
-            with open(args.expert_frequency, encoding="utf-8") as f:
+            with open(expert_frequency_path, encoding="utf-8") as f:
                 frequency = json.load(f)
         except (OSError, ValueError) as exc:
             raise ProfileError(
-                f"cannot read the expert-frequency profile {args.expert_frequency}: {exc}"
+                f"cannot read the expert-frequency profile {expert_frequency_path}: {exc}"
             ) from None
     options = PlanOptions(
-        context=args.ctx,
-        kv_dtype=args.kv,
-        vram_reserve_bytes=None if args.vram_reserve is None else int(args.vram_reserve * GIB),
-        ram_reserve_bytes=None if args.ram_reserve is None else int(args.ram_reserve * GIB),
+        context=context,
+        kv_dtype=kv_dtype,
+        vram_reserve_bytes=None if vram_reserve_gib is None else int(vram_reserve_gib * GIB),
+        ram_reserve_bytes=None if ram_reserve_gib is None else int(ram_reserve_gib * GIB),
         expert_frequency=frequency,
     )
     plan = make_plan(figures, profile, options)
-    prediction = predict(plan, figures, profile, args.prompt, Efficiency.load())
+    prediction = predict(plan, figures, profile, prompt_tokens, Efficiency.load())
     return figures, profile, plan, prediction
 
 

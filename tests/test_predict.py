@@ -258,3 +258,18 @@ def test_fit_json_for_a_machine_that_cannot_run_it(capsys, tmp_path):
     assert out["predicted"]["decode_tok_s"] == 0.0 and out["predicted"]["ttft_s"] is None
     assert main(["fit", "--profile", str(path)]) == 0
     assert "Verdict: does not fit" in capsys.readouterr().out
+
+
+def test_evaluate_without_argparse_for_the_wizard(tmp_path, monkeypatch):
+    from flashdesk.fit import evaluate, report
+
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    profile = load("rtx4090_192gb_ddr5")
+    figures, used, plan, prediction = evaluate(preset="v4-pro", context=32768, profile=profile)
+    assert used is profile and figures.name == "DeepSeek-V4-Pro"
+    # 1.6 T parameters (~860 GB) cannot sit in 192 GB: experts page from disk.
+    assert plan.verdict == "fits_with_changes" and plan.disk_bytes > 600e9
+    out = report(figures, used, plan, prediction)
+    assert json.loads(json.dumps(out))["kv_bytes"] == plan.kv_bytes
+    with pytest.raises(ProfileError, match="unknown preset"):
+        evaluate(preset="v5", profile=profile)
