@@ -38,6 +38,7 @@ log = logging.getLogger("flashdesk.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a full 1M-token conversation is ~4-10 MB of JSON
 KEEPALIVE_S = 10.0
+INLINE_ENCODE_CHARS = 32_768
 
 
 @dataclass(frozen=True)
@@ -303,17 +304,21 @@ def create_app(
         mode = protocol.resolve_mode(body, options.default_mode)
         messages, tools = protocol.build_messages(body)
         stops = protocol.stop_strings(body)
+        encode = partial(
+            encode_messages,
+            messages,
+            mode,
+            tools,
+            tokenizer=served.tokenizer,
+            context_tokens=served.context_limit,
+        )
         try:
-            prompt = await anyio.to_thread.run_sync(
-                partial(
-                    encode_messages,
-                    messages,
-                    mode,
-                    tools,
-                    tokenizer=served.tokenizer,
-                    context_tokens=served.context_limit,
-                )
-            )
+            # Short prompts encode in microseconds: a thread hop would cost more than it saves.
+            # Long ones (documents: up to seconds) must not block the event loop.
+            if _approx_chars(messages, tools) < INLINE_ENCODE_CHARS:
+                prompt = encode()
+            else:
+                prompt = await anyio.to_thread.run_sync(encode)
         except ModeUnavailable as exc:
             raise RequestError(str(exc), param="reasoning_effort") from exc
         except ChatFormatError as exc:
@@ -356,6 +361,14 @@ def create_app(
         return protocol.completion_response(rid, served.name, turn)
 
     return app
+
+
+def _approx_chars(messages: list[dict], tools: list[dict] | None) -> int:
+    total = len(json.dumps(tools)) if tools else 0
+    for msg in messages:
+        total += len(msg.get("content") or "") + len(msg.get("reasoning_content") or "")
+        total += sum(len(c["function"]["arguments"]) for c in msg.get("tool_calls") or ())
+    return total
 
 
 def _check_not_interrupted(turn: protocol.TurnAssembler) -> None:

@@ -75,6 +75,8 @@ class Job:
         self.params = params
         self._loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
+        self._outbox: list[object] = []  # filled by the worker, drained on the loop
+        self._outbox_lock = threading.Lock()
         self._cancel = threading.Event()
         self._running = False
 
@@ -89,9 +91,22 @@ class Job:
             self.served.session.cancel()
 
     def _put(self, item: object) -> None:
+        """Hand `item` to the loop. Items that arrive while a hand-over is already scheduled ride
+        along with it: one loop wake-up per batch, not per token, so the loop thread and the
+        worker do not trade the GIL on every token."""
+        with self._outbox_lock:
+            self._outbox.append(item)
+            if len(self._outbox) > 1:
+                return
         # A closed loop means the server stopped and nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._outbox_lock:
+            items, self._outbox = self._outbox, []
+        for item in items:
+            self.events.put_nowait(item)
 
     def run(self) -> None:
         """Worker-thread body: wait for the model, stream, forward every event."""

@@ -82,7 +82,9 @@ def _bind(host: str, port: int) -> socket.socket:
                 f"Cannot listen on {host!r}: the name does not resolve ({exc.strerror}). Use "
                 "127.0.0.1 (this machine only) or an address of this machine."
             ) from exc
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off only on sockets that say they are TCP, and
+    # Nagle + delayed ACK costs 40 ms per keep-alive response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
