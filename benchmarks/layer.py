@@ -96,6 +96,10 @@ def _ours(folder, config, ids):
     from flashdesk.engine import load_model
 
     model = load_model(folder, dtype=torch.bfloat16)
+    layer_bytes = {
+        LAYER_TYPES[i]: _decode_bytes(b, config.num_experts_per_tok)
+        for i, b in enumerate(model.blocks)
+    }
     state = model.new_state()
     t0 = time.perf_counter()
     logits = model.prefill(ids, state)
@@ -108,10 +112,6 @@ def _ours(folder, config, ids):
     for _ in range(DECODE_STEPS):
         logits = model.decode(int(logits.argmax()), state)
     decode_s = time.perf_counter() - t0
-    layer_bytes = {
-        LAYER_TYPES[i]: _decode_bytes(b, config.num_experts_per_tok)
-        for i, b in enumerate(model.blocks)
-    }
     return totals, decode_s, prefill_s, layer_bytes
 
 

@@ -13,73 +13,146 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flashdesk.engine.model.qsim import FP8_MAX, pow2_ceil
+
+KV_FORMATS = ("native", "fp8")
+
+
+class NativeRows:
+    """Rows kept as they are computed (the model's dtype): one buffer."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        self.width, self.dtype = width, dtype
+
+    def empty(self, n: int, device) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(n, self.width, dtype=self.dtype, device=device),)
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (rows.to(self.dtype),)
+
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return parts[0]
+
+
+class Fp8Rows:
+    """The packed KV layout of spec §3.2: the no-rope channels as E4M3 codes with one E8M0
+    (power-of-two) scale per 64, the rope channels in the model's dtype — for the bf16 model 583
+    bytes per 512-d entry instead of 1024. Lossless for rows the reference's FP8 simulation
+    produced (`simulate_quant=True`); otherwise the no-rope channels are rounded to FP8."""
+
+    BLOCK = 64
+
+    def __init__(self, width: int, rope_dim: int, dtype: torch.dtype):
+        self.nope = width - rope_dim
+        if self.nope % self.BLOCK:
+            raise ValueError(
+                f"the FP8 KV layout needs no-rope channels in blocks of {self.BLOCK}; "
+                f"this model has {self.nope}. Use kv_format='native'."
+            )
+        self.width, self.rope_dim, self.dtype = width, rope_dim, dtype
+
+    def empty(self, n: int, device) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros(n, self.nope, dtype=torch.uint8, device=device),
+            torch.full((n, self.nope // self.BLOCK), 127, dtype=torch.uint8, device=device),
+            torch.zeros(n, self.rope_dim, dtype=self.dtype, device=device),
+        )
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nope = rows[:, : self.nope].float().unflatten(-1, (-1, self.BLOCK))
+        amax = nope.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+        scale = pow2_ceil(amax / FP8_MAX)
+        codes = (nope / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        exponent = torch.frexp(scale)[1] - 1 + 127  # scale = 2^(exponent - 127)
+        return (
+            codes.view(torch.uint8).flatten(-2),
+            exponent.squeeze(-1).to(torch.uint8),
+            rows[:, self.nope :].to(self.dtype),
+        )
+
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        codes, exponent, rope = parts
+        values = codes.view(torch.float8_e4m3fn).float().unflatten(-1, (-1, self.BLOCK))
+        scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.int() - 127)
+        nope = (values * scale[..., None]).flatten(-2)
+        return torch.cat((nope, rope.float()), -1).to(self.dtype)
+
+
+def _parts_nbytes(parts) -> int:
+    return sum(p.numel() * p.element_size() for p in parts)
+
 
 class RowStore:
-    """Rows appended over time, `[n, width]`, in a buffer that grows by doubling."""
+    """Rows appended over time, `[n, width]`, in buffers that grow by doubling."""
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str):
-        self.width = width
-        self.dtype = dtype
+    def __init__(self, codec, device: torch.device | str):
+        self.codec = codec
+        self.width = codec.width
         self.device = torch.device(device)
-        self._buf = torch.empty(0, width, dtype=dtype, device=self.device)
+        self._parts = codec.empty(0, self.device)
         self.n = 0
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
-        if need > self._buf.shape[0]:
-            grown = torch.empty(
-                max(need, 2 * self._buf.shape[0], 16),
-                self.width,
-                dtype=self.dtype,
-                device=self.device,
-            )
-            grown[: self.n] = self._buf[: self.n]
-            self._buf = grown
-        self._buf[self.n : need] = rows.to(self.dtype)
+        if need > self._parts[0].shape[0]:
+            grown = self.codec.empty(max(need, 2 * self._parts[0].shape[0], 16), self.device)
+            for new, old in zip(grown, self._parts, strict=True):
+                new[: self.n] = old[: self.n]
+            self._parts = grown
+        for buf, enc in zip(self._parts, self.codec.encode(rows), strict=True):
+            buf[self.n : need] = enc
         self.n = need
 
     def view(self) -> torch.Tensor:
-        return self._buf[: self.n]
+        """All rows, decoded to the compute dtype, `[n, width]`."""
+        return self.codec.decode(tuple(p[: self.n] for p in self._parts))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the rows held (the allocation may be up to 2× larger while growing)."""
-        return self.n * self.width * self._buf.element_size()
+        return _parts_nbytes(p[: self.n] for p in self._parts)
 
     @property
     def allocated_bytes(self) -> int:
-        return self._buf.numel() * self._buf.element_size()
+        return _parts_nbytes(self._parts)
 
     def reset(self) -> None:
-        self._buf = torch.empty(0, self.width, dtype=self.dtype, device=self.device)
+        self._parts = self.codec.empty(0, self.device)
         self.n = 0
 
 
 class WindowRing:
     """The KV vectors of the last `size` positions; position p lives in slot p mod size."""
 
-    def __init__(self, size: int, width: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, size: int, codec, device: torch.device | str):
         self.size = size
-        self.buf = torch.zeros(size, width, dtype=dtype, device=device)
+        self.codec = codec
+        self.device = torch.device(device)
+        self._parts = codec.empty(size, self.device)
 
     def write(self, kv: torch.Tensor, start_pos: int) -> None:
         """kv `[S, width]` holds positions start_pos .. start_pos+S-1; keep the last `size`."""
         s = kv.shape[0]
         keep = min(s, self.size)
-        positions = torch.arange(start_pos + s - keep, start_pos + s, device=self.buf.device)
-        self.buf[positions % self.size] = kv[s - keep :].to(self.buf.dtype)
+        slots = torch.arange(start_pos + s - keep, start_pos + s, device=self.device) % self.size
+        for buf, enc in zip(self._parts, self.codec.encode(kv[s - keep :]), strict=True):
+            buf[slots] = enc
 
     def recent(self, end_pos: int, n: int) -> torch.Tensor:
         """Rows of positions end_pos-n .. end_pos-1 in order, `[n, width]` (n ≤ size)."""
-        positions = torch.arange(end_pos - n, end_pos, device=self.buf.device)
-        return self.buf[positions % self.size]
+        slots = torch.arange(end_pos - n, end_pos, device=self.device) % self.size
+        return self.codec.decode(tuple(p[slots] for p in self._parts))
+
+    def slots(self) -> torch.Tensor:
+        """Every slot decoded, in slot order, `[size, width]`."""
+        return self.codec.decode(self._parts)
 
     @property
     def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
+        return _parts_nbytes(self._parts)
 
     def reset(self) -> None:
-        self.buf.zero_()
+        self._parts = self.codec.empty(self.size, self.device)
 
 
 class CompressorCarry:
@@ -174,18 +247,30 @@ def new_layer_state(
     *,
     window: int,
     head_dim: int,
+    rope_dim: int,
     ratio: int,
     index_head_dim: int,
     kv_dtype: torch.dtype,
     device: torch.device | str,
+    kv_format: str = "native",
 ) -> LayerState:
-    """State of one layer: ratio 0 (window only), 4 (CSA: overlap + indexer) or other (HCA)."""
-    state = LayerState(window=WindowRing(window, head_dim, kv_dtype, device))
+    """State of one layer: ratio 0 (window only), 4 (CSA: overlap + indexer) or other (HCA).
+
+    kv_format "native" keeps KV rows in `kv_dtype`; "fp8" packs window and compressed KV rows in
+    the layout of spec §3.2 (index keys stay in `kv_dtype`).
+    """
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
+    if kv_format == "fp8":
+        kv_codec = Fp8Rows(head_dim, rope_dim, kv_dtype)
+    else:
+        kv_codec = NativeRows(head_dim, kv_dtype)
+    state = LayerState(window=WindowRing(window, kv_codec, device))
     if ratio:
         overlap = ratio == 4
-        state.kv_entries = RowStore(head_dim, kv_dtype, device)
+        state.kv_entries = RowStore(kv_codec, device)
         state.carry = CompressorCarry(ratio, head_dim, overlap, device)
         if overlap:
-            state.index_keys = RowStore(index_head_dim, kv_dtype, device)
+            state.index_keys = RowStore(NativeRows(index_head_dim, kv_dtype), device)
             state.index_carry = CompressorCarry(ratio, index_head_dim, True, device)
     return state

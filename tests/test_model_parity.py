@@ -128,5 +128,12 @@ def test_quantisation_simulation_is_a_documented_departure_from_transformers(tmp
         if layer.kv_entries is not None and layer.kv_entries.n:
             nope = layer.kv_entries.view()[:, :-rd]
             assert torch.equal(qsim.fp8_snap(nope, 64), nope)
-        window = layer.window.buf[:, :-rd]
+        window = layer.window.slots()[:, :-rd]
         assert torch.equal(qsim.fp8_snap(window, 64), window)
+    # hence the packed FP8 KV layout (spec §3.2) is lossless for this model
+    packed = sim.new_state(kv_format="fp8")
+    assert torch.equal(sim.prefill(ids, packed), sim.prefill(ids, sim.new_state()))
+    entry = 64 + 1 + 4 * 64  # E4M3 no-rope + one E8M0 scale per 64 + rope in the model's fp32
+    assert packed.breakdown()["compressed_kv"] == entry * sum(
+        120 // s.compress_ratio for s in config.main_layers if s.compress_ratio
+    )

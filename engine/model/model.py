@@ -240,18 +240,24 @@ class V4Model:
 
     # ------------------------------------------------------------------ state
 
-    def new_state(self) -> SequenceState:
-        """Empty per-sequence state (window rings, compressed KV, compressor carry)."""
+    def new_state(self, kv_format: str = "native") -> SequenceState:
+        """Empty per-sequence state (window rings, compressed KV, compressor carry).
+
+        kv_format "native" stores KV rows in the model's dtype; "fp8" in the packed FP8 layout
+        (583 B per entry; exact when the model simulates the reference's quantisation).
+        """
         c = self.config
 
         def layer(spec: LayerSpec):
             return new_layer_state(
                 window=c.sliding_window,
                 head_dim=c.head_dim,
+                rope_dim=c.qk_rope_head_dim,
                 ratio=spec.compress_ratio,
                 index_head_dim=c.index_head_dim,
                 kv_dtype=self.numerics.dtype,
                 device=self.device,
+                kv_format=kv_format,
             )
 
         return SequenceState(
