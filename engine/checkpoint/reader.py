@@ -320,9 +320,12 @@ class Checkpoint:
         scale = name[: -len(".weight")] + ".scale"
         return scale if scale in self._infos else None
 
-    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def tensor(
+        self, name: str, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The tensor's values: FP8 / FP4 weights dequantized with their E8M0 scales, E8M0 scales
-        as powers of two, floats cast to `dtype`; integer tables (tid2eid) as stored (int64)."""
+        as powers of two, floats cast to `dtype`; integer tables (tid2eid) as stored (int64).
+        `out` (float32, the weight's shape) receives a dequantized FP8/FP4 weight in place."""
         info = self.info(name)
         raw = self.raw(name)
         if info.dtype in ("F8_E4M3", "I8") and name.endswith(".weight"):
@@ -335,8 +338,8 @@ class Checkpoint:
             scale = self.raw(scale_name)
             try:
                 if info.dtype == "F8_E4M3":
-                    return quant.dequant_fp8(raw, scale, self._fp8_block(), dtype)
-                return quant.dequant_fp4(raw, scale, quant.FP4_GROUP, dtype)
+                    return quant.dequant_fp8(raw, scale, self._fp8_block(), dtype, out)
+                return quant.dequant_fp4(raw, scale, quant.FP4_GROUP, dtype, out)
             except ValueError as exc:
                 raise CheckpointError(f"{name}: {exc}. The checkpoint is damaged.") from None
         if info.dtype == "F8_E8M0":
@@ -347,11 +350,23 @@ class Checkpoint:
             return raw.to(dtype)
         return raw
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype = torch.float32):
-        """(w1, w3, w2) of one routed expert, dequantized: [I, D], [I, D], [D, I]."""
+    def expert(
+        self,
+        layer: int,
+        expert: int,
+        dtype: torch.dtype = torch.float32,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) of one routed expert, dequantized: [I, D], [I, D], [D, I]; `out` reuses
+        three float32 buffers of those shapes."""
         prefix = self.config.layer(layer).prefix if self.config else f"layers.{layer}."
         p = f"{prefix}ffn.experts.{expert}."
-        return tuple(self.tensor(p + w + ".weight", dtype) for w in ("w1", "w3", "w2"))
+        bufs = out if out is not None else (None, None, None)
+        w1, w3, w2 = (
+            self.tensor(p + w + ".weight", dtype, buf)
+            for w, buf in zip(("w1", "w3", "w2"), bufs, strict=True)
+        )
+        return w1, w3, w2
 
     def _fp8_block(self) -> tuple[int, int]:
         return self.config.fp8_block if self.config is not None else quant.FP8_BLOCK
