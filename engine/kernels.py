@@ -6,7 +6,7 @@ the GIL released, so a Python thread can run these while the GPU works. This mod
 shapes, dtypes and contiguity and passes buffer addresses, so any host buffer works without a
 copy: numpy arrays, CPU torch tensors (pinned or not), slices of memory-mapped shards.
 
-The SIMD variant (scalar reference, avx2, avx512, neon) is chosen once from the CPU's features;
+The SIMD variant (scalar reference, avx2, avx512, avx512_bf16, neon) is chosen once from the CPU's features;
 `FLASHDESK_ISA=<name>` or `set_isa()` / `use_isa()` / the `isa=` argument force one (tests and
 benchmarks run every variant on the same inputs). `FLASHDESK_THREADS` or `set_threads()` set the
 thread count (default: physical cores).
@@ -345,7 +345,8 @@ def expert_ffn(
     """out[t] += Σ_j weights[t, j] · FFN_{ids[t, j]}(x[t]) over FP4 experts (spec §2.7 step 4).
 
     FFN_e(x) = W2 · (silu(min(W1·x, 10)) ⊙ clamp(W3·x, −10, 10)), the routing weight applied to
-    the hidden before W2, fp32 accumulation.
+    the hidden before W2, fp32 accumulation. With bfloat16 x the hidden is rounded to bfloat16
+    before W2 (as the reference and the forward pass do); with float32 x it stays float32.
     x: [T, D] or [D], float32 or bfloat16. experts: an ExpertTable, or a sequence of
     ExpertWeights / 6-tuples / dicts with checkpoint names ('w1.weight', 'w1.scale', ...).
     weights: [T, k] (or [k] for 1-D x) routing weights. ids: [T, k] expert indices (-1 skips a

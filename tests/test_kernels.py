@@ -65,6 +65,7 @@ def test_variants_follow_cpu_features():
     if "avx512" in compiled:
         wants = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
         assert compiled["avx512"] == all(feats[f] for f in wants)
+        assert compiled["avx512_bf16"] == (compiled["avx512"] and feats["avx512_bf16"])
     if "neon" in compiled:
         assert compiled["neon"] == feats["neon"]
     # Chosen once: the best one that runs (they are listed best last).
@@ -183,6 +184,11 @@ def test_simd_linears_equal_the_scalar_reference(isa, threads, M):
     ref = kernels.fp8_linear(x8, w8, s8, isa="scalar", threads=1)
     got = kernels.fp8_linear(x8, w8, s8, isa=isa, threads=threads)
     assert_close_dot(got, ref, x8, deq8(w8, s8))
+    # bf16 activations (the vdpbf16ps path where the variant has one): same values, same sums.
+    xb = torch.from_numpy(x4).bfloat16()
+    ref = kernels.fp4_linear(xb, w4, s4, isa="scalar", threads=1)
+    got = kernels.fp4_linear(xb, w4, s4, isa=isa, threads=threads)
+    assert_close_dot(got.numpy(), ref.numpy(), xb.float().numpy(), deq4(w4, s4))
 
 
 def test_linears_take_bf16_and_torch_and_write_bf16():
@@ -230,8 +236,9 @@ def make_experts(rng, n, D, width):
     return experts
 
 
-def ffn_reference(x, experts, ids, weights, clamp=True):
-    """Spec §2.7 step 4 in float64 on dequantized weights."""
+def ffn_reference(x, experts, ids, weights, clamp=True, h_bf16=False):
+    """Spec §2.7 step 4 in float64 on dequantized weights (h rounded to bf16 before W2 when the
+    activations are bf16, as the reference and the forward pass do)."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
@@ -244,6 +251,8 @@ def ffn_reference(x, experts, ids, weights, clamp=True):
             if clamp:
                 g, u = np.minimum(g, LIMIT), np.clip(u, -LIMIT, LIMIT)
             h = g / (1 + np.exp(-g)) * u * wt
+            if h_bf16:
+                h = torch.from_numpy(h).float().bfloat16().double().numpy()
             y[t] += deq4(ex.w2, ex.w2_scale) @ h
     return y
 
@@ -300,15 +309,33 @@ def test_expert_ffn_accumulates_bf16_and_dense_routing():
     experts = make_experts(rng, E, D, width)
     x = torch.from_numpy(rng.standard_normal((4, D)).astype(np.float32)).bfloat16()
     w = rng.uniform(0.1, 1.0, (4, E)).astype(np.float32)
-    want = ffn_reference(x.double().numpy(), experts, np.tile(np.arange(E), (4, 1)), w)
+    ids = np.tile(np.arange(E), (4, 1))
+    want = ffn_reference(x.double().numpy(), experts, ids, w, h_bf16=True)
     base = torch.from_numpy(rng.standard_normal((4, D)).astype(np.float32))
     out = base.clone()
     kernels.expert_ffn(x, experts, torch.from_numpy(w), out)  # dense: every token, every expert
-    assert_ffn_close(out.double().numpy() - base.double().numpy(), want)
+    # h is rounded to bf16 (spec §2.7); an h within fp32 rounding of a bf16 tie may round the
+    # other way than in float64, hence 1e-3 rather than fp32-sum tolerance.
+    assert_ffn_close(out.double().numpy() - base.double().numpy(), want, rel=1e-3)
     out16 = base.bfloat16()
     kernels.expert_ffn(x, experts, w, out16)
     expect16 = (base.double() + torch.from_numpy(want)).numpy()
     np.testing.assert_allclose(out16.double().numpy(), expect16, rtol=1e-2, atol=1e-2 * 8)
+
+
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_expert_ffn_bf16_activations_every_variant(T):
+    """bf16 activations: fused vdpbf16ps (avx512_bf16) or widened fp32 (others) on equal values."""
+    rng = np.random.default_rng(40 + T)
+    D, width, E, k = 256, 128, 8, 6
+    experts = kernels.ExpertTable(make_experts(rng, E, D, width))
+    x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32) * 2).bfloat16()
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w = torch.rand(T, k) + 0.1
+    ref = kernels.expert_ffn(x, experts, w, ids=ids, isa="scalar", threads=1)
+    for isa in SIMD:
+        got = kernels.expert_ffn(x, experts, w, ids=ids, isa=isa, threads=2)
+        assert_ffn_close(got.numpy(), ref.numpy(), rel=1e-3)
 
 
 def test_expert_ffn_errors_are_clear():
@@ -398,3 +425,9 @@ def test_expert_ffn_matches_the_forward_pass_moe(tmp_path):
         for isa in ISAS:
             got = kernels.expert_ffn(x, table, weights, ids=ids, isa=isa)
             assert_ffn_close(got.double().numpy(), want.double().numpy(), rel=1e-5)
+        # bf16 activations: both round h to bf16 before W2.
+        xb = x.bfloat16()
+        want = dense(xb, ids, weights)
+        for isa in ISAS:
+            got = kernels.expert_ffn(xb, table, weights, ids=ids, isa=isa)
+            assert_ffn_close(got.double().numpy(), want.double().numpy(), rel=1e-3)

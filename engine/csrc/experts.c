@@ -28,6 +28,7 @@ static const fd_quant_kernels *const g_compiled[] = {
 #if defined(FD_HAVE_X86_VARIANTS)
     &fd_kernels_avx2,
     &fd_kernels_avx512,
+    &fd_kernels_avx512_bf16,
 #endif
 #if defined(FD_HAVE_NEON_VARIANTS)
     &fd_kernels_neon,
@@ -54,9 +55,9 @@ int fd_kernels_supported(const fd_quant_kernels *k) {
     if (k == &fd_kernels_scalar) return 1;
 #if defined(FD_HAVE_X86_VARIANTS)
     if (k == &fd_kernels_avx2) return f->avx2 && f->fma && f->f16c;
-    if (k == &fd_kernels_avx512)
+    if (k == &fd_kernels_avx512 || k == &fd_kernels_avx512_bf16)
         return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx2 && f->fma &&
-               f->f16c;
+               f->f16c && (k == &fd_kernels_avx512 || f->avx512_bf16);
 #endif
 #if defined(FD_HAVE_NEON_VARIANTS)
     if (k == &fd_kernels_neon) return f->neon;
@@ -139,6 +140,7 @@ typedef struct {
     float *g, *u;   /* [max_m, FD_ROWS_PER_UNIT] */
     float *ybuf;    /* [T, FD_ROWS_PER_UNIT] */
     const float **xptr; /* [max_m] */
+    const uint16_t **bptr; /* [max_m], bf16 rows for fp4_dot_bf16 */
     char pad[64];
 } ffn_thread;
 
@@ -148,6 +150,9 @@ typedef struct {
     const fd_fp4_expert *experts;
     const float *xp;      /* [T, D] in the variant's fp4 layout */
     float *h;             /* [P, I] in the variant's fp4 layout */
+    int bf16;             /* bf16 activations: h is rounded to bf16 before W2 (spec §2.7) */
+    const uint16_t *xb;   /* [T, D] bf16 input rows, natural order (bf16 dot only) */
+    uint16_t *hb;         /* [P, I] bf16 h, natural order (bf16 dot only) */
     const int *active;    /* expert ids with at least one pair */
     int n_active;
     const int *offset;    /* [n_experts + 1]: pairs of expert e are offset[e]..offset[e+1] */
@@ -180,7 +185,11 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     const uint8_t *w3 = ex->w3 + (size_t)j0 * ws, *s3 = ex->s3 + (size_t)j0 * ss;
     const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
     for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * D;
-    if (m <= FD_DOT_MAX_M) {
+    if (m <= FD_DOT_MAX_M && c->xb) {
+        for (int t = 0; t < m; t++) th->bptr[t] = c->xb + (size_t)c->pair_tok[p0 + t] * D;
+        kern->fp4_dot_bf16(w1, ws, s1, ss, nr, D, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
+        kern->fp4_dot_bf16(w3, ws, s3, ss, nr, D, th->bptr, m, th->u, FD_ROWS_PER_UNIT);
+    } else if (m <= FD_DOT_MAX_M) {
         kern->fp4_dot(w1, ws, s1, ss, nr, D, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
         kern->fp4_dot(w3, ws, s3, ss, nr, D, th->xptr, m, th->u, FD_ROWS_PER_UNIT);
     } else {
@@ -197,7 +206,13 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
         const float wt = c->pair_w[p0 + t];
         for (int r = 0; r < nr; r++) {
             const size_t at = (size_t)t * FD_ROWS_PER_UNIT + r;
-            hrow[c->perm_i[j0 + r]] = swiglu_clamped(th->g[at], th->u[at]) * wt;
+            float hv = swiglu_clamped(th->g[at], th->u[at]) * wt;
+            if (c->bf16) {
+                uint16_t hbits = f32_to_bf16(hv);
+                hv = bf16_to_f32(hbits);
+                if (c->hb) c->hb[(size_t)(p0 + t) * I + j0 + r] = hbits;
+            }
+            hrow[c->perm_i[j0 + r]] = hv;
         }
     }
 }
@@ -215,7 +230,10 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
         const uint8_t *w2 = ex->w2 + (size_t)n0 * ws, *s2 = ex->s2 + (size_t)n0 * ss;
         const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
         for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * I;
-        if (m <= FD_DOT_MAX_M) {
+        if (m <= FD_DOT_MAX_M && c->hb) {
+            for (int t = 0; t < m; t++) th->bptr[t] = c->hb + (size_t)(p0 + t) * I;
+            kern->fp4_dot_bf16(w2, ws, s2, ss, nr, I, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
+        } else if (m <= FD_DOT_MAX_M) {
             kern->fp4_dot(w2, ws, s2, ss, nr, I, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
         } else {
             for (int r = 0; r < nr; r++)
@@ -274,6 +292,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * D);
     float *row = (float *)malloc(sizeof(float) * (size_t)D);
     float *h = NULL;
+    uint16_t *hb = NULL;
     ffn_thread *th = NULL;
     if (!offset || !fill || !active || !pair_tok || !pair_w || !perm_i || !xp || !row) {
         set_err(err, errlen, "expert_ffn: out of memory for the routing tables");
@@ -313,8 +332,10 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     }
     const size_t npairs = (size_t)offset[n_experts];
     h = (float *)fd_aligned_alloc(sizeof(float) * npairs * (size_t)I);
+    const int bf16_dot = x_bf16 && kern->fp4_dot_bf16 != NULL;
+    if (bf16_dot) hb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * npairs * (size_t)I);
     th = (ffn_thread *)calloc((size_t)threads, sizeof(ffn_thread));
-    if (!h || !th) {
+    if (!h || !th || (bf16_dot && !hb)) {
         set_err(err, errlen, "expert_ffn: out of memory for the hidden activations");
         goto done;
     }
@@ -325,9 +346,11 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         th[i].u = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
         th[i].ybuf = (float *)malloc(sizeof(float) * (size_t)T * FD_ROWS_PER_UNIT);
         th[i].xptr = (const float **)malloc(sizeof(float *) * (size_t)max_m);
+        th[i].bptr = (const uint16_t **)malloc(sizeof(uint16_t *) * (size_t)max_m);
         if (need_scratch)
             th[i].scratch = (float *)fd_aligned_alloc(sizeof(float) * 2 * FD_ROWS_PER_UNIT * dmax);
-        if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || (need_scratch && !th[i].scratch)) {
+        if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || !th[i].bptr ||
+            (need_scratch && !th[i].scratch)) {
             set_err(err, errlen, "expert_ffn: out of memory for per-thread buffers");
             goto done;
         }
@@ -341,6 +364,9 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.experts = experts;
     c.xp = xp;
     c.h = h;
+    c.bf16 = x_bf16;
+    c.xb = bf16_dot ? (const uint16_t *)x : NULL;
+    c.hb = bf16_dot ? hb : NULL;
     c.active = active;
     c.n_active = n_active;
     c.offset = offset;
@@ -361,10 +387,12 @@ done:
             free(th[i].u);
             free(th[i].ybuf);
             free((void *)th[i].xptr);
+            free((void *)th[i].bptr);
             fd_aligned_free(th[i].scratch);
         }
     free(th);
     fd_aligned_free(h);
+    fd_aligned_free(hb);
     fd_aligned_free(xp);
     free(row);
     free(perm_i);
@@ -382,6 +410,7 @@ typedef struct {
     const fd_quant_kernels *kern;
     int kind, M, K, N, ktiles;
     const float *xp; /* [M, K] (fp4: in the variant's layout) */
+    const uint16_t *xb; /* [M, K] bf16 input, natural order, when the variant has fp4_dot_bf16 */
     const uint8_t *w, *scale;
     void *out;
     int out_bf16;
@@ -401,6 +430,7 @@ static void lin_job(void *p, int tid, int nthreads) {
     float ts_buf[64];
     float *ts = c->ktiles <= 64 ? ts_buf : (float *)malloc(sizeof(float) * (size_t)c->ktiles);
     const float *xptr[FD_TOKENS_PER_UNIT];
+    const uint16_t *bptr[FD_TOKENS_PER_UNIT];
     if (!ts) {
         fd_atomic_store(&c->failed, 1);
         return;
@@ -426,7 +456,10 @@ static void lin_job(void *p, int tid, int nthreads) {
             w = c->w + (size_t)n0 * ws;
             s = c->scale + (size_t)n0 * ss;
         }
-        if (m <= FD_DOT_MAX_M) {
+        if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP4 && c->xb) {
+            for (int t = 0; t < m; t++) bptr[t] = c->xb + (size_t)(t0 + t) * K;
+            kern->fp4_dot_bf16(w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
+        } else if (m <= FD_DOT_MAX_M) {
             if (c->kind == FD_WEIGHT_FP8)
                 kern->fp8_dot(w, ws, ts, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
             else
@@ -489,6 +522,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.N = N;
     c.ktiles = (K + 127) / 128;
     c.xp = xp;
+    c.xb = (x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16) ? (const uint16_t *)x : NULL;
     c.w = w;
     c.scale = scale;
     c.out = out;

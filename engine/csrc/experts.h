@@ -3,7 +3,9 @@
  * Expert FFN (spec §2.7, step 4), for every selected (token t, expert e, weight w) pair:
  *   g = W1_e x_t, u = W3_e x_t (fp32), h = silu(min(g, 10)) * clamp(u, -10, 10) * w,
  *   y_t += W2_e h     (fp32 accumulation over experts, then added into out once).
- * Weights stay packed (spec §4.4); activations fp32 or bf16; out fp32 or bf16.
+ * Weights stay packed (spec §4.4); activations fp32 or bf16; out fp32 or bf16. With bf16
+ * activations h is rounded to bf16 before W2, as the reference does (spec §2.7: h -> BF16); fp32
+ * activations keep h in fp32 (the fp32 oracle path).
  */
 #ifndef FD_EXPERTS_H
 #define FD_EXPERTS_H

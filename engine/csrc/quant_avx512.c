@@ -205,6 +205,81 @@ static void gemm_f32_avx512(const float *const *x, int m, const float *w, size_t
     }
 }
 
+#if defined(__AVX512BF16__) && !defined(_MSC_VER)
+/* bf16 activations (natural order) against FP4 weights decoded straight to bf16: the index dword
+ * j = b | b << 12 holds word 2j = b (vpermw reads its low 5 bits; the table repeats every 16) and
+ * word 2j+1 = b >> 4, so one vpermw yields the 32 weights of a block in element order, and one
+ * vdpbf16ps multiplies them with 32 activations (exact products, fp32 sums). */
+FD_INLINE __m512i fp4_bf16_table(void) {
+    return _mm512_set_epi16(
+        (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+        (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0,
+        (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000, (short)0xBFC0, (short)0xBF80,
+        (short)0xBF00, (short)0x8000, 0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0);
+}
+
+FD_INLINE void fp4_dot_bf16_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
+                               const uint16_t *const *x, float *y, size_t ys, const int R,
+                               const int M) {
+    const __m512i table = fp4_bf16_table();
+    __m512 acc[4][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps();
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++) {
+        __m512i xv[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_si512((const void *)(x[t] + b * 32));
+        for (int i = 0; i < R; i++) {
+            const uint8_t *wb = w + (size_t)i * ws + (size_t)b * 16;
+            _mm_prefetch((const char *)(wb + 1024), _MM_HINT_T0);
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
+            __m512i wv = _mm512_permutexvar_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), table);
+            __m512 sc = _mm512_set1_ps(fd_e8m0_f32[s[(size_t)i * ss + b]]);
+            for (int t = 0; t < M; t++) {
+                __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)xv[t]);
+                acc[i][t] = _mm512_fmadd_ps(blk, sc, acc[i][t]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+static void fp4_dot_bf16_avx512(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                                int K, const uint16_t *const *x, int m, float *y, size_t ys) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 1); break;
+        case 2: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 2); break;
+        case 3: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 3); break;
+        default: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 4, 4); break;
+        }
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        switch (m) {
+        case 1: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 1); break;
+        case 2: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 2); break;
+        case 3: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 3); break;
+        default: fp4_dot_bf16_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 4); break;
+        }
+    }
+}
+#define FD_FP4_DOT_BF16 fp4_dot_bf16_avx512
+#else
+#define FD_FP4_DOT_BF16 NULL /* compiler without AVX512_BF16: same as the avx512 variant */
+#endif
+
 const fd_quant_kernels fd_kernels_avx512 = {
-    "avx512", FD_FP4_EVEN_ODD, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512, fp8_decode_avx512, gemm_f32_avx512,
+    "avx512", FD_FP4_EVEN_ODD, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
+    fp8_decode_avx512, gemm_f32_avx512, NULL,
+};
+
+const fd_quant_kernels fd_kernels_avx512_bf16 = {
+    "avx512_bf16", FD_FP4_EVEN_ODD, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
+    fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16,
 };

@@ -46,6 +46,11 @@ typedef struct {
     /* y[t*ys + j] = dot(x[t], w + j*ldw) over K floats, t < m, j < n (overwrites y). */
     void (*gemm_f32)(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
                      float *y, size_t ys);
+    /* Optional (NULL: use fp4_dot on the same values as fp32): fp4_dot with bf16 activations in
+     * natural order. Products of bf16 and E2M1 values are exact in fp32, so this differs from
+     * fp4_dot on the widened values only in summation order (AVX512_BF16 vdpbf16ps). */
+    void (*fp4_dot_bf16)(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                         int K, const uint16_t *const *x, int m, float *y, size_t ys);
 } fd_quant_kernels;
 
 /* Exact decode tables (spec §4.3/§4.4): E2M1 code -> value, E8M0 byte -> 2^(b-127) (255: NaN),
@@ -69,6 +74,7 @@ extern const fd_quant_kernels fd_kernels_scalar;
 #if defined(FD_HAVE_X86_VARIANTS)
 extern const fd_quant_kernels fd_kernels_avx2;
 extern const fd_quant_kernels fd_kernels_avx512;
+extern const fd_quant_kernels fd_kernels_avx512_bf16; /* avx512 + vdpbf16ps for bf16 activations */
 #endif
 #if defined(FD_HAVE_NEON_VARIANTS)
 extern const fd_quant_kernels fd_kernels_neon;
