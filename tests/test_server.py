@@ -741,3 +741,36 @@ def test_20_concurrent_requests_complete_or_are_refused_cleanly(max_waiting):
         assert srv.wait_idle()
     finally:
         srv.stop()
+
+
+def test_app_and_server_share_the_model_lock(monkeypatch):
+    """While the app generates (it holds ServedModel.lock), server requests wait in the queue,
+    streaming ones get SSE keep-alive comments, and all run once the app is done."""
+    from flashdesk.engine.server import app as server_app
+
+    monkeypatch.setattr(server_app, "KEEPALIVE_S", 0.05)
+    srv = Server(make_served())
+    try:
+        srv.served.lock.acquire()  # the app is generating
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                srv.request,
+                "POST",
+                "/v1/chat/completions",
+                {"messages": USER, "stream": True, "temperature": 0},
+            )
+            time.sleep(0.3)
+            assert not pending.done() and srv.handle.pending == 1
+            assert srv.model.prompts == []  # nothing reached the model while the app held it
+            srv.served.lock.release()
+            status, text, _ = pending.result(timeout=10)
+        assert status == 200
+        assert text.startswith("data: ") and ": keep-alive" in text
+        assert text.rstrip().endswith("data: [DONE]")
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert content == "You said: What is the weather in Paris?"
+    finally:
+        if srv.served.lock.locked():
+            srv.served.lock.release()
+        srv.stop()
