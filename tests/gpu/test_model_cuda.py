@@ -1,0 +1,72 @@
+"""The V4 forward pass on a CUDA GPU equals the CPU one (skipped where there is no CUDA).
+
+Also runnable as a plain script (`python tests/gpu/test_model_cuda.py`) on a machine without
+pytest.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _model_helpers import our_model, random_official_tensors, tiny_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _cuda_model(config, tensors, **numerics):
+    from flashdesk.engine.model.common import Numerics
+    from flashdesk.engine.model.model import V4Model
+
+    def fetch(name, dtype):
+        t = tensors[name]
+        return t if t.dtype == torch.int64 else t.to(dtype)
+
+    return V4Model(config, fetch, device="cuda", numerics=Numerics(**numerics), with_mtp=True)
+
+
+def test_cuda_full_and_decode_match_cpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = tiny_config()
+    tensors = random_official_tensors(config, 21)
+    ids = torch.randint(0, config.vocab_size, (140,), generator=torch.Generator().manual_seed(21))
+    ref = our_model(config, tensors).forward_full(ids)
+    gpu = _cuda_model(config, tensors)
+    full = gpu.forward_full(ids.cuda())
+    assert full.device.type == "cuda"
+    assert (full.cpu() - ref).abs().max().item() <= 1e-4
+    state = gpu.new_state()
+    rows = [gpu.prefill(ids[:37], state, chunk_size=16)]
+    rows += [gpu.decode(int(t), state) for t in ids[37:]]
+    assert (torch.stack(rows).cpu() - ref[36:]).abs().max().item() <= 1e-4
+
+
+def test_cuda_bf16_quant_simulation_and_fp8_cache_run():
+    config = tiny_config(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
+    tensors = random_official_tensors(config, 22)
+    ids = torch.randint(0, config.vocab_size, (90,), generator=torch.Generator().manual_seed(22))
+    cpu = our_model(config, tensors, dtype=torch.bfloat16, simulate_quant=True)
+    gpu = _cuda_model(config, tensors, dtype=torch.bfloat16, simulate_quant=True)
+    packed = gpu.new_state(kv_format="fp8")
+    out = gpu.prefill(ids, packed)
+    assert torch.equal(out, gpu.prefill(ids, gpu.new_state()))
+    ref = cpu.prefill(ids, cpu.new_state())
+    corr = torch.corrcoef(torch.stack((out.cpu(), ref)))[0, 1].item()
+    assert torch.isfinite(out).all() and corr > 0.95
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(4)
+    for test in (
+        test_cuda_full_and_decode_match_cpu,
+        test_cuda_bf16_quant_simulation_and_fp8_cache_run,
+    ):
+        test()
+        print("ok", test.__name__)
