@@ -243,3 +243,19 @@ def test_make_checkpoint_cli(tmp_path, capsys):
     assert "verify: OK" in capsys.readouterr().out
     assert main(["make-checkpoint", "--out", str(out), "--preset", "tiny"]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_written_files_have_the_official_header_form(tiny_dir):
+    from flashdesk.engine.checkpoint.safetensors_file import read_header, shard_file_sizes
+
+    sizes = shard_file_sizes(inventory(TINY).tensors)
+    for shard, size in sizes.items():
+        assert (tiny_dir / shard).stat().st_size == size
+        header = read_header(tiny_dir / shard)
+        assert header.metadata == {}
+        begins = [e.begin for e in sorted(header.entries.values(), key=lambda e: e.begin)]
+        assert all(
+            e.begin % {"I64": 8, "F32": 4, "BF16": 2}.get(e.dtype, 1) == 0
+            for e in header.entries.values()
+        )
+        assert begins[0] == header.data_start

@@ -100,3 +100,18 @@ def test_fp8_experts_and_no_mtp():
     assert inv.expert_bytes == sum(t.nbytes for t in inv.expert_tensors(0, 0))
     assert not any(t.name.startswith("mtp.") for t in inv.tensors)
     assert len(inv.shards) == 4 + 2
+
+
+# File sizes of the 46 official shards (from the release's Git-LFS pointers, commit 60d8d70).
+OFFICIAL_SHARD_SIZES = [1059061856, 3566321192, 3566321192, 3596229272] + [
+    3568768976, 3590024776,
+] * 3 + [3568768976, 3590026352] + [3568770544, 3590026352] * 16 + [1059332516, 3593956092]  # fmt: skip
+
+
+def test_official_shard_file_sizes_are_reproduced_byte_for_byte():
+    """Names, dtypes, shapes and the shard split of every shard are right: with the safetensors
+    header our writer produces (dtype-ranked order, no metadata) every file size matches."""
+    from flashdesk.engine.checkpoint.safetensors_file import shard_file_sizes
+
+    sizes = shard_file_sizes(inventory(ModelConfig.v4_flash()).tensors)
+    assert [sizes[shard_name(i, 46)] for i in range(1, 47)] == OFFICIAL_SHARD_SIZES

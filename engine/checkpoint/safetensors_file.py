@@ -160,12 +160,39 @@ class MappedShard:
             self._map = None
 
 
+# The safetensors library's dtype order: tensors are stored by this rank, highest first, then by
+# name. With the header below (no `__metadata__`) this reproduces all 46 official shard file sizes
+# byte for byte, and every tensor starts at a multiple of its element size.
+SAFETENSORS_DTYPE_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+)  # fmt: skip
+
+
+def storage_order(specs: list) -> list:
+    """Tensor specs (with .dtype, .name) in the order the safetensors library writes them."""
+    return sorted(specs, key=lambda e: (-SAFETENSORS_DTYPE_ORDER.index(e.dtype), e.name))
+
+
+def shard_file_sizes(specs: list) -> dict[str, int]:
+    """File size of every shard (header included) when written in the official order."""
+    by_shard: dict[str, list] = {}
+    for spec in specs:
+        by_shard.setdefault(spec.shard, []).append(spec)
+    sizes = {}
+    for shard, group in by_shard.items():
+        header, _ = header_bytes([(s.name, s.dtype, s.shape) for s in storage_order(group)])
+        sizes[shard] = len(header) + sum(s.nbytes for s in group)
+    return sizes
+
+
 def header_bytes(
-    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None
 ) -> tuple[bytes, list[int]]:
     """Serialize a header for tensors written in the given order; returns (bytes incl. the 8-byte
-    length, data offset of each tensor). Padded with spaces to a multiple of 8 like safetensors."""
-    header: dict = {"__metadata__": metadata}
+    length, data offset of each tensor). Compact JSON padded with spaces to a multiple of 8, like
+    safetensors; the official shards carry no `__metadata__`."""
+    header: dict = {} if metadata is None else {"__metadata__": metadata}
     offsets = []
     pos = 0
     for name, dtype, shape in entries:

@@ -20,9 +20,13 @@ import torch
 
 from flashdesk.engine import quant
 from flashdesk.engine.checkpoint.reader import INDEX_NAME
-from flashdesk.engine.checkpoint.safetensors_file import CheckpointError, header_bytes
+from flashdesk.engine.checkpoint.safetensors_file import (
+    CheckpointError,
+    header_bytes,
+    storage_order,
+)
 from flashdesk.engine.config import ModelConfig
-from flashdesk.engine.inventory import DTYPE_BYTES, TensorSpec, inventory
+from flashdesk.engine.inventory import TensorSpec, inventory
 
 GENERATION_CONFIG = {
     "_from_model_config": True,
@@ -305,9 +309,8 @@ def _write(
         by_shard.setdefault(spec.shard, []).append(spec)
     weight_map: dict[str, str] = {}
     for i, (shard, specs) in enumerate(sorted(by_shard.items())):
-        # Widest dtypes first: every tensor then starts at a multiple of its element size.
-        order = sorted(specs, key=lambda s: (-DTYPE_BYTES[s.dtype], s.name))
-        header, _ = header_bytes([(s.name, s.dtype, s.shape) for s in order], {"format": "pt"})
+        order = storage_order(specs)  # as the safetensors library orders them
+        header, _ = header_bytes([(s.name, s.dtype, s.shape) for s in order])
         partial = path / (shard + ".partial")
         with open(partial, "wb") as f:
             f.write(header)
