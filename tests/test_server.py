@@ -437,6 +437,11 @@ def test_bad_json_wrong_types_and_missing_fields(server):
     _refused(post(b'{"messages": [}'), 400, "not valid JSON")
     _refused(post(b"[1, 2]"), 400, "invalid request")
     _refused(post(b"{}"), 400, "messages", "field required")
+    _refused(post(b"\xff\xfe{}"), 400, "not valid JSON")
+    # Valid JSON, but not text: a lone UTF-16 surrogate (the tokenizer would fail on it).
+    lone = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    err = _refused(post(lone), 400, "unpaired", "surrogate")
+    assert err["param"] == "messages[0].content"
     err = _refused(server.chat(temperature="hot"), 400, "temperature")
     assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
     _refused(server.chat(temperature=5), 400, "temperature")

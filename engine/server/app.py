@@ -250,15 +250,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception):
-        log.exception("request failed")
-        return JSONResponse(
-            error_body(
-                f"FlashDesk failed while handling the request ({type(exc).__name__}: {exc}). "
-                "The server keeps running; see the log for details.",
-                "server_error",
-            ),
-            status_code=500,
-        )
+        return _crash_response(exc)
 
     def served_model() -> ServedModel:
         served = provider()
@@ -300,6 +292,15 @@ def create_app(
 
     @app.post("/v1/chat/completions", summary="Chat completion (streaming or not)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        try:
+            return await _chat_completions(body, request)
+        except (RequestError, StarletteHTTPException):
+            raise
+        except Exception as exc:  # answered here, so the server log gets one traceback, not two
+            log.exception("chat completion failed")
+            return _crash_response(exc)
+
+    async def _chat_completions(body: ChatCompletionRequest, request: Request):
         served = served_model()
         mode = protocol.resolve_mode(body, options.default_mode)
         messages, tools = protocol.build_messages(body)
@@ -361,6 +362,17 @@ def create_app(
         return protocol.completion_response(rid, served.name, turn)
 
     return app
+
+
+def _crash_response(exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        error_body(
+            f"FlashDesk failed while handling the request ({type(exc).__name__}: {exc}). The "
+            "server keeps running; see the log for details.",
+            "server_error",
+        ),
+        status_code=500,
+    )
 
 
 def _approx_chars(messages: list[dict], tools: list[dict] | None) -> int:

@@ -108,8 +108,35 @@ def _text(content: str | list[ContentPart] | None, where: str) -> str:
     return "\n".join(pieces)
 
 
+def _find_unpaired_surrogate(value: Any, where: str) -> str | None:
+    """Where in `value` a string holds a lone UTF-16 surrogate (valid JSON, not valid text)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_unpaired_surrogate(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            found = _find_unpaired_surrogate(item, f"{where}[{k}]")
+            if found:
+                return found
+    return None
+
+
 def build_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[dict] | None]:
     """The request's messages as `engine.chat` dicts, and the tools to offer (None: no tools)."""
+    bad = _find_unpaired_surrogate(req.model_dump(include={"messages", "tools"}), "")
+    if bad:
+        raise RequestError(
+            f"{bad} contains an unpaired UTF-16 surrogate (an escape like \\ud800 without its "
+            "pair), which is not text. Send valid Unicode.",
+            param=bad,
+        )
     if req.n not in (None, 1):
         raise RequestError(
             f"n={req.n}: FlashDesk generates one choice per request. Send n=1 (or leave it out) "
