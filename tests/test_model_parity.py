@@ -137,3 +137,58 @@ def test_quantisation_simulation_is_a_documented_departure_from_transformers(tmp
     assert packed.breakdown()["compressed_kv"] == entry * sum(
         120 // s.compress_ratio for s in config.main_layers if s.compress_ratio
     )
+
+
+def test_mtp_draft_logits_match_transformers_running_the_block(tmp_path):
+    """transformers drops the MTP block, but its decoder layer, hc_head and norm are the same
+    mechanisms: a one-layer transformers model holding mtp.0's weights (raw codes copied into a
+    second official-layout folder), fed the MTP input `e_proj(enorm(embed[t+1])) +
+    h_proj(hnorm(streams))` in place of its expanded embeddings, must give our draft logits."""
+    from flashdesk.engine.checkpoint import Checkpoint, write_checkpoint
+    from flashdesk.engine.model.common import rms_norm
+
+    config = tiny_config()
+    write_tiny(tmp_path / "main", config, 4)
+    ours = load_model(tmp_path / "main", with_mtp=True)
+    ids = _ids(70, config.vocab_size, 4)
+    state = ours.new_state()
+    streams = ours.forward_streams(ids[:-1], state)
+    draft = ours.mtp_logits(streams, ids[1:], state)
+
+    one = config.replace(
+        num_hidden_layers=1, compress_ratios=(0,), num_nextn_predict_layers=0, num_hash_layers=0
+    )
+    with Checkpoint.open(tmp_path / "main") as ckpt:
+        raw = {}
+        for name in ckpt.names():
+            if name.startswith("mtp.0."):
+                rest = name[len("mtp.0.") :]
+                if rest.startswith(("hc_head_", "norm.")):
+                    raw[rest] = ckpt.raw(name).clone()
+                elif not rest.startswith(("e_proj", "h_proj", "enorm", "hnorm")):
+                    raw["layers.0." + rest] = ckpt.raw(name).clone()
+            elif name in ("embed.weight", "head.weight"):
+                raw[name] = ckpt.raw(name).clone()
+        mtp = {n: ckpt.tensor("mtp.0." + n) for n in ("e_proj.weight", "h_proj.weight")}
+        mtp |= {n: ckpt.tensor("mtp.0." + n) for n in ("enorm.weight", "hnorm.weight")}
+        embed = ckpt.tensor("embed.weight")
+    write_checkpoint(tmp_path / "mtp", one, raw)
+    hf = hf_from_checkpoint(tmp_path / "mtp")
+
+    eps = config.rms_norm_eps
+    e = rms_norm(embed[ids[1:]], mtp["enorm.weight"], eps) @ mtp["e_proj.weight"].T
+    h = rms_norm(streams, mtp["hnorm.weight"], eps) @ mtp["h_proj.weight"].T
+    mtp_input = (e.unsqueeze(1) + h)[None]  # [1, S, hc, D]
+
+    def swap_streams(module, args, kwargs):
+        return (mtp_input, *args[1:]), kwargs
+
+    handle = hf.model.layers[0].register_forward_pre_hook(swap_streams, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ref = hf(input_ids=ids[None, 1:]).logits[0]
+    finally:
+        handle.remove()
+    assert draft.std() > 0.3
+    diff = (draft - ref).abs().max().item()
+    assert diff <= TOL, f"MTP draft: max |Δlogit| {diff:.2e}"
