@@ -248,6 +248,7 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
+_NON_SPACE = re.compile(r"\S")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
 _VALID_NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
@@ -403,10 +404,11 @@ def _sections(text: str, heading: re.Pattern[str], name: str) -> list[Part]:
 
 def _load_text(path: Path, kind: str, data: bytes) -> Document:
     text, encoding, notes = decode_text(path, data)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if kind == "html":
         text = _html_to_text(text)
-    if not text.strip():
+    if _NON_SPACE.search(text) is None:
         raise DocumentError(path, f"{path.name} contains only white space; nothing to attach.")
     if kind == "markdown":
         parts = _sections(text, _MD_HEADING, path.name)
