@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from flashdesk.engine.config import CSA, ModelConfig
 
@@ -337,8 +337,10 @@ class Inventory:
         return [asdict(t) | {"nbytes": t.nbytes} for t in self.tensors]
 
 
+@lru_cache(maxsize=8)
 def inventory(config: ModelConfig) -> Inventory:
-    """The full inventory of the official checkpoint for `config`."""
+    """The full inventory of the official checkpoint for `config` (cached: 69k entries for
+    V4-Flash take ~0.5 s to build; treat the result as read-only)."""
     return Inventory.from_config(config)
 
 
