@@ -129,6 +129,10 @@ static void store_row(void *out, int bf16, size_t row, int N, int c0, const floa
     }
 }
 
+/* Row stride (floats) of activation and scratch rows: one cache line more than the row, so rows
+ * 4 KiB multiples long do not all map to the same L1 sets when a kernel streams 8 of them. */
+static size_t padded(int n) { return (size_t)n + 16; }
+
 static void set_err(char *err, size_t errlen, const char *msg) {
     if (err && errlen) snprintf(err, errlen, "%s", msg);
 }
@@ -184,7 +188,8 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     const uint8_t *w1 = ex->w1 + (size_t)j0 * ws, *s1 = ex->s1 + (size_t)j0 * ss;
     const uint8_t *w3 = ex->w3 + (size_t)j0 * ws, *s3 = ex->s3 + (size_t)j0 * ss;
     const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
-    for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * D;
+    const size_t DP = padded(D);
+    for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * DP;
     if (m <= FD_DOT_MAX_M && c->xb) {
         for (int t = 0; t < m; t++) th->bptr[t] = c->xb + (size_t)c->pair_tok[p0 + t] * D;
         kern->fp4_dot_bf16(w1, ws, s1, ss, nr, D, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
@@ -193,16 +198,16 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
         kern->fp4_dot(w1, ws, s1, ss, nr, D, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
         kern->fp4_dot(w3, ws, s3, ss, nr, D, th->xptr, m, th->u, FD_ROWS_PER_UNIT);
     } else {
-        float *d1 = th->scratch, *d3 = th->scratch + (size_t)FD_ROWS_PER_UNIT * D;
+        float *d1 = th->scratch, *d3 = th->scratch + (size_t)FD_ROWS_PER_UNIT * DP;
         for (int r = 0; r < nr; r++) {
-            kern->fp4_decode(w1 + r * ws, s1 + r * ss, D, d1 + (size_t)r * D);
-            kern->fp4_decode(w3 + r * ws, s3 + r * ss, D, d3 + (size_t)r * D);
+            kern->fp4_decode(w1 + r * ws, s1 + r * ss, D, d1 + (size_t)r * DP);
+            kern->fp4_decode(w3 + r * ws, s3 + r * ss, D, d3 + (size_t)r * DP);
         }
-        kern->gemm_f32(th->xptr, m, d1, D, nr, D, th->g, FD_ROWS_PER_UNIT);
-        kern->gemm_f32(th->xptr, m, d3, D, nr, D, th->u, FD_ROWS_PER_UNIT);
+        kern->gemm_f32(th->xptr, m, d1, DP, nr, D, th->g, FD_ROWS_PER_UNIT);
+        kern->gemm_f32(th->xptr, m, d3, DP, nr, D, th->u, FD_ROWS_PER_UNIT);
     }
     for (int t = 0; t < m; t++) {
-        float *hrow = c->h + (size_t)(p0 + t) * I;
+        float *hrow = c->h + (size_t)(p0 + t) * padded(I);
         const float wt = c->pair_w[p0 + t];
         for (int r = 0; r < nr; r++) {
             const size_t at = (size_t)t * FD_ROWS_PER_UNIT + r;
@@ -222,14 +227,14 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
     const int D = c->D, I = c->I;
     const int n0 = unit * FD_ROWS_PER_UNIT;
     const int nr = D - n0 < FD_ROWS_PER_UNIT ? D - n0 : FD_ROWS_PER_UNIT;
-    const size_t ws = (size_t)I / 2, ss = (size_t)I / 32;
+    const size_t ws = (size_t)I / 2, ss = (size_t)I / 32, IP = padded(I);
     memset(th->ybuf, 0, sizeof(float) * (size_t)c->T * FD_ROWS_PER_UNIT);
     for (int a = 0; a < c->n_active; a++) {
         const int e = c->active[a];
         const fd_fp4_expert *ex = &c->experts[e];
         const uint8_t *w2 = ex->w2 + (size_t)n0 * ws, *s2 = ex->s2 + (size_t)n0 * ss;
         const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
-        for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * I;
+        for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * IP;
         if (m <= FD_DOT_MAX_M && c->hb) {
             for (int t = 0; t < m; t++) th->bptr[t] = c->hb + (size_t)(p0 + t) * I;
             kern->fp4_dot_bf16(w2, ws, s2, ss, nr, I, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
@@ -237,8 +242,8 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
             kern->fp4_dot(w2, ws, s2, ss, nr, I, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
         } else {
             for (int r = 0; r < nr; r++)
-                kern->fp4_decode(w2 + r * ws, s2 + r * ss, I, th->scratch + (size_t)r * I);
-            kern->gemm_f32(th->xptr, m, th->scratch, I, nr, I, th->g, FD_ROWS_PER_UNIT);
+                kern->fp4_decode(w2 + r * ws, s2 + r * ss, I, th->scratch + (size_t)r * IP);
+            kern->gemm_f32(th->xptr, m, th->scratch, IP, nr, I, th->g, FD_ROWS_PER_UNIT);
         }
         for (int t = 0; t < m; t++) {
             float *yrow = th->ybuf + (size_t)c->pair_tok[p0 + t] * FD_ROWS_PER_UNIT;
@@ -289,7 +294,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     int *pair_tok = (int *)malloc(sizeof(int) * (P ? P : 1));
     float *pair_w = (float *)malloc(sizeof(float) * (P ? P : 1));
     int *perm_i = (int *)malloc(sizeof(int) * (size_t)I);
-    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * D);
+    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * padded(D));
     float *row = (float *)malloc(sizeof(float) * (size_t)D);
     float *h = NULL;
     uint16_t *hb = NULL;
@@ -328,10 +333,10 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j);
     for (int t = 0; t < T; t++) {
         load_row(x, x_bf16, (size_t)t, D, row);
-        fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * D, D);
+        fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(D), D);
     }
     const size_t npairs = (size_t)offset[n_experts];
-    h = (float *)fd_aligned_alloc(sizeof(float) * npairs * (size_t)I);
+    h = (float *)fd_aligned_alloc(sizeof(float) * npairs * padded(I));
     const int bf16_dot = x_bf16 && kern->fp4_dot_bf16 != NULL;
     if (bf16_dot) hb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * npairs * (size_t)I);
     th = (ffn_thread *)calloc((size_t)threads, sizeof(ffn_thread));
@@ -340,7 +345,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         goto done;
     }
     const int need_scratch = max_m > FD_DOT_MAX_M;
-    const size_t dmax = (size_t)(D > I ? D : I);
+    const size_t dmax = padded(D > I ? D : I);
     for (int i = 0; i < threads; i++) {
         th[i].g = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
         th[i].u = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
@@ -442,7 +447,7 @@ static void lin_job(void *p, int tid, int nthreads) {
         const int t0 = (int)(u / c->row_units) * FD_TOKENS_PER_UNIT;
         const int nr = c->N - n0 < FD_ROWS_PER_UNIT ? c->N - n0 : FD_ROWS_PER_UNIT;
         const int m = c->M - t0 < FD_TOKENS_PER_UNIT ? c->M - t0 : FD_TOKENS_PER_UNIT;
-        for (int t = 0; t < m; t++) xptr[t] = c->xp + (size_t)(t0 + t) * K;
+        for (int t = 0; t < m; t++) xptr[t] = c->xp + (size_t)(t0 + t) * padded(K);
         const uint8_t *w, *s = NULL;
         size_t ws, ss = 0;
         if (c->kind == FD_WEIGHT_FP8) {
@@ -466,7 +471,7 @@ static void lin_job(void *p, int tid, int nthreads) {
                 kern->fp4_dot(w, ws, s, ss, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else {
             if (!scratch) {
-                scratch = (float *)fd_aligned_alloc(sizeof(float) * FD_ROWS_PER_UNIT * (size_t)K);
+                scratch = (float *)fd_aligned_alloc(sizeof(float) * FD_ROWS_PER_UNIT * padded(K));
                 if (!scratch) {
                     fd_atomic_store(&c->failed, 1);
                     break;
@@ -474,11 +479,11 @@ static void lin_job(void *p, int tid, int nthreads) {
             }
             for (int r = 0; r < nr; r++) {
                 if (c->kind == FD_WEIGHT_FP8)
-                    kern->fp8_decode(w + r * ws, ts, K, scratch + (size_t)r * K);
+                    kern->fp8_decode(w + r * ws, ts, K, scratch + (size_t)r * padded(K));
                 else
-                    kern->fp4_decode(w + r * ws, s + r * ss, K, scratch + (size_t)r * K);
+                    kern->fp4_decode(w + r * ws, s + r * ss, K, scratch + (size_t)r * padded(K));
             }
-            kern->gemm_f32(xptr, m, scratch, (size_t)K, nr, K, ybuf, FD_ROWS_PER_UNIT);
+            kern->gemm_f32(xptr, m, scratch, padded(K), nr, K, ybuf, FD_ROWS_PER_UNIT);
         }
         for (int t = 0; t < m; t++)
             store_row(c->out, c->out_bf16, (size_t)(t0 + t), c->N, n0,
@@ -497,7 +502,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     }
     if (M == 0) return 0;
     if (threads < 1) threads = 1;
-    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)M * K);
+    float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)M * padded(K));
     float *row = (float *)malloc(sizeof(float) * (size_t)K);
     if (!xp || !row) {
         fd_aligned_free(xp);
@@ -508,9 +513,9 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     for (int t = 0; t < M; t++) {
         if (kind == FD_WEIGHT_FP4) {
             load_row(x, x_bf16, (size_t)t, K, row);
-            fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * K, K);
+            fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(K), K);
         } else {
-            load_row(x, x_bf16, (size_t)t, K, xp + (size_t)t * K);
+            load_row(x, x_bf16, (size_t)t, K, xp + (size_t)t * padded(K));
         }
     }
     lin_ctx c;

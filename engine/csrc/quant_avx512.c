@@ -163,9 +163,17 @@ FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K,
     __m512 acc[4][4];
     for (int j = 0; j < N; j++)
         for (int t = 0; t < M; t++) acc[j][t] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 16) {
-        const int n = K - k < 16 ? K - k : 16;
-        const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv[4];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
+        for (int j = 0; j < N; j++) {
+            __m512 wv = _mm512_loadu_ps(w + (size_t)j * ldw + k);
+            for (int t = 0; t < M; t++) acc[j][t] = _mm512_fmadd_ps(xv[t], wv, acc[j][t]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
         __m512 xv[4];
         for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
         for (int j = 0; j < N; j++) {
@@ -177,8 +185,57 @@ FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K,
         for (int t = 0; t < M; t++) y[(size_t)t * ys + j] = _mm512_reduce_add_ps(acc[j][t]);
 }
 
+/* Many activation rows: transpose the (at most 16) weight rows into a panel [K][16] once, then
+ * each k is one panel load and one broadcast-FMA per activation row into 16-row accumulators
+ * (no horizontal sums, panel reused by every row group). */
+#define PANEL_ROWS 16
+#define PANEL_TOKENS 8
+#define PANEL_MIN_M 64 /* below this the transpose costs more than the dot kernel loses */
+
+FD_INLINE void panel_tokens(const float *const *x, const float *panel, int K, float *y, size_t ys,
+                            __mmask16 rows, const int M) {
+    __m512 acc[PANEL_TOKENS];
+    for (int t = 0; t < M; t++) acc[t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 p = _mm512_load_ps(panel + (size_t)k * PANEL_ROWS);
+        for (int t = 0; t < M; t++) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(x[t][k]), p, acc[t]);
+    }
+    for (int t = 0; t < M; t++) _mm512_mask_storeu_ps(y + (size_t)t * ys, rows, acc[t]);
+}
+
+static int gemm_panel(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
+                      float *y, size_t ys) {
+    float *panel = (float *)fd_aligned_alloc(sizeof(float) * PANEL_ROWS * (size_t)K);
+    if (!panel) return -1;
+    const __mmask16 rows = (__mmask16)((1u << n) - 1u);
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)ldw));
+    for (int k = 0; k < K; k++)
+        _mm512_store_ps(panel + (size_t)k * PANEL_ROWS,
+                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, idx, w + k, 4));
+    for (int t = 0; t < m; t += PANEL_TOKENS) {
+        const float *const *xt = x + t;
+        float *yt = y + (size_t)t * ys;
+        switch (m - t < PANEL_TOKENS ? m - t : PANEL_TOKENS) {
+        case 1: panel_tokens(xt, panel, K, yt, ys, rows, 1); break;
+        case 2: panel_tokens(xt, panel, K, yt, ys, rows, 2); break;
+        case 3: panel_tokens(xt, panel, K, yt, ys, rows, 3); break;
+        case 4: panel_tokens(xt, panel, K, yt, ys, rows, 4); break;
+        case 5: panel_tokens(xt, panel, K, yt, ys, rows, 5); break;
+        case 6: panel_tokens(xt, panel, K, yt, ys, rows, 6); break;
+        case 7: panel_tokens(xt, panel, K, yt, ys, rows, 7); break;
+        default: panel_tokens(xt, panel, K, yt, ys, rows, 8); break;
+        }
+    }
+    fd_aligned_free(panel);
+    return 0;
+}
+
 static void gemm_f32_avx512(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
                             float *y, size_t ys) {
+    if (m >= PANEL_MIN_M && n <= PANEL_ROWS && (size_t)PANEL_ROWS * ldw < ((size_t)1 << 31) &&
+        gemm_panel(x, m, w, ldw, n, K, y, ys) == 0) return;
     for (int t = 0; t < m; t += 4) {
         const int mt = m - t < 4 ? m - t : 4;
         const float *const *xt = x + t;
