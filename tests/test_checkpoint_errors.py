@@ -51,6 +51,11 @@ def test_missing_shard(ckpt):
     assert not report.ok
     assert len(report.problems) == 1 and LAYER1 in report.problems[0]  # its tensors not re-listed
     assert report.shards_checked == 3
+    with pytest.raises(
+        CheckpointError,
+        match=rf"layers\.1\.attn\.wkv\.weight is in shard {LAYER1}, which is missing",
+    ):
+        Checkpoint.open(ckpt, strict=False).tensor("layers.1.attn.wkv.weight")
 
 
 def test_truncated_shard(ckpt):

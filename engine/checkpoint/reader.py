@@ -296,6 +296,12 @@ class Checkpoint:
         try:
             return self._infos[name]
         except KeyError:
+            for shard, names in self._missing_shards.items():
+                if name in names:
+                    raise CheckpointError(
+                        f"{name} is in shard {shard}, which is missing. Download it into "
+                        f"{self.path}."
+                    ) from None
             raise CheckpointError(
                 f"This checkpoint has no tensor {name!r}. Names are official ones such as "
                 "'layers.0.attn.wq_a.weight' (see Checkpoint.names())."
