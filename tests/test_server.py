@@ -779,3 +779,31 @@ def test_app_and_server_share_the_model_lock(monkeypatch):
         if srv.served.lock.locked():
             srv.served.lock.release()
         srv.stop()
+
+
+def test_request_waits_while_the_app_streams_without_the_lock():
+    """An app that streams on the shared Session without taking ServedModel.lock does not make
+    server requests fail: they wait for the session and then run."""
+    srv = Server(make_served(delay_s=0.002, endless=True))
+    session = srv.served.session
+    app_tokens = []
+
+    def app_generates():
+        for event in session.stream(TOKENIZER.encode("<｜User｜>hi<｜Assistant｜></think>")):
+            app_tokens.append(event)
+            if len(app_tokens) == 100:
+                session.cancel()
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            app_turn = pool.submit(app_generates)
+            while not app_tokens:
+                time.sleep(0.005)
+            status, body, _ = srv.chat(thinking={"type": "disabled"}, max_tokens=4)
+            assert app_turn.done()  # the request came back only after the app's turn ended
+        assert status == 200, body
+        assert len(app_tokens) > 100 and app_tokens[-1].stats.stop_reason == "cancelled"
+        assert body["choices"][0]["message"]["content"] == "You said: hello"
+        assert body["choices"][0]["finish_reason"] == "length"
+    finally:
+        srv.stop()

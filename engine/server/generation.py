@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 from flashdesk.engine.generate import SamplingParams, Session, StreamEvent
 
 _END = object()  # sentinel: the job will put nothing more
+SESSION_BUSY = "already generating"  # in the RuntimeError Session.stream raises when busy
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Job:
                 if self._cancel.is_set():
                     return
                 self._running = True
-                for event in self.served.session.stream(self.prompt_ids, self.params):
+                for event in self._session_stream():
                     self._put(event)
                     # Session.stream clears its cancel flag when it starts, so a cancel that
                     # raced with the start is re-sent here; it lands within one token.
@@ -131,6 +132,27 @@ class Job:
             self._put(exc)
         finally:
             self._put(_END)
+
+    def _session_stream(self) -> Iterator[StreamEvent]:
+        """`session.stream(...)`, waiting while the session is busy with a generation the app
+        started without holding `ServedModel.lock` (the session refuses a second stream)."""
+        session = self.served.session
+        while True:
+            stream = session.stream(self.prompt_ids, self.params)
+            try:
+                first = next(stream)
+            except RuntimeError as exc:
+                if SESSION_BUSY not in str(exc):
+                    raise
+                if self._cancel.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            except StopIteration:
+                return
+            yield first
+            yield from stream
+            return
 
     async def stream(self, keepalive_s: float | None = None) -> AsyncIterator[StreamEvent | None]:
         """The job's events as they come; None every `keepalive_s` seconds of silence (so a
