@@ -31,7 +31,7 @@ from flashdesk.engine.generate import ContextOverflowError
 from . import protocol
 from .generation import GenerationQueue, Job, QueueFullError, ServedModel
 from .protocol import RequestError, error_body
-from .schema import ChatCompletionRequest
+from .schema import ChatCompletionRequest, error_responses
 
 log = logging.getLogger("flashdesk.server")
 
@@ -273,12 +273,22 @@ def create_app(
             "context_length": served.context_limit,
         }
 
-    @app.get("/v1/models", summary="The loaded model (an empty list when none is loaded)")
+    common = (401, 403)
+
+    @app.get(
+        "/v1/models",
+        summary="The loaded model (an empty list when none is loaded)",
+        responses=error_responses(*common),
+    )
     async def list_models() -> dict:
         served = provider()
         return {"object": "list", "data": [model_card(served)] if served else []}
 
-    @app.get("/v1/models/{model_id:path}", summary="One model by id")
+    @app.get(
+        "/v1/models/{model_id:path}",
+        summary="One model by id",
+        responses=error_responses(*common, 404),
+    )
     async def get_model(model_id: str) -> dict:
         served = provider()
         if served is None or served.name != model_id:
@@ -290,7 +300,14 @@ def create_app(
             )
         return model_card(served)
 
-    @app.post("/v1/chat/completions", summary="Chat completion (streaming or not)")
+    @app.post(
+        "/v1/chat/completions",
+        summary="Chat completion (streaming or not)",
+        description="With `stream: true` the answer is Server-Sent Events: `data: {chunk}` "
+        "lines (`chat.completion.chunk`), `: keep-alive` comments while queued or prefilling, "
+        "and `data: [DONE]`; an error after the stream started comes as `data: {error}`.",
+        responses=error_responses(*common, 400, 413, 415, 429, 500, 503),
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             return await _chat_completions(body, request)

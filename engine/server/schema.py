@@ -162,3 +162,35 @@ class ChatCompletionRequest(_Lenient):
         default=None, ge=-2, le=2, description="Accepted and ignored, as DeepSeek's API does."
     )
     user: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What happened and what to do.")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error, "
+        "rate_limit_error or server_error"
+    )
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI-shaped."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the error statuses a route can answer with."""
+    meaning = {
+        400: "Malformed JSON, wrong types, or a request the model cannot honour",
+        401: "API key missing or wrong (only when the server has one)",
+        403: "Host header is not a loopback name (DNS-rebinding guard)",
+        404: "No such model",
+        413: "Request body over the server's limit",
+        415: "Body is not application/json",
+        429: "Queue full; retry after the Retry-After seconds",
+        500: "FlashDesk failed; the message says how",
+        503: "No model loaded, or the server is stopping",
+    }
+    return {s: {"model": ErrorResponse, "description": meaning[s]} for s in statuses}
