@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _FP4, _FP8 = 4, 8
+_HIDDEN_BUDGET = 256 << 20  # bytes of expert hidden activations one kernel call may hold
 
 # torch dtypes (by name) whose elements are one raw byte of a packed weight or scale.
 _TORCH_BYTE_DTYPES = {
@@ -283,7 +284,8 @@ class ExpertTable:
     """A set of FP4 experts registered once: shapes checked, buffer addresses gathered.
 
     Build it once per layer and pass it to `expert_ffn` on every call: registering 256 experts
-    costs milliseconds, a call with a table costs microseconds. The table keeps the tensors alive.
+    costs milliseconds, a call with a table costs microseconds. The table keeps the tensors alive;
+    tensors that view a memory-mapped checkpoint need that checkpoint to stay open while in use.
     """
 
     def __init__(self, experts: Sequence[Any]):
@@ -384,22 +386,33 @@ def expert_ffn(
     out_bf16 = _check_out(out, out_shape)
     if T == 0 or k == 0:
         return out
-    _kernels.expert_ffn(
-        _address(x2, "x"),
-        x_bf16,
-        T,
-        table.dim,
-        table.inter,
-        int(table.addresses.__array_interface__["data"][0]),
-        table.n_experts,
-        0 if ids_arr is None else _address(ids_arr, "ids"),
-        _address(w, "weights"),
-        k,
-        _address(out, "out", writable=True),
-        out_bf16,
-        _threads_arg(threads),
-        isa or "",
-    )
+    # The kernel holds every pair's hidden (T·k·I floats): long prompts go through in chunks of
+    # tokens so that stays under _HIDDEN_BUDGET bytes.
+    chunk = max(1, _HIDDEN_BUDGET // (4 * k * table.inter))
+    n_threads = _threads_arg(threads)
+    x_addr, w_addr = _address(x2, "x"), _address(w, "weights")
+    ids_addr = 0 if ids_arr is None else _address(ids_arr, "ids")
+    out_addr = _address(out, "out", writable=True)
+    x_row = table.dim * (2 if x_bf16 else 4)
+    out_row = table.dim * (2 if out_bf16 else 4)
+    for t0 in range(0, T, chunk):
+        n = min(chunk, T - t0)
+        _kernels.expert_ffn(
+            x_addr + t0 * x_row,
+            x_bf16,
+            n,
+            table.dim,
+            table.inter,
+            int(table.addresses.__array_interface__["data"][0]),
+            table.n_experts,
+            ids_addr + t0 * k * 4 if ids_addr else 0,
+            w_addr + t0 * k * 4,
+            k,
+            out_addr + t0 * out_row,
+            out_bf16,
+            n_threads,
+            isa or "",
+        )
     return out
 
 
