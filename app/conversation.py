@@ -336,8 +336,8 @@ class ConversationView(QScrollArea):
     def set_model(self, model: MessageModel) -> None:
         self.model = model
         model.modelReset.connect(self._rebuild)
-        model.rowsInserted.connect(self._rebuild)
-        model.rowsRemoved.connect(self._rebuild)
+        model.rowsInserted.connect(self._on_inserted)
+        model.rowsRemoved.connect(self._on_removed)
         model.dataChanged.connect(self._on_changed)
         self._rebuild()
 
@@ -345,21 +345,49 @@ class ConversationView(QScrollArea):
         self.busy = busy
         self._refresh_all()
 
+    def _make_widget(self, row: int) -> MessageWidget:
+        w = MessageWidget(row, self.container)
+        w.copy_requested.connect(self.copy_requested)
+        w.regenerate_requested.connect(self.regenerate_requested)
+        return w
+
     def _rebuild(self, *_args) -> None:
+        """A different chat: new widgets for every row."""
         assert self.model is not None
         for w in self.widgets:
             self.column.removeWidget(w)
             w.deleteLater()
         self.widgets = []
         for row in range(self.model.rowCount()):
-            w = MessageWidget(row, self.container)
-            w.copy_requested.connect(self.copy_requested)
-            w.regenerate_requested.connect(self.regenerate_requested)
+            w = self._make_widget(row)
             self.column.insertWidget(self.column.count() - 1, w)
             self.widgets.append(w)
         self.placeholder.setVisible(not self.widgets)
         self._follow = True
         self._refresh_all()
+
+    def _on_inserted(self, _parent, first: int, last: int) -> None:
+        """New rows get new widgets; the others (and their expanded reasoning) stay as they are."""
+        for row in range(first, last + 1):
+            w = self._make_widget(row)
+            self.column.insertWidget(1 + row, w)  # index 0 is the placeholder
+            self.widgets.insert(row, w)
+        self._after_change(first)
+
+    def _on_removed(self, _parent, first: int, last: int) -> None:
+        for row in range(last, first - 1, -1):
+            w = self.widgets.pop(row)
+            self.column.removeWidget(w)
+            w.deleteLater()
+        self._after_change(first)
+
+    def _after_change(self, first: int) -> None:
+        for i, w in enumerate(self.widgets):
+            w.row = i
+        self.placeholder.setVisible(not self.widgets)
+        self._follow = True
+        for row in range(max(first - 1, 0), len(self.widgets)):
+            self._refresh(row)
 
     def _refresh_all(self) -> None:
         for row in range(len(self.widgets)):

@@ -144,7 +144,10 @@ class ProbePage(QWizardPage):
         layout.addWidget(self.table)
         row = QHBoxLayout()
         self.measure_button = QPushButton("Measure bandwidth")
-        self.measure_button.setToolTip("Time reading a large buffer from RAM (a few seconds)")
+        self.measure_button.setToolTip(
+            "Time reading a large buffer from RAM and, with an NVIDIA GPU, copies to it "
+            "(a few seconds)"
+        )
         self.measure_button.clicked.connect(self.measure)
         row.addWidget(self.measure_button)
         self.progress = QProgressBar()
@@ -611,7 +614,11 @@ class FitWizard(QWizard):
         from flashdesk.offload import bandwidth
 
         cores = self.profile.physical_cores.value if self.profile else 0
-        return bandwidth.ram_read_gbps(threads=int(cores or 0), remeasure=True)
+        ram = bandwidth.ram_read_gbps(threads=int(cores or 0), remeasure=True)
+        for gpu in self.profile.gpus if self.profile else []:
+            if not gpu.unified.value:
+                bandwidth.fill_host_to_device(gpu, remeasure=True)  # PCIe copies, when CUDA works
+        return ram
 
     def set_model(self, choice: ModelChoice) -> None:
         if self.choice is None or (choice.name, choice.path) != (

@@ -113,6 +113,11 @@ def test_mode_selector_changes_encoded_prompt(qtbot, window):
     widget.reasoning_toggle.click()
     assert not widget.reasoning.isHidden()
     assert window.history.messages(window.chat_id)[-1].reasoning == answer.reasoning
+    # The next turn adds widgets without rebuilding the ones shown: the block stays expanded.
+    send(qtbot, window, "three")
+    assert window.conversation.widgets[3] is widget and not widget.reasoning.isHidden()
+    assert [w.row for w in window.conversation.widgets] == list(range(6))
+    assert widget.regenerate_button.isHidden()  # only the last answer offers Regenerate
     assert Settings.load(window.data_folder).mode == "Think High"
 
 
