@@ -71,6 +71,35 @@ class PromptEdit(QPlainTextEdit):
 
     send_requested = Signal()
     stop_requested = Signal()
+    files_dropped = Signal(list)
+
+    @staticmethod
+    def _local_files(event) -> list[str]:
+        mime = event.mimeData()
+        if not mime.hasUrls():
+            return []
+        return [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
+
+    def dragEnterEvent(self, event) -> None:
+        if self._local_files(event):
+            event.acceptProposedAction()
+        else:
+            super().dragEnterEvent(event)
+
+    def dragMoveEvent(self, event) -> None:
+        if self._local_files(event):
+            event.acceptProposedAction()
+        else:
+            super().dragMoveEvent(event)
+
+    def dropEvent(self, event) -> None:
+        """Files dropped on the input become documents, not their paths as text."""
+        files = self._local_files(event)
+        if files:
+            self.files_dropped.emit(files)
+            event.acceptProposedAction()
+        else:
+            super().dropEvent(event)
 
     def keyPressEvent(self, event) -> None:
         key, mods = event.key(), event.modifiers()
@@ -178,6 +207,7 @@ class MainWindow(QMainWindow):
         self.input.setMaximumHeight(96)
         self.input.send_requested.connect(self.send)
         self.input.stop_requested.connect(self.stop)
+        self.input.files_dropped.connect(self.documents.add_files)
         self.input.textChanged.connect(self._preview_context)
         centre_layout.addWidget(self.input)
 

@@ -39,7 +39,7 @@ def files(tmp_path):
     return pdf, word
 
 
-def drop(win, paths):
+def drop(target, paths):
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
     event = QDropEvent(
@@ -49,7 +49,7 @@ def drop(win, paths):
         Qt.MouseButton.LeftButton,
         Qt.KeyboardModifier.NoModifier,
     )
-    win.dropEvent(event)
+    target.dropEvent(event)
 
 
 def test_dropped_pdf_and_docx_become_chips_with_token_counts(qtbot, tmp_path, files):
@@ -85,6 +85,16 @@ def test_dropped_pdf_and_docx_become_chips_with_token_counts(qtbot, tmp_path, fi
     assert [a["name"] for a in saved.attachments] == ["report.pdf", "notes.docx"]
     assert sum(a["tokens"] for a in saved.attachments) == total
     assert "report.pdf" in win.conversation.widgets[0].attachments.text()
+    win.close()
+
+
+def test_files_dropped_on_the_input_box_are_attached_not_pasted(qtbot, tmp_path, files):
+    pdf, _ = files
+    win = make_window(qtbot, tmp_path / "data")
+    drop(win.input, [pdf])
+    assert win.input.toPlainText() == ""
+    qtbot.waitUntil(lambda: not win.documents.busy and len(win.documents.chips) == 1, timeout=20000)
+    assert next(iter(win.documents.chips.values())).attachment["name"] == "report.pdf"
     win.close()
 
 
