@@ -123,8 +123,11 @@ class IncrementalDecoder:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [vocab] -> one token id: greedy at temperature 0, else top-k / top-p sampling."""
-    logits = logits.float().reshape(-1)
+    """logits [vocab] -> one token id: greedy at temperature 0, else top-k / top-p sampling.
+
+    Sampling runs on the CPU (one 0.5 MB copy per token), so a seeded CPU generator gives the
+    same draws whichever device produced the logits."""
+    logits = logits.detach().float().reshape(-1).cpu()
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
