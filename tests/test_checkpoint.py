@@ -259,3 +259,37 @@ def test_written_files_have_the_official_header_form(tiny_dir):
             for e in header.entries.values()
         )
         assert begins[0] == header.data_start
+
+
+def test_make_checkpoint_flash_configs():
+    import argparse
+
+    from flashdesk.engine.checkpoint_cli import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(["--out", "x", "--preset", "flash", "--layers", "2"]))
+    assert (
+        cfg.replace(num_hidden_layers=43, compress_ratios=ModelConfig.v4_flash().compress_ratios)
+        == ModelConfig.v4_flash()
+    )
+    assert cfg.compress_ratios == (0, 0, 0) and inventory(cfg).layer_bytes(1) > 3.5e9
+    args = [
+        "--out",
+        "x",
+        "--preset",
+        "flash",
+        "--layers",
+        "2",
+        "--ratios",
+        "4,128",
+        "--experts",
+        "16",
+        "--mtp",
+        "0",
+    ]
+    cfg = build_config(parser.parse_args(args))
+    assert (cfg.compress_ratios, cfg.n_routed_experts, cfg.num_hidden_layers) == ((4, 128), 16, 2)
+    assert [s.attention for s in cfg.layers] == ["csa", "hca"]
+    with pytest.raises(ValueError, match="--ratios has 1 entries"):
+        build_config(parser.parse_args(["--out", "x", "--layers", "2", "--ratios", "4"]))
