@@ -333,6 +333,28 @@ class ExpertTable:
     def __len__(self) -> int:
         return self.n_experts
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Any, layer: int, experts: Any = None) -> ExpertTable:
+        """The routed experts of `layer` (index into the config's layers; the MTP block follows
+        the main layers) straight from a `flashdesk.engine.checkpoint.Checkpoint`, as zero-copy
+        views of its memory-mapped shards: keep the checkpoint open while the table is in use.
+        experts: which expert indices (default: all), in table order."""
+        config = checkpoint.config
+        if config is None:
+            raise ValueError("the checkpoint has no config.json; the layer's expert names need it")
+        prefix = config.layer(layer).prefix
+        indices = range(config.n_routed_experts) if experts is None else list(experts)
+        return cls(
+            [
+                {
+                    f"{w}.{part}": checkpoint.raw(f"{prefix}ffn.experts.{e}.{w}.{part}")
+                    for w in ("w1", "w2", "w3")
+                    for part in ("weight", "scale")
+                }
+                for e in indices
+            ]
+        )
+
 
 def expert_ffn(
     x: Any,

@@ -423,16 +423,10 @@ def test_expert_ffn_matches_the_forward_pass_moe(tmp_path):
             torch.stack([d[1] for d in deq]),
             config.swiglu_limit,
         )
-        table = kernels.ExpertTable(
-            [
-                {
-                    f"{w}.{part}": ckpt.raw(f"{p}{e}.{w}.{part}")
-                    for w in ("w1", "w2", "w3")
-                    for part in ("weight", "scale")
-                }
-                for e in range(E)
-            ]
-        )
+        table = kernels.ExpertTable.from_checkpoint(ckpt, layer)
+        assert len(table) == E and table.dim == config.hidden_size
+        subset = kernels.ExpertTable.from_checkpoint(ckpt, layer, [E - 1])
+        assert subset.addresses[0, 0] == ckpt.raw(f"{p}{E - 1}.w1.weight").data_ptr()
         gen = torch.Generator().manual_seed(0)
         T, k = 9, config.num_experts_per_tok
         x = torch.randn(T, config.hidden_size, generator=gen) * 3
