@@ -366,8 +366,9 @@ def create_app(
             )
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
-            async for event in job.stream():
-                turn.feed(event)
+            async for batch in job.batches():
+                for event in batch:
+                    turn.feed(event)
                 if turn.stopped_by_string:
                     job.cancel()
         except ContextOverflowError as exc:
@@ -432,12 +433,17 @@ async def _sse(
     created = int(time.time())
     try:
         yield _sse_data(protocol.chunk(rid, model, created, {"role": "assistant", "content": ""}))
-        async for event in job.stream(keepalive_s=KEEPALIVE_S):
-            if event is None:
+        async for batch in job.batches(keepalive_s=KEEPALIVE_S):
+            if not batch:
                 yield ": keep-alive\n\n"
                 continue
-            for delta in turn.feed(event):
-                yield _sse_data(protocol.chunk(rid, model, created, delta))
+            out = [
+                _sse_data(protocol.chunk(rid, model, created, delta))
+                for event in batch
+                for delta in turn.feed(event)
+            ]
+            if out:
+                yield "".join(out)
             if turn.stopped_by_string:
                 job.cancel()
         _check_not_interrupted(turn)

@@ -154,20 +154,32 @@ class Job:
             yield from stream
             return
 
-    async def stream(self, keepalive_s: float | None = None) -> AsyncIterator[StreamEvent | None]:
-        """The job's events as they come; None every `keepalive_s` seconds of silence (so a
-        streaming response can send a keep-alive while the job waits or prefills)."""
+    async def batches(self, keepalive_s: float | None = None) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events, in batches of whatever arrived together (a fast model outruns the
+        client; one write per batch instead of one per token). An empty batch every
+        `keepalive_s` seconds of silence lets a stream send a keep-alive while the job waits or
+        prefills."""
         while True:
             try:
-                item = await asyncio.wait_for(self.events.get(), keepalive_s)
+                first = await asyncio.wait_for(self.events.get(), keepalive_s)
             except asyncio.TimeoutError:
-                yield None
+                yield []
                 continue
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            items = [first]
+            while not self.events.empty():
+                items.append(self.events.get_nowait())
+            batch: list[StreamEvent] = []
+            for item in items:
+                if item is _END:
+                    if batch:
+                        yield batch
+                    return
+                if isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    raise item
+                batch.append(item)
+            yield batch
 
 
 class GenerationQueue:
