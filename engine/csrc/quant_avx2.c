@@ -116,29 +116,32 @@ static void fp4_decode_avx2(const uint8_t *w, const uint8_t *s, int K, float *ds
     }
 }
 
-/* 8 E4M3 bytes -> 8 exact floats (fp16 bit move + F16C; NaN codes patched). */
-FD_INLINE __m256 e4m3_decode8(__m128i bytes8) {
-    __m128i wds = _mm_cvtepu8_epi16(bytes8);
-    const __m128i low7 = _mm_set1_epi16(0x7F);
-    __m128i mag = _mm_and_si128(wds, low7);
-    __m128i h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_andnot_si128(low7, wds), 8));
-    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
-    __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, low7));
-    return _mm256_or_ps(v, _mm256_castsi256_ps(nan));
+/* 16 E4M3 bytes -> 16 floats equal to the E4M3 values times 2^-8, exactly: the sign-extended
+ * byte shifted left 7 is the fp16 with the same fields (bias 15 for 7; subnormals stay
+ * subnormal), converted with F16C; NaN codes become fp16 0xFFFF. The 2^8 goes onto each tile's
+ * partial sum (exact). */
+FD_INLINE void e4m3_decode16(__m128i bytes, __m256 out[2]) {
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                 _mm256_set1_epi16((short)0xBF80));
+    const __m256i all = _mm256_set1_epi16(0x3F80);
+    h = _mm256_or_si256(h, _mm256_cmpeq_epi16(_mm256_and_si256(h, all), all));
+    out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
-/* Loads n < 8 trailing elements zero-padded (bytes and floats). */
+/* Loads n < 16 trailing elements zero-padded (bytes and floats). */
 FD_INLINE __m128i load_bytes_tail(const uint8_t *p, int n) {
-    uint8_t buf[8] = {0};
+    uint8_t buf[16] = {0};
     memcpy(buf, p, (size_t)n);
-    return _mm_loadl_epi64((const __m128i *)buf);
+    return _mm_loadu_si128((const __m128i *)buf);
 }
 FD_INLINE __m256 load_floats_tail(const float *p, int n) {
     float buf[8] = {0};
-    memcpy(buf, p, sizeof(float) * (size_t)n);
+    memcpy(buf, p, sizeof(float) * (size_t)(n < 8 ? n : 8));
     return _mm256_loadu_ps(buf);
 }
 
+/* Two partial sums per (row, activation row) so consecutive FMAs do not wait on each other. */
 FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, int K,
                           const float *const *x, float *y, size_t ys, const int R, const int M) {
     __m256 acc[2][FD_DOT_MAX_M];
@@ -146,24 +149,39 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
         for (int t = 0; t < M; t++) acc[i][t] = _mm256_setzero_ps();
     for (int k0 = 0; k0 < K; k0 += 128) {
         const int k1 = k0 + 128 < K ? k0 + 128 : K;
-        __m256 part[2][FD_DOT_MAX_M];
+        __m256 p0[2][FD_DOT_MAX_M], p1[2][FD_DOT_MAX_M];
         for (int i = 0; i < R; i++)
-            for (int t = 0; t < M; t++) part[i][t] = _mm256_setzero_ps();
-        for (int k = k0; k < k1; k += 8) {
-            const int n = k1 - k < 8 ? k1 - k : 8;
-            __m256 xv[FD_DOT_MAX_M];
-            for (int t = 0; t < M; t++)
-                xv[t] = n == 8 ? _mm256_loadu_ps(x[t] + k) : load_floats_tail(x[t] + k, n);
+            for (int t = 0; t < M; t++) p0[i][t] = p1[i][t] = _mm256_setzero_ps();
+        int k = k0;
+        for (; k + 16 <= k1; k += 16) {
             for (int i = 0; i < R; i++) {
-                const uint8_t *wk = w + (size_t)i * ws + k;
-                __m128i bytes = n == 8 ? _mm_loadl_epi64((const __m128i *)wk) : load_bytes_tail(wk, n);
-                __m256 wv = e4m3_decode8(bytes);
-                for (int t = 0; t < M; t++) part[i][t] = _mm256_fmadd_ps(wv, xv[t], part[i][t]);
+                __m256 wv[2];
+                e4m3_decode16(_mm_loadu_si128((const __m128i *)(w + (size_t)i * ws + k)), wv);
+                for (int t = 0; t < M; t++) {
+                    p0[i][t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(x[t] + k), p0[i][t]);
+                    p1[i][t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(x[t] + k + 8), p1[i][t]);
+                }
             }
         }
-        const __m256 sc = _mm256_set1_ps(tile_scale[k0 / 128]);
+        if (k < k1) { /* ragged end of the last tile: zero-padded */
+            const int n = k1 - k;
+            for (int i = 0; i < R; i++) {
+                __m256 wv[2];
+                e4m3_decode16(load_bytes_tail(w + (size_t)i * ws + k, n), wv);
+                for (int t = 0; t < M; t++) {
+                    __m256 xa = load_floats_tail(x[t] + k, n);
+                    __m256 xb = n > 8 ? load_floats_tail(x[t] + k + 8, n - 8) : _mm256_setzero_ps();
+                    p0[i][t] = _mm256_fmadd_ps(wv[0], xa, p0[i][t]);
+                    p1[i][t] = _mm256_fmadd_ps(wv[1], xb, p1[i][t]);
+                }
+            }
+        }
+        const __m256 sc = _mm256_set1_ps(tile_scale[k0 / 128]), two8 = _mm256_set1_ps(256.0f);
         for (int i = 0; i < R; i++)
-            for (int t = 0; t < M; t++) acc[i][t] = _mm256_fmadd_ps(part[i][t], sc, acc[i][t]);
+            for (int t = 0; t < M; t++) {
+                __m256 part = _mm256_mul_ps(_mm256_add_ps(p0[i][t], p1[i][t]), two8);
+                acc[i][t] = _mm256_fmadd_ps(part, sc, acc[i][t]);
+            }
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = hsum256(acc[i][t]);
@@ -172,15 +190,14 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
 static void fp8_dot_avx2(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
                          const float *const *x, int m, float *y, size_t ys) {
     int r = 0;
-    for (; r + 2 <= rows; r += 2) {
-        const uint8_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 1); break;
-        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 2); break;
-        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 3); break;
-        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 4); break;
+    if (m <= 2) /* two rows at a time while the registers allow it */
+        for (; r + 2 <= rows; r += 2) {
+            const uint8_t *wr = w + (size_t)r * ws;
+            if (m == 1)
+                fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 1);
+            else
+                fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 2);
         }
-    }
     for (; r < rows; r++) {
         const uint8_t *wr = w + (size_t)r * ws;
         switch (m) {
@@ -194,9 +211,12 @@ static void fp8_dot_avx2(const uint8_t *w, size_t ws, const float *tile_scale, i
 
 static void fp8_decode_avx2(const uint8_t *w, const float *tile_scale, int K, float *dst) {
     int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 v = e4m3_decode8(_mm_loadl_epi64((const __m128i *)(w + k)));
-        _mm256_storeu_ps(dst + k, _mm256_mul_ps(v, _mm256_set1_ps(tile_scale[k / 128])));
+    for (; k + 16 <= K; k += 16) {
+        __m256 v[2];
+        e4m3_decode16(_mm_loadu_si128((const __m128i *)(w + k)), v);
+        const __m256 sc = _mm256_set1_ps(tile_scale[k / 128]), two8 = _mm256_set1_ps(256.0f);
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_mul_ps(v[0], two8), sc));
+        _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(_mm256_mul_ps(v[1], two8), sc));
     }
     for (; k < K; k++) dst[k] = fd_e4m3_f32[w[k]] * tile_scale[k / 128];
 }

@@ -84,17 +84,16 @@ static void fp4_decode_avx512(const uint8_t *w, const uint8_t *s, int K, float *
     }
 }
 
-/* 16 E4M3 bytes -> 16 exact floats: the bits are moved into an fp16 (bias 15 instead of 7, so
- * E4M3 subnormals stay fp16 subnormals), converted by vcvtph2ps, times 2^8; NaN codes patched. */
+/* 16 E4M3 bytes -> 16 floats equal to the E4M3 values times 2^-8, exactly: the sign-extended
+ * byte shifted left 7 is the fp16 with the same sign, exponent and mantissa fields (bias 15 for
+ * 7, so E4M3 subnormals stay fp16 subnormals), converted by vcvtph2ps; NaN codes patched. The
+ * 2^8 goes onto each tile's partial sum, which is exact. */
 FD_INLINE __m512 e4m3_decode16(__m128i bytes) {
-    __m256i wds = _mm256_cvtepu8_epi16(bytes);
-    const __m256i low7 = _mm256_set1_epi16(0x7F);
-    __m256i mag = _mm256_and_si256(wds, low7);
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
-                                _mm256_slli_epi16(_mm256_andnot_si256(low7, wds), 8));
-    __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
-    __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, low7);
-    return _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(NAN));
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                 _mm256_set1_epi16((short)0xBF80));
+    const __m256i all = _mm256_set1_epi16(0x3F80);
+    __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, all), all);
+    return _mm512_mask_mov_ps(_mm512_cvtph_ps(h), nan, _mm512_set1_ps(NAN));
 }
 
 FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, int K,
@@ -107,20 +106,28 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
         __m512 part[4][FD_DOT_MAX_M];
         for (int i = 0; i < R; i++)
             for (int t = 0; t < M; t++) part[i][t] = _mm512_setzero_ps();
-        for (int k = k0; k < k1; k += 16) {
-            const int n = k1 - k < 16 ? k1 - k : 16;
-            const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+        int k = k0;
+        for (; k + 16 <= k1; k += 16) {
             __m512 xv[FD_DOT_MAX_M];
-            for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
+            for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
             for (int i = 0; i < R; i++) {
-                __m128i bytes = _mm_maskz_loadu_epi8(mk, w + (size_t)i * ws + k);
-                __m512 wv = e4m3_decode16(bytes);
+                __m512 wv = e4m3_decode16(_mm_loadu_si128((const __m128i *)(w + (size_t)i * ws + k)));
                 for (int t = 0; t < M; t++) part[i][t] = _mm512_fmadd_ps(wv, xv[t], part[i][t]);
             }
         }
-        const __m512 sc = _mm512_set1_ps(tile_scale[k0 / 128]);
+        if (k < k1) { /* ragged end of the last tile */
+            const __mmask16 mk = (__mmask16)((1u << (k1 - k)) - 1u);
+            __m512 xv[FD_DOT_MAX_M];
+            for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
+            for (int i = 0; i < R; i++) {
+                __m512 wv = e4m3_decode16(_mm_maskz_loadu_epi8(mk, w + (size_t)i * ws + k));
+                for (int t = 0; t < M; t++) part[i][t] = _mm512_fmadd_ps(wv, xv[t], part[i][t]);
+            }
+        }
+        const __m512 sc = _mm512_set1_ps(tile_scale[k0 / 128]), two8 = _mm512_set1_ps(256.0f);
         for (int i = 0; i < R; i++)
-            for (int t = 0; t < M; t++) acc[i][t] = _mm512_fmadd_ps(part[i][t], sc, acc[i][t]);
+            for (int t = 0; t < M; t++)
+                acc[i][t] = _mm512_fmadd_ps(_mm512_mul_ps(part[i][t], two8), sc, acc[i][t]);
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
@@ -154,6 +161,7 @@ static void fp8_decode_avx512(const uint8_t *w, const float *tile_scale, int K, 
         const int n = K - k < 16 ? K - k : 16;
         const __mmask16 mk = (__mmask16)((1u << n) - 1u);
         __m512 v = e4m3_decode16(_mm_maskz_loadu_epi8(mk, w + k));
+        v = _mm512_mul_ps(v, _mm512_set1_ps(256.0f));
         _mm512_mask_storeu_ps(dst + k, mk, _mm512_mul_ps(v, _mm512_set1_ps(tile_scale[k / 128])));
     }
 }
