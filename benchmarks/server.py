@@ -122,7 +122,7 @@ def run(json_output: bool = False) -> dict:
     figures = {
         "machine": info,
         "tokens": TOKENS,
-        "direct_decode_tok_s": direct,
+        "direct_tok_s": direct,
         "server_stream_tok_s": via_http,
         "stream_ratio": via_http / direct if direct else None,
         "direct_one_token_ms": one_direct * 1000,
