@@ -23,6 +23,7 @@ _spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_n
 _machine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_machine)
 
+ROUNDS = 5  # alternating RAM-bandwidth / decode measurements
 GROUPS = 4  # groups of 6 experts cycled through (4 × 80 MB, well above any last-level cache)
 TOP_K = 6
 BATCHES = (8, 32, 128, 512)
@@ -105,7 +106,14 @@ def run(json_output: bool = False) -> dict:
         return decode
 
     # bf16 activations are the model's default (spec §2.1); fp32 is the exact oracle path.
-    t_decode = _median_time(decode_with(x1_bf16), 40)
+    # RAM bandwidth and decode are measured in alternating rounds and the ratio is taken per
+    # round, so a machine whose load drifts (shared hosts) still gets a like-for-like ratio.
+    rounds = []
+    for _ in range(ROUNDS):
+        ram_i = _kernels.read_bandwidth(256 << 20, threads, 0.2)
+        t_i = _median_time(decode_with(x1_bf16), 12)
+        rounds.append((call_bytes / t_i / 1e9 / ram_i, t_i, ram_i))
+    ratio, t_decode, ram_round = sorted(rounds)[len(rounds) // 2]
     t_decode_fp32 = _median_time(decode_with(x1), 40)
     expert_gbps = call_bytes / t_decode / 1e9
 
@@ -156,7 +164,8 @@ def run(json_output: bool = False) -> dict:
         "decode_ms_fp32": t_decode_fp32 * 1e3,
         "expert_gbps_fp32": call_bytes / t_decode_fp32 / 1e9,
         "expert_gbps": expert_gbps,
-        "bandwidth_ratio": expert_gbps / ram,
+        "bandwidth_ratio": ratio,
+        "ram_read_gbps_round": ram_round,
         "core_decode_gbps": core_gbps,
         "compute_ceiling_ratio": min(1.0, core_gbps * threads / ram),
         "torch_ms": t_torch * 1e3,
@@ -170,7 +179,8 @@ def run(json_output: bool = False) -> dict:
         print(
             f"decode, 6 experts ({call_bytes / 1e6:.1f} MB), bf16 activations: "
             f"{t_decode * 1e3:.2f} ms = {expert_gbps:.1f} GB/s = "
-            f"{figures['bandwidth_ratio']:.2f} x the bound (goal 0.85)"
+            f"{ratio:.2f} x the bound measured in the same round ({ram_round:.1f} GB/s; median "
+            f"of {ROUNDS} rounds; goal 0.85)"
         )
         print(
             f"decode, fp32 activations: {t_decode_fp32 * 1e3:.2f} ms = "
