@@ -2,7 +2,7 @@
  *
  * Work is cut into units of a few weight rows and handed out through an atomic counter, so every
  * thread keeps streaming weights until the phase is done. The expert FFN has two phases with one
- * barrier: (1) units of (expert, 16 rows of W1 and W3) write h for all of that expert's tokens;
+ * wait: (1) units of (expert, 16 rows of W1 and W3) write h for all of that expert's tokens;
  * (2) units of 16 output rows loop over the active experts' W2 rows, so each output element is
  * owned by one thread and accumulated in fp32 across experts before it is added into out.
  * Up to FD_DOT_MAX_M tokens per expert use the fused decode-and-dot kernel (decode / small
@@ -168,6 +168,7 @@ typedef struct {
     ffn_thread *th;
     int units1_per_expert, units2;
     fd_atomic_int next1, next2;
+    fd_atomic_int done1; /* phase-1 units finished: phase 2 reads every h */
 } ffn_ctx;
 
 static float swiglu_clamped(float g, float u) {
@@ -257,6 +258,7 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
 }
 
 static void ffn_job(void *p, int tid, int nthreads) {
+    (void)nthreads;
     ffn_ctx *c = (ffn_ctx *)p;
     ffn_thread *th = &c->th[tid];
     const int units1 = c->n_active * c->units1_per_expert;
@@ -264,8 +266,16 @@ static void ffn_job(void *p, int tid, int nthreads) {
         long u = fd_atomic_add(&c->next1, 1) - 1;
         if (u >= units1) break;
         ffn_unit1(c, th, (int)u);
+        fd_atomic_add(&c->done1, 1);
     }
-    fd_pool_barrier(nthreads);
+    /* Wait for the phase-1 units other threads are still on (not for threads that never came). */
+    int spins = 0;
+    while (fd_atomic_load(&c->done1) < units1) {
+        if (++spins < 2000)
+            fd_cpu_relax();
+        else
+            fd_yield();
+    }
     for (;;) {
         long u = fd_atomic_add(&c->next2, 1) - 1;
         if (u >= c->units2) break;

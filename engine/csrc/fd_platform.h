@@ -62,13 +62,14 @@ void fd_yield(void);
 /* A persistent pool: worker threads are created once and wait between jobs (spinning briefly, then
  * sleeping), so a kernel call costs microseconds to dispatch, not a thread start per call.
  *
- * fd_pool_run runs fn(ctx, tid, nthreads) for tid in [0, nthreads) — the caller is tid 0 — and
- * returns when all have finished. Calls from several OS threads are serialised. Inside a job,
- * fd_pool_barrier() waits until all nthreads of that job reach it. Returns the thread count used
- * (nthreads clipped to [1, FD_POOL_MAX_THREADS]; fewer if workers could not be started). */
+ * fd_pool_run runs fn(ctx, tid, nthreads) on the caller (tid 0) and on as many of the workers
+ * (tids 1..nthreads-1) as join while the caller is still working, and returns when the caller and
+ * every worker that joined have finished. A worker that is slow to wake skips the job, so fn must
+ * share its work dynamically (e.g. an atomic counter of units), never by tid. Calls from several
+ * OS threads are serialised. Returns nthreads clipped to [1, FD_POOL_MAX_THREADS] (fewer if
+ * workers could not be started). */
 #define FD_POOL_MAX_THREADS 256
 typedef void (*fd_job_fn)(void *ctx, int tid, int nthreads);
 int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads);
-void fd_pool_barrier(int nthreads);
 
 #endif

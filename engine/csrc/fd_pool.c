@@ -3,6 +3,12 @@
  * Workers spin for a short while after each job (a decode step calls the kernels twice per layer,
  * ~1 ms apart), then sleep on a condition variable so an idle app costs no CPU. One job runs at a
  * time; callers from several OS threads queue on run_lock.
+ *
+ * A job never waits for a worker that has not started on it: on a busy desktop a woken worker may
+ * get its core milliseconds later. The caller works through the job's units itself, then closes
+ * the job and waits only for workers already inside it ("active"); a worker that arrives after the
+ * close skips the job without touching it. Jobs therefore hand out work dynamically and must not
+ * assume that all nthreads run.
  */
 #include <stdlib.h>
 
@@ -46,13 +52,12 @@ typedef struct {
     int initialised;
     int nworkers;       /* started worker threads (tids 1..nworkers) */
     fd_atomic_int generation;
-    fd_atomic_int pending;
+    fd_atomic_int open;   /* 1 while the current job admits workers */
+    fd_atomic_int active; /* workers inside the current job */
     fd_atomic_int sleepers;
     fd_job_fn fn;
     void *ctx;
     int job_threads;
-    fd_atomic_int barrier_count;
-    fd_atomic_int barrier_generation;
 #if !defined(_WIN32)
     pid_t owner_pid;    /* threads do not survive fork(): a child starts a fresh pool */
 #endif
@@ -111,9 +116,17 @@ static void fd_pool_worker(int tid, long seen) {
             fd_mutex_unlock(&g_pool.lock);
             spins = 0;
         }
-        seen = gen;
-        if (tid < g_pool.job_threads) g_pool.fn(g_pool.ctx, tid, g_pool.job_threads);
-        fd_atomic_add(&g_pool.pending, -1);
+        (void)gen;
+        fd_atomic_add(&g_pool.active, 1);
+        if (fd_atomic_load(&g_pool.open)) {
+            /* Inside a job: it cannot close, nor a new one open, until active drops again. */
+            seen = fd_atomic_load(&g_pool.generation);
+            const int n = g_pool.job_threads;
+            if (tid < n) g_pool.fn(g_pool.ctx, tid, n);
+        } else {
+            seen = fd_atomic_load(&g_pool.generation); /* woke too late: that job is over */
+        }
+        fd_atomic_add(&g_pool.active, -1);
     }
 }
 
@@ -175,6 +188,8 @@ int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads) {
         g_pool.owner_pid = getpid();
         g_pool.nworkers = 0;
         g_pool.sleepers = 0;
+        g_pool.active = 0;
+        g_pool.open = 0;
     }
 #endif
     while (g_pool.nworkers < nthreads - 1) {
@@ -190,15 +205,15 @@ int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads) {
     g_pool.fn = fn;
     g_pool.ctx = ctx;
     g_pool.job_threads = nthreads;
-    fd_atomic_store(&g_pool.barrier_count, 0);
-    fd_atomic_store(&g_pool.pending, g_pool.nworkers);
+    fd_atomic_store(&g_pool.open, 1);
     fd_mutex_lock(&g_pool.lock);
     fd_atomic_add(&g_pool.generation, 1);
     if (fd_atomic_load(&g_pool.sleepers) > 0) fd_cond_broadcast(&g_pool.wake);
     fd_mutex_unlock(&g_pool.lock);
     fn(ctx, 0, nthreads);
+    fd_atomic_store(&g_pool.open, 0);
     int spins = 0;
-    while (fd_atomic_load(&g_pool.pending) > 0) {
+    while (fd_atomic_load(&g_pool.active) > 0) {
         if (++spins < FD_SPIN_BEFORE_YIELD)
             fd_cpu_relax();
         else
@@ -206,21 +221,4 @@ int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads) {
     }
     fd_mutex_unlock(&g_pool.run_lock);
     return nthreads;
-}
-
-void fd_pool_barrier(int nthreads) {
-    if (nthreads <= 1) return;
-    long gen = fd_atomic_load(&g_pool.barrier_generation);
-    if (fd_atomic_add(&g_pool.barrier_count, 1) == nthreads) {
-        fd_atomic_store(&g_pool.barrier_count, 0);
-        fd_atomic_add(&g_pool.barrier_generation, 1);
-        return;
-    }
-    int spins = 0;
-    while (fd_atomic_load(&g_pool.barrier_generation) == gen) {
-        if (++spins < FD_SPIN_BEFORE_YIELD)
-            fd_cpu_relax();
-        else
-            fd_yield();
-    }
 }
