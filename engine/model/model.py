@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flashdesk.engine.cache import SequenceState, new_layer_state
+from flashdesk.engine.cache import LayerState, SequenceState, new_layer_state
 from flashdesk.engine.config import LayerSpec, ModelConfig
 from flashdesk.engine.model.attention import Attention
 from flashdesk.engine.model.common import Fetch, Linear, Numerics, rms_norm
@@ -69,10 +69,9 @@ class Block:
         p = spec.prefix
         dt = numerics.dtype
         eps = config.rms_norm_eps
-        self.hc_attn = (fetch(p + "hc_attn_fn", F32), fetch(p + "hc_attn_scale", F32))
-        self.hc_attn += (fetch(p + "hc_attn_base", F32),)
-        self.hc_ffn = (fetch(p + "hc_ffn_fn", F32), fetch(p + "hc_ffn_scale", F32))
-        self.hc_ffn += (fetch(p + "hc_ffn_base", F32),)
+        # (fn [24, hc·D], scale [3], base [24]) of the two mHC sites
+        self.hc_attn = tuple(fetch(f"{p}hc_attn_{n}", F32) for n in ("fn", "scale", "base"))
+        self.hc_ffn = tuple(fetch(f"{p}hc_ffn_{n}", F32) for n in ("fn", "scale", "base"))
         self.attn_norm = fetch(p + "attn_norm.weight", F32)
         self.ffn_norm = fetch(p + "ffn_norm.weight", F32)
 
@@ -146,9 +145,10 @@ class Block:
         x: torch.Tensor,  # [S, hc, D] streams
         ids: torch.Tensor,  # [S] token ids (hash routing)
         start: int,
-        state,
+        state: LayerState,
         numerics: Numerics,
     ) -> torch.Tensor:
+        """Streams `[S, hc, D]` of positions start..start+S-1 → new streams `[S, hc, D]`."""
         c = self.config
         sim = numerics.simulate_quant
         u, post, comb = hc_pre(x, *self.hc_attn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
@@ -180,7 +180,14 @@ class MTPBlock:
     """The multi-token-prediction draft head (spec §2.9): from the main model's final 4-stream
     state at position i and the embedding of token i+1 it predicts token i+2."""
 
-    def __init__(self, config, spec, fetch, numerics, rotaries):
+    def __init__(
+        self,
+        config: ModelConfig,
+        spec: LayerSpec,
+        fetch: Fetch,
+        numerics: Numerics,
+        rotaries: tuple[Rotary, Rotary],
+    ):
         p = spec.prefix
         dt = numerics.dtype
         self.block = Block(config, spec, fetch, numerics, rotaries)
@@ -189,11 +196,7 @@ class MTPBlock:
         self.enorm = fetch(p + "enorm.weight", F32)
         self.hnorm = fetch(p + "hnorm.weight", F32)
         self.norm = fetch(p + "norm.weight", F32)
-        self.hc_head = (
-            fetch(p + "hc_head_fn", F32),
-            fetch(p + "hc_head_scale", F32),
-            fetch(p + "hc_head_base", F32),
-        )
+        self.hc_head = tuple(fetch(f"{p}hc_head_{n}", F32) for n in ("fn", "scale", "base"))
 
 
 class V4Model:
@@ -223,11 +226,7 @@ class V4Model:
         # The reference computes logits in float32 against a float32 head.
         self.head = fetch_on("head.weight", F32)
         self.norm = fetch_on("norm.weight", F32)
-        self.hc_head = (
-            fetch_on("hc_head_fn", F32),
-            fetch_on("hc_head_scale", F32),
-            fetch_on("hc_head_base", F32),
-        )
+        self.hc_head = tuple(fetch_on(f"hc_head_{n}", F32) for n in ("fn", "scale", "base"))
         self.blocks = [
             Block(config, spec, fetch_on, self.numerics, self.rotaries)
             for spec in config.main_layers
