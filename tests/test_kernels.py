@@ -80,6 +80,12 @@ def test_force_a_variant_and_restore():
     assert kernels.active_isa() == before
     with pytest.raises(ValueError, match="unknown kernel variant"):
         kernels.set_isa("sse9")
+    w, s = np.zeros((16, 16), np.uint8), np.zeros((16, 1), np.uint8)
+    with pytest.raises(ValueError, match="unknown kernel variant 'sse9'"):
+        kernels.fp4_linear(np.zeros(32, np.float32), w, s, isa="sse9")
+    if "neon" not in ISAS and "neon" in _kernels.isa_variants():
+        with pytest.raises(ValueError, match="does not run on this CPU"):
+            kernels.fp4_linear(np.zeros(32, np.float32), w, s, isa="neon")
 
 
 def test_env_var_forces_a_variant_and_rejects_nonsense():

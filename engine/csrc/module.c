@@ -95,8 +95,9 @@ static const fd_quant_kernels *kernels_for(const char *isa) {
     fd_kernels_active(); /* tables initialised */
     const fd_quant_kernels *k = fd_kernels_by_name(isa);
     if (!k) {
-        PyErr_Format(PyExc_ValueError, "unknown kernel variant %R; this build has: %s", isa,
-                     "see isa_variants()");
+        PyErr_Format(PyExc_ValueError,
+                     "unknown kernel variant '%s'; isa_variants() lists the ones this build has",
+                     isa);
         return NULL;
     }
     if (!fd_kernels_supported(k)) {
