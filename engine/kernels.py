@@ -24,6 +24,7 @@ import numpy as np
 from flashdesk.engine import _kernels
 
 __all__ = [
+    "CpuExperts",
     "ExpertTable",
     "ExpertWeights",
     "active_isa",
@@ -363,12 +364,14 @@ def expert_ffn(
     out: Any = None,
     *,
     ids: Any = None,
+    limit: float = 10.0,
     threads: int | None = None,
     isa: str | None = None,
 ) -> Any:
     """out[t] += Σ_j weights[t, j] · FFN_{ids[t, j]}(x[t]) over FP4 experts (spec §2.7 step 4).
 
-    FFN_e(x) = W2 · (silu(min(W1·x, 10)) ⊙ clamp(W3·x, −10, 10)), the routing weight applied to
+    FFN_e(x) = W2 · (silu(min(W1·x, L)) ⊙ clamp(W3·x, −L, L)), L = limit (the config's
+    swiglu_limit, 10 for V4; 0 disables the clamp), the routing weight applied to
     the hidden before W2, fp32 accumulation. With bfloat16 x the hidden is rounded to bfloat16
     before W2 (as the reference and the forward pass do); with float32 x it stays float32.
     x: [T, D] or [D], float32 or bfloat16. experts: an ExpertTable, or a sequence of
@@ -430,12 +433,53 @@ def expert_ffn(
             ids_addr + t0 * k * 4 if ids_addr else 0,
             w_addr + t0 * k * 4,
             k,
+            float(limit),
             out_addr + t0 * out_row,
             out_bf16,
             n_threads,
             isa or "",
         )
     return out
+
+
+class CpuExperts:
+    """A drop-in for `engine.model.moe.DenseExperts` that runs the FP4 kernels on packed weights.
+
+    Same call: x `[T, D]`, experts/weights `[T, k]` → Σ_k weight·expert(x) `[T, D]` float32 on
+    x's device (x and the routing go through host memory; the kernels run on the CPU).
+    """
+
+    def __init__(self, table: ExpertTable, limit: float = 10.0, threads: int | None = None):
+        self.table = table
+        self.limit = float(limit)
+        self.threads = threads
+
+    @property
+    def count(self) -> int:
+        return self.table.n_experts
+
+    def __call__(self, x, experts, weights, simulate: bool = False):
+        import torch
+
+        if simulate:
+            raise ValueError(
+                "the CPU expert kernels do not simulate the reference's FP8 activation rounding "
+                "(simulate_quant); load the model with simulate_quant=False to use them"
+            )
+        xc = x.detach().to("cpu")
+        if xc.dtype not in (torch.float32, torch.bfloat16):
+            xc = xc.float()
+        out = torch.zeros(tuple(x.shape), dtype=torch.float32)
+        expert_ffn(
+            xc.contiguous(),
+            self.table,
+            weights.detach().to("cpu", torch.float32),
+            out,
+            ids=experts.detach().to("cpu"),
+            limit=self.limit,
+            threads=self.threads,
+        )
+        return out.to(x.device)
 
 
 # ------------------------------------------------------------------------------------ linears

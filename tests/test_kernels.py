@@ -474,3 +474,31 @@ def test_expert_ffn_matches_the_forward_pass_moe(tmp_path):
         for isa in ISAS:
             got = kernels.expert_ffn(xb, table, weights, ids=ids, isa=isa)
             assert_ffn_close(got.double().numpy(), want.double().numpy(), rel=1e-3)
+        # No clamp (limit 0) as in moe.swiglu; the default 10 is V4's swiglu_limit.
+        dense.limit = 0.0
+        want = dense(x, ids, weights)
+        got = kernels.expert_ffn(x, table, weights, ids=ids, limit=0.0)
+        assert_ffn_close(got.double().numpy(), want.double().numpy(), rel=1e-5)
+
+
+def test_cpu_experts_drop_into_the_forward_pass(tmp_path):
+    """The whole model with every layer's DenseExperts replaced by CpuExperts on the packed
+    checkpoint bytes gives the same logits (fp32 reference numerics)."""
+    from flashdesk.engine.checkpoint import Checkpoint
+    from flashdesk.engine.checkpoint.writer import write_random
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.model.loader import load_model
+
+    config = ModelConfig.tiny()
+    folder = write_random(tmp_path / "ckpt", config, seed=5)
+    model = load_model(folder)
+    ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+    want = model.forward_full(ids)
+    with Checkpoint.open(folder) as ckpt:
+        for layer, block in enumerate(model.blocks):
+            table = kernels.ExpertTable.from_checkpoint(ckpt, layer)
+            block.moe.experts = kernels.CpuExperts(table, config.swiglu_limit)
+        got = model.forward_full(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="simulate_quant"):
+        block.moe.experts(torch.zeros(1, config.hidden_size), ids[:1, None], torch.ones(1, 1), True)

@@ -155,6 +155,7 @@ typedef struct {
     const float *xp;      /* [T, D] in the variant's fp4 layout */
     float *h;             /* [P, I] in the variant's fp4 layout */
     int bf16;             /* bf16 activations: h is rounded to bf16 before W2 (spec §2.7) */
+    float limit;          /* swiglu_limit */
     const uint16_t *xb;   /* [T, D] bf16 input rows, natural order (bf16 dot only) */
     uint16_t *hb;         /* [P, I] bf16 h, natural order (bf16 dot only) */
     const int *active;    /* expert ids with at least one pair */
@@ -171,10 +172,13 @@ typedef struct {
     fd_atomic_int done1; /* phase-1 units finished: phase 2 reads every h */
 } ffn_ctx;
 
-static float swiglu_clamped(float g, float u) {
-    if (g > 10.0f) g = 10.0f; /* min(g, 10): no lower bound (spec §2.7) */
-    if (u > 10.0f) u = 10.0f;
-    if (u < -10.0f) u = -10.0f;
+/* silu(min(g, L)) * clamp(u, -L, L) (spec §2.7: the gate has no lower bound); L <= 0: no clamp. */
+static float swiglu_clamped(float g, float u, float limit) {
+    if (limit > 0.0f) {
+        if (g > limit) g = limit;
+        if (u > limit) u = limit;
+        if (u < -limit) u = -limit;
+    }
     return g / (1.0f + expf(-g)) * u;
 }
 
@@ -212,7 +216,7 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
         const float wt = c->pair_w[p0 + t];
         for (int r = 0; r < nr; r++) {
             const size_t at = (size_t)t * FD_ROWS_PER_UNIT + r;
-            float hv = swiglu_clamped(th->g[at], th->u[at]) * wt;
+            float hv = swiglu_clamped(th->g[at], th->u[at], c->limit) * wt;
             if (c->bf16) {
                 uint16_t hbits = f32_to_bf16(hv);
                 hv = bf16_to_f32(hbits);
@@ -285,7 +289,8 @@ static void ffn_job(void *p, int tid, int nthreads) {
 
 int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
                   int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
-                  const float *weights, int k, void *out, int out_bf16, char *err, size_t errlen) {
+                  const float *weights, int k, float limit, void *out, int out_bf16, char *err,
+                  size_t errlen) {
     if (T < 0 || D <= 0 || I <= 0 || D % 32 || I % 32 || n_experts <= 0 || k <= 0) {
         set_err(err, errlen, "expert_ffn: D and I must be positive multiples of 32");
         return -1;
@@ -380,6 +385,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.xp = xp;
     c.h = h;
     c.bf16 = x_bf16;
+    c.limit = limit;
     c.xb = bf16_dot ? (const uint16_t *)x : NULL;
     c.hb = bf16_dot ? hb : NULL;
     c.active = active;

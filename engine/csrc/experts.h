@@ -1,7 +1,7 @@
 /* The routed-expert FFN and the FP8/FP4 linears, built from the per-ISA primitives.
  *
  * Expert FFN (spec §2.7, step 4), for every selected (token t, expert e, weight w) pair:
- *   g = W1_e x_t, u = W3_e x_t (fp32), h = silu(min(g, 10)) * clamp(u, -10, 10) * w,
+ *   g = W1_e x_t, u = W3_e x_t (fp32), h = silu(min(g, L)) * clamp(u, -L, L) * w,
  *   y_t += W2_e h     (fp32 accumulation over experts, then added into out once).
  * Weights stay packed (spec §4.4); activations fp32 or bf16; out fp32 or bf16. With bf16
  * activations h is rounded to bf16 before W2, as the reference does (spec §2.7: h -> BF16); fp32
@@ -32,10 +32,12 @@ int fd_kernels_compiled(const fd_quant_kernels **out, int max);
 
 /* x: [T, D] (fp32, or bf16 when x_bf16), ids: [T, k] int32 indices into experts (-1 = none) or
  * NULL (then k == n_experts and pair (t, j) uses expert j), weights: [T, k] fp32,
- * out: [T, D] fp32 or bf16, accumulated into. Returns 0, or -1 with a message in err. */
+ * limit: swiglu_limit L (V4: 10; <= 0: no clamp), out: [T, D] fp32 or bf16, accumulated into.
+ * Returns 0, or -1 with a message in err. */
 int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
                   int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
-                  const float *weights, int k, void *out, int out_bf16, char *err, size_t errlen);
+                  const float *weights, int k, float limit, void *out, int out_bf16, char *err,
+                  size_t errlen);
 
 enum { FD_WEIGHT_FP4 = 4, FD_WEIGHT_FP8 = 8 };
 

@@ -151,9 +151,10 @@ static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, table, ids, weights, out;
     int x_bf16, T, D, I, n_experts, k, out_bf16, threads;
+    float limit;
     const char *isa;
-    if (!PyArg_ParseTuple(args, "KpiiiKiKKiKpis:expert_ffn", &x, &x_bf16, &T, &D, &I, &table,
-                          &n_experts, &ids, &weights, &k, &out, &out_bf16, &threads, &isa))
+    if (!PyArg_ParseTuple(args, "KpiiiKiKKifKpis:expert_ffn", &x, &x_bf16, &T, &D, &I, &table,
+                          &n_experts, &ids, &weights, &k, &limit, &out, &out_bf16, &threads, &isa))
         return NULL;
     const fd_quant_kernels *kern = kernels_for(isa);
     if (!kern) return NULL;
@@ -163,7 +164,7 @@ static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
     rc = fd_expert_ffn(kern, threads, (const void *)(uintptr_t)x, x_bf16, T, D, I,
                        (const fd_fp4_expert *)(uintptr_t)table, n_experts,
                        (const int32_t *)(uintptr_t)ids, (const float *)(uintptr_t)weights, k,
-                       (void *)(uintptr_t)out, out_bf16, err, sizeof err);
+                       limit, (void *)(uintptr_t)out, out_bf16, err, sizeof err);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
@@ -219,8 +220,8 @@ static PyMethodDef kernel_methods[] = {
      "set_isa(name) -> str\n\nForce a variant for all later calls ('auto': the best this CPU "
      "runs). ValueError if unknown or not supported here."},
     {"expert_ffn", py_expert_ffn, METH_VARARGS,
-     "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, out, out_bf16, threads, "
-     "isa)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
+     "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, limit, out, out_bf16, "
+     "threads, isa)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
     {"quant_linear", py_quant_linear, METH_VARARGS,
      "quant_linear(kind, x, x_bf16, M, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
      "FP4/FP8 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear."},
