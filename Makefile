@@ -4,7 +4,8 @@
 #   make test    the same venv plus the dev tools, then the whole test suite
 #   make bench   every benchmark in benchmarks/, each printed as a ratio against its bound
 #   make lint    ruff
-#   make dist    build a wheel and an sdist into dist/
+#   make dist    the portable app: dist/flashdesk/ and dist/flashdesk-VERSION-linux-ARCH.tar.gz
+#   make dist-test  make dist, then run the frozen app's self-test from the tarball
 #
 # Torch: the default is the CPU build 2.13.0. With an NVIDIA GPU, pick a CUDA build, e.g.
 #   make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -16,7 +17,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 SOURCES := pyproject.toml setup.py $(wildcard engine/csrc/*.c engine/csrc/*.h)
 
-.PHONY: run test bench lint dist clean
+.PHONY: run test bench lint dist dist-test clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +46,22 @@ bench: $(VENV)/.installed
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
+# Portable app (PyInstaller onedir, packaging/flashdesk.spec) packed as
+# dist/flashdesk-VERSION-linux-ARCH.tar.gz with install.sh; PyInstaller comes from
+# packaging/requirements.txt (not a runtime dependency). `make dist-test` runs the frozen build's
+# self-test, screenshot and portable-mode checks from the unpacked tarball.
+DIST_VERSION = $(shell $(PY) -c "import flashdesk; print(flashdesk.__version__)" 2>/dev/null)
+DIST_NAME    = flashdesk-$(DIST_VERSION)-linux-$(shell uname -m)
+
 dist: $(VENV)/.installed
-	$(PIP) wheel --quiet --no-deps -w dist .
-	ls -l dist
+	$(PIP) install --quiet -r packaging/requirements.txt
+	$(PY) -m PyInstaller --noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller packaging/flashdesk.spec
+	cp packaging/install.sh packaging/README-portable.txt dist/flashdesk/
+	tar -C dist -czf dist/$(DIST_NAME).tar.gz --transform 's,^flashdesk,$(DIST_NAME),' flashdesk
+	@du -sh dist/flashdesk dist/$(DIST_NAME).tar.gz
+
+dist-test: dist
+	QT_QPA_PLATFORM=offscreen FLASHDESK_DIST_TARBALL=dist/$(DIST_NAME).tar.gz $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging_frozen.py
 
 clean:
 	rm -rf build dist *.egg-info engine/_kernels*.so engine/_kernels*.pyd
