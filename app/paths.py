@@ -47,6 +47,8 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
         folder = Path(os.environ["FLASHDESK_DATA_DIR"])
     elif (portable := portable_dir()) is not None:
         folder = portable
+        # Measurement caches (offload.bandwidth) go beside the data too, not to ~/.cache.
+        os.environ.setdefault("FLASHDESK_CACHE_DIR", str(folder / "cache"))
     else:
         from PySide6.QtCore import QCoreApplication, QStandardPaths
 
