@@ -117,9 +117,13 @@ def _ours(folder, config, ids):
 
 def _transformers(folder, ids):
     import torch
-    from transformers import DeepseekV4ForCausalLM
+    from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
 
-    model = DeepseekV4ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    # Dequantize on load even where a GPU exists (its FP8 kernels run on the GPU only).
+    fp8 = FineGrainedFP8Config(dequantize=True, scale_fmt="ue8m0", expert_dtype="fp4")
+    model = DeepseekV4ForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, quantization_config=fp8
+    ).eval()
     with torch.no_grad():
         out = model(input_ids=ids[None], use_cache=True)
         cache = out.past_key_values

@@ -154,9 +154,13 @@ def write_tiny(folder, config: ModelConfig, seed: int, with_mtp: bool = True):
 
 def hf_from_checkpoint(folder):
     """transformers' DeepseekV4ForCausalLM loading the same folder itself, all float32."""
-    from transformers import DeepseekV4ForCausalLM
+    from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
 
-    model = DeepseekV4ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # Dequantize on load also where a GPU exists (transformers' FP8 kernels need one otherwise).
+    fp8 = FineGrainedFP8Config(dequantize=True, scale_fmt="ue8m0", expert_dtype="fp4")
+    model = DeepseekV4ForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=fp8
+    )
     return model.to(torch.float32).eval()
 
 
