@@ -92,7 +92,7 @@ class Attention:
         if self.indexer is not None:
             new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
             state.index_keys.append(new)
-            index_keys = state.index_keys.view()
+            index_keys = state.index_keys.view().float()  # once per call, not per block
             qi, wi = self.indexer.queries(qr, a, cos, sin, simulate)
 
         o = torch.empty(s, self.n_heads, self.head_dim, dtype=torch.float32, device=a.device)
@@ -119,7 +119,7 @@ class Attention:
         q0: int,
         q1: int,
         entries: torch.Tensor | None,  # [T, d] compressed KV
-        index_keys: torch.Tensor | None,  # [T, di]
+        index_keys: torch.Tensor | None,  # [T, di] float32
         qi: torch.Tensor | None,  # [S, Hi, di]
         wi: torch.Tensor | None,  # [S, Hi]
     ) -> torch.Tensor:
@@ -140,7 +140,6 @@ class Attention:
             visible = (qpos + 1) // self.ratio  # entries t < visible[q] are complete
             t_max = int(visible.max())
             if t_max > 0:
-                comp = entries[:t_max].float()
                 tpos = torch.arange(t_max, device=device)
                 allowed = tpos[None, :] < visible[:, None]  # [b, T]
                 if self.indexer is not None and t_max > self.indexer.topk:
@@ -149,10 +148,11 @@ class Attention:
                     picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
                     valid = picked < visible[:, None]
                     if t_max > DENSE_CSA_FACTOR * self.indexer.topk:
-                        gathered = (comp[picked], valid)  # [b, k, d], [b, k]
+                        gathered = (entries[picked].float(), valid)  # [b, k, d], [b, k]
                     else:
                         allowed = torch.zeros_like(allowed).scatter_(-1, picked, valid)
                 if gathered is None:
+                    comp = entries[:t_max].float()
                     lc = torch.einsum("qhd,td->qht", qf, comp)
                     logits.append(lc.masked_fill_(~allowed[:, None, :], float("-inf")))
                     values.append(comp)

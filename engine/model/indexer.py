@@ -55,5 +55,5 @@ class Indexer:
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q `[s, Hi, di]`, w `[s, Hi]`, keys `[T, di]` → `[s, T]` float32."""
-        logits = torch.einsum("shd,td->sht", q, keys.float()).relu_()
+        logits = torch.einsum("shd,td->sht", q, keys.float()).relu_()  # no copy if float32
         return torch.einsum("sht,sh->st", logits, w)
