@@ -34,8 +34,10 @@ CASES = {
     "bias_routed_topk_all": dict(num_hash_layers=0, n_routed_experts=16, index_topk=64),
     # sliding window only
     "window_only": dict(num_hidden_layers=2, compress_ratios=(0, 0, 0)),
+    # V4's real window (128) and ratios, a prompt well past one window; top-k 64 of 75 entries
+    "real_window": dict(sliding_window=128, compress_ratios=(0, 4, 128, 4, 0), index_topk=64),
 }
-PROMPT_LEN = {"real_ratios": 300}
+PROMPT_LEN = {"real_ratios": 300, "real_window": 300}
 
 
 _single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -65,7 +67,7 @@ def test_full_prompt_logits_match_transformers(case, seed, tmp_path):
     assert diff <= TOL, f"{case}/{seed}: max |Δlogit| {diff:.2e}"
 
 
-@pytest.mark.parametrize("case", ["mixed", "real_ratios", "bias_routed_topk_all"])
+@pytest.mark.parametrize("case", ["mixed", "real_ratios", "bias_routed_topk_all", "real_window"])
 def test_decode_and_greedy_match_transformers(case, tmp_path):
     """Prefill part of the prompt, decode the rest token by token (both sides with their caches),
     then continue greedily for 32 tokens: same logits to 1e-4, same tokens."""
