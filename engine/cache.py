@@ -5,6 +5,10 @@ entries emitted so far and the compressor's carry-over (projections of the token
 still open, and for the overlapping CSA compressor the A halves of the last closed window); for
 CSA layers also the indexer's keys and its compressor carry. Everything is reset per sequence
 (the reference relies on prefill overwriting its buffers; we do not).
+
+KV rows (window and compressed entries) are stored in the model's dtype ("native") or packed
+("fp8": E4M3 no-rope channels + E8M0 scale per 64 + rope channels, spec §3.2). `nbytes` and
+`breakdown()` report what a sequence holds.
 """
 
 from __future__ import annotations
