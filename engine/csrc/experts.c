@@ -2,8 +2,8 @@
  *
  * Work is cut into units of a few weight rows and handed out through an atomic counter, so every
  * thread keeps streaming weights until the phase is done. The expert FFN has two phases with one
- * wait: (1) units of (expert, 16 rows of W1 and W3) write h for all of that expert's tokens;
- * (2) units of 16 output rows loop over the active experts' W2 rows, so each output element is
+ * wait: (1) units of (expert, 64 rows of W1 and W3) write h for all of that expert's tokens;
+ * (2) units of 64 output rows loop over the active experts' W2 rows, so each output element is
  * owned by one thread and accumulated in fp32 across experts before it is added into out.
  * Up to FD_DOT_MAX_M tokens per expert use the fused decode-and-dot kernel (decode / small
  * batches); more tokens decode the unit's rows once into fp32 scratch and run an fp32 GEMM.
@@ -139,10 +139,15 @@ static void set_err(char *err, size_t errlen, const char *msg) {
 
 /* ---------------------------------------------------------------- expert FFN */
 
+/* Weight rows per work unit: long enough for contiguous streams of 32-64 KB per expert matrix,
+ * short enough that 16 threads still get several units each in a decode step. */
+#define FFN_ROWS 64
+#define GEMM_ROWS 16 /* rows decoded to fp32 at a time on the GEMM path (scratch in L2) */
+
 typedef struct {
-    float *scratch; /* decoded rows: 2 * FD_ROWS_PER_UNIT * max(D, I) floats, or NULL */
-    float *g, *u;   /* [max_m, FD_ROWS_PER_UNIT] */
-    float *ybuf;    /* [T, FD_ROWS_PER_UNIT] */
+    float *scratch; /* decoded rows: GEMM_ROWS * padded(max(D, I)) floats, or NULL */
+    float *g, *u;   /* [max_m, FFN_ROWS] */
+    float *ybuf;    /* [T, FFN_ROWS] */
     const float **xptr; /* [max_m] */
     const uint16_t **bptr; /* [max_m], bf16 rows for fp4_dot_bf16 */
     char pad[64];
@@ -185,8 +190,8 @@ static float swiglu_clamped(float g, float u, float limit) {
 static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     const fd_quant_kernels *kern = c->kern;
     const int e = c->active[unit / c->units1_per_expert];
-    const int j0 = (unit % c->units1_per_expert) * FD_ROWS_PER_UNIT;
-    const int nr = c->I - j0 < FD_ROWS_PER_UNIT ? c->I - j0 : FD_ROWS_PER_UNIT;
+    const int j0 = (unit % c->units1_per_expert) * FFN_ROWS;
+    const int nr = c->I - j0 < FFN_ROWS ? c->I - j0 : FFN_ROWS;
     const int D = c->D, I = c->I;
     const fd_fp4_expert *ex = &c->experts[e];
     const size_t ws = (size_t)D / 2, ss = (size_t)D / 32;
@@ -197,25 +202,30 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * DP;
     if (m <= FD_DOT_MAX_M && c->xb) {
         for (int t = 0; t < m; t++) th->bptr[t] = c->xb + (size_t)c->pair_tok[p0 + t] * D;
-        kern->fp4_dot_bf16(w1, ws, s1, ss, nr, D, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
-        kern->fp4_dot_bf16(w3, ws, s3, ss, nr, D, th->bptr, m, th->u, FD_ROWS_PER_UNIT);
+        kern->fp4_dot_bf16(w1, ws, s1, ss, nr, D, th->bptr, m, th->g, FFN_ROWS);
+        kern->fp4_dot_bf16(w3, ws, s3, ss, nr, D, th->bptr, m, th->u, FFN_ROWS);
     } else if (m <= FD_DOT_MAX_M) {
-        kern->fp4_dot(w1, ws, s1, ss, nr, D, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
-        kern->fp4_dot(w3, ws, s3, ss, nr, D, th->xptr, m, th->u, FD_ROWS_PER_UNIT);
+        kern->fp4_dot(w1, ws, s1, ss, nr, D, th->xptr, m, th->g, FFN_ROWS);
+        kern->fp4_dot(w3, ws, s3, ss, nr, D, th->xptr, m, th->u, FFN_ROWS);
     } else {
-        float *d1 = th->scratch, *d3 = th->scratch + (size_t)FD_ROWS_PER_UNIT * DP;
-        for (int r = 0; r < nr; r++) {
-            kern->fp4_decode(w1 + r * ws, s1 + r * ss, D, d1 + (size_t)r * DP);
-            kern->fp4_decode(w3 + r * ws, s3 + r * ss, D, d3 + (size_t)r * DP);
+        /* 16 decoded rows at a time, so the scratch stays in L2 */
+        for (int r0 = 0; r0 < nr; r0 += GEMM_ROWS) {
+            const int n = nr - r0 < GEMM_ROWS ? nr - r0 : GEMM_ROWS;
+            for (int r = 0; r < n; r++)
+                kern->fp4_decode(w1 + (r0 + r) * ws, s1 + (r0 + r) * ss, D,
+                                 th->scratch + (size_t)r * DP);
+            kern->gemm_f32(th->xptr, m, th->scratch, DP, n, D, th->g + r0, FFN_ROWS);
+            for (int r = 0; r < n; r++)
+                kern->fp4_decode(w3 + (r0 + r) * ws, s3 + (r0 + r) * ss, D,
+                                 th->scratch + (size_t)r * DP);
+            kern->gemm_f32(th->xptr, m, th->scratch, DP, n, D, th->u + r0, FFN_ROWS);
         }
-        kern->gemm_f32(th->xptr, m, d1, DP, nr, D, th->g, FD_ROWS_PER_UNIT);
-        kern->gemm_f32(th->xptr, m, d3, DP, nr, D, th->u, FD_ROWS_PER_UNIT);
     }
     for (int t = 0; t < m; t++) {
         float *hrow = c->h + (size_t)(p0 + t) * padded(I);
         const float wt = c->pair_w[p0 + t];
         for (int r = 0; r < nr; r++) {
-            const size_t at = (size_t)t * FD_ROWS_PER_UNIT + r;
+            const size_t at = (size_t)t * FFN_ROWS + r;
             float hv = swiglu_clamped(th->g[at], th->u[at], c->limit) * wt;
             if (c->bf16) {
                 uint16_t hbits = f32_to_bf16(hv);
@@ -230,10 +240,10 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
 static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
     const fd_quant_kernels *kern = c->kern;
     const int D = c->D, I = c->I;
-    const int n0 = unit * FD_ROWS_PER_UNIT;
-    const int nr = D - n0 < FD_ROWS_PER_UNIT ? D - n0 : FD_ROWS_PER_UNIT;
+    const int n0 = unit * FFN_ROWS;
+    const int nr = D - n0 < FFN_ROWS ? D - n0 : FFN_ROWS;
     const size_t ws = (size_t)I / 2, ss = (size_t)I / 32, IP = padded(I);
-    memset(th->ybuf, 0, sizeof(float) * (size_t)c->T * FD_ROWS_PER_UNIT);
+    memset(th->ybuf, 0, sizeof(float) * (size_t)c->T * FFN_ROWS);
     for (int a = 0; a < c->n_active; a++) {
         const int e = c->active[a];
         const fd_fp4_expert *ex = &c->experts[e];
@@ -242,22 +252,26 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
         for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * IP;
         if (m <= FD_DOT_MAX_M && c->hb) {
             for (int t = 0; t < m; t++) th->bptr[t] = c->hb + (size_t)(p0 + t) * I;
-            kern->fp4_dot_bf16(w2, ws, s2, ss, nr, I, th->bptr, m, th->g, FD_ROWS_PER_UNIT);
+            kern->fp4_dot_bf16(w2, ws, s2, ss, nr, I, th->bptr, m, th->g, FFN_ROWS);
         } else if (m <= FD_DOT_MAX_M) {
-            kern->fp4_dot(w2, ws, s2, ss, nr, I, th->xptr, m, th->g, FD_ROWS_PER_UNIT);
+            kern->fp4_dot(w2, ws, s2, ss, nr, I, th->xptr, m, th->g, FFN_ROWS);
         } else {
-            for (int r = 0; r < nr; r++)
-                kern->fp4_decode(w2 + r * ws, s2 + r * ss, I, th->scratch + (size_t)r * IP);
-            kern->gemm_f32(th->xptr, m, th->scratch, IP, nr, I, th->g, FD_ROWS_PER_UNIT);
+            for (int r0 = 0; r0 < nr; r0 += GEMM_ROWS) {
+                const int n = nr - r0 < GEMM_ROWS ? nr - r0 : GEMM_ROWS;
+                for (int r = 0; r < n; r++)
+                    kern->fp4_decode(w2 + (r0 + r) * ws, s2 + (r0 + r) * ss, I,
+                                     th->scratch + (size_t)r * IP);
+                kern->gemm_f32(th->xptr, m, th->scratch, IP, n, I, th->g + r0, FFN_ROWS);
+            }
         }
         for (int t = 0; t < m; t++) {
-            float *yrow = th->ybuf + (size_t)c->pair_tok[p0 + t] * FD_ROWS_PER_UNIT;
-            const float *part = th->g + (size_t)t * FD_ROWS_PER_UNIT;
+            float *yrow = th->ybuf + (size_t)c->pair_tok[p0 + t] * FFN_ROWS;
+            const float *part = th->g + (size_t)t * FFN_ROWS;
             for (int r = 0; r < nr; r++) yrow[r] += part[r];
         }
     }
     for (int t = 0; t < c->T; t++)
-        store_row(c->out, c->out_bf16, (size_t)t, D, n0, th->ybuf + (size_t)t * FD_ROWS_PER_UNIT,
+        store_row(c->out, c->out_bf16, (size_t)t, D, n0, th->ybuf + (size_t)t * FFN_ROWS,
                   nr, 1);
 }
 
@@ -362,13 +376,13 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     const int need_scratch = max_m > FD_DOT_MAX_M;
     const size_t dmax = padded(D > I ? D : I);
     for (int i = 0; i < threads; i++) {
-        th[i].g = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
-        th[i].u = (float *)malloc(sizeof(float) * (size_t)max_m * FD_ROWS_PER_UNIT);
-        th[i].ybuf = (float *)malloc(sizeof(float) * (size_t)T * FD_ROWS_PER_UNIT);
+        th[i].g = (float *)malloc(sizeof(float) * (size_t)max_m * FFN_ROWS);
+        th[i].u = (float *)malloc(sizeof(float) * (size_t)max_m * FFN_ROWS);
+        th[i].ybuf = (float *)malloc(sizeof(float) * (size_t)T * FFN_ROWS);
         th[i].xptr = (const float **)malloc(sizeof(float *) * (size_t)max_m);
         th[i].bptr = (const uint16_t **)malloc(sizeof(uint16_t *) * (size_t)max_m);
         if (need_scratch)
-            th[i].scratch = (float *)fd_aligned_alloc(sizeof(float) * 2 * FD_ROWS_PER_UNIT * dmax);
+            th[i].scratch = (float *)fd_aligned_alloc(sizeof(float) * GEMM_ROWS * dmax);
         if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || !th[i].bptr ||
             (need_scratch && !th[i].scratch)) {
             set_err(err, errlen, "expert_ffn: out of memory for per-thread buffers");
@@ -397,8 +411,8 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.out = out;
     c.out_bf16 = out_bf16;
     c.th = th;
-    c.units1_per_expert = (I + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
-    c.units2 = (D + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
+    c.units1_per_expert = (I + FFN_ROWS - 1) / FFN_ROWS;
+    c.units2 = (D + FFN_ROWS - 1) / FFN_ROWS;
     fd_pool_run(ffn_job, &c, threads);
     rc = 0;
 done:
