@@ -60,7 +60,7 @@ dist: $(VENV)/.installed
 	tar -C dist -czf dist/$(DIST_NAME).tar.gz --transform 's,^flashdesk,$(DIST_NAME),' flashdesk
 	@du -sh dist/flashdesk dist/$(DIST_NAME).tar.gz
 
-dist-test: dist
+dist-test: dist $(VENV)/.installed-dev
 	QT_QPA_PLATFORM=offscreen FLASHDESK_DIST_TARBALL=dist/$(DIST_NAME).tar.gz $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging_frozen.py
 
 clean:

@@ -22,7 +22,8 @@ import pytest
 TARBALL = os.environ.get("FLASHDESK_DIST_TARBALL")
 
 pytestmark = pytest.mark.skipif(
-    not TARBALL, reason="needs FLASHDESK_DIST_TARBALL: `make dist-test` builds the app and runs these"
+    not TARBALL,
+    reason="needs FLASHDESK_DIST_TARBALL: `make dist-test` builds the app and runs these",
 )
 
 EXE = "flashdesk.exe" if sys.platform == "win32" else "flashdesk"
@@ -114,9 +115,7 @@ def test_frozen_screenshot_is_the_chat_window(app_dir, tmp_path):
     assert image.width() >= 1280 and image.height() >= 820
     # a rendered window, not a blank canvas: many distinct colours across a grid of samples
     colours = {
-        image.pixel(x, y)
-        for x in range(0, image.width(), 16)
-        for y in range(0, image.height(), 16)
+        image.pixel(x, y) for x in range(0, image.width(), 16) for y in range(0, image.height(), 16)
     }
     assert len(colours) > 50
 
