@@ -18,7 +18,8 @@
 #include "cpu_features.h"
 #include "fd_platform.h"
 
-#define FD_ROWS_PER_UNIT 16
+#define FD_ROWS_PER_UNIT 64 /* weight rows per work unit of the linears (divides FP8's 128) */
+#define GEMM_ROWS 16        /* rows decoded to fp32 at a time on GEMM paths (scratch in L2) */
 #define FD_TOKENS_PER_UNIT 64 /* token block of the quantized linears */
 
 /* ---------------------------------------------------------------- variant selection */
@@ -142,7 +143,6 @@ static void set_err(char *err, size_t errlen, const char *msg) {
 /* Weight rows per work unit: long enough for contiguous streams of 32-64 KB per expert matrix,
  * short enough that 16 threads still get several units each in a decode step. */
 #define FFN_ROWS 64
-#define GEMM_ROWS 16 /* rows decoded to fp32 at a time on the GEMM path (scratch in L2) */
 
 typedef struct {
     float *scratch; /* decoded rows: GEMM_ROWS * padded(max(D, I)) floats, or NULL */
@@ -501,19 +501,23 @@ static void lin_job(void *p, int tid, int nthreads) {
                 kern->fp4_dot(w, ws, s, ss, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else {
             if (!scratch) {
-                scratch = (float *)fd_aligned_alloc(sizeof(float) * FD_ROWS_PER_UNIT * padded(K));
+                scratch = (float *)fd_aligned_alloc(sizeof(float) * GEMM_ROWS * padded(K));
                 if (!scratch) {
                     fd_atomic_store(&c->failed, 1);
                     break;
                 }
             }
-            for (int r = 0; r < nr; r++) {
-                if (c->kind == FD_WEIGHT_FP8)
-                    kern->fp8_decode(w + r * ws, ts, K, scratch + (size_t)r * padded(K));
-                else
-                    kern->fp4_decode(w + r * ws, s + r * ss, K, scratch + (size_t)r * padded(K));
+            for (int r0 = 0; r0 < nr; r0 += GEMM_ROWS) {
+                const int n = nr - r0 < GEMM_ROWS ? nr - r0 : GEMM_ROWS;
+                for (int r = 0; r < n; r++) {
+                    float *dst = scratch + (size_t)r * padded(K);
+                    if (c->kind == FD_WEIGHT_FP8)
+                        kern->fp8_decode(w + (r0 + r) * ws, ts, K, dst);
+                    else
+                        kern->fp4_decode(w + (r0 + r) * ws, s + (r0 + r) * ss, K, dst);
+                }
+                kern->gemm_f32(xptr, m, scratch, padded(K), n, K, ybuf + r0, FD_ROWS_PER_UNIT);
             }
-            kern->gemm_f32(xptr, m, scratch, padded(K), nr, K, ybuf, FD_ROWS_PER_UNIT);
         }
         for (int t = 0; t < m; t++)
             store_row(c->out, c->out_bf16, (size_t)(t0 + t), c->N, n0,
