@@ -14,7 +14,8 @@ Public use::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,10 @@ from flashdesk.engine.model.moe import DenseExperts, MoE, Router, SharedExpert
 from flashdesk.engine.model.rope import Rotary, inverse_frequencies
 
 F32 = torch.float32
+
+# make_experts(layer spec) -> the routed-expert executor of that block, any callable with
+# DenseExperts' signature (the runtime passes one that reads the packed FP4 weights in place).
+MakeExperts = Callable[[LayerSpec], Any]
 
 
 class ModelInputError(ValueError):
@@ -63,6 +68,7 @@ class Block:
         fetch: Fetch,
         numerics: Numerics,
         rotaries: tuple[Rotary, Rotary],
+        make_experts: MakeExperts | None = None,
     ):
         self.spec = spec
         self.config = config
@@ -125,15 +131,10 @@ class Block:
             top_k=config.num_experts_per_tok,
             scale=config.routed_scaling_factor,
         )
-        n_exp = config.n_routed_experts
-        stacked = {}
-        for w in ("w1", "w2", "w3"):  # filled in place: no list + stack double copy
-            first = fetch(f"{f}experts.0.{w}.weight", dt)
-            stacked[w] = torch.empty((n_exp, *first.shape), dtype=first.dtype, device=first.device)
-            stacked[w][0] = first
-            for e in range(1, n_exp):
-                stacked[w][e] = fetch(f"{f}experts.{e}.{w}.weight", dt)
-        experts = DenseExperts(stacked["w1"], stacked["w2"], stacked["w3"], config.swiglu_limit)
+        if make_experts is not None:
+            experts = make_experts(spec)  # the runtime's executor: no dequantized copy here
+        else:
+            experts = _dense_experts(config, fetch, f, dt)
         shared = SharedExpert(
             *(Linear(fetch(f"{f}shared_experts.{w}.weight", dt), True) for w in ("w1", "w2", "w3")),
             limit=config.swiglu_limit,
@@ -159,6 +160,18 @@ class Block:
         u, post, comb = hc_pre(x, *self.hc_ffn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
         f = self.moe.forward(rms_norm(u, self.ffn_norm, c.rms_norm_eps), ids, sim)
         return hc_post(f, x, post, comb)
+
+
+def _dense_experts(config: ModelConfig, fetch: Fetch, f: str, dt: torch.dtype) -> DenseExperts:
+    n_exp = config.n_routed_experts
+    stacked = {}
+    for w in ("w1", "w2", "w3"):  # filled in place: no list + stack double copy
+        first = fetch(f"{f}experts.0.{w}.weight", dt)
+        stacked[w] = torch.empty((n_exp, *first.shape), dtype=first.dtype, device=first.device)
+        stacked[w][0] = first
+        for e in range(1, n_exp):
+            stacked[w][e] = fetch(f"{f}experts.{e}.{w}.weight", dt)
+    return DenseExperts(stacked["w1"], stacked["w2"], stacked["w3"], config.swiglu_limit)
 
 
 def _compressor(
@@ -187,10 +200,11 @@ class MTPBlock:
         fetch: Fetch,
         numerics: Numerics,
         rotaries: tuple[Rotary, Rotary],
+        make_experts: MakeExperts | None = None,
     ):
         p = spec.prefix
         dt = numerics.dtype
-        self.block = Block(config, spec, fetch, numerics, rotaries)
+        self.block = Block(config, spec, fetch, numerics, rotaries, make_experts)
         self.e_proj = Linear(fetch(p + "e_proj.weight", dt), True)
         self.h_proj = Linear(fetch(p + "h_proj.weight", dt), True)
         self.enorm = fetch(p + "enorm.weight", F32)
@@ -210,7 +224,10 @@ class V4Model:
         device: torch.device | str = "cpu",
         numerics: Numerics | None = None,
         with_mtp: bool = False,
+        make_experts: MakeExperts | None = None,
     ):
+        """make_experts: builds each block's routed-expert executor instead of the dequantized
+        `DenseExperts` (the runtime's hook; None keeps the plain all-in-memory model)."""
         self.config = config
         self.numerics = numerics or Numerics()
         self.device = torch.device(device)
@@ -228,11 +245,14 @@ class V4Model:
         self.norm = fetch_on("norm.weight", F32)
         self.hc_head = tuple(fetch_on(f"hc_head_{n}", F32) for n in ("fn", "scale", "base"))
         self.blocks = [
-            Block(config, spec, fetch_on, self.numerics, self.rotaries)
+            Block(config, spec, fetch_on, self.numerics, self.rotaries, make_experts)
             for spec in config.main_layers
         ]
         self.mtp = (
-            [MTPBlock(config, s, fetch_on, self.numerics, self.rotaries) for s in config.mtp_layers]
+            [
+                MTPBlock(config, s, fetch_on, self.numerics, self.rotaries, make_experts)
+                for s in config.mtp_layers
+            ]
             if with_mtp
             else []
         )
