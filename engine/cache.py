@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashdesk.engine.model.qsim import FP8_MAX, pow2_ceil
+from flashdesk.engine.model.qsim import FP4_MAX, FP4_VALUES, FP8_MAX, fp4_round, pow2_ceil
 
 KV_FORMATS = ("native", "fp8")
 
@@ -80,6 +80,45 @@ class Fp8Rows:
         scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.int() - 127)
         nope = (values * scale[..., None]).flatten(-2)
         return torch.cat((nope, rope.float()), -1).to(self.dtype)
+
+
+class Fp4Rows:
+    """The packed index-key layout of spec §3.2: E2M1 codes two per byte (low nibble = even
+    element) with one E8M0 scale per 32 — 68 bytes per 128-d key. Exact for keys the reference's
+    simulation produced (Hadamard + FP4 snapping), so it is used only when the model simulates."""
+
+    BLOCK = 32
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        if width % self.BLOCK:
+            raise ValueError(f"FP4 index keys need a width in blocks of {self.BLOCK}, got {width}")
+        self.width, self.dtype = width, dtype
+
+    def empty(self, n: int, device) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros(n, self.width // 2, dtype=torch.uint8, device=device),
+            torch.full((n, self.width // self.BLOCK), 127, dtype=torch.uint8, device=device),
+        )
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = rows.float().unflatten(-1, (-1, self.BLOCK))
+        amax = x.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+        scale = pow2_ceil(amax / FP4_MAX)
+        q = fp4_round((x / scale).clamp(-FP4_MAX, FP4_MAX)).flatten(-2)
+        table = torch.tensor(FP4_VALUES, device=rows.device)
+        codes = torch.searchsorted(table, q.abs()).to(torch.uint8) | ((q < 0).to(torch.uint8) << 3)
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        exponent = torch.frexp(scale)[1] - 1 + 127
+        return packed, exponent.squeeze(-1).to(torch.uint8)
+
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        packed, exponent = parts
+        table = torch.tensor(FP4_VALUES, device=packed.device)
+        table = torch.cat((table, -table))
+        codes = torch.stack((packed & 0xF, packed >> 4), -1).flatten(-2).long()
+        values = table[codes].unflatten(-1, (-1, self.BLOCK))
+        scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.int() - 127)
+        return (values * scale[..., None]).flatten(-2).to(self.dtype)
 
 
 def _parts_nbytes(parts) -> int:
@@ -257,11 +296,13 @@ def new_layer_state(
     kv_dtype: torch.dtype,
     device: torch.device | str,
     kv_format: str = "native",
+    pack_index_keys: bool = False,
 ) -> LayerState:
     """State of one layer: ratio 0 (window only), 4 (CSA: overlap + indexer) or other (HCA).
 
     kv_format "native" keeps KV rows in `kv_dtype`; "fp8" packs window and compressed KV rows in
-    the layout of spec §3.2 (index keys stay in `kv_dtype`).
+    the layout of spec §3.2. `pack_index_keys` stores CSA index keys as FP4 (only exact when the
+    model simulates the reference's quantisation); otherwise they stay in `kv_dtype`.
     """
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
@@ -275,6 +316,7 @@ def new_layer_state(
         state.kv_entries = RowStore(kv_codec, device)
         state.carry = CompressorCarry(ratio, head_dim, overlap, device)
         if overlap:
-            state.index_keys = RowStore(NativeRows(index_head_dim, kv_dtype), device)
+            keys = Fp4Rows if pack_index_keys else NativeRows
+            state.index_keys = RowStore(keys(index_head_dim, kv_dtype), device)
             state.index_carry = CompressorCarry(ratio, index_head_dim, True, device)
     return state

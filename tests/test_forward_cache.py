@@ -271,3 +271,15 @@ def test_fp8_rows_are_583_bytes_and_lossless_for_snapped_bf16_rows():
     store.append(rows[3:])
     assert store.nbytes == 10 * 583
     assert torch.equal(store.view(), rows)
+
+
+def test_fp4_index_keys_are_68_bytes_and_lossless_for_snapped_rows():
+    from flashdesk.engine.cache import Fp4Rows, RowStore
+
+    rows = qsim.fp4_snap(qsim.hadamard(torch.randn(9, 128) * torch.logspace(-3, 2, 9)[:, None]))
+    rows[0, :32] = 0.0  # an all-zero block
+    store = RowStore(Fp4Rows(128, torch.float32), "cpu")
+    store.append(rows[:4])
+    store.append(rows[4:])
+    assert store.nbytes == 9 * 68
+    assert torch.equal(store.view(), rows)

@@ -139,6 +139,10 @@ def test_quantisation_simulation_is_a_documented_departure_from_transformers(tmp
     assert packed.breakdown()["compressed_kv"] == entry * sum(
         120 // s.compress_ratio for s in config.main_layers if s.compress_ratio
     )
+    key = 128 // 2 + 128 // 32  # FP4 codes two per byte + one E8M0 scale per 32
+    assert packed.breakdown()["index_keys"] == key * sum(
+        120 // 4 for s in config.main_layers if s.has_indexer
+    )
 
 
 def test_mtp_draft_logits_match_transformers_running_the_block(tmp_path):

@@ -262,8 +262,9 @@ class V4Model:
     def new_state(self, kv_format: str = "native") -> SequenceState:
         """Empty per-sequence state (window rings, compressed KV, compressor carry).
 
-        kv_format "native" stores KV rows in the model's dtype; "fp8" in the packed FP8 layout
-        (583 B per entry; exact when the model simulates the reference's quantisation).
+        kv_format "native" stores KV rows in the model's dtype; "fp8" in the packed layout of
+        spec §3.2: FP8 KV entries (583 B each in bf16; exact when the model simulates the
+        reference's quantisation) and, when it simulates, FP4 index keys (68 B each, exact).
         """
         c = self.config
 
@@ -277,6 +278,7 @@ class V4Model:
                 kv_dtype=self.numerics.dtype,
                 device=self.device,
                 kv_format=kv_format,
+                pack_index_keys=kv_format == "fp8" and self.numerics.simulate_quant,
             )
 
         return SequenceState(

@@ -18,7 +18,7 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 # E2M1 magnitudes and the decision boundaries between neighbours. Ties round to the even code:
 # the boundaries at odd positions (0.75, 1.75, 3.5) round up, the others down.
-_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _FP4_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
@@ -49,7 +49,7 @@ def fp4_round(v: torch.Tensor) -> torch.Tensor:
     """Round float32 values in [-6, 6] to the nearest E2M1 value (ties to even code)."""
     mag = v.abs()
     bounds = torch.tensor(_FP4_BOUNDS, dtype=v.dtype, device=v.device)
-    values = torch.tensor(_FP4_VALUES, dtype=v.dtype, device=v.device)
+    values = torch.tensor(FP4_VALUES, dtype=v.dtype, device=v.device)
     idx = torch.bucketize(mag, bounds, right=False)
     at_bound = bounds[idx.clamp(max=len(_FP4_BOUNDS) - 1)] == mag
     idx = torch.where(at_bound & (idx % 2 == 1), idx + 1, idx)
