@@ -1,0 +1,550 @@
+"""The runtime: a checkpoint plus a placement (from the planner's `Plan`) → a model that generates.
+
+One executor applies placement as data (design.md, "The one idea"):
+
+* everything every token touches (attention, compressors, indexer, mHC, router, shared expert,
+  head, embedding) is built on the compute device: CUDA when there is one, else the CPU, where
+  the FP8 linears run through the C FP8 kernel straight from the stored bytes (`Fp8Linear`);
+* routed experts stay in their stored FP4 form: in host memory (pinned, pageable or memory-mapped
+  from the checkpoint) run by the C kernels on a worker thread while the device computes the
+  shared expert, or in device memory (whole layers, then hot experts) — `runtime_experts`.
+
+Public use::
+
+    rt = load_runtime(path, plan=None, device=None)   # or placement=Placement.uniform(...)
+    session = Session(rt, tokenizer, context_limit=rt.context_limit)
+    rt.expert_hit_rate, rt.routing_counts(), rt.save_routing_counts(path)
+
+`Runtime` has the model interface `Session` uses: `new_state()`, `prefill(ids, state)`,
+`decode(token, state)`, plus `forward_full(ids)` for tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashdesk.engine import kernels
+from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.common import Linear, Numerics
+from flashdesk.engine.model.model import V4Model
+from flashdesk.engine.runtime_experts import (
+    HOST_STORES,
+    MMAP,
+    PAGEABLE,
+    PINNED,
+    ExpertCache,
+    HybridMoE,
+    LayerExperts,
+    RoutingLog,
+)
+
+Progress = Callable[[float, str], None]
+
+# Tokens per prefill call from which every picked expert is computed on the GPU (copied there
+# from host memory) instead of on the CPU. A default until `flashdesk bench decode` measures it.
+DEFAULT_STREAM_MIN_TOKENS = 256
+# Decode steps between refreshes of the hot-expert caches from the routing counts.
+DEFAULT_REFRESH_EVERY = 256
+
+
+class RuntimeLoadError(RuntimeError):
+    """The runtime could not be built: what went wrong and what to do about it."""
+
+
+class LoadCancelled(RuntimeError):
+    """`cancel()` returned True while the runtime was loading."""
+
+
+# ------------------------------------------------------------------------------------ placement
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Where one layer's routed experts live. `device`: resident in device memory; the host
+    stores hold the rest (every expert not on the device is in exactly one host store)."""
+
+    device: tuple[int, ...] = ()
+    pinned: tuple[int, ...] = ()
+    pageable: tuple[int, ...] = ()
+    mmap: tuple[int, ...] = ()
+
+    def stores(self) -> dict[str, tuple[int, ...]]:
+        return {PINNED: self.pinned, PAGEABLE: self.pageable, MMAP: self.mmap}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Per main layer, where its routed experts live; `device` is where the rest computes."""
+
+    device: str
+    layers: tuple[LayerPlacement, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def uniform(
+        cls,
+        config: ModelConfig,
+        store: str = MMAP,
+        device: str = "cpu",
+        cached: int | Sequence[int] = 0,
+    ) -> Placement:
+        """Every layer alike: `cached` experts (a count → the first ones, or explicit ids) on the
+        device, the others in `store` (pinned, pageable or mmap)."""
+        if store not in HOST_STORES:
+            raise ValueError(f"store must be one of {HOST_STORES}, got {store!r}")
+        n = config.n_routed_experts
+        on_dev = tuple(range(min(cached, n))) if isinstance(cached, int) else tuple(cached)
+        rest = tuple(e for e in range(n) if e not in set(on_dev))
+        layer = LayerPlacement(device=on_dev, **{store: rest})
+        return cls(device, tuple(layer for _ in config.main_layers))
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Any,
+        config: ModelConfig,
+        device: str | None = None,
+        expert_bytes: int | None = None,
+        frequency: Any = None,
+    ) -> Placement:
+        """Apply an `offload.plan.Plan`: whole layers and hot experts on the GPU, RAM experts
+        pinned (layer order, up to `plan.pinned_bytes`) then pageable, the rest memory-mapped.
+        Without a GPU (or plan mode "cpu") nothing goes to the device."""
+        n_layers, n = len(config.main_layers), config.n_routed_experts
+        if len(plan.layers) != n_layers:
+            raise RuntimeLoadError(
+                f"the plan places {len(plan.layers)} layers but this checkpoint has {n_layers}: it "
+                "was made for another model. Run `flashdesk fit --model DIR` again for this one."
+            )
+        if device is None:
+            device = "cuda" if plan.mode != "cpu" and torch.cuda.is_available() else "cpu"
+        on_gpu = torch.device(device).type != "cpu"
+        notes = []
+        if not on_gpu and any(lp.experts_gpu for lp in plan.layers):
+            notes.append("the plan puts experts on a GPU but none is used; they stay in RAM")
+        pin_left = plan.pinned_bytes if on_gpu else 0
+        if pin_left and not torch.cuda.is_available():
+            pin_left = 0
+        layers = []
+        for lp in plan.layers:
+            order = list(range(n))
+            if frequency is not None:
+                row = [float(c) for c in frequency[lp.index]]
+                order.sort(key=lambda e: -row[e])
+            if not on_gpu:
+                dev: list[int] = []
+            elif lp.whole_layer_on_gpu:
+                dev = order
+            elif lp.hot_expert_ids is not None:
+                dev = list(lp.hot_expert_ids)
+            else:
+                dev = order[: lp.experts_gpu]
+            rest = [e for e in order if e not in set(dev)]
+            ram_n = len(rest) if not on_gpu else min(lp.experts_ram, len(rest))
+            if not on_gpu:  # the plan's GPU experts fall back to RAM; disk ones stay mapped
+                ram_n = min(len(rest), lp.experts_ram + lp.experts_gpu)
+            ram, disk = rest[:ram_n], rest[ram_n:]
+            pinned: list[int] = []
+            if pin_left and expert_bytes:
+                take = min(len(ram), pin_left // expert_bytes)
+                pinned, ram = ram[:take], ram[take:]
+                pin_left -= take * expert_bytes
+            layers.append(
+                LayerPlacement(
+                    device=tuple(sorted(dev)),
+                    pinned=tuple(sorted(pinned)),
+                    pageable=tuple(sorted(ram)),
+                    mmap=tuple(sorted(disk)),
+                )
+            )
+        return cls(device, tuple(layers), tuple(notes))
+
+    def validate(self, config: ModelConfig) -> None:
+        n = config.n_routed_experts
+        if len(self.layers) != len(config.main_layers):
+            raise RuntimeLoadError(
+                f"the placement covers {len(self.layers)} layers, the model has "
+                f"{len(config.main_layers)}"
+            )
+        for i, lp in enumerate(self.layers):
+            for name, ids in (("device", lp.device), *lp.stores().items()):
+                if any(not 0 <= e < n for e in ids):
+                    raise RuntimeLoadError(f"layer {i}: {name} expert ids outside 0..{n - 1}")
+            host = [e for ids in lp.stores().values() for e in ids]
+            if len(set(host)) != len(host):
+                raise RuntimeLoadError(f"layer {i}: an expert is in two host stores")
+            missing = set(range(n)) - set(host) - set(lp.device)
+            if missing:
+                raise RuntimeLoadError(
+                    f"layer {i}: experts {sorted(missing)[:8]} are placed nowhere"
+                )
+
+
+# ------------------------------------------------------------------------------------ FP8 linears
+
+
+class Fp8Linear(Linear):
+    """`y = x · Wᵀ` straight from the stored FP8 weight and its 128×128 E8M0 scales (C kernel)."""
+
+    __slots__ = ("dtype", "scale")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__(weight, True)
+        self.scale = scale
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        if simulate:
+            x = qsim.act_snap(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype).contiguous()
+        out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=self.dtype)
+        kernels.fp8_linear(x2, self.weight, self.scale, out)
+        return out.view(*lead, self.weight.shape[0])
+
+    def to(self, device):
+        raise RuntimeError("an FP8 linear runs on the CPU kernels; it does not move to a device")
+
+
+_ATTN_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b")
+
+
+def _fp8_linear_names(config: ModelConfig) -> list[str]:
+    """Checkpoint names of the weights the blocks wrap in `Linear` (stored FP8 in V4)."""
+    names = []
+    for spec in config.main_layers:
+        a = spec.prefix + "attn."
+        names += [f"{a}{attr}.weight" for attr in _ATTN_LINEARS]
+        if spec.has_indexer:
+            names.append(f"{a}indexer.wq_b.weight")
+        names += [f"{spec.prefix}ffn.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")]
+    return names
+
+
+def _fp8_linear_slots(model: V4Model):
+    """(owner, attribute, checkpoint name) of those Linears in the built model."""
+    for block in model.blocks:
+        p = block.spec.prefix
+        a = p + "attn."
+        for attr in _ATTN_LINEARS:
+            yield block.attn, attr, f"{a}{attr}.weight"
+        if block.attn.indexer is not None:
+            yield block.attn.indexer, "wq_b", f"{a}indexer.wq_b.weight"
+        for w in ("w1", "w2", "w3"):
+            yield block.moe.shared, w, f"{p}ffn.shared_experts.{w}.weight"
+
+
+# ------------------------------------------------------------------------------------ runtime
+
+
+class Runtime:
+    """A loaded model executing a placement. Thread-safety: one generating thread at a time."""
+
+    def __init__(
+        self,
+        model: V4Model,
+        checkpoint: Checkpoint,
+        placement: Placement,
+        log: RoutingLog,
+        caches: list[ExpertCache | None],
+        hosts: list[LayerExperts],
+        pool: ThreadPoolExecutor | None,
+        refresh_every: int | None,
+        fp8_linears: int,
+    ):
+        self.model = model
+        self.config = model.config
+        self.checkpoint = checkpoint
+        self.placement = placement
+        self.device = model.device
+        self.log = log
+        self.caches = caches
+        self.hosts = hosts
+        self._pool = pool
+        self.refresh_every = refresh_every
+        self.fp8_linears = fp8_linears  # how many linears run on the C FP8 kernel
+        self._decodes = 0
+        self.context_limit = int(self.config.max_position_embeddings)
+
+    # -- the model interface Session uses
+    def new_state(self, kv_format: str = "native"):
+        return self.model.new_state(kv_format)
+
+    def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
+        return self.model.prefill(ids, state, chunk_size)
+
+    def decode(self, token_id: int, state) -> torch.Tensor:
+        logits = self.model.decode(token_id, state)
+        self._decodes += 1
+        if self.refresh_every and self._decodes % self.refresh_every == 0:
+            self.refresh_caches()
+        return logits
+
+    def forward_full(self, ids) -> torch.Tensor:
+        return self.model.forward_full(ids)
+
+    # -- expert cache and routing record
+    @property
+    def expert_hit_rate(self) -> float | None:
+        """Share of routed picks served from device memory since load (None before any)."""
+        if not any(c is not None and c.capacity for c in self.caches):
+            return None
+        return self.log.hit_rate
+
+    def refresh_caches(self) -> int:
+        """Move each layer's hot-expert cache towards the experts routing picks; → swaps."""
+        return sum(
+            c.refresh(self.log.counts[i]) for i, c in enumerate(self.caches) if c is not None
+        )
+
+    def routing_counts(self) -> list[list[int]]:
+        """Per main layer, how often each routed expert was picked (the planner's
+        `PlanOptions.expert_frequency`)."""
+        return self.log.counts.cpu().tolist()
+
+    def save_routing_counts(self, path: str | Path) -> None:
+        Path(path).write_text(
+            json.dumps({"model": self.config.model_type, "counts": self.routing_counts()})
+        )
+
+    def describe(self) -> str:
+        """One line: where things live (for logs and the app's plan summary). Pinned experts
+        without a CUDA driver to pin them are counted as the pageable copies they became."""
+        dev = sum(len(lp.device) for lp in self.placement.layers)
+        counts = dict.fromkeys(HOST_STORES, 0)
+        for lp, host in zip(self.placement.layers, self.hosts, strict=True):
+            for e, store in enumerate(host.store_of):
+                counts[store] += e not in lp.device
+        host = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        return f"attention on {self.device}; routed experts: {dev} on {self.device}, {host}"
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.checkpoint.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeLoadError(
+            "a CUDA GPU was asked for but this torch build sees none (no NVIDIA driver, or a "
+            "CPU-only torch); run on the CPU (device='cpu') or install a CUDA build of torch"
+        )
+    return device
+
+
+def _check_vram(plan: Any, device: torch.device) -> None:
+    """A plan made earlier may no longer fit: another program took VRAM since."""
+    if plan is None or device.type != "cuda" or "gpu" not in getattr(plan, "memory", {}):
+        return
+    need = int(plan.memory["gpu"]["used"])
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise RuntimeLoadError(
+            f"the plan needs {need / 2**30:.1f} GiB of GPU memory but only {free / 2**30:.1f} GiB "
+            "is free now (another program may be using the GPU). Close it, or run the "
+            "hardware-fit wizard again (`flashdesk fit`) for a plan that fits what is free."
+        )
+
+
+def load_runtime(
+    path: str | Path,
+    plan: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    placement: Placement | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    fp8_linears: bool | None = None,
+    threads: int | None = None,
+    stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS,
+    refresh_every: int | None = DEFAULT_REFRESH_EVERY,
+    frequency: Any = None,
+) -> Runtime:
+    """Open the checkpoint at `path` and build the runtime.
+
+    plan: an `offload.plan.Plan` (placement from it); placement: an explicit one instead; neither:
+      every expert memory-mapped on the host, no device cache.
+    device: where the non-expert part computes (default: CUDA if present, else CPU).
+    dtype: activations and dequantized weights (default bfloat16 on a GPU, float32 on the CPU).
+    fp8_linears: on the CPU, run FP8 linears from their stored bytes with the C kernel (default
+      on: a quarter of the memory of float32 weights).
+    progress(fraction, message), cancel() → True aborts with LoadCancelled.
+    stream_min_tokens: on a GPU, prefill calls of at least this many tokens compute all picked
+      experts there; refresh_every: decode steps between hot-cache refreshes (None: never).
+    frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
+      orders which experts a plan's GPU/RAM counts pick.
+    """
+    dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    if isinstance(frequency, (str, Path)):
+        frequency = json.loads(Path(frequency).read_text())["counts"]
+    progress = progress or (lambda f, m: None)
+    progress(0.0, "Opening the checkpoint")
+    ckpt = Checkpoint.open(path)
+    try:
+        return _build(
+            ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
+            stream_min_tokens, refresh_every, frequency,
+        )  # fmt: skip
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _build(
+    ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
+    stream_min_tokens, refresh_every, frequency,
+) -> Runtime:  # fmt: skip
+    config = ckpt.config
+    if config is None:
+        raise CheckpointError(
+            f"{path} has no config.json next to its weights; FlashDesk needs it to know the "
+            "model's shape. Download config.json from the model's page into that folder."
+        )
+    if placement is None and plan is not None:
+        prefix = config.main_layers[0].prefix + "ffn.experts.0."
+        eb = sum(ckpt.info(prefix + p).nbytes for p in ("w1.weight", "w2.weight", "w3.weight"))
+        eb += sum(ckpt.info(prefix + p).nbytes for p in ("w1.scale", "w2.scale", "w3.scale"))
+        placement = Placement.from_plan(plan, config, str(dev), eb, frequency)
+    if placement is None:
+        placement = Placement.uniform(config, MMAP, str(dev))
+    placement.validate(config)
+    _check_vram(plan, dev)
+    use_fp8 = dev.type == "cpu" and (fp8_linears is None or fp8_linears)
+    cancel = cancel or (lambda: False)
+
+    # Tensors that become Fp8Linear are fetched as zero-stride placeholders (no memory).
+    fp8_names: set[str] = set()
+    if use_fp8:
+        for name in _fp8_linear_names(config):
+            if name in ckpt and ckpt.info(name).dtype == "F8_E4M3" and ckpt.scale_of(name):
+                fp8_names.add(name)
+    n_names = max(1, len(ckpt.names()))
+    done = [0]
+    pin_ok = torch.cuda.is_available()
+
+    def fetch(name: str, want: torch.dtype) -> torch.Tensor:
+        if cancel():
+            raise LoadCancelled("loading was cancelled")
+        done[0] += 1
+        progress(0.9 * min(done[0], n_names) / n_names, "Loading weights")
+        if name in fp8_names and want is dtype:
+            return torch.zeros((), dtype=want).expand(ckpt.info(name).shape)
+        t = ckpt.tensor(name, want)
+        if t.data_ptr() == ckpt.raw(name).data_ptr():
+            t = t.clone()  # own the values: raw views are for the experts only
+        return t
+
+    hosts: dict[int, LayerExperts] = {}
+
+    def make_experts(spec):
+        if cancel():
+            raise LoadCancelled("loading was cancelled")
+        lp = placement.layers[spec.index]
+        hosts[spec.index] = LayerExperts.load(
+            ckpt, spec.prefix, config.n_routed_experts, lp.stores(), pin_ok
+        )
+        return hosts[spec.index]
+
+    try:
+        model = V4Model(
+            config,
+            fetch,
+            device=dev,
+            numerics=Numerics(dtype=dtype),
+            make_experts=make_experts,
+        )
+        n_fp8 = 0
+        if use_fp8:
+            for owner, attr, name in _fp8_linear_slots(model):
+                if name in fp8_names:
+                    raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
+                    setattr(owner, attr, Fp8Linear(raw, scale, dtype))
+                    n_fp8 += 1
+            _check_no_placeholders(model)
+        progress(0.92, "Placing experts")
+        log = RoutingLog(len(config.main_layers), config.n_routed_experts, dev)
+        pool = ThreadPoolExecutor(1, "flashdesk-experts") if dev.type != "cpu" else None
+        caches: list[ExpertCache | None] = []
+        for block in model.blocks:
+            i = block.spec.index
+            lp = placement.layers[i]
+            cache = (
+                ExpertCache(hosts[i], lp.device, dev, config.n_routed_experts)
+                if lp.device
+                else None
+            )
+            caches.append(cache)
+            block.moe = HybridMoE(
+                i,
+                block.moe.router,
+                block.moe.shared,
+                hosts[i],
+                cache,
+                config.swiglu_limit,
+                log,
+                pool,
+                threads,
+                stream_min_tokens if dev.type != "cpu" else None,
+            )
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeLoadError(
+            f"the GPU ran out of memory while loading ({exc}). Another program may be using it: "
+            "close it, or run the hardware-fit wizard (`flashdesk fit`) for a smaller plan."
+        ) from exc
+    except MemoryError as exc:
+        raise RuntimeLoadError(
+            "not enough system memory to load the model with this placement; run `flashdesk fit` "
+            "for a plan that memory-maps more experts, or close other programs"
+        ) from exc
+    progress(1.0, "Ready")
+    return Runtime(
+        model,
+        ckpt,
+        placement,
+        log,
+        caches,
+        [hosts[b.spec.index] for b in model.blocks],
+        pool,
+        refresh_every,
+        n_fp8,
+    )
+
+
+def _check_no_placeholders(model: V4Model) -> None:
+    """Every zero-stride placeholder was replaced by an Fp8Linear (else: an unmapped weight)."""
+    for block in model.blocks:
+        for obj in (block.attn, block.attn.indexer, block.attn.compressor, block.moe.shared):
+            if obj is None:
+                continue
+            for name in dir(obj):
+                value = getattr(obj, name, None)
+                if isinstance(value, Linear) and 0 in value.weight.stride():
+                    raise RuntimeLoadError(
+                        f"internal: {block.spec.prefix}{name} was not mapped to the FP8 "
+                        "kernel; load with fp8_linears=False"
+                    )

@@ -1,0 +1,282 @@
+"""Where a layer's routed experts live and how one MoE step runs across the CPU and the GPU.
+
+A layer's 256 experts stay in their stored FP4 form (packed E2M1 + E8M0 scales, spec §4.4):
+
+* host experts are one `ExpertTable` row each, run by the C kernels (`kernels.expert_ffn`) on a
+  worker thread. Their bytes are either copied once into a pinned buffer (fast host→device copies
+  for prefill streaming), into a pageable buffer, or left as zero-copy views of the memory-mapped
+  checkpoint ("mmap": paged in by the OS when picked). Never two resident copies;
+* device experts (`ExpertCache`) are the same bytes in device memory, dequantized per use with
+  torch ops; a whole layer when the plan says so, else a set of hot experts that `refresh()`
+  swaps towards the experts routing actually picks.
+
+`HybridMoE` replaces a block's `MoE`: router on the model's device, the token's host experts
+submitted to the CPU thread, then the shared expert and the cached experts computed on the device
+while the CPU works, and the two sums joined on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashdesk.engine import kernels
+from flashdesk.engine.model.moe import MoE, Router, SharedExpert, swiglu
+
+PINNED = "pinned"
+PAGEABLE = "pageable"
+MMAP = "mmap"
+HOST_STORES = (PINNED, PAGEABLE, MMAP)
+
+# The six stored tensors of one expert, in ExpertTable order.
+PARTS = ("w1.weight", "w1.scale", "w3.weight", "w3.scale", "w2.weight", "w2.scale")
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed `[O, I/2]` E2M1 bytes (low nibble first), scale `[O, I/32]` E8M0 → `[O, I]` on the
+    tensors' device. Exact in float32 (the same values as `quant.dequant_fp4`)."""
+    b = packed.view(torch.uint8)
+    lut = torch.tensor(_E2M1, dtype=torch.float32, device=b.device)
+    vals = torch.stack((lut[(b & 15).long()], lut[(b >> 4).long()]), dim=-1)
+    rows, half = b.shape
+    s = torch.exp2(scale.view(torch.uint8).float() - 127.0)
+    w = vals.view(rows, (2 * half) // 32, 32) * s[:, :, None]
+    return w.view(rows, 2 * half).to(dtype)
+
+
+def _owned_copy(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """The tensors' bytes copied into one host buffer (pinned if asked) → views of it."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+    out, at = [], 0
+    for t, n in zip(tensors, sizes, strict=True):
+        view = buf[at : at + n]
+        view.copy_(t.reshape(-1).view(torch.uint8))
+        out.append(view.view(t.dtype).view(t.shape))
+        at += n
+    return out
+
+
+@dataclass
+class LayerExperts:
+    """One layer's routed experts in host memory: `parts[e]` = its six stored tensors."""
+
+    parts: list[tuple[torch.Tensor, ...]]
+    table: kernels.ExpertTable
+    store_of: list[str]  # per expert: pinned / pageable / mmap
+
+    @classmethod
+    def load(
+        cls, checkpoint, prefix: str, n_experts: int, stores: dict[str, Sequence[int]], pin_ok: bool
+    ) -> LayerExperts:
+        """Experts named in stores[PINNED] / stores[PAGEABLE] are copied into one owned buffer
+        each; all others (stores[MMAP] and device-resident ones) stay views of the mapped file."""
+        raw = [
+            tuple(checkpoint.raw(f"{prefix}ffn.experts.{e}.{p}") for p in PARTS)
+            for e in range(n_experts)
+        ]
+        store_of = [MMAP] * n_experts
+        for store, pin in ((PINNED, pin_ok), (PAGEABLE, False)):
+            ids = sorted(set(stores.get(store, ())))
+            if not ids:
+                continue
+            flat = _owned_copy([t for e in ids for t in raw[e]], pin)
+            for j, e in enumerate(ids):
+                raw[e] = tuple(flat[6 * j : 6 * j + 6])
+                store_of[e] = store if pin or store == PAGEABLE else PAGEABLE
+        return cls(raw, kernels.ExpertTable(raw), store_of)
+
+
+class ExpertCache:
+    """Experts held in device memory as their packed bytes: slot s holds expert `ids[s]`."""
+
+    def __init__(self, host: LayerExperts, ids: Sequence[int], device: torch.device, n: int):
+        self.host = host
+        self.device = device
+        self.n_experts = n
+        self.capacity = len(ids)
+        self.slot_of = torch.full((n,), -1, dtype=torch.long)  # host-side map expert → slot
+        self.resident = torch.zeros(n, dtype=torch.bool, device=device)
+        self.slots: list[list[torch.Tensor]] = []
+        self.ids: list[int] = []
+        for e in ids:
+            self.slots.append([t.to(device) for t in host.parts[e]])
+            self._assign(len(self.ids), int(e))
+            self.ids.append(int(e))
+
+    def _assign(self, slot: int, e: int) -> None:
+        self.slot_of[e] = slot
+        self.resident[e] = True
+
+    @property
+    def whole_layer(self) -> bool:
+        return self.capacity == self.n_experts
+
+    def weights(
+        self, e: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 `[I, D]`, w3 `[I, D]`, w2 `[D, I]`) of a resident expert, dequantized."""
+        w1, s1, w3, s3, w2, s2 = self.slots[int(self.slot_of[e])]
+        return fp4_dequant(w1, s1, dtype), fp4_dequant(w3, s3, dtype), fp4_dequant(w2, s2, dtype)
+
+    def refresh(self, counts: torch.Tensor) -> int:
+        """Swap cold resident experts for hotter absent ones (by routing `counts` `[E]`);
+        → experts replaced. A whole-layer or empty cache has nothing to do."""
+        if self.capacity == 0 or self.whole_layer:
+            return 0
+        counts = counts.detach().to("cpu")
+        want = set(torch.topk(counts, self.capacity).indices.tolist())
+        have = set(self.ids)
+        incoming = sorted(want - have, key=lambda e: -int(counts[e]))
+        outgoing = sorted(have - want, key=lambda e: int(counts[e]))
+        swapped = 0
+        for e_in, e_out in zip(incoming, outgoing, strict=False):
+            if counts[e_in] <= counts[e_out]:
+                break
+            slot = int(self.slot_of[e_out])
+            for dst, src in zip(self.slots[slot], self.host.parts[e_in], strict=True):
+                dst.copy_(src, non_blocking=True)
+            self.slot_of[e_out] = -1
+            self.resident[e_out] = False
+            self._assign(slot, e_in)
+            self.ids[slot] = e_in
+            swapped += 1
+        return swapped
+
+
+class RoutingLog:
+    """Routing counts per layer and expert, plus how many picks the device cache served."""
+
+    def __init__(self, n_layers: int, n_experts: int, device: torch.device):
+        self.counts = torch.zeros((n_layers, n_experts), dtype=torch.long, device=device)
+        self.device_picks = torch.zeros((), dtype=torch.long, device=device)
+        self.total_picks = 0
+
+    def record(self, layer: int, experts: torch.Tensor, on_device: torch.Tensor | None) -> None:
+        flat = experts.reshape(-1)
+        self.counts[layer].index_add_(0, flat, torch.ones_like(flat))
+        self.total_picks += flat.numel()
+        if on_device is not None:
+            self.device_picks += on_device.sum()
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of routed picks served from device memory; None before any pick."""
+        if not self.total_picks:
+            return None
+        return int(self.device_picks) / self.total_picks
+
+    def reset_hits(self) -> None:
+        self.device_picks.zero_()
+        self.total_picks = 0
+
+
+class HybridMoE(MoE):
+    """A block's MoE with routed experts split between host (C kernels) and device cache.
+
+    forward(x `[T, D]` normed, ids `[T]`) → `[T, D]` in x's dtype, like `MoE.forward`.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        router: Router,
+        shared: SharedExpert,
+        host: LayerExperts,
+        cache: ExpertCache | None,
+        limit: float,
+        log: RoutingLog,
+        pool: ThreadPoolExecutor | None,
+        threads: int | None = None,
+        stream_min_tokens: int | None = None,
+    ):
+        super().__init__(router, host, shared)
+        self.layer = layer
+        self.host = host
+        self.cache = cache
+        self.limit = float(limit)
+        self.log = log
+        self.pool = pool  # None: the CPU part runs inline (CPU-only mode: no thread hop)
+        self.threads = threads
+        # Prefill of at least this many tokens computes every picked expert on the device,
+        # copying the absent ones there for the call (None: never).
+        self.stream_min_tokens = stream_min_tokens
+
+    def _host_part(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """Σ over the host experts (ids −1 are skipped) → `[T, D]` float32 on the host."""
+        out = torch.zeros(tuple(x.shape), dtype=torch.float32)
+        kernels.expert_ffn(
+            x, self.host.table, weights, out, ids=experts, limit=self.limit, threads=self.threads
+        )
+        return out
+
+    def _device_expert(self, x, w1, w3, w2, rows, slot, weights, out) -> None:
+        xs = x[rows].to(w1.dtype)
+        h = swiglu(F.linear(xs, w1), F.linear(xs, w3), self.limit)
+        h = (h * weights[rows, slot, None]).to(x.dtype)
+        out[rows] += F.linear(h.to(w2.dtype), w2).float()
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        if simulate:
+            raise ValueError(
+                "the hybrid runtime does not simulate the reference's FP8 activation rounding "
+                "(simulate_quant); load it with simulate_quant off"
+            )
+        experts, weights = self.router(x, ids)  # [T, k] on x's device
+        streaming = (
+            self.stream_min_tokens is not None
+            and x.shape[0] >= self.stream_min_tokens
+            and x.device.type != "cpu"
+        )
+        on_device = None
+        if self.cache is not None and self.cache.capacity:
+            on_device = self.cache.resident[experts]
+        self.log.record(self.layer, experts, on_device if not streaming else None)
+
+        # 1. Host experts: start the CPU kernels (they release the GIL) before the device work.
+        job: Future | torch.Tensor | None = None
+        if not streaming and not (self.cache is not None and self.cache.whole_layer):
+            host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+            xh = x.detach().to("cpu")
+            ih, wh = host_ids.to("cpu"), weights.to("cpu", torch.float32)
+            if self.pool is None:
+                job = self._host_part(xh, ih, wh)
+            else:
+                job = self.pool.submit(self._host_part, xh, ih, wh)
+
+        # 2. Device work meanwhile: the shared expert, then the device-resident experts.
+        y = self.shared(x)
+        if streaming:
+            self._stream_all(x, experts, weights, y)
+        elif on_device is not None:
+            picked = experts[on_device]
+            for e in torch.unique(picked).tolist():
+                rows, slot = torch.where(experts == e)
+                w1, w3, w2 = self.cache.weights(e, x.dtype)
+                self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
+
+        # 3. Join.
+        if job is not None:
+            host = job.result() if isinstance(job, Future) else job
+            y += host.to(y.device, non_blocking=False)
+        return y.to(x.dtype)
+
+    def _stream_all(self, x, experts, weights, y) -> None:
+        """Long prompts: every picked expert computed on the device; absent ones copied there
+        from host memory for this call (pinned buffers copy asynchronously)."""
+        for e in torch.unique(experts).tolist():
+            rows, slot = torch.where(experts == e)
+            if self.cache is not None and bool(self.cache.slot_of[e] >= 0):
+                w1, w3, w2 = self.cache.weights(e, x.dtype)
+            else:
+                p = [t.to(x.device, non_blocking=True) for t in self.host.parts[e]]
+                w1 = fp4_dequant(p[0], p[1], x.dtype)
+                w3 = fp4_dequant(p[2], p[3], x.dtype)
+                w2 = fp4_dequant(p[4], p[5], x.dtype)
+            self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
