@@ -40,6 +40,13 @@ class ContextOverflowError(ValueError):
         )
 
 
+class SessionBusyError(RuntimeError):
+    """stream() was called while another stream() on the same session is still running."""
+
+    def __init__(self):
+        super().__init__("this session is already generating; wait for it or cancel it first")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults follow the V4 model card: temperature 1.0, top_p 1.0. temperature 0 is greedy."""
@@ -189,6 +196,11 @@ class Session:
         """The tokens the cached state holds; a prompt that extends them reuses the state."""
         return tuple(self._ids)
 
+    @property
+    def busy(self) -> bool:
+        """True while a stream() is running on this session (from any thread)."""
+        return self._busy.locked()
+
     def reset(self) -> None:
         """Forget the cached state (a new chat)."""
         self._state = None
@@ -212,7 +224,7 @@ class Session:
         if len(prompt) >= self.context_limit:
             raise ContextOverflowError(len(prompt), self.context_limit)
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError("this session is already generating; cancel it first")
+            raise SessionBusyError()
         try:
             self._cancel.clear()
             yield from self._stream(prompt, params)

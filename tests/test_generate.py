@@ -20,6 +20,7 @@ from flashdesk.engine.generate import (
     IncrementalDecoder,
     SamplingParams,
     Session,
+    SessionBusyError,
     sample,
 )
 
@@ -249,3 +250,15 @@ def test_bad_sampling_params_are_refused():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_a_second_stream_on_a_busy_session_is_refused():
+    session = Session(ScriptedModel(TOK.encode("abc"), endless=True), TOK)
+    first = session.stream(TOK.encode("q"), GREEDY)
+    next(first)
+    assert session.busy
+    with pytest.raises(SessionBusyError, match="already generating"):
+        next(session.stream(TOK.encode("q"), GREEDY))
+    session.cancel()
+    list(first)
+    assert not session.busy

@@ -22,10 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from flashdesk.engine.generate import SamplingParams, Session, StreamEvent
+from flashdesk.engine.generate import SamplingParams, Session, SessionBusyError, StreamEvent
 
 _END = object()  # sentinel: the job will put nothing more
-SESSION_BUSY = "already generating"  # in the RuntimeError Session.stream raises when busy
 
 
 @dataclass
@@ -141,9 +140,7 @@ class Job:
             stream = session.stream(self.prompt_ids, self.params)
             try:
                 first = next(stream)
-            except RuntimeError as exc:
-                if SESSION_BUSY not in str(exc):
-                    raise
+            except SessionBusyError:
                 if self._cancel.is_set():
                     return
                 time.sleep(0.05)
