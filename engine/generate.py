@@ -135,6 +135,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     Sampling runs on the CPU (one 0.5 MB copy per token), so a seeded CPU generator gives the
     same draws whichever device produced the logits."""
     logits = logits.detach().float().reshape(-1).cpu()
+    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()):
+        raise FloatingPointError(
+            "the model produced NaN or no finite logits: the weights or the numerics are broken "
+            "(try float32 instead of bfloat16, or re-download the checkpoint and verify it)"
+        )
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

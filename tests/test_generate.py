@@ -262,3 +262,10 @@ def test_a_second_stream_on_a_busy_session_is_refused():
     session.cancel()
     list(first)
     assert not session.busy
+
+
+def test_nan_logits_give_a_clear_error():
+    with pytest.raises(FloatingPointError, match="NaN"):
+        sample(torch.tensor([0.0, float("nan")]), SamplingParams(), None)
+    with pytest.raises(FloatingPointError, match="finite"):
+        sample(torch.full((4,), float("-inf")), GREEDY, None)
