@@ -42,7 +42,7 @@ typedef pthread_cond_t fd_cond;
 
 /* Spin iterations before a waiting worker sleeps (~0.1-0.5 ms of pause instructions). */
 #define FD_SPIN_BEFORE_SLEEP 20000
-/* Spin iterations before a barrier or the caller starts yielding its time slice. */
+/* Spin iterations before a waiting caller starts yielding its time slice. */
 #define FD_SPIN_BEFORE_YIELD 2000
 
 typedef struct {
