@@ -59,3 +59,16 @@ def stage(into: Path) -> Path:
         old.unlink()
     shutil.copy2(kernels, engine / kernels.name)
     return into
+
+
+def module_names(into: Path) -> list[str]:
+    """Every module of the staged tree, dotted (subcommands are imported by name at run time, so
+    PyInstaller's import graph alone would miss them)."""
+    into = Path(into)
+    names = []
+    for path in sorted((into / "flashdesk").rglob("*.py")):
+        parts = path.relative_to(into).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(parts))
+    return names

@@ -140,6 +140,12 @@ def test_stage_builds_a_plain_package_tree(tmp_path):
     assert [k.name for k in kernels] == [stage.kernels_path().name]
     assert not list(pkg.rglob("__pycache__")) and not list(pkg.rglob("*.c"))
     assert not (pkg / "engine" / "csrc").exists()
+    names = stage.module_names(into)
+    # every subcommand module (imported by name from cli.SUBCOMMANDS) is frozen
+    from flashdesk.cli import SUBCOMMANDS
+
+    assert {module for module, _help in SUBCOMMANDS.values()} <= set(names)
+    assert {"flashdesk", "flashdesk.app.main", "flashdesk.engine.server"} <= set(names)
     # importable as an ordinary package from the staged folder alone
     code = "import flashdesk.engine, flashdesk.app.paths as p; print(flashdesk.engine.__file__)"
     env = {**os.environ, "PYTHONPATH": str(into)}

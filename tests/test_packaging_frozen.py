@@ -93,6 +93,38 @@ def test_frozen_self_test_passes(app_dir, tmp_path):
     assert files_under(tmp) == [], "the self-test left temporary files behind"
 
 
+def test_frozen_subcommands_run(app_dir, tmp_path):
+    """Subcommands are imported by name at run time; the frozen build must hold them all."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = clean_env(home, tmp)
+
+    def frozen(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(app_dir / EXE), *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    from flashdesk import __version__
+
+    version = frozen("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"flashdesk {__version__}"
+    helps = frozen("--help")
+    assert helps.returncode == 0
+    from flashdesk.cli import SUBCOMMANDS
+
+    for name in SUBCOMMANDS:
+        assert name in helps.stdout
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n\nExperts live in RAM.\n", encoding="utf-8")
+    counted = frozen("documents", str(notes), "--json")
+    assert counted.returncode == 0, counted.stdout + counted.stderr
+    assert '"tokens"' in counted.stdout
+    for name in ("fit", "serve", "make-checkpoint", "info"):
+        sub = frozen(name, "--help")
+        assert sub.returncode == 0 and "usage:" in sub.stdout, (name, sub.stderr)
+
+
 def test_frozen_screenshot_is_the_chat_window(app_dir, tmp_path):
     from PySide6.QtGui import QImage
 
