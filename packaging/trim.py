@@ -126,8 +126,12 @@ STRIPPED_ON_LINUX: tuple[str, ...] = (
 
 def strip_symbols(contents: Path, strip: str = "strip") -> int:
     """Strip the libraries in STRIPPED_ON_LINUX under the onedir's contents folder; bytes saved."""
+    import shutil
     import subprocess
 
+    if shutil.which(strip) is None:
+        print(f"trim: `{strip}` (binutils) is not installed; libraries keep their symbol tables")
+        return 0
     saved = 0
     for rel in STRIPPED_ON_LINUX:
         lib = contents / rel

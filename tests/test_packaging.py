@@ -101,6 +101,27 @@ def test_trim_logs_what_it_drops_with_sizes(tmp_path):
     assert log == [("torch/include/a.h", 1234)]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="strip rules are for Linux")
+def test_strip_symbols_shrinks_a_library_and_keeps_it_loadable(tmp_path):
+    import ctypes
+
+    import torch
+
+    if shutil.which("strip") is None:
+        pytest.skip("binutils' strip is not installed")
+    source = Path(torch.__file__).parent / "lib" / "libshm.so"
+    contents = tmp_path / "_internal"
+    lib = contents / "torch" / "lib" / "libshm.so"
+    lib.parent.mkdir(parents=True)
+    shutil.copy(source, lib)
+    saved = trim.strip_symbols(contents)
+    assert saved == source.stat().st_size - lib.stat().st_size
+    assert saved >= 0
+    assert b".symtab" not in subprocess.run(["readelf", "-S", str(lib)], capture_output=True).stdout
+    ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.CDLL(str(lib))  # still a loadable library
+
+
 def test_installed_pyside_platform_plugins_survive():
     """Against the real PySide6 install: X11, Wayland and offscreen stay (whatever the file names
     of this PySide6 release), and at least one unused platform is dropped."""
