@@ -279,18 +279,23 @@ class Runtime:
     def new_state(self, kv_format: str = "native"):
         return self.model.new_state(kv_format)
 
+    def _open(self) -> V4Model:
+        if self.checkpoint is None:
+            raise RuntimeError("this runtime was closed; load the model again")
+        return self.model
+
     def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
-        return self.model.prefill(ids, state, chunk_size)
+        return self._open().prefill(ids, state, chunk_size)
 
     def decode(self, token_id: int, state) -> torch.Tensor:
-        logits = self.model.decode(token_id, state)
+        logits = self._open().decode(token_id, state)
         self._decodes += 1
         if self.refresh_every and self._decodes % self.refresh_every == 0:
             self.refresh_caches()
         return logits
 
     def forward_full(self, ids) -> torch.Tensor:
-        return self.model.forward_full(ids)
+        return self._open().forward_full(ids)
 
     # -- expert cache and routing record
     @property
@@ -313,7 +318,13 @@ class Runtime:
 
     def save_routing_counts(self, path: str | Path) -> None:
         Path(path).write_text(
-            json.dumps({"model": self.config.model_type, "counts": self.routing_counts()})
+            json.dumps(
+                {
+                    "layers": len(self.config.main_layers),
+                    "experts": self.config.n_routed_experts,
+                    "counts": self.routing_counts(),
+                }
+            )
         )
 
     def describe(self) -> str:
@@ -328,10 +339,14 @@ class Runtime:
         return f"attention on {self.device}; routed experts: {dev} on {self.device}, {host}"
 
     def close(self) -> None:
+        """Release the worker thread and unmap the checkpoint (the experts' mmap views die with
+        it, so the runtime refuses further work)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.checkpoint.close()
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+            self.checkpoint = None
 
     def __enter__(self) -> Runtime:
         return self

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +62,20 @@ def _owned_copy(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor
     return out
 
 
-@dataclass
 class LayerExperts:
-    """One layer's routed experts in host memory: `parts[e]` = its six stored tensors."""
+    """One layer's routed experts in host memory: `parts[e]` = its six stored tensors,
+    `store_of[e]` = pinned / pageable / mmap. mmap views are valid while the checkpoint is open."""
 
-    parts: list[tuple[torch.Tensor, ...]]
-    table: kernels.ExpertTable
-    store_of: list[str]  # per expert: pinned / pageable / mmap
+    def __init__(
+        self, parts: list[tuple[torch.Tensor, ...]], table: kernels.ExpertTable, store_of: list
+    ):
+        self.parts = parts
+        self.table = table
+        self.store_of = store_of
+
+    def __repr__(self) -> str:  # never print the tensors: mmap views may be closed
+        counts = {s: self.store_of.count(s) for s in HOST_STORES if s in self.store_of}
+        return f"LayerExperts({len(self.parts)} experts: {counts})"
 
     @classmethod
     def load(
@@ -106,7 +112,7 @@ class ExpertCache:
         self.slots: list[list[torch.Tensor]] = []
         self.ids: list[int] = []
         for e in ids:
-            self.slots.append([t.to(device) for t in host.parts[e]])
+            self.slots.append([t.to(device, copy=True) for t in host.parts[e]])  # own slots
             self._assign(len(self.ids), int(e))
             self.ids.append(int(e))
 

@@ -1,0 +1,242 @@
+"""The runtime on the CPU: every placement the planner can produce gives the plain model's logits.
+
+The reference is `load_model` (every weight dequantized to float32, `DenseExperts`); the runtime
+reads routed experts as packed FP4 through the C kernels from pinned / pageable / memory-mapped
+host copies or a device-side cache, and FP8 linears through the C FP8 kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashdesk.engine import quant
+from flashdesk.engine.checkpoint import Checkpoint
+from flashdesk.engine.checkpoint.writer import write_random
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.generate import SamplingParams, Session
+from flashdesk.engine.model.loader import load_model
+from flashdesk.engine.runtime import (
+    Fp8Linear,
+    LayerPlacement,
+    LoadCancelled,
+    Placement,
+    RuntimeLoadError,
+    load_runtime,
+)
+from flashdesk.engine.runtime_experts import MMAP, PAGEABLE, PINNED, fp4_dequant
+from flashdesk.offload.figures import ModelFigures
+from flashdesk.offload.plan import PlanOptions, make_plan
+from flashdesk.offload.probe import HardwareProfile
+
+PROFILES = Path(__file__).parent / "profiles"
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, config, reference model, prompt ids, reference logits of every position)."""
+    config = ModelConfig.tiny()
+    folder = write_random(tmp_path_factory.mktemp("rt") / "ckpt", config, seed=5)
+    ref = load_model(folder)
+    ids = torch.randint(0, config.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    return folder, config, ref, ids, ref.forward_full(ids)
+
+
+class _Chars:
+    """A tokenizer stand-in: one letter per id."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def _mixed(config: ModelConfig) -> Placement:
+    """Each layer different: all three host stores and a few device-cached experts."""
+    n = config.n_routed_experts
+    layers = []
+    for i in range(len(config.main_layers)):
+        dev = tuple(range(i % 3))
+        rest = [e for e in range(n) if e not in dev]
+        third = len(rest) // 3
+        layers.append(
+            LayerPlacement(
+                device=dev,
+                pinned=tuple(rest[:third]),
+                pageable=tuple(rest[third : 2 * third]),
+                mmap=tuple(rest[2 * third :]),
+            )
+        )
+    return Placement("cpu", tuple(layers))
+
+
+PLACEMENTS = {
+    "mmap": lambda c: Placement.uniform(c, MMAP),
+    "pageable": lambda c: Placement.uniform(c, PAGEABLE),
+    "pinned": lambda c: Placement.uniform(c, PINNED),
+    "mmap+cache": lambda c: Placement.uniform(c, MMAP, cached=3),
+    "pinned+cache": lambda c: Placement.uniform(c, PINNED, cached=[1, 4, 6]),
+    "all cached": lambda c: Placement.uniform(c, MMAP, cached=c.n_routed_experts),
+    "mixed": _mixed,
+}
+
+
+CASES = [(name, True) for name in sorted(PLACEMENTS)] + [("mixed", False), ("mmap", False)]
+
+
+@pytest.mark.parametrize(
+    ("name", "fp8"), CASES, ids=[f"{n}-{'fp8' if f else 'deq'}" for n, f in CASES]
+)
+def test_every_placement_gives_the_models_logits(tiny, name, fp8):
+    folder, config, _, ids, want = tiny
+    placement = PLACEMENTS[name](config)
+    with load_runtime(folder, placement=placement, fp8_linears=fp8) as rt:
+        assert (rt.fp8_linears > 0) == fp8
+        torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
+        # chunked prefill + token-by-token decode through the cache
+        state = rt.new_state()
+        rows = [rt.prefill(ids[:7], state, chunk_size=4)]
+        rows += [rt.decode(int(t), state) for t in ids[7:]]
+        torch.testing.assert_close(torch.stack(rows), want[6:], **TOL)
+        cached = sum(len(lp.device) for lp in placement.layers)
+        assert (rt.expert_hit_rate is None) == (cached == 0)
+
+
+def test_experts_are_not_copied_twice(tiny):
+    """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
+    folder, config, _, ids, _ = tiny
+    with load_runtime(folder, placement=_mixed(config)) as rt:
+        for i, (lp, host) in enumerate(zip(rt.placement.layers, rt.hosts, strict=True)):
+            prefix = f"{config.main_layers[i].prefix}ffn.experts."
+            for e in range(config.n_routed_experts):
+                stored = rt.checkpoint.raw(f"{prefix}{e}.w1.weight")
+                same = host.parts[e][0].data_ptr() == stored.data_ptr()
+                assert same == (e in lp.mmap or e in lp.device), (i, e)
+                assert torch.equal(host.parts[e][0].view(torch.uint8), stored.view(torch.uint8))
+        assert "mmap" in rt.describe() and "pageable" in rt.describe()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.forward_full(ids)
+
+
+def test_greedy_generation_is_identical(tiny):
+    folder, config, ref, ids, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=12)
+
+    def tokens(model):
+        session = Session(model, _Chars(), context_limit=256)
+        events = list(session.stream(ids[:9].tolist(), params))
+        return session.held_ids, events[-1].stats
+
+    want, _ = tokens(ref)
+    with load_runtime(folder, placement=_mixed(config)) as rt:
+        got, stats = tokens(rt)
+    assert got == want
+    assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
+
+
+def _tiny_figures(folder, config) -> ModelFigures:
+    with Checkpoint.open(folder) as ckpt:
+        return ModelFigures.from_inventory(ckpt.inventory(), config, "tiny")
+
+
+def test_planner_placements_apply_and_match(tiny):
+    """Plans with experts on the GPU, in RAM and on disk map onto the runtime exactly (counts per
+    layer as planned), and the model computes the same logits (the GPU share cached on the CPU)."""
+    folder, config, _, ids, want = tiny
+    figures = _tiny_figures(folder, config)
+    profile = HardwareProfile.load(PROFILES / "gpu8gb_192gb.json")
+    cap = profile.gpu.usable_vram_bytes
+    ram = profile.usable_ram_bytes()
+    options = PlanOptions(
+        context=4096,
+        gpu_workspace_bytes=0,
+        vram_reserve_bytes=cap - 400_000,
+        ram_reserve_bytes=ram - 3_500_000,  # a few experts in RAM, most on disk
+    )
+    plan = make_plan(figures, profile, options)
+    placement = Placement.from_plan(plan, config, device="cuda")  # data only: no GPU needed
+    for lp, planned in zip(placement.layers, plan.layers, strict=True):
+        assert len(lp.device) == planned.experts_gpu
+        assert len(lp.pinned) + len(lp.pageable) == planned.experts_ram
+        assert len(lp.mmap) == planned.experts_disk
+    assert any(len(lp.device) for lp in placement.layers)
+    assert any(len(lp.mmap) for lp in placement.layers)
+    on_cpu = dataclasses.replace(placement, device="cpu")
+    with load_runtime(folder, placement=on_cpu) as rt:
+        torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
+    # Without a device, the plan's GPU experts fall back to host memory.
+    cpu = Placement.from_plan(plan, config, device="cpu")
+    assert all(not lp.device for lp in cpu.layers)
+    with load_runtime(folder, plan=plan, device="cpu") as rt:
+        torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
+
+
+def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
+    folder, config, _, ids, want = tiny
+    placement = Placement.uniform(config, MMAP, cached=[0, 1])
+    with load_runtime(folder, placement=placement, refresh_every=None) as rt:
+        rt.forward_full(ids)
+        counts = rt.routing_counts()
+        k = config.num_experts_per_tok
+        assert [sum(row) for row in counts] == [len(ids) * k] * len(config.main_layers)
+        path = tmp_path / "routing.json"
+        rt.save_routing_counts(path)
+        saved = json.loads(path.read_text())["counts"]
+        assert saved == counts
+        # the hot cache moves to the most-picked experts and results do not change
+        rt.refresh_caches()
+        for layer, cache in enumerate(rt.caches):
+            row = torch.tensor(counts[layer])
+            top = sorted(row.tolist(), reverse=True)[:2]
+            assert sorted((int(row[e]) for e in cache.ids), reverse=True) == top
+        torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
+    figures = _tiny_figures(folder, config)
+    profile = HardwareProfile.load(PROFILES / "gpu8gb_192gb.json")
+    plan = make_plan(figures, profile, PlanOptions(context=4096, expert_frequency=saved))
+    assert plan.verdict != "does_not_fit"
+
+
+def test_fp8_linear_and_fp4_dequant_match_the_decoders(tiny):
+    folder = tiny[0]
+    with Checkpoint.open(folder) as ckpt:
+        name = "layers.1.attn.wq_b.weight"
+        w, s = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
+        x = torch.randn(3, w.shape[1])
+        got = Fp8Linear(w, s, torch.float32)(x)
+        torch.testing.assert_close(got, x @ ckpt.tensor(name).T, rtol=1e-5, atol=1e-5)
+        e = "layers.2.ffn.experts.3.w2."
+        packed, scale = ckpt.raw(e + "weight"), ckpt.raw(e + "scale")
+        assert torch.equal(
+            fp4_dequant(packed, scale, torch.float32), quant.dequant_fp4(packed, scale)
+        )
+
+
+def test_clear_errors(tiny):
+    folder, config, *_ = tiny
+    short = Placement("cpu", Placement.uniform(config).layers[:2])
+    with pytest.raises(RuntimeLoadError, match="covers 2 layers"):
+        load_runtime(folder, placement=short)
+    n = config.n_routed_experts
+    holes = Placement(
+        "cpu", tuple(LayerPlacement(mmap=tuple(range(1, n))) for _ in config.main_layers)
+    )
+    with pytest.raises(RuntimeLoadError, match="placed nowhere"):
+        load_runtime(folder, placement=holes)
+    with pytest.raises(LoadCancelled):
+        load_runtime(folder, cancel=lambda: True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeLoadError, match="sees none"):
+            load_runtime(folder, device="cuda")
+    other = ModelConfig.tiny(num_hidden_layers=2)
+    figures = ModelFigures.from_inventory(
+        Checkpoint.open(write_random(folder.parent / "other", other, seed=1)).inventory(),
+        other,
+        "other",
+    )
+    profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
+    plan = make_plan(figures, profile, PlanOptions(context=4096))
+    with pytest.raises(RuntimeLoadError, match="another model"):
+        load_runtime(folder, plan=plan, device="cpu")
