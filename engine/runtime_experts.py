@@ -37,13 +37,26 @@ PARTS = ("w1.weight", "w1.scale", "w3.weight", "w3.scale", "w2.weight", "w2.scal
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """byte → (value of low nibble, value of high nibble) `[256, 2]`, one copy per device."""
+    table = _PAIR_TABLES.get(device)
+    if table is None:
+        lut = torch.tensor(_E2M1, dtype=torch.float32)
+        codes = torch.arange(256)
+        table = torch.stack((lut[codes & 15], lut[codes >> 4]), dim=1).to(device)
+        _PAIR_TABLES[device] = table
+    return table
+
+
 def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed `[O, I/2]` E2M1 bytes (low nibble first), scale `[O, I/32]` E8M0 → `[O, I]` on the
     tensors' device. Exact in float32 (the same values as `quant.dequant_fp4`)."""
     b = packed.view(torch.uint8)
-    lut = torch.tensor(_E2M1, dtype=torch.float32, device=b.device)
-    vals = torch.stack((lut[(b & 15).long()], lut[(b >> 4).long()]), dim=-1)
     rows, half = b.shape
+    vals = _pair_table(b.device).index_select(0, b.reshape(-1).int())  # [O·I/2, 2]
     s = torch.exp2(scale.view(torch.uint8).float() - 127.0)
     w = vals.view(rows, (2 * half) // 32, 32) * s[:, :, None]
     return w.view(rows, 2 * half).to(dtype)
