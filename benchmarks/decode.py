@@ -1,0 +1,255 @@
+"""Decode through the runtime at V4-Flash's real dimensions, against the bytes-moved bound.
+
+A two-layer checkpoint (window + hash routing, CSA + bias routing; 16 routed experts, 6 active;
+random weights in the official FP8/FP4 format) is written to a temporary folder and loaded with
+`load_runtime` and the planner's plan for this machine. Each decode step is timed and split into
+the device-side work (attention, router, shared expert, head — on the CPU when there is no GPU),
+the routed experts (C kernels on host memory) and their overlap. The bound is the weight bytes a
+step reads (as the runtime stores them: FP8 linears, FP4 experts, float32 head) at the RAM read
+bandwidth measured in the same run (GPU-resident bytes at the GPU's memory bandwidth when the
+device is a GPU); the planner's prediction for the same plan is printed beside the measurement.
+
+With a GPU it also times: all experts on the CPU vs all on the GPU, host→device copy bandwidth
+(pinned) and a layer-streamed prefill against the PCIe bound.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
+_machine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_machine)
+
+PROMPT_TOKENS = 64
+WARMUP_STEPS = 2
+DECODE_STEPS = 12
+STREAM_PREFILL_TOKENS = 1024
+
+
+def bench_config():
+    from flashdesk.engine.config import ModelConfig
+
+    return ModelConfig.v4_flash().replace(
+        num_hidden_layers=2,
+        compress_ratios=(0, 4),
+        num_nextn_predict_layers=0,
+        n_routed_experts=16,
+        num_hash_layers=1,
+    )
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _linear_bytes(lin) -> int:
+    scale = getattr(lin, "scale", None)
+    return _nbytes(lin.weight, scale)
+
+
+def decode_bytes(rt) -> tuple[int, int]:
+    """(bytes one decode step reads outside the routed experts, routed-expert bytes per step)."""
+    model = rt.model
+    c = rt.config
+    dense = _nbytes(model.head, model.norm, *model.hc_head) + model.embed[0].numel() * 2
+    experts = 0
+    for block in model.blocks:
+        a = block.attn
+        dense += sum(_linear_bytes(x) for x in (a.wq_a, a.wq_b, a.wkv, a.wo_b)) + _nbytes(a.wo_a)
+        for comp in (a.compressor, a.indexer.compressor if a.indexer else None):
+            if comp is not None:
+                dense += _nbytes(comp.wkv, comp.wgate)
+        if a.indexer is not None:
+            dense += _linear_bytes(a.indexer.wq_b) + _linear_bytes(a.indexer.weights_proj)
+        m = block.moe
+        dense += _nbytes(m.router.weight) + sum(
+            _linear_bytes(x) for x in (m.shared.w1, m.shared.w2, m.shared.w3)
+        )
+        one = _nbytes(*m.host.parts[0])
+        experts += one * c.num_experts_per_tok
+    return dense, experts
+
+
+class _Clock:
+    """Wall time spent in the routed-expert kernels (wraps each layer's host part)."""
+
+    def __init__(self, rt):
+        self.seconds = 0.0
+        for block in rt.model.blocks:
+            inner = block.moe._host_part
+
+            def timed(*args, _inner=inner):
+                t0 = time.perf_counter()
+                out = _inner(*args)
+                self.seconds += time.perf_counter() - t0
+                return out
+
+            block.moe._host_part = timed
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _decode(rt, ids, steps=DECODE_STEPS) -> tuple[float, float]:
+    """(seconds per decode step, seconds per step inside the expert kernels)."""
+    state = rt.new_state()
+    logits = rt.prefill(ids, state)
+    for _ in range(WARMUP_STEPS):
+        logits = rt.decode(int(logits.argmax()), state)
+    clock = _Clock(rt)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = rt.decode(int(logits.argmax()), state)
+    _sync()
+    return (time.perf_counter() - t0) / steps, clock.seconds / steps
+
+
+def _gpu_copy_gbps() -> float:
+    """Device memory bandwidth measured here: a 1 GiB device-to-device copy (read + write)."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    _sync()
+    return 5 * 2 * a.numel() / (time.perf_counter() - t0) / 1e9
+
+
+def _gpu_figures(folder, config, ids, out: dict) -> None:
+    """All experts on the CPU vs all on the GPU; pinned H2D bandwidth; streamed prefill."""
+    import torch
+
+    from flashdesk.engine.runtime import Placement, load_runtime
+
+    cuda = torch.device("cuda")
+    n = config.n_routed_experts
+    for name, placement in (
+        ("experts_cpu", Placement.uniform(config, "pinned", device="cuda")),
+        ("experts_gpu", Placement.uniform(config, "mmap", device="cuda", cached=n)),
+    ):
+        with load_runtime(folder, placement=placement, refresh_every=None) as rt:
+            step, _ = _decode(rt, ids)
+            out[f"decode_tok_s_{name}"] = 1.0 / step
+    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=cuda)
+    dst.copy_(src, non_blocking=True)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src, non_blocking=True)
+    _sync()
+    h2d = 4 * src.numel() / (time.perf_counter() - t0) / 1e9
+    out["h2d_pinned_gbps"] = h2d
+    del src, dst
+    prompt = torch.randint(0, config.vocab_size, (STREAM_PREFILL_TOKENS,))
+    placement = Placement.uniform(config, "pinned", device="cuda")
+    with load_runtime(folder, placement=placement, stream_min_tokens=256) as rt:
+        rt.prefill(prompt[:256], rt.new_state())  # warm-up
+        _sync()
+        t0 = time.perf_counter()
+        rt.prefill(prompt, rt.new_state())
+        _sync()
+        prefill_s = time.perf_counter() - t0
+        expert_bytes = sum(_nbytes(*p) for h in rt.hosts for p in h.parts)
+    out["stream_prefill_tok_s"] = STREAM_PREFILL_TOKENS / prefill_s
+    bound_s = expert_bytes / (h2d * 1e9)
+    out["stream_prefill_pcie_bound_tok_s"] = STREAM_PREFILL_TOKENS / bound_s
+    out["stream_prefill_ratio"] = bound_s / prefill_s
+
+
+def run(json_output: bool = False) -> dict:
+    import torch
+
+    from flashdesk.engine.checkpoint import write_random
+    from flashdesk.engine.runtime import load_runtime
+    from flashdesk.fit import evaluate
+
+    info = _machine.describe()
+    if not json_output:
+        _machine.print_machine(info)
+        print("writing a 2-layer real-dimension checkpoint (window+hash, CSA; 16 experts)…")
+    config = bench_config()
+    ids = torch.randint(
+        0, config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)
+    )
+    figures: dict = {"machine": info}
+    with tempfile.TemporaryDirectory(prefix="flashdesk-bench-decode-") as folder:
+        write_random(folder, config, seed=0)
+        _, profile, plan, prediction = evaluate(
+            model=folder, context=4096, prompt_tokens=PROMPT_TOKENS
+        )
+        gbps = float(profile.ram_read_gbps.value)
+        with load_runtime(folder, plan=plan, dtype=torch.bfloat16, refresh_every=None) as rt:
+            where = rt.describe()
+            dense_b, expert_b = decode_bytes(rt)
+            step_s, expert_s = _decode(rt, ids)
+            on_gpu = rt.device.type == "cuda"
+        device_s = step_s - expert_s
+        if on_gpu:
+            gpu_gbps = _gpu_copy_gbps()
+            figures["gpu_memory_gbps"] = gpu_gbps
+            bound_s = max(dense_b / (gpu_gbps * 1e9), expert_b / (gbps * 1e9))
+        else:
+            bound_s = (dense_b + expert_b) / (gbps * 1e9)
+        figures |= {
+            "placement": where,
+            "plan_mode": plan.mode,
+            "ram_read_gbps": gbps,
+            "prompt_tokens": PROMPT_TOKENS,
+            "decode_steps": DECODE_STEPS,
+            "dense_bytes_per_token": dense_b,
+            "expert_bytes_per_token": expert_b,
+            "decode_tok_s": 1.0 / step_s,
+            "bound_tok_s": 1.0 / bound_s,
+            "ratio": bound_s / step_s,
+            "predicted_tok_s": prediction.decode_tok_s,
+            "predicted_over_measured": prediction.decode_tok_s * step_s,
+            "ms_per_token": {
+                "total": step_s * 1e3,
+                "experts": expert_s * 1e3,
+                "device_side": device_s * 1e3,
+                # on a GPU the experts run beside the device work: time hidden by the overlap
+                "overlap": max(0.0, device_s + expert_s - step_s) * 1e3 if on_gpu else 0.0,
+            },
+        }
+        if on_gpu:
+            _gpu_figures(folder, config, ids, figures)
+    if not json_output:
+        ms = figures["ms_per_token"]
+        print(f"placement: {where}")
+        print(f"RAM read: {gbps:.2f} GB/s (measured); plan mode {plan.mode}")
+        print(
+            f"decode: {figures['decode_tok_s']:.2f} tok/s; bound {figures['bound_tok_s']:.2f} "
+            f"tok/s ({(dense_b + expert_b) / 1e6:.0f} MB/token); ratio {figures['ratio']:.2f}"
+        )
+        print(
+            f"  per token: {ms['total']:.1f} ms = experts {ms['experts']:.1f} ms + device-side "
+            f"{ms['device_side']:.1f} ms (overlap {ms['overlap']:.1f} ms)"
+        )
+        print(
+            f"planner predicted {figures['predicted_tok_s']:.2f} tok/s "
+            f"(predicted ÷ measured {figures['predicted_over_measured']:.2f})"
+        )
+        for key in ("decode_tok_s_experts_cpu", "decode_tok_s_experts_gpu", "h2d_pinned_gbps"):
+            if key in figures:
+                print(f"{key}: {figures[key]:.2f}")
+        if "stream_prefill_tok_s" in figures:
+            print(
+                f"streamed prefill: {figures['stream_prefill_tok_s']:.0f} tok/s; PCIe bound "
+                f"{figures['stream_prefill_pcie_bound_tok_s']:.0f} tok/s; ratio "
+                f"{figures['stream_prefill_ratio']:.2f}"
+            )
+    return figures
