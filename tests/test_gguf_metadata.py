@@ -29,7 +29,7 @@ def test_reads_architecture_hparams_and_inventory(tiny):
     info = read_gguf(tiny)
     assert info.architecture == "qwen3moe" and not info.is_v4
     assert (info.n_layers, info.n_experts, info.context_length) == (2, 4, 256)
-    assert info.vocab_size == 258
+    assert info.vocab_size == 259
     assert info.chat_template.startswith("{% for m in messages %}")
     names = {t.name for t in info.tensors}
     assert "blk.1.ffn_down_exps.weight" in names and "token_embd.weight" in names
@@ -38,7 +38,7 @@ def test_reads_architecture_hparams_and_inventory(tiny):
     assert down.type_name == "Q8_0" and down.shape == (32, 64, 4)
     assert down.nbytes == 4 * 64 * 32 // 32 * 34
     embd = next(t for t in info.tensors if t.name == "token_embd.weight")
-    assert embd.nbytes == 258 * 64 * 4
+    assert embd.nbytes == 259 * 64 * 4
     assert info.expert_layers() == [0, 1]
     assert info.expert_bytes == 2 * 3 * (4 * 64 * 32 // 32 * 34)
     # The data section ends exactly at the end of the file.
@@ -167,4 +167,4 @@ def test_a_long_vocabulary_is_kept_as_its_length(tiny, tmp_path):
     copy = tmp_path / "copy.gguf"
     shutil.copy(tiny, copy)
     tokens = read_gguf(copy).metadata["tokenizer.ggml.tokens"]
-    assert (tokens.value_type, tokens.length) == ("STRING", 258)
+    assert (tokens.value_type, tokens.length) == ("STRING", 259)

@@ -60,6 +60,7 @@ class GGUFPlacement:
     batch: int = 512
     mmap: bool = True
     mlock: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp decides (on where the backend supports it)
 
     def __post_init__(self):
         if self.kv_type not in KV_TYPES:
@@ -179,6 +180,8 @@ class LlamaCppModel:
         cparams.n_threads_batch = self.placement.threads_batch or threads
         cparams.type_k = cparams.type_v = KV_TYPES[self.placement.kv_type]
         cparams.no_perf = True
+        if self.placement.flash_attn is not None:
+            cparams.flash_attn_type = int(self.placement.flash_attn)
         with capture_log() as ctx_report:
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         self.load_report.lines.extend(ctx_report.lines)

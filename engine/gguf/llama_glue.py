@@ -148,7 +148,7 @@ def install_log_callback() -> None:
         with _capture_lock:
             for capture in _captures:
                 capture.lines.append(line)
-        if level in (2, 3):  # WARN, ERROR
+        if level in (3, 4):  # ggml_log_level: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
             log.warning("llama.cpp: %s", line.rstrip())
         else:
             log.debug("llama.cpp: %s", line.rstrip())

@@ -1,6 +1,6 @@
 """Tiny random GGUF models written with the `gguf` library, for tests and benchmarks.
 
-`write_tiny_moe(path)` writes a 2-layer `qwen3moe` model (4 routed experts, top 2) with a 256-token
+`write_tiny_moe(path)` writes a 2-layer `qwen3moe` model (4 routed experts, top 2) with a 259-token
 byte vocabulary: small enough to load in milliseconds, yet it has llama.cpp's standard routed-expert
 tensors (`blk.N.ffn_{gate,up,down}_exps`) so expert placement can be checked on any machine.
 """
@@ -46,7 +46,8 @@ def write_tiny_moe(
     path = Path(path)
     rng = np.random.default_rng(seed)
     head_dim = embd // heads
-    tokens = [*_byte_vocab(), "<|im_start|>", "<|im_end|>"]
+    # One merge: llama.cpp's BPE vocabulary needs a non-empty merge list.
+    tokens = [*_byte_vocab(), "he", "<|im_start|>", "<|im_end|>"]
     vocab = len(tokens)
 
     writer = gguf.GGUFWriter(str(path), "qwen3moe")
@@ -68,8 +69,8 @@ def write_tiny_moe(
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 2)
-    writer.add_token_merges([])
+    writer.add_token_types([gguf.TokenType.NORMAL] * 257 + [gguf.TokenType.CONTROL] * 2)
+    writer.add_token_merges(["h e"])
     writer.add_bos_token_id(vocab - 2)
     writer.add_eos_token_id(vocab - 1)
     writer.add_add_bos_token(False)
