@@ -335,8 +335,9 @@ class Runtime:
         for lp, host in zip(self.placement.layers, self.hosts, strict=True):
             for e, store in enumerate(host.store_of):
                 counts[store] += e not in lp.device
-        host = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        return f"attention on {self.device}; routed experts: {dev} on {self.device}, {host}"
+        where = [f"{dev} on {self.device}"] if dev else []
+        where += [f"{n} {s}" for s, n in counts.items() if n]
+        return f"attention on {self.device}; routed experts: {', '.join(where)}"
 
     def close(self) -> None:
         """Release the worker thread and unmap the checkpoint (the experts' mmap views die with
