@@ -37,6 +37,13 @@ TEST_MODEL_SEED = 0
 V4_VOCAB = 129_280
 
 
+def gguf_available() -> bool:
+    """Whether the gguf extra (llama-cpp-python) is installed, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def test_model_config():
     """The tiny config with the full V4 vocabulary (so the real tokenizer's ids are valid)."""
     from flashdesk.engine.config import ModelConfig
@@ -112,7 +119,11 @@ class EngineBackend(Backend):
         context_limit: int = 8192,
         device: str | None = None,
         plan_summary: str = "",
+        demo: bool = False,
     ):
+        # demo: with no model path, run the real small GGUF demo model when it is installed
+        # (engine/gguf/demo.py) instead of the tiny random-weights V4 model.
+        self.demo = demo
         self.model_path = Path(model_path).expanduser() if model_path else None
         self.data_folder = Path(data_folder)
         self.requested_context = int(context_limit)
@@ -132,6 +143,9 @@ class EngineBackend(Backend):
         from flashdesk.engine.model.model import V4Model
         from flashdesk.engine.tokenizer import TokenizerError, load_tokenizer
 
+        gguf_path = self._gguf_path()
+        if gguf_path is not None:
+            return self._load_gguf(gguf_path, progress, is_cancelled)
         test_model = self.model_path is None
         progress(0.0, "Opening the checkpoint")
         try:
@@ -205,6 +219,67 @@ class EngineBackend(Backend):
         progress(1.0, "Ready")
         return self.info
 
+    def _gguf_path(self) -> Path | None:
+        """The GGUF file to run: a .gguf model path, or the demo model when asked for and present."""
+        if self.model_path is not None:
+            path = self.model_path
+            if path.suffix.lower() == ".gguf" or (
+                path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()
+            ):
+                return path
+            return None
+        if self.demo:
+            from flashdesk.engine.gguf.demo import demo_model_path
+
+            if demo_model_path(required=False) is not None and gguf_available():
+                return demo_model_path()
+            log.info("demo model or llama-cpp-python not installed; using the tiny test model")
+        return None
+
+    def _load_gguf(self, path: Path, progress: Progress, is_cancelled) -> ModelInfo:
+        """A GGUF model through llama.cpp (engine/gguf), driven by the same Session."""
+        from flashdesk.engine.generate import Session
+
+        try:
+            from flashdesk.engine.gguf import GGUFError, GGUFUnavailable, open_gguf
+            from flashdesk.engine.gguf.backend import GGUFPlacement, LoadCancelledError
+            from flashdesk.engine.gguf.demo import DEMO_NAME, demo_model_path
+            from flashdesk.engine.gguf.metadata import read_gguf
+        except ImportError as exc:  # the gguf extra is missing
+            from flashdesk.engine.gguf.errors import GGUFUnavailable
+
+            raise BackendError(str(GGUFUnavailable()), kind="load") from exc
+        demo = self.model_path is None
+        progress(0.0, "Reading the GGUF header")
+        try:
+            info = read_gguf(path)
+            context = min(self.requested_context, info.context_length or self.requested_context)
+            model, tokenizer = open_gguf(
+                info,
+                GGUFPlacement(context=context),
+                progress=lambda f: (
+                    progress(0.05 + 0.9 * f, "Loading weights"),
+                    not is_cancelled(),
+                )[1],
+            )
+        except LoadCancelledError:
+            raise LoadCancelled() from None
+        except (GGUFError, GGUFUnavailable) as exc:
+            raise BackendError(str(exc), kind="load") from exc
+        with self._lock:
+            self.model, self.tokenizer = model, tokenizer
+            self.session = Session(model, tokenizer, context_limit=model.context_limit)
+        self.info = ModelInfo(
+            name=DEMO_NAME if demo and path == demo_model_path(required=False) else info.name,
+            context_limit=model.context_limit,
+            test_model=False,
+            plan_summary=self.plan_summary or "llama.cpp on the CPU",
+            device="cpu",
+            note="demo model" if demo else "",
+        )
+        progress(1.0, "Ready")
+        return self.info
+
     def _need_model(self):
         if self.session is None:
             raise BackendError("No model is loaded yet. Load one from the Model menu.")
@@ -216,6 +291,13 @@ class EngineBackend(Backend):
 
         self._need_model()
         check_mode(mode, self.info)
+        gguf_info = getattr(self.model, "info", None)
+        if gguf_info is not None and not gguf_info.is_v4:
+            # Another architecture: its own chat template; it has no reasoning modes.
+            from flashdesk.engine.gguf.prompt import encode_chat
+
+            encoded = encode_chat(self.model, self.tokenizer, engine_messages(messages))
+            return Prompt(encoded.ids, encoded.text, mode)
         encoded = encode_messages(
             engine_messages(messages), MODE_VALUES[mode], tokenizer=self.tokenizer
         )
@@ -241,6 +323,7 @@ class EngineBackend(Backend):
             top_k=sampling.top_k,
             seed=sampling.seed,
             max_tokens=sampling.max_tokens,
+            stop_ids=tuple(getattr(self.model, "stop_ids", ())),  # a GGUF's end-of-turn tokens
         )
         try:
             for event in session.stream(prompt.ids, params):

@@ -330,3 +330,19 @@ class GGUFTokenizer:
 
     def count(self, text: str) -> int:
         return len(self.model.tokenize(text, special=False))
+
+    def count_many(
+        self,
+        texts: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> list[int] | None:
+        """Counts of several texts (documents); None when cancelled."""
+        counts = []
+        for i, text in enumerate(texts):
+            if cancel is not None and cancel():
+                return None
+            counts.append(self.count(text))
+            if progress is not None:
+                progress(i + 1, len(texts))
+        return counts

