@@ -275,6 +275,7 @@ class Session:
                 prefill_tok_s=done / run.timing.prefill_s if run.timing.prefill_s > 0 else None,
                 context_used=len(self._ids),
                 kv_bytes=self._kv_bytes(),
+                expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
             )
             if done < len(todo):
                 yield StreamEvent("", run.phase, run.stats)
@@ -328,6 +329,7 @@ class Session:
                 else None,
                 context_used=len(self._ids),
                 kv_bytes=self._kv_bytes(),
+                expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
             )
 
     def _finish(self, run: _Run, reason: str, tail: str = "") -> StreamEvent:

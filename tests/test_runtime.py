@@ -240,3 +240,17 @@ def test_clear_errors(tiny):
     plan = make_plan(figures, profile, PlanOptions(context=4096))
     with pytest.raises(RuntimeLoadError, match="another model"):
         load_runtime(folder, plan=plan, device="cpu")
+
+
+def test_session_reports_busy_and_live_hit_rate(tiny):
+    folder, config, _, ids, _ = tiny
+    with load_runtime(folder, placement=Placement.uniform(config, MMAP, cached=2)) as rt:
+        session = Session(rt, _Chars(), context_limit=256)
+        assert not session.busy
+        stream = session.stream(ids[:5].tolist(), SamplingParams(seed=0, max_tokens=4))
+        first = next(stream)
+        assert session.busy
+        events = [first, *stream]
+        assert not session.busy
+        rates = [e.stats.expert_hit_rate for e in events]
+        assert all(r is not None and 0 <= r <= 1 for r in rates)
