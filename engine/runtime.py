@@ -131,6 +131,12 @@ class Placement:
         notes = []
         if not on_gpu and any(lp.experts_gpu for lp in plan.layers):
             notes.append("the plan puts experts on a GPU but none is used; they stay in RAM")
+        cpu_attention = [lp.index for lp in plan.layers if lp.attention_on != "gpu"]
+        if on_gpu and cpu_attention:
+            notes.append(
+                f"the plan runs attention of layers {cpu_attention} on the CPU; this runtime keeps "
+                "all attention on the GPU (a load that does not fit fails with a clear message)"
+            )
         pin_left = plan.pinned_bytes if on_gpu else 0
         if pin_left and not torch.cuda.is_available():
             pin_left = 0
