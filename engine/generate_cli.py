@@ -86,6 +86,8 @@ def _load(args):
     rt = load_runtime(folder, plan=plan, device=device, progress=progress)
     if progress is not None:
         print(f"\r{rt.describe()}", file=sys.stderr)
+        for note in rt.notes:
+            print(f"note: {note}", file=sys.stderr)
     limit = min(args.context or rt.context_limit, rt.context_limit)
     return rt, tokenizer, limit
 

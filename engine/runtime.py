@@ -154,10 +154,10 @@ class Placement:
                 dev = list(lp.hot_expert_ids)
             else:
                 dev = order[: lp.experts_gpu]
-            rest = [e for e in order if e not in set(dev)]
-            ram_n = len(rest) if not on_gpu else min(lp.experts_ram, len(rest))
-            if not on_gpu:  # the plan's GPU experts fall back to RAM; disk ones stay mapped
-                ram_n = min(len(rest), lp.experts_ram + lp.experts_gpu)
+            on_device = set(dev)
+            rest = [e for e in order if e not in on_device]
+            # without a GPU the plan's GPU experts fall back to RAM; disk ones stay mapped
+            ram_n = min(len(rest), lp.experts_ram + (0 if on_gpu else lp.experts_gpu))
             ram, disk = rest[:ram_n], rest[ram_n:]
             pinned: list[int] = []
             if pin_left and expert_bytes:
@@ -332,6 +332,24 @@ class Runtime:
                 }
             )
         )
+
+    @property
+    def notes(self) -> list[str]:
+        """What differs from the asked placement, in words (for logs and the CLI)."""
+        notes = list(self.placement.notes)
+        lost = sum(
+            1
+            for lp, host in zip(self.placement.layers, self.hosts, strict=True)
+            for e in lp.pinned
+            if host.store_of[e] != PINNED
+        )
+        if lost:
+            notes.append(
+                f"{lost} experts planned for pinned RAM are in pageable RAM: pinning needs a CUDA "
+                "driver and enough lockable memory (raise the memlock limit, or run `flashdesk fit` "
+                "again); host-to-GPU copies of those experts are slower"
+            )
+        return notes
 
     def describe(self) -> str:
         """One line: where things live (for logs and the app's plan summary). Pinned experts

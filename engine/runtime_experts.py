@@ -65,7 +65,12 @@ def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 def _owned_copy(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
     """The tensors' bytes copied into one host buffer (pinned if asked) → views of it."""
     sizes = [t.numel() * t.element_size() for t in tensors]
-    buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+    try:
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+    except RuntimeError:  # pinning refused (no driver, lock limit): pageable; callers check
+        if not pin:
+            raise
+        buf = torch.empty(sum(sizes), dtype=torch.uint8)
     out, at = [], 0
     for t, n in zip(tensors, sizes, strict=True):
         view = buf[at : at + n]
@@ -106,9 +111,10 @@ class LayerExperts:
             if not ids:
                 continue
             flat = _owned_copy([t for e in ids for t in raw[e]], pin)
+            pinned = bool(flat) and flat[0].is_pinned()
             for j, e in enumerate(ids):
                 raw[e] = tuple(flat[6 * j : 6 * j + 6])
-                store_of[e] = store if pin or store == PAGEABLE else PAGEABLE
+                store_of[e] = PINNED if store == PINNED and pinned else PAGEABLE
         return cls(raw, kernels.ExpertTable(raw), store_of)
 
 
