@@ -113,6 +113,37 @@ def _decode(rt, ids, steps=DECODE_STEPS) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, clock.seconds / steps
 
 
+def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, out):
+    """The efficiencies this run measured, fed back into the planner's prediction.
+
+    Efficiency = the planner's own byte count for a part ÷ its measured time ÷ the bandwidth
+    (so a calibrated prediction reproduces the run): CPU — routed experts and the rest of the step
+    over the RAM bound; GPU — the device-side part over the measured GPU memory bandwidth."""
+    from flashdesk.offload.predict import Efficiency, predict
+    from flashdesk.offload.probe import Sourced
+
+    k, eb = model_figures.experts_per_token, model_figures.expert_bytes
+    read = prediction.bytes_per_token
+    expert_ram = sum(k * eb * lp.ram_hit_rate for lp in plan.layers)
+    device_s = step_s - expert_s
+    measured = {}
+    if on_gpu:
+        measured["gpu_memory"] = read["gpu"] / device_s / (out["gpu_memory_gbps"] * 1e9)
+    else:
+        if expert_s > 0:
+            measured["cpu_experts"] = expert_ram / expert_s / (gbps * 1e9)
+        measured["cpu_dense"] = (read["ram"] - expert_ram) / device_s / (gbps * 1e9)
+    eff = Efficiency()
+    for name, value in measured.items():
+        setattr(eff, name, Sourced(value, "calibrated", "bench decode, 2 real-dims layers"))
+    again = predict(plan, model_figures, profile, PROMPT_TOKENS, eff)
+    return {
+        "measured_efficiency": measured,
+        "predicted_calibrated_tok_s": again.decode_tok_s,
+        "predicted_calibrated_over_measured": again.decode_tok_s * step_s,
+    }
+
+
 def _gpu_copy_gbps() -> float:
     """Device memory bandwidth measured here: a 1 GiB device-to-device copy (read + write)."""
     import torch
@@ -188,7 +219,7 @@ def run(json_output: bool = False) -> dict:
     figures: dict = {"machine": info}
     with tempfile.TemporaryDirectory(prefix="flashdesk-bench-decode-") as folder:
         write_random(folder, config, seed=0)
-        _, profile, plan, prediction = evaluate(
+        model_figures, profile, plan, prediction = evaluate(
             model=folder, context=4096, prompt_tokens=PROMPT_TOKENS
         )
         gbps = float(profile.ram_read_gbps.value)
@@ -225,6 +256,9 @@ def run(json_output: bool = False) -> dict:
                 "overlap": max(0.0, device_s + expert_s - step_s) * 1e3 if on_gpu else 0.0,
             },
         }
+        figures |= _calibrated(
+            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, figures
+        )
         if on_gpu:
             _gpu_figures(folder, config, ids, figures)
     if not json_output:
@@ -242,6 +276,12 @@ def run(json_output: bool = False) -> dict:
         print(
             f"planner predicted {figures['predicted_tok_s']:.2f} tok/s "
             f"(predicted ÷ measured {figures['predicted_over_measured']:.2f})"
+        )
+        effs = ", ".join(f"{k} {v:.2f}" for k, v in figures["measured_efficiency"].items())
+        print(
+            f"measured efficiencies: {effs}; planner with them: "
+            f"{figures['predicted_calibrated_tok_s']:.2f} tok/s (predicted ÷ measured "
+            f"{figures['predicted_calibrated_over_measured']:.2f})"
         )
         for key in ("decode_tok_s_experts_cpu", "decode_tok_s_experts_gpu", "h2d_pinned_gbps"):
             if key in figures:
