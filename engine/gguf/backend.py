@@ -48,11 +48,11 @@ class GGUFPlacement:
 
     n_gpu_layers: layers offloaded to the GPU (-1 all, 0 none).
     cpu_moe: routed experts kept in CPU buffers: True = every layer's, an int N = layers 0..N-1
-        (llama.cpp's --n-cpu-moe), False = wherever their layer goes.
+        (llama.cpp's --n-cpu-moe), a tuple = those layers, False = wherever their layer goes.
     """
 
     n_gpu_layers: int = 0
-    cpu_moe: bool | int = True
+    cpu_moe: bool | int | tuple[int, ...] = True
     context: int = 4096
     kv_type: str = "f16"
     threads: int | None = None
@@ -74,6 +74,8 @@ class GGUFPlacement:
             return expert_patterns(None)
         if self.cpu_moe is False:
             return []
+        if isinstance(self.cpu_moe, tuple | list | frozenset | set):
+            return expert_patterns(layers=sorted(self.cpu_moe))
         return expert_patterns(int(self.cpu_moe))
 
     @property
@@ -83,17 +85,25 @@ class GGUFPlacement:
 
     @classmethod
     def from_plan(cls, plan, n_layers: int, **overrides) -> GGUFPlacement:
-        """From an offload.plan.Plan-like object: GPU layers, pinning, context, KV type."""
-        gpu_layers = int(getattr(plan, "gpu_layers", 0) or 0)
+        """From an offload.plan.Plan: attention layers on the GPU become llama.cpp's offloaded
+        layers; every layer whose experts the plan does not put wholly on the GPU keeps its
+        expert tensors in CPU buffers; pinned RAM becomes mlock; FP8 KV becomes q8_0."""
+        layers = list(plan.layers)
+        on_gpu = sum(1 for lp in layers if lp.attention_on == "gpu")
+        all_gpu = on_gpu >= n_layers and getattr(plan, "head_on", "") == "gpu"
+        cpu_expert_layers = tuple(lp.index for lp in layers if not lp.whole_layer_on_gpu)
+        cpu_moe: bool | tuple[int, ...] = cpu_expert_layers
+        if len(cpu_expert_layers) == len(layers):
+            cpu_moe = True
+        elif not cpu_expert_layers:
+            cpu_moe = False
         values = {
-            "n_gpu_layers": -1 if gpu_layers >= n_layers and n_layers else gpu_layers,
-            "cpu_moe": True,
-            "context": int(getattr(plan, "context", 4096) or 4096),
-            "mlock": bool(getattr(plan, "pin_experts", False)),
+            "n_gpu_layers": -1 if all_gpu else on_gpu,
+            "cpu_moe": cpu_moe,
+            "context": int(plan.context),
+            "kv_type": {"bf16": "bf16", "fp8": "q8_0"}.get(plan.kv_dtype, "f16"),
+            "mlock": int(getattr(plan, "pinned_bytes", 0) or 0) > 0,
         }
-        kv = str(getattr(plan, "kv", "") or "")
-        if kv in KV_TYPES:
-            values["kv_type"] = kv
         values.update(overrides)
         return cls(**values)
 

@@ -63,8 +63,13 @@ def cpu_buffer_type() -> int:
     return int(_ggml().ggml_backend_cpu_buffer_type())
 
 
-def expert_patterns(cpu_moe_layers: int | None) -> list[str]:
-    """Regexes for routed-expert tensors kept on the CPU: all layers (None) or layers < N."""
+def expert_patterns(
+    cpu_moe_layers: int | None = None, *, layers: list[int] | None = None
+) -> list[str]:
+    """Regexes for routed-expert tensors kept on the CPU: all layers (None), layers < N, or the
+    listed `layers`."""
+    if layers is not None:
+        return [_EXPERTS_LAYER.format(layer=int(i)) for i in layers]
     if cpu_moe_layers is None:
         return [_EXPERTS_ALL]
     return [_EXPERTS_LAYER.format(layer=i) for i in range(max(0, int(cpu_moe_layers)))]

@@ -1,0 +1,167 @@
+"""The planner on GGUF inventories: bytes from the file, the same roofline, and the plan as a
+llama.cpp placement (GPU layers, expert tensors kept on the CPU, mlock, KV type)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf", reason="the gguf extra is not installed (make test installs it)")
+
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.gguf.backend import GGUFPlacement
+from flashdesk.engine.gguf.errors import GGUFError
+from flashdesk.engine.gguf.metadata import GGUFInfo, GGUFTensor, read_gguf
+from flashdesk.engine.gguf.plan_glue import gguf_inventory, model_figures
+from flashdesk.engine.gguf.synthetic import write_tiny_moe
+from flashdesk.engine.inventory import inventory
+from flashdesk.offload.figures import ModelFigures
+from flashdesk.offload.plan import DISK, FITS, GPU, make_plan
+from flashdesk.offload.predict import predict
+from flashdesk.offload.probe import HardwareProfile
+
+PROFILES = Path(__file__).parent / "profiles"
+Q2_K = (256, 84)  # ggml block: values, bytes (2.625 bits per weight)
+Q8_0 = (32, 34)
+
+
+def _bytes(numel: int, block: tuple[int, int]) -> int:
+    return -(-numel // block[0]) * block[1]
+
+
+def v4_flash_gguf(expert_block=Q2_K) -> GGUFInfo:
+    """A V4-Flash GGUF header as community quants lay it out: 2-3-bit stacked experts, Q8_0
+    elsewhere; parameter counts per layer from our own V4-Flash inventory."""
+    config = ModelConfig.v4_flash()
+    native = ModelFigures.from_inventory(inventory(config), config, "fp4")
+    tensors = [
+        GGUFTensor(
+            "token_embd.weight",
+            "Q8_0",
+            (config.hidden_size, config.vocab_size),
+            _bytes(config.hidden_size * config.vocab_size, Q8_0),
+            0,
+        ),
+        GGUFTensor(
+            "output.weight", "Q8_0", (native.head_params,), _bytes(native.head_params, Q8_0), 0
+        ),
+    ]
+    for layer in native.layers:
+        p = f"blk.{layer.index}."
+        tensors.append(
+            GGUFTensor(
+                p + "attn_q_b.weight",
+                "Q8_0",
+                (layer.dense_params,),
+                _bytes(layer.dense_params, Q8_0),
+                0,
+            )
+        )
+        tensors.append(
+            GGUFTensor(
+                p + "ffn_up_shexp.weight",
+                "Q8_0",
+                (layer.shared_params,),
+                _bytes(layer.shared_params, Q8_0),
+                0,
+            )
+        )
+        per_proj = layer.expert_params // 3
+        for proj in ("gate", "up", "down"):
+            numel = per_proj * layer.n_experts
+            shape = (config.hidden_size, per_proj // config.hidden_size, layer.n_experts)
+            tensors.append(
+                GGUFTensor(
+                    f"{p}ffn_{proj}_exps.weight",
+                    "Q2_K",
+                    shape,
+                    _bytes(numel, expert_block),
+                    0,
+                )
+            )
+    metadata = {
+        "general.architecture": "deepseek4",
+        "general.name": "DeepSeek-V4-Flash Q2_K (synthetic header)",
+        "deepseek4.block_count": config.num_hidden_layers,
+        "deepseek4.context_length": config.max_position_embeddings,
+        "deepseek4.attention.compress_ratios": list(config.compress_ratios),
+        "deepseek4.hash_layer_count": config.num_hash_layers,
+        "deepseek4.expert_used_count": config.num_experts_per_tok,
+        "deepseek4.expert_count": config.n_routed_experts,
+        "deepseek4.attention.sliding_window": config.sliding_window,
+        "deepseek4.attention.key_length": config.head_dim,
+        "deepseek4.rope.dimension_count": config.qk_rope_head_dim,
+        "deepseek4.attention.indexer.key_length": config.index_head_dim,
+        "tokenizer.ggml.tokens": list(range(config.vocab_size)),
+    }
+    total = sum(t.nbytes for t in tensors)
+    return GGUFInfo((Path("DeepSeek-V4-Flash-Q2_K.gguf"),), metadata, tuple(tensors), total)
+
+
+def test_gguf_inventory_splits_stacked_experts_into_rows():
+    info = v4_flash_gguf()
+    rows = gguf_inventory(info).tensors
+    experts = [r for r in rows if r.component == "routed_experts"]
+    assert len(experts) == 3 * 43 * 256
+    assert sum(r.nbytes for r in experts) == info.expert_bytes
+    assert {r.expert for r in experts} == set(range(256))
+    embed = next(r for r in rows if r.component == "embed")
+    assert embed.shape[0] == 129_280  # rows first, as the planner reads the vocabulary
+
+
+def test_figures_carry_the_file_bytes_and_the_v4_structure():
+    info = v4_flash_gguf()
+    figures = model_figures(info)
+    config = ModelConfig.v4_flash()
+    native = ModelFigures.from_inventory(inventory(config), config, "fp4")
+    assert figures.total_bytes == info.weight_bytes
+    assert [lf.attention for lf in figures.layers] == [lf.attention for lf in native.layers]
+    assert [lf.n_experts for lf in figures.layers] == [256] * 43
+    assert figures.layers[0].hash_routed and not figures.layers[5].hash_routed
+    # Same parameters, fewer bytes: 2.625-bit experts against FP4's 4.25 bits.
+    assert figures.layers[3].expert_params == native.layers[3].expert_params
+    ratio = figures.layers[3].expert_bytes / native.layers[3].expert_bytes
+    assert 0.55 < ratio < 0.7
+    assert figures.experts_total_bytes < 0.7 * native.experts_total_bytes
+    assert figures.kv_bytes(131072, "bf16") == native.kv_bytes(131072, "bf16")
+
+
+def test_a_64gb_machine_pages_fp4_from_disk_but_fits_the_2bit_gguf():
+    profile = HardwareProfile.load(PROFILES / "rtx3090_64gb.json")
+    config = ModelConfig.v4_flash()
+    native = ModelFigures.from_inventory(inventory(config), config, "fp4")
+    figures = model_figures(v4_flash_gguf())
+    fp4_plan = make_plan(native, profile)
+    assert fp4_plan.disk_bytes > 0
+    gguf_plan = make_plan(figures, profile)
+    assert gguf_plan.disk_bytes < fp4_plan.disk_bytes
+    fp4_speed = predict(fp4_plan, native, profile).decode_tok_s
+    gguf_speed = predict(gguf_plan, figures, profile).decode_tok_s
+    assert gguf_speed > fp4_speed  # fewer bytes per token on the same roofline
+    assert DISK in {g.location for g in fp4_plan.groups}
+
+
+def test_plan_becomes_a_llama_cpp_placement():
+    profile = HardwareProfile.load(PROFILES / "rtx4090_192gb_ddr5.json")
+    figures = model_figures(v4_flash_gguf())
+    plan = make_plan(figures, profile)
+    assert plan.verdict == FITS
+    placement = GGUFPlacement.from_plan(plan, n_layers=43)
+    gpu_expert_layers = set(plan.gpu_expert_layers)
+    if all(lp.attention_on == GPU for lp in plan.layers) and plan.head_on == GPU:
+        assert placement.n_gpu_layers == -1
+    patterns = placement.override_patterns
+    if placement.cpu_moe is True:
+        assert patterns == [r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"]
+    else:
+        kept = {int(p.split(".")[1].rstrip("\\")) for p in patterns}
+        assert kept == set(range(43)) - gpu_expert_layers
+    assert placement.context == plan.context
+    assert placement.mlock == (plan.pinned_bytes > 0)
+    assert placement.kv_type == {"bf16": "bf16", "fp8": "q8_0"}[plan.kv_dtype]
+
+
+def test_non_v4_gguf_is_refused_by_the_planner(tmp_path):
+    with pytest.raises(GGUFError, match="'qwen3moe' model; the planner models"):
+        model_figures(read_gguf(write_tiny_moe(tmp_path / "m.gguf")))
