@@ -813,6 +813,8 @@ def _does_not_fit(
     need_host = figures.embed_bytes + _essentials_bytes(figures, ctx, options.kv_dtype)
     if budgets.mode == "gpu+cpu":
         need_host -= min(budgets.gpu_budget, _essentials_bytes(figures, ctx, options.kv_dtype))
+    elif budgets.mode == "unified":  # the GPU's workspace comes out of the same pool
+        need_host += budgets.gpu_workspace
     need_ram = need_host + budgets.ram_reserve
     changes = [
         f"does not fit: the weights read every token need {_gib(need_host)} of RAM"

@@ -347,6 +347,8 @@ def test_plans_never_over_commit(
         assert plan.changes and not plan.layers
         # Only when RAM cannot hold even what is read every token at the smallest context.
         always_read = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, kv)
+        if plan.mode == "unified":  # one pool: the GPU's workspace is RAM too
+            always_read += PlanOptions().gpu_workspace_bytes
         assert plan.memory["ram"]["budget"] < always_read
         return
     check_budgets(plan, profile)
@@ -434,3 +436,15 @@ def test_offload_imports_neither_engine_nor_app_and_plans_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_unified_does_not_fit_message_counts_the_gpu_workspace(flash):
+    """Found by the property test: 13 GiB of unified memory. The refusal's figures must agree
+    with the decision (the GPU workspace comes out of the same pool)."""
+    profile = _random_profile(13, 1.0, 0, 8, False, True)
+    plan = make_plan(flash, profile, PlanOptions(context=4096, kv_dtype="bf16"))
+    assert plan.verdict == DOES_NOT_FIT
+    need = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, "bf16")
+    need += PlanOptions().gpu_workspace_bytes
+    assert plan.memory["ram"]["budget"] < need
+    assert f"need {need / 2**30:.1f} GiB" in plan.changes[0]
