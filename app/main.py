@@ -235,7 +235,17 @@ def run_self_test(args) -> int:
     setup_logging(folder)
 
     def fail(reason: str) -> int:
-        print(f"self-test FAILED: {reason}\n(log: {folder / 'flashdesk.log'})", file=sys.stderr)
+        log_file = folder / "flashdesk.log"
+        if temp is None:
+            print(f"self-test FAILED: {reason}\n(log: {log_file})", file=sys.stderr)
+            return 1
+        # The temporary data folder is removed on exit: show the log's end instead of its path.
+        try:
+            tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        except OSError:
+            tail = ["(no log was written)"]
+        print(f"self-test FAILED: {reason}\nlast lines of the log:", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
         return 1
 
     def ok(what: str) -> None:
