@@ -37,6 +37,9 @@ class Settings:
     system_prompt: str = ""
     theme: str = "system"  # follows the system palette
     wizard_done: bool = False
+    api_server: bool = False  # the local OpenAI-compatible server; off unless the user turns it on
+    api_port: int = 8437  # engine.server.DEFAULT_PORT (not imported: settings stay light)
+    api_key: str = ""  # empty: no key required (the server listens on loopback only)
 
     @classmethod
     def load(cls, folder: Path) -> Settings:

@@ -76,6 +76,24 @@ class SettingsDialog(QDialog):
         self.system_prompt.setPlaceholderText("Optional instructions sent before every chat")
         self.system_prompt.setMaximumHeight(100)
         form.addRow("System prompt:", self.system_prompt)
+        self.api_server = QCheckBox("Serve the loaded model to other tools on 127.0.0.1")
+        self.api_server.setChecked(settings.api_server)
+        self.api_server.setToolTip(
+            "An OpenAI-compatible API (/v1/chat/completions) for editors and agents on this "
+            "computer only. Off by default."
+        )
+        form.addRow("Local API server:", self.api_server)
+        self.api_port = QSpinBox()
+        self.api_port.setRange(1024, 65535)
+        self.api_port.setValue(settings.api_port)
+        form.addRow("API port:", self.api_port)
+        self.api_key = QLineEdit(settings.api_key)
+        self.api_key.setEchoMode(QLineEdit.EchoMode.PasswordEchoOnEdit)
+        self.api_key.setPlaceholderText("optional: clients must send it as a Bearer token")
+        form.addRow("API key:", self.api_key)
+        for widget in (self.api_port, self.api_key):
+            widget.setEnabled(settings.api_server)
+            self.api_server.toggled.connect(widget.setEnabled)
         layout.addLayout(form)
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel
@@ -101,4 +119,7 @@ class SettingsDialog(QDialog):
         s.max_tokens = self.max_tokens.value()
         s.seed = self.seed.value() if self.fixed_seed.isChecked() else None
         s.system_prompt = self.system_prompt.toPlainText().strip()
+        s.api_server = self.api_server.isChecked()
+        s.api_port = self.api_port.value()
+        s.api_key = self.api_key.text().strip()
         return reload

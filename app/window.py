@@ -143,6 +143,9 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("FlashDesk")
         self.resize(1180, 780)
         self.ttft_predictor = None
+        self.api_server = None  # engine.server.ServerHandle while the local API runs
+        self._api_config: tuple[int, str] | None = None
+        self._served = None  # the ServedModel the API hands out (None: no V4 model loaded)
         self._build_ui()
         self._build_menus()
         self._connect_engine()
@@ -157,6 +160,7 @@ class MainWindow(QMainWindow):
                 "they are kept as they were.",
                 10000,
             )
+        self.sync_api_server()
         if autoload:
             self.load_model()
 
@@ -263,6 +267,9 @@ class MainWindow(QMainWindow):
         bar.addPermanentWidget(self.memory_label)
         self.model_label = QLabel("No model")
         bar.addPermanentWidget(self.model_label)
+        self.api_label = QLabel()
+        self.api_label.setVisible(False)
+        bar.addPermanentWidget(self.api_label)
         self.load_bar = QProgressBar()
         self.load_bar.setRange(0, 1000)
         self.load_bar.setMaximumWidth(200)
@@ -352,6 +359,7 @@ class MainWindow(QMainWindow):
         self._apply_mode_limits()
         self._set_context(0, info.context_limit, None)
         self._update_buttons()
+        self._served = self._served_model(info)
         self.statusBar().showMessage(f"Model ready: {info.label}", 5000)
         log.info("model ready: %s, context %d, %s", info.label, info.context_limit, info.device)
         self.model_ready.emit(info)
@@ -418,6 +426,7 @@ class MainWindow(QMainWindow):
     def _settings_accepted(self) -> None:
         reload = self.settings_dialog.apply()
         self._save_settings()
+        self.sync_api_server()
         if reload:
             self.backend.configure(
                 self.settings.model_path,
@@ -879,7 +888,63 @@ class MainWindow(QMainWindow):
         except OSError as exc:
             log.error("saving settings failed: %s", exc)
 
+    # local API server ---------------------------------------------------------------------------
+    def _served_model(self, info: ModelInfo):
+        """The loaded model as the API serves it; None unless it speaks the V4 chat format."""
+        session = getattr(self.backend, "session", None)
+        tokenizer = getattr(self.backend, "tokenizer", None)
+        if session is None or tokenizer is None:
+            return None
+        from flashdesk.engine.tokenizer import V4Tokenizer
+
+        if not isinstance(tokenizer, V4Tokenizer):
+            return None  # e.g. the GGUF demo model: its own template, not V4's
+        from flashdesk.engine.server import ServedModel
+
+        return ServedModel(info.name, session, tokenizer)
+
+    def sync_api_server(self) -> None:
+        """Start, restart or stop the local API to match the settings; failures are shown, not
+        raised (a port in use must not stop the app)."""
+        s = self.settings
+        wanted = (s.api_port, s.api_key) if s.api_server else None
+        if wanted == self._api_config and (wanted is None) == (self.api_server is None):
+            return
+        self._stop_api_server()
+        if wanted is None:
+            return
+        from flashdesk.engine.server import ServerStartError, start_server
+
+        try:
+            self.api_server = start_server(
+                lambda: self._served, port=s.api_port, api_key=s.api_key or None
+            )
+        except (ServerStartError, OSError) as exc:
+            log.warning("local API server did not start: %s", exc)
+            self.api_label.setText("API: off (see log)")
+            self.api_label.setToolTip(str(exc))
+            self.api_label.setVisible(True)
+            self.statusBar().showMessage(f"The local API server did not start: {exc}", 15000)
+            return
+        self._api_config = wanted
+        self.api_label.setText(f"API :{self.api_server.port}")
+        self.api_label.setToolTip(
+            f"OpenAI-compatible API at {self.api_server.url}"
+            + (" (API key required)" if s.api_key else "")
+        )
+        self.api_label.setVisible(True)
+        log.info("local API server on %s", self.api_server.url)
+
+    def _stop_api_server(self) -> None:
+        if self.api_server is not None:
+            self.api_server.stop()
+            log.info("local API server stopped")
+        self.api_server = None
+        self._api_config = None
+        self.api_label.setVisible(False)
+
     def closeEvent(self, event) -> None:
+        self._stop_api_server()
         if self.stream_row is not None:
             self._save_stream(STOPPED)
         self.engine.shutdown()
