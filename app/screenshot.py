@@ -23,8 +23,8 @@ DEMO_REPLIES = {
         "about 26 tokens' worth of experts per second before any other cost."
     ),
     "Show me how to start the local server.": (
-        "Run it from a terminal:\n\n```sh\nflashdesk serve --port 8080\n```\n\n"
-        "Then point any OpenAI-compatible client at `http://localhost:8080/v1`."
+        "Run it from a terminal:\n\n```sh\nflashdesk serve --model ~/models/DeepSeek-V4-Flash\n```\n\n"
+        "Then point any OpenAI-compatible client at `http://127.0.0.1:8437/v1`."
     ),
 }
 
