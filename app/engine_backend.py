@@ -1,7 +1,8 @@
 """The real backend: our V4 engine (checkpoint reader, torch model, chat encoding, Session).
 
-With a checkpoint folder in the settings it opens and verifies that folder and builds the model from
-it; without one it uses the tiny native test model (random weights in the official layout, written
+With a checkpoint folder in the settings it opens and verifies that folder, plans the GPU/RAM
+placement for this machine (offload.plan) and loads it through the hybrid runtime (engine.runtime:
+routed experts stay stored FP4 bytes in RAM, the rest on the GPU or CPU); without one it uses the tiny native test model (random weights in the official layout, written
 once into the data folder by our own writer) so every part of the app can be tried on any machine.
 The V4 tokenizer is the folder's `tokenizer.json`, or the bundled one for the test model (which has
 the full V4 vocabulary, so prompts encode exactly as for the real model).
@@ -55,10 +56,13 @@ def test_model_config():
 _GROWTH = {"F8_E4M3": 4, "I8": 8, "U8": 8, "BF16": 2, "F16": 2, "F32": 1, "I64": 1, "I32": 1}
 
 
-def dequantized_bytes(ckpt) -> int:
-    """Memory the model takes once built in float32 (FP4 codes ×8, FP8 ×4; scales are folded)."""
+def dequantized_bytes(ckpt, include_routed_experts: bool = True) -> int:
+    """Memory the model takes once built in float32 (FP4 codes ×8, FP8 ×4; scales are folded).
+    include_routed_experts=False: the part the runtime builds (experts stay stored bytes)."""
     total = 0
     for name in ckpt.names():
+        if not include_routed_experts and ".ffn.experts." in name:
+            continue
         info = ckpt.info(name)
         if info.dtype == "F8_E8M0":
             continue
@@ -80,11 +84,10 @@ def check_memory(needed: int, device: str) -> None:
     if needed > available * 0.9:
         gib = 1 << 30
         raise BackendError(
-            f"Loading this checkpoint whole needs about {needed / gib:,.1f} GiB of {where}, and "
-            f"{available / gib:,.1f} GiB is free. This build loads the model entirely on one "
-            "device; the GPU + RAM split that runs DeepSeek-V4-Flash on a desktop is not in it "
-            "yet. Use the test model (Model ▸ Settings…, empty checkpoint folder), or a machine "
-            "with more memory.",
+            f"The attention, shared experts and head of this checkpoint need about "
+            f"{needed / gib:,.1f} GiB of {where} once built, and {available / gib:,.1f} GiB is "
+            "free. Close other programs, run the hardware-fit wizard (Model ▸ Hardware fit…) for "
+            "a plan, or use the test model (Model ▸ Settings…, empty checkpoint folder).",
             kind="oom",
         )
 
@@ -140,7 +143,8 @@ class EngineBackend(Backend):
 
         from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
         from flashdesk.engine.generate import Session
-        from flashdesk.engine.model.model import V4Model
+        from flashdesk.engine.runtime import LoadCancelled as RuntimeLoadCancelled
+        from flashdesk.engine.runtime import RuntimeLoadError, load_runtime
         from flashdesk.engine.tokenizer import TokenizerError, load_tokenizer
 
         gguf_path = self._gguf_path()
@@ -174,41 +178,50 @@ class EngineBackend(Backend):
                 + (f"\n…and {more} more (see the log file)." if more > 0 else ""),
                 kind="load",
             )
-        names = ckpt.names()
-        total = max(1, len(names))
-        done = [0]
         start = 0.4 if test_model else 0.0
-
-        def fetch(name: str, dtype: torch.dtype) -> torch.Tensor:
-            if is_cancelled():
-                raise LoadCancelled()
-            done[0] += 1
-            progress(start + (0.95 - start) * min(done[0], total) / total, "Loading weights")
-            return ckpt.tensor(name, dtype)
-
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        check_memory(dequantized_bytes(ckpt), device)
+        # The runtime keeps routed experts as stored FP4 bytes (memory-mapped unless a plan pins
+        # them); everything else is built on `device`. Check that part fits before building it.
+        check_memory(dequantized_bytes(ckpt, include_routed_experts=False), device)
+        config = ckpt.config
+        ckpt.close()
+        plan = None if test_model else self._plan_for(folder, progress)
         try:
-            model = V4Model(ckpt.config, fetch, device=device)
-        except LoadCancelled:
-            raise
+            model = load_runtime(
+                folder,
+                plan=plan,
+                device=device,
+                progress=lambda f, what: progress(start + (0.95 - start) * f, what),
+                cancel=is_cancelled,
+            )
+        except RuntimeLoadCancelled:
+            raise LoadCancelled() from None
+        except RuntimeLoadError as exc:
+            raise BackendError(str(exc), kind="oom" if "memory" in str(exc) else "load") from exc
+        except CheckpointError as exc:
+            raise BackendError(str(exc), kind="load") from exc
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise BackendError(
                 f"Not enough memory to load the model on {device} ({exc}). Run the hardware-fit "
                 "wizard (Model ▸ Hardware fit…) to pick a smaller context or a different plan.",
                 kind="oom",
             ) from exc
+        for note in model.notes:
+            log.info("runtime: %s", note)
         progress(0.97, "Loading the tokenizer")
         try:
             tokenizer = load_tokenizer(None if test_model else folder)
         except TokenizerError as exc:
             raise BackendError(str(exc), kind="load") from exc
-        context = min(self.requested_context, int(ckpt.config.max_position_embeddings))
+        context = min(self.requested_context, int(config.max_position_embeddings))
         with self._lock:
+            old = self.model
             self.model, self.tokenizer = model, tokenizer
             self.session = Session(model, tokenizer, context_limit=context)
+        if old is not None and hasattr(old, "close"):
+            old.close()  # unmaps the previous checkpoint
         name = "V4 tiny" if test_model else (folder.name or str(folder))
-        summary = self.plan_summary or f"all on {device}"
+        summary = self.plan_summary or model.describe()
         self.info = ModelInfo(
             name=name,
             context_limit=context,
@@ -218,6 +231,28 @@ class EngineBackend(Backend):
         )
         progress(1.0, "Ready")
         return self.info
+
+    def _plan_for(self, folder: Path, progress: Progress):
+        """The planner's placement for this checkpoint on this machine at the chosen context
+        (probed with cached measurements); a plan that cannot fit is refused with its changes."""
+        from flashdesk.fit import evaluate
+        from flashdesk.offload.plan import DOES_NOT_FIT
+
+        progress(0.02, "Planning GPU and RAM placement")
+        try:
+            _figures, _profile, plan, _prediction = evaluate(
+                model=str(folder), context=self.requested_context
+            )
+        except Exception as exc:  # a planning problem must not stop a model that may still load
+            log.warning("no plan for %s (%s); loading with experts memory-mapped", folder, exc)
+            return None
+        if plan.verdict == DOES_NOT_FIT:
+            raise BackendError(
+                "This machine cannot hold this model:\n"
+                + "\n".join(f"• {c}" for c in plan.changes),
+                kind="oom",
+            )
+        return plan
 
     def _gguf_path(self) -> Path | None:
         """The GGUF file to run: a .gguf model path, or the demo model when asked for and present."""

@@ -101,3 +101,34 @@ def test_memory_check_refuses_a_model_too_big_for_this_machine(data_folder):
     with pytest.raises(BackendError) as err:
         check_memory(1 << 50, "cpu")
     assert err.value.kind == "oom" and "GiB of RAM" in err.value.message
+
+
+def test_a_checkpoint_folder_is_planned_and_loaded_through_the_runtime(data_folder, monkeypatch):
+    """A user's checkpoint (here the tiny one, copied as if downloaded) goes through the planner
+    and the hybrid runtime: routed experts stay stored bytes, the summary says where they live."""
+    import shutil
+
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(data_folder / "cache"))
+    folder = data_folder / "my-model"
+    if not folder.exists():
+        from flashdesk.engine.tokenizer import bundled_tokenizer_path
+
+        shutil.copytree(data_folder / TEST_MODEL_DIR, folder)
+        shutil.copy(bundled_tokenizer_path(), folder / "tokenizer.json")
+    backend = EngineBackend(folder, data_folder, context_limit=1024)
+    steps = []
+    info = backend.load(lambda f, what: steps.append(what), lambda: False)
+    assert not info.test_model and info.name == "my-model"
+    assert "Planning GPU and RAM placement" in steps
+    assert "routed experts:" in info.plan_summary
+    events = list(
+        backend.stream(
+            backend.encode([{"role": "user", "content": "hi"}], "Non-think"),
+            Sampling(max_tokens=4, temperature=0.0),
+        )
+    )
+    assert events[-1].stats.generated_tokens >= 1
+    # Loading again releases the previous runtime (its checkpoint mapping) first.
+    first = backend.model
+    backend.load(lambda f, what: None, lambda: False)
+    assert first.checkpoint is None
