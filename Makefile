@@ -39,6 +39,7 @@ $(VENV)/.installed: $(VENV)/.created $(SOURCES)
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet -e ".[dev,gguf]"
+	$(PY) -m flashdesk.engine.gguf.convert  # llama.cpp's converter source, for the peer tests
 	touch $@
 
 run: $(VENV)/.installed

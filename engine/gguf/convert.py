@@ -83,14 +83,16 @@ def llama_cpp_source() -> Path | None:
 
 
 def fetch_llama_cpp_source(dest: Path | None = None) -> Path:
-    """Download llama-cpp-python's source distribution with pip and unpack it (benchmarks only)."""
+    """Download llama-cpp-python's source distribution with pip and unpack it (installs and
+    benchmarks; tests only look for it). `python -m flashdesk.engine.gguf.convert` runs this."""
     found = llama_cpp_source()
     if found is not None:
         return found
     dest = Path(dest or default_source_cache())
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--no-build-isolation", "-d", tmp, LLAMA_CPP_PYTHON]
+        # --no-binary for this package only: its build tools (cmake, ninja) come as wheels.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+        cmd += ["--no-binary", "llama-cpp-python", "-d", tmp, LLAMA_CPP_PYTHON]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if not archives:
@@ -149,3 +151,7 @@ def convert_checkpoint(
             + (done.stderr or done.stdout)[-2000:]
         )
     return out
+
+
+if __name__ == "__main__":
+    print(fetch_llama_cpp_source())
