@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 pytest.importorskip(
@@ -63,3 +65,11 @@ def test_without_demo_flag_the_tiny_v4_test_model_stays_the_default(tmp_path):
     backend = EngineBackend(None, tmp_path, demo=False)
     assert backend._gguf_path() is None
     assert EngineBackend(None, tmp_path, demo=True)._gguf_path() == demo_model_path(required=False)
+
+
+def test_missing_extra_is_explained(tmp_path, monkeypatch):
+    path = write_tiny_moe(tmp_path / "tiny.gguf")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now fails
+    with pytest.raises(BackendError, match=r"pip install 'flashdesk\[gguf\]'") as err:
+        EngineBackend(path, tmp_path).load(lambda f, what: None, lambda: False)
+    assert err.value.kind == "load"
