@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list or (not args.all and not args.name):
         print("benchmarks:", " ".join(names))
         return 0
-    todo = names if args.all else [args.name]
+    todo = names if args.all else [args.name.replace("-", "_")]  # `vs-llamacpp` = vs_llamacpp
     unknown = [n for n in todo if n not in names]
     if unknown:
         print(f"unknown benchmark {unknown[0]!r}; available: {' '.join(names)}")
