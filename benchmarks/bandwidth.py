@@ -6,12 +6,7 @@ single-threaded kernel would leave on the table on this machine.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 BUFFER_BYTES = 1 << 30  # far above any desktop last-level cache
 

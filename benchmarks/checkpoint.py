@@ -12,7 +12,6 @@ of float32 written) at the measured all-thread RAM read bandwidth.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 REPEATS = 5
 

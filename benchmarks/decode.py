@@ -15,14 +15,10 @@ With a GPU it also times: all experts on the CPU vs all on the GPU, host→devic
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import time
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 PROMPT_TOKENS = 64
 WARMUP_STEPS = 2

@@ -14,14 +14,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 ROUNDS = 5  # alternating RAM-bandwidth / decode measurements
 GROUPS = 4  # groups of 6 experts cycled through (4 × 80 MB, well above any last-level cache)

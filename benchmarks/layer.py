@@ -11,15 +11,11 @@ transformers port loading the same checkpoint (same dtype, same prompt, its own 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 PROMPT_TOKENS = 512
 WARMUP_STEPS = 2

@@ -13,31 +13,17 @@ once with pip into the FlashDesk cache). The model files are cached between runs
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_machine", Path(__file__).with_name("_machine.py"))
-_machine = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_machine)
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
+from decode import bench_config  # the same 2-layer real-dims model as `bench decode`
 
 PROMPT_TOKENS = 300
 WARMUP_STEPS = 2
 DECODE_STEPS = 16
 GOAL_DECODE_RATIO = 1.5
-
-
-def bench_config():
-    from flashdesk.engine.config import ModelConfig
-
-    return ModelConfig.v4_flash().replace(
-        num_hidden_layers=2,
-        compress_ratios=(0, 4),
-        num_nextn_predict_layers=0,
-        n_routed_experts=16,
-        num_hash_layers=1,
-    )
 
 
 def _cache() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     folder = benchmarks_dir()
     assert folder is not None
+    if str(folder) not in sys.path:  # benchmarks import their shared helpers (_machine, decode)
+        sys.path.insert(0, str(folder))
     for name in todo:
         spec = importlib.util.spec_from_file_location(
             f"flashdesk_bench_{name}", folder / f"{name}.py"

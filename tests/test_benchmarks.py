@@ -1,0 +1,39 @@
+"""Every benchmark loads the way `flashdesk bench` loads it and has the entry point it calls.
+
+The benchmarks themselves run at real dimensions (minutes each) and are not part of the suite;
+this keeps a renamed import or a missing `run()` from going unnoticed until someone benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+
+import pytest
+
+from flashdesk import bench
+
+NAMES = bench.available()
+
+
+def test_benchmarks_are_found():
+    assert {"bandwidth", "kernels", "layer", "decode", "checkpoint"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_benchmark_module_loads_with_run(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    module = importlib.import_module(name)
+    try:
+        assert "json_output" in inspect.signature(module.run).parameters
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_bench_list_and_unknown_name(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--list"])) == 0
+    assert "kernels" in capsys.readouterr().out
