@@ -6,15 +6,19 @@ the GIL released, so a Python thread can run these while the GPU works. This mod
 shapes, dtypes and contiguity and passes buffer addresses, so any host buffer works without a
 copy: numpy arrays, CPU torch tensors (pinned or not), slices of memory-mapped shards.
 
-The SIMD variant (scalar reference, avx2, avx512, avx512_bf16, neon) is chosen once from the CPU's features;
-`FLASHDESK_ISA=<name>` or `set_isa()` / `use_isa()` / the `isa=` argument force one (tests and
-benchmarks run every variant on the same inputs). `FLASHDESK_THREADS` or `set_threads()` set the
+The SIMD variant (scalar reference, avx2, avx512, avx512_bf16, neon) is measured, not assumed:
+on first use each variant the CPU runs decodes a small in-cache block of FP4 expert rows and the
+fastest is kept for the process (`variant_timings()` shows the figures; the CPU flags alone
+mislead: plain avx512 can beat avx512_bf16). `FLASHDESK_ISA=<name>` or `set_isa()` / `use_isa()`
+/ the `isa=` argument force one (tests and benchmarks run every variant on the same inputs). `FLASHDESK_THREADS` or `set_threads()` set the
 thread count (default: physical cores).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -33,9 +37,11 @@ __all__ = [
     "fp4_linear",
     "fp8_linear",
     "get_threads",
+    "measured_isa",
     "set_isa",
     "set_threads",
     "use_isa",
+    "variant_timings",
 ]
 
 _FP4, _FP8 = 4, 8
@@ -109,13 +115,114 @@ def available_isas() -> list[str]:
     return [name for name, runs in _kernels.isa_variants().items() if runs]
 
 
+# The default variant is measured, not assumed from CPU flags: on the first kernel call (or the
+# first active_isa()/variant_timings()), every available variant decodes the same in-cache block of
+# FP4 expert rows (W1 rows of V4-Flash, K = 4096) on one core, with bf16 and with fp32
+# activations, and the one with the least total time wins for the rest of the process. The flags
+# only say what runs: on a 16-core Xeon the plain avx512 variant beat avx512_bf16 per core.
+# FLASHDESK_ISA, set_isa() and use_isa() take precedence over the measured pick.
+_TUNE_K = 4096  # V4-Flash hidden: the K of a W1/W3 row
+_TUNE_ROWS = (32, 160)  # two row-block sizes; the difference cancels the per-call overhead
+_TUNE_CALLS = 12  # best of up to this many calls per (variant, activation dtype, size) ...
+_TUNE_BUDGET_S = 0.001  # ... or of those that fit in this time (at least 3): slow ones stop early
+
+_tune_lock = threading.Lock()
+_timings: dict[str, dict[str, float]] | None = None
+_pick: str | None = None
+_forced: str | None = None  # the variant FLASHDESK_ISA / set_isa() forced, if any
+
+
+def _measure_variants() -> dict[str, dict[str, float]]:
+    rng = np.random.default_rng(0)
+    rows = max(_TUNE_ROWS)
+    w = rng.integers(0, 256, (rows, _TUNE_K // 2), dtype=np.uint8)
+    s = rng.integers(122, 129, (rows, _TUNE_K // 32), dtype=np.uint8)
+    x32 = rng.standard_normal(_TUNE_K).astype(np.float32)
+    x16 = (x32.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: any values do)
+    y = np.zeros(rows, dtype=np.float32)
+    addr = {
+        name: int(a.__array_interface__["data"][0])
+        for name, a in (("w", w), ("s", s), ("x32", x32), ("x16", x16), ("y", y))
+    }
+    row_bytes = _TUNE_K // 2 + _TUNE_K // 32
+    timings: dict[str, dict[str, float]] = {}
+    for isa in available_isas():
+        seconds = {}
+        for dtype, x_key in (("bf16", "x16"), ("fp32", "x32")):
+            best = {}
+            for n in _TUNE_ROWS:
+                args = (
+                    _FP4,
+                    addr[x_key],
+                    dtype == "bf16",
+                    1,
+                    _TUNE_K,
+                    addr["w"],
+                    addr["s"],
+                    n,
+                    addr["y"],
+                    False,
+                    1,
+                    isa,
+                )
+                _kernels.quant_linear(*args)  # warm the caches and the code
+                t_best, spent, calls = float("inf"), 0.0, 0
+                while calls < _TUNE_CALLS and (calls < 3 or spent < _TUNE_BUDGET_S):
+                    t0 = time.perf_counter()
+                    _kernels.quant_linear(*args)
+                    dt = time.perf_counter() - t0
+                    t_best, spent, calls = min(t_best, dt), spent + dt, calls + 1
+                best[n] = t_best
+            seconds[dtype] = max(best[rows] - best[min(_TUNE_ROWS)], 1e-9)
+        block = (rows - min(_TUNE_ROWS)) * row_bytes
+        timings[isa] = {
+            "bf16_gbps": block / seconds["bf16"] / 1e9,
+            "fp32_gbps": block / seconds["fp32"] / 1e9,
+            "gbps": 2 * block / (seconds["bf16"] + seconds["fp32"]) / 1e9,
+        }
+    return timings
+
+
+def _measured_pick() -> str:
+    """Measure once per process (thread-safe) and return the fastest variant."""
+    global _timings, _pick
+    if _pick is None:
+        with _tune_lock:
+            if _pick is None:
+                _timings = _measure_variants()
+                _pick = max(_timings, key=lambda isa: _timings[isa]["gbps"])
+    return _pick
+
+
+def _ensure_default() -> None:
+    """Before a kernel call without isa=: make the measured pick active unless one was forced."""
+    if _forced is None and _kernels.active_isa() != _measured_pick():
+        _kernels.set_isa(_pick)
+
+
+def variant_timings() -> dict[str, dict[str, float]]:
+    """What the variant choice measured (running the measurement now if it has not run): per
+    variant, one core's in-cache FP4 decode rate in GB/s of weight bytes with bf16 ('bf16_gbps')
+    and fp32 ('fp32_gbps') activations, and over both ('gbps', the figure the pick maximizes)."""
+    _measured_pick()
+    return {isa: dict(figures) for isa, figures in _timings.items()}
+
+
+def measured_isa() -> str:
+    """The variant the measurement picked (what kernel calls use when none is forced)."""
+    return _measured_pick()
+
+
 def active_isa() -> str:
-    """The variant kernel calls use unless they pass `isa=`."""
+    """The variant kernel calls use unless they pass `isa=`: the forced one, else the measured
+    pick."""
+    _ensure_default()
     return _kernels.active_isa()
 
 
 def set_isa(name: str) -> str:
-    """Force a variant for later calls ('auto': the best this CPU runs); returns its name."""
+    """Force a variant for later calls ('auto': back to the measured pick); returns its name."""
+    global _forced
     compiled = _kernels.isa_variants()
     if name != "auto" and name not in compiled:
         raise ValueError(
@@ -125,18 +232,25 @@ def set_isa(name: str) -> str:
         raise ValueError(
             f"kernel variant {name!r} does not run on this CPU; it runs {available_isas()}"
         )
-    return _kernels.set_isa(name)
+    if name == "auto":
+        _forced = None
+        return active_isa()
+    _forced = _kernels.set_isa(name)
+    return _forced
 
 
 @contextmanager
 def use_isa(name: str) -> Iterator[str]:
-    """Run the block with a forced variant, then restore the previous one."""
-    previous = active_isa()
+    """Run the block with a forced variant, then restore the previous setting (a forced variant,
+    or the measured pick)."""
+    global _forced
+    previous_forced, previous_active = _forced, _kernels.active_isa()
     set_isa(name)
     try:
         yield name
     finally:
-        _kernels.set_isa(previous)
+        _forced = previous_forced
+        _kernels.set_isa(previous_active)
 
 
 _env_isa = os.environ.get("FLASHDESK_ISA", "").strip()
@@ -420,6 +534,8 @@ def expert_ffn(
     out_addr = _address(out, "out", writable=True)
     x_row = table.dim * (2 if x_bf16 else 4)
     out_row = table.dim * (2 if out_bf16 else 4)
+    if not isa:
+        _ensure_default()
     for t0 in range(0, T, chunk):
         n = min(chunk, T - t0)
         _kernels.expert_ffn(
@@ -509,6 +625,8 @@ def _linear(kind: int, x, w, scale, out, threads, isa, name: str):
     out_bf16 = _check_out(out, out_shape)
     if M == 0:
         return out
+    if not isa:
+        _ensure_default()
     _kernels.quant_linear(
         kind,
         _address(x2, "x"),

@@ -68,9 +68,56 @@ def test_variants_follow_cpu_features():
         assert compiled["avx512_bf16"] == (compiled["avx512"] and feats["avx512_bf16"])
     if "neon" in compiled:
         assert compiled["neon"] == feats["neon"]
-    # Chosen once: the best one that runs (they are listed best last).
+    # Chosen once by measurement: the fastest of those that run.
     if "FLASHDESK_ISA" not in os.environ:
-        assert kernels.active_isa() == ISAS[-1]
+        assert kernels.active_isa() == kernels.measured_isa()
+
+
+def test_the_default_variant_is_the_measured_fastest():
+    timings = kernels.variant_timings()
+    assert sorted(timings) == sorted(ISAS)  # a figure for every variant this CPU runs
+    for isa, figures in timings.items():
+        assert set(figures) == {"bf16_gbps", "fp32_gbps", "gbps"}, isa
+        assert all(np.isfinite(v) and v > 0 for v in figures.values()), (isa, figures)
+        # 'gbps' is over both workloads (equal bytes): the harmonic mean of the two rates.
+        harmonic = 2 / (1 / figures["bf16_gbps"] + 1 / figures["fp32_gbps"])
+        assert figures["gbps"] == pytest.approx(harmonic, rel=1e-9), isa
+    pick = kernels.measured_isa()
+    assert pick in ISAS
+    assert timings[pick]["gbps"] == max(f["gbps"] for f in timings.values())
+    assert kernels.variant_timings() == timings  # measured once per process, then cached
+    if "FLASHDESK_ISA" not in os.environ:
+        assert kernels.active_isa() == pick
+        # A forced variant wins over the pick; 'auto' returns to the pick.
+        other = next(isa for isa in ISAS if isa != pick) if len(ISAS) > 1 else pick
+        try:
+            assert kernels.set_isa(other) == other
+            assert kernels.active_isa() == other
+            kernels.fp4_linear(np.zeros(32, np.float32), *rand_fp4(np.random.default_rng(0), 4, 32))
+            assert kernels.active_isa() == other  # a kernel call does not undo the override
+        finally:
+            assert kernels.set_isa("auto") == pick
+        assert kernels.active_isa() == pick
+        with kernels.use_isa(other):
+            assert kernels.active_isa() == other
+        assert kernels.active_isa() == pick
+
+
+def test_measurement_is_lazy_and_env_var_wins_over_it():
+    code = (
+        "from flashdesk.engine import kernels\n"
+        "assert kernels._timings is None, 'measured at import'\n"
+        "print(kernels.active_isa(), sorted(kernels.variant_timings()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLASHDESK_ISA"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    active, measured = out.stdout.split(" ", 1)
+    assert active in ISAS and measured.strip() == str(sorted(ISAS))
+    env["FLASHDESK_ISA"] = "scalar"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(" ", 1)[0] == "scalar"
 
 
 def test_force_a_variant_and_restore():
