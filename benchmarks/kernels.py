@@ -7,6 +7,8 @@
 * In-cache decode rate per core: the same kernel on rows that fit in L2 — the compute ceiling.
   Effective expert bandwidth is min(RAM bandwidth, cores × this), which the planner needs.
 * Speed-up over torch's dequantize-then-matmul (engine/quant.py + F.linear) on the same experts.
+* Per-variant in-cache decode rates on one core, as measured by the kernels' variant choice
+  (`kernels.variant_timings()`): the variant used is the fastest there unless FLASHDESK_ISA forces one.
 * Batches of 8/32/128/512 tokens per expert: GFLOP/s, and the crossover where the CPU stops being
   bandwidth-bound: tokens per expert at which compute time equals the weight-streaming time
   (roofline from the measured RAM bandwidth and the largest batch's compute rate).
@@ -79,8 +81,13 @@ def run(json_output: bool = False) -> dict:
     info = _machine.describe()
     threads = kernels.get_threads()
     isa = kernels.active_isa()
+    variants = kernels.variant_timings()
     if not json_output:
         _machine.print_machine(info)
+        print("kernel variants, in-cache FP4 decode on 1 core (GB/s, bf16 / fp32 activations):")
+        for name, v in variants.items():
+            mark = "  <- measured fastest" if name == kernels.measured_isa() else ""
+            print(f"  {name:<12} {v['bf16_gbps']:6.1f} / {v['fp32_gbps']:6.1f}{mark}")
         print(f"kernel variant {isa}, {threads} threads; generating {GROUPS * TOP_K} experts ...")
     experts = _experts(GROUPS * TOP_K)
     table = kernels.ExpertTable(experts)
@@ -153,6 +160,7 @@ def run(json_output: bool = False) -> dict:
     figures = {
         "machine": info,
         "isa": isa,
+        "variant_timings": variants,
         "threads": threads,
         "ram_read_gbps": ram,
         "expert_bytes": expert_bytes,

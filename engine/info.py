@@ -19,10 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flashdesk import __version__
-    from flashdesk.engine import _kernels
+    from flashdesk.engine import _kernels, kernels
 
     features = _kernels.cpu_features()
-    report: dict = {"version": __version__, "cpu_features": features}
+    report: dict = {
+        "version": __version__,
+        "cpu_features": features,
+        "kernel_variants": kernels.variant_timings(),
+        "kernel_variant_measured": kernels.measured_isa(),
+        "kernel_variant_active": kernels.active_isa(),
+    }
     if args.bandwidth_mib > 0:
         report["read_bandwidth"] = _kernels.read_bandwidth(
             args.bandwidth_mib << 20, 0, 0.5, details=True
@@ -34,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"flashdesk {__version__}")
     print(f"logical cores: {features['logical_cores']}")
     print(f"SIMD: {' '.join(flags) or 'none beyond the baseline'}")
+    active, measured = report["kernel_variant_active"], report["kernel_variant_measured"]
+    print("kernel variants, in-cache FP4 decode on 1 core (GB/s of weights, bf16 / fp32 input):")
+    for isa, figures in report["kernel_variants"].items():
+        mark = "  <- fastest" if isa == measured else ""
+        print(f"  {isa:<12} {figures['bf16_gbps']:6.1f} / {figures['fp32_gbps']:6.1f}{mark}")
+    if active != measured:
+        print(f"kernel variant in use: {active} (forced by FLASHDESK_ISA)")
+    else:
+        print(f"kernel variant in use: {active} (measured fastest)")
     if "read_bandwidth" in report:
         bw = report["read_bandwidth"]
         print(
