@@ -36,6 +36,7 @@ from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
 from flashdesk.engine.model.model import V4Model
+from flashdesk.engine.quant import quantize_fp8
 from flashdesk.engine.runtime_experts import (
     HOST_STORES,
     MMAP,
@@ -221,6 +222,57 @@ class Fp8Linear(Linear):
         raise RuntimeError("an FP8 linear runs on the CPU kernels; it does not move to a device")
 
 
+# ------------------------------------------------------------------------------------ CPU head
+
+HEAD_DTYPES = ("fp32", "bf16", "fp8")
+# On the CPU the head ([129280, 4096] in V4) is read in full per token: bf16 halves those bytes
+# and keeps the stored weights exactly (the checkpoint stores the head in BF16).
+DEFAULT_CPU_HEAD_DTYPE = "bf16"
+_HEAD_QUANT_ROWS = 8192  # rows quantized at a time (a multiple of the 128-row FP8 tile)
+
+
+class Bf16Head:
+    """Logits from the stored BF16 head: activations rounded to bf16, products accumulated in
+    float32 by torch's CPU GEMM, the logits rounded to bf16 by it and returned as float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.to(torch.bfloat16).contiguous()
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h.to(torch.bfloat16), self.weight).float()
+
+
+class Fp8Head:
+    """Logits from the head quantized once at load to FP8 E4M3 with 128×128 E8M0 tile scales
+    (the official quantizer's format), computed by the C FP8 kernel into float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        rows = weight.shape[0]
+        codes, scales = [], []
+        for s in range(0, rows, _HEAD_QUANT_ROWS):
+            c, sc = quantize_fp8(weight[s : s + _HEAD_QUANT_ROWS])
+            codes.append(c)
+            scales.append(sc)
+        self.weight = torch.cat(codes).view(torch.float8_e4m3fn)
+        self.scale = torch.cat(scales)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float().reshape(-1, h.shape[-1]).contiguous()
+        out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=torch.float32)
+        kernels.fp8_linear(x, self.weight, self.scale, out)
+        return out.view(*h.shape[:-1], self.weight.shape[0])
+
+
+def _install_head(model: V4Model, head_dtype: str) -> None:
+    """Replace the model's float32 head by the `head_dtype` one (`model.head` then holds what is
+    read per token: bf16 values, or FP8 codes with `model.head_linear.scale`)."""
+    if head_dtype == "fp32":
+        return
+    head = Bf16Head(model.head) if head_dtype == "bf16" else Fp8Head(model.head)
+    model.head = head.weight
+    model.head_linear = head
+
+
 _ATTN_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b")
 
 
@@ -266,6 +318,7 @@ class Runtime:
         pool: ThreadPoolExecutor | None,
         refresh_every: int | None,
         fp8_linears: int,
+        head_dtype: str = "fp32",
     ):
         self.model = model
         self.config = model.config
@@ -278,6 +331,7 @@ class Runtime:
         self._pool = pool
         self.refresh_every = refresh_every
         self.fp8_linears = fp8_linears  # how many linears run on the C FP8 kernel
+        self.head_dtype = head_dtype  # what the head is stored and read as per token
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
 
@@ -420,6 +474,7 @@ def load_runtime(
     stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS,
     refresh_every: int | None = DEFAULT_REFRESH_EVERY,
     frequency: Any = None,
+    head_dtype: str | None = None,
 ) -> Runtime:
     """Open the checkpoint at `path` and build the runtime.
 
@@ -434,12 +489,26 @@ def load_runtime(
       experts there; refresh_every: decode steps between hot-cache refreshes (None: never).
     frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
       orders which experts a plan's GPU/RAM counts pick.
+    head_dtype: on the CPU, how the output head is held and read per token: "bf16" (default; the
+      stored BF16 values, half the bytes of float32, logits rounded to bf16), "fp8" (quantized at
+      load to FP8 with 128×128 tile scales, a quarter of the bytes, run by the C kernel; weight
+      error ~2⁻⁴ relative) or "fp32" (the reference's float32 head, exact). On a GPU only "fp32"
+      (the head there follows the reference and is not the bottleneck).
     """
     dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    if head_dtype is None:
+        head_dtype = DEFAULT_CPU_HEAD_DTYPE if dev.type == "cpu" else "fp32"
+    if head_dtype not in HEAD_DTYPES:
+        raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
+    if head_dtype != "fp32" and dev.type != "cpu":
+        raise ValueError(
+            f"head_dtype={head_dtype!r} is for the CPU mode; on {dev.type} the head stays float32 "
+            "(leave head_dtype unset or pass 'fp32')"
+        )
     if isinstance(frequency, (str, Path)):
         frequency = json.loads(Path(frequency).read_text())["counts"]
     progress = progress or (lambda f, m: None)
@@ -448,7 +517,7 @@ def load_runtime(
     try:
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
-            stream_min_tokens, refresh_every, frequency,
+            stream_min_tokens, refresh_every, frequency, head_dtype,
         )  # fmt: skip
     except BaseException:
         ckpt.close()
@@ -457,7 +526,7 @@ def load_runtime(
 
 def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
-    stream_min_tokens, refresh_every, frequency,
+    stream_min_tokens, refresh_every, frequency, head_dtype="fp32",
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
@@ -494,6 +563,8 @@ def _build(
         progress(0.9 * min(done[0], n_names) / n_names, "Loading weights")
         if name in fp8_names and want is dtype:
             return torch.zeros((), dtype=want).expand(ckpt.info(name).shape)
+        if name == "head.weight" and head_dtype != "fp32":
+            want = torch.bfloat16  # never a float32 copy; `_install_head` replaces it
         t = ckpt.tensor(name, want)
         if t.data_ptr() == ckpt.raw(name).data_ptr():
             t = t.clone()  # own the values: raw views are for the experts only
@@ -518,6 +589,7 @@ def _build(
             numerics=Numerics(dtype=dtype),
             make_experts=make_experts,
         )
+        _install_head(model, head_dtype)
         n_fp8 = 0
         if use_fp8:
             for owner, attr, name in _fp8_linear_slots(model):
@@ -572,6 +644,7 @@ def _build(
         pool,
         refresh_every,
         n_fp8,
+        head_dtype,
     )
 
 

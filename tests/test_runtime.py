@@ -93,7 +93,7 @@ CASES = [(name, True) for name in sorted(PLACEMENTS)] + [("mixed", False), ("mma
 def test_every_placement_gives_the_models_logits(tiny, name, fp8):
     folder, config, _, ids, want = tiny
     placement = PLACEMENTS[name](config)
-    with load_runtime(folder, placement=placement, fp8_linears=fp8) as rt:
+    with load_runtime(folder, placement=placement, fp8_linears=fp8, head_dtype="fp32") as rt:
         assert (rt.fp8_linears > 0) == fp8
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
         # chunked prefill + token-by-token decode through the cache
@@ -108,7 +108,7 @@ def test_every_placement_gives_the_models_logits(tiny, name, fp8):
 def test_experts_are_not_copied_twice(tiny):
     """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
     folder, config, _, ids, _ = tiny
-    with load_runtime(folder, placement=_mixed(config)) as rt:
+    with load_runtime(folder, placement=_mixed(config), head_dtype="fp32") as rt:
         for i, (lp, host) in enumerate(zip(rt.placement.layers, rt.hosts, strict=True)):
             prefix = f"{config.main_layers[i].prefix}ffn.experts."
             for e in range(config.n_routed_experts):
@@ -133,7 +133,7 @@ def test_greedy_generation_is_identical(tiny):
         return session.held_ids, events[-1].stats
 
     want, _ = tokens(ref)
-    with load_runtime(folder, placement=_mixed(config)) as rt:
+    with load_runtime(folder, placement=_mixed(config), head_dtype="fp32") as rt:
         got, stats = tokens(rt)
     assert got == want
     assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
@@ -167,19 +167,19 @@ def test_planner_placements_apply_and_match(tiny):
     assert any(len(lp.device) for lp in placement.layers)
     assert any(len(lp.mmap) for lp in placement.layers)
     on_cpu = dataclasses.replace(placement, device="cpu")
-    with load_runtime(folder, placement=on_cpu) as rt:
+    with load_runtime(folder, placement=on_cpu, head_dtype="fp32") as rt:
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
     # Without a device, the plan's GPU experts fall back to host memory.
     cpu = Placement.from_plan(plan, config, device="cpu")
     assert all(not lp.device for lp in cpu.layers)
-    with load_runtime(folder, plan=plan, device="cpu") as rt:
+    with load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32") as rt:
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
 
 
 def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
     folder, config, _, ids, want = tiny
     placement = Placement.uniform(config, MMAP, cached=[0, 1])
-    with load_runtime(folder, placement=placement, refresh_every=None) as rt:
+    with load_runtime(folder, placement=placement, refresh_every=None, head_dtype="fp32") as rt:
         rt.forward_full(ids)
         counts = rt.routing_counts()
         k = config.num_experts_per_tok
@@ -220,18 +220,18 @@ def test_clear_errors(tiny):
     folder, config, *_ = tiny
     short = Placement("cpu", Placement.uniform(config).layers[:2])
     with pytest.raises(RuntimeLoadError, match="covers 2 layers"):
-        load_runtime(folder, placement=short)
+        load_runtime(folder, placement=short, head_dtype="fp32")
     n = config.n_routed_experts
     holes = Placement(
         "cpu", tuple(LayerPlacement(mmap=tuple(range(1, n))) for _ in config.main_layers)
     )
     with pytest.raises(RuntimeLoadError, match="placed nowhere"):
-        load_runtime(folder, placement=holes)
+        load_runtime(folder, placement=holes, head_dtype="fp32")
     with pytest.raises(LoadCancelled):
-        load_runtime(folder, cancel=lambda: True)
+        load_runtime(folder, cancel=lambda: True, head_dtype="fp32")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeLoadError, match="sees none"):
-            load_runtime(folder, device="cuda")
+            load_runtime(folder, device="cuda", head_dtype="fp32")
     other = ModelConfig.tiny(num_hidden_layers=2)
     figures = ModelFigures.from_inventory(
         Checkpoint.open(write_random(folder.parent / "other", other, seed=1)).inventory(),
@@ -241,12 +241,14 @@ def test_clear_errors(tiny):
     profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
     plan = make_plan(figures, profile, PlanOptions(context=4096))
     with pytest.raises(RuntimeLoadError, match="another model"):
-        load_runtime(folder, plan=plan, device="cpu")
+        load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32")
 
 
 def test_session_reports_busy_and_live_hit_rate(tiny):
     folder, config, _, ids, _ = tiny
-    with load_runtime(folder, placement=Placement.uniform(config, MMAP, cached=2)) as rt:
+    with load_runtime(
+        folder, placement=Placement.uniform(config, MMAP, cached=2), head_dtype="fp32"
+    ) as rt:
         session = Session(rt, _Chars(), context_limit=256)
         assert not session.busy
         stream = session.stream(ids[:5].tolist(), SamplingParams(seed=0, max_tokens=4))

@@ -242,6 +242,9 @@ class V4Model:
         self.embed = fetch_on("embed.weight", dt)
         # The reference computes logits in float32 against a float32 head.
         self.head = fetch_on("head.weight", F32)
+        # A replacement for `linear(h.float(), self.head)` → float32 logits (the runtime's
+        # bf16/FP8 head on the CPU); None: the float32 head above.
+        self.head_linear: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.norm = fetch_on("norm.weight", F32)
         self.hc_head = tuple(fetch_on(f"hc_head_{n}", F32) for n in ("fn", "scale", "base"))
         self.blocks = [
@@ -325,6 +328,12 @@ class V4Model:
         c = self.config
         h = hc_head(x, *self.hc_head, c.hc_eps, c.rms_norm_eps)
         h = rms_norm(h, self.norm, c.rms_norm_eps)
+        return self.head_logits(h)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden `[n, D]` → float32 logits `[n, V]` through the head."""
+        if self.head_linear is not None:
+            return self.head_linear(h)
         return torch.nn.functional.linear(h.float(), self.head)
 
     @torch.inference_mode()
@@ -375,4 +384,4 @@ class V4Model:
         state.mtp_position = start + ids.numel()
         out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps)
         out = rms_norm(out, mtp.norm, c.rms_norm_eps)
-        return torch.nn.functional.linear(out.float(), self.head)
+        return self.head_logits(out)
