@@ -5,9 +5,12 @@ random weights in the official FP8/FP4 format) is written to a temporary folder 
 `load_runtime` and the planner's plan for this machine. Each decode step is timed and split into
 the device-side work (attention, router, shared expert, head — on the CPU when there is no GPU),
 the routed experts (C kernels on host memory) and their overlap. The bound is the weight bytes a
-step reads (as the runtime stores them: FP8 linears, FP4 experts, float32 head) at the RAM read
+step reads (as the runtime stores them: FP8 linears, FP4 experts, the head in the runtime's
+`head_dtype` — bf16 on the CPU by default, float32 on a GPU) at the RAM read
 bandwidth measured in the same run (GPU-resident bytes at the GPU's memory bandwidth when the
 device is a GPU); the planner's prediction for the same plan is printed beside the measurement.
+On the CPU the same loaded model is also timed with each head option (float32, bf16, FP8),
+alternating rounds, since the head is read in full per token.
 
 With a GPU it also times: all experts on the CPU vs all on the GPU, host→device copy bandwidth
 (pinned) and a layer-streamed prefill against the PCIe bound.
@@ -51,7 +54,9 @@ def decode_bytes(rt) -> tuple[int, int]:
     """(bytes one decode step reads outside the routed experts, routed-expert bytes per step)."""
     model = rt.model
     c = rt.config
-    dense = _nbytes(model.head, model.norm, *model.hc_head) + model.embed[0].numel() * 2
+    head_scale = getattr(model.head_linear, "scale", None)  # the FP8 head's tile scales
+    dense = _nbytes(model.head, head_scale, model.norm, *model.hc_head)
+    dense += model.embed[0].numel() * 2
     experts = 0
     for block in model.blocks:
         a = block.attn
@@ -107,6 +112,38 @@ def _decode(rt, ids, steps=DECODE_STEPS) -> tuple[float, float]:
         logits = rt.decode(int(logits.argmax()), state)
     _sync()
     return (time.perf_counter() - t0) / steps, clock.seconds / steps
+
+
+HEAD_ROUNDS = 2
+HEAD_STEPS = 6
+
+
+def _head_variants(rt, ids) -> dict:
+    """Decode tok/s of the loaded CPU model with each head option, swapped in place on the same
+    model (rounds alternate the options so a noisy machine affects them alike); → per option
+    the tok/s of every round and the head's bytes."""
+    import torch
+
+    from flashdesk.engine.runtime import HEAD_DTYPES, Bf16Head, Fp8Head
+
+    model = rt.model
+    stored = rt.checkpoint.tensor("head.weight", torch.bfloat16).clone()
+    heads = {"fp32": None, "bf16": Bf16Head(stored), "fp8": Fp8Head(stored)}
+    f32 = stored.float()
+    kept = (model.head, model.head_linear)
+    result = {name: {"tok_s": [], "head_bytes": 0} for name in HEAD_DTYPES}
+    try:
+        for _ in range(HEAD_ROUNDS):
+            for name in HEAD_DTYPES:
+                head = heads[name]
+                model.head = f32 if head is None else head.weight
+                model.head_linear = head
+                result[name]["head_bytes"] = _nbytes(model.head, getattr(head, "scale", None))
+                step, _ = _decode(rt, ids, HEAD_STEPS)
+                result[name]["tok_s"].append(1.0 / step)
+    finally:
+        model.head, model.head_linear = kept
+    return result
 
 
 def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, out):
@@ -224,6 +261,9 @@ def run(json_output: bool = False) -> dict:
             dense_b, expert_b = decode_bytes(rt)
             step_s, expert_s = _decode(rt, ids)
             on_gpu = rt.device.type == "cuda"
+            head_dtype = rt.head_dtype
+            if not on_gpu:
+                figures["decode_tok_s_by_head"] = _head_variants(rt, ids)
         device_s = step_s - expert_s
         if on_gpu:
             gpu_gbps = _gpu_copy_gbps()
@@ -234,6 +274,7 @@ def run(json_output: bool = False) -> dict:
         figures |= {
             "placement": where,
             "plan_mode": plan.mode,
+            "head_dtype": head_dtype,
             "ram_read_gbps": gbps,
             "prompt_tokens": PROMPT_TOKENS,
             "decode_steps": DECODE_STEPS,
@@ -259,7 +300,7 @@ def run(json_output: bool = False) -> dict:
             _gpu_figures(folder, config, ids, figures)
     if not json_output:
         ms = figures["ms_per_token"]
-        print(f"placement: {where}")
+        print(f"placement: {where}; head {head_dtype}")
         print(f"RAM read: {gbps:.2f} GB/s (measured); plan mode {plan.mode}")
         print(
             f"decode: {figures['decode_tok_s']:.2f} tok/s; bound {figures['bound_tok_s']:.2f} "
@@ -279,6 +320,9 @@ def run(json_output: bool = False) -> dict:
             f"{figures['predicted_calibrated_tok_s']:.2f} tok/s (predicted ÷ measured "
             f"{figures['predicted_calibrated_over_measured']:.2f})"
         )
+        for name, v in figures.get("decode_tok_s_by_head", {}).items():
+            rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])
+            print(f"  head {name} ({v['head_bytes'] / 1e6:.0f} MB): decode {rounds} tok/s")
         for key in ("decode_tok_s_experts_cpu", "decode_tok_s_experts_gpu", "h2d_pinned_gbps"):
             if key in figures:
                 print(f"{key}: {figures[key]:.2f}")
