@@ -256,7 +256,9 @@ def run(json_output: bool = False) -> dict:
             model=folder, context=4096, prompt_tokens=PROMPT_TOKENS
         )
         gbps = float(profile.ram_read_gbps.value)
-        with load_runtime(folder, plan=plan, dtype=torch.bfloat16, refresh_every=None) as rt:
+        # the runtime's own dtype: float32 activations on the CPU (torch's bf16 CPU ops are
+        # several times slower there), bfloat16 on a GPU
+        with load_runtime(folder, plan=plan, refresh_every=None) as rt:
             where = rt.describe()
             dense_b, expert_b = decode_bytes(rt)
             step_s, expert_s = _decode(rt, ids)
