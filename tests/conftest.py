@@ -5,3 +5,10 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Shared test helpers (tests/_*.py) import by name; --import-mode=importlib does not put tests/ on
+# sys.path by itself.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

@@ -6,11 +6,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from _gil import python_ticks_during
 
 import flashdesk
 from flashdesk.engine import _kernels
@@ -96,23 +95,7 @@ def test_read_bandwidth_rejects_bad_arguments():
 
 def test_read_bandwidth_releases_the_gil():
     """A Python thread keeps running while the kernel streams memory."""
-    ticks = 0
-    done = threading.Event()
-
-    def count():
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            time.sleep(0.001)
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        _kernels.read_bandwidth(32 << 20, 1, 0.5)
-    finally:
-        done.set()
-        counter.join()
-    assert ticks > 50
+    assert python_ticks_during(lambda: _kernels.read_bandwidth(32 << 20, 1, 0.5)) > 50
 
 
 def test_version_subprocess():

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _gil import python_ticks_during
 
 from flashdesk.engine import _kernels, kernels, quant
 
@@ -434,25 +435,13 @@ def test_expert_ffn_releases_the_gil():
     x = rng.standard_normal(1024).astype(np.float32)
     w = np.full(6, 0.2, np.float32)
     ids = np.arange(6)
-    ticks = 0
-    done = threading.Event()
 
-    def count():
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            time.sleep(0.001)
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
+    def work():
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.4:
             kernels.expert_ffn(x, experts, w, ids=ids, threads=2)
-    finally:
-        done.set()
-        counter.join()
-    assert ticks > 40
+
+    assert python_ticks_during(work) > 40
 
 
 def test_concurrent_callers_share_the_pool_safely():
