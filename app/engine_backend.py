@@ -214,12 +214,7 @@ class EngineBackend(Backend):
         except TokenizerError as exc:
             raise BackendError(str(exc), kind="load") from exc
         context = min(self.requested_context, int(config.max_position_embeddings))
-        with self._lock:
-            old = self.model
-            self.model, self.tokenizer = model, tokenizer
-            self.session = Session(model, tokenizer, context_limit=context)
-        if old is not None and hasattr(old, "close"):
-            old.close()  # unmaps the previous checkpoint
+        self._install(model, tokenizer, Session(model, tokenizer, context_limit=context))
         name = "V4 tiny" if test_model else (folder.name or str(folder))
         summary = self.plan_summary or model.describe()
         self.info = ModelInfo(
@@ -231,6 +226,15 @@ class EngineBackend(Backend):
         )
         progress(1.0, "Ready")
         return self.info
+
+    def _install(self, model, tokenizer, session) -> None:
+        """Make the new model current, then release the previous one (its checkpoint mapping or
+        llama.cpp context), whichever backend either came from."""
+        with self._lock:
+            old = self.model
+            self.model, self.tokenizer, self.session = model, tokenizer, session
+        if old is not None and old is not model and hasattr(old, "close"):
+            old.close()
 
     def _plan_for(self, folder: Path, progress: Progress):
         """The planner's placement for this checkpoint on this machine at the chosen context
@@ -301,9 +305,9 @@ class EngineBackend(Backend):
             raise LoadCancelled() from None
         except (GGUFError, GGUFUnavailable) as exc:
             raise BackendError(str(exc), kind="load") from exc
-        with self._lock:
-            self.model, self.tokenizer = model, tokenizer
-            self.session = Session(model, tokenizer, context_limit=model.context_limit)
+        self._install(
+            model, tokenizer, Session(model, tokenizer, context_limit=model.context_limit)
+        )
         self.info = ModelInfo(
             name=DEMO_NAME if demo and path == demo_model_path(required=False) else info.name,
             context_limit=model.context_limit,

@@ -132,3 +132,21 @@ def test_a_checkpoint_folder_is_planned_and_loaded_through_the_runtime(data_fold
     first = backend.model
     backend.load(lambda f, what: None, lambda: False)
     assert first.checkpoint is None
+
+
+def test_installing_a_model_releases_the_previous_one(data_folder):
+    """Whichever backend the old model came from (runtime or llama.cpp), it is closed once the
+    new one is current."""
+
+    class Closable:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    backend = EngineBackend(None, data_folder)
+    first, second = Closable(), Closable()
+    backend._install(first, "tok", "session-1")
+    backend._install(second, "tok", "session-2")
+    assert first.closed and not second.closed
+    assert (backend.model, backend.session) == (second, "session-2")
