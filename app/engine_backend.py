@@ -197,7 +197,7 @@ class EngineBackend(Backend):
         except RuntimeLoadCancelled:
             raise LoadCancelled() from None
         except RuntimeLoadError as exc:
-            raise BackendError(str(exc), kind="oom" if "memory" in str(exc) else "load") from exc
+            raise BackendError(str(exc), kind=exc.kind) from exc
         except CheckpointError as exc:
             raise BackendError(str(exc), kind="load") from exc
         except (MemoryError, torch.OutOfMemoryError) as exc:

@@ -58,7 +58,13 @@ DEFAULT_REFRESH_EVERY = 256
 
 
 class RuntimeLoadError(RuntimeError):
-    """The runtime could not be built: what went wrong and what to do about it."""
+    """The runtime could not be built: what went wrong and what to do about it.
+
+    kind: "oom" when memory ran out or a plan no longer fits what is free, else "load"."""
+
+    def __init__(self, message: str, kind: str = "load"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class LoadCancelled(RuntimeError):
@@ -456,7 +462,8 @@ def _check_vram(plan: Any, device: torch.device) -> None:
         raise RuntimeLoadError(
             f"the plan needs {need / 2**30:.1f} GiB of GPU memory but only {free / 2**30:.1f} GiB "
             "is free now (another program may be using the GPU). Close it, or run the "
-            "hardware-fit wizard again (`flashdesk fit`) for a plan that fits what is free."
+            "hardware-fit wizard again (`flashdesk fit`) for a plan that fits what is free.",
+            kind="oom",
         )
 
 
@@ -626,12 +633,14 @@ def _build(
     except torch.OutOfMemoryError as exc:
         raise RuntimeLoadError(
             f"the GPU ran out of memory while loading ({exc}). Another program may be using it: "
-            "close it, or run the hardware-fit wizard (`flashdesk fit`) for a smaller plan."
+            "close it, or run the hardware-fit wizard (`flashdesk fit`) for a smaller plan.",
+            kind="oom",
         ) from exc
     except MemoryError as exc:
         raise RuntimeLoadError(
             "not enough system memory to load the model with this placement; run `flashdesk fit` "
-            "for a plan that memory-maps more experts, or close other programs"
+            "for a plan that memory-maps more experts, or close other programs",
+            kind="oom",
         ) from exc
     progress(1.0, "Ready")
     return Runtime(

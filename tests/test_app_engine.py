@@ -150,3 +150,19 @@ def test_installing_a_model_releases_the_previous_one(data_folder):
     backend._install(second, "tok", "session-2")
     assert first.closed and not second.closed
     assert (backend.model, backend.session) == (second, "session-2")
+
+
+@pytest.mark.parametrize("kind", ["oom", "load"])
+def test_runtime_load_errors_keep_their_kind(data_folder, monkeypatch, kind):
+    """The app shows out-of-memory differently from other load failures; the runtime says which."""
+    import flashdesk.engine.runtime as runtime
+
+    def fail(*args, **kwargs):
+        raise runtime.RuntimeLoadError("the GPU ran out of memory while loading", kind=kind)
+
+    monkeypatch.setattr(runtime, "load_runtime", fail)
+    backend = EngineBackend(None, data_folder)
+    with pytest.raises(BackendError) as err:
+        backend.load(lambda f, what: None, lambda: False)
+    assert err.value.kind == kind and "ran out of memory" in err.value.message
+    assert runtime.RuntimeLoadError("x").kind == "load"
