@@ -159,7 +159,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class _Timing:
     start: float = 0.0
     prefill_s: float = 0.0
-    first_token_at: float | None = None
     decode_s: float = 0.0
     decode_steps: int = 0
 
@@ -284,10 +283,8 @@ class Session:
         stop_ids = {EOS_ID, *params.stop_ids}
         while True:
             token = sample(logits, params, generator)
-            now = time.perf_counter()
-            if run.timing.first_token_at is None:
-                run.timing.first_token_at = now
-                run.stats = replace(run.stats, ttft_s=now - run.timing.start)
+            if run.stats.ttft_s is None:
+                run.stats = replace(run.stats, ttft_s=time.perf_counter() - run.timing.start)
             run.stats = replace(
                 run.stats,
                 generated_tokens=run.stats.generated_tokens + 1,
