@@ -30,18 +30,27 @@ N_EXPERTS_PER_LAYER = 256
 
 
 def _experts(count: int, seed: int = 0):
+    """`count` experts' six packed tensors, held in one `kernels.host_buffer` as the runtime holds
+    pageable experts (huge pages where the OS has them)."""
+    import torch
+
+    from flashdesk.engine import kernels
     from flashdesk.engine.checkpoint.writer import RandomWeights
     from flashdesk.engine.config import ModelConfig
 
     source = RandomWeights(ModelConfig.v4_flash(), seed)
-    experts = []
+    made = []
     for e in range(count):
-        parts = []
         for w in ("w1", "w3", "w2"):
-            codes, scale = source.make_pair(f"layers.{LAYER}.ffn.experts.{e}.{w}")
-            parts += [codes, scale]
-        experts.append(tuple(parts))
-    return experts
+            made += source.make_pair(f"layers.{LAYER}.ffn.experts.{e}.{w}")
+    flat = torch.from_numpy(kernels.host_buffer(sum(t.numel() * t.element_size() for t in made)))
+    views, at = [], 0
+    for t in made:
+        n = t.numel() * t.element_size()
+        flat[at : at + n].copy_(t.reshape(-1).view(torch.uint8))
+        views.append(flat[at : at + n].view(t.dtype).view(t.shape))
+        at += n
+    return [tuple(views[6 * e : 6 * e + 6]) for e in range(count)]
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:

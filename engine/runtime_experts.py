@@ -63,14 +63,17 @@ def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 
 
 def _owned_copy(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
-    """The tensors' bytes copied into one host buffer (pinned if asked) → views of it."""
+    """The tensors' bytes copied into one host buffer (pinned if asked, else on huge pages where
+    the OS has them: `kernels.host_buffer`) → views of it."""
     sizes = [t.numel() * t.element_size() for t in tensors]
-    try:
-        buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-    except RuntimeError:  # pinning refused (no driver, lock limit): pageable; callers check
-        if not pin:
-            raise
-        buf = torch.empty(sum(sizes), dtype=torch.uint8)
+    buf = None
+    if pin:
+        try:
+            buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # pinning refused (no driver, lock limit): pageable; callers check
+            buf = None
+    if buf is None:
+        buf = torch.from_numpy(kernels.host_buffer(sum(sizes)))
     out, at = [], 0
     for t, n in zip(tensors, sizes, strict=True):
         view = buf[at : at + n]

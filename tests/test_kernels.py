@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,19 +154,33 @@ def test_env_var_forces_a_variant_and_rejects_nonsense():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 5])
-def test_fp4_decode_is_bit_exact(isa, m):
-    """Every byte value and extreme scales (2^-127 subnormal, 2^123): one-hot inputs read out
-    single weights, so any decoding error shows exactly. m=5 goes through decode + GEMM."""
-    K = 512
-    w = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(3, 0)
-    s = np.array([[0] * 8 + [127] * 4 + [250] * 4, [127] * 16, [100 + j for j in range(16)]])
-    s = s.astype(np.uint8)
-    want = deq4(w, s)  # [3, K]
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fp4_decode_is_bit_exact(isa, m, bf16):
+    """Every byte value and extreme scales (2^-127 subnormal, 2^-126, 2^98, ...):
+    one-hot inputs read out single weights, so any decoding error shows exactly. m=5 goes
+    through decode + GEMM. Rows 0-3 form one 4-row group mixing the table scale path (byte 0)
+    with shifted-exponent rows; rows 4-5 run one at a time. K=544: 4 chunks and a 1-block tail."""
+    K = 544
+    w = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(6, 0)
+    w = np.concatenate([w, w[:, 240:]], axis=1)  # [6, 272]
+    s = np.array(
+        [
+            [0] * 8 + [127] * 4 + [250] * 4 + [3],
+            [127] * 17,
+            [100 + j for j in range(17)],
+            [1] * 4 + [128] * 4 + [225] * 4 + [126] * 5,
+            [0] * 17,
+            [200] * 16 + [0],
+        ]
+    ).astype(np.uint8)
+    want = deq4(w, s)  # [6, K]
     for k0 in range(0, K, m):
         ks = list(range(k0, min(k0 + m, K)))
         x = np.zeros((len(ks), K), dtype=np.float32)
         x[np.arange(len(ks)), ks] = 1.0
+        x = torch.from_numpy(x).bfloat16() if bf16 else x
         got = kernels.fp4_linear(x, w, s, isa=isa)
+        got = got.numpy() if bf16 else got
         np.testing.assert_array_equal(got, want[:, ks].T.astype(np.float32))
 
 
@@ -243,6 +258,43 @@ def test_simd_linears_equal_the_scalar_reference(isa, threads, M):
     ref = kernels.fp4_linear(xb, w4, s4, isa="scalar", threads=1)
     got = kernels.fp4_linear(xb, w4, s4, isa=isa, threads=threads)
     assert_close_dot(got.numpy(), ref.numpy(), xb.float().numpy(), deq4(w4, s4))
+
+
+@pytest.mark.skipif(not SIMD, reason="no SIMD variant runs on this CPU")
+@pytest.mark.parametrize("isa", SIMD)
+def test_simd_fp4_at_real_expert_dims(isa):
+    """W1/W2 row lengths of V4-Flash (4096, 2048), a 0 scale byte in some 4-row groups (the table
+    path) and not in others, fp32 and bf16 activations, 1 and 3 tokens."""
+    rng = np.random.default_rng(99)
+    for K in (4096, 2048):
+        w, s = rand_fp4(rng, 13, K)
+        s[1, 5] = 0
+        s[9, -1] = 0
+        for M in (1, 3):
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            for xin in (x, torch.from_numpy(x).bfloat16()):
+                ref = kernels.fp4_linear(xin, w, s, isa="scalar", threads=1)
+                got = kernels.fp4_linear(xin, w, s, isa=isa, threads=2)
+                xf = xin.float().numpy() if isinstance(xin, torch.Tensor) else xin
+                ref = ref.numpy() if isinstance(ref, torch.Tensor) else ref
+                got = got.numpy() if isinstance(got, torch.Tensor) else got
+                assert_close_dot(got, ref, xf, deq4(w, s))
+
+
+def test_host_buffer_is_aligned_and_advised():
+    buf = kernels.host_buffer(5 << 20)
+    assert buf.dtype == np.uint8 and buf.shape == (5 << 20,) and buf.flags.writeable
+    assert buf.ctypes.data % kernels.HUGE_PAGE == 0
+    buf[:] = 7  # first touch after the advice
+    assert int(buf.sum(dtype=np.int64)) == 7 * (5 << 20)
+    assert kernels.host_buffer(0).shape == (0,)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = thp.read_text() if thp.exists() else ""
+    advised = _kernels.advise_hugepages(buf.ctypes.data, buf.nbytes)
+    if "[always]" in mode or "[madvise]" in mode:
+        assert advised == 4 << 20  # the 2 MiB-aligned interior of a 5 MiB buffer
+    else:
+        assert advised in (0, 4 << 20)
 
 
 def test_linears_take_bf16_and_torch_and_write_bf16():

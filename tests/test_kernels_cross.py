@@ -67,7 +67,7 @@ int main(void) {
     }
     S->fp4_decode(w4, s4, K, ds);
     N->fp4_decode(w4, s4, K, dn);
-    for (int k = 0; k < K; k++) dn_nat[k] = dn[fd_fp4_perm_index(N->fp4_layout, k)];
+    for (int k = 0; k < K; k++) dn_nat[k] = dn[fd_fp4_perm_index(N->fp4_layout, k, K)];
     CHECK("fp4_decode (exact)", memcmp(ds, dn_nat, sizeof ds) == 0 ? 0.0 : 1.0);
     float ts[(K + 127) / 128] = {0.25f, 0.125f, 2.0f};
     for (int m = 1; m <= M; m++) {

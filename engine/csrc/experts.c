@@ -161,14 +161,15 @@ typedef struct {
     float *h;             /* [P, I] in the variant's fp4 layout */
     int bf16;             /* bf16 activations: h is rounded to bf16 before W2 (spec §2.7) */
     float limit;          /* swiglu_limit */
-    const uint16_t *xb;   /* [T, D] bf16 input rows, natural order (bf16 dot only) */
-    uint16_t *hb;         /* [P, I] bf16 h, natural order (bf16 dot only) */
+    const uint16_t *xb;   /* [T, D] bf16 input rows in fp4_bf16_layout (bf16 dot only) */
+    uint16_t *hb;         /* [P, I] bf16 h in fp4_bf16_layout (bf16 dot only) */
     const int *active;    /* expert ids with at least one pair */
     int n_active;
     const int *offset;    /* [n_experts + 1]: pairs of expert e are offset[e]..offset[e+1] */
     const int *pair_tok;  /* [P] token of each pair, grouped by expert */
     const float *pair_w;  /* [P] routing weight */
     const int *perm_i;    /* [I] position of hidden element j in the fp4 layout */
+    const int *perm_ib;   /* [I] the same in fp4_bf16_layout (bf16 dot only) */
     void *out;
     int out_bf16;
     ffn_thread *th;
@@ -230,7 +231,7 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
             if (c->bf16) {
                 uint16_t hbits = f32_to_bf16(hv);
                 hv = bf16_to_f32(hbits);
-                if (c->hb) c->hb[(size_t)(p0 + t) * I + j0 + r] = hbits;
+                if (c->hb) c->hb[(size_t)(p0 + t) * I + c->perm_ib[j0 + r]] = hbits;
             }
             hrow[c->perm_i[j0 + r]] = hv;
         }
@@ -323,12 +324,13 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     int *pair_tok = (int *)malloc(sizeof(int) * (P ? P : 1));
     float *pair_w = (float *)malloc(sizeof(float) * (P ? P : 1));
     int *perm_i = (int *)malloc(sizeof(int) * (size_t)I);
+    int *perm_ib = (int *)malloc(sizeof(int) * (size_t)I);
     float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * padded(D));
     float *row = (float *)malloc(sizeof(float) * (size_t)D);
     float *h = NULL;
-    uint16_t *hb = NULL;
+    uint16_t *hb = NULL, *xb = NULL;
     ffn_thread *th = NULL;
-    if (!offset || !fill || !active || !pair_tok || !pair_w || !perm_i || !xp || !row) {
+    if (!offset || !fill || !active || !pair_tok || !pair_w || !perm_i || !perm_ib || !xp || !row) {
         set_err(err, errlen, "expert_ffn: out of memory for the routing tables");
         goto done;
     }
@@ -359,7 +361,8 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         rc = 0;
         goto done;
     }
-    for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j);
+    for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j, I);
+    for (int j = 0; j < I; j++) perm_ib[j] = fd_fp4_perm_index(kern->fp4_bf16_layout, j, I);
     for (int t = 0; t < T; t++) {
         load_row(x, x_bf16, (size_t)t, D, row);
         fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(D), D);
@@ -367,9 +370,12 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     const size_t npairs = (size_t)offset[n_experts];
     h = (float *)fd_aligned_alloc(sizeof(float) * npairs * padded(I));
     const int bf16_dot = x_bf16 && kern->fp4_dot_bf16 != NULL;
-    if (bf16_dot) hb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * npairs * (size_t)I);
+    if (bf16_dot) {
+        hb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * npairs * (size_t)I);
+        xb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)T * (size_t)D);
+    }
     th = (ffn_thread *)calloc((size_t)threads, sizeof(ffn_thread));
-    if (!h || !th || (bf16_dot && !hb)) {
+    if (!h || !th || (bf16_dot && (!hb || !xb))) {
         set_err(err, errlen, "expert_ffn: out of memory for the hidden activations");
         goto done;
     }
@@ -400,7 +406,11 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.h = h;
     c.bf16 = x_bf16;
     c.limit = limit;
-    c.xb = bf16_dot ? (const uint16_t *)x : NULL;
+    if (bf16_dot)
+        for (int t = 0; t < T; t++)
+            fd_fp4_permute_row_bf16(kern->fp4_bf16_layout, (const uint16_t *)x + (size_t)t * D,
+                                    xb + (size_t)t * D, D);
+    c.xb = xb;
     c.hb = bf16_dot ? hb : NULL;
     c.active = active;
     c.n_active = n_active;
@@ -408,6 +418,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.pair_tok = pair_tok;
     c.pair_w = pair_w;
     c.perm_i = perm_i;
+    c.perm_ib = perm_ib;
     c.out = out;
     c.out_bf16 = out_bf16;
     c.th = th;
@@ -428,9 +439,11 @@ done:
     free(th);
     fd_aligned_free(h);
     fd_aligned_free(hb);
+    fd_aligned_free(xb);
     fd_aligned_free(xp);
     free(row);
     free(perm_i);
+    free(perm_ib);
     free(pair_w);
     free(pair_tok);
     free(active);
@@ -445,7 +458,7 @@ typedef struct {
     const fd_quant_kernels *kern;
     int kind, M, K, N, ktiles;
     const float *xp; /* [M, K] (fp4: in the variant's layout) */
-    const uint16_t *xb; /* [M, K] bf16 input, natural order, when the variant has fp4_dot_bf16 */
+    const uint16_t *xb; /* [M, K] bf16 input in fp4_bf16_layout, when the variant has fp4_dot_bf16 */
     const uint8_t *w, *scale;
     void *out;
     int out_bf16;
@@ -561,7 +574,20 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.N = N;
     c.ktiles = (K + 127) / 128;
     c.xp = xp;
-    c.xb = (x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16) ? (const uint16_t *)x : NULL;
+    uint16_t *xb = NULL;
+    if (x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16) {
+        xb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * (size_t)K);
+        if (!xb) {
+            fd_aligned_free(xp);
+            free(row);
+            set_err(err, errlen, "linear: out of memory for the activations");
+            return -1;
+        }
+        for (int t = 0; t < M; t++)
+            fd_fp4_permute_row_bf16(kern->fp4_bf16_layout, (const uint16_t *)x + (size_t)t * K,
+                                    xb + (size_t)t * K, K);
+    }
+    c.xb = xb;
     c.w = w;
     c.scale = scale;
     c.out = out;
@@ -574,6 +600,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
         set_err(err, errlen, "linear: out of memory for the decode scratch");
         rc = -1;
     }
+    fd_aligned_free(xb);
     fd_aligned_free(xp);
     free(row);
     return rc;

@@ -1,4 +1,5 @@
 #define _POSIX_C_SOURCE 200809L /* posix_memalign, clock_gettime under -std=c11 */
+#define _DEFAULT_SOURCE          /* madvise, MADV_HUGEPAGE */
 #include "fd_platform.h"
 
 #include <stdlib.h>
@@ -10,16 +11,34 @@
 #include <process.h>
 #else
 #include <pthread.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 #endif
+
+#define FD_HUGE_PAGE ((size_t)2 << 20)
+
+size_t fd_advise_hugepages(void *p, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t lo = ((uintptr_t)p + FD_HUGE_PAGE - 1) & ~(uintptr_t)(FD_HUGE_PAGE - 1);
+    const uintptr_t hi = ((uintptr_t)p + nbytes) & ~(uintptr_t)(FD_HUGE_PAGE - 1);
+    if (hi <= lo || madvise((void *)lo, hi - lo, MADV_HUGEPAGE) != 0) return 0;
+    return hi - lo;
+#else
+    (void)p;
+    (void)nbytes;
+    return 0;
+#endif
+}
 
 void *fd_aligned_alloc(size_t nbytes) {
 #if defined(_WIN32)
     return _aligned_malloc(nbytes ? nbytes : 1, 64);
 #else
     void *p = NULL;
-    if (posix_memalign(&p, 64, nbytes ? nbytes : 1) != 0) return NULL;
+    const int big = nbytes >= 2 * FD_HUGE_PAGE;
+    if (posix_memalign(&p, big ? FD_HUGE_PAGE : 64, nbytes ? nbytes : 1) != 0) return NULL;
+    if (big) fd_advise_hugepages(p, nbytes);
     return p;
 #endif
 }

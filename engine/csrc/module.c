@@ -12,6 +12,7 @@
 #include "bandwidth.h"
 #include "cpu_features.h"
 #include "experts.h"
+#include "fd_platform.h"
 
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     (void)self;
@@ -201,7 +202,17 @@ static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK:advise_hugepages", &address, &nbytes)) return NULL;
+    return PyLong_FromSize_t(fd_advise_hugepages((void *)(uintptr_t)address, (size_t)nbytes));
+}
+
 static PyMethodDef kernel_methods[] = {
+    {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
+     "advise_hugepages(address, nbytes) -> int\n\nAsk for transparent huge pages over the 2 MiB-"
+     "aligned interior of the range (Linux; call before first touch). Returns the bytes advised."},
     {"cpu_features", py_cpu_features, METH_NOARGS,
      "cpu_features() -> dict\n\nSIMD features this CPU and OS can execute, and the logical core "
      "count. The kernels choose their variant from these."},

@@ -26,7 +26,15 @@ enum {
     FD_FP4_NATURAL = 0, /* element k at k */
     FD_FP4_EVEN_ODD = 1, /* per block: 16 even elements, then 16 odd (AVX-512, NEON) */
     FD_FP4_QUADS = 2,    /* per block, per 8: 4 even, then the 4 odd of the same pairs (AVX2) */
+    /* Per 128-element chunk (64 bytes, 4 blocks) the nibble planes of one 64-byte load: element
+     * 8w+p at 16p+w (16 dwords, plane p = bits 4p..4p+3; AVX-512 fp32) or element 4w+p at 32p+w
+     * (32 words; AVX-512 bf16). Lane l of a plane then belongs to block l/4 (fp32) or, after
+     * vdpbf16ps pairs words, dword l to block l/4 (bf16), so one scale vector serves the chunk.
+     * Blocks after the last full chunk use FD_FP4_EVEN_ODD (PLANES8) or natural order (PLANES4). */
+    FD_FP4_PLANES8 = 3,
+    FD_FP4_PLANES4 = 4,
 };
+#define FD_FP4_CHUNK 128
 
 typedef struct {
     const char *name;
@@ -47,10 +55,11 @@ typedef struct {
     void (*gemm_f32)(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
                      float *y, size_t ys);
     /* Optional (NULL: use fp4_dot on the same values as fp32): fp4_dot with bf16 activations in
-     * natural order. Products of bf16 and E2M1 values are exact in fp32, so this differs from
+     * fp4_bf16_layout order. Products of bf16 and E2M1 values are exact in fp32, so this differs from
      * fp4_dot on the widened values only in summation order (AVX512_BF16 vdpbf16ps). */
     void (*fp4_dot_bf16)(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
                          int K, const uint16_t *const *x, int m, float *y, size_t ys);
+    int fp4_bf16_layout; /* order of fp4_dot_bf16's activations (0 when it has none: natural) */
 } fd_quant_kernels;
 
 /* Exact decode tables (spec §4.3/§4.4): E2M1 code -> value, E8M0 byte -> 2^(b-127) (255: NaN),
@@ -60,8 +69,17 @@ extern float fd_e8m0_f32[256];
 extern float fd_e4m3_f32[256];
 void fd_quant_tables_init(void);
 
-/* Position of natural element k (within its 32-block and beyond) in an fp4 layout. */
-static inline int fd_fp4_perm_index(int layout, int k) {
+/* Position of natural element k of a K-element row in an fp4 layout. */
+static inline int fd_fp4_perm_index(int layout, int k, int K) {
+    if (layout == FD_FP4_PLANES8 || layout == FD_FP4_PLANES4) {
+        if (k < K - K % FD_FP4_CHUNK) {
+            const int base = k & ~(FD_FP4_CHUNK - 1), r = k & (FD_FP4_CHUNK - 1);
+            return layout == FD_FP4_PLANES8 ? base + 16 * (r & 7) + (r >> 3)
+                                            : base + 32 * (r & 3) + (r >> 2);
+        }
+        if (layout == FD_FP4_PLANES4) return k;
+        layout = FD_FP4_EVEN_ODD;
+    }
     int j = (k & 31) >> 1, odd = k & 1, base = k & ~31;
     if (layout == FD_FP4_EVEN_ODD) return base + 16 * odd + j;
     if (layout == FD_FP4_QUADS) return base + 8 * (j >> 2) + 4 * odd + (j & 3);
@@ -69,6 +87,8 @@ static inline int fd_fp4_perm_index(int layout, int k) {
 }
 /* src (K natural-order floats, K a multiple of 32) -> dst in the given layout. */
 void fd_fp4_permute_row(int layout, const float *src, float *dst, int K);
+/* The same for bf16 rows. */
+void fd_fp4_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K);
 
 extern const fd_quant_kernels fd_kernels_scalar;
 #if defined(FD_HAVE_X86_VARIANTS)

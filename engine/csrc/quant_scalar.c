@@ -29,7 +29,11 @@ void fd_quant_tables_init(void) {
 }
 
 void fd_fp4_permute_row(int layout, const float *src, float *dst, int K) {
-    for (int k = 0; k < K; k++) dst[fd_fp4_perm_index(layout, k)] = src[k];
+    for (int k = 0; k < K; k++) dst[fd_fp4_perm_index(layout, k, K)] = src[k];
+}
+
+void fd_fp4_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K) {
+    for (int k = 0; k < K; k++) dst[fd_fp4_perm_index(layout, k, K)] = src[k];
 }
 
 static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
@@ -100,5 +104,5 @@ static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t
 }
 
 const fd_quant_kernels fd_kernels_scalar = {
-    "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL,
+    "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
 };
