@@ -74,6 +74,11 @@ class BuildKernels(build_ext):
         msvc = self.compiler.compiler_type == "msvc"
         base_flags = ["/O2", "/std:c11"] if msvc else ["-O3", "-std=c11", "-fvisibility=hidden"]
         if not msvc:
+            # CPython's own CFLAGS carry -fwrapv; with it GCC must keep int index arithmetic
+            # wrapping and loses address strength reduction in the kernels' inner loops (FP8
+            # dot without the NaN patch: 2.0 -> 2.7 ms per 32 MB on the dev VM). The kernels
+            # never rely on signed overflow.
+            base_flags.append("-fno-wrapv")
             base_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter"]
             if sys.platform != "win32":
                 base_flags.append("-pthread")

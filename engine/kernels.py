@@ -33,8 +33,10 @@ __all__ = [
     "ExpertWeights",
     "active_isa",
     "available_isas",
+    "bf16_linear",
     "expert_ffn",
     "fp4_linear",
+    "fp8_finite",
     "fp8_linear",
     "get_threads",
     "host_buffer",
@@ -45,7 +47,7 @@ __all__ = [
     "variant_timings",
 ]
 
-_FP4, _FP8 = 4, 8
+_FP4, _FP8, _FP8_FINITE, _BF16 = 4, 8, 9, 16
 _HIDDEN_BUDGET = 256 << 20  # bytes of expert hidden activations one kernel call may hold
 
 # torch dtypes (by name) whose elements are one raw byte of a packed weight or scale.
@@ -172,6 +174,7 @@ def _measure_variants() -> dict[str, dict[str, float]]:
                     _FP4,
                     addr[x_key],
                     dtype == "bf16",
+                    1,
                     1,
                     _TUNE_K,
                     addr["w"],
@@ -618,22 +621,34 @@ class CpuExperts:
 # ------------------------------------------------------------------------------------ linears
 
 
-def _linear(kind: int, x, w, scale, out, threads, isa, name: str):
+def _linear(kind: int, x, w, scale, out, threads, isa, name: str, groups: int = 1):
     one_token = len(_shape(x)) == 1
     x, x_bf16 = _activations(x, "x")
     x2 = x.reshape(1, -1) if one_token else x
-    if len(_shape(w)) != 2 or _kind(w) != "u8":
+    if kind == _BF16:
+        if len(_shape(w)) != 2 or _kind(w) not in ("bf16", "uint16"):
+            raise ValueError(f"{name}: w must be a 2-D bfloat16 tensor (or uint16 bit patterns)")
+    elif len(_shape(w)) != 2 or _kind(w) != "u8":
         raise ValueError(f"{name}: w must be a 2-D tensor of raw weight bytes")
-    if _kind(scale) != "u8":
+    elif _kind(scale) != "u8":
         raise TypeError(f"{name}: scale must be E8M0 bytes (uint8 or float8_e8m0fnu)")
     N, wk = _shape(w)
-    K = wk if kind == _FP8 else 2 * wk
-    if len(_shape(x2)) != 2 or _shape(x2)[1] != K:
-        raise ValueError(f"{name}: x has shape {_shape(x)}, expected [M, {K}] or [{K}]")
-    expected_scale = ((N + 127) // 128, (K + 127) // 128) if kind == _FP8 else (N, K // 32)
+    K = 2 * wk if kind == _FP4 else wk
+    if (
+        not isinstance(groups, int)
+        or groups < 1
+        or N % groups
+        or (groups > 1 and (N // groups) % 64)
+    ):
+        raise ValueError(f"{name}: groups={groups!r} must split N = {N} into multiples of 64 rows")
+    if len(_shape(x2)) != 2 or _shape(x2)[1] != groups * K:
+        want = groups * K
+        raise ValueError(f"{name}: x has shape {_shape(x)}, expected [M, {want}] or [{want}]")
+    fp8 = kind in (_FP8, _FP8_FINITE)
+    expected_scale = ((N + 127) // 128, (K + 127) // 128) if fp8 else (N, K // 32)
     if kind == _FP4 and K % 32:
         raise ValueError(f"{name}: K = {K} must be a multiple of 32")
-    if _shape(scale) != expected_scale:
+    if kind != _BF16 and _shape(scale) != expected_scale:
         raise ValueError(f"{name}: scale has shape {_shape(scale)}, expected {expected_scale}")
     M = _shape(x2)[0]
     out_shape = (N,) if one_token else (M, N)
@@ -649,9 +664,10 @@ def _linear(kind: int, x, w, scale, out, threads, isa, name: str):
         _address(x2, "x"),
         x_bf16,
         M,
+        groups,
         K,
         _address(w, "w"),
-        _address(scale, "scale"),
+        0 if kind == _BF16 else _address(scale, "scale"),
         N,
         _address(out, "out", writable=True),
         out_bf16,
@@ -667,6 +683,8 @@ def fp8_linear(
     scale: Any,
     out: Any = None,
     *,
+    groups: int = 1,
+    finite: bool = False,
     threads: int | None = None,
     isa: str | None = None,
 ) -> Any:
@@ -674,8 +692,23 @@ def fp8_linear(
 
     x: [M, K] or [K], float32/bfloat16; w: [N, K] E4M3 bytes; scale: [ceil(N/128), ceil(K/128)]
     E8M0 bytes; out: [M, N] (or [N]) float32/bfloat16, overwritten; None: a new float32 buffer.
+    groups > 1 (V4's grouped `wo_a`): x is [M, groups·K] and output rows g·N/groups … of W see
+    only the g-th K inputs (N/groups a multiple of 64), one call for all groups.
+    finite=True: w is known to hold no NaN code (`fp8_finite(w)`, checked once at load), so the
+    kernel skips its per-element NaN patch (faster where the variant has such a path).
     """
-    return _linear(_FP8, x, w, scale, out, threads, isa, "fp8_linear")
+    kind = _FP8_FINITE if finite else _FP8
+    return _linear(kind, x, w, scale, out, threads, isa, "fp8_linear", groups)
+
+
+def fp8_finite(w: Any) -> bool:
+    """True if no byte of the FP8 E4M3 weight `w` is a NaN code (0x7F/0xFF) — true of every
+    weight the official quantizer writes; one pass over the bytes, the GIL released."""
+    if _kind(w) != "u8":
+        raise ValueError("fp8_finite: w must be a tensor of raw weight bytes")
+    return bool(
+        _kernels.fp8_nan_free(_address(w, "w"), int(np.prod(_shape(w))) if _shape(w) else 1)
+    )
 
 
 def fp4_linear(
@@ -692,3 +725,20 @@ def fp4_linear(
     x: [M, K] or [K]; w: [N, K/2] bytes (low nibble = even element); scale: [N, K/32] bytes.
     """
     return _linear(_FP4, x, w, scale, out, threads, isa, "fp4_linear")
+
+
+def bf16_linear(
+    x: Any,
+    w: Any,
+    out: Any = None,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """out = x · Wᵀ for a bfloat16 weight (V4's output head), every weight widened exactly and
+    multiplied with float32 activations: the float32 result at half the bytes read.
+
+    x: [M, K] or [K], float32/bfloat16; w: [N, K] bfloat16 (torch) or uint16 bit patterns;
+    out: [M, N] (or [N]) float32/bfloat16, overwritten; None: a new float32 buffer.
+    """
+    return _linear(_BF16, x, w, None, out, threads, isa, "bf16_linear")

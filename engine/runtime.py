@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,12 +209,13 @@ class Placement:
 class Fp8Linear(Linear):
     """`y = x · Wᵀ` straight from the stored FP8 weight and its 128×128 E8M0 scales (C kernel)."""
 
-    __slots__ = ("dtype", "scale")
+    __slots__ = ("dtype", "finite", "scale")
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         super().__init__(weight, True)
         self.scale = scale
         self.dtype = dtype
+        self.finite = kernels.fp8_finite(weight)  # no NaN code: the kernel's faster path
 
     def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
         if simulate:
@@ -221,11 +223,29 @@ class Fp8Linear(Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(self.dtype).contiguous()
         out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=self.dtype)
-        kernels.fp8_linear(x2, self.weight, self.scale, out)
+        kernels.fp8_linear(x2, self.weight, self.scale, out, finite=self.finite)
         return out.view(*lead, self.weight.shape[0])
 
     def to(self, device):
         raise RuntimeError("an FP8 linear runs on the CPU kernels; it does not move to a device")
+
+
+class Fp8GroupedLinear:
+    """V4's grouped output projection `wo_a` (`[G·R, K]` FP8, group g's rows see the g-th K
+    inputs) straight from the stored bytes by one grouped C-kernel call: a quarter of the bytes
+    of the float32 copy the einsum path reads per token (43 layers × 134 MB in V4-Flash)."""
+
+    __slots__ = ("dtype", "finite", "groups", "scale", "weight")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, groups: int, dtype: torch.dtype):
+        self.weight, self.scale, self.groups, self.dtype = weight, scale, groups, dtype
+        self.finite = kernels.fp8_finite(weight)
+
+    def __call__(self, o: torch.Tensor) -> torch.Tensor:  # [S, G·K] → [S, G·R]
+        x = o.to(self.dtype).contiguous()
+        out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=self.dtype)
+        kernels.fp8_linear(x, self.weight, self.scale, out, groups=self.groups, finite=self.finite)
+        return out
 
 
 # ------------------------------------------------------------------------------------ CPU head
@@ -238,14 +258,19 @@ _HEAD_QUANT_ROWS = 8192  # rows quantized at a time (a multiple of the 128-row F
 
 
 class Bf16Head:
-    """Logits from the stored BF16 head: activations rounded to bf16, products accumulated in
-    float32 by torch's CPU GEMM, the logits rounded to bf16 by it and returned as float32."""
+    """Logits from the stored BF16 head by the C kernel: each weight widened exactly, float32
+    activations and sums, so the float32 head's logits (up to summation order) at half its bytes
+    per token; torch's bf16 GEMM would round the activations and the logits to bf16 and read
+    slower (dev VM: 41 vs 32 GB/s)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.to(torch.bfloat16).contiguous()
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(h.to(torch.bfloat16), self.weight).float()
+        x = h.float().reshape(-1, h.shape[-1]).contiguous()
+        out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=torch.float32)
+        kernels.bf16_linear(x, self.weight, out)
+        return out.view(*h.shape[:-1], self.weight.shape[0])
 
 
 class Fp8Head:
@@ -261,11 +286,12 @@ class Fp8Head:
             scales.append(sc)
         self.weight = torch.cat(codes).view(torch.float8_e4m3fn)
         self.scale = torch.cat(scales)
+        self.finite = kernels.fp8_finite(self.weight)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         x = h.float().reshape(-1, h.shape[-1]).contiguous()
         out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=torch.float32)
-        kernels.fp8_linear(x, self.weight, self.scale, out)
+        kernels.fp8_linear(x, self.weight, self.scale, out, finite=self.finite)
         return out.view(*h.shape[:-1], self.weight.shape[0])
 
 
@@ -283,11 +309,15 @@ _ATTN_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b")
 
 
 def _fp8_linear_names(config: ModelConfig) -> list[str]:
-    """Checkpoint names of the weights the blocks wrap in `Linear` (stored FP8 in V4)."""
+    """Checkpoint names of the weights the blocks wrap in `Linear` (stored FP8 in V4), and
+    `wo_a` where its groups split into whole 64-row kernel units."""
     names = []
+    grouped_ok = config.o_lora_rank % 64 == 0  # rows per group (the kernel's unit)
     for spec in config.main_layers:
         a = spec.prefix + "attn."
         names += [f"{a}{attr}.weight" for attr in _ATTN_LINEARS]
+        if grouped_ok:
+            names.append(f"{a}wo_a.weight")
         if spec.has_indexer:
             names.append(f"{a}indexer.wq_b.weight")
         names += [f"{spec.prefix}ffn.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")]
@@ -308,6 +338,27 @@ def _fp8_linear_slots(model: V4Model):
 
 
 # ------------------------------------------------------------------------------------ runtime
+
+
+# Below this many tokens of context a CPU decode step runs torch's own ops on one thread: they are
+# small there (one query), and torch's OpenMP team spinning on the cores our C kernels' pool
+# streams weights on costs more than it saves (dev VM, 2 cores, 2-layer benchmark: 65-75 → 52-54
+# ms per step at 64 and at 4096 tokens). Far beyond it the indexer's scoring over all compressed
+# keys grows large enough to want every core again.
+SINGLE_THREAD_CONTEXT = 32768
+
+
+@contextmanager
+def _torch_single_threaded():
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Runtime:
@@ -354,7 +405,12 @@ class Runtime:
         return self._open().prefill(ids, state, chunk_size)
 
     def decode(self, token_id: int, state) -> torch.Tensor:
-        logits = self._open().decode(token_id, state)
+        model = self._open()
+        if self.device.type == "cpu" and state.position < SINGLE_THREAD_CONTEXT:
+            with _torch_single_threaded():
+                logits = model.decode(token_id, state)
+        else:
+            logits = model.decode(token_id, state)
         self._decodes += 1
         if self.refresh_every and self._decodes % self.refresh_every == 0:
             self.refresh_caches()
@@ -497,7 +553,7 @@ def load_runtime(
     frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
       orders which experts a plan's GPU/RAM counts pick.
     head_dtype: on the CPU, how the output head is held and read per token: "bf16" (default; the
-      stored BF16 values, half the bytes of float32, logits rounded to bf16), "fp8" (quantized at
+      stored BF16 values, half the bytes of float32, float32 logits from the C kernel), "fp8" (quantized at
       load to FP8 with 128×128 tile scales, a quarter of the bytes, run by the C kernel; weight
       error ~2⁻⁴ relative) or "fp32" (the reference's float32 head, exact). On a GPU only "fp32"
       (the head there follows the reference and is not the bottleneck).
@@ -604,6 +660,12 @@ def _build(
                     raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
                     setattr(owner, attr, Fp8Linear(raw, scale, dtype))
                     n_fp8 += 1
+            for block in model.blocks:
+                name = f"{block.spec.prefix}attn.wo_a.weight"
+                if name in fp8_names:
+                    raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
+                    block.attn.wo_a = Fp8GroupedLinear(raw, scale, config.o_groups, dtype)
+                    n_fp8 += 1
             _check_no_placeholders(model)
         progress(0.92, "Placing experts")
         log = RoutingLog(len(config.main_layers), config.n_routed_experts, dev)
@@ -658,14 +720,15 @@ def _build(
 
 
 def _check_no_placeholders(model: V4Model) -> None:
-    """Every zero-stride placeholder was replaced by an Fp8Linear (else: an unmapped weight)."""
+    """Every zero-stride placeholder was replaced by an FP8 kernel (else: an unmapped weight)."""
     for block in model.blocks:
         for obj in (block.attn, block.attn.indexer, block.attn.compressor, block.moe.shared):
             if obj is None:
                 continue
             for name in dir(obj):
                 value = getattr(obj, name, None)
-                if isinstance(value, Linear) and 0 in value.weight.stride():
+                weight = value.weight if isinstance(value, Linear) else value
+                if isinstance(weight, torch.Tensor) and weight.dim() and 0 in weight.stride():
                     raise RuntimeLoadError(
                         f"internal: {block.spec.prefix}{name} was not mapped to the FP8 "
                         "kernel; load with fp8_linears=False"

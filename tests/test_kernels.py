@@ -281,6 +281,80 @@ def test_simd_fp4_at_real_expert_dims(isa):
                 assert_close_dot(got, ref, xf, deq4(w, s))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 67])
+def test_bf16_linear_equals_float64(isa, M):
+    """bf16 weights widened exactly: every variant equals x · Wᵀ in float64 to fp32 summation
+    error; K = 4101 leaves a ragged end for every vector width, N = 37 a ragged row group; M > 4
+    goes through widen + GEMM."""
+    rng = np.random.default_rng(M)
+    N, K = 37, 4101
+    w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32)).bfloat16()
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    wd = w.double().numpy()
+    for threads in (1, 3):
+        got = kernels.bf16_linear(x, w, isa=isa, threads=threads)
+        assert_close_dot(got, x.astype(np.float64) @ wd.T, x, wd)
+    # uint16 bit patterns are the same weights; bf16 activations and a bf16 out work too
+    bits = w.view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_allclose(kernels.bf16_linear(x, bits, isa=isa), got, rtol=1e-6, atol=1e-5)
+    xb = torch.from_numpy(x).bfloat16()
+    out = torch.empty((M, N), dtype=torch.bfloat16)
+    kernels.bf16_linear(xb, w, out, isa=isa)
+    want = xb.double().numpy() @ wd.T
+    np.testing.assert_allclose(
+        out.double().numpy(), want, rtol=2**-7, atol=2**-7 * np.abs(want).max()
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_grouped_fp8_linear_is_one_linear_per_group(isa, M):
+    """V4's wo_a: output rows of group g see only the g-th slice of x (one call, all groups)."""
+    rng = np.random.default_rng(50 + M)
+    G, R, K = 4, 192, 160  # 192 rows per group: group edges inside 128-row scale tiles
+    w, s = rand_fp8(rng, G * R, K)
+    x = rng.standard_normal((M, G * K)).astype(np.float32)
+    got = kernels.fp8_linear(x, w, s, groups=G, isa=isa, threads=3)
+    wd = deq8(w, s)
+    for g in range(G):
+        xg, wg = x[:, g * K : (g + 1) * K], wd[g * R : (g + 1) * R]
+        assert_close_dot(got[:, g * R : (g + 1) * R], xg.astype(np.float64) @ wg.T, xg, wg)
+    with pytest.raises(ValueError, match="multiples of 64 rows"):
+        kernels.fp8_linear(x, w, s, groups=5)
+    with pytest.raises(ValueError, match=r"expected \[M, 640\]"):
+        kernels.fp8_linear(x[:, :K], w, s, groups=G)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp8_finite_path_is_the_same_arithmetic(isa):
+    """Weights checked NaN-free once (`fp8_finite`) take the kernel's unpatched decode: the very
+    same results; the check itself finds a single NaN code anywhere."""
+    rng = np.random.default_rng(8)
+    w, s = rand_fp8(rng, 133, 300)
+    assert kernels.fp8_finite(w) and kernels.fp8_finite(
+        torch.from_numpy(w).view(torch.float8_e4m3fn)
+    )
+    for M in (1, 3, 7):
+        x = rng.standard_normal((M, 300)).astype(np.float32)
+        np.testing.assert_array_equal(
+            kernels.fp8_linear(x, w, s, finite=True, isa=isa), kernels.fp8_linear(x, w, s, isa=isa)
+        )
+    for at, code in ((0, 0x7F), (w.size - 1, 0xFF), (12345, 0xFF)):
+        bad = w.copy()
+        bad.flat[at] = code
+        assert not kernels.fp8_finite(bad)
+
+
+def test_bf16_linear_errors_are_clear():
+    w = torch.zeros((4, 64), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 tensor"):
+        kernels.bf16_linear(np.zeros(64, np.float32), torch.zeros((4, 64)))
+    with pytest.raises(ValueError, match=r"expected \[M, 64\]"):
+        kernels.bf16_linear(np.zeros(63, np.float32), w)
+    assert kernels.bf16_linear(np.ones(64, np.float32), w).shape == (4,)
+
+
 def test_host_buffer_is_aligned_and_advised():
     buf = kernels.host_buffer(5 << 20)
     assert buf.dtype == np.uint8 and buf.shape == (5 << 20,) and buf.flags.writeable

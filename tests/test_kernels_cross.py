@@ -91,6 +91,13 @@ int main(void) {
         N->gemm_f32(px, m, wf, K, ROWS, K - 3, yn, ROWS);
         CHECK("gemm_f32", rel(yn, ys, m * ROWS));
     }
+    static uint16_t wb[ROWS * K];
+    for (int i = 0; i < ROWS * K; i++) { float f = frand(); uint32_t u; memcpy(&u, &f, 4); wb[i] = (uint16_t)(u >> 16); }
+    for (int m = 1; m <= M; m++) {
+        S->bf16_dot(wb, K, ROWS, K - 3, px, m, ys, ROWS); /* ragged row end */
+        N->bf16_dot(wb, K, ROWS, K - 3, px, m, yn, ROWS);
+        CHECK("bf16_dot", rel(yn, ys, m * ROWS));
+    }
     /* Expert FFN, 3 experts, 7 tokens x 2 slots (fused and GEMM paths), 3 threads. */
     enum { D = 128, I = 64, E = 3, T = 7, KS = 2 };
     static uint8_t ew[E][3][D * I / 2], es_[E][3][D * I / 32];

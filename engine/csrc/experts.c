@@ -463,6 +463,9 @@ typedef struct {
     void *out;
     int out_bf16;
     int row_units, units;
+    void (*fp8_dot)(const uint8_t *, size_t, const float *, int, int, const float *const *, int,
+                    float *, size_t); /* fp8_dot, or fp8_dot_finite for checked weights */
+    int groups, group_rows; /* x row t holds `groups` inputs of K; weight rows g*group_rows.. use the g-th */
     fd_atomic_int next;
     fd_atomic_int failed; /* a thread could not allocate its scratch */
 } lin_ctx;
@@ -490,10 +493,14 @@ static void lin_job(void *p, int tid, int nthreads) {
         const int t0 = (int)(u / c->row_units) * FD_TOKENS_PER_UNIT;
         const int nr = c->N - n0 < FD_ROWS_PER_UNIT ? c->N - n0 : FD_ROWS_PER_UNIT;
         const int m = c->M - t0 < FD_TOKENS_PER_UNIT ? c->M - t0 : FD_TOKENS_PER_UNIT;
-        for (int t = 0; t < m; t++) xptr[t] = c->xp + (size_t)(t0 + t) * padded(K);
+        const size_t g = (size_t)(n0 / c->group_rows), G = (size_t)c->groups;
+        for (int t = 0; t < m; t++) xptr[t] = c->xp + ((size_t)(t0 + t) * G + g) * padded(K);
         const uint8_t *w, *s = NULL;
         size_t ws, ss = 0;
-        if (c->kind == FD_WEIGHT_FP8) {
+        if (c->kind == FD_WEIGHT_BF16) {
+            ws = (size_t)K; /* elements */
+            w = c->w + (size_t)n0 * ws * 2;
+        } else if (c->kind == FD_WEIGHT_FP8) {
             ws = (size_t)K;
             w = c->w + (size_t)n0 * ws;
             const uint8_t *srow = c->scale + (size_t)(n0 / 128) * c->ktiles;
@@ -505,11 +512,13 @@ static void lin_job(void *p, int tid, int nthreads) {
             s = c->scale + (size_t)n0 * ss;
         }
         if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP4 && c->xb) {
-            for (int t = 0; t < m; t++) bptr[t] = c->xb + (size_t)(t0 + t) * K;
+            for (int t = 0; t < m; t++) bptr[t] = c->xb + ((size_t)(t0 + t) * G + g) * K;
             kern->fp4_dot_bf16(w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else if (m <= FD_DOT_MAX_M) {
-            if (c->kind == FD_WEIGHT_FP8)
-                kern->fp8_dot(w, ws, ts, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
+            if (c->kind == FD_WEIGHT_BF16)
+                kern->bf16_dot((const uint16_t *)w, ws, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
+            else if (c->kind == FD_WEIGHT_FP8)
+                c->fp8_dot(w, ws, ts, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
             else
                 kern->fp4_dot(w, ws, s, ss, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else {
@@ -524,7 +533,10 @@ static void lin_job(void *p, int tid, int nthreads) {
                 const int n = nr - r0 < GEMM_ROWS ? nr - r0 : GEMM_ROWS;
                 for (int r = 0; r < n; r++) {
                     float *dst = scratch + (size_t)r * padded(K);
-                    if (c->kind == FD_WEIGHT_FP8)
+                    if (c->kind == FD_WEIGHT_BF16) {
+                        const uint16_t *wr = (const uint16_t *)w + (r0 + r) * ws;
+                        for (int k = 0; k < K; k++) dst[k] = fd_bf16_f32(wr[k]);
+                    } else if (c->kind == FD_WEIGHT_FP8)
                         kern->fp8_decode(w + (r0 + r) * ws, ts, K, dst);
                     else
                         kern->fp4_decode(w + (r0 + r) * ws, s + (r0 + r) * ss, K, dst);
@@ -540,15 +552,29 @@ static void lin_job(void *p, int tid, int nthreads) {
     if (ts != ts_buf) free(ts);
 }
 
+int fd_fp8_nan_free(const uint8_t *w, size_t n) {
+    unsigned bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (uint8_t)(w[i] | 0x80) == 0xFF; /* vectorizes */
+    return !bad;
+}
+
 int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const void *x, int x_bf16,
-                    int M, int K, const uint8_t *w, const uint8_t *scale, int N, void *out,
-                    int out_bf16, char *err, size_t errlen) {
+                    int M, int groups, int K, const uint8_t *w, const uint8_t *scale, int N,
+                    void *out, int out_bf16, char *err, size_t errlen) {
     if (M < 0 || K <= 0 || N <= 0 || (kind == FD_WEIGHT_FP4 && K % 32)) {
         set_err(err, errlen, "linear: K and N must be positive (FP4: K a multiple of 32)");
         return -1;
     }
+    if (groups < 1 || N % groups || (groups > 1 && (N / groups) % FD_ROWS_PER_UNIT)) {
+        set_err(err, errlen, "linear: groups must divide N into multiples of 64 rows");
+        return -1;
+    }
     if (M == 0) return 0;
     if (threads < 1) threads = 1;
+    const int finite = kind == FD_WEIGHT_FP8_FINITE;
+    if (finite) kind = FD_WEIGHT_FP8;
+    const int rows_in = M;
+    M *= groups; /* x as M*groups rows of K; the output keeps its M rows of N */
     float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)M * padded(K));
     float *row = (float *)malloc(sizeof(float) * (size_t)K);
     if (!xp || !row) {
@@ -569,9 +595,12 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     memset(&c, 0, sizeof c);
     c.kern = kern;
     c.kind = kind;
-    c.M = M;
+    c.fp8_dot = finite && kern->fp8_dot_finite ? kern->fp8_dot_finite : kern->fp8_dot;
+    c.M = rows_in;
     c.K = K;
     c.N = N;
+    c.groups = groups;
+    c.group_rows = N / groups;
     c.ktiles = (K + 127) / 128;
     c.xp = xp;
     uint16_t *xb = NULL;
@@ -593,7 +622,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.out = out;
     c.out_bf16 = out_bf16;
     c.row_units = (N + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
-    c.units = c.row_units * ((M + FD_TOKENS_PER_UNIT - 1) / FD_TOKENS_PER_UNIT);
+    c.units = c.row_units * ((rows_in + FD_TOKENS_PER_UNIT - 1) / FD_TOKENS_PER_UNIT);
     fd_pool_run(lin_job, &c, threads);
     int rc = 0;
     if (fd_atomic_load(&c.failed)) {

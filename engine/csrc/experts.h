@@ -39,13 +39,20 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
                   const float *weights, int k, float limit, void *out, int out_bf16, char *err,
                   size_t errlen);
 
-enum { FD_WEIGHT_FP4 = 4, FD_WEIGHT_FP8 = 8 };
+/* FP8_FINITE: FP8 whose caller checked it holds no NaN code (fd_fp8_nan_free). */
+enum { FD_WEIGHT_FP4 = 4, FD_WEIGHT_FP8 = 8, FD_WEIGHT_FP8_FINITE = 9, FD_WEIGHT_BF16 = 16 };
+
+/* 1 if none of the n E4M3 bytes is a NaN code (0x7F/0xFF), else 0. */
+int fd_fp8_nan_free(const uint8_t *w, size_t n);
 
 /* out[M, N] = x[M, K] . W[N, K]^T (overwritten; fp32 or bf16).
  * FP8: w [N, K] E4M3, scale [ceil(N/128), ceil(K/128)] E8M0.
- * FP4: w [N, K/2] packed E2M1, scale [N, K/32] E8M0 (K a multiple of 32). */
+ * FP4: w [N, K/2] packed E2M1, scale [N, K/32] E8M0 (K a multiple of 32).
+ * BF16: w [N, K] bf16 bit patterns (2 bytes each), scale unused.
+ * groups > 1: x [M, groups*K], and output rows g*N/groups .. (g+1)*N/groups - 1 see only the g-th
+ * K inputs (V4's grouped output projection wo_a); N/groups must be a multiple of 64. */
 int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const void *x, int x_bf16,
-                    int M, int K, const uint8_t *w, const uint8_t *scale, int N, void *out,
-                    int out_bf16, char *err, size_t errlen);
+                    int M, int groups, int K, const uint8_t *w, const uint8_t *scale, int N,
+                    void *out, int out_bf16, char *err, size_t errlen);
 
 #endif

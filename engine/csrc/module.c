@@ -177,13 +177,15 @@ static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
 static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, w, scale, out;
-    int kind, x_bf16, M, K, N, out_bf16, threads;
+    int kind, x_bf16, M, groups, K, N, out_bf16, threads;
     const char *isa;
-    if (!PyArg_ParseTuple(args, "iKpiiKKiKpis:quant_linear", &kind, &x, &x_bf16, &M, &K, &w,
-                          &scale, &N, &out, &out_bf16, &threads, &isa))
+    if (!PyArg_ParseTuple(args, "iKpiiiKKiKpis:quant_linear", &kind, &x, &x_bf16, &M, &groups, &K,
+                          &w, &scale, &N, &out, &out_bf16, &threads, &isa))
         return NULL;
-    if (kind != FD_WEIGHT_FP4 && kind != FD_WEIGHT_FP8) {
-        PyErr_SetString(PyExc_ValueError, "quant_linear: kind must be 4 (FP4) or 8 (FP8)");
+    if (kind != FD_WEIGHT_FP4 && kind != FD_WEIGHT_FP8 && kind != FD_WEIGHT_FP8_FINITE &&
+        kind != FD_WEIGHT_BF16) {
+        PyErr_SetString(PyExc_ValueError,
+                        "quant_linear: kind must be 4 (FP4), 8/9 (FP8/checked FP8) or 16 (BF16)");
         return NULL;
     }
     const fd_quant_kernels *kern = kernels_for(isa);
@@ -191,7 +193,7 @@ static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
     char err[160] = {0};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fd_quant_linear(kern, threads, kind, (const void *)(uintptr_t)x, x_bf16, M, K,
+    rc = fd_quant_linear(kern, threads, kind, (const void *)(uintptr_t)x, x_bf16, M, groups, K,
                          (const uint8_t *)(uintptr_t)w, (const uint8_t *)(uintptr_t)scale, N,
                          (void *)(uintptr_t)out, out_bf16, err, sizeof err);
     Py_END_ALLOW_THREADS
@@ -209,7 +211,20 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(fd_advise_hugepages((void *)(uintptr_t)address, (size_t)nbytes));
 }
 
+static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK:fp8_nan_free", &address, &nbytes)) return NULL;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = fd_fp8_nan_free((const uint8_t *)(uintptr_t)address, (size_t)nbytes);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef kernel_methods[] = {
+    {"fp8_nan_free", py_fp8_nan_free, METH_VARARGS,
+     "fp8_nan_free(address, nbytes) -> bool\n\nTrue if no byte of the E4M3 range is a NaN code."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes) -> int\n\nAsk for transparent huge pages over the 2 MiB-"
      "aligned interior of the range (Linux; call before first touch). Returns the bytes advised."},
@@ -234,8 +249,9 @@ static PyMethodDef kernel_methods[] = {
      "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, limit, out, out_bf16, "
      "threads, isa)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
     {"quant_linear", py_quant_linear, METH_VARARGS,
-     "quant_linear(kind, x, x_bf16, M, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
-     "FP4/FP8 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear."},
+     "quant_linear(kind, x, x_bf16, M, groups, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
+     "FP4/FP8/BF16 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear / "
+     "bf16_linear."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef kernels_module = {

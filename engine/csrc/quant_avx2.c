@@ -222,6 +222,54 @@ static void fp8_decode_avx2(const uint8_t *w, const float *tile_scale, int K, fl
 }
 
 /* N weight rows x M activation rows of fp32 dots, 8 lanes; the K tail zero-padded. */
+/* bf16 weights: 8 widened to fp32 per step (zero-extend, shift into the high half: exact); two
+ * partial sums per (row, activation row); the ragged end of a row in scalar code. */
+FD_INLINE void bf16_dot_rm(const uint16_t *w, size_t ws, int K, const float *const *x, float *y,
+                           size_t ys, const int R, const int M) {
+    __m256 acc[2][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) xv[t] = _mm256_loadu_ps(x[t] + k);
+        for (int i = 0; i < R; i++) {
+            const uint16_t *wk = w + (size_t)i * ws + k;
+            const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)wk)), 16));
+            for (int t = 0; t < M; t++) acc[i][t] = _mm256_fmadd_ps(wv, xv[t], acc[i][t]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) {
+            float v = hsum256(acc[i][t]);
+            for (int kk = k; kk < K; kk++) v += fd_bf16_f32(w[(size_t)i * ws + kk]) * x[t][kk];
+            y[(size_t)t * ys + i] = v;
+        }
+}
+
+static void bf16_dot_avx2(const uint16_t *w, size_t ws, int rows, int K, const float *const *x,
+                          int m, float *y, size_t ys) {
+    for (int r = 0; r < rows; r += (rows - r >= 2 ? 2 : 1)) {
+        const uint16_t *wr = w + (size_t)r * ws;
+        if (rows - r >= 2) {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 2, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 2, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 2, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 2, 4); break;
+            }
+        } else {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
+            }
+        }
+    }
+}
+
 FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K, float *y,
                        size_t ys, const int N, const int M) {
     __m256 acc[2][4];
@@ -277,5 +325,5 @@ static void gemm_f32_avx2(const float *const *x, int m, const float *w, size_t l
 }
 
 const fd_quant_kernels fd_kernels_avx2 = {
-    "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL,
+    "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL,
 };

@@ -162,6 +162,12 @@ static void fp4_decode_avx512(const uint8_t *w, const uint8_t *s, int K, float *
  * byte shifted left 7 is the fp16 with the same sign, exponent and mantissa fields (bias 15 for
  * 7, so E4M3 subnormals stay fp16 subnormals), converted by vcvtph2ps; NaN codes patched. The
  * 2^8 goes onto each tile's partial sum, which is exact. */
+FD_INLINE __m512 e4m3_decode16_finite(__m128i bytes) {
+    __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                 _mm256_set1_epi16((short)0xBF80));
+    return _mm512_cvtph_ps(h);
+}
+
 FD_INLINE __m512 e4m3_decode16(__m128i bytes) {
     __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
                                  _mm256_set1_epi16((short)0xBF80));
@@ -170,8 +176,10 @@ FD_INLINE __m512 e4m3_decode16(__m128i bytes) {
     return _mm512_mask_mov_ps(_mm512_cvtph_ps(h), nan, _mm512_set1_ps(NAN));
 }
 
+
 FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, int K,
-                          const float *const *x, float *y, size_t ys, const int R, const int M) {
+                          const float *const *x, float *y, size_t ys, const int R, const int M,
+                          const int NANS) {
     __m512 acc[4][FD_DOT_MAX_M];
     for (int i = 0; i < R; i++)
         for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps();
@@ -185,7 +193,8 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
             __m512 xv[FD_DOT_MAX_M];
             for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
             for (int i = 0; i < R; i++) {
-                __m512 wv = e4m3_decode16(_mm_loadu_si128((const __m128i *)(w + (size_t)i * ws + k)));
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (size_t)i * ws + k));
+                __m512 wv = NANS ? e4m3_decode16(bytes) : e4m3_decode16_finite(bytes);
                 for (int t = 0; t < M; t++) part[i][t] = _mm512_fmadd_ps(wv, xv[t], part[i][t]);
             }
         }
@@ -207,27 +216,35 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
         for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
+#define FP8_DOT_ROWS(NANS)                                                                     \
+    for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {                                  \
+        const uint8_t *wr = w + (size_t)r * ws;                                                \
+        if (rows - r >= 4) {                                                                   \
+            switch (m) {                                                                       \
+            case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 1, NANS); break;        \
+            case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 2, NANS); break;        \
+            case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 3, NANS); break;        \
+            default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 4, NANS); break;       \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (m) {                                                                       \
+            case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1, NANS); break;        \
+            case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2, NANS); break;        \
+            case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3, NANS); break;        \
+            default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4, NANS); break;       \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
 static void fp8_dot_avx512(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
                            const float *const *x, int m, float *y, size_t ys) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const uint8_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 1); break;
-        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 2); break;
-        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 3); break;
-        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 4); break;
-        }
-    }
-    for (; r < rows; r++) {
-        const uint8_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1); break;
-        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2); break;
-        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3); break;
-        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4); break;
-        }
-    }
+    FP8_DOT_ROWS(1)
+}
+
+/* The same without the NaN patch: ~14% faster on the dev VM (6 vs 8 instructions per 16). */
+static void fp8_dot_finite_avx512(const uint8_t *w, size_t ws, const float *tile_scale, int rows,
+                                  int K, const float *const *x, int m, float *y, size_t ys) {
+    FP8_DOT_ROWS(0)
 }
 
 static void fp8_decode_avx512(const uint8_t *w, const float *tile_scale, int K, float *dst) {
@@ -237,6 +254,60 @@ static void fp8_decode_avx512(const uint8_t *w, const float *tile_scale, int K, 
         __m512 v = e4m3_decode16(_mm_maskz_loadu_epi8(mk, w + k));
         v = _mm512_mul_ps(v, _mm512_set1_ps(256.0f));
         _mm512_mask_storeu_ps(dst + k, mk, _mm512_mul_ps(v, _mm512_set1_ps(tile_scale[k / 128])));
+    }
+}
+
+/* 16 bf16 weights widened to fp32: zero-extend to dwords, move into the high half (exact). */
+FD_INLINE __m512 bf16x16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+FD_INLINE void bf16_dot_rm(const uint16_t *w, size_t ws, int K, const float *const *x, float *y,
+                           size_t ys, const int R, const int M) {
+    __m512 acc[4][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
+        for (int i = 0; i < R; i++) {
+            const __m512 wv = bf16x16(_mm256_loadu_si256((const __m256i *)(w + (size_t)i * ws + k)));
+            for (int t = 0; t < M; t++) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 xv[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x[t] + k);
+        for (int i = 0; i < R; i++) {
+            const __m512 wv = bf16x16(_mm256_maskz_loadu_epi16(mk, w + (size_t)i * ws + k));
+            for (int t = 0; t < M; t++) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+static void bf16_dot_avx512(const uint16_t *w, size_t ws, int rows, int K, const float *const *x,
+                            int m, float *y, size_t ys) {
+    for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {
+        const uint16_t *wr = w + (size_t)r * ws;
+        if (rows - r >= 4) {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 4); break;
+            }
+        } else {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
+            }
+        }
     }
 }
 
@@ -421,10 +492,12 @@ static void fp4_dot_bf16_avx512(const uint8_t *w, size_t ws, const uint8_t *s, s
 
 const fd_quant_kernels fd_kernels_avx512 = {
     "avx512", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
-    fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL,
+    fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL, bf16_dot_avx512,
+    fp8_dot_finite_avx512,
 };
 
 const fd_quant_kernels fd_kernels_avx512_bf16 = {
     "avx512_bf16", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16, FD_FP4_BF16_LAYOUT,
+    bf16_dot_avx512, fp8_dot_finite_avx512,
 };

@@ -60,7 +60,25 @@ typedef struct {
     void (*fp4_dot_bf16)(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
                          int K, const uint16_t *const *x, int m, float *y, size_t ys);
     int fp4_bf16_layout; /* order of fp4_dot_bf16's activations (0 when it has none: natural) */
+    /* Same as fp8_dot for bf16 weights (raw bit patterns, row r at w + r*ws elements) and fp32
+     * activations in natural order: each weight widened exactly, fp32 products and sums. */
+    void (*bf16_dot)(const uint16_t *w, size_t ws, int rows, int K, const float *const *x, int m,
+                     float *y, size_t ys);
+    /* Optional (NULL: fp8_dot): fp8_dot for rows known to hold no NaN code (0x7F/0xFF), which
+     * skips the per-element NaN patch. */
+    void (*fp8_dot_finite)(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                           const float *const *x, int m, float *y, size_t ys);
 } fd_quant_kernels;
+
+/* A bf16 bit pattern as the float it denotes (exact). */
+static inline float fd_bf16_f32(uint16_t h) {
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
 
 /* Exact decode tables (spec §4.3/§4.4): E2M1 code -> value, E8M0 byte -> 2^(b-127) (255: NaN),
  * E4M3 byte -> value (0x7F/0xFF: NaN). Filled by fd_quant_tables_init(). */

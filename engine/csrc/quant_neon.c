@@ -204,6 +204,53 @@ static void fp8_decode_neon(const uint8_t *w, const float *tile_scale, int K, fl
     for (; k < K; k++) dst[k] = fd_e4m3_f32[w[k]] * tile_scale[k / 128];
 }
 
+/* bf16 weights: 4 widened to fp32 per step (shift into the high half: exact); the ragged end of
+ * a row in scalar code. */
+FD_INLINE void bf16_dot_rm(const uint16_t *w, size_t ws, int K, const float *const *x, float *y,
+                           size_t ys, const int R, const int M) {
+    float32x4_t acc[4][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = vdupq_n_f32(0.0f);
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t xv[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) xv[t] = vld1q_f32(x[t] + k);
+        for (int i = 0; i < R; i++) {
+            const float32x4_t wv =
+                vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + (size_t)i * ws + k), 16));
+            for (int t = 0; t < M; t++) acc[i][t] = vfmaq_f32(acc[i][t], wv, xv[t]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) {
+            float v = vaddvq_f32(acc[i][t]);
+            for (int kk = k; kk < K; kk++) v += fd_bf16_f32(w[(size_t)i * ws + kk]) * x[t][kk];
+            y[(size_t)t * ys + i] = v;
+        }
+}
+
+static void bf16_dot_neon(const uint16_t *w, size_t ws, int rows, int K, const float *const *x,
+                          int m, float *y, size_t ys) {
+    for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {
+        const uint16_t *wr = w + (size_t)r * ws;
+        if (rows - r >= 4) {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 4); break;
+            }
+        } else {
+            switch (m) {
+            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
+            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
+            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
+            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
+            }
+        }
+    }
+}
+
 FD_INLINE void gemm_rm(const float *const *x, const float *w, size_t ldw, int K, float *y,
                        size_t ys, const int N, const int M) {
     float32x4_t acc[4][4];
@@ -256,4 +303,5 @@ static void gemm_f32_neon(const float *const *x, int m, const float *w, size_t l
 
 const fd_quant_kernels fd_kernels_neon = {
     "neon", FD_FP4_EVEN_ODD, fp4_dot_neon, fp4_decode_neon, fp8_dot_neon, fp8_decode_neon, gemm_f32_neon, NULL, FD_FP4_NATURAL,
+    bf16_dot_neon, NULL,
 };

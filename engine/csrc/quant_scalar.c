@@ -92,6 +92,18 @@ static void fp8_decode_scalar(const uint8_t *w, const float *tile_scale, int K, 
     for (int k = 0; k < K; k++) dst[k] = fd_e4m3_f32[w[k]] * tile_scale[k / 128];
 }
 
+static void bf16_dot_scalar(const uint16_t *w, size_t ws, int rows, int K, const float *const *x,
+                            int m, float *y, size_t ys) {
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *wr = w + (size_t)r * ws;
+        for (int t = 0; t < m; t++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += fd_bf16_f32(wr[k]) * x[t][k];
+            y[(size_t)t * ys + r] = acc;
+        }
+    }
+}
+
 static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t ldw, int n, int K,
                             float *y, size_t ys) {
     for (int t = 0; t < m; t++)
@@ -105,4 +117,5 @@ static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t
 
 const fd_quant_kernels fd_kernels_scalar = {
     "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
+    bf16_dot_scalar, NULL,
 };

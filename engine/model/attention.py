@@ -107,8 +107,16 @@ class Attention:
                 q[q0:q1], keys, n_prev, start, q0, q1, entries, index_keys, qi, wi
             )
         o = apply_rope(o.to(dtype), cos, sin, inverse=True)
-        z = torch.einsum("sgk,grk->sgr", o.view(s, self.o_groups, -1), self.wo_a)
-        return self.wo_b(z.flatten(1), simulate)
+        return self.wo_b(self._grouped_out(o.view(s, -1)), simulate)
+
+    def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
+        """`[S, G·H·d/G]` → `[S, G·R]`: group g's slice of o through wo_a[g] (spec §2.4). The
+        CPU runtime puts a callable here instead of the tensor (the FP8 kernel, grouped)."""
+        if not isinstance(self.wo_a, torch.Tensor):
+            return self.wo_a(o)
+        return torch.einsum(
+            "sgk,grk->sgr", o.view(o.shape[0], self.o_groups, -1), self.wo_a
+        ).flatten(1)
 
     def _attend_block(
         self,
