@@ -46,8 +46,12 @@ def _nbytes(*tensors) -> int:
 
 
 def _linear_bytes(lin) -> int:
-    scale = getattr(lin, "scale", None)
-    return _nbytes(lin.weight, scale)
+    """A Linear's (or FP8 kernel's) weight and scale bytes; a bare weight tensor's bytes."""
+    import torch
+
+    if isinstance(lin, torch.Tensor):
+        return _nbytes(lin)
+    return _nbytes(lin.weight, getattr(lin, "scale", None))
 
 
 def decode_bytes(rt) -> tuple[int, int]:
@@ -60,7 +64,9 @@ def decode_bytes(rt) -> tuple[int, int]:
     experts = 0
     for block in model.blocks:
         a = block.attn
-        dense += sum(_linear_bytes(x) for x in (a.wq_a, a.wq_b, a.wkv, a.wo_b)) + _nbytes(a.wo_a)
+        dense += sum(_linear_bytes(x) for x in (a.wq_a, a.wq_b, a.wkv, a.wo_b)) + _linear_bytes(
+            a.wo_a
+        )
         for comp in (a.compressor, a.indexer.compressor if a.indexer else None):
             if comp is not None:
                 dense += _nbytes(comp.wkv, comp.wgate)
@@ -299,6 +305,11 @@ def run(json_output: bool = False) -> dict:
         figures |= _calibrated(
             model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, figures
         )
+        # Fed back: the planner's next prediction (`flashdesk fit`, the wizard) uses them.
+        from flashdesk.offload.predict import Efficiency
+
+        note = f"bench decode {time.strftime('%Y-%m-%d')}, 2 real-dims layers, {where}"
+        figures["calibration_file"] = str(Efficiency.record(figures["measured_efficiency"], note))
         if on_gpu:
             _gpu_figures(folder, config, ids, figures)
     if not json_output:
@@ -323,6 +334,7 @@ def run(json_output: bool = False) -> dict:
             f"{figures['predicted_calibrated_tok_s']:.2f} tok/s (predicted ÷ measured "
             f"{figures['predicted_calibrated_over_measured']:.2f})"
         )
+        print(f"calibration written to {figures['calibration_file']} (used by `flashdesk fit`)")
         for name, v in figures.get("decode_tok_s_by_head", {}).items():
             rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])
             print(f"  head {name} ({v['head_bytes'] / 1e6:.0f} MB): decode {rounds} tok/s")

@@ -71,13 +71,40 @@ class Efficiency:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
 
+    @staticmethod
+    def default_path() -> Path:
+        from flashdesk.offload.bandwidth import cache_dir
+
+        return cache_dir() / "calibration.json"
+
+    @classmethod
+    def record(cls, measured: dict[str, float], note: str, path: str | Path | None = None) -> Path:
+        """Merge measured factors into the calibration file (default: the user cache), keeping the
+        others it holds, so the next `flashdesk fit` / wizard prediction uses them. An unreadable
+        file is replaced. Returns the file written."""
+        path = Path(path) if path is not None else cls.default_path()
+        try:
+            eff = cls.load(path)
+        except ProfileError:
+            eff = cls()
+        names = {f.name for f in fields(cls)}
+        for name, value in measured.items():
+            if name not in names:
+                raise ValueError(f"unknown efficiency {name!r}; known: {sorted(names)}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"efficiency {name} = {value!r} is not a positive number")
+            setattr(eff, name, Sourced(float(value), "calibrated", note))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        eff.save(tmp)
+        tmp.replace(path)
+        return path
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> Efficiency:
         """Calibrated factors from `path` (default: the user cache); defaults when absent."""
         if path is None:
-            from flashdesk.offload.bandwidth import cache_dir
-
-            path = cache_dir() / "calibration.json"
+            path = cls.default_path()
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -273,3 +273,22 @@ def test_evaluate_without_argparse_for_the_wizard(tmp_path, monkeypatch):
     assert json.loads(json.dumps(out))["kv_bytes"] == plan.kv_bytes
     with pytest.raises(ProfileError, match="unknown preset"):
         evaluate(preset="v5", profile=profile)
+
+
+def test_measured_efficiencies_are_recorded_and_merged(tmp_path):
+    """`bench decode` feeds its measured factors back through `Efficiency.record`: merged into
+    the calibration file, the others kept, read back as calibrated by the planner's `load`."""
+    path = tmp_path / "cache" / "calibration.json"
+    assert Efficiency.record({"cpu_experts": 0.6}, "first run", path) == path
+    Efficiency.record({"cpu_dense": 0.4}, "second run", path)
+    eff = Efficiency.load(path)
+    assert eff.cpu_experts.value == 0.6 and eff.cpu_experts.source == "calibrated"
+    assert eff.cpu_dense.value == 0.4 and eff.cpu_dense.note == "second run"
+    assert eff.pcie.source == "estimated"  # untouched factors stay estimates
+    path.write_text("{ not json", encoding="utf-8")  # a damaged file is replaced
+    Efficiency.record({"cpu_dense": 0.5}, "third run", path)
+    assert Efficiency.load(path).cpu_dense.value == 0.5
+    with pytest.raises(ValueError, match="unknown efficiency"):
+        Efficiency.record({"warp_drive": 1.0}, "x", path)
+    with pytest.raises(ValueError, match="not a positive number"):
+        Efficiency.record({"cpu_dense": float("nan")}, "x", path)
