@@ -248,6 +248,49 @@ class Fp8GroupedLinear:
         return out
 
 
+class Bf16Linear:
+    """`x · Wᵀ` in float32 from a stored BF16 weight by the C kernel (each weight widened
+    exactly): the reference's FP32-math linears (router gate, compressor wkv/wgate) at half the
+    bytes of their float32 copies and on every core."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=torch.float32)
+        kernels.bf16_linear(x2, self.weight, out)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
+
+
+def _bf16_kernel_slots(model: V4Model):
+    """(owner, attribute, checkpoint name) of the FP32-math linears stored in BF16."""
+    for block in model.blocks:
+        a = block.spec.prefix + "attn."
+        for owner, p in (
+            (block.attn.compressor, a + "compressor."),
+            (getattr(block.attn.indexer, "compressor", None), a + "indexer.compressor."),
+        ):
+            if owner is not None:
+                yield owner, "wkv", p + "wkv.weight"
+                yield owner, "wgate", p + "wgate.weight"
+        yield block.moe.router, "weight", block.spec.prefix + "ffn.gate.weight"
+
+
+def _bf16_kernel_names(config: ModelConfig) -> list[str]:
+    names = []
+    for spec in config.main_layers:
+        a = spec.prefix + "attn."
+        if spec.has_compressor:
+            names += [a + "compressor.wkv.weight", a + "compressor.wgate.weight"]
+        if spec.has_indexer:
+            names += [a + "indexer.compressor.wkv.weight", a + "indexer.compressor.wgate.weight"]
+        names.append(spec.prefix + "ffn.gate.weight")
+    return names
+
+
 # ------------------------------------------------------------------------------------ CPU head
 
 HEAD_DTYPES = ("fp32", "bf16", "fp8")
@@ -615,6 +658,12 @@ def _build(
         for name in _fp8_linear_names(config):
             if name in ckpt and ckpt.info(name).dtype == "F8_E4M3" and ckpt.scale_of(name):
                 fp8_names.add(name)
+    # FP32-math linears stored BF16: kept as views of the stored values, run by the C kernel.
+    bf16_names = (
+        {n for n in _bf16_kernel_names(config) if n in ckpt and ckpt.info(n).dtype == "BF16"}
+        if dev.type == "cpu"
+        else set()
+    )
     n_names = max(1, len(ckpt.names()))
     done = [0]
     pin_ok = torch.cuda.is_available()
@@ -628,6 +677,8 @@ def _build(
             return torch.zeros((), dtype=want).expand(ckpt.info(name).shape)
         if name == "head.weight" and head_dtype != "fp32":
             want = torch.bfloat16  # never a float32 copy; `_install_head` replaces it
+        if name in bf16_names:
+            return ckpt.tensor(name, torch.bfloat16)  # the stored bytes; wrapped below
         t = ckpt.tensor(name, want)
         if t.data_ptr() == ckpt.raw(name).data_ptr():
             t = t.clone()  # own the values: raw views are for the experts only
@@ -667,6 +718,9 @@ def _build(
                     block.attn.wo_a = Fp8GroupedLinear(raw, scale, config.o_groups, dtype)
                     n_fp8 += 1
             _check_no_placeholders(model)
+        for owner, attr, name in _bf16_kernel_slots(model):
+            if name in bf16_names:
+                setattr(owner, attr, Bf16Linear(getattr(owner, attr)))
         progress(0.92, "Placing experts")
         log = RoutingLog(len(config.main_layers), config.n_routed_experts, dev)
         pool = ThreadPoolExecutor(1, "flashdesk-experts") if dev.type != "cpu" else None

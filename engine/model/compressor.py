@@ -14,11 +14,10 @@ of the last closed one are carried in `CompressorCarry` between calls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from flashdesk.engine.cache import CompressorCarry
 from flashdesk.engine.model import qsim
-from flashdesk.engine.model.common import rms_norm
+from flashdesk.engine.model.common import float_linear, rms_norm
 from flashdesk.engine.model.rope import Rotary, apply_rope
 
 
@@ -59,9 +58,9 @@ class Compressor:
         m, c = self.ratio, self.head
         s = a.shape[0]
         x = a.float()
-        kv = F.linear(x, self.wkv)  # [S, (1+ov)·c]
+        kv = float_linear(x, self.wkv)  # [S, (1+ov)·c]
         positions = torch.arange(start, start + s, device=a.device)
-        gate = F.linear(x, self.wgate) + self.ape[positions % m]
+        gate = float_linear(x, self.wgate) + self.ape[positions % m]
         n_open = start % m
         if n_open:
             kv = torch.cat((carry.kv[:n_open], kv))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdesk.engine.model import qsim
-from flashdesk.engine.model.common import Linear
+from flashdesk.engine.model.common import Linear, float_linear
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -39,7 +39,7 @@ class Router:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[T, D]`, token ids `[T]` → expert ids `[T, k]` (int64), weights `[T, k]` float32."""
-        scores = F.softplus(F.linear(x.float(), self.weight)).sqrt()
+        scores = F.softplus(float_linear(x, self.weight)).sqrt()
         if self.tid2eid is not None:
             experts = self.tid2eid[ids]
         else:
