@@ -69,11 +69,11 @@ def decode_bytes(rt) -> tuple[int, int]:
         )
         for comp in (a.compressor, a.indexer.compressor if a.indexer else None):
             if comp is not None:
-                dense += _nbytes(comp.wkv, comp.wgate)
+                dense += _linear_bytes(comp.wkv) + _linear_bytes(comp.wgate)
         if a.indexer is not None:
             dense += _linear_bytes(a.indexer.wq_b) + _linear_bytes(a.indexer.weights_proj)
         m = block.moe
-        dense += _nbytes(m.router.weight) + sum(
+        dense += _linear_bytes(m.router.weight) + sum(
             _linear_bytes(x) for x in (m.shared.w1, m.shared.w2, m.shared.w3)
         )
         one = _nbytes(*m.host.parts[0])

@@ -567,7 +567,7 @@ def _check_vram(plan: Any, device: torch.device) -> None:
 
 
 def load_runtime(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     plan: Any = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -582,7 +582,8 @@ def load_runtime(
     frequency: Any = None,
     head_dtype: str | None = None,
 ) -> Runtime:
-    """Open the checkpoint at `path` and build the runtime.
+    """Open the checkpoint at `path` (or take an open `Checkpoint`, e.g. a `SyntheticCheckpoint`;
+    the runtime then owns and closes it) and build the runtime.
 
     plan: an `offload.plan.Plan` (placement from it); placement: an explicit one instead; neither:
       every expert memory-mapped on the host, no device cache.
@@ -619,7 +620,7 @@ def load_runtime(
         frequency = json.loads(Path(frequency).read_text())["counts"]
     progress = progress or (lambda f, m: None)
     progress(0.0, "Opening the checkpoint")
-    ckpt = Checkpoint.open(path)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     try:
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
@@ -648,6 +649,15 @@ def _build(
     if placement is None:
         placement = Placement.uniform(config, MMAP, str(dev))
     placement.validate(config)
+    if getattr(ckpt, "shares_expert_storage", False):
+        paged = sum(len(lp.stores().get(MMAP, ())) for lp in placement.layers)
+        if paged:
+            raise RuntimeLoadError(
+                f"{path}: the placement leaves {paged} routed experts memory-mapped from disk, "
+                "but this model has no files (its experts share storage until the runtime copies "
+                "them). Use a plan that holds every expert in RAM or VRAM: fewer layers, or a "
+                "machine with more memory."
+            )
     _check_vram(plan, dev)
     use_fp8 = dev.type == "cpu" and (fp8_linears is None or fp8_linears)
     cancel = cancel or (lambda: False)

@@ -1,4 +1,6 @@
-"""`flashdesk bench NAME [--json]`: run `benchmarks/NAME.py` from the source tree.
+"""`flashdesk bench NAME [--json]`: run `benchmarks/NAME.py` from the source tree;
+`flashdesk bench --synthetic v4-flash [--layers N]` runs benchmarks/synthetic.py on a model built
+in memory.
 
 A benchmark module defines `run(json_output: bool) -> dict`; it prints its human report itself
 (machine first, then each figure with its bound and the ratio) and returns the JSON figures.
@@ -34,6 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="run every benchmark")
     parser.add_argument("--list", action="store_true", help="list the benchmarks")
     parser.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
+    synthetic = parser.add_argument_group(
+        "synthetic model", "full-size runs on a model built in memory (benchmarks/synthetic.py)"
+    )
+    synthetic.add_argument(
+        "--synthetic",
+        metavar="MODEL",
+        choices=["v4-flash"],
+        help="build MODEL with random weights in memory and time decode and prefill",
+    )
+    synthetic.add_argument("--layers", type=int, help="keep only the first N layers")
+    synthetic.add_argument("--prompt-tokens", type=int, help="prompt length to prefill")
+    synthetic.add_argument("--decode-steps", type=int, help="greedy decode steps to time")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,10 +57,14 @@ def run(args: argparse.Namespace) -> int:
             "No benchmarks/ folder found: run `flashdesk bench` from a FlashDesk source checkout."
         )
         return 2
+    synthetic = getattr(args, "synthetic", None)
+    if synthetic:
+        args.name, args.all = "synthetic", False
     if args.list or (not args.all and not args.name):
         print("benchmarks:", " ".join(names))
         return 0
-    todo = names if args.all else [args.name.replace("-", "_")]  # `vs-llamacpp` = vs_llamacpp
+    # --all skips the synthetic full-size run: it needs the memory of the whole model
+    todo = [n for n in names if n != "synthetic"] if args.all else [args.name.replace("-", "_")]
     unknown = [n for n in todo if n not in names]
     if unknown:
         print(f"unknown benchmark {unknown[0]!r}; available: {' '.join(names)}")
@@ -61,7 +79,15 @@ def run(args: argparse.Namespace) -> int:
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        figures = module.run(json_output=args.json)
+        extra = {}
+        if name == "synthetic":
+            extra = {
+                "model": synthetic or "v4-flash",
+                "layers": getattr(args, "layers", None),
+                "prompt_tokens": getattr(args, "prompt_tokens", None),
+                "decode_steps": getattr(args, "decode_steps", None),
+            }
+        figures = module.run(json_output=args.json, **extra)
         if args.json:
             print(json.dumps({"benchmark": name, **figures}))
     return 0

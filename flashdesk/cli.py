@@ -28,7 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "documents": ("flashdesk.engine.documents", "count documents' tokens and check they fit"),
     "fit": ("flashdesk.fit", "what this machine will do with the model: placement, context, speed"),
     "serve": ("flashdesk.serve", "serve the model to other tools: a local OpenAI-compatible API"),
-    "generate": ("flashdesk.engine.generate_cli", "answer one prompt, streamed (GPU + CPU experts)"),
+    "generate": (
+        "flashdesk.engine.generate_cli",
+        "answer one prompt, streamed (GPU + CPU experts)",
+    ),
     "chat": ("flashdesk.engine.generate_cli", "a terminal chat with the model, with speed stats"),
 }
 

@@ -46,7 +46,8 @@ _STORE_DTYPES = {
 _CHUNK_ELEMENTS = 1 << 24  # rows per chunk of a large tensor: ~16M elements
 
 
-def _is_quantized_part(spec: TensorSpec) -> bool:
+def is_quantized_part(spec: TensorSpec) -> bool:
+    """A weight stored with a companion E8M0 scale, or that scale."""
     return spec.scale_name is not None or (spec.dtype == "F8_E8M0" and spec.name.endswith(".scale"))
 
 
@@ -70,7 +71,7 @@ class _PairSource:
         raise NotImplementedError
 
     def chunks(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
-        if not _is_quantized_part(spec):
+        if not is_quantized_part(spec):
             yield from self.plain(spec)
             return
         base = _base(spec.name)
@@ -257,7 +258,7 @@ class RandomWeights(_PairSource):
     def tensor(self, name: str) -> torch.Tensor:
         """The float32 value the writer stores for `name` (dequantized), for tests."""
         spec = self.specs[name]
-        if _is_quantized_part(spec):
+        if is_quantized_part(spec):
             codes, scales = self.make_pair(_base(name))
             if name.endswith(".scale"):
                 return quant.e8m0_to_float(scales)

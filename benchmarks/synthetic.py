@@ -1,0 +1,228 @@
+"""Full-size decode and prefill on a model built in memory: `flashdesk bench --synthetic v4-flash`.
+
+For a machine with the memory for V4-Flash but not the disk for its 160 GB checkpoint (the lent
+GPU host: one 80 GB GPU, 128 GB RAM, 64 GB disk). `SyntheticCheckpoint` makes every non-expert
+tensor and a pool of routed experts with random weights in the official FP8/FP4 formats; the
+planner plans for this machine as for the real model, and `load_runtime` copies each expert it
+keeps into its own VRAM slot or pinned/pageable buffer, so a decode step reads distinct memory as
+it would with the real weights. Then a prompt is prefilled and greedy decode steps run, and the
+figures are ratios against the planner's own bounds measured in the same run:
+
+* decode tok/s ÷ the bytes-moved bound measured here (what a step reads, as the runtime stores
+  it, at the RAM read bandwidth — on a GPU the device-side bytes at the GPU's memory bandwidth
+  beside the host experts' bytes at RAM bandwidth), and the planner's prediction ÷ measured;
+* prefill tok/s ÷ the PCIe bound (the bytes of every host-resident expert over the pinned
+  host→device bandwidth measured here, per prompt chunk), when experts stream to a GPU.
+
+Random weights route near-uniformly, the worst case for the hot-expert cache: a real model's
+skewed routing hits the VRAM cache more often, so real decode should be at least this fast.
+`--layers N` keeps the first N layers (for machines with less memory, and for tests).
+"""
+
+from __future__ import annotations
+
+import time
+
+import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
+
+EXPERT_POOL = 8  # distinct generated experts per model; each layer's experts alias them
+
+
+def _config(model: str, layers: int | None):
+    from flashdesk.engine.config import ModelConfig
+
+    if model != "v4-flash":
+        raise SystemExit(f"unknown synthetic model {model!r}; use v4-flash")
+    config = ModelConfig.v4_flash().replace(num_nextn_predict_layers=0)
+    if layers is not None:
+        if not 1 <= layers <= config.num_hidden_layers:
+            raise SystemExit(f"--layers must be in [1, {config.num_hidden_layers}], got {layers}")
+        config = config.replace(
+            num_hidden_layers=layers,
+            compress_ratios=config.compress_ratios[:layers],
+            num_hash_layers=min(config.num_hash_layers, layers),
+        )
+    return config
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _h2d_gbps() -> float:
+    import torch
+
+    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src, non_blocking=True)
+    _sync()
+    return 4 * src.numel() / (time.perf_counter() - t0) / 1e9
+
+
+def run(
+    json_output: bool = False,
+    model: str = "v4-flash",
+    layers: int | None = None,
+    prompt_tokens: int | None = None,
+    decode_steps: int | None = None,
+    context: int = 8192,
+) -> dict:
+    import torch
+    from decode import _gpu_copy_gbps, decode_bytes  # the same byte count as `bench decode`
+
+    from flashdesk.engine import _kernels
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.engine.runtime import RuntimeLoadError, load_runtime
+    from flashdesk.engine.synthetic import SyntheticCheckpoint
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import DISK, PlanOptions, make_plan
+    from flashdesk.offload.predict import Efficiency, predict
+    from flashdesk.offload.probe import probe
+
+    def say(text: str) -> None:
+        if not json_output:
+            print(text, flush=True)
+
+    on_gpu = torch.cuda.is_available()
+    prompt_tokens = prompt_tokens or (2048 if on_gpu else 64)
+    decode_steps = decode_steps or (64 if on_gpu else 8)
+    info = _machine.describe()
+    if not json_output:
+        _machine.print_machine(info)
+    config = _config(model, layers)
+    name = f"synthetic DeepSeek-V4-Flash, {config.num_hidden_layers} layers"
+    figures_m = ModelFigures.from_inventory(inventory(config), config, name)
+    profile = probe()
+    plan = make_plan(figures_m, profile, PlanOptions(context=context))
+    prediction = predict(plan, figures_m, profile, prompt_tokens, Efficiency.load())
+    paged = plan.memory.get(DISK, {}).get("mapped", 0)
+    out: dict = {
+        "machine": info,
+        "model": name,
+        "layers": config.num_hidden_layers,
+        "plan_verdict": plan.verdict,
+        "prompt_tokens": prompt_tokens,
+        "decode_steps": decode_steps,
+    }
+    if paged:
+        msg = (
+            f"this machine cannot hold {name} in memory: the plan pages "
+            f"{paged / 2**30:.1f} GiB of experts from disk, which a model without files cannot "
+            "do. Try --layers with fewer layers."
+        )
+        say(msg)
+        return out | {"error": msg}
+    say(f"{name}: plan '{plan.verdict}', building it in memory (experts share {EXPERT_POOL} …)")
+    ckpt = SyntheticCheckpoint(config, seed=0, expert_pool=EXPERT_POOL, name=name)
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            say(f"  {fraction:4.0%} {message}")
+
+    t0 = time.perf_counter()
+    try:
+        rt = load_runtime(ckpt, plan=plan, refresh_every=None, progress=progress)
+    except RuntimeLoadError as exc:
+        say(str(exc))
+        return out | {"error": str(exc)}
+    out["build_s"] = time.perf_counter() - t0
+    with rt:
+        say(f"built in {out['build_s']:.0f} s: {rt.describe()}")
+        ids = torch.randint(
+            0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)
+        )
+        rt.prefill(ids[: min(64, prompt_tokens)], rt.new_state())  # warm-up
+        state = rt.new_state()
+        _sync()
+        t0 = time.perf_counter()
+        logits = rt.prefill(ids, state)
+        _sync()
+        prefill_s = time.perf_counter() - t0
+        for _ in range(2):
+            logits = rt.decode(int(logits.argmax()), state)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(decode_steps):
+            logits = rt.decode(int(logits.argmax()), state)
+        _sync()
+        step_s = (time.perf_counter() - t0) / decode_steps
+        dense_b, expert_b = decode_bytes(rt)
+        n = config.n_routed_experts
+        # share of each layer's experts read from host RAM (uniform routing: by count)
+        host_share = [1 - len(lp.device) / n for lp in rt.placement.layers]
+        host_read = expert_b * sum(host_share) / len(host_share)
+        host_expert_bytes = sum(
+            t.numel() * t.element_size()
+            for h in rt.hosts
+            for e, parts in enumerate(h.parts)
+            if h.store_of[e] != "mmap"
+            for t in parts
+        )
+        out |= {
+            "placement": rt.describe(),
+            "expert_hit_rate": rt.expert_hit_rate,
+        }
+    # The bound, measured here: bytes a step reads (as this runtime stores them) at the RAM read
+    # bandwidth, or on a GPU the device-side bytes at its memory bandwidth beside the host
+    # experts' bytes at RAM bandwidth (the two run at the same time).
+    ram_gbps = _kernels.read_bandwidth(1 << 30, 0, 1.0)
+    if on_gpu:
+        gpu_gbps = _gpu_copy_gbps()
+        bound_s = max(
+            (dense_b + expert_b - host_read) / (gpu_gbps * 1e9), host_read / (ram_gbps * 1e9)
+        )
+        out["gpu_memory_gbps"] = gpu_gbps
+    else:
+        bound_s = (dense_b + expert_b) / (ram_gbps * 1e9)
+    out |= {
+        "ram_read_gbps": ram_gbps,
+        "dense_bytes_per_token": dense_b,
+        "expert_bytes_per_token": expert_b,
+        "host_expert_bytes_per_token": host_read,
+        "decode_tok_s": 1.0 / step_s,
+        "bound_tok_s": 1.0 / bound_s,
+        "decode_ratio": bound_s / step_s,
+        "planner_bound_tok_s": prediction.decode_bound_tok_s,
+        "predicted_tok_s": prediction.decode_tok_s,
+        "predicted_over_measured": prediction.decode_tok_s * step_s,
+        "prefill_tok_s": prompt_tokens / prefill_s,
+        "predicted_prefill_tok_s": prediction.prefill_tok_s,
+    }
+    if on_gpu and host_expert_bytes:
+        h2d = _h2d_gbps()
+        # every host expert crosses PCIe once per prompt chunk when prefill streams them
+        chunks = -(-prompt_tokens // max(1, prediction.crossover_tokens or prompt_tokens))
+        bound_s = chunks * host_expert_bytes / (h2d * 1e9)
+        out |= {
+            "h2d_pinned_gbps": h2d,
+            "prefill_pcie_bound_tok_s": prompt_tokens / bound_s,
+            "prefill_ratio": (prompt_tokens / prefill_s) / (prompt_tokens / bound_s),
+        }
+    say(
+        f"decode: {out['decode_tok_s']:.2f} tok/s = {out['decode_ratio']:.2f} × the bound "
+        f"measured here ({out['bound_tok_s']:.2f} tok/s: "
+        f"{(dense_b + expert_b) / 1e9:.2f} GB/token, RAM {ram_gbps:.1f} GB/s); planner's "
+        f"roofline {out['planner_bound_tok_s']:.2f}, prediction {out['predicted_tok_s']:.2f} "
+        f"(predicted ÷ measured {out['predicted_over_measured']:.2f})"
+    )
+    line = f"prefill: {out['prefill_tok_s']:.1f} tok/s for {prompt_tokens} tokens"
+    if "prefill_ratio" in out:
+        line += (
+            f" = {out['prefill_ratio']:.2f} × the PCIe bound "
+            f"({out['prefill_pcie_bound_tok_s']:.1f} tok/s at {out['h2d_pinned_gbps']:.1f} GB/s)"
+        )
+    say(line)
+    say(
+        "random weights route near-uniformly: the worst case for the VRAM expert cache "
+        f"(hit rate {out['expert_hit_rate'] or 0:.2f}); a real model's skewed routing hits it more"
+    )
+    return out

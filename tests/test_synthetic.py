@@ -1,0 +1,123 @@
+"""The in-memory model source (`SyntheticCheckpoint`) and `flashdesk bench --synthetic`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashdesk import bench
+from flashdesk.engine.checkpoint import Checkpoint, write_random
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.runtime import Placement, RuntimeLoadError, load_runtime
+from flashdesk.engine.synthetic import SyntheticCheckpoint
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def test_same_bytes_as_the_written_checkpoint_and_same_logits(tmp_path):
+    config = ModelConfig.tiny()
+    folder = write_random(tmp_path / "m", config, seed=5)
+    synthetic = SyntheticCheckpoint(config, seed=5)
+    with Checkpoint.open(folder) as ckpt:
+        assert sorted(synthetic.names()) == sorted(ckpt.names())
+        for name in ckpt.names():
+            a, b = ckpt.raw(name), synthetic.raw(name)
+            assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), name
+            assert torch.equal(_bytes(a), _bytes(b)), name
+            assert synthetic.info(name).nbytes == ckpt.info(name).nbytes
+    ids = torch.arange(12) * 7 % config.vocab_size
+    placement = Placement.uniform(config, "pageable")
+    with load_runtime(folder, placement=placement) as rt:
+        want = rt.forward_full(ids)
+    with load_runtime(synthetic, placement=placement) as rt:
+        got = rt.forward_full(ids)
+    assert torch.equal(got, want)
+
+
+def test_expert_pool_shares_storage_and_refuses_disk_placement():
+    config = ModelConfig.tiny()
+    n = config.n_routed_experts
+    synthetic = SyntheticCheckpoint(config, seed=1, expert_pool=2)
+    assert synthetic.shares_expert_storage
+    p0, p1 = (spec.prefix for spec in config.main_layers[:2])
+    same = [
+        synthetic.raw(f"{p}ffn.experts.{e}.w1.weight").data_ptr() for p, e in ((p0, 0), (p1, 2))
+    ]
+    assert same[0] == same[1]  # expert 2 of layer 1 aliases pool expert 0
+    other = synthetic.raw(f"{p0}ffn.experts.1.w1.weight").data_ptr()
+    assert other != same[0]
+    made = synthetic.resident_bytes()
+    synthetic.raw(f"{p1}ffn.experts.{n - 1}.w1.weight")  # pool expert (n-1) % 2 = 1
+    assert synthetic.resident_bytes() == made  # no new bytes: it is a pool expert already made
+    with pytest.raises(RuntimeLoadError, match="memory-mapped from disk"):
+        load_runtime(synthetic, placement=Placement.uniform(config, "mmap"))
+    with load_runtime(
+        SyntheticCheckpoint(config, 1, 2), placement=Placement.uniform(config, "pageable")
+    ) as rt:
+        logits = rt.forward_full(torch.arange(6))
+        # each expert the runtime holds is its own copy, not the shared pool bytes
+        host = rt.hosts[0]
+        assert host.parts[0][0].data_ptr() != host.parts[2][0].data_ptr()
+        assert torch.equal(host.parts[0][0], host.parts[2][0])
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="expert_pool"):
+        SyntheticCheckpoint(config, expert_pool=0)
+
+
+def _load_bench_module():
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_bench_test", BENCHMARKS / "synthetic.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_synthetic_config_cuts_layers_and_refuses_nonsense():
+    module = _load_bench_module()
+    config = module._config("v4-flash", 3)
+    assert config.num_hidden_layers == 3 and len(config.compress_ratios) == 3
+    assert config.num_nextn_predict_layers == 0 and config.num_hash_layers <= 3
+    assert (
+        module._config("v4-flash", None).num_hidden_layers
+        == ModelConfig.v4_flash().num_hidden_layers
+    )
+    with pytest.raises(SystemExit, match="--layers"):
+        module._config("v4-flash", 0)
+    with pytest.raises(SystemExit, match="unknown synthetic model"):
+        module._config("v5", None)
+
+
+def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "benchmarks"
+    fake.mkdir()
+    (fake / "synthetic.py").write_text(
+        "def run(json_output=False, **kw):\n    print('KW', sorted(kw.items()))\n    return kw\n"
+    )
+    (fake / "kernels.py").write_text(
+        "def run(json_output=False):\n    print('KERNELS')\n    return {}\n"
+    )
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: fake)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--synthetic", "v4-flash", "--layers", "2", "--decode-steps", "5"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "('layers', 2)" in out and "('decode_steps', 5)" in out and "('model', 'v4-flash')" in out
+    )
+    assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
+    assert capsys.readouterr().out.strip() == "KERNELS"
