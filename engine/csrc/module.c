@@ -13,6 +13,7 @@
 #include "cpu_features.h"
 #include "experts.h"
 #include "fd_platform.h"
+#include "mhc.h"
 
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     (void)self;
@@ -222,7 +223,27 @@ static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
     return PyBool_FromLong(ok);
 }
 
+static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address;
+    long count;
+    int n, iters;
+    float eps;
+    if (!PyArg_ParseTuple(args, "Kliif:sinkhorn", &address, &count, &n, &iters, &eps)) return NULL;
+    if (count < 0 || n < 1 || iters < 1) {
+        PyErr_SetString(PyExc_ValueError, "sinkhorn: count >= 0, n >= 1 and iters >= 1 needed");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fd_sinkhorn((float *)(uintptr_t)address, count, n, iters, eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernel_methods[] = {
+    {"sinkhorn", py_sinkhorn, METH_VARARGS,
+     "sinkhorn(address, count, n, iters, eps)\n\nSinkhorn-normalise count float32 [n, n] "
+     "matrices in place; use flashdesk.engine.model.mhc.sinkhorn."},
     {"fp8_nan_free", py_fp8_nan_free, METH_VARARGS,
      "fp8_nan_free(address, nbytes) -> bool\n\nTrue if no byte of the E4M3 range is a NaN code."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
