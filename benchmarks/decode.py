@@ -198,13 +198,27 @@ def _gpu_copy_gbps() -> float:
     return 5 * 2 * a.numel() / (time.perf_counter() - t0) / 1e9
 
 
+def h2d_pinned_gbps() -> float:
+    """Pinned host → GPU copy bandwidth, 512 MiB copies (GB/s)."""
+    import torch
+
+    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src, non_blocking=True)
+    _sync()
+    return 4 * src.numel() / (time.perf_counter() - t0) / 1e9
+
+
 def _gpu_figures(folder, config, ids, out: dict) -> None:
     """All experts on the CPU vs all on the GPU; pinned H2D bandwidth; streamed prefill."""
     import torch
 
     from flashdesk.engine.runtime import Placement, load_runtime
 
-    cuda = torch.device("cuda")
     n = config.n_routed_experts
     for name, placement in (
         ("experts_cpu", Placement.uniform(config, "pinned", device="cuda")),
@@ -213,17 +227,8 @@ def _gpu_figures(folder, config, ids, out: dict) -> None:
         with load_runtime(folder, placement=placement, refresh_every=None) as rt:
             step, _ = _decode(rt, ids)
             out[f"decode_tok_s_{name}"] = 1.0 / step
-    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device=cuda)
-    dst.copy_(src, non_blocking=True)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(4):
-        dst.copy_(src, non_blocking=True)
-    _sync()
-    h2d = 4 * src.numel() / (time.perf_counter() - t0) / 1e9
+    h2d = h2d_pinned_gbps()
     out["h2d_pinned_gbps"] = h2d
-    del src, dst
     prompt = torch.randint(0, config.vocab_size, (STREAM_PREFILL_TOKENS,))
     placement = Placement.uniform(config, "pinned", device="cuda")
     with load_runtime(folder, placement=placement, stream_min_tokens=256) as rt:

@@ -45,27 +45,6 @@ def _config(model: str, layers: int | None):
     return config
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _h2d_gbps() -> float:
-    import torch
-
-    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(4):
-        dst.copy_(src, non_blocking=True)
-    _sync()
-    return 4 * src.numel() / (time.perf_counter() - t0) / 1e9
-
-
 def run(
     json_output: bool = False,
     model: str = "v4-flash",
@@ -75,7 +54,7 @@ def run(
     context: int = 8192,
 ) -> dict:
     import torch
-    from decode import _gpu_copy_gbps, decode_bytes  # the same byte count as `bench decode`
+    from decode import _gpu_copy_gbps, _sync, decode_bytes, h2d_pinned_gbps  # as `bench decode`
 
     from flashdesk.engine import _kernels
     from flashdesk.engine.inventory import inventory
@@ -198,7 +177,7 @@ def run(
         "predicted_prefill_tok_s": prediction.prefill_tok_s,
     }
     if on_gpu and host_expert_bytes:
-        h2d = _h2d_gbps()
+        h2d = h2d_pinned_gbps()
         # every host expert crosses PCIe once per prompt chunk when prefill streams them
         chunks = -(-prompt_tokens // max(1, prediction.crossover_tokens or prompt_tokens))
         bound_s = chunks * host_expert_bytes / (h2d * 1e9)
