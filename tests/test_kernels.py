@@ -355,6 +355,38 @@ def test_bf16_linear_errors_are_clear():
     assert kernels.bf16_linear(np.ones(64, np.float32), w).shape == (4,)
 
 
+@pytest.mark.skipif(not SIMD, reason="no SIMD variant runs on this CPU")
+@pytest.mark.parametrize("isa", SIMD)
+def test_simd_fp8_rows_short_and_long(isa):
+    """FP8 rows up to 4 KiB run one at a time, longer ones (wo_b: 8192) in groups of four rows
+    where the variant does so: both equal the scalar reference, with and without NaN patching."""
+    rng = np.random.default_rng(77)
+    for K in (4096, 8192):
+        w, s = rand_fp8(rng, 9, K)
+        for M in (1, 3):
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            ref = kernels.fp8_linear(x, w, s, isa="scalar", threads=1)
+            for finite in (False, True):
+                got = kernels.fp8_linear(x, w, s, isa=isa, threads=2, finite=finite)
+                assert_close_dot(got, ref, x, deq8(w, s))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses resource.getrusage")
+def test_idle_pool_workers_sleep():
+    """Workers spin a couple of milliseconds after a job (a decode step's next kernel call comes
+    sooner than a sleeping worker wakes), then sleep: an idle app burns no CPU."""
+    import resource
+
+    w, s = np.zeros((256, 4096), np.uint8), np.full((2, 32), 127, np.uint8)
+    kernels.fp8_linear(np.ones(4096, np.float32), w, s, threads=2)
+    time.sleep(0.05)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.3)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert busy < 0.03, f"{busy:.3f} s of CPU in 0.3 s of idling"
+
+
 def test_host_buffer_is_aligned_and_advised():
     buf = kernels.host_buffer(5 << 20)
     assert buf.dtype == np.uint8 and buf.shape == (5 << 20,) and buf.flags.writeable

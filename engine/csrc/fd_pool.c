@@ -1,8 +1,8 @@
 /* The persistent thread pool behind every multi-threaded kernel (see fd_platform.h).
  *
- * Workers spin for a short while after each job (a decode step calls the kernels twice per layer,
- * ~1 ms apart), then sleep on a condition variable so an idle app costs no CPU. One job runs at a
- * time; callers from several OS threads queue on run_lock.
+ * Workers spin for FD_SPIN_SECONDS after each job (a decode step calls the kernels several times
+ * per layer, under a millisecond apart), then sleep on a condition variable so an idle app costs
+ * no CPU. One job runs at a time; callers from several OS threads queue on run_lock.
  *
  * A job never waits for a worker that has not started on it: on a busy desktop a woken worker may
  * get its core milliseconds later. The caller works through the job's units itself, then closes
@@ -40,8 +40,13 @@ typedef pthread_cond_t fd_cond;
 #define fd_cond_broadcast(c) pthread_cond_broadcast(c)
 #endif
 
-/* Spin iterations before a waiting worker sleeps (~0.1-0.5 ms of pause instructions). */
-#define FD_SPIN_BEFORE_SLEEP 20000
+/* Seconds a worker spins for the next job before it sleeps: longer than the gaps between the
+ * kernel calls of a decode step (a few per layer, torch's own ops between them), since waking a
+ * sleeping worker costs far more than the spin (dev VM: a 1.5 ms FP8 linear after a 5 ms gap took
+ * 1.9 ms), yet short enough that an idle app costs no CPU. */
+#ifndef FD_SPIN_SECONDS
+#define FD_SPIN_SECONDS 0.002
+#endif
 /* Spin iterations before a waiting caller starts yielding its time slice. */
 #define FD_SPIN_BEFORE_YIELD 2000
 
@@ -104,8 +109,10 @@ static void fd_pool_worker(int tid, long seen) {
     for (;;) {
         long gen;
         int spins = 0;
+        double idle_since = 0.0;
         while ((gen = fd_atomic_load(&g_pool.generation)) == seen) {
-            if (++spins < FD_SPIN_BEFORE_SLEEP) {
+            if (++spins == 1) idle_since = fd_now();
+            if ((spins & 255) || fd_now() - idle_since < FD_SPIN_SECONDS) {
                 fd_cpu_relax();
                 continue;
             }

@@ -14,10 +14,14 @@
 #include "fd_platform.h"
 #include "quant_kernels.h"
 
-/* Each 64-byte load also prefetches the same chunk of the row this many rows on (the next row
- * group: 8 KiB ahead in W1/W3, 4 KiB in W2). The hardware prefetchers lose track of four
- * interleaved 1-2 KiB row streams; measured on the dev VM's EPYC, 6 experts: 33 -> 39 GB/s. */
-#define FD_PF_ROWS 4
+/* Row order of the dot kernels, measured on the dev VM's EPYC (same-process A/B runs): weight rows
+ * are read one at a time, start to end, so each thread streams one sequential run of memory (FP4
+ * experts 40 -> 44 GB/s against four interleaved row streams, the BF16 head 41 -> 45, FP8 rows
+ * of 1-4 KiB 34 -> 44); each 64-byte FP4 load also prefetches the same chunk two rows on (2-4 KiB
+ * ahead; four interleaved rows with next-group prefetch had gone 33 -> 40). Only FP8 rows longer
+ * than FD_FP8_GROUP_K bytes keep groups of four rows, which share each activation load. */
+#define FD_PF_ROWS 2
+#define FD_FP8_GROUP_K 4096
 
 FD_INLINE __m512 fp4_lut(void) {
     return _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f,
@@ -119,18 +123,14 @@ FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t 
     default: fn(wr, ws, sr, ss, K, x, y + r, ys, R, 4, TABLE); break;                          \
     }
 
-/* Groups of 4 rows (1 at the end); each group picks its scale form by scanning its scales. */
+/* One row at a time (see FD_PF_ROWS); each row picks its scale form by scanning its scales. */
 #define FP4_DOT_ROWS(fn)                                                                       \
     const int nc4 = (K / FD_FP4_CHUNK) * 4;                                                    \
     int r = 0;                                                                                 \
-    for (; r < rows; r += (rows - r >= 4 ? 4 : 1)) {                                           \
-        const int R = rows - r >= 4 ? 4 : 1;                                                   \
+    for (; r < rows; r++) {                                                                    \
         const uint8_t *wr = w + (size_t)r * ws;                                                \
         const uint8_t *sr = s + (size_t)r * ss;                                                \
-        const int table = special_scales(sr, ss, R, nc4);                                      \
-        if (R == 4 && !table) { FP4_DOT_M(fn, 4, 0) }                                          \
-        else if (R == 4) { FP4_DOT_M(fn, 4, 1) }                                               \
-        else if (!table) { FP4_DOT_M(fn, 1, 0) }                                               \
+        if (!special_scales(sr, ss, 1, nc4)) { FP4_DOT_M(fn, 1, 0) }                            \
         else { FP4_DOT_M(fn, 1, 1) }                                                           \
     }
 
@@ -217,9 +217,10 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
 }
 
 #define FP8_DOT_ROWS(NANS)                                                                     \
-    for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {                                  \
+    const int group = K > FD_FP8_GROUP_K ? 4 : 1;                                              \
+    for (int r = 0; r < rows; r += (rows - r >= group ? group : 1)) {                          \
         const uint8_t *wr = w + (size_t)r * ws;                                                \
-        if (rows - r >= 4) {                                                                   \
+        if (group == 4 && rows - r >= 4) {                                                     \
             switch (m) {                                                                       \
             case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 1, NANS); break;        \
             case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 2, NANS); break;        \
@@ -291,22 +292,13 @@ FD_INLINE void bf16_dot_rm(const uint16_t *w, size_t ws, int K, const float *con
 
 static void bf16_dot_avx512(const uint16_t *w, size_t ws, int rows, int K, const float *const *x,
                             int m, float *y, size_t ys) {
-    for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {
+    for (int r = 0; r < rows; r++) { /* one row at a time (see FD_PF_ROWS) */
         const uint16_t *wr = w + (size_t)r * ws;
-        if (rows - r >= 4) {
-            switch (m) {
-            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 1); break;
-            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 2); break;
-            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 3); break;
-            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 4); break;
-            }
-        } else {
-            switch (m) {
-            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
-            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
-            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
-            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
-            }
+        switch (m) {
+        case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
+        case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
+        case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
+        default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
         }
     }
 }
