@@ -276,6 +276,8 @@ FD_INLINE void bf16_dot_rm(const uint16_t *w, size_t ws, int K, const float *con
         __m512 xv[FD_DOT_MAX_M];
         for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
         for (int i = 0; i < R; i++) {
+            if (!(k & 31)) /* each 64-byte line: the line 2 KiB ahead (head: 39 -> 41-43 GB/s) */
+                _mm_prefetch((const char *)(w + (size_t)i * ws + k) + 2048, _MM_HINT_T0);
             const __m512 wv = bf16x16(_mm256_loadu_si256((const __m256i *)(w + (size_t)i * ws + k)));
             for (int t = 0; t < M; t++) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
         }
