@@ -116,14 +116,6 @@ FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t 
         for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
-#define FP4_DOT_M(fn, R, TABLE)                                                                \
-    switch (m) {                                                                               \
-    case 1: fn(wr, ws, sr, ss, K, x, y + r, ys, R, 1, TABLE); break;                           \
-    case 2: fn(wr, ws, sr, ss, K, x, y + r, ys, R, 2, TABLE); break;                           \
-    case 3: fn(wr, ws, sr, ss, K, x, y + r, ys, R, 3, TABLE); break;                           \
-    default: fn(wr, ws, sr, ss, K, x, y + r, ys, R, 4, TABLE); break;                          \
-    }
-
 /* One row at a time (see FD_PF_ROWS); each row picks its scale form by scanning its scales. */
 #define FP4_DOT_ROWS(fn)                                                                       \
     const int nc4 = (K / FD_FP4_CHUNK) * 4;                                                    \
@@ -131,8 +123,10 @@ FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t 
     for (; r < rows; r++) {                                                                    \
         const uint8_t *wr = w + (size_t)r * ws;                                                \
         const uint8_t *sr = s + (size_t)r * ss;                                                \
-        if (!special_scales(sr, ss, 1, nc4)) { FP4_DOT_M(fn, 1, 0) }                            \
-        else { FP4_DOT_M(fn, 1, 1) }                                                           \
+        if (!special_scales(sr, ss, 1, nc4))                                                   \
+            FD_SWITCH_M4(m, fn(wr, ws, sr, ss, K, x, y + r, ys, 1, FD_M, 0))                   \
+        else                                                                                   \
+            FD_SWITCH_M4(m, fn(wr, ws, sr, ss, K, x, y + r, ys, 1, FD_M, 1))                   \
     }
 
 static void fp4_dot_avx512(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
@@ -223,21 +217,10 @@ FD_INLINE void fp8_dot_rm(const uint8_t *w, size_t ws, const float *tile_scale, 
     const int group = K > FD_FP8_GROUP_K ? 4 : 1;                                              \
     for (int r = 0; r < rows; r += (rows - r >= group ? group : 1)) {                          \
         const uint8_t *wr = w + (size_t)r * ws;                                                \
-        if (group == 4 && rows - r >= 4) {                                                     \
-            switch (m) {                                                                       \
-            case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 1, NANS); break;        \
-            case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 2, NANS); break;        \
-            case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 3, NANS); break;        \
-            default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, 4, NANS); break;       \
-            }                                                                                  \
-        } else {                                                                               \
-            switch (m) {                                                                       \
-            case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1, NANS); break;        \
-            case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2, NANS); break;        \
-            case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3, NANS); break;        \
-            default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4, NANS); break;       \
-            }                                                                                  \
-        }                                                                                      \
+        if (group == 4 && rows - r >= 4)                                                       \
+            FD_SWITCH_M4(m, fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 4, FD_M, NANS))    \
+        else                                                                                   \
+            FD_SWITCH_M4(m, fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, FD_M, NANS))    \
     }
 
 static void fp8_dot_avx512(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
@@ -299,12 +282,7 @@ static void bf16_dot_avx512(const uint16_t *w, size_t ws, int rows, int K, const
                             int m, float *y, size_t ys) {
     for (int r = 0; r < rows; r++) { /* one row at a time (see FD_PF_ROWS) */
         const uint16_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
-        case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
-        case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
-        default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
-        }
+        FD_SWITCH_M4(m, bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, FD_M))
     }
 }
 
@@ -393,21 +371,11 @@ static void gemm_f32_avx512(const float *const *x, int m, const float *w, size_t
         int j = 0;
         for (; j + 4 <= n; j += 4) {
             const float *wj = w + (size_t)j * ldw;
-            switch (mt) {
-            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 1); break;
-            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 2); break;
-            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 3); break;
-            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 4); break;
-            }
+            FD_SWITCH_M4(mt, gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, FD_M))
         }
         for (; j < n; j++) {
             const float *wj = w + (size_t)j * ldw;
-            switch (mt) {
-            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 1); break;
-            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 2); break;
-            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 3); break;
-            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 4); break;
-            }
+            FD_SWITCH_M4(mt, gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, FD_M))
         }
     }
 }

@@ -22,6 +22,16 @@
 /* At most this many activation rows go through one fused dot call. */
 #define FD_DOT_MAX_M 4
 
+/* Runs `call` with FD_M the compile-time constant 1..4 matching m (4 for m >= 4), so the inlined
+ * kernels' token loops unroll; `call` names FD_M where the token count goes. */
+#define FD_SWITCH_M4(m, call)                                                                  \
+    switch (m) {                                                                               \
+    case 1: { enum { FD_M = 1 }; call; } break;                                                \
+    case 2: { enum { FD_M = 2 }; call; } break;                                                \
+    case 3: { enum { FD_M = 3 }; call; } break;                                                \
+    default: { enum { FD_M = 4 }; call; } break;                                               \
+    }
+
 enum {
     FD_FP4_NATURAL = 0, /* element k at k */
     FD_FP4_EVEN_ODD = 1, /* per block: 16 even elements, then 16 odd (AVX-512, NEON) */

@@ -72,22 +72,12 @@ static void fp4_dot_neon(const uint8_t *w, size_t ws, const uint8_t *s, size_t s
     for (; r + 2 <= rows; r += 2) {
         const uint8_t *wr = w + (size_t)r * ws;
         const uint8_t *sr = s + (size_t)r * ss;
-        switch (m) {
-        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 1); break;
-        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 2); break;
-        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 3); break;
-        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, 4); break;
-        }
+        FD_SWITCH_M4(m, fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 2, FD_M))
     }
     for (; r < rows; r++) {
         const uint8_t *wr = w + (size_t)r * ws;
         const uint8_t *sr = s + (size_t)r * ss;
-        switch (m) {
-        case 1: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 1); break;
-        case 2: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 2); break;
-        case 3: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 3); break;
-        default: fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, 4); break;
-        }
+        FD_SWITCH_M4(m, fp4_dot_rm(wr, ws, sr, ss, K, x, y + r, ys, 1, FD_M))
     }
 }
 
@@ -174,21 +164,11 @@ static void fp8_dot_neon(const uint8_t *w, size_t ws, const float *tile_scale, i
     int r = 0;
     for (; r + 2 <= rows; r += 2) {
         const uint8_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 1); break;
-        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 2); break;
-        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 3); break;
-        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, 4); break;
-        }
+        FD_SWITCH_M4(m, fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 2, FD_M))
     }
     for (; r < rows; r++) {
         const uint8_t *wr = w + (size_t)r * ws;
-        switch (m) {
-        case 1: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 1); break;
-        case 2: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 2); break;
-        case 3: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 3); break;
-        default: fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, 4); break;
-        }
+        FD_SWITCH_M4(m, fp8_dot_rm(wr, ws, tile_scale, K, x, y + r, ys, 1, FD_M))
     }
 }
 
@@ -234,19 +214,9 @@ static void bf16_dot_neon(const uint16_t *w, size_t ws, int rows, int K, const f
     for (int r = 0; r < rows; r += (rows - r >= 4 ? 4 : 1)) {
         const uint16_t *wr = w + (size_t)r * ws;
         if (rows - r >= 4) {
-            switch (m) {
-            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 1); break;
-            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 2); break;
-            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 3); break;
-            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, 4); break;
-            }
+            FD_SWITCH_M4(m, bf16_dot_rm(wr, ws, K, x, y + r, ys, 4, FD_M))
         } else {
-            switch (m) {
-            case 1: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 1); break;
-            case 2: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 2); break;
-            case 3: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 3); break;
-            default: bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, 4); break;
-            }
+            FD_SWITCH_M4(m, bf16_dot_rm(wr, ws, K, x, y + r, ys, 1, FD_M))
         }
     }
 }
@@ -282,21 +252,11 @@ static void gemm_f32_neon(const float *const *x, int m, const float *w, size_t l
         int j = 0;
         for (; j + 4 <= n; j += 4) {
             const float *wj = w + (size_t)j * ldw;
-            switch (mt) {
-            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 1); break;
-            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 2); break;
-            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 3); break;
-            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, 4); break;
-            }
+            FD_SWITCH_M4(mt, gemm_rm(xt, wj, ldw, K, yt + j, ys, 4, FD_M))
         }
         for (; j < n; j++) {
             const float *wj = w + (size_t)j * ldw;
-            switch (mt) {
-            case 1: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 1); break;
-            case 2: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 2); break;
-            case 3: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 3); break;
-            default: gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, 4); break;
-            }
+            FD_SWITCH_M4(mt, gemm_rm(xt, wj, ldw, K, yt + j, ys, 1, FD_M))
         }
     }
 }
