@@ -389,6 +389,11 @@ def _fp8_linear_slots(model: V4Model):
 # ms per step at 64 and at 4096 tokens). Far beyond it the indexer's scoring over all compressed
 # keys grows large enough to want every core again.
 SINGLE_THREAD_CONTEXT = 32768
+# The same for prefill calls of at most this many tokens (a follow-up chat turn): 4 / 16 / 64 new
+# tokens after 64 took 67 / 182 / 456 ms single-threaded against 92 / 210 / 484 ms (dev VM).
+# Longer prompts keep torch's threads, which their attention math needs on machines with many
+# cores.
+SINGLE_THREAD_TOKENS = 64
 
 
 @contextmanager
@@ -445,11 +450,15 @@ class Runtime:
         return self.model
 
     def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
-        return self._open().prefill(ids, state, chunk_size)
+        model = self._open()
+        if self._single_threaded(state, len(ids)):
+            with _torch_single_threaded():
+                return model.prefill(ids, state, chunk_size)
+        return model.prefill(ids, state, chunk_size)
 
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
-        if self.device.type == "cpu" and state.position < SINGLE_THREAD_CONTEXT:
+        if self._single_threaded(state, 1):
             with _torch_single_threaded():
                 logits = model.decode(token_id, state)
         else:
@@ -461,6 +470,15 @@ class Runtime:
 
     def forward_full(self, ids) -> torch.Tensor:
         return self._open().forward_full(ids)
+
+    def _single_threaded(self, state, tokens: int) -> bool:
+        """CPU mode, a short call at a modest context: torch's ops are small there (see
+        SINGLE_THREAD_CONTEXT)."""
+        return (
+            self.device.type == "cpu"
+            and tokens <= SINGLE_THREAD_TOKENS
+            and state.position < SINGLE_THREAD_CONTEXT
+        )
 
     # -- expert cache and routing record
     @property

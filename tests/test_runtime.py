@@ -258,3 +258,23 @@ def test_session_reports_busy_and_live_hit_rate(tiny):
         assert not session.busy
         rates = [e.stats.expert_hit_rate for e in events]
         assert all(r is not None and 0 <= r <= 1 for r in rates)
+
+
+def test_cpu_decode_and_short_prefill_run_torch_on_one_thread(tiny, monkeypatch):
+    """torch's own ops run single-threaded in a CPU decode step and a short prefill (its OpenMP
+    team would contend with the kernels' pool); long prefills keep its threads; restored after."""
+    folder, config = tiny[0], tiny[1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    with load_runtime(folder, placement=Placement.uniform(config, MMAP)) as rt:
+        state = rt.new_state()
+        long = 80  # > SINGLE_THREAD_TOKENS: torch keeps its threads
+        rt.prefill(list(range(long)), state)
+        assert calls == []
+        logits = rt.decode(1, state)
+        assert calls == [1, 2] and torch.isfinite(logits).all()
+        calls.clear()
+        rt.prefill(list(range(5)), state)
+        assert calls == [1, 2]
+        assert state.position == long + 1 + 5
