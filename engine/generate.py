@@ -279,7 +279,7 @@ class Session:
             if done < len(todo):
                 yield StreamEvent("", run.phase, run.stats)
 
-        decoder = IncrementalDecoder(self.tokenizer.decode)
+        decoder = self._text_decoder()
         stop_ids = {EOS_ID, *params.stop_ids}
         while True:
             token = sample(logits, params, generator)
@@ -300,7 +300,7 @@ class Session:
                 if tail:
                     yield StreamEvent(tail, run.phase, run.stats)
                 run.phase = "answer"
-                decoder = IncrementalDecoder(self.tokenizer.decode)
+                decoder = self._text_decoder()
             elif token != THINK_START_ID:
                 text = decoder.push(token)
                 if text:
@@ -347,6 +347,12 @@ class Session:
         if n and n < len(prompt) and prompt[:n] == self._ids:
             return n
         return 0
+
+    def _text_decoder(self):
+        """A per-stream detokenizer: the tokenizer's own byte-level one where it has one (V4's:
+        constant work per token), else `IncrementalDecoder` over its `decode`."""
+        make = getattr(self.tokenizer, "stream_decoder", None)
+        return make() if callable(make) else IncrementalDecoder(self.tokenizer.decode)
 
     def _kv_bytes(self) -> int | None:
         nbytes = getattr(self._state, "nbytes", None)

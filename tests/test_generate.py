@@ -98,6 +98,30 @@ def test_multibyte_characters_never_split():
     assert events[-1].stats.generated_tokens == len(TOK.encode(text)) + 1  # + EOS
 
 
+def test_v4_tokenizer_streams_through_its_own_decoder(monkeypatch):
+    """With the V4 tokenizer the Session uses its byte-level stream decoder (constant work per
+    token): characters split over tokens still arrive whole, and reasoning/answer phases split."""
+    from flashdesk.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    made = []
+    real = tok.stream_decoder
+
+    def counting(*a, **k):
+        made.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tok, "stream_decoder", counting)
+    thought, answer = "思考 🧠", "naïve €5 — 😀 ok"
+    script = [*tok.encode(thought), THINK_END_ID, *tok.encode(answer)]
+    events = run(Session(ScriptedModel(script), tok), [*tok.encode("hi"), THINK_START_ID])
+    deltas = [e for e in events if e.text]
+    assert all("\ufffd" not in e.text for e in deltas)
+    assert "".join(e.text for e in deltas if e.phase == "reasoning") == thought
+    assert "".join(e.text for e in deltas if e.phase == "answer") == answer
+    assert len(made) == 2  # one per phase
+
+
 def test_incremental_decoder_flushes_an_incomplete_tail():
     decoder = IncrementalDecoder(TOK.decode)
     euro = TOK.encode("€")
