@@ -12,6 +12,8 @@ python3 setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { tail -30 "$O
 if ! python3 -c "import flashdesk.engine" 2>/dev/null; then
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
+# the CUDA-graph Sinkhorn (written without a GPU) first: a wrong graph would skew every figure
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -5
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-64}")
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 timeout "${BENCH_S:-420}" python3 -m flashdesk bench "${ARGS[@]}" 2>&1 | tee "$OUT/synthetic.log" | tail -30
