@@ -18,8 +18,9 @@ from flashdesk.engine.tokenizer import load_tokenizer
 def make_window(qtbot, folder, backend=None):
     win = MainWindow(backend or ScriptedBackend(), folder)
     qtbot.addWidget(win)
-    with qtbot.waitSignal(win.model_ready, timeout=10000):
-        pass
+    # polled, not qtbot.waitSignal: its signal and timer (dis)connections have corrupted memory
+    # under PySide6 (pytest-qt#487, Nuitka#2492), and one CI run crashed right there
+    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
     return win
 
 

@@ -21,8 +21,9 @@ def make_window(qtbot, folder, backend=None, **kwargs):
     backend = backend or ScriptedBackend()
     win = MainWindow(backend, folder, **kwargs)
     qtbot.addWidget(win)
-    with qtbot.waitSignal(win.model_ready, timeout=10000):
-        pass
+    # polled, not qtbot.waitSignal: its signal and timer (dis)connections have corrupted memory
+    # under PySide6 (pytest-qt#487, Nuitka#2492), and one CI run crashed right there
+    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
     return win
 
 
