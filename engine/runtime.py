@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,17 +451,12 @@ class Runtime:
 
     def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
         model = self._open()
-        if self._single_threaded(state, len(ids)):
-            with _torch_single_threaded():
-                return model.prefill(ids, state, chunk_size)
-        return model.prefill(ids, state, chunk_size)
+        with self._torch_threads(state, len(ids)):
+            return model.prefill(ids, state, chunk_size)
 
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
-        if self._single_threaded(state, 1):
-            with _torch_single_threaded():
-                logits = model.decode(token_id, state)
-        else:
+        with self._torch_threads(state, 1):
             logits = model.decode(token_id, state)
         self._decodes += 1
         if self.refresh_every and self._decodes % self.refresh_every == 0:
@@ -471,14 +466,11 @@ class Runtime:
     def forward_full(self, ids) -> torch.Tensor:
         return self._open().forward_full(ids)
 
-    def _single_threaded(self, state, tokens: int) -> bool:
-        """CPU mode, a short call at a modest context: torch's ops are small there (see
-        SINGLE_THREAD_CONTEXT)."""
-        return (
-            self.device.type == "cpu"
-            and tokens <= SINGLE_THREAD_TOKENS
-            and state.position < SINGLE_THREAD_CONTEXT
-        )
+    def _torch_threads(self, state, tokens: int):
+        """torch single-threaded for a short call at a modest context in CPU mode (its ops are
+        small there, see SINGLE_THREAD_CONTEXT); otherwise as it is."""
+        short = tokens <= SINGLE_THREAD_TOKENS and state.position < SINGLE_THREAD_CONTEXT
+        return _torch_single_threaded() if self.device.type == "cpu" and short else nullcontext()
 
     # -- expert cache and routing record
     @property

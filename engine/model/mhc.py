@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashdesk.engine import _kernels
+
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """x `[S, hc, D]` → `ρ · (flatten(x) · fnᵀ)` `[S, n_mix]` with the un-weighted RMS ρ."""
@@ -22,9 +24,9 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
     As torch ops this is ~6·iters tiny operations per call, ~40% of all a decode step dispatches;
     on the CPU one C call does it (same order of operations), on a GPU a decode step (one token)
-    replays a captured CUDA graph of it. Elsewhere, or if either is unavailable, the torch ops."""
+    replays a captured CUDA graph of it. Elsewhere, or if capture fails, the torch ops."""
     if comb.dtype == torch.float32 and comb.dim() >= 2:
-        if comb.device.type == "cpu" and _kernels is not None:
+        if comb.device.type == "cpu":
             out = comb.contiguous().clone()
             hc = out.shape[-1]
             _kernels.sinkhorn(out.data_ptr(), out.numel() // (hc * hc), hc, iters, float(eps))
@@ -45,11 +47,6 @@ def sinkhorn_ops(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         comb = comb / (comb.sum(-2, keepdim=True) + eps)
     return comb
 
-
-try:  # the C extension (absent only in a bare source tree that was never built)
-    from flashdesk.engine import _kernels
-except ImportError:  # pragma: no cover
-    _kernels = None
 
 # (device, shape, iters, eps) → (graph, static input, static output); None: capture failed there
 _GRAPHS: dict[tuple, tuple | None] = {}
