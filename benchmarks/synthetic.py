@@ -52,6 +52,7 @@ def run(
     prompt_tokens: int | None = None,
     decode_steps: int | None = None,
     context: int = 8192,
+    profile_steps: int = 0,
 ) -> dict:
     import torch
     from decode import _gpu_copy_gbps, _sync, decode_bytes, h2d_pinned_gbps  # as `bench decode`
@@ -134,6 +135,20 @@ def run(
             logits = rt.decode(int(logits.argmax()), state)
         _sync()
         step_s = (time.perf_counter() - t0) / decode_steps
+        fused = [c for c in rt.caches if c is not None and c.fused]
+        if fused:  # the same model with VRAM experts through torch's dequantize-then-multiply
+            for c in fused:
+                c.fused = False
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(decode_steps):
+                logits = rt.decode(int(logits.argmax()), state)
+            _sync()
+            out["decode_tok_s_torch_experts"] = decode_steps / (time.perf_counter() - t0)
+            for c in fused:
+                c.fused = True
+        if profile_steps:
+            out |= _profile(rt, state, logits, profile_steps, say)
         dense_b, expert_b = decode_bytes(rt)
         n = config.n_routed_experts
         # share of each layer's experts read from host RAM (uniform routing: by count)
@@ -200,8 +215,54 @@ def run(
             f"({out['prefill_pcie_bound_tok_s']:.1f} tok/s at {out['h2d_pinned_gbps']:.1f} GB/s)"
         )
     say(line)
+    if "decode_tok_s_torch_experts" in out:
+        say(
+            f"VRAM experts through torch's dequantize-then-multiply instead of the Triton kernels: "
+            f"{out['decode_tok_s_torch_experts']:.2f} tok/s"
+        )
     say(
         "random weights route near-uniformly: the worst case for the VRAM expert cache "
         f"(hit rate {out['expert_hit_rate'] or 0:.2f}); a real model's skewed routing hits it more"
     )
     return out
+
+
+def _profile(rt, state, logits, steps: int, say) -> dict:
+    """torch.profiler over `steps` decode steps: what a step launches and waits for, and the
+    device's busy time (beside the step's time measured unprofiled: how idle the GPU is) →
+    figures; the table of the costliest operations is printed."""
+    import torch
+    from decode import _sync
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            logits = rt.decode(int(logits.argmax()), state)
+        _sync()
+    events = prof.key_averages()
+
+    def per_step(*keys: str) -> float:
+        return sum(e.count for e in events if e.key in keys) / steps
+
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
+    figures = {
+        "profile_steps": steps,
+        "profile_device_busy_ms_per_step": device_us / 1e3,
+        "profile_aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::"))
+        / steps,
+        "profile_kernel_launches_per_step": per_step("cudaLaunchKernel", "cuLaunchKernel"),
+        "profile_syncs_per_step": per_step(
+            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"
+        ),
+        "profile_memcpy_per_step": per_step("cudaMemcpyAsync", "cudaMemcpy"),
+    }
+    sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    say(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    say(
+        "profile, per decode step: "
+        + ", ".join(f"{k[8:]} {v:.1f}" for k, v in figures.items() if k != "profile_steps")
+    )
+    return figures

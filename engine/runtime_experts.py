@@ -6,9 +6,11 @@ A layer's 256 experts stay in their stored FP4 form (packed E2M1 + E8M0 scales, 
   worker thread. Their bytes are either copied once into a pinned buffer (fast host→device copies
   for prefill streaming), into a pageable buffer, or left as zero-copy views of the memory-mapped
   checkpoint ("mmap": paged in by the OS when picked). Never two resident copies;
-* device experts (`ExpertCache`) are the same bytes in device memory, dequantized per use with
-  torch ops; a whole layer when the plan says so, else a set of hot experts that `refresh()`
-  swaps towards the experts routing actually picks.
+* device experts (`ExpertCache`) are the same bytes in device memory, stacked by slot; a whole
+  layer when the plan says so, else a set of hot experts that `refresh()` swaps towards the
+  experts routing actually picks. A few tokens' picks run from the packed bytes in two Triton
+  launches with no host sync (`fp4_triton.moe`); long prompts, or a GPU without Triton,
+  dequantize each picked expert and multiply with torch.
 
 `HybridMoE` replaces a block's `MoE`: router on the model's device, the token's host experts
 submitted to the CPU thread, then the shared expert and the cached experts computed on the device
@@ -23,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from flashdesk.engine import kernels
+from flashdesk.engine import fp4_triton, kernels
 from flashdesk.engine.model.moe import MoE, Router, SharedExpert, swiglu
 
 PINNED = "pinned"
@@ -53,7 +55,17 @@ def _pair_table(device: torch.device) -> torch.Tensor:
 
 def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed `[O, I/2]` E2M1 bytes (low nibble first), scale `[O, I/32]` E8M0 → `[O, I]` on the
-    tensors' device. Exact in float32 (the same values as `quant.dequant_fp4`)."""
+    tensors' device: on a GPU with Triton in one pass (`fp4_triton.dequant`), else with torch."""
+    if packed.is_cuda and fp4_triton.available(packed.device):
+        return fp4_triton.dequant(packed, scale, dtype)
+    return fp4_dequant_torch(packed, scale, dtype)
+
+
+def fp4_dequant_torch(
+    packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """`fp4_dequant` with torch ops (four passes over float32). Exact in float32 (the same values
+    as `quant.dequant_fp4`)."""
     b = packed.view(torch.uint8)
     rows, half = b.shape
     vals = _pair_table(b.device).index_select(0, b.reshape(-1).int())  # [O·I/2, 2]
@@ -122,7 +134,12 @@ class LayerExperts:
 
 
 class ExpertCache:
-    """Experts held in device memory as their packed bytes: slot s holds expert `ids[s]`."""
+    """Experts held in device memory as their packed bytes: slot s holds expert `ids[s]`.
+
+    `stacks` = the six stored parts stacked by slot (w1 `[S, I, D/2]`, its scales, w3, …, w2
+    `[S, D, I/2]`, its scales); `slot_of` maps expert → slot on the host, `slot_dev` the same on
+    the device (−1: not resident) for kernels that look picks up without a host sync.
+    """
 
     def __init__(self, host: LayerExperts, ids: Sequence[int], device: torch.device, n: int):
         self.host = host
@@ -130,16 +147,26 @@ class ExpertCache:
         self.n_experts = n
         self.capacity = len(ids)
         self.slot_of = torch.full((n,), -1, dtype=torch.long)  # host-side map expert → slot
+        self.slot_dev = torch.full((n,), -1, dtype=torch.int32, device=device)
         self.resident = torch.zeros(n, dtype=torch.bool, device=device)
+        self.fused = fp4_triton.available(device)
+        first = host.parts[ids[0]] if ids else ()
+        self.stacks = tuple(
+            torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=device) for t in first
+        )
         self.slots: list[list[torch.Tensor]] = []
         self.ids: list[int] = []
         for e in ids:
-            self.slots.append([t.to(device, copy=True) for t in host.parts[e]])  # own slots
-            self._assign(len(self.ids), int(e))
+            slot = len(self.ids)
+            self.slots.append([stack[slot] for stack in self.stacks])  # views: own bytes
+            for dst, src in zip(self.slots[slot], host.parts[e], strict=True):
+                dst.copy_(src)
+            self._assign(slot, int(e))
             self.ids.append(int(e))
 
     def _assign(self, slot: int, e: int) -> None:
         self.slot_of[e] = slot
+        self.slot_dev[e] = slot
         self.resident[e] = True
 
     @property
@@ -152,6 +179,15 @@ class ExpertCache:
         """(w1 `[I, D]`, w3 `[I, D]`, w2 `[D, I]`) of a resident expert, dequantized."""
         w1, s1, w3, s3, w2, s2 = self.slots[int(self.slot_of[e])]
         return fp4_dequant(w1, s1, dtype), fp4_dequant(w3, s3, dtype), fp4_dequant(w2, s2, dtype)
+
+    def fused_sum(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float
+    ) -> torch.Tensor | None:
+        """Σ weight · expert(x) over the resident picks, from the packed bytes → `[T, D]` float32;
+        None where the fused kernels do not apply (no Triton, too many tokens)."""
+        if not self.fused or x.shape[0] > fp4_triton.MAX_TOKENS:
+            return None
+        return fp4_triton.moe(x, experts, weights, self.slot_dev, self.stacks, limit)
 
     def refresh(self, counts: torch.Tensor) -> int:
         """Swap cold resident experts for hotter absent ones (by routing `counts` `[E]`);
@@ -171,6 +207,7 @@ class ExpertCache:
             for dst, src in zip(self.slots[slot], self.host.parts[e_in], strict=True):
                 dst.copy_(src, non_blocking=True)
             self.slot_of[e_out] = -1
+            self.slot_dev[e_out] = -1
             self.resident[e_out] = False
             self._assign(slot, e_in)
             self.ids[slot] = e_in
@@ -282,6 +319,11 @@ class HybridMoE(MoE):
         y = self.shared(x)
         if streaming:
             self._stream_all(x, experts, weights, y)
+        elif (
+            on_device is not None
+            and (fused := self.cache.fused_sum(x, experts, weights, self.limit)) is not None
+        ):
+            y += fused
         elif on_device is not None:
             picked = experts[on_device]
             for e in torch.unique(picked).tolist():

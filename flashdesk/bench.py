@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument("--layers", type=int, help="keep only the first N layers")
     synthetic.add_argument("--prompt-tokens", type=int, help="prompt length to prefill")
     synthetic.add_argument("--decode-steps", type=int, help="greedy decode steps to time")
+    synthetic.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="then profile STEPS decode steps (torch.profiler) and print the costliest operations",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 "layers": getattr(args, "layers", None),
                 "prompt_tokens": getattr(args, "prompt_tokens", None),
                 "decode_steps": getattr(args, "decode_steps", None),
+                "profile_steps": getattr(args, "profile", 0),
             }
         figures = module.run(json_output=args.json, **extra)
         if args.json:

@@ -37,3 +37,29 @@ def test_bench_list_and_unknown_name(capsys):
     bench.add_arguments(parser)
     assert bench.run(parser.parse_args(["--list"])) == 0
     assert "kernels" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_gpu_experts_benchmark_runs_its_steps(monkeypatch):
+    """The GPU expert benchmark (for the lent machine, where each minute counts) runs every step
+    here at small dims in Triton's interpreter: a mistake shows before device time is spent."""
+    from _triton import kernels_device
+
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine runs the real benchmark")
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    module = importlib.import_module("gpu_experts")
+    try:
+        out = module.measure(
+            "cpu",
+            False,
+            (128, 64, 8),
+            reps=1,
+            tile_choices=module.TILE_CHOICES[:2],
+            token_counts=(2,),
+        )
+        assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
+        assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
+        assert "skipped" in module.run(True)  # no GPU here
+    finally:
+        sys.modules.pop("gpu_experts", None)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _triton import kernels_device
 
-from flashdesk.engine import quant
+from flashdesk.engine import fp4_triton, quant
 from flashdesk.engine.checkpoint import Checkpoint
 from flashdesk.engine.checkpoint.writer import write_random
 from flashdesk.engine.config import ModelConfig
@@ -103,6 +104,26 @@ def test_every_placement_gives_the_models_logits(tiny, name, fp8):
         torch.testing.assert_close(torch.stack(rows), want[6:], **TOL)
         cached = sum(len(lp.device) for lp in placement.layers)
         assert (rt.expert_hit_rate is None) == (cached == 0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
+    """Short prefills and decode steps run the VRAM cache's picks by `fp4_triton.moe` (here in
+    Triton's interpreter on the CPU; tests/gpu/ covers the GPU): the model's logits."""
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: tests/gpu/test_runtime_cuda.py runs them there")
+    folder, config, _, ids, want = tiny
+    calls = []
+    moe = fp4_triton.moe
+    monkeypatch.setattr(fp4_triton, "available", lambda device: True)
+    monkeypatch.setattr(fp4_triton, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
+    placement = PLACEMENTS["pinned+cache"](config)
+    with load_runtime(folder, placement=placement, head_dtype="fp32") as rt:
+        state = rt.new_state()
+        rows = [rt.prefill(ids[:7], state, chunk_size=4)]
+        rows += [rt.decode(int(t), state) for t in ids[7:10]]
+        torch.testing.assert_close(torch.stack(rows), want[6:10], **TOL)
+    assert len(calls) == 5 * len(config.main_layers)  # two prefill chunks, three steps
 
 
 def test_experts_are_not_copied_twice(tiny):

@@ -117,7 +117,10 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     assert (
-        "('layers', 2)" in out and "('decode_steps', 5)" in out and "('model', 'v4-flash')" in out
+        "('layers', 2)" in out
+        and "('decode_steps', 5)" in out
+        and "('model', 'v4-flash')" in out
+        and "('profile_steps', 0)" in out
     )
     assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
     assert capsys.readouterr().out.strip() == "KERNELS"

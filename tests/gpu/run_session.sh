@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole device check in one call, most valuable first, each step with its own time limit
+# inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
+#   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-experts
+#   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
+#   → the full-size synthetic V4-Flash (decode, prefill, torch-experts A/B, a profile).
+# Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
+# Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS for the synthetic)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-460}
+step() {  # step NAME MAX_SECONDS TAIL_LINES command...: runs within the deadline, logs to $OUT
+  local name=$1 max=$2 lines=$3; shift 3
+  local left=$((DEADLINE - SECONDS - 5))
+  [ "$left" -lt "$max" ] && max=$left
+  if [ "$max" -lt 20 ]; then echo "== $name: skipped, $left s left"; return; fi
+  echo "== $name (at ${SECONDS}s, limit ${max}s)"
+  timeout "$max" "$@" >"$OUT/$name.log" 2>&1
+  echo "   rc=$? after ${SECONDS}s"
+  tail -n "$lines" "$OUT/$name.log"
+}
+{ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,noheader
+  lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400; free -g | head -2; ulimit -l
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} >"$OUT/machine.log" 2>&1; head -c 1500 "$OUT/machine.log"
+python3 setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: no install
+  ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
+fi
+step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_fp4_triton.py
+step gpu_experts 90 6 python3 -m flashdesk bench gpu-experts
+step kernels 70 12 python3 -m flashdesk bench kernels
+ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}" --profile 3)
+[ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
+step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"

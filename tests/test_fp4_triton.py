@@ -1,0 +1,120 @@
+"""The GPU expert kernels (engine/fp4_triton.py) equal the torch dequantize-then-multiply path.
+
+Run compiled on a CUDA GPU (tests/gpu/ scripts run this file there), else in Triton's CPU
+interpreter on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _triton import kernels_device
+
+from flashdesk.engine import fp4_triton as ft
+from flashdesk.engine.model.moe import swiglu
+from flashdesk.engine.runtime_experts import fp4_dequant_torch as fp4_dequant
+
+# the interpreter computes with numpy, which warns where float32 overflows to ±inf as intended
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def _packed(g, *shape):
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+def _scales(g, *shape):
+    # around 2^0 with some spread, so that the SwiGLU clamp at ±10 is reached by some rows
+    return torch.randint(119, 131, shape, generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(("rows", "k"), [(8, 64), (48, 320), (64, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_equals_the_torch_decoder(rows, k, dtype):
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(rows + k)
+    packed, scale = _packed(g, rows, k // 2), _scales(g, rows, k // 32)
+    scale[0, 0], scale[-1, -1] = 2, 254  # extremes (results below float32 normals may flush)
+    want = fp4_dequant(packed, scale, torch.float32).to(dtype)
+    got = ft.dequant(packed.to(dev), scale.view(torch.float8_e8m0fnu).to(dev), dtype)
+    assert got.dtype == dtype and got.shape == (rows, k)
+    assert torch.equal(got.cpu(), want)
+
+
+def _reference(x, experts, weights, slot_of, stacks, limit):
+    """Σ weight · expert(x) over the resident picks, dequantized to float32 with torch."""
+    w1, s1, w3, s3, w2, s2 = stacks
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            s = int(slot_of[experts[t, j]])
+            if s < 0:
+                continue
+            xt = x[t].float()
+            gate = fp4_dequant(w1[s], s1[s], torch.float32) @ xt
+            up = fp4_dequant(w3[s], s3[s], torch.float32) @ xt
+            h = swiglu(gate, up, limit) * weights[t, j]
+            out[t] += fp4_dequant(w2[s], s2[s], torch.float32) @ h
+    return out
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dim", "inter", "limit", "xdtype"),
+    [
+        (1, 256, 128, 10.0, torch.float32),
+        (3, 512, 256, 10.0, torch.bfloat16),
+        (2, 256, 64, 0.0, torch.float32),  # no clamp
+    ],
+)
+def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype):
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(tokens * dim + inter)
+    n_experts, slots, k = 16, 5, 6
+    stacks = (
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, dim, inter // 2),
+        _scales(g, slots, dim, inter // 32),
+    )
+    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
+    for s, e in enumerate((3, 0, 9, 15, 7)):
+        slot_of[e] = s
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
+    experts[0, :2] = torch.tensor([3, 15])  # at least two resident picks
+    weights = torch.rand((tokens, k), generator=g) + 0.1
+    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    want = _reference(x, experts, weights, slot_of, stacks, limit)
+    got = ft.moe(
+        x.to(dev),
+        experts.to(dev),
+        weights.to(dev),
+        slot_of.to(dev),
+        tuple(t.to(dev) for t in stacks),
+        limit,
+    )
+    assert got.dtype == torch.float32 and got.shape == (tokens, dim)
+    assert torch.isfinite(got).all()
+    err = (got.cpu() - want).norm() / want.norm()
+    assert err < 1e-5, err
+
+
+def test_fused_moe_rejects_mismatched_shapes():
+    dev = kernels_device()
+    stacks = tuple(torch.zeros((1, 64, 8), dtype=torch.uint8) for _ in range(6))
+    with pytest.raises(ValueError, match="do not fit"):
+        ft.moe(
+            torch.zeros((1, 256), device=dev),
+            torch.zeros((1, 2), dtype=torch.long, device=dev),
+            torch.ones((1, 2), device=dev),
+            torch.zeros(4, dtype=torch.int32, device=dev),
+            tuple(t.to(dev) for t in stacks),
+            10.0,
+        )
+
+
+def test_the_runtime_uses_them_only_on_a_gpu(monkeypatch):
+    assert not ft.available("cpu")  # CPU tensors take the C kernels, interpreter or not
+    assert ft.available("cuda") == (ft.triton is not None and not ft.INTERPRETED)
+    monkeypatch.setenv("FLASHDESK_TRITON", "0")
+    assert not ft.available("cuda")
