@@ -58,6 +58,10 @@ CATEGORIES = (
 )
 
 
+# BF16-stored weights the GPU model widens to float32 (see `TensorSpec.gpu_bytes`).
+_FLOAT32_ON_DEVICE = ("norm.weight", "gate.weight", "wgate.weight", "wkv.weight")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One stored tensor. `layer` is the logical layer (MTP block j is num_hidden_layers + j)."""
@@ -81,6 +85,16 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BYTES[self.dtype]
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Bytes the runtime holds for this tensor when it is placed on a GPU (engine/runtime.py,
+        default options): FP8 weights and their scales, the BF16 head and the routed experts as
+        stored; the BF16 tensors the model computes with in float32 (norms, router gate,
+        compressors) widened to float32. tests/test_inventory.py checks this against the model."""
+        if self.dtype == "BF16" and self.name.endswith(_FLOAT32_ON_DEVICE):
+            return 4 * self.numel
+        return self.nbytes
 
     @property
     def scale_name(self) -> str | None:

@@ -94,9 +94,11 @@ def e2m1_packed_to_float(packed: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.float32).view(*b.shape[:-1], 2 * b.shape[-1])
 
 
-def _out_buffer(out: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+def _out_buffer(
+    out: torch.Tensor | None, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     if out is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=torch.float32, device=device)
     if out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
     return out
@@ -120,7 +122,7 @@ def dequant_fp8(
         raise ValueError(
             f"FP8 scale shape {tuple(scale.shape)} != {expected} for weight {tuple(weight.shape)}"
         )
-    w = _out_buffer(out, (out_f, in_f))
+    w = _out_buffer(out, (out_f, in_f), weight.device)
     w.copy_(_as_uint8(weight).view(torch.float8_e4m3fn))
     s = e8m0_to_float(scale)
     if out_f % bo == 0 and in_f % bi == 0:
@@ -147,7 +149,7 @@ def dequant_fp4(
             f"FP4 scale shape {tuple(scale.shape)} != {(out_f, in_f // group)} for packed weight "
             f"{tuple(packed.shape)}"
         )
-    w = _out_buffer(out, (out_f, in_f))
+    w = _out_buffer(out, (out_f, in_f), packed.device)
     codes = _as_uint8(packed).reshape(-1)
     words = w.view(torch.int64).view(-1)
     # In chunks: a small reused index buffer instead of one the size of the matrix.

@@ -3,8 +3,9 @@
 One executor applies placement as data (design.md, "The one idea"):
 
 * everything every token touches (attention, compressors, indexer, mHC, router, shared expert,
-  head, embedding) is built on the compute device: CUDA when there is one, else the CPU, where
-  the FP8 linears run through the C FP8 kernel straight from the stored bytes (`Fp8Linear`);
+  head) is built on the compute device: CUDA when there is one, else the CPU; the FP8 linears
+  and the BF16 head keep their stored bytes and run from them (the C kernels on the CPU:
+  `Fp8Linear`, `Bf16Head`; Triton in VRAM: `gpu_linears`). The embedding stays in host memory;
 * routed experts stay in their stored FP4 form: in host memory (pinned, pageable or memory-mapped
   from the checkpoint) run by the C kernels on a worker thread while the device computes the
   shared expert, or in device memory (whole layers, then hot experts) — `runtime_experts`.
@@ -34,6 +35,7 @@ import torch
 from flashdesk.engine import kernels
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.gpu_linears import CudaBf16Head, CudaFp8Linear
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
 from flashdesk.engine.model.model import V4Model
@@ -294,9 +296,9 @@ def _bf16_kernel_names(config: ModelConfig) -> list[str]:
 # ------------------------------------------------------------------------------------ CPU head
 
 HEAD_DTYPES = ("fp32", "bf16", "fp8")
-# On the CPU the head ([129280, 4096] in V4) is read in full per token: bf16 halves those bytes
-# and keeps the stored weights exactly (the checkpoint stores the head in BF16).
-DEFAULT_CPU_HEAD_DTYPE = "bf16"
+# The head ([129280, 4096] in V4) is read in full per token: bf16 halves those bytes (and its
+# VRAM) and keeps the stored weights exactly (the checkpoint stores the head in BF16).
+DEFAULT_HEAD_DTYPE = "bf16"
 _HEAD_QUANT_ROWS = 8192  # rows quantized at a time (a multiple of the 128-row FP8 tile)
 
 
@@ -343,7 +345,10 @@ def _install_head(model: V4Model, head_dtype: str) -> None:
     read per token: bf16 values, or FP8 codes with `model.head_linear.scale`)."""
     if head_dtype == "fp32":
         return
-    head = Bf16Head(model.head) if head_dtype == "bf16" else Fp8Head(model.head)
+    if model.device.type != "cpu":
+        head = CudaBf16Head(model.head)
+    else:
+        head = Bf16Head(model.head) if head_dtype == "bf16" else Fp8Head(model.head)
     model.head = head.weight
     model.head_linear = head
 
@@ -599,18 +604,18 @@ def load_runtime(
       every expert memory-mapped on the host, no device cache.
     device: where the non-expert part computes (default: CUDA if present, else CPU).
     dtype: activations and dequantized weights (default bfloat16 on a GPU, float32 on the CPU).
-    fp8_linears: on the CPU, run FP8 linears from their stored bytes with the C kernel (default
-      on: a quarter of the memory of float32 weights).
+    fp8_linears: run the FP8 linears from their stored bytes (default on): on the CPU with the C
+      kernel, on a GPU held as stored in VRAM (`gpu_linears`); off: widened to `dtype` at load.
     progress(fraction, message), cancel() → True aborts with LoadCancelled.
     stream_min_tokens: on a GPU, prefill calls of at least this many tokens compute all picked
       experts there; refresh_every: decode steps between hot-cache refreshes (None: never).
     frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
       orders which experts a plan's GPU/RAM counts pick.
-    head_dtype: on the CPU, how the output head is held and read per token: "bf16" (default; the
-      stored BF16 values, half the bytes of float32, float32 logits from the C kernel), "fp8" (quantized at
-      load to FP8 with 128×128 tile scales, a quarter of the bytes, run by the C kernel; weight
-      error ~2⁻⁴ relative) or "fp32" (the reference's float32 head, exact). On a GPU only "fp32"
-      (the head there follows the reference and is not the bottleneck).
+    head_dtype: how the output head is held and read per token: "bf16" (default; the stored BF16
+      values, half the bytes of float32, float32 logits from the C kernel or in VRAM from
+      `gpu_linears.CudaBf16Head`), "fp8" (CPU only: quantized at load to FP8 with 128×128 tile
+      scales, a quarter of the bytes; weight error ~2⁻⁴ relative) or "fp32" (the reference's
+      float32 head).
     """
     dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
     if dtype is None:
@@ -618,13 +623,13 @@ def load_runtime(
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
     if head_dtype is None:
-        head_dtype = DEFAULT_CPU_HEAD_DTYPE if dev.type == "cpu" else "fp32"
+        head_dtype = DEFAULT_HEAD_DTYPE
     if head_dtype not in HEAD_DTYPES:
         raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
-    if head_dtype != "fp32" and dev.type != "cpu":
+    if head_dtype == "fp8" and dev.type != "cpu":
         raise ValueError(
-            f"head_dtype={head_dtype!r} is for the CPU mode; on {dev.type} the head stays float32 "
-            "(leave head_dtype unset or pass 'fp32')"
+            f"head_dtype='fp8' is for the CPU mode; on {dev.type} use 'bf16' (the default: the "
+            "stored values) or 'fp32'"
         )
     if isinstance(frequency, (str, Path)):
         frequency = json.loads(Path(frequency).read_text())["counts"]
@@ -669,7 +674,7 @@ def _build(
                 "machine with more memory."
             )
     _check_vram(plan, dev)
-    use_fp8 = dev.type == "cpu" and (fp8_linears is None or fp8_linears)
+    use_fp8 = fp8_linears is None or fp8_linears
     cancel = cancel or (lambda: False)
 
     # Tensors that become Fp8Linear are fetched as zero-stride placeholders (no memory).
@@ -693,8 +698,8 @@ def _build(
             raise LoadCancelled("loading was cancelled")
         done[0] += 1
         progress(0.9 * min(done[0], n_names) / n_names, "Loading weights")
-        if name in fp8_names and want is dtype:
-            return torch.zeros((), dtype=want).expand(ckpt.info(name).shape)
+        if name in fp8_names and want is dtype:  # already on the device: `.to(dev)` keeps it
+            return torch.zeros((), dtype=want, device=dev).expand(ckpt.info(name).shape)
         if name == "head.weight" and head_dtype != "fp32":
             want = torch.bfloat16  # never a float32 copy; `_install_head` replaces it
         if name in bf16_names:
@@ -726,16 +731,29 @@ def _build(
         _install_head(model, head_dtype)
         n_fp8 = 0
         if use_fp8:
+
+            def stored(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
+                return (raw, scale) if dev.type == "cpu" else (raw.to(dev), scale.to(dev))
+
             for owner, attr, name in _fp8_linear_slots(model):
                 if name in fp8_names:
-                    raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
-                    setattr(owner, attr, Fp8Linear(raw, scale, dtype))
+                    w, s = stored(name)
+                    lin = (
+                        Fp8Linear(w, s, dtype) if dev.type == "cpu" else CudaFp8Linear(w, s, dtype)
+                    )
+                    setattr(owner, attr, lin)
                     n_fp8 += 1
             for block in model.blocks:
                 name = f"{block.spec.prefix}attn.wo_a.weight"
                 if name in fp8_names:
-                    raw, scale = ckpt.raw(name), ckpt.raw(ckpt.scale_of(name))
-                    block.attn.wo_a = Fp8GroupedLinear(raw, scale, config.o_groups, dtype)
+                    w, s = stored(name)
+                    g = config.o_groups
+                    block.attn.wo_a = (
+                        Fp8GroupedLinear(w, s, g, dtype)
+                        if dev.type == "cpu"
+                        else CudaFp8Linear(w, s, dtype, groups=g)
+                    )
                     n_fp8 += 1
             _check_no_placeholders(model)
         for owner, attr, name in _bf16_kernel_slots(model):

@@ -9,7 +9,7 @@ A layer's 256 experts stay in their stored FP4 form (packed E2M1 + E8M0 scales, 
 * device experts (`ExpertCache`) are the same bytes in device memory, stacked by slot; a whole
   layer when the plan says so, else a set of hot experts that `refresh()` swaps towards the
   experts routing actually picks. A few tokens' picks run from the packed bytes in two Triton
-  launches with no host sync (`fp4_triton.moe`); long prompts, or a GPU without Triton,
+  launches with no host sync (`gpu_kernels.moe`); long prompts, or a GPU without Triton,
   dequantize each picked expert and multiply with torch.
 
 `HybridMoE` replaces a block's `MoE`: router on the model's device, the token's host experts
@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from flashdesk.engine import fp4_triton, kernels
+from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.model.moe import MoE, Router, SharedExpert, swiglu
 
 PINNED = "pinned"
@@ -55,9 +55,9 @@ def _pair_table(device: torch.device) -> torch.Tensor:
 
 def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed `[O, I/2]` E2M1 bytes (low nibble first), scale `[O, I/32]` E8M0 → `[O, I]` on the
-    tensors' device: on a GPU with Triton in one pass (`fp4_triton.dequant`), else with torch."""
-    if packed.is_cuda and fp4_triton.available(packed.device):
-        return fp4_triton.dequant(packed, scale, dtype)
+    tensors' device: on a GPU with Triton in one pass (`gpu_kernels.dequant`), else with torch."""
+    if packed.is_cuda and gpu_kernels.available(packed.device):
+        return gpu_kernels.dequant_fp4(packed, scale, dtype)
     return fp4_dequant_torch(packed, scale, dtype)
 
 
@@ -149,7 +149,7 @@ class ExpertCache:
         self.slot_of = torch.full((n,), -1, dtype=torch.long)  # host-side map expert → slot
         self.slot_dev = torch.full((n,), -1, dtype=torch.int32, device=device)
         self.resident = torch.zeros(n, dtype=torch.bool, device=device)
-        self.fused = fp4_triton.available(device)
+        self.fused = gpu_kernels.available(device)
         first = host.parts[ids[0]] if ids else ()
         self.stacks = tuple(
             torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=device) for t in first
@@ -185,9 +185,9 @@ class ExpertCache:
     ) -> torch.Tensor | None:
         """Σ weight · expert(x) over the resident picks, from the packed bytes → `[T, D]` float32;
         None where the fused kernels do not apply (no Triton, too many tokens)."""
-        if not self.fused or x.shape[0] > fp4_triton.MAX_TOKENS:
+        if not self.fused or x.shape[0] > gpu_kernels.MAX_TOKENS:
             return None
-        return fp4_triton.moe(x, experts, weights, self.slot_dev, self.stacks, limit)
+        return gpu_kernels.moe(x, experts, weights, self.slot_dev, self.stacks, limit)
 
     def refresh(self, counts: torch.Tensor) -> int:
         """Swap cold resident experts for hotter absent ones (by routing `counts` `[E]`);

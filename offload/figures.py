@@ -35,6 +35,9 @@ class LayerFigures:
     expert_bytes: int  # one routed expert (w1, w3, w2 with scales)
     expert_params: int
     table_bytes: int = 0  # in dense_bytes but not read per token: the hash layers' tid2eid table
+    # The same as the runtime holds them in VRAM (FP8 widened to bf16, ...); None: as stored.
+    dense_gpu: int | None = None
+    shared_gpu: int | None = None
 
     @property
     def experts_bytes(self) -> int:
@@ -44,6 +47,17 @@ class LayerFigures:
     def dense_read_bytes(self) -> int:
         """Dense bytes one decode token reads (one tid2eid row instead of the table)."""
         return self.dense_bytes - self.table_bytes
+
+    def dense_on(self, gpu: bool) -> int:
+        """Dense bytes held where they are placed: VRAM (as the runtime widens them) or RAM."""
+        return self.dense_gpu if gpu and self.dense_gpu is not None else self.dense_bytes
+
+    def shared_on(self, gpu: bool) -> int:
+        return self.shared_gpu if gpu and self.shared_gpu is not None else self.shared_bytes
+
+    def dense_read_on(self, gpu: bool) -> int:
+        """`dense_read_bytes` as held on the GPU or in RAM (the tid2eid table is stored as is)."""
+        return self.dense_on(gpu) - self.table_bytes
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,12 @@ class ModelFigures:
     index_dim: int  # one lightning-indexer key
     max_context: int
     csa_ratio: int = 4
+    head_gpu: int | None = None  # head + final as the runtime holds them in VRAM; None: as stored
+
+    def head_on(self, gpu: bool) -> int:
+        """The LM head and the final norm/hyper-connection tensors, in VRAM or in RAM."""
+        stored = self.head_bytes + self.final_bytes
+        return self.head_gpu if gpu and self.head_gpu is not None else stored
 
     # ------------------------------------------------------------------ totals
 
@@ -90,6 +110,11 @@ class ModelFigures:
             + self.head_bytes
             + self.final_bytes
         )
+
+    def dense_total_on(self, gpu: bool) -> int:
+        """`dense_total_bytes` as held in VRAM (the runtime's widened dtypes) or in RAM."""
+        layers = sum(layer.dense_on(gpu) + layer.shared_on(gpu) for layer in self.layers)
+        return layers + self.head_on(gpu)
 
     @property
     def active_params(self) -> int:
@@ -164,9 +189,11 @@ class ModelFigures:
         """Figures from `flashdesk.engine.inventory.Inventory` and its `ModelConfig` (duck-typed)."""
         n_layers = int(config.num_hidden_layers)
         dense_b: dict[int, int] = defaultdict(int)
+        dense_g: dict[int, int] = defaultdict(int)  # as held in VRAM (`gpu_bytes`)
         dense_p: dict[int, int] = defaultdict(int)
         table_b: dict[int, int] = defaultdict(int)
         shared_b: dict[int, int] = defaultdict(int)
+        shared_g: dict[int, int] = defaultdict(int)
         shared_p: dict[int, int] = defaultdict(int)
         expert_b: dict[tuple[int, int], int] = defaultdict(int)
         expert_p: dict[tuple[int, int], int] = defaultdict(int)
@@ -174,8 +201,10 @@ class ModelFigures:
         params = defaultdict(int)
         total_bytes = 0
         total_params = 0
+        head_g = 0
         for t in inventory.tensors:
             nbytes = int(t.nbytes)
+            gbytes = int(getattr(t, "gpu_bytes", nbytes))
             total_bytes += nbytes
             counted = _param_count(t)
             layer = t.layer
@@ -186,6 +215,8 @@ class ModelFigures:
             if layer is None:
                 totals[t.component] += nbytes
                 params[t.component] += counted
+                if t.component != EMBED:
+                    head_g += gbytes
                 if t.component == EMBED:
                     totals["embed_rows"] = max(totals["embed_rows"], int(t.shape[0]))
                 continue
@@ -194,9 +225,11 @@ class ModelFigures:
                 expert_p[(layer, t.expert)] += counted
             elif t.component == SHARED:
                 shared_b[layer] += nbytes
+                shared_g[layer] += gbytes
                 shared_p[layer] += counted
             else:
                 dense_b[layer] += nbytes
+                dense_g[layer] += gbytes
                 dense_p[layer] += counted
                 if str(t.name).endswith("gate.tid2eid"):
                     table_b[layer] += nbytes
@@ -219,6 +252,8 @@ class ModelFigures:
                     expert_bytes=expert_b[(i, experts[0])] if experts else 0,
                     expert_params=expert_p[(i, experts[0])] if experts else 0,
                     table_bytes=table_b[i],
+                    dense_gpu=dense_g[i],
+                    shared_gpu=shared_g[i],
                 )
             )
         embed = totals[EMBED]
@@ -241,6 +276,7 @@ class ModelFigures:
             rope_dim=int(config.qk_rope_head_dim),
             index_dim=int(config.index_head_dim),
             max_context=int(config.max_position_embeddings),
+            head_gpu=head_g,
         )
 
 

@@ -203,14 +203,19 @@ class _GpuFill:
     used: int
 
 
-def _attention_unit(figures: ModelFigures, layer: LayerFigures, ctx: int, kv: str) -> tuple:
-    size = layer.dense_bytes + layer.shared_bytes + figures.kv_layer_bytes(layer, ctx, kv)
-    cost = layer.dense_read_bytes + layer.shared_bytes + figures.kv_read_layer_bytes(layer, ctx, kv)
+def _attention_unit(
+    figures: ModelFigures, layer: LayerFigures, ctx: int, kv: str, gpu: bool
+) -> tuple[int, int]:
+    """(bytes held, bytes read per token) of a layer's always-read part in VRAM or in RAM."""
+    shared = layer.shared_on(gpu)
+    size = layer.dense_on(gpu) + shared + figures.kv_layer_bytes(layer, ctx, kv)
+    cost = layer.dense_read_on(gpu) + shared + figures.kv_read_layer_bytes(layer, ctx, kv)
     return size, cost
 
 
-def _essentials_bytes(figures: ModelFigures, ctx: int, kv: str) -> int:
-    return figures.dense_total_bytes + figures.kv_bytes(ctx, kv)
+def _essentials_bytes(figures: ModelFigures, ctx: int, kv: str, gpu: bool) -> int:
+    """Everything read every token, KV cache included, as held in VRAM or in RAM."""
+    return figures.dense_total_on(gpu) + figures.kv_bytes(ctx, kv)
 
 
 def _fill_gpu(
@@ -220,9 +225,9 @@ def _fill_gpu(
     # 1. Units read every token, most bytes saved per byte placed first (ties: layers, then head).
     units = []
     for layer in figures.layers:
-        size, cost = _attention_unit(figures, layer, ctx, kv)
+        size, cost = _attention_unit(figures, layer, ctx, kv, gpu=True)
         units.append((cost / size, 0, layer.index, size))
-    head = figures.head_bytes + figures.final_bytes
+    head = figures.head_on(gpu=True)
     units.append((1.0, 1, -1, head))
     units.sort(key=lambda u: (-u[0], u[1], u[2]))
     attention_gpu: set[int] = set()
@@ -413,13 +418,13 @@ def _place(
     must_host = figures.embed_bytes
     kv_gpu = 0
     for layer in figures.layers:
-        size, _ = _attention_unit(figures, layer, ctx, kv)
+        size, _ = _attention_unit(figures, layer, ctx, kv, gpu=False)
         if layer.index in fill.attention_gpu:
             kv_gpu += figures.kv_layer_bytes(layer, ctx, kv)
         else:
             must_host += size
     if not fill.head_gpu:
-        must_host += figures.head_bytes + figures.final_bytes
+        must_host += figures.head_on(gpu=False)
     if must_host > host_budget:
         return None
 
@@ -567,15 +572,17 @@ def _groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes) -> 
     by_index = {layer.index: layer for layer in figures.layers}
     groups = []
 
-    def attention_bytes(lps):
-        return sum(by_index[lp.index].dense_bytes + by_index[lp.index].shared_bytes for lp in lps)
+    def attention_bytes(lps, gpu: bool):
+        return sum(
+            by_index[lp.index].dense_on(gpu) + by_index[lp.index].shared_on(gpu) for lp in lps
+        )
 
     if gpu_layers:
         groups.append(
             Group(
                 "attention, compressors, indexer, mHC, router, shared expert",
                 GPU,
-                attention_bytes(gpu_layers),
+                attention_bytes(gpu_layers, gpu=True),
                 f"{len(gpu_layers)} layers",
             )
         )
@@ -589,7 +596,7 @@ def _groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes) -> 
             Group(
                 "attention, compressors, indexer, mHC, router, shared expert",
                 host,
-                attention_bytes(cpu_layers),
+                attention_bytes(cpu_layers, gpu=False),
                 f"{len(cpu_layers)} layers, computed on the CPU",
             )
         )
@@ -602,7 +609,7 @@ def _groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes) -> 
             )
         )
     head_loc = GPU if fill.head_gpu else host
-    groups.append(Group("LM head + final norm", head_loc, figures.head_bytes + figures.final_bytes))
+    groups.append(Group("LM head + final norm", head_loc, figures.head_on(head_loc == GPU)))
     groups.append(Group("embedding", host, figures.embed_bytes, "one row read per token"))
     eb = figures.expert_bytes
     whole = [lp for lp in layers if lp.whole_layer_on_gpu]
@@ -701,7 +708,7 @@ def _assess(
             moved.append("the LM head runs on the CPU")
         plan.changes.append(
             f"GPU too small for everything read every token at {ctx:,} tokens "
-            f"({_gib(_essentials_bytes(figures, ctx, kv))} needed, "
+            f"({_gib(_essentials_bytes(figures, ctx, kv, gpu=True))} needed, "
             f"{_gib(budgets.gpu_budget)} usable): " + "; ".join(moved)
         )
         plan.changes += _gpu_alternatives(figures, budgets, options, shares)
@@ -776,7 +783,7 @@ def _gpu_alternatives(figures, budgets, options, shares) -> list[str]:
                 f"or --ctx {smaller}: keeps all attention, the KV cache and the head on the GPU"
             )
             break
-    need = _essentials_bytes(figures, ctx, kv) + budgets.gpu_workspace
+    need = _essentials_bytes(figures, ctx, kv, gpu=True) + budgets.gpu_workspace
     need_total = math.ceil((need + GIB // 2) / 0.95 / GIB)
     out.append(f"or a GPU with at least {need_total} GB of free VRAM for {ctx:,} tokens of {kv} KV")
     return out
@@ -810,9 +817,11 @@ def _does_not_fit(
 ) -> Plan:
     """Even at the smallest context the always-read parts do not fit: say what would."""
     ctx = MIN_CONTEXT
-    need_host = figures.embed_bytes + _essentials_bytes(figures, ctx, options.kv_dtype)
-    if budgets.mode == "gpu+cpu":
-        need_host -= min(budgets.gpu_budget, _essentials_bytes(figures, ctx, options.kv_dtype))
+    in_ram = _essentials_bytes(figures, ctx, options.kv_dtype, gpu=False)
+    need_host = figures.embed_bytes + in_ram
+    if budgets.mode == "gpu+cpu":  # the share the GPU can hold leaves RAM
+        on_gpu = _essentials_bytes(figures, ctx, options.kv_dtype, gpu=True)
+        need_host -= in_ram * min(budgets.gpu_budget, on_gpu) // max(on_gpu, 1)
     elif budgets.mode == "unified":  # the GPU's workspace comes out of the same pool
         need_host += budgets.gpu_workspace
     need_ram = need_host + budgets.ram_reserve

@@ -206,18 +206,20 @@ def _decode_seconds(
     total = 0.0
     for lp in plan.layers:
         layer = by_index[lp.index]
-        attn = layer.dense_read_bytes + figures.kv_read_layer_bytes(
+        on_gpu = lp.attention_on == GPU
+        attn = layer.dense_read_on(on_gpu) + figures.kv_read_layer_bytes(
             layer, plan.context, plan.kv_dtype
         )
+        shared = layer.shared_on(on_gpu)
         gpu_side = cpu_side = 0.0
-        if lp.attention_on == GPU:
+        if on_gpu:
             total += attn / (gpu * e(eff.gpu_memory))
-            gpu_side += layer.shared_bytes / (gpu * e(eff.gpu_memory))
-            read["gpu"] += attn + layer.shared_bytes
+            gpu_side += shared / (gpu * e(eff.gpu_memory))
+            read["gpu"] += attn + shared
         else:
             total += attn / (ram * e(eff.cpu_dense))
-            cpu_side += layer.shared_bytes / (ram * e(eff.cpu_dense))
-            read["ram"] += attn + layer.shared_bytes
+            cpu_side += shared / (ram * e(eff.cpu_dense))
+            read["ram"] += attn + shared
             if hybrid:
                 total += hop
         gpu_bytes = k * eb * lp.gpu_hit_rate
@@ -231,7 +233,7 @@ def _decode_seconds(
         total += max(gpu_side, cpu_side)
         if hybrid and (ram_bytes or disk_bytes):
             total += hop
-    head = figures.head_bytes + figures.final_bytes
+    head = figures.head_on(plan.head_on == GPU)
     if plan.head_on == GPU:
         total += head / (gpu * e(eff.gpu_memory))
         read["gpu"] += head
@@ -357,9 +359,9 @@ def predict(
         paths |= used
         position += size
     prefill += (
-        (figures.head_bytes / (float(rates.gpu_mem.value) * 1e9))
+        (figures.head_on(True) / (float(rates.gpu_mem.value) * 1e9))
         if plan.head_on == GPU
-        else (figures.head_bytes / (float(rates.ram.value) * 1e9))
+        else (figures.head_on(False) / (float(rates.ram.value) * 1e9))
     )
     if paths == {"gpu"}:
         mode = "gpu"

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashdesk.engine import fp4_triton
+from flashdesk.engine import gpu_kernels
 
 
 def kernels_device() -> str:
     """ "cuda" where the compiled kernels run, "cpu" under the interpreter; skips otherwise."""
-    if fp4_triton.triton is None:
+    if gpu_kernels.triton is None:
         pytest.skip("Triton is not installed (`make test` installs it on Linux x86-64)")
-    if torch.cuda.is_available() and not fp4_triton.INTERPRETED:
+    if torch.cuda.is_available() and not gpu_kernels.INTERPRETED:
         return "cuda"
-    if not fp4_triton.INTERPRETED:
+    if not gpu_kernels.INTERPRETED:
         pytest.skip("no GPU, and Triton's interpreter was not on when Triton was imported")
     return "cpu"

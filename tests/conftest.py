@@ -6,7 +6,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Without a GPU the Triton kernels (engine/fp4_triton.py) are tested in Triton's CPU interpreter,
+# Without a GPU the Triton kernels (engine/gpu_kernels.py) are tested in Triton's CPU interpreter,
 # which must be on before Triton is first imported.
 import torch
 

@@ -40,7 +40,7 @@ def test_bench_list_and_unknown_name(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_gpu_experts_benchmark_runs_its_steps(monkeypatch):
+def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
     """The GPU expert benchmark (for the lent machine, where each minute counts) runs every step
     here at small dims in Triton's interpreter: a mistake shows before device time is spent."""
     from _triton import kernels_device
@@ -48,7 +48,7 @@ def test_gpu_experts_benchmark_runs_its_steps(monkeypatch):
     if kernels_device() != "cpu":
         pytest.skip("a GPU machine runs the real benchmark")
     monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
-    module = importlib.import_module("gpu_experts")
+    module = importlib.import_module("gpu_kernels")
     try:
         out = module.measure(
             "cpu",
@@ -57,9 +57,11 @@ def test_gpu_experts_benchmark_runs_its_steps(monkeypatch):
             reps=1,
             tile_choices=module.TILE_CHOICES[:2],
             token_counts=(2,),
+            linears=[("fp8", 256, 128, 2, True), ("bf16", 64, 64, 1, False)],
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
+        assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
         assert "skipped" in module.run(True)  # no GPU here
     finally:
-        sys.modules.pop("gpu_experts", None)
+        sys.modules.pop("gpu_kernels", None)

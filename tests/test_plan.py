@@ -347,8 +347,9 @@ def test_plans_never_over_commit(
         assert plan.changes and not plan.layers
         # Only when RAM cannot hold even what is read every token at the smallest context.
         always_read = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, kv)
-        if plan.mode == "unified":  # one pool: the GPU's workspace is RAM too
+        if plan.mode == "unified":  # one pool: the GPU's workspace and copies are RAM too
             always_read += PlanOptions().gpu_workspace_bytes
+            always_read += flash.dense_total_on(gpu=True) - flash.dense_total_on(gpu=False)
         assert plan.memory["ram"]["budget"] < always_read
         return
     check_budgets(plan, profile)

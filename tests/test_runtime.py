@@ -15,7 +15,7 @@ import pytest
 import torch
 from _triton import kernels_device
 
-from flashdesk.engine import fp4_triton, quant
+from flashdesk.engine import gpu_kernels, quant
 from flashdesk.engine.checkpoint import Checkpoint
 from flashdesk.engine.checkpoint.writer import write_random
 from flashdesk.engine.config import ModelConfig
@@ -108,15 +108,15 @@ def test_every_placement_gives_the_models_logits(tiny, name, fp8):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
-    """Short prefills and decode steps run the VRAM cache's picks by `fp4_triton.moe` (here in
+    """Short prefills and decode steps run the VRAM cache's picks by `gpu_kernels.moe` (here in
     Triton's interpreter on the CPU; tests/gpu/ covers the GPU): the model's logits."""
     if kernels_device() != "cpu":
         pytest.skip("a GPU machine: tests/gpu/test_runtime_cuda.py runs them there")
     folder, config, _, ids, want = tiny
     calls = []
-    moe = fp4_triton.moe
-    monkeypatch.setattr(fp4_triton, "available", lambda device: True)
-    monkeypatch.setattr(fp4_triton, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
+    moe = gpu_kernels.moe
+    monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
+    monkeypatch.setattr(gpu_kernels, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
     placement = PLACEMENTS["pinned+cache"](config)
     with load_runtime(folder, placement=placement, head_dtype="fp32") as rt:
         state = rt.new_state()
@@ -299,3 +299,37 @@ def test_cpu_decode_and_short_prefill_run_torch_on_one_thread(tiny, monkeypatch)
         rt.prefill(list(range(5)), state)
         assert calls == [1, 2]
         assert state.position == long + 1 + 5
+
+
+def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
+    """The planner sizes VRAM by `TensorSpec.gpu_bytes`: FP8 weights (kept FP8 in VRAM), the BF16
+    head and experts as stored, other BF16 tensors as wide as the model asks for them."""
+    from flashdesk.engine.inventory import ROUTED_EXPERTS, inventory
+    from flashdesk.engine.model.common import Numerics
+    from flashdesk.engine.model.model import V4Model
+    from flashdesk.engine.runtime import _fp8_linear_names
+
+    flash = ModelConfig.v4_flash().replace(num_nextn_predict_layers=0)
+    fp8 = {
+        t.name
+        for t in inventory(flash).tensors
+        if t.dtype == "F8_E4M3" and t.component != ROUTED_EXPERTS
+    }
+    assert set(_fp8_linear_names(flash)) == fp8  # every FP8 weight stays FP8 in VRAM
+
+    config = ModelConfig.tiny()
+    specs = inventory(config).by_name
+    kept = set(_fp8_linear_names(config))
+    asked = {}
+
+    def fetch(name, want):
+        asked[name] = want
+        return torch.zeros(specs[name].shape, dtype=want)
+
+    V4Model(config, fetch, numerics=Numerics(dtype=torch.bfloat16), make_experts=lambda s: None)
+    for name, want in asked.items():
+        spec = specs[name]
+        if name in kept or name == "head.weight":  # stored bytes (the default bf16 head)
+            assert spec.gpu_bytes == spec.nbytes, name
+        else:
+            assert spec.gpu_bytes == spec.numel * want.itemsize, name

@@ -15,7 +15,7 @@ from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.generate import SamplingParams, Session
 from flashdesk.engine.model.loader import load_model
 from flashdesk.engine.runtime import (
-    DEFAULT_CPU_HEAD_DTYPE,
+    DEFAULT_HEAD_DTYPE,
     Fp8Head,
     Placement,
     load_runtime,
@@ -52,7 +52,7 @@ def _stored_head(folder) -> torch.Tensor:
 def test_cpu_default_is_bf16_and_reads_half_the_bytes(tiny):
     folder, config, ref, ids, want = tiny
     v, d = config.vocab_size, config.hidden_size
-    assert DEFAULT_CPU_HEAD_DTYPE == "bf16"
+    assert DEFAULT_HEAD_DTYPE == "bf16"
     with load_runtime(folder, placement=Placement.uniform(config, MMAP)) as rt:
         assert rt.head_dtype == "bf16"
         head = rt.model.head

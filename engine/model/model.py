@@ -239,7 +239,9 @@ class V4Model:
         dt = self.numerics.dtype
         main, compress = rotary_tables(config)
         self.rotaries = (main.to(dev), compress.to(dev))
-        self.embed = fetch_on("embed.weight", dt)
+        # The embedding stays in host memory (one row read per token; the planner counts it in
+        # RAM): 1 GB of VRAM for V4-Flash is worth more holding experts.
+        self.embed = fetch("embed.weight", dt)
         # The reference computes logits in float32 against a float32 head.
         self.head = fetch_on("head.weight", F32)
         # A replacement for `linear(h.float(), self.head)` → float32 logits (the runtime's
@@ -292,7 +294,9 @@ class V4Model:
     # ------------------------------------------------------------------ forward
 
     def _ids(self, ids) -> torch.Tensor:
-        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        """Token ids checked → `[S]` int64 in host memory (checking them there costs the GPU no
+        sync; the embedding is read there too)."""
+        t = torch.as_tensor(ids, dtype=torch.long).cpu()
         if t.dim() == 0:
             t = t.view(1)
         if t.dim() != 1:
@@ -311,12 +315,17 @@ class V4Model:
             )
         return t
 
+    def _embed(self, host_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of host ids `[S]` → `[S, D]` on the model's device."""
+        return self.embed[host_ids].to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def forward_streams(self, ids, state: SequenceState) -> torch.Tensor:
         """Run tokens through every block, advancing `state`; → final streams `[S, hc, D]`."""
-        ids = self._ids(ids)
+        host_ids = self._ids(ids)
+        ids = host_ids.to(self.device, non_blocking=True)
         start = state.position
-        e = self.embed[ids]  # [S, D]
+        e = self._embed(host_ids)  # [S, D]
         x = e.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x = block.forward(x, ids, start, layer_state, self.numerics)
@@ -374,9 +383,10 @@ class V4Model:
             raise RuntimeError("this model was loaded without its MTP block (with_mtp=False)")
         c = self.config
         mtp = self.mtp[0]
-        ids = self._ids(next_ids)
+        host_ids = self._ids(next_ids)
+        ids = host_ids.to(self.device, non_blocking=True)
         start = state.mtp_position
-        e = rms_norm(self.embed[ids], mtp.enorm, c.rms_norm_eps)
+        e = rms_norm(self._embed(host_ids), mtp.enorm, c.rms_norm_eps)
         h = rms_norm(streams, mtp.hnorm, c.rms_norm_eps)
         sim = self.numerics.simulate_quant
         x = (mtp.e_proj(e, sim).unsqueeze(1) + mtp.h_proj(h, sim)).to(self.numerics.dtype)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole device check in one call, most valuable first, each step with its own time limit
 # inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
-#   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-experts
+#   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
 #   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
 #   → the full-size synthetic V4-Flash (decode, prefill, torch-experts A/B, a profile).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
@@ -28,9 +28,9 @@ python3 setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { tail -30 "$O
 if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: no install
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
-step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_fp4_triton.py
-step gpu_experts 90 6 python3 -m flashdesk bench gpu-experts
-step kernels 70 12 python3 -m flashdesk bench kernels
+step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py
+step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
+[ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}" --profile 3)
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"

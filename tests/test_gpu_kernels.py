@@ -1,4 +1,4 @@
-"""The GPU expert kernels (engine/fp4_triton.py) equal the torch dequantize-then-multiply path.
+"""The GPU expert kernels (engine/gpu_kernels.py) equal the torch dequantize-then-multiply path.
 
 Run compiled on a CUDA GPU (tests/gpu/ scripts run this file there), else in Triton's CPU
 interpreter on the same inputs.
@@ -10,7 +10,8 @@ import pytest
 import torch
 from _triton import kernels_device
 
-from flashdesk.engine import fp4_triton as ft
+from flashdesk.engine import gpu_kernels as ft
+from flashdesk.engine import quant
 from flashdesk.engine.model.moe import swiglu
 from flashdesk.engine.runtime_experts import fp4_dequant_torch as fp4_dequant
 
@@ -35,7 +36,7 @@ def test_dequant_equals_the_torch_decoder(rows, k, dtype):
     packed, scale = _packed(g, rows, k // 2), _scales(g, rows, k // 32)
     scale[0, 0], scale[-1, -1] = 2, 254  # extremes (results below float32 normals may flush)
     want = fp4_dequant(packed, scale, torch.float32).to(dtype)
-    got = ft.dequant(packed.to(dev), scale.view(torch.float8_e8m0fnu).to(dev), dtype)
+    got = ft.dequant_fp4(packed.to(dev), scale.view(torch.float8_e8m0fnu).to(dev), dtype)
     assert got.dtype == dtype and got.shape == (rows, k)
     assert torch.equal(got.cpu(), want)
 
@@ -58,14 +59,17 @@ def _reference(x, experts, weights, slot_of, stacks, limit):
 
 
 @pytest.mark.parametrize(
-    ("tokens", "dim", "inter", "limit", "xdtype"),
+    ("tokens", "dim", "inter", "limit", "xdtype", "mode"),
     [
-        (1, 256, 128, 10.0, torch.float32),
-        (3, 512, 256, 10.0, torch.bfloat16),
-        (2, 256, 64, 0.0, torch.float32),  # no clamp
+        (1, 256, 128, 10.0, torch.float32, (0, 0)),
+        (3, 512, 256, 10.0, torch.bfloat16, (0, 0)),
+        (2, 256, 64, 0.0, torch.float32, (0, 0)),  # no clamp
+        (2, 256, 128, 10.0, torch.bfloat16, (0, 1)),  # E2M1 through float16 bits
+        (1, 512, 128, 10.0, torch.float32, (1, 0)),  # [rows, blocks, 16] tiles
+        (2, 256, 128, 10.0, torch.bfloat16, (1, 1)),
     ],
 )
-def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype):
+def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype, mode):
     dev = kernels_device()
     g = torch.Generator().manual_seed(tokens * dim + inter)
     n_experts, slots, k = 16, 5, 6
@@ -92,6 +96,7 @@ def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xd
         slot_of.to(dev),
         tuple(t.to(dev) for t in stacks),
         limit,
+        mode=mode,
     )
     assert got.dtype == torch.float32 and got.shape == (tokens, dim)
     assert torch.isfinite(got).all()
@@ -118,3 +123,49 @@ def test_the_runtime_uses_them_only_on_a_gpu(monkeypatch):
     assert ft.available("cuda") == (ft.triton is not None and not ft.INTERPRETED)
     monkeypatch.setenv("FLASHDESK_TRITON", "0")
     assert not ft.available("cuda")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n", "k", "groups", "wdtype"),
+    [
+        (1, 256, 512, 1, "fp8"),
+        (3, 384, 256, 1, "fp8"),  # rows not a power of two
+        (2, 512, 128, 2, "fp8"),  # V4's grouped wo_a
+        (1, 200, 64, 1, "bf16"),  # the head: BF16 weights, no scales
+    ],
+)
+def test_linear_equals_dequantize_then_multiply(tokens, n, k, groups, wdtype):
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn((n, k), generator=g) * torch.exp2(torch.randint(-3, 4, (n, 1), generator=g))
+    if wdtype == "fp8":
+        codes, scale = quant.quantize_fp8(w)
+        weight, want_w = codes.view(torch.float8_e4m3fn), quant.dequant_fp8(codes, scale)
+        scale = scale.view(torch.float8_e8m0fnu)
+    else:
+        weight, scale = w.to(torch.bfloat16), None
+        want_w = weight.float()
+    x = torch.randn((tokens, groups * k), generator=g)
+    xs = x.view(tokens, groups, k).double()
+    want = torch.einsum("tgk,grk->tgr", xs, want_w.double().view(groups, n // groups, k)).reshape(
+        tokens, n
+    )
+    got = ft.linear(
+        x.to(dev), weight.to(dev), None if scale is None else scale.to(dev), groups,
+        out_dtype=torch.float32,
+    )  # fmt: skip
+    assert got.shape == (tokens, n) and got.dtype == torch.float32
+    err = ((got.cpu().double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, err
+
+
+def test_linear_rejects_what_it_cannot_compute():
+    dev = kernels_device()
+    w8 = torch.zeros((128, 128), dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.zeros((1, 1), dtype=torch.uint8, device=dev)
+    with pytest.raises(ValueError, match="does not fit"):
+        ft.linear(torch.zeros((1, 64), device=dev), w8, s)
+    with pytest.raises(ValueError, match="tile scales"):
+        ft.linear(torch.zeros((1, 128), device=dev), w8)
+    with pytest.raises(ValueError, match="tile scales"):
+        ft.linear(torch.zeros((1, 128), device=dev), w8.float(), s)

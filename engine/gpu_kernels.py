@@ -1,0 +1,307 @@
+"""GPU kernels (Triton) for weights held in VRAM in their stored formats.
+
+Why: torch has no GEMV for V4's block-scaled FP8 or packed FP4, so the torch path must widen the
+weights, either once at load (twice the VRAM: V4-Flash's non-expert weights take 15.4 GB as bf16
+instead of 7.8 GB) or per use (about 35 times an FP4 expert's 13.4 MB of stored bytes in memory
+traffic, plus a host sync per layer to list the picked experts). Here, for the few tokens of a
+decode step:
+
+* `moe(...)`: the routed experts those tokens picked, read straight from the packed E2M1 bytes
+  and E8M0 scales (spec §4.4) of a stacked slot store, in two launches (gate/up with the clamped
+  SwiGLU and the routing weight; then down, summed over the token's picks in a fixed order), with
+  the pick → slot map read on the device: no host sync, experts not in VRAM (slot −1) skipped;
+* `linear(...)`: `x · Wᵀ` from FP8 E4M3 weights with 128×128 E8M0 tile scales (spec §4.3), or
+  from BF16 weights (the head), float32 sums; V4's grouped `wo_a` in the same launch;
+* `dequant_fp4(...)`: one pass from packed FP4 to bf16/fp16/fp32 (long prompts, where experts
+  are multiplied as dense matrices).
+
+Triton is optional: torch's Linux CUDA wheels bring it; where it is missing (Windows, CPU-only)
+`available()` is False and the runtime keeps its torch path. Without a GPU the tests run these
+kernels in Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+try:  # imported by name so that PyInstaller's import graph does not pull Triton into the app
+    triton = importlib.import_module("triton")
+    tl = importlib.import_module("triton.language")
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+# The FP4 expert kernels' shape: (rows, bytes per step) of the gate/up launch, then of the down
+# launch; warps; MODE 0 sums 32-value blocks by a reshape, 1 loads the tile as [rows, blocks, 16]
+# bytes; F16 1 decodes E2M1 through float16 bits. From `flashdesk bench gpu-kernels` on an H200
+# (first sweep, MODE 0 F16 0 only): (8, 256, 8, 256) with 4 warps, 389 GB/s.
+TILES = (8, 256, 8, 256)
+WARPS = 4
+FP4_MODE = (0, 0)  # (MODE, F16)
+MAX_TOKENS = 16  # above this many tokens the runtime dequantizes and multiplies with torch
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
+# it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device | str) -> bool:
+    """The runtime may use these kernels for tensors on `device` (FLASHDESK_TRITON=0: never)."""
+    if triton is None or INTERPRETED or os.environ.get("FLASHDESK_TRITON", "1") == "0":
+        return False
+    return torch.device(device).type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _e2m1(code):
+        """int32 codes 0..15 → their E2M1 values as float32 (bits built directly)."""
+        mag = code & 7
+        e = mag >> 1
+        m = mag & 1
+        bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))
+        bits = bits | ((code & 8) << 28)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nibbles(b, F16: tl.constexpr):
+        """Packed bytes (int32) → (low, high) nibble values as float32; with F16 the values are
+        2⁻¹⁴ of E2M1's (float16 bits: sign, then e1 e0 m into the exponent's and mantissa's low
+        bits; the caller scales by 2¹⁴), fewer integer operations than `_e2m1`."""
+        if F16:
+            lo = ((b & 7) << 9) | ((b & 8) << 12)
+            hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+            lo = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return lo, hi
+        return _e2m1(b & 15), _e2m1(b >> 4)
+
+    @triton.jit
+    def _e8m0(byte):
+        """E8M0 scale bytes → 2^(b−127) as float32 (byte 0 reads as 0: below float32's normals)."""
+        return (byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp4_rows_dot(
+        w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BKB: tl.constexpr,
+        MODE: tl.constexpr, F16: tl.constexpr,
+    ):  # fmt: skip
+        """Σ_k W[rows, k] · x[k] for packed rows `[BN, K/2]` bytes, scales `[BN, K/32]`."""
+        BN: tl.constexpr = rows.shape[0]
+        NB: tl.constexpr = BKB // 16  # 32-value blocks per step
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for kb in range(0, K // 2, BKB):
+            blocks = kb // 16 + tl.arange(0, NB)
+            scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
+            if F16:
+                scale = scale * 16384.0
+            if MODE == 0:
+                cols = kb + tl.arange(0, BKB)
+                b = tl.load(w_ptr + rows[:, None] * (K // 2) + cols[None, :]).to(tl.int32)
+                xe = tl.load(x_ptr + 2 * cols).to(tl.float32)
+                xo = tl.load(x_ptr + 2 * cols + 1).to(tl.float32)
+                lo, hi = _nibbles(b, F16)
+                part = lo * xe[None, :] + hi * xo[None, :]
+                per_block = tl.sum(tl.reshape(part, (BN, NB, 16)), axis=2)
+            else:
+                byte = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]  # [NB, 16]
+                ptrs = w_ptr + rows[:, None, None] * (K // 2) + byte[None, :, :]
+                b = tl.load(ptrs).to(tl.int32)  # [BN, NB, 16]
+                xe = tl.load(x_ptr + 2 * byte).to(tl.float32)
+                xo = tl.load(x_ptr + 2 * byte + 1).to(tl.float32)
+                lo, hi = _nibbles(b, F16)
+                per_block = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+            acc += tl.sum(per_block * scale, axis=1)
+        return acc
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
+        limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+        BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
+    ):  # fmt: skip
+        pair = tl.program_id(0)  # token · TOPK + pick
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
+        if slot >= 0:
+            x_row = x_ptr + (pair // TOPK) * D
+            w_off = slot * (INTER * (D // 2))
+            s_off = slot * (INTER * (D // 32))
+            g = _fp4_rows_dot(w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
+            u = _fp4_rows_dot(w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
+            if limit > 0:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+            h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pair)
+            tl.store(h_ptr + pair * INTER + rows, h)
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
+        TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+        BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
+    ):  # fmt: skip
+        token = tl.program_id(0)
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            pair = token * TOPK + j
+            slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
+            if slot >= 0:
+                acc += _fp4_rows_dot(
+                    w2_ptr + slot * (D * (INTER // 2)),
+                    s2_ptr + slot * (D * (INTER // 32)),
+                    h_ptr + pair * INTER,
+                    rows,
+                    INTER,
+                    BKB,
+                    MODE,
+                    F16,
+                )
+        tl.store(out_ptr + token * D + rows, acc)
+
+    @triton.jit
+    def _dequant_fp4_kernel(
+        w_ptr, s_ptr, out_ptr, K: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr
+    ):
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        cols = tl.program_id(1) * BKB + tl.arange(0, BKB)
+        b = tl.load(w_ptr + rows[:, None] * (K // 2) + cols[None, :]).to(tl.int32)
+        scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + cols[None, :] // 16))
+        lo = _e2m1(b & 15) * scale
+        hi = _e2m1(b >> 4) * scale
+        vals = tl.reshape(tl.join(lo, hi), (BN, 2 * BKB))  # element 2j = low nibble of byte j
+        out_cols = tl.program_id(1) * 2 * BKB + tl.arange(0, 2 * BKB)
+        ptrs = out_ptr + rows[:, None] * K + out_cols[None, :]
+        tl.store(ptrs, vals.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _linear_kernel(
+        x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
+        X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        """out[t, rows] = x[t, group's K] · W[rows]ᵀ (× the rows' 128×128 tile scales)."""
+        t = tl.program_id(0)
+        first = tl.program_id(1) * BN
+        rows = first + tl.arange(0, BN)
+        x_row = x_ptr + t * X_STRIDE + (first // GROUP_ROWS) * K
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for kb in range(0, K, BK):
+            cols = kb + tl.arange(0, BK)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(tl.float32)
+            part = tl.sum(w * tl.load(x_row + cols).to(tl.float32)[None, :], axis=1)
+            if HAS_SCALE:
+                scale = _e8m0(tl.load(s_ptr + (rows // 128) * ((K + 127) // 128) + kb // 128))
+                part = part * scale
+            acc += part
+        tl.store(out_ptr + t * N + rows, acc.to(out_ptr.dtype.element_ty))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def _block(n: int, want: int) -> int:
+    """The largest power of two ≤ want dividing n (V4 dims are powers of two; tiny test dims too)."""
+    b = want
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def moe(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    slot_of: torch.Tensor,
+    stacks: tuple[torch.Tensor, ...],
+    limit: float,
+    tiles: tuple[int, int, int, int] = TILES,
+    num_warps: int = WARPS,
+    mode: tuple[int, int] = FP4_MODE,
+) -> torch.Tensor:
+    """Σ over each token's picks held in the slot store of weight · expert(x).
+
+    x `[T, D]` (any float dtype), experts `[T, k]` int, weights `[T, k]`, slot_of `[E]` int32
+    (slot of each expert, −1 when not in the store), stacks = (w1 `[S, I, D/2]`, s1 `[S, I, D/32]`,
+    w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
+    slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
+    kernel shape (benchmarks sweep them).
+    """
+    w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
+    tokens, dim = x.shape
+    topk = experts.shape[1]
+    inter = w1.shape[1]
+    if w1.shape[2] * 2 != dim or w2.shape[1:] != (dim, inter // 2) or dim % 32 or inter % 32:
+        raise ValueError(f"expert stacks {w1.shape}/{w2.shape} do not fit activations {x.shape}")
+    x = x.contiguous()
+    experts = experts.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    h = torch.zeros((tokens * topk, inter), dtype=torch.float32, device=x.device)
+    out = torch.empty((tokens, dim), dtype=torch.float32, device=x.device)
+    bn_up, bkb_up = _block(inter, tiles[0]), max(16, _block(dim // 2, tiles[1]))
+    bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
+    _gate_up_kernel[(tokens * topk, inter // bn_up)](
+        x, experts, weights, slot_of, w1, s1, w3, s3, h, float(limit),
+        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
+        num_warps=num_warps,
+    )  # fmt: skip
+    _down_kernel[(tokens, dim // bn_down)](
+        h, experts, slot_of, w2, s2, out,
+        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed `[O, K/2]` E2M1 bytes (low nibble first), scale `[O, K/32]` E8M0 → `[O, K]` dtype,
+    in one pass (the same values as `runtime_experts.fp4_dequant_torch`; results below float32's
+    normal range may read as 0)."""
+    b, s = _bytes(packed).contiguous(), _bytes(scale).contiguous()
+    rows, half = b.shape
+    out = torch.empty((rows, 2 * half), dtype=dtype, device=b.device)
+    bn, bkb = _block(rows, 16), _block(half, 64)
+    if bkb < 16:
+        raise ValueError(f"FP4 rows of {2 * half} values are not whole 32-value blocks")
+    _dequant_fp4_kernel[(rows // bn, half // bkb)](b, s, out, K=2 * half, BN=bn, BKB=bkb)
+    return out
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    groups: int = 1,
+    out_dtype: torch.dtype | None = None,
+    block_n: int = 32,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
+
+    W: FP8 E4M3 with `scale` `[⌈N/128⌉, ⌈K/128⌉]` E8M0 tile scales, or BF16/FP16/FP32 without.
+    groups G > 1: rows split into G equal groups, group g multiplying x's g-th K slice (`wo_a`).
+    """
+    n, k = weight.shape
+    if x.shape[-1] != groups * k or n % groups:
+        raise ValueError(
+            f"x {tuple(x.shape)} does not fit W {tuple(weight.shape)} in {groups} groups"
+        )
+    if (scale is not None) != (weight.dtype == torch.float8_e4m3fn):
+        raise ValueError("FP8 weights need their tile scales; other weights take none")
+    group_rows = n // groups
+    x = x.contiguous()
+    out = torch.empty((x.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
+    bn, bk = _block(group_rows, block_n), _block(k, 128)
+    if bk < 16:
+        raise ValueError(f"rows of {k} values: need a multiple of 16")
+    s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
+    _linear_kernel[(x.shape[0], n // bn)](
+        x, weight, s, out, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
+        HAS_SCALE=scale is not None, BN=bn, BK=bk, num_warps=num_warps,
+    )  # fmt: skip
+    return out

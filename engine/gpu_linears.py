@@ -1,0 +1,80 @@
+"""The GPU runtime's linears over weights kept in VRAM as stored: FP8 E4M3 with 128×128 E8M0
+tile scales (attention, compressors, indexer, shared experts; V4's grouped `wo_a`) and the BF16
+LM head.
+
+Why: widening them once at load doubles their VRAM (V4-Flash: 15.4 GB instead of 7.8 GB, about
+two layers of routed experts on a 24 GB card) and the bytes each token reads. A decode step's few
+tokens go through `gpu_kernels.linear` (float32 sums over the stored bytes); longer inputs, or a
+GPU without Triton, dequantize the weight for the call and use torch's matmul, whose cost is
+small beside a prompt chunk's arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flashdesk.engine import gpu_kernels, quant
+from flashdesk.engine.model import qsim
+from flashdesk.engine.model.common import Linear
+
+_HEAD_ROWS = 16384  # head rows widened to float32 at a time for inputs of many tokens
+
+
+class CudaFp8Linear(Linear):
+    """`y = x · Wᵀ` from the stored FP8 weight `[N, K]` and scales `[⌈N/128⌉, ⌈K/128⌉]` in VRAM;
+    with `groups` G the rows form G groups, group g seeing x's g-th K slice (`wo_a`)."""
+
+    __slots__ = ("dtype", "fused", "groups", "scale")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, groups=1):
+        super().__init__(weight, True)
+        self.scale = scale
+        self.dtype = dtype
+        self.groups = groups
+        self.fused = gpu_kernels.available(weight.device)
+
+    def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+        if simulate:
+            x = qsim.act_snap(x)
+        n = self.weight.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.fused and x2.shape[0] <= gpu_kernels.MAX_TOKENS:
+            out = gpu_kernels.linear(x2, self.weight, self.scale, self.groups, self.dtype)
+        else:
+            w = quant.dequant_fp8(self.weight, self.scale, dtype=self.dtype)
+            xs = x2.to(self.dtype)
+            if self.groups == 1:
+                out = F.linear(xs, w)
+            else:
+                g = self.groups
+                out = torch.einsum(
+                    "sgk,grk->sgr", xs.view(-1, g, xs.shape[-1] // g), w.view(g, n // g, -1)
+                ).reshape(-1, n)
+        return out.view(*x.shape[:-1], n)
+
+    def to(self, device):
+        raise RuntimeError("a VRAM FP8 linear is built on its device; it does not move")
+
+
+class CudaBf16Head:
+    """float32 logits from the stored BF16 head in VRAM: each weight widened exactly, float32
+    activations and sums (as the float32 head, up to summation order) at half its bytes."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.to(torch.bfloat16).contiguous()
+        self.fused = gpu_kernels.available(self.weight.device)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float().reshape(-1, h.shape[-1])
+        if self.fused and x.shape[0] <= gpu_kernels.MAX_TOKENS:
+            out = gpu_kernels.linear(x, self.weight, out_dtype=torch.float32)
+        else:
+            out = torch.cat(
+                [
+                    F.linear(x, self.weight[r : r + _HEAD_ROWS].float())
+                    for r in range(0, self.weight.shape[0], _HEAD_ROWS)
+                ],
+                dim=-1,
+            )
+        return out.view(*h.shape[:-1], self.weight.shape[0])
