@@ -215,6 +215,13 @@ def run(
             f"({out['prefill_pcie_bound_tok_s']:.1f} tok/s at {out['h2d_pinned_gbps']:.1f} GB/s)"
         )
     say(line)
+    if on_gpu:  # the host's dispatch floor per layer, for `flashdesk fit` on this machine
+        out["step_s_per_layer"] = step_s / config.num_hidden_layers
+        Efficiency.record(
+            {"gpu_layer_seconds": out["step_s_per_layer"]},
+            f"bench --synthetic v4-flash, {config.num_hidden_layers} layers",
+        )
+        say(f"decode time per layer {out['step_s_per_layer'] * 1e3:.2f} ms (recorded for fit)")
     if "decode_tok_s_torch_experts" in out:
         say(
             f"VRAM experts through torch's dequantize-then-multiply instead of the Triton kernels: "

@@ -49,7 +49,10 @@ def test_rtx4090_decode_is_within_the_roofline(flash):
     # The model overlaps the shared/GPU experts with the CPU experts: a little faster than the sum.
     assert pred.decode_bound_tok_s == pytest.approx(bound, rel=0.05)
     assert pred.decode_bound_tok_s <= ram_bw / from_ram
-    assert 0.4 * pred.decode_bound_tok_s <= pred.decode_tok_s < pred.decode_bound_tok_s
+    assert 0.2 * pred.decode_bound_tok_s <= pred.decode_tok_s < pred.decode_bound_tok_s
+    # The eager GPU runtime cannot finish a layer before the host has issued its operations.
+    dispatch = Efficiency().gpu_layer_seconds.value * len(plan.layers)
+    assert pred.decode_tok_s <= 1.0 / dispatch
     assert pred.bytes_per_token["ram"] == pytest.approx(from_ram, rel=0.01)
     assert pred.gpu_hit_rate == pytest.approx(gpu_share, rel=1e-6)
     assert pred.confidence == "estimated"
@@ -63,7 +66,7 @@ def test_cpu_only_bound_is_all_bytes_over_ram_bandwidth(flash):
     per_token = NON_EXPERT_PER_TOKEN + EXPERTS_PER_TOKEN + KV_READ_128K
     assert pred.decode_bound_tok_s == pytest.approx(64.0e9 / per_token, rel=0.01)
     gpu = predict(*_plan_for(flash, "rtx4090_192gb_ddr5"))
-    assert pred.decode_tok_s < gpu.decode_tok_s / 2
+    assert pred.decode_tok_s < gpu.decode_tok_s
     assert pred.prefill_experts == "cpu" and pred.crossover_tokens is None
 
 
@@ -107,8 +110,17 @@ def test_frequency_profile_raises_the_prediction(flash):
     counts = [[1.0 / (1 + e) ** 1.2 for e in range(256)] for _ in range(43)]
     skewed = make_plan(flash, profile, PlanOptions(expert_frequency=counts))
     uniform = make_plan(flash, profile)
+    # where the host's dispatch of each GPU layer is the limit (today's eager runtime), fewer RAM
+    # bytes cannot show; with that cost gone (graph replay) the skew pays
     assert (
-        predict(skewed, flash, profile).decode_tok_s > predict(uniform, flash, profile).decode_tok_s
+        predict(skewed, flash, profile).decode_tok_s
+        >= predict(uniform, flash, profile).decode_tok_s
+    )
+    graphed = Efficiency()
+    graphed.gpu_layer_seconds = Sourced(20e-6, "estimated", "decode steps replayed as graphs")
+    assert (
+        predict(skewed, flash, profile, efficiency=graphed).decode_tok_s
+        > predict(uniform, flash, profile, efficiency=graphed).decode_tok_s
     )
 
 

@@ -68,8 +68,7 @@ class Attention:
         s = a.shape[0]
         dtype = a.dtype
         rd = self.rotary.rope_dim
-        positions = torch.arange(start, start + s, device=a.device)
-        cos, sin = self.rotary.cos_sin(positions)
+        cos, sin = self.rotary.cos_sin_span(start, s, a.device)
 
         qr = rms_norm(self.wq_a(a, simulate), self.q_norm, self.eps)  # [S, q_lora]
         q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
@@ -131,43 +130,59 @@ class Attention:
         qi: torch.Tensor | None,  # [S, Hi, di]
         wi: torch.Tensor | None,  # [S, Hi]
     ) -> torch.Tensor:
-        """Sink softmax over window + compressed candidates for queries q0..q1-1 of the chunk."""
+        """Sink softmax over window + compressed candidates for queries q0..q1-1 of the chunk.
+
+        One query (a decode step) sees every key it is given, so its masks are all true and are
+        not built: no mask ops, and no device sync for the visible count (known on the host)."""
         device = q.device
+        one = q1 - q0 == 1
         qf = q.float()
-        qpos = start + torch.arange(q0, q1, device=device)
         lo = max(0, q0 + n_prev - (self.window - 1))
         kw = keys[lo : q1 + n_prev].float()
-        kpos = start - n_prev + torch.arange(lo, q1 + n_prev, device=device)
-        in_window = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.window)
-        logits = [
-            torch.einsum("qhd,kd->qhk", qf, kw).masked_fill_(~in_window[:, None, :], float("-inf"))
-        ]
+        lw = torch.einsum("qhd,kd->qhk", qf, kw)
+        if not one:
+            qpos = start + torch.arange(q0, q1, device=device)
+            kpos = start - n_prev + torch.arange(lo, q1 + n_prev, device=device)
+            in_window = (kpos[None, :] <= qpos[:, None]) & (
+                kpos[None, :] > qpos[:, None] - self.window
+            )
+            lw.masked_fill_(~in_window[:, None, :], float("-inf"))
+        logits = [lw]
         values = [kw]
         gathered = None
-        if entries is not None:
-            visible = (qpos + 1) // self.ratio  # entries t < visible[q] are complete
-            t_max = int(visible.max())
-            if t_max > 0:
-                tpos = torch.arange(t_max, device=device)
-                allowed = tpos[None, :] < visible[:, None]  # [b, T]
-                if self.indexer is not None and t_max > self.indexer.topk:
-                    scores = self.indexer.scores(qi[q0:q1], wi[q0:q1], index_keys[:t_max])
+        t_max = (start + q1) // self.ratio if entries is not None else 0  # entries complete
+        if t_max > 0:
+            allowed = visible = None
+            if not one:
+                visible = (start + torch.arange(q0, q1, device=device) + 1) // self.ratio
+                allowed = torch.arange(t_max, device=device)[None, :] < visible[:, None]  # [b, T]
+            if self.indexer is not None and t_max > self.indexer.topk:
+                scores = self.indexer.scores(qi[q0:q1], wi[q0:q1], index_keys[:t_max])
+                if allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
-                    picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
-                    valid = picked < visible[:, None]
-                    if t_max > DENSE_CSA_FACTOR * self.indexer.topk:
-                        gathered = (entries[picked].float(), valid)  # [b, k, d], [b, k]
+                picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
+                valid = None if one else picked < visible[:, None]
+                if t_max > DENSE_CSA_FACTOR * self.indexer.topk:
+                    gathered = (entries[picked].float(), valid)  # [b, k, d], [b, k]
+                else:
+                    if allowed is None:
+                        allowed = torch.zeros((1, t_max), dtype=torch.bool, device=device)
+                        allowed.scatter_(-1, picked, True)
                     else:
                         allowed = torch.zeros_like(allowed).scatter_(-1, picked, valid)
-                if gathered is None:
-                    comp = entries[:t_max].float()
-                    lc = torch.einsum("qhd,td->qht", qf, comp)
-                    logits.append(lc.masked_fill_(~allowed[:, None, :], float("-inf")))
-                    values.append(comp)
-                else:
-                    rows, valid = gathered
-                    lc = torch.einsum("qhd,qkd->qhk", qf, rows)
-                    logits.append(lc.masked_fill_(~valid[:, None, :], float("-inf")))
+            if gathered is None:
+                comp = entries[:t_max].float()
+                lc = torch.einsum("qhd,td->qht", qf, comp)
+                if allowed is not None:
+                    lc.masked_fill_(~allowed[:, None, :], float("-inf"))
+                logits.append(lc)
+                values.append(comp)
+            else:
+                rows, valid = gathered
+                lc = torch.einsum("qhd,qkd->qhk", qf, rows)
+                if valid is not None:
+                    lc.masked_fill_(~valid[:, None, :], float("-inf"))
+                logits.append(lc)
         sink = self.sink.view(1, -1, 1).expand(q.shape[0], -1, 1)
         all_logits = torch.cat([lg * self.scale for lg in logits] + [sink], dim=-1)
         probs = all_logits.softmax(dim=-1)

@@ -59,9 +59,14 @@ class Compressor:
         s = a.shape[0]
         x = a.float()
         kv = float_linear(x, self.wkv)  # [S, (1+ov)·c]
+        n_open = start % m
+        if n_open + s < m:  # no window closes (most decode steps): only the carry grows
+            gate = float_linear(x, self.wgate) + self.ape[n_open : n_open + s]
+            carry.kv[n_open : n_open + s] = kv
+            carry.gate[n_open : n_open + s] = gate
+            return torch.empty(0, c, dtype=out_dtype, device=a.device)
         positions = torch.arange(start, start + s, device=a.device)
         gate = float_linear(x, self.wgate) + self.ape[positions % m]
-        n_open = start % m
         if n_open:
             kv = torch.cat((carry.kv[:n_open], kv))
             gate = torch.cat((carry.gate[:n_open], gate))

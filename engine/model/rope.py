@@ -50,6 +50,7 @@ class Rotary:
     def __init__(self, rope_dim: int, inv_freq: torch.Tensor):
         self.rope_dim = rope_dim
         self.inv_freq = inv_freq
+        self._last: tuple | None = None  # (start, count, device, cos, sin) of the last span
 
     def to(self, device: torch.device | str) -> Rotary:
         return Rotary(self.rope_dim, self.inv_freq.to(device))
@@ -58,6 +59,18 @@ class Rotary:
         """positions `[S]` (int) → cos, sin `[S, rope_dim // 2]` float32."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         return angles.cos(), angles.sin()
+
+    def cos_sin_span(
+        self, start: int, count: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos_sin` of positions start..start+count-1, kept for the next caller: every layer
+        sharing this table rotates the same positions in a step (43 recomputations → 1)."""
+        last = self._last
+        if last is not None and last[:3] == (start, count, device):
+            return last[3], last[4]
+        cos, sin = self.cos_sin(torch.arange(start, start + count, device=device))
+        self._last = (start, count, device, cos, sin)
+        return cos, sin
 
 
 def apply_rope(
