@@ -5,7 +5,8 @@
 #   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
 #   → the full-size synthetic V4-Flash (decode, prefill, torch-experts A/B, a profile).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
-# Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS for the synthetic)
+# Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
+# synthetic; GPU_KERNELS=0 skips that benchmark)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -29,8 +30,9 @@ if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: n
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
 step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py
-step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
+[ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
-ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}" --profile 3)
+ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}"
+      --profile "${PROFILE:-3}")
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
