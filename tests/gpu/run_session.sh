@@ -32,6 +32,7 @@ fi
 step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
+[ -n "$DECODE" ] && step decode 170 20 python3 -m flashdesk bench decode
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}"
       --profile "${PROFILE:-3}")
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
