@@ -42,3 +42,17 @@ def print_machine(info: dict) -> None:
         f"machine: {info['cpu']}, {info['physical_cores']} cores / {info['logical_cores']} threads, "
         f"{info['ram_gib']} GiB RAM, GPU: {info['gpu']}"
     )
+
+
+def start(json_output: bool):
+    """A benchmark's preamble: (say, machine) where say prints unless JSON was asked for, and the
+    machine line is printed first."""
+    info = describe()
+
+    def say(text: str) -> None:
+        if not json_output:
+            print(text, flush=True)
+
+    if not json_output:
+        print_machine(info)
+    return say, info

@@ -96,13 +96,7 @@ def measure(
     from flashdesk.engine.model.moe import swiglu
     from flashdesk.engine.runtime_experts import fp4_dequant_torch
 
-    def say(text: str) -> None:
-        if not json_output:
-            print(text, flush=True)
-
-    info = _machine.describe()
-    if not json_output:
-        _machine.print_machine(info)
+    say, info = _machine.start(json_output)
     dim, inter, experts = dims
     g = torch.Generator(device=dev).manual_seed(0)
 

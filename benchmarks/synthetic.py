@@ -66,16 +66,10 @@ def run(
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import probe
 
-    def say(text: str) -> None:
-        if not json_output:
-            print(text, flush=True)
-
+    say, info = _machine.start(json_output)
     on_gpu = torch.cuda.is_available()
     prompt_tokens = prompt_tokens or (2048 if on_gpu else 64)
     decode_steps = decode_steps or (64 if on_gpu else 8)
-    info = _machine.describe()
-    if not json_output:
-        _machine.print_machine(info)
     config = _config(model, layers)
     name = f"synthetic DeepSeek-V4-Flash, {config.num_hidden_layers} layers"
     figures_m = ModelFigures.from_inventory(inventory(config), config, name)

@@ -84,13 +84,7 @@ def run(json_output: bool = False) -> dict:
     from flashdesk.engine.runtime import load_runtime
     from flashdesk.fit import evaluate
 
-    def say(text: str) -> None:
-        if not json_output:
-            print(text, flush=True)
-
-    info = _machine.describe()
-    if not json_output:
-        _machine.print_machine(info)
+    say, info = _machine.start(json_output)
     folder, gguf_path = _model_files(say)
     threads = torch.get_num_threads()
     config = bench_config()
