@@ -48,11 +48,50 @@ MAX_TOKENS = 16  # above this many tokens the runtime dequantizes and multiplies
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# device → None when the kernels compiled and gave the right values there, else why not
+_PROBED: dict[str, str | None] = {}
+
+
 def available(device: torch.device | str) -> bool:
-    """The runtime may use these kernels for tensors on `device` (FLASHDESK_TRITON=0: never)."""
-    if triton is None or INTERPRETED or os.environ.get("FLASHDESK_TRITON", "1") == "0":
-        return False
-    return torch.device(device).type == "cuda"
+    """The runtime may use these kernels for tensors on `device` (FLASHDESK_TRITON=0: never).
+    On a GPU the first call compiles and checks one small kernel (`unavailable_reason`)."""
+    return unavailable_reason(device) is None
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the kernels are not used on `device`, in words; None when they are."""
+    if triton is None:
+        return "Triton is not installed"
+    if os.environ.get("FLASHDESK_TRITON", "1") == "0":
+        return "FLASHDESK_TRITON=0 turns them off"
+    dev = torch.device(device)
+    if INTERPRETED or dev.type != "cuda":
+        return f"they run on CUDA GPUs, not on {dev.type}"
+    key = str(dev)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(dev)
+    return _PROBED[key]
+
+
+_E2M1_VALUES = (0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6)
+
+
+def _probe(dev: torch.device) -> str | None:
+    """Compile and run one small kernel: Triton builds its launcher with the system's C compiler
+    on first use, which a desktop may lack; a failure here leaves the runtime on torch's path."""
+    try:
+        packed = torch.arange(512, device=dev).remainder(256).to(torch.uint8).view(16, 32)
+        scale = torch.full((16, 2), 128, dtype=torch.uint8, device=dev)  # ×2
+        got = dequant_fp4(packed, scale, torch.float32)
+        lut = torch.tensor(_E2M1_VALUES, device=dev) * 2
+        b = packed.long()
+        want = torch.stack((lut[b & 15], lut[b >> 4]), dim=-1).view(16, 64)
+        if not torch.equal(got, want):
+            return "Triton's kernels gave wrong values on this GPU"
+    except Exception as exc:  # no C compiler, driver or PTX mismatch, ...: keep torch's path
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"Triton could not compile or run its kernels here ({type(exc).__name__}: {first})"
+    return None
 
 
 if triton is not None:

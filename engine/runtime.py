@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from flashdesk.engine import kernels
+from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.gpu_linears import CudaBf16Head, CudaFp8Linear
@@ -522,6 +522,12 @@ class Runtime:
                 f"{lost} experts planned for pinned RAM are in pageable RAM: pinning needs a CUDA "
                 "driver and enough lockable memory (raise the memlock limit, or run `flashdesk fit` "
                 "again); host-to-GPU copies of those experts are slower"
+            )
+        if self.device.type == "cuda" and not gpu_kernels.available(self.device):
+            notes.append(
+                "the weights kept in VRAM run through torch's dequantize-then-multiply, several "
+                f"times slower per token: {gpu_kernels.unavailable_reason(self.device)} (on Linux "
+                "install a C compiler, e.g. build-essential, for Triton)"
             )
         return notes
 

@@ -118,11 +118,22 @@ def test_fused_moe_rejects_mismatched_shapes():
         )
 
 
-def test_the_runtime_uses_them_only_on_a_gpu(monkeypatch):
+def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
     assert not ft.available("cpu")  # CPU tensors take the C kernels, interpreter or not
-    assert ft.available("cuda") == (ft.triton is not None and not ft.INTERPRETED)
+    assert "CUDA" in ft.unavailable_reason("cpu")
+    # the first use on a GPU compiles and checks one kernel; a failure keeps torch's path
+    if torch.cuda.is_available() and not ft.INTERPRETED:
+        assert ft._probe(torch.device("cuda")) is None and ft.available("cuda")
+    elif ft.triton is not None:
+        assert "could not compile or run" in ft._probe(torch.device("cuda"))  # no GPU here
+    monkeypatch.setattr(ft, "INTERPRETED", False)
+    monkeypatch.setattr(ft, "_PROBED", {})
+    monkeypatch.setattr(ft, "_probe", lambda dev: "no C compiler")
+    if ft.triton is not None:
+        assert not ft.available("cuda") and ft.unavailable_reason("cuda:0") == "no C compiler"
     monkeypatch.setenv("FLASHDESK_TRITON", "0")
     assert not ft.available("cuda")
+    assert "FLASHDESK_TRITON=0" in ft.unavailable_reason("cuda") or ft.triton is None
 
 
 @pytest.mark.parametrize(
