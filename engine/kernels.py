@@ -41,6 +41,7 @@ __all__ = [
     "get_threads",
     "host_buffer",
     "measured_isa",
+    "prefetch",
     "set_isa",
     "set_threads",
     "use_isa",
@@ -79,6 +80,16 @@ class ExpertWeights(NamedTuple):
 
 
 HUGE_PAGE = 2 << 20
+
+
+def prefetch(tensors: Sequence[Any]) -> int:
+    """Ask the OS to start paging in the host tensors' bytes (memory-mapped weights needed soon:
+    the read from disk overlaps the work before their use) → bytes advised (0 where the OS has
+    no such call). Returns at once; never blocks on the disk."""
+    done = 0
+    for t in tensors:
+        done += _kernels.prefetch_pages(int(t.data_ptr()), int(t.numel() * t.element_size()))
+    return done
 
 
 def host_buffer(nbytes: int) -> np.ndarray:

@@ -444,6 +444,13 @@ class Runtime:
         self.head_dtype = head_dtype  # what the head is stored and read as per token
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
+        # Hash-routed layers pick their experts by token id: the memory-mapped ones a decode token
+        # will need are known before the step and paged in from disk while earlier work runs.
+        self._hash_prefetch = []  # (host-side tid2eid [V, k], that layer's LayerExperts)
+        for block, host in zip(model.blocks, hosts, strict=True):
+            table = block.moe.router.tid2eid
+            if table is not None and MMAP in host.store_of:
+                self._hash_prefetch.append((table.to("cpu"), host))
 
     # -- the model interface Session uses
     def new_state(self, kv_format: str = "native"):
@@ -461,6 +468,7 @@ class Runtime:
 
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
+        self._prefetch_hash_experts(int(token_id))
         with self._torch_threads(state, 1):
             logits = model.decode(token_id, state)
         self._decodes += 1
@@ -470,6 +478,17 @@ class Runtime:
 
     def forward_full(self, ids) -> torch.Tensor:
         return self._open().forward_full(ids)
+
+    def _prefetch_hash_experts(self, token_id: int) -> int:
+        """Page in the memory-mapped experts the hash-routed layers will run for this token
+        (`kernels.prefetch`: returns at once) → bytes advised."""
+        done = 0
+        for table, host in self._hash_prefetch:
+            if 0 <= token_id < table.shape[0]:
+                for e in table[token_id].tolist():
+                    if host.store_of[e] == MMAP:
+                        done += kernels.prefetch(host.parts[e])
+        return done
 
     def _torch_threads(self, state, tokens: int):
         """torch single-threaded for a short call at a modest context in CPU mode (its ops are

@@ -126,6 +126,38 @@ def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
     assert len(calls) == 5 * len(config.main_layers)  # two prefill chunks, three steps
 
 
+def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
+    """Hash-routed layers know a token's experts from its id: before the step, their memory-mapped
+    bytes are handed to the OS to read in (madvise WILLNEED); the logits do not change."""
+    import sys
+
+    from flashdesk.engine import kernels
+
+    folder, config, _, ids, want = tiny
+    seen, real = [], kernels.prefetch
+    monkeypatch.setattr(
+        kernels, "prefetch", lambda parts: seen.append([p.data_ptr() for p in parts]) or real(parts)
+    )
+    with load_runtime(folder, placement=Placement.uniform(config, MMAP), head_dtype="fp32") as rt:
+        state = rt.new_state()
+        rows = [rt.prefill(ids[:7], state)]
+        assert seen == []  # a prompt's hash experts are read by the kernels themselves
+        token = int(ids[7])
+        rows.append(rt.decode(token, state))
+        hashed = [b for b in rt.model.blocks if b.moe.router.tid2eid is not None]
+        assert hashed
+        assert seen == [
+            [p.data_ptr() for p in rt.hosts[b.spec.index].parts[e]]
+            for b in hashed
+            for e in b.moe.router.tid2eid[token].tolist()
+        ]
+        if sys.platform.startswith("linux"):
+            assert rt._prefetch_hash_experts(token) > 0
+        torch.testing.assert_close(torch.stack(rows), want[6:8], **TOL)
+    with load_runtime(folder, placement=Placement.uniform(config, PAGEABLE)) as rt:
+        assert rt._prefetch_hash_experts(token) == 0  # nothing on disk to read in
+
+
 def test_experts_are_not_copied_twice(tiny):
     """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
     folder, config, _, ids, _ = tiny

@@ -31,6 +31,27 @@ size_t fd_advise_hugepages(void *p, size_t nbytes) {
 #endif
 }
 
+size_t fd_prefetch_pages(const void *p, size_t nbytes) {
+    if (nbytes == 0) return 0;
+#if defined(_WIN32)
+#if defined(_WIN32_WINNT) && _WIN32_WINNT >= 0x0602
+    WIN32_MEMORY_RANGE_ENTRY range;
+    range.VirtualAddress = (PVOID)p;
+    range.NumberOfBytes = nbytes;
+    return PrefetchVirtualMemory(GetCurrentProcess(), 1, &range, 0) ? nbytes : 0;
+#else
+    (void)p;
+    return 0;
+#endif
+#else
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = (uintptr_t)p & ~(page - 1);
+    const uintptr_t hi = ((uintptr_t)p + nbytes + page - 1) & ~(page - 1);
+    if (madvise((void *)lo, hi - lo, MADV_WILLNEED) != 0) return 0;
+    return hi - lo;
+#endif
+}
+
 void *fd_aligned_alloc(size_t nbytes) {
 #if defined(_WIN32)
     return _aligned_malloc(nbytes ? nbytes : 1, 64);

@@ -22,6 +22,11 @@ void *fd_aligned_alloc(size_t nbytes);
  * with huge pages when it is first touched: streaming many weight rows at once costs a TLB miss
  * per 4 KiB page otherwise. Returns the bytes advised (0: not supported or refused). */
 size_t fd_advise_hugepages(void *p, size_t nbytes);
+
+/* Ask the OS to start reading the pages of [p, p+nbytes) in (POSIX madvise MADV_WILLNEED,
+ * Windows PrefetchVirtualMemory): a memory-mapped expert needed soon is paged in from disk while
+ * other work runs. Returns the bytes advised (0: not supported or refused). */
+size_t fd_prefetch_pages(const void *p, size_t nbytes);
 void fd_aligned_free(void *p);
 
 /* Seconds from an arbitrary origin, monotonic, sub-microsecond resolution. */

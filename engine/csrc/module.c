@@ -212,6 +212,13 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(fd_advise_hugepages((void *)(uintptr_t)address, (size_t)nbytes));
 }
 
+static PyObject *py_prefetch_pages(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK:prefetch_pages", &address, &nbytes)) return NULL;
+    return PyLong_FromSize_t(fd_prefetch_pages((const void *)(uintptr_t)address, (size_t)nbytes));
+}
+
 static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address, nbytes;
@@ -246,6 +253,9 @@ static PyMethodDef kernel_methods[] = {
      "matrices in place; use flashdesk.engine.model.mhc.sinkhorn."},
     {"fp8_nan_free", py_fp8_nan_free, METH_VARARGS,
      "fp8_nan_free(address, nbytes) -> bool\n\nTrue if no byte of the E4M3 range is a NaN code."},
+    {"prefetch_pages", py_prefetch_pages, METH_VARARGS,
+     "prefetch_pages(address, nbytes) -> int\n\nAsk the OS to read the range's pages in soon "
+     "(memory-mapped weights). Returns the bytes advised (0: not supported)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes) -> int\n\nAsk for transparent huge pages over the 2 MiB-"
      "aligned interior of the range (Linux; call before first touch). Returns the bytes advised."},
