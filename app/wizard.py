@@ -539,9 +539,14 @@ def prediction_text(pred) -> str:
         item = inputs.get(key)
         if isinstance(item, dict) and item.get("value"):
             sources.append(f"{label} {item['value']:.1f} GB/s [{item.get('source', '?')}]")
+    limit = (
+        ", limited by the CPU issuing the GPU's work"
+        if getattr(pred, "decode_limit", "memory") == "dispatch"
+        else ""
+    )
     return (
         f"Decode ≈ {pred.decode_tok_s:.1f} tok/s ({pred.confidence}; bound "
-        f"{pred.decode_bound_tok_s:.1f}) · prefill ≈ {pred.prefill_tok_s:,.0f} tok/s "
+        f"{pred.decode_bound_tok_s:.1f}{limit}) · prefill ≈ {pred.prefill_tok_s:,.0f} tok/s "
         f"({pred.confidence}) · first token for a {human_tokens(pred.prompt_tokens)}-token prompt "
         f"≈ {human_seconds(pred.ttft_s)}" + (f"\nFrom: {'; '.join(sources)}" if sources else "")
     )

@@ -261,6 +261,12 @@ def print_table(figures, profile, plan, prediction) -> None:
             f"{p.bytes_per_token.get('gpu', 0) / 1e9:.2f} GB on the GPU, "
             f"{p.bytes_per_token.get('disk', 0) / 1e9:.2f} GB from disk)"
         )
+        if p.decode_limit == "dispatch":
+            per_layer = p.inputs.get("efficiency.gpu_layer_seconds", {}).get("value", 0) * 1e3
+            print(
+                f"           limited by the host issuing each GPU layer's operations "
+                f"(~{per_layer:.1f} ms per layer), not by memory"
+            )
         cross = f", streaming wins from {p.crossover_tokens} tokens" if p.crossover_tokens else ""
         print(
             f"  prefill  {p.prefill_tok_s:6.1f} tok/s   (experts: {p.prefill_experts}{cross}); "

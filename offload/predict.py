@@ -140,6 +140,9 @@ class Prediction:
     gpu_hit_rate: float
     bytes_per_token: dict[str, float]  # decode: bytes read per token by device
     inputs: dict[str, dict]  # the bandwidths and factors used, each with value and source
+    # What sets the decode speed: "memory" (the bytes at the kernels' rates) or "dispatch" (the
+    # host issuing the GPU layers' operations; `Efficiency.gpu_layer_seconds`)
+    decode_limit: str = "memory"
 
     def to_json(self) -> dict:
         return {
@@ -154,6 +157,7 @@ class Prediction:
             "gpu_hit_rate": self.gpu_hit_rate,
             "bytes_per_token": self.bytes_per_token,
             "inputs": self.inputs,
+            "decode_limit": self.decode_limit,
         }
 
 
@@ -197,7 +201,12 @@ def _rates(profile: HardwareProfile) -> _Rates:
 
 
 def _decode_seconds(
-    plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency, bound: bool
+    plan: Plan,
+    figures: ModelFigures,
+    rates: _Rates,
+    eff: Efficiency,
+    bound: bool,
+    dispatch_floor: bool = True,
 ) -> tuple[float, dict[str, float]]:
     def e(s: Sourced) -> float:
         return 1.0 if bound else float(s.value)
@@ -206,7 +215,7 @@ def _decode_seconds(
     gpu = float(rates.gpu_mem.value) * 1e9
     disk = float(rates.disk.value) * 1e9
     hop = 0.0 if bound else float(eff.hop_seconds.value)
-    dispatch = 0.0 if bound else float(eff.gpu_layer_seconds.value)
+    dispatch = float(eff.gpu_layer_seconds.value) if dispatch_floor and not bound else 0.0
     hybrid = plan.mode == "gpu+cpu"
     k, eb = figures.experts_per_token, figures.expert_bytes
     by_index = {layer.index: layer for layer in figures.layers}
@@ -357,6 +366,7 @@ def predict(
         )
     seconds, read = _decode_seconds(plan, figures, rates, eff, bound=False)
     bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)
+    memory_seconds, _ = _decode_seconds(plan, figures, rates, eff, False, dispatch_floor=False)
     prompt = max(1, min(prompt_tokens, plan.context))
     chunk = min(PREFILL_CHUNK, prompt)
     prefill = 0.0
@@ -410,4 +420,5 @@ def predict(
         gpu_hit_rate=total_picks / len(plan.layers),
         bytes_per_token=read,
         inputs=inputs,
+        decode_limit="dispatch" if seconds > 1.5 * memory_seconds else "memory",
     )

@@ -52,7 +52,7 @@ def test_rtx4090_decode_is_within_the_roofline(flash):
     assert 0.2 * pred.decode_bound_tok_s <= pred.decode_tok_s < pred.decode_bound_tok_s
     # The eager GPU runtime cannot finish a layer before the host has issued its operations.
     dispatch = Efficiency().gpu_layer_seconds.value * len(plan.layers)
-    assert pred.decode_tok_s <= 1.0 / dispatch
+    assert pred.decode_tok_s <= 1.0 / dispatch and pred.decode_limit == "dispatch"
     assert pred.bytes_per_token["ram"] == pytest.approx(from_ram, rel=0.01)
     assert pred.gpu_hit_rate == pytest.approx(gpu_share, rel=1e-6)
     assert pred.confidence == "estimated"
@@ -67,6 +67,7 @@ def test_cpu_only_bound_is_all_bytes_over_ram_bandwidth(flash):
     assert pred.decode_bound_tok_s == pytest.approx(64.0e9 / per_token, rel=0.01)
     gpu = predict(*_plan_for(flash, "rtx4090_192gb_ddr5"))
     assert pred.decode_tok_s < gpu.decode_tok_s
+    assert pred.decode_limit == "memory"  # no GPU layers: nothing to dispatch
     assert pred.prefill_experts == "cpu" and pred.crossover_tokens is None
 
 
