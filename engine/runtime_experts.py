@@ -55,7 +55,7 @@ def _pair_table(device: torch.device) -> torch.Tensor:
 
 def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed `[O, I/2]` E2M1 bytes (low nibble first), scale `[O, I/32]` E8M0 → `[O, I]` on the
-    tensors' device: on a GPU with Triton in one pass (`gpu_kernels.dequant`), else with torch."""
+    tensors' device: on a GPU with Triton in one pass (`gpu_kernels.dequant_fp4`), else with torch."""
     if packed.is_cuda and gpu_kernels.available(packed.device):
         return gpu_kernels.dequant_fp4(packed, scale, dtype)
     return fp4_dequant_torch(packed, scale, dtype)
