@@ -126,6 +126,8 @@ def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
         assert ft._probe(torch.device("cuda")) is None and ft.available("cuda")
     elif ft.triton is not None:
         assert "could not compile or run" in ft._probe(torch.device("cuda"))  # no GPU here
+    if ft.INTERPRETED:  # the probe's own check, on the interpreter's CPU tensors
+        assert ft._probe(torch.device("cpu")) is None
     monkeypatch.setattr(ft, "INTERPRETED", False)
     monkeypatch.setattr(ft, "_PROBED", {})
     monkeypatch.setattr(ft, "_probe", lambda dev: "no C compiler")
