@@ -52,22 +52,20 @@ def test_model_config():
     return ModelConfig.tiny(vocab_size=V4_VOCAB)
 
 
-# Bytes the engine's all-in-memory model takes per stored byte (it dequantizes to float32).
-_GROWTH = {"F8_E4M3": 4, "I8": 8, "U8": 8, "BF16": 2, "F16": 2, "F32": 1, "I64": 1, "I32": 1}
+def built_bytes(ckpt, device: str = "cpu") -> int:
+    """Memory the runtime builds on `device` beside the routed experts (those stay stored bytes,
+    which the planner places): each tensor as the runtime holds it (`TensorSpec.gpu_bytes`: FP8
+    and the BF16 head as stored, norms/router/compressors widened to float32; the CPU holds the
+    same or less), the MTP block left out (not loaded), and on a GPU the embedding too (it stays
+    in host memory)."""
+    from flashdesk.engine.inventory import EMBED, MTP, ROUTED_EXPERTS, inventory
 
-
-def dequantized_bytes(ckpt, include_routed_experts: bool = True) -> int:
-    """Memory the model takes once built in float32 (FP4 codes ×8, FP8 ×4; scales are folded).
-    include_routed_experts=False: the part the runtime builds (experts stay stored bytes)."""
-    total = 0
-    for name in ckpt.names():
-        if not include_routed_experts and ".ffn.experts." in name:
-            continue
-        info = ckpt.info(name)
-        if info.dtype == "F8_E8M0":
-            continue
-        total += info.nbytes * _GROWTH.get(info.dtype, 4)
-    return total
+    skip = {ROUTED_EXPERTS} | ({EMBED} if device != "cpu" else set())
+    return sum(
+        t.gpu_bytes
+        for t in inventory(ckpt.config).tensors
+        if t.component not in skip and t.category != MTP
+    )
 
 
 def check_memory(needed: int, device: str) -> None:
@@ -182,7 +180,7 @@ class EngineBackend(Backend):
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # The runtime keeps routed experts as stored FP4 bytes (memory-mapped unless a plan pins
         # them); everything else is built on `device`. Check that part fits before building it.
-        check_memory(dequantized_bytes(ckpt, include_routed_experts=False), device)
+        check_memory(built_bytes(ckpt, device), device)
         config = ckpt.config
         ckpt.close()
         plan = None if test_model else self._plan_for(folder, progress)

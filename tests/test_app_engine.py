@@ -8,8 +8,8 @@ from flashdesk.app.backend import BackendError, LoadCancelled, Sampling
 from flashdesk.app.engine_backend import (
     TEST_MODEL_DIR,
     EngineBackend,
+    built_bytes,
     check_memory,
-    dequantized_bytes,
     ensure_test_model,
 )
 from flashdesk.engine.generate import THINK_END_ID, THINK_START_ID
@@ -95,8 +95,16 @@ def test_memory_check_refuses_a_model_too_big_for_this_machine(data_folder):
     from flashdesk.engine.checkpoint import Checkpoint
 
     with Checkpoint.open(data_folder / TEST_MODEL_DIR) as ckpt:
-        needed = dequantized_bytes(ckpt)
-    assert 100 << 20 < needed < 1 << 30  # the test model: a few hundred MiB in float32
+        needed, on_gpu = built_bytes(ckpt), built_bytes(ckpt, "cuda")
+        embed = ckpt.info("embed.weight").nbytes
+        stored = sum(
+            ckpt.info(n).nbytes
+            for n in ckpt.names()
+            if ".ffn.experts." not in n and not n.startswith("mtp.")
+        )
+    # the test model: its stored non-expert bytes (mostly the BF16 embedding and head, as held)
+    assert stored <= needed < 1.2 * stored
+    assert on_gpu == needed - embed  # on a GPU the embedding stays in RAM
     check_memory(needed, "cpu")  # fits here
     with pytest.raises(BackendError) as err:
         check_memory(1 << 50, "cpu")
