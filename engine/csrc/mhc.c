@@ -10,21 +10,14 @@
 
 #include <math.h>
 
-static void normalise_rows(float *a, int n, float eps) {
+/* Divide each of the n lines of the n x n matrix a by its sum plus eps: rows when
+ * (line, step) = (n, 1), columns when (1, n). */
+static void normalise(float *a, int n, int line, int step, float eps) {
     for (int i = 0; i < n; i++) {
-        float s = 0.0f;
-        for (int j = 0; j < n; j++) s += a[i * n + j];
+        float *v = a + i * line, s = 0.0f;
+        for (int j = 0; j < n; j++) s += v[j * step];
         s += eps;
-        for (int j = 0; j < n; j++) a[i * n + j] /= s;
-    }
-}
-
-static void normalise_cols(float *a, int n, float eps) {
-    for (int j = 0; j < n; j++) {
-        float s = 0.0f;
-        for (int i = 0; i < n; i++) s += a[i * n + j];
-        s += eps;
-        for (int i = 0; i < n; i++) a[i * n + j] /= s;
+        for (int j = 0; j < n; j++) v[j * step] /= s;
     }
 }
 
@@ -40,10 +33,10 @@ void fd_sinkhorn(float *a, long count, int n, int iters, float eps) {
             }
             for (int j = 0; j < n; j++) row[j] = row[j] / s + eps;
         }
-        normalise_cols(x, n, eps);
+        normalise(x, n, 1, n, eps); /* columns */
         for (int it = 1; it < iters; it++) {
-            normalise_rows(x, n, eps);
-            normalise_cols(x, n, eps);
+            normalise(x, n, n, 1, eps); /* rows */
+            normalise(x, n, 1, n, eps);
         }
     }
 }
