@@ -212,6 +212,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say) -> dict:
     import torch.nn.functional as F
 
     from flashdesk.engine import gpu_kernels, quant
+    from flashdesk.engine.model.attention import grouped_linear
 
     name, n, k, groups, fp8 = spec
     g = torch.Generator(device=dev).manual_seed(n)
@@ -246,7 +247,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say) -> dict:
         w = quant.dequant_fp8(weight, scale, dtype=torch.bfloat16) if fp8 else weight
         if groups == 1:
             return F.linear(x, w)
-        return torch.einsum("sgk,grk->sgr", x.view(1, groups, k), w.view(groups, n // groups, k))
+        return grouped_linear(x, w.view(groups, n // groups, k))
 
     torch_ms = _time_ms(torch_path, max(2, reps // 4))
     gbps = nbytes / best["ms"] / 1e6

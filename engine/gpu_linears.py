@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from flashdesk.engine import gpu_kernels, quant
 from flashdesk.engine.model import qsim
+from flashdesk.engine.model.attention import grouped_linear
 from flashdesk.engine.model.common import Linear
 
 _HEAD_ROWS = 16384  # head rows widened to float32 at a time for inputs of many tokens
@@ -47,10 +48,7 @@ class CudaFp8Linear(Linear):
             if self.groups == 1:
                 out = F.linear(xs, w)
             else:
-                g = self.groups
-                out = torch.einsum(
-                    "sgk,grk->sgr", xs.view(-1, g, xs.shape[-1] // g), w.view(g, n // g, -1)
-                ).reshape(-1, n)
+                out = grouped_linear(xs, w.view(self.groups, n // self.groups, -1))
         return out.view(*x.shape[:-1], n)
 
     def to(self, device):

@@ -20,6 +20,12 @@ DENSE_CSA_FACTOR = 2
 GATHER_QUERY_BLOCK = 16
 
 
+def grouped_linear(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """o `[S, G·K]`, w `[G, R, K]` → `[S, G·R]`: group g's K inputs through w[g] (`wo_a`)."""
+    groups = w.shape[0]
+    return torch.einsum("sgk,grk->sgr", o.view(o.shape[0], groups, -1), w).flatten(1)
+
+
 class Attention:
     def __init__(
         self,
@@ -113,9 +119,7 @@ class Attention:
         CPU runtime puts a callable here instead of the tensor (the FP8 kernel, grouped)."""
         if not isinstance(self.wo_a, torch.Tensor):
             return self.wo_a(o)
-        return torch.einsum(
-            "sgk,grk->sgr", o.view(o.shape[0], self.o_groups, -1), self.wo_a
-        ).flatten(1)
+        return grouped_linear(o, self.wo_a)
 
     def _attend_block(
         self,
