@@ -150,6 +150,33 @@ class RowStore:
         """All rows, decoded to the compute dtype, `[n, width]`."""
         return self.codec.decode(tuple(p[: self.n] for p in self._parts))
 
+    # -- fixed-shape access for a decode step replayed from a CUDA graph (`engine.decode_graphs`):
+    # the row index is a device tensor and every shape depends only on the capacity.
+    @property
+    def capacity(self) -> int:
+        return self._parts[0].shape[0]
+
+    def reserve(self, rows: int) -> None:
+        """Room for at least `rows` rows (the buffers move if they grow)."""
+        if rows > self.capacity:
+            grown = self.codec.empty(rows, self.device)
+            for new, old in zip(grown, self._parts, strict=True):
+                new[: self.n] = old[: self.n]
+            self._parts = grown
+
+    def put(self, row: torch.Tensor, index: torch.Tensor) -> None:
+        """row `[1, width]` written at row `index` (`[1]` int64 on the device, < capacity). `n`
+        is the caller's to advance: rows at or past `n` are scratch."""
+        for buf, enc in zip(self._parts, self.codec.encode(row), strict=True):
+            buf.index_copy_(0, index, enc)
+
+    def rows(self) -> torch.Tensor:
+        """Every row of the capacity decoded, `[capacity, width]` (those past `n` are scratch)."""
+        return self.codec.decode(self._parts)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self._parts
+
     @property
     def nbytes(self) -> int:
         """Bytes of the rows held (the allocation may be up to 2× larger while growing)."""
@@ -190,6 +217,15 @@ class WindowRing:
         """Every slot decoded, in slot order, `[size, width]`."""
         return self.codec.decode(self._parts)
 
+    def put(self, kv: torch.Tensor, slot: torch.Tensor) -> None:
+        """kv `[1, width]` into `slot` (`[1]` int64 on the device): one token's write with no
+        host-side index (a decode step replayed from a CUDA graph)."""
+        for buf, enc in zip(self._parts, self.codec.encode(kv), strict=True):
+            buf.index_copy_(0, slot, enc)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self._parts
+
     @property
     def nbytes(self) -> int:
         return _parts_nbytes(self._parts)
@@ -214,10 +250,12 @@ class CompressorCarry:
             torch.full((ratio, head), float("-inf"), device=device) if overlap else None
         )
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.kv, self.gate, self.prev_kv, self.prev_gate) if t is not None]
+
     @property
     def nbytes(self) -> int:
-        tensors = [self.kv, self.gate, self.prev_kv, self.prev_gate]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def reset(self) -> None:
         self.kv.zero_()

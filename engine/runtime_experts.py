@@ -216,12 +216,15 @@ class ExpertCache:
 
 
 class RoutingLog:
-    """Routing counts per layer and expert, plus how many picks the device cache served."""
+    """Routing counts per layer and expert, plus how many picks the device cache served.
+
+    All three live on the model's device and are only added to there (a decode step replayed
+    from a CUDA graph records its picks too); reading `hit_rate` waits for the device."""
 
     def __init__(self, n_layers: int, n_experts: int, device: torch.device):
         self.counts = torch.zeros((n_layers, n_experts), dtype=torch.long, device=device)
         self.device_picks = torch.zeros((), dtype=torch.long, device=device)
-        self.total_picks = 0
+        self.total_picks = torch.zeros((), dtype=torch.long, device=device)
 
     def record(self, layer: int, experts: torch.Tensor, on_device: torch.Tensor | None) -> None:
         flat = experts.reshape(-1)
@@ -233,13 +236,14 @@ class RoutingLog:
     @property
     def hit_rate(self) -> float | None:
         """Share of routed picks served from device memory; None before any pick."""
-        if not self.total_picks:
+        total = int(self.total_picks)
+        if not total:
             return None
-        return int(self.device_picks) / self.total_picks
+        return int(self.device_picks) / total
 
     def reset_hits(self) -> None:
         self.device_picks.zero_()
-        self.total_picks = 0
+        self.total_picks.zero_()
 
 
 class HybridMoE(MoE):
@@ -273,9 +277,50 @@ class HybridMoE(MoE):
         # copying the absent ones there for the call (None: never).
         self.stream_min_tokens = stream_min_tokens
 
-    def _host_part(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
-        """Σ over the host experts (ids −1 are skipped) → `[T, D]` float32 on the host."""
-        out = torch.zeros(tuple(x.shape), dtype=torch.float32)
+    # -- a decode step in fixed-shape pieces (`engine.decode_graphs` captures them in CUDA graphs)
+    @property
+    def host_computes(self) -> bool:
+        """Whether some of this layer's picks run on the host (the device does not hold it all)."""
+        return not (self.cache is not None and self.cache.whole_layer)
+
+    def step_route(self, x: torch.Tensor, ids: torch.Tensor):
+        """x `[T, D]` normed, ids `[T]` → experts, weights `[T, k]` and the host's share of the
+        picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log; no
+        host reads."""
+        experts, weights = self.router(x, ids)
+        on_device = None
+        if self.cache is not None and self.cache.capacity:
+            on_device = self.cache.resident[experts]
+        self.log.record(self.layer, experts, on_device)
+        host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+        return experts, weights, host_ids
+
+    def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """The device's share → `[T, D]` float32: the shared expert plus the cached picks through
+        the fused kernels (no host reads; the caller checked `cache.fused`)."""
+        y = self.shared(x)
+        if self.cache is not None and self.cache.capacity:
+            self._add_cached(x, experts, weights, y)
+        return y
+
+    def _add_cached(self, x, experts, weights, y) -> None:
+        """y += Σ weight · expert(x) over the picks the device cache holds: the fused kernels
+        for a few tokens (no host reads), else torch per picked expert (reads the picks)."""
+        fused = self.cache.fused_sum(x, experts, weights, self.limit)
+        if fused is not None:
+            y += fused
+            return
+        picked = experts[self.cache.resident[experts]]
+        for e in torch.unique(picked).tolist():
+            rows, slot = torch.where(experts == e)
+            w1, w3, w2 = self.cache.weights(e, x.dtype)
+            self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
+
+    def _host_part(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out=None):
+        """Σ over the host experts (ids −1 are skipped) → `[T, D]` float32 on the host (added
+        into `out` when given)."""
+        if out is None:
+            out = torch.zeros(tuple(x.shape), dtype=torch.float32)
         kernels.expert_ffn(
             x, self.host.table, weights, out, ids=experts, limit=self.limit, threads=self.threads
         )
@@ -319,17 +364,8 @@ class HybridMoE(MoE):
         y = self.shared(x)
         if streaming:
             self._stream_all(x, experts, weights, y)
-        elif (
-            on_device is not None
-            and (fused := self.cache.fused_sum(x, experts, weights, self.limit)) is not None
-        ):
-            y += fused
         elif on_device is not None:
-            picked = experts[on_device]
-            for e in torch.unique(picked).tolist():
-                rows, slot = torch.where(experts == e)
-                w1, w3, w2 = self.cache.weights(e, x.dtype)
-                self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
+            self._add_cached(x, experts, weights, y)
 
         # 3. Join.
         if job is not None:

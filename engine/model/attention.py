@@ -73,17 +73,8 @@ class Attention:
         """a `[S, D]` (normed block input) for positions start..start+S-1 → `[S, D]`."""
         s = a.shape[0]
         dtype = a.dtype
-        rd = self.rotary.rope_dim
         cos, sin = self.rotary.cos_sin_span(start, s, a.device)
-
-        qr = rms_norm(self.wq_a(a, simulate), self.q_norm, self.eps)  # [S, q_lora]
-        q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
-        q = apply_rope(rms_norm(q, None, self.eps), cos, sin)  # [S, H, d]
-
-        kv = rms_norm(self.wkv(a, simulate), self.kv_norm, self.eps)
-        kv = apply_rope(kv, cos, sin)  # [S, d]
-        if simulate:
-            kv = torch.cat((qsim.fp8_snap(kv[:, :-rd], 64), kv[:, -rd:]), -1)
+        qr, q, kv = self._project(a, cos, sin, simulate)
 
         n_prev = min(start, self.window - 1)
         keys = torch.cat((state.window.recent(start, n_prev).to(kv.dtype), kv))
@@ -111,8 +102,70 @@ class Attention:
             o[q0:q1] = self._attend_block(
                 q[q0:q1], keys, n_prev, start, q0, q1, entries, index_keys, qi, wi
             )
+        return self._output(o, dtype, cos, sin, simulate)
+
+    def step(
+        self,
+        a: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: LayerState,
+    ) -> torch.Tensor:
+        """One decode token a `[1, D]` at device position `pos` (`[1]` int64; cos/sin `[1, r/2]`
+        of it) → `[1, D]`, with every shape fixed by the state's capacities and nothing read
+        back to the host: a step a CUDA graph can capture and replay (`engine.decode_graphs`).
+
+        The query sees the whole window ring in slot order (slots past `pos` masked while the
+        ring fills) and the compressed rows of the store's capacity, masked past the visible
+        count ⌊(pos+1)/m⌋; CSA picks its top-k of them. The same attention as `forward` for one
+        token, with float32 sums in another order. The caller reserves the stores (compressed
+        entries and index keys of the same capacity, ≥ 1 + ⌊pos/m⌋) and advances their `n`.
+        """
+        qr, q, kv = self._project(a, cos, sin, False)
+        device = a.device
+        state.window.put(kv, pos % self.window)
+        keys = state.window.slots().float()  # [W, d]
+        qf = q.float()  # [1, H, d]
+        written = torch.arange(self.window, device=device) <= pos
+        logits = [torch.einsum("qhd,kd->qhk", qf, keys).masked_fill(~written, float("-inf"))]
+        values = [keys]
+        if self.compressor is not None:
+            self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
+            entries = state.kv_entries.rows()  # [C, d]
+            visible = torch.arange(entries.shape[0], device=device) < (pos + 1) // self.ratio
+            if self.indexer is not None:
+                self.indexer.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype)
+                qi, wi = self.indexer.queries(qr, a, cos, sin)
+                scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]  # [C]
+                k = min(self.indexer.topk, scores.shape[0])
+                picked = scores.masked_fill(~visible, float("-inf")).topk(k).indices
+                entries, visible = entries[picked], visible[picked]
+            comp = entries.float()
+            logits.append(
+                torch.einsum("qhd,td->qht", qf, comp).masked_fill(~visible, float("-inf"))
+            )
+            values.append(comp)
+        return self._output(self._sink_attend(logits, values), a.dtype, cos, sin, False)
+
+    def _project(self, a, cos, sin, simulate):
+        """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""
+        s = a.shape[0]
+        rd = self.rotary.rope_dim
+        qr = rms_norm(self.wq_a(a, simulate), self.q_norm, self.eps)
+        q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
+        q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
+        kv = rms_norm(self.wkv(a, simulate), self.kv_norm, self.eps)
+        kv = apply_rope(kv, cos, sin)
+        if simulate:
+            kv = torch.cat((qsim.fp8_snap(kv[:, :-rd], 64), kv[:, -rd:]), -1)
+        return qr, q, kv
+
+    def _output(self, o, dtype, cos, sin, simulate):
+        """Attention output `[S, H, d]` float32 → `dtype`, de-rotated, through wo_a and wo_b →
+        `[S, D]`."""
         o = apply_rope(o.to(dtype), cos, sin, inverse=True)
-        return self.wo_b(self._grouped_out(o.view(s, -1)), simulate)
+        return self.wo_b(self._grouped_out(o.view(o.shape[0], -1)), simulate)
 
     def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
         """`[S, G·H·d/G]` → `[S, G·R]`: group g's slice of o through wo_a[g] (spec §2.4). The
@@ -187,15 +240,22 @@ class Attention:
                 if valid is not None:
                     lc.masked_fill_(~valid[:, None, :], float("-inf"))
                 logits.append(lc)
-        sink = self.sink.view(1, -1, 1).expand(q.shape[0], -1, 1)
-        all_logits = torch.cat([lg * self.scale for lg in logits] + [sink], dim=-1)
-        probs = all_logits.softmax(dim=-1)
-        out = torch.zeros(q.shape, dtype=torch.float32, device=device)
+        if gathered is not None:
+            values.append(gathered[0])
+        return self._sink_attend(logits, values)
+
+    def _sink_attend(self, logits: list, values: list) -> torch.Tensor:
+        """Softmax over all candidates and the per-head sink, then Σ prob · value → `[b, H, d]`.
+        logits[i] `[b, H, n_i]` float32 (scaled here); values[i] `[n_i, d]` shared by the b
+        queries, or `[b, n_i, d]` gathered per query."""
+        sink = self.sink.view(1, -1, 1).expand(logits[0].shape[0], -1, 1)
+        probs = torch.cat([lg * self.scale for lg in logits] + [sink], dim=-1).softmax(dim=-1)
+        out = None
         offset = 0
         for v in values:
-            out += torch.einsum("qhk,kd->qhd", probs[..., offset : offset + v.shape[0]], v)
-            offset += v.shape[0]
-        if gathered is not None:
-            rows = gathered[0]
-            out += torch.einsum("qhk,qkd->qhd", probs[..., offset : offset + rows.shape[1]], rows)
+            n = v.shape[-2]
+            p = probs[..., offset : offset + n]
+            part = torch.einsum("qhk,kd->qhd" if v.dim() == 2 else "qhk,qkd->qhd", p, v)
+            out = part if out is None else out + part
+            offset += n
         return out

@@ -8,14 +8,16 @@ reference's quantisation, FP8 snapping of the no-rope channels (main compressor)
 FP4 snapping (the indexer's compressor).
 
 Any chunking of the tokens gives the same entries: the tokens of an open window and the A halves
-of the last closed one are carried in `CompressorCarry` between calls.
+of the last closed one are carried in `CompressorCarry` between calls. `step` is one decode token
+with fixed shapes (for a CUDA graph): it pools the open window on every token into the row of the
+entry being formed, which becomes visible when its window closes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flashdesk.engine.cache import CompressorCarry
+from flashdesk.engine.cache import CompressorCarry, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import float_linear, rms_norm
 from flashdesk.engine.model.rope import Rotary, apply_rope
@@ -103,3 +105,39 @@ class Compressor:
                 rd = self.rotary.rope_dim
                 entries = torch.cat((qsim.fp8_snap(entries[:, :-rd], 64), entries[:, -rd:]), -1)
         return entries
+
+    def step(
+        self,
+        a: torch.Tensor,
+        pos: torch.Tensor,
+        carry: CompressorCarry,
+        store: RowStore,
+        out_dtype: torch.dtype,
+    ) -> None:
+        """One token a `[1, D]` at device position `pos` (`[1]` int64): its projection goes into
+        carry slot pos mod m, and the window pooled so far into `store` row ⌊pos/m⌋ (scratch
+        until the window closes: the caller's visible count is ⌊(pos+1)/m⌋). Every shape is fixed
+        and nothing is read back to the host, so the step can be captured in a CUDA graph; at a
+        closing token it writes the entry `update` would return (float32 sums in another order).
+        """
+        m, c = self.ratio, self.head
+        x = a.float()
+        slot = pos % m
+        carry.kv.index_copy_(0, slot, float_linear(x, self.wkv))
+        carry.gate.index_copy_(
+            0, slot, float_linear(x, self.wgate) + self.ape.index_select(0, slot)
+        )
+        if self.overlap:
+            slots_kv = torch.cat((carry.prev_kv, carry.kv[:, c:]))  # [2m, c]
+            slots_gate = torch.cat((carry.prev_gate, carry.gate[:, c:]))
+        else:
+            slots_kv, slots_gate = carry.kv, carry.gate
+        pooled = (slots_kv * slots_gate.softmax(dim=0)).sum(dim=0, keepdim=True)  # [1, c]
+        entry = rms_norm(pooled.to(out_dtype), self.norm, self.eps)
+        index = pos // m
+        cos, sin = self.rotary.cos_sin(index * m)
+        store.put(apply_rope(entry, cos, sin), index)
+        if self.overlap:  # a closing window's A halves pool into the next entry
+            closing = slot == m - 1
+            carry.prev_kv.copy_(torch.where(closing, carry.kv[:, :c], carry.prev_kv))
+            carry.prev_gate.copy_(torch.where(closing, carry.gate[:, :c], carry.prev_gate))

@@ -24,14 +24,15 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
     As torch ops this is ~6·iters tiny operations per call, ~40% of all a decode step dispatches;
     on the CPU one C call does it (same order of operations), on a GPU a decode step (one token)
-    replays a captured CUDA graph of it. Elsewhere, or if capture fails, the torch ops."""
+    replays a captured CUDA graph of it (unless the whole step is being captured: then its ops
+    join that graph). Elsewhere, or if capture fails, the torch ops."""
     if comb.dtype == torch.float32 and comb.dim() >= 2:
         if comb.device.type == "cpu":
             out = comb.contiguous().clone()
             hc = out.shape[-1]
             _kernels.sinkhorn(out.data_ptr(), out.numel() // (hc * hc), hc, iters, float(eps))
             return out
-        if comb.is_cuda and comb.shape[0] == 1:
+        if comb.is_cuda and comb.shape[0] == 1 and not torch.cuda.is_current_stream_capturing():
             graphed = _graphed_sinkhorn(comb, iters, eps)
             if graphed is not None:
                 return graphed

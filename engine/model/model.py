@@ -150,16 +150,34 @@ class Block:
         numerics: Numerics,
     ) -> torch.Tensor:
         """Streams `[S, hc, D]` of positions start..start+S-1 → new streams `[S, hc, D]`."""
-        c = self.config
         sim = numerics.simulate_quant
-        u, post, comb = hc_pre(x, *self.hc_attn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
-        f = self.attn.forward(
-            rms_norm(u, self.attn_norm, c.rms_norm_eps), start, state, numerics.query_block, sim
-        )
+        a, post, comb = self._site_input(x, self.hc_attn, self.attn_norm)
+        f = self.attn.forward(a, start, state, numerics.query_block, sim)
         x = hc_post(f, x, post, comb)
-        u, post, comb = hc_pre(x, *self.hc_ffn, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
-        f = self.moe.forward(rms_norm(u, self.ffn_norm, c.rms_norm_eps), ids, sim)
-        return hc_post(f, x, post, comb)
+        a, post, comb = self._site_input(x, self.hc_ffn, self.ffn_norm)
+        return hc_post(self.moe.forward(a, ids, sim), x, post, comb)
+
+    def step_attention(
+        self,
+        x: torch.Tensor,  # [1, hc, D]
+        pos: torch.Tensor,  # [1] int64 on the device
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: LayerState,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's attention half with fixed shapes (`Attention.step`) → streams after
+        attention `[1, hc, D]`, the MoE's normed input `[1, D]` and the FFN site's post
+        `[1, hc]` and comb `[1, hc, hc]` for `hc_post` once the MoE's output is known."""
+        a, post, comb = self._site_input(x, self.hc_attn, self.attn_norm)
+        x = hc_post(self.attn.step(a, pos, cos, sin, state), x, post, comb)
+        a, post, comb = self._site_input(x, self.hc_ffn, self.ffn_norm)
+        return x, a, post, comb
+
+    def _site_input(self, x, hc, norm):
+        """mHC collapse of the streams at one site, normed → (block input `[S, D]`, post, comb)."""
+        c = self.config
+        u, post, comb = hc_pre(x, *hc, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        return rms_norm(u, norm, c.rms_norm_eps), post, comb
 
 
 def _dense_experts(config: ModelConfig, fetch: Fetch, f: str, dt: torch.dtype) -> DenseExperts:

@@ -1,0 +1,276 @@
+"""Decode steps replayed from CUDA graphs: the GPU runtime's answer to its host dispatch floor.
+
+Why: a V4-Flash decode step issues ~36,000 torch operations (~830 per layer); on the lent H200's
+host the GPU sat idle for 142 of a 197 ms step waiting for them (README, Performance). A CUDA
+graph replays a captured sequence of kernels with one launch. Capture needs a step whose every
+shape and buffer address is fixed and which reads nothing back to the host: `Block.step_attention`
+(`Attention.step`, `Compressor.step`, the stores' `put`/`rows`) and `HybridMoE.step_route` /
+`step_device` are that step. The compressed stores' capacities are part of it: they are reserved
+in powers of two (`rows_for`) and a step that needs more re-captures, so a context of N tokens
+costs about log2(N/512) captures.
+
+Routed experts a layer keeps in host memory cannot be in a graph (the C kernels run on the CPU
+and need the picks), so the step is cut at those layers into segments:
+
+    body 0: embedding → full-device layers → attention + routing of host layer h1
+    device h1: shared expert + cached experts of h1     (replays while the CPU works)
+    host h1:   picks and input copied to pinned memory, C kernels, sum copied back
+    body 1: join h1 (device + host sums, hc_post) → … → routing of h2, and so on
+    last body: … → hc_head, norm, head → logits
+
+On the step that captures, each segment runs once for real (the warm-up CUDA graphs need) and is
+then recorded; later steps replay. Without CUDA, or with `capture=False`, the same segments run
+as plain torch operations (the tests compare them with the model's own decode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from flashdesk.engine.cache import SequenceState
+from flashdesk.engine.model.mhc import hc_post
+from flashdesk.engine.model.model import V4Model
+from flashdesk.engine.runtime_experts import HybridMoE
+
+MIN_ROWS = 64  # compressed rows every store holds at least in a captured step
+
+
+def rows_for(position: int, ratio: int, floor: int) -> int:
+    """Rows a compressed store holds for a step at `position`: room for row ⌊position/ratio⌋,
+    a power of two, at least `floor`."""
+    need = position // ratio + 1
+    return max(floor, 1 << (need - 1).bit_length())
+
+
+def _state_tensors(state: SequenceState) -> Iterator[torch.Tensor]:
+    """Every buffer of the main layers' state a step reads or writes (a capture's addresses)."""
+    for layer in state.layers:
+        yield from layer.window.buffers()
+        for store in (layer.kv_entries, layer.index_keys):
+            if store is not None:
+                yield from store.buffers()
+        for carry in (layer.carry, layer.index_carry):
+            if carry is not None:
+                yield from carry.tensors()
+
+
+class _Segment:
+    """One stretch of the step: `run` replays its graph once captured, else calls `fn`."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class GraphDecoder:
+    """`decode(token_id, state)` like `V4Model.decode`, as fixed-shape segments that CUDA graphs
+    capture and replay. For the runtime's model (every block's MoE a `HybridMoE`); every device
+    expert cache must run the fused kernels when capturing (`usable` says why not)."""
+
+    def __init__(self, model: V4Model, capture: bool | None = None):
+        if not all(isinstance(b.moe, HybridMoE) for b in model.blocks):
+            raise ValueError(
+                "GraphDecoder runs the runtime's model (load_runtime), not a plain one"
+            )
+        self.model = model
+        self.config = c = model.config
+        self.device = dev = model.device
+        self.capture = dev.type == "cuda" if capture is None else capture
+        self.reason: str | None = None  # why steps do not replay graphs, in words
+        if self.capture and any(
+            b.moe.cache is not None and b.moe.cache.capacity and not b.moe.cache.fused
+            for b in model.blocks
+        ):
+            self.reason = "the experts cached in VRAM need the Triton kernels to be captured"
+        self.cuts = [i for i, b in enumerate(model.blocks) if b.moe.host_computes]
+        self.builds = 0  # how many times the segments were built (captured, on CUDA)
+
+        dt = model.numerics.dtype
+        hc, dim, k = c.hc_mult, c.hidden_size, c.num_experts_per_tok
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        # What one step's segments hand each other, at fixed addresses.
+        self.pos, self.ids = zeros(1, dtype=torch.long), zeros(1, dtype=torch.long)
+        self.embed = zeros(1, dim, dtype=dt)
+        self.x, self.xn = zeros(1, hc, dim, dtype=dt), zeros(1, dim, dtype=dt)
+        self.post, self.comb = zeros(1, hc), zeros(1, hc, hc)
+        self.experts, self.host_ids = zeros(1, k, dtype=torch.long), zeros(1, k, dtype=torch.long)
+        self.weights = zeros(1, k)
+        self.y, self.host_y = zeros(1, dim), zeros(1, dim)
+        self.logits = zeros(c.vocab_size)
+        pin = dev.type == "cuda"
+        self.h_xn = torch.zeros((1, dim), dtype=dt, pin_memory=pin)
+        self.h_ids = torch.zeros((1, k), dtype=torch.long, pin_memory=pin)
+        self.h_w = torch.zeros((1, k), pin_memory=pin)
+        self.h_y = torch.zeros((1, dim), pin_memory=pin)
+
+        self._key: tuple | None = None
+        self._plan: list[tuple[str, object]] = []  # ("body", segment) / ("cut", (layer, segment))
+        self._pool = None
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def decode(self, token_id: int, state: SequenceState) -> torch.Tensor:
+        """One token after the state's last one → logits of the next `[V]` float32."""
+        position = state.position
+        token = int(self.model._ids([token_id])[0])
+        if position + 1 > self.model.config.max_position_embeddings:
+            raise ValueError(f"position {position} is past the model's context")
+        key = self._reserve(state, position)
+        capturing = False
+        if key != self._key:
+            self._plan = self._segments(state)
+            self._key = key
+            self.builds += 1
+            capturing = self.capture and self.reason is None
+            self._pool = torch.cuda.graph_pool_handle() if capturing else None
+        self.pos.fill_(position)
+        self.ids.fill_(token)
+        self.embed.copy_(self.model.embed[token].view(1, -1), non_blocking=True)
+        for kind, item in self._plan:
+            if kind == "body":
+                self._run(item, capturing)
+            else:
+                layer, device_part = item
+                self._host_layer(layer, device_part, capturing)
+        self._advance(state, position + 1)
+        return self.logits.clone()
+
+    def _run(self, segment: _Segment, capturing: bool) -> None:
+        if not capturing:
+            segment.run()
+            return
+        # The warm-up a capture needs is this step's real work: run it, then record it.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            segment.fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.reason is not None:  # an earlier segment failed to capture this step
+            return
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                segment.fn()
+            segment.graph = graph
+        except Exception as exc:  # finish this step eagerly; later steps take the model's path
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.reason = f"CUDA graph capture failed ({type(exc).__name__}: {first})"
+
+    def _host_layer(self, layer: int, device_part: _Segment, capturing: bool) -> None:
+        """Host layer `layer`: its picks to the CPU, the device's share meanwhile, the CPU's
+        share back (the next body adds them)."""
+        moe = self.model.blocks[layer].moe
+        self.h_xn.copy_(self.xn, non_blocking=True)
+        self.h_ids.copy_(self.host_ids, non_blocking=True)
+        self.h_w.copy_(self.weights, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        self._run(device_part, capturing)
+        if ready is not None:
+            ready.synchronize()
+        self.h_y.zero_()
+        moe._host_part(self.h_xn, self.h_ids, self.h_w, out=self.h_y)
+        self.host_y.copy_(self.h_y, non_blocking=True)
+
+    # ------------------------------------------------------------------ capacities and key
+
+    def _reserve(self, state: SequenceState, position: int) -> tuple:
+        """Give every compressed store the rows this step needs (CSA entries and index keys the
+        same count) → the key of the buffers a capture would use."""
+        topk = self.config.index_topk
+        for spec, layer in zip(self.config.main_layers, state.layers, strict=True):
+            if layer.kv_entries is None:
+                continue
+            stores = [s for s in (layer.kv_entries, layer.index_keys) if s is not None]
+            floor = max(MIN_ROWS, topk) if layer.index_keys is not None else MIN_ROWS
+            rows = max(
+                rows_for(position, spec.compress_ratio, floor), *(s.capacity for s in stores)
+            )
+            for store in stores:
+                store.reserve(rows)
+        return tuple((t.data_ptr(), t.shape[0]) for t in _state_tensors(state))
+
+    def _advance(self, state: SequenceState, position: int) -> None:
+        """The host-side counts the replayed step cannot update itself."""
+        state.position = position
+        for spec, layer in zip(self.config.main_layers, state.layers, strict=True):
+            for store in (layer.kv_entries, layer.index_keys):
+                if store is not None:
+                    store.n = position // spec.compress_ratio
+
+    # ------------------------------------------------------------------ segments
+
+    def _segments(self, state: SequenceState) -> list[tuple[str, object]]:
+        n = len(self.model.blocks)
+        plan: list[tuple[str, object]] = []
+        joined = None
+        for cut in [*self.cuts, None]:
+            first = 0 if joined is None else joined + 1
+            last = n if cut is None else cut
+            plan.append(("body", _Segment(self._body(state, joined, range(first, last), cut))))
+            if cut is not None:
+                plan.append(("cut", (cut, _Segment(self._device_part(cut)))))
+            joined = cut
+        return plan
+
+    def _body(self, state, joined: int | None, layers: range, cut: int | None):
+        """The segment function: after host layer `joined` (None: from the embedding), the
+        full-device `layers`, then the attention and routing of layer `cut` (None: the head)."""
+        model, c = self.model, self.config
+        blocks, dt = model.blocks, model.numerics.dtype
+
+        def body() -> None:
+            pos = self.pos
+            tables = [r.cos_sin(pos) for r in model.rotaries]  # main, compress
+            if joined is None:
+                x = self.embed.unsqueeze(1).expand(-1, c.hc_mult, -1)
+            else:
+                x = hc_post((self.y + self.host_y).to(dt), self.x, self.post, self.comb)
+            for i in layers:
+                x, a, post, comb = self._attention(i, x, tables, state)
+                experts, weights, _ = blocks[i].moe.step_route(a, self.ids)
+                f = blocks[i].moe.step_device(a, experts, weights).to(dt)
+                x = hc_post(f, x, post, comb)
+            if cut is None:
+                self.logits.copy_(model.logits_from_streams(x)[0])
+                return
+            x, a, post, comb = self._attention(cut, x, tables, state)
+            experts, weights, host_ids = blocks[cut].moe.step_route(a, self.ids)
+            for dst, src in (
+                (self.x, x), (self.xn, a), (self.post, post), (self.comb, comb),
+                (self.experts, experts), (self.weights, weights), (self.host_ids, host_ids),
+            ):  # fmt: skip
+                dst.copy_(src)
+
+        return body
+
+    def _attention(self, i: int, x, tables, state):
+        block = self.model.blocks[i]
+        cos, sin = tables[1] if block.spec.has_compressor else tables[0]
+        return block.step_attention(x, self.pos, cos, sin, state.layers[i])
+
+    def _device_part(self, layer: int):
+        moe = self.model.blocks[layer].moe
+
+        def device_part() -> None:
+            self.y.copy_(moe.step_device(self.xn, self.experts, self.weights))
+
+        return device_part
