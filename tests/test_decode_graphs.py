@@ -1,0 +1,191 @@
+"""The fixed-shape decode step that CUDA graphs capture (`engine.decode_graphs`), on the CPU.
+
+Its segments run here as plain torch operations: they must give the model's own decode (every
+expert placement, across window closes, capacity growth and prompt continuations), and each
+segment must dispatch the same operations on the same buffers with the same scalars at every
+position of a capacity bucket, reading nothing back to the host: what capture and replay need.
+tests/gpu/test_decode_graphs_cuda.py captures and replays them on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _graph_safety import record
+from _triton import kernels_device
+
+from flashdesk.engine import decode_graphs
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.decode_graphs import GraphDecoder, rows_for
+from flashdesk.engine.model.model import V4Model
+from flashdesk.engine.runtime import LayerPlacement, Placement, load_runtime
+from flashdesk.engine.runtime_experts import PAGEABLE, PINNED
+from flashdesk.engine.synthetic import SyntheticCheckpoint
+
+# Window 8, CSA (ratio 4, top-4 indexer) and HCA at ratio 16 so that short runs close windows of
+# both; layers 0-1 are hash-routed.
+CONFIG = ModelConfig.tiny(
+    num_hidden_layers=5, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16, 4, 16)
+)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _mixed(config: ModelConfig) -> Placement:
+    """Layer i caches i experts (layer 4: none), the rest split pinned / pageable."""
+    n = config.n_routed_experts
+    layers = []
+    for i in range(len(config.main_layers)):
+        dev = tuple(range(n)) if i == 2 else tuple(range(i % 4))
+        rest = [e for e in range(n) if e not in dev]
+        layers.append(
+            LayerPlacement(device=dev, pinned=tuple(rest[::2]), pageable=tuple(rest[1::2]))
+        )
+    return Placement("cpu", tuple(layers))
+
+
+PLACEMENTS = {
+    "host": lambda c: Placement.uniform(c, PINNED),
+    "cache": lambda c: Placement.uniform(c, PAGEABLE, cached=3),
+    "all cached": lambda c: Placement.uniform(c, PAGEABLE, cached=c.n_routed_experts),
+    "mixed": _mixed,
+}
+
+
+def _runtime(name: str):
+    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=PLACEMENTS[name](CONFIG))
+
+
+def _ids(n: int) -> list[int]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist()
+
+
+def _counts(state) -> list:
+    return [
+        (s.kv_entries.n, s.index_keys.n if s.index_keys is not None else None)
+        for s in state.layers
+        if s.kv_entries is not None
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_step_gives_the_models_decode(name):
+    ids = _ids(90)
+    with _runtime(name) as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        assert graphs.cuts == [
+            i for i, lp in enumerate(PLACEMENTS[name](CONFIG).layers) if len(lp.device) < 8
+        ]
+        want, got = rt.new_state(), rt.new_state()
+        for state in (want, got):
+            rt.prefill(ids[:5], state)
+        for span in (range(5, 60), range(70, 90)):
+            for t in (ids[i] for i in span):
+                torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
+            assert got.position == want.position
+            assert _counts(got) == _counts(want)
+            if span.start == 5:  # a prompt continuation between the decode runs
+                got_logits = rt.prefill(ids[60:70], got)
+                torch.testing.assert_close(got_logits, rt.prefill(ids[60:70], want), **TOL)
+        assert graphs.builds == 1  # one capacity bucket all along
+
+
+def test_rows_for_doubles_from_the_floor():
+    assert [rows_for(p, 4, 8) for p in (0, 31, 32, 63, 64, 127, 128)] == [8, 8, 16, 16, 32, 32, 64]
+    assert rows_for(10**6, 128, 64) == 8192
+
+
+def test_stores_grow_in_powers_of_two_and_the_step_is_rebuilt(monkeypatch):
+    monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)
+    ids = _ids(80)
+    with _runtime("host") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        want, got = rt.new_state(), rt.new_state()
+        for state in (want, got):
+            rt.prefill(ids[:3], state)
+        capacities = set()
+        for t in ids[3:80]:
+            torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
+            capacities.add(tuple(s.kv_entries.capacity for s in got.layers if s.kv_entries))
+        # CSA (ratio 4) rows 4 → 8 → 16 → 32 at positions 16, 32, 64; HCA (16) 4 → 8 at 64
+        assert sorted(capacities) == [(4, 4, 4, 4), (8, 4, 8, 4), (16, 4, 16, 4), (32, 8, 32, 8)]
+        assert graphs.builds == len(capacities)
+        assert _counts(got) == _counts(want)
+
+
+def _fuse_cached_experts(rt, monkeypatch) -> None:
+    """Run the cached picks by `gpu_kernels.moe` (Triton's interpreter here), as on a GPU."""
+    kernels_device()  # skips where neither a GPU nor the interpreter runs the kernels
+    for block in rt.model.blocks:
+        if block.moe.cache is not None:
+            monkeypatch.setattr(block.moe.cache, "fused", True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", ["host", "mixed"])
+def test_segments_are_capture_safe(name, monkeypatch):
+    """At positions 9..17 (every phase of both compressors; CSA and HCA windows close) each
+    segment dispatches one list of operations on one set of buffers, and reads nothing back."""
+    ids = _ids(20)
+    with _runtime(name) as rt:
+        if name == "mixed":
+            _fuse_cached_experts(rt, monkeypatch)
+        graphs = GraphDecoder(rt.model, capture=False)
+        state = rt.new_state()
+        rt.prefill(ids[:9], state)
+        logs: dict[int, list] = {}
+        run = decode_graphs._Segment.run
+
+        def recorded(segment):
+            rec = record(lambda: run(segment))
+            logs.setdefault(id(segment), []).append(rec)
+
+        monkeypatch.setattr(decode_graphs._Segment, "run", recorded)
+        for t in ids[9:18]:
+            graphs.decode(t, state)
+        assert graphs.builds == 1
+        assert len(logs) == 1 + 2 * len(graphs.cuts)
+        for recs in logs.values():
+            assert len(recs) == 9
+            assert all(not r.host_reads for r in recs), recs[0].host_reads
+            first = recs[0].ops
+            for r in recs[1:]:
+                assert len(r.ops) == len(first)
+                diff = next(
+                    (i for i, (a, b) in enumerate(zip(first, r.ops, strict=True)) if a != b), None
+                )
+                assert diff is None, (first[diff], r.ops[diff])
+
+
+def test_routing_record_matches(monkeypatch):
+    ids = _ids(30)
+    with _runtime("cache") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        state = rt.new_state()
+        rt.prefill(ids[:5], state)
+        before = rt.log.counts.clone()
+        for t in ids[5:30]:
+            graphs.decode(t, state)
+        picks = rt.log.counts - before
+        assert int(picks.sum()) == 25 * len(CONFIG.main_layers) * CONFIG.num_experts_per_tok
+        assert rt.expert_hit_rate is not None
+
+
+def test_a_plain_model_is_refused():
+    ckpt = SyntheticCheckpoint(CONFIG)
+    with pytest.raises(ValueError, match="runtime"):
+        GraphDecoder(V4Model(CONFIG, ckpt.tensor))
+
+
+def test_the_check_sees_what_a_graph_cannot_replay():
+    buf, pos = torch.zeros(4), torch.tensor([1])
+    baked = [record(lambda p=p: buf.add_(p)).ops for p in (1, 2)]  # a host number baked in
+    assert baked[0] != baked[1]
+    sized = [record(lambda n=n: torch.zeros(n)).ops for n in (3, 4)]  # a host-sized allocation
+    assert sized[0] != sized[1]
+    moved = [record(lambda b=b: b.add_(pos)).ops for b in (buf, torch.zeros(4))]  # other buffer
+    assert moved[0] != moved[1]
+    assert record(lambda: int(pos)).host_reads  # a read back to the host
+    assert record(lambda: buf[buf > 0]).host_reads
+    same = [record(lambda: buf.add_(pos)).ops for _ in range(2)]
+    assert same[0] == same[1]
