@@ -44,6 +44,11 @@ def rows_for(position: int, ratio: int, floor: int) -> int:
     return max(floor, 1 << (need - 1).bit_length())
 
 
+def _summary(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 def _state_tensors(state: SequenceState) -> Iterator[torch.Tensor]:
     """Every buffer of the main layers' state a step reads or writes (a capture's addresses)."""
     for layer in state.layers:
@@ -122,6 +127,43 @@ class GraphDecoder:
     def usable(self) -> bool:
         return self.reason is None
 
+    @torch.inference_mode()
+    def self_check(self, prompt: int = 8, steps: int = 6) -> str | None:
+        """Replay against the same segments run eagerly, on scratch states, before any real
+        decode (at load): a GPU, driver or torch on which captured steps do not give the eager
+        numbers turns graphs off here instead of corrupting answers. → `reason` (None: usable).
+        The routing record is left as it was; the scratch graphs are dropped."""
+        if not self.capture or self.reason is not None:
+            return self.reason
+        model, log = self.model, self.model.blocks[0].moe.log
+        saved = [t.clone() for t in (log.counts, log.device_picks, log.total_picks)]
+        vocab = self.config.vocab_size
+        ids = [(7919 * i + 11) % vocab for i in range(prompt + steps)]
+        eager = GraphDecoder(model, capture=False)
+        want, got = model.new_state(), model.new_state()
+        try:
+            for state in (want, got):
+                model.prefill(ids[:prompt], state)
+            for t in ids[prompt:]:
+                expect, seen = eager.decode(t, want), self.decode(t, got)
+                if self.reason is not None:
+                    break
+                scale = float(expect.abs().max())
+                worst = float((seen - expect).abs().max())
+                if not worst <= 1e-2 * max(scale, 1.0):  # NaN fails too
+                    self.reason = (
+                        f"replayed CUDA graphs gave other logits than the same step run directly "
+                        f"(max difference {worst:.3g} of {scale:.3g})"
+                    )
+                    break
+        except Exception as exc:  # e.g. out of memory for the scratch states: no graphs
+            self.reason = f"the CUDA graph check failed ({_summary(exc)})"
+        finally:
+            for t, v in zip((log.counts, log.device_picks, log.total_picks), saved, strict=True):
+                t.copy_(v)
+            self._key, self._plan, self._pool = None, [], None
+        return self.reason
+
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
@@ -138,7 +180,7 @@ class GraphDecoder:
             self._key = key
             self.builds += 1
             capturing = self.capture and self.reason is None
-            self._pool = torch.cuda.graph_pool_handle() if capturing else None
+            self._pool = None  # the old graphs' memory goes with them
         self.pos.fill_(position)
         self.ids.fill_(token)
         self.embed.copy_(self.model.embed[token].view(1, -1), non_blocking=True)
@@ -164,13 +206,14 @@ class GraphDecoder:
         if self.reason is not None:  # an earlier segment failed to capture this step
             return
         try:
+            if self._pool is None:  # one pool for the segments of a capture (replayed in order)
+                self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 segment.fn()
             segment.graph = graph
         except Exception as exc:  # finish this step eagerly; later steps take the model's path
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            self.reason = f"CUDA graph capture failed ({type(exc).__name__}: {first})"
+            self.reason = f"CUDA graph capture failed ({_summary(exc)})"
 
     def _host_layer(self, layer: int, device_part: _Segment, capturing: bool) -> None:
         """Host layer `layer`: its picks to the CPU, the device's share meanwhile, the CPU's

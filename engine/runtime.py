@@ -23,6 +23,7 @@ Public use::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -35,6 +36,7 @@ import torch
 from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.decode_graphs import GraphDecoder
 from flashdesk.engine.gpu_linears import CudaBf16Head, CudaFp8Linear
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
@@ -429,6 +431,7 @@ class Runtime:
         refresh_every: int | None,
         fp8_linears: int,
         head_dtype: str = "fp32",
+        graphs: GraphDecoder | None = None,
     ):
         self.model = model
         self.config = model.config
@@ -442,6 +445,7 @@ class Runtime:
         self.refresh_every = refresh_every
         self.fp8_linears = fp8_linears  # how many linears run on the C FP8 kernel
         self.head_dtype = head_dtype  # what the head is stored and read as per token
+        self.graphs = graphs  # decode steps replayed from CUDA graphs (None: not asked for)
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
         # Hash-routed layers pick their experts by token id: the memory-mapped ones a decode token
@@ -469,8 +473,11 @@ class Runtime:
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
         self._prefetch_hash_experts(int(token_id))
-        with self._torch_threads(state, 1):
-            logits = model.decode(token_id, state)
+        if self.graphs is not None and self.graphs.usable:
+            logits = self.graphs.decode(token_id, state)
+        else:
+            with self._torch_threads(state, 1):
+                logits = model.decode(token_id, state)
         self._decodes += 1
         if self.refresh_every and self._decodes % self.refresh_every == 0:
             self.refresh_caches()
@@ -541,6 +548,11 @@ class Runtime:
                 f"{lost} experts planned for pinned RAM are in pageable RAM: pinning needs a CUDA "
                 "driver and enough lockable memory (raise the memlock limit, or run `flashdesk fit` "
                 "again); host-to-GPU copies of those experts are slower"
+            )
+        if self.graphs is not None and not self.graphs.usable:
+            notes.append(
+                f"decode steps run without CUDA graphs, slower per token: {self.graphs.reason} "
+                "(FLASHDESK_CUDA_GRAPHS=0 skips the attempt)"
             )
         if self.device.type == "cuda" and not gpu_kernels.available(self.device):
             notes.append(
@@ -621,6 +633,7 @@ def load_runtime(
     refresh_every: int | None = DEFAULT_REFRESH_EVERY,
     frequency: Any = None,
     head_dtype: str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Runtime:
     """Open the checkpoint at `path` (or take an open `Checkpoint`, e.g. a `SyntheticCheckpoint`;
     the runtime then owns and closes it) and build the runtime.
@@ -641,6 +654,9 @@ def load_runtime(
       `gpu_linears.CudaBf16Head`), "fp8" (CPU only: quantized at load to FP8 with 128×128 tile
       scales, a quarter of the bytes; weight error ~2⁻⁴ relative) or "fp32" (the reference's
       float32 head).
+    cuda_graphs: on a GPU, replay each decode step from CUDA graphs (`decode_graphs`; default
+      on unless FLASHDESK_CUDA_GRAPHS=0). Checked at load against the same step run directly;
+      where capture fails or disagrees, decode runs the plain way and `notes` says why.
     """
     dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
     if dtype is None:
@@ -661,10 +677,12 @@ def load_runtime(
     progress = progress or (lambda f, m: None)
     progress(0.0, "Opening the checkpoint")
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    if cuda_graphs is None:
+        cuda_graphs = os.environ.get("FLASHDESK_CUDA_GRAPHS", "1") != "0"
     try:
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
-            stream_min_tokens, refresh_every, frequency, head_dtype,
+            stream_min_tokens, refresh_every, frequency, head_dtype, cuda_graphs and dev.type == "cuda",
         )  # fmt: skip
     except BaseException:
         ckpt.close()
@@ -673,7 +691,7 @@ def load_runtime(
 
 def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
-    stream_min_tokens, refresh_every, frequency, head_dtype="fp32",
+    stream_min_tokens, refresh_every, frequency, head_dtype="fp32", cuda_graphs=False,
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
@@ -821,6 +839,11 @@ def _build(
             "for a plan that memory-maps more experts, or close other programs",
             kind="oom",
         ) from exc
+    graphs = None
+    if cuda_graphs:
+        progress(0.98, "Checking CUDA graphs on this GPU")
+        graphs = GraphDecoder(model)
+        graphs.self_check()
     progress(1.0, "Ready")
     return Runtime(
         model,
@@ -833,6 +856,7 @@ def _build(
         refresh_every,
         n_fp8,
         head_dtype,
+        graphs,
     )
 
 

@@ -189,3 +189,79 @@ def test_the_check_sees_what_a_graph_cannot_replay():
     assert record(lambda: buf[buf > 0]).host_reads
     same = [record(lambda: buf.add_(pos)).ops for _ in range(2)]
     assert same[0] == same[1]
+
+
+def _pretend_capture(graphs, monkeypatch, corrupt: bool = False) -> list[str]:
+    """Stand in for CUDA capture/replay on the CPU: the capture step runs eagerly, later steps
+    'replay' the same functions (optionally with their logits corrupted)."""
+    events = []
+
+    def run(segment, capturing):
+        events.append("capture" if capturing else "replay")
+        segment.fn()
+        if corrupt and not capturing:
+            graphs.logits.mul_(1.5)
+
+    monkeypatch.setattr(graphs, "capture", True)
+    monkeypatch.setattr(graphs, "_run", run)
+    return events
+
+
+def test_self_check_passes_and_leaves_no_trace(monkeypatch):
+    with _runtime("mixed") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        events = _pretend_capture(graphs, monkeypatch)
+        counts = rt.log.counts.clone()
+        assert graphs.self_check(prompt=8, steps=4) is None
+        assert graphs.usable
+        assert "capture" in events and "replay" in events
+        assert torch.equal(rt.log.counts, counts)  # scratch picks are not the user's routing
+        assert int(rt.log.total_picks) == 0
+        assert graphs._key is None  # the next real step captures afresh
+
+
+def test_self_check_turns_graphs_off_when_replay_disagrees(monkeypatch):
+    with _runtime("host") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        _pretend_capture(graphs, monkeypatch, corrupt=True)
+        reason = graphs.self_check(prompt=8, steps=4)
+        assert reason is not None and "other logits" in reason
+        rt.graphs = graphs
+        assert any("without CUDA graphs" in n for n in rt.notes)
+        builds = graphs.builds
+        state = rt.new_state()  # the runtime decodes the plain way
+        rt.prefill([1, 2, 3], state)
+        rt.decode(4, state)
+        assert graphs.builds == builds and state.position == 4  # not through the decoder
+
+
+def test_a_failed_capture_finishes_the_step_and_stops_capturing(monkeypatch):
+    with _runtime("host") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        want, got = rt.new_state(), rt.new_state()
+        for state in (want, got):
+            rt.prefill([1, 2, 3], state)
+        monkeypatch.setattr(graphs, "capture", True)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device: _NoStream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: _NoStream())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _NoStream())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)
+        torch.testing.assert_close(graphs.decode(4, got), rt.model.decode(4, want), **TOL)
+        assert not graphs.usable and "capture failed" in graphs.reason
+        assert "not permitted" in graphs.reason
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
