@@ -121,26 +121,36 @@ def run(
         logits = rt.prefill(ids, state)
         _sync()
         prefill_s = time.perf_counter() - t0
-        for _ in range(2):
-            logits = rt.decode(int(logits.argmax()), state)
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(decode_steps):
-            logits = rt.decode(int(logits.argmax()), state)
-        _sync()
-        step_s = (time.perf_counter() - t0) / decode_steps
-        fused = [c for c in rt.caches if c is not None and c.fused]
-        if fused:  # the same model with VRAM experts through torch's dequantize-then-multiply
-            for c in fused:
-                c.fused = False
+
+        def timed_decode(warmup: int = 0) -> float:
+            """Seconds per decode step over `decode_steps` (after `warmup` untimed ones)."""
+            nonlocal logits
+            for _ in range(warmup):
+                logits = rt.decode(int(logits.argmax()), state)
             _sync()
             t0 = time.perf_counter()
             for _ in range(decode_steps):
                 logits = rt.decode(int(logits.argmax()), state)
             _sync()
-            out["decode_tok_s_torch_experts"] = decode_steps / (time.perf_counter() - t0)
+            return (time.perf_counter() - t0) / decode_steps
+
+        step_s = timed_decode(warmup=2)  # the first step after a prefill captures the graphs
+        graphs, rt.graphs = rt.graphs, None  # the A/B runs below take the plain path
+        if graphs is not None:
+            out["cuda_graphs"] = graphs.usable
+            out["cuda_graph_captures"] = graphs.builds
+            if graphs.usable:
+                out["decode_tok_s_without_graphs"] = 1.0 / timed_decode(warmup=1)
+            else:
+                out["cuda_graphs_off"] = graphs.reason
+        fused = [c for c in rt.caches if c is not None and c.fused]
+        if fused:  # the same model with VRAM experts through torch's dequantize-then-multiply
+            for c in fused:
+                c.fused = False
+            out["decode_tok_s_torch_experts"] = 1.0 / timed_decode()
             for c in fused:
                 c.fused = True
+        rt.graphs = graphs
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
         dense_b, expert_b = decode_bytes(rt)
@@ -216,6 +226,14 @@ def run(
             f"bench --synthetic v4-flash, {config.num_hidden_layers} layers",
         )
         say(f"decode time per layer {out['step_s_per_layer'] * 1e3:.2f} ms (recorded for fit)")
+    if "decode_tok_s_without_graphs" in out:
+        say(
+            f"decode steps replayed from CUDA graphs: {out['decode_tok_s']:.2f} tok/s; the same "
+            f"steps issued op by op: {out['decode_tok_s_without_graphs']:.2f} tok/s "
+            f"({out['cuda_graph_captures']} captures)"
+        )
+    elif "cuda_graphs_off" in out:
+        say(f"CUDA graphs off: {out['cuda_graphs_off']}")
     if "decode_tok_s_torch_experts" in out:
         say(
             f"VRAM experts through torch's dequantize-then-multiply instead of the Triton kernels: "
@@ -255,6 +273,7 @@ def _profile(rt, state, logits, steps: int, say) -> dict:
         "profile_aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::"))
         / steps,
         "profile_kernel_launches_per_step": per_step("cudaLaunchKernel", "cuLaunchKernel"),
+        "profile_graph_launches_per_step": per_step("cudaGraphLaunch"),
         "profile_syncs_per_step": per_step(
             "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"
         ),

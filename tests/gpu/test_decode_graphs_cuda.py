@@ -1,0 +1,116 @@
+"""Decode steps captured and replayed as CUDA graphs (skipped where there is no CUDA).
+
+tests/test_decode_graphs.py checks on the CPU that the fixed-shape step equals the model's decode
+and is capture-safe; here it is captured for real: replays equal the same segments run directly,
+across window closes and capacity growth (re-captures), with every expert placement; the runtime
+turns graphs on by default after its load-time check; a replayed step launches one graph per
+segment and almost no single kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdesk.engine import decode_graphs
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.decode_graphs import GraphDecoder
+from flashdesk.engine.generate import SamplingParams, Session
+from flashdesk.engine.runtime import LayerPlacement, Placement, load_runtime
+from flashdesk.engine.synthetic import SyntheticCheckpoint
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CONFIG = ModelConfig.tiny(
+    num_hidden_layers=5, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16, 4, 16)
+)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _placement(name: str) -> Placement:
+    n = CONFIG.n_routed_experts
+    if name == "host":
+        return Placement.uniform(CONFIG, "pinned", "cuda")
+    if name == "all in vram":
+        return Placement.uniform(CONFIG, "pageable", "cuda", cached=n)
+    layers = []
+    for i in range(len(CONFIG.main_layers)):
+        dev = tuple(range(n)) if i == 2 else tuple(range(i % 4))
+        rest = [e for e in range(n) if e not in dev]
+        layers.append(
+            LayerPlacement(device=dev, pinned=tuple(rest[::2]), pageable=tuple(rest[1::2]))
+        )
+    return Placement("cuda", tuple(layers))
+
+
+def _runtime(name: str, **kw):
+    kw.setdefault("dtype", torch.float32)
+    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=_placement(name), **kw)
+
+
+def _ids(n: int) -> list[int]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("name", ["host", "mixed", "all in vram"])
+def test_replays_equal_the_step_run_directly(name, monkeypatch):
+    monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)  # re-captures within the run
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = _ids(90)
+    with _runtime(name, cuda_graphs=False) as rt:
+        graphs, direct = GraphDecoder(rt.model), GraphDecoder(rt.model, capture=False)
+        got, want, plain = rt.new_state(), rt.new_state(), rt.new_state()
+        for state in (got, want, plain):
+            rt.prefill(ids[:5], state)
+        for t in ids[5:90]:
+            seen = graphs.decode(t, got)
+            assert graphs.usable, graphs.reason
+            torch.testing.assert_close(seen, direct.decode(t, want), **TOL)
+            torch.testing.assert_close(seen, rt.model.decode(t, plain), rtol=1e-3, atol=1e-3)
+        assert graphs.builds >= 4  # capacity buckets: each one captured
+        assert all(
+            (item if kind == "body" else item[1]).graph is not None for kind, item in graphs._plan
+        )
+
+
+def test_runtime_uses_graphs_after_its_check_and_generates_the_same():
+    ids = _ids(12)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    held = []
+    for graphs in (True, False):
+        with _runtime("mixed", cuda_graphs=graphs) as rt:
+            assert (rt.graphs is not None) == graphs
+            if graphs:
+                assert rt.graphs.usable, rt.graphs.reason
+                assert not any("CUDA graphs" in n for n in rt.notes)
+            session = Session(rt, Chars(), context_limit=rt.context_limit)
+            list(session.stream(ids, params))
+            held.append(session.held_ids)
+    assert held[0] == held[1]
+
+
+def test_a_replayed_step_launches_graphs_not_kernels():
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = _ids(20)
+    with _runtime("all in vram", dtype=torch.bfloat16) as rt:
+        state = rt.new_state()
+        logits = rt.prefill(ids[:8], state)
+        for _ in range(2):  # capture, then one replay
+            logits = rt.decode(int(logits.argmax()), state)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            rt.decode(int(logits.argmax()), state)
+            torch.cuda.synchronize()
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts.get("cudaGraphLaunch", 0) == 1  # the whole model in VRAM: one segment
+        assert counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0) <= 8
