@@ -8,7 +8,9 @@ One executor applies placement as data (design.md, "The one idea"):
   `Fp8Linear`, `Bf16Head`; Triton in VRAM: `gpu_linears`). The embedding stays in host memory;
 * routed experts stay in their stored FP4 form: in host memory (pinned, pageable or memory-mapped
   from the checkpoint) run by the C kernels on a worker thread while the device computes the
-  shared expert, or in device memory (whole layers, then hot experts) — `runtime_experts`.
+  shared expert, or in device memory (whole layers, then hot experts) — `runtime_experts`;
+* on a GPU each decode step replays CUDA graphs of the same computation in fixed shapes, cut at
+  the layers whose experts run on the CPU (`decode_graphs`), checked against it at load.
 
 Public use::
 
