@@ -116,11 +116,14 @@ def run(
         )
         rt.prefill(ids[: min(64, prompt_tokens)], rt.new_state())  # warm-up
         state = rt.new_state()
+        chunk = rt.prefill_chunk or prompt_tokens  # as a Session prefills (the app, the CLI)
         _sync()
         t0 = time.perf_counter()
-        logits = rt.prefill(ids, state)
+        for i in range(0, prompt_tokens, chunk):
+            logits = rt.prefill(ids[i : i + chunk], state)
         _sync()
         prefill_s = time.perf_counter() - t0
+        out["prefill_chunk"] = chunk
 
         def timed_decode(warmup: int = 0) -> float:
             """Seconds per decode step over `decode_steps` (after `warmup` untimed ones)."""
@@ -198,7 +201,7 @@ def run(
     if on_gpu and host_expert_bytes:
         h2d = h2d_pinned_gbps()
         # every host expert crosses PCIe once per prompt chunk when prefill streams them
-        chunks = -(-prompt_tokens // max(1, prediction.crossover_tokens or prompt_tokens))
+        chunks = -(-prompt_tokens // out["prefill_chunk"])
         bound_s = chunks * host_expert_bytes / (h2d * 1e9)
         out |= {
             "h2d_pinned_gbps": h2d,

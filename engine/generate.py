@@ -25,6 +25,8 @@ THINK_START_ID = 128821
 THINK_END_ID = 128822
 
 PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory and cancel latency
+# (a model may ask for its own: `model.prefill_chunk`, e.g. the GPU runtime, whose every chunk
+# copies the experts kept in RAM across PCIe once)
 
 
 class ContextOverflowError(ValueError):
@@ -180,12 +182,14 @@ class Session:
         model,
         tokenizer,
         context_limit: int | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.context_limit = int(context_limit or getattr(model, "context_limit", 0) or 1 << 20)
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = int(
+            prefill_chunk or getattr(model, "prefill_chunk", None) or PREFILL_CHUNK
+        )
         self._state = None
         self._ids: list[int] = []  # tokens the state holds, in order
         self._cancel = threading.Event()

@@ -60,6 +60,10 @@ Progress = Callable[[float, str], None]
 # Tokens per prefill call from which every picked expert is computed on the GPU (copied there
 # from host memory) instead of on the CPU. A default until `flashdesk bench decode` measures it.
 DEFAULT_STREAM_MIN_TOKENS = 256
+# Tokens per prefill call the runtime asks of a Session on a GPU: each call copies every expert
+# held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less per token. The
+# planner predicts prefill with the same chunk (`offload.predict.PREFILL_CHUNK`).
+GPU_PREFILL_CHUNK = 2048
 # Decode steps between refreshes of the hot-expert caches from the routing counts.
 DEFAULT_REFRESH_EVERY = 256
 
@@ -450,6 +454,8 @@ class Runtime:
         self.graphs = graphs  # decode steps replayed from CUDA graphs (None: not asked for)
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
+        # None: the Session's own (CPU prefill reads the experts from RAM at any chunk size)
+        self.prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else None
         # Hash-routed layers pick their experts by token id: the memory-mapped ones a decode token
         # will need are known before the step and paged in from disk while earlier work runs.
         self._hash_prefetch = []  # (host-side tid2eid [V, k], that layer's LayerExperts)
@@ -808,6 +814,7 @@ def _build(
         log = RoutingLog(len(config.main_layers), config.n_routed_experts, dev)
         pool = ThreadPoolExecutor(1, "flashdesk-experts") if dev.type != "cpu" else None
         caches: list[ExpertCache | None] = []
+        staging: dict = {}  # prefill's staging slots for streamed experts, shared by the layers
         for block in model.blocks:
             i = block.spec.index
             lp = placement.layers[i]
@@ -828,6 +835,7 @@ def _build(
                 pool,
                 threads,
                 stream_min_tokens if dev.type != "cpu" else None,
+                staging,
             )
     except torch.OutOfMemoryError as exc:
         raise RuntimeLoadError(

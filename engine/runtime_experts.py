@@ -264,6 +264,7 @@ class HybridMoE(MoE):
         pool: ThreadPoolExecutor | None,
         threads: int | None = None,
         stream_min_tokens: int | None = None,
+        staging: dict | None = None,
     ):
         super().__init__(router, host, shared)
         self.layer = layer
@@ -276,6 +277,7 @@ class HybridMoE(MoE):
         # Prefill of at least this many tokens computes every picked expert on the device,
         # copying the absent ones there for the call (None: never).
         self.stream_min_tokens = stream_min_tokens
+        self.staging = {} if staging is None else staging  # `_StagingRing`s, shared by layers
 
     # -- a decode step in fixed-shape pieces (`engine.decode_graphs` captures them in CUDA graphs)
     @property
@@ -374,15 +376,92 @@ class HybridMoE(MoE):
         return y.to(x.dtype)
 
     def _stream_all(self, x, experts, weights, y) -> None:
-        """Long prompts: every picked expert computed on the device; absent ones copied there
-        from host memory for this call (pinned buffers copy asynchronously)."""
-        for e in torch.unique(experts).tolist():
-            rows, slot = torch.where(experts == e)
-            if self.cache is not None and bool(self.cache.slot_of[e] >= 0):
+        """Long prompts: every picked expert computed on the device, y += their sum.
+
+        One host read per call (how many rows each expert has: the picks sorted by expert on the
+        device); the host experts' bytes cross PCIe on a side stream into a ring of staging
+        slots, a few experts ahead of the one computing, so copies and compute overlap."""
+        n = len(self.host.parts)
+        k = experts.shape[1]
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)  # picks grouped by expert
+        counts = torch.bincount(flat, minlength=n).tolist()  # the one host read
+        rows_of, slot_of = order // k, order % k
+        cached = self.cache.slot_of if self.cache is not None else None
+        picked = [e for e in range(n) if counts[e]]
+        incoming = [e for e in picked if cached is None or int(cached[e]) < 0]
+        ring = _StagingRing.for_layer(self, x.device)
+        for j in range(min(ring.size, len(incoming))):
+            ring.load(j, self.host.parts[incoming[j]])
+        staged = 0
+        start = 0
+        for e in picked:
+            end = start + counts[e]
+            rows, slot = rows_of[start:end], slot_of[start:end]
+            start = end
+            if cached is not None and int(cached[e]) >= 0:
                 w1, w3, w2 = self.cache.weights(e, x.dtype)
             else:
-                p = [t.to(x.device, non_blocking=True) for t in self.host.parts[e]]
+                j = staged % ring.size
+                p = ring.take(j)
                 w1 = fp4_dequant(p[0], p[1], x.dtype)
                 w3 = fp4_dequant(p[2], p[3], x.dtype)
                 w2 = fp4_dequant(p[4], p[5], x.dtype)
+                ring.release(j)  # the slot's bytes are dequantized: the next copy may land
+                ahead = staged + ring.size
+                if ahead < len(incoming):
+                    ring.load(j, self.host.parts[incoming[ahead]])
+                staged += 1
             self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
+
+
+class _StagingRing:
+    """Device buffers for a few experts' packed bytes, filled from host memory on a side
+        stream (on a GPU; plain copies elsewhere) with events ordering each slot's copy, use and
+        reuse. One ring per device and expert shape in the `staging` dict the layers of a runtime
+    share (they run one at a time)."""
+
+    SLOTS = 3
+
+    def __init__(self, template: tuple[torch.Tensor, ...], device: torch.device):
+        self.size = self.SLOTS
+        self.slots = [
+            [torch.empty(t.shape, dtype=t.dtype, device=device) for t in template]
+            for _ in range(self.size)
+        ]
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.ready: list = [None] * self.size  # copy finished (recorded on the side stream)
+        self.free: list = [None] * self.size  # last use finished (recorded on the compute stream)
+
+    @classmethod
+    def for_layer(cls, moe: HybridMoE, device: torch.device) -> _StagingRing:
+        template = moe.host.parts[0]
+        key = (device, tuple((tuple(t.shape), t.dtype) for t in template))
+        ring = moe.staging.get(key)
+        if ring is None:
+            ring = moe.staging[key] = cls(template, device)
+        return ring
+
+    def load(self, j: int, parts: tuple[torch.Tensor, ...]) -> None:
+        if self.stream is None:
+            for dst, src in zip(self.slots[j], parts, strict=True):
+                dst.copy_(src)
+            return
+        with torch.cuda.stream(self.stream):
+            if self.free[j] is not None:
+                self.stream.wait_event(self.free[j])
+            for dst, src in zip(self.slots[j], parts, strict=True):
+                dst.copy_(src, non_blocking=True)  # asynchronous from pinned memory
+            self.ready[j] = torch.cuda.Event()
+            self.ready[j].record(self.stream)
+
+    def take(self, j: int) -> list[torch.Tensor]:
+        if self.ready[j] is not None:
+            torch.cuda.current_stream(self.slots[j][0].device).wait_event(self.ready[j])
+        return self.slots[j]
+
+    def release(self, j: int) -> None:
+        if self.stream is not None:
+            self.free[j] = torch.cuda.Event()
+            self.free[j].record(torch.cuda.current_stream(self.slots[j][0].device))

@@ -23,7 +23,10 @@ from flashdesk.offload.figures import ModelFigures
 from flashdesk.offload.plan import GPU, Plan
 from flashdesk.offload.probe import HardwareProfile, ProfileError, Sourced, estimated
 
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = (
+    2048  # tokens per prefill call of the GPU runtime (engine.runtime.GPU_PREFILL_CHUNK)
+)
+CPU_PREFILL_CHUNK = 512  # … and of a Session on the CPU (engine.generate.PREFILL_CHUNK)
 ATTENTION_FLOP_PER_CANDIDATE = 131072  # 4·H·d per (query, candidate) per layer (spec §6.2)
 INDEXER_FLOP_PER_ENTRY = 16384  # 2·64·128 per (query, compressed entry) per CSA layer
 
@@ -368,7 +371,7 @@ def predict(
     bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)
     memory_seconds, _ = _decode_seconds(plan, figures, rates, eff, False, dispatch_floor=False)
     prompt = max(1, min(prompt_tokens, plan.context))
-    chunk = min(PREFILL_CHUNK, prompt)
+    chunk = min(CPU_PREFILL_CHUNK if plan.mode == "cpu" else PREFILL_CHUNK, prompt)
     prefill = 0.0
     paths: set[str] = set()
     position = 0

@@ -237,6 +237,22 @@ def test_long_prompt_is_prefilled_in_chunks_with_progress():
     assert progress == [4, 8]
 
 
+def test_the_model_may_choose_its_prefill_chunk():
+    """The GPU runtime asks for longer chunks (each one streams the RAM experts over PCIe once),
+    the same size the planner predicts prefill with; a Session's own argument still wins."""
+    from flashdesk.engine import generate, runtime
+    from flashdesk.offload import predict
+
+    model = ScriptedModel(TOK.encode("z"))
+    model.prefill_chunk = 3
+    run(Session(model, TOK), TOK.encode("0123456"))
+    assert [len(c) for c in model.prefill_calls] == [3, 3, 1]
+    assert Session(model, TOK, prefill_chunk=5).prefill_chunk == 5
+    assert Session(ScriptedModel(TOK.encode("z")), TOK).prefill_chunk == generate.PREFILL_CHUNK
+    assert runtime.GPU_PREFILL_CHUNK == predict.PREFILL_CHUNK
+    assert generate.PREFILL_CHUNK == predict.CPU_PREFILL_CHUNK
+
+
 def test_cancel_during_prefill():
     model = ScriptedModel(TOK.encode("z"))
     session = Session(model, TOK, prefill_chunk=2)

@@ -365,3 +365,22 @@ def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
             assert spec.gpu_bytes == spec.nbytes, name
         else:
             assert spec.gpu_bytes == spec.numel * want.itemsize, name
+
+
+def test_streamed_experts_equal_the_host_kernels(tiny):
+    """Prefill's streaming path (every picked expert on the compute device, host experts staged
+    through a ring of three slots, here on the CPU) sums what the host kernels and the cache do."""
+    folder, config, *_ = tiny
+    with load_runtime(folder, placement=PLACEMENTS["mixed"](config), head_dtype="fp32") as rt:
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(40, config.hidden_size, generator=g)
+        ids = torch.randint(0, config.vocab_size, (40,), generator=g)
+        for block in rt.model.blocks:
+            moe = block.moe
+            experts, weights = moe.router(x, ids)
+            y = moe.shared(x)
+            moe._stream_all(x, experts, weights, y)
+            torch.testing.assert_close(y.to(x.dtype), moe.forward(x, ids), **TOL)
+        rings = rt.model.blocks[0].moe.staging
+        assert rings is rt.model.blocks[-1].moe.staging and len(rings) == 1  # shared by layers
+        assert next(iter(rings.values())).size == 3 < config.n_routed_experts
