@@ -265,3 +265,18 @@ class _NoStream:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_step_with_the_packed_fp8_kv_layout():
+    """kv_format="fp8" rounds the rows it stores; the step must still attend to the token's own
+    KV as computed, as the model's decode does."""
+    config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    placement = Placement.uniform(config, PINNED)
+    with load_runtime(SyntheticCheckpoint(config), placement=placement) as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        want, got = rt.new_state("fp8"), rt.new_state("fp8")
+        for state in (want, got):
+            rt.prefill(ids[:5].tolist(), state)
+        for t in ids[5:].tolist():
+            torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)

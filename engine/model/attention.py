@@ -124,8 +124,10 @@ class Attention:
         """
         qr, q, kv = self._project(a, cos, sin, False)
         device = a.device
-        state.window.put(kv, pos % self.window)
-        keys = state.window.slots().float()  # [W, d]
+        slot = pos % self.window
+        state.window.put(kv, slot)
+        # [W, d]; the token's own row as computed, as `forward` uses it (a packed ring rounds it)
+        keys = state.window.slots().float().index_copy(0, slot, kv.float())
         qf = q.float()  # [1, H, d]
         written = torch.arange(self.window, device=device) <= pos
         logits = [torch.einsum("qhd,kd->qhk", qf, keys).masked_fill(~written, float("-inf"))]
