@@ -14,6 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.runtime import LayerPlacement, Placement
+
 # Operations that read a device value on the host (a sync, not allowed while capturing) or copy
 # host data in (`torch.tensor(...)` inside the step).
 HOST_READS = {
@@ -86,3 +89,30 @@ def record(fn) -> Recorder:
     with Recorder() as rec:
         fn()
     return rec
+
+
+# The model the CPU and GPU tests of the captured decode step share: window 8, CSA (ratio 4, top-4
+# indexer) and HCA at ratio 16 so that short runs close windows of both; layers 0-1 hash-routed.
+GRAPH_CONFIG = ModelConfig.tiny(
+    num_hidden_layers=5, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16, 4, 16)
+)
+
+
+def graph_placement(name: str, device: str = "cpu", config: ModelConfig = GRAPH_CONFIG):
+    """ "host" (every expert pinned), "cache" (3 cached per layer), "all cached", or "mixed"
+    (layer 2 whole on the device, layer i caching i % 4 experts, the rest pinned / pageable)."""
+    n = config.n_routed_experts
+    if name == "host":
+        return Placement.uniform(config, "pinned", device)
+    if name == "cache":
+        return Placement.uniform(config, "pageable", device, cached=3)
+    if name == "all cached":
+        return Placement.uniform(config, "pageable", device, cached=n)
+    layers = []
+    for i in range(len(config.main_layers)):
+        dev = tuple(range(n)) if i == 2 else tuple(range(i % 4))
+        rest = [e for e in range(n) if e not in dev]
+        layers.append(
+            LayerPlacement(device=dev, pinned=tuple(rest[::2]), pageable=tuple(rest[1::2]))
+        )
+    return Placement(device, tuple(layers))

@@ -11,48 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _graph_safety import record
+from _graph_safety import GRAPH_CONFIG, graph_placement, record
 from _triton import kernels_device
 
 from flashdesk.engine import decode_graphs
-from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder, rows_for
 from flashdesk.engine.model.model import V4Model
-from flashdesk.engine.runtime import LayerPlacement, Placement, load_runtime
-from flashdesk.engine.runtime_experts import PAGEABLE, PINNED
+from flashdesk.engine.runtime import Placement, load_runtime
+from flashdesk.engine.runtime_experts import PINNED
 from flashdesk.engine.synthetic import SyntheticCheckpoint
 
-# Window 8, CSA (ratio 4, top-4 indexer) and HCA at ratio 16 so that short runs close windows of
-# both; layers 0-1 are hash-routed.
-CONFIG = ModelConfig.tiny(
-    num_hidden_layers=5, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16, 4, 16)
-)
+CONFIG = GRAPH_CONFIG
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def _mixed(config: ModelConfig) -> Placement:
-    """Layer i caches i experts (layer 4: none), the rest split pinned / pageable."""
-    n = config.n_routed_experts
-    layers = []
-    for i in range(len(config.main_layers)):
-        dev = tuple(range(n)) if i == 2 else tuple(range(i % 4))
-        rest = [e for e in range(n) if e not in dev]
-        layers.append(
-            LayerPlacement(device=dev, pinned=tuple(rest[::2]), pageable=tuple(rest[1::2]))
-        )
-    return Placement("cpu", tuple(layers))
-
-
-PLACEMENTS = {
-    "host": lambda c: Placement.uniform(c, PINNED),
-    "cache": lambda c: Placement.uniform(c, PAGEABLE, cached=3),
-    "all cached": lambda c: Placement.uniform(c, PAGEABLE, cached=c.n_routed_experts),
-    "mixed": _mixed,
-}
+PLACEMENTS = ("all cached", "cache", "host", "mixed")
 
 
 def _runtime(name: str):
-    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=PLACEMENTS[name](CONFIG))
+    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=graph_placement(name))
 
 
 def _ids(n: int) -> list[int]:
@@ -68,13 +43,13 @@ def _counts(state) -> list:
     ]
 
 
-@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+@pytest.mark.parametrize("name", PLACEMENTS)
 def test_step_gives_the_models_decode(name):
     ids = _ids(90)
     with _runtime(name) as rt:
         graphs = GraphDecoder(rt.model, capture=False)
         assert graphs.cuts == [
-            i for i, lp in enumerate(PLACEMENTS[name](CONFIG).layers) if len(lp.device) < 8
+            i for i, lp in enumerate(graph_placement(name).layers) if len(lp.device) < 8
         ]
         want, got = rt.new_state(), rt.new_state()
         for state in (want, got):

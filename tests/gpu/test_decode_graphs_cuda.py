@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _graph_safety import GRAPH_CONFIG, graph_placement
 
 from flashdesk.engine import decode_graphs
-from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder
 from flashdesk.engine.generate import SamplingParams, Session
-from flashdesk.engine.runtime import LayerPlacement, Placement, load_runtime
+from flashdesk.engine.runtime import load_runtime
 from flashdesk.engine.synthetic import SyntheticCheckpoint
 
 pytestmark = [
@@ -24,31 +24,14 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-CONFIG = ModelConfig.tiny(
-    num_hidden_layers=5, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16, 4, 16)
-)
+CONFIG = GRAPH_CONFIG
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def _placement(name: str) -> Placement:
-    n = CONFIG.n_routed_experts
-    if name == "host":
-        return Placement.uniform(CONFIG, "pinned", "cuda")
-    if name == "all in vram":
-        return Placement.uniform(CONFIG, "pageable", "cuda", cached=n)
-    layers = []
-    for i in range(len(CONFIG.main_layers)):
-        dev = tuple(range(n)) if i == 2 else tuple(range(i % 4))
-        rest = [e for e in range(n) if e not in dev]
-        layers.append(
-            LayerPlacement(device=dev, pinned=tuple(rest[::2]), pageable=tuple(rest[1::2]))
-        )
-    return Placement("cuda", tuple(layers))
 
 
 def _runtime(name: str, **kw):
     kw.setdefault("dtype", torch.float32)
-    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=_placement(name), **kw)
+    placement = graph_placement(name, "cuda")
+    return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=placement, **kw)
 
 
 def _ids(n: int) -> list[int]:
@@ -56,7 +39,7 @@ def _ids(n: int) -> list[int]:
     return torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("name", ["host", "mixed", "all in vram"])
+@pytest.mark.parametrize("name", ["host", "mixed", "all cached"])
 def test_replays_equal_the_step_run_directly(name, monkeypatch):
     monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)  # re-captures within the run
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -102,7 +85,7 @@ def test_a_replayed_step_launches_graphs_not_kernels():
     from torch.profiler import ProfilerActivity, profile
 
     ids = _ids(20)
-    with _runtime("all in vram", dtype=torch.bfloat16) as rt:
+    with _runtime("all cached", dtype=torch.bfloat16) as rt:
         state = rt.new_state()
         logits = rt.prefill(ids[:8], state)
         for _ in range(2):  # capture, then one replay
