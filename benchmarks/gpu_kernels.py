@@ -32,6 +32,16 @@ TILE_CHOICES = [
         ((16, 256, 16, 256), 4),
     )
 ] + [((2, 1024, 2, 1024), 2, (1, 1)), ((4, 256, 4, 256), 2, (1, 1))]
+# the down projection split per pick (not yet measured): the best shapes above, and deeper rows
+TILE_CHOICES += [
+    (tiles, warps, (0, 1, 1))
+    for tiles, warps in (
+        ((8, 512, 8, 512), 8),
+        ((8, 256, 8, 256), 4),
+        ((8, 512, 16, 512), 8),
+        ((8, 512, 32, 256), 8),
+    )
+]
 # V4-Flash linears timed as a decode step runs them: (name, N, K, groups, FP8?)
 LINEARS = [
     ("wq_b", 32768, 1024, 1, True),

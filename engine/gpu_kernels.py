@@ -40,7 +40,10 @@ except ImportError:  # pragma: no cover - depends on the installation
 # (the first version, MODE 0 without F16, 8 × 256, 4 warps: 206-243 µs; MODE 1 300-450 GB/s).
 TILES = (8, 512, 8, 512)
 WARPS = 8
-FP4_MODE = (0, 1)  # (MODE, F16)
+# (MODE, F16, SPLIT): SPLIT 1 runs the down projection as one program per (pick, row block) into
+# per-pick partial sums, added in pick order by torch (6× the programs for one token; not yet
+# swept on a GPU: `bench gpu-kernels` tries it beside the measured default).
+FP4_MODE = (0, 1, 0)
 MAX_TOKENS = 16  # above this many tokens the runtime dequantizes and multiplies with torch
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
@@ -179,12 +182,15 @@ if triton is not None:
         h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
         TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):  # fmt: skip
-        token = tl.program_id(0)
+        """SPLIT 0: program (token, row block) sums the token's picks → out `[T, D]`; SPLIT 1:
+        program (pick, row block) → its pick's part, out `[T·TOPK, D]`."""
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for j in tl.static_range(TOPK):
-            pair = token * TOPK + j
+        picks: tl.constexpr = 1 if SPLIT else TOPK
+        for j in tl.static_range(picks):
+            pair = tl.program_id(0) if SPLIT else tl.program_id(0) * TOPK + j
             slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
             if slot >= 0:
                 acc += _fp4_rows_dot(
@@ -197,7 +203,7 @@ if triton is not None:
                     MODE,
                     F16,
                 )
-        tl.store(out_ptr + token * D + rows, acc)
+        tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     @triton.jit
     def _dequant_fp4_kernel(
@@ -266,7 +272,7 @@ def moe(
     (slot of each expert, −1 when not in the store), stacks = (w1 `[S, I, D/2]`, s1 `[S, I, D/32]`,
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
-    kernel shape (benchmarks sweep them).
+    kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE).
     """
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
@@ -277,8 +283,11 @@ def moe(
     x = x.contiguous()
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
+    split = mode[2] if len(mode) > 2 else 0
     h = torch.zeros((tokens * topk, inter), dtype=torch.float32, device=x.device)
-    out = torch.empty((tokens, dim), dtype=torch.float32, device=x.device)
+    out = torch.empty(
+        (tokens * topk if split else tokens, dim), dtype=torch.float32, device=x.device
+    )
     bn_up, bkb_up = _block(inter, tiles[0]), max(16, _block(dim // 2, tiles[1]))
     bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
@@ -286,12 +295,12 @@ def moe(
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
         num_warps=num_warps,
     )  # fmt: skip
-    _down_kernel[(tokens, dim // bn_down)](
+    _down_kernel[(out.shape[0], dim // bn_down)](
         h, experts, slot_of, w2, s2, out,
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
-        num_warps=num_warps,
+        SPLIT=split, num_warps=num_warps,
     )  # fmt: skip
-    return out
+    return out.view(tokens, topk, dim).sum(dim=1) if split else out
 
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

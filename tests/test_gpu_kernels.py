@@ -67,6 +67,7 @@ def _reference(x, experts, weights, slot_of, stacks, limit):
         (2, 256, 128, 10.0, torch.bfloat16, (0, 1)),  # E2M1 through float16 bits
         (1, 512, 128, 10.0, torch.float32, (1, 0)),  # [rows, blocks, 16] tiles
         (2, 256, 128, 10.0, torch.bfloat16, (1, 1)),
+        (3, 256, 128, 10.0, torch.bfloat16, (0, 1, 1)),  # down split per pick
     ],
 )
 def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype, mode):
