@@ -580,7 +580,10 @@ class Runtime:
                 counts[store] += e not in lp.device
         where = [f"{dev} on {self.device}"] if dev else []
         where += [f"{n} {s}" for s, n in counts.items() if n]
-        return f"attention on {self.device}; routed experts: {', '.join(where)}"
+        line = f"attention on {self.device}; routed experts: {', '.join(where)}"
+        if self.graphs is not None and self.graphs.usable:
+            line += "; decode replays CUDA graphs"
+        return line
 
     def close(self) -> None:
         """Release the worker thread and unmap the checkpoint (the experts' mmap views die with

@@ -203,6 +203,7 @@ def test_self_check_turns_graphs_off_when_replay_disagrees(monkeypatch):
         assert reason is not None and "other logits" in reason
         rt.graphs = graphs
         assert any("without CUDA graphs" in n for n in rt.notes)
+        assert "CUDA graphs" not in rt.describe()
         builds = graphs.builds
         state = rt.new_state()  # the runtime decodes the plain way
         rt.prefill([1, 2, 3], state)

@@ -75,6 +75,7 @@ def test_runtime_uses_graphs_after_its_check_and_generates_the_same():
             if graphs:
                 assert rt.graphs.usable, rt.graphs.reason
                 assert not any("CUDA graphs" in n for n in rt.notes)
+                assert "CUDA graphs" in rt.describe()
             session = Session(rt, Chars(), context_limit=rt.context_limit)
             list(session.stream(ids, params))
             held.append(session.held_ids)
