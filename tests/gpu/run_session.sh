@@ -3,7 +3,8 @@
 # inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
 #   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
 #   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
-#   → the full-size synthetic V4-Flash (decode, prefill, torch-experts A/B, a profile).
+#   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, prefill in the
+#   runtime's 2048-token chunks, torch-experts A/B, a profile).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
 # synthetic; GPU_KERNELS=0 skips that benchmark)
@@ -33,7 +34,7 @@ step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 [ -n "$DECODE" ] && step decode 170 20 python3 -m flashdesk bench decode
-ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-1024}" --decode-steps "${STEPS:-32}"
+ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
       --profile "${PROFILE:-3}")
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
