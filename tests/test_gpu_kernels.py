@@ -183,3 +183,20 @@ def test_linear_rejects_what_it_cannot_compute():
         ft.linear(torch.zeros((1, 128), device=dev), w8)
     with pytest.raises(ValueError, match="tile scales"):
         ft.linear(torch.zeros((1, 128), device=dev), w8.float(), s)
+
+
+def test_sinkhorn_in_one_launch_equals_the_ops():
+    from flashdesk.engine.model.mhc import sinkhorn_ops
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(3)
+    for shape, iters in (((1, 4, 4), 20), ((5, 4, 4), 20), ((2, 3, 8, 8), 3), ((1, 4, 4), 1)):
+        comb = torch.randn(shape, generator=g) * 3
+        got = ft.sinkhorn(comb.to(dev), iters, 1e-6).cpu()
+        torch.testing.assert_close(got, sinkhorn_ops(comb, iters, 1e-6), rtol=1e-5, atol=1e-6)
+    strided = torch.randn(4, 4, 2, generator=g)[..., 0]  # not contiguous
+    torch.testing.assert_close(
+        ft.sinkhorn(strided.to(dev), 5, 1e-6).cpu(), sinkhorn_ops(strided, 5, 1e-6)
+    )
+    with pytest.raises(ValueError, match="power of two"):
+        ft.sinkhorn(torch.zeros(1, 3, 3, device=dev), 20, 1e-6)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashdesk.engine import _kernels
+from flashdesk.engine import _kernels, gpu_kernels
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -22,16 +22,19 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Row softmax (+eps), then alternate column / row normalisation; `iters` column passes.
 
-    As torch ops this is ~6·iters tiny operations per call, ~40% of all a decode step dispatches;
-    on the CPU one C call does it (same order of operations), on a GPU a decode step (one token)
-    replays a captured CUDA graph of it (unless the whole step is being captured: then its ops
-    join that graph). Elsewhere, or if capture fails, the torch ops."""
+    As torch ops this is ~6·iters tiny operations per call, ~40% of all a decode step dispatches
+    and, on a GPU, as many kernels. On the CPU one C call does it (same order of operations); on
+    a GPU one Triton launch (`gpu_kernels.sinkhorn`), or without Triton a decode step (one token)
+    replays a captured CUDA graph of the ops (unless the whole step is being captured: then the
+    ops join that graph). Elsewhere, or if capture fails, the torch ops."""
     if comb.dtype == torch.float32 and comb.dim() >= 2:
+        hc = comb.shape[-1]
         if comb.device.type == "cpu":
             out = comb.contiguous().clone()
-            hc = out.shape[-1]
             _kernels.sinkhorn(out.data_ptr(), out.numel() // (hc * hc), hc, iters, float(eps))
             return out
+        if comb.is_cuda and gpu_kernels.available(comb.device) and not hc & (hc - 1):
+            return gpu_kernels.sinkhorn(comb, iters, eps)
         if comb.is_cuda and comb.shape[0] == 1 and not torch.cuda.is_current_stream_capturing():
             graphed = _graphed_sinkhorn(comb, iters, eps)
             if graphed is not None:

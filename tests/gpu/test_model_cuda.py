@@ -72,11 +72,33 @@ if __name__ == "__main__":
         print("ok", test.__name__)
 
 
-def test_graphed_sinkhorn_equals_the_ops_and_is_reused():
-    """A decode step's Sinkhorn replays a captured CUDA graph (one replay instead of ~120
-    launches): same values as the ops, one capture per shape, inputs not aliased."""
+def test_sinkhorn_is_one_triton_launch():
+    """With Triton the Sinkhorn is one kernel (tests/test_gpu_kernels.py checks its values)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flashdesk.engine import gpu_kernels
     from flashdesk.engine.model import mhc
 
+    if not gpu_kernels.available("cuda"):
+        pytest.skip(gpu_kernels.unavailable_reason("cuda"))
+    comb = torch.randn(1, 4, 4, device="cuda")
+    mhc.sinkhorn(comb, 20, 1e-6)  # compiled
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mhc.sinkhorn(comb, 20, 1e-6)
+        torch.cuda.synchronize()
+    launches = sum(
+        e.count for e in prof.key_averages() if e.key in ("cuLaunchKernel", "cudaLaunchKernel")
+    )
+    assert launches <= 2  # the kernel (and at most the output's allocation fill)
+
+
+def test_graphed_sinkhorn_equals_the_ops_and_is_reused(monkeypatch):
+    """Without Triton a decode step's Sinkhorn replays a captured CUDA graph (one replay instead
+    of ~120 launches): same values as the ops, one capture per shape, inputs not aliased."""
+    from flashdesk.engine.model import mhc
+
+    monkeypatch.setenv("FLASHDESK_TRITON", "0")
     mhc._GRAPHS.clear()
     for seed in range(3):
         comb = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(seed)).cuda()
