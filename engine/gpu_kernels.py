@@ -15,7 +15,10 @@ decode step:
 * `dequant_fp4(...)`: one pass from packed FP4 to bf16/fp16/fp32 (long prompts, where experts
   are multiplied as dense matrices);
 * `sinkhorn(...)`: the hyper-connections' 20-iteration Sinkhorn of each 4×4 mixing matrix in one
-  launch instead of ~120 tiny ones.
+  launch instead of ~120 tiny ones; `hc_pre_tail`, `hc_post`, `rms_norm`, `apply_rope`: the
+  other chains of small elementwise operations a layer runs per token (~5-30 kernels each as
+  torch operations), one launch each. A CUDA graph removes the host's cost of a kernel, not the
+  GPU's few microseconds per launch; these cut a decode step's kernels by about half.
 
 Triton is optional: torch's Linux CUDA wheels bring it; where it is missing (Windows, CPU-only)
 `available()` is False and the runtime keeps its torch path. Without a GPU the tests run these
@@ -61,6 +64,12 @@ def available(device: torch.device | str) -> bool:
     """The runtime may use these kernels for tensors on `device` (FLASHDESK_TRITON=0: never).
     On a GPU the first call compiles and checks one small kernel (`unavailable_reason`)."""
     return unavailable_reason(device) is None
+
+
+def applies(t: torch.Tensor) -> bool:
+    """Whether the model's small elementwise chains on `t` run as these kernels (its device is
+    a GPU where they are available); tests point it at the interpreter."""
+    return t.is_cuda and available(t.device)
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -223,19 +232,100 @@ if triton is not None:
         tl.store(ptrs, vals.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _sinkhorn_kernel(x_ptr, out_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
-        """One `[HC, HC]` matrix per program, in registers: `mhc.sinkhorn_ops`'s row softmax
-        (+eps), column pass, then ITERS−1 (row, column) passes."""
-        r = tl.arange(0, HC)
-        offs = tl.program_id(0) * HC * HC + r[:, None] * HC + r[None, :]
-        m = tl.load(x_ptr + offs)
+    def _sinkhorn_tile(m, eps, ITERS: tl.constexpr):
+        """`mhc.sinkhorn_ops` of one `[HC, HC]` tile in registers: row softmax (+eps), a column
+        pass, then ITERS−1 (row, column) passes."""
         e = tl.exp(m - tl.max(m, axis=1)[:, None])
         m = e / tl.sum(e, axis=1)[:, None] + eps
         m = m / (tl.sum(m, axis=0)[None, :] + eps)
         for _ in range(ITERS - 1):
             m = m / (tl.sum(m, axis=1)[:, None] + eps)
             m = m / (tl.sum(m, axis=0)[None, :] + eps)
-        tl.store(out_ptr + offs, m)
+        return m
+
+    @triton.jit
+    def _sinkhorn_kernel(x_ptr, out_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
+        r = tl.arange(0, HC)
+        offs = tl.program_id(0) * HC * HC + r[:, None] * HC + r[None, :]
+        tl.store(out_ptr + offs, _sinkhorn_tile(tl.load(x_ptr + offs), eps, ITERS))
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr
+    ):
+        """One row per program: x · rsqrt(mean(x²) + eps) (· w), float32 math."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(
+        x_ptr, cos_ptr, sin_ptr, out_ptr, SIGN: tl.constexpr, H: tl.constexpr,
+        D: tl.constexpr, HALF: tl.constexpr, NOPE_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Row (token s, head) per program: the first D − 2·HALF channels copied, the last 2·HALF
+        rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation)."""
+        row = tl.program_id(0).to(tl.int64)
+        s = row // H
+        base = row * D
+        nope = D - 2 * HALF
+        c = tl.arange(0, NOPE_BLOCK)
+        tl.store(out_ptr + base + c, tl.load(x_ptr + base + c, mask=c < nope), mask=c < nope)
+        i = tl.arange(0, HALF_BLOCK)
+        m = i < HALF
+        a = tl.load(x_ptr + base + nope + 2 * i, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + base + nope + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+        co = tl.load(cos_ptr + s * HALF + i, mask=m, other=0.0)
+        si = tl.load(sin_ptr + s * HALF + i, mask=m, other=0.0) * SIGN
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + base + nope + 2 * i, (a * co - b * si).to(dtype), mask=m)
+        tl.store(out_ptr + base + nope + 2 * i + 1, (a * si + b * co).to(dtype), mask=m)
+
+    @triton.jit
+    def _hc_pre_kernel(
+        mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
+        ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Token per program: from its mixes `[(2+HC)·HC]` the pre/post weights and the
+        Sinkhorn-balanced comb, then the collapsed input u = Σ_j pre_j · x_j."""
+        s = tl.program_id(0).to(tl.int64)
+        r = tl.arange(0, HC)
+        mix = mix_ptr + s * (2 + HC) * HC
+        pre = tl.load(mix + r) * tl.load(scale_ptr) + tl.load(base_ptr + r)
+        pre = tl.sigmoid(pre) + hc_eps
+        post = tl.load(mix + HC + r) * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + r)
+        tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
+        square = r[:, None] * HC + r[None, :]
+        comb = tl.load(mix + 2 * HC + square) * tl.load(scale_ptr + 2)
+        comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
+        tl.store(comb_ptr + s * HC * HC + square, comb)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
+            u = tl.sum(xv * pre[:, None], axis=0)
+            tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _hc_post_kernel(
+        f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
+        HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j."""
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        r = tl.arange(0, HC)
+        xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
+        comb = tl.load(comb_ptr + s * HC * HC + r[:, None] * HC + r[None, :])  # [j, k]
+        mixed = tl.sum(comb[:, :, None] * xv[:, None, :], axis=0)  # [k, BLOCK_D]
+        f = tl.load(f_ptr + s * D + cols).to(tl.float32)
+        out = tl.load(post_ptr + s * HC + r)[:, None] * f[None, :] + mixed
+        ptrs = out_ptr + s * HC * D + r[:, None] * D + cols[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _linear_kernel(
@@ -332,6 +422,66 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     x = comb.contiguous()
     out = torch.empty_like(x)
     _sinkhorn_kernel[(x.numel() // (hc * hc),)](x, out, float(eps), ITERS=iters, HC=hc)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`common.rms_norm` (over the last dim, float32 math, weight float32 or None, result in x's
+    dtype) in one launch."""
+    n = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    w = weight.contiguous() if weight is not None else x  # x: an unused pointer
+    _rms_norm_kernel[(x.numel() // n,)](
+        x, w, out, float(eps), N=n, BLOCK=triton.next_power_of_2(n), HAS_W=weight is not None,
+        num_warps=4 if n <= 2048 else 8,
+    )  # fmt: skip
+    return out
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """`rope.apply_rope` (x `[S, d]` or `[S, H, d]`, cos/sin `[S, r/2]` float32) in one launch."""
+    half = cos.shape[-1]
+    d = x.shape[-1]
+    heads = x.shape[1] if x.dim() == 3 else 1
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _rope_kernel[(x.numel() // d,)](
+        x, cos.contiguous(), sin.contiguous(), out, SIGN=-1.0 if inverse else 1.0, H=heads,
+        D=d, HALF=half, NOPE_BLOCK=triton.next_power_of_2(max(d - 2 * half, 1)),
+        HALF_BLOCK=triton.next_power_of_2(half),
+    )  # fmt: skip
+    return out
+
+
+def hc_pre_tail(
+    mixes: torch.Tensor, x: torch.Tensor, scale, base, iters: int, hc_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mhc.hc_pre` after its mixes `[S, (2+hc)·hc]` float32: → u `[S, D]` (x's dtype), post
+    `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch."""
+    s, hc, dim = x.shape
+    x = x.contiguous()
+    u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
+    post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
+    comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
+    _hc_pre_kernel[(s,)](
+        mixes.contiguous(), x, scale.contiguous(), base.contiguous(), u, post, comb,
+        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=_block(dim, 512),
+    )  # fmt: skip
+    return u, post, comb
+
+
+def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+    """`mhc.hc_post`: new streams `[S, hc, D]` in f's dtype, in one launch."""
+    s, hc, dim = x.shape
+    out = torch.empty((s, hc, dim), dtype=f.dtype, device=f.device)
+    block = _block(dim, 256)
+    _hc_post_kernel[(s, dim // block)](
+        f.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous(), out,
+        HC=hc, D=dim, BLOCK_D=block,
+    )  # fmt: skip
     return out
 
 

@@ -200,3 +200,79 @@ def test_sinkhorn_in_one_launch_equals_the_ops():
     )
     with pytest.raises(ValueError, match="power of two"):
         ft.sinkhorn(torch.zeros(1, 3, 3, device=dev), 20, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
+    """rms_norm, apply_rope (forward and inverse, 2-D and per head), and the hyper-connections'
+    pre (mixes → u, post, Sinkhorn comb) and post: one kernel each, the torch definitions' values."""
+    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model.common import rms_norm
+    from flashdesk.engine.model.rope import Rotary, apply_rope, inverse_frequencies
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(5)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+
+    def same(got, want):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.cpu(), want, **tol)
+
+    x = torch.randn(3, 256, generator=g).to(dtype)
+    w = torch.rand(256, generator=g) + 0.5
+    same(ft.rms_norm(x.to(dev), w.to(dev), 1e-6), rms_norm(x, w, 1e-6))
+    heads = torch.randn(3, 4, 64, generator=g).to(dtype)
+    same(ft.rms_norm(heads.to(dev), None, 1e-6), rms_norm(heads, None, 1e-6))
+
+    cos, sin = Rotary(16, inverse_frequencies(16, 10000.0)).cos_sin(torch.tensor([0, 7, 300]))
+    for t in (heads, torch.randn(3, 64, generator=g).to(dtype), torch.randn(3, 16).to(dtype)):
+        for inverse in (False, True):
+            got = ft.apply_rope(t.to(dev), cos.to(dev), sin.to(dev), inverse)
+            same(got, apply_rope(t, cos, sin, inverse))
+
+    hc, dim = 4, 256
+    streams = torch.randn(3, hc, dim, generator=g).to(dtype)
+    fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.02
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
+    mixes = mhc._mixes(streams, fn, 1e-6)
+    args = (scale, base, 20, 1e-6)
+    got = ft.hc_pre_tail(mixes.to(dev), streams.to(dev), *(a.to(dev) for a in args[:2]), *args[2:])
+    want = mhc.hc_pre(streams, fn, *args, 1e-6)
+    for a, b in zip(got, want, strict=True):
+        same(a, b)
+    f = torch.randn(3, dim, generator=g).to(dtype)
+    post, comb = want[1], want[2]
+    got = ft.hc_post(f.to(dev), streams.to(dev), post.to(dev), comb.to(dev))
+    same(got, mhc.hc_post(f, streams, post, comb))
+
+
+def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
+    """The model's RMSNorms, rotations and hyper-connections routed to the kernels (as on a GPU
+    with Triton; here in the interpreter): prefill and decode give the torch path's logits."""
+    from collections import Counter
+
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.model.model import V4Model
+    from flashdesk.engine.synthetic import SyntheticCheckpoint
+
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: tests/gpu runs the model on CUDA")
+    config = ModelConfig.tiny(num_nextn_predict_layers=0)
+    model = V4Model(config, SyntheticCheckpoint(config, seed=2).tensor)
+    ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        state = model.new_state()
+        rows = [model.prefill(ids[:9], state)]
+        return torch.stack(rows + [model.decode(int(t), state) for t in ids[9:]])
+
+    want = run()
+    calls = Counter()
+    for name in ("rms_norm", "apply_rope", "hc_pre_tail", "hc_post"):
+        kernel = getattr(ft, name)
+        monkeypatch.setattr(
+            ft, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw)
+        )
+    monkeypatch.setattr(ft, "applies", lambda t: True)
+    torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
+    assert set(calls) == {"rms_norm", "apply_rope", "hc_pre_tail", "hc_post"}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashdesk.engine import gpu_kernels
 from flashdesk.engine.model import qsim
 
 # fetch(name, dtype) -> tensor: the dequantized weight under its official checkpoint name.
@@ -41,7 +42,10 @@ def float_linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in float32 (weight float32 or None), result in x's dtype."""
+    """RMSNorm over the last dim in float32 (weight float32 or None), result in x's dtype. On a
+    GPU with Triton one launch (`gpu_kernels.rms_norm`) instead of six."""
+    if gpu_kernels.applies(x):
+        return gpu_kernels.rms_norm(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:

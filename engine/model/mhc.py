@@ -33,7 +33,7 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
             out = comb.contiguous().clone()
             _kernels.sinkhorn(out.data_ptr(), out.numel() // (hc * hc), hc, iters, float(eps))
             return out
-        if comb.is_cuda and gpu_kernels.available(comb.device) and not hc & (hc - 1):
+        if gpu_kernels.applies(comb) and not hc & (hc - 1):
             return gpu_kernels.sinkhorn(comb, iters, eps)
         if comb.is_cuda and comb.shape[0] == 1 and not torch.cuda.is_current_stream_capturing():
             graphed = _graphed_sinkhorn(comb, iters, eps)
@@ -94,9 +94,12 @@ def hc_pre(
     hc_eps: float,
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`."""
+    """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`.
+    On a GPU with Triton everything after the mixes is one launch (`gpu_kernels.hc_pre_tail`)."""
     hc = x.shape[1]
     mixes = _mixes(x, fn, norm_eps)
+    if gpu_kernels.applies(x) and not hc & (hc - 1):
+        return gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
     pre_raw, post_raw, comb_raw = mixes.split([hc, hc, hc * hc], dim=-1)
     pre = torch.sigmoid(pre_raw * scale[0] + base[:hc]) + hc_eps
     post = 2 * torch.sigmoid(post_raw * scale[1] + base[hc : 2 * hc])
@@ -109,7 +112,11 @@ def hc_pre(
 def hc_post(
     f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
 ) -> torch.Tensor:
-    """New streams `X_new[k] = post_k · f + Σ_j comb[j, k] · X[j]` → `[S, hc, D]` in f's dtype."""
+    """New streams `X_new[k] = post_k · f + Σ_j comb[j, k] · X[j]` → `[S, hc, D]` in f's dtype
+    (on a GPU with Triton in one launch: `gpu_kernels.hc_post`)."""
+    hc = x.shape[1]
+    if gpu_kernels.applies(x) and not hc & (hc - 1):
+        return gpu_kernels.hc_post(f, x, post, comb)
     mixed = torch.einsum("sjk,sjd->skd", comb, x.float())
     return (post.unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(f.dtype)
 
