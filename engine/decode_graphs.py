@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from flashdesk.engine import gpu_kernels
 from flashdesk.engine.cache import SequenceState
 from flashdesk.engine.model.mhc import hc_post
 from flashdesk.engine.model.model import V4Model
@@ -42,11 +43,6 @@ def rows_for(position: int, ratio: int, floor: int) -> int:
     a power of two, at least `floor`."""
     need = position // ratio + 1
     return max(floor, 1 << (need - 1).bit_length())
-
-
-def _summary(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _state_tensors(state: SequenceState) -> Iterator[torch.Tensor]:
@@ -157,7 +153,7 @@ class GraphDecoder:
                     )
                     break
         except Exception as exc:  # e.g. out of memory for the scratch states: no graphs
-            self.reason = f"the CUDA graph check failed ({_summary(exc)})"
+            self.reason = f"the CUDA graph check failed ({gpu_kernels.error_summary(exc)})"
         finally:
             for t, v in zip((log.counts, log.device_picks, log.total_picks), saved, strict=True):
                 t.copy_(v)
@@ -213,7 +209,7 @@ class GraphDecoder:
                 segment.fn()
             segment.graph = graph
         except Exception as exc:  # finish this step eagerly; later steps take the model's path
-            self.reason = f"CUDA graph capture failed ({_summary(exc)})"
+            self.reason = f"CUDA graph capture failed ({gpu_kernels.error_summary(exc)})"
 
     def _host_layer(self, layer: int, device_part: _Segment, capturing: bool) -> None:
         """Host layer `layer`: its picks to the CPU, the device's share meanwhile, the CPU's

@@ -99,9 +99,14 @@ def _probe(dev: torch.device) -> str | None:
         if not torch.equal(got, quant.dequant_fp4(packed, scale)):
             return "Triton's kernels gave wrong values on this GPU"
     except Exception as exc:  # no C compiler, driver or PTX mismatch, ...: keep torch's path
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return f"Triton could not compile or run its kernels here ({type(exc).__name__}: {first})"
+        return f"Triton could not compile or run its kernels here ({error_summary(exc)})"
     return None
+
+
+def error_summary(exc: BaseException) -> str:
+    """`Type: first line of the message` (200 characters at most), for notes shown to users."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 if triton is not None:
