@@ -88,8 +88,10 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def _probe(dev: torch.device) -> str | None:
-    """Compile and run one small kernel: Triton builds its launcher with the system's C compiler
-    on first use, which a desktop may lack; a failure here leaves the runtime on torch's path."""
+    """Compile and run small kernels: Triton builds its launcher with the system's C compiler
+    on first use, which a desktop may lack, and the elementwise kernels replace torch in every
+    forward, so each is checked once against its torch definition; a failure here leaves the
+    runtime on torch's path."""
     from flashdesk.engine import quant
 
     packed = torch.arange(512).remainder(256).to(torch.uint8).view(16, 32)  # every byte twice
@@ -98,8 +100,48 @@ def _probe(dev: torch.device) -> str | None:
         got = dequant_fp4(packed.to(dev), scale.to(dev), torch.float32).cpu()
         if not torch.equal(got, quant.dequant_fp4(packed, scale)):
             return "Triton's kernels gave wrong values on this GPU"
+        wrong = _elementwise_mismatch(dev)
+        if wrong:
+            return f"Triton's {wrong} kernel gave wrong values on this GPU"
     except Exception as exc:  # no C compiler, driver or PTX mismatch, ...: keep torch's path
         return f"Triton could not compile or run its kernels here ({error_summary(exc)})"
+    return None
+
+
+def _elementwise_mismatch(dev: torch.device) -> str | None:
+    """The first of the elementwise kernels whose values on `dev` differ from the torch
+    definitions (computed on the CPU), or None."""
+    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model.common import rms_norm as rms_norm_ops
+    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+    from flashdesk.engine.model.rope import apply_rope as rope_ops
+
+    g = torch.Generator().manual_seed(0)
+    hc, dim = 4, 128
+    x = torch.randn(2, hc, dim, generator=g)
+    w = torch.rand(dim, generator=g) + 0.5
+    cos, sin = Rotary(32, inverse_frequencies(32, 10000.0)).cos_sin(torch.tensor([3, 900]))
+    fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05
+    mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
+    mixes = mhc._mixes(x, fn, 1e-6)
+    u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
+    f = torch.randn(2, dim, generator=g)
+    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb)]
+    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd = on
+    checks = {
+        "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
+        "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
+        "Sinkhorn": (sinkhorn(mixd[:, 8:].reshape(2, hc, hc), 20, 1e-6),
+                     mhc.sinkhorn_ops(mixes[:, 8:].reshape(2, hc, hc), 20, 1e-6)),
+        "hyper-connection collapse": (
+            torch.cat([t.flatten() for t in hc_pre_tail(mixd, xd, scd, based, 20, 1e-6)]),
+            torch.cat([t.flatten() for t in (u, post, comb)]),
+        ),
+        "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
+    }  # fmt: skip
+    for name, (got, want) in checks.items():
+        if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5):
+            return name
     return None
 
 

@@ -129,6 +129,11 @@ def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
         assert "could not compile or run" in ft._probe(torch.device("cuda"))  # no GPU here
     if ft.INTERPRETED:  # the probe's own check, on the interpreter's CPU tensors
         assert ft._probe(torch.device("cpu")) is None
+        # each elementwise kernel is checked too: a wrong one keeps torch's path everywhere
+        hc_post = ft.hc_post
+        monkeypatch.setattr(ft, "hc_post", lambda *a: hc_post(*a) * 1.01)
+        assert "hyper-connection update kernel gave wrong values" in ft._probe(torch.device("cpu"))
+        monkeypatch.setattr(ft, "hc_post", hc_post)
     monkeypatch.setattr(ft, "INTERPRETED", False)
     monkeypatch.setattr(ft, "_PROBED", {})
     monkeypatch.setattr(ft, "_probe", lambda dev: "no C compiler")
