@@ -61,9 +61,11 @@ Progress = Callable[[float, str], None]
 # from host memory) instead of on the CPU. A default until `flashdesk bench decode` measures it.
 DEFAULT_STREAM_MIN_TOKENS = 256
 # Tokens per prefill call the runtime asks of a Session on a GPU: each call copies every expert
-# held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less per token. The
-# planner predicts prefill with the same chunk (`offload.predict.PREFILL_CHUNK`).
-GPU_PREFILL_CHUNK = 2048
+# held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less per token, but
+# a chunk's activations must fit the planner's GPU workspace (1 GiB): V4-Flash peaks at ~0.7 GiB
+# for 1024 tokens, ~1.1 GiB for 2048 (bf16, measured on the CPU path). The planner predicts
+# prefill with the same chunk (`offload.predict.PREFILL_CHUNK`).
+GPU_PREFILL_CHUNK = 1024
 # Decode steps between refreshes of the hot-expert caches from the routing counts.
 DEFAULT_REFRESH_EVERY = 256
 

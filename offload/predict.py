@@ -23,10 +23,11 @@ from flashdesk.offload.figures import ModelFigures
 from flashdesk.offload.plan import GPU, Plan
 from flashdesk.offload.probe import HardwareProfile, ProfileError, Sourced, estimated
 
-PREFILL_CHUNK = (
-    2048  # tokens per prefill call of the GPU runtime (engine.runtime.GPU_PREFILL_CHUNK)
-)
-CPU_PREFILL_CHUNK = 512  # … and of a Session on the CPU (engine.generate.PREFILL_CHUNK)
+# Tokens per prefill call: of the GPU runtime (engine.runtime.GPU_PREFILL_CHUNK, sized so that a
+# chunk's activations fit the plan's GPU workspace) and of a Session on the CPU
+# (engine.generate.PREFILL_CHUNK).
+PREFILL_CHUNK = 1024
+CPU_PREFILL_CHUNK = 512
 ATTENTION_FLOP_PER_CANDIDATE = 131072  # 4·H·d per (query, candidate) per layer (spec §6.2)
 INDEXER_FLOP_PER_ENTRY = 16384  # 2·64·128 per (query, compressed entry) per CSA layer
 

@@ -3,8 +3,8 @@
 # inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
 #   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
 #   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
-#   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, prefill in the
-#   runtime's 2048-token chunks, torch-experts A/B, a profile).
+#   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a 2048-token prompt
+#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, a profile).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
 # synthetic; GPU_KERNELS=0 skips that benchmark)
