@@ -137,11 +137,8 @@ class RowStore:
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
-        if need > self._parts[0].shape[0]:
-            grown = self.codec.empty(max(need, 2 * self._parts[0].shape[0], 16), self.device)
-            for new, old in zip(grown, self._parts, strict=True):
-                new[: self.n] = old[: self.n]
-            self._parts = grown
+        if need > self.capacity:
+            self.reserve(max(need, 2 * self.capacity, 16))
         for buf, enc in zip(self._parts, self.codec.encode(rows), strict=True):
             buf[self.n : need] = enc
         self.n = need
