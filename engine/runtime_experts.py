@@ -285,15 +285,15 @@ class HybridMoE(MoE):
         """Whether some of this layer's picks run on the host (the device does not hold it all)."""
         return not (self.cache is not None and self.cache.whole_layer)
 
-    def step_route(self, x: torch.Tensor, ids: torch.Tensor):
+    def step_route(self, x: torch.Tensor, ids: torch.Tensor, record_hits: bool = True):
         """x `[T, D]` normed, ids `[T]` → experts, weights `[T, k]` and the host's share of the
-        picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log; no
-        host reads."""
+        picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log (the
+        cache's hits too, unless `record_hits` is off); no host reads."""
         experts, weights = self.router(x, ids)
         on_device = None
         if self.cache is not None and self.cache.capacity:
             on_device = self.cache.resident[experts]
-        self.log.record(self.layer, experts, on_device)
+        self.log.record(self.layer, experts, on_device if record_hits else None)
         host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
         return experts, weights, host_ids
 
@@ -340,21 +340,17 @@ class HybridMoE(MoE):
                 "the hybrid runtime does not simulate the reference's FP8 activation rounding "
                 "(simulate_quant); load it with simulate_quant off"
             )
-        experts, weights = self.router(x, ids)  # [T, k] on x's device
         streaming = (
             self.stream_min_tokens is not None
             and x.shape[0] >= self.stream_min_tokens
             and x.device.type != "cpu"
         )
-        on_device = None
-        if self.cache is not None and self.cache.capacity:
-            on_device = self.cache.resident[experts]
-        self.log.record(self.layer, experts, on_device if not streaming else None)
+        # [T, k] on x's device; streamed prompts compute every pick on the device: no cache hits
+        experts, weights, host_ids = self.step_route(x, ids, record_hits=not streaming)
 
         # 1. Host experts: start the CPU kernels (they release the GIL) before the device work.
         job: Future | torch.Tensor | None = None
-        if not streaming and not (self.cache is not None and self.cache.whole_layer):
-            host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+        if not streaming and self.host_computes:
             xh = x.detach().to("cpu")
             ih, wh = host_ids.to("cpu"), weights.to("cpu", torch.float32)
             if self.pool is None:
@@ -366,7 +362,7 @@ class HybridMoE(MoE):
         y = self.shared(x)
         if streaming:
             self._stream_all(x, experts, weights, y)
-        elif on_device is not None:
+        elif self.cache is not None and self.cache.capacity:
             self._add_cached(x, experts, weights, y)
 
         # 3. Join.
@@ -387,9 +383,10 @@ class HybridMoE(MoE):
         order = flat.argsort(stable=True)  # picks grouped by expert
         counts = torch.bincount(flat, minlength=n).tolist()  # the one host read
         rows_of, slot_of = order // k, order % k
-        cached = self.cache.slot_of if self.cache is not None else None
         picked = [e for e in range(n) if counts[e]]
-        incoming = [e for e in picked if cached is None or int(cached[e]) < 0]
+        slot_of_expert = self.cache.slot_of if self.cache is not None else None
+        held = {e for e in picked if slot_of_expert is not None and int(slot_of_expert[e]) >= 0}
+        incoming = [e for e in picked if e not in held]
         ring = _StagingRing.for_layer(self, x.device)
         for j in range(min(ring.size, len(incoming))):
             ring.load(j, self.host.parts[incoming[j]])
@@ -399,7 +396,7 @@ class HybridMoE(MoE):
             end = start + counts[e]
             rows, slot = rows_of[start:end], slot_of[start:end]
             start = end
-            if cached is not None and int(cached[e]) >= 0:
+            if e in held:
                 w1, w3, w2 = self.cache.weights(e, x.dtype)
             else:
                 j = staged % ring.size
