@@ -540,7 +540,7 @@ def prediction_text(pred) -> str:
         if isinstance(item, dict) and item.get("value"):
             sources.append(f"{label} {item['value']:.1f} GB/s [{item.get('source', '?')}]")
     limit = (
-        ", limited by the CPU issuing the GPU's work"
+        ", limited by the GPU's many small kernels per layer"
         if getattr(pred, "decode_limit", "memory") == "dispatch"
         else ""
     )

@@ -264,8 +264,8 @@ def print_table(figures, profile, plan, prediction) -> None:
         if p.decode_limit == "dispatch":
             per_layer = p.inputs.get("efficiency.gpu_layer_seconds", {}).get("value", 0) * 1e3
             print(
-                f"           limited by the host issuing each GPU layer's operations "
-                f"(~{per_layer:.1f} ms per layer), not by memory"
+                f"           limited by each GPU layer's many small kernels "
+                f"(~{per_layer:.2f} ms per layer), not by memory"
             )
         cross = f", streaming wins from {p.crossover_tokens} tokens" if p.crossover_tokens else ""
         print(

@@ -60,12 +60,15 @@ class Efficiency:
     hop_seconds: Sourced = field(
         default_factory=lambda: _eff(50e-6, "GPU↔CPU handoff per layer per token")
     )
-    # The GPU runtime issues each layer's ~900 small torch operations from Python one by one: a
-    # decode step cannot finish a layer faster than the host dispatches it. Measured on the lent
-    # H200 host (16-core Xeon, torch 2.11 eager): 278 ms per token for 43 layers of which the
-    # GPU was busy 60 ms, so ~5 ms per layer. CUDA graphs would remove most of it.
+    # A GPU decode step cannot finish a layer faster than its many small kernels run (a CUDA
+    # graph replays them without the host's dispatch cost, but each still takes a few µs).
+    # Measured on the lent H200 (2026-11-27, `bench --synthetic v4-flash`, 43 layers, steps
+    # replayed from CUDA graphs): 32.7 ms per token = 0.76 ms per layer, the GPU busy 25 ms of
+    # it. Issued op by op (no graphs) the same steps took 3.2 ms per layer.
     gpu_layer_seconds: Sourced = field(
-        default_factory=lambda: _eff(5e-3, "host dispatch per GPU layer per decode token (eager)")
+        default_factory=lambda: _eff(
+            0.76e-3, "small GPU kernels per layer per decode token (CUDA graphs, H200)"
+        )
     )
 
     def to_json(self) -> dict:
@@ -145,7 +148,7 @@ class Prediction:
     bytes_per_token: dict[str, float]  # decode: bytes read per token by device
     inputs: dict[str, dict]  # the bandwidths and factors used, each with value and source
     # What sets the decode speed: "memory" (the bytes at the kernels' rates) or "dispatch" (the
-    # host issuing the GPU layers' operations; `Efficiency.gpu_layer_seconds`)
+    # GPU layers' many small kernels, a floor per layer; `Efficiency.gpu_layer_seconds`)
     decode_limit: str = "memory"
 
     def to_json(self) -> dict:
@@ -254,7 +257,7 @@ def _decode_seconds(
         layer_s += max(gpu_side, cpu_side)
         if hybrid and (ram_bytes or disk_bytes):
             layer_s += hop
-        # the host issues a GPU layer's operations while the GPU and the expert threads work
+        # a GPU layer's small kernels set a floor under it, whatever its bytes
         total += max(layer_s, dispatch) if on_gpu else layer_s
     head = figures.head_on(plan.head_on == GPU)
     if plan.head_on == GPU:
