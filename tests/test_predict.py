@@ -113,8 +113,7 @@ def test_frequency_profile_raises_the_prediction(flash):
     uniform = make_plan(flash, profile)
     # fewer expert bytes from RAM per token: faster where memory is the limit
     assert (
-        predict(skewed, flash, profile).decode_tok_s
-        > predict(uniform, flash, profile).decode_tok_s
+        predict(skewed, flash, profile).decode_tok_s > predict(uniform, flash, profile).decode_tok_s
     )
     # where each GPU layer's kernels are the limit (the eager runtime: ~3 ms per layer), fewer
     # RAM bytes cannot show
