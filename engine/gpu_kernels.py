@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -49,7 +50,12 @@ WARPS = 8
 # per-pick partial sums, added in pick order by torch (6× the programs for one token; not yet
 # swept on a GPU: `bench gpu-kernels` tries it beside the measured default).
 FP4_MODE = (0, 1, 0)
-MAX_TOKENS = 16  # above this many tokens the runtime dequantizes and multiplies with torch
+MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
+# The grouped (prompt) expert kernels' shape: picks per block, weight rows per program, packed
+# bytes per step (two tensor-core products each: even and odd columns), warps. Not yet swept on
+# a GPU (`bench gpu-kernels` tries several).
+GROUPED_TILES = (32, 64, 64)
+GROUPED_WARPS = 4
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
 # it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
@@ -264,6 +270,84 @@ if triton is not None:
         tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     @triton.jit
+    def _fp4_tile(w_ptr, s_ptr, rows, kb, K: tl.constexpr, BKB: tl.constexpr, DT: tl.constexpr):
+        """Bytes kb..kb+BKB of packed rows `[BN, K/2]` → (even, odd) columns' values `[BN, BKB]`
+        in DT, scaled (E2M1 × a power of two: exact in bf16/fp16 where the scale's range fits)."""
+        cols = kb + tl.arange(0, BKB)
+        b = tl.load(w_ptr + rows[:, None] * (K // 2) + cols[None, :]).to(tl.int32)
+        scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + cols[None, :] // 16)) * 16384.0
+        lo, hi = _nibbles(b, 1)
+        return (lo * scale).to(DT), (hi * scale).to(DT)
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a `[M, K]` · bᵀ (b `[N, K]`) in float32 sums; IEEE: as float32, exact products (no
+        TF32; also how the interpreter must run bf16 products, which it computes wrongly)."""
+        if IEEE:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+            return tl.dot(a, tl.trans(b), input_precision="ieee")
+        return tl.dot(a, tl.trans(b))
+
+    @triton.jit
+    def _grouped_gate_up_kernel(
+        x_ptr, picks_ptr, blocks_ptr, block0, weights_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
+        limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Block b = (slot, start, end) of the picks sorted by slot: h[start:end, rows] =
+        weight · SwiGLU(x W1ᵀ, x W3ᵀ) for up to BM picks of one expert, its weights read once."""
+        b = block0 + tl.program_id(0)
+        slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
+        offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
+        live = offs < tl.load(blocks_ptr + 3 * b + 2)
+        pick = tl.load(picks_ptr + offs, mask=live, other=0)
+        x_rows = x_ptr + (pick // TOPK)[:, None] * D
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        w1, s1 = w1_ptr + slot * (INTER * (D // 2)), s1_ptr + slot * (INTER * (D // 32))
+        w3, s3 = w3_ptr + slot * (INTER * (D // 2)), s3_ptr + slot * (INTER * (D // 32))
+        DT = x_ptr.dtype.element_ty
+        g = tl.zeros((BM, BN), dtype=tl.float32)
+        u = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, D // 2, BKB):
+            j = 2 * (kb + tl.arange(0, BKB))[None, :]
+            xe = tl.load(x_rows + j, mask=live[:, None], other=0.0)
+            xo = tl.load(x_rows + j + 1, mask=live[:, None], other=0.0)
+            lo, hi = _fp4_tile(w1, s1, rows, kb, D, BKB, DT)
+            g += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
+            lo, hi = _fp4_tile(w3, s3, rows, kb, D, BKB, DT)
+            u += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
+        if limit > 0:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+        h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pick, mask=live, other=0.0)[:, None]
+        ptrs = h_ptr + offs[:, None] * INTER + rows[None, :]
+        tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None])
+
+    @triton.jit
+    def _grouped_down_kernel(
+        h_ptr, picks_ptr, blocks_ptr, block0, w2_ptr, s2_ptr, out_ptr,
+        D: tl.constexpr, INTER: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """out[pick, cols] = h[sorted position] · W2[cols]ᵀ for block b's picks (float32)."""
+        b = block0 + tl.program_id(0)
+        slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
+        offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
+        live = offs < tl.load(blocks_ptr + 3 * b + 2)
+        pick = tl.load(picks_ptr + offs, mask=live, other=0)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        w2, s2 = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
+        h_rows = h_ptr + offs[:, None] * INTER
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, INTER // 2, BKB):
+            j = 2 * (kb + tl.arange(0, BKB))[None, :]
+            he = tl.load(h_rows + j, mask=live[:, None], other=0.0)
+            ho = tl.load(h_rows + j + 1, mask=live[:, None], other=0.0)
+            lo, hi = _fp4_tile(w2, s2, cols, kb, INTER, BKB, h_ptr.dtype.element_ty)
+            acc += _dot(he, lo, IEEE) + _dot(ho, hi, IEEE)
+        tl.store(out_ptr + pick[:, None] * D + cols[None, :], acc, mask=live[:, None])
+
+    @triton.jit
     def _dequant_fp4_kernel(
         w_ptr, s_ptr, out_ptr, K: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr
     ):
@@ -455,6 +539,73 @@ def moe(
         SPLIT=split, num_warps=num_warps,
     )  # fmt: skip
     return out.view(tokens, topk, dim).sum(dim=1) if split else out
+
+
+def expert_blocks(
+    counts: Sequence[int], slots: Sequence[int], start: int = 0, block_m: int = GROUPED_TILES[0]
+) -> list[tuple[int, int, int]]:
+    """Experts whose picks lie together in a sorted pick order, `counts[i]` of them for the
+    expert in stack slot `slots[i]`, from position `start` on → `(slot, start, end)` blocks of
+    at most `block_m` picks (what `moe_grouped` takes); experts with no picks get none."""
+    blocks = []
+    for n, slot in zip(counts, slots, strict=True):
+        for first in range(start, start + n, block_m):
+            blocks.append((int(slot), first, min(first + block_m, start + n)))
+        start += n
+    return blocks
+
+
+def moe_grouped(
+    x: torch.Tensor,
+    picks: torch.Tensor,
+    blocks: torch.Tensor,
+    weights: torch.Tensor,
+    stacks: tuple[torch.Tensor, ...],
+    limit: float,
+    out: torch.Tensor,
+    h: torch.Tensor | None = None,
+    first_block: int = 0,
+    n_blocks: int | None = None,
+    tiles: tuple[int, int, int] = GROUPED_TILES,
+    num_warps: int = GROUPED_WARPS,
+) -> None:
+    """Many tokens' picks, grouped by expert: each expert's packed weights are read once per
+    block of up to `tiles[0]` picks and multiplied on the tensor cores (where `moe` reads them
+    once per pick, and torch's path writes a dequantized copy of each first).
+
+    x `[T, D]` (bf16/fp16/fp32), picks `[P]` int64 flat pick indices (token · k + j) sorted so
+    that each block's picks are contiguous, blocks `[B, 3]` int32 (slot, start, end) into picks
+    (`expert_blocks`; `first_block`/`n_blocks`: run only those), weights `[T·k]` float32, stacks
+    as for `moe` → writes `out[pick]` (`[T·k, D]` float32) for the blocks' picks; `h` `[P, I]` in
+    x's dtype: scratch for the SwiGLU outputs, by sorted position.
+    """
+    w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
+    tokens, dim = x.shape
+    topk = out.shape[0] // max(tokens, 1)
+    inter = w1.shape[1]
+    if w1.shape[2] * 2 != dim or w2.shape[1:] != (dim, inter // 2) or dim % 32 or inter % 32:
+        raise ValueError(f"expert stacks {w1.shape}/{w2.shape} do not fit activations {x.shape}")
+    if out.shape != (tokens * topk, dim) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 [tokens · k, {dim}], got {tuple(out.shape)}")
+    n = blocks.shape[0] - first_block if n_blocks is None else n_blocks
+    if n <= 0:
+        return
+    if h is None:
+        h = torch.empty((picks.numel(), inter), dtype=x.dtype, device=x.device)
+    bm, bn, bkb = tiles
+    ieee = x.dtype == torch.float32 or INTERPRETED
+    bn_up, bn_down = _block(inter, bn), _block(dim, bn)
+    bkb_up, bkb_down = max(16, _block(dim // 2, bkb)), max(16, _block(inter // 2, bkb))
+    x, picks, weights = x.contiguous(), picks.contiguous(), weights.contiguous()
+    _grouped_gate_up_kernel[(n, inter // bn_up)](
+        x, picks, blocks, first_block, weights, w1, s1, w3, s3, h, float(limit),
+        TOPK=topk, D=dim, INTER=inter, BM=bm, BN=bn_up, BKB=bkb_up, IEEE=ieee,
+        num_warps=num_warps,
+    )  # fmt: skip
+    _grouped_down_kernel[(n, dim // bn_down)](
+        h, picks, blocks, first_block, w2, s2, out,
+        D=dim, INTER=inter, BM=bm, BN=bn_down, BKB=bkb_down, IEEE=ieee, num_warps=num_warps,
+    )  # fmt: skip
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ while the CPU works, and the two sums joined on the device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -189,6 +190,22 @@ class ExpertCache:
             return None
         return gpu_kernels.moe(x, experts, weights, self.slot_dev, self.stacks, limit)
 
+    def add_grouped(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float,
+        out: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Many tokens: out[pick] = weight · expert(x) for the resident picks (`[T·k, D]`
+        float32, rows by flat pick; the others untouched), each expert's bytes read once per
+        block of picks (`gpu_kernels.moe_grouped`). One host read: the picks per slot."""
+        slots = self.slot_dev[experts.reshape(-1)].long()
+        order = torch.argsort(slots, stable=True)  # not resident (−1) first, then by slot
+        counts = torch.bincount(slots + 1, minlength=self.capacity + 1).tolist()
+        blocks = gpu_kernels.expert_blocks(counts[1:], range(self.capacity), counts[0])
+        if blocks:
+            table = torch.tensor(blocks, dtype=torch.int32).to(x.device)
+            flat_w = weights.reshape(-1).to(torch.float32)
+            gpu_kernels.moe_grouped(x, order, table, flat_w, self.stacks, limit, out)
+
     def refresh(self, counts: torch.Tensor) -> int:
         """Swap cold resident experts for hotter absent ones (by routing `counts` `[E]`);
         → experts replaced. A whole-layer or empty cache has nothing to do."""
@@ -312,6 +329,12 @@ class HybridMoE(MoE):
         if fused is not None:
             y += fused
             return
+        if self.cache.fused:  # many tokens: grouped by expert
+            tokens, k = experts.shape
+            out = torch.zeros((tokens * k, x.shape[1]), dtype=torch.float32, device=x.device)
+            self.cache.add_grouped(x, experts, weights, self.limit, out)
+            y += out.view(tokens, k, -1).sum(dim=1)
+            return
         picked = experts[self.cache.resident[experts]]
         for e in torch.unique(picked).tolist():
             rows, slot = torch.where(experts == e)
@@ -376,26 +399,66 @@ class HybridMoE(MoE):
 
         One host read per call (how many rows each expert has: the picks sorted by expert on the
         device); the host experts' bytes cross PCIe on a side stream into a ring of staging
-        slots, a few experts ahead of the one computing, so copies and compute overlap."""
+        slots, a few experts ahead of the one computing, so copies and compute overlap. With
+        Triton the experts run grouped from their packed bytes (the cached ones in one launch
+        pair, each staged one in its own); else each is dequantized and multiplied by torch."""
         n = len(self.host.parts)
-        k = experts.shape[1]
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # picks grouped by expert
         counts = torch.bincount(flat, minlength=n).tolist()  # the one host read
-        rows_of, slot_of = order // k, order % k
         picked = [e for e in range(n) if counts[e]]
         slot_of_expert = self.cache.slot_of if self.cache is not None else None
         held = {e for e in picked if slot_of_expert is not None and int(slot_of_expert[e]) >= 0}
         incoming = [e for e in picked if e not in held]
+        starts, at = {}, 0  # where each expert's picks begin in the sorted order
+        for e in picked:
+            starts[e], at = at, at + counts[e]
         ring = _StagingRing.for_layer(self, x.device)
         for j in range(min(ring.size, len(incoming))):
             ring.load(j, self.host.parts[incoming[j]])
+        if gpu_kernels.available(x.device):
+            self._stream_grouped(x, experts, weights, y, order, counts, held, incoming, starts)
+        else:
+            self._stream_each(x, experts, weights, y, order, counts, held, incoming, starts)
+
+    def _stream_grouped(self, x, experts, weights, y, order, counts, held, incoming, starts):
+        tokens, k = experts.shape
+        ring = _StagingRing.for_layer(self, x.device)
+        blocks = []  # the cached experts' blocks (their slots in the cache's stacks), then …
+        for e in sorted(held):
+            slot = int(self.cache.slot_of[e])
+            blocks += gpu_kernels.expert_blocks([counts[e]], [slot], starts[e])
+        first_staged = len(blocks)
+        spans = []  # (first block, blocks) of each staged expert, slot 0 of its staging slot
+        for e in incoming:
+            mine = gpu_kernels.expert_blocks([counts[e]], [0], starts[e])
+            spans.append((len(blocks), len(mine)))
+            blocks += mine
+        table = torch.tensor(blocks, dtype=torch.int32).to(x.device)
+        out = torch.zeros((tokens * k, x.shape[1]), dtype=torch.float32, device=x.device)
+        h = torch.empty((tokens * k, self.host.parts[0][0].shape[0]), dtype=x.dtype,
+                        device=x.device)  # fmt: skip
+        flat_w = weights.reshape(-1).to(torch.float32)
+        run = functools.partial(gpu_kernels.moe_grouped, x, order, table, flat_w)
+        if first_staged:
+            run(self.cache.stacks, self.limit, out, h, 0, first_staged)
+        for i, (first, n_blocks) in enumerate(spans):
+            j = i % ring.size
+            stack = tuple(t.unsqueeze(0) for t in ring.take(j))
+            run(stack, self.limit, out, h, first, n_blocks)
+            ring.release(j)  # the next copy into this slot waits for these kernels
+            if i + ring.size < len(incoming):
+                ring.load(j, self.host.parts[incoming[i + ring.size]])
+        y += out.view(tokens, k, -1).sum(dim=1)
+
+    def _stream_each(self, x, experts, weights, y, order, counts, held, incoming, starts):
+        k = experts.shape[1]
+        rows_of, slot_of = order // k, order % k
+        ring = _StagingRing.for_layer(self, x.device)
         staged = 0
-        start = 0
-        for e in picked:
-            end = start + counts[e]
-            rows, slot = rows_of[start:end], slot_of[start:end]
-            start = end
+        for e in sorted(held | set(incoming)):
+            start = starts[e]
+            rows, slot = rows_of[start : start + counts[e]], slot_of[start : start + counts[e]]
             if e in held:
                 w1, w3, w2 = self.cache.weights(e, x.dtype)
             else:

@@ -105,6 +105,94 @@ def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xd
     assert err < 1e-5, err
 
 
+def _expert_stacks(g, slots, dim, inter):
+    return (
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, dim, inter // 2),
+        _scales(g, slots, dim, inter // 32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dim", "inter", "limit", "xdtype", "block_m"),
+    [
+        (40, 256, 128, 10.0, torch.float32, 16),  # several blocks per expert
+        (23, 512, 256, 10.0, torch.bfloat16, 32),
+        (9, 256, 64, 0.0, torch.float32, 64),  # no clamp; one mostly empty block per expert
+    ],
+)
+def test_grouped_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype, block_m):
+    """Prompt tokens' picks sorted by slot, in blocks: every resident pick's row of `out` is its
+    weight · expert(x); the other picks' rows are left alone."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(tokens + dim + inter)
+    n_experts, k = 16, 6
+    residents = (3, 0, 9, 15, 7)
+    stacks = _expert_stacks(g, len(residents), dim, inter)
+    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
+    for s, e in enumerate(residents):
+        slot_of[e] = s
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand((tokens, k), generator=g) + 0.1
+    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+
+    flat_slots = slot_of[experts.reshape(-1)].long()
+    order = torch.argsort(flat_slots, stable=True)
+    counts = torch.bincount(flat_slots + 1, minlength=len(residents) + 1).tolist()
+    blocks = ft.expert_blocks(counts[1:], range(len(residents)), counts[0], block_m)
+    assert sum(end - start for _, start, end in blocks) == tokens * k - counts[0]
+    assert max(end - start for _, start, end in blocks) <= block_m
+    out = torch.full((tokens * k, dim), 7.0)  # rows of picks not resident stay as they are
+    dev_out = out.to(dev)
+    ft.moe_grouped(
+        x.to(dev),
+        order.to(dev),
+        torch.tensor(blocks, dtype=torch.int32).to(dev),
+        weights.reshape(-1).to(dev),
+        tuple(t.to(dev) for t in stacks),
+        limit,
+        dev_out,
+        tiles=(block_m, 32, 32),
+    )
+    got = dev_out.cpu().view(tokens, k, dim)
+    resident = (slot_of[experts] >= 0)[..., None]
+    assert torch.equal(
+        got[~resident.expand_as(got)], torch.full_like(got, 7.0)[~resident.expand_as(got)]
+    )
+    want = _reference(x, experts, weights, slot_of, stacks, limit)
+    summed = torch.where(resident, got, 0.0).sum(dim=1)
+    err = (summed - want).norm() / want.norm()
+    assert err < (1e-5 if xdtype == torch.float32 else 1e-2), err
+
+
+def test_grouped_moe_runs_a_slice_of_its_blocks():
+    """`first_block`/`n_blocks`: the runtime launches the experts staged from host memory one
+    by one, each from its own one-expert stack, against one block table."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(5)
+    tokens, dim, inter, k = 6, 256, 64, 2
+    one = _expert_stacks(g, 1, dim, inter)
+    x = torch.randn((tokens, dim), generator=g) / 4
+    experts = torch.zeros((tokens, k), dtype=torch.long)
+    experts[:, 1] = 1  # every token: expert 0, then expert 1
+    weights = torch.rand((tokens, k), generator=g) + 0.1
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    blocks = torch.tensor(ft.expert_blocks([tokens, tokens], [0, 0], 0, 16), dtype=torch.int32)
+    out = torch.zeros((tokens * k, dim), device=dev)
+    ft.moe_grouped(
+        x.to(dev), order.to(dev), blocks.to(dev), weights.reshape(-1).to(dev),
+        tuple(t.to(dev) for t in one), 10.0, out, first_block=1, n_blocks=1, tiles=(16, 32, 32),
+    )  # fmt: skip
+    got = out.cpu().view(tokens, k, dim)
+    assert torch.equal(got[:, 0], torch.zeros(tokens, dim))  # block 0 (expert 0) not run
+    slot0 = torch.tensor([0, -1], dtype=torch.int32)  # expert 1's bytes were in slot 0
+    want = _reference(x, experts[:, 1:].clone().fill_(0), weights[:, 1:], slot0, one, 10.0)
+    assert (got[:, 1] - want).norm() / want.norm() < 1e-5
+
+
 def test_fused_moe_rejects_mismatched_shapes():
     dev = kernels_device()
     stacks = tuple(torch.zeros((1, 64, 8), dtype=torch.uint8) for _ in range(6))

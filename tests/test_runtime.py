@@ -367,9 +367,16 @@ def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
             assert spec.gpu_bytes == spec.numel * want.itemsize, name
 
 
-def test_streamed_experts_equal_the_host_kernels(tiny):
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_streamed_experts_equal_the_host_kernels(tiny, grouped, monkeypatch):
     """Prefill's streaming path (every picked expert on the compute device, host experts staged
-    through a ring of three slots, here on the CPU) sums what the host kernels and the cache do."""
+    through a ring of three slots, here on the CPU) sums what the host kernels and the cache do:
+    each expert dequantized for torch, or (`grouped`, as on a GPU with Triton; its interpreter
+    here) the cached experts in one grouped launch pair and each staged one in its own."""
+    if grouped:
+        kernels_device()  # skips where neither a GPU nor the interpreter runs the kernels
+        monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     folder, config, *_ = tiny
     with load_runtime(folder, placement=PLACEMENTS["mixed"](config), head_dtype="fp32") as rt:
         g = torch.Generator().manual_seed(4)
@@ -383,4 +390,11 @@ def test_streamed_experts_equal_the_host_kernels(tiny):
             torch.testing.assert_close(y.to(x.dtype), moe.forward(x, ids), **TOL)
         rings = rt.model.blocks[0].moe.staging
         assert rings is rt.model.blocks[-1].moe.staging and len(rings) == 1  # shared by layers
+        if grouped:  # a prompt too short to stream: the cached picks run grouped too
+            cached = [b.moe for b in rt.model.blocks if b.moe.cache and b.moe.cache.capacity]
+            assert cached
+            for moe in cached:
+                want = moe.forward(x, ids)
+                monkeypatch.setattr(moe.cache, "fused", True)
+                torch.testing.assert_close(moe.forward(x, ids), want, **TOL)
         assert next(iter(rings.values())).size == 3 < config.n_routed_experts
