@@ -28,6 +28,7 @@ kernels in Triton's CPU interpreter.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -50,12 +51,22 @@ WARPS = 8
 # per-pick partial sums, added in pick order by torch (6× the programs for one token; not yet
 # swept on a GPU: `bench gpu-kernels` tries it beside the measured default).
 FP4_MODE = (0, 1, 0)
+# `linear`'s tensor-core kernel ("dot"): (tokens, rows, K step) per program; programs wanted
+# per launch (K is split across programs below that: V4's skinny linears have few row blocks);
+# the (activation, weight) dtypes that use it (others: "rows"). Not yet swept on a GPU.
+LINEAR_TILES = (16, 64, 128)
+LINEAR_MIN_PROGRAMS = 1024
+LINEAR_DOT_FOR: frozenset = frozenset()
 MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
 # The grouped (prompt) expert kernels' shape: picks per block, weight rows per program, packed
 # bytes per step (two tensor-core products each: even and odd columns), warps. Not yet swept on
 # a GPU (`bench gpu-kernels` tries several).
 GROUPED_TILES = (32, 64, 64)
 GROUPED_WARPS = 4
+# A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
+# kernels, one block of 16 rows per pick, one of them live) with BY_PICK_TILES.
+DECODE_MOE = "rows"
+BY_PICK_TILES = (16, 64, 64)
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
 # it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
@@ -298,30 +309,31 @@ if triton is not None:
         weight · SwiGLU(x W1ᵀ, x W3ᵀ) for up to BM picks of one expert, its weights read once."""
         b = block0 + tl.program_id(0)
         slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
-        offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
-        live = offs < tl.load(blocks_ptr + 3 * b + 2)
-        pick = tl.load(picks_ptr + offs, mask=live, other=0)
-        x_rows = x_ptr + (pick // TOPK)[:, None] * D
-        rows = tl.program_id(1) * BN + tl.arange(0, BN)
-        w1, s1 = w1_ptr + slot * (INTER * (D // 2)), s1_ptr + slot * (INTER * (D // 32))
-        w3, s3 = w3_ptr + slot * (INTER * (D // 2)), s3_ptr + slot * (INTER * (D // 32))
-        DT = x_ptr.dtype.element_ty
-        g = tl.zeros((BM, BN), dtype=tl.float32)
-        u = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, D // 2, BKB):
-            j = 2 * (kb + tl.arange(0, BKB))[None, :]
-            xe = tl.load(x_rows + j, mask=live[:, None], other=0.0)
-            xo = tl.load(x_rows + j + 1, mask=live[:, None], other=0.0)
-            lo, hi = _fp4_tile(w1, s1, rows, kb, D, BKB, DT)
-            g += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
-            lo, hi = _fp4_tile(w3, s3, rows, kb, D, BKB, DT)
-            u += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
-        if limit > 0:
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-        h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pick, mask=live, other=0.0)[:, None]
-        ptrs = h_ptr + offs[:, None] * INTER + rows[None, :]
-        tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None])
+        if slot >= 0:  # −1: an expert not in the stack (decode tables list every pick)
+            offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
+            live = offs < tl.load(blocks_ptr + 3 * b + 2)
+            pick = tl.load(picks_ptr + offs, mask=live, other=0)
+            x_rows = x_ptr + (pick // TOPK)[:, None] * D
+            rows = tl.program_id(1) * BN + tl.arange(0, BN)
+            w1, s1 = w1_ptr + slot * (INTER * (D // 2)), s1_ptr + slot * (INTER * (D // 32))
+            w3, s3 = w3_ptr + slot * (INTER * (D // 2)), s3_ptr + slot * (INTER * (D // 32))
+            DT = x_ptr.dtype.element_ty
+            g = tl.zeros((BM, BN), dtype=tl.float32)
+            u = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in range(0, D // 2, BKB):
+                j = 2 * (kb + tl.arange(0, BKB))[None, :]
+                xe = tl.load(x_rows + j, mask=live[:, None], other=0.0)
+                xo = tl.load(x_rows + j + 1, mask=live[:, None], other=0.0)
+                lo, hi = _fp4_tile(w1, s1, rows, kb, D, BKB, DT)
+                g += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
+                lo, hi = _fp4_tile(w3, s3, rows, kb, D, BKB, DT)
+                u += _dot(xe, lo, IEEE) + _dot(xo, hi, IEEE)
+            if limit > 0:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+            h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pick, mask=live, other=0.0)[:, None]
+            ptrs = h_ptr + offs[:, None] * INTER + rows[None, :]
+            tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None])
 
     @triton.jit
     def _grouped_down_kernel(
@@ -332,20 +344,21 @@ if triton is not None:
         """out[pick, cols] = h[sorted position] · W2[cols]ᵀ for block b's picks (float32)."""
         b = block0 + tl.program_id(0)
         slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
-        offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
-        live = offs < tl.load(blocks_ptr + 3 * b + 2)
-        pick = tl.load(picks_ptr + offs, mask=live, other=0)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        w2, s2 = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
-        h_rows = h_ptr + offs[:, None] * INTER
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, INTER // 2, BKB):
-            j = 2 * (kb + tl.arange(0, BKB))[None, :]
-            he = tl.load(h_rows + j, mask=live[:, None], other=0.0)
-            ho = tl.load(h_rows + j + 1, mask=live[:, None], other=0.0)
-            lo, hi = _fp4_tile(w2, s2, cols, kb, INTER, BKB, h_ptr.dtype.element_ty)
-            acc += _dot(he, lo, IEEE) + _dot(ho, hi, IEEE)
-        tl.store(out_ptr + pick[:, None] * D + cols[None, :], acc, mask=live[:, None])
+        if slot >= 0:
+            offs = tl.load(blocks_ptr + 3 * b + 1) + tl.arange(0, BM)
+            live = offs < tl.load(blocks_ptr + 3 * b + 2)
+            pick = tl.load(picks_ptr + offs, mask=live, other=0)
+            cols = tl.program_id(1) * BN + tl.arange(0, BN)
+            w2, s2 = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
+            h_rows = h_ptr + offs[:, None] * INTER
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in range(0, INTER // 2, BKB):
+                j = 2 * (kb + tl.arange(0, BKB))[None, :]
+                he = tl.load(h_rows + j, mask=live[:, None], other=0.0)
+                ho = tl.load(h_rows + j + 1, mask=live[:, None], other=0.0)
+                lo, hi = _fp4_tile(w2, s2, cols, kb, INTER, BKB, h_ptr.dtype.element_ty)
+                acc += _dot(he, lo, IEEE) + _dot(ho, hi, IEEE)
+            tl.store(out_ptr + pick[:, None] * D + cols[None, :], acc, mask=live[:, None])
 
     @triton.jit
     def _dequant_fp4_kernel(
@@ -480,6 +493,39 @@ if triton is not None:
             acc += part
         tl.store(out_ptr + t * N + rows, acc.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _linear_dot_kernel(
+        x_ptr, w_ptr, s_ptr, out_ptr, T, N: tl.constexpr, K: tl.constexpr,
+        X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× tile scales) for up
+        to BM tokens at once on the tensor cores (x's rows past T are zeros): W's bytes are read
+        once for all of them, in BK-wide steps the compiler can pipeline (a product per step,
+        no reduction across threads), and SPLIT programs share a row block's K."""
+        first = tl.program_id(0) * BN
+        rows = first + tl.arange(0, BN)
+        tokens = tl.program_id(2) * BM + tl.arange(0, BM)
+        live = tokens < T
+        share: tl.constexpr = K // SPLIT
+        k0 = tl.program_id(1) * share
+        x_rows = x_ptr + tokens[:, None] * X_STRIDE + (first // GROUP_ROWS) * K
+        DT = x_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for step in range(0, share, BK):
+            kb = k0 + step
+            cols = kb + tl.arange(0, BK)
+            xt = tl.load(x_rows + cols[None, :], mask=live[:, None], other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(DT)
+            part = _dot(xt, w, IEEE)
+            if HAS_SCALE:  # BN and BK divide 128: one scale per row in this step
+                scale = _e8m0(tl.load(s_ptr + (rows // 128) * ((K + 127) // 128) + kb // 128))
+                part = part * scale[None, :]
+            acc += part
+        ptrs = out_ptr + tl.program_id(1) * T * N + tokens[:, None] * N + rows[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
@@ -608,6 +654,28 @@ def moe_grouped(
     )  # fmt: skip
 
 
+def moe_by_pick(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    slot_of: torch.Tensor,
+    stacks: tuple[torch.Tensor, ...],
+    limit: float,
+    tiles: tuple[int, int, int] = BY_PICK_TILES,
+    num_warps: int = GROUPED_WARPS,
+) -> torch.Tensor:
+    """`moe` (same arguments and result) through the grouped tensor-core kernels, every pick its
+    own block: no sorting and no host read (a decode step), picks with slot −1 skipped."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    picks = torch.arange(flat.numel(), dtype=torch.int32, device=x.device)
+    table = torch.stack((slot_of[flat].to(torch.int32), picks, picks + 1), dim=1)
+    out = torch.zeros((tokens * k, x.shape[1]), dtype=torch.float32, device=x.device)
+    flat_w = weights.reshape(-1).to(torch.float32)
+    moe_grouped(x, picks, table, flat_w, stacks, limit, out, tiles=tiles, num_warps=num_warps)
+    return out.view(tokens, k, -1).sum(dim=1)
+
+
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """`mhc.sinkhorn_ops` of float32 `[..., hc, hc]` (hc a power of two) in one launch: as torch
     operations it is ~6 tiny kernels per iteration, ~240 per layer of a decode step."""
@@ -705,13 +773,18 @@ def linear(
     out_dtype: torch.dtype | None = None,
     block_n: int = 16,
     num_warps: int = 4,
+    kind: str | None = None,
+    tiles: tuple[int, int, int] | None = None,
+    split: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
 
     W: FP8 E4M3 with `scale` `[⌈N/128⌉, ⌈K/128⌉]` E8M0 tile scales, or BF16/FP16/FP32 without.
     groups G > 1: rows split into G equal groups, group g multiplying x's g-th K slice (`wo_a`).
-    `block_n` rows per program (H200, one token: 16 rows best or within 15 % for wq_b, wo_a,
-    wo_b; the head reads at 0.86 of the copy bandwidth with any).
+    `kind` "rows" (`block_n` rows per program, one token per program, float32 products) or
+    "dot" (`tiles` = (tokens, rows, K step) per program on the tensor cores, `split` programs per
+    row block's K; None: enough for LINEAR_MIN_PROGRAMS); default `linear_kind(...)`.
     """
     n, k = weight.shape
     if x.shape[-1] != groups * k or n % groups:
@@ -722,13 +795,43 @@ def linear(
         raise ValueError("FP8 weights need their tile scales; other weights take none")
     group_rows = n // groups
     x = x.contiguous()
-    out = torch.empty((x.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
+    tokens = x.shape[0]
+    out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)
+    s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
+    kind = kind or linear_kind(x.dtype, weight.dtype)
+    if kind == "dot":
+        bm, bn, bk = tiles or LINEAR_TILES
+        bn, bk = _block(math.gcd(group_rows, 128), bn), _block(math.gcd(k, 128), bk)
+        if bk < 16 or bn < 16:
+            raise ValueError(f"W {tuple(weight.shape)}: rows and K need multiples of 16")
+        blocks = (n // bn) * -(-tokens // bm)
+        if split is None:
+            split = 1
+            while blocks * split < LINEAR_MIN_PROGRAMS and (k // (2 * split)) % 512 == 0:
+                split *= 2
+        if k % (split * bk):
+            raise ValueError(f"K {k} does not split {split} ways in steps of {bk}")
+        dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,
+                                                  device=x.device)  # fmt: skip
+        extra = {"num_stages": num_stages} if num_stages else {}
+        _linear_dot_kernel[(n // bn, split, -(-tokens // bm))](
+            x, weight, s, dest, tokens, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
+            HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, SPLIT=split,
+            IEEE=x.dtype == torch.float32 or INTERPRETED, num_warps=num_warps, **extra,
+        )  # fmt: skip
+        if split > 1:
+            out.copy_(dest.sum(dim=0))
+        return out
     bn, bk = _block(group_rows, block_n), _block(k, 128)
     if bk < 16:
         raise ValueError(f"rows of {k} values: need a multiple of 16")
-    s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
-    _linear_kernel[(x.shape[0], n // bn)](
+    _linear_kernel[(tokens, n // bn)](
         x, weight, s, out, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
         HAS_SCALE=scale is not None, BN=bn, BK=bk, num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+def linear_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """Which `linear` kernel a decode step uses for these dtypes (LINEAR_DOT_FOR)."""
+    return "dot" if (x_dtype, w_dtype) in LINEAR_DOT_FOR else "rows"

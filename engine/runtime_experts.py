@@ -188,7 +188,8 @@ class ExpertCache:
         None where the fused kernels do not apply (no Triton, too many tokens)."""
         if not self.fused or x.shape[0] > gpu_kernels.MAX_TOKENS:
             return None
-        return gpu_kernels.moe(x, experts, weights, self.slot_dev, self.stacks, limit)
+        fn = gpu_kernels.moe_by_pick if gpu_kernels.DECODE_MOE == "by pick" else gpu_kernels.moe
+        return fn(x, experts, weights, self.slot_dev, self.stacks, limit)
 
     def add_grouped(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float,

@@ -14,7 +14,7 @@ import torch
 from _graph_safety import GRAPH_CONFIG, graph_placement, record
 from _triton import kernels_device
 
-from flashdesk.engine import decode_graphs
+from flashdesk.engine import decode_graphs, gpu_kernels
 from flashdesk.engine.decode_graphs import GraphDecoder, rows_for
 from flashdesk.engine.model.model import V4Model
 from flashdesk.engine.runtime import Placement, load_runtime
@@ -97,11 +97,15 @@ def _fuse_cached_experts(rt, monkeypatch) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("name", ["host", "mixed"])
-def test_segments_are_capture_safe(name, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "decode_moe"), [("host", "rows"), ("mixed", "rows"), ("mixed", "by pick")]
+)
+def test_segments_are_capture_safe(name, decode_moe, monkeypatch):
     """At positions 9..17 (every phase of both compressors; CSA and HCA windows close) each
-    segment dispatches one list of operations on one set of buffers, and reads nothing back."""
+    segment dispatches one list of operations on one set of buffers, and reads nothing back
+    (with the cached experts through either decode kernel)."""
     ids = _ids(20)
+    monkeypatch.setattr(gpu_kernels, "DECODE_MOE", decode_moe)
     with _runtime(name) as rt:
         if name == "mixed":
             _fuse_cached_experts(rt, monkeypatch)

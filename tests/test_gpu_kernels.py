@@ -193,6 +193,30 @@ def test_grouped_moe_runs_a_slice_of_its_blocks():
     assert (got[:, 1] - want).norm() / want.norm() < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("tokens", "xdtype", "limit"), [(1, torch.float32, 10.0), (3, torch.bfloat16, 0.0)]
+)
+def test_moe_by_pick_equals_dequantize_then_multiply(tokens, xdtype, limit):
+    """A decode step's experts through the grouped kernels, every pick its own block."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(tokens)
+    n_experts, k, dim, inter = 16, 6, 256, 128
+    stacks = _expert_stacks(g, 5, dim, inter)
+    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
+    for s, e in enumerate((3, 0, 9, 15, 7)):
+        slot_of[e] = s
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
+    experts[0, :2] = torch.tensor([3, 15])  # at least two resident picks, and some absent
+    weights = torch.rand((tokens, k), generator=g) + 0.1
+    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    want = _reference(x, experts, weights, slot_of, stacks, limit)
+    on = (x, experts, weights, slot_of)
+    got = ft.moe_by_pick(*(t.to(dev) for t in on), tuple(t.to(dev) for t in stacks), limit)
+    assert got.dtype == torch.float32 and got.shape == (tokens, dim)
+    err = (got.cpu() - want).norm() / want.norm()
+    assert err < (1e-5 if xdtype == torch.float32 else 1e-2), err
+
+
 def test_fused_moe_rejects_mismatched_shapes():
     dev = kernels_device()
     stacks = tuple(torch.zeros((1, 64, 8), dtype=torch.uint8) for _ in range(6))
@@ -232,16 +256,37 @@ def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
     assert "FLASHDESK_TRITON=0" in ft.unavailable_reason("cuda") or ft.triton is None
 
 
+_LINEAR_CASES = [
+    (1, 256, 512, 1, "fp8"),
+    (3, 384, 256, 1, "fp8"),  # rows not a power of two
+    (2, 512, 128, 2, "fp8"),  # V4's grouped wo_a
+    (1, 256, 512, 1, "bf16"),  # the head: BF16 weights, no scales
+]
+
+
 @pytest.mark.parametrize(
-    ("tokens", "n", "k", "groups", "wdtype"),
+    ("tokens", "n", "k", "groups", "wdtype", "kind"),
+    [(*case, "rows") for case in _LINEAR_CASES]
+    + [(1, 200, 64, 1, "bf16", "rows")]  # rows in no multiple of 16: only "rows" takes them
+    + [(*case, "dot") for case in _LINEAR_CASES],
+)
+def test_linear_equals_dequantize_then_multiply(tokens, n, k, groups, wdtype, kind):
+    _check_linear(tokens, n, k, groups, wdtype, kind=kind)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n", "k", "split"),
     [
-        (1, 256, 512, 1, "fp8"),
-        (3, 384, 256, 1, "fp8"),  # rows not a power of two
-        (2, 512, 128, 2, "fp8"),  # V4's grouped wo_a
-        (1, 200, 64, 1, "bf16"),  # the head: BF16 weights, no scales
+        (1, 256, 2048, None),  # few row blocks: K split 4 ways (512 each), summed after
+        (17, 384, 256, None),  # more tokens than a program takes: two token blocks
+        (1, 128, 1024, 2),
     ],
 )
-def test_linear_equals_dequantize_then_multiply(tokens, n, k, groups, wdtype):
+def test_the_tensor_core_linear_splits_k_and_blocks_tokens(tokens, n, k, split):
+    _check_linear(tokens, n, k, 1, "fp8", kind="dot", split=split)
+
+
+def _check_linear(tokens, n, k, groups, wdtype, **options):
     dev = kernels_device()
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn((n, k), generator=g) * torch.exp2(torch.randint(-3, 4, (n, 1), generator=g))
@@ -259,7 +304,7 @@ def test_linear_equals_dequantize_then_multiply(tokens, n, k, groups, wdtype):
     )
     got = ft.linear(
         x.to(dev), weight.to(dev), None if scale is None else scale.to(dev), groups,
-        out_dtype=torch.float32,
+        out_dtype=torch.float32, **options,
     )  # fmt: skip
     assert got.shape == (tokens, n) and got.dtype == torch.float32
     err = ((got.cpu().double() - want).norm() / want.norm()).item()
