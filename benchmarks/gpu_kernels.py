@@ -42,14 +42,50 @@ TILE_CHOICES += [
         ((8, 512, 32, 256), 8),
     )
 ]
+# A decode step's experts through the grouped tensor-core kernels, one block per pick
+# (`gpu_kernels.moe_by_pick`): (tokens, rows, bytes per step), warps.
+BY_PICK_CHOICES = [
+    ((16, 64, 64), 4),
+    ((16, 32, 64), 4),
+    ((16, 128, 64), 4),
+    ((16, 64, 128), 4),
+    ((16, 128, 128), 8),
+]
+# A prompt chunk's experts (`gpu_kernels.moe_grouped`): 1024 tokens × 6 picks over the layer's
+# 256 experts (~24 picks each); (picks per block, rows, bytes per step), warps.
+PROMPT_TOKENS = 1024
+GROUPED_CHOICES = [
+    ((32, 64, 64), 4),
+    ((16, 64, 64), 4),
+    ((64, 64, 64), 4),
+    ((32, 128, 64), 8),
+    ((32, 64, 128), 4),
+    ((64, 128, 64), 8),
+]
 # V4-Flash linears timed as a decode step runs them: (name, N, K, groups, FP8?)
 LINEARS = [
     ("wq_b", 32768, 1024, 1, True),
     ("wo_a (8 groups)", 8192, 4096, 8, True),
     ("wo_b", 4096, 8192, 1, True),
+    ("wq_a", 1024, 4096, 1, True),
+    ("wkv", 512, 4096, 1, True),
+    ("shared w1", 2048, 4096, 1, True),
+    ("shared w2", 4096, 2048, 1, True),
+    ("indexer wq_b", 8192, 1024, 1, True),
     ("head (bf16)", 129280, 4096, 1, False),
 ]
-LINEAR_BLOCKS = [(16, 4), (32, 4), (64, 8), (8, 2)]  # (rows per program, warps)
+# `linear` kinds: ("rows", rows per program, warps) or ("dot", tiles, warps, split, stages)
+LINEAR_CHOICES = [
+    ("rows", 16, 4),
+    ("rows", 32, 4),
+    ("rows", 64, 8),
+    ("dot", (16, 64, 128), 4, None, None),
+    ("dot", (16, 32, 128), 4, None, None),
+    ("dot", (16, 128, 128), 4, None, None),
+    ("dot", (16, 64, 128), 4, 1, None),
+    ("dot", (16, 64, 128), 4, None, 4),
+    ("dot", (16, 64, 64), 4, None, None),
+]
 
 
 def _time_ms(fn, reps: int) -> float:
@@ -96,6 +132,10 @@ def measure(
     tile_choices=TILE_CHOICES,
     token_counts: tuple[int, ...] = (4, 16),
     linears=LINEARS,
+    by_pick_choices=BY_PICK_CHOICES,
+    grouped_choices=GROUPED_CHOICES,
+    prompt_tokens: int = PROMPT_TOKENS,
+    linear_choices=LINEAR_CHOICES,
 ) -> dict:
     """The figures on `dev` (tests run it on the CPU in Triton's interpreter at small `dims`)."""
     import torch
@@ -164,6 +204,24 @@ def measure(
     good = [r for r in rows if r["err"] < 1e-5]
     best = min(good, key=lambda r: r["ms"])
     tiles, warps, mode = tuple(best["tiles"]), best["warps"], tuple(best["mode"])
+    by_pick = []
+    for bp_tiles, bp_warps in by_pick_choices:
+
+        def call(i, bp_tiles=bp_tiles, bp_warps=bp_warps):
+            return gpu_kernels.moe_by_pick(
+                x[:1], picks[i % SETS][:1], weights[:1], slot_of, stacks, limit,
+                tiles=bp_tiles, num_warps=bp_warps,
+            )  # fmt: skip
+
+        err = ((call(0) - want).norm() / want.norm()).item()
+        ms = _time_ms(call, reps)
+        gbps = step_bytes / ms / 1e6
+        by_pick.append({"tiles": list(bp_tiles), "warps": bp_warps, "ms": ms, "gbps": gbps})
+        by_pick[-1]["err"] = err
+        say(
+            f"  by pick, tiles {bp_tiles} warps {bp_warps}: {ms * 1e3:7.1f} µs = {gbps:6.0f} GB/s "
+            f"= {gbps / copy_gbps:.2f} × copy (rel. diff. to default {err:.1e}; bf16 SwiGLU)"
+        )
 
     def torch_path(i):
         out = torch.zeros((1, dim), dtype=torch.float32, device=dev)
@@ -211,12 +269,100 @@ def measure(
     )
     tokens = ", ".join(f"{t} tokens {us:.0f} µs" for t, us in out["tokens_us"].items())
     say(f"{tokens}; one-pass dequantization to bf16 {out['dequant_gbps']:.0f} GB/s (read + write)")
-    out["linears"] = [_linear_figures(dev, spec, reps, copy_gbps, say) for spec in linears]
+    if by_pick:
+        fastest = min(by_pick, key=lambda r: r["ms"])
+        out["by_pick"] = by_pick
+        out["decode_moe_best"] = "by pick" if fastest["ms"] < best["ms"] else "rows"
+        say(
+            f"decode experts: best by pick {fastest['ms'] * 1e3:.1f} µs (tiles "
+            f"{tuple(fastest['tiles'])}, warps {fastest['warps']}) vs rows "
+            f"{best['ms'] * 1e3:.1f} µs → {out['decode_moe_best']}"
+        )
+    if grouped_choices:
+        out["prompt"] = _prompt_figures(
+            dev, stacks, expert_bytes, prompt_tokens, grouped_choices, reps, copy_gbps, say
+        )
+    out["linears"] = [
+        _linear_figures(dev, spec, reps, copy_gbps, say, linear_choices) for spec in linears
+    ]
     return out
 
 
-def _linear_figures(dev, spec, reps, copy_gbps, say) -> dict:
-    """One decode-step linear (1 token) from its stored bytes: each block shape, and the torch
+def _prompt_figures(dev, stacks, expert_bytes, tokens, choices, reps, copy_gbps, say) -> dict:
+    """A prompt chunk's routed experts of one layer, all in VRAM: the grouped kernels (picks
+    sorted by expert, each expert's bytes read once per block) for each tile shape, against the
+    torch path they replace (each picked expert dequantized to bf16, then multiplied)."""
+    import torch
+    import torch.nn.functional as F
+
+    from flashdesk.engine import gpu_kernels
+    from flashdesk.engine.model.moe import swiglu
+
+    experts, dim = stacks[0].shape[0], stacks[0].shape[2] * 2
+    g = torch.Generator().manual_seed(2)
+    picks = torch.stack([torch.randperm(experts, generator=g)[:TOP_K] for _ in range(tokens)])
+    picks = picks.to(dev)
+    weights = torch.rand((tokens, TOP_K), device=dev) + 0.1
+    x = (torch.randn((tokens, dim), device=dev) / 4).to(torch.bfloat16)
+    flat = picks.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=experts).tolist()
+    touched = sum(1 for c in counts if c)
+    nbytes = touched * expert_bytes
+    flat_w = weights.reshape(-1)
+
+    def grouped(i, tiles=GROUPED_CHOICES[0][0], warps=GROUPED_CHOICES[0][1]):
+        blocks = gpu_kernels.expert_blocks(counts, range(experts), 0, tiles[0])
+        table = torch.tensor(blocks, dtype=torch.int32).to(dev)
+        out = torch.zeros((tokens * TOP_K, dim), dtype=torch.float32, device=dev)
+        gpu_kernels.moe_grouped(
+            x, order, table, flat_w, stacks, 10.0, out, tiles=tiles, num_warps=warps
+        )
+        return out.view(tokens, TOP_K, dim).sum(dim=1)
+
+    def torch_path(i):
+        y = torch.zeros((tokens, dim), dtype=torch.float32, device=dev)
+        start = 0
+        for e in range(experts):
+            rows = order[start : start + counts[e]] // TOP_K
+            slot = order[start : start + counts[e]] % TOP_K
+            start += counts[e]
+            if not len(rows):
+                continue
+            w1, w3, w2 = (
+                gpu_kernels.dequant_fp4(stacks[2 * j][e], stacks[2 * j + 1][e], torch.bfloat16)
+                for j in range(3)
+            )
+            h = swiglu(F.linear(x[rows], w1), F.linear(x[rows], w3), 10.0)
+            h = (h * weights[rows, slot, None]).to(torch.bfloat16)
+            y[rows] += F.linear(h, w2).float()
+        return y
+
+    want = torch_path(0)
+    rows = []
+    for tiles, warps in choices:
+        got = grouped(0, tiles, warps)
+        err = ((got - want).norm() / want.norm()).item()
+        ms = _time_ms(lambda i, t=tiles, w=warps: grouped(i, t, w), max(2, reps // 8))
+        gbps = nbytes / ms / 1e6
+        rows.append({"tiles": list(tiles), "warps": warps, "ms": ms, "gbps": gbps, "err": err})
+        say(
+            f"  prompt chunk, grouped tiles {tiles} warps {warps}: {ms:7.2f} ms = {gbps:6.0f} "
+            f"GB/s = {gbps / copy_gbps:.2f} × copy (rel. diff. to torch's path {err:.1e})"
+        )
+    best = min((r for r in rows if r["err"] < 2e-2), key=lambda r: r["ms"])
+    torch_ms = _time_ms(torch_path, 2)
+    say(
+        f"a {tokens}-token chunk's experts of one layer ({touched} experts, "
+        f"{nbytes / 1e9:.2f} GB): grouped {best['ms']:.2f} ms (tiles {tuple(best['tiles'])}, "
+        f"warps {best['warps']}) = {best['gbps'] / copy_gbps:.2f} × copy; torch's dequantize "
+        f"then multiply {torch_ms:.1f} ms ({torch_ms / best['ms']:.1f}× slower)"
+    )
+    return {"tokens": tokens, "bytes": nbytes, "choices": rows, "best": best, "torch_ms": torch_ms}
+
+
+def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> dict:
+    """One decode-step linear (1 token) from its stored bytes: each kernel choice, and the torch
     path (dequantize per call, then matmul) on the same weight."""
     import torch
     import torch.nn.functional as F
@@ -236,35 +382,53 @@ def _linear_figures(dev, spec, reps, copy_gbps, say) -> dict:
         weight = torch.randn((n, k), generator=g, device=dev).to(torch.bfloat16)
         scale = None
     nbytes = weight.numel() * weight.element_size()
+    # the activations a decode step gives it: bf16 (the head widens them to float32)
     x = torch.randn((1, groups * k), generator=g, device=dev).to(torch.bfloat16)
+    if not fp8:
+        x = x.float()
     want = None
     rows = []
-    for block_n, warps in LINEAR_BLOCKS:
+    for choice in choices:
+        if choice[0] == "rows":
+            options = {"kind": "rows", "block_n": choice[1], "num_warps": choice[2]}
+            label = f"rows {choice[1]}/{choice[2]}w"
+        else:
+            _, tiles, warps, split, stages = choice
+            options = {"kind": "dot", "tiles": tiles, "num_warps": warps, "split": split}
+            options["num_stages"] = stages
+            label = f"dot {tiles[1]}x{tiles[2]}/{warps}w" + (
+                f" split {split}" if split else ""
+            ) + (f" {stages} stages" if stages else "")  # fmt: skip
 
-        def call(i, block_n=block_n, warps=warps):
-            return gpu_kernels.linear(
-                x, weight, scale, groups, torch.float32, block_n=block_n, num_warps=warps
-            )
+        def call(i, options=options):
+            return gpu_kernels.linear(x, weight, scale, groups, torch.float32, **options)
 
-        got = call(0)
+        try:
+            got = call(0)
+        except ValueError:  # a shape this choice does not take
+            continue
         want = got if want is None else want
         err = ((got - want).norm() / want.norm()).item()
         ms = _time_ms(call, reps)
-        rows.append({"block_n": block_n, "warps": warps, "ms": ms, "err": err})
-    best = min((r for r in rows if r["err"] < 1e-5), key=lambda r: r["ms"])
+        rows.append({"choice": label, "ms": ms, "err": err})
+    best = min((r for r in rows if r["err"] < 1e-4), key=lambda r: r["ms"])
 
     def torch_path(i):
         w = quant.dequant_fp8(weight, scale, dtype=torch.bfloat16) if fp8 else weight
+        xs = x.to(w.dtype)
         if groups == 1:
-            return F.linear(x, w)
-        return grouped_linear(x, w.view(groups, n // groups, k))
+            return F.linear(xs, w)
+        return grouped_linear(xs, w.view(groups, n // groups, k))
 
     torch_ms = _time_ms(torch_path, max(2, reps // 4))
     gbps = nbytes / best["ms"] / 1e6
     say(
         f"linear {name} [{n}, {k}]: " + ", ".join(
-            f"{r['block_n']} rows/{r['warps']} warps {r['ms'] * 1e3:.0f} µs" for r in rows
-        ) + f"; best {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} × copy; torch dequantize + "
-        f"matmul {torch_ms * 1e3:.0f} µs"
+            f"{r['choice']} {r['ms'] * 1e3:.1f}" for r in rows
+        ) + f" µs; best {best['choice']} {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} × copy; "
+        f"torch dequantize + matmul {torch_ms * 1e3:.0f} µs"
     )  # fmt: skip
-    return {"name": name, "bytes": nbytes, "blocks": rows, "gbps": gbps, "torch_us": torch_ms * 1e3}
+    return {
+        "name": name, "bytes": nbytes, "choices": rows, "best": best["choice"], "gbps": gbps,
+        "torch_us": torch_ms * 1e3,
+    }  # fmt: skip

@@ -58,10 +58,17 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             tile_choices=module.TILE_CHOICES[:2],
             token_counts=(2,),
             linears=[("fp8", 256, 128, 2, True), ("bf16", 64, 64, 1, False)],
+            by_pick_choices=module.BY_PICK_CHOICES[:1],
+            grouped_choices=module.GROUPED_CHOICES[:1],
+            prompt_tokens=12,
+            linear_choices=[module.LINEAR_CHOICES[0], module.LINEAR_CHOICES[3]],
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
+        assert [len(lin["choices"]) for lin in out["linears"]] == [2, 2]
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
+        assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
+        assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
         assert "skipped" in module.run(True)  # no GPU here
     finally:
         sys.modules.pop("gpu_kernels", None)
