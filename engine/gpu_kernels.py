@@ -155,6 +155,9 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
             torch.cat([t.flatten() for t in (u, post, comb)]),
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
+        "compressor pooling": (softmax_pool((xd[:, 0], xd[:, 1]), (xd[:, 2], xd[:, 3])),
+                               (torch.cat((x[:, 0], x[:, 2]))
+                                * torch.cat((x[:, 1], x[:, 3])).softmax(0)).sum(0, keepdim=True)),
     }  # fmt: skip
     for name, (got, want) in checks.items():
         if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5):
@@ -392,6 +395,35 @@ if triton is not None:
         r = tl.arange(0, HC)
         offs = tl.program_id(0) * HC * HC + r[:, None] * HC + r[None, :]
         tl.store(out_ptr + offs, _sinkhorn_tile(tl.load(x_ptr + offs), eps, ITERS))
+
+    @triton.jit
+    def _softmax_pool_part(kv_ptr, g_ptr, stride, cols, R: tl.constexpr, RB: tl.constexpr):
+        r = tl.arange(0, RB)
+        live = (r < R)[:, None]
+        offs = r[:, None] * stride + cols[None, :]
+        gate = tl.load(g_ptr + offs, mask=live, other=float("-inf"))
+        return tl.load(kv_ptr + offs, mask=live, other=0.0), gate
+
+    @triton.jit
+    def _softmax_pool_kernel(
+        kv1, g1, s1, kv2, g2, s2, out_ptr, R1: tl.constexpr, RB1: tl.constexpr,
+        R2: tl.constexpr, RB2: tl.constexpr, BC: tl.constexpr,
+    ):  # fmt: skip
+        """out[c] = Σ_r kv[r, c] · softmax over r of gate[:, c], rows from one or two pieces."""
+        cols = tl.program_id(0) * BC + tl.arange(0, BC)
+        kva, ga = _softmax_pool_part(kv1, g1, s1, cols, R1, RB1)
+        top = tl.max(ga, axis=0)
+        if R2 > 0:
+            kvb, gb = _softmax_pool_part(kv2, g2, s2, cols, R2, RB2)
+            top = tl.maximum(top, tl.max(gb, axis=0))
+        ea = tl.exp(ga - top[None, :])
+        num = tl.sum(ea * kva, axis=0)
+        den = tl.sum(ea, axis=0)
+        if R2 > 0:
+            eb = tl.exp(gb - top[None, :])
+            num += tl.sum(eb * kvb, axis=0)
+            den += tl.sum(eb, axis=0)
+        tl.store(out_ptr + cols, num / den)
 
     @triton.jit
     def _rms_norm_kernel(
@@ -688,6 +720,31 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     x = comb.contiguous()
     out = torch.empty_like(x)
     _sinkhorn_kernel[(x.numel() // (hc * hc),)](x, out, float(eps), ITERS=iters, HC=hc)
+    return out
+
+
+def softmax_pool(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """The compressor's pooling of a window in one launch: Σ_r kv[r] · softmax_r(gate[r]) per
+    channel over the rows of (kv, gate) `[R, C]` float32 (views with unit column stride), then
+    those of `second` (CSA's previous half-window) → `[1, C]` float32. As torch ops it is a
+    concatenation, a softmax across rows (a slow kernel shape: ~34 µs on an H200) and a sum."""
+    kv1, g1 = first
+    kv2, g2 = second if second is not None else first
+    c = kv1.shape[1]
+    for t in (kv1, g1, kv2, g2):
+        if t.dtype != torch.float32 or t.stride(1) != 1 or t.shape[1] != c:
+            raise ValueError(f"softmax_pool takes float32 [R, {c}] rows, got {t.dtype} {t.shape}")
+    if g1.stride(0) != kv1.stride(0) or g2.stride(0) != kv2.stride(0):
+        raise ValueError("softmax_pool: kv and gate pieces must share a row stride")
+    out = torch.empty((1, c), dtype=torch.float32, device=kv1.device)
+    r1, r2 = kv1.shape[0], (kv2.shape[0] if second is not None else 0)
+    block = _block(c, 128)
+    _softmax_pool_kernel[(c // block,)](
+        kv1, g1, kv1.stride(0), kv2, g2, kv2.stride(0), out, R1=r1,
+        RB1=triton.next_power_of_2(r1), R2=r2, RB2=triton.next_power_of_2(max(r2, 1)), BC=block,
+    )  # fmt: skip
     return out
 
 

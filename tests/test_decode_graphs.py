@@ -65,6 +65,28 @@ def test_step_gives_the_models_decode(name):
         assert graphs.builds == 1  # one capacity bucket all along
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_step_through_the_gpu_kernels_gives_the_models_decode(monkeypatch):
+    """The step as a GPU runs it, every chain the kernels cover in one launch (here Triton's
+    interpreter), the compressors' window pooling too: the torch decode's logits."""
+    kernels_device()
+    ids = _ids(36)
+    with _runtime("host") as rt:
+        state = rt.new_state()
+        rt.prefill(ids[:3], state)
+        want = [rt.model.decode(t, state) for t in ids[3:]]
+        pooled = []
+        pool = gpu_kernels.softmax_pool
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "softmax_pool", lambda *a: pooled.append(1) or pool(*a))
+        graphs = GraphDecoder(rt.model, capture=False)
+        state = rt.new_state()
+        rt.prefill(ids[:3], state)
+        for t, logits in zip(ids[3:], want, strict=True):  # CSA and HCA windows close
+            torch.testing.assert_close(graphs.decode(t, state), logits, **TOL)
+        assert len(pooled) == 33 * 6  # 4 compressed layers, 2 of them CSA with an indexer
+
+
 def test_rows_for_doubles_from_the_floor():
     assert [rows_for(p, 4, 8) for p in (0, 31, 32, 63, 64, 127, 128)] == [8, 8, 16, 16, 32, 32, 64]
     assert rows_for(10**6, 128, 64) == 8192

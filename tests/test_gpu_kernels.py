@@ -384,6 +384,28 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     same(got, mhc.hc_post(f, streams, post, comb))
 
 
+@pytest.mark.parametrize("rows", [4, 128])
+def test_softmax_pool_equals_the_torch_ops(rows):
+    """The compressor's window pooling: one piece (HCA), or two (CSA: the previous half-window,
+    then the right half of the current one, a strided view), with rows not yet written (−∞)."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(rows)
+    c = 256
+    kv, gate = torch.randn(rows, 2 * c, generator=g), torch.randn(rows, 2 * c, generator=g)
+    gate[rows // 2 :] = float("-inf")
+    prev_kv, prev_gate = torch.randn(rows, c, generator=g), torch.randn(rows, c, generator=g)
+    on = [t.to(dev) for t in (kv, gate, prev_kv, prev_gate)]
+    got = ft.softmax_pool((on[0][:, :c], on[1][:, :c]), None)
+    want = (kv[:, :c] * gate[:, :c].softmax(dim=0)).sum(dim=0, keepdim=True)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    got = ft.softmax_pool((on[2], on[3]), (on[0][:, c:], on[1][:, c:]))
+    slots_kv, slots_gate = torch.cat((prev_kv, kv[:, c:])), torch.cat((prev_gate, gate[:, c:]))
+    want = (slots_kv * slots_gate.softmax(dim=0)).sum(dim=0, keepdim=True)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        ft.softmax_pool((on[0].half(), on[1]), None)
+
+
 def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     """The model's RMSNorms, rotations and hyper-connections routed to the kernels (as on a GPU
     with Triton; here in the interpreter): prefill and decode give the torch path's logits."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from flashdesk.engine import gpu_kernels
 from flashdesk.engine.cache import CompressorCarry, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import float_linear, rms_norm
@@ -127,12 +128,17 @@ class Compressor:
         carry.gate.index_copy_(
             0, slot, float_linear(x, self.wgate) + self.ape.index_select(0, slot)
         )
-        if self.overlap:
-            slots_kv = torch.cat((carry.prev_kv, carry.kv[:, c:]))  # [2m, c]
-            slots_gate = torch.cat((carry.prev_gate, carry.gate[:, c:]))
+        if gpu_kernels.applies(x):  # one launch, no concatenation
+            second = (carry.kv[:, c:], carry.gate[:, c:]) if self.overlap else None
+            first = (carry.prev_kv, carry.prev_gate) if self.overlap else (carry.kv, carry.gate)
+            pooled = gpu_kernels.softmax_pool(first, second)
         else:
-            slots_kv, slots_gate = carry.kv, carry.gate
-        pooled = (slots_kv * slots_gate.softmax(dim=0)).sum(dim=0, keepdim=True)  # [1, c]
+            if self.overlap:
+                slots_kv = torch.cat((carry.prev_kv, carry.kv[:, c:]))  # [2m, c]
+                slots_gate = torch.cat((carry.prev_gate, carry.gate[:, c:]))
+            else:
+                slots_kv, slots_gate = carry.kv, carry.gate
+            pooled = (slots_kv * slots_gate.softmax(dim=0)).sum(dim=0, keepdim=True)  # [1, c]
         entry = rms_norm(pooled.to(out_dtype), self.norm, self.eps)
         index = pos // m
         cos, sin = self.rotary.cos_sin(index * m)
