@@ -285,7 +285,46 @@ def measure(
     out["linears"] = [
         _linear_figures(dev, spec, reps, copy_gbps, say, linear_choices) for spec in linears
     ]
+    out["choices"] = _choices(out, tiles, warps, mode)
+    say(f"fastest here: {out['choices']}")
+    if dev == "cuda":
+        from flashdesk.engine import gpu_tuning
+
+        gpu = torch.cuda.get_device_name()
+        where = gpu_tuning.record(gpu, out["choices"], "flashdesk bench gpu-kernels")
+        say(f"recorded for {gpu} in {where}: the runtime uses them on this GPU from now on")
     return out
+
+
+def _choices(out: dict, tiles, warps, mode) -> dict:
+    """The gpu_kernels settings this run found fastest (`engine.gpu_tuning` names)."""
+    choices = {"TILES": tuple(tiles), "WARPS": warps, "FP4_MODE": (*mode, 0)[:3]}
+    if "by_pick" in out:
+        fastest = min(out["by_pick"], key=lambda r: r["ms"])
+        choices |= {"DECODE_MOE": out["decode_moe_best"], "BY_PICK_TILES": tuple(fastest["tiles"])}
+        choices["BY_PICK_WARPS"] = fastest["warps"]
+    if "prompt" in out:
+        best = out["prompt"]["best"]
+        choices |= {"GROUPED_TILES": tuple(best["tiles"]), "GROUPED_WARPS": best["warps"]}
+    # one linear kind for all FP8 linears: the choice with the least time summed over them
+    fp8 = [lin for lin in out["linears"] if lin["fp8"]]
+    totals: dict[tuple, float] = {}
+    for lin in fp8:
+        for row in lin["choices"]:
+            if row["err"] < 1e-4:
+                totals[row["spec"]] = totals.get(row["spec"], 0.0) + row["ms"]
+    complete = {spec: ms for spec, ms in totals.items() if all(
+        any(r["spec"] == spec and r["err"] < 1e-4 for r in lin["choices"]) for lin in fp8)}  # fmt: skip
+    if complete:
+        spec = min(complete, key=complete.get)
+        if spec[0] == "rows":
+            choices |= {"LINEAR_KIND": "rows", "LINEAR_ROWS": (spec[1], spec[2])}
+        else:
+            choices |= {"LINEAR_KIND": "dot", "LINEAR_TILES": tuple(spec[1])}
+            choices["LINEAR_STAGES"] = spec[4]
+            # split None: automatic (LINEAR_MIN_PROGRAMS); 1: never (0 programs wanted)
+            choices["LINEAR_MIN_PROGRAMS"] = 0 if spec[3] == 1 else 1024
+    return choices
 
 
 def _prompt_figures(dev, stacks, expert_bytes, tokens, choices, reps, copy_gbps, say) -> dict:
@@ -410,7 +449,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         want = got if want is None else want
         err = ((got - want).norm() / want.norm()).item()
         ms = _time_ms(call, reps)
-        rows.append({"choice": label, "ms": ms, "err": err})
+        rows.append({"choice": label, "spec": choice, "ms": ms, "err": err})
     best = min((r for r in rows if r["err"] < 1e-4), key=lambda r: r["ms"])
 
     def torch_path(i):
@@ -429,6 +468,6 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         f"torch dequantize + matmul {torch_ms * 1e3:.0f} µs"
     )  # fmt: skip
     return {
-        "name": name, "bytes": nbytes, "choices": rows, "best": best["choice"], "gbps": gbps,
-        "torch_us": torch_ms * 1e3,
+        "name": name, "fp8": fp8, "bytes": nbytes, "choices": rows, "best": best["choice"],
+        "gbps": gbps, "torch_us": torch_ms * 1e3,
     }  # fmt: skip

@@ -40,33 +40,39 @@ try:  # imported by name so that PyInstaller's import graph does not pull Triton
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# The FP4 expert kernels' shape: (rows, bytes per step) of the gate/up launch, then of the down
-# launch; warps; MODE 0 sums 32-value blocks by a reshape, 1 loads the tile as [rows, blocks, 16]
-# bytes; F16 1 decodes E2M1 through float16 bits. Chosen by `flashdesk bench gpu-kernels` on an
-# H200 (18 shapes): MODE 0 + F16, 8 rows × 512 bytes, 8 warps: 141 µs per 6-expert step, 570 GB/s
-# (the first version, MODE 0 without F16, 8 × 256, 4 warps: 206-243 µs; MODE 1 300-450 GB/s).
-TILES = (8, 512, 8, 512)
-WARPS = 8
-# (MODE, F16, SPLIT): SPLIT 1 runs the down projection as one program per (pick, row block) into
-# per-pick partial sums, added in pick order by torch (6× the programs for one token; not yet
-# swept on a GPU: `bench gpu-kernels` tries it beside the measured default).
-FP4_MODE = (0, 1, 0)
-# `linear`'s tensor-core kernel ("dot"): (tokens, rows, K step) per program; programs wanted
-# per launch (K is split across programs below that: V4's skinny linears have few row blocks);
-# the (activation, weight) dtypes that use it (others: "rows"). Not yet swept on a GPU.
-LINEAR_TILES = (16, 64, 128)
-LINEAR_MIN_PROGRAMS = 1024
-LINEAR_DOT_FOR: frozenset = frozenset()
-MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
-# The grouped (prompt) expert kernels' shape: picks per block, weight rows per program, packed
-# bytes per step (two tensor-core products each: even and odd columns), warps. Not yet swept on
-# a GPU (`bench gpu-kernels` tries several).
-GROUPED_TILES = (32, 64, 64)
-GROUPED_WARPS = 4
+# Kernel shapes. The values below are the lent H200's; `flashdesk bench gpu-kernels` sweeps them
+# on the user's GPU and records the fastest (`engine.gpu_tuning`), applied when the runtime
+# first uses that GPU. Functions read them at call time.
+#
+# The FP4 decode expert kernels (`moe`): (rows, bytes per step) of the gate/up launch, then of
+# the down launch; warps; (MODE, F16, SPLIT): MODE 0 sums 32-value blocks by a reshape, 1 loads
+# the tile as [rows, blocks, 16] bytes; F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
+# the down projection as one program per (pick, row block), partial sums added by torch. H200,
+# 2026-11-27, 22 shapes: SPLIT, 8 rows × 256 bytes, 4 warps: 128 µs per 6-expert step
+# (624 GB/s); without SPLIT 8 × 512, 8 warps: 132-141 µs; MODE 1 165-290 µs.
+TILES = (8, 256, 8, 256)
+WARPS = 4
+FP4_MODE = (0, 1, 1)
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
-# kernels, one block of 16 rows per pick, one of them live) with BY_PICK_TILES.
+# tensor-core kernels, one 16-row block per pick, one row of it live) with BY_PICK_TILES.
 DECODE_MOE = "rows"
 BY_PICK_TILES = (16, 64, 64)
+BY_PICK_WARPS = 4
+MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
+# The grouped (prompt) expert kernels: picks per block, weight rows per program, packed bytes
+# per step (two tensor-core products each: even and odd columns), warps.
+GROUPED_TILES = (32, 64, 64)
+GROUPED_WARPS = 4
+# `linear` for FP8 weights and bf16/fp16 activations: "rows" (LINEAR_ROWS = rows per program,
+# warps; one token per program, float32 products; H200: 16 rows within 15 % of the best for
+# wq_b, wo_a, wo_b) or "dot" (LINEAR_TILES = tokens, rows, K step per program on the tensor
+# cores; K split across programs while a launch has fewer than LINEAR_MIN_PROGRAMS; pipeline
+# LINEAR_STAGES, None: Triton's default). Other weights (the BF16 head) take "rows".
+LINEAR_KIND = "rows"
+LINEAR_ROWS = (16, 4)
+LINEAR_TILES = (16, 64, 128)
+LINEAR_STAGES: int | None = None
+LINEAR_MIN_PROGRAMS = 1024
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
 # it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
@@ -75,6 +81,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # device → None when the kernels compiled and gave the right values there, else why not
 _PROBED: dict[str, str | None] = {}
+TUNED: dict[str, dict] = {}  # device → the recorded shapes applied there (`engine.gpu_tuning`)
 
 
 def available(device: torch.device | str) -> bool:
@@ -101,7 +108,21 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     key = str(dev)
     if key not in _PROBED:
         _PROBED[key] = _probe(dev)
+        if _PROBED[key] is None:
+            _apply_tuning(dev)
     return _PROBED[key]
+
+
+def _apply_tuning(dev: torch.device) -> None:
+    """Take the kernel shapes `bench gpu-kernels` recorded for this GPU model, if any
+    (FLASHDESK_GPU_TUNING=0: keep the built-in ones)."""
+    from flashdesk.engine import gpu_tuning
+
+    if os.environ.get("FLASHDESK_GPU_TUNING", "1") == "0":
+        return
+    choices = gpu_tuning.load(torch.cuda.get_device_name(dev))
+    globals().update(choices)
+    TUNED[str(dev)] = choices
 
 
 def _probe(dev: torch.device) -> str | None:
@@ -578,9 +599,9 @@ def moe(
     slot_of: torch.Tensor,
     stacks: tuple[torch.Tensor, ...],
     limit: float,
-    tiles: tuple[int, int, int, int] = TILES,
-    num_warps: int = WARPS,
-    mode: tuple[int, int] = FP4_MODE,
+    tiles: tuple[int, int, int, int] | None = None,
+    num_warps: int | None = None,
+    mode: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Σ over each token's picks held in the slot store of weight · expert(x).
 
@@ -590,6 +611,7 @@ def moe(
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
     kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE).
     """
+    tiles, num_warps, mode = tiles or TILES, num_warps or WARPS, mode or FP4_MODE
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
     topk = experts.shape[1]
@@ -620,11 +642,13 @@ def moe(
 
 
 def expert_blocks(
-    counts: Sequence[int], slots: Sequence[int], start: int = 0, block_m: int = GROUPED_TILES[0]
+    counts: Sequence[int], slots: Sequence[int], start: int = 0, block_m: int | None = None
 ) -> list[tuple[int, int, int]]:
     """Experts whose picks lie together in a sorted pick order, `counts[i]` of them for the
     expert in stack slot `slots[i]`, from position `start` on → `(slot, start, end)` blocks of
-    at most `block_m` picks (what `moe_grouped` takes); experts with no picks get none."""
+    at most `block_m` picks (default GROUPED_TILES' first: what `moe_grouped` takes by default;
+    a block longer than the kernel's tile would lose picks); experts with no picks get none."""
+    block_m = block_m or GROUPED_TILES[0]
     blocks = []
     for n, slot in zip(counts, slots, strict=True):
         for first in range(start, start + n, block_m):
@@ -644,8 +668,8 @@ def moe_grouped(
     h: torch.Tensor | None = None,
     first_block: int = 0,
     n_blocks: int | None = None,
-    tiles: tuple[int, int, int] = GROUPED_TILES,
-    num_warps: int = GROUPED_WARPS,
+    tiles: tuple[int, int, int] | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Many tokens' picks, grouped by expert: each expert's packed weights are read once per
     block of up to `tiles[0]` picks and multiplied on the tensor cores (where `moe` reads them
@@ -657,6 +681,7 @@ def moe_grouped(
     as for `moe` → writes `out[pick]` (`[T·k, D]` float32) for the blocks' picks; `h` `[P, I]` in
     x's dtype: scratch for the SwiGLU outputs, by sorted position.
     """
+    tiles, num_warps = tiles or GROUPED_TILES, num_warps or GROUPED_WARPS
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
     topk = out.shape[0] // max(tokens, 1)
@@ -693,8 +718,8 @@ def moe_by_pick(
     slot_of: torch.Tensor,
     stacks: tuple[torch.Tensor, ...],
     limit: float,
-    tiles: tuple[int, int, int] = BY_PICK_TILES,
-    num_warps: int = GROUPED_WARPS,
+    tiles: tuple[int, int, int] | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """`moe` (same arguments and result) through the grouped tensor-core kernels, every pick its
     own block: no sorting and no host read (a decode step), picks with slot −1 skipped."""
@@ -704,6 +729,7 @@ def moe_by_pick(
     table = torch.stack((slot_of[flat].to(torch.int32), picks, picks + 1), dim=1)
     out = torch.zeros((tokens * k, x.shape[1]), dtype=torch.float32, device=x.device)
     flat_w = weights.reshape(-1).to(torch.float32)
+    tiles, num_warps = tiles or BY_PICK_TILES, num_warps or BY_PICK_WARPS
     moe_grouped(x, picks, table, flat_w, stacks, limit, out, tiles=tiles, num_warps=num_warps)
     return out.view(tokens, k, -1).sum(dim=1)
 
@@ -828,8 +854,8 @@ def linear(
     scale: torch.Tensor | None = None,
     groups: int = 1,
     out_dtype: torch.dtype | None = None,
-    block_n: int = 16,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     kind: str | None = None,
     tiles: tuple[int, int, int] | None = None,
     split: int | None = None,
@@ -841,7 +867,9 @@ def linear(
     groups G > 1: rows split into G equal groups, group g multiplying x's g-th K slice (`wo_a`).
     `kind` "rows" (`block_n` rows per program, one token per program, float32 products) or
     "dot" (`tiles` = (tokens, rows, K step) per program on the tensor cores, `split` programs per
-    row block's K; None: enough for LINEAR_MIN_PROGRAMS); default `linear_kind(...)`.
+    row block's K; None: enough for LINEAR_MIN_PROGRAMS); defaults: LINEAR_KIND for FP8 weights
+    with bf16/fp16 activations, else "rows"; the other options from LINEAR_ROWS, LINEAR_TILES,
+    LINEAR_STAGES.
     """
     n, k = weight.shape
     if x.shape[-1] != groups * k or n % groups:
@@ -855,8 +883,12 @@ def linear(
     tokens = x.shape[0]
     out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)
     s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
-    kind = kind or linear_kind(x.dtype, weight.dtype)
+    if kind is None:
+        halves = x.dtype in (torch.bfloat16, torch.float16)
+        kind = LINEAR_KIND if scale is not None and halves else "rows"
     if kind == "dot":
+        num_warps = num_warps or 4
+        num_stages = num_stages or LINEAR_STAGES
         bm, bn, bk = tiles or LINEAR_TILES
         bn, bk = _block(math.gcd(group_rows, 128), bn), _block(math.gcd(k, 128), bk)
         if bk < 16 or bn < 16:
@@ -879,6 +911,7 @@ def linear(
         if split > 1:
             out.copy_(dest.sum(dim=0))
         return out
+    block_n, num_warps = block_n or LINEAR_ROWS[0], num_warps or LINEAR_ROWS[1]
     bn, bk = _block(group_rows, block_n), _block(k, 128)
     if bk < 16:
         raise ValueError(f"rows of {k} values: need a multiple of 16")
@@ -887,8 +920,3 @@ def linear(
         HAS_SCALE=scale is not None, BN=bn, BK=bk, num_warps=num_warps,
     )  # fmt: skip
     return out
-
-
-def linear_kind(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
-    """Which `linear` kernel a decode step uses for these dtypes (LINEAR_DOT_FOR)."""
-    return "dot" if (x_dtype, w_dtype) in LINEAR_DOT_FOR else "rows"

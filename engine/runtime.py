@@ -585,6 +585,8 @@ class Runtime:
         line = f"attention on {self.device}; routed experts: {', '.join(where)}"
         if self.graphs is not None and self.graphs.usable:
             line += "; decode replays CUDA graphs"
+        if gpu_kernels.TUNED.get(str(self.device)):
+            line += "; kernel shapes tuned for this GPU"
         return line
 
     def close(self) -> None:

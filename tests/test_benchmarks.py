@@ -69,6 +69,10 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
         assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
+        from flashdesk.engine import gpu_tuning  # what it would record on a GPU fits
+
+        assert {"TILES", "DECODE_MOE", "GROUPED_TILES", "LINEAR_KIND"} <= set(out["choices"])
+        assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
         assert "skipped" in module.run(True)  # no GPU here
     finally:
         sys.modules.pop("gpu_kernels", None)

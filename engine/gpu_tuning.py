@@ -1,0 +1,91 @@
+"""Kernel shapes measured on the user's GPU, kept per GPU model in the user cache.
+
+Why: the fastest tile shapes and kernel kinds differ between GPUs (memory bandwidth, SM count,
+register file); `engine.gpu_kernels` holds the lent H200's. `flashdesk bench gpu-kernels`
+sweeps them on this machine and records the fastest here; the runtime applies them when it
+first uses that GPU (`gpu_kernels.available`). A file that cannot be read, or an entry that does
+not fit, is ignored: the defaults still compute the same values, only slower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flashdesk.offload.bandwidth import cache_dir
+
+# name in gpu_kernels → (type of each item, length; 0 for a scalar)
+TUNABLE: dict[str, tuple[type, int]] = {
+    "TILES": (int, 4),
+    "WARPS": (int, 0),
+    "FP4_MODE": (int, 3),
+    "DECODE_MOE": (str, 0),
+    "BY_PICK_TILES": (int, 3),
+    "BY_PICK_WARPS": (int, 0),
+    "GROUPED_TILES": (int, 3),
+    "GROUPED_WARPS": (int, 0),
+    "LINEAR_KIND": (str, 0),
+    "LINEAR_ROWS": (int, 2),
+    "LINEAR_TILES": (int, 3),
+    "LINEAR_STAGES": (int, 0),
+    "LINEAR_MIN_PROGRAMS": (int, 0),
+}
+CHOICES = {"DECODE_MOE": ("rows", "by pick"), "LINEAR_KIND": ("rows", "dot")}
+
+
+def default_path() -> Path:
+    return cache_dir() / "gpu_kernels.json"
+
+
+def valid(name: str, value) -> bool:
+    """Whether `value` can stand for gpu_kernels' `name` (the right kind, length, range)."""
+    if name not in TUNABLE:
+        return False
+    kind, length = TUNABLE[name]
+    if name == "LINEAR_STAGES" and value is None:
+        return True
+    items = value if length else [value]
+    if not isinstance(items, (list, tuple)) or len(items) != max(length, 1):
+        return False
+    if kind is str:
+        return value in CHOICES[name]
+    return all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4096 for v in items)
+
+
+def load(gpu: str, path: str | Path | None = None) -> dict:
+    """The recorded shapes for GPU model `gpu` that fit (tuples where gpu_kernels has tuples);
+    {} when there are none or the file is unreadable."""
+    try:
+        data = json.loads(Path(path or default_path()).read_text(encoding="utf-8"))
+        entry = data.get(gpu, {}).get("choices", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(entry, dict):
+        return {}
+    return {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in entry.items()
+        if valid(name, value)
+    }
+
+
+def record(gpu: str, choices: dict, note: str, path: str | Path | None = None) -> Path:
+    """Store `choices` (gpu_kernels names → values) for GPU model `gpu`, keeping other GPUs'
+    entries; an unreadable file is replaced. Returns the file written."""
+    for name, value in choices.items():
+        if not valid(name, value):
+            raise ValueError(f"{name} = {value!r} is not a valid gpu_kernels choice")
+    path = Path(path or default_path())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[gpu] = {"choices": {k: list(v) if isinstance(v, tuple) else v for k, v in choices.items()}}
+    data[gpu]["note"] = note
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

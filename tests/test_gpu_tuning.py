@@ -1,0 +1,83 @@
+"""Kernel shapes recorded per GPU model (engine/gpu_tuning.py) and applied by gpu_kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashdesk.engine import gpu_kernels, gpu_tuning
+
+H200 = {
+    "TILES": (8, 256, 8, 256),
+    "WARPS": 4,
+    "FP4_MODE": (0, 1, 1),
+    "DECODE_MOE": "by pick",
+    "GROUPED_TILES": (64, 64, 64),
+    "LINEAR_KIND": "dot",
+    "LINEAR_STAGES": None,
+    "LINEAR_MIN_PROGRAMS": 0,
+}
+
+
+def test_recorded_shapes_come_back_per_gpu(tmp_path):
+    path = tmp_path / "gpu_kernels.json"
+    gpu_tuning.record("NVIDIA H200", H200, "bench", path)
+    gpu_tuning.record("NVIDIA GeForce RTX 4090", {"WARPS": 8}, "bench", path)
+    assert gpu_tuning.load("NVIDIA H200", path) == H200
+    assert gpu_tuning.load("NVIDIA GeForce RTX 4090", path) == {"WARPS": 8}
+    assert gpu_tuning.load("NVIDIA A100", path) == {}
+    assert json.loads(path.read_text())["NVIDIA H200"]["note"] == "bench"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TILES", (8, 256)),  # too short
+        ("WARPS", "4"),
+        ("DECODE_MOE", "fastest"),
+        ("LINEAR_ROWS", (16, True)),
+        ("GROUPED_TILES", (32, -64, 64)),
+        ("INTERPRETED", True),  # not a shape
+    ],
+)
+def test_what_does_not_fit_is_refused_and_skipped(tmp_path, name, value):
+    path = tmp_path / "gpu_kernels.json"
+    with pytest.raises(ValueError, match=name):
+        gpu_tuning.record("GPU", {name: value}, "bench", path)
+    # written by hand (or by another version): that entry is skipped, the rest kept
+    entry = {"choices": {name: value, "WARPS": 2}}
+    path.write_text(json.dumps({"GPU": entry}, default=list))
+    assert gpu_tuning.load("GPU", path) == {"WARPS": 2}
+
+
+def test_an_unreadable_file_means_the_built_in_shapes(tmp_path):
+    path = tmp_path / "gpu_kernels.json"
+    path.write_text("{not json")
+    assert gpu_tuning.load("GPU", path) == {}
+    gpu_tuning.record("GPU", {"WARPS": 2}, "bench", path)  # replaced
+    assert gpu_tuning.load("GPU", path) == {"WARPS": 2}
+    path.write_text("[1, 2]")
+    assert gpu_tuning.load("GPU", path) == {}
+
+
+def test_the_runtime_takes_them_when_it_first_uses_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    gpu_tuning.record("Test GPU", {"DECODE_MOE": "by pick", "LINEAR_ROWS": (32, 4)}, "bench")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Test GPU")
+    for name in ("DECODE_MOE", "LINEAR_ROWS"):  # restored after the test
+        monkeypatch.setattr(gpu_kernels, name, getattr(gpu_kernels, name))
+    monkeypatch.setattr(gpu_kernels, "TUNED", {})
+    monkeypatch.setenv("FLASHDESK_GPU_TUNING", "0")
+    gpu_kernels._apply_tuning(torch.device("cuda"))
+    assert gpu_kernels.DECODE_MOE == "rows" and not gpu_kernels.TUNED
+    monkeypatch.setenv("FLASHDESK_GPU_TUNING", "1")
+    gpu_kernels._apply_tuning(torch.device("cuda"))
+    assert gpu_kernels.DECODE_MOE == "by pick" and gpu_kernels.LINEAR_ROWS == (32, 4)
+    assert gpu_kernels.TUNED == {"cuda": {"DECODE_MOE": "by pick", "LINEAR_ROWS": (32, 4)}}
+
+
+def test_every_tunable_name_is_a_gpu_kernels_setting_of_that_shape():
+    for name in gpu_tuning.TUNABLE:
+        assert gpu_tuning.valid(name, getattr(gpu_kernels, name)), name
