@@ -55,12 +55,12 @@ BY_PICK_CHOICES = [
 # 256 experts (~24 picks each); (picks per block, rows, bytes per step), warps.
 PROMPT_TOKENS = 1024
 GROUPED_CHOICES = [
-    ((32, 64, 64), 4),
-    ((16, 64, 64), 4),
-    ((64, 64, 64), 4),
     ((32, 128, 64), 8),
-    ((32, 64, 128), 4),
+    ((32, 64, 64), 4),
+    ((32, 64, 64), 8),
+    ((16, 64, 64), 4),
     ((64, 128, 64), 8),
+    ((16, 128, 64), 4),
 ]
 # V4-Flash linears timed as a decode step runs them: (name, N, K, groups, FP8?)
 LINEARS = [
@@ -78,13 +78,11 @@ LINEARS = [
 LINEAR_CHOICES = [
     ("rows", 16, 4),
     ("rows", 32, 4),
-    ("rows", 64, 8),
     ("dot", (16, 64, 128), 4, None, None),
     ("dot", (16, 32, 128), 4, None, None),
     ("dot", (16, 128, 128), 4, None, None),
     ("dot", (16, 64, 128), 4, 1, None),
     ("dot", (16, 64, 128), 4, None, 4),
-    ("dot", (16, 64, 64), 4, None, None),
 ]
 
 

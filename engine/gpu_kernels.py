@@ -61,8 +61,8 @@ BY_PICK_WARPS = 4
 MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
 # The grouped (prompt) expert kernels: picks per block, weight rows per program, packed bytes
 # per step (two tensor-core products each: even and odd columns), warps.
-GROUPED_TILES = (32, 64, 64)
-GROUPED_WARPS = 4
+GROUPED_TILES = (32, 128, 64)
+GROUPED_WARPS = 8
 # `linear` for FP8 weights and bf16/fp16 activations: "rows" (LINEAR_ROWS = rows per program,
 # warps; one token per program, float32 products; H200: 16 rows within 15 % of the best for
 # wq_b, wo_a, wo_b) or "dot" (LINEAR_TILES = tokens, rows, K step per program on the tensor
@@ -82,6 +82,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # device → None when the kernels compiled and gave the right values there, else why not
 _PROBED: dict[str, str | None] = {}
 TUNED: dict[str, dict] = {}  # device → the recorded shapes applied there (`engine.gpu_tuning`)
+TENSOR_CORES: dict[str, str | None] = {}  # device → None where the tensor-core kernels work
 
 
 def available(device: torch.device | str) -> bool:
@@ -110,7 +111,56 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         _PROBED[key] = _probe(dev)
         if _PROBED[key] is None:
             _apply_tuning(dev)
+            TENSOR_CORES[key] = _probe_tensor_cores(dev)
+            if TENSOR_CORES[key] is not None:  # the FP4/FP8 kernels without tensor cores
+                globals().update(DECODE_MOE="rows", LINEAR_KIND="rows")
     return _PROBED[key]
+
+
+def tensor_cores(device: torch.device | str) -> bool:
+    """Whether the tensor-core kernels (`moe_grouped`, `moe_by_pick`, `linear` "dot") are used
+    on `device`: the others are, and these compiled and gave the right values there."""
+    return available(device) and TENSOR_CORES.get(str(torch.device(device))) is None
+
+
+def _probe_tensor_cores(dev: torch.device) -> str | None:
+    """Check the tensor-core kernels once on small inputs against dequantize-then-multiply; a
+    failure keeps prompts' experts on torch's path and decode on the other kernels."""
+    from flashdesk.engine import quant
+    from flashdesk.engine.model.moe import swiglu
+
+    g = torch.Generator().manual_seed(3)
+    dim, inter = 64, 32
+    stack = [
+        torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        if i % 2 == 0
+        else torch.randint(124, 130, shape, generator=g, dtype=torch.uint8)
+        for i, shape in enumerate(
+            [(1, inter, dim // 2), (1, inter, dim // 32)] * 2 + [(1, dim, inter // 2), (1, dim, 1)]
+        )
+    ]
+    x = (torch.randn(3, dim, generator=g) / 4).to(torch.bfloat16)
+    w1, w3, w2 = (quant.dequant_fp4(stack[i][0], stack[i + 1][0]) for i in (0, 2, 4))
+    xf = x.float()
+    want = swiglu(xf @ w1.T, xf @ w3.T, 10.0).to(torch.bfloat16).float() @ w2.T
+    codes, scale = quant.quantize_fp8(torch.randn(64, 128, generator=g))
+    want_lin = xf[:, :64].repeat(1, 2) @ quant.dequant_fp8(codes, scale).T
+    try:
+        picks = torch.arange(3, device=dev)
+        out = torch.zeros((3, dim), device=dev)
+        table = torch.tensor([[0, 0, 3]], dtype=torch.int32, device=dev)
+        on = [t.to(dev) for t in stack]
+        moe_grouped(x.to(dev), picks, table, torch.ones(3, device=dev), on, 10.0, out)
+        lin = linear(
+            x[:, :64].repeat(1, 2).to(dev), codes.view(torch.float8_e4m3fn).to(dev),
+            scale.to(dev), out_dtype=torch.float32, kind="dot",
+        )  # fmt: skip
+        for got, ref in ((out, want), (lin, want_lin)):
+            if (got.cpu() - ref).norm() > 2e-2 * ref.norm():
+                return "Triton's tensor-core kernels gave wrong values on this GPU"
+    except Exception as exc:
+        return f"Triton's tensor-core kernels could not compile or run ({error_summary(exc)})"
+    return None
 
 
 def _apply_tuning(dev: torch.device) -> None:

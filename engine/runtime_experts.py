@@ -330,7 +330,7 @@ class HybridMoE(MoE):
         if fused is not None:
             y += fused
             return
-        if self.cache.fused:  # many tokens: grouped by expert
+        if self.cache.fused and gpu_kernels.tensor_cores(x.device):  # many tokens: by expert
             tokens, k = experts.shape
             out = torch.zeros((tokens * k, x.shape[1]), dtype=torch.float32, device=x.device)
             self.cache.add_grouped(x, experts, weights, self.limit, out)
@@ -417,7 +417,7 @@ class HybridMoE(MoE):
         ring = _StagingRing.for_layer(self, x.device)
         for j in range(min(ring.size, len(incoming))):
             ring.load(j, self.host.parts[incoming[j]])
-        if gpu_kernels.available(x.device):
+        if gpu_kernels.tensor_cores(x.device):
             self._stream_grouped(x, experts, weights, y, order, counts, held, incoming, starts)
         else:
             self._stream_each(x, experts, weights, y, order, counts, held, incoming, starts)

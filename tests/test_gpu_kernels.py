@@ -256,6 +256,30 @@ def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
     assert "FLASHDESK_TRITON=0" in ft.unavailable_reason("cuda") or ft.triton is None
 
 
+def test_the_tensor_core_kernels_are_checked_on_their_own(monkeypatch):
+    """The grouped expert kernels and the "dot" linear are checked apart from the others: where
+    they fail, prompts' experts keep torch's path and decode the other kernels."""
+    dev = kernels_device()
+    assert ft._probe_tensor_cores(torch.device(dev)) is None
+    grouped = ft.moe_grouped
+    monkeypatch.setattr(ft, "moe_grouped", lambda *a, **kw: grouped(*a, **kw) or a[6].mul_(1.1))
+    assert "wrong values" in ft._probe_tensor_cores(torch.device(dev))
+    monkeypatch.setattr(ft, "moe_grouped", grouped)
+    monkeypatch.setattr(ft, "linear", lambda *a, **kw: 1 / 0)
+    assert "could not compile or run (ZeroDivisionError" in ft._probe_tensor_cores(dev)
+    # on a GPU where the probe fails: decode and linears fall back, prompts take torch's path
+    monkeypatch.setattr(ft, "INTERPRETED", False)
+    monkeypatch.setattr(ft, "_PROBED", {})
+    monkeypatch.setattr(ft, "TENSOR_CORES", {})
+    monkeypatch.setattr(ft, "_probe", lambda dev: None)
+    monkeypatch.setattr(ft, "_apply_tuning", lambda dev: None)
+    monkeypatch.setattr(ft, "DECODE_MOE", "by pick")
+    monkeypatch.setattr(ft, "LINEAR_KIND", "dot")
+    if ft.triton is not None:
+        assert ft.available("cuda:0") and not ft.tensor_cores("cuda:0")
+        assert (ft.DECODE_MOE, ft.LINEAR_KIND) == ("rows", "rows")
+
+
 _LINEAR_CASES = [
     (1, 256, 512, 1, "fp8"),
     (3, 384, 256, 1, "fp8"),  # rows not a power of two

@@ -2,7 +2,7 @@
 # The whole device check in one call, most valuable first, each step with its own time limit
 # inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
 #   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
-#   (Triton vs torch per layer, tile sweep) → bench kernels (the host CPU's FP4/FP8 kernels)
+#   (Triton vs torch per layer, tile sweep; records the fastest shapes, which the later steps use) → bench kernels (the host CPU's FP4/FP8 kernels)
 #   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a 2048-token prompt
 #   prefilled in the runtime's 1024-token chunks, torch-experts A/B, a profile).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
@@ -30,8 +30,9 @@ python3 setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { tail -30 "$O
 if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: no install
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
-step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py
-[ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 130 12 python3 -m flashdesk bench gpu-kernels
+step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py \
+  tests/test_gpu_tuning.py
+[ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 [ -n "$DECODE" ] && step decode 170 20 python3 -m flashdesk bench decode
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
