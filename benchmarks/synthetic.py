@@ -53,6 +53,7 @@ def run(
     decode_steps: int | None = None,
     context: int = 8192,
     profile_steps: int = 0,
+    profile_prefill: bool = False,
 ) -> dict:
     import torch
     from decode import _gpu_copy_gbps, _sync, decode_bytes, h2d_pinned_gbps  # as `bench decode`
@@ -124,6 +125,8 @@ def run(
         _sync()
         prefill_s = time.perf_counter() - t0
         out["prefill_chunk"] = chunk
+        if profile_prefill:
+            out |= _profile_prefill(rt, ids[:chunk], say)
 
         def timed_decode(warmup: int = 0) -> float:
             """Seconds per decode step over `decode_steps` (after `warmup` untimed ones)."""
@@ -247,6 +250,34 @@ def run(
         f"(hit rate {out['expert_hit_rate'] or 0:.2f}); a real model's skewed routing hits it more"
     )
     return out
+
+
+def _profile_prefill(rt, ids, say) -> dict:
+    """torch.profiler over one prefill chunk on a fresh state: the costliest operations on the
+    device and on the host, and the device's busy time beside the chunk's wall time."""
+    import torch
+    from decode import _sync
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    state = rt.new_state()
+    _sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        rt.prefill(ids, state)
+        _sync()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_s = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    if on_gpu:
+        say(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    say(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    say(
+        f"profile, one {len(ids)}-token prefill chunk: {wall:.2f} s profiled, device busy "
+        f"{device_s:.2f} s"
+    )
+    return {"profile_prefill_s": wall, "profile_prefill_device_s": device_s}
 
 
 def _profile(rt, state, logits, steps: int, say) -> dict:

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="then profile STEPS decode steps (torch.profiler) and print the costliest operations",
     )
+    synthetic.add_argument(
+        "--profile-prefill",
+        action="store_true",
+        help="also profile one prefill chunk (torch.profiler) and print its costliest operations",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
                 "prompt_tokens": getattr(args, "prompt_tokens", None),
                 "decode_steps": getattr(args, "decode_steps", None),
                 "profile_steps": getattr(args, "profile", 0),
+                "profile_prefill": getattr(args, "profile_prefill", False),
             }
         figures = module.run(json_output=args.json, **extra)
         if args.json:
