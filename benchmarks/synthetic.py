@@ -115,9 +115,11 @@ def run(
         ids = torch.randint(
             0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)
         )
-        rt.prefill(ids[: min(64, prompt_tokens)], rt.new_state())  # warm-up
-        state = rt.new_state()
         chunk = rt.prefill_chunk or prompt_tokens  # as a Session prefills (the app, the CLI)
+        # warm-up: a whole chunk, so that the kernels a prompt uses (on a GPU the streamed
+        # experts' too) are compiled before the timing; Triton keeps them on disk after
+        rt.prefill(ids[: min(chunk, prompt_tokens)], rt.new_state())
+        state = rt.new_state()
         _sync()
         t0 = time.perf_counter()
         for i in range(0, prompt_tokens, chunk):

@@ -373,7 +373,9 @@ if triton is not None:
             return tl.dot(a, tl.trans(b), input_precision="ieee")
         return tl.dot(a, tl.trans(b))
 
-    @triton.jit
+    # block0 varies per launch (each staged expert's first block): one compiled kernel for
+    # all of its values, not one per Triton specialization (1, multiple of 16, other)
+    @triton.jit(do_not_specialize=["block0"])
     def _grouped_gate_up_kernel(
         x_ptr, picks_ptr, blocks_ptr, block0, weights_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
         limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
@@ -409,7 +411,7 @@ if triton is not None:
             ptrs = h_ptr + offs[:, None] * INTER + rows[None, :]
             tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["block0"])  # as the gate/up kernel
     def _grouped_down_kernel(
         h_ptr, picks_ptr, blocks_ptr, block0, w2_ptr, s2_ptr, out_ptr,
         D: tl.constexpr, INTER: tl.constexpr,
