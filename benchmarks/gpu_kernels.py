@@ -7,7 +7,12 @@ read + write bytes). Printed: the fused kernels' GB/s and their ratio to that ba
 each tile shape tried (the fastest becomes the default: `gpu_kernels.TILES`), the speed-up over
 the torch path, the time for 4 and 16 tokens, and the one-pass dequantization's GB/s (long
 prompts). Picks rotate over 32 random sets of a 256-expert layer, so the 80 MB a step reads do
-not sit in the 50–60 MB L2. Needs a CUDA GPU with Triton; elsewhere it says so and returns.
+not sit in the 50–60 MB L2. The decode kernels (experts, linears) are timed as a decode step
+runs them, replayed from a CUDA graph: device time, without Python's launch cost per call (on
+the H200 that cost, tens of µs, hid the differences between shapes). Also: a prompt chunk's
+experts through the grouped kernels, and which `linear` kind is fastest for V4's FP8 linears;
+the fastest shapes are recorded for this GPU model (`engine.gpu_tuning`), and the runtime uses
+them. Needs a CUDA GPU with Triton; elsewhere it says so and returns.
 """
 
 from __future__ import annotations
@@ -84,6 +89,29 @@ LINEAR_CHOICES = [
     ("dot", (16, 64, 128), 4, 1, None),
     ("dot", (16, 64, 128), 4, None, 4),
 ]
+
+
+def _replay_ms(fn, reps: int, calls: int = 32) -> float:
+    """Device time of one call as a decode step replays it: `calls` consecutive calls
+    fn(0..calls−1) captured in a CUDA graph, the replay timed (median of `reps`) ÷ calls. Timed
+    eagerly instead, a call of a few µs of GPU work measures the host's launch cost (a Triton
+    launch from Python is tens of µs); on the CPU (the interpreter) that is what it falls back
+    to."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return _time_ms(fn, reps)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    return _time_ms(lambda i: graph.replay(), max(3, reps // 8)) / calls
 
 
 def _time_ms(fn, reps: int) -> float:
@@ -189,7 +217,7 @@ def measure(
     rows = []
     for tiles, warps, mode in tile_choices:
         err = ((fused(1, tiles, warps, mode)(0) - want).norm() / want.norm()).item()
-        ms = _time_ms(fused(1, tiles, warps, mode), reps)
+        ms = _replay_ms(fused(1, tiles, warps, mode), reps)
         gbps = step_bytes / ms / 1e6
         rows.append(
             {"tiles": list(tiles), "warps": warps, "mode": list(mode), "ms": ms, "gbps": gbps}
@@ -212,7 +240,7 @@ def measure(
             )  # fmt: skip
 
         err = ((call(0) - want).norm() / want.norm()).item()
-        ms = _time_ms(call, reps)
+        ms = _replay_ms(call, reps)
         gbps = step_bytes / ms / 1e6
         by_pick.append({"tiles": list(bp_tiles), "warps": bp_warps, "ms": ms, "gbps": gbps})
         by_pick[-1]["err"] = err
@@ -234,7 +262,7 @@ def measure(
         return out
 
     torch_ms = _time_ms(torch_path, max(2, reps // 4))
-    multi = {t: _time_ms(fused(t, tiles, warps, mode), reps) for t in token_counts}
+    multi = {t: _replay_ms(fused(t, tiles, warps, mode), reps) for t in token_counts}
     one = gpu_kernels.dequant_fp4(stacks[0][0], stacks[1][0], torch.bfloat16)
     deq_bytes = stacks[0][0].numel() + stacks[1][0].numel() + one.numel() * one.element_size()
     deq_ms = _time_ms(
@@ -446,7 +474,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
             continue
         want = got if want is None else want
         err = ((got - want).norm() / want.norm()).item()
-        ms = _time_ms(call, reps)
+        ms = _replay_ms(call, reps)
         rows.append({"choice": label, "spec": choice, "ms": ms, "err": err})
     best = min((r for r in rows if r["err"] < 1e-4), key=lambda r: r["ms"])
 
