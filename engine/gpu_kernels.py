@@ -40,34 +40,41 @@ try:  # imported by name so that PyInstaller's import graph does not pull Triton
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# Kernel shapes. The values below are the lent H200's; `flashdesk bench gpu-kernels` sweeps them
-# on the user's GPU and records the fastest (`engine.gpu_tuning`), applied when the runtime
-# first uses that GPU. Functions read them at call time.
+# Kernel shapes. The values below are what `flashdesk bench gpu-kernels` chose on the lent H200
+# (2026-11-27) and the full synthetic V4-Flash then ran with (decode 30.3 tok/s); the benchmark
+# sweeps them on the user's GPU and records the fastest (`engine.gpu_tuning`), applied when the
+# runtime first uses that GPU. Functions read them at call time. The H200 sweep timed each call
+# eagerly, which for the decode kernels measured Python's launch cost as much as the GPU's work
+# (the same shape: 128 µs in one run, 207 µs in the next); the benchmark now times them replayed
+# from a CUDA graph, as decode runs them, and the next sweep may choose differently.
 #
 # The FP4 decode expert kernels (`moe`): (rows, bytes per step) of the gate/up launch, then of
 # the down launch; warps; (MODE, F16, SPLIT): MODE 0 sums 32-value blocks by a reshape, 1 loads
 # the tile as [rows, blocks, 16] bytes; F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
-# the down projection as one program per (pick, row block), partial sums added by torch. H200,
-# 2026-11-27, 22 shapes: SPLIT, 8 rows × 256 bytes, 4 warps: 128 µs per 6-expert step
-# (624 GB/s); without SPLIT 8 × 512, 8 warps: 132-141 µs; MODE 1 165-290 µs.
+# the down projection as one program per (pick, row block), partial sums added by torch.
+# H200: 128-142 µs per 6-expert step (570-620 GB/s, 0.14 × the copy bandwidth) for the best of
+# 22 shapes; MODE 1 165-290 µs.
 TILES = (8, 256, 8, 256)
 WARPS = 4
-FP4_MODE = (0, 1, 1)
+FP4_MODE = (0, 1, 0)
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
-# tensor-core kernels, one 16-row block per pick, one row of it live) with BY_PICK_TILES.
+# tensor-core kernels, one 16-row block per pick, one row of it live; H200: 388-458 µs, lost).
 DECODE_MOE = "rows"
 BY_PICK_TILES = (16, 64, 64)
 BY_PICK_WARPS = 4
 MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
 # The grouped (prompt) expert kernels: picks per block, weight rows per program, packed bytes
-# per step (two tensor-core products each: even and odd columns), warps.
-GROUPED_TILES = (32, 128, 64)
-GROUPED_WARPS = 8
+# per step (two tensor-core products each: even and odd columns), warps. H200, a 1024-token
+# chunk's 256 experts of one layer (3.42 GB): 11.1 ms (0.07 × copy; 6 shapes 11-19 ms), where
+# dequantizing each expert for torch took 160 ms.
+GROUPED_TILES = (16, 128, 64)
+GROUPED_WARPS = 4
 # `linear` for FP8 weights and bf16/fp16 activations: "rows" (LINEAR_ROWS = rows per program,
-# warps; one token per program, float32 products; H200: 16 rows within 15 % of the best for
-# wq_b, wo_a, wo_b) or "dot" (LINEAR_TILES = tokens, rows, K step per program on the tensor
-# cores; K split across programs while a launch has fewer than LINEAR_MIN_PROGRAMS; pipeline
-# LINEAR_STAGES, None: Triton's default). Other weights (the BF16 head) take "rows".
+# warps; one token per program, float32 products) or "dot" (LINEAR_TILES = tokens, rows, K step
+# per program on the tensor cores; K split across programs while a launch has fewer than
+# LINEAR_MIN_PROGRAMS; pipeline LINEAR_STAGES, None: Triton's default). Other weights (the
+# BF16 head: 0.85 × copy with "rows") take "rows". In a decode step on the H200 the FP8
+# linears took 7.5 of 22.7 ms of GPU time (366 launches, 20 µs each: ~0.2 × the bandwidth).
 LINEAR_KIND = "rows"
 LINEAR_ROWS = (16, 4)
 LINEAR_TILES = (16, 64, 128)
