@@ -825,10 +825,12 @@ def softmax_pool(
         raise ValueError("softmax_pool: kv and gate pieces must share a row stride")
     out = torch.empty((1, c), dtype=torch.float32, device=kv1.device)
     r1, r2 = kv1.shape[0], (kv2.shape[0] if second is not None else 0)
-    block = _block(c, 128)
+    rb1, rb2 = triton.next_power_of_2(r1), triton.next_power_of_2(max(r2, 1))
+    # ≤ 4096 values of each of kv and gate per program: 128 rows × 128 columns spilled registers
+    block = _block(c, max(16, min(128, 4096 // (rb1 + (rb2 if r2 else 0)))))
     _softmax_pool_kernel[(c // block,)](
-        kv1, g1, kv1.stride(0), kv2, g2, kv2.stride(0), out, R1=r1,
-        RB1=triton.next_power_of_2(r1), R2=r2, RB2=triton.next_power_of_2(max(r2, 1)), BC=block,
+        kv1, g1, kv1.stride(0), kv2, g2, kv2.stride(0), out, R1=r1, RB1=rb1, R2=r2, RB2=rb2,
+        BC=block,
     )  # fmt: skip
     return out
 

@@ -1,0 +1,217 @@
+"""Compile every Triton kernel of engine/gpu_kernels.py for a Hopper GPU without one: Triton's
+compiler and the `ptxas` its wheel carries run anywhere. Run by tests/test_gpu_kernels_compile.py
+in a process without Triton's interpreter (which replaces the compiler).
+
+Usage: python tests/_compile_kernels.py → one JSON object: kernel label → {"registers",
+"spill_bytes"} or {"error"}. The shapes are V4-Flash's with the module's default tiles: what a
+GPU compiles first, so a kernel that cannot compile, or spills registers, shows here before a
+lent GPU's minutes are spent on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashdesk.engine import gpu_kernels as gk
+
+D, INTER, TOPK, HEADS, HEAD_DIM, ROPE_HALF = 4096, 2048, 6, 64, 512, 32
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def _sig(text: str, constexprs: dict) -> dict:
+    """ "name:type, ..." (types as Triton spells them) plus the constexpr names."""
+    sig = dict(item.strip().split(":") for item in text.split(",") if item.strip())
+    return sig | dict.fromkeys(constexprs, "constexpr")
+
+
+def _specs() -> list[tuple[str, object, str, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) at the module's current defaults."""
+    fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
+    mode, f16 = gk.FP4_MODE[0], gk.FP4_MODE[1]
+    split = gk.FP4_MODE[2] if len(gk.FP4_MODE) > 2 else 0
+    bn_up, bkb_up = gk._block(INTER, gk.TILES[0]), gk._block(D // 2, gk.TILES[1])
+    bn_dn, bkb_dn = gk._block(D, gk.TILES[2]), gk._block(INTER // 2, gk.TILES[3])
+    shared = {"TOPK": TOPK, "D": D, "INTER": INTER}
+    specs = [
+        (
+            "moe gate/up",
+            gk._gate_up_kernel,
+            f"x_ptr:*bf16, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, {fp4}, "
+            "h_ptr:*fp32, limit:fp32",
+            shared | {"BN": bn_up, "BKB": bkb_up, "MODE": mode, "F16": f16},
+            {"num_warps": gk.WARPS},
+        ),
+        (
+            "moe down",
+            gk._down_kernel,
+            "h_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, out_ptr:*fp32",
+            shared | {"BN": bn_dn, "BKB": bkb_dn, "MODE": mode, "F16": f16, "SPLIT": split},
+            {"num_warps": gk.WARPS},
+        ),
+    ]
+    for label, (bm, bn, bkb), warps in (
+        ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
+        ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),
+    ):
+        tiles = {"BM": bm, "BN": bn, "BKB": bkb, "IEEE": False}
+        specs += [
+            (
+                f"{label} gate/up",
+                gk._grouped_gate_up_kernel,
+                f"x_ptr:*bf16, picks_ptr:*i64, blocks_ptr:*i32, block0:i32, weights_ptr:*fp32, "
+                f"{fp4}, h_ptr:*bf16, limit:fp32",
+                shared | tiles,
+                {"num_warps": warps},
+            ),
+            (
+                f"{label} down",
+                gk._grouped_down_kernel,
+                "h_ptr:*bf16, picks_ptr:*i64, blocks_ptr:*i32, block0:i32, w2_ptr:*u8, "
+                "s2_ptr:*u8, out_ptr:*fp32",
+                {"D": D, "INTER": INTER} | tiles,
+                {"num_warps": warps},
+            ),
+        ]
+    bm, bn, bk = gk.LINEAR_TILES
+    for name, n, k, groups, x, w in (
+        ("wq_b", 32768, 1024, 1, "bf16", "fp8e4nv"),
+        ("wo_a", 8192, 4096, 8, "bf16", "fp8e4nv"),
+        ("head", 129280, 4096, 1, "fp32", "bf16"),
+    ):
+        fixed = {"N": n, "K": k, "X_STRIDE": groups * k, "GROUP_ROWS": n // groups}
+        fixed["HAS_SCALE"] = w == "fp8e4nv"
+        specs.append(
+            (
+                f"linear rows {name}",
+                gk._linear_kernel,
+                f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{x}",
+                fixed | {"BN": gk.LINEAR_ROWS[0], "BK": 128},
+                {"num_warps": gk.LINEAR_ROWS[1]},
+            )
+        )
+        if w == "fp8e4nv":
+            specs.append(
+                (
+                    f"linear dot {name}",
+                    gk._linear_dot_kernel,
+                    f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*fp32, T:i32",
+                    fixed | {"BM": bm, "BN": bn, "BK": bk, "SPLIT": 2, "IEEE": False},
+                    {"num_warps": 4}
+                    | ({"num_stages": gk.LINEAR_STAGES} if gk.LINEAR_STAGES else {}),
+                )
+            )
+    specs += [
+        (
+            "dequant fp4",
+            gk._dequant_fp4_kernel,
+            "w_ptr:*u8, s_ptr:*u8, out_ptr:*bf16",
+            {"K": D, "BN": 16, "BKB": 64},
+            {},
+        ),
+        (
+            "sinkhorn",
+            gk._sinkhorn_kernel,
+            "x_ptr:*fp32, out_ptr:*fp32, eps:fp32",
+            {"ITERS": 20, "HC": 4},
+            {},
+        ),
+        (
+            "rms norm",
+            gk._rms_norm_kernel,
+            "x_ptr:*bf16, w_ptr:*fp32, out_ptr:*bf16, eps:fp32",
+            {"N": D, "BLOCK": D, "HAS_W": True},
+            {"num_warps": 8},
+        ),
+        (
+            "rope",
+            gk._rope_kernel,
+            "x_ptr:*bf16, cos_ptr:*fp32, sin_ptr:*fp32, out_ptr:*bf16",
+            {
+                "SIGN": 1.0,
+                "H": HEADS,
+                "D": HEAD_DIM,
+                "HALF": ROPE_HALF,
+                "NOPE_BLOCK": 512,
+                "HALF_BLOCK": ROPE_HALF,
+            },
+            {},
+        ),
+        (
+            "hc pre",
+            gk._hc_pre_kernel,
+            "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
+            "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32",
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 512},
+            {},
+        ),
+        (
+            "hc post",
+            gk._hc_post_kernel,
+            "f_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256},
+            {},
+        ),
+    ]
+    for label, rows, second in (("CSA", 4, 4), ("HCA", 128, 0)):
+        specs.append(
+            (
+                f"softmax pool {label}",
+                gk._softmax_pool_kernel,
+                "kv1:*fp32, g1:*fp32, s1:i32, kv2:*fp32, g2:*fp32, s2:i32, out_ptr:*fp32",
+                {
+                    "R1": rows,
+                    "RB1": rows,
+                    "R2": second,
+                    "RB2": max(second, 1),
+                    "BC": min(128, 4096 // (rows + second)),
+                },  # as softmax_pool picks
+                {},
+            )
+        )
+    return [(label, fn, _sig(sig, consts), consts, opts) for label, fn, sig, consts, opts in specs]
+
+
+def _ptxas_figures(ptx: str, arch: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run(
+            [str(PTXAS), "-v", "--gpu-name", arch, str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+
+
+def main() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    results = {}
+    for label, fn, sig, consts, opts in _specs():
+        try:
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts
+            )
+            results[label] = _ptxas_figures(kernel.asm["ptx"], "sm_90a")
+        except Exception as exc:  # reported per kernel, so one failure shows the others too
+            results[label] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    main()

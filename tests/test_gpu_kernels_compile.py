@@ -1,0 +1,46 @@
+"""Every Triton kernel compiles for a Hopper GPU (sm_90a) at V4-Flash's shapes with the default
+tiles, and spills no registers: Triton's compiler and its wheel's `ptxas` need no GPU, so a
+kernel that would fail on the lent GPU machine, or run slowly there from spilled registers,
+fails here first (tests/_compile_kernels.py, in a process without Triton's interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashdesk.engine import gpu_kernels
+
+HERE = Path(__file__).parent
+
+
+def test_every_kernel_compiles_for_hopper_without_spills():
+    if gpu_kernels.triton is None:
+        pytest.skip("Triton is not installed (`make test` installs it on Linux x86-64)")
+    ptxas = Path(gpu_kernels.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"this Triton wheel has no ptxas ({ptxas}): it cannot build for NVIDIA here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_compile_kernels.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    failed = {k: v["error"] for k, v in results.items() if "error" in v}
+    assert not failed, failed
+    spilled = {k: v for k, v in results.items() if v["spill_bytes"]}
+    assert not spilled, spilled
+    # every kernel of the module is in the list (a new one must be added there)
+    kernels = {name for name in dir(gpu_kernels) if name.endswith("_kernel")}
+    listed = (HERE / "_compile_kernels.py").read_text(encoding="utf-8")
+    assert {k for k in kernels if f"gk.{k}" not in listed} == set()
+    assert len(results) >= len(kernels)
