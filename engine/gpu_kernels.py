@@ -547,24 +547,25 @@ if triton is not None:
         mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
         ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Token per program: from its mixes `[(2+HC)·HC]` the pre/post weights and the
-        Sinkhorn-balanced comb, then the collapsed input u = Σ_j pre_j · x_j."""
+        """Program (token, D block): from the token's mixes `[(2+HC)·HC]` the pre weights and
+        its block of the collapsed input u = Σ_j pre_j · x_j; block 0 also the post weights and
+        the Sinkhorn-balanced comb (serial: the other blocks run beside it, not after it)."""
         s = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, HC)
         mix = mix_ptr + s * (2 + HC) * HC
         pre = tl.load(mix + r) * tl.load(scale_ptr) + tl.load(base_ptr + r)
         pre = tl.sigmoid(pre) + hc_eps
-        post = tl.load(mix + HC + r) * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + r)
-        tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
-        square = r[:, None] * HC + r[None, :]
-        comb = tl.load(mix + 2 * HC + square) * tl.load(scale_ptr + 2)
-        comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
-        tl.store(comb_ptr + s * HC * HC + square, comb)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
-            u = tl.sum(xv * pre[:, None], axis=0)
-            tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
+        if tl.program_id(1) == 0:
+            post = tl.load(mix + HC + r) * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + r)
+            tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
+            square = r[:, None] * HC + r[None, :]
+            comb = tl.load(mix + 2 * HC + square) * tl.load(scale_ptr + 2)
+            comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
+            tl.store(comb_ptr + s * HC * HC + square, comb)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
+        u = tl.sum(xv * pre[:, None], axis=0)
+        tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
 
     @triton.jit
     def _hc_post_kernel(
@@ -876,9 +877,10 @@ def hc_pre_tail(
     u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
     post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
     comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
-    _hc_pre_kernel[(s,)](
+    block = _block(dim, 256)
+    _hc_pre_kernel[(s, dim // block)](
         mixes.contiguous(), x, scale.contiguous(), base.contiguous(), u, post, comb,
-        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=_block(dim, 512),
+        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block,
     )  # fmt: skip
     return u, post, comb
 

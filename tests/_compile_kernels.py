@@ -153,7 +153,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_pre_kernel,
             "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
             "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32",
-            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 512},
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 256},
             {},
         ),
         (
