@@ -79,15 +79,18 @@ LINEARS = [
     ("indexer wq_b", 8192, 1024, 1, True),
     ("head (bf16)", 129280, 4096, 1, False),
 ]
-# `linear` kinds: ("rows", rows per program, warps) or ("dot", tiles, warps, split, stages)
+# `linear` kinds: ("rows", rows per program, warps, columns per step, programs wanted per launch
+# (K split below that; 0: never)) or ("dot", tiles, warps, split, stages)
 LINEAR_CHOICES = [
-    ("rows", 16, 4),
-    ("rows", 32, 4),
+    ("rows", 16, 4, 128, 0),
+    ("rows", 32, 4, 128, 0),
+    ("rows", 16, 4, 512, 0),
+    ("rows", 16, 4, 128, 1024),
+    ("rows", 16, 4, 512, 1024),
+    ("rows", 8, 2, 256, 2048),
     ("dot", (16, 64, 128), 4, None, None),
     ("dot", (16, 32, 128), 4, None, None),
-    ("dot", (16, 128, 128), 4, None, None),
     ("dot", (16, 64, 128), 4, 1, None),
-    ("dot", (16, 64, 128), 4, None, 4),
 ]
 
 
@@ -345,6 +348,7 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
         spec = min(complete, key=complete.get)
         if spec[0] == "rows":
             choices |= {"LINEAR_KIND": "rows", "LINEAR_ROWS": (spec[1], spec[2])}
+            choices |= {"LINEAR_ROWS_K": spec[3], "LINEAR_ROWS_MIN_PROGRAMS": spec[4]}
         else:
             choices |= {"LINEAR_KIND": "dot", "LINEAR_TILES": tuple(spec[1])}
             choices["LINEAR_STAGES"] = spec[4]
@@ -455,8 +459,12 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
     rows = []
     for choice in choices:
         if choice[0] == "rows":
-            options = {"kind": "rows", "block_n": choice[1], "num_warps": choice[2]}
-            label = f"rows {choice[1]}/{choice[2]}w"
+            _, block_n, warps, block_k, wanted = choice
+            programs = n // gpu_kernels._block(n // groups, block_n)
+            split = gpu_kernels._split_k(programs, k, gpu_kernels._block(k, block_k), wanted)
+            options = {"kind": "rows", "block_n": block_n, "num_warps": warps}
+            options |= {"block_k": block_k, "split": split}
+            label = f"rows {block_n}x{block_k}/{warps}w" + (f" split {split}" if split > 1 else "")
         else:
             _, tiles, warps, split, stages = choice
             options = {"kind": "dot", "tiles": tiles, "num_warps": warps, "split": split}

@@ -77,6 +77,10 @@ GROUPED_WARPS = 4
 # linears took 7.5 of 22.7 ms of GPU time (366 launches, 20 µs each: ~0.2 × the bandwidth).
 LINEAR_KIND = "rows"
 LINEAR_ROWS = (16, 4)
+# "rows" options not yet measured on a GPU (the sweep tries them): columns per step (a multiple
+# of 128: more loads in flight per thread), programs wanted per launch (0: K never split)
+LINEAR_ROWS_K = 128
+LINEAR_ROWS_MIN_PROGRAMS = 0
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
 LINEAR_MIN_PROGRAMS = 1024
@@ -588,23 +592,37 @@ if triton is not None:
     def _linear_kernel(
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T,
     ):  # fmt: skip
-        """out[t, rows] = x[t, group's K] · W[rows]ᵀ (× the rows' 128×128 tile scales)."""
+        """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
+        tile scales): one token per program, BK columns per step (BK/128 scale tiles, summed
+        through a [BN, BK/128, 128] view), SPLIT programs sharing a row block's K."""
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
         rows = first + tl.arange(0, BN)
+        share: tl.constexpr = K // SPLIT
+        TILES: tl.constexpr = BK // 128 if BK >= 128 else 1
+        k0 = tl.program_id(2) * share
         x_row = x_ptr + t * X_STRIDE + (first // GROUP_ROWS) * K
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for kb in range(0, K, BK):
+        for step in range(0, share, BK):
+            kb = k0 + step
             cols = kb + tl.arange(0, BK)
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(tl.float32)
-            part = tl.sum(w * tl.load(x_row + cols).to(tl.float32)[None, :], axis=1)
-            if HAS_SCALE:
+            part = w * tl.load(x_row + cols).to(tl.float32)[None, :]
+            if HAS_SCALE and TILES > 1:
+                tiles = kb // 128 + tl.arange(0, TILES)
+                scale = _e8m0(tl.load(s_ptr + (rows // 128)[:, None] * ((K + 127) // 128)
+                                      + tiles[None, :]))  # fmt: skip
+                per_tile = tl.sum(tl.reshape(part, (BN, TILES, BK // TILES)), axis=2)
+                acc += tl.sum(per_tile * scale, axis=1)
+            elif HAS_SCALE:
                 scale = _e8m0(tl.load(s_ptr + (rows // 128) * ((K + 127) // 128) + kb // 128))
-                part = part * scale
-            acc += part
-        tl.store(out_ptr + t * N + rows, acc.to(out_ptr.dtype.element_ty))
+                acc += tl.sum(part, axis=1) * scale
+            else:
+                acc += tl.sum(part, axis=1)
+        ptrs = out_ptr + (tl.program_id(2) * T + t) * N + rows
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _linear_dot_kernel(
@@ -923,16 +941,18 @@ def linear(
     tiles: tuple[int, int, int] | None = None,
     split: int | None = None,
     num_stages: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
 
     W: FP8 E4M3 with `scale` `[⌈N/128⌉, ⌈K/128⌉]` E8M0 tile scales, or BF16/FP16/FP32 without.
     groups G > 1: rows split into G equal groups, group g multiplying x's g-th K slice (`wo_a`).
-    `kind` "rows" (`block_n` rows per program, one token per program, float32 products) or
-    "dot" (`tiles` = (tokens, rows, K step) per program on the tensor cores, `split` programs per
-    row block's K; None: enough for LINEAR_MIN_PROGRAMS); defaults: LINEAR_KIND for FP8 weights
-    with bf16/fp16 activations, else "rows"; the other options from LINEAR_ROWS, LINEAR_TILES,
-    LINEAR_STAGES.
+    `kind` "rows" (`block_n` rows per program, `block_k` columns per step, one token per
+    program, float32 products) or "dot" (`tiles` = (tokens, rows, K step) per program on the
+    tensor cores); `split` programs per row block's K (None: enough for LINEAR_MIN_PROGRAMS /
+    LINEAR_ROWS_MIN_PROGRAMS; partial sums added after). Defaults: LINEAR_KIND for FP8 weights
+    with bf16/fp16 activations, else "rows"; the other options from LINEAR_ROWS, LINEAR_ROWS_K,
+    LINEAR_TILES, LINEAR_STAGES.
     """
     n, k = weight.shape
     if x.shape[-1] != groups * k or n % groups:
@@ -956,11 +976,8 @@ def linear(
         bn, bk = _block(math.gcd(group_rows, 128), bn), _block(math.gcd(k, 128), bk)
         if bk < 16 or bn < 16:
             raise ValueError(f"W {tuple(weight.shape)}: rows and K need multiples of 16")
-        blocks = (n // bn) * -(-tokens // bm)
         if split is None:
-            split = 1
-            while blocks * split < LINEAR_MIN_PROGRAMS and (k // (2 * split)) % 512 == 0:
-                split *= 2
+            split = _split_k((n // bn) * -(-tokens // bm), k, bk, LINEAR_MIN_PROGRAMS)
         if k % (split * bk):
             raise ValueError(f"K {k} does not split {split} ways in steps of {bk}")
         dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,
@@ -975,11 +992,29 @@ def linear(
             out.copy_(dest.sum(dim=0))
         return out
     block_n, num_warps = block_n or LINEAR_ROWS[0], num_warps or LINEAR_ROWS[1]
-    bn, bk = _block(group_rows, block_n), _block(k, 128)
+    block_k = block_k or LINEAR_ROWS_K
+    bn, bk = _block(group_rows, block_n), _block(k, block_k)
     if bk < 16:
         raise ValueError(f"rows of {k} values: need a multiple of 16")
-    _linear_kernel[(tokens, n // bn)](
-        x, weight, s, out, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
-        HAS_SCALE=scale is not None, BN=bn, BK=bk, num_warps=num_warps,
+    if split is None:
+        split = _split_k(tokens * (n // bn), k, bk, LINEAR_ROWS_MIN_PROGRAMS)
+    if k % (split * bk):
+        raise ValueError(f"K {k} does not split {split} ways in steps of {bk}")
+    dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,
+                                              device=x.device)  # fmt: skip
+    _linear_kernel[(tokens, n // bn, split)](
+        x, weight, s, dest, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
+        HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, num_warps=num_warps,
     )  # fmt: skip
+    if split > 1:
+        out.copy_(dest.sum(dim=0))
     return out
+
+
+def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
+    """Programs per row block's K so that a launch has at least `wanted` programs (V4's skinny
+    linears have few row blocks: too few loads in flight), each share ≥ 512 and whole steps."""
+    split = 1
+    while programs * split < wanted and (k // (2 * split)) % max(512, step) == 0:
+        split *= 2
+    return split

@@ -26,6 +26,8 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "GROUPED_WARPS": (int, 0),
     "LINEAR_KIND": (str, 0),
     "LINEAR_ROWS": (int, 2),
+    "LINEAR_ROWS_K": (int, 0),
+    "LINEAR_ROWS_MIN_PROGRAMS": (int, 0),
     "LINEAR_TILES": (int, 3),
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),

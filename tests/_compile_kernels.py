@@ -92,15 +92,16 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     ):
         fixed = {"N": n, "K": k, "X_STRIDE": groups * k, "GROUP_ROWS": n // groups}
         fixed["HAS_SCALE"] = w == "fp8e4nv"
-        specs.append(
-            (
-                f"linear rows {name}",
-                gk._linear_kernel,
-                f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{x}",
-                fixed | {"BN": gk.LINEAR_ROWS[0], "BK": 128},
-                {"num_warps": gk.LINEAR_ROWS[1]},
+        for bk, split in ((gk.LINEAR_ROWS_K, 1), (512, 4)):  # the default, a wide split one
+            specs.append(
+                (
+                    f"linear rows {name} K step {bk} split {split}",
+                    gk._linear_kernel,
+                    f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{x}, T:i32",
+                    fixed | {"BN": gk.LINEAR_ROWS[0], "BK": bk, "SPLIT": split},
+                    {"num_warps": gk.LINEAR_ROWS[1]},
+                )
             )
-        )
         if w == "fp8e4nv":
             specs.append(
                 (

@@ -61,7 +61,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             by_pick_choices=module.BY_PICK_CHOICES[:1],
             grouped_choices=module.GROUPED_CHOICES[:1],
             prompt_tokens=12,
-            linear_choices=[module.LINEAR_CHOICES[0], module.LINEAR_CHOICES[3]],
+            linear_choices=[module.LINEAR_CHOICES[4], module.LINEAR_CHOICES[6]],
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]

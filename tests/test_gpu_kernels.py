@@ -310,6 +310,28 @@ def test_the_tensor_core_linear_splits_k_and_blocks_tokens(tokens, n, k, split):
     _check_linear(tokens, n, k, 1, "fp8", kind="dot", split=split)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "n", "k", "groups", "wdtype", "block_k", "split"),
+    [
+        (1, 256, 2048, 1, "fp8", 512, None),  # 4 scale tiles per step
+        (2, 256, 1024, 2, "fp8", 256, 2),  # grouped, K split
+        (1, 64, 512, 1, "bf16", 256, 2),
+    ],
+)
+def test_the_rows_linear_takes_wide_steps_and_splits_k(
+    tokens, n, k, groups, wdtype, block_k, split
+):
+    _check_linear(tokens, n, k, groups, wdtype, kind="rows", block_k=block_k, split=split)
+
+
+def test_k_is_split_until_a_launch_has_enough_programs(monkeypatch):
+    assert ft._split_k(256, 8192, 128, 1024) == 4  # wo_b: 256 row blocks → 4 × 2048 columns
+    assert ft._split_k(2048, 1024, 128, 1024) == 1  # wq_b: enough already
+    assert ft._split_k(8, 1024, 128, 1024) == 2  # no share below 512 columns
+    assert ft._split_k(8, 2048, 1024, 1024) == 2  # nor below one step
+    assert ft._split_k(256, 8192, 128, 0) == 1  # 0: never
+
+
 def _check_linear(tokens, n, k, groups, wdtype, **options):
     dev = kernels_device()
     g = torch.Generator().manual_seed(n + k)
