@@ -270,6 +270,8 @@ def test_sampling():
     assert sample(logits, GREEDY, None) == 1
     assert sample(logits, SamplingParams(top_k=1), None) == 1
     assert sample(logits, SamplingParams(top_p=0.01), None) == 1
+    # a top_p float32 cannot hold (the API server's fuzzing sent 5e-324): still the likeliest
+    assert sample(logits, SamplingParams(top_p=5e-324), None) == 1
     draws = [
         sample(logits, SamplingParams(seed=None), torch.Generator().manual_seed(7))
         for _ in range(3)
