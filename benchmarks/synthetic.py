@@ -227,13 +227,21 @@ def run(
             f"({out['prefill_pcie_bound_tok_s']:.1f} tok/s at {out['h2d_pinned_gbps']:.1f} GB/s)"
         )
     say(line)
-    if on_gpu:  # the host's dispatch floor per layer, for `flashdesk fit` on this machine
-        out["step_s_per_layer"] = step_s / config.num_hidden_layers
+    if on_gpu:  # per-layer floors of decode and prefill, for `flashdesk fit` on this machine
+        layers = config.num_hidden_layers
+        out["step_s_per_layer"] = step_s / layers
+        out["prefill_s_per_token_layer"] = prefill_s / (prompt_tokens * layers)
         Efficiency.record(
-            {"gpu_layer_seconds": out["step_s_per_layer"]},
-            f"bench --synthetic v4-flash, {config.num_hidden_layers} layers",
+            {
+                "gpu_layer_seconds": out["step_s_per_layer"],
+                "gpu_prefill_token_seconds": out["prefill_s_per_token_layer"],
+            },
+            f"bench --synthetic v4-flash, {layers} layers",
         )
-        say(f"decode time per layer {out['step_s_per_layer'] * 1e3:.2f} ms (recorded for fit)")
+        say(
+            f"decode time per layer {out['step_s_per_layer'] * 1e3:.2f} ms, prefill time per "
+            f"token and layer {out['prefill_s_per_token_layer'] * 1e6:.1f} µs (recorded for fit)"
+        )
     if "decode_tok_s_without_graphs" in out:
         say(
             f"decode steps replayed from CUDA graphs: {out['decode_tok_s']:.2f} tok/s; the same "

@@ -71,6 +71,15 @@ class Efficiency:
         )
     )
 
+    # Likewise a GPU layer's prompt work per token (attention, the experts' grouped kernels,
+    # the small kernels, the host's routing read-back per layer). Measured by `bench --synthetic
+    # v4-flash` on the lent H200 (2026-11-27): 2048 tokens in 5.36 s over 43 layers, 61 µs per
+    # token and layer, in a run whose timing included the first chunk's kernel compiles: an
+    # upper bound. The benchmark records this machine's figure.
+    gpu_prefill_token_seconds: Sourced = field(
+        default_factory=lambda: _eff(61e-6, "GPU layer's prompt work per token (H200, bound)")
+    )
+
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name).to_json() for f in fields(self)}
 
@@ -298,6 +307,7 @@ def _prefill_chunk_seconds(
     k, eb, n = figures.experts_per_token, figures.expert_bytes, figures.n_experts
     mid = position + chunk / 2  # average context the chunk's queries see
     by_index = {layer.index: layer for layer in figures.layers}
+    floor = chunk * float(eff.gpu_prefill_token_seconds.value) if has_gpu else 0.0
     total = 0.0
     paths: set[str] = set()
     for lp in plan.layers:
@@ -311,33 +321,35 @@ def _prefill_chunk_seconds(
         elif layer.attention == "hca":
             candidates += mid / layer.compress_ratio
         flops += ATTENTION_FLOP_PER_CANDIDATE * chunk * candidates
-        total += flops / (gpu_flops if lp.attention_on == GPU else cpu_flops)
+        layer_s = flops / (gpu_flops if lp.attention_on == GPU else cpu_flops)
         picks = chunk * k
         expert_flops = 2.0 * layer.expert_params
         gpu_part = picks * lp.gpu_hit_rate * expert_flops / gpu_flops if has_gpu else 0.0
         off_gpu = lp.ram_hit_rate + lp.disk_rate
         if off_gpu <= 0:
-            total += gpu_part
+            layer_s += gpu_part
             paths.add("gpu")
-            continue
-        touched = _expected_distinct(n, picks) * off_gpu * eb
-        disk_bytes = touched * (lp.disk_rate / off_gpu)
-        ram_bytes = touched - disk_bytes
-        from_disk = disk_bytes / disk
-        cpu_time = max(picks * off_gpu * expert_flops / cpu_flops, ram_bytes / ram) + from_disk
-        stream_time = math.inf
-        can_copy = pinned_bw > 0 and (pageable_bw > 0 or pinned_share >= 1)
-        if has_gpu and can_copy and plan.mode == "gpu+cpu":
-            copy = touched * pinned_share / pinned_bw
-            if pinned_share < 1:
-                copy += touched * (1 - pinned_share) / pageable_bw
-            stream_time = max(copy, picks * off_gpu * expert_flops / gpu_flops) + from_disk
-        if force == "cpu" or (force is None and cpu_time <= stream_time):
-            total += max(cpu_time, gpu_part)
-            paths.add("cpu")
         else:
-            total += max(stream_time, gpu_part)
-            paths.add("gpu stream")
+            touched = _expected_distinct(n, picks) * off_gpu * eb
+            disk_bytes = touched * (lp.disk_rate / off_gpu)
+            ram_bytes = touched - disk_bytes
+            from_disk = disk_bytes / disk
+            cpu_time = max(picks * off_gpu * expert_flops / cpu_flops, ram_bytes / ram) + from_disk
+            stream_time = math.inf
+            can_copy = pinned_bw > 0 and (pageable_bw > 0 or pinned_share >= 1)
+            if has_gpu and can_copy and plan.mode == "gpu+cpu":
+                copy = touched * pinned_share / pinned_bw
+                if pinned_share < 1:
+                    copy += touched * (1 - pinned_share) / pageable_bw
+                stream_time = max(copy, picks * off_gpu * expert_flops / gpu_flops) + from_disk
+            if force == "cpu" or (force is None and cpu_time <= stream_time):
+                layer_s += max(cpu_time, gpu_part)
+                paths.add("cpu")
+            else:
+                layer_s += max(stream_time, gpu_part)
+                paths.add("gpu stream")
+        # a GPU layer's measured cost per prompt token is a floor under what the model says
+        total += max(layer_s, floor) if lp.attention_on == GPU else layer_s
     return total, paths
 
 

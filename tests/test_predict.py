@@ -135,6 +135,12 @@ def test_a_machine_holding_nearly_all_experts_is_bound_by_the_gpu_layers_kernels
     assert pred.decode_limit == "dispatch"
     assert pred.decode_tok_s == pytest.approx(1.0 / floor, rel=0.1)
     assert pred.decode_bound_tok_s > 3 * pred.decode_tok_s
+    # prefill: the measured cost per prompt token and GPU layer sets it there too
+    per_token = Efficiency().gpu_prefill_token_seconds.value * len(plan.layers)
+    assert pred.prefill_tok_s == pytest.approx(1.0 / per_token, rel=0.1)
+    faster = Efficiency()
+    faster.gpu_prefill_token_seconds = Sourced(5e-6, "calibrated", "bench --synthetic")
+    assert predict(plan, flash, profile, efficiency=faster).prefill_tok_s > 5 * pred.prefill_tok_s
 
 
 def test_calibrated_efficiency_and_its_file(tmp_path, flash):
