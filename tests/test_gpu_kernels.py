@@ -58,6 +58,34 @@ def _reference(x, experts, weights, slot_of, stacks, limit):
     return out
 
 
+def _expert_stacks(g, slots, dim, inter):
+    return (
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, inter, dim // 2),
+        _scales(g, slots, inter, dim // 32),
+        _packed(g, slots, dim, inter // 2),
+        _scales(g, slots, dim, inter // 32),
+    )
+
+
+RESIDENTS = (3, 0, 9, 15, 7)  # the experts in stack slots 0..4 of 16
+
+
+def _decode_case(g, tokens, dim, inter, xdtype, k=6):
+    """A few tokens' activations `[T, D]`, picks and weights `[T, k]` of 16 experts (the first
+    token's first two resident, others absent), slot map and the 5 resident experts' stacks."""
+    stacks = _expert_stacks(g, len(RESIDENTS), dim, inter)
+    slot_of = torch.full((16,), -1, dtype=torch.int32)
+    for s, e in enumerate(RESIDENTS):
+        slot_of[e] = s
+    experts = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(tokens)])
+    experts[0, :2] = torch.tensor([3, 15])
+    weights = torch.rand((tokens, k), generator=g) + 0.1
+    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    return x, experts, weights, slot_of, stacks
+
+
 @pytest.mark.parametrize(
     ("tokens", "dim", "inter", "limit", "xdtype", "mode"),
     [
@@ -73,22 +101,7 @@ def _reference(x, experts, weights, slot_of, stacks, limit):
 def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype, mode):
     dev = kernels_device()
     g = torch.Generator().manual_seed(tokens * dim + inter)
-    n_experts, slots, k = 16, 5, 6
-    stacks = (
-        _packed(g, slots, inter, dim // 2),
-        _scales(g, slots, inter, dim // 32),
-        _packed(g, slots, inter, dim // 2),
-        _scales(g, slots, inter, dim // 32),
-        _packed(g, slots, dim, inter // 2),
-        _scales(g, slots, dim, inter // 32),
-    )
-    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
-    for s, e in enumerate((3, 0, 9, 15, 7)):
-        slot_of[e] = s
-    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
-    experts[0, :2] = torch.tensor([3, 15])  # at least two resident picks
-    weights = torch.rand((tokens, k), generator=g) + 0.1
-    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    x, experts, weights, slot_of, stacks = _decode_case(g, tokens, dim, inter, xdtype)
     want = _reference(x, experts, weights, slot_of, stacks, limit)
     got = ft.moe(
         x.to(dev),
@@ -105,17 +118,6 @@ def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xd
     assert err < 1e-5, err
 
 
-def _expert_stacks(g, slots, dim, inter):
-    return (
-        _packed(g, slots, inter, dim // 2),
-        _scales(g, slots, inter, dim // 32),
-        _packed(g, slots, inter, dim // 2),
-        _scales(g, slots, inter, dim // 32),
-        _packed(g, slots, dim, inter // 2),
-        _scales(g, slots, dim, inter // 32),
-    )
-
-
 @pytest.mark.parametrize(
     ("tokens", "dim", "inter", "limit", "xdtype", "block_m"),
     [
@@ -129,15 +131,8 @@ def test_grouped_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, 
     weight · expert(x); the other picks' rows are left alone."""
     dev = kernels_device()
     g = torch.Generator().manual_seed(tokens + dim + inter)
-    n_experts, k = 16, 6
-    residents = (3, 0, 9, 15, 7)
-    stacks = _expert_stacks(g, len(residents), dim, inter)
-    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
-    for s, e in enumerate(residents):
-        slot_of[e] = s
-    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
-    weights = torch.rand((tokens, k), generator=g) + 0.1
-    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    x, experts, weights, slot_of, stacks = _decode_case(g, tokens, dim, inter, xdtype)
+    residents, k = RESIDENTS, experts.shape[1]
 
     flat_slots = slot_of[experts.reshape(-1)].long()
     order = torch.argsort(flat_slots, stable=True)
@@ -200,19 +195,11 @@ def test_moe_by_pick_equals_dequantize_then_multiply(tokens, xdtype, limit):
     """A decode step's experts through the grouped kernels, every pick its own block."""
     dev = kernels_device()
     g = torch.Generator().manual_seed(tokens)
-    n_experts, k, dim, inter = 16, 6, 256, 128
-    stacks = _expert_stacks(g, 5, dim, inter)
-    slot_of = torch.full((n_experts,), -1, dtype=torch.int32)
-    for s, e in enumerate((3, 0, 9, 15, 7)):
-        slot_of[e] = s
-    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
-    experts[0, :2] = torch.tensor([3, 15])  # at least two resident picks, and some absent
-    weights = torch.rand((tokens, k), generator=g) + 0.1
-    x = (torch.randn((tokens, dim), generator=g) / 4).to(xdtype)
+    x, experts, weights, slot_of, stacks = _decode_case(g, tokens, 256, 128, xdtype)
     want = _reference(x, experts, weights, slot_of, stacks, limit)
     on = (x, experts, weights, slot_of)
     got = ft.moe_by_pick(*(t.to(dev) for t in on), tuple(t.to(dev) for t in stacks), limit)
-    assert got.dtype == torch.float32 and got.shape == (tokens, dim)
+    assert got.dtype == torch.float32 and got.shape == (tokens, 256)
     err = (got.cpu() - want).norm() / want.norm()
     assert err < (1e-5 if xdtype == torch.float32 else 1e-2), err
 
