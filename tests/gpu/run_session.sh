@@ -2,16 +2,18 @@
 # The whole device check in one call, most valuable first, each step with its own time limit
 # inside a DEADLINE (seconds from the start; set the run's timeout_s a little above it):
 #   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
-#   (Triton vs torch per layer, tile sweep; records the fastest shapes, which the later steps use) → bench kernels (the host CPU's FP4/FP8 kernels)
+#   (Triton vs torch per layer, tile sweep; records the fastest shapes for the later steps)
+#   → bench kernels (the host CPU's FP4/FP8 kernels, with CPU_KERNELS=1)
 #   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a 2048-token prompt
-#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, a profile).
+#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, a profile) → bench decode
+#   (two real-size layers: experts on the CPU vs on the GPU, PCIe, streamed prefill).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
-# Usage: DEADLINE=460 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
-# synthetic; GPU_KERNELS=0 skips that benchmark)
+# Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
+# synthetic; GPU_KERNELS=0 / DECODE=0 skip those benchmarks)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-460}
+DEADLINE=${DEADLINE:-560}
 step() {  # step NAME MAX_SECONDS TAIL_LINES command...: runs within the deadline, logs to $OUT
   local name=$1 max=$2 lines=$3; shift 3
   local left=$((DEADLINE - SECONDS - 5))
@@ -34,8 +36,9 @@ step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_
   tests/test_gpu_tuning.py
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
-[ -n "$DECODE" ] && step decode 170 20 python3 -m flashdesk bench decode
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
       --profile "${PROFILE:-3}")
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
+# issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
+[ "${DECODE:-1}" = 1 ] && step decode 170 20 python3 -m flashdesk bench decode
