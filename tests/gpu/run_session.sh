@@ -5,7 +5,8 @@
 #   (Triton vs torch per layer, tile sweep; records the fastest shapes for the later steps)
 #   → bench kernels (the host CPU's FP4/FP8 kernels, with CPU_KERNELS=1)
 #   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a 2048-token prompt
-#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, a profile) → bench decode
+#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, profiles of decode steps
+#   and of a prefill chunk) → bench decode
 #   (two real-size layers: experts on the CPU vs on the GPU, PCIe, streamed prefill).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
@@ -37,7 +38,7 @@ step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
-      --profile "${PROFILE:-3}")
+      --profile "${PROFILE:-3}" --profile-prefill)
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
 # issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
