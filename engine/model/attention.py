@@ -138,11 +138,14 @@ class Attention:
             visible = torch.arange(entries.shape[0], device=device) < (pos + 1) // self.ratio
             if self.indexer is not None:
                 self.indexer.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype)
-                qi, wi = self.indexer.queries(qr, a, cos, sin)
-                scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]  # [C]
-                k = min(self.indexer.topk, scores.shape[0])
-                picked = scores.masked_fill(~visible, float("-inf")).topk(k).indices
-                entries, visible = entries[picked], visible[picked]
+                # a store of at most top-k rows is attended whole (as `forward` does): no
+                # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
+                if entries.shape[0] > self.indexer.topk:
+                    qi, wi = self.indexer.queries(qr, a, cos, sin)
+                    scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]  # [C]
+                    picked = scores.masked_fill(~visible, float("-inf"))
+                    picked = picked.topk(self.indexer.topk).indices
+                    entries, visible = entries[picked], visible[picked]
             comp = entries.float()
             logits.append(
                 torch.einsum("qhd,td->qht", qf, comp).masked_fill(~visible, float("-inf"))
