@@ -51,7 +51,17 @@ def valid(name: str, value) -> bool:
         return False
     if kind is str:
         return value in CHOICES[name]
-    return all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4096 for v in items)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return False
+    if name == "FP4_MODE":
+        return all(v in (0, 1) for v in items)
+    if name in ("LINEAR_MIN_PROGRAMS", "LINEAR_ROWS_MIN_PROGRAMS"):
+        return 0 <= value <= 1 << 20
+    if name == "LINEAR_STAGES":
+        return 1 <= value <= 8
+    # tiles and warps: powers of two the kernels take (tensor-core tiles: at least 16 a side)
+    low = 16 if name in ("GROUPED_TILES", "BY_PICK_TILES", "LINEAR_TILES") else 1
+    return all(low <= v <= 4096 and v & (v - 1) == 0 for v in items)
 
 
 def load(gpu: str, path: str | Path | None = None) -> dict:

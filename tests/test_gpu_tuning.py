@@ -39,6 +39,11 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("DECODE_MOE", "fastest"),
         ("LINEAR_ROWS", (16, True)),
         ("GROUPED_TILES", (32, -64, 64)),
+        ("GROUPED_TILES", (8, 64, 64)),  # tensor-core tiles: 16 rows at least
+        ("TILES", (8, 0, 8, 256)),  # 0 rows per step would divide by zero
+        ("WARPS", 6),  # not a power of two
+        ("FP4_MODE", (0, 2, 0)),
+        ("LINEAR_STAGES", 0),
         ("INTERPRETED", True),  # not a shape
     ],
 )
