@@ -225,8 +225,8 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     mixes = mhc._mixes(x, fn, 1e-6)
     u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
     f = torch.randn(2, dim, generator=g)
-    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb)]
-    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd = on
+    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb, fn)]
+    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd, fnd = on
     checks = {
         "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
         "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
@@ -237,6 +237,7 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
             torch.cat([t.flatten() for t in (u, post, comb)]),
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
+        "hyper-connection mixes": (hc_mixes(xd, fnd, 1e-6), mixes),
         "compressor pooling": (softmax_pool((xd[:, 0], xd[:, 1]), (xd[:, 2], xd[:, 3])),
                                (torch.cat((x[:, 0], x[:, 2]))
                                 * torch.cat((x[:, 1], x[:, 3])).softmax(0)).sum(0, keepdim=True)),
@@ -572,6 +573,22 @@ if triton is not None:
         tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
 
     @triton.jit
+    def _hc_mixes_kernel(x_ptr, fn_ptr, out_ptr, eps, K: tl.constexpr, BK: tl.constexpr):
+        """Program (token s, mix j): ρ · x_s · fn[j] with ρ = 1/√(mean(x_s²) + eps), x_s the
+        token's streams flattened `[K]`, float32 sums."""
+        s = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        acc = tl.zeros((BK,), dtype=tl.float32)
+        squares = tl.zeros((BK,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            xv = tl.load(x_ptr + s * K + cols).to(tl.float32)
+            acc += xv * tl.load(fn_ptr + j * K + cols)
+            squares += xv * xv
+        rho = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        tl.store(out_ptr + s * tl.num_programs(1) + j, tl.sum(acc, axis=0) * rho)
+
+    @triton.jit
     def _hc_post_kernel(
         f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
         HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -901,6 +918,21 @@ def hc_pre_tail(
         float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block,
     )  # fmt: skip
     return u, post, comb
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """`mhc._mixes` for a few tokens in one launch: x `[S, hc, D]`, fn `[n_mix, hc·D]` float32
+    → `[S, n_mix]` float32 (as torch ops: a widening, the mean square, its root, a GEMV and a
+    product: ~6 kernels, twice per layer)."""
+    k = x.shape[1] * x.shape[2]
+    if fn.dtype != torch.float32 or fn.shape[1] != k:
+        raise ValueError(f"hc_mixes: fn {fn.dtype} {tuple(fn.shape)} does not fit x {x.shape}")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0], fn.shape[0]), dtype=torch.float32, device=x.device)
+    _hc_mixes_kernel[(x.shape[0], fn.shape[0])](
+        x, fn.contiguous(), out, float(norm_eps), K=k, BK=_block(k, 1024), num_warps=4
+    )
+    return out
 
 
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):

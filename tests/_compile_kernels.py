@@ -158,6 +158,13 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {},
         ),
         (
+            "hc mixes",
+            gk._hc_mixes_kernel,
+            "x_ptr:*bf16, fn_ptr:*fp32, out_ptr:*fp32, eps:fp32",
+            {"K": 4 * D, "BK": 1024},
+            {"num_warps": 4},
+        ),
+        (
             "hc post",
             gk._hc_post_kernel,
             "f_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, out_ptr:*bf16",

@@ -406,6 +406,7 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.02
     scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
     mixes = mhc._mixes(streams, fn, 1e-6)
+    torch.testing.assert_close(ft.hc_mixes(streams.to(dev), fn.to(dev), 1e-6).cpu(), mixes)
     args = (scale, base, 20, 1e-6)
     got = ft.hc_pre_tail(mixes.to(dev), streams.to(dev), *(a.to(dev) for a in args[:2]), *args[2:])
     want = mhc.hc_pre(streams, fn, *args, 1e-6)
@@ -461,11 +462,11 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
 
     want = run()
     calls = Counter()
-    for name in ("rms_norm", "apply_rope", "hc_pre_tail", "hc_post"):
+    for name in ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post"):
         kernel = getattr(ft, name)
         monkeypatch.setattr(
             ft, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw)
         )
     monkeypatch.setattr(ft, "applies", lambda t: True)
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
-    assert set(calls) == {"rms_norm", "apply_rope", "hc_pre_tail", "hc_post"}
+    assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post"}
