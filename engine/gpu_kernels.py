@@ -212,6 +212,7 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     definitions (computed on the CPU), or None."""
     from flashdesk.engine.model import mhc
     from flashdesk.engine.model.common import rms_norm as rms_norm_ops
+    from flashdesk.engine.model.moe import Router
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
     from flashdesk.engine.model.rope import apply_rope as rope_ops
 
@@ -224,6 +225,8 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
     mixes = mhc._mixes(x, fn, 1e-6)
     u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
+    # the torch router on given logits: its gate the identity (exact in float32)
+    router = Router(weight=torch.eye(256), bias=fn[0, :256], tid2eid=None, top_k=6, scale=1.5)
     f = torch.randn(2, dim, generator=g)
     on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb, fn)]
     xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd, fnd = on
@@ -238,6 +241,9 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
         "hyper-connection mixes": (hc_mixes(xd, fnd, 1e-6), mixes),
+        "routing": (torch.cat([t.float().flatten() for t in route(fnd[:, :256], fnd[0, :256],
+                                                                  None, 6, 1.5)]),
+                    torch.cat([t.float().flatten() for t in router(fn[:, :256], None)])),
         "compressor pooling": (softmax_pool((xd[:, 0], xd[:, 1]), (xd[:, 2], xd[:, 3])),
                                (torch.cat((x[:, 0], x[:, 2]))
                                 * torch.cat((x[:, 1], x[:, 3])).softmax(0)).sum(0, keepdim=True)),
@@ -589,6 +595,40 @@ if triton is not None:
         tl.store(out_ptr + s * tl.num_programs(1) + j, tl.sum(acc, axis=0) * rho)
 
     @triton.jit
+    def _route_kernel(
+        logits_ptr, bias_ptr, picked_ptr, experts_ptr, weights_ptr, scale,
+        E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, HASH: tl.constexpr,
+    ):  # fmt: skip
+        """Token per program: scores √softplus(logits) `[E]`; its K experts (HASH: given in
+        picked, else the K largest scores + bias, lowest index first among equals) and their
+        scores normalized to sum to `scale`."""
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BE)
+        raw = tl.load(logits_ptr + t * E + e, mask=e < E, other=0.0)
+        # softplus = max(x, 0) + log1p(e^−|x|), log1p by Goldberg's u = 1 + y form (few ulps)
+        y = tl.exp(-tl.abs(raw))
+        u = 1.0 + y
+        log1p = tl.where(u == 1.0, y, tl.log(u) * y / tl.where(u == 1.0, 1.0, u - 1.0))
+        scores = tl.sqrt(tl.maximum(raw, 0.0) + log1p)
+        slots = tl.arange(0, BK)
+        live = slots < K
+        if HASH:
+            chosen = tl.load(picked_ptr + t * K + slots, mask=live, other=-1)
+        else:
+            ranked = tl.where(e < E, scores + tl.load(bias_ptr + e, mask=e < E, other=0.0),
+                              float("-inf"))  # fmt: skip
+            chosen = tl.full((BK,), -1, dtype=tl.int64)
+            for i in tl.static_range(K):
+                top = tl.max(ranked, axis=0)
+                pick = tl.min(tl.where(ranked == top, e, BE), axis=0)
+                chosen = tl.where(slots == i, pick.to(tl.int64), chosen)
+                ranked = tl.where(e == pick, float("-inf"), ranked)
+        picked = tl.sum(tl.where(e[None, :] == chosen[:, None], scores[None, :], 0.0), axis=1)
+        tl.store(experts_ptr + t * K + slots, chosen, mask=live)
+        total = tl.sum(picked, axis=0)
+        tl.store(weights_ptr + t * K + slots, picked / total * scale, mask=live)
+
+    @triton.jit
     def _hc_post_kernel(
         f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
         HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -918,6 +958,27 @@ def hc_pre_tail(
         float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block,
     )  # fmt: skip
     return u, post, comb
+
+
+def route(
+    logits: torch.Tensor, bias: torch.Tensor | None, picked: torch.Tensor | None, k: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`moe.Router` after its gate GEMV in one launch (as torch ops ~8 kernels per layer):
+    logits `[T, E]` float32, with `bias` `[E]` (top-k routing) or `picked` `[T, k]` (hash
+    routing) → experts `[T, k]` int64, weights `[T, k]` float32."""
+    tokens, n = logits.shape
+    if (bias is None) == (picked is None) or logits.dtype != torch.float32:
+        raise ValueError("route takes float32 logits and either a bias or hash picks")
+    experts = torch.empty((tokens, k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((tokens, k), dtype=torch.float32, device=logits.device)
+    given = picked.to(torch.int64).contiguous() if picked is not None else experts
+    _route_kernel[(tokens,)](
+        logits.contiguous(), bias if bias is not None else logits, given, experts, weights,
+        float(scale), E=n, BE=triton.next_power_of_2(n), K=k, BK=triton.next_power_of_2(k),
+        HASH=picked is not None,
+    )  # fmt: skip
+    return experts, weights
 
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:

@@ -165,6 +165,14 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {"num_warps": 4},
         ),
         (
+            "route",
+            gk._route_kernel,
+            "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
+            "weights_ptr:*fp32, scale:fp32",
+            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False},
+            {},
+        ),
+        (
             "hc post",
             gk._hc_post_kernel,
             "f_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, out_ptr:*bf16",

@@ -440,6 +440,37 @@ def test_softmax_pool_equals_the_torch_ops(rows):
         ft.softmax_pool((on[0].half(), on[1]), None)
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+def test_routing_in_one_launch_equals_the_router(hashed, monkeypatch):
+    """Top-k routing (scores + bias, the 6 largest of 256) and hash routing (given experts):
+    the same experts in the same order and the same weights as the torch router."""
+    from flashdesk.engine.model.moe import Router
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(11)
+    tokens, dim, n, k = 5, 64, 256, 6
+    x = torch.randn(tokens, dim, generator=g)
+    ids = torch.randint(0, 100, (tokens,), generator=g)
+    parts = {"weight": torch.randn(n, dim, generator=g) * 0.5, "top_k": k, "scale": 1.5}
+    if hashed:
+        parts |= {"bias": None, "tid2eid": torch.randint(0, n, (100, k), generator=g)}
+    else:
+        parts |= {"bias": torch.randn(n, generator=g) * 0.1, "tid2eid": None}
+    logits = x @ parts["weight"].T
+    logits[0, :3] = 25.0  # softplus' linear branch
+    logits[1, 7] = logits[1, 9] = 40.0  # a tie: the lower index first, as torch's top-k
+    # the torch router on the same logits (its gate GEMV made the identity)
+    monkeypatch.setattr("flashdesk.engine.model.moe.float_linear", lambda x, w: x)
+    want_e, want_w = Router(**parts)(logits, ids)
+    bias = parts["bias"].to(dev) if parts["bias"] is not None else None
+    picked = parts["tid2eid"][ids].to(dev) if hashed else None
+    got_e, got_w = ft.route(logits.to(dev), bias, picked, k, 1.5)
+    assert torch.equal(got_e.cpu(), want_e)
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="either a bias or hash picks"):
+        ft.route(logits.to(dev), None, None, k, 1.5)
+
+
 def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     """The model's RMSNorms, rotations and hyper-connections routed to the kernels (as on a GPU
     with Triton; here in the interpreter): prefill and decode give the torch path's logits."""
@@ -462,11 +493,11 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
 
     want = run()
     calls = Counter()
-    for name in ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post"):
+    for name in ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"):
         kernel = getattr(ft, name)
         monkeypatch.setattr(
             ft, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw)
         )
     monkeypatch.setattr(ft, "applies", lambda t: True)
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
-    assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post"}
+    assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"}
