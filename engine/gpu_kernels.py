@@ -94,6 +94,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _PROBED: dict[str, str | None] = {}
 TUNED: dict[str, dict] = {}  # device → the recorded shapes applied there (`engine.gpu_tuning`)
 TENSOR_CORES: dict[str, str | None] = {}  # device → None where the tensor-core kernels work
+# (kernel, device) → None where a kernel with its own check (`checked`) works, else why not
+FAILED_CHECKS: dict[tuple[str, str], str | None] = {}
 
 
 def available(device: torch.device | str) -> bool:
@@ -126,6 +128,68 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             if TENSOR_CORES[key] is not None:  # the FP4/FP8 kernels without tensor cores
                 globals().update(DECODE_MOE="rows", LINEAR_KIND="rows")
     return _PROBED[key]
+
+
+def checked(name: str, device: torch.device | str) -> bool:
+    """Whether kernel `name` (of CHECKS) is used on `device`: the others are, and it compiled
+    and gave its torch definition's values there (checked once per device; a failure keeps
+    the previous path for it alone, with the reason in FAILED_CHECKS)."""
+    if not available(device):
+        return False
+    key = (name, str(torch.device(device)))
+    if key not in FAILED_CHECKS:
+        try:
+            FAILED_CHECKS[key] = CHECKS[name](torch.device(device))
+        except Exception as exc:
+            FAILED_CHECKS[key] = f"could not compile or run ({error_summary(exc)})"
+    return FAILED_CHECKS[key] is None
+
+
+def _check_compressor_step(dev: torch.device) -> str | None:
+    """`compressor_step` against `Compressor.step`'s torch path, CSA (overlap) and HCA-like
+    windows, over positions that close windows."""
+    from flashdesk.engine.cache import CompressorCarry, NativeRows, RowStore
+    from flashdesk.engine.model.compressor import Compressor
+    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+
+    g = torch.Generator().manual_seed(4)
+    dim, c = 64, 32
+    for ratio in (4, 8):
+        width = 2 * c if ratio == 4 else c
+        parts = {
+            "wkv": torch.randn(width, dim, generator=g) * 0.2,
+            "wgate": torch.randn(width, dim, generator=g) * 0.2,
+            "ape": torch.randn(ratio, width, generator=g) * 0.1,
+            "norm": torch.rand(c, generator=g) + 0.5,
+        }
+        rotary = Rotary(16, inverse_frequencies(16, 10000.0))
+        made = {}
+        for side, where in (("want", torch.device("cpu")), ("got", dev)):
+            on = {k: v.to(where) for k, v in parts.items()}
+            comp = Compressor(**on, ratio=ratio, rotary=rotary.to(where), eps=1e-6,
+                              for_indexer=False)  # fmt: skip
+            store = RowStore(NativeRows(c, torch.float32), where)
+            store.reserve(8)
+            made[side] = (comp, CompressorCarry(ratio, c, ratio == 4, where), store)
+        for pos in range(2 * ratio + 1):
+            a = torch.randn(1, dim, generator=g)
+            comp, carry, store = made["want"]
+            with torch.inference_mode():  # the torch ops on the CPU
+                comp.step(a, torch.tensor([pos]), carry, store, torch.float32)
+            comp, carry, store = made["got"]
+            x, at = a.to(dev), torch.tensor([pos], device=dev)
+            out, index = compressor_step(
+                x @ comp.wkv.T, x @ comp.wgate.T, comp.ape, carry, at, comp.norm,
+                comp.rotary.inv_freq, comp.eps, torch.float32,
+            )  # fmt: skip
+            store.put(out, index)
+        (_, want, want_rows), (_, got, got_rows) = made["want"], made["got"]
+        pairs = [(got_rows.rows(), want_rows.rows())]
+        pairs += list(zip(got.tensors(), want.tensors(), strict=True))
+        for t, u in pairs:
+            if not torch.allclose(t.cpu(), u, rtol=1e-4, atol=1e-5):
+                return "it gave other values than the torch step on this GPU"
+    return None
 
 
 def tensor_cores(device: torch.device | str) -> bool:
@@ -515,6 +579,91 @@ if triton is not None:
             num += tl.sum(eb * kvb, axis=0)
             den += tl.sum(eb, axis=0)
         tl.store(out_ptr + cols, num / den)
+
+    @triton.jit
+    def _pool_rows(kv_ptr, g_ptr, stride, sub, new_kv, new_g, cols, top, den, num,
+                   R: tl.constexpr, RB: tl.constexpr):  # fmt: skip
+        """Online softmax pooling over R rows `[R, C]` (row `sub` replaced by new_kv/new_g, the
+        values this kernel is writing there; −1: none) into the running (top, den, num)."""
+        for r0 in range(0, R, RB):
+            r = r0 + tl.arange(0, RB)
+            offs = r[:, None] * stride + cols[None, :]
+            kv = tl.load(kv_ptr + offs)
+            g = tl.load(g_ptr + offs)
+            mine = (r == sub)[:, None]
+            kv = tl.where(mine, new_kv[None, :], kv)
+            g = tl.where(mine, new_g[None, :], g)
+            new_top = tl.maximum(top, tl.max(g, axis=0))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no −∞ − −∞
+            alpha = tl.exp(top - shift)
+            e = tl.exp(g - shift[None, :])
+            den = den * alpha + tl.sum(e, axis=0)
+            num = num * alpha + tl.sum(e * kv, axis=0)
+            top = new_top
+        return top, den, num
+
+    @triton.jit
+    def _compressor_step_kernel(
+        kv_new_ptr, g_new_ptr, ape_ptr, kv_ptr, g_ptr, prev_kv_ptr, prev_g_ptr, pos_ptr,
+        norm_ptr, inv_freq_ptr, out_ptr, index_ptr, eps,
+        M: tl.constexpr, C: tl.constexpr, OVERLAP: tl.constexpr, HALF: tl.constexpr,
+        RB: tl.constexpr,
+    ):  # fmt: skip
+        """`Compressor.step` after its two GEMVs, one program: the token's projection and gate
+        (+ ape) into carry slot pos mod M; the window pooled (CSA: the previous window's A
+        halves, then the current B halves); RMSNorm; RoPE at position ⌊pos/M⌋·M on the last
+        2·HALF channels → out `[C]` (its dtype) and index ⌊pos/M⌋; a closing CSA window's A
+        halves → prev. The rows written here are used from registers, never read back."""
+        W: tl.constexpr = 2 * C if OVERLAP else C
+        B0: tl.constexpr = C if OVERLAP else 0  # where the current entry's half starts
+        pos = tl.load(pos_ptr)
+        slot = pos % M
+        cols = tl.arange(0, C)
+        kv_b = tl.load(kv_new_ptr + B0 + cols)
+        g_b = tl.load(g_new_ptr + B0 + cols) + tl.load(ape_ptr + slot * W + B0 + cols)
+        tl.store(kv_ptr + slot * W + B0 + cols, kv_b)
+        tl.store(g_ptr + slot * W + B0 + cols, g_b)
+        top = tl.full((C,), float("-inf"), dtype=tl.float32)
+        den = tl.zeros((C,), dtype=tl.float32)
+        num = tl.zeros((C,), dtype=tl.float32)
+        if OVERLAP:
+            kv_a = tl.load(kv_new_ptr + cols)
+            g_a = tl.load(g_new_ptr + cols) + tl.load(ape_ptr + slot * W + cols)
+            tl.store(kv_ptr + slot * W + cols, kv_a)
+            tl.store(g_ptr + slot * W + cols, g_a)
+            top, den, num = _pool_rows(prev_kv_ptr, prev_g_ptr, C, -1, kv_b, g_b, cols,
+                                       top, den, num, M, RB)  # fmt: skip
+        top, den, num = _pool_rows(kv_ptr + B0, g_ptr + B0, W, slot, kv_b, g_b, cols,
+                                   top, den, num, M, RB)  # fmt: skip
+        dtype = out_ptr.dtype.element_ty
+        x = (num / den).to(dtype).to(tl.float32)  # the pooled row in the model's dtype
+        y = x / tl.sqrt(tl.sum(x * x, axis=0) / C + eps) * tl.load(norm_ptr + cols)
+        y = y.to(dtype).to(tl.float32)
+        index = pos // M
+        even, odd = tl.split(tl.reshape(y, (C // 2, 2)))
+        pair = tl.arange(0, C // 2)
+        j = pair - (C // 2 - HALF)  # rotated pairs: the last HALF
+        turn = j >= 0
+        angle = (index * M).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=turn, other=0.0)
+        co, si = tl.cos(angle), tl.sin(angle)
+        even2 = tl.where(turn, even * co - odd * si, even)
+        odd2 = tl.where(turn, even * si + odd * co, odd)
+        tl.store(out_ptr + cols, tl.reshape(tl.join(even2, odd2), (C,)).to(dtype))
+        tl.store(index_ptr, index)
+        if OVERLAP:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if slot == M - 1:  # the window closes: its A halves pool into the next entry
+                tl.debug_barrier()  # every read of prev above is done
+                for r0 in range(0, M, RB):
+                    r = r0 + tl.arange(0, RB)
+                    mine = (r == slot)[:, None]
+                    a_kv = tl.where(
+                        mine, kv_a[None, :], tl.load(kv_ptr + r[:, None] * W + cols[None, :])
+                    )
+                    a_g = tl.where(
+                        mine, g_a[None, :], tl.load(g_ptr + r[:, None] * W + cols[None, :])
+                    )
+                    tl.store(prev_kv_ptr + r[:, None] * C + cols[None, :], a_kv)
+                    tl.store(prev_g_ptr + r[:, None] * C + cols[None, :], a_g)  # fmt: skip
 
     @triton.jit
     def _rms_norm_kernel(
@@ -911,6 +1060,31 @@ def softmax_pool(
     return out
 
 
+def compressor_step(
+    kv_new: torch.Tensor, gate_new: torch.Tensor, ape: torch.Tensor, carry, pos: torch.Tensor,
+    norm: torch.Tensor, inv_freq: torch.Tensor, eps: float, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`Compressor.step` after its GEMVs (kv_new, gate_new `[1, W]` float32, W = C or 2·C with
+    CSA's overlap) in one launch instead of ~25 → (the entry `[1, C]` in out_dtype, roped; its
+    row index `[1]` int64) for the store, carry updated in place (`CompressorCarry`)."""
+    c = norm.shape[0]
+    overlap = carry.prev_kv is not None
+    m, w = carry.kv.shape
+    if c & (c - 1) or w != (2 * c if overlap else c) or kv_new.dtype != torch.float32:
+        raise ValueError(f"compressor_step: rows of {c} (a power of two) in a carry of {w}")
+    out = torch.empty((1, c), dtype=out_dtype, device=kv_new.device)
+    index = torch.empty((1,), dtype=torch.int64, device=kv_new.device)
+    prev_kv = carry.prev_kv if overlap else carry.kv
+    prev_gate = carry.prev_gate if overlap else carry.gate
+    rows = min(triton.next_power_of_2(m), max(1, 4096 // c))
+    _compressor_step_kernel[(1,)](
+        kv_new.contiguous(), gate_new.contiguous(), ape, carry.kv, carry.gate, prev_kv,
+        prev_gate, pos, norm, inv_freq, out, index, float(eps), M=m, C=c, OVERLAP=overlap,
+        HALF=inv_freq.shape[0], RB=rows, num_warps=8,
+    )  # fmt: skip
+    return out, index
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`common.rms_norm` (over the last dim, float32 math, weight float32 or None, result in x's
     dtype) in one launch."""
@@ -1111,3 +1285,7 @@ def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
     while programs * split < wanted and (k // (2 * split)) % max(512, step) == 0:
         split *= 2
     return split
+
+
+# kernels checked on their own at first use on a device (`checked`): name → check
+CHECKS = {"compressor step": _check_compressor_step}

@@ -180,6 +180,25 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {},
         ),
     ]
+    for label, m, c, overlap in (("CSA", 4, 512, True), ("HCA", 128, 512, False),
+                                 ("indexer", 4, 128, True)):  # fmt: skip
+        specs.append(
+            (
+                f"compressor step {label}",
+                gk._compressor_step_kernel,
+                "kv_new_ptr:*fp32, g_new_ptr:*fp32, ape_ptr:*fp32, kv_ptr:*fp32, g_ptr:*fp32, "
+                "prev_kv_ptr:*fp32, prev_g_ptr:*fp32, pos_ptr:*i64, norm_ptr:*fp32, "
+                "inv_freq_ptr:*fp32, out_ptr:*bf16, index_ptr:*i64, eps:fp32",
+                {
+                    "M": m,
+                    "C": c,
+                    "OVERLAP": overlap,
+                    "HALF": ROPE_HALF,
+                    "RB": min(m, 4096 // c),
+                },  # as compressor_step picks
+                {"num_warps": 8},
+            )
+        )
     for label, rows, second in (("CSA", 4, 4), ("HCA", 128, 0)):
         specs.append(
             (

@@ -66,25 +66,29 @@ def test_step_gives_the_models_decode(name):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_step_through_the_gpu_kernels_gives_the_models_decode(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_through_the_gpu_kernels_gives_the_models_decode(fused, monkeypatch):
     """The step as a GPU runs it, every chain the kernels cover in one launch (here Triton's
-    interpreter), the compressors' window pooling too: the torch decode's logits."""
+    interpreter): the compressors' window pooling alone, or (`fused`, once its own check
+    passed on the GPU) the whole compressor step after its GEMVs: the torch decode's logits."""
     kernels_device()
     ids = _ids(36)
     with _runtime("host") as rt:
         state = rt.new_state()
         rt.prefill(ids[:3], state)
         want = [rt.model.decode(t, state) for t in ids[3:]]
-        pooled = []
-        pool = gpu_kernels.softmax_pool
+        calls = []
+        name = "compressor_step" if fused else "softmax_pool"
+        kernel = getattr(gpu_kernels, name)
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
-        monkeypatch.setattr(gpu_kernels, "softmax_pool", lambda *a: pooled.append(1) or pool(*a))
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: fused)
+        monkeypatch.setattr(gpu_kernels, name, lambda *a: calls.append(1) or kernel(*a))
         graphs = GraphDecoder(rt.model, capture=False)
         state = rt.new_state()
         rt.prefill(ids[:3], state)
         for t, logits in zip(ids[3:], want, strict=True):  # CSA and HCA windows close
             torch.testing.assert_close(graphs.decode(t, state), logits, **TOL)
-        assert len(pooled) == 33 * 6  # 4 compressed layers, 2 of them CSA with an indexer
+        assert len(calls) == 33 * 6  # 4 compressed layers, 2 of them CSA with an indexer
 
 
 def test_rows_for_doubles_from_the_floor():

@@ -471,6 +471,30 @@ def test_routing_in_one_launch_equals_the_router(hashed, monkeypatch):
         ft.route(logits.to(dev), None, None, k, 1.5)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_kernel_with_its_own_check_falls_back_alone(monkeypatch):
+    """The fused compressor step is checked against the torch step once per device; where it
+    fails (here: a deliberately wrong one) only it falls back, with the reason kept."""
+    dev = kernels_device()
+    assert ft._check_compressor_step(torch.device(dev)) is None  # CSA and HCA windows
+    step = ft.compressor_step
+    wrong = lambda *a: (lambda out, index: (out * 1.01, index))(*step(*a))  # noqa: E731
+    monkeypatch.setattr(ft, "compressor_step", wrong)
+    assert "other values" in ft._check_compressor_step(torch.device(dev))
+    monkeypatch.setattr(ft, "available", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {})
+    assert not ft.checked("compressor step", dev)
+    assert "other values" in ft.FAILED_CHECKS[("compressor step", dev)]
+    monkeypatch.setattr(ft, "compressor_step", step)
+    assert not ft.checked("compressor step", dev)  # checked once per device
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {})
+    assert ft.checked("compressor step", dev)
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {})
+    monkeypatch.setitem(ft.CHECKS, "compressor step", lambda dev: 1 / 0)
+    assert not ft.checked("compressor step", dev)
+    assert "ZeroDivisionError" in ft.FAILED_CHECKS[("compressor step", dev)]
+
+
 def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     """The model's RMSNorms, rotations and hyper-connections routed to the kernels (as on a GPU
     with Triton; here in the interpreter): prefill and decode give the torch path's logits."""

@@ -123,12 +123,20 @@ class Compressor:
         """
         m, c = self.ratio, self.head
         x = a.float()
+        fused = gpu_kernels.applies(x) and not c & (c - 1)
+        if fused and gpu_kernels.checked("compressor step", x.device):  # after the GEMVs
+            entry, index = gpu_kernels.compressor_step(
+                float_linear(x, self.wkv), float_linear(x, self.wgate), self.ape, carry, pos,
+                self.norm, self.rotary.inv_freq, self.eps, out_dtype,
+            )  # fmt: skip
+            store.put(entry, index)
+            return
         slot = pos % m
         carry.kv.index_copy_(0, slot, float_linear(x, self.wkv))
         carry.gate.index_copy_(
             0, slot, float_linear(x, self.wgate) + self.ape.index_select(0, slot)
         )
-        if gpu_kernels.applies(x):  # one launch, no concatenation
+        if gpu_kernels.applies(x):  # the pooling alone in one launch, no concatenation
             second = (carry.kv[:, c:], carry.gate[:, c:]) if self.overlap else None
             first = (carry.prev_kv, carry.prev_gate) if self.overlap else (carry.kv, carry.gate)
             pooled = gpu_kernels.softmax_pool(first, second)
