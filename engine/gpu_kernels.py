@@ -11,18 +11,24 @@ decode step:
   SwiGLU and the routing weight; then down, summed over the token's picks in a fixed order), with
   the pick → slot map read on the device: no host sync, experts not in VRAM (slot −1) skipped;
 * `linear(...)`: `x · Wᵀ` from FP8 E4M3 weights with 128×128 E8M0 tile scales (spec §4.3), or
-  from BF16 weights (the head), float32 sums; V4's grouped `wo_a` in the same launch;
-* `dequant_fp4(...)`: one pass from packed FP4 to bf16/fp16/fp32 (long prompts, where experts
-  are multiplied as dense matrices);
+  from BF16 weights (the head), float32 sums; V4's grouped `wo_a` in the same launch ("rows";
+  or "dot": up to 16 tokens per program on the tensor cores);
+* `moe_grouped(...)`: a prompt's picks sorted by expert, each expert's packed bytes read once
+  per block of picks and multiplied on the tensor cores (`moe_by_pick`: the same for a decode
+  step, one block per pick); `dequant_fp4(...)`: one pass from packed FP4 to bf16/fp16/fp32;
 * `sinkhorn(...)`: the hyper-connections' 20-iteration Sinkhorn of each 4×4 mixing matrix in one
-  launch instead of ~120 tiny ones; `hc_pre_tail`, `hc_post`, `rms_norm`, `apply_rope`: the
-  other chains of small elementwise operations a layer runs per token (~5-30 kernels each as
-  torch operations), one launch each. A CUDA graph removes the host's cost of a kernel, not the
-  GPU's few microseconds per launch; these cut a decode step's kernels by about half.
+  launch instead of ~120 tiny ones; `hc_mixes`, `hc_pre_tail`, `hc_post`, `rms_norm`,
+  `apply_rope`, `route` (the router after its GEMV), `softmax_pool` and `compressor_step` (a
+  compressor's step after its GEMVs): the other chains of small operations a layer runs per
+  token (~5-30 kernels each as torch operations), one launch each. A CUDA graph removes the
+  host's cost of a kernel, not the GPU's few microseconds per launch.
 
 Triton is optional: torch's Linux CUDA wheels bring it; where it is missing (Windows, CPU-only)
-`available()` is False and the runtime keeps its torch path. Without a GPU the tests run these
-kernels in Triton's CPU interpreter.
+`available()` is False and the runtime keeps its torch path. At first use on a GPU the kernels
+are checked against their torch definitions: the core ones together (`available`), the
+tensor-core ones (`tensor_cores`) and the newest fused chains one by one (`checked`), so a kernel
+that fails there falls back alone. Without a GPU the tests run these kernels in Triton's CPU
+interpreter, and build each for sm_90a (tests/test_gpu_kernels_compile.py).
 """
 
 from __future__ import annotations
@@ -192,6 +198,40 @@ def _check_compressor_step(dev: torch.device) -> str | None:
     return None
 
 
+def _check_hc_mixes(dev: torch.device) -> str | None:
+    """`hc_mixes` against `mhc._mixes`' torch ops."""
+    from flashdesk.engine.model import mhc
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 128, generator=g).to(torch.bfloat16)
+    fn = torch.randn(24, 512, generator=g) * 0.05
+    want = mhc._mixes(x, fn, 1e-6)
+    if not torch.allclose(hc_mixes(x.to(dev), fn.to(dev), 1e-6).cpu(), want, 1e-4, 1e-5):
+        return "it gave other values than the torch ops on this GPU"
+    return None
+
+
+def _check_route(dev: torch.device) -> str | None:
+    """`route` against `moe.Router`'s torch ops (its gate the identity, exact in float32), top-k
+    and hash routing."""
+    from flashdesk.engine.model.moe import Router
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 256, generator=g) * 2
+    ids = torch.tensor([0, 5, 9])
+    table = torch.randint(0, 256, (10, 6), generator=g)
+    for bias, tid2eid in ((torch.randn(256, generator=g) * 0.1, None), (None, table)):
+        router = Router(weight=torch.eye(256), bias=bias, tid2eid=tid2eid, top_k=6, scale=1.5)
+        want = router(logits, ids)
+        picked = tid2eid[ids].to(dev) if tid2eid is not None else None
+        got = route(logits.to(dev), None if bias is None else bias.to(dev), picked, 6, 1.5)
+        if not torch.equal(got[0].cpu(), want[0]) or not torch.allclose(
+            got[1].cpu(), want[1], 1e-5, 1e-6
+        ):
+            return "it picked other experts or weights than the torch router on this GPU"
+    return None
+
+
 def tensor_cores(device: torch.device | str) -> bool:
     """Whether the tensor-core kernels (`moe_grouped`, `moe_by_pick`, `linear` "dot") are used
     on `device`: the others are, and these compiled and gave the right values there."""
@@ -276,7 +316,6 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     definitions (computed on the CPU), or None."""
     from flashdesk.engine.model import mhc
     from flashdesk.engine.model.common import rms_norm as rms_norm_ops
-    from flashdesk.engine.model.moe import Router
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
     from flashdesk.engine.model.rope import apply_rope as rope_ops
 
@@ -289,11 +328,9 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
     mixes = mhc._mixes(x, fn, 1e-6)
     u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
-    # the torch router on given logits: its gate the identity (exact in float32)
-    router = Router(weight=torch.eye(256), bias=fn[0, :256], tid2eid=None, top_k=6, scale=1.5)
     f = torch.randn(2, dim, generator=g)
-    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb, fn)]
-    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd, fnd = on
+    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb)]
+    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd = on
     checks = {
         "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
         "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
@@ -304,10 +341,6 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
             torch.cat([t.flatten() for t in (u, post, comb)]),
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
-        "hyper-connection mixes": (hc_mixes(xd, fnd, 1e-6), mixes),
-        "routing": (torch.cat([t.float().flatten() for t in route(fnd[:, :256], fnd[0, :256],
-                                                                  None, 6, 1.5)]),
-                    torch.cat([t.float().flatten() for t in router(fn[:, :256], None)])),
         "compressor pooling": (softmax_pool((xd[:, 0], xd[:, 1]), (xd[:, 2], xd[:, 3])),
                                (torch.cat((x[:, 0], x[:, 2]))
                                 * torch.cat((x[:, 1], x[:, 3])).softmax(0)).sum(0, keepdim=True)),
@@ -1288,4 +1321,8 @@ def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
 
 
 # kernels checked on their own at first use on a device (`checked`): name → check
-CHECKS = {"compressor step": _check_compressor_step}
+CHECKS = {
+    "compressor step": _check_compressor_step,
+    "hyper-connection mixes": _check_hc_mixes,
+    "routing": _check_route,
+}

@@ -476,7 +476,8 @@ def test_a_kernel_with_its_own_check_falls_back_alone(monkeypatch):
     """The fused compressor step is checked against the torch step once per device; where it
     fails (here: a deliberately wrong one) only it falls back, with the reason kept."""
     dev = kernels_device()
-    assert ft._check_compressor_step(torch.device(dev)) is None  # CSA and HCA windows
+    for name, check in ft.CHECKS.items():  # compressor step (CSA, HCA), mixes, routing
+        assert check(torch.device(dev)) is None, name
     step = ft.compressor_step
     wrong = lambda *a: (lambda out, index: (out * 1.01, index))(*step(*a))  # noqa: E731
     monkeypatch.setattr(ft, "compressor_step", wrong)
@@ -523,5 +524,6 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
             ft, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw)
         )
     monkeypatch.setattr(ft, "applies", lambda t: True)
+    monkeypatch.setattr(ft, "checked", lambda name, device: True)  # their own checks passed
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
     assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"}

@@ -15,11 +15,8 @@ from flashdesk.engine import _kernels, gpu_kernels
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """x `[S, hc, D]` → `ρ · (flatten(x) · fnᵀ)` `[S, n_mix]` with the un-weighted RMS ρ (a
     few tokens on a GPU with Triton: one launch, `gpu_kernels.hc_mixes`)."""
-    if (
-        gpu_kernels.applies(x)
-        and x.shape[0] <= gpu_kernels.MAX_TOKENS
-        and fn.dtype == torch.float32
-    ):
+    few = x.shape[0] <= gpu_kernels.MAX_TOKENS and fn.dtype == torch.float32
+    if few and gpu_kernels.applies(x) and gpu_kernels.checked("hyper-connection mixes", x.device):
         return gpu_kernels.hc_mixes(x, fn, norm_eps)
     flat = x.flatten(1).float()
     rho = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)

@@ -41,7 +41,7 @@ class Router:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[T, D]`, token ids `[T]` → expert ids `[T, k]` (int64), weights `[T, k]` float32."""
         logits = float_linear(x, self.weight)
-        if gpu_kernels.applies(logits):  # one launch instead of ~8
+        if gpu_kernels.applies(logits) and gpu_kernels.checked("routing", logits.device):
             picked = self.tid2eid[ids] if self.tid2eid is not None else None
             return gpu_kernels.route(logits, self.bias, picked, self.top_k, self.scale)
         scores = F.softplus(logits).sqrt()
