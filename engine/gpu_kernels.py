@@ -18,9 +18,10 @@ decode step:
   step, one block per pick); `dequant_fp4(...)`: one pass from packed FP4 to bf16/fp16/fp32;
 * `sinkhorn(...)`: the hyper-connections' 20-iteration Sinkhorn of each 4×4 mixing matrix in one
   launch instead of ~120 tiny ones; `hc_mixes`, `hc_pre_tail`, `hc_post`, `rms_norm`,
-  `apply_rope`, `route` (the router after its GEMV), `softmax_pool` and `compressor_step` (a
-  compressor's step after its GEMVs): the other chains of small operations a layer runs per
-  token (~5-30 kernels each as torch operations), one launch each. A CUDA graph removes the
+  `apply_rope`, `route` (the router after its GEMV), `softmax_pool`, `compressor_step` (a
+  compressor's step after its GEMVs) and `decode_attention` (a decode step's sink attention):
+  the other chains of small operations a layer runs per token (~5-30 kernels each as torch
+  operations), one launch each. A CUDA graph removes the
   host's cost of a kernel, not the GPU's few microseconds per launch.
 
 Triton is optional: torch's Linux CUDA wheels bring it; where it is missing (Windows, CPU-only)
@@ -195,6 +196,38 @@ def _check_compressor_step(dev: torch.device) -> str | None:
         for t, u in pairs:
             if not torch.allclose(t.cpu(), u, rtol=1e-4, atol=1e-5):
                 return "it gave other values than the torch step on this GPU"
+    return None
+
+
+def _check_decode_attention(dev: torch.device) -> str | None:
+    """`decode_attention` against `Attention.step`'s torch ops (`Attention._sink_attend`), the
+    ring filling and full, with and without compressed rows."""
+    from types import SimpleNamespace
+
+    from flashdesk.engine.model.attention import Attention
+
+    g = torch.Generator().manual_seed(8)
+    heads, dim, w, c = 4, 64, 8, 12
+    q, own = torch.randn(1, heads, dim, generator=g), torch.randn(1, dim, generator=g)
+    window, comp = torch.randn(w, dim, generator=g), torch.randn(c, dim, generator=g)
+    visible = torch.rand(c, generator=g) < 0.6
+    layer = SimpleNamespace(sink=torch.randn(heads, generator=g), scale=dim**-0.5)
+    for pos, with_comp in ((3, False), (5, True), (13, True)):
+        keys = window.index_copy(0, torch.tensor([pos % w]), own)
+        logits = [torch.einsum("qhd,kd->qhk", q, keys)]
+        logits[0][..., torch.arange(w) > pos] = float("-inf")
+        values = [keys]
+        if with_comp:
+            logits.append(torch.einsum("qhd,td->qht", q, comp).masked_fill(~visible, -math.inf))
+            values.append(comp)
+        want = Attention._sink_attend(layer, logits, values)
+        on = [t.to(dev) for t in (q, window, own, comp, visible, layer.sink)]
+        got = decode_attention(
+            on[0], on[1], on[2], on[3] if with_comp else None, on[4] if with_comp else None,
+            torch.tensor([pos], device=dev), on[5], layer.scale,
+        )  # fmt: skip
+        if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5):
+            return "it gave other values than the torch ops on this GPU"
     return None
 
 
@@ -699,6 +732,51 @@ if triton is not None:
                     tl.store(prev_g_ptr + r[:, None] * C + cols[None, :], a_g)  # fmt: skip
 
     @triton.jit
+    def _attend_rows(q, k_ptr, n, valid_ptr, limit, sub, own, top, den, acc, scale,
+                     D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+        """Online softmax of one head over N rows `[N, D]` (float32 math): row r counts where
+        r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit); row `sub` is `own` instead."""
+        d = tl.arange(0, D)
+        for r0 in range(0, N, RB):
+            r = r0 + tl.arange(0, RB)
+            k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
+            k = tl.where((r == sub)[:, None], own[None, :], k.to(tl.float32))
+            if MASKED:
+                live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
+            else:
+                live = (r < n) & (r <= limit)
+            s = tl.where(live, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            new_top = tl.maximum(top, tl.max(s, axis=0))
+            alpha = tl.exp(top - new_top)
+            p = tl.exp(s - new_top)
+            den = den * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * k, axis=0)
+            top = new_top
+        return top, den, acc
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, sink_ptr, out_ptr, scale,
+        W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
+    ):  # fmt: skip
+        """One head per program: the sink softmax over the window ring (slots ≤ pos; the
+        token's own slot as computed) and C compressed rows (those visible) → Σ p · row."""
+        h = tl.program_id(0)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + h * D + d).to(tl.float32)
+        pos = tl.load(pos_ptr)
+        own = tl.load(own_ptr + d).to(tl.float32)
+        top = tl.load(sink_ptr + h)  # the sink: a logit with no value, e^0 in the sum
+        den = top * 0.0 + 1.0
+        acc = tl.zeros((D,), dtype=tl.float32)
+        top, den, acc = _attend_rows(q, win_ptr, W, vis_ptr, pos, pos % W, own, top, den, acc,
+                                     scale, D, W, RB, False)  # fmt: skip
+        if C > 0:
+            top, den, acc = _attend_rows(q, comp_ptr, C, vis_ptr, 0, -1, own, top, den, acc,
+                                         scale, D, C, RB, True)  # fmt: skip
+        tl.store(out_ptr + h * D + d, acc / den)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr
     ):
@@ -1118,6 +1196,29 @@ def compressor_step(
     return out, index
 
 
+def decode_attention(
+    q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
+    visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """`Attention.step`'s sink attention of one token in one launch (as torch ops ~20 kernels):
+    q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos` unwritten), the
+    token's own row `[1, d]` for its slot, compressed rows `[C, d]` with `visible` `[C]` bool
+    (or None) → `[1, H, d]` float32. float32 products and sums, one head per program."""
+    heads, dim = q.shape[1], q.shape[2]
+    if dim & (dim - 1) or window.shape[1] != dim:
+        raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
+    out = torch.empty((1, heads, dim), dtype=torch.float32, device=q.device)
+    n = comp.shape[0] if comp is not None else 0
+    rows = max(1, min(16, 8192 // dim))
+    _decode_attention_kernel[(heads,)](
+        q.contiguous(), window.contiguous(), own.contiguous(),
+        comp.contiguous() if comp is not None else window,
+        visible.contiguous() if visible is not None else pos, pos, sink, out, float(scale),
+        W=window.shape[0], C=n, D=dim, RB=rows, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`common.rms_norm` (over the last dim, float32 math, weight float32 or None, result in x's
     dtype) in one launch."""
@@ -1325,4 +1426,5 @@ CHECKS = {
     "compressor step": _check_compressor_step,
     "hyper-connection mixes": _check_hc_mixes,
     "routing": _check_route,
+    "decode attention": _check_decode_attention,
 }

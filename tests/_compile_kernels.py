@@ -199,6 +199,17 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 8},
             )
         )
+    for label, n in (("window only", 0), ("CSA top-k", 512), ("HCA", 1024)):
+        specs.append(
+            (
+                f"decode attention {label}",
+                gk._decode_attention_kernel,
+                "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
+                "pos_ptr:*i64, sink_ptr:*fp32, out_ptr:*fp32, scale:fp32",
+                {"W": 128, "C": n, "D": HEAD_DIM, "RB": 16},  # as decode_attention picks
+                {"num_warps": 4},
+            )
+        )
     for label, rows, second in (("CSA", 4, 4), ("HCA", 128, 0)):
         specs.append(
             (

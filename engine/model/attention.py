@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from flashdesk.engine import gpu_kernels
 from flashdesk.engine.cache import LayerState
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
@@ -126,12 +127,7 @@ class Attention:
         device = a.device
         slot = pos % self.window
         state.window.put(kv, slot)
-        # [W, d]; the token's own row as computed, as `forward` uses it (a packed ring rounds it)
-        keys = state.window.slots().float().index_copy(0, slot, kv.float())
-        qf = q.float()  # [1, H, d]
-        written = torch.arange(self.window, device=device) <= pos
-        logits = [torch.einsum("qhd,kd->qhk", qf, keys).masked_fill(~written, float("-inf"))]
-        values = [keys]
+        entries = visible = None
         if self.compressor is not None:
             self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
             entries = state.kv_entries.rows()  # [C, d]
@@ -146,6 +142,19 @@ class Attention:
                     picked = scores.masked_fill(~visible, float("-inf"))
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = entries[picked], visible[picked]
+        window = state.window.slots()  # [W, d]
+        if gpu_kernels.applies(q) and gpu_kernels.checked("decode attention", device):
+            o = gpu_kernels.decode_attention(
+                q, window, kv, entries, visible, pos, self.sink, self.scale
+            )
+            return self._output(o, a.dtype, cos, sin, False)
+        # the token's own row as computed, as `forward` uses it (a packed ring rounds it)
+        keys = window.float().index_copy(0, slot, kv.float())
+        qf = q.float()  # [1, H, d]
+        written = torch.arange(self.window, device=device) <= pos
+        logits = [torch.einsum("qhd,kd->qhk", qf, keys).masked_fill(~written, float("-inf"))]
+        values = [keys]
+        if entries is not None:
             comp = entries.float()
             logits.append(
                 torch.einsum("qhd,td->qht", qf, comp).masked_fill(~visible, float("-inf"))
