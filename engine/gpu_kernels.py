@@ -265,6 +265,22 @@ def _check_route(dev: torch.device) -> str | None:
     return None
 
 
+def fallback_notes(device: torch.device | str) -> list[str]:
+    """In words, for the runtime's notes: the kernels that failed their check on `device` and
+    the slower path each left in place."""
+    key = str(torch.device(device))
+    notes = []
+    if TENSOR_CORES.get(key):
+        notes.append(
+            f"prompts' experts run through torch's dequantize-then-multiply, slower: "
+            f"{TENSOR_CORES[key]}"
+        )
+    for (name, where), reason in FAILED_CHECKS.items():
+        if where == key and reason:
+            notes.append(f"the {name} runs as separate kernels, slower per token: {reason}")
+    return notes
+
+
 def tensor_cores(device: torch.device | str) -> bool:
     """Whether the tensor-core kernels (`moe_grouped`, `moe_by_pick`, `linear` "dot") are used
     on `device`: the others are, and these compiled and gave the right values there."""

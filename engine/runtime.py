@@ -570,6 +570,7 @@ class Runtime:
                 f"times slower per token: {gpu_kernels.unavailable_reason(self.device)} (on Linux "
                 "install a C compiler, e.g. build-essential, for Triton)"
             )
+        notes += gpu_kernels.fallback_notes(self.device)
         return notes
 
     def describe(self) -> str:

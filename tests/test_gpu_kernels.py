@@ -494,6 +494,11 @@ def test_a_kernel_with_its_own_check_falls_back_alone(monkeypatch):
     monkeypatch.setitem(ft.CHECKS, "compressor step", lambda dev: 1 / 0)
     assert not ft.checked("compressor step", dev)
     assert "ZeroDivisionError" in ft.FAILED_CHECKS[("compressor step", dev)]
+    # the runtime's notes say which kernel fell back and why
+    (note,) = ft.fallback_notes(dev)
+    assert note.startswith("the compressor step runs as separate kernels") and "Zero" in note
+    monkeypatch.setitem(ft.TENSOR_CORES, dev, "Triton's tensor-core kernels gave wrong values")
+    assert "prompts' experts run through torch" in ft.fallback_notes(dev)[0]
 
 
 def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
