@@ -415,16 +415,12 @@ class HybridMoE(MoE):
         for e in picked:
             starts[e], at = at, at + counts[e]
         ring = _StagingRing.for_layer(self, x.device)
-        for j in range(min(ring.size, len(incoming))):
-            ring.load(j, self.host.parts[incoming[j]])
-        if gpu_kernels.tensor_cores(x.device):
-            self._stream_grouped(x, experts, weights, y, order, counts, held, incoming, starts)
-        else:
-            self._stream_each(x, experts, weights, y, order, counts, held, incoming, starts)
+        ring.start([self.host.parts[e] for e in incoming])
+        stream = self._stream_grouped if gpu_kernels.tensor_cores(x.device) else self._stream_each
+        stream(x, experts, weights, y, order, counts, held, incoming, starts, ring)
 
-    def _stream_grouped(self, x, experts, weights, y, order, counts, held, incoming, starts):
+    def _stream_grouped(self, x, experts, weights, y, order, counts, held, incoming, starts, ring):
         tokens, k = experts.shape
-        ring = _StagingRing.for_layer(self, x.device)
         blocks = []  # the cached experts' blocks (their slots in the cache's stacks), then …
         for e in sorted(held):
             slot = int(self.cache.slot_of[e])
@@ -444,18 +440,14 @@ class HybridMoE(MoE):
         if first_staged:
             run(self.cache.stacks, self.limit, out, h, 0, first_staged)
         for i, (first, n_blocks) in enumerate(spans):
-            j = i % ring.size
-            stack = tuple(t.unsqueeze(0) for t in ring.take(j))
+            stack = tuple(t.unsqueeze(0) for t in ring.take(i))
             run(stack, self.limit, out, h, first, n_blocks)
-            ring.release(j)  # the next copy into this slot waits for these kernels
-            if i + ring.size < len(incoming):
-                ring.load(j, self.host.parts[incoming[i + ring.size]])
+            ring.done(i)  # the next copy into this slot waits for these kernels
         y += out.view(tokens, k, -1).sum(dim=1)
 
-    def _stream_each(self, x, experts, weights, y, order, counts, held, incoming, starts):
+    def _stream_each(self, x, experts, weights, y, order, counts, held, incoming, starts, ring):
         k = experts.shape[1]
         rows_of, slot_of = order // k, order % k
-        ring = _StagingRing.for_layer(self, x.device)
         staged = 0
         for e in sorted(held | set(incoming)):
             start = starts[e]
@@ -463,15 +455,11 @@ class HybridMoE(MoE):
             if e in held:
                 w1, w3, w2 = self.cache.weights(e, x.dtype)
             else:
-                j = staged % ring.size
-                p = ring.take(j)
+                p = ring.take(staged)
                 w1 = fp4_dequant(p[0], p[1], x.dtype)
                 w3 = fp4_dequant(p[2], p[3], x.dtype)
                 w2 = fp4_dequant(p[4], p[5], x.dtype)
-                ring.release(j)  # the slot's bytes are dequantized: the next copy may land
-                ahead = staged + ring.size
-                if ahead < len(incoming):
-                    ring.load(j, self.host.parts[incoming[ahead]])
+                ring.done(staged)  # the slot's bytes are dequantized: the next copy may land
                 staged += 1
             self._device_expert(x, w1, w3, w2, rows, slot, weights, y)
 
@@ -494,6 +482,7 @@ class _StagingRing:
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.ready: list = [None] * self.size  # copy finished (recorded on the side stream)
         self.free: list = [None] * self.size  # last use finished (recorded on the compute stream)
+        self.queue: Sequence = ()  # the experts being streamed (`start`)
 
     @classmethod
     def for_layer(cls, moe: HybridMoE, device: torch.device) -> _StagingRing:
@@ -517,12 +506,25 @@ class _StagingRing:
             self.ready[j] = torch.cuda.Event()
             self.ready[j].record(self.stream)
 
-    def take(self, j: int) -> list[torch.Tensor]:
+    def start(self, queue: Sequence[tuple[torch.Tensor, ...]]) -> None:
+        """Stream these experts' bytes, in the order they will be used: the first few copy now,
+        each later one as `done` frees a slot."""
+        self.queue = queue
+        for j in range(min(self.size, len(queue))):
+            self.load(j, queue[j])
+
+    def take(self, i: int) -> list[torch.Tensor]:
+        """Queued expert i's device copy (the compute stream waits for its copy)."""
+        j = i % self.size
         if self.ready[j] is not None:
             torch.cuda.current_stream(self.slots[j][0].device).wait_event(self.ready[j])
         return self.slots[j]
 
-    def release(self, j: int) -> None:
+    def done(self, i: int) -> None:
+        """Queued expert i's use is enqueued: its slot takes the expert `size` places ahead."""
+        j = i % self.size
         if self.stream is not None:
             self.free[j] = torch.cuda.Event()
             self.free[j].record(torch.cuda.current_stream(self.slots[j][0].device))
+        if i + self.size < len(self.queue):
+            self.load(j, self.queue[i + self.size])
