@@ -156,8 +156,11 @@ class Backend(ABC):
     def cancel(self) -> None: ...
 
     @abstractmethod
-    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
-        """Settings changed (the fit wizard saved a plan); takes effect at the next load()."""
+    def configure(
+        self, model_path: str, context_limit: int, plan_summary: str, plan: dict | None = None
+    ) -> None:
+        """Settings changed (the fit wizard saved a plan, `plan`: its choices such as the KV
+        format); takes effect at the next load()."""
 
     def document_tokenizer(self):
         """The tokenizer documents are counted with; None: the bundled V4 tokenizer."""
@@ -281,7 +284,9 @@ class ScriptedBackend(Backend):
     def cancel(self) -> None:
         self._cancel.set()
 
-    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
+    def configure(
+        self, model_path: str, context_limit: int, plan_summary: str, plan: dict | None = None
+    ) -> None:
         self.context_limit = int(context_limit)
         self.plan_summary = plan_summary
 

@@ -120,6 +120,7 @@ class EngineBackend(Backend):
         context_limit: int = 8192,
         device: str | None = None,
         plan_summary: str = "",
+        plan: dict | None = None,
         demo: bool = False,
     ):
         # demo: with no model path, run the real small GGUF demo model when it is installed
@@ -130,6 +131,7 @@ class EngineBackend(Backend):
         self.requested_context = int(context_limit)
         self.device = device
         self.plan_summary = plan_summary
+        self.saved_plan = dict(plan or {})  # the wizard's choices the load re-plans with
         self.model = None
         self.tokenizer = None
         self.session = None
@@ -235,25 +237,24 @@ class EngineBackend(Backend):
             old.close()
 
     def _plan_for(self, folder: Path, progress: Progress):
-        """The planner's placement for this checkpoint on this machine at the chosen context
-        (probed with cached measurements); a plan that cannot fit is refused with its changes."""
-        from flashdesk.fit import evaluate
-        from flashdesk.offload.plan import DOES_NOT_FIT
+        """The planner's placement for this checkpoint on this machine at the chosen context, with
+        the wizard's KV format and VRAM reserve (probed with cached measurements); a plan that
+        cannot fit is refused with its changes."""
+        from flashdesk.fit import DoesNotFit, plan_for_loading
 
         progress(0.02, "Planning GPU and RAM placement")
+        reserve = self.saved_plan.get("vram_reserve_bytes")
         try:
-            _figures, _profile, plan, _prediction = evaluate(
-                model=str(folder), context=self.requested_context
+            plan, why = plan_for_loading(
+                str(folder),
+                self.requested_context,
+                kv_dtype=self.saved_plan.get("kv_dtype") or "bf16",
+                vram_reserve_gib=None if reserve is None else reserve / 2**30,
             )
-        except Exception as exc:  # a planning problem must not stop a model that may still load
-            log.warning("no plan for %s (%s); loading with experts memory-mapped", folder, exc)
-            return None
-        if plan.verdict == DOES_NOT_FIT:
-            raise BackendError(
-                "This machine cannot hold this model:\n"
-                + "\n".join(f"• {c}" for c in plan.changes),
-                kind="oom",
-            )
+        except DoesNotFit as exc:
+            raise BackendError(str(exc), kind="oom") from exc
+        if plan is None:
+            log.warning("no plan for %s (%s); loading with experts memory-mapped", folder, why)
         return plan
 
     def _gguf_path(self) -> Path | None:
@@ -370,10 +371,13 @@ class EngineBackend(Backend):
         except ContextOverflowError as exc:
             raise PromptTooLong(exc.prompt_tokens, exc.context_limit) from exc
 
-    def configure(self, model_path: str, context_limit: int, plan_summary: str) -> None:
+    def configure(
+        self, model_path: str, context_limit: int, plan_summary: str, plan: dict | None = None
+    ) -> None:
         self.model_path = Path(model_path).expanduser() if model_path else None
         self.requested_context = int(context_limit)
         self.plan_summary = plan_summary
+        self.saved_plan = dict(plan or {})
 
     def cancel(self) -> None:
         if self.session is not None:

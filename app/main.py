@@ -138,6 +138,7 @@ def make_backend(args, folder: Path, settings):
         folder,
         context_limit=settings.context_limit,
         plan_summary=plan_summary(settings.plan),
+        plan=settings.plan,
         # No V4 weights configured: the real small GGUF demo model when the gguf extra and the
         # demo file are installed (make run installs both), else the tiny V4 test model.
         demo=not args.test_model,

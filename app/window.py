@@ -406,7 +406,7 @@ class MainWindow(QMainWindow):
     def apply_plan(self, saved: dict) -> None:
         """The wizard saved a plan: reload the model with its context (and checkpoint)."""
         self.backend.configure(
-            self.settings.model_path, self.settings.context_limit, plan_summary(saved)
+            self.settings.model_path, self.settings.context_limit, plan_summary(saved), saved
         )
         self._apply_mode_limits()
         self._build_ttft_predictor()
@@ -432,6 +432,7 @@ class MainWindow(QMainWindow):
                 self.settings.model_path,
                 self.settings.context_limit,
                 plan_summary(self.settings.plan),
+                self.settings.plan,
             )
             if self.engine.busy:
                 self.statusBar().showMessage("The new model loads after this answer.", 6000)

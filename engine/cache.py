@@ -6,9 +6,11 @@ still open, and for the overlapping CSA compressor the A halves of the last clos
 CSA layers also the indexer's keys and its compressor carry. Everything is reset per sequence
 (the reference relies on prefill overwriting its buffers; we do not).
 
-KV rows (window and compressed entries) are stored in the model's dtype ("native") or packed
-("fp8": E4M3 no-rope channels + E8M0 scale per 64 + rope channels, spec §3.2). `nbytes` and
-`breakdown()` report what a sequence holds.
+KV rows (window and compressed entries) are stored in the model's dtype ("native"), in BF16
+("bf16": the reference cache, half the bytes of a float32 model's rows) or packed ("fp8": E4M3
+no-rope channels + E8M0 scale per 64 + rope channels, spec §3.2; index keys then E4M3 with one
+float32 scale per key, or FP4 where that is exact). `nbytes` and `breakdown()` report what a
+sequence holds; a plan's `kv_dtype` names the same formats.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from flashdesk.engine.model.qsim import FP4_MAX, FP4_VALUES, FP8_MAX, fp4_round, pow2_ceil
 
-KV_FORMATS = ("native", "fp8")
+KV_FORMATS = ("native", "bf16", "fp8")
 
 
 class NativeRows:
@@ -40,9 +42,10 @@ class NativeRows:
 
 class Fp8Rows:
     """The packed KV layout of spec §3.2: the no-rope channels as E4M3 codes with one E8M0
-    (power-of-two) scale per 64, the rope channels in the model's dtype — for the bf16 model 583
-    bytes per 512-d entry instead of 1024. Lossless for rows the reference's FP8 simulation
-    produced (`simulate_quant=True`); otherwise the no-rope channels are rounded to FP8."""
+    (power-of-two) scale per 64, the rope channels in BF16 — 583 bytes per 512-d entry instead of
+    1024. Lossless against the reference's BF16 cache for rows its FP8 simulation produced
+    (`simulate_quant=True`); otherwise the no-rope channels are rounded to FP8. Rows decode to
+    `dtype` (the compute dtype)."""
 
     BLOCK = 64
 
@@ -59,7 +62,7 @@ class Fp8Rows:
         return (
             torch.zeros(n, self.nope, dtype=torch.uint8, device=device),
             torch.full((n, self.nope // self.BLOCK), 127, dtype=torch.uint8, device=device),
-            torch.zeros(n, self.rope_dim, dtype=self.dtype, device=device),
+            torch.zeros(n, self.rope_dim, dtype=torch.bfloat16, device=device),
         )
 
     def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -71,7 +74,7 @@ class Fp8Rows:
         return (
             codes.view(torch.uint8).flatten(-2),
             exponent.squeeze(-1).to(torch.uint8),
-            rows[:, self.nope :].to(self.dtype),
+            rows[:, self.nope :].to(torch.bfloat16),
         )
 
     def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -80,6 +83,32 @@ class Fp8Rows:
         scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.int() - 127)
         nope = (values * scale[..., None]).flatten(-2)
         return torch.cat((nope, rope.float()), -1).to(self.dtype)
+
+
+class Fp8KeyRows:
+    """Index keys as E4M3 codes with one float32 scale per key (vLLM's `fp8_ds_mla` layout, spec
+    §3.2): 132 bytes per 128-d key instead of 256 in BF16. The keys only rank compressed entries
+    for the top-k pick, and FP8 keeps more of them than the reference's own FP4 snapping. Decoded
+    to float32, which the scores take as they are."""
+
+    def __init__(self, width: int):
+        self.width, self.dtype = width, torch.float32
+
+    def empty(self, n: int, device) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros(n, self.width, dtype=torch.uint8, device=device),
+            torch.ones(n, 1, dtype=torch.float32, device=device),
+        )
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = rows.float()
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / FP8_MAX
+        codes = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return codes.view(torch.uint8), scale
+
+    def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        codes, scale = parts
+        return codes.view(torch.float8_e4m3fn).float() * scale
 
 
 class Fp4Rows:
@@ -146,6 +175,14 @@ class RowStore:
     def view(self) -> torch.Tensor:
         """All rows, decoded to the compute dtype, `[n, width]`."""
         return self.codec.decode(tuple(p[: self.n] for p in self._parts))
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at `index` (int64 of any shape, < capacity), decoded → `[*index.shape, width]`:
+        a CSA pick decodes its top-k rows, not the whole store (a packed store at 1M tokens holds
+        262,144 rows per layer)."""
+        flat = index.reshape(-1)
+        rows = self.codec.decode(tuple(p.index_select(0, flat) for p in self._parts))
+        return rows.view(*index.shape, self.width)
 
     # -- fixed-shape access for a decode step replayed from a CUDA graph (`engine.decode_graphs`):
     # the row index is a device tensor and every shape depends only on the capacity.
@@ -335,12 +372,14 @@ def new_layer_state(
 ) -> LayerState:
     """State of one layer: ratio 0 (window only), 4 (CSA: overlap + indexer) or other (HCA).
 
-    kv_format "native" keeps KV rows in `kv_dtype`; "fp8" packs window and compressed KV rows in
-    the layout of spec §3.2. `pack_index_keys` stores CSA index keys as FP4 (only exact when the
-    model simulates the reference's quantisation); otherwise they stay in `kv_dtype`.
+    kv_format "native" keeps KV rows and index keys in `kv_dtype` (the model's); "bf16" in BF16;
+    "fp8" packs window and compressed KV rows in the layout of spec §3.2 and index keys as E4M3 with a per-key scale, or as FP4 with `pack_index_keys`
+    (only exact when the model simulates the reference's quantisation).
     """
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
+    if kv_format == "bf16":
+        kv_dtype = torch.bfloat16
     if kv_format == "fp8":
         kv_codec = Fp8Rows(head_dim, rope_dim, kv_dtype)
     else:
@@ -351,7 +390,12 @@ def new_layer_state(
         state.kv_entries = RowStore(kv_codec, device)
         state.carry = CompressorCarry(ratio, head_dim, overlap, device)
         if overlap:
-            keys = Fp4Rows if pack_index_keys else NativeRows
-            state.index_keys = RowStore(keys(index_head_dim, kv_dtype), device)
+            if pack_index_keys:
+                keys = Fp4Rows(index_head_dim, kv_dtype)
+            elif kv_format == "fp8":
+                keys = Fp8KeyRows(index_head_dim)
+            else:
+                keys = NativeRows(index_head_dim, kv_dtype)
+            state.index_keys = RowStore(keys, device)
             state.index_carry = CompressorCarry(ratio, index_head_dim, True, device)
     return state

@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--context", type=int, default=None, help="context limit in tokens")
     parser.add_argument(
+        "--kv",
+        choices=("bf16", "fp8"),
+        default=None,
+        help="KV-cache format: bf16 (the reference's) or fp8 (~57%% of the bytes, rounds the "
+        "no-rope channels); default: bf16 with --fit, else the model's dtype",
+    )
+    parser.add_argument(
         "--fit", action="store_true", help="place experts with the planner (spare VRAM as cache)"
     )
     parser.add_argument("--json", action="store_true", help="generate: print one JSON object")
@@ -74,16 +81,18 @@ def _load(args):
         )
     plan = None
     if args.fit:
-        from flashdesk.fit import evaluate
+        from flashdesk.fit import plan_for_loading
 
-        _, _, plan, _ = evaluate(model=str(folder), context=args.context or 131072)
+        plan, why = plan_for_loading(str(folder), args.context or 131072, args.kv or "bf16")
+        if plan is None:
+            print(f"note: no plan ({why}); routed experts stay memory-mapped", file=sys.stderr)
     progress = None
     if not args.json:
 
         def progress(fraction: float, message: str) -> None:
             print(f"\r{message} {100 * fraction:3.0f}%", end="", file=sys.stderr, flush=True)
 
-    rt = load_runtime(folder, plan=plan, device=device, progress=progress)
+    rt = load_runtime(folder, plan=plan, device=device, progress=progress, kv_dtype=args.kv)
     if progress is not None:
         print(f"\r{rt.describe()}", file=sys.stderr)
         for note in rt.notes:

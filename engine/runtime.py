@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from flashdesk.engine import gpu_kernels, kernels
+from flashdesk.engine.cache import KV_FORMATS, Fp8Rows
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder
@@ -467,8 +468,14 @@ class Runtime:
                 self._hash_prefetch.append((table.to("cpu"), host))
 
     # -- the model interface Session uses
-    def new_state(self, kv_format: str = "native"):
+    def new_state(self, kv_format: str | None = None):
+        """A sequence's empty state; its KV rows in `kv_format` (default: the runtime's)."""
         return self.model.new_state(kv_format)
+
+    @property
+    def kv_format(self) -> str:
+        """How sequences store their KV rows (`cache.KV_FORMATS`; from the plan's KV choice)."""
+        return self.model.numerics.kv_format
 
     def _open(self) -> V4Model:
         if self.checkpoint is None:
@@ -584,6 +591,8 @@ class Runtime:
         where = [f"{dev} on {self.device}"] if dev else []
         where += [f"{n} {s}" for s, n in counts.items() if n]
         line = f"attention on {self.device}; routed experts: {', '.join(where)}"
+        if self.kv_format != "native":
+            line += f"; KV cache {self.kv_format}"
         if self.graphs is not None and self.graphs.usable:
             line += "; decode replays CUDA graphs"
         if gpu_kernels.TUNED.get(str(self.device)):
@@ -650,6 +659,7 @@ def load_runtime(
     frequency: Any = None,
     head_dtype: str | None = None,
     cuda_graphs: bool | None = None,
+    kv_dtype: str | None = None,
 ) -> Runtime:
     """Open the checkpoint at `path` (or take an open `Checkpoint`, e.g. a `SyntheticCheckpoint`;
     the runtime then owns and closes it) and build the runtime.
@@ -673,6 +683,10 @@ def load_runtime(
     cuda_graphs: on a GPU, replay each decode step from CUDA graphs (`decode_graphs`; default
       on unless FLASHDESK_CUDA_GRAPHS=0). Checked at load against the same step run directly;
       where capture fails or disagrees, decode runs the plain way and `notes` says why.
+    kv_dtype: how sequences store their KV cache, as the planner names it: "bf16" (the
+      reference cache; on the CPU half the bytes of float32 rows) or "fp8" (spec §3.2's packed
+      layout, ~57% of BF16, rounds the no-rope channels to FP8). Default: the plan's `kv_dtype`;
+      without a plan the rows stay in `dtype`.
     """
     dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
     if dtype is None:
@@ -688,6 +702,10 @@ def load_runtime(
             f"head_dtype='fp8' is for the CPU mode; on {dev.type} use 'bf16' (the default: the "
             "stored values) or 'fp32'"
         )
+    if kv_dtype is None:
+        kv_dtype = getattr(plan, "kv_dtype", None) or "native"
+    if kv_dtype not in KV_FORMATS:
+        raise ValueError(f"kv_dtype must be 'bf16', 'fp8' or None, got {kv_dtype!r}")
     if isinstance(frequency, (str, Path)):
         frequency = json.loads(Path(frequency).read_text())["counts"]
     progress = progress or (lambda f, m: None)
@@ -699,6 +717,7 @@ def load_runtime(
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
             stream_min_tokens, refresh_every, frequency, head_dtype, cuda_graphs and dev.type == "cuda",
+            kv_dtype,
         )  # fmt: skip
     except BaseException:
         ckpt.close()
@@ -708,12 +727,20 @@ def load_runtime(
 def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
     stream_min_tokens, refresh_every, frequency, head_dtype="fp32", cuda_graphs=False,
+    kv_format="native",
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
         raise CheckpointError(
             f"{path} has no config.json next to its weights; FlashDesk needs it to know the "
             "model's shape. Download config.json from the model's page into that folder."
+        )
+    nope = config.head_dim - config.qk_rope_head_dim
+    if kv_format == "fp8" and nope % Fp8Rows.BLOCK:
+        raise RuntimeLoadError(
+            f"this model's KV rows have {nope} no-rope channels, which the FP8 KV layout cannot "
+            f"hold (it scales them in blocks of {Fp8Rows.BLOCK}); choose the bf16 KV cache in the "
+            "hardware-fit wizard (`flashdesk fit --kv bf16`)"
         )
     if placement is None and plan is not None:
         prefix = config.main_layers[0].prefix + "ffn.experts.0."
@@ -784,7 +811,7 @@ def _build(
             config,
             fetch,
             device=dev,
-            numerics=Numerics(dtype=dtype),
+            numerics=Numerics(dtype=dtype, kv_format=kv_format),
             make_experts=make_experts,
         )
         _install_head(model, head_dtype)

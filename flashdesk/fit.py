@@ -153,6 +153,35 @@ def evaluate(
     return figures, profile, plan, prediction
 
 
+class DoesNotFit(ValueError):
+    """This machine cannot hold the model with these settings; `changes` are the planner's."""
+
+    def __init__(self, changes: list[str]):
+        self.changes = list(changes)
+        super().__init__(
+            "This machine cannot hold this model:\n" + "\n".join(f"• {c}" for c in self.changes)
+        )
+
+
+def plan_for_loading(
+    model: str, context: int, kv_dtype: str = "bf16", vram_reserve_gib: float | None = None
+):
+    """(plan, None): the planner's placement for loading the checkpoint folder `model` on this
+    machine (probed; measurements cached), or (None, why) when planning itself failed — the model
+    still loads then, its experts memory-mapped. Raises DoesNotFit when it cannot fit at all."""
+    from flashdesk.offload.plan import DOES_NOT_FIT
+
+    try:
+        _figures, _profile, plan, _prediction = evaluate(
+            model=model, context=context, kv_dtype=kv_dtype, vram_reserve_gib=vram_reserve_gib
+        )
+    except Exception as exc:  # a planning problem must not stop a model that may still load
+        return None, str(exc)
+    if plan.verdict == DOES_NOT_FIT:
+        raise DoesNotFit(plan.changes)
+    return plan, None
+
+
 def report(figures, profile, plan, prediction) -> dict:
     """The JSON object of `fit --json`."""
     return {

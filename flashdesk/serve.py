@@ -1,7 +1,8 @@
 """`flashdesk serve`: the local OpenAI-compatible server from the command line.
 
-Loads a V4 checkpoint folder with the native engine and serves it on loopback (127.0.0.1:8437 by
-default) until Ctrl+C. `--test-model` serves the tiny random-weights test model instead, to try a
+Loads a V4 checkpoint folder through the hybrid runtime, placed by the planner for this machine
+as the app does (routed experts stay stored FP4 bytes), and serves it on loopback (127.0.0.1:8437
+by default) until Ctrl+C. `--test-model` serves the tiny random-weights test model instead, to try a
 client without the real weights (its answers are noise; the protocol is real).
 """
 
@@ -60,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)",
     )
     parser.add_argument(
+        "--kv",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="KV-cache format: bf16 (the reference's, default) or fp8 (~57%% of the bytes)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=4,
@@ -94,8 +101,9 @@ def _load(args: argparse.Namespace, scratch: Path):
     import torch
 
     from flashdesk.engine.checkpoint import CheckpointError
-    from flashdesk.engine.model.loader import load_model
+    from flashdesk.engine.runtime import load_runtime
     from flashdesk.engine.tokenizer import TokenizerError, load_tokenizer
+    from flashdesk.fit import plan_for_loading
 
     if args.test_model:
         from flashdesk.engine.checkpoint import write_random
@@ -118,11 +126,21 @@ def _load(args: argparse.Namespace, scratch: Path):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+    plan = None
+    if not args.test_model and (folder / "config.json").is_file():
+        # the hybrid runtime's placement for this machine, as the app loads it: the experts
+        # stay stored FP4 bytes (pinned / pageable RAM, VRAM cache) instead of being widened
+        plan, why = plan_for_loading(str(folder), args.context, args.kv, None)
+        if plan is None:
+            print(f"note: no plan ({why}); routed experts stay memory-mapped", flush=True)
     print(f"Loading {name} on {device} ({dtype_name}) ...", flush=True)
     try:
-        model = load_model(folder, device=device, dtype=dtype)
+        model = load_runtime(folder, plan=plan, device=device, dtype=dtype, kv_dtype=args.kv)
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
         raise ValueError(f"could not load {folder}: {exc}") from exc
+    print(model.describe(), flush=True)
+    for note in model.notes:
+        print(f"note: {note}", flush=True)
     vocab = int(model.config.vocab_size)
     if vocab < V4_VOCAB:
         raise ValueError(
@@ -166,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         except KeyboardInterrupt:
             return _fail("interrupted while loading the model.")
-        return _serve(options, name, model, tokenizer, context, args.host)
+        try:
+            return _serve(options, name, model, tokenizer, context, args.host)
+        finally:
+            model.close()  # the checkpoint's mapping, before a test model's folder goes
 
 
 def _serve(options, name: str, model, tokenizer, context: int, host: str) -> int:

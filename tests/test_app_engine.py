@@ -142,6 +142,49 @@ def test_a_checkpoint_folder_is_planned_and_loaded_through_the_runtime(data_fold
     assert first.checkpoint is None
 
 
+def test_the_wizards_kv_choice_is_what_the_loaded_model_stores(data_folder, monkeypatch):
+    """The wizard's saved plan (its KV format) applies when the app loads a checkpoint, and the
+    cache holds the bytes the plan counted; a model whose rows the FP8 layout cannot hold says
+    what to pick instead."""
+    import shutil
+
+    from flashdesk.app.engine_backend import V4_VOCAB
+    from flashdesk.engine.checkpoint import Checkpoint, write_random
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.tokenizer import bundled_tokenizer_path
+    from flashdesk.offload.figures import ModelFigures
+
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(data_folder / "cache"))
+    config = ModelConfig.tiny(
+        vocab_size=V4_VOCAB, head_dim=128, qk_rope_head_dim=64, index_head_dim=64
+    )
+    folder = write_random(data_folder / "wide-heads", config, seed=2, overwrite=True)
+    narrow = data_folder / "narrow-heads"  # the test model's 48 no-rope channels
+    shutil.copytree(data_folder / TEST_MODEL_DIR, narrow, dirs_exist_ok=True)
+    for f in (folder, narrow):
+        shutil.copy(bundled_tokenizer_path(), f / "tokenizer.json")
+    backend = EngineBackend(folder, data_folder, context_limit=1024)
+    held = {}
+    for kv in ("bf16", "fp8"):
+        backend.configure(str(folder), 1024, "", {"kv_dtype": kv, "vram_reserve_bytes": None})
+        backend.load(lambda f, what: None, lambda: False)
+        assert backend.model.kv_format == kv
+        prompt = backend.encode([{"role": "user", "content": "hello there " * 200}], "Non-think")
+        events = list(backend.stream(prompt, Sampling(max_tokens=2, temperature=0.0)))
+        held[kv] = events[-1].stats.kv_bytes
+    with Checkpoint.open(folder) as ckpt:
+        figures = ModelFigures.from_inventory(ckpt.inventory(), config, "wide-heads")
+    tokens = events[-1].stats.context_used
+    planned = {kv: figures.kv_bytes(tokens, kv) for kv in held}
+    for kv in held:  # what the context meter shows is what the plan counted
+        assert held[kv] == pytest.approx(planned[kv], rel=0.1)
+    assert held["fp8"] < held["bf16"]  # mostly float32 compressor state here; rows 583 vs 1024 B
+    backend.configure(str(narrow), 1024, "", {"kv_dtype": "fp8"})
+    with pytest.raises(BackendError, match=r"no-rope channels.*bf16 KV") as err:
+        backend.load(lambda f, what: None, lambda: False)
+    assert err.value.kind == "load"
+
+
 def test_installing_a_model_releases_the_previous_one(data_folder):
     """Whichever backend the old model came from (runtime or llama.cpp), it is closed once the
     new one is current."""

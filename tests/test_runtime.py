@@ -226,7 +226,50 @@ def test_planner_placements_apply_and_match(tiny):
     cpu = Placement.from_plan(plan, config, device="cpu")
     assert all(not lp.device for lp in cpu.layers)
     with load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32") as rt:
-        torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
+        # the plan's KV cache is BF16 (the reference's): the plain model storing the same rows
+        assert rt.kv_format == plan.kv_dtype == "bf16"
+        ref = tiny[2]
+        bf16_kv = ref.logits_from_streams(ref.forward_streams(ids, ref.new_state("bf16")))
+        torch.testing.assert_close(rt.forward_full(ids), bf16_kv, **TOL)
+
+
+def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
+    """A plan's KV choice is how the runtime's sequences store their cache (BF16 rows on a
+    float32 CPU model; the packed FP8 layout), each entry and index key at the bytes the planner
+    counted for it, and the same logits as the plain model storing the same rows."""
+    config = ModelConfig.tiny(head_dim=128, qk_rope_head_dim=64, index_head_dim=64)
+    folder = write_random(tmp_path / "ckpt", config, seed=3)
+    figures = _tiny_figures(folder, config)
+    profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    ref = load_model(folder)
+    logits = {}
+    for kv in ("bf16", "fp8"):
+        plan = make_plan(figures, profile, PlanOptions(context=4096, kv_dtype=kv))
+        with load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32") as rt:
+            assert rt.kv_format == kv and f"KV cache {kv}" in rt.describe()
+            state = rt.new_state()
+            logits[kv] = rt.prefill(ids.tolist()[:30], state)
+            for t in ids.tolist()[30:]:
+                logits[kv] = rt.decode(t, state)
+        plain = ref.new_state(kv)
+        ref.prefill(ids[:30], plain)
+        for t in ids.tolist()[30:]:
+            want = ref.decode(t, plain)
+        torch.testing.assert_close(logits[kv], want, **TOL)
+        assert state.nbytes == plain.nbytes
+        e_kv, e_key = figures.kv_entry_bytes(kv)
+        held = state.breakdown()
+        rows = sum(len(ids) // s.compress_ratio for s in config.main_layers if s.compress_ratio)
+        # the planner pads FP8 entries to 8 bytes (vLLM's pages); the state holds 583 of 584
+        assert rows * (e_kv - 7) <= held["compressed_kv"] <= rows * e_kv
+        keys = sum(len(ids) // 4 for s in config.main_layers if s.has_indexer)
+        assert held["index_keys"] == keys * e_key
+    assert (logits["fp8"] - logits["bf16"]).abs().max() > 0  # FP8 rounds the no-rope channels
+    corr = torch.corrcoef(torch.stack((logits["fp8"], logits["bf16"])))[0, 1].item()
+    assert corr > 0.95
+    with pytest.raises(ValueError, match="kv_dtype"):
+        load_runtime(folder, device="cpu", kv_dtype="fp4")
 
 
 def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
@@ -282,6 +325,8 @@ def test_clear_errors(tiny):
         load_runtime(folder, placement=holes, head_dtype="fp32")
     with pytest.raises(LoadCancelled):
         load_runtime(folder, cancel=lambda: True, head_dtype="fp32")
+    with pytest.raises(RuntimeLoadError, match=r"48 no-rope channels.*bf16 KV"):
+        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeLoadError, match="sees none"):
             load_runtime(folder, device="cuda", head_dtype="fp32")

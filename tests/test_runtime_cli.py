@@ -48,3 +48,17 @@ def test_clear_errors(folder, tmp_path, capsys):
     small = write_random(tmp_path / "small", ModelConfig.tiny(num_hidden_layers=2), seed=1)
     assert main(["generate", "--model", str(small), "--prompt", "x", "--device", "cpu"]) == 2
     assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_kv_format_option(folder, capsys):
+    """--kv bf16 holds the cache at half of the CPU model's float32 rows; --kv fp8 on a model
+    whose rows the FP8 layout cannot hold is refused with what to pick."""
+    argv = ["generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "2"]
+    argv += ["--temperature", "0", "--json", "--device", "cpu"]
+    held = {}
+    for kv in (None, "bf16"):
+        assert main(argv + (["--kv", kv] if kv else [])) == 0
+        held[kv] = json.loads(capsys.readouterr().out)["stats"]["kv_bytes"]
+    assert held["bf16"] < held[None]
+    assert main([*argv, "--kv", "fp8"]) == 2
+    assert "bf16 KV" in capsys.readouterr().err

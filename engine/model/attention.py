@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from flashdesk.engine import gpu_kernels
-from flashdesk.engine.cache import LayerState
+from flashdesk.engine.cache import LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.compressor import Compressor
@@ -25,6 +25,26 @@ def grouped_linear(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """o `[S, G·K]`, w `[G, R, K]` → `[S, G·R]`: group g's K inputs through w[g] (`wo_a`)."""
     groups = w.shape[0]
     return torch.einsum("sgk,grk->sgr", o.view(o.shape[0], groups, -1), w).flatten(1)
+
+
+class _CompressedRows:
+    """One prefill call's reads of a compressed store: every row decoded at most once (blocks
+    that attend densely), a gathering block's picks decoded alone (a packed store is not
+    widened whole to read 512 of its rows)."""
+
+    def __init__(self, store: RowStore):
+        self.store = store
+        self._all: torch.Tensor | None = None
+
+    def all(self) -> torch.Tensor:
+        """`[n, d]` in the compute dtype."""
+        if self._all is None:
+            self._all = self.store.view()
+        return self._all
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows at `index` `[b, k]` → `[b, k, d]`."""
+        return self.store.gather(index)
 
 
 class Attention:
@@ -85,7 +105,7 @@ class Attention:
         if self.compressor is not None:
             new = self.compressor.update(a, start, state.carry, dtype, simulate)
             state.kv_entries.append(new)
-            entries = state.kv_entries.view()
+            entries = _CompressedRows(state.kv_entries)
         if self.indexer is not None:
             new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
             state.index_keys.append(new)
@@ -130,18 +150,20 @@ class Attention:
         entries = visible = None
         if self.compressor is not None:
             self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
-            entries = state.kv_entries.rows()  # [C, d]
-            visible = torch.arange(entries.shape[0], device=device) < (pos + 1) // self.ratio
+            store = state.kv_entries
+            visible = torch.arange(store.capacity, device=device) < (pos + 1) // self.ratio
             if self.indexer is not None:
                 self.indexer.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype)
                 # a store of at most top-k rows is attended whole (as `forward` does): no
                 # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
-                if entries.shape[0] > self.indexer.topk:
+                if store.capacity > self.indexer.topk:
                     qi, wi = self.indexer.queries(qr, a, cos, sin)
                     scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]  # [C]
                     picked = scores.masked_fill(~visible, float("-inf"))
                     picked = picked.topk(self.indexer.topk).indices
-                    entries, visible = entries[picked], visible[picked]
+                    entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
+            if entries is None:
+                entries = store.rows()  # [C, d]
         window = state.window.slots()  # [W, d]
         if gpu_kernels.applies(q) and gpu_kernels.checked("decode attention", device):
             o = gpu_kernels.decode_attention(
@@ -196,7 +218,7 @@ class Attention:
         start: int,
         q0: int,
         q1: int,
-        entries: torch.Tensor | None,  # [T, d] compressed KV
+        entries: _CompressedRows | None,  # T compressed KV rows `[T, d]`
         index_keys: torch.Tensor | None,  # [T, di] float32
         qi: torch.Tensor | None,  # [S, Hi, di]
         wi: torch.Tensor | None,  # [S, Hi]
@@ -234,7 +256,7 @@ class Attention:
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
                 valid = None if one else picked < visible[:, None]
                 if t_max > DENSE_CSA_FACTOR * self.indexer.topk:
-                    gathered = (entries[picked].float(), valid)  # [b, k, d], [b, k]
+                    gathered = (entries.at(picked).float(), valid)  # [b, k, d], [b, k]
                 else:
                     if allowed is None:
                         allowed = torch.zeros((1, t_max), dtype=torch.bool, device=device)
@@ -242,7 +264,7 @@ class Attention:
                     else:
                         allowed = torch.zeros_like(allowed).scatter_(-1, picked, valid)
             if gathered is None:
-                comp = entries[:t_max].float()
+                comp = entries.all()[:t_max].float()
                 lc = torch.einsum("qhd,td->qht", qf, comp)
                 if allowed is not None:
                     lc.masked_fill_(~allowed[:, None, :], float("-inf"))

@@ -25,11 +25,14 @@ class Numerics:
     simulate_quant: reproduce the reference's quantise-dequantise steps (spec §2.1): FP8 snapping
       of KV no-rope channels and of FP8/FP4 linear inputs, Hadamard + FP4 snapping in the indexer.
     query_block: queries per attention block in prefill (bounds the logits buffer).
+    kv_format: how a new sequence state stores its KV rows (`cache.KV_FORMATS`: "native" in
+      `dtype`, "bf16", or the packed "fp8"); the runtime takes it from the plan's KV choice.
     """
 
     dtype: torch.dtype = torch.float32
     simulate_quant: bool = False
     query_block: int = 128
+    kv_format: str = "native"
 
 
 def float_linear(x: torch.Tensor, w) -> torch.Tensor:

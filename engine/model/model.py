@@ -282,14 +282,17 @@ class V4Model:
 
     # ------------------------------------------------------------------ state
 
-    def new_state(self, kv_format: str = "native") -> SequenceState:
+    def new_state(self, kv_format: str | None = None) -> SequenceState:
         """Empty per-sequence state (window rings, compressed KV, compressor carry).
 
-        kv_format "native" stores KV rows in the model's dtype; "fp8" in the packed layout of
-        spec §3.2: FP8 KV entries (583 B each in bf16; exact when the model simulates the
-        reference's quantisation) and, when it simulates, FP4 index keys (68 B each, exact).
+        kv_format (default: `numerics.kv_format`) "native" stores KV rows in the model's dtype;
+        "bf16" in BF16; "fp8" in the packed layout of spec §3.2: FP8 KV entries (583 B each; equal
+        to "bf16" when the model simulates the reference's quantisation) and FP8 index keys with
+        a per-key scale (132 B), or, when it simulates, FP4 ones (68 B each, exact).
         """
         c = self.config
+        if kv_format is None:
+            kv_format = self.numerics.kv_format
 
         def layer(spec: LayerSpec):
             return new_layer_state(

@@ -104,3 +104,26 @@ def test_a_replayed_step_launches_graphs_not_kernels():
         counts = {e.key: e.count for e in prof.key_averages()}
         assert counts.get("cudaGraphLaunch", 0) == 1  # the whole model in VRAM: one segment
         assert counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0) <= 8
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_the_kv_formats_replay_from_graphs(kv, monkeypatch):
+    """A plan's KV format is encoded, and a CSA layer's picks gathered and decoded, inside the
+    captured step: the runtime's load-time check passes with that format and replays equal the
+    same segments run directly across re-captures."""
+    monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)
+    config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
+    ids = _ids(60)
+    placement = graph_placement("mixed", "cuda")
+    ckpt = SyntheticCheckpoint(config, seed=3)
+    with load_runtime(ckpt, placement=placement, dtype=torch.bfloat16, kv_dtype=kv) as rt:
+        assert rt.kv_format == kv and rt.graphs.usable, rt.graphs.reason
+        graphs, direct = GraphDecoder(rt.model), GraphDecoder(rt.model, capture=False)
+        got, want = rt.new_state(), rt.new_state()
+        for state in (got, want):
+            rt.prefill(ids[:3], state)
+        for t in ids[3:]:
+            seen = graphs.decode(t, got)
+            assert graphs.usable, graphs.reason
+            torch.testing.assert_close(seen, direct.decode(t, want), rtol=1e-2, atol=1e-2)
+        assert graphs.builds > 1 and got.nbytes == want.nbytes
