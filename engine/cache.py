@@ -19,12 +19,30 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flashdesk.engine import gpu_kernels
 from flashdesk.engine.model.qsim import FP4_MAX, FP4_VALUES, FP8_MAX, fp4_round, pow2_ceil
 
 KV_FORMATS = ("native", "bf16", "fp8")
 
 
-class NativeRows:
+class _Codec:
+    """How rows are stored: `empty`, `encode` rows `[n, width]` → parts, `decode` parts → rows.
+    The row-indexed reads and writes below are what a decode step uses (device indices, fixed
+    shapes); a codec may run them as fused kernels."""
+
+    def write_rows(self, parts, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """rows `[n, width]` encoded into parts at rows `index` `[n]` int64 (on their device)."""
+        for buf, enc in zip(parts, self.encode(rows), strict=True):
+            buf.index_copy_(0, index, enc)
+
+    def read_rows(self, parts, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows at `index` `[n]` int64 (None: every row) decoded → `[n, width]`."""
+        return self.decode(
+            parts if index is None else tuple(p.index_select(0, index) for p in parts)
+        )
+
+
+class NativeRows(_Codec):
     """Rows kept as they are computed (the model's dtype): one buffer."""
 
     def __init__(self, width: int, dtype: torch.dtype):
@@ -40,7 +58,7 @@ class NativeRows:
         return parts[0]
 
 
-class Fp8Rows:
+class Fp8Rows(_Codec):
     """The packed KV layout of spec §3.2: the no-rope channels as E4M3 codes with one E8M0
     (power-of-two) scale per 64, the rope channels in BF16 — 583 bytes per 512-d entry instead of
     1024. Lossless against the reference's BF16 cache for rows its FP8 simulation produced
@@ -57,6 +75,25 @@ class Fp8Rows:
                 f"this model has {self.nope}. Use kv_format='native'."
             )
         self.width, self.rope_dim, self.dtype = width, rope_dim, dtype
+        self.fusable = gpu_kernels.fp8_rows_fits(self.nope, rope_dim)
+
+    def _fused(self, t: torch.Tensor) -> bool:
+        """A decode step's row reads and writes on a GPU as one launch each (~25 kernels per
+        layer and token fewer), bit for bit the torch encode/decode (checked once per GPU)."""
+        return (
+            self.fusable and gpu_kernels.applies(t) and gpu_kernels.checked("FP8 KV rows", t.device)
+        )
+
+    def write_rows(self, parts, rows: torch.Tensor, index: torch.Tensor) -> None:
+        if self._fused(rows):
+            gpu_kernels.fp8_rows_put(parts, rows, index)
+        else:
+            super().write_rows(parts, rows, index)
+
+    def read_rows(self, parts, index: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fused(parts[0]):
+            return gpu_kernels.fp8_rows_read(parts, index, self.dtype)
+        return super().read_rows(parts, index)
 
     def empty(self, n: int, device) -> tuple[torch.Tensor, ...]:
         return (
@@ -85,7 +122,7 @@ class Fp8Rows:
         return torch.cat((nope, rope.float()), -1).to(self.dtype)
 
 
-class Fp8KeyRows:
+class Fp8KeyRows(_Codec):
     """Index keys as E4M3 codes with one float32 scale per key (vLLM's `fp8_ds_mla` layout, spec
     §3.2): 132 bytes per 128-d key instead of 256 in BF16. The keys only rank compressed entries
     for the top-k pick, and FP8 keeps more of them than the reference's own FP4 snapping. Decoded
@@ -111,7 +148,7 @@ class Fp8KeyRows:
         return codes.view(torch.float8_e4m3fn).float() * scale
 
 
-class Fp4Rows:
+class Fp4Rows(_Codec):
     """The packed index-key layout of spec §3.2: E2M1 codes two per byte (low nibble = even
     element) with one E8M0 scale per 32 — 68 bytes per 128-d key. Exact for keys the reference's
     simulation produced (Hadamard + FP4 snapping), so it is used only when the model simulates."""
@@ -174,14 +211,13 @@ class RowStore:
 
     def view(self) -> torch.Tensor:
         """All rows, decoded to the compute dtype, `[n, width]`."""
-        return self.codec.decode(tuple(p[: self.n] for p in self._parts))
+        return self.codec.read_rows(tuple(p[: self.n] for p in self._parts))
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """The rows at `index` (int64 of any shape, < capacity), decoded → `[*index.shape, width]`:
         a CSA pick decodes its top-k rows, not the whole store (a packed store at 1M tokens holds
         262,144 rows per layer)."""
-        flat = index.reshape(-1)
-        rows = self.codec.decode(tuple(p.index_select(0, flat) for p in self._parts))
+        rows = self.codec.read_rows(self._parts, index.reshape(-1))
         return rows.view(*index.shape, self.width)
 
     # -- fixed-shape access for a decode step replayed from a CUDA graph (`engine.decode_graphs`):
@@ -201,12 +237,11 @@ class RowStore:
     def put(self, row: torch.Tensor, index: torch.Tensor) -> None:
         """row `[1, width]` written at row `index` (`[1]` int64 on the device, < capacity). `n`
         is the caller's to advance: rows at or past `n` are scratch."""
-        for buf, enc in zip(self._parts, self.codec.encode(row), strict=True):
-            buf.index_copy_(0, index, enc)
+        self.codec.write_rows(self._parts, row, index)
 
     def rows(self) -> torch.Tensor:
         """Every row of the capacity decoded, `[capacity, width]` (those past `n` are scratch)."""
-        return self.codec.decode(self._parts)
+        return self.codec.read_rows(self._parts)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self._parts
@@ -245,17 +280,16 @@ class WindowRing:
     def recent(self, end_pos: int, n: int) -> torch.Tensor:
         """Rows of positions end_pos-n .. end_pos-1 in order, `[n, width]` (n ≤ size)."""
         slots = torch.arange(end_pos - n, end_pos, device=self.device) % self.size
-        return self.codec.decode(tuple(p[slots] for p in self._parts))
+        return self.codec.read_rows(self._parts, slots)
 
     def slots(self) -> torch.Tensor:
         """Every slot decoded, in slot order, `[size, width]`."""
-        return self.codec.decode(self._parts)
+        return self.codec.read_rows(self._parts)
 
     def put(self, kv: torch.Tensor, slot: torch.Tensor) -> None:
         """kv `[1, width]` into `slot` (`[1]` int64 on the device): one token's write with no
         host-side index (a decode step replayed from a CUDA graph)."""
-        for buf, enc in zip(self._parts, self.codec.encode(kv), strict=True):
-            buf.index_copy_(0, slot, enc)
+        self.codec.write_rows(self._parts, kv, slot)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self._parts

@@ -265,6 +265,36 @@ def _check_route(dev: torch.device) -> str | None:
     return None
 
 
+def _check_fp8_rows(dev: torch.device) -> str | None:
+    """`fp8_rows_put` / `fp8_rows_read` against `cache.Fp8Rows`' torch encode and decode, bit
+    for bit: rows of every magnitude (zeros, FP8 subnormals, large), written at scattered rows
+    and read back whole and gathered."""
+    from flashdesk.engine.cache import Fp8Rows
+
+    g = torch.Generator().manual_seed(8)
+    codec = Fp8Rows(512, 64, torch.bfloat16)
+    rows = (
+        torch.randn(6, 512, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 0.0, 1.0])[:, None]
+    )
+    rows[5, :64] = 0.0
+    rows = rows.to(torch.bfloat16)
+    index = torch.tensor([3, 0, 7, 5, 1, 2])
+    want = codec.empty(8, "cpu")
+    for buf, enc in zip(want, codec.encode(rows), strict=True):
+        buf.index_copy_(0, index, enc)
+    got = codec.empty(8, dev)
+    fp8_rows_put(got, rows.to(dev), index.to(dev))
+    if not all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True)):
+        return "it encoded other FP8 KV rows than the torch ops on this GPU"
+    pick = torch.tensor([7, 3, 3, 0])
+    for sel in (None, pick):
+        read = fp8_rows_read(got, None if sel is None else sel.to(dev), torch.bfloat16)
+        ref = codec.decode(want if sel is None else tuple(p[sel] for p in want))
+        if not torch.equal(read.cpu(), ref):
+            return "it decoded other FP8 KV rows than the torch ops on this GPU"
+    return None
+
+
 def fallback_notes(device: torch.device | str) -> list[str]:
     """In words, for the runtime's notes: the kernels that failed their check on `device` and
     the slower path each left in place."""
@@ -793,6 +823,70 @@ if triton is not None:
         tl.store(out_ptr + h * D + d, acc / den)
 
     @triton.jit
+    def _fp8_rows_put_kernel(
+        rows_ptr, index_ptr, codes_ptr, exps_ptr, rope_ptr, NOPE: tl.constexpr, NB: tl.constexpr,
+        NBP: tl.constexpr, ROPE: tl.constexpr,
+    ):  # fmt: skip
+        """One row per program, `cache.Fp8Rows.encode` bit for bit, written at row index[r]:
+        per 64 no-rope channels a power-of-two scale ≥ amax/448 (its biased exponent stored) and
+        E4M3 codes rounded to nearest even (built from the bits: the interpreter's FP8 cast
+        flushes subnormals, and rounds to BF16 by truncating), the rope channels as BF16."""
+        r = tl.program_id(0).to(tl.int64)
+        dst = tl.load(index_ptr + r)
+        b = tl.arange(0, NBP)
+        j = tl.arange(0, 64)
+        m = (b < NB)[:, None]
+        offs = b[:, None] * 64 + j[None, :]
+        v = tl.load(rows_ptr + r * (NOPE + ROPE) + offs, mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
+        x = tl.div_rn(amax, amax * 0.0 + 448.0)  # rounded as torch's division (`/` is not)
+        xb = x.to(tl.int32, bitcast=True)
+        ex = ((xb >> 23) & 0xFF) + ((xb & 0x7FFFFF) != 0).to(tl.int32)  # 2^⌈log2 x⌉, biased
+        q = v * ((254 - ex) << 23).to(tl.float32, bitcast=True)[:, None]  # ÷ 2^(ex−127), exact
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        qb = q.to(tl.int32, bitcast=True)
+        a = tl.abs(q)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        steps = a * ((130 - e) << 23).to(tl.float32, bitcast=True)  # in units of 2^(e−3)
+        steps = (steps + 12582912.0) - 12582912.0  # round half to even (1.5·2^23)
+        code = (e + 6) * 8 + steps.to(tl.int32)  # exponent field e+7, mantissa steps−8
+        code = code | ((qb >> 24) & 0x80)  # the sign bit
+        tl.store(codes_ptr + dst * NOPE + offs, code.to(tl.uint8), mask=m)
+        tl.store(exps_ptr + dst * NB + b, ex.to(tl.uint8), mask=b < NB)
+        k = tl.arange(0, ROPE)
+        rope = tl.load(rows_ptr + r * (NOPE + ROPE) + NOPE + k).to(tl.float32)
+        rb = rope.to(tl.int32, bitcast=True)  # to BF16 rounding half to even, from the bits
+        rb = ((rb + 0x7FFF + ((rb >> 16) & 1)) >> 16) & 0xFFFF
+        tl.store(rope_ptr + dst * ROPE + k, rb.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+
+    @triton.jit
+    def _fp8_rows_read_kernel(
+        codes_ptr, exps_ptr, rope_ptr, index_ptr, out_ptr, NOPE: tl.constexpr,
+        NB: tl.constexpr, NBP: tl.constexpr, ROPE: tl.constexpr, GATHER: tl.constexpr,
+    ):  # fmt: skip
+        """Row r of the output per program: `cache.Fp8Rows.decode` of stored row index[r] (or
+        r), codes · 2^(exponent − 127), rope channels widened, in the output's dtype."""
+        r = tl.program_id(0).to(tl.int64)
+        src = tl.load(index_ptr + r) if GATHER else r
+        b = tl.arange(0, NBP)
+        j = tl.arange(0, 64)
+        m = (b < NB)[:, None]
+        offs = b[:, None] * 64 + j[None, :]
+        code = tl.load(codes_ptr + src * NOPE + offs, mask=m, other=0).to(tl.int32)
+        field = (code >> 3) & 15
+        mant = (code & 7).to(tl.float32)
+        normal = (mant + 8.0) * ((field + 117) << 23).to(tl.float32, bitcast=True)
+        mag = tl.where(field == 0, mant * 0.001953125, normal)  # subnormals: m · 2^−9
+        val = tl.where((code & 0x80) != 0, -mag, mag)
+        ex = tl.load(exps_ptr + src * NB + b, mask=b < NB, other=127).to(tl.int32)
+        val = val * (ex << 23).to(tl.float32, bitcast=True)[:, None]
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + r * (NOPE + ROPE) + offs, val.to(dtype), mask=m)
+        k = tl.arange(0, ROPE)
+        rope = tl.load(rope_ptr + src * ROPE + k).to(tl.float32)
+        tl.store(out_ptr + r * (NOPE + ROPE) + NOPE + k, rope.to(dtype))
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr
     ):
@@ -1235,6 +1329,40 @@ def decode_attention(
     return out
 
 
+def fp8_rows_fits(nope: int, rope: int) -> bool:
+    """Whether the FP8 KV row kernels take rows of `nope` + `rope` channels."""
+    return nope % 64 == 0 and rope > 0 and not rope & (rope - 1)
+
+
+def fp8_rows_put(parts: Sequence[torch.Tensor], rows: torch.Tensor, index: torch.Tensor) -> None:
+    """`cache.Fp8Rows` rows `[n, nope+rope]` encoded into its parts (codes `[N, nope]` uint8,
+    exponents `[N, nope/64]` uint8, rope `[N, rope]` bf16) at rows `index` `[n]` int64, in one
+    launch instead of ~15 torch kernels."""
+    codes, exps, rope = parts
+    nope, nb = codes.shape[1], exps.shape[1]
+    _fp8_rows_put_kernel[(rows.shape[0],)](
+        rows.contiguous(), index, codes, exps, rope, NOPE=nope, NB=nb,
+        NBP=triton.next_power_of_2(nb), ROPE=rope.shape[1],
+    )  # fmt: skip
+
+
+def fp8_rows_read(
+    parts: Sequence[torch.Tensor], index: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """`cache.Fp8Rows.decode` of the rows at `index` `[n]` int64 (None: all) → `[n, nope+rope]`
+    in `dtype`, in one launch instead of ~10 torch kernels."""
+    codes, exps, rope = parts
+    nope, nb = codes.shape[1], exps.shape[1]
+    n = codes.shape[0] if index is None else index.shape[0]
+    out = torch.empty((n, nope + rope.shape[1]), dtype=dtype, device=codes.device)
+    if n:
+        _fp8_rows_read_kernel[(n,)](
+            codes, exps, rope, codes if index is None else index, out, NOPE=nope, NB=nb,
+            NBP=triton.next_power_of_2(nb), ROPE=rope.shape[1], GATHER=index is not None,
+        )  # fmt: skip
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`common.rms_norm` (over the last dim, float32 math, weight float32 or None, result in x's
     dtype) in one launch."""
@@ -1443,4 +1571,5 @@ CHECKS = {
     "hyper-connection mixes": _check_hc_mixes,
     "routing": _check_route,
     "decode attention": _check_decode_attention,
+    "FP8 KV rows": _check_fp8_rows,
 }

@@ -226,6 +226,26 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {},
             )
         )
+    rows = {"NOPE": 448, "NB": 7, "NBP": 8, "ROPE": 64}  # V4's packed FP8 KV rows
+    specs.append(
+        (
+            "FP8 KV rows put",
+            gk._fp8_rows_put_kernel,
+            "rows_ptr:*bf16, index_ptr:*i64, codes_ptr:*u8, exps_ptr:*u8, rope_ptr:*bf16",
+            rows,
+            {},
+        )
+    )
+    for gather in (False, True):
+        specs.append(
+            (
+                f"FP8 KV rows read{' gathered' if gather else ''}",
+                gk._fp8_rows_read_kernel,
+                "codes_ptr:*u8, exps_ptr:*u8, rope_ptr:*bf16, index_ptr:*i64, out_ptr:*bf16",
+                {**rows, "GATHER": gather},
+                {},
+            )
+        )
     return [(label, fn, _sig(sig, consts), consts, opts) for label, fn, sig, consts, opts in specs]
 
 

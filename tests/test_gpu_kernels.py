@@ -532,3 +532,74 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     monkeypatch.setattr(ft, "checked", lambda name, device: True)  # their own checks passed
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
     assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_kv_rows_in_one_launch_equal_the_torch_codec(dtype):
+    """Rows of every magnitude (FP8 subnormals, zeros, −0, large) written at scattered rows and
+    read back whole and gathered: the packed parts and the rows bit for bit as `cache.Fp8Rows`'
+    torch encode / decode."""
+    from flashdesk.engine.cache import Fp8Rows
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(12)
+    codec = Fp8Rows(512, 64, dtype)
+    magnitude = torch.tensor([1e-6, 1e-3, 1.0, 30.0, 1e5, 0.0, 1.0, 1.0])[:, None]
+    rows = torch.randn(8, 512, generator=g) * magnitude
+    rows[6, :64], rows[7, 5] = 0.0, -0.0
+    rows = rows.to(dtype)
+    index = torch.randperm(16, generator=g)[:8]
+    want = codec.empty(16, "cpu")
+    codec.write_rows(want, rows, index)  # the torch path (not a GPU tensor)
+    got = codec.empty(16, dev)
+    ft.fp8_rows_put(got, rows.to(dev), index.to(dev))
+    for part, ref in zip(got, want, strict=True):
+        assert torch.equal(part.cpu(), ref)
+    for sel in (None, torch.tensor([index[3], index[0], index[0], 15])):
+        read = ft.fp8_rows_read(got, None if sel is None else sel.to(dev), dtype)
+        assert read.dtype == dtype and torch.equal(read.cpu(), codec.read_rows(want, sel))
+    assert ft.fp8_rows_read(got, torch.empty(0, dtype=torch.long, device=dev), dtype).shape == (
+        0,
+        512,
+    )
+    assert not ft.fp8_rows_fits(48, 16) and not ft.fp8_rows_fits(64, 24)
+
+
+def test_a_decode_step_reads_and_writes_fp8_kv_rows_in_single_launches(monkeypatch):
+    """The runtime's decode step with the packed FP8 KV cache, its row writes (window ring,
+    compressed entries) and reads (ring, CSA picks, HCA rows) through the row kernels: the
+    same logits as the torch codec, bit for bit."""
+    from collections import Counter
+
+    from _graph_safety import GRAPH_CONFIG, graph_placement
+
+    from flashdesk.engine.cache import Fp8Rows
+    from flashdesk.engine.decode_graphs import GraphDecoder
+    from flashdesk.engine.runtime import load_runtime
+    from flashdesk.engine.synthetic import SyntheticCheckpoint
+
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: tests/gpu runs the captured step on CUDA")
+    config = GRAPH_CONFIG.replace(head_dim=80)  # 64 no-rope channels, 16 rope
+    ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    placement = graph_placement("host")
+    with load_runtime(
+        SyntheticCheckpoint(config, seed=3), placement=placement, kv_dtype="fp8"
+    ) as rt:
+
+        def run():
+            graphs, state = GraphDecoder(rt.model, capture=False), rt.new_state()
+            rt.prefill(ids[:20].tolist(), state)
+            return torch.stack([graphs.decode(t, state) for t in ids[20:].tolist()])
+
+        want = run()
+        calls = Counter()
+        for name in ("fp8_rows_put", "fp8_rows_read"):
+            kernel = getattr(ft, name)
+            monkeypatch.setattr(
+                ft, name, lambda *a, _k=kernel, _n=name: calls.update([_n]) or _k(*a)
+            )
+        monkeypatch.setattr(Fp8Rows, "_fused", lambda self, t: self.fusable)
+        assert torch.equal(run(), want)
+    # per step: 5 ring writes + 4 entry writes; reads of 5 rings + 4 stores (+ the prompt's)
+    assert calls["fp8_rows_put"] == 10 * 9 and calls["fp8_rows_read"] >= 10 * 9
