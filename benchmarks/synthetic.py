@@ -54,6 +54,7 @@ def run(
     context: int = 8192,
     profile_steps: int = 0,
     profile_prefill: bool = False,
+    kv_dtype: str = "bf16",
 ) -> dict:
     import torch
     from decode import _gpu_copy_gbps, _sync, decode_bytes, h2d_pinned_gbps  # as `bench decode`
@@ -75,7 +76,7 @@ def run(
     name = f"synthetic DeepSeek-V4-Flash, {config.num_hidden_layers} layers"
     figures_m = ModelFigures.from_inventory(inventory(config), config, name)
     profile = probe()
-    plan = make_plan(figures_m, profile, PlanOptions(context=context))
+    plan = make_plan(figures_m, profile, PlanOptions(context=context, kv_dtype=kv_dtype))
     prediction = predict(plan, figures_m, profile, prompt_tokens, Efficiency.load())
     paged = plan.memory.get(DISK, {}).get("mapped", 0)
     out: dict = {

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="then profile STEPS decode steps (torch.profiler) and print the costliest operations",
     )
     synthetic.add_argument(
+        "--kv", choices=("bf16", "fp8"), default="bf16", help="the KV-cache format to plan with"
+    )
+    synthetic.add_argument(
         "--profile-prefill",
         action="store_true",
         help="also profile one prefill chunk (torch.profiler) and print its costliest operations",
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 "decode_steps": getattr(args, "decode_steps", None),
                 "profile_steps": getattr(args, "profile", 0),
                 "profile_prefill": getattr(args, "profile_prefill", False),
+                "kv_dtype": getattr(args, "kv", "bf16"),
             }
         figures = module.run(json_output=args.json, **extra)
         if args.json:

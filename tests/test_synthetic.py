@@ -113,14 +113,15 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: fake)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--synthetic", "v4-flash", "--layers", "2", "--decode-steps", "5"])
-    assert bench.run(args) == 0
+    args = ["--synthetic", "v4-flash", "--layers", "2", "--decode-steps", "5", "--kv", "fp8"]
+    assert bench.run(parser.parse_args(args)) == 0
     out = capsys.readouterr().out
     assert (
         "('layers', 2)" in out
         and "('decode_steps', 5)" in out
         and "('model', 'v4-flash')" in out
         and "('profile_steps', 0)" in out
+        and "('kv_dtype', 'fp8')" in out
     )
     assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
     assert capsys.readouterr().out.strip() == "KERNELS"

@@ -10,7 +10,8 @@
 #   (two real-size layers: experts on the CPU vs on the GPU, PCIe, streamed prefill).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
-# synthetic; GPU_KERNELS=0 / DECODE=0 skip those benchmarks)
+# synthetic; KV=fp8 plans it with the packed FP8 KV cache; GPU_KERNELS=0 / DECODE=0 skip those
+# benchmarks)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -40,6 +41,7 @@ step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_
 ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
       --profile "${PROFILE:-3}" --profile-prefill)
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
+[ -n "$KV" ] && ARGS+=(--kv "$KV")
 step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
 # issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
 [ "${DECODE:-1}" = 1 ] && step decode 170 20 python3 -m flashdesk bench decode
