@@ -407,8 +407,9 @@ def new_layer_state(
     """State of one layer: ratio 0 (window only), 4 (CSA: overlap + indexer) or other (HCA).
 
     kv_format "native" keeps KV rows and index keys in `kv_dtype` (the model's); "bf16" in BF16;
-    "fp8" packs window and compressed KV rows in the layout of spec §3.2 and index keys as E4M3 with a per-key scale, or as FP4 with `pack_index_keys`
-    (only exact when the model simulates the reference's quantisation).
+    "fp8" packs window and compressed KV rows in the layout of spec §3.2 and index keys as E4M3
+    with a per-key scale, or as FP4 with `pack_index_keys` (only exact when the model simulates
+    the reference's quantisation).
     """
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
