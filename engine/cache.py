@@ -67,13 +67,22 @@ class Fp8Rows(_Codec):
 
     BLOCK = 64
 
-    def __init__(self, width: int, rope_dim: int, dtype: torch.dtype):
-        self.nope = width - rope_dim
-        if self.nope % self.BLOCK:
-            raise ValueError(
-                f"the FP8 KV layout needs no-rope channels in blocks of {self.BLOCK}; "
-                f"this model has {self.nope}. Use kv_format='native'."
+    @classmethod
+    def unfit_reason(cls, width: int, rope_dim: int) -> str | None:
+        """Why rows of `width` channels (the last `rope_dim` roped) cannot take this layout."""
+        nope = width - rope_dim
+        if nope % cls.BLOCK:
+            return (
+                f"the FP8 KV layout needs no-rope channels in blocks of {cls.BLOCK}; this model's "
+                f"KV rows have {nope} no-rope channels"
             )
+        return None
+
+    def __init__(self, width: int, rope_dim: int, dtype: torch.dtype):
+        reason = self.unfit_reason(width, rope_dim)
+        if reason:
+            raise ValueError(f"{reason}. Use kv_format='native'.")
+        self.nope = width - rope_dim
         self.width, self.rope_dim, self.dtype = width, rope_dim, dtype
         self.fusable = gpu_kernels.fp8_rows_fits(self.nope, rope_dim)
 

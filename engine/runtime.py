@@ -735,12 +735,11 @@ def _build(
             f"{path} has no config.json next to its weights; FlashDesk needs it to know the "
             "model's shape. Download config.json from the model's page into that folder."
         )
-    nope = config.head_dim - config.qk_rope_head_dim
-    if kv_format == "fp8" and nope % Fp8Rows.BLOCK:
+    unfit = Fp8Rows.unfit_reason(config.head_dim, config.qk_rope_head_dim)
+    if kv_format == "fp8" and unfit:
         raise RuntimeLoadError(
-            f"this model's KV rows have {nope} no-rope channels, which the FP8 KV layout cannot "
-            f"hold (it scales them in blocks of {Fp8Rows.BLOCK}); choose the bf16 KV cache in the "
-            "hardware-fit wizard (`flashdesk fit --kv bf16`)"
+            f"{unfit}; choose the bf16 KV cache in the hardware-fit wizard "
+            "(`flashdesk fit --kv bf16`)"
         )
     if placement is None and plan is not None:
         prefix = config.main_layers[0].prefix + "ffn.experts.0."
