@@ -16,6 +16,8 @@ MODES = {"non-think": "non-think", "high": "think-high", "max": "think-max"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flashdesk.offload.plan import KV_DTYPES  # light: no torch
+
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
     parser.add_argument("--prompt", help="the user message (generate only)")
     parser.add_argument("--system", default="", help="an optional system message")
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="context limit in tokens")
     parser.add_argument(
         "--kv",
-        choices=("bf16", "fp8"),
+        choices=KV_DTYPES,
         default=None,
         help="KV-cache format: bf16 (the reference's) or fp8 (~57%% of the bytes, rounds the "
         "no-rope channels); default: bf16 with --fit, else the model's dtype",

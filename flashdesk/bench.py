@@ -32,6 +32,8 @@ def available() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flashdesk.offload.plan import KV_DTYPES  # light: no torch
+
     parser.add_argument("name", nargs="?", help="benchmark to run (see --list)")
     parser.add_argument("--all", action="store_true", help="run every benchmark")
     parser.add_argument("--list", action="store_true", help="list the benchmarks")
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="then profile STEPS decode steps (torch.profiler) and print the costliest operations",
     )
     synthetic.add_argument(
-        "--kv", choices=("bf16", "fp8"), default="bf16", help="the KV-cache format to plan with"
+        "--kv", choices=KV_DTYPES, default="bf16", help="the KV-cache format to plan with"
     )
     synthetic.add_argument(
         "--profile-prefill",

@@ -17,6 +17,8 @@ GIB = 1 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flashdesk.offload.plan import KV_DTYPES  # light: no torch
+
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="DIR", help="checkpoint folder (reads its config.json)")
     model.add_argument(
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="context length in tokens (e.g. 131072, 128K, 1M; default 128K)",
     )
-    parser.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="KV-cache format")
+    parser.add_argument("--kv", choices=KV_DTYPES, default="bf16", help="KV-cache format")
     parser.add_argument("--profile", metavar="FILE", help="plan for a saved hardware profile")
     parser.add_argument("--save-profile", metavar="FILE", help="save the probed profile as JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -20,6 +20,7 @@ API_KEY_ENV = "FLASHDESK_API_KEY"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from flashdesk.engine.server import DEFAULT_PORT  # light: no torch, no web framework
+    from flashdesk.offload.plan import KV_DTYPES  # light: no torch
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv",
-        choices=("bf16", "fp8"),
+        choices=KV_DTYPES,
         default="bf16",
         help="KV-cache format: bf16 (the reference's, default) or fp8 (~57%% of the bytes)",
     )
