@@ -81,6 +81,23 @@ def decode_bytes(rt) -> tuple[int, int]:
     return dense, experts
 
 
+def host_expert_read(rt, expert_b: float) -> float:
+    """Routed-expert bytes per step read from host RAM, of `expert_b`: each layer's share of
+    experts not on the device (uniform routing: by count)."""
+    n = rt.config.n_routed_experts
+    shares = [1 - len(lp.device) / n for lp in rt.placement.layers]
+    return expert_b * sum(shares) / len(shares)
+
+
+def bound_seconds(dense_b, expert_b, host_b, ram_gbps, gpu_gbps=None) -> float:
+    """A step's bytes at the bandwidths measured here: all at RAM speed on the CPU; on a GPU its
+    device-side bytes at the GPU's memory bandwidth beside the host experts' at RAM speed (the
+    two run at the same time)."""
+    if gpu_gbps is None:
+        return (dense_b + expert_b) / (ram_gbps * 1e9)
+    return max((dense_b + expert_b - host_b) / (gpu_gbps * 1e9), host_b / (ram_gbps * 1e9))
+
+
 class _Clock:
     """Wall time spent in the routed-expert kernels (wraps each layer's host part)."""
 
@@ -89,9 +106,9 @@ class _Clock:
         for block in rt.model.blocks:
             inner = block.moe._host_part
 
-            def timed(*args, _inner=inner):
+            def timed(*args, _inner=inner, **kwargs):
                 t0 = time.perf_counter()
-                out = _inner(*args)
+                out = _inner(*args, **kwargs)
                 self.seconds += time.perf_counter() - t0
                 return out
 
@@ -152,35 +169,64 @@ def _head_variants(rt, ids) -> dict:
     return result
 
 
-def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, out):
+def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu):
     """The efficiencies this run measured, fed back into the planner's prediction.
 
-    Efficiency = the planner's own byte count for a part ÷ its measured time ÷ the bandwidth
-    (so a calibrated prediction reproduces the run): CPU — routed experts and the rest of the step
-    over the RAM bound; GPU — the device-side part over the measured GPU memory bandwidth."""
+    CPU: the planner's own byte count for a part ÷ its measured time ÷ the RAM bound (routed
+    experts; the rest of the step). GPU: the one figure that sets the planner's decode time there,
+    solved so that its prediction takes the measured step: the per-layer floor of the small
+    kernels where the prediction is dispatch-bound (a two-layer step on a fast GPU is), else the
+    memory efficiency. Dividing the step's bytes by its time would charge the floor to the
+    bandwidth: an H200 "measured" 0.22 that way, and the planner then predicted 0.66 × the run."""
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import Sourced
 
-    k, eb = model_figures.experts_per_token, model_figures.expert_bytes
-    read = prediction.bytes_per_token
-    expert_ram = sum(k * eb * lp.ram_hit_rate for lp in plan.layers)
-    device_s = step_s - expert_s
+    def calibrated(measured: dict) -> Efficiency:
+        eff = Efficiency()
+        for name, value in measured.items():
+            setattr(eff, name, Sourced(value, "calibrated", "bench decode, 2 real-dims layers"))
+        return eff
+
+    def step_with(name: str, value: float) -> float:
+        got = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated({name: value}))
+        return 1.0 / got.decode_tok_s
+
     measured = {}
     if on_gpu:
-        measured["gpu_memory"] = read["gpu"] / device_s / (out["gpu_memory_gbps"] * 1e9)
+        if prediction.decode_limit == "dispatch":
+            name, lo, hi = "gpu_layer_seconds", 0.0, step_s
+        else:
+            name, lo, hi = "gpu_memory", 0.01, 2.0
+        measured[name] = _solve(lambda v: step_with(name, v) - step_s, lo, hi)
     else:
+        k, eb = model_figures.experts_per_token, model_figures.expert_bytes
+        read = prediction.bytes_per_token
+        expert_ram = sum(k * eb * lp.ram_hit_rate for lp in plan.layers)
+        device_s = step_s - expert_s
         if expert_s > 0:
             measured["cpu_experts"] = expert_ram / expert_s / (gbps * 1e9)
         measured["cpu_dense"] = (read["ram"] - expert_ram) / device_s / (gbps * 1e9)
-    eff = Efficiency()
-    for name, value in measured.items():
-        setattr(eff, name, Sourced(value, "calibrated", "bench decode, 2 real-dims layers"))
-    again = predict(plan, model_figures, profile, PROMPT_TOKENS, eff)
+    again = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated(measured))
     return {
         "measured_efficiency": measured,
         "predicted_calibrated_tok_s": again.decode_tok_s,
         "predicted_calibrated_over_measured": again.decode_tok_s * step_s,
     }
+
+
+def _solve(f, lo: float, hi: float, rounds: int = 60) -> float:
+    """A root of the monotone `f` in [lo, hi] by bisection (the nearer end where f keeps one
+    sign there: the prediction cannot reach the measurement with this figure alone)."""
+    f_lo, f_hi = f(lo), f(hi)
+    if f_lo * f_hi > 0:
+        return lo if abs(f_lo) < abs(f_hi) else hi
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        if (f(mid) > 0) == (f_lo > 0):
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def _gpu_copy_gbps() -> float:
@@ -273,18 +319,17 @@ def run(json_output: bool = False) -> dict:
         with load_runtime(folder, plan=plan, refresh_every=None) as rt:
             where = rt.describe()
             dense_b, expert_b = decode_bytes(rt)
+            host_b = host_expert_read(rt, expert_b)
             step_s, expert_s = _decode(rt, ids)
             on_gpu = rt.device.type == "cuda"
             head_dtype = rt.head_dtype
             if not on_gpu:
                 figures["decode_tok_s_by_head"] = _head_variants(rt, ids)
         device_s = step_s - expert_s
+        gpu_gbps = _gpu_copy_gbps() if on_gpu else None
         if on_gpu:
-            gpu_gbps = _gpu_copy_gbps()
             figures["gpu_memory_gbps"] = gpu_gbps
-            bound_s = max(dense_b / (gpu_gbps * 1e9), expert_b / (gbps * 1e9))
-        else:
-            bound_s = (dense_b + expert_b) / (gbps * 1e9)
+        bound_s = bound_seconds(dense_b, expert_b, host_b, gbps, gpu_gbps)
         figures |= {
             "placement": where,
             "plan_mode": plan.mode,
@@ -294,6 +339,7 @@ def run(json_output: bool = False) -> dict:
             "decode_steps": DECODE_STEPS,
             "dense_bytes_per_token": dense_b,
             "expert_bytes_per_token": expert_b,
+            "host_expert_bytes_per_token": host_b,
             "decode_tok_s": 1.0 / step_s,
             "bound_tok_s": 1.0 / bound_s,
             "ratio": bound_s / step_s,
@@ -308,7 +354,7 @@ def run(json_output: bool = False) -> dict:
             },
         }
         figures |= _calibrated(
-            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, figures
+            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu
         )
         # Fed back: the planner's next prediction (`flashdesk fit`, the wizard) uses them.
         from flashdesk.offload.predict import Efficiency

@@ -57,7 +57,14 @@ def run(
     kv_dtype: str = "bf16",
 ) -> dict:
     import torch
-    from decode import _gpu_copy_gbps, _sync, decode_bytes, h2d_pinned_gbps  # as `bench decode`
+    from decode import (  # as `bench decode`
+        _gpu_copy_gbps,
+        _sync,
+        bound_seconds,
+        decode_bytes,
+        h2d_pinned_gbps,
+        host_expert_read,
+    )
 
     from flashdesk.engine import _kernels
     from flashdesk.engine.inventory import inventory
@@ -163,10 +170,7 @@ def run(
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
         dense_b, expert_b = decode_bytes(rt)
-        n = config.n_routed_experts
-        # share of each layer's experts read from host RAM (uniform routing: by count)
-        host_share = [1 - len(lp.device) / n for lp in rt.placement.layers]
-        host_read = expert_b * sum(host_share) / len(host_share)
+        host_read = host_expert_read(rt, expert_b)
         host_expert_bytes = sum(
             t.numel() * t.element_size()
             for h in rt.hosts
@@ -178,18 +182,13 @@ def run(
             "placement": rt.describe(),
             "expert_hit_rate": rt.expert_hit_rate,
         }
-    # The bound, measured here: bytes a step reads (as this runtime stores them) at the RAM read
-    # bandwidth, or on a GPU the device-side bytes at its memory bandwidth beside the host
-    # experts' bytes at RAM bandwidth (the two run at the same time).
+    # The bound, measured here: bytes a step reads (as this runtime stores them) at the
+    # bandwidths measured in this run
     ram_gbps = _kernels.read_bandwidth(1 << 30, 0, 1.0)
+    gpu_gbps = _gpu_copy_gbps() if on_gpu else None
     if on_gpu:
-        gpu_gbps = _gpu_copy_gbps()
-        bound_s = max(
-            (dense_b + expert_b - host_read) / (gpu_gbps * 1e9), host_read / (ram_gbps * 1e9)
-        )
         out["gpu_memory_gbps"] = gpu_gbps
-    else:
-        bound_s = (dense_b + expert_b) / (ram_gbps * 1e9)
+    bound_s = bound_seconds(dense_b, expert_b, host_read, ram_gbps, gpu_gbps)
     out |= {
         "ram_read_gbps": ram_gbps,
         "dense_bytes_per_token": dense_b,

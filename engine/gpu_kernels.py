@@ -59,34 +59,35 @@ except ImportError:  # pragma: no cover - depends on the installation
 # the down launch; warps; (MODE, F16, SPLIT): MODE 0 sums 32-value blocks by a reshape, 1 loads
 # the tile as [rows, blocks, 16] bytes; F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
 # the down projection as one program per (pick, row block), partial sums added by torch.
-# H200: 128-142 µs per 6-expert step (570-620 GB/s, 0.14 × the copy bandwidth) for the best of
-# 22 shapes; MODE 1 165-290 µs.
+# H200, replayed from a CUDA graph: 67.6 µs per 6-expert step (1.19 TB/s, 0.29 × the copy
+# bandwidth; (0, 1, 0) 70-72 µs, MODE 0 without F16 121-150 µs, MODE 1 103-279 µs).
 TILES = (8, 256, 8, 256)
 WARPS = 4
-FP4_MODE = (0, 1, 0)
+FP4_MODE = (0, 1, 1)
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
-# tensor-core kernels, one 16-row block per pick, one row of it live; H200: 388-458 µs, lost).
+# tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
-BY_PICK_TILES = (16, 64, 64)
+BY_PICK_TILES = (16, 64, 128)
 BY_PICK_WARPS = 4
 MAX_TOKENS = 16  # above this many tokens the experts run grouped (`moe_grouped`)
 # The grouped (prompt) expert kernels: picks per block, weight rows per program, packed bytes
 # per step (two tensor-core products each: even and odd columns), warps. H200, a 1024-token
-# chunk's 256 experts of one layer (3.42 GB): 11.1 ms (0.07 × copy; 6 shapes 11-19 ms), where
-# dequantizing each expert for torch took 160 ms.
+# chunk's 256 experts of one layer (3.42 GB): 10.8-11.1 ms (0.08 × copy; 6 shapes 11-19 ms),
+# where dequantizing each expert for torch took 147-160 ms.
 GROUPED_TILES = (16, 128, 64)
 GROUPED_WARPS = 4
 # `linear` for FP8 weights and bf16/fp16 activations: "rows" (LINEAR_ROWS = rows per program,
 # warps; one token per program, float32 products) or "dot" (LINEAR_TILES = tokens, rows, K step
 # per program on the tensor cores; K split across programs while a launch has fewer than
 # LINEAR_MIN_PROGRAMS; pipeline LINEAR_STAGES, None: Triton's default). Other weights (the
-# BF16 head: 0.85 × copy with "rows") take "rows". In a decode step on the H200 the FP8
-# linears took 7.5 of 22.7 ms of GPU time (366 launches, 20 µs each: ~0.2 × the bandwidth).
+# BF16 head: 1.09 × the copy's read+write rate with "rows") take "rows". "rows" options:
+# columns per step (a multiple of 128: more loads in flight per thread), programs wanted per
+# launch (0: K never split). H200, replayed from a graph: 512 columns per step halved the skinny
+# linears' time (wo_b 23.0 → 11.2 µs, wq_a 10.9 → 5.2 µs; wq_b and wo_a at 0.98-0.99 × copy);
+# splitting K tied at best; "dot" lost everywhere (6-38 µs).
 LINEAR_KIND = "rows"
 LINEAR_ROWS = (16, 4)
-# "rows" options not yet measured on a GPU (the sweep tries them): columns per step (a multiple
-# of 128: more loads in flight per thread), programs wanted per launch (0: K never split)
-LINEAR_ROWS_K = 128
+LINEAR_ROWS_K = 512
 LINEAR_ROWS_MIN_PROGRAMS = 0
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
@@ -1306,6 +1307,11 @@ def compressor_step(
     return out, index
 
 
+def decode_attention_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` takes heads `head_dim` wide (V4-Flash's 512 are)."""
+    return head_dim > 0 and not head_dim & (head_dim - 1)
+
+
 def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
@@ -1315,7 +1321,7 @@ def decode_attention(
     token's own row `[1, d]` for its slot, compressed rows `[C, d]` with `visible` `[C]` bool
     (or None) → `[1, H, d]` float32. float32 products and sums, one head per program."""
     heads, dim = q.shape[1], q.shape[2]
-    if dim & (dim - 1) or window.shape[1] != dim:
+    if not decode_attention_fits(dim) or window.shape[1] != dim:
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
     out = torch.empty((1, heads, dim), dtype=torch.float32, device=q.device)
     n = comp.shape[0] if comp is not None else 0

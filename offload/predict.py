@@ -63,21 +63,22 @@ class Efficiency:
     # A GPU decode step cannot finish a layer faster than its many small kernels run (a CUDA
     # graph replays them without the host's dispatch cost, but each still takes a few µs).
     # Measured on the lent H200 (2026-11-27, `bench --synthetic v4-flash`, 43 layers, steps
-    # replayed from CUDA graphs): 32.7 ms per token = 0.76 ms per layer, the GPU busy 25 ms of
-    # it. Issued op by op (no graphs) the same steps took 3.2 ms per layer.
+    # replayed from CUDA graphs, the sweep's kernel shapes): 24.5 ms per token = 0.57 ms per
+    # layer, the GPU busy 15.6 ms of it (earlier builds: 32.7 ms, 0.76 ms per layer). Issued op
+    # by op (no graphs) the same steps took 5.9 ms per layer.
     gpu_layer_seconds: Sourced = field(
         default_factory=lambda: _eff(
-            0.76e-3, "small GPU kernels per layer per decode token (CUDA graphs, H200)"
+            0.57e-3, "small GPU kernels per layer per decode token (CUDA graphs, H200)"
         )
     )
 
     # Likewise a GPU layer's prompt work per token (attention, the experts' grouped kernels,
     # the small kernels, the host's routing read-back per layer). Measured by `bench --synthetic
-    # v4-flash` on the lent H200 (2026-11-27): 2048 tokens in 5.36 s over 43 layers, 61 µs per
-    # token and layer, in a run whose timing included the first chunk's kernel compiles: an
-    # upper bound. The benchmark records this machine's figure.
+    # v4-flash` on the lent H200 (2026-11-27): 2048 tokens in 2.44 s over 43 layers, 27.7 µs
+    # per token and layer (31.1 µs with the FP8 KV cache). The benchmark records this machine's
+    # figure.
     gpu_prefill_token_seconds: Sourced = field(
-        default_factory=lambda: _eff(61e-6, "GPU layer's prompt work per token (H200, bound)")
+        default_factory=lambda: _eff(28e-6, "GPU layer's prompt work per token (H200)")
     )
 
     def to_json(self) -> dict:

@@ -76,3 +76,47 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert "skipped" in module.run(True)  # no GPU here
     finally:
         sys.modules.pop("gpu_kernels", None)
+
+
+def test_decode_calibration_on_a_gpu_reproduces_the_measured_step(monkeypatch):
+    """On a GPU the planner's decode time is set by a per-layer floor (the small kernels) or by
+    the bytes; `bench decode` solves for the figure that sets it, so the calibrated prediction
+    takes the measured step. (Charging the whole step to the bandwidth "measured" 0.22 on an
+    H200 and the calibrated prediction was 0.66 × the run.)"""
+    from pathlib import Path
+
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import PlanOptions, make_plan
+    from flashdesk.offload.predict import predict
+    from flashdesk.offload.probe import HardwareProfile
+
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    decode = importlib.import_module("decode")
+    try:
+        config = ModelConfig.v4_flash()
+        figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+        profile = HardwareProfile.load(
+            Path(__file__).parent / "profiles" / "h200_lent_machine_measured.json"
+        )
+        plan = make_plan(figures, profile, PlanOptions(context=4096))
+        prediction = predict(plan, figures, profile, decode.PROMPT_TOKENS)
+        assert prediction.decode_limit == "dispatch"
+        for step_s in (0.6 / prediction.decode_tok_s, 1.5 / prediction.decode_tok_s):
+            got = decode._calibrated(figures, profile, plan, prediction, step_s, 0.0, 90.0, True)
+            assert set(got["measured_efficiency"]) == {"gpu_layer_seconds"}
+            assert got["predicted_calibrated_over_measured"] == pytest.approx(1.0, rel=1e-3)
+    finally:
+        sys.modules.pop("decode", None)
+
+
+def test_bisection_finds_a_root_or_the_nearer_end(monkeypatch):
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    decode = importlib.import_module("decode")
+    try:
+        assert decode._solve(lambda v: v * v - 2.0, 0.0, 4.0) == pytest.approx(2**0.5)
+        assert decode._solve(lambda v: 3.0 - v, 0.0, 4.0) == pytest.approx(3.0)  # decreasing
+        assert decode._solve(lambda v: v + 1.0, 0.0, 4.0) == 0.0  # never reaches: nearer end
+    finally:
+        sys.modules.pop("decode", None)

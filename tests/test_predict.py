@@ -127,7 +127,7 @@ def test_frequency_profile_raises_the_prediction(flash):
 
 def test_a_machine_holding_nearly_all_experts_is_bound_by_the_gpu_layers_kernels(flash):
     """The lent H200: 9,903 of 11,008 experts in VRAM. The per-layer floor the benchmark measured
-    there (0.76 ms with CUDA graphs) sets the prediction, not the bytes."""
+    there (0.57 ms with CUDA graphs) sets the prediction, not the bytes."""
     profile = load("h200_lent_machine_measured")
     plan = make_plan(flash, profile, PlanOptions(context=4096))
     pred = predict(plan, flash, profile)
@@ -135,12 +135,13 @@ def test_a_machine_holding_nearly_all_experts_is_bound_by_the_gpu_layers_kernels
     assert pred.decode_limit == "dispatch"
     assert pred.decode_tok_s == pytest.approx(1.0 / floor, rel=0.1)
     assert pred.decode_bound_tok_s > 3 * pred.decode_tok_s
-    # prefill: the measured cost per prompt token and GPU layer sets it there too
+    # prefill: the measured cost per prompt token and GPU layer sets most of it there too (the
+    # RAM experts' copies add to it)
     per_token = Efficiency().gpu_prefill_token_seconds.value * len(plan.layers)
-    assert pred.prefill_tok_s == pytest.approx(1.0 / per_token, rel=0.1)
+    assert 0.8 / per_token < pred.prefill_tok_s <= 1.0 / per_token
     faster = Efficiency()
     faster.gpu_prefill_token_seconds = Sourced(5e-6, "calibrated", "bench --synthetic")
-    assert predict(plan, flash, profile, efficiency=faster).prefill_tok_s > 5 * pred.prefill_tok_s
+    assert predict(plan, flash, profile, efficiency=faster).prefill_tok_s > 2 * pred.prefill_tok_s
 
 
 def test_calibrated_efficiency_and_its_file(tmp_path, flash):

@@ -165,7 +165,11 @@ class Attention:
             if entries is None:
                 entries = store.rows()  # [C, d]
         window = state.window.slots()  # [W, d]
-        if gpu_kernels.applies(q) and gpu_kernels.checked("decode attention", device):
+        if (
+            gpu_kernels.applies(q)
+            and gpu_kernels.decode_attention_fits(q.shape[-1])
+            and gpu_kernels.checked("decode attention", device)
+        ):
             o = gpu_kernels.decode_attention(
                 q, window, kv, entries, visible, pos, self.sink, self.scale
             )

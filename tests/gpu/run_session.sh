@@ -4,14 +4,15 @@
 #   build → CUDA tests (GPU model, runtime split, Triton expert kernels) → bench gpu-kernels
 #   (Triton vs torch per layer, tile sweep; records the fastest shapes for the later steps)
 #   → bench kernels (the host CPU's FP4/FP8 kernels, with CPU_KERNELS=1)
-#   → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a 2048-token prompt
-#   prefilled in the runtime's 1024-token chunks, torch-experts A/B, profiles of decode steps
-#   and of a prefill chunk) → bench decode
-#   (two real-size layers: experts on the CPU vs on the GPU, PCIe, streamed prefill).
+#   → bench decode (two real-size layers: experts on the CPU vs on the GPU, PCIe, streamed
+#   prefill) → the full-size synthetic V4-Flash (decode with and without CUDA graphs, a
+#   2048-token prompt prefilled in the runtime's 1024-token chunks, torch-experts A/B, profiles
+#   of decode steps and of a prefill chunk).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
-# synthetic; KV=fp8 plans it with the packed FP8 KV cache; GPU_KERNELS=0 / DECODE=0 skip those
-# benchmarks)
+# synthetic; KV=fp8 plans it with the packed FP8 KV cache; PROFILE_PREFILL=0 leaves out the
+# prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
+# picks the tests, TESTS= none)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -34,14 +35,20 @@ python3 setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { tail -30 "$O
 if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: no install
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
-step tests 150 12 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_kernels.py \
-  tests/test_gpu_tuning.py
+read -ra TEST_PATHS <<<"${TESTS-tests/gpu tests/test_gpu_kernels.py tests/test_gpu_tuning.py}"
+[ ${#TEST_PATHS[@]} -gt 0 ] && step tests 150 12 python3 -m pytest -q -p no:cacheprovider "${TEST_PATHS[@]}"
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
-ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
-      --profile "${PROFILE:-3}" --profile-prefill)
-[ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
-[ -n "$KV" ] && ARGS+=(--kv "$KV")
-step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
 # issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
 [ "${DECODE:-1}" = 1 ] && step decode 170 20 python3 -m flashdesk bench decode
+ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${STEPS:-32}"
+      --profile "${PROFILE:-3}")
+[ "${PROFILE_PREFILL:-1}" = 1 ] && ARGS+=(--profile-prefill)
+[ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
+[ -n "$KV" ] && ARGS+=(--kv "$KV")
+[ "${SYNTHETIC:-1}" = 1 ] && step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
+# what the run measured and recorded for this GPU: tuning (gpu_kernels.json) and the planner's
+# calibration, to compare with the built-in defaults
+python3 -c "from flashdesk.offload.bandwidth import cache_dir; print(cache_dir())" 2>/dev/null |
+  { read -r d && for f in gpu_kernels calibration; do cp "$d/$f.json" "$OUT/" 2>/dev/null; done; }
+echo "== done at ${SECONDS}s"

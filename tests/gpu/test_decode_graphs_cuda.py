@@ -112,7 +112,8 @@ def test_the_kv_formats_replay_from_graphs(kv, monkeypatch):
     captured step: the runtime's load-time check passes with that format and replays equal the
     same segments run directly across re-captures."""
     monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)
-    config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
+    # no-rope channels in whole 64-blocks, heads of a power-of-two width (the kernels')
+    config = CONFIG.replace(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
     ids = _ids(60)
     placement = graph_placement("mixed", "cuda")
     ckpt = SyntheticCheckpoint(config, seed=3)
