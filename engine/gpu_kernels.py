@@ -202,7 +202,8 @@ def _check_compressor_step(dev: torch.device) -> str | None:
 
 def _check_decode_attention(dev: torch.device) -> str | None:
     """`decode_attention` against `Attention.step`'s torch ops (`Attention._sink_attend`), the
-    ring filling and full, with and without compressed rows."""
+    ring filling and full, with and without compressed rows, in one split per part and in
+    several (the own slot and masked rows in later splits)."""
     from types import SimpleNamespace
 
     from flashdesk.engine.model.attention import Attention
@@ -213,7 +214,8 @@ def _check_decode_attention(dev: torch.device) -> str | None:
     window, comp = torch.randn(w, dim, generator=g), torch.randn(c, dim, generator=g)
     visible = torch.rand(c, generator=g) < 0.6
     layer = SimpleNamespace(sink=torch.randn(heads, generator=g), scale=dim**-0.5)
-    for pos, with_comp in ((3, False), (5, True), (13, True)):
+    for pos, with_comp, split in ((3, False, None), (5, True, None), (13, True, None),
+                                  (6, True, 4), (13, True, 4), (13, False, 4)):  # fmt: skip
         keys = window.index_copy(0, torch.tensor([pos % w]), own)
         logits = [torch.einsum("qhd,kd->qhk", q, keys)]
         logits[0][..., torch.arange(w) > pos] = float("-inf")
@@ -225,7 +227,7 @@ def _check_decode_attention(dev: torch.device) -> str | None:
         on = [t.to(dev) for t in (q, window, own, comp, visible, layer.sink)]
         got = decode_attention(
             on[0], on[1], on[2], on[3] if with_comp else None, on[4] if with_comp else None,
-            torch.tensor([pos], device=dev), on[5], layer.scale,
+            torch.tensor([pos], device=dev), on[5], layer.scale, rows_per_split=split,
         )  # fmt: skip
         if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5):
             return "it gave other values than the torch ops on this GPU"
@@ -802,25 +804,62 @@ if triton is not None:
         return top, den, acc
 
     @triton.jit
-    def _decode_attention_kernel(
-        q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, sink_ptr, out_ptr, scale,
-        W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
+    def _decode_attention_split_kernel(
+        q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
+        W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
+        SW: tl.constexpr, S: tl.constexpr,
     ):  # fmt: skip
-        """One head per program: the sink softmax over the window ring (slots ≤ pos; the
-        token's own slot as computed) and C compressed rows (those visible) → Σ p · row."""
+        """Program (head, split): the online softmax of one head over CH rows, a split of the
+        window ring (splits < SW: slots ≤ pos, the token's own slot as computed) or of the C
+        compressed rows (those visible) → its running max, sum of exponentials and Σ p · row
+        (without the sink: `_decode_attention_combine_kernel` adds it)."""
         h = tl.program_id(0)
+        s = tl.program_id(1)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + h * D + d).to(tl.float32)
         pos = tl.load(pos_ptr)
         own = tl.load(own_ptr + d).to(tl.float32)
-        top = tl.load(sink_ptr + h)  # the sink: a logit with no value, e^0 in the sum
+        top = tl.full((), -1e30, tl.float32)  # finite: a split with no live row adds 0
+        den = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((D,), dtype=tl.float32)
+        if s < SW:
+            start = s * CH
+            top, den, acc = _attend_rows(q, win_ptr + start * D, W - start, vis_ptr, pos - start,
+                                         pos % W - start, own, top, den, acc, scale, D, CH, RB,
+                                         False)  # fmt: skip
+        else:
+            start = (s - SW) * CH
+            top, den, acc = _attend_rows(q, comp_ptr + start * D, C - start, vis_ptr + start, 0,
+                                         -1, own, top, den, acc, scale, D, CH, RB,
+                                         True)  # fmt: skip
+        tl.store(top_ptr + h * S + s, top)
+        tl.store(den_ptr + h * S + s, den)
+        tl.store(acc_ptr + (h * S + s) * D + d, acc)
+
+    @triton.jit
+    def _decode_attention_combine_kernel(
+        top_ptr, den_ptr, acc_ptr, sink_ptr, out_ptr, D: tl.constexpr, S: tl.constexpr,
+        SB: tl.constexpr,
+    ):  # fmt: skip
+        """One head per program: its S splits' partial softmaxes and the sink (a logit with no
+        value, e^0 in the sum) merged → Σ p · row / Σ p."""
+        h = tl.program_id(0)
+        d = tl.arange(0, D)
+        top = tl.load(sink_ptr + h)
         den = top * 0.0 + 1.0
         acc = tl.zeros((D,), dtype=tl.float32)
-        top, den, acc = _attend_rows(q, win_ptr, W, vis_ptr, pos, pos % W, own, top, den, acc,
-                                     scale, D, W, RB, False)  # fmt: skip
-        if C > 0:
-            top, den, acc = _attend_rows(q, comp_ptr, C, vis_ptr, 0, -1, own, top, den, acc,
-                                         scale, D, C, RB, True)  # fmt: skip
+        for s0 in range(0, S, SB):
+            j = s0 + tl.arange(0, SB)
+            live = j < S
+            t = tl.load(top_ptr + h * S + j, mask=live, other=-1e30)
+            new_top = tl.maximum(top, tl.max(t, axis=0))
+            alpha = tl.exp(top - new_top)
+            w = tl.where(live, tl.exp(t - new_top), 0.0)
+            part = tl.load(acc_ptr + (h * S + j)[:, None] * D + d[None, :], mask=live[:, None],
+                           other=0.0)  # fmt: skip
+            den = den * alpha + tl.sum(w * tl.load(den_ptr + h * S + j, mask=live, other=0.0))
+            acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+            top = new_top
         tl.store(out_ptr + h * D + d, acc / den)
 
     @triton.jit
@@ -1312,25 +1351,49 @@ def decode_attention_fits(head_dim: int) -> bool:
     return head_dim > 0 and not head_dim & (head_dim - 1)
 
 
+# A decode step's sink attention is split across programs by rows (flash-decoding): one program
+# per head over all of a layer's rows left 64 programs on a GPU of 132 SMs, each walking
+# 640 rows at 2K context (47 µs per layer on the H200) and 8K+ rows for an HCA layer at 1M.
+# Rows per split: at least DECODE_ROWS_PER_SPLIT, more where a layer would need more than
+# DECODE_MAX_SPLITS splits per head.
+DECODE_ROWS_PER_SPLIT = 128
+DECODE_MAX_SPLITS = 64
+
+
 def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
+    rows_per_split: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`Attention.step`'s sink attention of one token in one launch (as torch ops ~20 kernels):
-    q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos` unwritten), the
-    token's own row `[1, d]` for its slot, compressed rows `[C, d]` with `visible` `[C]` bool
-    (or None) → `[1, H, d]` float32. float32 products and sums, one head per program."""
+    """`Attention.step`'s sink attention of one token in two launches (as torch ops ~20
+    kernels): q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos`
+    unwritten), the token's own row `[1, d]` for its slot, compressed rows `[C, d]` with
+    `visible` `[C]` bool (or None) → `[1, H, d]` float32. float32 products and sums; the rows
+    split across programs (`rows_per_split`, tests pick small ones), then merged per head."""
     heads, dim = q.shape[1], q.shape[2]
     if not decode_attention_fits(dim) or window.shape[1] != dim:
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
-    out = torch.empty((1, heads, dim), dtype=torch.float32, device=q.device)
+    w = window.shape[0]
     n = comp.shape[0] if comp is not None else 0
     rows = max(1, min(16, 8192 // dim))
-    _decode_attention_kernel[(heads,)](
+    chunk = rows_per_split or max(DECODE_ROWS_PER_SPLIT, -(-(w + n) // DECODE_MAX_SPLITS))
+    chunk = -(-chunk // rows) * rows  # whole row blocks
+    sw = -(-w // chunk)
+    splits = sw + -(-n // chunk)
+    dev = q.device
+    top = torch.empty((heads, splits), dtype=torch.float32, device=dev)
+    den = torch.empty_like(top)
+    acc = torch.empty((heads, splits, dim), dtype=torch.float32, device=dev)
+    _decode_attention_split_kernel[(heads, splits)](
         q.contiguous(), window.contiguous(), own.contiguous(),
         comp.contiguous() if comp is not None else window,
-        visible.contiguous() if visible is not None else pos, pos, sink, out, float(scale),
-        W=window.shape[0], C=n, D=dim, RB=rows, num_warps=4,
+        visible.contiguous() if visible is not None else pos, pos, top, den, acc, float(scale),
+        W=w, C=n, D=dim, RB=rows, CH=chunk, SW=sw, S=splits, num_warps=4,
+    )  # fmt: skip
+    out = torch.empty((1, heads, dim), dtype=torch.float32, device=dev)
+    _decode_attention_combine_kernel[(heads,)](
+        top, den, acc, sink, out, D=dim, S=splits, SB=min(8, triton.next_power_of_2(splits)),
+        num_warps=4,
     )  # fmt: skip
     return out
 

@@ -199,14 +199,25 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 8},
             )
         )
+    chunk = gk.DECODE_ROWS_PER_SPLIT  # as decode_attention picks below 8K rows
     for label, n in (("window only", 0), ("CSA top-k", 512), ("HCA", 1024)):
+        splits = 128 // chunk + n // chunk
         specs.append(
             (
                 f"decode attention {label}",
-                gk._decode_attention_kernel,
+                gk._decode_attention_split_kernel,
                 "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
-                "pos_ptr:*i64, sink_ptr:*fp32, out_ptr:*fp32, scale:fp32",
-                {"W": 128, "C": n, "D": HEAD_DIM, "RB": 16},  # as decode_attention picks
+                "pos_ptr:*i64, top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32",
+                {"W": 128, "C": n, "D": HEAD_DIM, "RB": 16, "CH": chunk, "SW": 1, "S": splits},
+                {"num_warps": 4},
+            )
+        )
+        specs.append(
+            (
+                f"decode attention merge {label}",
+                gk._decode_attention_combine_kernel,
+                "top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, sink_ptr:*fp32, out_ptr:*fp32",
+                {"D": HEAD_DIM, "S": splits, "SB": min(8, triton.next_power_of_2(splits))},
                 {"num_warps": 4},
             )
         )

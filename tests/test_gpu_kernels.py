@@ -603,3 +603,32 @@ def test_a_decode_step_reads_and_writes_fp8_kv_rows_in_single_launches(monkeypat
         assert torch.equal(run(), want)
     # per step: 5 ring writes + 4 entry writes; reads of 5 rings + 4 stores (+ the prompt's)
     assert calls["fp8_rows_put"] == 10 * 9 and calls["fp8_rows_read"] >= 10 * 9
+
+
+@pytest.mark.parametrize("split", [None, 16, 48])
+def test_decode_attention_split_across_programs_equals_one_softmax(split):
+    """The rows of a decode step's sink attention split across programs and merged per head
+    (the default: 128 rows per split) give the one softmax over all rows: a full window ring, a
+    CSA layer's 200 picks with some invisible, a split holding no visible row."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(12)
+    heads, dim, w, c = 3, 64, 32, 200
+    q, own = torch.randn(1, heads, dim, generator=g), torch.randn(1, dim, generator=g)
+    window, comp = torch.randn(w, dim, generator=g), torch.randn(c, dim, generator=g)
+    visible = torch.rand(c, generator=g) < 0.5
+    visible[48:96] = False  # whole splits of 16 / 48 rows with nothing to attend
+    sink, scale, pos = torch.randn(heads, generator=g), dim**-0.5, 77
+    keys = window.index_copy(0, torch.tensor([pos % w]), own)
+    logits = scale * torch.cat(
+        [torch.einsum("qhd,kd->qhk", q, keys),
+         torch.einsum("qhd,td->qht", q, comp).masked_fill(~visible, float("-inf"))], dim=-1,
+    )  # fmt: skip
+    top = torch.maximum(logits.amax(-1), sink[None])  # the sink: a logit with no value
+    p = (logits - top[..., None]).exp()
+    want = p @ torch.cat([keys, comp]) / (p.sum(-1) + (sink[None] - top).exp())[..., None]
+    on = [t.to(dev) for t in (q, window, own, comp, visible, sink)]
+    got = ft.decode_attention(
+        on[0], on[1], on[2], on[3], on[4], torch.tensor([pos], device=dev), on[5], scale,
+        rows_per_split=split,
+    )  # fmt: skip
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
