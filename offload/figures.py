@@ -142,14 +142,16 @@ class ModelFigures:
         raise ValueError(f"KV dtype {kv_dtype!r} is not 'bf16' or 'fp8'")
 
     def compressor_state_bytes(self, layer: LayerFigures) -> int:
-        """FP32 kv_state + score_state of the reference layout: [(1+ov)·m, (1+ov)·c] each."""
+        """FP32 state the engine's compressors carry (`cache.CompressorCarry`): projections and
+        gates [m, (1+ov)·c] each, the overlapping one also the last window's [m, c] halves
+        (the reference keeps [(1+ov)·m, (1+ov)·c] each: 8·m·c floats where this is 6·m·c)."""
         if layer.attention == "window":
             return 0
         overlap = 1 if layer.attention == "csa" else 0
-        rows = (1 + overlap) * layer.compress_ratio
-        state = 2 * rows * (1 + overlap) * self.kv_dim * 4
+        floats = 2 * layer.compress_ratio * (1 + 2 * overlap)  # per channel
+        state = floats * self.kv_dim * 4
         if layer.attention == "csa":  # the indexer's own compressor
-            state += 2 * rows * (1 + overlap) * self.index_dim * 4
+            state += floats * self.index_dim * 4
         return state
 
     def kv_layer_bytes(self, layer: LayerFigures, context: int, kv_dtype: str) -> int:
