@@ -42,9 +42,12 @@ LAYERS, CSA_LAYERS, HCA_LAYERS = 43, 21, 20
 
 
 def spec_kv_bytes(n: int, kv: str) -> int:
-    """Spec §3.3: 43·128·e_kv + 21·⌊N/4⌋·(e_kv+e_idx) + 20·⌊N/128⌋·e_kv + state."""
+    """Spec §3.3: 43·128·e_kv + 21·⌊N/4⌋·(e_kv+e_idx) + 20·⌊N/128⌋·e_kv + state. The state
+    is what the engine's compressors carry: 60 KiB per CSA layer (6·m·c floats for the KV and
+    the indexer's compressor; the spec counts the reference's layout, 80 KiB), 512 KiB per HCA
+    layer."""
     e_kv, e_idx = {"bf16": (1024, 256), "fp8": (584, 132)}[kv]
-    state = CSA_LAYERS * 80 * 1024 + HCA_LAYERS * 512 * 1024
+    state = CSA_LAYERS * 60 * 1024 + HCA_LAYERS * 512 * 1024
     return (
         LAYERS * 128 * e_kv
         + CSA_LAYERS * (n // 4) * (e_kv + e_idx)
