@@ -144,13 +144,21 @@ def run(
             for _ in range(warmup):
                 logits = rt.decode(int(logits.argmax()), state)
             _sync()
+            g = rt.graphs
+            waited, experts = (g.host_wait_s, g.host_expert_s) if g is not None else (0.0, 0.0)
             t0 = time.perf_counter()
             for _ in range(decode_steps):
                 logits = rt.decode(int(logits.argmax()), state)
             _sync()
+            if g is not None and g.usable:  # where a replayed step's host time went
+                host_split["host_waits_for_gpu_ms"] = (g.host_wait_s - waited) / decode_steps * 1e3
+                host_split["host_experts_ms"] = (g.host_expert_s - experts) / decode_steps * 1e3
             return (time.perf_counter() - t0) / decode_steps
 
+        host_split: dict = {}
+
         step_s = timed_decode(warmup=2)  # the first step after a prefill captures the graphs
+        out |= {f"{k}_per_step": v for k, v in host_split.items()}
         graphs, rt.graphs = rt.graphs, None  # the A/B runs below take the plain path
         if graphs is not None:
             out["cuda_graphs"] = graphs.usable
@@ -250,6 +258,14 @@ def run(
         )
     elif "cuda_graphs_off" in out:
         say(f"CUDA graphs off: {out['cuda_graphs_off']}")
+    if "host_experts_ms_per_step" in out:
+        ms = 1e3 / out["decode_tok_s"]
+        wait, cpu = out["host_waits_for_gpu_ms_per_step"], out["host_experts_ms_per_step"]
+        say(
+            f"host time per replayed step ({ms:.1f} ms): waiting for the GPU before the host-expert "
+            f"layers {wait:.1f} ms, in the CPU's experts {cpu:.1f} ms (the GPU waits on them), "
+            f"the rest {ms - wait - cpu:.1f} ms (launches, copies, the step's end)"
+        )
     if "decode_tok_s_torch_experts" in out:
         say(
             f"VRAM experts through torch's dequantize-then-multiply instead of the Triton kernels: "

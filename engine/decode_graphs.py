@@ -25,6 +25,7 @@ as plain torch operations (the tests compare them with the model's own decode).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -93,6 +94,9 @@ class GraphDecoder:
             self.reason = "the experts cached in VRAM need the Triton kernels to be captured"
         self.cuts = [i for i, b in enumerate(model.blocks) if b.moe.host_computes]
         self.builds = 0  # how many times the segments were built (captured, on CUDA)
+        # host seconds at the host-expert layers, summed over steps (benchmarks read them):
+        # waiting for the device's work before a layer's picks, and in the CPU's share
+        self.host_wait_s = self.host_expert_s = 0.0
 
         dt = model.numerics.dtype
         hc, dim, k = c.hc_mult, c.hidden_size, c.num_experts_per_tok
@@ -223,11 +227,15 @@ class GraphDecoder:
             ready = torch.cuda.Event()
             ready.record()
         self._run(device_part, capturing)
+        t0 = time.perf_counter()
         if ready is not None:
             ready.synchronize()
+        t1 = time.perf_counter()
         self.h_y.zero_()
         moe._host_part(self.h_xn, self.h_ids, self.h_w, out=self.h_y)
         self.host_y.copy_(self.h_y, non_blocking=True)
+        self.host_wait_s += t1 - t0
+        self.host_expert_s += time.perf_counter() - t1
 
     # ------------------------------------------------------------------ capacities and key
 
