@@ -94,6 +94,13 @@ LINEAR_CHOICES = [
 ]
 
 
+# A decode step's sink attention (one token, V4-Flash's 64 heads of 512, the 128-slot window):
+# the CSA layers' 512 picks (any context), and an HCA layer's rows at 128K and at 1M context.
+ATTENTION = (64, 512, 128)
+ATTENTION_ROWS = (512, 1024, 8192)
+ATTENTION_SPLITS = (64, 128, 256, 512)  # rows per split; and one split per part (A/B)
+
+
 def _replay_ms(fn, reps: int, calls: int = 32) -> float:
     """Device time of one call as a decode step replays it: `calls` consecutive calls
     fn(0..calls−1) captured in a CUDA graph, the replay timed (median of `reps`) ÷ calls. Timed
@@ -165,6 +172,9 @@ def measure(
     grouped_choices=GROUPED_CHOICES,
     prompt_tokens: int = PROMPT_TOKENS,
     linear_choices=LINEAR_CHOICES,
+    attention=ATTENTION,
+    attention_rows=ATTENTION_ROWS,
+    attention_splits=ATTENTION_SPLITS,
 ) -> dict:
     """The figures on `dev` (tests run it on the CPU in Triton's interpreter at small `dims`)."""
     import torch
@@ -314,6 +324,10 @@ def measure(
     out["linears"] = [
         _linear_figures(dev, spec, reps, copy_gbps, say, linear_choices) for spec in linears
     ]
+    if attention_splits:
+        out["attention"] = _attention_figures(
+            dev, attention, attention_rows, attention_splits, reps, copy_gbps, say
+        )
     out["choices"] = _choices(out, tiles, warps, mode)
     say(f"fastest here: {out['choices']}")
     if dev == "cuda":
@@ -354,7 +368,57 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
             choices["LINEAR_STAGES"] = spec[4]
             # split None: automatic (LINEAR_MIN_PROGRAMS); 1: never (0 programs wanted)
             choices["LINEAR_MIN_PROGRAMS"] = 0 if spec[3] == 1 else 1024
+    if "attention" in out:
+        choices["DECODE_ROWS_PER_SPLIT"] = out["attention"]["best_rows_per_split"]
     return choices
+
+
+def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> dict:
+    """A decode step's sink attention (`gpu_kernels.decode_attention`) over the window and
+    `row_counts` compressed rows: each rows-per-split choice, and one split per part (the
+    window's and the rows': a program per head walking them all, as before the split) → the
+    times, and the choice with the least time summed over the row counts."""
+    import torch
+
+    from flashdesk.engine import gpu_kernels
+
+    heads, dim, window = shape
+    g = torch.Generator(device=dev).manual_seed(3)
+    q = torch.randn((1, heads, dim), generator=g, device=dev).to(torch.bfloat16)
+    ring = torch.randn((window, dim), generator=g, device=dev).to(torch.bfloat16)
+    own = torch.randn((1, dim), generator=g, device=dev).to(torch.bfloat16)
+    sink = torch.randn((heads,), generator=g, device=dev)
+    pos = torch.tensor([10 * window], device=dev)
+    sizes = []
+    for n in row_counts:
+        comp = torch.randn((n, dim), generator=g, device=dev).to(torch.bfloat16)
+        visible = torch.rand((n,), generator=g, device=dev) < 0.9
+        nbytes = (window + n) * dim * 2
+        times, want = {}, None
+        whole_part = max(window, n)
+        for split in (*splits, None):  # None: one split per part
+
+            def call(i, rows=split or whole_part, comp=comp, visible=visible):
+                return gpu_kernels.decode_attention(
+                    q, ring, own, comp, visible, pos, sink, dim**-0.5, rows_per_split=rows
+                )
+
+            got = call(0)
+            want = got if want is None else want
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"decode attention split by {split} rows gave other values")
+            times[split] = _replay_ms(call, reps)
+        whole = times.pop(None)
+        best = min(times, key=times.get)
+        sizes.append({"rows": n, "ms": times, "one_split_ms": whole})
+        say(
+            f"decode attention, {window} + {n} rows ({nbytes / 1e6:.1f} MB): "
+            + ", ".join(f"{k} rows per split {v * 1e3:.1f}" for k, v in times.items())
+            + f" µs; best {best}: {nbytes / times[best] / 1e6 / copy_gbps:.2f} × copy; one "
+            f"split per part {whole * 1e3:.1f} µs ({whole / times[best]:.1f}× slower)"
+        )
+    total = {k: sum(size["ms"][k] for size in sizes) for k in splits}
+    return {"sizes": sizes, "best_rows_per_split": min(total, key=total.get)}
 
 
 def _prompt_figures(dev, stacks, expert_bytes, tokens, choices, reps, copy_gbps, say) -> dict:

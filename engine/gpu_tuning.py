@@ -31,6 +31,7 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "LINEAR_TILES": (int, 3),
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),
+    "DECODE_ROWS_PER_SPLIT": (int, 0),
 }
 CHOICES = {"DECODE_MOE": ("rows", "by pick"), "LINEAR_KIND": ("rows", "dot")}
 
@@ -60,7 +61,9 @@ def valid(name: str, value) -> bool:
     if name == "LINEAR_STAGES":
         return 1 <= value <= 8
     # tiles and warps: powers of two the kernels take (tensor-core tiles: at least 16 a side)
+    # (rows per split of the decode attention: whole 16-row blocks)
     low = 16 if name in ("GROUPED_TILES", "BY_PICK_TILES", "LINEAR_TILES") else 1
+    low = 16 if name == "DECODE_ROWS_PER_SPLIT" else low
     return all(low <= v <= 4096 and v & (v - 1) == 0 for v in items)
 
 

@@ -62,6 +62,9 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             grouped_choices=module.GROUPED_CHOICES[:1],
             prompt_tokens=12,
             linear_choices=[module.LINEAR_CHOICES[4], module.LINEAR_CHOICES[6]],
+            attention=(4, 64, 8),
+            attention_rows=(12, 40),
+            attention_splits=(16, 32),
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
@@ -71,6 +74,8 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
         from flashdesk.engine import gpu_tuning  # what it would record on a GPU fits
 
+        assert [len(size["ms"]) for size in out["attention"]["sizes"]] == [2, 2]
+        assert out["choices"]["DECODE_ROWS_PER_SPLIT"] in (16, 32)
         assert {"TILES", "DECODE_MOE", "GROUPED_TILES", "LINEAR_KIND"} <= set(out["choices"])
         assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
         assert "skipped" in module.run(True)  # no GPU here

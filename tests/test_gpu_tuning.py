@@ -44,6 +44,7 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("WARPS", 6),  # not a power of two
         ("FP4_MODE", (0, 2, 0)),
         ("LINEAR_STAGES", 0),
+        ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
         ("INTERPRETED", True),  # not a shape
     ],
 )
