@@ -237,9 +237,9 @@ class EngineBackend(Backend):
             old.close()
 
     def _plan_for(self, folder: Path, progress: Progress):
-        """The planner's placement for this checkpoint on this machine at the chosen context, with
-        the wizard's KV format and VRAM reserve (probed with cached measurements); a plan that
-        cannot fit is refused with its changes."""
+        """The planner's placement for this checkpoint (or DeepSeek-V4 GGUF) on this machine at
+        the chosen context, with the wizard's KV format and VRAM reserve (probed with cached
+        measurements); a plan that cannot fit is refused with its changes."""
         from flashdesk.fit import DoesNotFit, plan_for_loading
 
         progress(0.02, "Planning GPU and RAM placement")
@@ -256,6 +256,20 @@ class EngineBackend(Backend):
         if plan is None:
             log.warning("no plan for %s (%s); loading with experts memory-mapped", folder, why)
         return plan
+
+    def _gguf_placement(self, path: Path, info, context: int, demo: bool, progress):
+        """Where llama.cpp puts a GGUF: a DeepSeek-V4 file the user chose is planned as a
+        checkpoint is (the wizard's KV format and VRAM reserve; the GPU only where this
+        llama.cpp build can offload); other files (the demo model) run on the CPU."""
+        from flashdesk.engine.gguf.backend import GGUFPlacement
+        from flashdesk.engine.gguf.llama_glue import gpu_offload_supported
+
+        plan = self._plan_for(path, progress) if info.is_v4 and not demo else None
+        if plan is None:
+            return GGUFPlacement(context=context)
+        return GGUFPlacement.from_plan(
+            plan, info.n_layers, gpu_offload=gpu_offload_supported(), context=context
+        )
 
     def _gguf_path(self) -> Path | None:
         """The GGUF file to run: a .gguf model path, or the demo model when asked for and present."""
@@ -280,7 +294,7 @@ class EngineBackend(Backend):
 
         try:
             from flashdesk.engine.gguf import GGUFError, GGUFUnavailable, open_gguf
-            from flashdesk.engine.gguf.backend import GGUFPlacement, LoadCancelledError
+            from flashdesk.engine.gguf.backend import LoadCancelledError
             from flashdesk.engine.gguf.demo import DEMO_NAME, demo_model_path
             from flashdesk.engine.gguf.metadata import read_gguf
         except ImportError as exc:  # the gguf extra is missing
@@ -292,9 +306,10 @@ class EngineBackend(Backend):
         try:
             info = read_gguf(path)
             context = min(self.requested_context, info.context_length or self.requested_context)
+            placement = self._gguf_placement(path, info, context, demo, progress)
             model, tokenizer = open_gguf(
                 info,
-                GGUFPlacement(context=context),
+                placement,
                 progress=lambda f: (
                     progress(0.05 + 0.9 * f, "Loading weights"),
                     not is_cancelled(),
@@ -311,7 +326,7 @@ class EngineBackend(Backend):
             name=DEMO_NAME if demo and path == demo_model_path(required=False) else info.name,
             context_limit=model.context_limit,
             test_model=False,
-            plan_summary=self.plan_summary or "llama.cpp on the CPU",
+            plan_summary=placement.describe(),
             device="cpu",
             note="demo model" if demo else "",
         )

@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from flashdesk.offload.plan import KV_DTYPES  # light: no torch
 
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", metavar="DIR", help="checkpoint folder (reads its config.json)")
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        help="checkpoint folder (reads its config.json) or a DeepSeek-V4 .gguf file",
+    )
     model.add_argument(
         "--preset", choices=PRESETS, help="a published model without a download (default v4-flash)"
     )
@@ -114,7 +118,10 @@ def evaluate(
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import HardwareProfile, ProfileError, probe
 
-    if model:
+    figures = None
+    if model and str(model).lower().endswith(".gguf"):
+        figures = _gguf_figures(model)
+    elif model:
         config = ModelConfig.from_dir(model)
         variant = "Pro" if config.hidden_size == ModelConfig.v4_pro().hidden_size else "Flash"
         name = f"DeepSeek-V4-{variant} ({model})"
@@ -124,7 +131,8 @@ def evaluate(
         config, name = ModelConfig.v4_flash(), "DeepSeek-V4-Flash"
     else:
         raise ProfileError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}.")
-    figures = ModelFigures.from_inventory(inventory(config), config, name)
+    if figures is None:
+        figures = ModelFigures.from_inventory(inventory(config), config, name)
     if profile is None and profile_path:
         profile = HardwareProfile.load(profile_path)
     elif profile is None:
@@ -155,6 +163,23 @@ def evaluate(
     return figures, profile, plan, prediction
 
 
+def _gguf_figures(path):
+    """The planner's figures for a deepseek4 GGUF file (bytes per tensor from its header)."""
+    from flashdesk.engine.config import ConfigError
+
+    try:
+        from flashdesk.engine.gguf.metadata import read_gguf
+        from flashdesk.engine.gguf.plan_glue import model_figures
+
+        return model_figures(read_gguf(path))
+    except ImportError:
+        raise ConfigError(
+            "planning a GGUF file needs the gguf extra: pip install 'flashdesk[gguf]'."
+        ) from None
+    except ValueError as exc:  # GGUFError: not a GGUF, or not a model the planner knows
+        raise ConfigError(str(exc)) from None
+
+
 class DoesNotFit(ValueError):
     """This machine cannot hold the model with these settings; `changes` are the planner's."""
 
@@ -168,9 +193,10 @@ class DoesNotFit(ValueError):
 def plan_for_loading(
     model: str, context: int, kv_dtype: str = "bf16", vram_reserve_gib: float | None = None
 ):
-    """(plan, None): the planner's placement for loading the checkpoint folder `model` on this
-    machine (probed; measurements cached), or (None, why) when planning itself failed — the model
-    still loads then, its experts memory-mapped. Raises DoesNotFit when it cannot fit at all."""
+    """(plan, None): the planner's placement for loading the checkpoint folder (or deepseek4
+    GGUF file) `model` on this machine (probed; measurements cached), or (None, why) when
+    planning itself failed — the model still loads then, its experts memory-mapped. Raises
+    DoesNotFit when it cannot fit at all."""
     from flashdesk.offload.plan import DOES_NOT_FIT
 
     try:

@@ -52,6 +52,7 @@ def test_gguf_model_path_and_its_refusals(tmp_path):
     backend = EngineBackend(path, tmp_path, context_limit=128)
     info = backend.load(lambda f, what: None, lambda: False)
     assert info.name == "tiny random qwen3moe (FlashDesk tests)" and info.note == ""
+    assert info.plan_summary.startswith("llama.cpp on the CPU; KV cache f16")  # not a V4 model
     assert info.context_limit >= 128
     with pytest.raises(LoadCancelled):
         EngineBackend(path, tmp_path).load(lambda f, what: None, lambda: True)

@@ -83,11 +83,34 @@ class GGUFPlacement:
         # llama_load_mode: NONE 0, MMAP 1, MLOCK 2, MMAP_MLOCK 3
         return (1 if self.mmap else 0) + (2 if self.mlock else 0)
 
+    @property
+    def quantized_kv(self) -> bool:
+        return self.kv_type not in ("f32", "f16", "bf16")
+
+    def describe(self) -> str:
+        """Where llama.cpp puts the model, in words (the app's plan line)."""
+        if self.n_gpu_layers == 0:
+            where = "llama.cpp on the CPU"
+        else:
+            layers = "all layers" if self.n_gpu_layers < 0 else f"{self.n_gpu_layers} layers"
+            if self.cpu_moe is True:
+                experts = "routed experts in RAM"
+            elif self.cpu_moe is False:
+                experts = "routed experts on the GPU"
+            elif isinstance(self.cpu_moe, int):
+                experts = f"the first {self.cpu_moe} layers' routed experts in RAM"
+            else:
+                experts = f"{len(self.cpu_moe)} layers' routed experts in RAM"
+            where = f"llama.cpp: {layers} on the GPU, {experts}"
+        return f"{where}; KV cache {self.kv_type}, {self.context:,} tokens"
+
     @classmethod
-    def from_plan(cls, plan, n_layers: int, **overrides) -> GGUFPlacement:
+    def from_plan(cls, plan, n_layers: int, gpu_offload: bool = True, **overrides) -> GGUFPlacement:
         """From an offload.plan.Plan: attention layers on the GPU become llama.cpp's offloaded
         layers; every layer whose experts the plan does not put wholly on the GPU keeps its
-        expert tensors in CPU buffers; pinned RAM becomes mlock; FP8 KV becomes q8_0."""
+        expert tensors in CPU buffers; pinned RAM becomes mlock; FP8 KV becomes q8_0, with
+        flash attention on (llama.cpp quantizes the V cache only with it). A llama.cpp built
+        without GPU support (`gpu_offload` False) keeps everything on the CPU."""
         layers = list(plan.layers)
         on_gpu = sum(1 for lp in layers if lp.attention_on == "gpu")
         all_gpu = on_gpu >= n_layers and getattr(plan, "head_on", "") == "gpu"
@@ -104,6 +127,10 @@ class GGUFPlacement:
             "kv_type": {"bf16": "bf16", "fp8": "q8_0"}.get(plan.kv_dtype, "f16"),
             "mlock": int(getattr(plan, "pinned_bytes", 0) or 0) > 0,
         }
+        if not gpu_offload:
+            values |= {"n_gpu_layers": 0, "cpu_moe": True}
+        if values["kv_type"] == "q8_0":
+            values["flash_attn"] = True
         values.update(overrides)
         return cls(**values)
 

@@ -46,6 +46,11 @@ def llama_cpp_module():
     return llama_cpp
 
 
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can offload layers to a GPU (a CPU build ignores them)."""
+    return bool(llama_cpp_module().llama_supports_gpu_offload())
+
+
 def _ggml():
     """libggml with the few backend functions we call declared."""
     import llama_cpp._ggml as ggml_mod
