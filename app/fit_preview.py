@@ -52,9 +52,24 @@ class TtftPredictor:
                 log.warning("checkpoint config unreadable for the preview: %s", exc)
                 return None
             choice = ModelChoice("checkpoint", plan.get("model", ""), config, plan["model_path"])
+        elif kind == "gguf" and plan.get("model_path"):
+            from flashdesk.app.wizard import ModelChoice
+
+            try:
+                from flashdesk.engine.gguf.metadata import read_gguf
+
+                info = read_gguf(plan["model_path"])
+            except (ImportError, OSError, ValueError) as exc:
+                log.warning("GGUF header unreadable for the preview: %s", exc)
+                return None
+            choice = ModelChoice("gguf", plan.get("model", ""), info, plan["model_path"])
         else:
             choice = preset_choice(plan.get("model") or "DeepSeek-V4-Flash")
-        figures = figures_for(choice)
+        try:
+            figures = figures_for(choice)
+        except ValueError as exc:  # a GGUF replaced by one the planner does not model
+            log.warning("no figures for the preview: %s", exc)
+            return None
         options = PlanOptions(
             context=int(plan["context"]),
             kv_dtype=plan.get("kv_dtype", "bf16"),

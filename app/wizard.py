@@ -1,8 +1,8 @@
 """The hardware-fit wizard: the machine (with where each figure came from), the model, the plan.
 
 Page 1 shows the probe table (every value with its source label) and can re-measure the RAM read
-bandwidth. Page 2 picks the model: a checkpoint folder (verified, problems listed), a preset to
-plan without weights, or the tiny test model. Page 3 is the plan, recomputed live as the context,
+bandwidth. Page 2 picks the model: a checkpoint folder or DeepSeek-V4 GGUF file (verified,
+problems listed), a preset to plan without weights, or the tiny test model. Page 3 is the plan, recomputed live as the context,
 KV dtype and VRAM reserve change: verdict colour, memory bars per device, predicted decode/prefill
 speed with confidence, and what had to change. Page 4 saves it; the chat window uses it.
 The planner (`flashdesk.offload`) does the work; this file only shows it.
@@ -95,9 +95,9 @@ def profile_rows(profile) -> list[tuple[str, str, str, str]]:
 
 @dataclass
 class ModelChoice:
-    kind: str  # "preset" | "checkpoint" | "test"
+    kind: str  # "preset" | "checkpoint" | "gguf" | "test"
     name: str
-    config: Any
+    config: Any  # a ModelConfig; for "gguf" the file's header (GGUFInfo)
     path: str = ""
 
 
@@ -105,6 +105,10 @@ def figures_for(choice: ModelChoice):
     from flashdesk.engine.inventory import inventory
     from flashdesk.offload.figures import ModelFigures
 
+    if choice.kind == "gguf":  # the file's own bytes per tensor
+        from flashdesk.engine.gguf.plan_glue import model_figures
+
+        return model_figures(choice.config)
     return ModelFigures.from_inventory(inventory(choice.config), choice.config, choice.name)
 
 
@@ -224,7 +228,8 @@ class ModelPage(QWizardPage):
         self.wiz = wizard
         self.setTitle("The model")
         self.setSubTitle(
-            "Plan for a model without downloading it, or choose the checkpoint folder you have."
+            "Plan for a model without downloading it, or choose the checkpoint folder or GGUF "
+            "file you have."
         )
         layout = QVBoxLayout(self)
         self.group = QButtonGroup(self)
@@ -236,17 +241,20 @@ class ModelPage(QWizardPage):
         row.addWidget(self.preset_combo)
         row.addStretch(1)
         layout.addLayout(row)
-        self.folder_radio = QRadioButton("A DeepSeek-V4 checkpoint folder:")
+        self.folder_radio = QRadioButton("A DeepSeek-V4 checkpoint folder or GGUF file:")
         layout.addWidget(self.folder_radio)
         row = QHBoxLayout()
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText(
-            "folder with config.json and model.safetensors.index.json"
+            "folder with config.json and model.safetensors.index.json, or a .gguf file"
         )
         row.addWidget(self.path_edit, 1)
-        browse = QPushButton("Browse…")
+        browse = QPushButton("Folder…")
         browse.clicked.connect(self.browse)
         row.addWidget(browse)
+        browse_gguf = QPushButton("GGUF file…")
+        browse_gguf.clicked.connect(self.browse_gguf)
+        row.addWidget(browse_gguf)
         self.verify_button = QPushButton("Verify")
         self.verify_button.clicked.connect(self.verify)
         row.addWidget(self.verify_button)
@@ -280,6 +288,15 @@ class ModelPage(QWizardPage):
             self.folder_radio.setChecked(True)
             self.verify()
 
+    def browse_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose the GGUF file (the first part of a split one)", "", "GGUF (*.gguf)"
+        )
+        if path:
+            self.path_edit.setText(path)
+            self.folder_radio.setChecked(True)
+            self.verify()
+
     def _path_changed(self) -> None:
         self.verified = None
         self.problems.clear()
@@ -292,17 +309,20 @@ class ModelPage(QWizardPage):
     def verify(self) -> None:
         path = self.path_edit.text().strip()
         if not path:
-            self.result.setText("Type or browse to the checkpoint folder first.")
+            self.result.setText("Type or browse to the checkpoint folder or GGUF file first.")
             return
         self.folder_radio.setChecked(True)
         self.verified = None
         self.problems.clear()
         self.progress.setVisible(True)
         self.verify_button.setEnabled(False)
-        self.result.setText("Reading the index and every shard header…")
+        gguf = path.lower().endswith(".gguf")
+        self.result.setText(
+            "Reading the GGUF header…" if gguf else "Reading the index and every shard header…"
+        )
         self._task = tasks.start(
-            lambda: verify_checkpoint(path),
-            "Verifying the checkpoint",
+            lambda: verify_gguf(path) if gguf else verify_checkpoint(path),
+            "Verifying the model",
             self._on_verified,
             self._on_failed,
         )
@@ -320,7 +340,7 @@ class ModelPage(QWizardPage):
             self.problems.addItem(QListWidgetItem(f"note: {n}"))
         if report_problems:
             self.result.setText(
-                f"{len(report_problems)} problem(s) make this checkpoint unusable; fix them "
+                f"{len(report_problems)} problem(s) make this model unusable here; fix them "
                 "(usually: download the missing or damaged files again) and verify again."
             )
             self.result.setStyleSheet("color: #c0392b;")
@@ -337,7 +357,7 @@ class ModelPage(QWizardPage):
         item = QListWidgetItem(f"✗ {message}")
         item.setForeground(Qt.GlobalColor.darkRed)
         self.problems.addItem(item)
-        self.result.setText("This folder cannot be used.")
+        self.result.setText("This model cannot be used.")
         self.result.setStyleSheet("color: #c0392b;")
         self.completeChanged.emit()
 
@@ -377,6 +397,35 @@ def verify_checkpoint(path: str):
         f"Checkpoint OK: {report.tensors_checked:,} tensors in {report.shards_checked} shard(s)."
     )
     return choice, list(report.problems), list(report.notes), summary
+
+
+def verify_gguf(path: str):
+    """(choice or None, problems, notes, summary) for a GGUF file, as `verify_checkpoint`: its
+    header read (split parts found, the architecture one llama.cpp runs) and a DeepSeek-V4
+    model the planner can plan; runs off the GUI."""
+    try:
+        from flashdesk.engine.gguf.errors import GGUFError
+        from flashdesk.engine.gguf.metadata import read_gguf
+        from flashdesk.engine.gguf.plan_glue import model_figures
+    except ImportError:
+        from flashdesk.engine.gguf.errors import GGUFUnavailable
+
+        return None, [str(GGUFUnavailable())], [], ""
+    try:
+        info = read_gguf(path)
+        figures = model_figures(info)  # refuses a model the planner does not know
+    except GGUFError as exc:
+        return None, [str(exc)], [], ""
+    except OSError as exc:
+        return None, [f"{path} cannot be read ({exc.strerror or exc})."], [], ""
+    choice = ModelChoice("gguf", info.name, info, path)
+    parts = len(info.files)
+    summary = (
+        f"GGUF OK: {info.name}, {len(info.tensors):,} tensors"
+        + (f" in {parts} parts" if parts > 1 else "")
+        + f", {human_bytes(figures.total_bytes)} of weights; llama.cpp runs it."
+    )
+    return choice, [], [], summary
 
 
 class PlanPage(QWizardPage):
@@ -671,7 +720,7 @@ class FitWizard(QWizard):
         s = self.settings
         s.plan = saved
         s.context_limit = int(self.plan.context)
-        if self.choice.kind == "checkpoint":
+        if self.choice.kind in ("checkpoint", "gguf"):
             s.model_path = self.choice.path
         elif self.choice.kind == "test":
             s.model_path = ""

@@ -190,3 +190,47 @@ def test_saved_plan_predicts_time_to_first_token_for_attached_documents(qtbot, t
         win.preview_label.text()
     )
     win.close()
+
+
+def test_a_gguf_file_is_verified_planned_and_saved(qtbot, tmp_path, monkeypatch):
+    """A DeepSeek-V4 GGUF is a model choice like a checkpoint folder: its header verified and
+    planned with its own bytes, the plan saved with its path (the app loads it with llama.cpp);
+    a GGUF of another model is refused with the planner's reason."""
+    pytest.importorskip("gguf", reason="the gguf extra is not installed (make test installs it)")
+    from _gguf_headers import v4_flash_gguf
+
+    from flashdesk.app.fit_preview import TtftPredictor
+    from flashdesk.engine.gguf import metadata
+    from flashdesk.engine.gguf.synthetic import write_tiny_moe
+
+    settings = Settings()
+    wiz = FitWizard(settings, tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+    qtbot.addWidget(wiz)
+    wiz.show()
+    wiz.next()
+    page = wiz.model_page
+    page.path_edit.setText(str(write_tiny_moe(tmp_path / "qwen.gguf")))
+    page.verify()
+    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    problems = [page.problems.item(i).text() for i in range(page.problems.count())]
+    assert "'qwen3moe' model; the planner models" in problems[0] and not page.isComplete()
+
+    real_read = metadata.read_gguf
+    v4 = tmp_path / "DeepSeek-V4-Flash-Q2_K.gguf"
+    monkeypatch.setattr(
+        metadata, "read_gguf", lambda p, **kw: v4_flash_gguf() if Path(p) == v4 else real_read(p)
+    )
+    page.path_edit.setText(str(v4))
+    page.verify()
+    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    assert page.isComplete() and page.result.text().startswith("GGUF OK: DeepSeek-V4-Flash Q2_K")
+    wiz.next()
+    assert wiz.currentPage() is wiz.plan_page and wiz.choice.kind == "gguf"
+    assert wiz.figures.total_bytes == v4_flash_gguf().weight_bytes  # the file's own bytes
+    wiz.plan_page.recompute()
+    assert wiz.plan.verdict == "fits"
+    wiz.next()
+    wiz.button(QWizard.WizardButton.FinishButton).click()
+    assert settings.model_path == str(v4) and settings.plan["model_kind"] == "gguf"
+    preview = TtftPredictor.build(tmp_path, settings.plan)  # the chat window's TTFT estimates
+    assert preview is not None and preview.ttft_s(4096) > 0
