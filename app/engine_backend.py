@@ -327,7 +327,7 @@ class EngineBackend(Backend):
             context_limit=model.context_limit,
             test_model=False,
             plan_summary=placement.describe(),
-            device="cpu",
+            device="cpu" if placement.n_gpu_layers == 0 else "cuda",
             note="demo model" if demo else "",
         )
         progress(1.0, "Ready")

@@ -2,10 +2,11 @@
 
 Page 1 shows the probe table (every value with its source label) and can re-measure the RAM read
 bandwidth. Page 2 picks the model: a checkpoint folder or DeepSeek-V4 GGUF file (verified,
-problems listed), a preset to plan without weights, or the tiny test model. Page 3 is the plan, recomputed live as the context,
-KV dtype and VRAM reserve change: verdict colour, memory bars per device, predicted decode/prefill
-speed with confidence, and what had to change. Page 4 saves it; the chat window uses it.
-The planner (`flashdesk.offload`) does the work; this file only shows it.
+problems listed), a preset to plan without weights, or the tiny test model. Page 3 is the plan,
+recomputed live as the context, KV dtype and VRAM reserve change: verdict colour, memory bars per
+device, predicted decode/prefill speed with confidence, and what had to change. Page 4 saves it;
+the chat window uses it. The planner (`flashdesk.offload`) does the work; this file only shows
+it.
 """
 
 from __future__ import annotations

@@ -83,10 +83,6 @@ class GGUFPlacement:
         # llama_load_mode: NONE 0, MMAP 1, MLOCK 2, MMAP_MLOCK 3
         return (1 if self.mmap else 0) + (2 if self.mlock else 0)
 
-    @property
-    def quantized_kv(self) -> bool:
-        return self.kv_type not in ("f32", "f16", "bf16")
-
     def describe(self) -> str:
         """Where llama.cpp puts the model, in words (the app's plan line)."""
         if self.n_gpu_layers == 0:
