@@ -322,6 +322,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     int *fill = (int *)calloc((size_t)n_experts, sizeof(int));
     int *active = (int *)malloc(sizeof(int) * (size_t)n_experts);
     int *pair_tok = (int *)malloc(sizeof(int) * (P ? P : 1));
+    int *pair_e = (int *)malloc(sizeof(int) * (P ? P : 1));
     float *pair_w = (float *)malloc(sizeof(float) * (P ? P : 1));
     int *perm_i = (int *)malloc(sizeof(int) * (size_t)I);
     int *perm_ib = (int *)malloc(sizeof(int) * (size_t)I);
@@ -330,17 +331,20 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     float *h = NULL;
     uint16_t *hb = NULL, *xb = NULL;
     ffn_thread *th = NULL;
-    if (!offset || !fill || !active || !pair_tok || !pair_w || !perm_i || !perm_ib || !xp || !row) {
+    if (!offset || !fill || !active || !pair_tok || !pair_e || !pair_w || !perm_i || !perm_ib ||
+        !xp || !row) {
         set_err(err, errlen, "expert_ffn: out of memory for the routing tables");
         goto done;
     }
-    /* Group the (token, slot) pairs by expert. */
+    /* Group the (token, slot) pairs by expert. The ids are read once: the second pass uses the
+     * checked copy (pair_e), so a caller's buffer changing under us cannot index out of range. */
     for (size_t p = 0; p < P; p++) {
         int e = ids ? ids[p] : (int)(p % (size_t)k);
         if (e < -1 || e >= n_experts) {
             set_err(err, errlen, "expert_ffn: an expert id is outside [0, number of experts)");
             goto done;
         }
+        pair_e[p] = e;
         if (e >= 0) offset[e + 1]++;
     }
     int n_active = 0, max_m = 1;
@@ -351,7 +355,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         offset[e + 1] += offset[e];
     }
     for (size_t p = 0; p < P; p++) {
-        int e = ids ? ids[p] : (int)(p % (size_t)k);
+        const int e = pair_e[p];
         if (e < 0) continue;
         int at = offset[e] + fill[e]++;
         pair_tok[at] = (int)(p / (size_t)k);
@@ -446,6 +450,7 @@ done:
     free(perm_ib);
     free(pair_w);
     free(pair_tok);
+    free(pair_e);
     free(active);
     free(fill);
     free(offset);
