@@ -53,10 +53,16 @@ typedef volatile long fd_atomic_int;
 #define fd_cpu_relax() __yield()
 #endif
 #else
+/* Sequentially consistent, as the Interlocked calls above are: the pool closes a job by storing
+ * open = 0 and then reading active, while a worker adds itself to active and then reads open
+ * (a store-then-load handshake on each side). With release stores and acquire loads both reads
+ * may see the old values (x86 lets a plain store wait in the store buffer past a later load):
+ * the caller returns while a worker enters the job, whose context then lies on a dead stack.
+ * That crashed a test run once (SIGFPE in a pool worker). */
 typedef long fd_atomic_int;
-#define fd_atomic_load(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define fd_atomic_store(p, v) __atomic_store_n((p), (long)(v), __ATOMIC_RELEASE)
-#define fd_atomic_add(p, v) __atomic_add_fetch((p), (long)(v), __ATOMIC_ACQ_REL)
+#define fd_atomic_load(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define fd_atomic_store(p, v) __atomic_store_n((p), (long)(v), __ATOMIC_SEQ_CST)
+#define fd_atomic_add(p, v) __atomic_add_fetch((p), (long)(v), __ATOMIC_SEQ_CST)
 #if defined(__x86_64__) || defined(__i386__)
 #define fd_cpu_relax() __builtin_ia32_pause()
 #elif defined(__aarch64__) || defined(__arm__)
