@@ -1360,6 +1360,19 @@ DECODE_ROWS_PER_SPLIT = 128
 DECODE_MAX_SPLITS = 64
 
 
+def decode_attention_split(
+    window_rows: int, comp_rows: int, head_dim: int, rows_per_split: int | None = None
+) -> tuple[int, int, int, int]:
+    """How `decode_attention` splits a layer's rows → (rows per block, rows per split, window
+    splits, splits in all): the launch's constexprs, shared with the AOT compile check."""
+    rows = max(1, min(16, 8192 // head_dim))
+    total = window_rows + comp_rows
+    chunk = rows_per_split or max(DECODE_ROWS_PER_SPLIT, -(-total // DECODE_MAX_SPLITS))
+    chunk = -(-chunk // rows) * rows  # whole row blocks
+    sw = -(-window_rows // chunk)
+    return rows, chunk, sw, sw + -(-comp_rows // chunk)
+
+
 def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
@@ -1375,11 +1388,7 @@ def decode_attention(
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
     w = window.shape[0]
     n = comp.shape[0] if comp is not None else 0
-    rows = max(1, min(16, 8192 // dim))
-    chunk = rows_per_split or max(DECODE_ROWS_PER_SPLIT, -(-(w + n) // DECODE_MAX_SPLITS))
-    chunk = -(-chunk // rows) * rows  # whole row blocks
-    sw = -(-w // chunk)
-    splits = sw + -(-n // chunk)
+    rows, chunk, sw, splits = decode_attention_split(w, n, dim, rows_per_split)
     dev = q.device
     top = torch.empty((heads, splits), dtype=torch.float32, device=dev)
     den = torch.empty_like(top)

@@ -199,16 +199,15 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 8},
             )
         )
-    chunk = gk.DECODE_ROWS_PER_SPLIT  # as decode_attention picks below 8K rows
-    for label, n in (("window only", 0), ("CSA top-k", 512), ("HCA", 1024)):
-        splits = 128 // chunk + n // chunk
+    for label, n in (("window only", 0), ("CSA top-k", 512), ("HCA", 8192)):
+        rows, chunk, sw, splits = gk.decode_attention_split(128, n, HEAD_DIM)
         specs.append(
             (
                 f"decode attention {label}",
                 gk._decode_attention_split_kernel,
                 "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
                 "pos_ptr:*i64, top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32",
-                {"W": 128, "C": n, "D": HEAD_DIM, "RB": 16, "CH": chunk, "SW": 1, "S": splits},
+                {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits},
                 {"num_warps": 4},
             )
         )
