@@ -114,7 +114,8 @@ class GraphDecoder:
         self.y, self.host_y = zeros(1, dim), zeros(1, dim)
         self.logits = zeros(c.vocab_size)
         pin = dev.type == "cuda"
-        self.h_xn = torch.zeros((1, dim), dtype=dt, pin_memory=pin)
+        host_dt = next((b.moe.host_dtype for b in model.blocks if hasattr(b.moe, "host_dtype")), dt)
+        self.h_xn = torch.zeros((1, dim), dtype=host_dt, pin_memory=pin)  # the kernels' input
         self.h_ids = torch.zeros((1, k), dtype=torch.long, pin_memory=pin)
         self.h_w = torch.zeros((1, k), pin_memory=pin)
         self.h_y = torch.zeros((1, dim), pin_memory=pin)

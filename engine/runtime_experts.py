@@ -283,6 +283,7 @@ class HybridMoE(MoE):
         threads: int | None = None,
         stream_min_tokens: int | None = None,
         staging: dict | None = None,
+        host_dtype: torch.dtype = torch.bfloat16,
     ):
         super().__init__(router, host, shared)
         self.layer = layer
@@ -296,6 +297,7 @@ class HybridMoE(MoE):
         # copying the absent ones there for the call (None: never).
         self.stream_min_tokens = stream_min_tokens
         self.staging = {} if staging is None else staging  # `_StagingRing`s, shared by layers
+        self.host_dtype = host_dtype  # the activations the C expert kernels take
 
     # -- a decode step in fixed-shape pieces (`engine.decode_graphs` captures them in CUDA graphs)
     @property
@@ -375,7 +377,7 @@ class HybridMoE(MoE):
         # 1. Host experts: start the CPU kernels (they release the GIL) before the device work.
         job: Future | torch.Tensor | None = None
         if not streaming and self.host_computes:
-            xh = x.detach().to("cpu")
+            xh = x.detach().to("cpu", self.host_dtype)
             ih, wh = host_ids.to("cpu"), weights.to("cpu", torch.float32)
             if self.pool is None:
                 job = self._host_part(xh, ih, wh)

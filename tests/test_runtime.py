@@ -15,7 +15,7 @@ import pytest
 import torch
 from _triton import kernels_device
 
-from flashdesk.engine import gpu_kernels, quant
+from flashdesk.engine import gpu_kernels, kernels, quant
 from flashdesk.engine.checkpoint import Checkpoint
 from flashdesk.engine.checkpoint.writer import write_random
 from flashdesk.engine.config import ModelConfig
@@ -94,7 +94,9 @@ CASES = [(name, True) for name in sorted(PLACEMENTS)] + [("mixed", False), ("mma
 def test_every_placement_gives_the_models_logits(tiny, name, fp8):
     folder, config, _, ids, want = tiny
     placement = PLACEMENTS[name](config)
-    with load_runtime(folder, placement=placement, fp8_linears=fp8, head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=placement, fp8_linears=fp8, head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         assert (rt.fp8_linears > 0) == fp8
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
         # chunked prefill + token-by-token decode through the cache
@@ -118,7 +120,9 @@ def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
     monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     monkeypatch.setattr(gpu_kernels, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
     placement = PLACEMENTS["pinned+cache"](config)
-    with load_runtime(folder, placement=placement, head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=placement, head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state, chunk_size=4)]
         rows += [rt.decode(int(t), state) for t in ids[7:10]]
@@ -138,7 +142,12 @@ def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
     monkeypatch.setattr(
         kernels, "prefetch", lambda parts: seen.append([p.data_ptr() for p in parts]) or real(parts)
     )
-    with load_runtime(folder, placement=Placement.uniform(config, MMAP), head_dtype="fp32") as rt:
+    with load_runtime(
+        folder,
+        placement=Placement.uniform(config, MMAP),
+        head_dtype="fp32",
+        expert_dtype=torch.float32,
+    ) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state)]
         assert seen == []  # a prompt's hash experts are read by the kernels themselves
@@ -161,7 +170,9 @@ def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
 def test_experts_are_not_copied_twice(tiny):
     """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
     folder, config, _, ids, _ = tiny
-    with load_runtime(folder, placement=_mixed(config), head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=_mixed(config), head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         for i, (lp, host) in enumerate(zip(rt.placement.layers, rt.hosts, strict=True)):
             prefix = f"{config.main_layers[i].prefix}ffn.experts."
             for e in range(config.n_routed_experts):
@@ -186,10 +197,40 @@ def test_greedy_generation_is_identical(tiny):
         return session.held_ids, events[-1].stats
 
     want, _ = tokens(ref)
-    with load_runtime(folder, placement=_mixed(config), head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=_mixed(config), head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         got, stats = tokens(rt)
     assert got == want
     assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
+
+
+def test_host_experts_take_bf16_activations_by_default(tiny, monkeypatch):
+    """The default rounds what the host's expert kernels read to bf16 (the reference's activation
+    dtype; the kernels' fast path for prompts): every call gets bf16 rows and the logits stay
+    within bf16 rounding of the float32 model's, so every position whose top two logits lie
+    further apart than that picks the same token (a random tiny model has near-ties)."""
+    folder, config, _, ids, want = tiny
+    seen = set()
+    ffn = kernels.expert_ffn
+    monkeypatch.setattr(
+        kernels, "expert_ffn", lambda x, *a, **k: seen.add(x.dtype) or ffn(x, *a, **k)
+    )
+    with load_runtime(folder, placement=_mixed(config), head_dtype="fp32") as rt:
+        got = rt.forward_full(ids)
+        state = rt.new_state()
+        steps = [rt.prefill(ids[:7], state)] + [rt.decode(int(t), state) for t in ids[7:]]
+    assert seen == {torch.bfloat16}
+    assert not torch.allclose(got, want, **TOL)  # the rounding is there …
+    err = float((got - want).abs().max())
+    assert err < 0.02 * float(want.abs().max())  # … and small
+    torch.testing.assert_close(torch.stack(steps), want[6:], rtol=0, atol=2 * err)
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert clear.sum() >= len(ids) // 2
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    with pytest.raises(ValueError, match="expert_dtype"):
+        load_runtime(folder, expert_dtype=torch.float16)
 
 
 def _tiny_figures(folder, config) -> ModelFigures:
@@ -220,12 +261,16 @@ def test_planner_placements_apply_and_match(tiny):
     assert any(len(lp.device) for lp in placement.layers)
     assert any(len(lp.mmap) for lp in placement.layers)
     on_cpu = dataclasses.replace(placement, device="cpu")
-    with load_runtime(folder, placement=on_cpu, head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=on_cpu, head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
     # Without a device, the plan's GPU experts fall back to host memory.
     cpu = Placement.from_plan(plan, config, device="cpu")
     assert all(not lp.device for lp in cpu.layers)
-    with load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         # the plan's KV cache is BF16 (the reference's): the plain model storing the same rows
         assert rt.kv_format == plan.kv_dtype == "bf16"
         ref = tiny[2]
@@ -246,7 +291,9 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
     logits = {}
     for kv in ("bf16", "fp8"):
         plan = make_plan(figures, profile, PlanOptions(context=4096, kv_dtype=kv))
-        with load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32") as rt:
+        with load_runtime(
+            folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32
+        ) as rt:
             assert rt.kv_format == kv and f"KV cache {kv}" in rt.describe()
             state = rt.new_state()
             logits[kv] = rt.prefill(ids.tolist()[:30], state)
@@ -275,7 +322,13 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
 def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
     folder, config, _, ids, want = tiny
     placement = Placement.uniform(config, MMAP, cached=[0, 1])
-    with load_runtime(folder, placement=placement, refresh_every=None, head_dtype="fp32") as rt:
+    with load_runtime(
+        folder,
+        placement=placement,
+        refresh_every=None,
+        head_dtype="fp32",
+        expert_dtype=torch.float32,
+    ) as rt:
         rt.forward_full(ids)
         counts = rt.routing_counts()
         k = config.num_experts_per_tok
@@ -316,20 +369,20 @@ def test_clear_errors(tiny):
     folder, config, *_ = tiny
     short = Placement("cpu", Placement.uniform(config).layers[:2])
     with pytest.raises(RuntimeLoadError, match="covers 2 layers"):
-        load_runtime(folder, placement=short, head_dtype="fp32")
+        load_runtime(folder, placement=short, head_dtype="fp32", expert_dtype=torch.float32)
     n = config.n_routed_experts
     holes = Placement(
         "cpu", tuple(LayerPlacement(mmap=tuple(range(1, n))) for _ in config.main_layers)
     )
     with pytest.raises(RuntimeLoadError, match="placed nowhere"):
-        load_runtime(folder, placement=holes, head_dtype="fp32")
+        load_runtime(folder, placement=holes, head_dtype="fp32", expert_dtype=torch.float32)
     with pytest.raises(LoadCancelled):
-        load_runtime(folder, cancel=lambda: True, head_dtype="fp32")
+        load_runtime(folder, cancel=lambda: True, head_dtype="fp32", expert_dtype=torch.float32)
     with pytest.raises(RuntimeLoadError, match=r"48 no-rope channels.*bf16 KV"):
-        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32")
+        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32", expert_dtype=torch.float32)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeLoadError, match="sees none"):
-            load_runtime(folder, device="cuda", head_dtype="fp32")
+            load_runtime(folder, device="cuda", head_dtype="fp32", expert_dtype=torch.float32)
     other = ModelConfig.tiny(num_hidden_layers=2)
     figures = ModelFigures.from_inventory(
         Checkpoint.open(write_random(folder.parent / "other", other, seed=1)).inventory(),
@@ -339,7 +392,7 @@ def test_clear_errors(tiny):
     profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
     plan = make_plan(figures, profile, PlanOptions(context=4096))
     with pytest.raises(RuntimeLoadError, match="another model"):
-        load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32")
+        load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32)
 
 
 def test_session_reports_busy_and_live_hit_rate(tiny):
@@ -423,7 +476,9 @@ def test_streamed_experts_equal_the_host_kernels(tiny, grouped, monkeypatch):
         kernels_device()  # skips where neither a GPU nor the interpreter runs the kernels
         monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     folder, config, *_ = tiny
-    with load_runtime(folder, placement=PLACEMENTS["mixed"](config), head_dtype="fp32") as rt:
+    with load_runtime(
+        folder, placement=PLACEMENTS["mixed"](config), head_dtype="fp32", expert_dtype=torch.float32
+    ) as rt:
         g = torch.Generator().manual_seed(4)
         x = torch.randn(40, config.hidden_size, generator=g)
         ids = torch.randint(0, config.vocab_size, (40,), generator=g)
