@@ -222,19 +222,28 @@ class Placement:
 class Fp8Linear(Linear):
     """`y = x · Wᵀ` straight from the stored FP8 weight and its 128×128 E8M0 scales (C kernel)."""
 
-    __slots__ = ("dtype", "finite", "scale")
+    __slots__ = ("dtype", "finite", "scale", "x_dtype")
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype,
+        x_dtype: torch.dtype | None = None,
+    ):
         super().__init__(weight, True)
         self.scale = scale
-        self.dtype = dtype
+        self.dtype = dtype  # of the output
+        self.x_dtype = (
+            x_dtype or dtype
+        )  # what the kernel reads (`load_runtime`'s kernel_activations)
         self.finite = kernels.fp8_finite(weight)  # no NaN code: the kernel's faster path
 
     def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
         if simulate:
             x = qsim.act_snap(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).to(self.x_dtype).contiguous()
         out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=self.dtype)
         kernels.fp8_linear(x2, self.weight, self.scale, out, finite=self.finite)
         return out.view(*lead, self.weight.shape[0])
@@ -248,14 +257,22 @@ class Fp8GroupedLinear:
     inputs) straight from the stored bytes by one grouped C-kernel call: a quarter of the bytes
     of the float32 copy the einsum path reads per token (43 layers × 134 MB in V4-Flash)."""
 
-    __slots__ = ("dtype", "finite", "groups", "scale", "weight")
+    __slots__ = ("dtype", "finite", "groups", "scale", "weight", "x_dtype")
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, groups: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        groups: int,
+        dtype: torch.dtype,
+        x_dtype: torch.dtype | None = None,
+    ):
         self.weight, self.scale, self.groups, self.dtype = weight, scale, groups, dtype
+        self.x_dtype = x_dtype or dtype
         self.finite = kernels.fp8_finite(weight)
 
     def __call__(self, o: torch.Tensor) -> torch.Tensor:  # [S, G·K] → [S, G·R]
-        x = o.to(self.dtype).contiguous()
+        x = o.to(self.x_dtype).contiguous()
         out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=self.dtype)
         kernels.fp8_linear(x, self.weight, self.scale, out, groups=self.groups, finite=self.finite)
         return out
@@ -660,7 +677,7 @@ def load_runtime(
     head_dtype: str | None = None,
     cuda_graphs: bool | None = None,
     kv_dtype: str | None = None,
-    expert_dtype: torch.dtype = torch.bfloat16,
+    kernel_activations: torch.dtype = torch.bfloat16,
 ) -> Runtime:
     """Open the checkpoint at `path` (or take an open `Checkpoint`, e.g. a `SyntheticCheckpoint`;
     the runtime then owns and closes it) and build the runtime.
@@ -688,14 +705,15 @@ def load_runtime(
       reference cache; on the CPU half the bytes of float32 rows) or "fp8" (spec §3.2's packed
       layout, ~57% of BF16, rounds the no-rope channels to FP8). Default: the plan's `kv_dtype`;
       without a plan the rows stay in `dtype`.
-    expert_dtype: the activations the host's expert kernels take (`dtype`'s rows rounded to it):
-      bfloat16 (default; the reference's activation dtype, and the C kernels' vdpbf16ps path runs
-      prompts' experts 1.6–2.6× faster than float32 on AVX512_BF16 CPUs) or float32 (bit-level
-      parity with a float32 model on the CPU).
+    kernel_activations: what the C kernels take where the reference rounds the activations (to
+      FP8) anyway: the host's routed experts and, on a CPU device, the FP8 linears. bfloat16
+      (default; their vdpbf16ps paths run prompts 1.5–2.6× faster than float32 on AVX512_BF16
+      CPUs, dev VM) or float32 (parity with a float32 model to summation order). The router,
+      compressors and head keep float32 inputs, as in the reference.
     """
-    if expert_dtype not in (torch.float32, torch.bfloat16):
+    if kernel_activations not in (torch.float32, torch.bfloat16):
         raise ValueError(
-            f"expert_dtype must be torch.bfloat16 or torch.float32, got {expert_dtype}"
+            f"kernel_activations must be torch.bfloat16 or torch.float32, got {kernel_activations}"
         )
     dev = _resolve_device(device if device is not None else getattr(placement, "device", None))
     if dtype is None:
@@ -726,7 +744,7 @@ def load_runtime(
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
             stream_min_tokens, refresh_every, frequency, head_dtype, cuda_graphs and dev.type == "cuda",
-            kv_dtype, expert_dtype,
+            kv_dtype, kernel_activations,
         )  # fmt: skip
     except BaseException:
         ckpt.close()
@@ -736,7 +754,7 @@ def load_runtime(
 def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
     stream_min_tokens, refresh_every, frequency, head_dtype="fp32", cuda_graphs=False,
-    kv_format="native", expert_dtype=torch.bfloat16,
+    kv_format="native", kernel_activations=torch.bfloat16,
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
@@ -834,7 +852,9 @@ def _build(
                 if name in fp8_names:
                     w, s = stored(name)
                     lin = (
-                        Fp8Linear(w, s, dtype) if dev.type == "cpu" else CudaFp8Linear(w, s, dtype)
+                        Fp8Linear(w, s, dtype, kernel_activations)
+                        if dev.type == "cpu"
+                        else CudaFp8Linear(w, s, dtype)
                     )
                     setattr(owner, attr, lin)
                     n_fp8 += 1
@@ -844,7 +864,7 @@ def _build(
                     w, s = stored(name)
                     g = config.o_groups
                     block.attn.wo_a = (
-                        Fp8GroupedLinear(w, s, g, dtype)
+                        Fp8GroupedLinear(w, s, g, dtype, kernel_activations)
                         if dev.type == "cpu"
                         else CudaFp8Linear(w, s, dtype, groups=g)
                     )
@@ -879,7 +899,7 @@ def _build(
                 threads,
                 stream_min_tokens if dev.type != "cpu" else None,
                 staging,
-                expert_dtype,
+                kernel_activations,
             )
     except torch.OutOfMemoryError as exc:
         raise RuntimeLoadError(

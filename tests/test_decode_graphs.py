@@ -26,7 +26,7 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 PLACEMENTS = ("all cached", "cache", "host", "mixed")
 # float32 activations into the host's expert kernels: the step and the model's decode sum in
 # different orders, and rounding to bf16 would turn a 1e-7 difference into a 2^-8 one
-EXACT = {"expert_dtype": torch.float32}
+EXACT = {"kernel_activations": torch.float32}
 
 
 def _runtime(name: str):

@@ -258,6 +258,12 @@ def test_simd_linears_equal_the_scalar_reference(isa, threads, M):
     ref = kernels.fp4_linear(xb, w4, s4, isa="scalar", threads=1)
     got = kernels.fp4_linear(xb, w4, s4, isa=isa, threads=threads)
     assert_close_dot(got.numpy(), ref.numpy(), xb.float().numpy(), deq4(w4, s4))
+    # FP8 with bf16 activations: above 4 tokens the rows go to bf16 exactly and through the
+    # vdpbf16ps GEMM where the variant has one (K = 300: a ragged 32-wide end; N = 133 ragged)
+    xb8 = torch.from_numpy(x8).bfloat16()
+    ref = kernels.fp8_linear(xb8, w8, s8, isa="scalar", threads=1)
+    got = kernels.fp8_linear(xb8, w8, s8, isa=isa, threads=threads)
+    assert_close_dot(got.numpy(), ref.numpy(), xb8.float().numpy(), deq8(w8, s8))
 
 
 @pytest.mark.skipif(not SIMD, reason="no SIMD variant runs on this CPU")
@@ -299,27 +305,33 @@ def test_bf16_linear_equals_float64(isa, M):
     bits = w.view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_allclose(kernels.bf16_linear(x, bits, isa=isa), got, rtol=1e-6, atol=1e-5)
     xb = torch.from_numpy(x).bfloat16()
+    want = xb.double().numpy() @ wd.T
+    got = kernels.bf16_linear(xb, w, isa=isa, threads=2)  # float32 out: the bf16 GEMM above 4
+    assert_close_dot(got.numpy(), want, xb.double().numpy(), wd)
     out = torch.empty((M, N), dtype=torch.bfloat16)
     kernels.bf16_linear(xb, w, out, isa=isa)
-    want = xb.double().numpy() @ wd.T
     np.testing.assert_allclose(
         out.double().numpy(), want, rtol=2**-7, atol=2**-7 * np.abs(want).max()
     )
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize("M", [1, 3, 6, 70])
 def test_grouped_fp8_linear_is_one_linear_per_group(isa, M):
     """V4's wo_a: output rows of group g see only the g-th slice of x (one call, all groups)."""
     rng = np.random.default_rng(50 + M)
     G, R, K = 4, 192, 160  # 192 rows per group: group edges inside 128-row scale tiles
     w, s = rand_fp8(rng, G * R, K)
     x = rng.standard_normal((M, G * K)).astype(np.float32)
-    got = kernels.fp8_linear(x, w, s, groups=G, isa=isa, threads=3)
     wd = deq8(w, s)
-    for g in range(G):
-        xg, wg = x[:, g * K : (g + 1) * K], wd[g * R : (g + 1) * R]
-        assert_close_dot(got[:, g * R : (g + 1) * R], xg.astype(np.float64) @ wg.T, xg, wg)
+    xb = torch.from_numpy(x).bfloat16()  # bf16 activations: the bf16 GEMM above 4 tokens
+    for xin in (x, xb):
+        got = kernels.fp8_linear(xin, w, s, groups=G, isa=isa, threads=3)
+        xd = xb.double().numpy() if xin is xb else x.astype(np.float64)
+        got = got.numpy() if xin is xb else got
+        for g in range(G):
+            xg, wg = xd[:, g * K : (g + 1) * K], wd[g * R : (g + 1) * R]
+            assert_close_dot(got[:, g * R : (g + 1) * R], xg @ wg.T, xg, wg)
     with pytest.raises(ValueError, match="multiples of 64 rows"):
         kernels.fp8_linear(x, w, s, groups=5)
     with pytest.raises(ValueError, match=r"expected \[M, 640\]"):

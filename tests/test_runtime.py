@@ -95,7 +95,11 @@ def test_every_placement_gives_the_models_logits(tiny, name, fp8):
     folder, config, _, ids, want = tiny
     placement = PLACEMENTS[name](config)
     with load_runtime(
-        folder, placement=placement, fp8_linears=fp8, head_dtype="fp32", expert_dtype=torch.float32
+        folder,
+        placement=placement,
+        fp8_linears=fp8,
+        head_dtype="fp32",
+        kernel_activations=torch.float32,
     ) as rt:
         assert (rt.fp8_linears > 0) == fp8
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
@@ -121,7 +125,7 @@ def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
     monkeypatch.setattr(gpu_kernels, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
     placement = PLACEMENTS["pinned+cache"](config)
     with load_runtime(
-        folder, placement=placement, head_dtype="fp32", expert_dtype=torch.float32
+        folder, placement=placement, head_dtype="fp32", kernel_activations=torch.float32
     ) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state, chunk_size=4)]
@@ -146,7 +150,7 @@ def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
         folder,
         placement=Placement.uniform(config, MMAP),
         head_dtype="fp32",
-        expert_dtype=torch.float32,
+        kernel_activations=torch.float32,
     ) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state)]
@@ -171,7 +175,7 @@ def test_experts_are_not_copied_twice(tiny):
     """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
     folder, config, _, ids, _ = tiny
     with load_runtime(
-        folder, placement=_mixed(config), head_dtype="fp32", expert_dtype=torch.float32
+        folder, placement=_mixed(config), head_dtype="fp32", kernel_activations=torch.float32
     ) as rt:
         for i, (lp, host) in enumerate(zip(rt.placement.layers, rt.hosts, strict=True)):
             prefix = f"{config.main_layers[i].prefix}ffn.experts."
@@ -198,7 +202,7 @@ def test_greedy_generation_is_identical(tiny):
 
     want, _ = tokens(ref)
     with load_runtime(
-        folder, placement=_mixed(config), head_dtype="fp32", expert_dtype=torch.float32
+        folder, placement=_mixed(config), head_dtype="fp32", kernel_activations=torch.float32
     ) as rt:
         got, stats = tokens(rt)
     assert got == want
@@ -229,8 +233,8 @@ def test_host_experts_take_bf16_activations_by_default(tiny, monkeypatch):
     clear = (top2[:, 0] - top2[:, 1]) > 2 * err
     assert clear.sum() >= len(ids) // 2
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
-    with pytest.raises(ValueError, match="expert_dtype"):
-        load_runtime(folder, expert_dtype=torch.float16)
+    with pytest.raises(ValueError, match="kernel_activations"):
+        load_runtime(folder, kernel_activations=torch.float16)
 
 
 def _tiny_figures(folder, config) -> ModelFigures:
@@ -262,14 +266,14 @@ def test_planner_placements_apply_and_match(tiny):
     assert any(len(lp.mmap) for lp in placement.layers)
     on_cpu = dataclasses.replace(placement, device="cpu")
     with load_runtime(
-        folder, placement=on_cpu, head_dtype="fp32", expert_dtype=torch.float32
+        folder, placement=on_cpu, head_dtype="fp32", kernel_activations=torch.float32
     ) as rt:
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
     # Without a device, the plan's GPU experts fall back to host memory.
     cpu = Placement.from_plan(plan, config, device="cpu")
     assert all(not lp.device for lp in cpu.layers)
     with load_runtime(
-        folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32
+        folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
     ) as rt:
         # the plan's KV cache is BF16 (the reference's): the plain model storing the same rows
         assert rt.kv_format == plan.kv_dtype == "bf16"
@@ -292,7 +296,7 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
     for kv in ("bf16", "fp8"):
         plan = make_plan(figures, profile, PlanOptions(context=4096, kv_dtype=kv))
         with load_runtime(
-            folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32
+            folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
         ) as rt:
             assert rt.kv_format == kv and f"KV cache {kv}" in rt.describe()
             state = rt.new_state()
@@ -327,7 +331,7 @@ def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
         placement=placement,
         refresh_every=None,
         head_dtype="fp32",
-        expert_dtype=torch.float32,
+        kernel_activations=torch.float32,
     ) as rt:
         rt.forward_full(ids)
         counts = rt.routing_counts()
@@ -369,20 +373,22 @@ def test_clear_errors(tiny):
     folder, config, *_ = tiny
     short = Placement("cpu", Placement.uniform(config).layers[:2])
     with pytest.raises(RuntimeLoadError, match="covers 2 layers"):
-        load_runtime(folder, placement=short, head_dtype="fp32", expert_dtype=torch.float32)
+        load_runtime(folder, placement=short, head_dtype="fp32", kernel_activations=torch.float32)
     n = config.n_routed_experts
     holes = Placement(
         "cpu", tuple(LayerPlacement(mmap=tuple(range(1, n))) for _ in config.main_layers)
     )
     with pytest.raises(RuntimeLoadError, match="placed nowhere"):
-        load_runtime(folder, placement=holes, head_dtype="fp32", expert_dtype=torch.float32)
+        load_runtime(folder, placement=holes, head_dtype="fp32", kernel_activations=torch.float32)
     with pytest.raises(LoadCancelled):
-        load_runtime(folder, cancel=lambda: True, head_dtype="fp32", expert_dtype=torch.float32)
+        load_runtime(
+            folder, cancel=lambda: True, head_dtype="fp32", kernel_activations=torch.float32
+        )
     with pytest.raises(RuntimeLoadError, match=r"48 no-rope channels.*bf16 KV"):
-        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32", expert_dtype=torch.float32)
+        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32", kernel_activations=torch.float32)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeLoadError, match="sees none"):
-            load_runtime(folder, device="cuda", head_dtype="fp32", expert_dtype=torch.float32)
+            load_runtime(folder, device="cuda", head_dtype="fp32", kernel_activations=torch.float32)
     other = ModelConfig.tiny(num_hidden_layers=2)
     figures = ModelFigures.from_inventory(
         Checkpoint.open(write_random(folder.parent / "other", other, seed=1)).inventory(),
@@ -392,7 +398,9 @@ def test_clear_errors(tiny):
     profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
     plan = make_plan(figures, profile, PlanOptions(context=4096))
     with pytest.raises(RuntimeLoadError, match="another model"):
-        load_runtime(folder, plan=plan, device="cpu", head_dtype="fp32", expert_dtype=torch.float32)
+        load_runtime(
+            folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
+        )
 
 
 def test_session_reports_busy_and_live_hit_rate(tiny):
@@ -477,7 +485,10 @@ def test_streamed_experts_equal_the_host_kernels(tiny, grouped, monkeypatch):
         monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     folder, config, *_ = tiny
     with load_runtime(
-        folder, placement=PLACEMENTS["mixed"](config), head_dtype="fp32", expert_dtype=torch.float32
+        folder,
+        placement=PLACEMENTS["mixed"](config),
+        head_dtype="fp32",
+        kernel_activations=torch.float32,
     ) as rt:
         g = torch.Generator().manual_seed(4)
         x = torch.randn(40, config.hidden_size, generator=g)

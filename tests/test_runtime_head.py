@@ -53,7 +53,7 @@ def test_cpu_default_is_bf16_and_reads_half_the_bytes(tiny):
     folder, config, ref, ids, want = tiny
     v, d = config.vocab_size, config.hidden_size
     assert DEFAULT_HEAD_DTYPE == "bf16"
-    exact = {"expert_dtype": torch.float32}  # the experts' bf16 rounding is tested elsewhere
+    exact = {"kernel_activations": torch.float32}  # the experts' bf16 rounding is tested elsewhere
     with load_runtime(folder, placement=Placement.uniform(config, MMAP), **exact) as rt:
         assert rt.head_dtype == "bf16"
         head = rt.model.head
@@ -74,7 +74,7 @@ def test_greedy_generation_matches_the_reference(tiny, head_dtype):
     summation order; FP8 rounds, and a near-tie between the top two logits could flip)."""
     folder, config, ref, ids, _ = tiny
     placement = Placement.uniform(config, MMAP)
-    exact = {"expert_dtype": torch.float32}  # the head's effect alone
+    exact = {"kernel_activations": torch.float32}  # the head's effect alone
     with load_runtime(folder, placement=placement, head_dtype=head_dtype, **exact) as rt:
         assert _greedy(rt, ids) == _greedy(ref, ids)
 
@@ -84,7 +84,7 @@ def test_fp8_head_is_a_quarter_and_bounded(tiny):
     v, d = config.vocab_size, config.hidden_size
     placement = Placement.uniform(config, MMAP)
     with load_runtime(
-        folder, placement=placement, head_dtype="fp8", expert_dtype=torch.float32
+        folder, placement=placement, head_dtype="fp8", kernel_activations=torch.float32
     ) as rt:
         assert rt.head_dtype == "fp8"
         head, scale = rt.model.head, rt.model.head_linear.scale

@@ -483,6 +483,7 @@ typedef struct {
     int kind, M, K, N, ktiles;
     const float *xp; /* [M, K] (fp4: in the variant's layout) */
     const uint16_t *xb; /* [M, K] bf16 input in fp4_bf16_layout, when the variant has fp4_dot_bf16 */
+    const uint16_t *x16; /* [M, K] the caller's bf16 input (natural order), for gemm_bf16 */
     const uint8_t *w, *scale;
     void *out;
     int out_bf16;
@@ -501,6 +502,7 @@ static void lin_job(void *p, int tid, int nthreads) {
     const fd_quant_kernels *kern = c->kern;
     const int K = c->K;
     float *scratch = NULL;
+    uint16_t *scratch16 = NULL; /* decoded FP8 rows as bf16 (gemm_bf16) */
     float ybuf[FD_TOKENS_PER_UNIT * FD_ROWS_PER_UNIT];
     float ts_buf[64];
     float *ts = c->ktiles <= 64 ? ts_buf : (float *)malloc(sizeof(float) * (size_t)c->ktiles);
@@ -545,6 +547,42 @@ static void lin_job(void *p, int tid, int nthreads) {
                 c->fp8_dot(w, ws, ts, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
             else
                 kern->fp4_dot(w, ws, s, ss, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);
+        } else if (c->x16 && kern->gemm_bf16 && c->kind != FD_WEIGHT_FP4) {
+            /* bf16 activations: the weight rows as bf16 (BF16 as stored; FP8 decoded to fp32 and
+             * cut to its top half, exact: an E4M3 value times a power of two has <= 4
+             * significant bits) and the vdpbf16ps GEMM. */
+            for (int t = 0; t < m; t++) bptr[t] = c->x16 + ((size_t)(t0 + t) * G + g) * K;
+            if (c->kind == FD_WEIGHT_FP8 && (!scratch || !scratch16)) {
+                if (!scratch)
+                    scratch = (float *)fd_aligned_alloc(sizeof(float) * GEMM_ROWS * padded(K));
+                if (!scratch16)
+                    scratch16 =
+                        (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * GEMM_ROWS * padded(K));
+                if (!scratch || !scratch16) {
+                    fd_atomic_store(&c->failed, 1);
+                    break;
+                }
+            }
+            for (int r0 = 0; r0 < nr; r0 += GEMM_ROWS) {
+                const int n = nr - r0 < GEMM_ROWS ? nr - r0 : GEMM_ROWS;
+                const uint16_t *rows = (const uint16_t *)w + (size_t)r0 * ws;
+                size_t ldr = ws;
+                if (c->kind == FD_WEIGHT_FP8) {
+                    for (int r = 0; r < n; r++) {
+                        float *dst = scratch + (size_t)r * padded(K);
+                        uint16_t *dst16 = scratch16 + (size_t)r * padded(K);
+                        kern->fp8_decode(w + (r0 + r) * ws, ts, K, dst);
+                        for (int k = 0; k < K; k++) { /* vectorizes */
+                            uint32_t bits;
+                            memcpy(&bits, dst + k, sizeof bits);
+                            dst16[k] = (uint16_t)(bits >> 16);
+                        }
+                    }
+                    rows = scratch16;
+                    ldr = padded(K);
+                }
+                kern->gemm_bf16(bptr, m, rows, ldr, n, K, ybuf + r0, FD_ROWS_PER_UNIT);
+            }
         } else {
             if (!scratch) {
                 scratch = (float *)fd_aligned_alloc(sizeof(float) * GEMM_ROWS * padded(K));
@@ -573,6 +611,7 @@ static void lin_job(void *p, int tid, int nthreads) {
                       ybuf + (size_t)t * FD_ROWS_PER_UNIT, nr, 0);
     }
     fd_aligned_free(scratch);
+    fd_aligned_free(scratch16);
     if (ts != ts_buf) free(ts);
 }
 
@@ -641,6 +680,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
                                     xb + (size_t)t * K, K);
     }
     c.xb = xb;
+    c.x16 = x_bf16 ? (const uint16_t *)x : NULL;
     c.w = w;
     c.scale = scale;
     c.out = out;

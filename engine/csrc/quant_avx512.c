@@ -450,19 +450,66 @@ static void fp4_dot_bf16_avx512(const uint8_t *w, size_t ws, const uint8_t *s, s
 }
 #define FD_FP4_DOT_BF16 fp4_dot_bf16_avx512
 #define FD_FP4_BF16_LAYOUT FD_FP4_PLANES4
+
+/* N weight rows x M activation rows, 32 elements per step: N + M loads feed N*M vdpbf16ps (each
+ * 32 multiply-adds, twice an fp32 FMA's), one horizontal sum per output at the end. */
+FD_INLINE void gemm_bf16_rm(const uint16_t *const *x, const uint16_t *w, size_t ldw, int K,
+                            float *y, size_t ys, const int N, const int M) {
+    __m512 acc[4][4];
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) acc[j][t] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i xv[4];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_loadu_si512((const void *)(x[t] + k));
+        for (int j = 0; j < N; j++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)j * ldw + k));
+            for (int t = 0; t < M; t++)
+                acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)wv, (__m512bh)xv[t]);
+        }
+    }
+    if (k < K) { /* zeros past K pair with zeros */
+        const __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1ull);
+        __m512i xv[4];
+        for (int t = 0; t < M; t++) xv[t] = _mm512_maskz_loadu_epi16(mk, x[t] + k);
+        for (int j = 0; j < N; j++) {
+            const __m512i wv = _mm512_maskz_loadu_epi16(mk, w + (size_t)j * ldw + k);
+            for (int t = 0; t < M; t++)
+                acc[j][t] = _mm512_dpbf16_ps(acc[j][t], (__m512bh)wv, (__m512bh)xv[t]);
+        }
+    }
+    for (int j = 0; j < N; j++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+static void gemm_bf16_avx512(const uint16_t *const *x, int m, const uint16_t *w, size_t ldw,
+                             int n, int K, float *y, size_t ys) {
+    for (int t = 0; t < m; t += 4) {
+        const int mt = m - t < 4 ? m - t : 4;
+        const uint16_t *const *xt = x + t;
+        float *yt = y + (size_t)t * ys;
+        int j = 0;
+        for (; j + 4 <= n; j += 4)
+            FD_SWITCH_M4(mt, gemm_bf16_rm(xt, w + (size_t)j * ldw, ldw, K, yt + j, ys, 4, FD_M))
+        for (; j < n; j++)
+            FD_SWITCH_M4(mt, gemm_bf16_rm(xt, w + (size_t)j * ldw, ldw, K, yt + j, ys, 1, FD_M))
+    }
+}
+#define FD_GEMM_BF16 gemm_bf16_avx512
 #else
 #define FD_FP4_DOT_BF16 NULL /* compiler without AVX512_BF16: same as the avx512 variant */
 #define FD_FP4_BF16_LAYOUT FD_FP4_NATURAL
+#define FD_GEMM_BF16 NULL
 #endif
 
 const fd_quant_kernels fd_kernels_avx512 = {
     "avx512", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL, bf16_dot_avx512,
-    fp8_dot_finite_avx512,
+    fp8_dot_finite_avx512, NULL,
 };
 
 const fd_quant_kernels fd_kernels_avx512_bf16 = {
     "avx512_bf16", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16, FD_FP4_BF16_LAYOUT,
-    bf16_dot_avx512, fp8_dot_finite_avx512,
+    bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16,
 };

@@ -78,6 +78,10 @@ typedef struct {
      * skips the per-element NaN patch. */
     void (*fp8_dot_finite)(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
                            const float *const *x, int m, float *y, size_t ys);
+    /* Optional (NULL: widen to fp32 and gemm_f32): gemm_f32 on bf16 activations and bf16 weight
+     * rows (raw bit patterns, natural order, any K), fp32 sums (AVX512_BF16 vdpbf16ps). */
+    void (*gemm_bf16)(const uint16_t *const *x, int m, const uint16_t *w, size_t ldw, int n, int K,
+                      float *y, size_t ys);
 } fd_quant_kernels;
 
 /* A bf16 bit pattern as the float it denotes (exact). */
