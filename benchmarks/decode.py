@@ -24,6 +24,7 @@ import time
 import _machine  # benchmarks/_machine.py: benchmarks/ is on sys.path when they run
 
 PROMPT_TOKENS = 64
+CPU_PREFILL_TOKENS = 256  # the timed CPU prefill (one chunk), for the planner's cpu_flops
 WARMUP_STEPS = 2
 DECODE_STEPS = 12
 STREAM_PREFILL_TOKENS = 1024
@@ -169,11 +170,28 @@ def _head_variants(rt, ids) -> dict:
     return result
 
 
-def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu):
+def _cpu_prefill_seconds(rt, config) -> float:
+    """Seconds for a CPU prefill of CPU_PREFILL_TOKENS tokens into a new sequence (after a short
+    warm-up one)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (CPU_PREFILL_TOKENS,), generator=g)
+    rt.prefill(prompt[:16], rt.new_state())
+    t0 = time.perf_counter()
+    rt.prefill(prompt, rt.new_state())
+    return time.perf_counter() - t0
+
+
+def _calibrated(
+    model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s=None
+):
     """The efficiencies this run measured, fed back into the planner's prediction.
 
     CPU: the planner's own byte count for a part ÷ its measured time ÷ the RAM bound (routed
-    experts; the rest of the step). GPU: the one figure that sets the planner's decode time there,
+    experts; the rest of the step); with a timed prefill (`prefill_s`), the compute efficiency
+    `cpu_flops` that makes the planner's prefill take it (solved with the decode figures in
+    place, as they share its expert-read term). GPU: the one figure that sets the planner's decode time there,
     solved so that its prediction takes the measured step: the per-layer floor of the small
     kernels where the prediction is dispatch-bound (a two-layer step on a fast GPU is), else the
     memory efficiency. Dividing the step's bytes by its time would charge the floor to the
@@ -206,12 +224,29 @@ def _calibrated(model_figures, profile, plan, prediction, step_s, expert_s, gbps
         if expert_s > 0:
             measured["cpu_experts"] = expert_ram / expert_s / (gbps * 1e9)
         measured["cpu_dense"] = (read["ram"] - expert_ram) / device_s / (gbps * 1e9)
+    prefill = {}
+    if prefill_s is not None:
+        tokens = CPU_PREFILL_TOKENS
+
+        def ttft_with(value: float) -> float:
+            eff = calibrated(measured | {"cpu_flops": value})
+            return predict(plan, model_figures, profile, tokens, eff).ttft_s
+
+        before = predict(plan, model_figures, profile, tokens, calibrated(measured)).ttft_s
+        measured["cpu_flops"] = _solve(lambda v: ttft_with(v) - prefill_s, 0.01, 8.0)
+        prefill = {
+            "prefill_tokens": tokens,
+            "prefill_tok_s": tokens / prefill_s,
+            "predicted_prefill_tok_s": tokens / before,
+            "predicted_prefill_over_measured": prefill_s / before,
+        }
     again = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated(measured))
-    return {
+    result = {
         "measured_efficiency": measured,
         "predicted_calibrated_tok_s": again.decode_tok_s,
         "predicted_calibrated_over_measured": again.decode_tok_s * step_s,
     }
+    return result | prefill
 
 
 def _solve(f, lo: float, hi: float, rounds: int = 60) -> float:
@@ -323,8 +358,10 @@ def run(json_output: bool = False) -> dict:
             step_s, expert_s = _decode(rt, ids)
             on_gpu = rt.device.type == "cuda"
             head_dtype = rt.head_dtype
+            prefill_s = None
             if not on_gpu:
                 figures["decode_tok_s_by_head"] = _head_variants(rt, ids)
+                prefill_s = _cpu_prefill_seconds(rt, config)
         device_s = step_s - expert_s
         gpu_gbps = _gpu_copy_gbps() if on_gpu else None
         if on_gpu:
@@ -354,7 +391,7 @@ def run(json_output: bool = False) -> dict:
             },
         }
         figures |= _calibrated(
-            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu
+            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s
         )
         # Fed back: the planner's next prediction (`flashdesk fit`, the wizard) uses them.
         from flashdesk.offload.predict import Efficiency
@@ -385,6 +422,14 @@ def run(json_output: bool = False) -> dict:
             f"{figures['predicted_calibrated_tok_s']:.2f} tok/s (predicted ÷ measured "
             f"{figures['predicted_calibrated_over_measured']:.2f})"
         )
+        if "prefill_tok_s" in figures:
+            print(
+                f"CPU prefill of {figures['prefill_tokens']} tokens: "
+                f"{figures['prefill_tok_s']:.1f} tok/s; planner predicted "
+                f"{figures['predicted_prefill_tok_s']:.1f} (predicted ÷ measured "
+                f"{figures['predicted_prefill_over_measured']:.2f}; cpu_flops calibrated to "
+                f"{figures['measured_efficiency']['cpu_flops']:.2f})"
+            )
         print(f"calibration written to {figures['calibration_file']} (used by `flashdesk fit`)")
         for name, v in figures.get("decode_tok_s_by_head", {}).items():
             rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])

@@ -51,8 +51,12 @@ class Efficiency:
     )
     disk: Sourced = field(default_factory=lambda: _eff(0.6, "random 13 MB expert reads via mmap"))
     pcie: Sourced = field(default_factory=lambda: _eff(0.9, "large copies vs the copy bandwidth"))
+    # A whole CPU prefill (experts, linears, attention) vs `probe.estimate_cpu_gflops`' peak.
+    # `bench decode` calibrates it (dev VM, Zen 5 with AVX512_BF16, 2 cores, 256-token prefill:
+    # 0.42); the default stays below that, as a peak from the reported clock and core count
+    # overstates many machines (all-core AVX-512 clocks are lower).
     cpu_flops: Sourced = field(
-        default_factory=lambda: _eff(0.25, "FP4 expert GEMM in prefill vs FP32 FMA peak")
+        default_factory=lambda: _eff(0.25, "CPU prefill vs the FP32-FMA / bf16-dot peak")
     )
     gpu_flops: Sourced = field(
         default_factory=lambda: _eff(0.4, "BF16 prefill matmuls vs the tensor-core peak")

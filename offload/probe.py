@@ -503,13 +503,19 @@ def count_cpu_list(text: str) -> int:
 
 
 def estimate_cpu_gflops(profile: HardwareProfile) -> Sourced:
-    """Peak FP32 FMA throughput: cores × clock × FLOP/cycle of the widest vector unit."""
+    """Peak throughput of the prompt kernels' inner instruction: cores × clock × FLOP/cycle of
+    the widest vector unit; FP32 FMA, or the bf16 dot (vdpbf16ps: twice the multiply-adds per
+    instruction) where the CPU has AVX512_BF16, which the expert and linear kernels use for
+    prompts on bf16 activations."""
     cores = _int_or_zero(profile.physical_cores)
     if not cores:
         return unknown("core count unknown")
     mhz = float(profile.cpu_max_mhz.value) if profile.cpu_max_mhz.known else 3000.0
     flags = set(profile.isa.value or ()) if profile.isa.known else set()
-    if "avx512f" in flags:
+    kind = "FP32"
+    if "avx512_bf16" in flags:
+        per_cycle, kind = 128, "bf16-dot"  # 2 × 512-bit vdpbf16ps, 32 multiply-adds each
+    elif "avx512f" in flags:
         per_cycle = 64  # 2 × 512-bit FMA (one on some parts; the kernel efficiency absorbs it)
     elif "avx2" in flags and "fma" in flags:
         per_cycle = 32
@@ -517,7 +523,7 @@ def estimate_cpu_gflops(profile: HardwareProfile) -> Sourced:
         per_cycle = 16
     else:
         per_cycle = 8
-    note = f"{cores} cores × {mhz / 1000:.2f} GHz × {per_cycle} FP32 FLOP/cycle"
+    note = f"{cores} cores × {mhz / 1000:.2f} GHz × {per_cycle} {kind} FLOP/cycle"
     if not profile.cpu_max_mhz.known:
         note += " (clock assumed 3 GHz)"
     return estimated(cores * mhz / 1000.0 * per_cycle, note)

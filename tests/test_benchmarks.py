@@ -116,6 +116,51 @@ def test_decode_calibration_on_a_gpu_reproduces_the_measured_step(monkeypatch):
         sys.modules.pop("decode", None)
 
 
+def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
+    """On the CPU the run's decode split sets cpu_experts / cpu_dense and its timed prefill
+    cpu_flops, solved with the decode figures in place: the calibrated planner's prefill takes
+    the measured time, whether the run was faster or slower than the default predicts."""
+    from pathlib import Path
+
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import PlanOptions, make_plan
+    from flashdesk.offload.predict import Efficiency, predict
+    from flashdesk.offload.probe import HardwareProfile, Sourced
+
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    decode = importlib.import_module("decode")
+    try:
+        config = ModelConfig.v4_flash()
+        figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+        profile = HardwareProfile.load(Path(__file__).parent / "profiles" / "cpu_only_256gb.json")
+        plan = make_plan(figures, profile, PlanOptions(context=4096))
+        assert plan.mode == "cpu"
+        prediction = predict(plan, figures, profile, decode.PROMPT_TOKENS)
+        step_s, expert_s = 1.3 / prediction.decode_tok_s, 0.5 / prediction.decode_tok_s
+        tokens = decode.CPU_PREFILL_TOKENS
+        ram = float(profile.ram_bandwidth().value)  # the run measures the profile's bound
+        for slower in (0.5, 3.0):
+            prefill_s = slower * predict(plan, figures, profile, tokens).ttft_s
+            got = decode._calibrated(
+                figures, profile, plan, prediction, step_s, expert_s, ram, False, prefill_s
+            )
+            measured = got["measured_efficiency"]
+            assert set(measured) == {"cpu_experts", "cpu_dense", "cpu_flops"}
+            assert got["predicted_calibrated_over_measured"] == pytest.approx(1.0, rel=1e-3)
+            eff = Efficiency()
+            for name, value in measured.items():
+                setattr(eff, name, Sourced(value, "calibrated"))
+            again = predict(plan, figures, profile, tokens, eff)
+            assert again.ttft_s == pytest.approx(prefill_s, rel=1e-3)
+            assert got["prefill_tok_s"] == pytest.approx(tokens / prefill_s)
+        got = decode._calibrated(figures, profile, plan, prediction, step_s, expert_s, ram, False)
+        assert "cpu_flops" not in got["measured_efficiency"] and "prefill_tok_s" not in got
+    finally:
+        sys.modules.pop("decode", None)
+
+
 def test_bisection_finds_a_root_or_the_nearer_end(monkeypatch):
     monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
     decode = importlib.import_module("decode")

@@ -362,3 +362,24 @@ def test_host_to_device_figures_come_from_the_cache_without_torch(tmp_path, monk
     assert other.h2d_pinned_gbps.source == "unknown"
     bandwidth.fill_estimated_pcie(other)
     assert other.h2d_pinned_gbps.source == "estimated"
+
+
+@pytest.mark.parametrize(
+    ("flags", "per_cycle", "kind"),
+    [
+        (("avx2", "fma"), 32, "FP32"),
+        (("avx2", "fma", "avx512f"), 64, "FP32"),
+        (("avx2", "fma", "avx512f", "avx512_bf16"), 128, "bf16-dot"),
+        (("neon",), 16, "FP32"),
+    ],
+)
+def test_cpu_peak_counts_the_instruction_the_prompt_kernels_use(flags, per_cycle, kind):
+    """AVX512_BF16 CPUs run prompts through vdpbf16ps (32 multiply-adds per 512-bit instruction,
+    twice an FP32 FMA's), so their peak is counted at that rate."""
+    profile = HardwareProfile()
+    profile.physical_cores = probe.reported(8, "test")
+    profile.cpu_max_mhz = probe.reported(3000.0, "test")
+    profile.isa = probe.reported(flags, "test")
+    peak = probe.estimate_cpu_gflops(profile)
+    assert peak.value == pytest.approx(8 * 3.0 * per_cycle)
+    assert f"{per_cycle} {kind} FLOP/cycle" in peak.note
