@@ -186,7 +186,10 @@ def test_fp4_decode_is_bit_exact(isa, m, bf16):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 6])
-def test_fp8_decode_is_bit_exact(isa, m):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fp8_decode_is_bit_exact(isa, m, bf16):
+    """Every E4M3 code (subnormals too) read back through one-hot rows: float32 activations, and
+    bf16 ones (the table decode to bf16 for up to 4 rows, the exact bf16 rows of the GEMM for 6)."""
     codes = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], dtype=np.uint8)
     K = codes.size  # 254: a ragged last tile
     w = np.stack([codes, codes[::-1]])
@@ -196,7 +199,8 @@ def test_fp8_decode_is_bit_exact(isa, m):
         ks = list(range(k0, min(k0 + m, K)))
         x = np.zeros((len(ks), K), dtype=np.float32)
         x[np.arange(len(ks)), ks] = 1.0
-        got = kernels.fp8_linear(x, w, s, isa=isa)
+        got = kernels.fp8_linear(torch.from_numpy(x).bfloat16() if bf16 else x, w, s, isa=isa)
+        got = got.numpy() if bf16 else got
         np.testing.assert_array_equal(got, want[:, ks].T.astype(np.float32))
 
 
@@ -208,6 +212,9 @@ def test_nan_codes_give_nan(isa):
     s = np.full((1, 1), 127, dtype=np.uint8)
     y = kernels.fp8_linear(np.ones(128, np.float32), w, s, isa=isa)
     assert np.isnan(y).all()
+    assert torch.isnan(
+        kernels.fp8_linear(torch.ones(128, dtype=torch.bfloat16), w, s, isa=isa)
+    ).all()
     w4, s4 = np.zeros((1, 16), np.uint8), np.array([[255]], np.uint8)  # E8M0 255 = NaN
     assert np.isnan(kernels.fp4_linear(np.ones(32, np.float32), w4, s4, isa=isa)).all()
 

@@ -540,6 +540,9 @@ static void lin_job(void *p, int tid, int nthreads) {
         if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP4 && c->xb) {
             for (int t = 0; t < m; t++) bptr[t] = c->xb + ((size_t)(t0 + t) * G + g) * K;
             kern->fp4_dot_bf16(w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
+        } else if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP8 && c->x16 && kern->fp8_dot_bf16) {
+            for (int t = 0; t < m; t++) bptr[t] = c->x16 + ((size_t)(t0 + t) * G + g) * K;
+            kern->fp8_dot_bf16(w, ws, ts, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else if (m <= FD_DOT_MAX_M) {
             if (c->kind == FD_WEIGHT_BF16)
                 kern->bf16_dot((const uint16_t *)w, ws, nr, K, xptr, m, ybuf, FD_ROWS_PER_UNIT);

@@ -290,5 +290,5 @@ static void gemm_f32_avx2(const float *const *x, int m, const float *w, size_t l
 }
 
 const fd_quant_kernels fd_kernels_avx2 = {
-    "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL, NULL,
+    "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL, NULL, NULL,
 };

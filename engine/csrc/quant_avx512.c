@@ -496,20 +496,99 @@ static void gemm_bf16_avx512(const uint16_t *const *x, int m, const uint16_t *w,
     }
 }
 #define FD_GEMM_BF16 gemm_bf16_avx512
+
+/* E4M3 bytes -> the bf16 bit patterns of their values, exact (an E4M3 value has at most four
+ * significant bits; subnormals become normal bf16; 0x7F/0xFF give NaN): the 128 magnitudes'
+ * patterns (fd_e4m3_f32's top halves) sit in four registers, two vpermt2w look a word up in
+ * each half of the table, bit 6 picks the half and a ternary-logic op ORs in the sign. */
+typedef struct {
+    __m512i lo0, lo1, hi0, hi1;
+} e4m3_bf16_table;
+
+static e4m3_bf16_table e4m3_bf16_load(void) {
+    uint16_t t[128];
+    for (int b = 0; b < 128; b++) {
+        uint32_t bits;
+        memcpy(&bits, &fd_e4m3_f32[b], sizeof bits);
+        t[b] = (uint16_t)(bits >> 16);
+    }
+    e4m3_bf16_table tab;
+    tab.lo0 = _mm512_loadu_si512((const void *)t);
+    tab.lo1 = _mm512_loadu_si512((const void *)(t + 32));
+    tab.hi0 = _mm512_loadu_si512((const void *)(t + 64));
+    tab.hi1 = _mm512_loadu_si512((const void *)(t + 96));
+    return tab;
+}
+
+FD_INLINE __m512i e4m3_bf16_decode32(const e4m3_bf16_table *tab, __m256i bytes) {
+    const __m512i w = _mm512_cvtepu8_epi16(bytes);
+    const __m512i lo = _mm512_permutex2var_epi16(tab->lo0, w, tab->lo1);
+    const __m512i hi = _mm512_permutex2var_epi16(tab->hi0, w, tab->hi1);
+    const __m512i v =
+        _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, _mm512_set1_epi16(0x40)), lo, hi);
+    /* v | ((w << 8) & 0x8000) */
+    return _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000),
+                                     0xF8);
+}
+
+/* fp8_dot on bf16 activations (natural order): per 128-wide tile, 32 weights per vdpbf16ps into
+ * a tile sum, then the tile's scale by one FMA into the row's accumulator. */
+FD_INLINE void fp8_dot_bf16_rm(const e4m3_bf16_table *tab, const uint8_t *w, size_t ws,
+                               const float *tile_scale, int K, const uint16_t *const *x, float *y,
+                               size_t ys, const int M) {
+    __m512 acc[FD_DOT_MAX_M];
+    for (int t = 0; t < M; t++) acc[t] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        const int k1 = k0 + 128 < K ? k0 + 128 : K;
+        __m512 part[FD_DOT_MAX_M];
+        for (int t = 0; t < M; t++) part[t] = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k += 32) {
+            __m512i wv, xv;
+            if (k + 32 <= k1) {
+                if (!(k & 63)) _mm_prefetch((const char *)(w + k + FD_PF_ROWS * ws), _MM_HINT_T0);
+                wv = e4m3_bf16_decode32(tab, _mm256_loadu_si256((const __m256i *)(w + k)));
+                for (int t = 0; t < M; t++) {
+                    xv = _mm512_loadu_si512((const void *)(x[t] + k));
+                    part[t] = _mm512_dpbf16_ps(part[t], (__m512bh)wv, (__m512bh)xv);
+                }
+            } else { /* ragged end: zeros pair with zeros */
+                const __mmask32 mk = (__mmask32)((1ull << (k1 - k)) - 1ull);
+                wv = e4m3_bf16_decode32(tab, _mm256_maskz_loadu_epi8(mk, w + k));
+                for (int t = 0; t < M; t++) {
+                    xv = _mm512_maskz_loadu_epi16(mk, x[t] + k);
+                    part[t] = _mm512_dpbf16_ps(part[t], (__m512bh)wv, (__m512bh)xv);
+                }
+            }
+        }
+        const __m512 sc = _mm512_set1_ps(tile_scale[k0 / 128]);
+        for (int t = 0; t < M; t++) acc[t] = _mm512_fmadd_ps(part[t], sc, acc[t]);
+    }
+    for (int t = 0; t < M; t++) y[(size_t)t * ys] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static void fp8_dot_bf16_avx512(const uint8_t *w, size_t ws, const float *tile_scale, int rows,
+                                int K, const uint16_t *const *x, int m, float *y, size_t ys) {
+    const e4m3_bf16_table tab = e4m3_bf16_load();
+    for (int r = 0; r < rows; r++) /* one row at a time (see FD_PF_ROWS) */
+        FD_SWITCH_M4(m, fp8_dot_bf16_rm(&tab, w + (size_t)r * ws, ws, tile_scale, K, x, y + r,
+                                        ys, FD_M))
+}
+#define FD_FP8_DOT_BF16 fp8_dot_bf16_avx512
 #else
 #define FD_FP4_DOT_BF16 NULL /* compiler without AVX512_BF16: same as the avx512 variant */
 #define FD_FP4_BF16_LAYOUT FD_FP4_NATURAL
 #define FD_GEMM_BF16 NULL
+#define FD_FP8_DOT_BF16 NULL
 #endif
 
 const fd_quant_kernels fd_kernels_avx512 = {
     "avx512", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL, bf16_dot_avx512,
-    fp8_dot_finite_avx512, NULL,
+    fp8_dot_finite_avx512, NULL, NULL,
 };
 
 const fd_quant_kernels fd_kernels_avx512_bf16 = {
     "avx512_bf16", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16, FD_FP4_BF16_LAYOUT,
-    bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16,
+    bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16, FD_FP8_DOT_BF16,
 };

@@ -82,6 +82,10 @@ typedef struct {
      * rows (raw bit patterns, natural order, any K), fp32 sums (AVX512_BF16 vdpbf16ps). */
     void (*gemm_bf16)(const uint16_t *const *x, int m, const uint16_t *w, size_t ldw, int n, int K,
                       float *y, size_t ys);
+    /* Optional (NULL: widen to fp32 and fp8_dot): fp8_dot with bf16 activations (natural order),
+     * each weight decoded exactly to bf16; NaN codes give NaN (AVX512_BF16 vdpbf16ps). */
+    void (*fp8_dot_bf16)(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
+                         const uint16_t *const *x, int m, float *y, size_t ys);
 } fd_quant_kernels;
 
 /* A bf16 bit pattern as the float it denotes (exact). */

@@ -263,5 +263,5 @@ static void gemm_f32_neon(const float *const *x, int m, const float *w, size_t l
 
 const fd_quant_kernels fd_kernels_neon = {
     "neon", FD_FP4_EVEN_ODD, fp4_dot_neon, fp4_decode_neon, fp8_dot_neon, fp8_decode_neon, gemm_f32_neon, NULL, FD_FP4_NATURAL,
-    bf16_dot_neon, NULL, NULL,
+    bf16_dot_neon, NULL, NULL, NULL,
 };

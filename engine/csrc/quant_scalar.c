@@ -117,5 +117,5 @@ static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t
 
 const fd_quant_kernels fd_kernels_scalar = {
     "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
-    bf16_dot_scalar, NULL, NULL,
+    bf16_dot_scalar, NULL, NULL, NULL,
 };
