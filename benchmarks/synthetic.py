@@ -72,7 +72,7 @@ def run(
     from flashdesk.engine.synthetic import SyntheticCheckpoint
     from flashdesk.offload.figures import ModelFigures
     from flashdesk.offload.plan import DISK, PlanOptions, make_plan
-    from flashdesk.offload.predict import Efficiency, predict
+    from flashdesk.offload.predict import Efficiency, predict, record_crossover
     from flashdesk.offload.probe import probe
 
     say, info = _machine.start(json_output)
@@ -85,6 +85,7 @@ def run(
     profile = probe()
     plan = make_plan(figures_m, profile, PlanOptions(context=context, kv_dtype=kv_dtype))
     prediction = predict(plan, figures_m, profile, prompt_tokens, Efficiency.load())
+    record_crossover(plan, prediction)  # the runtime streams prompt chunks as predicted
     paged = plan.memory.get(DISK, {}).get("mapped", 0)
     out: dict = {
         "machine": info,

@@ -55,12 +55,10 @@ from flashdesk.engine.runtime_experts import (
     LayerExperts,
     RoutingLog,
 )
+from flashdesk.offload.plan import DEFAULT_STREAM_MIN_TOKENS
 
 Progress = Callable[[float, str], None]
 
-# Tokens per prefill call from which every picked expert is computed on the GPU (copied there
-# from host memory) instead of on the CPU. A default until `flashdesk bench decode` measures it.
-DEFAULT_STREAM_MIN_TOKENS = 256
 # Tokens per prefill call the runtime asks of a Session on a GPU: each call copies every expert
 # held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less per token, but
 # a chunk's activations must fit the planner's GPU workspace (1 GiB): V4-Flash peaks at ~0.7 GiB
@@ -660,6 +658,21 @@ def _check_vram(plan: Any, device: torch.device) -> None:
         )
 
 
+def streaming_threshold(stream_min_tokens: int | str | None, plan: Any) -> int | None:
+    """`load_runtime`'s stream_min_tokens with "plan" resolved: the plan's (the predicted
+    crossover, where `fit.evaluate` recorded it), or DEFAULT_STREAM_MIN_TOKENS without a plan."""
+    if stream_min_tokens == "plan":
+        return getattr(plan, "stream_min_tokens", DEFAULT_STREAM_MIN_TOKENS)
+    if stream_min_tokens is not None and (
+        isinstance(stream_min_tokens, str) or int(stream_min_tokens) < 1
+    ):
+        raise ValueError(
+            f"stream_min_tokens must be a positive token count, None or 'plan', got "
+            f"{stream_min_tokens!r}"
+        )
+    return stream_min_tokens
+
+
 def load_runtime(
     path: str | Path | Checkpoint,
     plan: Any = None,
@@ -671,7 +684,7 @@ def load_runtime(
     cancel: Callable[[], bool] | None = None,
     fp8_linears: bool | None = None,
     threads: int | None = None,
-    stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS,
+    stream_min_tokens: int | str | None = "plan",
     refresh_every: int | None = DEFAULT_REFRESH_EVERY,
     frequency: Any = None,
     head_dtype: str | None = None,
@@ -690,7 +703,9 @@ def load_runtime(
       kernel, on a GPU held as stored in VRAM (`gpu_linears`); off: widened to `dtype` at load.
     progress(fraction, message), cancel() → True aborts with LoadCancelled.
     stream_min_tokens: on a GPU, prefill calls of at least this many tokens compute all picked
-      experts there; refresh_every: decode steps between hot-cache refreshes (None: never).
+      experts there, fewer keep the host's on the CPU (None: always the CPU); "plan" (default):
+      the plan's `stream_min_tokens` (the predicted crossover where `fit.evaluate` made it),
+      else DEFAULT_STREAM_MIN_TOKENS; refresh_every: decode steps between hot-cache refreshes (None: never).
     frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
       orders which experts a plan's GPU/RAM counts pick.
     head_dtype: how the output head is held and read per token: "bf16" (default; the stored BF16
@@ -711,6 +726,7 @@ def load_runtime(
       CPUs, dev VM) or float32 (parity with a float32 model to summation order). The router,
       compressors and head keep float32 inputs, as in the reference.
     """
+    stream_min_tokens = streaming_threshold(stream_min_tokens, plan)
     if kernel_activations not in (torch.float32, torch.bfloat16):
         raise ValueError(
             f"kernel_activations must be torch.bfloat16 or torch.float32, got {kernel_activations}"

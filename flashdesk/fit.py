@@ -115,7 +115,7 @@ def evaluate(
     from flashdesk.engine.inventory import inventory
     from flashdesk.offload.figures import ModelFigures
     from flashdesk.offload.plan import PlanOptions, make_plan
-    from flashdesk.offload.predict import Efficiency, predict
+    from flashdesk.offload.predict import Efficiency, predict, record_crossover
     from flashdesk.offload.probe import HardwareProfile, ProfileError, probe
 
     figures = None
@@ -160,6 +160,7 @@ def evaluate(
     )
     plan = make_plan(figures, profile, options)
     prediction = predict(plan, figures, profile, prompt_tokens, Efficiency.load())
+    record_crossover(plan, prediction)
     return figures, profile, plan, prediction
 
 

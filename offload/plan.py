@@ -100,6 +100,11 @@ class Group:
     detail: str = ""
 
 
+# Prefill chunks of at least this many tokens compute their picks on the GPU, the host's experts
+# streamed there (fewer: on the CPU), where no prediction has set a plan's crossover.
+DEFAULT_STREAM_MIN_TOKENS = 256
+
+
 @dataclass
 class Plan:
     model: str
@@ -119,6 +124,10 @@ class Plan:
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: PlanOptions | None = None
+    # What the runtime does with a prefill chunk of host experts (`DEFAULT_STREAM_MIN_TOKENS`):
+    # `predict.record_crossover` sets the prediction's crossover here (None: streaming never
+    # wins on this machine up to 64K-token chunks, or there is nothing to stream).
+    stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS
 
     @property
     def gpu_expert_layers(self) -> list[int]:
@@ -152,6 +161,7 @@ class Plan:
             "verdict": self.verdict,
             "changes": self.changes,
             "notes": self.notes,
+            "stream_min_tokens": self.stream_min_tokens,
             "layers": [asdict(lp) for lp in self.layers],
         }
 

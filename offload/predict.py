@@ -374,6 +374,13 @@ def crossover_tokens(
     return None
 
 
+def record_crossover(plan: Plan, prediction: Prediction) -> None:
+    """Give a GPU+CPU plan the prediction's crossover as the runtime's streaming threshold
+    (`Plan.stream_min_tokens`): chunks below it keep their host experts on the CPU, as predicted."""
+    if plan.mode == "gpu+cpu":
+        plan.stream_min_tokens = prediction.crossover_tokens
+
+
 def predict(
     plan: Plan,
     figures: ModelFigures,

@@ -106,6 +106,32 @@ def test_prefill_streams_experts_for_long_prompts(flash):
     assert slow_cross is None or slow_cross > long.crossover_tokens
 
 
+def test_the_plan_carries_the_crossover_to_the_runtime(flash):
+    """`record_crossover` gives a GPU+CPU plan the predicted crossover as the chunk size from
+    which the runtime streams a prompt's host experts (the fixed default would stream 256-1023
+    token chunks on a home machine whose CPU the planner finds faster there); a CPU plan keeps
+    the default, which the runtime ignores without a GPU."""
+    from flashdesk.engine.runtime import streaming_threshold
+    from flashdesk.offload.plan import DEFAULT_STREAM_MIN_TOKENS
+    from flashdesk.offload.predict import record_crossover
+
+    plan, _, profile = _plan_for(flash, "rtx4090_192gb_ddr5")
+    assert plan.stream_min_tokens == DEFAULT_STREAM_MIN_TOKENS  # before a prediction
+    prediction = predict(plan, flash, profile)
+    record_crossover(plan, prediction)
+    assert plan.stream_min_tokens == prediction.crossover_tokens == 1024
+    assert plan.to_json()["stream_min_tokens"] == 1024
+    assert streaming_threshold("plan", plan) == 1024
+    assert streaming_threshold("plan", None) == DEFAULT_STREAM_MIN_TOKENS
+    assert streaming_threshold(64, plan) == 64 and streaming_threshold(None, plan) is None
+    for bad in ("always", 0):
+        with pytest.raises(ValueError, match="stream_min_tokens"):
+            streaming_threshold(bad, plan)
+    cpu_plan, _, cpu_profile = _plan_for(flash, "cpu_only_256gb")
+    record_crossover(cpu_plan, predict(cpu_plan, flash, cpu_profile))
+    assert cpu_plan.stream_min_tokens == DEFAULT_STREAM_MIN_TOKENS
+
+
 def test_frequency_profile_raises_the_prediction(flash):
     profile = load("rtx4090_192gb_ddr5")
     counts = [[1.0 / (1 + e) ** 1.2 for e in range(256)] for _ in range(43)]

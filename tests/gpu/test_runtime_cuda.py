@@ -17,6 +17,7 @@ from flashdesk.engine.checkpoint.writer import write_random
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.model.loader import load_model
 from flashdesk.engine.runtime import LayerPlacement, Placement, RuntimeLoadError, load_runtime
+from flashdesk.offload.plan import DEFAULT_STREAM_MIN_TOKENS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,6 +72,8 @@ def test_bf16_split_close_to_cpu_model(tiny):
     folder, config, ids, want = tiny
     with load_runtime(folder, placement=_placements(config)["mixed"]) as rt:
         assert rt.model.numerics.dtype == torch.bfloat16
+        # no plan: prompts of DEFAULT_STREAM_MIN_TOKENS tokens and more stream their experts
+        assert {b.moe.stream_min_tokens for b in rt.model.blocks} == {DEFAULT_STREAM_MIN_TOKENS}
         # Triton compiled here (else a note says why VRAM weights take torch's slower path)
         assert not any("dequantize-then-multiply" in note for note in rt.notes), rt.notes
         got = rt.forward_full(ids.cuda()).float().cpu()
