@@ -226,6 +226,12 @@ def measure(
             tiles=tiles, num_warps=warps, mode=mode,
         )  # fmt: skip
 
+    def fused_with(stacks_at, tiles, warps, mode):  # one token, the experts read from stacks_at
+        return lambda i: gpu_kernels.moe(
+            x[:1], picks[i % SETS][:1], weights[:1], slot_of, stacks_at, limit,
+            tiles=tiles, num_warps=warps, mode=mode,
+        )  # fmt: skip
+
     want = fused(1, gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE)(0)
     rows = []
     for tiles, warps, mode in tile_choices:
@@ -317,6 +323,10 @@ def measure(
             f"{tuple(fastest['tiles'])}, warps {fastest['warps']}) vs rows "
             f"{best['ms'] * 1e3:.1f} µs → {out['decode_moe_best']}"
         )
+    out["zero_copy"] = _zero_copy_figures(
+        dev, stacks, lambda stacks_at: fused_with(stacks_at, tiles, warps, mode), want,
+        step_bytes, reps, say,
+    )  # fmt: skip
     if grouped_choices:
         out["prompt"] = _prompt_figures(
             dev, stacks, expert_bytes, prompt_tokens, grouped_choices, reps, copy_gbps, say
@@ -337,6 +347,37 @@ def measure(
         where = gpu_tuning.record(gpu, out["choices"], "flashdesk bench gpu-kernels")
         say(f"recorded for {gpu} in {where}: the runtime uses them on this GPU from now on")
     return out
+
+
+def _zero_copy_figures(dev, stacks, call_with, want, step_bytes, reps, say) -> dict:
+    """The decode expert kernel reading its experts straight from pinned host memory across PCIe
+    (zero-copy: a pinned page is addressable from the GPU, no copy first), against the pinned
+    host→device copy rate: the figure that decides whether a GPU should take part of a host
+    layer's picks beside the CPU (the GPU waits on the CPU's share at host layers, ~9 ms a step
+    on the H200). `call_with(stacks)` → fn(i) running one decode step on those stacks."""
+    import torch
+    from decode import h2d_pinned_gbps
+
+    from flashdesk.engine import gpu_kernels
+
+    host = tuple(t.cpu().pin_memory() if dev == "cuda" else t.cpu() for t in stacks)
+    call = call_with(host)
+    try:
+        got = call(0)
+    except Exception as exc:  # the launcher may refuse host pointers on some stacks
+        reason = gpu_kernels.error_summary(exc)
+        say(f"zero-copy decode experts: not possible here ({reason})")
+        return {"error": reason}
+    err = ((got - want).norm() / want.norm()).item()
+    ms = _time_ms(call, reps)
+    h2d = h2d_pinned_gbps() if torch.cuda.is_available() else 1.0
+    gbps = step_bytes / ms / 1e6
+    say(
+        f"zero-copy decode experts (pinned host memory read by the kernel): {ms * 1e3:.1f} µs = "
+        f"{gbps:.1f} GB/s = {gbps / h2d:.2f} × the pinned copy rate ({h2d:.1f} GB/s; rel. diff. "
+        f"{err:.1e})"
+    )
+    return {"us": ms * 1e3, "gbps": gbps, "h2d_pinned_gbps": h2d, "ratio": gbps / h2d, "err": err}
 
 
 def _choices(out: dict, tiles, warps, mode) -> dict:

@@ -72,6 +72,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
         assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
+        assert out["zero_copy"]["err"] < 1e-5 and out["zero_copy"]["gbps"] > 0
         from flashdesk.engine import gpu_tuning  # what it would record on a GPU fits
 
         assert [len(size["ms"]) for size in out["attention"]["sizes"]] == [2, 2]
