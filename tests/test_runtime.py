@@ -36,6 +36,8 @@ from flashdesk.offload.probe import HardwareProfile
 
 PROFILES = Path(__file__).parent / "profiles"
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+# the float32 reference's arithmetic: its head, and float32 activations into the C kernels
+EXACT = {"head_dtype": "fp32", "kernel_activations": torch.float32}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,7 @@ def test_every_placement_gives_the_models_logits(tiny, name, fp8):
         folder,
         placement=placement,
         fp8_linears=fp8,
-        head_dtype="fp32",
-        kernel_activations=torch.float32,
+        **EXACT,
     ) as rt:
         assert (rt.fp8_linears > 0) == fp8
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
@@ -124,9 +125,7 @@ def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
     monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     monkeypatch.setattr(gpu_kernels, "moe", lambda *a, **k: calls.append(1) or moe(*a, **k))
     placement = PLACEMENTS["pinned+cache"](config)
-    with load_runtime(
-        folder, placement=placement, head_dtype="fp32", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, placement=placement, **EXACT) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state, chunk_size=4)]
         rows += [rt.decode(int(t), state) for t in ids[7:10]]
@@ -149,8 +148,7 @@ def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
     with load_runtime(
         folder,
         placement=Placement.uniform(config, MMAP),
-        head_dtype="fp32",
-        kernel_activations=torch.float32,
+        **EXACT,
     ) as rt:
         state = rt.new_state()
         rows = [rt.prefill(ids[:7], state)]
@@ -174,9 +172,7 @@ def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):
 def test_experts_are_not_copied_twice(tiny):
     """mmap experts are views of the mapped file; pinned/pageable ones one owned buffer each."""
     folder, config, _, ids, _ = tiny
-    with load_runtime(
-        folder, placement=_mixed(config), head_dtype="fp32", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, placement=_mixed(config), **EXACT) as rt:
         for i, (lp, host) in enumerate(zip(rt.placement.layers, rt.hosts, strict=True)):
             prefix = f"{config.main_layers[i].prefix}ffn.experts."
             for e in range(config.n_routed_experts):
@@ -201,9 +197,7 @@ def test_greedy_generation_is_identical(tiny):
         return session.held_ids, events[-1].stats
 
     want, _ = tokens(ref)
-    with load_runtime(
-        folder, placement=_mixed(config), head_dtype="fp32", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, placement=_mixed(config), **EXACT) as rt:
         got, stats = tokens(rt)
     assert got == want
     assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
@@ -265,16 +259,12 @@ def test_planner_placements_apply_and_match(tiny):
     assert any(len(lp.device) for lp in placement.layers)
     assert any(len(lp.mmap) for lp in placement.layers)
     on_cpu = dataclasses.replace(placement, device="cpu")
-    with load_runtime(
-        folder, placement=on_cpu, head_dtype="fp32", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, placement=on_cpu, **EXACT) as rt:
         torch.testing.assert_close(rt.forward_full(ids), want, **TOL)
     # Without a device, the plan's GPU experts fall back to host memory.
     cpu = Placement.from_plan(plan, config, device="cpu")
     assert all(not lp.device for lp in cpu.layers)
-    with load_runtime(
-        folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, plan=plan, device="cpu", **EXACT) as rt:
         # the plan's KV cache is BF16 (the reference's): the plain model storing the same rows
         assert rt.kv_format == plan.kv_dtype == "bf16"
         ref = tiny[2]
@@ -295,9 +285,7 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
     logits = {}
     for kv in ("bf16", "fp8"):
         plan = make_plan(figures, profile, PlanOptions(context=4096, kv_dtype=kv))
-        with load_runtime(
-            folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
-        ) as rt:
+        with load_runtime(folder, plan=plan, device="cpu", **EXACT) as rt:
             assert rt.kv_format == kv and f"KV cache {kv}" in rt.describe()
             state = rt.new_state()
             logits[kv] = rt.prefill(ids.tolist()[:30], state)
@@ -330,8 +318,7 @@ def test_routing_counts_feed_the_planner_and_the_cache(tiny, tmp_path):
         folder,
         placement=placement,
         refresh_every=None,
-        head_dtype="fp32",
-        kernel_activations=torch.float32,
+        **EXACT,
     ) as rt:
         rt.forward_full(ids)
         counts = rt.routing_counts()
@@ -373,22 +360,20 @@ def test_clear_errors(tiny):
     folder, config, *_ = tiny
     short = Placement("cpu", Placement.uniform(config).layers[:2])
     with pytest.raises(RuntimeLoadError, match="covers 2 layers"):
-        load_runtime(folder, placement=short, head_dtype="fp32", kernel_activations=torch.float32)
+        load_runtime(folder, placement=short, **EXACT)
     n = config.n_routed_experts
     holes = Placement(
         "cpu", tuple(LayerPlacement(mmap=tuple(range(1, n))) for _ in config.main_layers)
     )
     with pytest.raises(RuntimeLoadError, match="placed nowhere"):
-        load_runtime(folder, placement=holes, head_dtype="fp32", kernel_activations=torch.float32)
+        load_runtime(folder, placement=holes, **EXACT)
     with pytest.raises(LoadCancelled):
-        load_runtime(
-            folder, cancel=lambda: True, head_dtype="fp32", kernel_activations=torch.float32
-        )
+        load_runtime(folder, cancel=lambda: True, **EXACT)
     with pytest.raises(RuntimeLoadError, match=r"48 no-rope channels.*bf16 KV"):
-        load_runtime(folder, kv_dtype="fp8", head_dtype="fp32", kernel_activations=torch.float32)
+        load_runtime(folder, kv_dtype="fp8", **EXACT)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeLoadError, match="sees none"):
-            load_runtime(folder, device="cuda", head_dtype="fp32", kernel_activations=torch.float32)
+            load_runtime(folder, device="cuda", **EXACT)
     other = ModelConfig.tiny(num_hidden_layers=2)
     figures = ModelFigures.from_inventory(
         Checkpoint.open(write_random(folder.parent / "other", other, seed=1)).inventory(),
@@ -398,9 +383,7 @@ def test_clear_errors(tiny):
     profile = HardwareProfile.load(PROFILES / "cpu_only_256gb.json")
     plan = make_plan(figures, profile, PlanOptions(context=4096))
     with pytest.raises(RuntimeLoadError, match="another model"):
-        load_runtime(
-            folder, plan=plan, device="cpu", head_dtype="fp32", kernel_activations=torch.float32
-        )
+        load_runtime(folder, plan=plan, device="cpu", **EXACT)
 
 
 def test_session_reports_busy_and_live_hit_rate(tiny):
@@ -487,8 +470,7 @@ def test_streamed_experts_equal_the_host_kernels(tiny, grouped, monkeypatch):
     with load_runtime(
         folder,
         placement=PLACEMENTS["mixed"](config),
-        head_dtype="fp32",
-        kernel_activations=torch.float32,
+        **EXACT,
     ) as rt:
         g = torch.Generator().manual_seed(4)
         x = torch.randn(40, config.hidden_size, generator=g)
