@@ -232,9 +232,8 @@ class Fp8Linear(Linear):
         super().__init__(weight, True)
         self.scale = scale
         self.dtype = dtype  # of the output
-        self.x_dtype = (
-            x_dtype or dtype
-        )  # what the kernel reads (`load_runtime`'s kernel_activations)
+        # what the kernel reads (`load_runtime`'s kernel_activations)
+        self.x_dtype = x_dtype or dtype
         self.finite = kernels.fp8_finite(weight)  # no NaN code: the kernel's faster path
 
     def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
@@ -705,7 +704,8 @@ def load_runtime(
     stream_min_tokens: on a GPU, prefill calls of at least this many tokens compute all picked
       experts there, fewer keep the host's on the CPU (None: always the CPU); "plan" (default):
       the plan's `stream_min_tokens` (the predicted crossover where `fit.evaluate` made it),
-      else DEFAULT_STREAM_MIN_TOKENS; refresh_every: decode steps between hot-cache refreshes (None: never).
+      else DEFAULT_STREAM_MIN_TOKENS.
+    refresh_every: decode steps between hot-cache refreshes (None: never).
     frequency: per-layer routing counts (a file saved by `save_routing_counts`, or a list):
       orders which experts a plan's GPU/RAM counts pick.
     head_dtype: how the output head is held and read per token: "bf16" (default; the stored BF16

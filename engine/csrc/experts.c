@@ -537,9 +537,9 @@ static void lin_job(void *p, int tid, int nthreads) {
             w = c->w + (size_t)n0 * ws;
             s = c->scale + (size_t)n0 * ss;
         }
-        if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP4 && c->xb) {
+        if (c->kind == FD_WEIGHT_FP4 && c->xb) { /* any m, as the expert FFN */
             for (int t = 0; t < m; t++) bptr[t] = c->xb + ((size_t)(t0 + t) * G + g) * K;
-            kern->fp4_dot_bf16(w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
+            fp4_dot_bf16_rows(kern, w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP8 && c->x16 && kern->fp8_dot_bf16) {
             for (int t = 0; t < m; t++) bptr[t] = c->x16 + ((size_t)(t0 + t) * G + g) * K;
             kern->fp8_dot_bf16(w, ws, ts, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
