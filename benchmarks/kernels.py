@@ -154,7 +154,7 @@ def run(json_output: bool = False) -> dict:
         ids = np.tile(np.arange(TOP_K), (m, 1))  # every token to the same 6 experts: m per expert
         timed = {}
         # bf16 activations (the runtime's default: the vdpbf16ps path where the CPU has it) and
-        # fp32 (the exact path), alternating so a drifting machine affects both alike
+        # fp32 (the exact path), back to back so a drifting machine affects both alike
         for name, x in (("bf16", torch.from_numpy(xb).bfloat16()), ("fp32", xb)):
             timed[name] = _median_time(
                 lambda i, x=x, wb=wb, yb=yb, ids=ids: kernels.expert_ffn(
