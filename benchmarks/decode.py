@@ -170,6 +170,32 @@ def _head_variants(rt, ids) -> dict:
     return result
 
 
+def _cpu_glue_seconds(rt, ids) -> float:
+    """Seconds per layer of a CPU decode step outside the C kernels (torch ops, Python): steps
+    timed with the kernels' entry points stubbed out (they return at once, their outputs left
+    as allocated) ÷ the layers, the step's few fixed costs included. What such a step computes
+    is meaningless; only its time is read, on a throw-away sequence."""
+    from flashdesk.engine import _kernels
+
+    state = rt.new_state()
+    rt.prefill(ids[:8], state)
+    token = int(ids[0])
+    saved = {name: getattr(_kernels, name) for name in ("quant_linear", "expert_ffn")}
+    try:
+        for name in saved:
+            setattr(_kernels, name, lambda *args, **kwargs: None)
+        for _ in range(WARMUP_STEPS):
+            rt.decode(token, state)
+        t0 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            rt.decode(token, state)
+        step = (time.perf_counter() - t0) / DECODE_STEPS
+    finally:
+        for name, fn in saved.items():
+            setattr(_kernels, name, fn)
+    return step / len(rt.model.blocks)
+
+
 def _cpu_prefill_seconds(rt, config) -> float:
     """Seconds for a CPU prefill of CPU_PREFILL_TOKENS tokens into a new sequence (after a short
     warm-up one)."""
@@ -184,14 +210,16 @@ def _cpu_prefill_seconds(rt, config) -> float:
 
 
 def _calibrated(
-    model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s=None
-):
+    model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s=None,
+    glue_s=None,
+):  # fmt: skip
     """The efficiencies this run measured, fed back into the planner's prediction.
 
     CPU: the planner's own byte count for a part ÷ its measured time ÷ the RAM bound (routed
-    experts; the rest of the step); with a timed prefill (`prefill_s`), the compute efficiency
-    `cpu_flops` that makes the planner's prefill take it (solved with the decode figures in
-    place, as they share its expert-read term). GPU: the one figure that sets the planner's
+    experts; the rest of the step less its layers' glue, `glue_s` seconds per layer outside the
+    kernels, which becomes `cpu_layer_seconds`); with a timed prefill (`prefill_s`), the
+    compute efficiency `cpu_flops` that makes the planner's prefill take it (solved with the
+    decode figures in place, as they share its expert-read term). GPU: the one figure that sets the planner's
     decode time there, solved so that its prediction takes the measured step: the per-layer
     floor of the small kernels where the prediction is dispatch-bound (a two-layer step on a
     fast GPU is), else the memory efficiency. Dividing the step's bytes by its time would charge
@@ -224,7 +252,14 @@ def _calibrated(
         device_s = step_s - expert_s
         if expert_s > 0:
             measured["cpu_experts"] = expert_ram / expert_s / (gbps * 1e9)
-        measured["cpu_dense"] = (read["ram"] - expert_ram) / device_s / (gbps * 1e9)
+        # the glue the prediction adds per CPU layer (this run's, else the default), at most 90 %
+        # of the step's rest (more is not credible), and the rest's bytes in what remains
+        cpu_layers = sum(lp.attention_on != "gpu" for lp in plan.layers)
+        per_layer = glue_s if glue_s is not None else float(Efficiency().cpu_layer_seconds.value)
+        per_layer = min(per_layer, 0.9 * device_s / max(cpu_layers, 1))
+        measured["cpu_layer_seconds"] = per_layer
+        dense_s = device_s - cpu_layers * per_layer
+        measured["cpu_dense"] = (read["ram"] - expert_ram) / dense_s / (gbps * 1e9)
     prefill = {}
     if prefill_s is not None:
         tokens = CPU_PREFILL_TOKENS
@@ -359,10 +394,11 @@ def run(json_output: bool = False) -> dict:
             step_s, expert_s = _decode(rt, ids)
             on_gpu = rt.device.type == "cuda"
             head_dtype = rt.head_dtype
-            prefill_s = None
+            prefill_s = glue_s = None
             if not on_gpu:
                 figures["decode_tok_s_by_head"] = _head_variants(rt, ids)
                 prefill_s = _cpu_prefill_seconds(rt, config)
+                glue_s = _cpu_glue_seconds(rt, ids)
         device_s = step_s - expert_s
         gpu_gbps = _gpu_copy_gbps() if on_gpu else None
         if on_gpu:
@@ -392,8 +428,9 @@ def run(json_output: bool = False) -> dict:
             },
         }
         figures |= _calibrated(
-            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s
-        )
+            model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s,
+            glue_s,
+        )  # fmt: skip
         # Fed back: the planner's next prediction (`flashdesk fit`, the wizard) uses them.
         from flashdesk.offload.predict import Efficiency
 
@@ -417,7 +454,10 @@ def run(json_output: bool = False) -> dict:
             f"planner predicted {figures['predicted_tok_s']:.2f} tok/s "
             f"(predicted ÷ measured {figures['predicted_over_measured']:.2f})"
         )
-        effs = ", ".join(f"{k} {v:.2f}" for k, v in figures["measured_efficiency"].items())
+        effs = ", ".join(
+            f"{k} {v * 1e3:.2f} ms" if k.endswith("_seconds") else f"{k} {v:.2f}"
+            for k, v in figures["measured_efficiency"].items()
+        )
         print(
             f"measured efficiencies: {effs}; planner with them: "
             f"{figures['predicted_calibrated_tok_s']:.2f} tok/s (predicted ÷ measured "

@@ -76,6 +76,15 @@ class Efficiency:
         )
     )
 
+    # A layer computed on the CPU also costs its torch/Python glue per decode token (norms,
+    # rope, attention's small products, mHC, routing; a few dozen ops beside the C kernels),
+    # which the bytes do not price. Measured on the dev VM (2026-11-27, 2 Zen 5 cores,
+    # `bench decode` with the C kernels stubbed out): 1.04–1.09 ms per layer; `bench decode`
+    # records this machine's figure. V4-Flash's 43 layers make that ~45 ms of each CPU token.
+    cpu_layer_seconds: Sourced = field(
+        default_factory=lambda: _eff(1.0e-3, "torch/Python glue per CPU layer per decode token")
+    )
+
     # Likewise a GPU layer's prompt work per token (attention, the experts' grouped kernels,
     # the small kernels, the host's routing read-back per layer). Measured by `bench --synthetic
     # v4-flash` on the lent H200 (2026-11-27): 2048 tokens in 2.44 s over 43 layers, 27.7 µs
@@ -237,6 +246,7 @@ def _decode_seconds(
     disk = float(rates.disk.value) * 1e9
     hop = 0.0 if bound else float(eff.hop_seconds.value)
     dispatch = float(eff.gpu_layer_seconds.value) if dispatch_floor and not bound else 0.0
+    glue = float(eff.cpu_layer_seconds.value) if dispatch_floor and not bound else 0.0
     hybrid = plan.mode == "gpu+cpu"
     k, eb = figures.experts_per_token, figures.expert_bytes
     by_index = {layer.index: layer for layer in figures.layers}
@@ -255,7 +265,7 @@ def _decode_seconds(
             gpu_side += shared / (gpu * e(eff.gpu_memory))
             read["gpu"] += attn + shared
         else:
-            layer_s += attn / (ram * e(eff.cpu_dense))
+            layer_s += attn / (ram * e(eff.cpu_dense)) + glue
             cpu_side += shared / (ram * e(eff.cpu_dense))
             read["ram"] += attn + shared
             if hybrid:

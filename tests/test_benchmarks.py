@@ -118,8 +118,9 @@ def test_decode_calibration_on_a_gpu_reproduces_the_measured_step(monkeypatch):
 
 
 def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
-    """On the CPU the run's decode split sets cpu_experts / cpu_dense and its timed prefill
-    cpu_flops, solved with the decode figures in place: the calibrated planner's prefill takes
+    """On the CPU the run's decode split sets cpu_experts / cpu_dense (less the layers' measured
+    glue, which becomes cpu_layer_seconds) and its timed prefill cpu_flops, solved with the
+    decode figures in place: the calibrated planner's prefill takes
     the measured time, whether the run was faster or slower than the default predicts."""
     from pathlib import Path
 
@@ -144,11 +145,13 @@ def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
         ram = float(profile.ram_bandwidth().value)  # the run measures the profile's bound
         for slower in (0.5, 3.0):
             prefill_s = slower * predict(plan, figures, profile, tokens).ttft_s
+            glue_s = 0.1 * (step_s - expert_s) / len(plan.layers)  # a tenth of the step's rest
             got = decode._calibrated(
-                figures, profile, plan, prediction, step_s, expert_s, ram, False, prefill_s
+                figures, profile, plan, prediction, step_s, expert_s, ram, False, prefill_s, glue_s
             )
             measured = got["measured_efficiency"]
-            assert set(measured) == {"cpu_experts", "cpu_dense", "cpu_flops"}
+            assert set(measured) == {"cpu_experts", "cpu_dense", "cpu_flops", "cpu_layer_seconds"}
+            assert measured["cpu_layer_seconds"] == glue_s
             assert got["predicted_calibrated_over_measured"] == pytest.approx(1.0, rel=1e-3)
             eff = Efficiency()
             for name, value in measured.items():
@@ -156,8 +159,20 @@ def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
             again = predict(plan, figures, profile, tokens, eff)
             assert again.ttft_s == pytest.approx(prefill_s, rel=1e-3)
             assert got["prefill_tok_s"] == pytest.approx(tokens / prefill_s)
+        # no glue measured: the default's, which the prediction adds, comes off the rest
         got = decode._calibrated(figures, profile, plan, prediction, step_s, expert_s, ram, False)
         assert "cpu_flops" not in got["measured_efficiency"] and "prefill_tok_s" not in got
+        default = Efficiency().cpu_layer_seconds.value
+        assert got["measured_efficiency"]["cpu_layer_seconds"] == default
+        assert got["predicted_calibrated_over_measured"] == pytest.approx(1.0, rel=1e-3)
+        # glue "measured" beyond the step's rest is not credible: capped at 90 % of it
+        got = decode._calibrated(
+            figures, profile, plan, prediction, step_s, expert_s, ram, False, None, step_s
+        )
+        rest = step_s - expert_s
+        capped = got["measured_efficiency"]["cpu_layer_seconds"]
+        assert capped == pytest.approx(0.9 * rest / len(plan.layers))
+        assert got["predicted_calibrated_over_measured"] == pytest.approx(1.0, rel=1e-3)
     finally:
         sys.modules.pop("decode", None)
 

@@ -71,6 +71,27 @@ def test_cpu_only_bound_is_all_bytes_over_ram_bandwidth(flash):
     assert pred.prefill_experts == "cpu" and pred.crossover_tokens is None
 
 
+def test_cpu_layers_pay_their_glue_per_token(flash):
+    """A layer computed on the CPU costs `cpu_layer_seconds` of torch/Python glue per decode
+    token beside its bytes: 43 of them in V4-Flash's CPU-only step; none in the bound, none on a
+    GPU layer."""
+    from flashdesk.offload.predict import Efficiency
+
+    profile = load("cpu_only_256gb")
+    plan = make_plan(flash, profile, PlanOptions(context=4096))
+    none, some = Efficiency(), Efficiency()
+    none.cpu_layer_seconds = Sourced(1e-12, "calibrated")
+    some.cpu_layer_seconds = Sourced(2e-3, "calibrated")
+    fast, slow = predict(plan, flash, profile, 64, none), predict(plan, flash, profile, 64, some)
+    layers = len(plan.layers)
+    assert 1 / slow.decode_tok_s - 1 / fast.decode_tok_s == pytest.approx(layers * 2e-3)
+    assert slow.decode_bound_tok_s == fast.decode_bound_tok_s
+    gpu_plan, _, gpu_profile = _plan_for(flash, "h200_lent_machine_measured")
+    assert not gpu_plan.cpu_attention_layers
+    a, b = (predict(gpu_plan, flash, gpu_profile, 64, e) for e in (none, some))
+    assert a.decode_tok_s == b.decode_tok_s
+
+
 def _plan_for(flash, name, **options):
     profile = load(name)
     return make_plan(flash, profile, PlanOptions(**options)), flash, profile
