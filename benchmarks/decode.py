@@ -219,12 +219,13 @@ def _calibrated(
     experts; the rest of the step less its layers' glue, `glue_s` seconds per layer outside the
     kernels, which becomes `cpu_layer_seconds`); with a timed prefill (`prefill_s`), the
     compute efficiency `cpu_flops` that makes the planner's prefill take it (solved with the
-    decode figures in place, as they share its expert-read term). GPU: the one figure that sets the planner's
-    decode time there, solved so that its prediction takes the measured step: the per-layer
-    floor of the small kernels where the prediction is dispatch-bound (a two-layer step on a
-    fast GPU is), else the memory efficiency. Dividing the step's bytes by its time would charge
-    the floor to the bandwidth: an H200 "measured" 0.22 that way, and the planner then predicted
-    0.66 × the run."""
+    decode figures in place, as they share its expert-read term).
+
+    GPU: the one figure that sets the planner's decode time there, solved so that its
+    prediction takes the measured step: the per-layer floor of the small kernels where the
+    prediction is dispatch-bound (a two-layer step on a fast GPU is), else the memory
+    efficiency. Dividing the step's bytes by its time would charge the floor to the bandwidth:
+    an H200 "measured" 0.22 that way, and the planner then predicted 0.66 × the run."""
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import Sourced
 
