@@ -220,15 +220,9 @@ def measure(
         f"device copy bandwidth measured here {copy_gbps:.0f} GB/s"
     )
 
-    def fused(tokens, tiles, warps, mode):
+    def fused(tokens, tiles, warps, mode, stacks_at=stacks):  # experts read from stacks_at
         return lambda i: gpu_kernels.moe(
-            x[:tokens], picks[i % SETS][:tokens], weights[:tokens], slot_of, stacks, limit,
-            tiles=tiles, num_warps=warps, mode=mode,
-        )  # fmt: skip
-
-    def fused_with(stacks_at, tiles, warps, mode):  # one token, the experts read from stacks_at
-        return lambda i: gpu_kernels.moe(
-            x[:1], picks[i % SETS][:1], weights[:1], slot_of, stacks_at, limit,
+            x[:tokens], picks[i % SETS][:tokens], weights[:tokens], slot_of, stacks_at, limit,
             tiles=tiles, num_warps=warps, mode=mode,
         )  # fmt: skip
 
@@ -324,7 +318,7 @@ def measure(
             f"{best['ms'] * 1e3:.1f} µs → {out['decode_moe_best']}"
         )
     out["zero_copy"] = _zero_copy_figures(
-        dev, stacks, lambda stacks_at: fused_with(stacks_at, tiles, warps, mode), want,
+        dev, stacks, lambda stacks_at: fused(1, tiles, warps, mode, stacks_at), want,
         step_bytes, reps, say,
     )  # fmt: skip
     if grouped_choices:

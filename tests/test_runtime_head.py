@@ -22,6 +22,10 @@ from flashdesk.engine.runtime import (
 )
 from flashdesk.engine.runtime_experts import MMAP
 
+# float32 inputs to the C kernels: these tests measure the head alone (the experts' bf16
+# rounding, the runtime's default, is tested in test_runtime.py)
+FLOAT32_KERNELS = {"kernel_activations": torch.float32}
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -53,8 +57,7 @@ def test_cpu_default_is_bf16_and_reads_half_the_bytes(tiny):
     folder, config, ref, ids, want = tiny
     v, d = config.vocab_size, config.hidden_size
     assert DEFAULT_HEAD_DTYPE == "bf16"
-    exact = {"kernel_activations": torch.float32}  # the experts' bf16 rounding is tested elsewhere
-    with load_runtime(folder, placement=Placement.uniform(config, MMAP), **exact) as rt:
+    with load_runtime(folder, placement=Placement.uniform(config, MMAP), **FLOAT32_KERNELS) as rt:
         assert rt.head_dtype == "bf16"
         head = rt.model.head
         assert head.dtype == torch.bfloat16 and head.nbytes == v * d * 2
@@ -74,8 +77,7 @@ def test_greedy_generation_matches_the_reference(tiny, head_dtype):
     summation order; FP8 rounds, and a near-tie between the top two logits could flip)."""
     folder, config, ref, ids, _ = tiny
     placement = Placement.uniform(config, MMAP)
-    exact = {"kernel_activations": torch.float32}  # the head's effect alone
-    with load_runtime(folder, placement=placement, head_dtype=head_dtype, **exact) as rt:
+    with load_runtime(folder, placement=placement, head_dtype=head_dtype, **FLOAT32_KERNELS) as rt:
         assert _greedy(rt, ids) == _greedy(ref, ids)
 
 
@@ -83,9 +85,7 @@ def test_fp8_head_is_a_quarter_and_bounded(tiny):
     folder, config, ref, ids, want = tiny
     v, d = config.vocab_size, config.hidden_size
     placement = Placement.uniform(config, MMAP)
-    with load_runtime(
-        folder, placement=placement, head_dtype="fp8", kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(folder, placement=placement, head_dtype="fp8", **FLOAT32_KERNELS) as rt:
         assert rt.head_dtype == "fp8"
         head, scale = rt.model.head, rt.model.head_linear.scale
         assert head.element_size() == 1 and head.nbytes * 4 == ref.head.nbytes
