@@ -1,6 +1,6 @@
 """The GPU runtime's linears over weights kept in VRAM as stored: FP8 E4M3 with 128×128 E8M0
-tile scales (attention, compressors, indexer, shared experts; V4's grouped `wo_a`) and the BF16
-LM head.
+tile scales (attention, compressors, indexer, shared experts; V4's grouped `wo_a`), and the BF16
+LM head, router gates and compressor projections.
 
 Why: widening them once at load doubles their VRAM (V4-Flash: 15.4 GB instead of 7.8 GB, about
 two layers of routed experts on a 24 GB card) and the bytes each token reads. A decode step's few
@@ -19,7 +19,7 @@ from flashdesk.engine.model import qsim
 from flashdesk.engine.model.attention import grouped_linear
 from flashdesk.engine.model.common import Linear
 
-_HEAD_ROWS = 16384  # head rows widened to float32 at a time for inputs of many tokens
+_HEAD_ROWS = 16384  # rows widened to float32 at a time for inputs of many tokens (the head)
 
 
 class CudaFp8Linear(Linear):
@@ -55,19 +55,24 @@ class CudaFp8Linear(Linear):
         raise RuntimeError("a VRAM FP8 linear is built on its device; it does not move")
 
 
-class CudaBf16Head:
-    """float32 logits from the stored BF16 head in VRAM: each weight widened exactly, float32
-    activations and sums (as the float32 head, up to summation order) at half its bytes."""
+class CudaBf16Linear:
+    """float32 `x · Wᵀ` from a stored BF16 weight in VRAM: each weight widened exactly, x widened
+    in the kernel, float32 sums, so the float32 weight's result (up to summation order) at half
+    its bytes. The LM head and the reference's FP32-math linears (router gate, compressors'
+    wkv/wgate: 1.3 GB as float32 copies for V4-Flash, read every token)."""
+
+    __slots__ = ("fused", "weight")
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.to(torch.bfloat16).contiguous()
         self.fused = gpu_kernels.available(self.weight.device)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.float().reshape(-1, h.shape[-1])
+        x = h.reshape(-1, h.shape[-1])
         if self.fused and x.shape[0] <= gpu_kernels.MAX_TOKENS:
             out = gpu_kernels.linear(x, self.weight, out_dtype=torch.float32)
         else:
+            x = x.float()
             out = torch.cat(
                 [
                     F.linear(x, self.weight[r : r + _HEAD_ROWS].float())

@@ -59,7 +59,7 @@ CATEGORIES = (
 
 
 # BF16-stored weights the GPU model widens to float32 (see `TensorSpec.gpu_bytes`).
-_FLOAT32_ON_DEVICE = ("norm.weight", "gate.weight", "wgate.weight", "wkv.weight")
+_FLOAT32_ON_DEVICE = ("norm.weight",)
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ class TensorSpec:
     @property
     def gpu_bytes(self) -> int:
         """Bytes the runtime holds for this tensor when it is placed on a GPU (engine/runtime.py,
-        default options): FP8 weights and their scales, the BF16 head and the routed experts as
-        stored; the BF16 tensors the model computes with in float32 (norms, router gate,
-        compressors) widened to float32. tests/test_inventory.py checks this against the model."""
+        default options): FP8 weights and their scales, the BF16 linears (head, router gate,
+        compressors' wkv/wgate) and the routed experts as stored; the BF16 norm weights the model
+        computes with in float32 widened to float32. tests/test_inventory.py checks this against the model."""
         if self.dtype == "BF16" and self.name.endswith(_FLOAT32_ON_DEVICE):
             return 4 * self.numel
         return self.nbytes

@@ -40,7 +40,7 @@ from flashdesk.engine.cache import KV_FORMATS, Fp8Rows
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder
-from flashdesk.engine.gpu_linears import CudaBf16Head, CudaFp8Linear
+from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
 from flashdesk.engine.model.model import V4Model
@@ -371,7 +371,7 @@ def _install_head(model: V4Model, head_dtype: str) -> None:
     if head_dtype == "fp32":
         return
     if model.device.type != "cpu":
-        head = CudaBf16Head(model.head)
+        head = CudaBf16Linear(model.head)
     else:
         head = Bf16Head(model.head) if head_dtype == "bf16" else Fp8Head(model.head)
     model.head = head.weight
@@ -710,7 +710,7 @@ def load_runtime(
       orders which experts a plan's GPU/RAM counts pick.
     head_dtype: how the output head is held and read per token: "bf16" (default; the stored BF16
       values, half the bytes of float32, float32 logits from the C kernel or in VRAM from
-      `gpu_linears.CudaBf16Head`), "fp8" (CPU only: quantized at load to FP8 with 128×128 tile
+      `gpu_linears.CudaBf16Linear`), "fp8" (CPU only: quantized at load to FP8 with 128×128 tile
       scales, a quarter of the bytes; weight error ~2⁻⁴ relative) or "fp32" (the reference's
       float32 head).
     cuda_graphs: on a GPU, replay each decode step from CUDA graphs (`decode_graphs`; default
@@ -811,12 +811,11 @@ def _build(
         for name in _fp8_linear_names(config):
             if name in ckpt and ckpt.info(name).dtype == "F8_E4M3" and ckpt.scale_of(name):
                 fp8_names.add(name)
-    # FP32-math linears stored BF16: kept as views of the stored values, run by the C kernel.
-    bf16_names = (
-        {n for n in _bf16_kernel_names(config) if n in ckpt and ckpt.info(n).dtype == "BF16"}
-        if dev.type == "cpu"
-        else set()
-    )
+    # FP32-math linears stored BF16: kept as stored (views on the CPU, run by the C kernel; in
+    # VRAM through `gpu_kernels.linear`), never as float32 copies.
+    bf16_names = {
+        n for n in _bf16_kernel_names(config) if n in ckpt and ckpt.info(n).dtype == "BF16"
+    }
     n_names = max(1, len(ckpt.names()))
     done = [0]
     pin_ok = torch.cuda.is_available()
@@ -888,7 +887,8 @@ def _build(
             _check_no_placeholders(model)
         for owner, attr, name in _bf16_kernel_slots(model):
             if name in bf16_names:
-                setattr(owner, attr, Bf16Linear(getattr(owner, attr)))
+                wrap = Bf16Linear if dev.type == "cpu" else CudaBf16Linear
+                setattr(owner, attr, wrap(getattr(owner, attr)))
         progress(0.92, "Placing experts")
         log = RoutingLog(len(config.main_layers), config.n_routed_experts, dev)
         pool = ThreadPoolExecutor(1, "flashdesk-experts") if dev.type != "cpu" else None

@@ -85,10 +85,11 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             ),
         ]
     bm, bn, bk = gk.LINEAR_TILES
-    for name, n, k, groups, x, w in (
-        ("wq_b", 32768, 1024, 1, "bf16", "fp8e4nv"),
-        ("wo_a", 8192, 4096, 8, "bf16", "fp8e4nv"),
-        ("head", 129280, 4096, 1, "fp32", "bf16"),
+    for name, n, k, groups, x, w, out in (
+        ("wq_b", 32768, 1024, 1, "bf16", "fp8e4nv", "bf16"),
+        ("wo_a", 8192, 4096, 8, "bf16", "fp8e4nv", "bf16"),
+        ("head", 129280, 4096, 1, "fp32", "bf16", "fp32"),
+        ("compressor wkv", 1024, 4096, 1, "bf16", "bf16", "fp32"),  # FP32-math, stored BF16
     ):
         fixed = {"N": n, "K": k, "X_STRIDE": groups * k, "GROUP_ROWS": n // groups}
         fixed["HAS_SCALE"] = w == "fp8e4nv"
@@ -97,7 +98,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 (
                     f"linear rows {name} K step {bk} split {split}",
                     gk._linear_kernel,
-                    f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{x}, T:i32",
+                    f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{out}, T:i32",
                     fixed | {"BN": gk.LINEAR_ROWS[0], "BK": bk, "SPLIT": split},
                     {"num_warps": gk.LINEAR_ROWS[1]},
                 )

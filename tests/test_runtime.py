@@ -424,11 +424,12 @@ def test_cpu_decode_and_short_prefill_run_torch_on_one_thread(tiny, monkeypatch)
 
 def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
     """The planner sizes VRAM by `TensorSpec.gpu_bytes`: FP8 weights (kept FP8 in VRAM), the BF16
-    head and experts as stored, other BF16 tensors as wide as the model asks for them."""
+    head, FP32-math linears and experts as stored, other BF16 tensors as wide as the model asks
+    for them."""
     from flashdesk.engine.inventory import ROUTED_EXPERTS, inventory
     from flashdesk.engine.model.common import Numerics
     from flashdesk.engine.model.model import V4Model
-    from flashdesk.engine.runtime import _fp8_linear_names
+    from flashdesk.engine.runtime import _bf16_kernel_names, _fp8_linear_names
 
     flash = ModelConfig.v4_flash().replace(num_nextn_predict_layers=0)
     fp8 = {
@@ -440,7 +441,7 @@ def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
 
     config = ModelConfig.tiny()
     specs = inventory(config).by_name
-    kept = set(_fp8_linear_names(config))
+    kept = set(_fp8_linear_names(config)) | set(_bf16_kernel_names(config))
     asked = {}
 
     def fetch(name, want):
@@ -451,6 +452,7 @@ def test_planned_gpu_bytes_are_what_the_gpu_runtime_holds():
     for name, want in asked.items():
         spec = specs[name]
         if name in kept or name == "head.weight":  # stored bytes (the default bf16 head)
+            assert spec.dtype in ("F8_E4M3", "BF16"), name
             assert spec.gpu_bytes == spec.nbytes, name
         else:
             assert spec.gpu_bytes == spec.numel * want.itemsize, name

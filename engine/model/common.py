@@ -38,10 +38,10 @@ class Numerics:
 def float_linear(x: torch.Tensor, w) -> torch.Tensor:
     """x · wᵀ in float32, for the reference's FP32-math linears (router gate, compressor wkv /
     wgate). w is a float32 tensor, or a callable that computes the same from the stored BF16
-    values (the CPU runtime's C kernel, which reads half the bytes)."""
+    values and x in any float dtype (the runtime's kernels, which read half the bytes)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x.float(), w)
-    return w(x.float())
+    return w(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
