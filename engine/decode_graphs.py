@@ -283,7 +283,7 @@ class GraphDecoder:
         """The segment function: after host layer `joined` (None: from the embedding), the
         full-device `layers`, then the attention and routing of layer `cut` (None: the head)."""
         model, c = self.model, self.config
-        blocks, dt = model.blocks, model.numerics.dtype
+        blocks = model.blocks
 
         def body() -> None:
             pos = self.pos
@@ -291,12 +291,12 @@ class GraphDecoder:
             if joined is None:
                 x = self.embed.unsqueeze(1).expand(-1, c.hc_mult, -1)
             else:
-                x = hc_post((self.y + self.host_y).to(dt), self.x, self.post, self.comb)
+                x = hc_post(self.y, self.x, self.post, self.comb, add=self.host_y)
             for i in layers:
                 x, a, post, comb = self._attention(i, x, tables, state)
                 experts, weights, _ = blocks[i].moe.step_route(a, self.ids)
-                f = blocks[i].moe.step_device(a, experts, weights).to(dt)
-                x = hc_post(f, x, post, comb)
+                f, parts = blocks[i].moe.step_device_parts(a, experts, weights)
+                x = hc_post(f, x, post, comb, add=parts)
             if cut is None:
                 self.logits.copy_(model.logits_from_streams(x)[0])
                 return

@@ -268,6 +268,28 @@ def _check_route(dev: torch.device) -> str | None:
     return None
 
 
+def _check_record_picks(dev: torch.device) -> str | None:
+    """`record_picks` against `RoutingLog.record` and the host's share as torch ops: repeated
+    experts across tokens (the atomic counts), with and without a device cache."""
+    from flashdesk.engine.runtime_experts import RoutingLog
+
+    experts = torch.tensor([[3, 7, 1], [7, 0, 3]])
+    resident = torch.zeros(8, dtype=torch.bool)
+    resident[[1, 7]] = True
+    for cache in (None, resident):
+        want, got = RoutingLog(2, 8, torch.device("cpu")), RoutingLog(2, 8, dev)
+        on = None if cache is None else cache[experts]
+        want.record(1, experts, on)
+        want_host = experts if on is None else experts.masked_fill(on, -1)
+        host = record_picks(experts.to(dev), None if cache is None else cache.to(dev),
+                            got.counts[1], got.device_picks, got.total_picks)  # fmt: skip
+        pairs = [(host, want_host), (got.counts, want.counts), (got.total_picks, want.total_picks)]
+        pairs.append((got.device_picks, want.device_picks))
+        if not all(torch.equal(a.cpu(), b) for a, b in pairs):
+            return "it logged other routing counts than the torch ops on this GPU"
+    return None
+
+
 def _check_fp8_rows(dev: torch.device) -> str | None:
     """`fp8_rows_put` / `fp8_rows_read` against `cache.Fp8Rows`' torch encode and decode, bit
     for bit: rows of every magnitude (zeros, FP8 subnormals, large), written at scattered rows
@@ -396,7 +418,7 @@ def _probe(dev: torch.device) -> str | None:
 def _elementwise_mismatch(dev: torch.device) -> str | None:
     """The first of the elementwise kernels whose values on `dev` differ from the torch
     definitions (computed on the CPU), or None."""
-    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model import mhc, moe
     from flashdesk.engine.model.common import rms_norm as rms_norm_ops
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
     from flashdesk.engine.model.rope import apply_rope as rope_ops
@@ -411,8 +433,9 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     mixes = mhc._mixes(x, fn, 1e-6)
     u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
     f = torch.randn(2, dim, generator=g)
-    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb)]
-    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd = on
+    parts = torch.randn(2, 3, dim, generator=g)
+    on = [t.to(dev) for t in (x, w, cos, sin, mixes, mix_scale, base, f, post, comb, parts)]
+    xd, wd, cosd, sind, mixd, scd, based, fd, postd, combd, partsd = on
     checks = {
         "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
         "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
@@ -423,6 +446,13 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
             torch.cat([t.flatten() for t in (u, post, comb)]),
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
+        "hyper-connection update with the experts' sums": (
+            hc_post(fd, xd, postd, combd, add=partsd),
+            mhc.hc_post((f + parts.sum(1)), x, post, comb),
+        ),
+        "SwiGLU": (torch.cat([swiglu(xd[:, 0] * 9, xd[:, 1] * 9, lim, torch.float32)
+                              for lim in (0.0, 7.0)]),
+                   torch.cat([moe.swiglu(x[:, 0] * 9, x[:, 1] * 9, lim) for lim in (0.0, 7.0)])),
         "compressor pooling": (softmax_pool((xd[:, 0], xd[:, 1]), (xd[:, 2], xd[:, 3])),
                                (torch.cat((x[:, 0], x[:, 2]))
                                 * torch.cat((x[:, 1], x[:, 3])).softmax(0)).sum(0, keepdim=True)),
@@ -1040,10 +1070,12 @@ if triton is not None:
 
     @triton.jit
     def _hc_post_kernel(
-        f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
-        HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        f_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
+        HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_ADD: tl.constexpr,
     ):  # fmt: skip
-        """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j."""
+        """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j,
+        where f is the block output plus its N_ADD partial sums, rounded to the streams' dtype
+        as the torch path rounds the block output."""
         s = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         r = tl.arange(0, HC)
@@ -1051,9 +1083,51 @@ if triton is not None:
         comb = tl.load(comb_ptr + s * HC * HC + r[:, None] * HC + r[None, :])  # [j, k]
         mixed = tl.sum(comb[:, :, None] * xv[:, None, :], axis=0)  # [k, BLOCK_D]
         f = tl.load(f_ptr + s * D + cols).to(tl.float32)
+        if N_ADD > 0:
+            parts = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for j in tl.static_range(N_ADD):
+                parts += tl.load(add_ptr + (s * N_ADD + j) * D + cols)
+            f = f + parts
+        f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
         out = tl.load(post_ptr + s * HC + r)[:, None] * f[None, :] + mixed
         ptrs = out_ptr + s * HC * D + r[:, None] * D + cols[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _swiglu_kernel(
+        gate_ptr, up_ptr, out_ptr, limit, N: tl.constexpr, BLOCK: tl.constexpr,
+        CLAMP: tl.constexpr,
+    ):  # fmt: skip
+        """silu(min(gate, limit)) · clamp(up, ±limit) in float32, stored in out's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        g = tl.load(gate_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        if CLAMP:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+        tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _record_picks_kernel(
+        experts_ptr, resident_ptr, counts_ptr, device_picks_ptr, total_picks_ptr, host_ptr,
+        P: tl.constexpr, BP: tl.constexpr, HAS_RESIDENT: tl.constexpr, HITS: tl.constexpr,
+    ):  # fmt: skip
+        """One program: a layer's P picks counted per expert, their total and (HITS) the device
+        cache's hits added to the routing log; the host's share written (−1 where resident)."""
+        offs = tl.arange(0, BP)
+        live = offs < P
+        e = tl.load(experts_ptr + offs, mask=live, other=0)
+        tl.atomic_add(counts_ptr + e, tl.full((BP,), 1, tl.int64), mask=live)
+        tl.store(total_picks_ptr, tl.load(total_picks_ptr) + P)
+        host = e
+        if HAS_RESIDENT:
+            on = tl.load(resident_ptr + e, mask=live, other=0) != 0
+            host = tl.where(on, -1, e)
+            if HITS:
+                hits = tl.sum((on & live).to(tl.int64), axis=0)
+                tl.store(device_picks_ptr, tl.load(device_picks_ptr) + hits)
+        tl.store(host_ptr + offs, host, mask=live)
 
     @triton.jit
     def _linear_kernel(
@@ -1147,6 +1221,7 @@ def moe(
     tiles: tuple[int, int, int, int] | None = None,
     num_warps: int | None = None,
     mode: tuple[int, ...] | None = None,
+    summed: bool = True,
 ) -> torch.Tensor:
     """Σ over each token's picks held in the slot store of weight · expert(x).
 
@@ -1155,6 +1230,8 @@ def moe(
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
     kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE).
+    `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
+    next kernel (`hc_post`'s `add`), one launch fewer.
     """
     tiles, num_warps, mode = tiles or TILES, num_warps or WARPS, mode or FP4_MODE
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
@@ -1167,7 +1244,8 @@ def moe(
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
     split = mode[2] if len(mode) > 2 else 0
-    h = torch.zeros((tokens * topk, inter), dtype=torch.float32, device=x.device)
+    # the down kernel reads h only where gate/up wrote it (picks in the store)
+    h = torch.empty((tokens * topk, inter), dtype=torch.float32, device=x.device)
     out = torch.empty(
         (tokens * topk if split else tokens, dim), dtype=torch.float32, device=x.device
     )
@@ -1183,7 +1261,8 @@ def moe(
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
         SPLIT=split, num_warps=num_warps,
     )  # fmt: skip
-    return out.view(tokens, topk, dim).sum(dim=1) if split else out
+    parts = out.view(tokens, topk if split else 1, dim)
+    return parts.sum(dim=1) if summed else parts
 
 
 def expert_blocks(
@@ -1265,6 +1344,7 @@ def moe_by_pick(
     limit: float,
     tiles: tuple[int, int, int] | None = None,
     num_warps: int | None = None,
+    summed: bool = True,
 ) -> torch.Tensor:
     """`moe` (same arguments and result) through the grouped tensor-core kernels, every pick its
     own block: no sorting and no host read (a decode step), picks with slot −1 skipped."""
@@ -1276,7 +1356,8 @@ def moe_by_pick(
     flat_w = weights.reshape(-1).to(torch.float32)
     tiles, num_warps = tiles or BY_PICK_TILES, num_warps or BY_PICK_WARPS
     moe_grouped(x, picks, table, flat_w, stacks, limit, out, tiles=tiles, num_warps=num_warps)
-    return out.view(tokens, k, -1).sum(dim=1)
+    parts = out.view(tokens, k, -1)
+    return parts.sum(dim=1) if summed else parts
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -1526,16 +1607,67 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor
     return out
 
 
-def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
-    """`mhc.hc_post`: new streams `[S, hc, D]` in f's dtype, in one launch."""
+def hc_post(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mhc.hc_post` in one launch: new streams `[S, hc, D]` in x's dtype; `add` `[S, D]` or
+    `[S, n, D]` float32: partial sums added to f (the routed experts' share) before f is
+    rounded to x's dtype."""
     s, hc, dim = x.shape
-    out = torch.empty((s, hc, dim), dtype=f.dtype, device=f.device)
+    out = torch.empty((s, hc, dim), dtype=x.dtype, device=x.device)
     block = _block(dim, 256)
+    parts = add.reshape(s, -1, dim).contiguous() if add is not None else f
     _hc_post_kernel[(s, dim // block)](
-        f.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous(), out,
-        HC=hc, D=dim, BLOCK_D=block,
+        f.contiguous(), parts, x.contiguous(), post.contiguous(), comb.contiguous(), out,
+        HC=hc, D=dim, BLOCK_D=block, N_ADD=parts.shape[1] if add is not None else 0,
     )  # fmt: skip
     return out
+
+
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """`moe.swiglu` (gate, up `[..., I]` of one shape) in one launch → out_dtype (as torch ops:
+    two widenings, two clamps, the SiLU, the product and the narrowing)."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
+    n = gate.numel()
+    block = min(1024, triton.next_power_of_2(n))
+    _swiglu_kernel[(triton.cdiv(n, block),)](
+        gate, up, out, float(limit), N=n, BLOCK=block, CLAMP=limit > 0
+    )
+    return out
+
+
+def record_picks(
+    experts: torch.Tensor,
+    resident: torch.Tensor | None,
+    counts: torch.Tensor,
+    device_picks: torch.Tensor,
+    total_picks: torch.Tensor,
+    hits: bool = True,
+) -> torch.Tensor:
+    """`RoutingLog.record` of one layer's picks plus the host's share, in one launch (as torch
+    ops ~7 kernels per layer): experts `[T, k]` int64 counted into `counts` `[E]` int64 and
+    `total_picks`; with `resident` `[E]` bool (the device cache) the hits into `device_picks`
+    (when `hits`) → host ids `[T, k]` (−1 where resident)."""
+    if experts.dtype != torch.int64 or counts.dtype != torch.int64:
+        raise ValueError("record_picks takes int64 experts and counts")
+    experts = experts.contiguous()
+    host = torch.empty_like(experts)
+    p = experts.numel()
+    _record_picks_kernel[(1,)](
+        experts, resident if resident is not None else experts, counts, device_picks,
+        total_picks, host, P=p, BP=triton.next_power_of_2(p), HAS_RESIDENT=resident is not None,
+        HITS=hits and resident is not None,
+    )  # fmt: skip
+    return host
 
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1650,4 +1782,5 @@ CHECKS = {
     "routing": _check_route,
     "decode attention": _check_decode_attention,
     "FP8 KV rows": _check_fp8_rows,
+    "routing log": _check_record_picks,
 }

@@ -182,14 +182,16 @@ class ExpertCache:
         return fp4_dequant(w1, s1, dtype), fp4_dequant(w3, s3, dtype), fp4_dequant(w2, s2, dtype)
 
     def fused_sum(
-        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float
-    ) -> torch.Tensor | None:
-        """Σ weight · expert(x) over the resident picks, from the packed bytes → `[T, D]` float32;
-        None where the fused kernels do not apply (no Triton, too many tokens)."""
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float,
+        summed: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Σ weight · expert(x) over the resident picks, from the packed bytes → `[T, D]` float32
+        (`summed` False: the kernels' partial sums `[T, n, D]`); None where the fused kernels do
+        not apply (no Triton, too many tokens)."""
         if not self.fused or x.shape[0] > gpu_kernels.MAX_TOKENS:
             return None
         fn = gpu_kernels.moe_by_pick if gpu_kernels.DECODE_MOE == "by pick" else gpu_kernels.moe
-        return fn(x, experts, weights, self.slot_dev, self.stacks, limit)
+        return fn(x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed)
 
     def add_grouped(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float,
@@ -310,9 +312,15 @@ class HybridMoE(MoE):
         picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log (the
         cache's hits too, unless `record_hits` is off); no host reads."""
         experts, weights = self.router(x, ids)
-        on_device = None
-        if self.cache is not None and self.cache.capacity:
-            on_device = self.cache.resident[experts]
+        resident = self.cache.resident if self.cache is not None and self.cache.capacity else None
+        if gpu_kernels.applies(experts) and gpu_kernels.checked("routing log", experts.device):
+            log = self.log
+            host_ids = gpu_kernels.record_picks(
+                experts, resident, log.counts[self.layer], log.device_picks, log.total_picks,
+                hits=record_hits,
+            )  # fmt: skip
+            return experts, weights, host_ids
+        on_device = None if resident is None else resident[experts]
         self.log.record(self.layer, experts, on_device if record_hits else None)
         host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
         return experts, weights, host_ids
@@ -320,10 +328,21 @@ class HybridMoE(MoE):
     def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
         """The device's share → `[T, D]` float32: the shared expert plus the cached picks through
         the fused kernels (no host reads; the caller checked `cache.fused`)."""
-        y = self.shared(x)
-        if self.cache is not None and self.cache.capacity:
-            self._add_cached(x, experts, weights, y)
+        y, parts = self.step_device_parts(x, experts, weights)
+        if parts is not None:
+            y += parts.sum(dim=1)
         return y
+
+    def step_device_parts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """`step_device` as (shared expert `[T, D]`, the cached picks' partial sums `[T, n, D]`
+        or None) float32, for `mhc.hc_post` to add in its own launch."""
+        y = self.shared(x)
+        if self.cache is None or not self.cache.capacity:
+            return y, None
+        parts = self.cache.fused_sum(x, experts, weights, self.limit, summed=False)
+        if parts is None:
+            self._add_cached(x, experts, weights, y)
+        return y, parts
 
     def _add_cached(self, x, experts, weights, y) -> None:
         """y += Σ weight · expert(x) over the picks the device cache holds: the fused kernels

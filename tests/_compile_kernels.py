@@ -176,8 +176,32 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (
             "hc post",
             gk._hc_post_kernel,
-            "f_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256},
+            "f_ptr:*bf16, add_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
+            "out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 0},
+            {},
+        ),
+        (  # a decode step's: the shared expert plus the routed experts' partial sums per pick
+            "hc post with the experts' sums",
+            gk._hc_post_kernel,
+            "f_ptr:*fp32, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
+            "out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK},
+            {},
+        ),
+        (
+            "swiglu",
+            gk._swiglu_kernel,
+            "gate_ptr:*bf16, up_ptr:*bf16, out_ptr:*bf16, limit:fp32",
+            {"N": INTER, "BLOCK": 1024, "CLAMP": True},
+            {},
+        ),
+        (
+            "routing log",
+            gk._record_picks_kernel,
+            "experts_ptr:*i64, resident_ptr:*i1, counts_ptr:*i64, device_picks_ptr:*i64, "
+            "total_picks_ptr:*i64, host_ptr:*i64",
+            {"P": TOPK, "BP": 8, "HAS_RESIDENT": True, "HITS": True},
             {},
         ),
     ]

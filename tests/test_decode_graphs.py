@@ -9,6 +9,8 @@ tests/gpu/test_decode_graphs_cuda.py captures and replays them on a GPU.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from _graph_safety import GRAPH_CONFIG, graph_placement, record
@@ -73,29 +75,49 @@ def test_step_gives_the_models_decode(name):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("fused", [False, True])
-def test_step_through_the_gpu_kernels_gives_the_models_decode(fused, monkeypatch):
+@pytest.mark.parametrize(("fused", "name"), [(False, "host"), (True, "host"), (True, "mixed")])
+def test_step_through_the_gpu_kernels_gives_the_models_decode(fused, name, monkeypatch):
     """The step as a GPU runs it, every chain the kernels cover in one launch (here Triton's
     interpreter): the compressors' window pooling alone, or (`fused`, once its own check
-    passed on the GPU) the whole compressor step after its GEMVs: the torch decode's logits."""
+    passed on the GPU) the whole compressor step after its GEMVs; with a device cache
+    ("mixed") the cached experts' partial sums added by the hyper-connection update and the
+    routing log written by its kernel: the torch decode's logits and routing counts."""
     kernels_device()
-    ids = _ids(36)
-    with _runtime("host") as rt:
+    ids = _ids(36 if name == "host" else 19)  # "mixed": the interpreted FP4 kernels are slow
+    steps = len(ids) - 3
+    with _runtime(name) as rt:
+        if name == "mixed":
+            _fuse_cached_experts(rt, monkeypatch)
         state = rt.new_state()
         rt.prefill(ids[:3], state)
         want = [rt.model.decode(t, state) for t in ids[3:]]
-        calls = []
-        name = "compressor_step" if fused else "softmax_pool"
-        kernel = getattr(gpu_kernels, name)
+        log = rt.model.blocks[0].moe.log
+        want_log = [t.clone() for t in (log.counts, log.device_picks, log.total_picks)]
+        calls = Counter()
+        step = "compressor_step" if fused else "softmax_pool"
+        for kernel_name in (step, "record_picks", "hc_post", "swiglu"):
+            kernel = getattr(gpu_kernels, kernel_name)
+            monkeypatch.setattr(
+                gpu_kernels, kernel_name,
+                lambda *a, _k=kernel, _n=kernel_name, **kw: calls.update([_n]) or _k(*a, **kw),
+            )  # fmt: skip
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: fused)
-        monkeypatch.setattr(gpu_kernels, name, lambda *a: calls.append(1) or kernel(*a))
         graphs = GraphDecoder(rt.model, capture=False)
         state = rt.new_state()
+        for t in (log.counts, log.device_picks, log.total_picks):
+            t.zero_()
         rt.prefill(ids[:3], state)
         for t, logits in zip(ids[3:], want, strict=True):  # CSA and HCA windows close
             torch.testing.assert_close(graphs.decode(t, state), logits, **TOL)
-        assert len(calls) == 33 * 6  # 4 compressed layers, 2 of them CSA with an indexer
+        assert calls[step] == steps * 6  # 4 compressed layers, 2 of them CSA with an indexer
+        layers = len(rt.model.blocks)
+        assert calls["swiglu"] >= steps * layers  # the shared experts
+        assert calls["hc_post"] >= steps * layers
+        if fused:  # the routing log's own check passed: its kernel logged the same picks
+            assert calls["record_picks"] >= steps * layers
+            got_log = (log.counts, log.device_picks, log.total_picks)
+            assert all(torch.equal(a, b) for a, b in zip(got_log, want_log, strict=True))
 
 
 def test_rows_for_doubles_from_the_floor():

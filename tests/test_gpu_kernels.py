@@ -116,6 +116,12 @@ def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xd
     assert torch.isfinite(got).all()
     err = (got.cpu() - want).norm() / want.norm()
     assert err < 1e-5, err
+    # unsummed: partial sums per pick (split) or per token, for hc_post to add
+    on = (x, experts, weights, slot_of)
+    stacks_on = tuple(t.to(dev) for t in stacks)
+    parts = ft.moe(*(t.to(dev) for t in on), stacks_on, limit, mode=mode, summed=False)
+    assert parts.shape == (tokens, 6 if len(mode) > 2 and mode[2] else 1, dim)
+    torch.testing.assert_close(parts.sum(dim=1), got, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -202,6 +208,11 @@ def test_moe_by_pick_equals_dequantize_then_multiply(tokens, xdtype, limit):
     assert got.dtype == torch.float32 and got.shape == (tokens, 256)
     err = (got.cpu() - want).norm() / want.norm()
     assert err < (1e-5 if xdtype == torch.float32 else 1e-2), err
+    parts = ft.moe_by_pick(
+        *(t.to(dev) for t in on), tuple(t.to(dev) for t in stacks), limit, summed=False
+    )
+    assert parts.shape == (tokens, experts.shape[1], 256)
+    torch.testing.assert_close(parts.sum(dim=1), got)
 
 
 def test_fused_moe_rejects_mismatched_shapes():
@@ -230,7 +241,7 @@ def test_the_runtime_uses_them_only_on_a_gpu_where_they_work(monkeypatch):
         assert ft._probe(torch.device("cpu")) is None
         # each elementwise kernel is checked too: a wrong one keeps torch's path everywhere
         hc_post = ft.hc_post
-        monkeypatch.setattr(ft, "hc_post", lambda *a: hc_post(*a) * 1.01)
+        monkeypatch.setattr(ft, "hc_post", lambda *a, **k: hc_post(*a, **k) * 1.01)
         assert "hyper-connection update kernel gave wrong values" in ft._probe(torch.device("cpu"))
         monkeypatch.setattr(ft, "hc_post", hc_post)
     monkeypatch.setattr(ft, "INTERPRETED", False)
@@ -385,7 +396,7 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     g = torch.Generator().manual_seed(5)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
 
-    def same(got, want):
+    def same(got, want, tol=tol):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got.cpu(), want, **tol)
 
@@ -414,8 +425,58 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
         same(a, b)
     f = torch.randn(3, dim, generator=g).to(dtype)
     post, comb = want[1], want[2]
-    got = ft.hc_post(f.to(dev), streams.to(dev), post.to(dev), comb.to(dev))
-    same(got, mhc.hc_post(f, streams, post, comb))
+    on = (streams.to(dev), post.to(dev), comb.to(dev))
+    same(ft.hc_post(f.to(dev), *on), mhc.hc_post(f, streams, post, comb))
+    # a decode step's block output: the shared expert and the experts' partial sums, float32,
+    # added and rounded to the streams' dtype inside the kernel
+    # (Triton's interpreter narrows to bf16 by truncation, not rounding: f can differ by one of
+    # its bf16 steps, up to 0.0625 at these magnitudes, times post ≤ 2)
+    rounded = tol if dtype == torch.float32 or dev == "cuda" else {"rtol": 1e-2, "atol": 0.15}
+    shared = torch.randn(3, dim, generator=g)
+    for parts in (torch.randn(3, dim, generator=g), torch.randn(3, 6, dim, generator=g)):
+        got = ft.hc_post(shared.to(dev), *on, add=parts.to(dev))
+        sums = parts.sum(1) if parts.dim() == 3 else parts
+        same(got, mhc.hc_post((shared + sums).to(dtype), streams, post, comb), rounded)
+        same(got, mhc.hc_post(shared, streams, post, comb, add=parts), rounded)  # torch path
+
+    from flashdesk.engine.model.moe import swiglu
+
+    gate, up = (torch.randn(3, 300, generator=g).mul(8).to(dtype) for _ in range(2))
+    for limit in (0.0, 7.0):
+        for out in (torch.float32, dtype):
+            same(ft.swiglu(gate.to(dev), up.to(dev), limit, out), swiglu(gate, up, limit, out))
+
+
+def test_the_probe_checks_the_elementwise_kernels():
+    """What a GPU's first use runs before the kernels replace torch: every chain agrees here."""
+    assert ft._elementwise_mismatch(torch.device(kernels_device())) is None
+
+
+def test_routing_log_in_one_launch_equals_the_torch_ops():
+    """A layer's picks counted per expert (repeats across tokens: the atomic adds), totals, the
+    device cache's hits (or not, for a streamed prompt) and the host's share (−1 if resident)."""
+    from flashdesk.engine.runtime_experts import RoutingLog
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(3)
+    experts = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(5)])
+    resident = torch.rand(16, generator=g) < 0.5
+    for cache, hits in ((None, True), (resident, True), (resident, False)):
+        want, got = RoutingLog(3, 16, torch.device("cpu")), RoutingLog(3, 16, torch.device(dev))
+        for _ in range(2):
+            on = cache[experts] if cache is not None else None
+            want.record(2, experts, on if hits else None)
+            host = ft.record_picks(
+                experts.to(dev), cache.to(dev) if cache is not None else None, got.counts[2],
+                got.device_picks, got.total_picks, hits=hits,
+            )  # fmt: skip
+        assert torch.equal(host.cpu(), experts.masked_fill(on, -1) if on is not None else experts)
+        assert torch.equal(got.counts.cpu(), want.counts)
+        assert int(got.total_picks) == int(want.total_picks) == 40
+        assert int(got.device_picks) == int(want.device_picks)
+    with pytest.raises(ValueError, match="int64"):
+        ft.record_picks(experts.int().to(dev), None, got.counts[0], got.device_picks,
+                        got.total_picks)  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [4, 128])
@@ -523,7 +584,8 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
 
     want = run()
     calls = Counter()
-    for name in ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"):
+    names = ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route", "swiglu")
+    for name in names:
         kernel = getattr(ft, name)
         monkeypatch.setattr(
             ft, name, lambda *a, _k=kernel, _n=name, **kw: calls.update([_n]) or _k(*a, **kw)
@@ -531,7 +593,7 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     monkeypatch.setattr(ft, "applies", lambda t: True)
     monkeypatch.setattr(ft, "checked", lambda name, device: True)  # their own checks passed
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
-    assert set(calls) == {"rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route"}
+    assert set(calls) == set(names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

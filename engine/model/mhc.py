@@ -114,15 +114,24 @@ def hc_pre(
 
 
 def hc_post(
-    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """New streams `X_new[k] = post_k · f + Σ_j comb[j, k] · X[j]` → `[S, hc, D]` in f's dtype
-    (on a GPU with Triton in one launch: `gpu_kernels.hc_post`)."""
+    """New streams `X_new[k] = post_k · f + Σ_j comb[j, k] · X[j]` → `[S, hc, D]` in x's dtype,
+    f (block output `[S, D]`) taken as rounded to x's dtype. `add`: float32 partial sums
+    `[S, D]` or `[S, n, D]` added to f before that rounding (a decode step's routed experts, so
+    that their sum and the rounding need no launches of their own). On a GPU with Triton in
+    one launch: `gpu_kernels.hc_post`."""
     hc = x.shape[1]
     if gpu_kernels.applies(x) and not hc & (hc - 1):
-        return gpu_kernels.hc_post(f, x, post, comb)
+        return gpu_kernels.hc_post(f, x, post, comb, add)
+    if add is not None:
+        f = f.float() + (add.sum(1) if add.dim() == 3 else add)
     mixed = torch.einsum("sjk,sjd->skd", comb, x.float())
-    return (post.unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(f.dtype)
+    return (post.unsqueeze(-1) * f.to(x.dtype).float().unsqueeze(1) + mixed).to(x.dtype)
 
 
 def hc_head(

@@ -13,13 +13,18 @@ from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, float_linear
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(min(gate, limit)) · clamp(up, ±limit) in float32 (no clamp when limit is 0)."""
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """silu(min(gate, limit)) · clamp(up, ±limit) computed in float32 (no clamp when limit is
+    0) → out_dtype; on a GPU with Triton one launch (`gpu_kernels.swiglu`) instead of seven."""
+    if gpu_kernels.applies(gate):
+        return gpu_kernels.swiglu(gate, up, limit, out_dtype)
     gate, up = gate.float(), up.float()
     if limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(-limit, limit)
-    return F.silu(gate) * up
+    return (F.silu(gate) * up).to(out_dtype)
 
 
 class Router:
@@ -98,8 +103,8 @@ class SharedExpert:
         self.limit = limit
 
     def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
-        h = swiglu(self.w1(x, simulate), self.w3(x, simulate), self.limit)
-        return self.w2(h.to(x.dtype), simulate).float()
+        h = swiglu(self.w1(x, simulate), self.w3(x, simulate), self.limit, x.dtype)
+        return self.w2(h, simulate).float()
 
 
 class MoE:
