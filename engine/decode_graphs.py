@@ -32,6 +32,7 @@ import torch
 
 from flashdesk.engine import gpu_kernels
 from flashdesk.engine.cache import SequenceState
+from flashdesk.engine.model.attention import StepPositions
 from flashdesk.engine.model.mhc import hc_post
 from flashdesk.engine.model.model import V4Model
 from flashdesk.engine.runtime_experts import HybridMoE
@@ -287,7 +288,8 @@ class GraphDecoder:
 
         def body() -> None:
             pos = self.pos
-            tables = [r.cos_sin(pos) for r in model.rotaries]  # main, compress
+            # per step, not per layer: the angles (main, compress), window slot, visible rows
+            tables = [r.cos_sin(pos) for r in model.rotaries], StepPositions(pos)
             if joined is None:
                 x = self.embed.unsqueeze(1).expand(-1, c.hc_mult, -1)
             else:
@@ -312,8 +314,9 @@ class GraphDecoder:
 
     def _attention(self, i: int, x, tables, state):
         block = self.model.blocks[i]
-        cos, sin = tables[1] if block.spec.has_compressor else tables[0]
-        return block.step_attention(x, self.pos, cos, sin, state.layers[i])
+        angles, at = tables
+        cos, sin = angles[1] if block.spec.has_compressor else angles[0]
+        return block.step_attention(x, self.pos, cos, sin, state.layers[i], at)
 
     def _device_part(self, layer: int):
         moe = self.model.blocks[layer].moe

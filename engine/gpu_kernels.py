@@ -976,20 +976,22 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, NOPE_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Row (token s, head) per program: the first D − 2·HALF channels copied, the last 2·HALF
-        rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation)."""
+        rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation). x is
+        taken as narrowed to out's dtype first (the attention output: float32 in, bf16 out)."""
         row = tl.program_id(0).to(tl.int64)
         s = row // H
         base = row * D
         nope = D - 2 * HALF
+        dtype = out_ptr.dtype.element_ty
         c = tl.arange(0, NOPE_BLOCK)
-        tl.store(out_ptr + base + c, tl.load(x_ptr + base + c, mask=c < nope), mask=c < nope)
+        kept = tl.load(x_ptr + base + c, mask=c < nope).to(dtype)
+        tl.store(out_ptr + base + c, kept, mask=c < nope)
         i = tl.arange(0, HALF_BLOCK)
         m = i < HALF
-        a = tl.load(x_ptr + base + nope + 2 * i, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(x_ptr + base + nope + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(x_ptr + base + nope + 2 * i, mask=m, other=0.0).to(dtype).to(tl.float32)
+        b = tl.load(x_ptr + base + nope + 2 * i + 1, mask=m, other=0.0).to(dtype).to(tl.float32)
         co = tl.load(cos_ptr + s * HALF + i, mask=m, other=0.0)
         si = tl.load(sin_ptr + s * HALF + i, mask=m, other=0.0) * SIGN
-        dtype = out_ptr.dtype.element_ty
         tl.store(out_ptr + base + nope + 2 * i, (a * co - b * si).to(dtype), mask=m)
         tl.store(out_ptr + base + nope + 2 * i + 1, (a * si + b * co).to(dtype), mask=m)
 
@@ -1537,14 +1539,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`rope.apply_rope` (x `[S, d]` or `[S, H, d]`, cos/sin `[S, r/2]` float32) in one launch."""
+    """`rope.apply_rope` (x `[S, d]` or `[S, H, d]`, cos/sin `[S, r/2]` float32) in one launch;
+    `out_dtype`: that of `x.to(out_dtype)` rotated, without the narrowing's own launch."""
     half = cos.shape[-1]
     d = x.shape[-1]
     heads = x.shape[1] if x.dim() == 3 else 1
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     _rope_kernel[(x.numel() // d,)](
         x, cos.contiguous(), sin.contiguous(), out, SIGN=-1.0 if inverse else 1.0, H=heads,
         D=d, HALF=half, NOPE_BLOCK=triton.next_power_of_2(max(d - 2 * half, 1)),

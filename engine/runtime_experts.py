@@ -328,21 +328,22 @@ class HybridMoE(MoE):
     def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
         """The device's share → `[T, D]` float32: the shared expert plus the cached picks through
         the fused kernels (no host reads; the caller checked `cache.fused`)."""
-        y, parts = self.step_device_parts(x, experts, weights)
-        if parts is not None:
-            y += parts.sum(dim=1)
-        return y
+        f, parts = self.step_device_parts(x, experts, weights)
+        y = f.float()
+        return y if parts is None else y + parts.sum(dim=1)
 
     def step_device_parts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
-        """`step_device` as (shared expert `[T, D]`, the cached picks' partial sums `[T, n, D]`
-        or None) float32, for `mhc.hc_post` to add in its own launch."""
-        y = self.shared(x)
+        """`step_device` as (the shared expert's output `[T, D]` in x's dtype, or float32 with
+        the cached picks added; the cached picks' float32 partial sums `[T, n, D]` or None), for
+        `mhc.hc_post` to widen and add in its own launch."""
+        f = self.shared(x, widen=False)
         if self.cache is None or not self.cache.capacity:
-            return y, None
+            return f, None
         parts = self.cache.fused_sum(x, experts, weights, self.limit, summed=False)
         if parts is None:
-            self._add_cached(x, experts, weights, y)
-        return y, parts
+            f = f.float()
+            self._add_cached(x, experts, weights, f)
+        return f, parts
 
     def _add_cached(self, x, experts, weights, y) -> None:
         """y += Σ weight · expert(x) over the picks the device cache holds: the fused kernels

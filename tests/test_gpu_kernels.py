@@ -411,6 +411,11 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
         for inverse in (False, True):
             got = ft.apply_rope(t.to(dev), cos.to(dev), sin.to(dev), inverse)
             same(got, apply_rope(t, cos, sin, inverse))
+    # the attention output: float32 in, narrowed to the activations' dtype without its own launch
+    o = torch.randn(3, 4, 64, generator=g)
+    got = ft.apply_rope(o.to(dev), cos.to(dev), sin.to(dev), True, out_dtype=dtype)
+    same(got, apply_rope(o.to(dtype), cos, sin, True))
+    same(got, apply_rope(o, cos, sin, True, out_dtype=dtype))
 
     hc, dim = 4, 256
     streams = torch.randn(3, hc, dim, generator=g).to(dtype)

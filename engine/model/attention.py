@@ -47,6 +47,31 @@ class _CompressedRows:
         return self.store.gather(index)
 
 
+class StepPositions:
+    """What each layer of a decode step derives from the position alone (its window slot, the
+    compressed rows visible in a store of a given capacity and ratio), made once per step and
+    shared by the layers: on a GPU each was a few kernels per layer."""
+
+    def __init__(self, pos: torch.Tensor):  # [1] int64 on the device
+        self.pos = pos
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def slot(self, window: int) -> torch.Tensor:
+        """pos mod window `[1]`."""
+        key = ("slot", window)
+        if key not in self._made:
+            self._made[key] = self.pos % window
+        return self._made[key]
+
+    def visible(self, capacity: int, ratio: int) -> torch.Tensor:
+        """`[capacity]` bool: the rows below the visible count ⌊(pos+1)/ratio⌋."""
+        key = ("visible", capacity, ratio)
+        if key not in self._made:
+            rows = torch.arange(capacity, device=self.pos.device)
+            self._made[key] = rows < (self.pos + 1) // ratio
+        return self._made[key]
+
+
 class Attention:
     def __init__(
         self,
@@ -132,6 +157,7 @@ class Attention:
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: LayerState,
+        at: StepPositions | None = None,
     ) -> torch.Tensor:
         """One decode token a `[1, D]` at device position `pos` (`[1]` int64; cos/sin `[1, r/2]`
         of it) → `[1, D]`, with every shape fixed by the state's capacities and nothing read
@@ -151,7 +177,7 @@ class Attention:
         if self.compressor is not None:
             self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
             store = state.kv_entries
-            visible = torch.arange(store.capacity, device=device) < (pos + 1) // self.ratio
+            visible = at.visible(store.capacity, self.ratio)
             if self.indexer is not None:
                 self.indexer.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype)
                 # a store of at most top-k rows is attended whole (as `forward` does): no
@@ -204,7 +230,7 @@ class Attention:
     def _output(self, o, dtype, cos, sin, simulate):
         """Attention output `[S, H, d]` float32 → `dtype`, de-rotated, through wo_a and wo_b →
         `[S, D]`."""
-        o = apply_rope(o.to(dtype), cos, sin, inverse=True)
+        o = apply_rope(o, cos, sin, inverse=True, out_dtype=dtype)
         return self.wo_b(self._grouped_out(o.view(o.shape[0], -1)), simulate)
 
     def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ class Compressor:
         closing token it writes the entry `update` would return (float32 sums in another order).
         """
         m, c = self.ratio, self.head
-        x = a.float()
+        x = a  # float_linear widens it (in the kernel, where the weights are kernels' BF16)
         fused = gpu_kernels.applies(x) and not c & (c - 1)
         if fused and gpu_kernels.checked("compressor step", x.device):  # after the GEMVs
             entry, index = gpu_kernels.compressor_step(

@@ -21,7 +21,7 @@ import torch
 
 from flashdesk.engine.cache import LayerState, SequenceState, new_layer_state
 from flashdesk.engine.config import LayerSpec, ModelConfig
-from flashdesk.engine.model.attention import Attention
+from flashdesk.engine.model.attention import Attention, StepPositions
 from flashdesk.engine.model.common import Fetch, Linear, Numerics, rms_norm
 from flashdesk.engine.model.compressor import Compressor
 from flashdesk.engine.model.indexer import Indexer
@@ -164,12 +164,14 @@ class Block:
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: LayerState,
+        at: StepPositions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A decode step's attention half with fixed shapes (`Attention.step`) → streams after
-        attention `[1, hc, D]`, the MoE's normed input `[1, D]` and the FFN site's post
-        `[1, hc]` and comb `[1, hc, hc]` for `hc_post` once the MoE's output is known."""
+        """A decode step's attention half with fixed shapes (`Attention.step`; `at` shared by
+        the step's layers) → streams after attention `[1, hc, D]`, the MoE's normed input
+        `[1, D]` and the FFN site's post `[1, hc]` and comb `[1, hc, hc]` for `hc_post` once
+        the MoE's output is known."""
         a, post, comb = self._site_input(x, self.hc_attn, self.attn_norm)
-        x = hc_post(self.attn.step(a, pos, cos, sin, state), x, post, comb)
+        x = hc_post(self.attn.step(a, pos, cos, sin, state, at), x, post, comb)
         a, post, comb = self._site_input(x, self.hc_ffn, self.ffn_norm)
         return x, a, post, comb
 

@@ -76,16 +76,23 @@ class Rotary:
 
 
 def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Rotate consecutive pairs of the last `2 * cos.shape[-1]` channels of `x`.
 
     x `[S, d]` or `[S, H, d]`; cos/sin `[S, r/2]`. Math in float32, result in x's dtype (a new
-    tensor). `inverse=True` rotates by the negative angle (the de-rotation of the attention output).
-    On a GPU with Triton one launch (`gpu_kernels.apply_rope`) instead of about ten.
+    tensor), or that of `x.to(out_dtype)` rotated. `inverse=True` rotates by the negative angle
+    (the de-rotation of the attention output). On a GPU with Triton one launch
+    (`gpu_kernels.apply_rope`) instead of about ten.
     """
     if gpu_kernels.applies(x):
-        return gpu_kernels.apply_rope(x, cos, sin, inverse)
+        return gpu_kernels.apply_rope(x, cos, sin, inverse, out_dtype)
+    if out_dtype is not None:
+        x = x.to(out_dtype)
     half = cos.shape[-1]
     rope_dim = 2 * half
     if x.dim() == 3:
