@@ -102,9 +102,7 @@ class SharedExpert:
         self.w1, self.w2, self.w3 = w1, w2, w3
         self.limit = limit
 
-    def __call__(
-        self, x: torch.Tensor, simulate: bool = False, widen: bool = True
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, simulate: bool = False, widen: bool = True) -> torch.Tensor:
         """x `[T, D]` → `[T, D]` float32 (`widen` off: in x's dtype, for a consumer that widens
         it in its own kernel)."""
         h = swiglu(self.w1(x, simulate), self.w3(x, simulate), self.limit, x.dtype)
