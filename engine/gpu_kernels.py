@@ -290,6 +290,24 @@ def _check_record_picks(dev: torch.device) -> str | None:
     return None
 
 
+def _check_index_scores(dev: torch.device) -> str | None:
+    """`index_scores` against `Indexer.scores` and the visible mask as torch ops, bf16 and
+    float32, a store partly visible and one with more rows than a program takes."""
+    from flashdesk.engine.model.indexer import Indexer
+
+    g = torch.Generator().manual_seed(9)
+    for dtype, rows, pos in ((torch.bfloat16, 40, 93), (torch.float32, 130, 301)):
+        q = torch.randn(16, 32, generator=g).to(dtype)
+        w = torch.randn(16, generator=g).to(dtype)
+        keys = torch.randn(rows, 32, generator=g).to(dtype)
+        want = Indexer.scores(q.float()[None], (w.float() * 0.125)[None], keys)[0]
+        want[torch.arange(rows) >= (pos + 1) // 4] = float("-inf")
+        on = (q.to(dev), w.to(dev), 0.125, keys.to(dev), torch.tensor([pos], device=dev), 4)
+        if not torch.allclose(index_scores(*on).cpu(), want, rtol=1e-4, atol=1e-4):
+            return "it gave other index scores than the torch ops on this GPU"
+    return None
+
+
 def _check_fp8_rows(dev: torch.device) -> str | None:
     """`fp8_rows_put` / `fp8_rows_read` against `cache.Fp8Rows`' torch encode and decode, bit
     for bit: rows of every magnitude (zeros, FP8 subnormals, large), written at scattered rows
@@ -1132,6 +1150,25 @@ if triton is not None:
         tl.store(host_ptr + offs, host, mask=live)
 
     @triton.jit
+    def _index_scores_kernel(
+        q_ptr, w_ptr, keys_ptr, pos_ptr, out_ptr, scale, C, RATIO: tl.constexpr,
+        H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """BT index keys per program: score_t = Σ_h scale·w_h · ReLU(q_h · K_t), float32 sums,
+        −∞ from the visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as stored)."""
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        live = rows < C
+        h, d = tl.arange(0, H), tl.arange(0, D)
+        q = tl.load(q_ptr + h[:, None] * D + d[None, :])
+        keys = tl.load(keys_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
+                       mask=live[:, None], other=0.0)  # fmt: skip
+        logits = _dot(q, keys, IEEE)  # [H, BT]
+        w = tl.load(w_ptr + h).to(tl.float32) * scale
+        score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)
+        visible = (tl.load(pos_ptr) + 1) // RATIO
+        tl.store(out_ptr + rows, tl.where(rows < visible, score, float("-inf")), mask=live)
+
+    @triton.jit
     def _linear_kernel(
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -1677,6 +1714,38 @@ def record_picks(
     return host
 
 
+INDEX_ROWS = 64  # index keys per program of `index_scores`
+
+
+def index_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    ratio: int,
+) -> torch.Tensor:
+    """A decode step's lightning-indexer scores in one launch (as torch ops: three widenings,
+    two products, the ReLU, the mask: ~9 kernels per CSA layer, and a float32 copy of every
+    index key): q `[H, d]` roped queries, w `[H]` the head weights before `scale`, keys `[C, d]`
+    of q's dtype, pos `[1]` int64 → `[C]` float32, −∞ from ⌊(pos+1)/ratio⌋ on."""
+    h, d = q.shape
+    rows = keys.shape[0]
+    if keys.dtype != q.dtype or keys.shape[1] != d or w.shape != (h,):
+        raise ValueError(
+            f"index_scores: q {q.dtype} {tuple(q.shape)}, w {tuple(w.shape)} and keys "
+            f"{keys.dtype} {tuple(keys.shape)} do not fit"
+        )
+    if h < 16 or d < 16 or h & (h - 1) or d & (d - 1):
+        raise ValueError(f"index_scores: {h} heads of {d}: need powers of two ≥ 16")
+    out = torch.empty(rows, dtype=torch.float32, device=q.device)
+    _index_scores_kernel[(triton.cdiv(rows, INDEX_ROWS),)](
+        q.contiguous(), w.contiguous(), keys.contiguous(), pos, out, float(scale), rows,
+        RATIO=ratio, H=h, D=d, BT=INDEX_ROWS, IEEE=q.dtype == torch.float32 or INTERPRETED,
+    )  # fmt: skip
+    return out
+
+
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed `[O, K/2]` E2M1 bytes (low nibble first), scale `[O, K/32]` E8M0 → `[O, K]` dtype,
     in one pass (the same values as `runtime_experts.fp4_dequant_torch`; results below float32's
@@ -1790,4 +1859,5 @@ CHECKS = {
     "decode attention": _check_decode_attention,
     "FP8 KV rows": _check_fp8_rows,
     "routing log": _check_record_picks,
+    "indexer scores": _check_index_scores,
 }

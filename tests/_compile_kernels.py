@@ -197,6 +197,14 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {},
         ),
         (
+            "indexer scores",
+            gk._index_scores_kernel,
+            "q_ptr:*bf16, w_ptr:*bf16, keys_ptr:*bf16, pos_ptr:*i64, out_ptr:*fp32, scale:fp32, "
+            "C:i32",
+            {"RATIO": 4, "H": 64, "D": 128, "BT": gk.INDEX_ROWS, "IEEE": False},
+            {},
+        ),
+        (
             "routing log",
             gk._record_picks_kernel,
             "experts_ptr:*i64, resident_ptr:*i1, counts_ptr:*i64, device_picks_ptr:*i64, "

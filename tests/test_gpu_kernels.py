@@ -699,3 +699,26 @@ def test_decode_attention_split_across_programs_equals_one_softmax(split):
         rows_per_split=split,
     )  # fmt: skip
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_scores_in_one_launch_equal_the_indexer(dtype):
+    """A CSA layer's decode-step indexer at V4-Flash's 64 heads × 128: Σ_h w_h · ReLU(q_h · K_t)
+    over a store of 200 keys (several programs, the last one partial), −∞ past the visible
+    count; the keys read as stored, not widened first."""
+    from flashdesk.engine.model.indexer import Indexer
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(64, 128, generator=g).to(dtype)
+    w = torch.randn(64, generator=g).to(dtype)
+    keys = torch.randn(200, 128, generator=g).to(dtype)
+    scale = 128**-0.5 * 64**-0.5
+    for pos in (3, 517, 10_000):
+        want = Indexer.scores(q.float()[None], (w.float() * scale)[None], keys)[0]
+        want[torch.arange(200) >= (pos + 1) // 4] = float("-inf")
+        at = torch.tensor([pos], device=dev)
+        got = ft.index_scores(q.to(dev), w.to(dev), scale, keys.to(dev), at, 4)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="do not fit"):
+        ft.index_scores(q.to(dev), w.to(dev), scale, keys.half().to(dev), at, 4)

@@ -183,9 +183,11 @@ class Attention:
                 # a store of at most top-k rows is attended whole (as `forward` does): no
                 # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
                 if store.capacity > self.indexer.topk:
-                    qi, wi = self.indexer.queries(qr, a, cos, sin)
-                    scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]  # [C]
-                    picked = scores.masked_fill(~visible, float("-inf"))
+                    picked = self._index_scores(qr, a, cos, sin, pos, state.index_keys.rows())
+                    if picked is None:  # the torch ops
+                        qi, wi = self.indexer.queries(qr, a, cos, sin)
+                        scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]
+                        picked = scores.masked_fill(~visible, float("-inf"))  # [C]
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
             if entries is None:
@@ -213,6 +215,19 @@ class Attention:
             )
             values.append(comp)
         return self._output(self._sink_attend(logits, values), a.dtype, cos, sin, False)
+
+    def _index_scores(self, qr, a, cos, sin, pos, keys) -> torch.Tensor | None:
+        """A decode step's index scores `[C]` (−∞ past the visible rows) in one launch where the
+        kernel applies (`gpu_kernels.index_scores`); None: the caller runs the torch ops."""
+        ix = self.indexer
+        fits = keys.dtype == a.dtype and all(n >= 16 and not n & (n - 1)
+                                             for n in (ix.n_heads, ix.head_dim))  # fmt: skip
+        if not (fits and gpu_kernels.applies(qr)) or not gpu_kernels.checked(
+            "indexer scores", qr.device
+        ):
+            return None
+        q, w = ix.queries(qr, a, cos, sin, widen=False)
+        return gpu_kernels.index_scores(q[0], w[0], ix.weight_scale, keys, pos, self.ratio)
 
     def _project(self, a, cos, sin, simulate):
         """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""

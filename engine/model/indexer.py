@@ -42,13 +42,18 @@ class Indexer:
         cos: torch.Tensor,
         sin: torch.Tensor,
         simulate: bool = False,
+        widen: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """qr `[S, q_lora]`, a `[S, D]` → index queries `[S, Hi, di]`, head weights `[S, Hi]` (fp32)."""
+        """qr `[S, q_lora]`, a `[S, D]` → index queries `[S, Hi, di]`, head weights `[S, Hi]` (fp32).
+        `widen` off: both in the activations' dtype and w before `weight_scale`, for
+        `gpu_kernels.index_scores`, which widens and scales them itself."""
         s = qr.shape[0]
         q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
         if simulate:
             q = qsim.fp4_snap(qsim.hadamard(q), 32)
+        if not widen:
+            return q, self.weights_proj(a)
         w = self.weights_proj(a).float() * self.weight_scale
         return q.float(), w
 
