@@ -11,6 +11,8 @@ small beside a prompt chunk's arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -81,3 +83,56 @@ class CudaBf16Linear:
                 dim=-1,
             )
         return out.view(*h.shape[:-1], self.weight.shape[0])
+
+
+class JoinedRows:
+    """Linears that read the same input, computed in one launch: their weights' rows
+    concatenated (`wq_a` and `wkv`, the shared expert's `w1` and `w3`, a compressor's `wkv` and
+    `wgate`) → the parts' outputs as views of one `[..., ΣN]` result."""
+
+    __slots__ = ("linear", "sizes")
+
+    def __init__(self, linear: CudaFp8Linear | CudaBf16Linear, sizes: Sequence[int]):
+        self.linear, self.sizes = linear, tuple(sizes)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
+def join_rows(
+    parts: Sequence[CudaFp8Linear | CudaBf16Linear],
+) -> tuple[JoinedRows, list[CudaFp8Linear | CudaBf16Linear]] | None:
+    """One linear over the rows of `parts` (same class, K and output dtype; FP8 parts but the
+    last in whole 128-row scale tiles) and each part again as a view of its rows: the weights
+    held once. None where they cannot be joined."""
+    first = parts[0]
+    if not isinstance(first, (CudaFp8Linear, CudaBf16Linear)) or any(
+        type(p) is not type(first) or p.weight.shape[1] != first.weight.shape[1] for p in parts
+    ):
+        return None
+    sizes = [p.weight.shape[0] for p in parts]
+    if isinstance(first, CudaBf16Linear):
+        weight = torch.cat([p.weight for p in parts])
+        made, start = [CudaBf16Linear(weight)], 0
+        for n in sizes:
+            made.append(CudaBf16Linear(weight[start : start + n]))
+            start += n
+        return _joined(made, sizes, first.fused)
+    if any(p.groups != 1 or p.dtype != first.dtype for p in parts) or any(
+        n % 128 for n in sizes[:-1]
+    ):
+        return None
+    weight = torch.cat([p.weight for p in parts])
+    scale = torch.cat([p.scale for p in parts])
+    made, start = [CudaFp8Linear(weight, scale, first.dtype)], 0
+    for n in sizes:
+        tiles = slice(start // 128, -(-(start + n) // 128))
+        made.append(CudaFp8Linear(weight[start : start + n], scale[tiles], first.dtype))
+        start += n
+    return _joined(made, sizes, first.fused)
+
+
+def _joined(made: list, sizes: list[int], fused: bool) -> tuple[JoinedRows, list]:
+    for linear in made:
+        linear.fused = fused  # as the parts were (the same device)
+    return JoinedRows(made[0], sizes), made[1:]

@@ -8,8 +8,11 @@ import pytest
 import torch
 from _triton import kernels_device
 
-from flashdesk.engine import gpu_kernels
-from flashdesk.engine.gpu_linears import CudaBf16Linear
+from flashdesk.engine import gpu_kernels, runtime
+from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear
+from flashdesk.engine.runtime import load_runtime
+from flashdesk.engine.synthetic import SyntheticCheckpoint
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
@@ -27,3 +30,60 @@ def test_bf16_linear_gives_the_float32_weights_product(x_dtype, tokens):
     assert got.dtype == torch.float32 and got.shape == (2, tokens, 48)
     want = torch.nn.functional.linear(x.float(), w.float())
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def _as_on_a_gpu(model) -> None:
+    """The CPU runtime's C-kernel linears swapped for the ones `load_runtime` builds on a GPU
+    (their Triton kernels here in the interpreter)."""
+    for owner, attr, _ in runtime._fp8_linear_slots(model):
+        lin = getattr(owner, attr)
+        setattr(owner, attr, CudaFp8Linear(lin.weight, lin.scale, lin.dtype))
+    for block in model.blocks:
+        lin = block.attn.wo_a
+        block.attn.wo_a = CudaFp8Linear(lin.weight, lin.scale, lin.dtype, groups=lin.groups)
+    for owner, attr, _ in runtime._bf16_kernel_slots(model):
+        setattr(owner, attr, CudaBf16Linear(getattr(owner, attr).weight))
+    for owner, attr, _ in [*runtime._fp8_linear_slots(model), *runtime._bf16_kernel_slots(model)]:
+        getattr(owner, attr).fused = True
+    for block in model.blocks:
+        block.attn.wo_a.fused = True
+
+
+def test_linears_of_one_input_join_into_one_launch():
+    """On a GPU `wq_a`+`wkv`, the shared expert's `w1`+`w3` and each compressor's `wkv`+`wgate`
+    become one launch each (their weights held once; the separate linears stay as views of
+    the rows): the same prefill and decode logits as the separate launches."""
+    kernels_device()
+    config = ModelConfig.tiny(num_nextn_predict_layers=0)
+    ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(4))
+    with load_runtime(
+        SyntheticCheckpoint(config, seed=5), kernel_activations=torch.float32
+    ) as rt:
+        _as_on_a_gpu(rt.model)
+
+        def run():
+            state = rt.new_state()
+            rows = [rt.prefill(ids[:6].tolist(), state)]
+            return torch.stack(rows + [rt.model.decode(int(t), state) for t in ids[6:]])
+
+        want = run()
+        runtime.join_gpu_linears(rt.model)
+        launches = []
+        linear = gpu_kernels.linear
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gpu_kernels, "linear", lambda *a, **k: launches.append(1) or linear(*a, **k))
+            torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+        blocks = rt.model.blocks
+        compressors = [b.attn.compressor for b in blocks if b.attn.compressor is not None]
+        compressors += [b.attn.indexer.compressor for b in blocks if b.attn.indexer is not None]
+        assert all(b.attn.wq_a_wkv is not None and b.moe.shared.w13 is not None for b in blocks)
+        assert compressors and all(c.wkv_wgate is not None for c in compressors)
+        # per call and layer: wq_a+wkv, wq_b, wo_a, wo_b, w1+w3, w2, the router; wkv+wgate of
+        # each compressor; the indexer's wq_b (the head is the C kernel's here)
+        per_layer = [
+            7 + (b.attn.compressor is not None) + 2 * (b.attn.indexer is not None) for b in blocks
+        ]
+        assert len(launches) == 7 * sum(per_layer)  # 13 per call fewer than separately
+        a = blocks[0].attn
+        joined = a.wq_a_wkv.linear.weight
+        assert a.wkv.weight.data_ptr() == joined.data_ptr() + a.wq_a.weight.nbytes

@@ -5,6 +5,8 @@ the output and the grouped low-rank output projection (spec §2.6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from flashdesk.engine import gpu_kernels
@@ -96,6 +98,8 @@ class Attention:
     ):
         self.wq_a, self.q_norm, self.wq_b = wq_a, q_norm, wq_b
         self.wkv, self.kv_norm = wkv, kv_norm
+        # the GPU runtime's wq_a and wkv in one launch (`gpu_linears.JoinedRows`), or None
+        self.wq_a_wkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self.wo_a = wo_a.view(o_groups, -1, wo_a.shape[-1])  # [G, R, H·d/G]
         self.wo_b = wo_b
         self.sink = sink
@@ -233,10 +237,14 @@ class Attention:
         """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""
         s = a.shape[0]
         rd = self.rotary.rope_dim
-        qr = rms_norm(self.wq_a(a, simulate), self.q_norm, self.eps)
+        if self.wq_a_wkv is not None and not simulate:
+            qa, kva = self.wq_a_wkv(a)
+        else:
+            qa, kva = self.wq_a(a, simulate), self.wkv(a, simulate)
+        qr = rms_norm(qa, self.q_norm, self.eps)
         q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
         q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
-        kv = rms_norm(self.wkv(a, simulate), self.kv_norm, self.eps)
+        kv = rms_norm(kva, self.kv_norm, self.eps)
         kv = apply_rope(kv, cos, sin)
         if simulate:
             kv = torch.cat((qsim.fp8_snap(kv[:, :-rd], 64), kv[:, -rd:]), -1)

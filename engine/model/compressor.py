@@ -15,6 +15,8 @@ entry being formed, which becomes visible when its window closes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from flashdesk.engine import gpu_kernels
@@ -41,9 +43,19 @@ class Compressor:
         self.overlap = ratio == 4
         self.head = norm.shape[0]
         self.wkv, self.wgate, self.ape, self.norm = wkv, wgate, ape, norm
+        # the GPU runtime's wkv and wgate in one launch (`gpu_linears.JoinedRows`), or None
+        self.wkv_wgate: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self.rotary = rotary
         self.eps = eps
         self.for_indexer = for_indexer
+
+    def _projections(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a `[S, D]` (any float dtype: widened by the linears) → kv, gate `[S, (1+ov)·c]`
+        float32, the gate before its positional bias; one launch where joined on a GPU."""
+        if self.wkv_wgate is not None:
+            kv, gate = self.wkv_wgate(a)
+            return kv, gate
+        return float_linear(a, self.wkv), float_linear(a, self.wgate)
 
     def update(
         self,
@@ -60,16 +72,15 @@ class Compressor:
         """
         m, c = self.ratio, self.head
         s = a.shape[0]
-        x = a.float()
-        kv = float_linear(x, self.wkv)  # [S, (1+ov)·c]
+        kv, gate = self._projections(a)  # [S, (1+ov)·c] float32 each
         n_open = start % m
         if n_open + s < m:  # no window closes (most decode steps): only the carry grows
-            gate = float_linear(x, self.wgate) + self.ape[n_open : n_open + s]
+            gate = gate + self.ape[n_open : n_open + s]
             carry.kv[n_open : n_open + s] = kv
             carry.gate[n_open : n_open + s] = gate
             return torch.empty(0, c, dtype=out_dtype, device=a.device)
         positions = torch.arange(start, start + s, device=a.device)
-        gate = float_linear(x, self.wgate) + self.ape[positions % m]
+        gate = gate + self.ape[positions % m]
         if n_open:
             kv = torch.cat((carry.kv[:n_open], kv))
             gate = torch.cat((carry.gate[:n_open], gate))
@@ -122,21 +133,19 @@ class Compressor:
         closing token it writes the entry `update` would return (float32 sums in another order).
         """
         m, c = self.ratio, self.head
-        x = a  # float_linear widens it (in the kernel, where the weights are kernels' BF16)
-        fused = gpu_kernels.applies(x) and not c & (c - 1)
-        if fused and gpu_kernels.checked("compressor step", x.device):  # after the GEMVs
+        kv, gate = self._projections(a)
+        fused = gpu_kernels.applies(a) and not c & (c - 1)
+        if fused and gpu_kernels.checked("compressor step", a.device):  # after the GEMVs
             entry, index = gpu_kernels.compressor_step(
-                float_linear(x, self.wkv), float_linear(x, self.wgate), self.ape, carry, pos,
-                self.norm, self.rotary.inv_freq, self.eps, out_dtype,
+                kv, gate, self.ape, carry, pos, self.norm, self.rotary.inv_freq, self.eps,
+                out_dtype,
             )  # fmt: skip
             store.put(entry, index)
             return
         slot = pos % m
-        carry.kv.index_copy_(0, slot, float_linear(x, self.wkv))
-        carry.gate.index_copy_(
-            0, slot, float_linear(x, self.wgate) + self.ape.index_select(0, slot)
-        )
-        if gpu_kernels.applies(x):  # the pooling alone in one launch, no concatenation
+        carry.kv.index_copy_(0, slot, kv)
+        carry.gate.index_copy_(0, slot, gate + self.ape.index_select(0, slot))
+        if gpu_kernels.applies(a):  # the pooling alone in one launch, no concatenation
             second = (carry.kv[:, c:], carry.gate[:, c:]) if self.overlap else None
             first = (carry.prev_kv, carry.prev_gate) if self.overlap else (carry.kv, carry.gate)
             pooled = gpu_kernels.softmax_pool(first, second)

@@ -5,6 +5,8 @@ with the routing weight applied before `w2`, plus one always-on shared expert.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -101,11 +103,17 @@ class SharedExpert:
     def __init__(self, w1: Linear, w2: Linear, w3: Linear, limit: float):
         self.w1, self.w2, self.w3 = w1, w2, w3
         self.limit = limit
+        # the GPU runtime's w1 and w3 in one launch (`gpu_linears.JoinedRows`), or None
+        self.w13: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def __call__(self, x: torch.Tensor, simulate: bool = False, widen: bool = True) -> torch.Tensor:
         """x `[T, D]` → `[T, D]` float32 (`widen` off: in x's dtype, for a consumer that widens
         it in its own kernel)."""
-        h = swiglu(self.w1(x, simulate), self.w3(x, simulate), self.limit, x.dtype)
+        if self.w13 is not None and not simulate:
+            gate, up = self.w13(x)
+        else:
+            gate, up = self.w1(x, simulate), self.w3(x, simulate)
+        h = swiglu(gate, up, self.limit, x.dtype)
         y = self.w2(h, simulate)
         return y.float() if widen else y
 
