@@ -56,9 +56,7 @@ def test_linears_of_one_input_join_into_one_launch():
     kernels_device()
     config = ModelConfig.tiny(num_nextn_predict_layers=0)
     ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(4))
-    with load_runtime(
-        SyntheticCheckpoint(config, seed=5), kernel_activations=torch.float32
-    ) as rt:
+    with load_runtime(SyntheticCheckpoint(config, seed=5), kernel_activations=torch.float32) as rt:
         _as_on_a_gpu(rt.model)
 
         def run():
