@@ -315,3 +315,17 @@ def test_step_with_the_packed_fp8_kv_layout():
             rt.prefill(ids[:5].tolist(), state)
         for t in ids[5:].tolist():
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
+
+
+def test_a_layer_step_without_the_shared_positions_makes_its_own(monkeypatch):
+    """`Attention.step` called alone (no `StepPositions` from the step's body) derives its
+    window slot and visible rows itself: the same logits."""
+    monkeypatch.setattr(decode_graphs, "StepPositions", lambda pos: None)
+    ids = _ids(24)
+    with _runtime("host") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        want, got = rt.new_state(), rt.new_state()
+        for state in (want, got):
+            rt.prefill(ids[:3], state)
+        for t in ids[3:]:  # a CSA and an HCA window close
+            torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)

@@ -172,10 +172,12 @@ class Attention:
         count ⌊(pos+1)/m⌋; CSA picks its top-k of them. The same attention as `forward` for one
         token, with float32 sums in another order. The caller reserves the stores (compressed
         entries and index keys of the same capacity, ≥ 1 + ⌊pos/m⌋) and advances their `n`.
+        `at`: the step's `StepPositions`, shared by its layers.
         """
+        at = at or StepPositions(pos)
         qr, q, kv = self._project(a, cos, sin, False)
         device = a.device
-        slot = pos % self.window
+        slot = at.slot(self.window)
         state.window.put(kv, slot)
         entries = visible = None
         if self.compressor is not None:
