@@ -42,6 +42,14 @@ def _ids(n: int) -> list[int]:
     return torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist()
 
 
+def _twin_states(rt, prompt: list[int]) -> tuple:
+    """Two states after the same prompt: one for the model's decode, one for the graph step's."""
+    want, got = rt.new_state(), rt.new_state()
+    for state in (want, got):
+        rt.prefill(prompt, state)
+    return want, got
+
+
 def _counts(state) -> list:
     return [
         (s.kv_entries.n, s.index_keys.n if s.index_keys is not None else None)
@@ -58,9 +66,7 @@ def test_step_gives_the_models_decode(name):
         assert graphs.cuts == [
             i for i, lp in enumerate(graph_placement(name).layers) if len(lp.device) < 8
         ]
-        want, got = rt.new_state(), rt.new_state()
-        for state in (want, got):
-            rt.prefill(ids[:5], state)
+        want, got = _twin_states(rt, ids[:5])
         for span in (range(5, 60), range(70, 90)):
             for t in (ids[i] for i in span):
                 torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
@@ -130,9 +136,7 @@ def test_stores_grow_in_powers_of_two_and_the_step_is_rebuilt(monkeypatch):
     ids = _ids(80)
     with _runtime("host") as rt:
         graphs = GraphDecoder(rt.model, capture=False)
-        want, got = rt.new_state(), rt.new_state()
-        for state in (want, got):
-            rt.prefill(ids[:3], state)
+        want, got = _twin_states(rt, ids[:3])
         capacities = set()
         for t in ids[3:80]:
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
@@ -324,8 +328,6 @@ def test_a_layer_step_without_the_shared_positions_makes_its_own(monkeypatch):
     ids = _ids(24)
     with _runtime("host") as rt:
         graphs = GraphDecoder(rt.model, capture=False)
-        want, got = rt.new_state(), rt.new_state()
-        for state in (want, got):
-            rt.prefill(ids[:3], state)
+        want, got = _twin_states(rt, ids[:3])
         for t in ids[3:]:  # a CSA and an HCA window close
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
