@@ -1115,10 +1115,10 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_kernel(
-        gate_ptr, up_ptr, out_ptr, limit, N: tl.constexpr, BLOCK: tl.constexpr,
-        CLAMP: tl.constexpr,
+        gate_ptr, up_ptr, out_ptr, limit, N, BLOCK: tl.constexpr, CLAMP: tl.constexpr
     ):  # fmt: skip
-        """silu(min(gate, limit)) · clamp(up, ±limit) in float32, stored in out's dtype."""
+        """silu(min(gate, limit)) · clamp(up, ±limit) in float32, stored in out's dtype (N a
+        plain argument: a prompt's every chunk length runs the one compiled kernel)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < N
         g = tl.load(gate_ptr + offs, mask=live, other=0.0).to(tl.float32)

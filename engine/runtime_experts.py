@@ -313,7 +313,8 @@ class HybridMoE(MoE):
         cache's hits too, unless `record_hits` is off); no host reads."""
         experts, weights = self.router(x, ids)
         resident = self.cache.resident if self.cache is not None and self.cache.capacity else None
-        if gpu_kernels.applies(experts) and gpu_kernels.checked("routing log", experts.device):
+        few = experts.shape[0] <= gpu_kernels.MAX_TOKENS  # one program: a decode step's picks
+        if few and gpu_kernels.applies(experts) and gpu_kernels.checked("routing log", x.device):
             log = self.log
             host_ids = gpu_kernels.record_picks(
                 experts, resident, log.counts[self.layer], log.device_picks, log.total_picks,

@@ -192,8 +192,8 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (
             "swiglu",
             gk._swiglu_kernel,
-            "gate_ptr:*bf16, up_ptr:*bf16, out_ptr:*bf16, limit:fp32",
-            {"N": INTER, "BLOCK": 1024, "CLAMP": True},
+            "gate_ptr:*bf16, up_ptr:*bf16, out_ptr:*bf16, limit:fp32, N:i32",
+            {"BLOCK": 1024, "CLAMP": True},
             {},
         ),
         (
