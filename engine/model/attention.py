@@ -189,10 +189,11 @@ class Attention:
                 # a store of at most top-k rows is attended whole (as `forward` does): no
                 # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
                 if store.capacity > self.indexer.topk:
-                    picked = self._index_scores(qr, a, cos, sin, pos, state.index_keys.rows())
+                    keys = state.index_keys.rows()  # [C, di]
+                    picked = self._index_scores(qr, a, cos, sin, pos, keys)
                     if picked is None:  # the torch ops
                         qi, wi = self.indexer.queries(qr, a, cos, sin)
-                        scores = self.indexer.scores(qi, wi, state.index_keys.rows())[0]
+                        scores = self.indexer.scores(qi, wi, keys)[0]
                         picked = scores.masked_fill(~visible, float("-inf"))  # [C]
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
