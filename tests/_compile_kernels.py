@@ -184,9 +184,17 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (  # a decode step's: the shared expert plus the routed experts' partial sums per pick
             "hc post with the experts' sums",
             gk._hc_post_kernel,
-            "f_ptr:*fp32, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
+            "f_ptr:*bf16, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
             "out_ptr:*bf16",
             {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK},
+            {},
+        ),
+        (  # after a host-expert layer: the device's share plus the CPU's
+            "hc post after a host layer",
+            gk._hc_post_kernel,
+            "f_ptr:*fp32, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
+            "out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 1},
             {},
         ),
         (
