@@ -111,28 +111,28 @@ def join_rows(
     ):
         return None
     sizes = [p.weight.shape[0] for p in parts]
-    if isinstance(first, CudaBf16Linear):
-        weight = torch.cat([p.weight for p in parts])
-        made, start = [CudaBf16Linear(weight)], 0
-        for n in sizes:
-            made.append(CudaBf16Linear(weight[start : start + n]))
-            start += n
-        return _joined(made, sizes, first.fused)
-    if any(p.groups != 1 or p.dtype != first.dtype for p in parts) or any(
-        n % 128 for n in sizes[:-1]
+    fp8 = isinstance(first, CudaFp8Linear)
+    if fp8 and (
+        any(p.groups != 1 or p.dtype != first.dtype for p in parts)
+        or any(n % 128 for n in sizes[:-1])
     ):
         return None
     weight = torch.cat([p.weight for p in parts])
-    scale = torch.cat([p.scale for p in parts])
-    made, start = [CudaFp8Linear(weight, scale, first.dtype)], 0
+    if fp8:
+        scale = torch.cat([p.scale for p in parts])
+
+        def rows(a: int, b: int) -> CudaBf16Linear | CudaFp8Linear:
+            return CudaFp8Linear(weight[a:b], scale[a // 128 : -(-b // 128)], first.dtype)
+
+    else:
+
+        def rows(a: int, b: int) -> CudaBf16Linear | CudaFp8Linear:
+            return CudaBf16Linear(weight[a:b])
+
+    made, start = [rows(0, sum(sizes))], 0
     for n in sizes:
-        tiles = slice(start // 128, -(-(start + n) // 128))
-        made.append(CudaFp8Linear(weight[start : start + n], scale[tiles], first.dtype))
+        made.append(rows(start, start + n))
         start += n
-    return _joined(made, sizes, first.fused)
-
-
-def _joined(made: list, sizes: list[int], fused: bool) -> tuple[JoinedRows, list]:
     for linear in made:
-        linear.fused = fused  # as the parts were (the same device)
+        linear.fused = first.fused  # as the parts were (the same device)
     return JoinedRows(made[0], sizes), made[1:]

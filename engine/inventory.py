@@ -91,7 +91,8 @@ class TensorSpec:
         """Bytes the runtime holds for this tensor when it is placed on a GPU (engine/runtime.py,
         default options): FP8 weights and their scales, the BF16 linears (head, router gate,
         compressors' wkv/wgate) and the routed experts as stored; the BF16 norm weights the model
-        computes with in float32 widened to float32. tests/test_inventory.py checks this against the model."""
+        computes with in float32 widened to float32. tests/test_runtime.py checks this against
+        the model."""
         if self.dtype == "BF16" and self.name.endswith(_FLOAT32_ON_DEVICE):
             return 4 * self.numel
         return self.nbytes
