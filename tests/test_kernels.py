@@ -422,6 +422,30 @@ def test_host_buffer_is_aligned_and_advised():
         assert advised in (0, 4 << 20)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise: Linux")
+def test_prefetch_asks_only_for_absent_pages():
+    """A decode token prefetches its hash-routed experts every step: pages already in memory
+    cost no madvise (only mincore's look), absent ones are asked for."""
+    import mmap
+
+    size = 8 << 20
+    region = mmap.mmap(-1, size)  # fresh anonymous pages: none resident until touched
+    try:
+        view = np.frombuffer(region, dtype=np.uint8)
+        address = view.ctypes.data
+        assert _kernels.prefetch_pages(address + 4096, 3 * 4096) == 3 * 4096
+        view[: size // 2] = 1  # the first half now resident
+        assert _kernels.prefetch_pages(address, size // 2) == 0
+        # a range straddling the touched half asks for the absent stretch only
+        assert _kernels.prefetch_pages(address, size) == size // 2
+        view[:] = 2
+        assert _kernels.prefetch_pages(address, size) == 0
+        assert _kernels.prefetch_pages(address, 0) == 0
+        del view
+    finally:
+        region.close()
+
+
 def test_linears_take_bf16_and_torch_and_write_bf16():
     rng = np.random.default_rng(7)
     w, s = rand_fp8(rng, 64, 256)

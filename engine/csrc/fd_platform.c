@@ -1,5 +1,6 @@
 #define _POSIX_C_SOURCE 200809L /* posix_memalign, clock_gettime under -std=c11 */
-#define _DEFAULT_SOURCE          /* madvise, MADV_HUGEPAGE */
+#define _DEFAULT_SOURCE          /* madvise, MADV_HUGEPAGE, mincore */
+#define _DARWIN_C_SOURCE         /* the same on macOS, which _POSIX_C_SOURCE hides them from */
 #include "fd_platform.h"
 
 #include <stdlib.h>
@@ -31,6 +32,31 @@ size_t fd_advise_hugepages(void *p, size_t nbytes) {
 #endif
 }
 
+#if !defined(_WIN32)
+/* madvise(WILLNEED) walks the page cache page by page even where every page is already there
+ * (dev VM: 60 us per resident 4 MiB; mincore 2 us), and a decode token prefetches its hash-
+ * routed experts every step: ask only for the stretch of a window that is not resident. */
+#define FD_RESIDENCY_WINDOW 4096 /* pages per mincore call */
+
+static size_t advise_absent(uintptr_t lo, size_t pages, uintptr_t page) {
+    unsigned char resident[FD_RESIDENCY_WINDOW];
+    size_t first = pages, last = 0;
+    if (mincore((void *)lo, pages * page, (void *)resident) == 0) {
+        for (size_t i = 0; i < pages; i++) {
+            if (!(resident[i] & 1)) {
+                if (first == pages) first = i;
+                last = i;
+            }
+        }
+        if (first == pages) return 0; /* all there */
+    } else {
+        first = 0, last = pages - 1; /* no answer: advise it all */
+    }
+    const size_t span = (last - first + 1) * page;
+    return madvise((void *)(lo + first * page), span, MADV_WILLNEED) == 0 ? span : 0;
+}
+#endif
+
 size_t fd_prefetch_pages(const void *p, size_t nbytes) {
     if (nbytes == 0) return 0;
 #if defined(_WIN32)
@@ -47,8 +73,12 @@ size_t fd_prefetch_pages(const void *p, size_t nbytes) {
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     const uintptr_t lo = (uintptr_t)p & ~(page - 1);
     const uintptr_t hi = ((uintptr_t)p + nbytes + page - 1) & ~(page - 1);
-    if (madvise((void *)lo, hi - lo, MADV_WILLNEED) != 0) return 0;
-    return hi - lo;
+    size_t done = 0;
+    for (uintptr_t at = lo; at < hi; at += FD_RESIDENCY_WINDOW * page) {
+        const size_t left = (size_t)((hi - at) / page);
+        done += advise_absent(at, left < FD_RESIDENCY_WINDOW ? left : FD_RESIDENCY_WINDOW, page);
+    }
+    return done;
 #endif
 }
 

@@ -25,7 +25,8 @@ size_t fd_advise_hugepages(void *p, size_t nbytes);
 
 /* Ask the OS to start reading the pages of [p, p+nbytes) in (POSIX madvise MADV_WILLNEED,
  * Windows PrefetchVirtualMemory): a memory-mapped expert needed soon is paged in from disk while
- * other work runs. Returns the bytes advised (0: not supported or refused). */
+ * other work runs. On POSIX only the pages mincore reports absent are asked for. Returns the
+ * bytes advised (0: all resident, not supported or refused). */
 size_t fd_prefetch_pages(const void *p, size_t nbytes);
 void fd_aligned_free(void *p);
 

@@ -216,7 +216,11 @@ static PyObject *py_prefetch_pages(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address, nbytes;
     if (!PyArg_ParseTuple(args, "KK:prefetch_pages", &address, &nbytes)) return NULL;
-    return PyLong_FromSize_t(fd_prefetch_pages((const void *)(uintptr_t)address, (size_t)nbytes));
+    size_t done;
+    Py_BEGIN_ALLOW_THREADS
+    done = fd_prefetch_pages((const void *)(uintptr_t)address, (size_t)nbytes);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSize_t(done);
 }
 
 static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
@@ -255,7 +259,8 @@ static PyMethodDef kernel_methods[] = {
      "fp8_nan_free(address, nbytes) -> bool\n\nTrue if no byte of the E4M3 range is a NaN code."},
     {"prefetch_pages", py_prefetch_pages, METH_VARARGS,
      "prefetch_pages(address, nbytes) -> int\n\nAsk the OS to read the range's pages in soon "
-     "(memory-mapped weights). Returns the bytes advised (0: not supported)."},
+     "(memory-mapped weights); pages already resident are skipped. Returns the bytes advised "
+     "(0: all resident, or not supported)."},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes) -> int\n\nAsk for transparent huge pages over the 2 MiB-"
      "aligned interior of the range (Linux; call before first touch). Returns the bytes advised."},
