@@ -28,7 +28,8 @@ class TtftPredictor:
     def build(cls, data_folder: Path, plan: dict) -> TtftPredictor | None:
         """None when there is no saved plan or profile (the wizard has not been run)."""
         from flashdesk.app.wizard import figures_for, preset_choice, test_model_choice
-        from flashdesk.offload.plan import PlanOptions, make_plan
+        from flashdesk.offload.plan import PlanOptions
+        from flashdesk.offload.predict import plan_and_predict
         from flashdesk.offload.probe import HardwareProfile, ProfileError
 
         path = Path(data_folder) / PROFILE_NAME
@@ -75,7 +76,7 @@ class TtftPredictor:
             kv_dtype=plan.get("kv_dtype", "bf16"),
             vram_reserve_bytes=plan.get("vram_reserve_bytes"),
         )
-        return cls(plan, profile, figures, make_plan(figures, profile, options))
+        return cls(plan, profile, figures, plan_and_predict(figures, profile, options)[0])
 
     def ttft_s(self, prompt_tokens: int) -> float | None:
         from flashdesk.offload.predict import predict

@@ -513,14 +513,15 @@ class PlanPage(QWizardPage):
         )
 
     def recompute(self) -> None:
-        from flashdesk.offload.plan import PlanError, make_plan
-        from flashdesk.offload.predict import predict
+        from flashdesk.offload.plan import PlanError
+        from flashdesk.offload.predict import plan_and_predict
 
         self.context_label.setText(f"{human_tokens(self.context())} tokens")
         wiz = self.wiz
         try:
-            plan = make_plan(wiz.figures, wiz.profile, self.options())
-            pred = predict(plan, wiz.figures, wiz.profile, prompt_tokens=PREVIEW_PROMPT)
+            plan, pred = plan_and_predict(
+                wiz.figures, wiz.profile, self.options(), prompt_tokens=PREVIEW_PROMPT
+            )
         except (PlanError, ValueError) as exc:
             self.verdict.setText("Cannot plan")
             self.verdict.setStyleSheet("color: #c0392b;")

@@ -71,9 +71,9 @@ def run(
     from flashdesk.engine.runtime import RuntimeLoadError, load_runtime
     from flashdesk.engine.synthetic import SyntheticCheckpoint
     from flashdesk.offload.figures import ModelFigures
-    from flashdesk.offload.plan import DISK, PlanOptions, make_plan
-    from flashdesk.offload.predict import Efficiency, predict, record_crossover
-    from flashdesk.offload.probe import probe
+    from flashdesk.offload.plan import DISK, PlanOptions
+    from flashdesk.offload.predict import Efficiency, plan_and_predict
+    from flashdesk.offload.probe import GIB, probe
 
     say, info = _machine.start(json_output)
     on_gpu = torch.cuda.is_available()
@@ -83,9 +83,14 @@ def run(
     name = f"synthetic DeepSeek-V4-Flash, {config.num_hidden_layers} layers"
     figures_m = ModelFigures.from_inventory(inventory(config), config, name)
     profile = probe()
-    plan = make_plan(figures_m, profile, PlanOptions(context=context, kv_dtype=kv_dtype))
-    prediction = predict(plan, figures_m, profile, prompt_tokens, Efficiency.load())
-    record_crossover(plan, prediction)  # the runtime streams prompt chunks as predicted
+    # the runtime streams prompt chunks of the plan's size from its crossover on, as predicted
+    plan, prediction = plan_and_predict(
+        figures_m,
+        profile,
+        PlanOptions(context=context, kv_dtype=kv_dtype),
+        prompt_tokens,
+        Efficiency.load(),
+    )
     paged = plan.memory.get(DISK, {}).get("mapped", 0)
     out: dict = {
         "machine": info,
@@ -130,12 +135,23 @@ def run(
         rt.prefill(ids[: min(chunk, prompt_tokens)], rt.new_state())
         state = rt.new_state()
         _sync()
+        if on_gpu:  # the chunk's memory beside the weights, against the workspace planned for it
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         for i in range(0, prompt_tokens, chunk):
             logits = rt.prefill(ids[i : i + chunk], state)
         _sync()
         prefill_s = time.perf_counter() - t0
         out["prefill_chunk"] = chunk
+        if on_gpu:
+            out["prefill_peak_gib"] = (torch.cuda.max_memory_allocated() - held) / GIB
+            workspace = figures_m.prefill_workspace(min(chunk, prompt_tokens), prompt_tokens)
+            out["prefill_workspace_gib"] = workspace / GIB
+            say(
+                f"prefill peak {out['prefill_peak_gib']:.2f} GiB beside the weights; the plan "
+                f"keeps {out['prefill_workspace_gib']:.2f} GiB for a {chunk}-token chunk"
+            )
         if profile_prefill:
             out |= _profile_prefill(rt, ids[:chunk], say)
 

@@ -55,16 +55,19 @@ from flashdesk.engine.runtime_experts import (
     LayerExperts,
     RoutingLog,
 )
-from flashdesk.offload.plan import DEFAULT_STREAM_MIN_TOKENS
+from flashdesk.offload.figures import PREFILL_BASE_BYTES, prefill_activation_bytes
+from flashdesk.offload.plan import DEFAULT_PREFILL_CHUNK, DEFAULT_STREAM_MIN_TOKENS
 
 Progress = Callable[[float, str], None]
 
-# Tokens per prefill call the runtime asks of a Session on a GPU: each call copies every expert
-# held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less per token, but
-# a chunk's activations must fit the planner's GPU workspace (1 GiB): V4-Flash peaks at ~0.7 GiB
-# for 1024 tokens, ~1.1 GiB for 2048 (bf16, measured on the CPU path). The planner predicts
-# prefill with the same chunk (`offload.predict.PREFILL_CHUNK`).
-GPU_PREFILL_CHUNK = 1024
+# Tokens per prefill call the runtime asks of a Session on a GPU without a plan: each call copies
+# every expert held in RAM across PCIe once (layer-streamed prefill), so larger chunks copy less
+# per token but need more GPU workspace. A plan chooses its own (`Plan.prefill_chunk`, from
+# `offload.predict.plan_and_predict`, its workspace `ModelFigures.prefill_workspace`).
+GPU_PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK
+# The smallest call a prefill is split into when the GPU has less free memory than its chunk
+# needs (another program took VRAM since the plan was made).
+MIN_FITTING_CHUNK = 128
 # Decode steps between refreshes of the hot-expert caches from the routing counts.
 DEFAULT_REFRESH_EVERY = 256
 
@@ -474,6 +477,7 @@ class Runtime:
         fp8_linears: int,
         head_dtype: str = "fp32",
         graphs: GraphDecoder | None = None,
+        gpu_prefill_chunk: int = GPU_PREFILL_CHUNK,
     ):
         self.model = model
         self.config = model.config
@@ -490,8 +494,15 @@ class Runtime:
         self.graphs = graphs  # decode steps replayed from CUDA graphs (None: not asked for)
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
+        self.gpu_prefill_chunk = gpu_prefill_chunk  # the plan's (a GPU prefill's call size)
         # None: the Session's own (CPU prefill reads the experts from RAM at any chunk size)
-        self.prefill_chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else None
+        self.prefill_chunk = gpu_prefill_chunk if self.device.type == "cuda" else None
+        c = self.config
+        # a prefill call's GPU memory: (bytes per token of the call, per token of context)
+        self._prefill_bytes = prefill_activation_bytes(
+            c.hidden_size, c.num_attention_heads, c.head_dim, c.num_experts_per_tok,
+            c.index_n_heads, c.index_head_dim, 4,
+        )  # fmt: skip
         # Hash-routed layers pick their experts by token id: the memory-mapped ones a decode token
         # will need are known before the step and paged in from disk while earlier work runs.
         self._hash_prefetch = []  # (host-side tid2eid [V, k], that layer's LayerExperts)
@@ -517,6 +528,15 @@ class Runtime:
 
     def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
         model = self._open()
+        if self.device.type == "cuda" and len(ids):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            spare = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+                self.device
+            )
+            chunk_size = fitting_chunk(
+                min(chunk_size or len(ids), len(ids)), state.position, free + spare,
+                *self._prefill_bytes,
+            )  # fmt: skip
         with self._torch_threads(state, len(ids)):
             return model.prefill(ids, state, chunk_size)
 
@@ -674,6 +694,20 @@ def _check_vram(plan: Any, device: torch.device) -> None:
             "hardware-fit wizard again (`flashdesk fit`) for a plan that fits what is free.",
             kind="oom",
         )
+
+
+def fitting_chunk(
+    want: int, position: int, available: int, per_token: int, per_context: int
+) -> int:
+    """Tokens per prefill call at `position` that fit `available` GPU bytes: `want` halved until
+    its workspace (`ModelFigures.prefill_workspace`'s model) fits, down to MIN_FITTING_CHUNK (a
+    call that does not fit even then runs and reports the out-of-memory error)."""
+    chunk = want
+    while chunk > MIN_FITTING_CHUNK:
+        if PREFILL_BASE_BYTES + chunk * per_token + (position + chunk) * per_context <= available:
+            break
+        chunk = max(MIN_FITTING_CHUNK, chunk // 2)
+    return chunk
 
 
 def streaming_threshold(stream_min_tokens: int | str | None, plan: Any) -> int | None:
@@ -968,6 +1002,7 @@ def _build(
         n_fp8,
         head_dtype,
         graphs,
+        getattr(plan, "prefill_chunk", None) or GPU_PREFILL_CHUNK,
     )
 
 

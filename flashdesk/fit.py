@@ -114,8 +114,8 @@ def evaluate(
     from flashdesk.engine.config import ModelConfig
     from flashdesk.engine.inventory import inventory
     from flashdesk.offload.figures import ModelFigures
-    from flashdesk.offload.plan import PlanOptions, make_plan
-    from flashdesk.offload.predict import Efficiency, predict, record_crossover
+    from flashdesk.offload.plan import PlanOptions
+    from flashdesk.offload.predict import Efficiency, plan_and_predict
     from flashdesk.offload.probe import HardwareProfile, ProfileError, probe
 
     figures = None
@@ -158,9 +158,7 @@ def evaluate(
         ram_reserve_bytes=None if ram_reserve_gib is None else int(ram_reserve_gib * GIB),
         expert_frequency=frequency,
     )
-    plan = make_plan(figures, profile, options)
-    prediction = predict(plan, figures, profile, prompt_tokens, Efficiency.load())
-    record_crossover(plan, prediction)
+    plan, prediction = plan_and_predict(figures, profile, options, prompt_tokens, Efficiency.load())
     return figures, profile, plan, prediction
 
 

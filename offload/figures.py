@@ -19,6 +19,39 @@ EMBED = "embed"
 HEAD = "head"
 
 
+# The engine's prefill attention takes query blocks of this many tokens once a CSA layer's entries
+# outnumber twice its top-k (engine.model.attention.GATHER_QUERY_BLOCK; a test keeps them equal).
+GATHER_QUERY_BLOCK = 16
+# A prefill chunk's fixed GPU scratch: FP8 weights dequantized for one matmul (V4-Flash's largest
+# is 64 MB in bf16), small-context attention blocks, library workspaces.
+PREFILL_BASE_BYTES = 512 << 20
+
+
+def prefill_activation_bytes(
+    hidden: int,
+    heads: int,
+    head_dim: int,
+    experts_per_token: int,
+    index_heads: int,
+    index_dim: int,
+    csa_ratio: int,
+) -> tuple[int, int]:
+    """(bytes per prompt token of a chunk, bytes per context token) a GPU prefill holds beside
+    the weights and the KV cache.
+
+    Per chunk token: the attention's peak, where each query's `heads × head_dim` values live as
+    the bf16 projection, its float32 norm and rotary temporaries and the float32 output (~16
+    bytes per value), plus the routed experts' float32 output per pick when a chunk streams its
+    experts. Measured on the CPU path (same torch code, bf16 activations, V4-Flash dims, 2026-11-27,
+    dev VM): 449–517 KiB per token from the peak RSS between 1024-, 2048- and 4096-token chunks;
+    this gives 608 KiB. Per context token: a CSA layer's lightning-indexer scores for one query
+    block (`[block, index_heads, context/ratio]` float32) and its float32 copy of the index keys.
+    """
+    per_token = 16 * heads * head_dim + 4 * experts_per_token * hidden
+    per_context = (GATHER_QUERY_BLOCK * index_heads * 4 + 4 * index_dim) // csa_ratio
+    return per_token, per_context
+
+
 @dataclass(frozen=True)
 class LayerFigures:
     """One main layer. `attention` is "window", "csa" or "hca" (compress ratio 0, 4, other)."""
@@ -82,6 +115,21 @@ class ModelFigures:
     max_context: int
     csa_ratio: int = 4
     head_gpu: int | None = None  # head + final as the runtime holds them in VRAM; None: as stored
+    # GPU memory a prefill chunk needs beside the weights and the KV cache (`prefill_workspace`);
+    # 0: not modelled (a GGUF runs through llama.cpp, which sizes its own batches)
+    prefill_token_bytes: int = 0
+    prefill_context_bytes: int = 0
+
+    def prefill_workspace(self, chunk: int, context: int) -> int | None:
+        """GPU bytes a prefill chunk of `chunk` tokens needs at up to `context` tokens of
+        context (activations, scratch, the indexer's scores), or None where not modelled."""
+        if not self.prefill_token_bytes:
+            return None
+        return (
+            PREFILL_BASE_BYTES
+            + chunk * self.prefill_token_bytes
+            + context * self.prefill_context_bytes
+        )
 
     def head_on(self, gpu: bool) -> int:
         """The LM head and the final norm/hyper-connection tensors, in VRAM or in RAM."""
@@ -261,6 +309,18 @@ class ModelFigures:
         embed = totals[EMBED]
         rows = totals["embed_rows"] or int(config.vocab_size)
         final = sum(v for k, v in totals.items() if k not in (EMBED, HEAD, "mtp", "embed_rows"))
+        dims = [
+            getattr(config, name, None)
+            for name in (
+                "hidden_size", "num_attention_heads", "head_dim", "num_experts_per_tok",
+                "index_n_heads", "index_head_dim",
+            )
+        ]  # fmt: skip
+        per_token, per_context = (
+            prefill_activation_bytes(*(int(d) for d in dims), 4)  # CSA's ratio, as classified
+            if None not in dims  # the engine's config (a GGUF's runs through llama.cpp)
+            else (0, 0)
+        )
         return cls(
             name=name,
             layers=tuple(layers),
@@ -279,6 +339,8 @@ class ModelFigures:
             index_dim=int(config.index_head_dim),
             max_context=int(config.max_position_embeddings),
             head_gpu=head_g,
+            prefill_token_bytes=per_token,
+            prefill_context_bytes=per_context,
         )
 
 

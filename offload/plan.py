@@ -46,6 +46,14 @@ class PlanError(ValueError):
     """Inputs the planner cannot use, with what is wrong and what to do."""
 
 
+# Prompt tokens per GPU prefill call unless a plan chooses more (`predict.plan_and_predict`): each
+# call copies the experts kept in RAM across PCIe once, so longer chunks copy less per token but
+# need more GPU workspace.
+DEFAULT_PREFILL_CHUNK = 1024
+# The GPU workspace where the figures do not model a prefill's memory (GGUF models).
+DEFAULT_GPU_WORKSPACE = 1 * GIB
+
+
 @dataclass
 class PlanOptions:
     """What the user asks for. Reserves default to a share of the device (see `resolved`)."""
@@ -53,7 +61,11 @@ class PlanOptions:
     context: int = 131072
     kv_dtype: str = "bf16"
     vram_reserve_bytes: int | None = None  # CUDA context, display, fragmentation
-    gpu_workspace_bytes: int = 1 * GIB  # activations and prefill-chunk buffers
+    # GPU memory kept free for activations and prefill buffers; None: what a prefill chunk of
+    # `prefill_chunk` tokens needs at this context (`ModelFigures.prefill_workspace`), or
+    # DEFAULT_GPU_WORKSPACE where the figures do not model it
+    gpu_workspace_bytes: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per GPU prefill call
     ram_reserve_bytes: int | None = None  # OS, the app, Python and torch
     expert_frequency: Any = None  # per layer: routing counts per expert (runtime-recorded)
     allow_disk: bool = True  # page experts that do not fit in RAM from the checkpoint files
@@ -65,6 +77,8 @@ class PlanOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise PlanError(f"{name} is {value}; reserves cannot be negative.")
+        if self.prefill_chunk < 1:
+            raise PlanError(f"prefill_chunk is {self.prefill_chunk}; it must be at least 1 token.")
         if not 1 <= self.context <= figures.max_context:
             raise PlanError(
                 f"context {self.context} is outside 1..{figures.max_context} tokens, the range "
@@ -128,6 +142,9 @@ class Plan:
     # `predict.record_crossover` sets the prediction's crossover here (None: streaming never
     # wins on this machine up to 64K-token chunks, or there is nothing to stream).
     stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS
+    # Prompt tokens per GPU prefill call, and the GPU memory kept free for one (in `memory` too)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    gpu_workspace_bytes: int = 0
 
     @property
     def gpu_expert_layers(self) -> list[int]:
@@ -162,6 +179,8 @@ class Plan:
             "changes": self.changes,
             "notes": self.notes,
             "stream_min_tokens": self.stream_min_tokens,
+            "prefill_chunk": self.prefill_chunk,
+            "gpu_workspace_bytes": self.gpu_workspace_bytes,
             "layers": [asdict(lp) for lp in self.layers],
         }
 
@@ -302,7 +321,15 @@ class _Budgets:
     pin_source: str
 
 
-def _budgets(profile: HardwareProfile, options: PlanOptions) -> _Budgets:
+def _workspace(figures: ModelFigures, options: PlanOptions) -> int:
+    """GPU bytes kept free for a prefill chunk (the option, else the figures' model)."""
+    if options.gpu_workspace_bytes is not None:
+        return options.gpu_workspace_bytes
+    modelled = figures.prefill_workspace(options.prefill_chunk, options.context)
+    return DEFAULT_GPU_WORKSPACE if modelled is None else modelled
+
+
+def _budgets(profile: HardwareProfile, options: PlanOptions, figures: ModelFigures) -> _Budgets:
     ram_total = profile.ram_total_bytes.value if profile.ram_total_bytes.known else None
     usable = profile.usable_ram_bytes()
     ram_capacity = int(ram_total or usable)
@@ -320,7 +347,7 @@ def _budgets(profile: HardwareProfile, options: PlanOptions) -> _Budgets:
     reserve = options.vram_reserve_bytes
     if reserve is None:
         reserve = GIB // 2 + capacity // 20
-    workspace = options.gpu_workspace_bytes
+    workspace = _workspace(figures, options)
     if gpu.unified.value:
         # One pool: the GPU's share comes out of the host budget (and Metal's working-set cap).
         gpu_budget = min(vram, host_budget) - workspace
@@ -361,12 +388,13 @@ def make_plan(
     options = options or PlanOptions()
     options.validate(figures)
     shares = expert_shares(figures, options.expert_frequency)
-    budgets = _budgets(profile, options)
+    budgets = _budgets(profile, options, figures)
     plan = _place(figures, budgets, options, shares)
     if plan is None:
         # The parts read every token do not fit in RAM at this context: find the largest one.
         for ctx in _smaller_contexts(options.context):
             smaller = replace(options, context=ctx)
+            budgets = _budgets(profile, smaller, figures)  # a smaller workspace too
             plan = _place(figures, budgets, smaller, shares)
             if plan is not None:
                 plan.changes.insert(
@@ -377,7 +405,10 @@ def make_plan(
                 plan.verdict = FITS_WITH_CHANGES
                 break
     if plan is None:
-        return _does_not_fit(figures, profile, budgets, options)
+        plan = _does_not_fit(figures, profile, budgets, options)
+        plan.prefill_chunk, plan.gpu_workspace_bytes = options.prefill_chunk, budgets.gpu_workspace
+        return plan
+    plan.prefill_chunk, plan.gpu_workspace_bytes = options.prefill_chunk, budgets.gpu_workspace
     _assess(plan, figures, profile, budgets, options, shares)
     if plan.disk_bytes and not options.allow_disk:
         plan.verdict = DOES_NOT_FIT
@@ -762,6 +793,11 @@ def _assess(
         f"reserves: {_gib(budgets.ram_reserve)} RAM for the OS and app"
         + (
             f", {_gib(budgets.gpu_reserve)} VRAM + {_gib(budgets.gpu_workspace)} GPU workspace"
+            + (
+                f" (prompts in {options.prefill_chunk:,}-token chunks)"
+                if figures.prefill_token_bytes and options.gpu_workspace_bytes is None
+                else ""
+            )
             if budgets.mode == "gpu+cpu"
             else ""
         )

@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from flashdesk.offload.figures import ModelFigures
-from flashdesk.offload.plan import GPU, Plan
+from flashdesk.offload.plan import GPU, Plan, PlanOptions, make_plan
 from flashdesk.offload.probe import HardwareProfile, ProfileError, Sourced, estimated
 
-# Tokens per prefill call: of the GPU runtime (engine.runtime.GPU_PREFILL_CHUNK, sized so that a
-# chunk's activations fit the plan's GPU workspace) and of a Session on the CPU
-# (engine.generate.PREFILL_CHUNK).
-PREFILL_CHUNK = 1024
+# Tokens per prefill call of a Session on the CPU (engine.generate.PREFILL_CHUNK); on a GPU the
+# plan's `prefill_chunk`, which `plan_and_predict` chooses among these.
 CPU_PREFILL_CHUNK = 512
+PREFILL_CHUNKS = (1024, 2048, 4096, 8192, 16384)
+# A longer chunk is taken while it speeds up a long prompt's prefill by at least this share and
+# its larger workspace costs decode (fewer experts in VRAM) at most this share.
+CHUNK_MIN_GAIN = 0.10
+CHUNK_MAX_DECODE_LOSS = 0.03
+LONG_PROMPT = 65536  # the prompt (a long document) chunks are compared on, at most the context
+WORKSPACE_MAX_SHARE = 0.25  # of the GPU's usable memory, at most, for a longer chunk's workspace
 ATTENTION_FLOP_PER_CANDIDATE = 131072  # 4·H·d per (query, candidate) per layer (spec §6.2)
 INDEXER_FLOP_PER_ENTRY = 16384  # 2·64·128 per (query, compressed entry) per CSA layer
 
@@ -99,14 +104,21 @@ class Efficiency:
 
     @classmethod
     def from_json(cls, data: dict) -> Efficiency:
+        """The calibrated (measured) factors of `data`; every other one the built-in default: a
+        file's estimates are copies of older defaults (files written before 2026-11-27 held them
+        all), which would otherwise outlive the better figures a release ships."""
         eff = cls()
         for f in fields(cls):
             if f.name in data:
-                setattr(eff, f.name, Sourced.from_json(data[f.name], f"efficiency.{f.name}"))
+                value = Sourced.from_json(data[f.name], f"efficiency.{f.name}")
+                if value.source == "calibrated":
+                    setattr(eff, f.name, value)
         return eff
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        """Write the calibrated factors (the rest are the built-in defaults when loaded)."""
+        measured = {k: v for k, v in self.to_json().items() if v["source"] == "calibrated"}
+        Path(path).write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
 
     @staticmethod
     def default_path() -> Path:
@@ -409,7 +421,7 @@ def predict(
     bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)
     memory_seconds, _ = _decode_seconds(plan, figures, rates, eff, False, dispatch_floor=False)
     prompt = max(1, min(prompt_tokens, plan.context))
-    chunk = min(CPU_PREFILL_CHUNK if plan.mode == "cpu" else PREFILL_CHUNK, prompt)
+    chunk = min(CPU_PREFILL_CHUNK if plan.mode == "cpu" else plan.prefill_chunk, prompt)
     prefill = 0.0
     paths: set[str] = set()
     position = 0
@@ -463,3 +475,60 @@ def predict(
         inputs=inputs,
         decode_limit="dispatch" if seconds > 1.5 * memory_seconds else "memory",
     )
+
+
+def plan_and_predict(
+    figures: ModelFigures,
+    profile: HardwareProfile,
+    options: PlanOptions | None = None,
+    prompt_tokens: int = 8192,
+    efficiency: Efficiency | None = None,
+    choose_chunk: bool = True,
+) -> tuple[Plan, Prediction]:
+    """`make_plan` and `predict`, the GPU prefill chunk chosen for this machine, the plan's
+    streaming threshold set from the prediction (`record_crossover`).
+
+    The chunk (`PREFILL_CHUNKS`): a prefill call copies every expert kept in RAM across PCIe
+    once, so on a card that holds few of them a long prompt's prefill is bound by those copies
+    and longer chunks are faster nearly in proportion (RTX 4090 + 192 GB DDR5 profile, 64K-token
+    prompt: 163 tok/s predicted with 1024-token chunks, 560 with 4096); each costs workspace
+    the experts' VRAM cache gives up. The longest chunk is kept whose prefill of a long prompt
+    (`LONG_PROMPT`) gains at least CHUNK_MIN_GAIN over the shorter one and whose decode loses at
+    most CHUNK_MAX_DECODE_LOSS against the shortest, at the same verdict, context and attention
+    placement, its workspace at most WORKSPACE_MAX_SHARE of the GPU's memory.
+    `choose_chunk` off, or an explicit workspace in `options`: the options' chunk as given."""
+    options = options or PlanOptions()
+    eff = efficiency or Efficiency()
+    plan = make_plan(figures, profile, options)
+    choose = (
+        choose_chunk
+        and options.gpu_workspace_bytes is None
+        and figures.prefill_token_bytes > 0
+        and plan.mode == "gpu+cpu"  # a CUDA runtime's chunks (unified memory runs on the CPU)
+        and bool(plan.layers)
+    )
+    if choose:
+        long = min(LONG_PROMPT, plan.context)
+        first = predict(plan, figures, profile, long, eff)
+        base_decode, last_prefill = first.decode_tok_s, first.prefill_tok_s
+        for chunk in PREFILL_CHUNKS:
+            if chunk <= plan.prefill_chunk:
+                continue
+            bigger = make_plan(figures, profile, replace(options, prefill_chunk=chunk))
+            vram = profile.gpu.usable_vram_bytes or 0
+            if (bigger.verdict, bigger.context, bigger.cpu_attention_layers) != (
+                plan.verdict,
+                plan.context,
+                plan.cpu_attention_layers,
+            ) or bigger.gpu_workspace_bytes > WORKSPACE_MAX_SHARE * vram:
+                break
+            guess = predict(bigger, figures, profile, long, eff)
+            if (
+                guess.prefill_tok_s < (1 + CHUNK_MIN_GAIN) * last_prefill
+                or guess.decode_tok_s < (1 - CHUNK_MAX_DECODE_LOSS) * base_decode
+            ):
+                break
+            plan, last_prefill = bigger, guess.prefill_tok_s
+    prediction = predict(plan, figures, profile, prompt_tokens, eff)
+    record_crossover(plan, prediction)
+    return plan, prediction

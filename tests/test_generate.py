@@ -239,9 +239,10 @@ def test_long_prompt_is_prefilled_in_chunks_with_progress():
 
 def test_the_model_may_choose_its_prefill_chunk():
     """The GPU runtime asks for longer chunks (each one streams the RAM experts over PCIe once),
-    the same size the planner predicts prefill with; a Session's own argument still wins."""
+    the same size the planner predicts prefill with (its plan's, else the default); a Session's
+    own argument still wins."""
     from flashdesk.engine import generate, runtime
-    from flashdesk.offload import predict
+    from flashdesk.offload import plan, predict
 
     model = ScriptedModel(TOK.encode("z"))
     model.prefill_chunk = 3
@@ -249,7 +250,7 @@ def test_the_model_may_choose_its_prefill_chunk():
     assert [len(c) for c in model.prefill_calls] == [3, 3, 1]
     assert Session(model, TOK, prefill_chunk=5).prefill_chunk == 5
     assert Session(ScriptedModel(TOK.encode("z")), TOK).prefill_chunk == generate.PREFILL_CHUNK
-    assert runtime.GPU_PREFILL_CHUNK == predict.PREFILL_CHUNK
+    assert runtime.GPU_PREFILL_CHUNK == plan.DEFAULT_PREFILL_CHUNK == plan.Plan.prefill_chunk
     assert generate.PREFILL_CHUNK == predict.CPU_PREFILL_CHUNK
 
 

@@ -351,7 +351,7 @@ def test_plans_never_over_commit(
         # Only when RAM cannot hold even what is read every token at the smallest context.
         always_read = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, kv)
         if plan.mode == "unified":  # one pool: the GPU's workspace and copies are RAM too
-            always_read += PlanOptions().gpu_workspace_bytes
+            always_read += plan.gpu_workspace_bytes
             always_read += flash.dense_total_on(gpu=True) - flash.dense_total_on(gpu=False)
         assert plan.memory["ram"]["budget"] < always_read
         return
@@ -449,6 +449,8 @@ def test_unified_does_not_fit_message_counts_the_gpu_workspace(flash):
     plan = make_plan(flash, profile, PlanOptions(context=4096, kv_dtype="bf16"))
     assert plan.verdict == DOES_NOT_FIT
     need = flash.embed_bytes + flash.dense_total_bytes + spec_kv_bytes(4096, "bf16")
-    need += PlanOptions().gpu_workspace_bytes
+    workspace = flash.prefill_workspace(PlanOptions().prefill_chunk, 4096)
+    assert plan.gpu_workspace_bytes == workspace
+    need += workspace
     assert plan.memory["ram"]["budget"] < need
     assert f"need {need / 2**30:.1f} GiB" in plan.changes[0]

@@ -13,7 +13,7 @@ from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.inventory import inventory
 from flashdesk.fit import _tokens
 from flashdesk.offload.figures import ModelFigures
-from flashdesk.offload.plan import PlanOptions, make_plan
+from flashdesk.offload.plan import PlanError, PlanOptions, make_plan
 from flashdesk.offload.predict import Efficiency, predict
 from flashdesk.offload.probe import GIB, HardwareProfile, ProfileError, Sourced
 
@@ -364,6 +364,14 @@ def test_measured_efficiencies_are_recorded_and_merged(tmp_path):
     assert eff.cpu_experts.value == 0.6 and eff.cpu_experts.source == "calibrated"
     assert eff.cpu_dense.value == 0.4 and eff.cpu_dense.note == "second run"
     assert eff.pcie.source == "estimated"  # untouched factors stay estimates
+    assert set(json.loads(path.read_text())) == {"cpu_experts", "cpu_dense"}  # only measured ones
+    # a file from an older release also held the defaults of its day as estimates: those give
+    # way to today's defaults (this VM's file kept a 5 ms GPU layer floor the H200 run cut to 0.57)
+    stale = json.loads(path.read_text()) | {
+        "gpu_layer_seconds": {"value": 0.005, "source": "estimated", "note": "old default"}
+    }
+    path.write_text(json.dumps(stale), encoding="utf-8")
+    assert Efficiency.load(path).gpu_layer_seconds.value == Efficiency().gpu_layer_seconds.value
     path.write_text("{ not json", encoding="utf-8")  # a damaged file is replaced
     Efficiency.record({"cpu_dense": 0.5}, "third run", path)
     assert Efficiency.load(path).cpu_dense.value == 0.5
@@ -371,3 +379,81 @@ def test_measured_efficiencies_are_recorded_and_merged(tmp_path):
         Efficiency.record({"warp_drive": 1.0}, "x", path)
     with pytest.raises(ValueError, match="not a positive number"):
         Efficiency.record({"cpu_dense": float("nan")}, "x", path)
+
+
+def test_prefill_workspace_model(flash):
+    """A GPU prefill chunk's memory beside the weights and KV: per chunk token (the attention's
+    query-sized temporaries, the streamed experts' float32 outputs), per context token (a CSA
+    layer's indexer scores for one query block), plus fixed scratch."""
+    from flashdesk.engine.model import attention
+    from flashdesk.offload import figures as fig
+
+    assert fig.GATHER_QUERY_BLOCK == attention.GATHER_QUERY_BLOCK  # the query block it prices
+    assert flash.prefill_token_bytes == 16 * 64 * 512 + 4 * 6 * 4096  # 608 KiB for V4-Flash
+    assert flash.prefill_context_bytes == (16 * 64 * 4 + 4 * 128) // 4
+    ws = flash.prefill_workspace
+    assert ws(1024, 131072) == fig.PREFILL_BASE_BYTES + 1024 * 622592 + 131072 * 1152
+    assert 1.1 * GIB < ws(1024, 131072) < 1.3 * GIB  # about the old fixed 1 GiB
+    assert ws(1024, 1 << 20) - ws(1024, 4096) > GIB  # 1M tokens: the indexer's scores add ~1.1 GiB
+    assert ws(8192, 131072) - ws(1024, 131072) == 7168 * 622592
+    pro = ModelConfig.v4_pro()
+    pro_figures = ModelFigures.from_inventory(inventory(pro), pro)
+    assert pro_figures.prefill_token_bytes > flash.prefill_token_bytes  # twice the heads
+
+
+def test_the_plan_chooses_long_prefill_chunks_where_pcie_bounds_them(flash):
+    """Each GPU prefill call copies the experts kept in RAM across PCIe once: a card that holds
+    few of them prefills a long document several times faster in longer chunks, for a few GiB of
+    workspace the VRAM expert cache gives up (decode nearly unchanged). Where VRAM is scarce or
+    most experts are on the GPU anyway the chunk stays short."""
+    from flashdesk.offload.plan import DEFAULT_PREFILL_CHUNK
+    from flashdesk.offload.predict import (
+        CHUNK_MAX_DECODE_LOSS,
+        LONG_PROMPT,
+        WORKSPACE_MAX_SHARE,
+        plan_and_predict,
+    )
+
+    profile = load("rtx4090_192gb_ddr5")
+    options = PlanOptions(context=131072)
+    short = make_plan(flash, profile, options)
+    assert short.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    plan, pred = plan_and_predict(flash, profile, options, prompt_tokens=LONG_PROMPT)
+    assert plan.prefill_chunk >= 4096
+    assert plan.gpu_workspace_bytes == flash.prefill_workspace(plan.prefill_chunk, 131072)
+    assert plan.gpu_workspace_bytes <= WORKSPACE_MAX_SHARE * profile.gpu.usable_vram_bytes
+    assert plan.memory["gpu"]["used"] <= plan.memory["gpu"]["capacity"]
+    before = predict(short, flash, profile, prompt_tokens=LONG_PROMPT)
+    assert pred.prefill_tok_s > 3 * before.prefill_tok_s  # 163 → 831 tok/s as profiled
+    assert pred.decode_tok_s >= (1 - CHUNK_MAX_DECODE_LOSS) * before.decode_tok_s
+    assert sum(lp.experts_gpu for lp in plan.layers) < sum(lp.experts_gpu for lp in short.layers)
+    assert plan.stream_min_tokens == pred.crossover_tokens  # recorded as `fit` does
+    assert plan.to_json()["prefill_chunk"] == plan.prefill_chunk
+    assert predict(plan, flash, profile, 100).ttft_s == pytest.approx(
+        predict(short, flash, profile, 100).ttft_s, rel=0.05
+    )  # a short prompt is one call either way
+
+    # 8 GB card: the workspace would cost decode more than it gains; CPU only: no GPU chunks
+    for name in ("gpu8gb_192gb", "cpu_only_256gb"):
+        kept, _ = plan_and_predict(flash, load(name), options)
+        assert kept.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    # nearly every expert in VRAM (H200): little to copy, so little to gain past 2048
+    h200, _ = plan_and_predict(flash, load("h200_lent_machine_measured"), options)
+    assert h200.prefill_chunk <= 2048
+    # asked for: an explicit workspace, or no choice
+    fixed = PlanOptions(context=131072, gpu_workspace_bytes=GIB)
+    assert plan_and_predict(flash, profile, fixed)[0].prefill_chunk == DEFAULT_PREFILL_CHUNK
+    assert plan_and_predict(flash, profile, options, choose_chunk=False)[0].prefill_chunk == (
+        DEFAULT_PREFILL_CHUNK
+    )
+    with pytest.raises(PlanError, match="prefill_chunk"):
+        make_plan(flash, profile, PlanOptions(prefill_chunk=0))
+
+
+def test_fit_reports_the_chosen_chunk(capsys, tmp_path):
+    code = main(
+        ["fit", "--profile", str(PROFILES / "rtx4090_192gb_ddr5.json"), "--ctx", "128K", "--json"]
+    )
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["prefill_chunk"] >= 4096 and plan["gpu_workspace_bytes"] > 4 * GIB

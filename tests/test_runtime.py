@@ -285,7 +285,9 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
     logits = {}
     for kv in ("bf16", "fp8"):
         plan = make_plan(figures, profile, PlanOptions(context=4096, kv_dtype=kv))
+        plan.prefill_chunk = 2048  # as `plan_and_predict` may choose: a GPU runtime's call size
         with load_runtime(folder, plan=plan, device="cpu", **EXACT) as rt:
+            assert rt.gpu_prefill_chunk == 2048 and rt.prefill_chunk is None  # CPU: the Session's
             assert rt.kv_format == kv and f"KV cache {kv}" in rt.describe()
             state = rt.new_state()
             logits[kv] = rt.prefill(ids.tolist()[:30], state)
@@ -493,3 +495,25 @@ def test_streamed_experts_equal_the_host_kernels(tiny, grouped, monkeypatch):
                 monkeypatch.setattr(moe.cache, "fused", True)
                 torch.testing.assert_close(moe.forward(x, ids), want, **TOL)
         assert next(iter(rings.values())).size == 3 < config.n_routed_experts
+
+
+def test_a_prefill_call_shrinks_to_the_gpu_memory_free_now():
+    """Another program may take VRAM after the plan was made: a prefill call then runs in the
+    largest halving of its chunk whose workspace (the planner's model) fits what is free, never
+    below MIN_FITTING_CHUNK tokens (a call that does not fit even then reports the OOM)."""
+    from flashdesk.engine.runtime import MIN_FITTING_CHUNK, fitting_chunk
+    from flashdesk.offload.figures import PREFILL_BASE_BYTES, prefill_activation_bytes
+
+    per_token, per_context = prefill_activation_bytes(4096, 64, 512, 6, 64, 128, 4)
+
+    def need(chunk, position):
+        return PREFILL_BASE_BYTES + chunk * per_token + (position + chunk) * per_context
+
+    assert fitting_chunk(8192, 0, need(8192, 0), per_token, per_context) == 8192
+    assert fitting_chunk(8192, 0, need(8192, 0) - 1, per_token, per_context) == 4096
+    assert fitting_chunk(8192, 0, need(2048, 0), per_token, per_context) == 2048
+    # deep in a long context the indexer's scores take their share too
+    late = 900_000
+    assert fitting_chunk(8192, late, need(8192, 0), per_token, per_context) < 8192
+    assert fitting_chunk(8192, 0, 0, per_token, per_context) == MIN_FITTING_CHUNK
+    assert fitting_chunk(100, 0, 0, per_token, per_context) == 100

@@ -155,3 +155,43 @@ def test_plan_that_no_longer_fits_is_refused():
 
     with pytest.raises(RuntimeLoadError, match="free now"):
         _check_vram(stale, torch.device("cuda"))
+
+
+def test_a_prefill_chunk_fits_the_planners_workspace():
+    """The planner keeps `ModelFigures.prefill_workspace(chunk, context)` of VRAM free for a
+    prefill call and may choose chunks of up to 16K tokens by it (`predict.plan_and_predict`):
+    the peak a chunk allocates beside the weights, at V4-Flash's attention and expert dims with
+    the host experts streamed, must stay inside it."""
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.engine.synthetic import SyntheticCheckpoint
+    from flashdesk.offload.figures import ModelFigures
+
+    config = ModelConfig.v4_flash().replace(
+        num_hidden_layers=2,
+        compress_ratios=(0, 4),
+        num_nextn_predict_layers=0,
+        n_routed_experts=16,
+        num_hash_layers=1,
+        vocab_size=8192,
+    )
+    figures = ModelFigures.from_inventory(inventory(config), config)
+    ckpt = SyntheticCheckpoint(config, expert_pool=4)
+    ids = torch.randint(0, config.vocab_size, (4096,), generator=torch.Generator().manual_seed(0))
+    placement = Placement.uniform(config, "pinned", "cuda")
+    with load_runtime(ckpt, placement=placement, stream_min_tokens=256) as rt:
+        rt.prefill(ids[:512], rt.new_state())  # kernels compiled, staging ring made
+        seen = {}
+        for chunk in (1024, 4096):
+            state = rt.new_state()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+            rt.prefill(ids[:chunk], state)
+            torch.cuda.synchronize()
+            seen[chunk] = torch.cuda.max_memory_allocated() - held
+        for chunk, peak in seen.items():
+            planned = figures.prefill_workspace(chunk, chunk)
+            assert peak <= planned, f"{chunk} tokens: peak {peak / 2**20:.0f} MiB > {planned}"
+        per_token = (seen[4096] - seen[1024]) / 3072
+        assert per_token <= figures.prefill_token_bytes, f"{per_token / 1024:.0f} KiB per token"
