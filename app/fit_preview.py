@@ -16,11 +16,14 @@ PROFILE_NAME = "profile.json"
 
 
 class TtftPredictor:
-    def __init__(self, plan: dict, profile, figures, built_plan):
+    def __init__(self, plan: dict, profile, figures, built_plan, efficiency=None):
+        from flashdesk.offload.predict import Efficiency
+
         self.plan_info = plan
         self.profile = profile
         self.figures = figures
         self.plan = built_plan
+        self.efficiency = efficiency or Efficiency()  # the factors the wizard predicted with
         self.model = plan.get("model", "the model")
         self._cache: dict[int, float | None] = {}
 
@@ -29,7 +32,7 @@ class TtftPredictor:
         """None when there is no saved plan or profile (the wizard has not been run)."""
         from flashdesk.app.wizard import figures_for, preset_choice, test_model_choice
         from flashdesk.offload.plan import PlanOptions
-        from flashdesk.offload.predict import plan_and_predict
+        from flashdesk.offload.predict import Efficiency, plan_and_predict
         from flashdesk.offload.probe import HardwareProfile, ProfileError
 
         path = Path(data_folder) / PROFILE_NAME
@@ -76,7 +79,9 @@ class TtftPredictor:
             kv_dtype=plan.get("kv_dtype", "bf16"),
             vram_reserve_bytes=plan.get("vram_reserve_bytes"),
         )
-        return cls(plan, profile, figures, plan_and_predict(figures, profile, options)[0])
+        eff = Efficiency.load_or_defaults()
+        built, _ = plan_and_predict(figures, profile, options, efficiency=eff)
+        return cls(plan, profile, figures, built, eff)
 
     def ttft_s(self, prompt_tokens: int) -> float | None:
         from flashdesk.offload.predict import predict
@@ -84,6 +89,6 @@ class TtftPredictor:
         key = max(1, int(prompt_tokens) // 256 * 256 or 1)
         if key not in self._cache:
             self._cache[key] = predict(
-                self.plan, self.figures, self.profile, prompt_tokens=key
+                self.plan, self.figures, self.profile, key, self.efficiency
             ).ttft_s
         return self._cache[key]

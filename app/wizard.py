@@ -514,14 +514,15 @@ class PlanPage(QWizardPage):
 
     def recompute(self) -> None:
         from flashdesk.offload.plan import PlanError
-        from flashdesk.offload.predict import plan_and_predict
+        from flashdesk.offload.predict import Efficiency, plan_and_predict
 
         self.context_label.setText(f"{human_tokens(self.context())} tokens")
         wiz = self.wiz
         try:
             plan, pred = plan_and_predict(
-                wiz.figures, wiz.profile, self.options(), prompt_tokens=PREVIEW_PROMPT
-            )
+                wiz.figures, wiz.profile, self.options(), PREVIEW_PROMPT,
+                Efficiency.load_or_defaults(),  # what `bench decode` measured here, as `fit`
+            )  # fmt: skip
         except (PlanError, ValueError) as exc:
             self.verdict.setText("Cannot plan")
             self.verdict.setStyleSheet("color: #c0392b;")

@@ -15,6 +15,7 @@ size is where streaming starts to win. Efficiency factors are `estimated` until 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -164,6 +165,16 @@ class Efficiency:
                 "benchmarks again."
             ) from None
         return cls.from_json(data)
+
+    @classmethod
+    def load_or_defaults(cls) -> Efficiency:
+        """`load` for the app's live previews: an unreadable file gives the defaults (logged;
+        `flashdesk fit` reports it to the user)."""
+        try:
+            return cls.load()
+        except ProfileError as exc:
+            logging.getLogger("flashdesk.offload.predict").warning("%s", exc)
+            return cls()
 
     def all_calibrated(self) -> bool:
         return all(getattr(self, f.name).source == "calibrated" for f in fields(self))

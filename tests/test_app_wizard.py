@@ -68,6 +68,30 @@ def test_measure_bandwidth_updates_the_table(qtbot, tmp_path):
     assert table.item(row, 2).text() == "measured"
 
 
+def test_the_plan_page_predicts_with_this_machines_calibration(qtbot, tmp_path, monkeypatch):
+    """The wizard predicts as `flashdesk fit` does: with the factors `bench decode` measured
+    here (a damaged file gives the defaults, not an error in the page), the prompt chunk chosen
+    for the machine."""
+    from flashdesk.offload.predict import Efficiency
+
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path / "cache"))
+    speeds = []
+    for factor in (None, 0.3):
+        if factor:
+            Efficiency.record({"cpu_experts": factor}, "slow RAM here")
+        wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+        qtbot.addWidget(wiz)
+        to_plan_page(qtbot, wiz)
+        speeds.append(wiz.prediction.decode_tok_s)
+        assert wiz.plan.prefill_chunk > 1024  # a 24 GB card streaming its RAM experts
+    assert speeds[1] < 0.6 * speeds[0]
+    Efficiency.default_path().write_text("{ damaged", encoding="utf-8")
+    wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
+    qtbot.addWidget(wiz)
+    to_plan_page(qtbot, wiz)
+    assert wiz.prediction.decode_tok_s == pytest.approx(speeds[0])
+
+
 def test_big_machine_fits(qtbot, tmp_path):
     wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
     qtbot.addWidget(wiz)
