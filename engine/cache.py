@@ -268,6 +268,12 @@ class RowStore:
         self._parts = self.codec.empty(0, self.device)
         self.n = 0
 
+    def mark(self) -> int:
+        return self.n  # rows below n are never written again: the count is the whole state
+
+    def rewind(self, mark: int) -> None:
+        self.n = mark
+
 
 class WindowRing:
     """The KV vectors of the last `size` positions; position p lives in slot p mod size."""
@@ -310,6 +316,13 @@ class WindowRing:
     def reset(self) -> None:
         self._parts = self.codec.empty(self.size, self.device)
 
+    def mark(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.clone() for p in self._parts)
+
+    def rewind(self, mark: tuple[torch.Tensor, ...]) -> None:
+        for p, saved in zip(self._parts, mark, strict=True):
+            p.copy_(saved)
+
 
 class CompressorCarry:
     """Compressor state between calls (float32): projections and gates (`ape` already added) of
@@ -340,6 +353,13 @@ class CompressorCarry:
         if self.overlap:
             self.prev_kv.zero_()
             self.prev_gate.fill_(float("-inf"))
+
+    def mark(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.tensors()]
+
+    def rewind(self, mark: list[torch.Tensor]) -> None:
+        for t, saved in zip(self.tensors(), mark, strict=True):
+            t.copy_(saved)
 
 
 @dataclass
@@ -399,6 +419,20 @@ class SequenceState:
             layer.reset()
         self.position = 0
         self.mtp_position = 0
+
+    def mark(self) -> tuple:
+        """What `rewind` needs to undo the calls after this one: the window rings and compressor
+        carries copied (small: V4-Flash ~6 MB in BF16), the stores' row counts and positions.
+        A prefill chunk that runs out of GPU memory halfway leaves its first layers written."""
+        layers = [[(p, p.mark()) for p in layer.parts()] for layer in self.layers + self.mtp]
+        return layers, self.position, self.mtp_position
+
+    def rewind(self, mark: tuple) -> None:
+        """Back to the state at `mark` (taken from this state; rows written since are dropped)."""
+        layers, self.position, self.mtp_position = mark
+        for saved in layers:
+            for part, value in saved:
+                part.rewind(value)
 
 
 def new_layer_state(

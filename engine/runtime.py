@@ -495,6 +495,7 @@ class Runtime:
         self._decodes = 0
         self.context_limit = int(self.config.max_position_embeddings)
         self.gpu_prefill_chunk = gpu_prefill_chunk  # the plan's (a GPU prefill's call size)
+        self._chunk_cap: int | None = None  # set when a prefill call ran out of GPU memory
         # None: the Session's own (CPU prefill reads the experts from RAM at any chunk size)
         self.prefill_chunk = gpu_prefill_chunk if self.device.type == "cuda" else None
         c = self.config
@@ -527,18 +528,26 @@ class Runtime:
         return self.model
 
     def prefill(self, ids, state, chunk_size=None) -> torch.Tensor:
+        """Feed `ids` into `state` → the last token's logits (`V4Model.prefill`). On a GPU the
+        calls are sized to the memory free now (`fitting_chunk`), and a call that still runs out
+        of it is undone (`SequenceState.rewind`) and run again in halves, down to
+        MIN_FITTING_CHUNK tokens; later calls keep the smaller size and `notes` says so."""
         model = self._open()
-        if self.device.type == "cuda" and len(ids):
+        n = len(ids)
+        chunk = min(chunk_size or n, n, self._chunk_cap or n) if n else chunk_size
+        if self.device.type == "cuda" and n:
             free, _ = torch.cuda.mem_get_info(self.device)
             spare = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
                 self.device
             )
-            chunk_size = fitting_chunk(
-                min(chunk_size or len(ids), len(ids)), state.position, free + spare,
-                *self._prefill_bytes,
-            )  # fmt: skip
-        with self._torch_threads(state, len(ids)):
-            return model.prefill(ids, state, chunk_size)
+            chunk = fitting_chunk(chunk, state.position, free + spare, *self._prefill_bytes)
+        with self._torch_threads(state, n):
+            if self.device.type != "cuda" or not n:
+                return model.prefill(ids, state, chunk)
+            logits, smaller = prefill_in_pieces(model.prefill, ids, state, chunk)
+        if smaller is not None:
+            self._chunk_cap = smaller
+        return logits
 
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
@@ -631,6 +640,12 @@ class Runtime:
                 "install a C compiler, e.g. build-essential, for Triton)"
             )
         notes += gpu_kernels.fallback_notes(self.device)
+        if self._chunk_cap is not None:
+            notes.append(
+                f"a prompt chunk ran out of GPU memory and was run again in smaller calls; "
+                f"prompts now prefill {self._chunk_cap} tokens per call (slower for long "
+                "prompts: close other programs using the GPU, or run `flashdesk fit` again)"
+            )
         return notes
 
     def describe(self) -> str:
@@ -708,6 +723,29 @@ def fitting_chunk(
             break
         chunk = max(MIN_FITTING_CHUNK, chunk // 2)
     return chunk
+
+
+def prefill_in_pieces(prefill, ids, state, chunk: int) -> tuple[torch.Tensor, int | None]:
+    """`prefill(piece, state)` over `ids` in pieces of `chunk` tokens; a piece that runs out of
+    GPU memory is undone (`SequenceState.rewind`: its first layers were written) and run again
+    in halves, down to MIN_FITTING_CHUNK tokens (then the error stands) → (the last token's
+    logits, the smaller chunk it settled on or None)."""
+    done, logits, smaller = 0, None, None
+    while done < len(ids):
+        piece = ids[done : done + chunk]
+        mark = state.mark()
+        try:
+            logits = prefill(piece, state)
+        except torch.OutOfMemoryError:
+            state.rewind(mark)
+            if len(piece) <= MIN_FITTING_CHUNK:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed piece's blocks, for the smaller one
+            chunk = smaller = max(MIN_FITTING_CHUNK, len(piece) // 2)
+            continue
+        done += len(piece)
+    return logits, smaller
 
 
 def streaming_threshold(stream_min_tokens: int | str | None, plan: Any) -> int | None:

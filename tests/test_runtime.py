@@ -517,3 +517,44 @@ def test_a_prefill_call_shrinks_to_the_gpu_memory_free_now():
     assert fitting_chunk(8192, late, need(8192, 0), per_token, per_context) < 8192
     assert fitting_chunk(8192, 0, 0, per_token, per_context) == MIN_FITTING_CHUNK
     assert fitting_chunk(100, 0, 0, per_token, per_context) == 100
+
+
+def test_a_prefill_piece_that_runs_out_of_gpu_memory_is_undone_and_run_in_halves(tmp_path):
+    """A chunk that runs out of GPU memory halfway has written its first layers' KV rows,
+    window slots and compressor carries: `SequenceState.rewind` undoes them, the piece runs
+    again in halves, and the result equals an uninterrupted prefill in those pieces (every KV
+    format; packed FP8 rows round what later pieces read, so the pieces must match)."""
+    from flashdesk.engine import runtime as rt_mod
+    from flashdesk.engine.runtime import prefill_in_pieces
+
+    config = ModelConfig.tiny(head_dim=128, qk_rope_head_dim=64, index_head_dim=64)  # FP8 rows fit
+    model = load_model(write_random(tmp_path / "ckpt", config, seed=3))
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    ids = ids.tolist()
+    for kv in ("native", "fp8"):
+        want_state = model.new_state(kv)
+        model.prefill(ids[:5], want_state)
+        want = model.prefill(ids[5:], want_state, chunk_size=16)
+
+        calls = []
+
+        def flaky(piece, state, calls=calls):
+            calls.append(len(piece))
+            if len(piece) > 16:  # runs out after writing part of its share, as an OOM leaves it
+                model.forward_streams(piece[:3], state)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return model.prefill(piece, state)
+
+        state = model.new_state(kv)
+        model.prefill(ids[:5], state)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rt_mod, "MIN_FITTING_CHUNK", 4)
+            got, smaller = prefill_in_pieces(flaky, ids[5:], state, 32)
+        assert calls[0] == 32 and smaller == 16 and max(calls[1:]) == 16 and sum(calls[1:]) == 35
+        assert state.position == len(ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.decode(3, state), model.decode(3, want_state))
+        with pytest.MonkeyPatch.context() as mp:  # at the smallest size the error stands
+            mp.setattr(rt_mod, "MIN_FITTING_CHUNK", 32)
+            with pytest.raises(torch.OutOfMemoryError):
+                prefill_in_pieces(flaky, ids[5:], model.new_state(kv), 32)
