@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from flashdesk.engine import gpu_kernels
+from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.cache import SequenceState
 from flashdesk.engine.model.attention import StepPositions
 from flashdesk.engine.model.mhc import hc_post
@@ -38,6 +38,9 @@ from flashdesk.engine.model.model import V4Model
 from flashdesk.engine.runtime_experts import HybridMoE
 
 MIN_ROWS = 64  # compressed rows every store holds at least in a captured step
+# Longest the CPU kernels' workers are kept spinning while the host waits for the GPU before a
+# host-expert layer (the wait measured at that layer in the previous step, plus a margin).
+MAX_AWAKE_S = 0.05
 
 
 def rows_for(position: int, ratio: int, floor: int) -> int:
@@ -98,6 +101,7 @@ class GraphDecoder:
         # host seconds at the host-expert layers, summed over steps (benchmarks read them):
         # waiting for the device's work before a layer's picks, and in the CPU's share
         self.host_wait_s = self.host_expert_s = 0.0
+        self._waited: dict[int, float] = {}  # the last step's wait before each host layer
 
         dt = model.numerics.dtype
         hc, dim, k = c.hc_mult, c.hidden_size, c.num_experts_per_tok
@@ -231,8 +235,12 @@ class GraphDecoder:
         self._run(device_part, capturing)
         t0 = time.perf_counter()
         if ready is not None:
+            # workers asleep since the last host layer would wake late and join only what is
+            # left of the job: keep them spinning through the wait, so it starts on all of them
+            kernels.keep_threads_awake(min(self._waited.get(layer, 0.0) + 1e-3, MAX_AWAKE_S))
             ready.synchronize()
         t1 = time.perf_counter()
+        self._waited[layer] = t1 - t0
         self.h_y.zero_()
         moe._host_part(self.h_xn, self.h_ids, self.h_w, out=self.h_y)
         self.host_y.copy_(self.h_y, non_blocking=True)

@@ -40,6 +40,7 @@ __all__ = [
     "fp8_linear",
     "get_threads",
     "host_buffer",
+    "keep_threads_awake",
     "measured_isa",
     "prefetch",
     "set_isa",
@@ -138,6 +139,14 @@ def set_threads(n: int) -> None:
     if not isinstance(n, int) or n < 1 or n > 256:
         raise ValueError(f"threads must be an int in [1, 256], got {n!r}")
     _threads = n
+
+
+def keep_threads_awake(seconds: float) -> None:
+    """Wake the kernels' pool workers and keep them spinning for up to `seconds` (≤ 1): a call
+    expected after a wait (a GPU decode step's host-expert layer while the GPU runs the layers
+    before it) then starts on every worker instead of on those that woke in time. Returns at
+    once; workers sleep again after the deadline (an idle app costs no CPU)."""
+    _kernels.keep_threads_awake(float(seconds))
 
 
 def available_isas() -> list[str]:

@@ -406,6 +406,32 @@ def test_idle_pool_workers_sleep():
     assert busy < 0.03, f"{busy:.3f} s of CPU in 0.3 s of idling"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="uses resource.getrusage")
+def test_threads_kept_awake_spin_until_the_deadline_then_sleep():
+    """`keep_threads_awake` wakes sleeping workers and keeps them spinning (CPU time while the
+    caller only waits), then lets them sleep again."""
+    import resource
+
+    w, s = np.zeros((256, 4096), np.uint8), np.full((2, 32), 127, np.uint8)
+    kernels.fp8_linear(np.ones(4096, np.float32), w, s, threads=2)  # the pool has a worker
+    time.sleep(0.05)  # asleep by now (test_idle_pool_workers_sleep)
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    before = cpu()
+    kernels.keep_threads_awake(0.2)
+    time.sleep(0.25)
+    awake = cpu() - before
+    assert awake > 0.1, f"{awake:.3f} s of CPU while a worker should have spun 0.2 s"
+    before = cpu()
+    time.sleep(0.3)
+    idle = cpu() - before
+    assert idle < 0.03, f"{idle:.3f} s of CPU after the deadline"
+    kernels.keep_threads_awake(0)  # nothing asked: a no-op
+
+
 def test_host_buffer_is_aligned_and_advised():
     buf = kernels.host_buffer(5 << 20)
     assert buf.dtype == np.uint8 and buf.shape == (5 << 20,) and buf.flags.writeable

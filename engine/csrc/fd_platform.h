@@ -88,5 +88,9 @@ void fd_yield(void);
 #define FD_POOL_MAX_THREADS 256
 typedef void (*fd_job_fn)(void *ctx, int tid, int nthreads);
 int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads);
+/* Wake sleeping workers and keep them spinning for `seconds` (at most 1) even without a job: a
+ * caller that knows a job is coming after a wait (a GPU decode step's host-expert layer, while the
+ * GPU finishes the layers before it) hides the workers' wake-up latency inside that wait. */
+void fd_pool_keep_awake(double seconds);
 
 #endif

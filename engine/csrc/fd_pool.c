@@ -60,6 +60,9 @@ typedef struct {
     fd_atomic_int open;   /* 1 while the current job admits workers */
     fd_atomic_int active; /* workers inside the current job */
     fd_atomic_int sleepers;
+    fd_atomic_int awake_until_ms; /* fd_pool_keep_awake's deadline, ms since t0 (0: none) */
+    fd_atomic_int wake_epoch;     /* bumped to wake sleepers without a job */
+    double t0;
     fd_job_fn fn;
     void *ctx;
     int job_threads;
@@ -79,6 +82,7 @@ static BOOL CALLBACK fd_pool_init_once(PINIT_ONCE once, PVOID param, PVOID *ctx)
     fd_mutex_init(&g_pool.lock);
     fd_mutex_init(&g_pool.run_lock);
     fd_cond_init(&g_pool.wake);
+    g_pool.t0 = fd_now();
     g_pool.initialised = 1;
     return TRUE;
 }
@@ -89,6 +93,7 @@ static void fd_pool_init_once(void) {
     fd_mutex_init(&g_pool.lock);
     fd_mutex_init(&g_pool.run_lock);
     fd_cond_init(&g_pool.wake);
+    g_pool.t0 = fd_now();
     g_pool.owner_pid = getpid();
     g_pool.initialised = 1;
 }
@@ -103,6 +108,10 @@ void fd_yield(void) {
 #endif
 }
 
+/* Milliseconds since the pool was made (1-based: 0 means no deadline); ms, not µs, because a
+ * Windows long is 32 bits (24 days of uptime in ms). */
+static long fd_pool_ms(void) { return (long)((fd_now() - g_pool.t0) * 1000.0) + 1; }
+
 /* `seen` is the generation when the worker was created (read under run_lock by its creator): the
  * job that follows must not be missed if it is published before the thread first runs. */
 static void fd_pool_worker(int tid, long seen) {
@@ -112,13 +121,17 @@ static void fd_pool_worker(int tid, long seen) {
         double idle_since = 0.0;
         while ((gen = fd_atomic_load(&g_pool.generation)) == seen) {
             if (++spins == 1) idle_since = fd_now();
-            if ((spins & 255) || fd_now() - idle_since < FD_SPIN_SECONDS) {
+            if ((spins & 255) || fd_now() - idle_since < FD_SPIN_SECONDS ||
+                fd_pool_ms() < fd_atomic_load(&g_pool.awake_until_ms)) {
                 fd_cpu_relax();
                 continue;
             }
             fd_mutex_lock(&g_pool.lock);
             fd_atomic_add(&g_pool.sleepers, 1);
-            while (fd_atomic_load(&g_pool.generation) == seen) fd_cond_wait(&g_pool.wake, &g_pool.lock);
+            const long epoch = fd_atomic_load(&g_pool.wake_epoch);
+            while (fd_atomic_load(&g_pool.generation) == seen &&
+                   fd_atomic_load(&g_pool.wake_epoch) == epoch)
+                fd_cond_wait(&g_pool.wake, &g_pool.lock);
             fd_atomic_add(&g_pool.sleepers, -1);
             fd_mutex_unlock(&g_pool.lock);
             spins = 0;
@@ -183,6 +196,20 @@ static int fd_pool_start_thread(int tid) {
     if (rc != 0) free(start);
     return rc == 0 ? 0 : -1;
 #endif
+}
+
+void fd_pool_keep_awake(double seconds) {
+    fd_pool_init();
+    if (!(seconds > 0.0)) return;
+    if (seconds > 1.0) seconds = 1.0;
+    const long until = fd_pool_ms() + (long)(seconds * 1000.0 + 0.5);
+    if (until > fd_atomic_load(&g_pool.awake_until_ms)) fd_atomic_store(&g_pool.awake_until_ms, until);
+    if (fd_atomic_load(&g_pool.sleepers) > 0) {
+        fd_mutex_lock(&g_pool.lock);
+        fd_atomic_add(&g_pool.wake_epoch, 1);
+        fd_cond_broadcast(&g_pool.wake);
+        fd_mutex_unlock(&g_pool.lock);
+    }
 }
 
 int fd_pool_run(fd_job_fn fn, void *ctx, int nthreads) {

@@ -223,6 +223,14 @@ static PyObject *py_prefetch_pages(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(done);
 }
 
+static PyObject *py_keep_threads_awake(PyObject *self, PyObject *args) {
+    (void)self;
+    double seconds;
+    if (!PyArg_ParseTuple(args, "d:keep_threads_awake", &seconds)) return NULL;
+    fd_pool_keep_awake(seconds);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address, nbytes;
@@ -257,6 +265,9 @@ static PyMethodDef kernel_methods[] = {
      "matrices in place; use flashdesk.engine.model.mhc.sinkhorn."},
     {"fp8_nan_free", py_fp8_nan_free, METH_VARARGS,
      "fp8_nan_free(address, nbytes) -> bool\n\nTrue if no byte of the E4M3 range is a NaN code."},
+    {"keep_threads_awake", py_keep_threads_awake, METH_VARARGS,
+     "keep_threads_awake(seconds)\n\nWake the kernels' sleeping pool workers and keep them "
+     "spinning for up to `seconds` (at most 1) so that a job expected soon starts on all of them."},
     {"prefetch_pages", py_prefetch_pages, METH_VARARGS,
      "prefetch_pages(address, nbytes) -> int\n\nAsk the OS to read the range's pages in soon "
      "(memory-mapped weights); pages already resident are skipped. Returns the bytes advised "
