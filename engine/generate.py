@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from flashdesk.offload.predict import prefill_pieces
+
 # Special token ids of the V4 tokenizer (spec §5.1).
 EOS_ID = 1
 THINK_START_ID = 128821
@@ -260,15 +262,16 @@ class Session:
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
 
-        # Prefill the new part of the prompt in chunks, reporting progress between chunks.
+        # Prefill the new part of the prompt in chunks of equal size (`prefill_pieces`: no short
+        # tail), reporting progress between chunks.
         todo = prompt[reused:]
         logits = None
         done = 0
-        while done < len(todo):
+        for size in prefill_pieces(len(todo), self.prefill_chunk):
             if self._cancel.is_set():
                 yield self._finish(run, "cancelled")
                 return
-            chunk = todo[done : done + self.prefill_chunk]
+            chunk = todo[done : done + size]
             t0 = time.perf_counter()
             logits = self.model.prefill(chunk, self._state)
             run.timing.prefill_s += time.perf_counter() - t0

@@ -317,6 +317,18 @@ def _decode_seconds(
     return total, read
 
 
+def prefill_pieces(tokens: int, chunk: int) -> list[int]:
+    """Sizes of the calls a prompt of `tokens` is prefilled in: as few as chunks of at most
+    `chunk` allow, equal to a token. A short tail would be the one call below the streaming
+    crossover (its experts on the CPU) and pays a whole call's PCIe copies for few tokens:
+    9,000 tokens in 8,192-token chunks run as 4,500 + 4,500, not 8,192 + 808."""
+    if tokens <= 0:
+        return []
+    calls = -(-tokens // max(1, chunk))
+    q, r = divmod(tokens, calls)
+    return [q + 1] * r + [q] * (calls - r)
+
+
 def _expected_distinct(n: int, picks: float) -> float:
     """Distinct experts out of `n` touched by `picks` uniform picks."""
     return n * (1.0 - (1.0 - 1.0 / n) ** picks) if n else 0.0
@@ -432,12 +444,11 @@ def predict(
     bound_seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=True)
     memory_seconds, _ = _decode_seconds(plan, figures, rates, eff, False, dispatch_floor=False)
     prompt = max(1, min(prompt_tokens, plan.context))
-    chunk = min(CPU_PREFILL_CHUNK if plan.mode == "cpu" else plan.prefill_chunk, prompt)
+    chunk = CPU_PREFILL_CHUNK if plan.mode == "cpu" else plan.prefill_chunk
     prefill = 0.0
     paths: set[str] = set()
     position = 0
-    while position < prompt:
-        size = min(chunk, prompt - position)
+    for size in prefill_pieces(prompt, chunk):  # as a Session splits it
         t, used = _prefill_chunk_seconds(plan, figures, rates, eff, size, position)
         prefill += t
         paths |= used

@@ -457,3 +457,20 @@ def test_fit_reports_the_chosen_chunk(capsys, tmp_path):
     assert code == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["prefill_chunk"] >= 4096 and plan["gpu_workspace_bytes"] > 4 * GIB
+
+
+def test_prompts_are_prefilled_in_equal_calls():
+    """As few calls as the chunk allows, sizes within one token of each other: a short tail
+    would run its experts on the CPU (below the streaming crossover) or pay a whole call's PCIe
+    copies for a few tokens. The Session splits prompts the same way (tests/test_generate.py)."""
+    from flashdesk.offload.predict import prefill_pieces
+
+    assert prefill_pieces(9000, 8192) == [4500, 4500]
+    assert prefill_pieces(8192, 8192) == [8192]
+    assert prefill_pieces(10, 4) == [4, 3, 3]
+    assert prefill_pieces(0, 512) == [] and prefill_pieces(1, 512) == [1]
+    for tokens in range(1, 300, 7):
+        for chunk in (1, 2, 5, 64, 128):
+            sizes = prefill_pieces(tokens, chunk)
+            assert sum(sizes) == tokens and len(sizes) == -(-tokens // chunk)
+            assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1
