@@ -72,7 +72,7 @@ def run(
     from flashdesk.engine.synthetic import SyntheticCheckpoint
     from flashdesk.offload.figures import ModelFigures
     from flashdesk.offload.plan import DISK, PlanOptions
-    from flashdesk.offload.predict import Efficiency, plan_and_predict
+    from flashdesk.offload.predict import Efficiency, plan_and_predict, prefill_pieces
     from flashdesk.offload.probe import GIB, probe
 
     say, info = _machine.start(json_output)
@@ -139,8 +139,10 @@ def run(
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        for i in range(0, prompt_tokens, chunk):
-            logits = rt.prefill(ids[i : i + chunk], state)
+        at = 0
+        for size in prefill_pieces(prompt_tokens, chunk):  # as a Session splits the prompt
+            logits = rt.prefill(ids[at : at + size], state)
+            at += size
         _sync()
         prefill_s = time.perf_counter() - t0
         out["prefill_chunk"] = chunk
