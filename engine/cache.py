@@ -268,7 +268,7 @@ class RowStore:
         self._parts = self.codec.empty(0, self.device)
         self.n = 0
 
-    def mark(self) -> int:
+    def mark(self, device=None) -> int:
         return self.n  # rows below n are never written again: the count is the whole state
 
     def rewind(self, mark: int) -> None:
@@ -316,8 +316,8 @@ class WindowRing:
     def reset(self) -> None:
         self._parts = self.codec.empty(self.size, self.device)
 
-    def mark(self) -> tuple[torch.Tensor, ...]:
-        return tuple(p.clone() for p in self._parts)
+    def mark(self, device=None) -> tuple[torch.Tensor, ...]:
+        return tuple(p.to(device or p.device, copy=True) for p in self._parts)
 
     def rewind(self, mark: tuple[torch.Tensor, ...]) -> None:
         for p, saved in zip(self._parts, mark, strict=True):
@@ -354,8 +354,8 @@ class CompressorCarry:
             self.prev_kv.zero_()
             self.prev_gate.fill_(float("-inf"))
 
-    def mark(self) -> list[torch.Tensor]:
-        return [t.clone() for t in self.tensors()]
+    def mark(self, device=None) -> list[torch.Tensor]:
+        return [t.to(device or t.device, copy=True) for t in self.tensors()]
 
     def rewind(self, mark: list[torch.Tensor]) -> None:
         for t, saved in zip(self.tensors(), mark, strict=True):
@@ -420,11 +420,14 @@ class SequenceState:
         self.position = 0
         self.mtp_position = 0
 
-    def mark(self) -> tuple:
+    def mark(self, device=None) -> tuple:
         """What `rewind` needs to undo the calls after this one: the window rings and compressor
-        carries copied (small: V4-Flash ~6 MB in BF16), the stores' row counts and positions.
-        A prefill chunk that runs out of GPU memory halfway leaves its first layers written."""
-        layers = [[(p, p.mark()) for p in layer.parts()] for layer in self.layers + self.mtp]
+        carries copied (V4-Flash: ~16 MB, to `device` if given, e.g. host memory for a mark that
+        is kept), the stores' row counts and positions. A mark stays valid until the state is
+        rewound to an earlier one (rows past that are then written again): a prefill chunk that
+        runs out of GPU memory halfway is undone, a chat turn returns to where a new prompt
+        diverges from the old (`generate.Session`)."""
+        layers = [[(p, p.mark(device)) for p in layer.parts()] for layer in self.layers + self.mtp]
         return layers, self.position, self.mtp_position
 
     def rewind(self, mark: tuple) -> None:

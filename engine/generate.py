@@ -27,6 +27,8 @@ THINK_START_ID = 128821
 THINK_END_ID = 128822
 
 PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory and cancel latency
+# States kept to return to (`Session._marks`; V4-Flash ~16 MB of host memory each).
+MAX_MARKS = 8
 # (a model may ask for its own: `model.prefill_chunk`, e.g. the GPU runtime, whose every chunk
 # copies the experts kept in RAM across PCIe once)
 
@@ -196,6 +198,9 @@ class Session:
         )
         self._state = None
         self._ids: list[int] = []  # tokens the state holds, in order
+        # (tokens held, `SequenceState.mark`) at the ends of earlier prompts, oldest first: where
+        # a new prompt that diverges from the held tokens can resume (models whose states mark)
+        self._marks: list[tuple[int, object]] = []
         self._cancel = threading.Event()
         self._busy = threading.Lock()
 
@@ -217,6 +222,7 @@ class Session:
         """Forget the cached state (a new chat)."""
         self._state = None
         self._ids = []
+        self._marks = []
 
     def cancel(self) -> None:
         """Stop the running stream after the current token; safe from any thread."""
@@ -247,6 +253,7 @@ class Session:
         reused = self._reusable_prefix(prompt)
         if reused == 0 or self._state is None:
             self._state, self._ids, reused = self.model.new_state(), [], 0
+            self._marks = []
         phase = "reasoning" if prompt[-1] == THINK_START_ID else "answer"
         run = _Run(
             stats=Stats(
@@ -263,17 +270,29 @@ class Session:
             generator = torch.Generator().manual_seed(params.seed)
 
         # Prefill the new part of the prompt in chunks of equal size (`prefill_pieces`: no short
-        # tail), reporting progress between chunks.
+        # tail), reporting progress between chunks. The state is marked where the next prompt
+        # may diverge: after the whole prompt, or, for a Think prompt, before its closing
+        # <think>, which the next turn renders as </think> (earlier reasoning is dropped); that
+        # last token then goes in as a decode step.
         todo = prompt[reused:]
+        markable = callable(getattr(self._state, "mark", None))
+        split = markable and prompt[-1] == THINK_START_ID
+        pieces = prefill_pieces(len(todo) - split, self.prefill_chunk) + [1] * split
         logits = None
         done = 0
-        for size in prefill_pieces(len(todo), self.prefill_chunk):
+        for i, size in enumerate(pieces):
             if self._cancel.is_set():
                 yield self._finish(run, "cancelled")
                 return
             chunk = todo[done : done + size]
+            last_of_split = split and i == len(pieces) - 1
+            if last_of_split:
+                self._remember()
             t0 = time.perf_counter()
-            logits = self.model.prefill(chunk, self._state)
+            if last_of_split:
+                logits = self.model.decode(chunk[0], self._state)
+            else:
+                logits = self.model.prefill(chunk, self._state)
             run.timing.prefill_s += time.perf_counter() - t0
             self._ids.extend(chunk)
             done += len(chunk)
@@ -287,6 +306,8 @@ class Session:
             )
             if done < len(todo):
                 yield StreamEvent("", run.phase, run.stats)
+        if markable and not split:
+            self._remember()
 
         decoder = self._text_decoder()
         stop_ids = {EOS_ID, *params.stop_ids}
@@ -350,12 +371,31 @@ class Session:
         return StreamEvent(tail, run.phase, run.stats, done=True)
 
     def _reusable_prefix(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens the cached state already holds (all or nothing: the
-        caches cannot be rolled back, so the state is reusable only if the prompt extends it)."""
+        """How many leading prompt tokens the cached state holds for this prompt: all of them
+        if the prompt extends them, else those up to the last mark within the common prefix
+        (the state is rewound there: a Think turn's follow-up, a regenerated or edited last
+        message, a re-tokenized answer), else none."""
         n = len(self._ids)
         if n and n < len(prompt) and prompt[:n] == self._ids:
             return n
-        return 0
+        limit = min(n, len(prompt) - 1)  # at least one token to prefill: its logits
+        common = next((i for i in range(limit) if prompt[i] != self._ids[i]), limit)
+        usable = [(at, mark) for at, mark in self._marks if 0 < at <= common]
+        if not usable or self._state is None:
+            return 0
+        at, mark = usable[-1]
+        self._state.rewind(mark)
+        del self._ids[at:]
+        self._marks = [(p, m) for p, m in self._marks if p <= at]  # later rows get rewritten
+        return at
+
+    def _remember(self) -> None:
+        """Mark the state as it holds `_ids` now (host memory; the newest MAX_MARKS kept)."""
+        at = len(self._ids)
+        if any(p == at for p, _ in self._marks):
+            return
+        self._marks.append((at, self._state.mark("cpu")))
+        del self._marks[:-MAX_MARKS]
 
     def _text_decoder(self):
         """A per-stream detokenizer: the tokenizer's own byte-level one where it has one (V4's:

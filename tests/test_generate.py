@@ -313,3 +313,72 @@ def test_nan_logits_give_a_clear_error():
         sample(torch.tensor([0.0, float("nan")]), SamplingParams(), None)
     with pytest.raises(FloatingPointError, match="finite"):
         sample(torch.full((4,), float("-inf")), GREEDY, None)
+
+
+# ------------------------------------------------------------- returning to a marked state
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from flashdesk.engine.checkpoint.writer import write_random
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.model.loader import load_model
+
+    config = ModelConfig.tiny()
+    folder = write_random(tmp_path_factory.mktemp("marks") / "ckpt", config, seed=5)
+    return load_model(folder), config
+
+
+THINK_OPEN, THINK_CLOSE = 300, 301  # stand-ins for <think> / </think> in the tiny vocabulary
+
+
+def _turn(session, prompt):
+    events = run(session, prompt, SamplingParams(temperature=0.0, max_tokens=6))
+    return events[-1].stats, list(session.held_ids)
+
+
+def test_a_think_follow_up_resumes_where_the_prompts_diverge(tiny_model, monkeypatch):
+    """A Think prompt ends with <think>; the next turn renders that turn with </think> (the
+    reasoning dropped), so the held tokens were all-or-nothing useless and a long document was
+    prefilled again every turn. The state is marked before the <think> and rewound there: the
+    follow-up prefills only what is new, and continues exactly as a fresh session would."""
+    from flashdesk.engine import generate
+
+    monkeypatch.setattr(generate, "THINK_START_ID", THINK_OPEN)
+    model, config = tiny_model
+    g = torch.Generator().manual_seed(1)
+    document = torch.randint(2, 256, (48,), generator=g).tolist()
+    first = [*document, THINK_OPEN]
+    session = Session(model, TOK, context_limit=config.max_position_embeddings)
+    _, held = _turn(session, first)
+    answer = held[len(first) :]
+    follow = [*first[:-1], THINK_CLOSE, *answer, EOS_ID, 7, 8, 9, THINK_OPEN]
+    stats, held = _turn(session, follow)
+    assert stats.reused_tokens == len(first) - 1  # all but the diverging <think>
+
+    fresh = Session(model, TOK, context_limit=config.max_position_embeddings)
+    fresh_stats, fresh_held = _turn(fresh, follow)
+    assert fresh_stats.reused_tokens == 0 and held == fresh_held
+    torch.testing.assert_close(
+        model.decode(held[-1], session._state), model.decode(held[-1], fresh._state)
+    )
+
+    # regenerating the same answer: everything but the final <think> is reused
+    stats, again = _turn(session, follow)
+    assert stats.reused_tokens == len(follow) - 1 and again == held
+    assert len(session._marks) <= generate.MAX_MARKS
+
+
+def test_a_non_think_prompt_is_marked_at_its_end(tiny_model):
+    """Non-think: the next prompt repeats this one, then the answer as re-tokenized, which may
+    differ from the sampled tokens: the state returns to the end of the prompt, not to zero."""
+    model, config = tiny_model
+    prompt = [*range(10, 40), THINK_END_ID % config.vocab_size]
+    session = Session(model, TOK, context_limit=config.max_position_embeddings)
+    _, held = _turn(session, prompt)
+    assert len(held) > len(prompt)
+    other = [t + 1 for t in held[len(prompt) :]]  # another tokenization of the answer
+    stats, _ = _turn(session, [*prompt, *other, 5])
+    assert stats.reused_tokens == len(prompt)
+    stats, _ = _turn(session, [3, *prompt])  # nothing in common: a new state
+    assert stats.reused_tokens == 0 and len(session._marks) == 1
