@@ -198,9 +198,11 @@ class Session:
         )
         self._state = None
         self._ids: list[int] = []  # tokens the state holds, in order
-        # (tokens held, `SequenceState.mark`) at the ends of earlier prompts, oldest first: where
-        # a new prompt that diverges from the held tokens can resume (models whose states mark)
-        self._marks: list[tuple[int, object]] = []
+        # (tokens held, `SequenceState.mark`, the logits there or None) at the ends of earlier
+        # prompts, oldest first: where a new prompt that diverges from the held tokens can
+        # resume (models whose states mark)
+        self._marks: list[tuple[int, object, torch.Tensor | None]] = []
+        self._resume_logits: torch.Tensor | None = None  # a mark's, for a prompt it ends
         self._cancel = threading.Event()
         self._busy = threading.Lock()
 
@@ -276,9 +278,9 @@ class Session:
         # last token then goes in as a decode step.
         todo = prompt[reused:]
         markable = callable(getattr(self._state, "mark", None))
-        split = markable and prompt[-1] == THINK_START_ID
+        split = markable and bool(todo) and prompt[-1] == THINK_START_ID
         pieces = prefill_pieces(len(todo) - split, self.prefill_chunk) + [1] * split
-        logits = None
+        logits, self._resume_logits = self._resume_logits, None  # the whole prompt was held
         done = 0
         for i, size in enumerate(pieces):
             if self._cancel.is_set():
@@ -287,7 +289,7 @@ class Session:
             chunk = todo[done : done + size]
             last_of_split = split and i == len(pieces) - 1
             if last_of_split:
-                self._remember()
+                self._remember(None)
             t0 = time.perf_counter()
             if last_of_split:
                 logits = self.model.decode(chunk[0], self._state)
@@ -307,7 +309,7 @@ class Session:
             if done < len(todo):
                 yield StreamEvent("", run.phase, run.stats)
         if markable and not split:
-            self._remember()
+            self._remember(logits)
 
         decoder = self._text_decoder()
         stop_ids = {EOS_ID, *params.stop_ids}
@@ -378,23 +380,30 @@ class Session:
         n = len(self._ids)
         if n and n < len(prompt) and prompt[:n] == self._ids:
             return n
-        limit = min(n, len(prompt) - 1)  # at least one token to prefill: its logits
+        limit = min(n, len(prompt))
         common = next((i for i in range(limit) if prompt[i] != self._ids[i]), limit)
-        usable = [(at, mark) for at, mark in self._marks if 0 < at <= common]
+        # a mark inside the common prefix; one at the prompt's very end only with its logits
+        usable = [
+            m for m in self._marks
+            if 0 < m[0] <= common and (m[0] < len(prompt) or m[2] is not None)
+        ]  # fmt: skip
         if not usable or self._state is None:
             return 0
-        at, mark = usable[-1]
+        at, mark, logits = usable[-1]
         self._state.rewind(mark)
         del self._ids[at:]
-        self._marks = [(p, m) for p, m in self._marks if p <= at]  # later rows get rewritten
+        self._marks = [m for m in self._marks if m[0] <= at]  # later rows get rewritten
+        self._resume_logits = logits if at == len(prompt) else None
         return at
 
-    def _remember(self) -> None:
-        """Mark the state as it holds `_ids` now (host memory; the newest MAX_MARKS kept)."""
+    def _remember(self, logits: torch.Tensor | None) -> None:
+        """Mark the state as it holds `_ids` now, with the logits there if known (host memory;
+        the newest MAX_MARKS kept)."""
         at = len(self._ids)
-        if any(p == at for p, _ in self._marks):
+        if any(m[0] == at for m in self._marks):
             return
-        self._marks.append((at, self._state.mark("cpu")))
+        kept = None if logits is None else logits.detach().to("cpu", copy=True)
+        self._marks.append((at, self._state.mark("cpu"), kept))
         del self._marks[:-MAX_MARKS]
 
     def _text_decoder(self):

@@ -382,3 +382,23 @@ def test_a_non_think_prompt_is_marked_at_its_end(tiny_model):
     assert stats.reused_tokens == len(prompt)
     stats, _ = _turn(session, [3, *prompt])  # nothing in common: a new state
     assert stats.reused_tokens == 0 and len(session._marks) == 1
+
+
+def test_regenerating_a_non_think_answer_prefills_nothing(tiny_model):
+    """The same prompt again (regenerate): the mark at its end carries its logits, so the
+    state returns there and sampling starts at once, as from the first prefill."""
+    model, config = tiny_model
+    prompt = [*range(50, 90), THINK_END_ID % config.vocab_size]
+    session = Session(model, TOK, context_limit=config.max_position_embeddings)
+    _, first = _turn(session, prompt)
+    calls = []
+    original = model.prefill
+    try:
+        model.prefill = lambda ids, state, *a, **k: (
+            calls.append(len(ids)) or original(ids, state, *a, **k)
+        )
+        stats, again = _turn(session, prompt)
+    finally:
+        del model.prefill
+    assert stats.reused_tokens == len(prompt) and again == first
+    assert set(calls) == {1}  # only the answer's decode steps (the plain model's are 1-token calls)
