@@ -248,8 +248,25 @@ class Session:
         try:
             self._cancel.clear()
             yield from self._stream(prompt, params)
+        except GeneratorExit:  # the caller stopped reading at an event: the state is whole
+            raise
+        except BaseException:
+            self._recover()
+            raise
         finally:
             self._busy.release()
+
+    def _recover(self) -> None:
+        """After a failure inside a model call (out of memory, a CUDA error, an interrupt) the
+        state may hold part of that call's writes: return it to the last mark, or drop it (the
+        next prompt is then prefilled whole), never continue from a half-written state."""
+        if self._state is not None and self._marks:
+            at, mark, _ = self._marks[-1]
+            if at <= len(self._ids):
+                self._state.rewind(mark)
+                del self._ids[at:]
+                return
+        self.reset()
 
     def _stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
         reused = self._reusable_prefix(prompt)

@@ -402,3 +402,38 @@ def test_regenerating_a_non_think_answer_prefills_nothing(tiny_model):
         del model.prefill
     assert stats.reused_tokens == len(prompt) and again == first
     assert set(calls) == {1}  # only the answer's decode steps (the plain model's are 1-token calls)
+
+
+def test_a_failed_model_call_never_leaves_a_half_written_state(tiny_model):
+    """A prefill that fails halfway (here after writing part of its chunk) leaves the state at
+    the last mark, or drops it: the next turn answers as a fresh session would."""
+    model, config = tiny_model
+    first = [*range(20, 60), THINK_END_ID % config.vocab_size]
+    session = Session(model, TOK, context_limit=config.max_position_embeddings)
+    _turn(session, first)
+    follow = [*first, 61, 62, 63, 64, 65, 66, 67]
+
+    def failing(ids, state, *a, **k):
+        model.forward_streams(ids[:3], state)  # part of the chunk written, then:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    model.prefill = failing
+    try:
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            _turn(session, follow)
+    finally:
+        del model.prefill
+    assert list(session.held_ids) == first  # back at the first prompt's mark
+    stats, held = _turn(session, follow)
+    assert stats.reused_tokens == len(first)
+    fresh = Session(model, TOK, context_limit=config.max_position_embeddings)
+    assert _turn(fresh, follow)[1] == held
+
+    # a model whose states cannot be marked: the state is dropped
+    scripted = ScriptedModel(TOK.encode("ok"))
+    session = Session(scripted, TOK)
+    run(session, TOK.encode("hello"))
+    scripted.prefill = lambda ids, state: state.fed.extend(ids) or 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        run(session, TOK.encode("hello there"))
+    assert session.held_ids == ()
