@@ -514,22 +514,29 @@ class PlanPage(QWizardPage):
 
     def recompute(self) -> None:
         from flashdesk.offload.plan import PlanError
-        from flashdesk.offload.predict import Efficiency, plan_and_predict
+        from flashdesk.offload.predict import LONG_PROMPT, Efficiency, plan_and_predict, predict
 
         self.context_label.setText(f"{human_tokens(self.context())} tokens")
         wiz = self.wiz
         try:
+            eff = Efficiency.load_or_defaults()  # what `bench decode` measured here, as `fit`
             plan, pred = plan_and_predict(
-                wiz.figures, wiz.profile, self.options(), PREVIEW_PROMPT,
-                Efficiency.load_or_defaults(),  # what `bench decode` measured here, as `fit`
-            )  # fmt: skip
+                wiz.figures, wiz.profile, self.options(), PREVIEW_PROMPT, eff
+            )
+            long = min(LONG_PROMPT, plan.context - 1)  # a long document: what the chunk is for
+            document = (
+                predict(plan, wiz.figures, wiz.profile, long, eff)
+                if long > PREVIEW_PROMPT
+                else None
+            )
         except (PlanError, ValueError) as exc:
             self.verdict.setText("Cannot plan")
             self.verdict.setStyleSheet("color: #c0392b;")
             self.prediction.setText(str(exc))
-            wiz.plan = wiz.prediction = None
+            wiz.plan = wiz.prediction = wiz.document_prediction = None
             self.completeChanged.emit()
             return
+        wiz.document_prediction = document
         wiz.plan, wiz.prediction = plan, pred
         text, colour = VERDICT_TEXT.get(plan.verdict, (plan.verdict, "black"))
         mode = {"gpu+cpu": "GPU + CPU", "cpu": "CPU only", "unified": "unified memory"}.get(
@@ -540,7 +547,7 @@ class PlanPage(QWizardPage):
         )
         self.verdict.setStyleSheet(f"color: {colour};")
         self._show_memory(plan)
-        self.prediction.setText(prediction_text(pred))
+        self.prediction.setText(prediction_text(pred, document, plan))
         self.changes.clear()
         for c in plan.changes:
             self.changes.addItem(QListWidgetItem(f"→ {c}"))
@@ -582,7 +589,9 @@ class PlanPage(QWizardPage):
         return self.wiz.plan is not None and self.wiz.plan.verdict != "does_not_fit"
 
 
-def prediction_text(pred) -> str:
+def prediction_text(pred, document=None, plan=None) -> str:
+    """The plan page's speed line; `document`: the prediction for a long prompt, shown with the
+    plan's GPU prompt chunk (what the chunk choice buys)."""
     if pred.decode_tok_s <= 0:
         return "No speed prediction: nothing could be placed."
     inputs = pred.inputs or {}
@@ -600,7 +609,20 @@ def prediction_text(pred) -> str:
         f"Decode ≈ {pred.decode_tok_s:.1f} tok/s ({pred.confidence}; bound "
         f"{pred.decode_bound_tok_s:.1f}{limit}) · prefill ≈ {pred.prefill_tok_s:,.0f} tok/s "
         f"({pred.confidence}) · first token for a {human_tokens(pred.prompt_tokens)}-token prompt "
-        f"≈ {human_seconds(pred.ttft_s)}" + (f"\nFrom: {'; '.join(sources)}" if sources else "")
+        f"≈ {human_seconds(pred.ttft_s)}"
+        + (
+            f"\nA {human_tokens(document.prompt_tokens)}-token document ≈ "
+            f"{human_seconds(document.ttft_s)} to read in ({document.prefill_tok_s:,.0f} tok/s"
+            + (
+                f", {plan.prefill_chunk:,}-token GPU chunks"
+                if plan is not None and plan.mode == "gpu+cpu"
+                else ""
+            )
+            + ")"
+            if document is not None and document.ttft_s
+            else ""
+        )
+        + (f"\nFrom: {'; '.join(sources)}" if sources else "")
     )
 
 
@@ -625,7 +647,7 @@ class SavePage(QWizardPage):
             f"Verdict: {VERDICT_TEXT[plan.verdict][0]}",
             f"Context: {plan.context:,} tokens, KV cache {plan.kv_dtype} "
             f"({human_bytes(plan.kv_bytes)})",
-            prediction_text(pred),
+            prediction_text(pred, getattr(self.wiz, "document_prediction", None), plan),
         ]
         if choice.kind == "preset":
             lines.append(
@@ -647,6 +669,7 @@ class FitWizard(QWizard):
         self.figures = None
         self.plan = None
         self.prediction = None
+        self.document_prediction = None  # a long document's prediction (the plan page)
         self.setWindowTitle("Hardware fit")
         self.setWizardStyle(QWizard.WizardStyle.ClassicStyle)
         self.setOption(QWizard.WizardOption.NoBackButtonOnStartPage, True)

@@ -84,6 +84,9 @@ def test_the_plan_page_predicts_with_this_machines_calibration(qtbot, tmp_path, 
         to_plan_page(qtbot, wiz)
         speeds.append(wiz.prediction.decode_tok_s)
         assert wiz.plan.prefill_chunk > 1024  # a 24 GB card streaming its RAM experts
+        text = wiz.plan_page.prediction.text()
+        assert "A 64K-token document ≈ " in text
+        assert f"{wiz.plan.prefill_chunk:,}-token GPU chunks" in text
     assert speeds[1] < 0.6 * speeds[0]
     Efficiency.default_path().write_text("{ damaged", encoding="utf-8")
     wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
