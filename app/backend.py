@@ -104,6 +104,7 @@ class TurnStats:
     """What the stats line and the meters show; mirrors `flashdesk.engine.generate.Stats`."""
 
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # of the prompt, already in the model's state (not prefilled again)
     generated_tokens: int = 0
     reasoning_tokens: int = 0
     ttft_s: float | None = None

@@ -65,7 +65,10 @@ def stats_line(stats: dict[str, Any]) -> str:
             tok += f" ({reasoning:,} reasoning)"
         parts.append(tok)
     if stats.get("prompt_tokens"):
-        parts.append(f"prompt {stats['prompt_tokens']:,}")
+        cached = stats.get("reused_tokens") or 0
+        parts.append(
+            f"prompt {stats['prompt_tokens']:,}" + (f" ({cached:,} cached)" if cached else "")
+        )
     reason = stats.get("stop_reason")
     if reason:
         parts.append(STOP_REASONS.get(reason, reason))

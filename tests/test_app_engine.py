@@ -62,6 +62,31 @@ def test_stream_generates_with_stats(loaded):
     assert last.stats.context_limit == 2048
 
 
+def test_a_think_follow_up_does_not_read_the_document_again(loaded):
+    """Think High drops earlier reasoning and renders the earlier turn's <think> as </think>, so
+    the follow-up's prompt diverges from what the model holds one token before the first
+    answer: the Session resumes there (a marked state) instead of prefilling the document again,
+    and the stats line says how much was cached."""
+    backend, _, _ = loaded
+    document = "Quarterly report. " * 60
+    first = [{"role": "user", "content": document}]
+    prompt = backend.encode(first, "Think High")
+    events = list(backend.stream(prompt, Sampling(max_tokens=4, seed=0)))
+    assert events[-1].stats.reused_tokens == 0
+    reasoning = "".join(e.text for e in events if e.phase == "reasoning")
+    answer = "".join(e.text for e in events if e.phase == "answer")
+    second = [
+        *first,
+        {"role": "assistant", "content": answer or "ok", "reasoning_content": reasoning},
+        {"role": "user", "content": "And the margin?"},
+    ]
+    follow = backend.encode(second, "Think High")
+    assert follow.ids[: prompt.tokens - 1] == prompt.ids[:-1]  # the document, as held
+    last = list(backend.stream(follow, Sampling(max_tokens=2, seed=0)))[-1]
+    assert last.stats.reused_tokens == prompt.tokens - 1
+    assert last.stats.prompt_tokens == follow.tokens
+
+
 def test_prompt_over_the_context_is_refused_before_work(loaded):
     backend, _, _ = loaded
     prompt = backend.encode([{"role": "user", "content": "word " * 3000}], "Non-think")

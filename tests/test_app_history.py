@@ -205,3 +205,6 @@ def test_formatting():
         "12.3 tok/s · first token 420 ms · 120 tokens (30 reasoning) · prompt 50 · stopped"
     )
     assert stats_line({}) == ""
+    assert stats_line({"prompt_tokens": 50_123, "reused_tokens": 48_000}) == (
+        "prompt 50,123 (48,000 cached)"
+    )
