@@ -263,7 +263,11 @@ class Session:
         if self._state is not None and self._marks:
             at, mark, _ = self._marks[-1]
             if at <= len(self._ids):
-                self._state.rewind(mark)
+                try:
+                    self._state.rewind(mark)
+                except RuntimeError:
+                    self.reset()
+                    return
                 del self._ids[at:]
                 return
         self.reset()
@@ -407,7 +411,10 @@ class Session:
         if not usable or self._state is None:
             return 0
         at, mark, logits = usable[-1]
-        self._state.rewind(mark)
+        try:
+            self._state.rewind(mark)
+        except RuntimeError:  # a model whose cache cannot be cut there: start afresh
+            return 0
         del self._ids[at:]
         self._marks = [m for m in self._marks if m[0] <= at]  # later rows get rewritten
         self._resume_logits = logits if at == len(prompt) else None

@@ -128,9 +128,18 @@ def test_prefix_reuse_and_cancel(demo):
     assert final.stats.reused_tokens == held > 0
     assert final.stats.prefill_done == len(second.ids) - held
     assert final.stats.stop_reason == "cancelled" and final.stats.generated_tokens < 50
-    # A prompt that does not extend the state starts a fresh sequence and still answers.
-    fresh = list(session.stream(first.ids, _greedy(4, ())))
-    assert fresh[-1].stats.reused_tokens == 0 and fresh[-1].stats.generated_tokens == 4
+    # The first prompt again (regenerate): llama.cpp's cache is cut back to its end (a mark),
+    # whose logits were kept, and the answer is the one a fresh sequence gives.
+    again = list(session.stream(first.ids, _greedy(4, ())))
+    assert again[-1].stats.reused_tokens == len(first.ids)
+    assert again[-1].stats.generated_tokens == 4
+    fresh = list(Session(model, tokenizer).stream(first.ids, _greedy(4, ())))
+    assert fresh[-1].stats.reused_tokens == 0
+    assert "".join(e.text for e in again) == "".join(e.text for e in fresh)
+    # A prompt that shares no mark with the state starts a fresh sequence and still answers.
+    other = encode_chat(model, tokenizer, [{"role": "user", "content": "Count to three."}])
+    last = list(session.stream(other.ids, _greedy(4, ())))[-1]
+    assert last.stats.reused_tokens == 0 and last.stats.generated_tokens == 4
 
 
 def test_tokenizer_round_trip_and_context_refusal(demo):

@@ -149,6 +149,13 @@ class _Sequence:
     def nbytes(self) -> int | None:
         return self._model.kv_bytes
 
+    # `generate.Session` returns to a marked state where a new prompt diverges from the old
+    def mark(self, device=None) -> int:
+        return self._model._pos
+
+    def rewind(self, mark: int) -> None:
+        self._model._truncate(self, int(mark))
+
 
 class LlamaCppModel:
     """A GGUF model and one llama.cpp context, as a Session model."""
@@ -245,6 +252,17 @@ class LlamaCppModel:
 
     def decode(self, token_id: int, state: _Sequence):
         return self._eval([int(token_id)], state)
+
+    def _truncate(self, state: _Sequence, n: int) -> None:
+        """Drop the sequence's positions from `n` on (llama.cpp removes their cache cells);
+        raises RuntimeError where this model's cache cannot be cut there (recurrent state)."""
+        with self._lock:
+            self._need_ctx()
+            if state.generation != self._generation or not 0 <= n <= self._pos:
+                raise RuntimeError("this state cannot return to that mark")
+            if n < self._pos and not self._llama.llama_memory_seq_rm(self._memory, 0, n, -1):
+                raise RuntimeError("llama.cpp cannot cut this model's cache back")
+            self._pos = n
 
     def _eval(self, ids: list[int], state: _Sequence):
         import torch
