@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from flashdesk.engine.model.model import Interrupted
 from flashdesk.offload.predict import prefill_pieces
 
 # Special token ids of the V4 tokenizer (spec §5.1).
@@ -245,8 +246,11 @@ class Session:
             raise ContextOverflowError(len(prompt), self.context_limit)
         if not self._busy.acquire(blocking=False):
             raise SessionBusyError()
+        interrupt = getattr(self.model, "set_interrupt", None)
         try:
             self._cancel.clear()
+            if interrupt is not None:  # a cancel stops a long prompt chunk between layers
+                interrupt(self._cancel.is_set)
             yield from self._stream(prompt, params)
         except GeneratorExit:  # the caller stopped reading at an event: the state is whole
             raise
@@ -254,6 +258,8 @@ class Session:
             self._recover()
             raise
         finally:
+            if interrupt is not None:
+                interrupt(None)
             self._busy.release()
 
     def _recover(self) -> None:
@@ -315,7 +321,16 @@ class Session:
             if last_of_split:
                 logits = self.model.decode(chunk[0], self._state)
             else:
-                logits = self.model.prefill(chunk, self._state)
+                before = self._state.mark() if markable else None  # a cancel may stop it
+                try:
+                    logits = self.model.prefill(chunk, self._state)
+                except Interrupted:  # cancelled inside the chunk: the state as before it
+                    if before is not None:
+                        self._state.rewind(before)
+                    else:
+                        self.reset()
+                    yield self._finish(run, "cancelled")
+                    return
             run.timing.prefill_s += time.perf_counter() - t0
             self._ids.extend(chunk)
             done += len(chunk)

@@ -549,6 +549,10 @@ class Runtime:
             self._chunk_cap = smaller
         return logits
 
+    def set_interrupt(self, asked) -> None:
+        """`V4Model.set_interrupt`: a cancel stops a prompt chunk between layers."""
+        self.model.set_interrupt(asked)
+
     def decode(self, token_id: int, state) -> torch.Tensor:
         model = self._open()
         self._prefetch_hash_experts(int(token_id))

@@ -437,3 +437,33 @@ def test_a_failed_model_call_never_leaves_a_half_written_state(tiny_model):
     with pytest.raises(ZeroDivisionError):
         run(session, TOK.encode("hello there"))
     assert session.held_ids == ()
+
+
+def test_a_cancel_stops_a_prompt_chunk_between_layers(tiny_model):
+    """A long prompt chunk (8K tokens on a 24 GB card, seconds) stops within a layer of a
+    cancel: the chunk's partial writes are undone, the chunks before it stay, and the next
+    turn continues from them as a fresh session would."""
+    model, config = tiny_model
+    prompt = torch.randint(2, 256, (60,), generator=torch.Generator().manual_seed(9)).tolist()
+    session = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
+    real = model.blocks[1].forward
+    seen = []
+
+    def cancelling(x, *a, **k):  # the second chunk's second layer asks to stop
+        seen.append(x.shape[0])
+        if len(seen) == 2:
+            session.cancel()
+        return real(x, *a, **k)
+
+    model.blocks[1].forward = cancelling
+    try:
+        events = run(session, prompt, SamplingParams(temperature=0.0, max_tokens=4))
+    finally:
+        del model.blocks[1].forward
+    assert events[-1].stats.stop_reason == "cancelled"
+    assert events[-1].stats.prefill_done == 20 and list(session.held_ids) == prompt[:20]
+    assert model._interrupt is None  # the hook is the stream's only
+    stats, held = _turn(session, prompt)
+    assert stats.reused_tokens == 20
+    fresh = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
+    assert _turn(fresh, prompt)[1] == held

@@ -40,6 +40,11 @@ class ModelInputError(ValueError):
     """Token ids the model cannot take (empty, out of vocabulary, wrong shape)."""
 
 
+class Interrupted(Exception):
+    """A prompt call stopped between two layers because its caller asked (`set_interrupt`);
+    the state holds part of the call's writes: the caller rewinds it (`SequenceState.rewind`)."""
+
+
 def rotary_tables(config: ModelConfig) -> tuple[Rotary, Rotary]:
     """(main, compress): θ=rope_theta plain for window layers; compress_rope_theta + YaRN."""
     rd = config.qk_rope_head_dim
@@ -267,6 +272,7 @@ class V4Model:
         # A replacement for `linear(h.float(), self.head)` → float32 logits (the runtime's
         # bf16/FP8 head on the CPU); None: the float32 head above.
         self.head_linear: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._interrupt: Callable[[], bool] | None = None  # `set_interrupt`
         self.norm = fetch_on("norm.weight", F32)
         self.hc_head = tuple(fetch_on(f"hc_head_{n}", F32) for n in ("fn", "scale", "base"))
         self.blocks = [
@@ -281,6 +287,12 @@ class V4Model:
             if with_mtp
             else []
         )
+
+    def set_interrupt(self, asked: Callable[[], bool] | None) -> None:
+        """`asked()` is polled between the layers of every call of several tokens; True stops
+        the call with `Interrupted` (a long prompt chunk stops within a layer of a cancel,
+        not at its end). None: never."""
+        self._interrupt = asked
 
     # ------------------------------------------------------------------ state
 
@@ -350,7 +362,10 @@ class V4Model:
         start = state.position
         e = self._embed(host_ids)  # [S, D]
         x = e.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        asked = self._interrupt if ids.numel() > 1 else None
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            if asked is not None and asked():
+                raise Interrupted(f"stopped before layer {block.spec.index}")
             x = block.forward(x, ids, start, layer_state, self.numerics)
         state.position = start + ids.numel()
         return x
