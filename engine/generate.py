@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flashdesk.engine.model.model import Interrupted
+from flashdesk.engine.interrupt import Interrupted
 from flashdesk.offload.predict import prefill_pieces
 
 # Special token ids of the V4 tokenizer (spec §5.1).

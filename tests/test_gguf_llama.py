@@ -239,3 +239,47 @@ def test_template_less_model_is_refused(tiny_moe, tmp_path):
             encode_chat(model, tokenizer, QUESTION)
     finally:
         model.close()
+
+
+def test_a_cancel_stops_a_long_prompt_between_llama_cpp_batches(demo):
+    """A prompt call runs as llama.cpp batches; a cancel between them removes the call's cells
+    again and ends the turn, the chunks before it kept: the next turn continues from them."""
+    import dataclasses
+
+    from flashdesk.offload.predict import prefill_pieces
+
+    model, tokenizer = demo
+    text = "The quick brown fox jumps over the lazy dog. " * 60
+    prompt = encode_chat(model, tokenizer, [{"role": "user", "content": text}]).ids
+    placement = model.placement
+    model.placement = dataclasses.replace(placement, batch=128)  # the context takes up to 512
+    assert len(prompt) > 3 * model.placement.batch
+    session = Session(model, tokenizer, prefill_chunk=2 * model.placement.batch)
+
+    class Decoding:  # llama.cpp's module, its decode counted: the 3rd batch asks to cancel
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def llama_decode(self, ctx, batch):
+            Decoding.calls += 1
+            if Decoding.calls == 3:
+                session.cancel()
+            return real.llama_decode(ctx, batch)
+
+    real = model._llama
+    model._llama = Decoding()
+    try:
+        events = list(session.stream(prompt, _greedy(4, ())))
+    finally:
+        model._llama = real
+    first = prefill_pieces(len(prompt), session.prefill_chunk)[0]  # 2 batches; then the cancel
+    last = events[-1].stats
+    assert last.stop_reason == "cancelled" and last.prefill_done == first
+    assert model._pos == len(session.held_ids) == first
+    resumed = list(session.stream(prompt, _greedy(4, ())))
+    assert resumed[-1].stats.reused_tokens == first
+    fresh = list(Session(model, tokenizer).stream(prompt, _greedy(4, ())))
+    model.placement = placement
+    assert "".join(e.text for e in resumed) == "".join(e.text for e in fresh)

@@ -30,6 +30,7 @@ from flashdesk.engine.gguf.llama_glue import (
     llama_cpp_module,
 )
 from flashdesk.engine.gguf.metadata import GGUFInfo, read_gguf
+from flashdesk.engine.interrupt import Interrupted
 
 # ggml_type ids of the KV cache types llama.cpp accepts for K and V.
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -237,8 +238,14 @@ class LlamaCppModel:
         self.context_limit = int(llama_cpp.llama_n_ctx(ctx))
         self.threads = threads
         self.stop_ids = self._end_of_generation_ids()
+        self._interrupt: Callable[[], bool] | None = None  # `set_interrupt`
 
     # Session protocol ----------------------------------------------------------------------------
+    def set_interrupt(self, asked) -> None:
+        """`asked()` is polled between llama.cpp batches of a call; True stops it
+        (`Interrupted`, its cells removed again): a cancel stops a long prompt within a batch."""
+        self._interrupt = asked
+
     def new_state(self) -> _Sequence:
         with self._lock:
             self._need_ctx()
@@ -282,7 +289,13 @@ class LlamaCppModel:
                     "load the model with a larger context."
                 )
             step = self.placement.batch
+            first = self._pos
             for start in range(0, len(ids), step):
+                if start and self._interrupt is not None and self._interrupt():
+                    # a cancel between llama.cpp's batches: the call's cache cells go again
+                    self._llama.llama_memory_seq_rm(self._memory, 0, first, -1)
+                    self._pos = first
+                    raise Interrupted(f"stopped after {start} of {len(ids)} tokens")
                 chunk = ids[start : start + step]
                 tokens = (self._llama.llama_token * len(chunk))(*chunk)
                 batch = self._llama.llama_batch_get_one(tokens, len(chunk))

@@ -21,6 +21,7 @@ import torch
 
 from flashdesk.engine.cache import LayerState, SequenceState, new_layer_state
 from flashdesk.engine.config import LayerSpec, ModelConfig
+from flashdesk.engine.interrupt import Interrupted
 from flashdesk.engine.model.attention import Attention, StepPositions
 from flashdesk.engine.model.common import Fetch, Linear, Numerics, rms_norm
 from flashdesk.engine.model.compressor import Compressor
@@ -38,11 +39,6 @@ MakeExperts = Callable[[LayerSpec], Any]
 
 class ModelInputError(ValueError):
     """Token ids the model cannot take (empty, out of vocabulary, wrong shape)."""
-
-
-class Interrupted(Exception):
-    """A prompt call stopped between two layers because its caller asked (`set_interrupt`);
-    the state holds part of the call's writes: the caller rewinds it (`SequenceState.rewind`)."""
 
 
 def rotary_tables(config: ModelConfig) -> tuple[Rotary, Rotary]:
