@@ -28,6 +28,7 @@ import numpy as np
 from flashdesk.engine import _kernels
 
 __all__ = [
+    "BoundLinear",
     "CpuExperts",
     "ExpertTable",
     "ExpertWeights",
@@ -641,10 +642,8 @@ class CpuExperts:
 # ------------------------------------------------------------------------------------ linears
 
 
-def _linear(kind: int, x, w, scale, out, threads, isa, name: str, groups: int = 1):
-    one_token = len(_shape(x)) == 1
-    x, x_bf16 = _activations(x, "x")
-    x2 = x.reshape(1, -1) if one_token else x
+def _linear_weight(kind: int, w, scale, name: str, groups: int) -> tuple[int, int]:
+    """A linear's weight (and scales) checked → (N rows, K inputs per group)."""
     if kind == _BF16:
         if len(_shape(w)) != 2 or _kind(w) not in ("bf16", "uint16"):
             raise ValueError(f"{name}: w must be a 2-D bfloat16 tensor (or uint16 bit patterns)")
@@ -661,15 +660,23 @@ def _linear(kind: int, x, w, scale, out, threads, isa, name: str, groups: int = 
         or (groups > 1 and (N // groups) % 64)
     ):
         raise ValueError(f"{name}: groups={groups!r} must split N = {N} into multiples of 64 rows")
-    if len(_shape(x2)) != 2 or _shape(x2)[1] != groups * K:
-        want = groups * K
-        raise ValueError(f"{name}: x has shape {_shape(x)}, expected [M, {want}] or [{want}]")
     fp8 = kind in (_FP8, _FP8_FINITE)
     expected_scale = ((N + 127) // 128, (K + 127) // 128) if fp8 else (N, K // 32)
     if kind == _FP4 and K % 32:
         raise ValueError(f"{name}: K = {K} must be a multiple of 32")
     if kind != _BF16 and _shape(scale) != expected_scale:
         raise ValueError(f"{name}: scale has shape {_shape(scale)}, expected {expected_scale}")
+    return N, K
+
+
+def _linear(kind: int, x, w, scale, out, threads, isa, name: str, groups: int = 1):
+    one_token = len(_shape(x)) == 1
+    x, x_bf16 = _activations(x, "x")
+    x2 = x.reshape(1, -1) if one_token else x
+    N, K = _linear_weight(kind, w, scale, name, groups)
+    if len(_shape(x2)) != 2 or _shape(x2)[1] != groups * K:
+        want = groups * K
+        raise ValueError(f"{name}: x has shape {_shape(x)}, expected [M, {want}] or [{want}]")
     M = _shape(x2)[0]
     out_shape = (N,) if one_token else (M, N)
     if out is None:
@@ -762,3 +769,62 @@ def bf16_linear(
     out: [M, N] (or [N]) float32/bfloat16, overwritten; None: a new float32 buffer.
     """
     return _linear(_BF16, x, w, None, out, threads, isa, "bf16_linear")
+
+
+class BoundLinear:
+    """One linear (FP8, FP4 or BF16 weight) whose weight and scales were checked once: a call
+    checks only its torch activations and output and goes straight to the C kernel. The general
+    entry points check every argument each call (~9 µs of Python; a CPU decode layer makes
+    about a dozen linear calls). Arguments they would refuse take their path, for its message.
+
+    kind: "fp8" (`finite`: no NaN code, as `fp8_linear`), "fp4" or "bf16"; w, scale as those
+    functions take them; groups as `fp8_linear`'s. Call: x `[M, groups·K]` float32/bfloat16,
+    out `[M, N]` float32/bfloat16 (overwritten) → out.
+    """
+
+    __slots__ = (
+        "_bf16", "_code", "_dtypes", "_scale_addr", "_w_addr", "groups", "k", "n", "name",
+        "scale", "w",
+    )  # fmt: skip
+
+    def __init__(self, kind: str, w: Any, scale: Any = None, *, groups: int = 1, finite=False):
+        codes = {"fp8": _FP8_FINITE if finite else _FP8, "fp4": _FP4, "bf16": _BF16}
+        if kind not in codes:
+            raise ValueError(f"kind must be one of {sorted(codes)}, got {kind!r}")
+        self.name = f"{kind}_linear"
+        self._code = codes[kind]
+        self.n, self.k = _linear_weight(self._code, w, scale, self.name, groups)
+        self.w, self.scale, self.groups = w, scale, groups  # kept alive: the kernel reads them
+        self._w_addr = _address(w, "w")
+        self._scale_addr = 0 if self._code == _BF16 else _address(scale, "scale")
+        import torch  # here, not at import: the kernels also serve numpy-only callers
+
+        self._bf16 = torch.bfloat16
+        self._dtypes = (torch.float32, torch.bfloat16)
+
+    def __call__(self, x: Any, out: Any) -> Any:
+        fast = (
+            _is_torch(x)
+            and _is_torch(out)
+            and x.dtype in self._dtypes
+            and out.dtype in self._dtypes
+            and x.dim() == 2
+            and x.shape[1] == self.groups * self.k
+            and tuple(out.shape) == (x.shape[0], self.n)
+            and x.device.type == "cpu"
+            and out.device.type == "cpu"
+            and x.is_contiguous()
+            and out.is_contiguous()
+        )
+        if not fast:
+            return _linear(
+                self._code, x, self.w, self.scale, out, None, None, self.name, self.groups
+            )
+        if x.shape[0]:
+            _ensure_default()
+            _kernels.quant_linear(
+                self._code, x.data_ptr(), x.dtype is self._bf16, x.shape[0], self.groups, self.k,
+                self._w_addr, self._scale_addr, self.n, out.data_ptr(), out.dtype is self._bf16,
+                _threads, "",
+            )  # fmt: skip
+        return out

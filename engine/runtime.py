@@ -223,7 +223,7 @@ class Placement:
 class Fp8Linear(Linear):
     """`y = x · Wᵀ` straight from the stored FP8 weight and its 128×128 E8M0 scales (C kernel)."""
 
-    __slots__ = ("dtype", "finite", "scale", "x_dtype")
+    __slots__ = ("_call", "dtype", "finite", "scale", "x_dtype")
 
     def __init__(
         self,
@@ -238,6 +238,7 @@ class Fp8Linear(Linear):
         # what the kernel reads (`load_runtime`'s kernel_activations)
         self.x_dtype = x_dtype or dtype
         self.finite = kernels.fp8_finite(weight)  # no NaN code: the kernel's faster path
+        self._call = kernels.BoundLinear("fp8", weight, scale, finite=self.finite)
 
     def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
         if simulate:
@@ -245,7 +246,7 @@ class Fp8Linear(Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(self.x_dtype).contiguous()
         out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=self.dtype)
-        kernels.fp8_linear(x2, self.weight, self.scale, out, finite=self.finite)
+        self._call(x2, out)
         return out.view(*lead, self.weight.shape[0])
 
     def to(self, device):
@@ -257,7 +258,7 @@ class Fp8GroupedLinear:
     inputs) straight from the stored bytes by one grouped C-kernel call: a quarter of the bytes
     of the float32 copy the einsum path reads per token (43 layers × 134 MB in V4-Flash)."""
 
-    __slots__ = ("dtype", "finite", "groups", "scale", "weight", "x_dtype")
+    __slots__ = ("_call", "dtype", "finite", "groups", "scale", "weight", "x_dtype")
 
     def __init__(
         self,
@@ -270,12 +271,12 @@ class Fp8GroupedLinear:
         self.weight, self.scale, self.groups, self.dtype = weight, scale, groups, dtype
         self.x_dtype = x_dtype or dtype
         self.finite = kernels.fp8_finite(weight)
+        self._call = kernels.BoundLinear("fp8", weight, scale, groups=groups, finite=self.finite)
 
     def __call__(self, o: torch.Tensor) -> torch.Tensor:  # [S, G·K] → [S, G·R]
         x = o.to(self.x_dtype).contiguous()
         out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=self.dtype)
-        kernels.fp8_linear(x, self.weight, self.scale, out, groups=self.groups, finite=self.finite)
-        return out
+        return self._call(x, out)
 
 
 class Bf16Linear:
@@ -283,15 +284,16 @@ class Bf16Linear:
     exactly): the reference's FP32-math linears (router gate, compressor wkv/wgate) at half the
     bytes of their float32 copies and on every core."""
 
-    __slots__ = ("weight",)
+    __slots__ = ("_call", "weight")
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
+        self._call = kernels.BoundLinear("bf16", weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
         out = torch.empty((x2.shape[0], self.weight.shape[0]), dtype=torch.float32)
-        kernels.bf16_linear(x2, self.weight, out)
+        self._call(x2, out)
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
 
@@ -338,11 +340,12 @@ class Bf16Head:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.to(torch.bfloat16).contiguous()
+        self._call = kernels.BoundLinear("bf16", self.weight)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         x = h.float().reshape(-1, h.shape[-1]).contiguous()
         out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=torch.float32)
-        kernels.bf16_linear(x, self.weight, out)
+        self._call(x, out)
         return out.view(*h.shape[:-1], self.weight.shape[0])
 
 
@@ -360,11 +363,12 @@ class Fp8Head:
         self.weight = torch.cat(codes).view(torch.float8_e4m3fn)
         self.scale = torch.cat(scales)
         self.finite = kernels.fp8_finite(self.weight)
+        self._call = kernels.BoundLinear("fp8", self.weight, self.scale, finite=self.finite)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         x = h.float().reshape(-1, h.shape[-1]).contiguous()
         out = torch.empty((x.shape[0], self.weight.shape[0]), dtype=torch.float32)
-        kernels.fp8_linear(x, self.weight, self.scale, out, finite=self.finite)
+        self._call(x, out)
         return out.view(*h.shape[:-1], self.weight.shape[0])
 
 

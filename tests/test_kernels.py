@@ -504,6 +504,50 @@ def test_linear_errors_are_clear():
         kernels.fp8_linear(np.zeros(128, np.float32), w, s, out)
 
 
+def test_bound_linears_equal_the_checked_entry_points():
+    """`BoundLinear` checks the weight once and each call's torch activations only; results are
+    the general entry points' to the bit, and anything it would not take goes their way (their
+    messages)."""
+    rng = np.random.default_rng(3)
+    w8, s8 = rand_fp8(rng, 256, 512)
+    w4, s4 = rand_fp4(rng, 128, 256)
+    w16 = torch.randn(192, 256).to(torch.bfloat16)
+    x512 = torch.randn(3, 512)
+    cases = [
+        (kernels.BoundLinear("fp8", w8, s8), lambda x, o: kernels.fp8_linear(x, w8, s8, o), x512),
+        (
+            kernels.BoundLinear("fp8", w8, s8, groups=2, finite=True),
+            lambda x, o: kernels.fp8_linear(x, w8, s8, o, groups=2, finite=True),
+            torch.randn(3, 1024),
+        ),
+        (kernels.BoundLinear("fp4", w4, s4), lambda x, o: kernels.fp4_linear(x, w4, s4, o),
+         torch.randn(2, 256)),
+        (kernels.BoundLinear("bf16", w16), lambda x, o: kernels.bf16_linear(x, w16, o),
+         torch.randn(4, 256)),
+    ]  # fmt: skip
+    for bound, general, x in cases:
+        for xs, dtype in ((x, torch.float32), (x.bfloat16(), torch.float32), (x, torch.bfloat16)):
+            got = torch.empty((xs.shape[0], bound.n), dtype=dtype)
+            want = torch.empty_like(got)
+            assert bound(xs, got) is got
+            general(xs, want)
+            assert torch.equal(got, want)
+        assert bound(x[:0], torch.empty((0, bound.n))).shape == (0, bound.n)
+    bound = cases[0][0]
+    with pytest.raises(ValueError, match=r"expected \[M, 512\]"):
+        bound(torch.zeros(2, 64), torch.empty(2, 256))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        bound(torch.zeros(2, 512, dtype=torch.float64), torch.empty(2, 256))
+    with pytest.raises(ValueError, match="out has shape"):
+        bound(torch.zeros(2, 512), torch.empty(3, 256))
+    loose = torch.zeros(512, 2).T  # not contiguous: the general path copies it
+    assert torch.equal(bound(loose, torch.empty(2, 256)), kernels.fp8_linear(loose, w8, s8))
+    with pytest.raises(ValueError, match="scale has shape"):
+        kernels.BoundLinear("fp8", w8, s8[:, :1])
+    with pytest.raises(ValueError, match="kind must be"):
+        kernels.BoundLinear("int4", w8, s8)
+
+
 # ------------------------------------------------------------------------------- expert FFN
 
 
