@@ -268,15 +268,20 @@ class Session:
         next prompt is then prefilled whole), never continue from a half-written state."""
         if self._state is not None and self._marks:
             at, mark, _ = self._marks[-1]
-            if at <= len(self._ids):
-                try:
-                    self._state.rewind(mark)
-                except RuntimeError:
-                    self.reset()
-                    return
-                del self._ids[at:]
+            if at <= len(self._ids) and self._rewind(at, mark):
                 return
         self.reset()
+
+    def _rewind(self, at: int, mark) -> bool:
+        """The state back to a mark that holds `at` tokens (the marks past it dropped: their
+        rows get written again) → False where the model's cache cannot return there."""
+        try:
+            self._state.rewind(mark)
+        except RuntimeError:
+            return False
+        del self._ids[at:]
+        self._marks = [m for m in self._marks if m[0] <= at]
+        return True
 
     def _stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
         reused = self._reusable_prefix(prompt)
@@ -426,12 +431,8 @@ class Session:
         if not usable or self._state is None:
             return 0
         at, mark, logits = usable[-1]
-        try:
-            self._state.rewind(mark)
-        except RuntimeError:  # a model whose cache cannot be cut there: start afresh
+        if not self._rewind(at, mark):  # a model whose cache cannot be cut there: afresh
             return 0
-        del self._ids[at:]
-        self._marks = [m for m in self._marks if m[0] <= at]  # later rows get rewritten
         self._resume_logits = logits if at == len(prompt) else None
         return at
 

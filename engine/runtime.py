@@ -55,7 +55,7 @@ from flashdesk.engine.runtime_experts import (
     LayerExperts,
     RoutingLog,
 )
-from flashdesk.offload.figures import PREFILL_BASE_BYTES, prefill_activation_bytes
+from flashdesk.offload.figures import PREFILL_BASE_BYTES, prefill_bytes_of
 from flashdesk.offload.plan import DEFAULT_PREFILL_CHUNK, DEFAULT_STREAM_MIN_TOKENS
 
 Progress = Callable[[float, str], None]
@@ -502,12 +502,8 @@ class Runtime:
         self._chunk_cap: int | None = None  # set when a prefill call ran out of GPU memory
         # None: the Session's own (CPU prefill reads the experts from RAM at any chunk size)
         self.prefill_chunk = gpu_prefill_chunk if self.device.type == "cuda" else None
-        c = self.config
         # a prefill call's GPU memory: (bytes per token of the call, per token of context)
-        self._prefill_bytes = prefill_activation_bytes(
-            c.hidden_size, c.num_attention_heads, c.head_dim, c.num_experts_per_tok,
-            c.index_n_heads, c.index_head_dim, 4,
-        )  # fmt: skip
+        self._prefill_bytes = prefill_bytes_of(self.config)
         # Hash-routed layers pick their experts by token id: the memory-mapped ones a decode token
         # will need are known before the step and paged in from disk while earlier work runs.
         self._hash_prefetch = []  # (host-side tid2eid [V, k], that layer's LayerExperts)

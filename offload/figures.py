@@ -52,6 +52,21 @@ def prefill_activation_bytes(
     return per_token, per_context
 
 
+def prefill_bytes_of(config: Any) -> tuple[int, int]:
+    """`prefill_activation_bytes` for a model config (the engine's `ModelConfig`, duck-typed);
+    (0, 0) for one without those dimensions (a GGUF's: llama.cpp sizes its own batches)."""
+    dims = [
+        getattr(config, name, None)
+        for name in (
+            "hidden_size", "num_attention_heads", "head_dim", "num_experts_per_tok",
+            "index_n_heads", "index_head_dim",
+        )
+    ]  # fmt: skip
+    if None in dims:
+        return 0, 0
+    return prefill_activation_bytes(*(int(d) for d in dims), 4)  # CSA's compress ratio
+
+
 @dataclass(frozen=True)
 class LayerFigures:
     """One main layer. `attention` is "window", "csa" or "hca" (compress ratio 0, 4, other)."""
@@ -309,18 +324,7 @@ class ModelFigures:
         embed = totals[EMBED]
         rows = totals["embed_rows"] or int(config.vocab_size)
         final = sum(v for k, v in totals.items() if k not in (EMBED, HEAD, "mtp", "embed_rows"))
-        dims = [
-            getattr(config, name, None)
-            for name in (
-                "hidden_size", "num_attention_heads", "head_dim", "num_experts_per_tok",
-                "index_n_heads", "index_head_dim",
-            )
-        ]  # fmt: skip
-        per_token, per_context = (
-            prefill_activation_bytes(*(int(d) for d in dims), 4)  # CSA's ratio, as classified
-            if None not in dims  # the engine's config (a GGUF's runs through llama.cpp)
-            else (0, 0)
-        )
+        per_token, per_context = prefill_bytes_of(config)
         return cls(
             name=name,
             layers=tuple(layers),
