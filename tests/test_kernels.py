@@ -682,6 +682,29 @@ def test_long_prompts_go_through_in_chunks(monkeypatch, bf16):
     assert_ffn_close(chunked.double().numpy(), whole.double().numpy(), rel=1e-3 if bf16 else 2e-5)
 
 
+def test_expert_ffn_direct_path_for_a_few_torch_tokens():
+    """A decode step's call (torch tensors, ≤ 4 tokens, an ExpertTable) skips the argument
+    checks and goes straight to the kernel, which checks the ids: the same sums as the checked
+    path, for every activation / output dtype, skipped slots included."""
+    rng = np.random.default_rng(11)
+    table = kernels.ExpertTable(make_experts(rng, 5, 256, 64))
+    for tokens in (1, 3, 4, 5):  # 5: over the direct path's limit, the checked one
+        x = torch.randn(tokens, 256)
+        ids = torch.randint(-1, 5, (tokens, 2))
+        w = torch.rand(tokens, 2, dtype=torch.float64)  # widened to float32 either way
+        for xs in (x, x.bfloat16()):
+            for out_dtype in (torch.float32, torch.bfloat16):
+                start = torch.randn(tokens, 256).to(out_dtype)  # accumulated into
+                got = kernels.expert_ffn(xs, table, w, start.clone(), ids=ids)
+                want = kernels.expert_ffn(
+                    xs.float().numpy() if xs.dtype == torch.float32 else xs,
+                    table, w.numpy(), start.clone(), ids=ids.numpy(),
+                )  # fmt: skip
+                assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.expert_ffn(x[:1], table, w[:1], torch.zeros(1, 256), ids=torch.tensor([[0, 7]]))
+
+
 def test_expert_ffn_errors_are_clear():
     rng = np.random.default_rng(0)
     experts = make_experts(rng, 2, 64, 32)
