@@ -85,10 +85,12 @@ class Efficiency:
     # A layer computed on the CPU also costs its torch/Python glue per decode token (norms,
     # rope, attention's small products, mHC, routing; a few dozen ops beside the C kernels),
     # which the bytes do not price. Measured on the dev VM (2026-11-27, 2 Zen 5 cores,
-    # `bench decode` with the C kernels stubbed out): 1.04–1.09 ms per layer; `bench decode`
-    # records this machine's figure. V4-Flash's 43 layers make that ~45 ms of each CPU token.
+    # `bench decode` with the C kernels stubbed out): 1.04–1.09 ms per layer, 0.78 ms after the
+    # tenth session's changes (the C linears bound once, the prefetch and expert_ffn fast paths);
+    # `bench decode` records this machine's figure. V4-Flash's 43 layers make that ~34 ms of
+    # each CPU token.
     cpu_layer_seconds: Sourced = field(
-        default_factory=lambda: _eff(1.0e-3, "torch/Python glue per CPU layer per decode token")
+        default_factory=lambda: _eff(0.8e-3, "torch/Python glue per CPU layer per decode token")
     )
 
     # Likewise a GPU layer's prompt work per token (attention, the experts' grouped kernels,
