@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("pytestqt")
 
+from _qtwait import wait_until
+
 from flashdesk.app.backend import ScriptedBackend
 from flashdesk.app.settings import Settings
 from flashdesk.app.window import MainWindow
@@ -72,9 +74,8 @@ def backend():
 def open_window(qtbot, folder, backend, settings):
     win = MainWindow(backend, folder, settings)
     qtbot.addWidget(win)
-    # polled, not qtbot.waitSignal: its signal and timer (dis)connections have corrupted memory
-    # under PySide6 (pytest-qt#487, Nuitka#2492), and one CI run crashed right there
-    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    # polled without pytest-qt's blockers (tests/_qtwait.py: they corrupted memory under PySide6)
+    wait_until(lambda: win.info is not None, timeout=10000)
     return win
 
 

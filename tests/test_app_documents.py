@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from _qtwait import wait_signal, wait_until
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 
@@ -18,9 +19,8 @@ from flashdesk.engine.tokenizer import load_tokenizer
 def make_window(qtbot, folder, backend=None):
     win = MainWindow(backend or ScriptedBackend(), folder)
     qtbot.addWidget(win)
-    # polled, not qtbot.waitSignal: its signal and timer (dis)connections have corrupted memory
-    # under PySide6 (pytest-qt#487, Nuitka#2492), and one CI run crashed right there
-    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    # polled without pytest-qt's blockers (tests/_qtwait.py: they corrupted memory under PySide6)
+    wait_until(lambda: win.info is not None, timeout=10000)
     return win
 
 
@@ -58,7 +58,7 @@ def test_dropped_pdf_and_docx_become_chips_with_token_counts(qtbot, tmp_path, fi
     win = make_window(qtbot, tmp_path / "data")
     drop(win, [pdf])
     win.documents.add_files([word])
-    qtbot.waitUntil(lambda: not win.documents.busy and len(win.documents.chips) == 2, timeout=20000)
+    wait_until(lambda: not win.documents.busy and len(win.documents.chips) == 2, timeout=20000)
     chips = list(win.documents.chips.values())
     assert all(c.ready for c in chips)
     pdf_chip, docx_chip = chips
@@ -76,7 +76,7 @@ def test_dropped_pdf_and_docx_become_chips_with_token_counts(qtbot, tmp_path, fi
 
     # Sending puts the documents before the message, and the history keeps what was attached.
     win.input.setPlainText("Summarise these")
-    with qtbot.waitSignal(win.turn_finished, timeout=10000):
+    with wait_signal(win.turn_finished, timeout=10000):
         win.send_button.click()
     prompt = win.backend.prompts[-1].text
     assert "[File: report.pdf" in prompt and "Revenue grew by 12 percent." in prompt
@@ -94,7 +94,7 @@ def test_files_dropped_on_the_input_box_are_attached_not_pasted(qtbot, tmp_path,
     win = make_window(qtbot, tmp_path / "data")
     drop(win.input, [pdf])
     assert win.input.toPlainText() == ""
-    qtbot.waitUntil(lambda: not win.documents.busy and len(win.documents.chips) == 1, timeout=20000)
+    wait_until(lambda: not win.documents.busy and len(win.documents.chips) == 1, timeout=20000)
     assert next(iter(win.documents.chips.values())).attachment["name"] == "report.pdf"
     win.close()
 
@@ -103,7 +103,7 @@ def test_removing_a_chip_updates_the_total(qtbot, tmp_path, files):
     pdf, word = files
     win = make_window(qtbot, tmp_path / "data")
     win.documents.add_files([pdf, word])
-    qtbot.waitUntil(lambda: not win.documents.busy, timeout=20000)
+    wait_until(lambda: not win.documents.busy, timeout=20000)
     first_id, first = next(iter(win.documents.chips.items()))
     before = win.documents.total_tokens
     first.remove.click()
@@ -117,7 +117,7 @@ def test_documents_over_the_limit_show_the_numbers_and_send_nothing(qtbot, tmp_p
     big.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     win = make_window(qtbot, tmp_path / "data", ScriptedBackend(context_limit=1024))
     win.documents.add_files([big])
-    qtbot.waitUntil(lambda: not win.documents.busy, timeout=20000)
+    wait_until(lambda: not win.documents.busy, timeout=20000)
     tokens = win.documents.total_tokens
     assert tokens > 1024
     assert "color: #c0392b" in win.preview_label.styleSheet()  # previewed red before sending
@@ -137,7 +137,7 @@ def test_unreadable_file_is_reported_not_attached(qtbot, tmp_path):
     bad.write_bytes(bytes(range(256)) * 64)
     win = make_window(qtbot, tmp_path / "data")
     win.documents.add_files([bad])
-    qtbot.waitUntil(lambda: not win.documents.busy, timeout=20000)
+    wait_until(lambda: not win.documents.busy, timeout=20000)
     chip = next(iter(win.documents.chips.values()))
     assert chip.error and "not attached" in chip.label.text()
     assert win.last_error[0] == "A document could not be attached"

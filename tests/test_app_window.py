@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from _qtwait import wait_signal, wait_until
+
 from flashdesk.app.backend import ScriptedBackend
 from flashdesk.app.history import History
 from flashdesk.app.settings import MODES, Settings
@@ -21,9 +23,8 @@ def make_window(qtbot, folder, backend=None, **kwargs):
     backend = backend or ScriptedBackend()
     win = MainWindow(backend, folder, **kwargs)
     qtbot.addWidget(win)
-    # polled, not qtbot.waitSignal: its signal and timer (dis)connections have corrupted memory
-    # under PySide6 (pytest-qt#487, Nuitka#2492), and one CI run crashed right there
-    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    # polled without pytest-qt's blockers (tests/_qtwait.py: they corrupted memory under PySide6)
+    wait_until(lambda: win.info is not None, timeout=10000)
     return win
 
 
@@ -36,7 +37,7 @@ def window(qtbot, tmp_path):
 
 def send(qtbot, win, text, timeout=10000):
     win.input.setPlainText(text)
-    with qtbot.waitSignal(win.turn_finished, timeout=timeout) as blocker:
+    with wait_signal(win.turn_finished, timeout=timeout) as blocker:
         win.send_button.click()
     return blocker.args[0]
 
@@ -69,9 +70,9 @@ def test_ctrl_enter_sends_and_escape_stops(qtbot, tmp_path):
     backend = ScriptedBackend(delay_s=0.01, chars_per_event=1, reply=lambda t: LONG_REPLY)
     win = make_window(qtbot, tmp_path, backend)
     win.input.setPlainText("go")
-    with qtbot.waitSignal(win.turn_finished, timeout=20000) as blocker:
+    with wait_signal(win.turn_finished, timeout=20000) as blocker:
         qtbot.keyClick(win.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
-        qtbot.waitUntil(lambda: len(win.message_model.messages[-1].content) > 5, timeout=10000)
+        wait_until(lambda: len(win.message_model.messages[-1].content) > 5, timeout=10000)
         qtbot.keyClick(win.input, Qt.Key.Key_Escape)
     assert blocker.args[0] == "stopped"
     win.close()
@@ -81,10 +82,10 @@ def test_stop_mid_stream_keeps_partial_answer(qtbot, tmp_path):
     backend = ScriptedBackend(delay_s=0.01, chars_per_event=1, reply=lambda t: LONG_REPLY)
     win = make_window(qtbot, tmp_path, backend)
     win.input.setPlainText("long please")
-    with qtbot.waitSignal(win.turn_finished, timeout=20000) as blocker:
+    with wait_signal(win.turn_finished, timeout=20000) as blocker:
         win.send_button.click()
         assert win.stop_button.isEnabled() and not win.send_button.isEnabled()
-        qtbot.waitUntil(lambda: len(win.message_model.messages[-1].content) > 10, timeout=10000)
+        wait_until(lambda: len(win.message_model.messages[-1].content) > 10, timeout=10000)
         win.stop_button.click()
     assert blocker.args[0] == "stopped"
     partial = win.message_model.messages[-1]
@@ -169,7 +170,7 @@ def test_regenerate_replaces_last_answer(qtbot, window):
     first_id = window.message_model.messages[-1].id
     widget = window.conversation.widgets[-1]
     assert not widget.regenerate_button.isHidden()
-    with qtbot.waitSignal(window.turn_finished, timeout=10000):
+    with wait_signal(window.turn_finished, timeout=10000):
         widget.regenerate_button.click()
     msgs = window.history.messages(window.chat_id)
     assert [m.role for m in msgs] == ["user", "assistant"]
@@ -193,7 +194,7 @@ def test_load_failure_is_a_readable_message(qtbot, tmp_path):
     )
     win = MainWindow(backend, tmp_path)
     qtbot.addWidget(win)
-    qtbot.waitUntil(lambda: hasattr(win, "last_error"), timeout=10000)
+    wait_until(lambda: hasattr(win, "last_error"), timeout=10000)
     assert win.last_error[1].startswith("The checkpoint folder is missing shard 3")
     assert not win.send_button.isEnabled()
     win.close()
@@ -205,7 +206,7 @@ def test_load_can_be_cancelled(qtbot, tmp_path):
     qtbot.addWidget(win)
     assert not win.load_cancel.isHidden()
     win.load_cancel.click()
-    qtbot.waitUntil(lambda: win.load_cancel.isHidden(), timeout=10000)
+    wait_until(lambda: win.load_cancel.isHidden(), timeout=10000)
     assert win.info is None and not win.engine.loading
     assert "cancelled" in win.statusBar().currentMessage()
     assert not win.send_button.isEnabled()
@@ -271,6 +272,6 @@ def test_settings_dialog_changes_sampling_and_persists(qtbot, window):
 def test_settings_dialog_new_model_folder_reloads(qtbot, window):
     dialog = window.open_settings()
     dialog.model_path.setText("/models/DeepSeek-V4-Flash")
-    with qtbot.waitSignal(window.model_ready, timeout=10000):
+    with wait_signal(window.model_ready, timeout=10000):
         dialog.accept()
     assert Settings.load(window.data_folder).model_path == "/models/DeepSeek-V4-Flash"

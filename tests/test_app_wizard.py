@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from _qtwait import wait_signal, wait_until
 from PySide6.QtWidgets import QProgressBar, QWizard
 
 from flashdesk.app.backend import ScriptedBackend
@@ -25,7 +26,7 @@ def profile(name: str) -> HardwareProfile:
 
 def to_plan_page(qtbot, wiz, context=131072):
     wiz.show()
-    qtbot.waitUntil(lambda: wiz.currentPage() is wiz.probe_page)
+    wait_until(lambda: wiz.currentPage() is wiz.probe_page)
     wiz.next()  # → model page (preset V4-Flash is the default choice)
     assert wiz.currentPage() is wiz.model_page
     wiz.next()  # → plan page
@@ -60,7 +61,7 @@ def test_measure_bandwidth_updates_the_table(qtbot, tmp_path):
     page = wiz.probe_page
     page.measure_button.click()
     assert not page.progress.isHidden()
-    qtbot.waitUntil(lambda: page.measure_button.isEnabled(), timeout=60000)
+    wait_until(lambda: page.measure_button.isEnabled(), timeout=60000)
     assert wiz.profile.ram_read_gbps.source == "measured"
     assert page.status.text().startswith("RAM read: ")
     table = page.table
@@ -153,14 +154,14 @@ def test_checkpoint_problems_are_listed(qtbot, tmp_path):
     page = wiz.model_page
     page.path_edit.setText(str(folder))
     page.verify()
-    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    wait_until(lambda: page.verify_button.isEnabled(), timeout=30000)
     assert page.verified is not None and page.isComplete()
     assert page.result.text().startswith("Checkpoint OK")
 
     shard = sorted(folder.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated download
     page.verify()
-    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    wait_until(lambda: page.verify_button.isEnabled(), timeout=30000)
     problems = [page.problems.item(i).text() for i in range(page.problems.count())]
     assert problems and problems[0].startswith("✗")
     assert any(shard.name in p for p in problems)
@@ -171,7 +172,7 @@ def test_saving_a_plan_reloads_the_chat_window_with_it(qtbot, tmp_path):
     backend = ScriptedBackend(context_limit=8192)
     win = MainWindow(backend, tmp_path)
     qtbot.addWidget(win)
-    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    wait_until(lambda: win.info is not None, timeout=10000)
     assert not win.mode_combo.model().item(MODES.index("Think Max")).isEnabled()
     wiz = win.open_wizard(profile=profile("rtx4090_192gb_ddr5"))
     to_plan_page(qtbot, wiz, context=524288)
@@ -179,7 +180,7 @@ def test_saving_a_plan_reloads_the_chat_window_with_it(qtbot, tmp_path):
     wiz.next()
     assert wiz.currentPage() is wiz.save_page
     assert "524,288 tokens" in wiz.save_page.summary.text()
-    with qtbot.waitSignal(win.model_ready, timeout=10000):
+    with wait_signal(win.model_ready, timeout=10000):
         wiz.button(QWizard.WizardButton.FinishButton).click()
     saved = Settings.load(tmp_path)
     assert saved.context_limit == 524288 and saved.wizard_done
@@ -196,20 +197,18 @@ def test_saved_plan_predicts_time_to_first_token_for_attached_documents(qtbot, t
 
     win = MainWindow(ScriptedBackend(context_limit=8192), tmp_path)
     qtbot.addWidget(win)
-    qtbot.waitUntil(lambda: win.info is not None, timeout=10000)
+    wait_until(lambda: win.info is not None, timeout=10000)
     wiz = win.open_wizard(profile=profile("rtx3090_64gb"))
     to_plan_page(qtbot, wiz, context=131072)
     wiz.next()
-    with qtbot.waitSignal(win.model_ready, timeout=10000):
+    with wait_signal(win.model_ready, timeout=10000):
         wiz.button(QWizard.WizardButton.FinishButton).click()
     assert (tmp_path / "profile.json").exists()
-    qtbot.waitUntil(lambda: win.ttft_predictor is not None, timeout=30000)
+    wait_until(lambda: win.ttft_predictor is not None, timeout=30000)
     doc = tmp_path / "long.txt"
     doc.write_text("Memory bandwidth bounds decode speed. " * 1500)
     win.documents.add_files([doc])
-    qtbot.waitUntil(
-        lambda: not win.documents.busy and win.documents.total_tokens > 0, timeout=20000
-    )
+    wait_until(lambda: not win.documents.busy and win.documents.total_tokens > 0, timeout=20000)
     _, total, _ = win.prompt_preview()
     predicted = win.ttft_predictor.ttft_s(total)
     assert predicted and predicted > win.ttft_predictor.ttft_s(1000)  # longer prompt, longer wait
@@ -238,7 +237,7 @@ def test_a_gguf_file_is_verified_planned_and_saved(qtbot, tmp_path, monkeypatch)
     page = wiz.model_page
     page.path_edit.setText(str(write_tiny_moe(tmp_path / "qwen.gguf")))
     page.verify()
-    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    wait_until(lambda: page.verify_button.isEnabled(), timeout=30000)
     problems = [page.problems.item(i).text() for i in range(page.problems.count())]
     assert "'qwen3moe' model; the planner models" in problems[0] and not page.isComplete()
 
@@ -249,7 +248,7 @@ def test_a_gguf_file_is_verified_planned_and_saved(qtbot, tmp_path, monkeypatch)
     )
     page.path_edit.setText(str(v4))
     page.verify()
-    qtbot.waitUntil(lambda: page.verify_button.isEnabled(), timeout=30000)
+    wait_until(lambda: page.verify_button.isEnabled(), timeout=30000)
     assert page.isComplete() and page.result.text().startswith("GGUF OK: DeepSeek-V4-Flash Q2_K")
     wiz.next()
     assert wiz.currentPage() is wiz.plan_page and wiz.choice.kind == "gguf"
