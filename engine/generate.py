@@ -28,7 +28,8 @@ THINK_START_ID = 128821
 THINK_END_ID = 128822
 
 PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory and cancel latency
-# States kept to return to (`Session._marks`; V4-Flash ~16 MB of host memory each).
+# States kept to return to (`Session._marks`; V4-Flash ~16 MB of host memory each): the ends of
+# prompts first, then the chunk boundaries of long ones.
 MAX_MARKS = 8
 # (a model may ask for its own: `model.prefill_chunk`, e.g. the GPU runtime, whose every chunk
 # copies the experts kept in RAM across PCIe once)
@@ -199,10 +200,10 @@ class Session:
         )
         self._state = None
         self._ids: list[int] = []  # tokens the state holds, in order
-        # (tokens held, `SequenceState.mark`, the logits there or None) at the ends of earlier
-        # prompts, oldest first: where a new prompt that diverges from the held tokens can
-        # resume (models whose states mark)
-        self._marks: list[tuple[int, object, torch.Tensor | None]] = []
+        # (tokens held, `SequenceState.mark`, the logits there or None, a chunk boundary) at the
+        # ends of earlier prompts and between the chunks of long ones, by position: where a new
+        # prompt that diverges from the held tokens can resume (models whose states mark)
+        self._marks: list[tuple[int, object, torch.Tensor | None, bool]] = []
         self._resume_logits: torch.Tensor | None = None  # a mark's, for a prompt it ends
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -267,7 +268,7 @@ class Session:
         state may hold part of that call's writes: return it to the last mark, or drop it (the
         next prompt is then prefilled whole), never continue from a half-written state."""
         if self._state is not None and self._marks:
-            at, mark, _ = self._marks[-1]
+            at, mark = self._marks[-1][:2]
             if at <= len(self._ids) and self._rewind(at, mark):
                 return
         self.reset()
@@ -348,6 +349,9 @@ class Session:
                 expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
             )
             if done < len(todo):
+                if markable and not (split and i == len(pieces) - 2):
+                    # between chunks of a long prompt: an edited later message resumes here
+                    self._remember(None, boundary=True)
                 yield StreamEvent("", run.phase, run.stats)
         if markable and not split:
             self._remember(logits)
@@ -430,21 +434,23 @@ class Session:
         ]  # fmt: skip
         if not usable or self._state is None:
             return 0
-        at, mark, logits = usable[-1]
+        at, mark, logits = usable[-1][:3]
         if not self._rewind(at, mark):  # a model whose cache cannot be cut there: afresh
             return 0
         self._resume_logits = logits if at == len(prompt) else None
         return at
 
-    def _remember(self, logits: torch.Tensor | None) -> None:
-        """Mark the state as it holds `_ids` now, with the logits there if known (host memory;
-        the newest MAX_MARKS kept)."""
+    def _remember(self, logits: torch.Tensor | None, boundary: bool = False) -> None:
+        """Mark the state as it holds `_ids` now, with the logits there if known (host memory).
+        Beyond MAX_MARKS the oldest chunk boundary goes first, then the oldest prompt end."""
         at = len(self._ids)
         if any(m[0] == at for m in self._marks):
             return
         kept = None if logits is None else logits.detach().to("cpu", copy=True)
-        self._marks.append((at, self._state.mark("cpu"), kept))
-        del self._marks[:-MAX_MARKS]
+        self._marks.append((at, self._state.mark("cpu"), kept, boundary))
+        while len(self._marks) > MAX_MARKS:
+            oldest = next((i for i, m in enumerate(self._marks) if m[3]), 0)
+            del self._marks[oldest]
 
     def _text_decoder(self):
         """A per-stream detokenizer: the tokenizer's own byte-level one where it has one (V4's:

@@ -467,3 +467,29 @@ def test_a_cancel_stops_a_prompt_chunk_between_layers(tiny_model):
     assert stats.reused_tokens == 20
     fresh = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
     assert _turn(fresh, prompt)[1] == held
+
+
+def test_a_long_prompt_is_marked_between_its_chunks(tiny_model, monkeypatch):
+    """An edited message inside a long prompt (an API client editing history) resumes at the
+    last chunk boundary before the edit, not at zero; beyond MAX_MARKS the chunk boundaries go
+    before the ends of prompts."""
+    from flashdesk.engine import generate
+
+    model, config = tiny_model
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(2, 256, (60,), generator=g).tolist()
+    session = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
+    _turn(session, prompt)
+    assert [m[0] for m in session._marks] == [20, 40, 60]
+    edited = [*prompt[:45], 7, 7, 7]
+    stats, held = _turn(session, edited)
+    assert stats.reused_tokens == 40
+    fresh = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
+    assert _turn(fresh, edited)[1] == held
+
+    monkeypatch.setattr(generate, "MAX_MARKS", 3)
+    session = Session(model, TOK, context_limit=config.max_position_embeddings, prefill_chunk=20)
+    _, held = _turn(session, prompt)
+    _turn(session, [*held, 5, 6])  # extends: a new prompt end at len(held) + 2
+    kinds = [(at, boundary) for at, _, _, boundary in session._marks]
+    assert kinds == [(40, True), (60, False), (len(held) + 2, False)]
