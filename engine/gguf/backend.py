@@ -267,9 +267,13 @@ class LlamaCppModel:
             self._need_ctx()
             if state.generation != self._generation or not 0 <= n <= self._pos:
                 raise RuntimeError("this state cannot return to that mark")
-            if n < self._pos and not self._llama.llama_memory_seq_rm(self._memory, 0, n, -1):
-                raise RuntimeError("llama.cpp cannot cut this model's cache back")
-            self._pos = n
+            self._cut(n)
+
+    def _cut(self, n: int) -> None:
+        """(Lock held.) The cache cells of positions n… removed, or RuntimeError."""
+        if n < self._pos and not self._llama.llama_memory_seq_rm(self._memory, 0, n, -1):
+            raise RuntimeError("llama.cpp cannot cut this model's cache back")
+        self._pos = n
 
     def _eval(self, ids: list[int], state: _Sequence):
         import torch
@@ -293,8 +297,8 @@ class LlamaCppModel:
             for start in range(0, len(ids), step):
                 if start and self._interrupt is not None and self._interrupt():
                     # a cancel between llama.cpp's batches: the call's cache cells go again
-                    self._llama.llama_memory_seq_rm(self._memory, 0, first, -1)
-                    self._pos = first
+                    # (where they cannot, the RuntimeError has the Session start afresh)
+                    self._cut(first)
                     raise Interrupted(f"stopped after {start} of {len(ids)} tokens")
                 chunk = ids[start : start + step]
                 tokens = (self._llama.llama_token * len(chunk))(*chunk)
