@@ -16,6 +16,7 @@ thread count (default: physical cores).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -879,3 +880,61 @@ class BoundLinear:
                 _threads, "",
             )  # fmt: skip
         return out
+
+
+# ------------------------------------------------------------------------------------ indexer
+
+_KEY_KINDS = {"f32": 0, "bf16": 1, "u8": 2}
+
+
+def index_scores(
+    q: Any,
+    w: Any,
+    keys: Any,
+    scale: Any = None,
+    out: Any = None,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """CSA's lightning-indexer scores (spec §2.6.2) from the keys as stored, on the CPU:
+    out[s, t] = Σ_h w[s, h] · ReLU(q[s, h] · key_t), float32 sums, each score in a fixed order
+    whatever the thread count or the number of keys (a key's score does not depend on the others).
+
+    q `[S, H, D]` float32, w `[S, H]` float32 (the head weights, their scale included); keys
+    `[T, D]` float32, bfloat16 or E4M3 codes (uint8 / float8_e4m3fn) with `scale` `[T]` or `[T, 1]`
+    float32 per key; out `[S, T]` float32 (overwritten; None: a new one) → out.
+    Why: as torch ops a decode token widened every key to a float32 copy and ran two einsums over
+    it; at 1M tokens of context that was ~200 ms per CSA layer on two cores (see indexer.h).
+    """
+    for name, a in (("q", q), ("w", w)):
+        if _kind(a) != "f32":
+            raise TypeError(f"index_scores: {name} must be float32, got {_kind(a)}")
+    if len(_shape(q)) != 3:
+        raise ValueError(f"index_scores: q must be [S, H, D], got shape {_shape(q)}")
+    S, H, D = _shape(q)
+    if _shape(w) != (S, H):
+        raise ValueError(f"index_scores: w has shape {_shape(w)}, expected {(S, H)}")
+    kind = _KEY_KINDS.get(_kind(keys))
+    if kind is None or len(_shape(keys)) != 2 or _shape(keys)[1] != D:
+        raise ValueError(
+            f"index_scores: keys must be [T, {D}] float32, bfloat16 or E4M3 bytes, got "
+            f"{_kind(keys)} {_shape(keys)}"
+        )
+    T = _shape(keys)[0]
+    scale_addr = 0
+    if kind == _KEY_KINDS["u8"]:
+        if scale is None or _kind(scale) != "f32" or math.prod(_shape(scale)) != T:
+            raise ValueError(f"index_scores: E4M3 keys need a float32 scale per key ({T})")
+        scale_addr = _address(scale, "scale")
+    if out is None:
+        out = _new_out(q, (S, T))
+    elif _kind(out) != "f32" or _shape(out) != (S, T):
+        raise ValueError(f"index_scores: out must be float32 {(S, T)}, got {_kind(out)}")
+    if not isa:
+        _ensure_default()
+    _kernels.index_scores(
+        _address(q, "q"), _address(w, "w"), S, H, D, kind, _address(keys, "keys"), D,
+        scale_addr, T, _address(out, "out", writable=True), T, _threads_arg(threads), isa or "",
+    )  # fmt: skip
+    return out

@@ -25,6 +25,7 @@ DRIVER = r"""
 #include <stdlib.h>
 #include <string.h>
 #include "experts.h"
+#include "indexer.h"
 #include "quant_kernels.h"
 
 static unsigned long long rng = 88172645463325252ull;
@@ -98,6 +99,25 @@ int main(void) {
         N->bf16_dot(wb, K, ROWS, K - 3, px, m, yn, ROWS);
         CHECK("bf16_dot", rel(yn, ys, m * ROWS));
     }
+    /* Index scores: 11 heads (pairs and the rest), 40-wide keys, one tile of 32 rows, then the
+     * threaded driver over 300 bf16 keys (a partial tile) for 3 queries. */
+    {
+        enum { IH = 11, ID = 40, IS = 3, IT = 300 };
+        static float iq[IS * IH * ID], iw[IS * IH], kt[ID * FD_INDEX_TILE] __attribute__((aligned(64)));
+        static float is_[IS * IT], in_[IS * IT];
+        static uint16_t ik[IT * ID];
+        for (int i = 0; i < IS * IH * ID; i++) iq[i] = frand();
+        for (int i = 0; i < IS * IH; i++) iw[i] = frand();
+        for (int i = 0; i < ID * FD_INDEX_TILE; i++) kt[i] = frand();
+        for (int i = 0; i < IT * ID; i++) { float f = frand(); uint32_t u; memcpy(&u, &f, 4); ik[i] = (uint16_t)(u >> 16); }
+        S->index_tile(iq, iw, IH, ID, kt, is_);
+        N->index_tile(iq, iw, IH, ID, kt, in_);
+        CHECK("index_tile", rel(in_, is_, FD_INDEX_TILE));
+        char ierr[160];
+        int ia = fd_index_scores(S, 1, iq, iw, IS, IH, ID, FD_KEYS_BF16, ik, ID, NULL, IT, is_, IT, ierr, sizeof ierr);
+        int ib = fd_index_scores(N, 3, iq, iw, IS, IH, ID, FD_KEYS_BF16, ik, ID, NULL, IT, in_, IT, ierr, sizeof ierr);
+        CHECK("index_scores", (ia || ib) ? 1.0 : rel(in_, is_, IS * IT));
+    }
     /* Expert FFN, 3 experts, 7 tokens x 2 slots (fused and GEMM paths), 3 threads. */
     enum { D = 128, I = 64, E = 3, T = 7, KS = 2 };
     static uint8_t ew[E][3][D * I / 2], es_[E][3][D * I / 32];
@@ -139,6 +159,7 @@ def test_neon_variant_equals_scalar_under_qemu(tmp_path):
             "quant_scalar.c",
             "quant_neon.c",
             "experts.c",
+            "indexer.c",
             "fd_pool.c",
             "fd_platform.c",
             "cpu_features.c",

@@ -13,6 +13,7 @@
 #include "cpu_features.h"
 #include "experts.h"
 #include "fd_platform.h"
+#include "indexer.h"
 #include "mhc.h"
 
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
@@ -242,6 +243,32 @@ static PyObject *py_fp8_nan_free(PyObject *self, PyObject *args) {
     return PyBool_FromLong(ok);
 }
 
+static PyObject *py_index_scores(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, w, keys, row_scale, out, key_stride, out_stride;
+    int S, H, D, kind, threads;
+    long long T;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "KKiiiiKKKLKKis:index_scores", &q, &w, &S, &H, &D, &kind, &keys,
+                          &key_stride, &row_scale, &T, &out, &out_stride, &threads, &isa))
+        return NULL;
+    const fd_quant_kernels *kern = kernels_for(isa);
+    if (!kern) return NULL;
+    char err[160] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fd_index_scores(kern, threads, (const float *)(uintptr_t)q, (const float *)(uintptr_t)w,
+                         S, H, D, kind, (const void *)(uintptr_t)keys, (size_t)key_stride,
+                         (const float *)(uintptr_t)row_scale, (long)T, (float *)(uintptr_t)out,
+                         (size_t)out_stride, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address;
@@ -260,6 +287,10 @@ static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef kernel_methods[] = {
+    {"index_scores", py_index_scores, METH_VARARGS,
+     "index_scores(q, w, S, H, D, kind, keys, key_stride, row_scale, T, out, out_stride, threads, "
+     "isa)\n\nRaw addresses: lightning-indexer scores into out [S, T] (kinds: 0 f32, 1 bf16, 2 "
+     "E4M3 times row_scale [T]); releases the GIL."},
     {"sinkhorn", py_sinkhorn, METH_VARARGS,
      "sinkhorn(address, count, n, iters, eps)\n\nSinkhorn-normalise count float32 [n, n] "
      "matrices in place; use flashdesk.engine.model.mhc.sinkhorn."},

@@ -289,6 +289,46 @@ static void gemm_f32_avx2(const float *const *x, int m, const float *w, size_t l
     }
 }
 
+/* Index scores: the tile's 32 rows in four registers, two heads' dot products in flight (eight
+ * FMA chains), each head's q[h][d] broadcast once per d against row element d of the rows. */
+static void index_tile_avx2(const float *q, const float *w, int H, int D, const float *kt,
+                            float *out) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 total[4] = {zero, zero, zero, zero};
+    int h = 0;
+    for (; h + 2 <= H; h += 2) {
+        const float *qh = q + (size_t)h * D;
+        __m256 a[2][4];
+        for (int g = 0; g < 2; g++)
+            for (int v = 0; v < 4; v++) a[g][v] = zero;
+        for (int d = 0; d < D; d++) {
+            __m256 k[4];
+            for (int v = 0; v < 4; v++) k[v] = _mm256_load_ps(kt + (size_t)d * FD_INDEX_TILE + 8 * v);
+            for (int g = 0; g < 2; g++) {
+                const __m256 b = _mm256_broadcast_ss(qh + (size_t)g * D + d);
+                for (int v = 0; v < 4; v++) a[g][v] = _mm256_fmadd_ps(b, k[v], a[g][v]);
+            }
+        }
+        for (int g = 0; g < 2; g++) {
+            const __m256 wg = _mm256_broadcast_ss(w + h + g);
+            for (int v = 0; v < 4; v++)
+                total[v] = _mm256_fmadd_ps(wg, _mm256_max_ps(a[g][v], zero), total[v]);
+        }
+    }
+    for (; h < H; h++) {
+        __m256 a[4] = {zero, zero, zero, zero};
+        for (int d = 0; d < D; d++) {
+            const __m256 b = _mm256_broadcast_ss(q + (size_t)h * D + d);
+            for (int v = 0; v < 4; v++)
+                a[v] = _mm256_fmadd_ps(b, _mm256_load_ps(kt + (size_t)d * FD_INDEX_TILE + 8 * v), a[v]);
+        }
+        const __m256 wh = _mm256_broadcast_ss(w + h);
+        for (int v = 0; v < 4; v++) total[v] = _mm256_fmadd_ps(wh, _mm256_max_ps(a[v], zero), total[v]);
+    }
+    for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + 8 * v, total[v]);
+}
+
 const fd_quant_kernels fd_kernels_avx2 = {
     "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL, NULL, NULL,
+    index_tile_avx2,
 };

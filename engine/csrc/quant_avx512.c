@@ -581,14 +581,56 @@ static void fp8_dot_bf16_avx512(const uint8_t *w, size_t ws, const float *tile_s
 #define FD_FP8_DOT_BF16 NULL
 #endif
 
+/* Index scores: one lane per key row, the tile's 32 rows in two registers, eight heads' dot
+ * products in flight (sixteen FMA chains), each head's q[h][d] broadcast once per d against row
+ * element d of the 32 rows. */
+static void index_tile_avx512(const float *q, const float *w, int H, int D, const float *kt,
+                              float *out) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 lo = zero, hi = zero;
+    int h = 0;
+    for (; h + 8 <= H; h += 8) {
+        const float *qh = q + (size_t)h * D;
+        __m512 a[8][2];
+        for (int g = 0; g < 8; g++) a[g][0] = a[g][1] = zero;
+        for (int d = 0; d < D; d++) {
+            const __m512 k0 = _mm512_load_ps(kt + (size_t)d * FD_INDEX_TILE);
+            const __m512 k1 = _mm512_load_ps(kt + (size_t)d * FD_INDEX_TILE + 16);
+            for (int g = 0; g < 8; g++) {
+                const __m512 b = _mm512_set1_ps(qh[(size_t)g * D + d]);
+                a[g][0] = _mm512_fmadd_ps(b, k0, a[g][0]);
+                a[g][1] = _mm512_fmadd_ps(b, k1, a[g][1]);
+            }
+        }
+        for (int g = 0; g < 8; g++) {
+            const __m512 wg = _mm512_set1_ps(w[h + g]);
+            lo = _mm512_fmadd_ps(wg, _mm512_max_ps(a[g][0], zero), lo);
+            hi = _mm512_fmadd_ps(wg, _mm512_max_ps(a[g][1], zero), hi);
+        }
+    }
+    for (; h < H; h++) {
+        __m512 a0 = zero, a1 = zero;
+        for (int d = 0; d < D; d++) {
+            const __m512 b = _mm512_set1_ps(q[(size_t)h * D + d]);
+            a0 = _mm512_fmadd_ps(b, _mm512_load_ps(kt + (size_t)d * FD_INDEX_TILE), a0);
+            a1 = _mm512_fmadd_ps(b, _mm512_load_ps(kt + (size_t)d * FD_INDEX_TILE + 16), a1);
+        }
+        const __m512 wh = _mm512_set1_ps(w[h]);
+        lo = _mm512_fmadd_ps(wh, _mm512_max_ps(a0, zero), lo);
+        hi = _mm512_fmadd_ps(wh, _mm512_max_ps(a1, zero), hi);
+    }
+    _mm512_storeu_ps(out, lo);
+    _mm512_storeu_ps(out + 16, hi);
+}
+
 const fd_quant_kernels fd_kernels_avx512 = {
     "avx512", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL, bf16_dot_avx512,
-    fp8_dot_finite_avx512, NULL, NULL,
+    fp8_dot_finite_avx512, NULL, NULL, index_tile_avx512,
 };
 
 const fd_quant_kernels fd_kernels_avx512_bf16 = {
     "avx512_bf16", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16, FD_FP4_BF16_LAYOUT,
-    bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16, FD_FP8_DOT_BF16,
+    bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16, FD_FP8_DOT_BF16, index_tile_avx512,
 };

@@ -86,7 +86,14 @@ typedef struct {
      * each weight decoded exactly to bf16; NaN codes give NaN (AVX512_BF16 vdpbf16ps). */
     void (*fp8_dot_bf16)(const uint8_t *w, size_t ws, const float *tile_scale, int rows, int K,
                          const uint16_t *const *x, int m, float *y, size_t ys);
+    /* Lightning-indexer scores (spec §2.6.2) of FD_INDEX_TILE key rows held transposed in fp32,
+     * kt[d * FD_INDEX_TILE + j] = element d of row j (d < D, kt 64-byte aligned): for each row j,
+     * out[j] = sum over h < H, in order, of w[h] * max(0, dot_h), dot_h = the sum over d, in
+     * order, of q[h * D + d] * kt[d * FD_INDEX_TILE + j] (fp32). Writes FD_INDEX_TILE outputs. */
+    void (*index_tile)(const float *q, const float *w, int H, int D, const float *kt, float *out);
 } fd_quant_kernels;
+
+#define FD_INDEX_TILE 32
 
 /* A bf16 bit pattern as the float it denotes (exact). */
 static inline float fd_bf16_f32(uint16_t h) {

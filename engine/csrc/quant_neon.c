@@ -261,7 +261,44 @@ static void gemm_f32_neon(const float *const *x, int m, const float *w, size_t l
     }
 }
 
+/* Index scores: the tile's 32 rows in eight registers, two heads' dot products in flight
+ * (sixteen FMA chains), each head's q[h][d] taken once per d against row element d of the rows. */
+static void index_tile_neon(const float *q, const float *w, int H, int D, const float *kt,
+                            float *out) {
+    const float32x4_t zero = vdupq_n_f32(0.0f);
+    float32x4_t total[8];
+    for (int v = 0; v < 8; v++) total[v] = zero;
+    int h = 0;
+    for (; h + 2 <= H; h += 2) {
+        const float *qh = q + (size_t)h * D;
+        float32x4_t a[2][8];
+        for (int g = 0; g < 2; g++)
+            for (int v = 0; v < 8; v++) a[g][v] = zero;
+        for (int d = 0; d < D; d++) {
+            float32x4_t k[8];
+            for (int v = 0; v < 8; v++) k[v] = vld1q_f32(kt + (size_t)d * FD_INDEX_TILE + 4 * v);
+            for (int g = 0; g < 2; g++) {
+                const float b = qh[(size_t)g * D + d];
+                for (int v = 0; v < 8; v++) a[g][v] = vfmaq_n_f32(a[g][v], k[v], b);
+            }
+        }
+        for (int g = 0; g < 2; g++)
+            for (int v = 0; v < 8; v++)
+                total[v] = vfmaq_n_f32(total[v], vmaxq_f32(a[g][v], zero), w[h + g]);
+    }
+    for (; h < H; h++) {
+        float32x4_t a[8];
+        for (int v = 0; v < 8; v++) a[v] = zero;
+        for (int d = 0; d < D; d++)
+            for (int v = 0; v < 8; v++)
+                a[v] = vfmaq_n_f32(a[v], vld1q_f32(kt + (size_t)d * FD_INDEX_TILE + 4 * v),
+                                   q[(size_t)h * D + d]);
+        for (int v = 0; v < 8; v++) total[v] = vfmaq_n_f32(total[v], vmaxq_f32(a[v], zero), w[h]);
+    }
+    for (int v = 0; v < 8; v++) vst1q_f32(out + 4 * v, total[v]);
+}
+
 const fd_quant_kernels fd_kernels_neon = {
     "neon", FD_FP4_EVEN_ODD, fp4_dot_neon, fp4_decode_neon, fp8_dot_neon, fp8_decode_neon, gemm_f32_neon, NULL, FD_FP4_NATURAL,
-    bf16_dot_neon, NULL, NULL, NULL,
+    bf16_dot_neon, NULL, NULL, NULL, index_tile_neon,
 };

@@ -115,7 +115,20 @@ static void gemm_f32_scalar(const float *const *x, int m, const float *w, size_t
         }
 }
 
+static void index_tile_scalar(const float *q, const float *w, int H, int D, const float *kt,
+                              float *out) {
+    for (int j = 0; j < FD_INDEX_TILE; j++) {
+        float total = 0.0f;
+        for (int h = 0; h < H; h++) {
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += q[(size_t)h * D + d] * kt[(size_t)d * FD_INDEX_TILE + j];
+            total += w[h] * (dot > 0.0f ? dot : 0.0f);
+        }
+        out[j] = total;
+    }
+}
+
 const fd_quant_kernels fd_kernels_scalar = {
     "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
-    bf16_dot_scalar, NULL, NULL, NULL,
+    bf16_dot_scalar, NULL, NULL, NULL, index_tile_scalar,
 };

@@ -14,7 +14,7 @@ from flashdesk.engine.cache import LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.compressor import Compressor
-from flashdesk.engine.model.indexer import Indexer
+from flashdesk.engine.model.indexer import Indexer, host_scores
 from flashdesk.engine.model.rope import Rotary, apply_rope
 
 # Above this many visible compressed entries, CSA gathers its top-k rows per query instead of
@@ -47,6 +47,24 @@ class _CompressedRows:
     def at(self, index: torch.Tensor) -> torch.Tensor:
         """Rows at `index` `[b, k]` → `[b, k, d]`."""
         return self.store.gather(index)
+
+
+class _IndexKeys:
+    """One prefill call's reads of a CSA layer's index keys: scored from the store by the CPU
+    kernel where it applies (`indexer.host_scores`), else decoded to float32 once per call."""
+
+    def __init__(self, store: RowStore, indexer: Indexer):
+        self.store, self.indexer = store, indexer
+        self._keys: torch.Tensor | None = None
+
+    def scores(self, qi: torch.Tensor, wi: torch.Tensor, t: int) -> torch.Tensor:
+        """qi `[b, Hi, di]`, wi `[b, Hi]` float32 → scores of the first `t` keys `[b, t]`."""
+        got = host_scores(qi, wi, self.store, t)
+        if got is not None:
+            return got
+        if self._keys is None:
+            self._keys = self.store.view().float()
+        return self.indexer.scores(qi, wi, self._keys[:t])
 
 
 class StepPositions:
@@ -138,7 +156,7 @@ class Attention:
         if self.indexer is not None:
             new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
             state.index_keys.append(new)
-            index_keys = state.index_keys.view().float()  # once per call, not per block
+            index_keys = _IndexKeys(state.index_keys, self.indexer)
             qi, wi = self.indexer.queries(qr, a, cos, sin, simulate)
 
         o = torch.empty(s, self.n_heads, self.head_dim, dtype=torch.float32, device=a.device)
@@ -191,10 +209,12 @@ class Attention:
                 if store.capacity > self.indexer.topk:
                     keys = state.index_keys.rows()  # [C, di]
                     picked = self._index_scores(qr, a, cos, sin, pos, keys)
-                    if picked is None:  # the torch ops
+                    if picked is None:  # the CPU kernel, or the torch ops
                         qi, wi = self.indexer.queries(qr, a, cos, sin)
-                        scores = self.indexer.scores(qi, wi, keys)[0]
-                        picked = scores.masked_fill(~visible, float("-inf"))  # [C]
+                        scores = host_scores(qi, wi, state.index_keys, keys.shape[0])
+                        if scores is None:
+                            scores = self.indexer.scores(qi, wi, keys)
+                        picked = scores[0].masked_fill(~visible, float("-inf"))  # [C]
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
             if entries is None:
@@ -275,7 +295,7 @@ class Attention:
         q0: int,
         q1: int,
         entries: _CompressedRows | None,  # T compressed KV rows `[T, d]`
-        index_keys: torch.Tensor | None,  # [T, di] float32
+        index_keys: _IndexKeys | None,  # T index keys `[T, di]`
         qi: torch.Tensor | None,  # [S, Hi, di]
         wi: torch.Tensor | None,  # [S, Hi]
     ) -> torch.Tensor:
@@ -306,7 +326,7 @@ class Attention:
                 visible = (start + torch.arange(q0, q1, device=device) + 1) // self.ratio
                 allowed = torch.arange(t_max, device=device)[None, :] < visible[:, None]  # [b, T]
             if self.indexer is not None and t_max > self.indexer.topk:
-                scores = self.indexer.scores(qi[q0:q1], wi[q0:q1], index_keys[:t_max])
+                scores = index_keys.scores(qi[q0:q1], wi[q0:q1], t_max)
                 if allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]

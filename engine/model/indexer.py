@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from flashdesk.engine import kernels
+from flashdesk.engine.cache import Fp8KeyRows, NativeRows, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear
 from flashdesk.engine.model.compressor import Compressor
@@ -62,3 +64,24 @@ class Indexer:
         """q `[s, Hi, di]`, w `[s, Hi]`, keys `[T, di]` → `[s, T]` float32."""
         logits = torch.einsum("shd,td->sht", q, keys.float()).relu_()  # no copy if float32
         return torch.einsum("sht,sh->st", logits, w)
+
+
+def host_scores(q: torch.Tensor, w: torch.Tensor, store: RowStore, t: int) -> torch.Tensor | None:
+    """`Indexer.scores` of the store's first `t` keys (rows past its count are scratch) by the
+    CPU kernel, read as stored (float32, bfloat16 or FP8 rows; `kernels.index_scores`): no float32
+    copy of every key per call, which at 1M tokens of context was most of a CPU decode token.
+    Each key's score is computed alone in a fixed order, so a call over more rows gives the same
+    values for the rows both cover. None where it does not apply (keys on a GPU, FP4 keys, q or w
+    not float32 or not in host memory): the caller runs `Indexer.scores`."""
+    parts, codec = store.buffers(), store.codec
+    if store.device.type != "cpu" or q.device.type != "cpu" or w.device.type != "cpu":
+        return None
+    if q.dtype != torch.float32 or w.dtype != torch.float32 or t > store.capacity:
+        return None
+    if isinstance(codec, NativeRows) and codec.dtype in (torch.float32, torch.bfloat16):
+        keys, scale = parts[0][:t], None
+    elif isinstance(codec, Fp8KeyRows):
+        keys, scale = parts[0][:t], parts[1][:t]
+    else:
+        return None
+    return kernels.index_scores(q.contiguous(), w.contiguous(), keys, scale)
