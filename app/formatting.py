@@ -20,6 +20,8 @@ def human_bytes(n: int | float | None) -> str:
 
 
 def human_tokens(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:  # context sizes: 1M, as the context menus say
+        return f"{n >> 20}M"
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024}K"
     return f"{n:,}"

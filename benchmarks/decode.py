@@ -196,6 +196,51 @@ def _cpu_glue_seconds(rt, ids) -> float:
     return step / len(rt.model.blocks)
 
 
+DEPTHS = (65536, 262144)  # context depths a CPU decode is timed at (state filled, not prefilled)
+DEPTH_ROUNDS = 2
+DEPTH_STEPS = 3
+
+
+def _depth_figures(rt, model_figures, profile, plan) -> dict:
+    """Decode at each of DEPTHS tokens of context (`synthetic.fill_context`): tok/s with the
+    CSA indexer's C kernel and with the torch ops it replaced (rounds interleaved, the state
+    rewound between them), and the planner's figure at that depth with this run's calibration
+    (`predict.decode_tok_s_at`)."""
+    from flashdesk.engine.model import attention
+    from flashdesk.engine.synthetic import fill_context
+    from flashdesk.offload.predict import Efficiency, decode_tok_s_at
+
+    kernel = attention.host_scores
+    paths = {"kernel": kernel, "torch": lambda *args: None}
+    rows = []
+    try:
+        for depth in DEPTHS:
+            state = rt.new_state()
+            fill_context(state, rt.model.config, depth)
+            rt.decode(1, state)  # warm
+            mark = state.mark()
+            tok_s: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(DEPTH_ROUNDS):
+                for name, fn in paths.items():
+                    attention.host_scores = fn
+                    state.rewind(mark)
+                    t0 = time.perf_counter()
+                    for _ in range(DEPTH_STEPS):
+                        rt.decode(1, state)
+                    tok_s[name].append(DEPTH_STEPS / (time.perf_counter() - t0))
+            best = {name: max(v) for name, v in tok_s.items()}
+            predicted = decode_tok_s_at(
+                plan, model_figures, profile, depth, Efficiency.load_or_defaults()
+            )
+            rows.append({
+                "depth": depth, "tok_s": best["kernel"], "torch_indexer_tok_s": best["torch"],
+                "predicted_tok_s": predicted, "predicted_over_measured": predicted / best["kernel"],
+            })  # fmt: skip
+    finally:
+        attention.host_scores = kernel
+    return {"decode_at_depth": rows}
+
+
 def _cpu_prefill_seconds(rt, config) -> float:
     """Seconds for a CPU prefill of CPU_PREFILL_TOKENS tokens into a new sequence (after a short
     warm-up one)."""
@@ -439,6 +484,9 @@ def run(json_output: bool = False) -> dict:
         figures["calibration_file"] = str(Efficiency.record(figures["measured_efficiency"], note))
         if on_gpu:
             _gpu_figures(folder, config, ids, figures)
+        else:
+            with load_runtime(folder, plan=plan, refresh_every=None) as rt:
+                figures |= _depth_figures(rt, model_figures, profile, plan)
     if not json_output:
         ms = figures["ms_per_token"]
         print(f"placement: {where}; head {head_dtype}")
@@ -473,6 +521,13 @@ def run(json_output: bool = False) -> dict:
                 f"{figures['measured_efficiency']['cpu_flops']:.2f})"
             )
         print(f"calibration written to {figures['calibration_file']} (used by `flashdesk fit`)")
+        for row in figures.get("decode_at_depth", []):
+            print(
+                f"decode at {row['depth']:,} tokens of context: {row['tok_s']:.2f} tok/s "
+                f"({row['torch_indexer_tok_s']:.2f} with the indexer as torch ops); planner "
+                f"{row['predicted_tok_s']:.2f} (predicted ÷ measured "
+                f"{row['predicted_over_measured']:.2f})"
+            )
         for name, v in figures.get("decode_tok_s_by_head", {}).items():
             rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])
             print(f"  head {name} ({v['head_bytes'] / 1e6:.0f} MB): decode {rounds} tok/s")

@@ -442,9 +442,14 @@ def _fp8_linear_slots(model: V4Model):
 # Below this many tokens of context a CPU decode step runs torch's own ops on one thread: they are
 # small there (one query), and torch's OpenMP team spinning on the cores our C kernels' pool
 # streams weights on costs more than it saves (dev VM, 2 cores, 2-layer benchmark: 65-75 → 52-54
-# ms per step at 64 and at 4096 tokens). Far beyond it the indexer's scoring over all compressed
-# keys grows large enough to want every core again.
-SINGLE_THREAD_CONTEXT = 32768
+# ms per step at 64 and 4096 tokens). It was 32K while the CSA indexer scored every compressed key
+# as torch ops; with the C indexer (`kernels.index_scores`) one thread wins at every depth measured
+# (dev VM, window + CSA + HCA layers at real dimensions: 52.6 / 50.9 / 59.9 / 80.5 ms per step at
+# 4K / 64K / 256K / 1M tokens against 75.6 / 69.5 / 80.7 / 100.3 with torch's two threads). What
+# torch still computes grows with the context in HCA layers (attention over context/128 entries,
+# 20 such layers in V4-Flash), where a machine with many cores may want its threads far out:
+# unmeasured there, so beyond 256K torch keeps them.
+SINGLE_THREAD_CONTEXT = 262144
 # The same for prefill calls of at most this many tokens (a follow-up chat turn): 4 / 16 / 64 new
 # tokens after 64 took 67 / 182 / 456 ms single-threaded against 92 / 210 / 484 ms (dev VM).
 # Longer prompts keep torch's threads, which their attention math needs on machines with many

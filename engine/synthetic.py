@@ -16,6 +16,7 @@ bytes, which is why `load_runtime` refuses a plan that pages experts from disk f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -96,3 +97,34 @@ class SyntheticCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._values.clear()
+
+
+FILL_ROWS = 65536  # rows encoded per step while filling (bounds the float32 temporaries)
+
+
+def fill_context(state, config: ModelConfig, position: int, seed: int = 0) -> None:
+    """Make `state` (empty, of a model with `config`) look as if `position` tokens had been
+    read: random window rows and compressed entries and index keys, in the state's own
+    formats, the stores reserved with room to grow. For timing decode and prompt calls at a
+    depth without prefilling up to it (at 1M tokens a CPU would take hours); what such a state
+    attends to is noise. Compressor carries stay empty: `position` is rounded down to a
+    multiple of every compress ratio, so no window is half-filled."""
+    ratios = [s.compress_ratio for s in config.main_layers if s.compress_ratio]
+    step = math.lcm(*ratios) if ratios else 1
+    position -= position % step
+    gen = torch.Generator().manual_seed(seed)
+    for spec, layer in zip(config.main_layers, state.layers, strict=True):
+        ring = layer.window
+        shown = min(ring.size, position)
+        if shown:
+            rows = torch.randn(shown, ring.codec.width, generator=gen) * 0.5
+            ring.write(rows.to(ring.device), position - shown)
+        for store in (layer.kv_entries, layer.index_keys):
+            if store is None:
+                continue
+            n = position // spec.compress_ratio
+            store.reserve(2 * n + 64)  # a decode step's append does not grow a 1M-token store
+            for i in range(store.n, n, FILL_ROWS):
+                rows = torch.randn(min(FILL_ROWS, n - i), store.width, generator=gen) * 0.5
+                store.append(rows.to(store.device))
+    state.position = position

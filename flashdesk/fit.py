@@ -323,6 +323,12 @@ def print_table(figures, profile, plan, prediction) -> None:
                 f"           limited by each GPU layer's many small kernels "
                 f"(~{per_layer:.2f} ms per layer), not by memory"
             )
+        if p.decode_full_tok_s and p.decode_full_tok_s < 0.95 * p.decode_tok_s:
+            print(
+                f"           {p.decode_full_tok_s:.2f} tok/s once the {plan.context:,}-token "
+                f"context is full (attention and the CSA indexer then score every compressed "
+                f"entry each token)"
+            )
         cross = f", streaming wins from {p.crossover_tokens} tokens" if p.crossover_tokens else ""
         print(
             f"  prefill  {p.prefill_tok_s:6.1f} tok/s   (experts: {p.prefill_experts}{cross}); "

@@ -198,6 +198,10 @@ class Prediction:
     # What sets the decode speed: "memory" (the bytes at the kernels' rates) or "dispatch" (the
     # GPU layers' many small kernels, a floor per layer; `Efficiency.gpu_layer_seconds`)
     decode_limit: str = "memory"
+    # Decode once the context is full (`decode_attention_seconds`): every token's attention and
+    # CSA lightning indexer then score ~context/4 keys per CSA layer, compute that the bytes
+    # above do not price (V4-Flash at 1M tokens: ~90 GFLOP per token; on a CPU, seconds).
+    decode_full_tok_s: float = 0.0
 
     def to_json(self) -> dict:
         return {
@@ -213,6 +217,7 @@ class Prediction:
             "bytes_per_token": self.bytes_per_token,
             "inputs": self.inputs,
             "decode_limit": self.decode_limit,
+            "decode_full_tok_s": self.decode_full_tok_s,
         }
 
 
@@ -319,6 +324,53 @@ def _decode_seconds(
     return total, read
 
 
+def attention_flops(layer, depth: float, window: int, index_topk: int = 512) -> float:
+    """FLOPs of one query's attention in `layer` at `depth` tokens of context: the window and
+    the compressed candidates (CSA: its top-k, HCA: all), and a CSA layer's lightning-indexer
+    scores over every compressed entry (the prompt chunks' figure per query, spec §6.2)."""
+    candidates = min(window, depth)
+    flops = 0.0
+    if layer.attention == "csa":
+        entries = depth / layer.compress_ratio
+        candidates += min(index_topk, entries)
+        flops += INDEXER_FLOP_PER_ENTRY * entries
+    elif layer.attention == "hca":
+        candidates += depth / layer.compress_ratio
+    return flops + ATTENTION_FLOP_PER_CANDIDATE * candidates
+
+
+def decode_attention_seconds(
+    plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency, depth: int
+) -> float:
+    """Seconds of a decode token's attention compute at `depth` tokens of context, each layer
+    on the device that runs its attention at that device's prompt FLOP rate (CPU: the C
+    indexer kernel measured 230 GFLOP/s on the dev VM's two Zen 5 cores, ~0.25 of the bf16-dot
+    peak the probe reports, which is `Efficiency.cpu_flops`' default)."""
+    cpu_flops = float(rates.cpu_gflops.value) * 1e9 * float(eff.cpu_flops.value)
+    gpu_flops = float(rates.gpu_tflops.value) * 1e12 * float(eff.gpu_flops.value)
+    by_index = {layer.index: layer for layer in figures.layers}
+    total = 0.0
+    for lp in plan.layers:
+        flops = attention_flops(by_index[lp.index], depth, figures.window)
+        total += flops / (gpu_flops if lp.attention_on == GPU else cpu_flops)
+    return total
+
+
+def decode_tok_s_at(
+    plan: Plan,
+    figures: ModelFigures,
+    profile: HardwareProfile,
+    depth: int,
+    efficiency: Efficiency | None = None,
+) -> float:
+    """Decode tok/s with `depth` tokens of context: `predict`'s decode (the bytes, the plan's
+    KV reads) plus the attention compute at that depth (`decode_attention_seconds`)."""
+    eff = efficiency or Efficiency()
+    rates = _rates(profile)
+    seconds, _ = _decode_seconds(plan, figures, rates, eff, bound=False)
+    return 1.0 / (seconds + decode_attention_seconds(plan, figures, rates, eff, depth))
+
+
 def prefill_pieces(tokens: int, chunk: int) -> list[int]:
     """Sizes of the calls a prompt of `tokens` is prefilled in: as few as chunks of at most
     `chunk` allow, equal to a token. A short tail would be the one call below the streaming
@@ -365,14 +417,7 @@ def _prefill_chunk_seconds(
     for lp in plan.layers:
         layer = by_index[lp.index]
         flops = 2.0 * (layer.dense_params + layer.shared_params) * chunk
-        candidates = min(figures.window, mid)
-        if layer.attention == "csa":
-            entries = mid / layer.compress_ratio
-            candidates += min(512, entries)
-            flops += INDEXER_FLOP_PER_ENTRY * chunk * entries
-        elif layer.attention == "hca":
-            candidates += mid / layer.compress_ratio
-        flops += ATTENTION_FLOP_PER_CANDIDATE * chunk * candidates
+        flops += chunk * attention_flops(layer, mid, figures.window)
         layer_s = flops / (gpu_flops if lp.attention_on == GPU else cpu_flops)
         picks = chunk * k
         expert_flops = 2.0 * layer.expert_params
@@ -498,6 +543,7 @@ def predict(
         bytes_per_token=read,
         inputs=inputs,
         decode_limit="dispatch" if seconds > 1.5 * memory_seconds else "memory",
+        decode_full_tok_s=decode_tok_s_at(plan, figures, profile, plan.context, eff),
     )
 
 

@@ -260,3 +260,25 @@ def test_a_gguf_file_is_verified_planned_and_saved(qtbot, tmp_path, monkeypatch)
     assert settings.model_path == str(v4) and settings.plan["model_kind"] == "gguf"
     preview = TtftPredictor.build(tmp_path, settings.plan)  # the chat window's TTFT estimates
     assert preview is not None and preview.ttft_s(4096) > 0
+
+
+def test_the_speed_line_says_what_a_full_context_costs():
+    """Where attention at the full context slows decode (CPU attention, a long context) the
+    plan page says by how much; where it does not, it says nothing more."""
+    from flashdesk.app.wizard import prediction_text
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import PlanOptions, make_plan
+    from flashdesk.offload.predict import predict
+
+    config = ModelConfig.v4_flash()
+    flash = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+    for name, says in (("cpu_only_256gb", True), ("h200_lent_machine_measured", False)):
+        machine = profile(name)
+        plan = make_plan(flash, machine, PlanOptions(context=1 << 20))
+        pred = predict(plan, flash, machine)
+        text = prediction_text(pred, plan=plan)
+        assert ("once the 1M-token context is full" in text) is says, text
+        if says:
+            assert f"{pred.decode_full_tok_s:.1f} once the" in text

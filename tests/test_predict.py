@@ -474,3 +474,43 @@ def test_prompts_are_prefilled_in_equal_calls():
             sizes = prefill_pieces(tokens, chunk)
             assert sum(sizes) == tokens and len(sizes) == -(-tokens // chunk)
             assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1
+
+
+def test_decode_at_a_full_context_pays_the_attention_compute(flash, capsys, monkeypatch, tmp_path):
+    """Once the context is full each decode token's CSA indexer scores every compressed entry
+    (V4-Flash at 1M: 21 CSA layers × 262,144 entries × 16,384 FLOP ≈ 90 GFLOP, plus the
+    attention): priced at the prompt FLOP rate of the device that runs each layer's attention.
+    On a CPU that costs more than the bytes; on a GPU holding the attention it is small."""
+    from flashdesk.offload.predict import (
+        INDEXER_FLOP_PER_ENTRY,
+        _rates,
+        decode_attention_seconds,
+        decode_tok_s_at,
+    )
+
+    profile = load("cpu_only_256gb")
+    plan = make_plan(flash, profile, PlanOptions(context=1 << 20))
+    pred = predict(plan, flash, profile)
+    eff = Efficiency()
+    rates = _rates(profile)
+    cpu_flops = rates.cpu_gflops.value * 1e9 * eff.cpu_flops.value
+    csa = sum(layer.attention == "csa" for layer in flash.layers)
+    indexer = csa * INDEXER_FLOP_PER_ENTRY * (1 << 20) / 4 / cpu_flops
+    full = decode_attention_seconds(plan, flash, rates, eff, 1 << 20)
+    assert indexer < full < 1.5 * indexer  # the indexer is most of it, HCA the rest
+    assert 1 / pred.decode_full_tok_s == pytest.approx(1 / pred.decode_tok_s + full, rel=1e-9)
+    assert pred.decode_full_tok_s < 0.7 * pred.decode_tok_s
+    # the figure grows with the depth, from ~nothing at the start of a context
+    depths = [decode_tok_s_at(plan, flash, profile, d, eff) for d in (0, 4096, 65536, 1 << 20)]
+    assert depths == sorted(depths, reverse=True)
+    assert depths[0] == pytest.approx(pred.decode_tok_s, rel=0.01)
+    assert depths[-1] == pytest.approx(pred.decode_full_tok_s, rel=1e-9)
+    gpu = predict(*_plan_for(flash, "h200_lent_machine_measured", context=1 << 20))
+    assert gpu.decode_full_tok_s > 0.9 * gpu.decode_tok_s
+    # `flashdesk fit` says so where it matters
+    monkeypatch.setenv("FLASHDESK_CACHE_DIR", str(tmp_path))
+    main(["fit", "--profile", str(PROFILES / "cpu_only_256gb.json"), "--ctx", "1M"])
+    out = capsys.readouterr().out
+    assert f"{pred.decode_full_tok_s:.2f} tok/s once the 1,048,576-token context is full" in out
+    got = _fit_json(capsys, "--profile", str(PROFILES / "cpu_only_256gb.json"), "--ctx", "1M")
+    assert got["predicted"]["decode_full_tok_s"] == pytest.approx(pred.decode_full_tok_s, rel=1e-6)

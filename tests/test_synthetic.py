@@ -125,3 +125,30 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     )
     assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
     assert capsys.readouterr().out.strip() == "KERNELS"
+
+
+@pytest.mark.parametrize("kv_format", ["native", "fp8"])
+def test_fill_context_makes_a_state_at_a_depth(kv_format):
+    """A state as if `position` tokens had been read (rounded down to the compress ratios):
+    the stores hold position/ratio rows with room for the next ones, and decode and prompt
+    calls go on from there with finite logits."""
+    from flashdesk.engine.runtime import load_runtime
+    from flashdesk.engine.synthetic import fill_context
+
+    config = ModelConfig.tiny(
+        num_hidden_layers=3, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16), head_dim=80
+    )
+    with load_runtime(SyntheticCheckpoint(config, seed=1)) as rt:
+        state = rt.new_state(kv_format)
+        fill_context(state, config, 1000 + 7)
+        assert state.position == 1008 - 16  # a multiple of 16 (and of 4)
+        for spec, layer in zip(config.main_layers, state.layers, strict=True):
+            for store in (layer.kv_entries, layer.index_keys):
+                if store is not None:
+                    assert store.n == 992 // spec.compress_ratio
+                    assert store.capacity > store.n + 8
+        assert layer.window.slots().abs().sum() > 0
+        logits = rt.decode(5, state)
+        logits2 = rt.prefill(list(range(1, 20)), state)
+        assert torch.isfinite(logits).all() and torch.isfinite(logits2).all()
+        assert state.position == 992 + 20
