@@ -938,3 +938,62 @@ def index_scores(
         scale_addr, T, _address(out, "out", writable=True), T, _threads_arg(threads), isa or "",
     )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------------------------ attention
+
+_ROW_KINDS = {"f32": 0, "bf16": 1}
+
+
+def sink_attention(
+    q: Any,
+    sink: Any,
+    sets: Sequence[Any],
+    scale: float,
+    out: Any = None,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> Any:
+    """One decode query's sink attention (spec §2.6) over candidate rows as stored, on the CPU:
+    out[h] = Σ_t p[h, t] · row_t, p[h] the softmax of scale · q[h] · row_t over the rows of all
+    sets and the head's sink logit (which takes its share of the denominator only; K = V).
+
+    q `[H, D]` float32, sink `[H]` float32, sets: 1–4 tensors `[n_i, D]` float32 or bfloat16
+    (the window's rows, a store's compressed entries as stored), out `[H, D]` float32
+    (overwritten; None: a new one) → out. Why: as torch ops an HCA layer widened all its
+    context/128 entries to float32 each token and ran its einsums on torch's threads, which
+    contend with the kernels' pool (see attention.h).
+    """
+    for name, a in (("q", q), ("sink", sink)):
+        if _kind(a) != "f32":
+            raise TypeError(f"sink_attention: {name} must be float32, got {_kind(a)}")
+    if len(_shape(q)) != 2:
+        raise ValueError(f"sink_attention: q must be [H, D], got shape {_shape(q)}")
+    H, D = _shape(q)
+    if _shape(sink) != (H,):
+        raise ValueError(f"sink_attention: sink has shape {_shape(sink)}, expected {(H,)}")
+    if not 1 <= len(sets) <= 4:
+        raise ValueError(f"sink_attention: 1 to 4 row sets, got {len(sets)}")
+    spec = []
+    for i, rows in enumerate(sets):
+        kind = _ROW_KINDS.get(_kind(rows))
+        if kind is None or len(_shape(rows)) != 2 or _shape(rows)[1] != D:
+            raise ValueError(
+                f"sink_attention: set {i} must be [n, {D}] float32 or bfloat16, got "
+                f"{_kind(rows)} {_shape(rows)}"
+            )
+        spec.append((_address(rows, f"set {i}"), kind, D, _shape(rows)[0]))
+    if not any(count for *_, count in spec):
+        raise ValueError("sink_attention: no rows to attend to")
+    if out is None:
+        out = _new_out(q, (H, D))
+    elif _kind(out) != "f32" or _shape(out) != (H, D):
+        raise ValueError(f"sink_attention: out must be float32 {(H, D)}, got {_kind(out)}")
+    if not isa:
+        _ensure_default()
+    _kernels.sink_attention(
+        _address(q, "q"), float(scale), _address(sink, "sink"), H, D, spec,
+        _address(out, "out", writable=True), _threads_arg(threads), isa or "",
+    )  # fmt: skip
+    return out

@@ -439,17 +439,14 @@ def _fp8_linear_slots(model: V4Model):
 # ------------------------------------------------------------------------------------ runtime
 
 
-# Below this many tokens of context a CPU decode step runs torch's own ops on one thread: they are
-# small there (one query), and torch's OpenMP team spinning on the cores our C kernels' pool
-# streams weights on costs more than it saves (dev VM, 2 cores, 2-layer benchmark: 65-75 → 52-54
-# ms per step at 64 and 4096 tokens). It was 32K while the CSA indexer scored every compressed key
-# as torch ops; with the C indexer (`kernels.index_scores`) one thread wins at every depth measured
-# (dev VM, window + CSA + HCA layers at real dimensions: 52.6 / 50.9 / 59.9 / 80.5 ms per step at
-# 4K / 64K / 256K / 1M tokens against 75.6 / 69.5 / 80.7 / 100.3 with torch's two threads). What
-# torch still computes grows with the context in HCA layers (attention over context/128 entries,
-# 20 such layers in V4-Flash), where a machine with many cores may want its threads far out:
-# unmeasured there, so beyond 256K torch keeps them.
-SINGLE_THREAD_CONTEXT = 262144
+# A CPU decode step runs torch's own ops on one thread, at any context: they are small (one
+# query), and torch's OpenMP team spinning on the cores our C kernels' pool streams weights on
+# costs more than it saves (dev VM, 2 cores, 2-layer benchmark: 65-75 → 52-54 ms per step at 64
+# and 4096 tokens). What grows with the context runs on that pool too: the CSA indexer's scores
+# (`kernels.index_scores`) and each layer's attention over its window and compressed rows
+# (`kernels.sink_attention`); before them torch took its threads back past 32K tokens. Dev VM,
+# window + CSA + HCA layers at real dimensions: 41.2 / 46.2 / 67.2 ms per step at 64K / 256K / 1M
+# tokens against 65.2 / 76.0 / 97.2 with torch's two threads.
 # The same for prefill calls of at most this many tokens (a follow-up chat turn): 4 / 16 / 64 new
 # tokens after 64 took 67 / 182 / 456 ms single-threaded against 92 / 210 / 484 ms (dev VM).
 # Longer prompts keep torch's threads, which their attention math needs on machines with many
@@ -586,9 +583,9 @@ class Runtime:
         return done
 
     def _torch_threads(self, state, tokens: int):
-        """torch single-threaded for a short call at a modest context in CPU mode (its ops are
-        small there, see SINGLE_THREAD_CONTEXT); otherwise as it is."""
-        short = tokens <= SINGLE_THREAD_TOKENS and state.position < SINGLE_THREAD_CONTEXT
+        """torch single-threaded for a decode step or a short prompt call in CPU mode (its ops
+        are small there, see SINGLE_THREAD_TOKENS); otherwise as it is."""
+        short = tokens <= SINGLE_THREAD_TOKENS
         return _torch_single_threaded() if self.device.type == "cpu" and short else nullcontext()
 
     # -- expert cache and routing record

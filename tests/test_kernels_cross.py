@@ -24,6 +24,7 @@ DRIVER = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "attention.h"
 #include "experts.h"
 #include "indexer.h"
 #include "quant_kernels.h"
@@ -117,6 +118,13 @@ int main(void) {
         int ia = fd_index_scores(S, 1, iq, iw, IS, IH, ID, FD_KEYS_BF16, ik, ID, NULL, IT, is_, IT, ierr, sizeof ierr);
         int ib = fd_index_scores(N, 3, iq, iw, IS, IH, ID, FD_KEYS_BF16, ik, ID, NULL, IT, in_, IT, ierr, sizeof ierr);
         CHECK("index_scores", (ia || ib) ? 1.0 : rel(in_, is_, IS * IT));
+        /* sink attention: the same queries' first head set over a fp32 and a bf16 row set */
+        static float win[5 * ID], ao_s[IH * ID], ao_n[IH * ID];
+        for (int i = 0; i < 5 * ID; i++) win[i] = frand();
+        const fd_row_set sets[2] = {{win, FD_ROWS_F32, ID, 5}, {ik, FD_ROWS_BF16, ID, IT}};
+        int sa = fd_sink_attention(S, 1, iq, 0.1f, iw, IH, ID, sets, 2, ao_s, ierr, sizeof ierr);
+        int sb = fd_sink_attention(N, 3, iq, 0.1f, iw, IH, ID, sets, 2, ao_n, ierr, sizeof ierr);
+        CHECK("sink_attention", (sa || sb) ? 1.0 : rel(ao_n, ao_s, IH * ID));
     }
     /* Expert FFN, 3 experts, 7 tokens x 2 slots (fused and GEMM paths), 3 threads. */
     enum { D = 128, I = 64, E = 3, T = 7, KS = 2 };
@@ -160,6 +168,7 @@ def test_neon_variant_equals_scalar_under_qemu(tmp_path):
             "quant_neon.c",
             "experts.c",
             "indexer.c",
+            "attention.c",
             "fd_pool.c",
             "fd_platform.c",
             "cpu_features.c",

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "attention.h"
 #include "bandwidth.h"
 #include "cpu_features.h"
 #include "experts.h"
@@ -269,6 +270,53 @@ static PyObject *py_index_scores(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, sink, out;
+    float scale;
+    int H, D, threads;
+    PyObject *spec;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "KfKiiOKis:sink_attention", &q, &scale, &sink, &H, &D, &spec,
+                          &out, &threads, &isa))
+        return NULL;
+    PyObject *seq = PySequence_Fast(spec, "sink_attention: sets must be a sequence");
+    if (!seq) return NULL;
+    fd_row_set sets[4];
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > 4) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "sink_attention: 1 to 4 row sets");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long rows, stride;
+        long long count;
+        int kind;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KiKL", &rows, &kind, &stride,
+                              &count)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        sets[i] = (fd_row_set){(const void *)(uintptr_t)rows, kind, (size_t)stride, (long)count};
+    }
+    Py_DECREF(seq);
+    const fd_quant_kernels *kern = kernels_for(isa);
+    if (!kern) return NULL;
+    char err[160] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fd_sink_attention(kern, threads, (const float *)(uintptr_t)q, scale,
+                           (const float *)(uintptr_t)sink, H, D, sets, (int)n,
+                           (float *)(uintptr_t)out, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address;
@@ -287,6 +335,10 @@ static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef kernel_methods[] = {
+    {"sink_attention", py_sink_attention, METH_VARARGS,
+     "sink_attention(q, scale, sink, H, D, sets, out, threads, isa)\n\nRaw addresses: one "
+     "query's sink attention over row sets ((address, kind 0 f32 / 1 bf16, stride, count), ...) "
+     "into out [H, D]; releases the GIL."},
     {"index_scores", py_index_scores, METH_VARARGS,
      "index_scores(q, w, S, H, D, kind, keys, key_stride, row_scale, T, out, out_stride, threads, "
      "isa)\n\nRaw addresses: lightning-indexer scores into out [S, T] (kinds: 0 f32, 1 bf16, 2 "

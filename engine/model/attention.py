@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from flashdesk.engine import gpu_kernels
+from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.cache import LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
@@ -308,6 +308,9 @@ class Attention:
         qf = q.float()
         lo = max(0, q0 + n_prev - (self.window - 1))
         kw = keys[lo : q1 + n_prev].float()
+        if one and device.type == "cpu":
+            picks = (qi[q0:q1], wi[q0:q1]) if qi is not None else None
+            return self._attend_one(qf, kw, start + q1, entries, index_keys, picks)
         lw = torch.einsum("qhd,kd->qhk", qf, kw)
         if not one:
             qpos = start + torch.arange(q0, q1, device=device)
@@ -355,6 +358,27 @@ class Attention:
         if gathered is not None:
             values.append(gathered[0])
         return self._sink_attend(logits, values)
+
+    def _attend_one(self, qf, kw, end, entries, index_keys, picks) -> torch.Tensor:
+        """One query on the CPU (a decode step; `end` tokens seen, its own included; `picks`
+        its indexer queries and head weights, CSA layers only): its window rows `kw`
+        `[n, d]` and the compressed rows it sees — CSA's top-k picks, gathered, else every entry
+        as stored — attended by the C kernel (`kernels.sink_attention`: no float32 copy of an
+        HCA layer's context/128 entries, no torch threads) → `[1, H, d]`."""
+        sets = [kw]
+        t_max = end // self.ratio if entries is not None else 0  # entries complete
+        if t_max > 0:
+            if self.indexer is not None and t_max > self.indexer.topk:
+                scores = index_keys.scores(*picks, t_max)
+                picked = scores.topk(self.indexer.topk, dim=-1).indices  # [1, k]
+                sets.append(entries.at(picked)[0])
+            else:
+                sets.append(entries.all()[:t_max])
+        sets = [r if r.dtype in (torch.float32, torch.bfloat16) else r.float() for r in sets]
+        sets = [r.contiguous() for r in sets]
+        out = kernels.sink_attention(qf[0].contiguous(), self.sink.float().contiguous(), sets,
+                                     self.scale)  # fmt: skip
+        return out.unsqueeze(0)
 
     def _sink_attend(self, logits: list, values: list) -> torch.Tensor:
         """Softmax over all candidates and the per-head sink, then Σ prob · value → `[b, H, d]`.
