@@ -397,6 +397,15 @@ def _check_out(out: Any, shape: tuple[int, ...]) -> bool:
     return kind == "bf16"
 
 
+def _f32_out(out: Any, like: Any, shape: tuple[int, ...], name: str) -> Any:
+    """A float32 result buffer of `shape`: `out` checked, or a new one like `like`'s kind."""
+    if out is None:
+        return _new_out(like, shape)
+    if _kind(out) != "f32" or _shape(out) != shape:
+        raise ValueError(f"{name}: out must be float32 {shape}, got {_kind(out)} {_shape(out)}")
+    return out
+
+
 def _threads_arg(threads: int | None) -> int:
     if threads is None:
         return _threads
@@ -927,10 +936,7 @@ def index_scores(
         if scale is None or _kind(scale) != "f32" or math.prod(_shape(scale)) != T:
             raise ValueError(f"index_scores: E4M3 keys need a float32 scale per key ({T})")
         scale_addr = _address(scale, "scale")
-    if out is None:
-        out = _new_out(q, (S, T))
-    elif _kind(out) != "f32" or _shape(out) != (S, T):
-        raise ValueError(f"index_scores: out must be float32 {(S, T)}, got {_kind(out)}")
+    out = _f32_out(out, q, (S, T), "index_scores")
     if not isa:
         _ensure_default()
     _kernels.index_scores(
@@ -986,10 +992,7 @@ def sink_attention(
         spec.append((_address(rows, f"set {i}"), kind, D, _shape(rows)[0]))
     if not any(count for *_, count in spec):
         raise ValueError("sink_attention: no rows to attend to")
-    if out is None:
-        out = _new_out(q, (H, D))
-    elif _kind(out) != "f32" or _shape(out) != (H, D):
-        raise ValueError(f"sink_attention: out must be float32 {(H, D)}, got {_kind(out)}")
+    out = _f32_out(out, q, (H, D), "sink_attention")
     if not isa:
         _ensure_default()
     _kernels.sink_attention(

@@ -151,6 +151,15 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(k->name);
 }
 
+/* None, or the kernel's message as MemoryError (allocation) or ValueError (arguments). */
+static PyObject *kernel_result(int rc, const char *err) {
+    if (rc != 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, table, ids, weights, out;
@@ -170,11 +179,7 @@ static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
                        (const int32_t *)(uintptr_t)ids, (const float *)(uintptr_t)weights, k,
                        limit, (void *)(uintptr_t)out, out_bf16, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return kernel_result(rc, err);
 }
 
 static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
@@ -200,11 +205,7 @@ static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
                          (const uint8_t *)(uintptr_t)w, (const uint8_t *)(uintptr_t)scale, N,
                          (void *)(uintptr_t)out, out_bf16, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return kernel_result(rc, err);
 }
 
 static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
@@ -263,11 +264,7 @@ static PyObject *py_index_scores(PyObject *self, PyObject *args) {
                          (const float *)(uintptr_t)row_scale, (long)T, (float *)(uintptr_t)out,
                          (size_t)out_stride, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return kernel_result(rc, err);
 }
 
 static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
@@ -310,11 +307,7 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
                            (const float *)(uintptr_t)sink, H, D, sets, (int)n,
                            (float *)(uintptr_t)out, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return kernel_result(rc, err);
 }
 
 static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
