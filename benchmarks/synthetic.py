@@ -55,6 +55,7 @@ def run(
     profile_steps: int = 0,
     profile_prefill: bool = False,
     kv_dtype: str = "bf16",
+    depths: tuple[int, ...] = (),
 ) -> dict:
     import torch
     from decode import (  # as `bench decode`
@@ -84,6 +85,8 @@ def run(
     figures_m = ModelFigures.from_inventory(inventory(config), config, name)
     profile = probe()
     # the runtime streams prompt chunks of the plan's size from its crossover on, as predicted
+    # decode at `depths` needs their KV cache: the plan keeps room for the deepest
+    context = max(context, *(d + 2 * decode_steps for d in depths)) if depths else context
     plan, prediction = plan_and_predict(
         figures_m,
         profile,
@@ -196,6 +199,8 @@ def run(
         rt.graphs = graphs
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
+        if depths:
+            out["decode_at_depth"] = _decode_at_depths(rt, plan, figures_m, profile, depths, say)
         dense_b, expert_b = decode_bytes(rt)
         host_read = host_expert_read(rt, expert_b)
         host_expert_bytes = sum(
@@ -295,6 +300,45 @@ def run(
         f"(hit rate {out['expert_hit_rate'] or 0:.2f}); a real model's skewed routing hits it more"
     )
     return out
+
+
+DEPTH_STEPS = 8  # decode steps timed at each depth (after two: a new capacity's graph captures)
+
+
+def _decode_at_depths(rt, plan, figures_m, profile, depths, say) -> list[dict]:
+    """Decode tok/s with the context filled to each depth (`synthetic.fill_context`: random
+    rows, no prefill up to it), against the planner's figure at that depth: what a long
+    document's conversation decodes at, up to 1M tokens."""
+    import torch
+    from decode import _sync
+
+    from flashdesk.engine.synthetic import fill_context
+    from flashdesk.offload.predict import Efficiency, decode_tok_s_at
+
+    rows = []
+    for depth in depths:
+        state = rt.new_state()
+        fill_context(state, rt.model.config, depth)
+        logits = rt.decode(1, state)
+        logits = rt.decode(int(logits.argmax()), state)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(DEPTH_STEPS):
+            logits = rt.decode(int(logits.argmax()), state)
+        _sync()
+        tok_s = DEPTH_STEPS / (time.perf_counter() - t0)
+        predicted = decode_tok_s_at(plan, figures_m, profile, depth, Efficiency.load_or_defaults())
+        kv_gib = state.nbytes / 2**30
+        rows.append({"depth": depth, "tok_s": tok_s, "predicted_tok_s": predicted,
+                     "kv_gib": kv_gib})  # fmt: skip
+        say(
+            f"decode at {depth:,} tokens of context: {tok_s:.2f} tok/s (KV {kv_gib:.2f} GiB); "
+            f"planner {predicted:.2f} (predicted ÷ measured {predicted / tok_s:.2f})"
+        )
+        del state
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _profile_prefill(rt, ids, say) -> dict:

@@ -112,19 +112,24 @@ def fill_context(state, config: ModelConfig, position: int, seed: int = 0) -> No
     ratios = [s.compress_ratio for s in config.main_layers if s.compress_ratio]
     step = math.lcm(*ratios) if ratios else 1
     position -= position % step
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def random_rows(n: int, width: int, device: torch.device) -> torch.Tensor:
+        """Drawn where the rows live (a GPU fills a 1M-token context's rows in seconds)."""
+        if device not in gens:
+            gens[device] = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn(n, width, generator=gens[device], device=device) * 0.5
+
     for spec, layer in zip(config.main_layers, state.layers, strict=True):
         ring = layer.window
         shown = min(ring.size, position)
         if shown:
-            rows = torch.randn(shown, ring.codec.width, generator=gen) * 0.5
-            ring.write(rows.to(ring.device), position - shown)
+            ring.write(random_rows(shown, ring.codec.width, ring.device), position - shown)
         for store in (layer.kv_entries, layer.index_keys):
             if store is None:
                 continue
             n = position // spec.compress_ratio
             store.reserve(2 * n + 64)  # a decode step's append does not grow a 1M-token store
             for i in range(store.n, n, FILL_ROWS):
-                rows = torch.randn(min(FILL_ROWS, n - i), store.width, generator=gen) * 0.5
-                store.append(rows.to(store.device))
+                store.append(random_rows(min(FILL_ROWS, n - i), store.width, store.device))
     state.position = position

@@ -32,6 +32,7 @@ def available() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flashdesk.fit import _tokens  # `fit --ctx`'s token counts (128K, 1M); no torch
     from flashdesk.offload.plan import KV_DTYPES  # light: no torch
 
     parser.add_argument("name", nargs="?", help="benchmark to run (see --list)")
@@ -59,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     synthetic.add_argument(
         "--kv", choices=KV_DTYPES, default="bf16", help="the KV-cache format to plan with"
+    )
+    synthetic.add_argument(
+        "--depth",
+        type=_tokens,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="then time decode with the context filled to N tokens (e.g. 128K 1M; random rows)",
     )
     synthetic.add_argument(
         "--profile-prefill",
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 "profile_steps": getattr(args, "profile", 0),
                 "profile_prefill": getattr(args, "profile_prefill", False),
                 "kv_dtype": getattr(args, "kv", "bf16"),
+                "depths": tuple(getattr(args, "depth", None) or ()),
             }
         figures = module.run(json_output=args.json, **extra)
         if args.json:

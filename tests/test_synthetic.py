@@ -114,7 +114,7 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = ["--synthetic", "v4-flash", "--layers", "2", "--decode-steps", "5", "--kv", "fp8"]
-    assert bench.run(parser.parse_args(args)) == 0
+    assert bench.run(parser.parse_args([*args, "--depth", "128K", "1M"])) == 0
     out = capsys.readouterr().out
     assert (
         "('layers', 2)" in out
@@ -122,6 +122,7 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
         and "('model', 'v4-flash')" in out
         and "('profile_steps', 0)" in out
         and "('kv_dtype', 'fp8')" in out
+        and "('depths', (131072, 1048576))" in out
     )
     assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
     assert capsys.readouterr().out.strip() == "KERNELS"

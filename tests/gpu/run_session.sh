@@ -10,8 +10,9 @@
 #   of decode steps and of a prefill chunk).
 # Logs go to $OUT (one file per step; the run's reply keeps the tails printed here).
 # Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
-# synthetic; KV=fp8 plans it with the packed FP8 KV cache; PROFILE_PREFILL=0 leaves out the
-# prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
+# synthetic; KV=fp8 plans it with the packed FP8 KV cache; DEPTH="128K 1M" then times decode
+# with the context filled to those depths (the plan keeps their KV cache, so fewer experts fit in
+# VRAM than in the runs without it); PROFILE_PREFILL=0 leaves out the prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
 # picks the tests, TESTS= none)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -46,6 +47,8 @@ ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${S
 [ "${PROFILE_PREFILL:-1}" = 1 ] && ARGS+=(--profile-prefill)
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 [ -n "$KV" ] && ARGS+=(--kv "$KV")
+# shellcheck disable=SC2206  # DEPTH is a list of token counts
+[ -n "$DEPTH" ] && ARGS+=(--depth $DEPTH)
 [ "${SYNTHETIC:-1}" = 1 ] && step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
 # what the run measured and recorded for this GPU: tuning (gpu_kernels.json) and the planner's
 # calibration, to compare with the built-in defaults
