@@ -305,6 +305,16 @@ def _check_index_scores(dev: torch.device) -> str | None:
         on = (q.to(dev), w.to(dev), 0.125, keys.to(dev), torch.tensor([pos], device=dev), 4)
         if not torch.allclose(index_scores(*on).cpu(), want, rtol=1e-4, atol=1e-4):
             return "it gave other index scores than the torch ops on this GPU"
+        # the same keys as FP8 codes with a scale per key (`cache.Fp8KeyRows`)
+        from flashdesk.engine.cache import Fp8KeyRows
+
+        codes, kscale = Fp8KeyRows(32).encode(keys)
+        decoded = Fp8KeyRows(32).decode((codes, kscale))
+        want = Indexer.scores(q.float()[None], (w.float() * 0.125)[None], decoded)[0]
+        want[torch.arange(rows) >= (pos + 1) // 4] = float("-inf")
+        on = (*on[:3], codes.to(dev), on[4], 4, kscale.to(dev))
+        if not torch.allclose(index_scores(*on).cpu(), want, rtol=1e-3, atol=1e-3):
+            return "it gave other index scores than the torch ops on this GPU (FP8 keys)"
     return None
 
 
@@ -516,6 +526,16 @@ if triton is not None:
     def _e8m0(byte):
         """E8M0 scale bytes → 2^(b−127) as float32 (byte 0 reads as 0: below float32's normals)."""
         return (byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _e4m3(code):
+        """E4M3 codes (int32 of the byte) → float32 values from their bits, on any GPU (no fp8
+        type needed); the NaN codes 0x7F/0xFF read as ±480, which no encoder here writes."""
+        field = (code >> 3) & 15
+        mant = (code & 7).to(tl.float32)
+        normal = (mant + 8.0) * ((field + 117) << 23).to(tl.float32, bitcast=True)
+        mag = tl.where(field == 0, mant * 0.001953125, normal)  # subnormals: m · 2^−9
+        return tl.where((code & 0x80) != 0, -mag, mag)
 
     @triton.jit
     def _fp4_rows_dot(
@@ -960,12 +980,7 @@ if triton is not None:
         j = tl.arange(0, 64)
         m = (b < NB)[:, None]
         offs = b[:, None] * 64 + j[None, :]
-        code = tl.load(codes_ptr + src * NOPE + offs, mask=m, other=0).to(tl.int32)
-        field = (code >> 3) & 15
-        mant = (code & 7).to(tl.float32)
-        normal = (mant + 8.0) * ((field + 117) << 23).to(tl.float32, bitcast=True)
-        mag = tl.where(field == 0, mant * 0.001953125, normal)  # subnormals: m · 2^−9
-        val = tl.where((code & 0x80) != 0, -mag, mag)
+        val = _e4m3(tl.load(codes_ptr + src * NOPE + offs, mask=m, other=0).to(tl.int32))
         ex = tl.load(exps_ptr + src * NB + b, mask=b < NB, other=127).to(tl.int32)
         val = val * (ex << 23).to(tl.float32, bitcast=True)[:, None]
         dtype = out_ptr.dtype.element_ty
@@ -1151,18 +1166,25 @@ if triton is not None:
 
     @triton.jit
     def _index_scores_kernel(
-        q_ptr, w_ptr, keys_ptr, pos_ptr, out_ptr, scale, C, RATIO: tl.constexpr,
+        q_ptr, w_ptr, keys_ptr, kscale_ptr, pos_ptr, out_ptr, scale, C, RATIO: tl.constexpr,
         H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr,
+        KSCALE: tl.constexpr,
     ):  # fmt: skip
         """BT index keys per program: score_t = Σ_h scale·w_h · ReLU(q_h · K_t), float32 sums,
-        −∞ from the visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as stored)."""
+        −∞ from the visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as stored; KSCALE:
+        E4M3 code bytes, each key times its float32 scale, `cache.Fp8KeyRows`)."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         live = rows < C
         h, d = tl.arange(0, H), tl.arange(0, D)
         q = tl.load(q_ptr + h[:, None] * D + d[None, :])
-        keys = tl.load(keys_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
-                       mask=live[:, None], other=0.0)  # fmt: skip
+        at = keys_ptr + rows[:, None].to(tl.int64) * D + d[None, :]
+        if KSCALE:  # codes widen exactly to q's dtype; the scale after the products
+            keys = _e4m3(tl.load(at, mask=live[:, None], other=0).to(tl.int32)).to(q.dtype)
+        else:
+            keys = tl.load(at, mask=live[:, None], other=0.0)
         logits = _dot(q, keys, IEEE)  # [H, BT]
+        if KSCALE:
+            logits = logits * tl.load(kscale_ptr + rows, mask=live, other=0.0)[None, :]
         w = tl.load(w_ptr + h).to(tl.float32) * scale
         score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)
         visible = (tl.load(pos_ptr) + 1) // RATIO
@@ -1724,24 +1746,34 @@ def index_scores(
     keys: torch.Tensor,
     pos: torch.Tensor,
     ratio: int,
+    key_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode step's lightning-indexer scores in one launch (as torch ops: three widenings,
     two products, the ReLU, the mask: ~9 kernels per CSA layer, and a float32 copy of every
     index key): q `[H, d]` roped queries, w `[H]` the head weights before `scale`, keys `[C, d]`
-    of q's dtype, pos `[1]` int64 → `[C]` float32, −∞ from ⌊(pos+1)/ratio⌋ on."""
+    of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with `key_scale` `[C]` / `[C, 1]`
+    float32 per key (`cache.Fp8KeyRows`, read without decoding them first), pos `[1]` int64 →
+    `[C]` float32, −∞ from ⌊(pos+1)/ratio⌋ on."""
     h, d = q.shape
     rows = keys.shape[0]
-    if keys.dtype != q.dtype or keys.shape[1] != d or w.shape != (h,):
+    fp8 = key_scale is not None
+    kind_fits = keys.dtype in (torch.uint8, torch.float8_e4m3fn) if fp8 else keys.dtype == q.dtype
+    if not kind_fits or keys.shape[1] != d or w.shape != (h,):
         raise ValueError(
             f"index_scores: q {q.dtype} {tuple(q.shape)}, w {tuple(w.shape)} and keys "
             f"{keys.dtype} {tuple(keys.shape)} do not fit"
         )
+    if fp8 and (key_scale.dtype != torch.float32 or key_scale.numel() != rows):
+        raise ValueError(f"index_scores: FP8 keys need a float32 scale per key ({rows})")
     if h < 16 or d < 16 or h & (h - 1) or d & (d - 1):
         raise ValueError(f"index_scores: {h} heads of {d}: need powers of two ≥ 16")
     out = torch.empty(rows, dtype=torch.float32, device=q.device)
+    keys = _bytes(keys) if fp8 else keys
     _index_scores_kernel[(triton.cdiv(rows, INDEX_ROWS),)](
-        q.contiguous(), w.contiguous(), keys.contiguous(), pos, out, float(scale), rows,
+        q.contiguous(), w.contiguous(), keys.contiguous(),
+        key_scale.contiguous() if fp8 else out, pos, out, float(scale), rows,
         RATIO=ratio, H=h, D=d, BT=INDEX_ROWS, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        KSCALE=fp8,
     )  # fmt: skip
     return out
 

@@ -207,9 +207,17 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (
             "indexer scores",
             gk._index_scores_kernel,
-            "q_ptr:*bf16, w_ptr:*bf16, keys_ptr:*bf16, pos_ptr:*i64, out_ptr:*fp32, scale:fp32, "
-            "C:i32",
-            {"RATIO": 4, "H": 64, "D": 128, "BT": gk.INDEX_ROWS, "IEEE": False},
+            "q_ptr:*bf16, w_ptr:*bf16, keys_ptr:*bf16, kscale_ptr:*fp32, pos_ptr:*i64, "
+            "out_ptr:*fp32, scale:fp32, C:i32",
+            {"RATIO": 4, "H": 64, "D": 128, "BT": gk.INDEX_ROWS, "IEEE": False, "KSCALE": False},
+            {},
+        ),
+        (
+            "indexer scores, FP8 keys",
+            gk._index_scores_kernel,
+            "q_ptr:*bf16, w_ptr:*bf16, keys_ptr:*u8, kscale_ptr:*fp32, pos_ptr:*i64, "
+            "out_ptr:*fp32, scale:fp32, C:i32",
+            {"RATIO": 4, "H": 64, "D": 128, "BT": gk.INDEX_ROWS, "IEEE": False, "KSCALE": True},
             {},
         ),
         (

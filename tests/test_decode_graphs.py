@@ -321,6 +321,34 @@ def test_step_with_the_packed_fp8_kv_layout():
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_the_step_scores_fp8_index_keys_as_stored(monkeypatch):
+    """With the packed KV format a GPU step's indexer reads the FP8 index keys and their scales
+    from the store (`gpu_kernels.index_scores` with `key_scale`; here in the interpreter), not
+    a float32 copy of them: the model's decode."""
+    kernels_device()
+    config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
+    ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    placement = Placement.uniform(config, PINNED)
+    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
+        want, got = rt.new_state("fp8"), rt.new_state("fp8")
+        for state in (want, got):
+            rt.prefill(ids[:20].tolist(), state)
+        expected = [rt.model.decode(t, want) for t in ids[20:].tolist()]
+        scored = []
+        real = gpu_kernels.index_scores
+        monkeypatch.setattr(
+            gpu_kernels, "index_scores",
+            lambda *a: scored.append(a[-1] is not None and a[3].dtype == torch.uint8) or real(*a),
+        )  # fmt: skip
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: what == "indexer scores")
+        graphs = GraphDecoder(rt.model, capture=False)
+        for t, logits in zip(ids[20:].tolist(), expected, strict=True):
+            torch.testing.assert_close(graphs.decode(t, got), logits, **TOL)
+        assert scored and all(scored)  # every CSA layer's step, from the codes and scales
+
+
 def test_a_layer_step_without_the_shared_positions_makes_its_own(monkeypatch):
     """`Attention.step` called alone (no `StepPositions` from the step's body) derives its
     window slot and visible rows itself: the same logits."""

@@ -722,3 +722,31 @@ def test_index_scores_in_one_launch_equal_the_indexer(dtype):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="do not fit"):
         ft.index_scores(q.to(dev), w.to(dev), scale, keys.half().to(dev), at, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_scores_read_fp8_keys_as_stored(dtype):
+    """The packed KV format's index keys (`cache.Fp8KeyRows`: E4M3 codes, a float32 scale per
+    key) scored from their bytes, not decoded to a float32 copy each step: the torch ops' scores
+    of the decoded keys, the NaN-free code range's extremes and subnormals included."""
+    from flashdesk.engine.cache import Fp8KeyRows
+    from flashdesk.engine.model.indexer import Indexer
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(64, 128, generator=g).to(dtype)
+    w = torch.randn(64, generator=g).to(dtype)
+    keys = torch.randn(200, 128, generator=g) * torch.logspace(-4, 2, 200)[:, None]
+    keys[7, :3] = torch.tensor([448.0, -448.0, 2.0**-9])  # max, min, a subnormal code
+    codes, key_scale = Fp8KeyRows(128).encode(keys)
+    decoded = Fp8KeyRows(128).decode((codes, key_scale))
+    scale = 128**-0.5 * 64**-0.5
+    pos = 517
+    want = Indexer.scores(q.float()[None], (w.float() * scale)[None], decoded)[0]
+    want[torch.arange(200) >= (pos + 1) // 4] = float("-inf")
+    at = torch.tensor([pos], device=dev)
+    for stored in (codes, codes.view(torch.float8_e4m3fn)):
+        got = ft.index_scores(q.to(dev), w.to(dev), scale, stored.to(dev), at, 4, key_scale.to(dev))
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="scale per key"):
+        ft.index_scores(q.to(dev), w.to(dev), scale, codes.to(dev), at, 4, key_scale[:5].to(dev))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from flashdesk.engine import gpu_kernels, kernels
-from flashdesk.engine.cache import LayerState, RowStore
+from flashdesk.engine.cache import Fp8KeyRows, LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.compressor import Compressor
@@ -207,13 +207,13 @@ class Attention:
                 # a store of at most top-k rows is attended whole (as `forward` does): no
                 # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
                 if store.capacity > self.indexer.topk:
-                    keys = state.index_keys.rows()  # [C, di]
+                    keys = state.index_keys
                     picked = self._index_scores(qr, a, cos, sin, pos, keys)
                     if picked is None:  # the CPU kernel, or the torch ops
                         qi, wi = self.indexer.queries(qr, a, cos, sin)
-                        scores = host_scores(qi, wi, state.index_keys, keys.shape[0])
+                        scores = host_scores(qi, wi, keys, keys.capacity)
                         if scores is None:
-                            scores = self.indexer.scores(qi, wi, keys)
+                            scores = self.indexer.scores(qi, wi, keys.rows())
                         picked = scores[0].masked_fill(~visible, float("-inf"))  # [C]
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
@@ -243,18 +243,25 @@ class Attention:
             values.append(comp)
         return self._output(self._sink_attend(logits, values), a.dtype, cos, sin, False)
 
-    def _index_scores(self, qr, a, cos, sin, pos, keys) -> torch.Tensor | None:
+    def _index_scores(self, qr, a, cos, sin, pos, store: RowStore) -> torch.Tensor | None:
         """A decode step's index scores `[C]` (−∞ past the visible rows) in one launch where the
-        kernel applies (`gpu_kernels.index_scores`); None: the caller runs the torch ops."""
+        kernel applies (`gpu_kernels.index_scores`: keys of the activations' dtype, or FP8 keys
+        read as stored, not decoded to a float32 copy each step); None: the caller runs the
+        torch ops."""
         ix = self.indexer
-        fits = keys.dtype == a.dtype and all(n >= 16 and not n & (n - 1)
-                                             for n in (ix.n_heads, ix.head_dim))  # fmt: skip
+        fp8 = isinstance(store.codec, Fp8KeyRows)
+        fits = (fp8 or store.codec.dtype == a.dtype) and all(
+            n >= 16 and not n & (n - 1) for n in (ix.n_heads, ix.head_dim)
+        )
         if not (fits and gpu_kernels.applies(qr)) or not gpu_kernels.checked(
             "indexer scores", qr.device
         ):
             return None
         q, w = ix.queries(qr, a, cos, sin, widen=False)
-        return gpu_kernels.index_scores(q[0], w[0], ix.weight_scale, keys, pos, self.ratio)
+        keys, key_scale = store.buffers() if fp8 else (store.rows(), None)
+        return gpu_kernels.index_scores(
+            q[0], w[0], ix.weight_scale, keys, pos, self.ratio, key_scale
+        )
 
     def _project(self, a, cos, sin, simulate):
         """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""
