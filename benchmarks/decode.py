@@ -196,7 +196,8 @@ def _cpu_glue_seconds(rt, ids) -> float:
     return step / len(rt.model.blocks)
 
 
-DEPTHS = (65536, 262144)  # context depths a CPU decode is timed at (state filled, not prefilled)
+# context depths a CPU decode is timed at (the state filled, not prefilled)
+DEPTHS = (65536, 262144, 1048576)
 DEPTH_ROUNDS = 2
 DEPTH_STEPS = 3
 
