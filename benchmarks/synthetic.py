@@ -303,6 +303,7 @@ def run(
 
 
 DEPTH_STEPS = 8  # decode steps timed at each depth (after two: a new capacity's graph captures)
+DEPTH_MARGIN = 1024  # tokens short of each depth the context is filled to
 
 
 def _decode_at_depths(rt, plan, figures_m, profile, depths, say) -> list[dict]:
@@ -318,7 +319,10 @@ def _decode_at_depths(rt, plan, figures_m, profile, depths, say) -> list[dict]:
     rows = []
     for depth in depths:
         state = rt.new_state()
-        fill_context(state, rt.model.config, depth)
+        # a little short of the depth: a decode step's capacities are powers of two, and a
+        # context at exactly 2^k tokens would time the next bucket, twice the rows
+        fill_context(state, rt.model.config, max(0, depth - DEPTH_MARGIN))
+        filled = state.position
         logits = rt.decode(1, state)
         logits = rt.decode(int(logits.argmax()), state)
         _sync()
@@ -327,12 +331,13 @@ def _decode_at_depths(rt, plan, figures_m, profile, depths, say) -> list[dict]:
             logits = rt.decode(int(logits.argmax()), state)
         _sync()
         tok_s = DEPTH_STEPS / (time.perf_counter() - t0)
-        predicted = decode_tok_s_at(plan, figures_m, profile, depth, Efficiency.load_or_defaults())
+        predicted = decode_tok_s_at(plan, figures_m, profile, filled, Efficiency.load_or_defaults())
         kv_gib = state.nbytes / 2**30
-        rows.append({"depth": depth, "tok_s": tok_s, "predicted_tok_s": predicted,
-                     "kv_gib": kv_gib})  # fmt: skip
+        rows.append({"depth": depth, "filled_to": filled, "tok_s": tok_s,
+                     "predicted_tok_s": predicted, "kv_gib": kv_gib})  # fmt: skip
         say(
-            f"decode at {depth:,} tokens of context: {tok_s:.2f} tok/s (KV {kv_gib:.2f} GiB); "
+            f"decode at {filled:,} tokens of context: {tok_s:.2f} tok/s (KV "
+            f"{kv_gib:.2f} GiB); "
             f"planner {predicted:.2f} (predicted ÷ measured {predicted / tok_s:.2f})"
         )
         del state

@@ -129,7 +129,10 @@ def fill_context(state, config: ModelConfig, position: int, seed: int = 0) -> No
             if store is None:
                 continue
             n = position // spec.compress_ratio
-            store.reserve(2 * n + 64)  # a decode step's append does not grow a 1M-token store
+            # room for the next 64 rows (a benchmark's steps): a store grows by doubling, which at
+            # 1M tokens copies ~0.5 GB; more would also enlarge a captured GPU step, which reads
+            # every row of its stores' capacity
+            store.reserve(n + 64)
             for i in range(store.n, n, FILL_ROWS):
                 store.append(random_rows(min(FILL_ROWS, n - i), store.width, store.device))
     state.position = position
