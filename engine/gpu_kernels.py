@@ -305,6 +305,15 @@ def _check_index_scores(dev: torch.device) -> str | None:
         on = (q.to(dev), w.to(dev), 0.125, keys.to(dev), torch.tensor([pos], device=dev), 4)
         if not torch.allclose(index_scores(*on).cpu(), want, rtol=1e-4, atol=1e-4):
             return "it gave other index scores than the torch ops on this GPU"
+        # three queries of a prompt at once, each with its own visible count
+        qs = torch.randn(3, 16, 32, generator=g).to(dtype)
+        ws = torch.randn(3, 16, generator=g).to(dtype)
+        at = torch.tensor([pos - 9, pos - 4, pos])
+        want3 = Indexer.scores(qs.float(), ws.float() * 0.125, keys)
+        want3[torch.arange(rows)[None, :] >= ((at + 1) // 4)[:, None]] = float("-inf")
+        on3 = (qs.to(dev), ws.to(dev), 0.125, keys.to(dev), at.to(dev), 4)
+        if not torch.allclose(index_scores(*on3).cpu(), want3, rtol=1e-4, atol=1e-4):
+            return "it gave other index scores than the torch ops on this GPU (several queries)"
         # the same keys as FP8 codes with a scale per key (`cache.Fp8KeyRows`)
         from flashdesk.engine.cache import Fp8KeyRows
 
@@ -1170,13 +1179,16 @@ if triton is not None:
         H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr,
         KSCALE: tl.constexpr,
     ):  # fmt: skip
-        """BT index keys per program: score_t = Σ_h scale·w_h · ReLU(q_h · K_t), float32 sums,
-        −∞ from the visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as stored; KSCALE:
-        E4M3 code bytes, each key times its float32 scale, `cache.Fp8KeyRows`)."""
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        """One query and BT index keys per program: score_t = Σ_h scale·w_h · ReLU(q_h · K_t),
+        float32 sums, −∞ from the query's visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as
+        stored; KSCALE: E4M3 code bytes, each key times its float32 scale, `cache.Fp8KeyRows`).
+        The queries of a key block are neighbours in the grid, so its keys come from L2 for all
+        but the first."""
+        s = tl.program_id(0).to(tl.int64)  # the query
+        rows = tl.program_id(1) * BT + tl.arange(0, BT)
         live = rows < C
         h, d = tl.arange(0, H), tl.arange(0, D)
-        q = tl.load(q_ptr + h[:, None] * D + d[None, :])
+        q = tl.load(q_ptr + s * H * D + h[:, None] * D + d[None, :])
         at = keys_ptr + rows[:, None].to(tl.int64) * D + d[None, :]
         if KSCALE:  # codes widen exactly to q's dtype; the scale after the products
             keys = _e4m3(tl.load(at, mask=live[:, None], other=0).to(tl.int32)).to(q.dtype)
@@ -1185,10 +1197,10 @@ if triton is not None:
         logits = _dot(q, keys, IEEE)  # [H, BT]
         if KSCALE:
             logits = logits * tl.load(kscale_ptr + rows, mask=live, other=0.0)[None, :]
-        w = tl.load(w_ptr + h).to(tl.float32) * scale
+        w = tl.load(w_ptr + s * H + h).to(tl.float32) * scale
         score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)
-        visible = (tl.load(pos_ptr) + 1) // RATIO
-        tl.store(out_ptr + rows, tl.where(rows < visible, score, float("-inf")), mask=live)
+        visible = (tl.load(pos_ptr + s) + 1) // RATIO
+        tl.store(out_ptr + s * C + rows, tl.where(rows < visible, score, float("-inf")), mask=live)
 
     @triton.jit
     def _linear_kernel(
@@ -1748,34 +1760,39 @@ def index_scores(
     ratio: int,
     key_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A decode step's lightning-indexer scores in one launch (as torch ops: three widenings,
-    two products, the ReLU, the mask: ~9 kernels per CSA layer, and a float32 copy of every
-    index key): q `[H, d]` roped queries, w `[H]` the head weights before `scale`, keys `[C, d]`
-    of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with `key_scale` `[C]` / `[C, 1]`
-    float32 per key (`cache.Fp8KeyRows`, read without decoding them first), pos `[1]` int64 →
-    `[C]` float32, −∞ from ⌊(pos+1)/ratio⌋ on."""
-    h, d = q.shape
+    """Lightning-indexer scores in one launch (as torch ops: three widenings, two products, the
+    ReLU, the mask: ~9 kernels per CSA layer, a float32 copy of every index key, and for a
+    prompt's block of queries a `[b, H, C]` float32 temporary, 1 GB per block at 1M tokens):
+    q `[H, d]` roped queries (or `[S, H, d]`: S queries), w `[H]` (`[S, H]`) the head weights
+    before `scale`, keys `[C, d]` of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with
+    `key_scale` `[C]` / `[C, 1]` float32 per key (`cache.Fp8KeyRows`, read without decoding them
+    first), pos `[1]` (`[S]`) int64 positions → `[C]` (`[S, C]`) float32, −∞ from each query's
+    ⌊(pos+1)/ratio⌋ on."""
+    one = q.dim() == 2
+    q3, w2 = (q[None], w[None]) if one else (q, w)
+    queries, h, d = q3.shape
     rows = keys.shape[0]
     fp8 = key_scale is not None
     kind_fits = keys.dtype in (torch.uint8, torch.float8_e4m3fn) if fp8 else keys.dtype == q.dtype
-    if not kind_fits or keys.shape[1] != d or w.shape != (h,):
+    if not kind_fits or keys.shape[1] != d or w2.shape != (queries, h) or pos.numel() != queries:
         raise ValueError(
-            f"index_scores: q {q.dtype} {tuple(q.shape)}, w {tuple(w.shape)} and keys "
-            f"{keys.dtype} {tuple(keys.shape)} do not fit"
+            f"index_scores: q {q.dtype} {tuple(q.shape)}, w {tuple(w.shape)}, pos "
+            f"{tuple(pos.shape)} and keys {keys.dtype} {tuple(keys.shape)} do not fit"
         )
     if fp8 and (key_scale.dtype != torch.float32 or key_scale.numel() != rows):
         raise ValueError(f"index_scores: FP8 keys need a float32 scale per key ({rows})")
     if h < 16 or d < 16 or h & (h - 1) or d & (d - 1):
         raise ValueError(f"index_scores: {h} heads of {d}: need powers of two ≥ 16")
-    out = torch.empty(rows, dtype=torch.float32, device=q.device)
+    out = torch.empty((queries, rows), dtype=torch.float32, device=q.device)
     keys = _bytes(keys) if fp8 else keys
-    _index_scores_kernel[(triton.cdiv(rows, INDEX_ROWS),)](
-        q.contiguous(), w.contiguous(), keys.contiguous(),
-        key_scale.contiguous() if fp8 else out, pos, out, float(scale), rows,
-        RATIO=ratio, H=h, D=d, BT=INDEX_ROWS, IEEE=q.dtype == torch.float32 or INTERPRETED,
-        KSCALE=fp8,
-    )  # fmt: skip
-    return out
+    if queries and rows:
+        _index_scores_kernel[(queries, triton.cdiv(rows, INDEX_ROWS))](
+            q3.contiguous(), w2.contiguous(), keys.contiguous(),
+            key_scale.contiguous() if fp8 else out, pos.contiguous(), out, float(scale), rows,
+            RATIO=ratio, H=h, D=d, BT=INDEX_ROWS, IEEE=q.dtype == torch.float32 or INTERPRETED,
+            KSCALE=fp8,
+        )  # fmt: skip
+    return out[0] if one else out
 
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

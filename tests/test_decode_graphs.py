@@ -359,3 +359,36 @@ def test_a_layer_step_without_the_shared_positions_makes_its_own(monkeypatch):
         want, got = _twin_states(rt, ids[:3])
         for t in ids[3:]:  # a CSA and an HCA window close
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("kv_format", ["native", "fp8"])
+def test_a_prompt_call_scores_its_index_queries_in_launches(kv_format, monkeypatch):
+    """On a GPU a prompt call's CSA indexer scores each block of queries in one launch of
+    `gpu_kernels.index_scores` (here in the interpreter), each query with its own visible
+    count, from the keys as stored: no `[b, H, T]` float32 temporary (1 GB per block at 1M
+    tokens) and no float32 copy of the keys. The logits of the torch ops."""
+    from flashdesk.engine.synthetic import fill_context
+
+    kernels_device()
+    config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
+    ids = torch.randint(0, config.vocab_size, (37,), generator=torch.Generator().manual_seed(3))
+    placement = Placement.uniform(config, PINNED)
+    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
+
+        def run():
+            state = rt.new_state(kv_format)
+            fill_context(state, config, 256)  # CSA gathers its top-k per query from here
+            return rt.prefill(ids.tolist(), state)
+
+        want = run()
+        blocks = []
+        real = gpu_kernels.index_scores
+        monkeypatch.setattr(
+            gpu_kernels, "index_scores", lambda *a: blocks.append(a[0].shape) or real(*a)
+        )
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: what == "indexer scores")
+        torch.testing.assert_close(run(), want, **TOL)
+        heads, dim = config.index_n_heads, config.index_head_dim
+        assert (16, heads, dim) in blocks and (5, heads, dim) in blocks  # 37 = 16 + 16 + 5

@@ -50,21 +50,54 @@ class _CompressedRows:
 
 
 class _IndexKeys:
-    """One prefill call's reads of a CSA layer's index keys: scored from the store by the CPU
-    kernel where it applies (`indexer.host_scores`), else decoded to float32 once per call."""
+    """One prefill call's CSA indexer: the chunk's index queries and the store's keys. Scores by
+    the GPU kernel (queries as computed, keys as stored: `gpu_kernels.index_scores`), the CPU
+    kernel (`indexer.host_scores`), or the torch ops over the keys decoded once per call."""
 
-    def __init__(self, store: RowStore, indexer: Indexer):
-        self.store, self.indexer = store, indexer
+    def __init__(self, store: RowStore, indexer: Indexer, qr, a, cos, sin, start: int, simulate):
+        self.store, self.indexer, self.start = store, indexer, start
+        # as computed: the GPU kernel widens and scales them itself; the others take them widened
+        self._q, self._w = indexer.queries(qr, a, cos, sin, simulate, widen=False)
+        self._stored = _gpu_index_keys(store, indexer, self._q, whole=False)
+        self._widened: tuple[torch.Tensor, torch.Tensor] | None = None
         self._keys: torch.Tensor | None = None
 
-    def scores(self, qi: torch.Tensor, wi: torch.Tensor, t: int) -> torch.Tensor:
-        """qi `[b, Hi, di]`, wi `[b, Hi]` float32 → scores of the first `t` keys `[b, t]`."""
+    def scores(self, q0: int, q1: int, t: int, ratio: int) -> torch.Tensor:
+        """Queries q0..q1-1 of the chunk → scores of the store's first `t` keys `[b, t]`
+        (float32; the GPU kernel also sets −∞ past each query's visible count)."""
+        if self._stored is not None:
+            keys, key_scale = self._stored
+            pos = torch.arange(self.start + q0, self.start + q1, device=self._q.device)
+            return gpu_kernels.index_scores(
+                self._q[q0:q1], self._w[q0:q1], self.indexer.weight_scale, keys[:t], pos, ratio,
+                None if key_scale is None else key_scale[:t],
+            )  # fmt: skip
+        if self._widened is None:
+            self._widened = self.indexer.widen(self._q, self._w)
+        qi, wi = (x[q0:q1] for x in self._widened)
         got = host_scores(qi, wi, self.store, t)
         if got is not None:
             return got
         if self._keys is None:
             self._keys = self.store.view().float()
         return self.indexer.scores(qi, wi, self._keys[:t])
+
+
+def _gpu_index_keys(store: RowStore, indexer: Indexer, q: torch.Tensor, whole: bool):
+    """(keys, key scales or None) as `gpu_kernels.index_scores` reads them — every row of the
+    store's capacity (`whole`: a decode step's fixed shapes) or the rows it holds — where that
+    kernel applies to these queries `q` (on a GPU, checked there; keys of q's dtype, or FP8 with
+    a scale per key); else None."""
+    fp8 = isinstance(store.codec, Fp8KeyRows)
+    fits = (fp8 or store.codec.dtype == q.dtype) and all(
+        n >= 16 and not n & (n - 1) for n in (indexer.n_heads, indexer.head_dim)
+    )
+    if not (fits and gpu_kernels.applies(q)) or not gpu_kernels.checked("indexer scores", q.device):
+        return None
+    if fp8:
+        codes, scale = store.buffers()
+        return (codes, scale) if whole else (codes[: store.n], scale[: store.n])
+    return (store.rows(), None) if whole else (store.view(), None)
 
 
 class StepPositions:
@@ -148,7 +181,7 @@ class Attention:
         keys = torch.cat((state.window.recent(start, n_prev).to(kv.dtype), kv))
         state.window.write(kv, start)
 
-        entries = index_keys = qi = wi = None
+        entries = index_keys = None
         if self.compressor is not None:
             new = self.compressor.update(a, start, state.carry, dtype, simulate)
             state.kv_entries.append(new)
@@ -156,8 +189,9 @@ class Attention:
         if self.indexer is not None:
             new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
             state.index_keys.append(new)
-            index_keys = _IndexKeys(state.index_keys, self.indexer)
-            qi, wi = self.indexer.queries(qr, a, cos, sin, simulate)
+            index_keys = _IndexKeys(
+                state.index_keys, self.indexer, qr, a, cos, sin, start, simulate
+            )
 
         o = torch.empty(s, self.n_heads, self.head_dim, dtype=torch.float32, device=a.device)
         block = query_block
@@ -168,7 +202,7 @@ class Attention:
         for q0 in range(0, s, block):
             q1 = min(s, q0 + block)
             o[q0:q1] = self._attend_block(
-                q[q0:q1], keys, n_prev, start, q0, q1, entries, index_keys, qi, wi
+                q[q0:q1], keys, n_prev, start, q0, q1, entries, index_keys
             )
         return self._output(o, dtype, cos, sin, simulate)
 
@@ -207,13 +241,19 @@ class Attention:
                 # a store of at most top-k rows is attended whole (as `forward` does): no
                 # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
                 if store.capacity > self.indexer.topk:
-                    keys = state.index_keys
-                    picked = self._index_scores(qr, a, cos, sin, pos, keys)
-                    if picked is None:  # the CPU kernel, or the torch ops
-                        qi, wi = self.indexer.queries(qr, a, cos, sin)
+                    ix, keys = self.indexer, state.index_keys
+                    q_ix, w_ix = ix.queries(qr, a, cos, sin, widen=False)
+                    stored = _gpu_index_keys(keys, ix, q_ix, whole=True)
+                    if stored is not None:  # one launch, −∞ past the visible rows
+                        picked = gpu_kernels.index_scores(
+                            q_ix[0], w_ix[0], ix.weight_scale, stored[0], pos, self.ratio,
+                            stored[1],
+                        )  # fmt: skip
+                    else:  # the CPU kernel, or the torch ops
+                        qi, wi = ix.widen(q_ix, w_ix)
                         scores = host_scores(qi, wi, keys, keys.capacity)
                         if scores is None:
-                            scores = self.indexer.scores(qi, wi, keys.rows())
+                            scores = ix.scores(qi, wi, keys.rows())
                         picked = scores[0].masked_fill(~visible, float("-inf"))  # [C]
                     picked = picked.topk(self.indexer.topk).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
@@ -242,26 +282,6 @@ class Attention:
             )
             values.append(comp)
         return self._output(self._sink_attend(logits, values), a.dtype, cos, sin, False)
-
-    def _index_scores(self, qr, a, cos, sin, pos, store: RowStore) -> torch.Tensor | None:
-        """A decode step's index scores `[C]` (−∞ past the visible rows) in one launch where the
-        kernel applies (`gpu_kernels.index_scores`: keys of the activations' dtype, or FP8 keys
-        read as stored, not decoded to a float32 copy each step); None: the caller runs the
-        torch ops."""
-        ix = self.indexer
-        fp8 = isinstance(store.codec, Fp8KeyRows)
-        fits = (fp8 or store.codec.dtype == a.dtype) and all(
-            n >= 16 and not n & (n - 1) for n in (ix.n_heads, ix.head_dim)
-        )
-        if not (fits and gpu_kernels.applies(qr)) or not gpu_kernels.checked(
-            "indexer scores", qr.device
-        ):
-            return None
-        q, w = ix.queries(qr, a, cos, sin, widen=False)
-        keys, key_scale = store.buffers() if fp8 else (store.rows(), None)
-        return gpu_kernels.index_scores(
-            q[0], w[0], ix.weight_scale, keys, pos, self.ratio, key_scale
-        )
 
     def _project(self, a, cos, sin, simulate):
         """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""
@@ -302,9 +322,7 @@ class Attention:
         q0: int,
         q1: int,
         entries: _CompressedRows | None,  # T compressed KV rows `[T, d]`
-        index_keys: _IndexKeys | None,  # T index keys `[T, di]`
-        qi: torch.Tensor | None,  # [S, Hi, di]
-        wi: torch.Tensor | None,  # [S, Hi]
+        index_keys: _IndexKeys | None,  # the CSA indexer's queries and keys
     ) -> torch.Tensor:
         """Sink softmax over window + compressed candidates for queries q0..q1-1 of the chunk.
 
@@ -316,8 +334,7 @@ class Attention:
         lo = max(0, q0 + n_prev - (self.window - 1))
         kw = keys[lo : q1 + n_prev].float()
         if one and device.type == "cpu":
-            picks = (qi[q0:q1], wi[q0:q1]) if qi is not None else None
-            return self._attend_one(qf, kw, start + q1, entries, index_keys, picks)
+            return self._attend_one(qf, kw, start + q1, entries, index_keys, q0)
         lw = torch.einsum("qhd,kd->qhk", qf, kw)
         if not one:
             qpos = start + torch.arange(q0, q1, device=device)
@@ -336,7 +353,7 @@ class Attention:
                 visible = (start + torch.arange(q0, q1, device=device) + 1) // self.ratio
                 allowed = torch.arange(t_max, device=device)[None, :] < visible[:, None]  # [b, T]
             if self.indexer is not None and t_max > self.indexer.topk:
-                scores = index_keys.scores(qi[q0:q1], wi[q0:q1], t_max)
+                scores = index_keys.scores(q0, q1, t_max, self.ratio)
                 if allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
@@ -366,9 +383,9 @@ class Attention:
             values.append(gathered[0])
         return self._sink_attend(logits, values)
 
-    def _attend_one(self, qf, kw, end, entries, index_keys, picks) -> torch.Tensor:
-        """One query on the CPU (a decode step; `end` tokens seen, its own included; `picks`
-        its indexer queries and head weights, CSA layers only): its window rows `kw`
+    def _attend_one(self, qf, kw, end, entries, index_keys, q0: int) -> torch.Tensor:
+        """One query on the CPU (a decode step; query q0 of its call, `end` tokens seen, its own
+        included): its window rows `kw`
         `[n, d]` and the compressed rows it sees — CSA's top-k picks, gathered, else every entry
         as stored — attended by the C kernel (`kernels.sink_attention`: no float32 copy of an
         HCA layer's context/128 entries, no torch threads) → `[1, H, d]`."""
@@ -376,7 +393,7 @@ class Attention:
         t_max = end // self.ratio if entries is not None else 0  # entries complete
         if t_max > 0:
             if self.indexer is not None and t_max > self.indexer.topk:
-                scores = index_keys.scores(*picks, t_max)
+                scores = index_keys.scores(q0, q0 + 1, t_max, self.ratio)
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [1, k]
                 sets.append(entries.at(picked)[0])
             else:

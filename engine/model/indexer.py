@@ -54,10 +54,13 @@ class Indexer:
         q = apply_rope(q, cos, sin)
         if simulate:
             q = qsim.fp4_snap(qsim.hadamard(q), 32)
-        if not widen:
-            return q, self.weights_proj(a)
-        w = self.weights_proj(a).float() * self.weight_scale
-        return q.float(), w
+        w = self.weights_proj(a)
+        return self.widen(q, w) if widen else (q, w)
+
+    def widen(self, q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and head weights as computed → float32, the weights scaled (what `scores`
+        takes)."""
+        return q.float(), w.float() * self.weight_scale
 
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
