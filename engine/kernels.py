@@ -966,7 +966,9 @@ def sink_attention(
     sets and the head's sink logit (which takes its share of the denominator only; K = V).
 
     q `[H, D]` float32, sink `[H]` float32, sets: 1–4 tensors `[n_i, D]` float32 or bfloat16
-    (the window's rows, a store's compressed entries as stored), out `[H, D]` float32
+    (the window's rows, a store's compressed entries as stored), or a tuple (codes `[n, nope]`
+    E4M3 bytes, exponents `[n, nope/64]` E8M0 bytes, rope `[n, D − nope]` bfloat16): the packed
+    FP8 KV rows of spec §3.2 (`cache.Fp8Rows`), read as stored; out `[H, D]` float32
     (overwritten; None: a new one) → out. Why: as torch ops an HCA layer widened all its
     context/128 entries to float32 each token and ran its einsums on torch's threads, which
     contend with the kernels' pool (see attention.h).
@@ -983,6 +985,9 @@ def sink_attention(
         raise ValueError(f"sink_attention: 1 to 4 row sets, got {len(sets)}")
     spec = []
     for i, rows in enumerate(sets):
+        if isinstance(rows, tuple):
+            spec.append(_fp8_row_set(rows, D, i))
+            continue
         kind = _ROW_KINDS.get(_kind(rows))
         if kind is None or len(_shape(rows)) != 2 or _shape(rows)[1] != D:
             raise ValueError(
@@ -1000,3 +1005,30 @@ def sink_attention(
         _address(out, "out", writable=True), _threads_arg(threads), isa or "",
     )  # fmt: skip
     return out
+
+
+def _fp8_row_set(parts: tuple, width: int, i: int) -> tuple:
+    """A packed FP8 row set (codes, exponents, rope) checked → its `sink_attention` spec."""
+    if len(parts) != 3:
+        raise ValueError(f"sink_attention: set {i}: packed rows are (codes, exponents, rope)")
+    codes, exps, rope = parts
+    n, nope = _shape(codes) if len(_shape(codes)) == 2 else (-1, -1)
+    ok = (
+        _kind(codes) == "u8"
+        and _kind(exps) == "u8"
+        and _kind(rope) == "bf16"
+        and nope > 0
+        and nope % 64 == 0
+        and _shape(exps) == (n, nope // 64)
+        and _shape(rope) == (n, width - nope)
+    )
+    if not ok:
+        raise ValueError(
+            f"sink_attention: set {i}: packed rows must be codes [n, k·64] E4M3 bytes, exponents "
+            f"[n, k] E8M0 bytes and rope [n, {width} − k·64] bfloat16; got "
+            f"{[(_kind(p), _shape(p)) for p in parts]}"
+        )
+    return (
+        _address(codes, f"set {i} codes"), 2, nope, n, _address(exps, f"set {i} exponents"),
+        _address(rope, f"set {i} rope") if width > nope else 0, nope,
+    )  # fmt: skip

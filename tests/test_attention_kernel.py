@@ -12,6 +12,7 @@ import torch
 from _gil import python_ticks_during
 
 from flashdesk.engine import kernels
+from flashdesk.engine.cache import Fp8Rows
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.model import attention
 from flashdesk.engine.runtime import load_runtime
@@ -56,6 +57,29 @@ def test_equals_float64(isa, h, d, counts, bf16):
     assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
+def _packed(rows: torch.Tensor, rope: int) -> tuple:
+    """Rows in the packed FP8 KV layout (`cache.Fp8Rows`) and their decoded float32 values."""
+    codec = Fp8Rows(rows.shape[1], rope, torch.float32)
+    parts = codec.encode(rows)
+    return parts, codec.decode(parts)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("d", "rope"), [(576, 64), (128, 0)])
+def test_packed_fp8_rows_are_read_as_stored(isa, d, rope):
+    """An HCA layer's entries in the packed FP8 KV format (E4M3 codes, an E8M0 exponent per 64,
+    the rope channels in BF16) are read from their bytes: float64 over the decoded rows."""
+    q, sink, (window, entries) = _inputs(8, d, (5, 300), seed=3)
+    parts, decoded = _packed(entries * 4.0, rope)
+    got = kernels.sink_attention(q, sink, [window, parts], d**-0.5, isa=isa)
+    want = _float64(q, sink, [window, decoded], d**-0.5)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="packed rows must be"):
+        kernels.sink_attention(q, sink, [window, (parts[0], parts[1][:, :1], parts[2])], 0.1)
+    with pytest.raises(ValueError, match=r"\(codes, exponents, rope\)"):
+        kernels.sink_attention(q, sink, [window, parts[:2]], 0.1)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_the_result_does_not_depend_on_the_threads(isa):
     q, sink, sets = _inputs(16, 128, (64, 1000), seed=1)
@@ -91,7 +115,13 @@ def test_releases_the_gil():
 
 
 def _torch_sink_attention(q, sink, sets, scale, out=None, **_):
-    return _float64(q, sink, [s.float() for s in sets], scale).float()
+    def rows(s):
+        if not isinstance(s, tuple):
+            return s.float()
+        codes, _, rope = s
+        return Fp8Rows(codes.shape[1] + rope.shape[1], rope.shape[1], torch.float32).decode(s)
+
+    return _float64(q, sink, [rows(s) for s in sets], scale).float()
 
 
 @pytest.mark.parametrize("kv_format", ["native", "bf16", "fp8"])

@@ -121,7 +121,8 @@ int main(void) {
         /* sink attention: the same queries' first head set over a fp32 and a bf16 row set */
         static float win[5 * ID], ao_s[IH * ID], ao_n[IH * ID];
         for (int i = 0; i < 5 * ID; i++) win[i] = frand();
-        const fd_row_set sets[2] = {{win, FD_ROWS_F32, ID, 5}, {ik, FD_ROWS_BF16, ID, IT}};
+        const fd_row_set sets[2] = {{win, FD_ROWS_F32, ID, 5, NULL, NULL, 0},
+                                    {ik, FD_ROWS_BF16, ID, IT, NULL, NULL, 0}};
         int sa = fd_sink_attention(S, 1, iq, 0.1f, iw, IH, ID, sets, 2, ao_s, ierr, sizeof ierr);
         int sb = fd_sink_attention(N, 3, iq, 0.1f, iw, IH, ID, sets, 2, ao_n, ierr, sizeof ierr);
         CHECK("sink_attention", (sa || sb) ? 1.0 : rel(ao_n, ao_s, IH * ID));

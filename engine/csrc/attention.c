@@ -53,9 +53,20 @@ static void load_row(const att_ctx *c, long t, float *dst) {
     const size_t at = (size_t)(t - c->first[s]) * set->stride;
     if (set->kind == FD_ROWS_F32) {
         memcpy(dst, (const float *)set->rows + at, sizeof(float) * (size_t)c->D);
-    } else {
+    } else if (set->kind == FD_ROWS_BF16) {
         const uint16_t *src = (const uint16_t *)set->rows + at;
         for (int d = 0; d < c->D; d++) dst[d] = fd_bf16_f32(src[d]);
+    } else { /* the packed FP8 rows: codes x 2^(e-127) per 64, then the bf16 rope part */
+        const long r = t - c->first[s];
+        const int nope = set->nope, blocks = nope / 64, rope = c->D - nope;
+        const uint8_t *codes = (const uint8_t *)set->rows + at;
+        const uint8_t *exps = set->exps + (size_t)r * blocks;
+        for (int b = 0; b < blocks; b++) {
+            const float scale = fd_e8m0_f32[exps[b]];
+            for (int j = 0; j < 64; j++) dst[b * 64 + j] = fd_e4m3_f32[codes[b * 64 + j]] * scale;
+        }
+        const uint16_t *rp = set->rope + (size_t)r * rope;
+        for (int d = 0; d < rope; d++) dst[nope + d] = fd_bf16_f32(rp[d]);
     }
 }
 
@@ -125,8 +136,13 @@ int fd_sink_attention(const fd_quant_kernels *kern, int threads, const float *q,
     long N = 0;
     int bad = H <= 0 || D <= 0 || n_sets < 1 || n_sets > ATT_MAX_SETS;
     for (int s = 0; !bad && s < n_sets; s++) {
-        bad = sets[s].count < 0 || (sets[s].count && (!sets[s].rows || sets[s].stride < (size_t)D)) ||
-              (sets[s].kind != FD_ROWS_F32 && sets[s].kind != FD_ROWS_BF16);
+        const fd_row_set *set = &sets[s];
+        const int fp8 = set->kind == FD_ROWS_FP8;
+        bad = set->count < 0 || (set->kind != FD_ROWS_F32 && set->kind != FD_ROWS_BF16 && !fp8) ||
+              (set->count && (!set->rows || set->stride < (size_t)(fp8 ? set->nope : D))) ||
+              (fp8 && set->count &&
+               (set->nope <= 0 || set->nope % 64 || set->nope > D || !set->exps ||
+                (set->nope < D && !set->rope)));
         N += sets[s].count;
     }
     if (bad || N < 1 || N > (1L << 30)) {

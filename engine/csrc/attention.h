@@ -13,15 +13,20 @@
 
 #include "quant_kernels.h"
 
-enum { FD_ROWS_F32 = 0, FD_ROWS_BF16 = 1 };
+enum { FD_ROWS_F32 = 0, FD_ROWS_BF16 = 1, FD_ROWS_FP8 = 2 };
 
-/* One set of candidate rows: count rows of D elements (fp32 or bf16), row t at
- * rows + t * stride elements. */
+/* One set of candidate rows: count rows of D elements, row t at rows + t * stride elements
+ * (fp32 or bf16), or for FD_ROWS_FP8 the packed KV layout of spec §3.2: the first nope elements
+ * as E4M3 codes (rows + t * stride bytes) times one E8M0 exponent per 64 (exps + t * nope/64),
+ * the other D - nope as bf16 (rope + t * (D - nope)). */
 typedef struct {
     const void *rows;
     int kind;
     size_t stride;
     long count;
+    const uint8_t *exps;
+    const uint16_t *rope;
+    int nope;
 } fd_row_set;
 
 /* q [H, D] fp32, sink [H] fp32, sets[0..n_sets) the candidates (at least one row in all) →

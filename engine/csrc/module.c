@@ -287,15 +287,17 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long rows, stride;
+        unsigned long long rows, stride, exps = 0, rope = 0;
         long long count;
-        int kind;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KiKL", &rows, &kind, &stride,
-                              &count)) {
+        int kind, nope = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KiKL|KKi", &rows, &kind, &stride,
+                              &count, &exps, &rope, &nope)) {
             Py_DECREF(seq);
             return NULL;
         }
-        sets[i] = (fd_row_set){(const void *)(uintptr_t)rows, kind, (size_t)stride, (long)count};
+        sets[i] = (fd_row_set){(const void *)(uintptr_t)rows, kind, (size_t)stride, (long)count,
+                               (const uint8_t *)(uintptr_t)exps, (const uint16_t *)(uintptr_t)rope,
+                               nope};
     }
     Py_DECREF(seq);
     const fd_quant_kernels *kern = kernels_for(isa);
@@ -330,8 +332,8 @@ static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
 static PyMethodDef kernel_methods[] = {
     {"sink_attention", py_sink_attention, METH_VARARGS,
      "sink_attention(q, scale, sink, H, D, sets, out, threads, isa)\n\nRaw addresses: one "
-     "query's sink attention over row sets ((address, kind 0 f32 / 1 bf16, stride, count), ...) "
-     "into out [H, D]; releases the GIL."},
+     "query's sink attention over row sets ((address, kind 0 f32 / 1 bf16 / 2 packed FP8, stride, "
+     "count[, exps, rope, nope]), ...) into out [H, D]; releases the GIL."},
     {"index_scores", py_index_scores, METH_VARARGS,
      "index_scores(q, w, S, H, D, kind, keys, key_stride, row_scale, T, out, out_stride, threads, "
      "isa)\n\nRaw addresses: lightning-indexer scores into out [S, T] (kinds: 0 f32, 1 bf16, 2 "

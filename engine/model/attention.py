@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from flashdesk.engine import gpu_kernels, kernels
-from flashdesk.engine.cache import Fp8KeyRows, LayerState, RowStore
+from flashdesk.engine.cache import Fp8KeyRows, Fp8Rows, LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.compressor import Compressor
@@ -47,6 +47,13 @@ class _CompressedRows:
     def at(self, index: torch.Tensor) -> torch.Tensor:
         """Rows at `index` `[b, k]` → `[b, k, d]`."""
         return self.store.gather(index)
+
+    def stored(self, t: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The first `t` rows as `kernels.sink_attention` reads them: the packed FP8 rows as
+        stored (codes, exponents, rope), other formats decoded (a view where they need none)."""
+        if isinstance(self.store.codec, Fp8Rows):
+            return tuple(p[:t] for p in self.store.buffers())
+        return self.all()[:t]
 
 
 class _IndexKeys:
@@ -387,8 +394,9 @@ class Attention:
         """One query on the CPU (a decode step; query q0 of its call, `end` tokens seen, its own
         included): its window rows `kw`
         `[n, d]` and the compressed rows it sees — CSA's top-k picks, gathered, else every entry
-        as stored — attended by the C kernel (`kernels.sink_attention`: no float32 copy of an
-        HCA layer's context/128 entries, no torch threads) → `[1, H, d]`."""
+        as stored, packed FP8 rows included — attended by the C kernel
+        (`kernels.sink_attention`: no float32 copy of an HCA layer's context/128 entries, no
+        torch threads) → `[1, H, d]`."""
         sets = [kw]
         t_max = end // self.ratio if entries is not None else 0  # entries complete
         if t_max > 0:
@@ -397,9 +405,12 @@ class Attention:
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [1, k]
                 sets.append(entries.at(picked)[0])
             else:
-                sets.append(entries.all()[:t_max])
-        sets = [r if r.dtype in (torch.float32, torch.bfloat16) else r.float() for r in sets]
-        sets = [r.contiguous() for r in sets]
+                sets.append(entries.stored(t_max))
+        sets = [
+            r if isinstance(r, tuple)
+            else (r if r.dtype in (torch.float32, torch.bfloat16) else r.float()).contiguous()
+            for r in sets
+        ]  # fmt: skip
         out = kernels.sink_attention(qf[0].contiguous(), self.sink.float().contiguous(), sets,
                                      self.scale)  # fmt: skip
         return out.unsqueeze(0)
