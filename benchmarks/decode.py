@@ -202,14 +202,13 @@ DEPTH_ROUNDS = 2
 DEPTH_STEPS = 3
 
 
-def _depth_figures(rt, model_figures, profile, plan) -> dict:
+def _depth_timings(rt) -> list[dict]:
     """Decode at each of DEPTHS tokens of context (`synthetic.fill_context`): tok/s with the
     CSA indexer's C kernel and with the torch ops it replaced (rounds interleaved, the state
-    rewound between them), and the planner's figure at that depth with this run's calibration
-    (`predict.decode_tok_s_at`)."""
+    rewound between them). The planner's figures are added once this run has calibrated it
+    (`_depth_predictions`)."""
     from flashdesk.engine.model import attention
     from flashdesk.engine.synthetic import fill_context
-    from flashdesk.offload.predict import Efficiency, decode_tok_s_at
 
     kernel = attention.host_scores
     paths = {"kernel": kernel, "torch": lambda *args: None}
@@ -229,17 +228,27 @@ def _depth_figures(rt, model_figures, profile, plan) -> dict:
                     for _ in range(DEPTH_STEPS):
                         rt.decode(1, state)
                     tok_s[name].append(DEPTH_STEPS / (time.perf_counter() - t0))
-            best = {name: max(v) for name, v in tok_s.items()}
-            predicted = decode_tok_s_at(
-                plan, model_figures, profile, depth, Efficiency.load_or_defaults()
-            )
-            rows.append({
-                "depth": depth, "tok_s": best["kernel"], "torch_indexer_tok_s": best["torch"],
-                "predicted_tok_s": predicted, "predicted_over_measured": predicted / best["kernel"],
-            })  # fmt: skip
+            rows.append(
+                {"depth": depth, "tok_s": max(tok_s["kernel"]),
+                 "torch_indexer_tok_s": max(tok_s["torch"])}
+            )  # fmt: skip
     finally:
         attention.host_scores = kernel
-    return {"decode_at_depth": rows}
+    return rows
+
+
+def _depth_predictions(rows, model_figures, profile, plan) -> list[dict]:
+    """The timed depths with the planner's figure at each (`predict.decode_tok_s_at`, with the
+    calibration this run recorded)."""
+    from flashdesk.offload.predict import Efficiency, decode_tok_s_at
+
+    eff = Efficiency.load_or_defaults()
+    out = []
+    for row in rows:
+        predicted = decode_tok_s_at(plan, model_figures, profile, row["depth"], eff)
+        out.append(row | {"predicted_tok_s": predicted,
+                          "predicted_over_measured": predicted / row["tok_s"]})  # fmt: skip
+    return out
 
 
 def _cpu_prefill_seconds(rt, config) -> float:
@@ -442,10 +451,12 @@ def run(json_output: bool = False) -> dict:
             on_gpu = rt.device.type == "cuda"
             head_dtype = rt.head_dtype
             prefill_s = glue_s = None
+            depths: list[dict] = []
             if not on_gpu:
                 figures["decode_tok_s_by_head"] = _head_variants(rt, ids)
                 prefill_s = _cpu_prefill_seconds(rt, config)
                 glue_s = _cpu_glue_seconds(rt, ids)
+                depths = _depth_timings(rt)
         device_s = step_s - expert_s
         gpu_gbps = _gpu_copy_gbps() if on_gpu else None
         if on_gpu:
@@ -486,8 +497,7 @@ def run(json_output: bool = False) -> dict:
         if on_gpu:
             _gpu_figures(folder, config, ids, figures)
         else:
-            with load_runtime(folder, plan=plan, refresh_every=None) as rt:
-                figures |= _depth_figures(rt, model_figures, profile, plan)
+            figures["decode_at_depth"] = _depth_predictions(depths, model_figures, profile, plan)
     if not json_output:
         ms = figures["ms_per_token"]
         print(f"placement: {where}; head {head_dtype}")

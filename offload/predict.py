@@ -530,6 +530,7 @@ def predict(
     bandwidths_measured = rates.ram.source == "measured"
     confidence = "calibrated" if eff.all_calibrated() and bandwidths_measured else "estimated"
     total_picks = sum(lp.gpu_hit_rate for lp in plan.layers)
+    full = seconds + decode_attention_seconds(plan, figures, rates, eff, plan.context)
     return Prediction(
         decode_tok_s=1.0 / seconds,
         decode_bound_tok_s=1.0 / bound_seconds,
@@ -543,7 +544,7 @@ def predict(
         bytes_per_token=read,
         inputs=inputs,
         decode_limit="dispatch" if seconds > 1.5 * memory_seconds else "memory",
-        decode_full_tok_s=decode_tok_s_at(plan, figures, profile, plan.context, eff),
+        decode_full_tok_s=1.0 / full,
     )
 
 

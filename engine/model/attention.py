@@ -61,22 +61,25 @@ class _IndexKeys:
     the GPU kernel (queries as computed, keys as stored: `gpu_kernels.index_scores`), the CPU
     kernel (`indexer.host_scores`), or the torch ops over the keys decoded once per call."""
 
-    def __init__(self, store: RowStore, indexer: Indexer, qr, a, cos, sin, start: int, simulate):
-        self.store, self.indexer, self.start = store, indexer, start
+    def __init__(
+        self, store: RowStore, indexer: Indexer, qr, a, cos, sin, start: int, ratio: int, simulate
+    ):
+        self.store, self.indexer, self.start, self.ratio = store, indexer, start, ratio
         # as computed: the GPU kernel widens and scales them itself; the others take them widened
         self._q, self._w = indexer.queries(qr, a, cos, sin, simulate, widen=False)
         self._stored = _gpu_index_keys(store, indexer, self._q, whole=False)
         self._widened: tuple[torch.Tensor, torch.Tensor] | None = None
         self._keys: torch.Tensor | None = None
 
-    def scores(self, q0: int, q1: int, t: int, ratio: int) -> torch.Tensor:
+    def scores(self, q0: int, q1: int, t: int) -> torch.Tensor:
         """Queries q0..q1-1 of the chunk → scores of the store's first `t` keys `[b, t]`
         (float32; the GPU kernel also sets −∞ past each query's visible count)."""
         if self._stored is not None:
             keys, key_scale = self._stored
             pos = torch.arange(self.start + q0, self.start + q1, device=self._q.device)
             return gpu_kernels.index_scores(
-                self._q[q0:q1], self._w[q0:q1], self.indexer.weight_scale, keys[:t], pos, ratio,
+                self._q[q0:q1], self._w[q0:q1], self.indexer.weight_scale, keys[:t], pos,
+                self.ratio,
                 None if key_scale is None else key_scale[:t],
             )  # fmt: skip
         if self._widened is None:
@@ -197,7 +200,7 @@ class Attention:
             new = self.indexer.compressor.update(a, start, state.index_carry, dtype, simulate)
             state.index_keys.append(new)
             index_keys = _IndexKeys(
-                state.index_keys, self.indexer, qr, a, cos, sin, start, simulate
+                state.index_keys, self.indexer, qr, a, cos, sin, start, self.ratio, simulate
             )
 
         o = torch.empty(s, self.n_heads, self.head_dim, dtype=torch.float32, device=a.device)
@@ -340,8 +343,9 @@ class Attention:
         qf = q.float()
         lo = max(0, q0 + n_prev - (self.window - 1))
         kw = keys[lo : q1 + n_prev].float()
+        t_max = (start + q1) // self.ratio if entries is not None else 0  # entries complete
         if one and device.type == "cpu":
-            return self._attend_one(qf, kw, start + q1, entries, index_keys, q0)
+            return self._attend_one(qf, kw, t_max, entries, index_keys, q0)
         lw = torch.einsum("qhd,kd->qhk", qf, kw)
         if not one:
             qpos = start + torch.arange(q0, q1, device=device)
@@ -353,14 +357,13 @@ class Attention:
         logits = [lw]
         values = [kw]
         gathered = None
-        t_max = (start + q1) // self.ratio if entries is not None else 0  # entries complete
         if t_max > 0:
             allowed = visible = None
             if not one:
                 visible = (start + torch.arange(q0, q1, device=device) + 1) // self.ratio
                 allowed = torch.arange(t_max, device=device)[None, :] < visible[:, None]  # [b, T]
             if self.indexer is not None and t_max > self.indexer.topk:
-                scores = index_keys.scores(q0, q1, t_max, self.ratio)
+                scores = index_keys.scores(q0, q1, t_max)
                 if allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [b, k]
@@ -390,18 +393,16 @@ class Attention:
             values.append(gathered[0])
         return self._sink_attend(logits, values)
 
-    def _attend_one(self, qf, kw, end, entries, index_keys, q0: int) -> torch.Tensor:
-        """One query on the CPU (a decode step; query q0 of its call, `end` tokens seen, its own
-        included): its window rows `kw`
-        `[n, d]` and the compressed rows it sees — CSA's top-k picks, gathered, else every entry
-        as stored, packed FP8 rows included — attended by the C kernel
+    def _attend_one(self, qf, kw, t_max, entries, index_keys, q0: int) -> torch.Tensor:
+        """One query on the CPU (a decode step; query q0 of its call): its window rows `kw`
+        `[n, d]` and the `t_max` compressed rows it sees — CSA's top-k picks, gathered, else
+        every entry as stored, packed FP8 rows included — attended by the C kernel
         (`kernels.sink_attention`: no float32 copy of an HCA layer's context/128 entries, no
         torch threads) → `[1, H, d]`."""
         sets = [kw]
-        t_max = end // self.ratio if entries is not None else 0  # entries complete
         if t_max > 0:
             if self.indexer is not None and t_max > self.indexer.topk:
-                scores = index_keys.scores(q0, q0 + 1, t_max, self.ratio)
+                scores = index_keys.scores(q0, q0 + 1, t_max)
                 picked = scores.topk(self.indexer.topk, dim=-1).indices  # [1, k]
                 sets.append(entries.at(picked)[0])
             else:
