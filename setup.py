@@ -34,6 +34,7 @@ GNU_VARIANT_FLAGS = {
         "-mavx512dq",
         "-mavx512vnni",
         "-mavx512bf16",
+        "-mavx512vbmi",
         "-mavx2",
         "-mfma",
         "-mf16c",

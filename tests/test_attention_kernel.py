@@ -127,14 +127,25 @@ def _torch_sink_attention(q, sink, sets, scale, out=None, **_):
 @pytest.mark.parametrize("kv_format", ["native", "bf16", "fp8"])
 def test_cpu_decode_through_it_gives_the_torch_ops_logits(kv_format, monkeypatch):
     """Window, CSA (its top-k picks gathered) and HCA layers (every entry as stored), decode
-    steps from a state filled deep enough that CSA gathers: the kernel's logits are those of the
-    same steps with the attention as torch ops."""
+    steps from a state filled deep enough that CSA gathers: each call of the kernel equals the
+    torch ops on its inputs, and the logits are those of the same steps with the torch ops.
+
+    The logits are compared at a tolerance of a few bf16 steps: a last-bit difference in one
+    layer's attention can flip the rounding of a row stored as bf16 or FP8, or of the bf16
+    activations the next linear takes, and the steps after it carry that on."""
     config = ModelConfig.tiny(
         num_hidden_layers=3, num_nextn_predict_layers=0, compress_ratios=(0, 4, 16), head_dim=80
     )
-    calls = []
+    errors = []
     real = kernels.sink_attention
-    counted = types.SimpleNamespace(sink_attention=lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def checked(*args, **kwargs):
+        got = real(*args, **kwargs)
+        want = _torch_sink_attention(*args, **kwargs)
+        errors.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-30)))
+        return got
+
+    counted = types.SimpleNamespace(sink_attention=checked)
     with load_runtime(SyntheticCheckpoint(config, seed=7)) as rt:
 
         def run():
@@ -145,8 +156,10 @@ def test_cpu_decode_through_it_gives_the_torch_ops_logits(kv_format, monkeypatch
 
         monkeypatch.setattr(attention, "kernels", counted)
         got = run()
-        assert len(calls) >= 4 * 3  # every decode step's layers (and a prompt's last query)
+        assert len(errors) >= 4 * 3  # every decode step's layers (and a prompt's last query)
+        assert max(errors) < 1e-5
         monkeypatch.setattr(
             attention, "kernels", types.SimpleNamespace(sink_attention=_torch_sink_attention)
         )
-        torch.testing.assert_close(got, run(), rtol=1e-4, atol=1e-4)
+        want = run()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))

@@ -61,6 +61,7 @@ def test_cpu_features_agree_with_proc_cpuinfo():
             "avx512vl": "avx512vl",
             "avx512_vnni": "avx512_vnni",
             "avx512_bf16": "avx512_bf16",
+            "avx512_vbmi": "avx512vbmi",
             "amx_tile": "amx_tile",
             "amx_bf16": "amx_bf16",
             "amx_int8": "amx_int8",

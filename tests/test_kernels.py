@@ -67,7 +67,9 @@ def test_variants_follow_cpu_features():
     if "avx512" in compiled:
         wants = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
         assert compiled["avx512"] == all(feats[f] for f in wants)
-        assert compiled["avx512_bf16"] == (compiled["avx512"] and feats["avx512_bf16"])
+        assert compiled["avx512_bf16"] == (
+            compiled["avx512"] and feats["avx512_bf16"] and feats["avx512_vbmi"]
+        )
     if "neon" in compiled:
         assert compiled["neon"] == feats["neon"]
     # Chosen once by measurement: the fastest of those that run.
@@ -388,6 +390,39 @@ def test_simd_fp8_rows_short_and_long(isa):
             for finite in (False, True):
                 got = kernels.fp8_linear(x, w, s, isa=isa, threads=2, finite=finite)
                 assert_close_dot(got, ref, x, deq8(w, s))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_claim_runs_of_rows_and_cover_every_row(isa, threads):
+    """Each thread takes runs of consecutive 64-row units (one stream of memory each): every output
+    row is written once, with the value one thread computes (outputs start as NaN)."""
+    rng = np.random.default_rng(threads)
+    w, s = rand_fp8(rng, 64 * 70, 256)  # 70 units: runs of several units per claim
+    w4, s4 = rand_fp4(rng, 64 * 70, 256)
+    for M in (1, 3):
+        x = rng.standard_normal((M, 256)).astype(np.float32)
+        for xin in (x, torch.from_numpy(x).bfloat16()):
+            for weights, fn in (((w, s), kernels.fp8_linear), ((w4, s4), kernels.fp4_linear)):
+                one = fn(xin, *weights, isa=isa, threads=1)
+                out = (
+                    torch.full(tuple(one.shape), float("nan"))
+                    if isinstance(xin, torch.Tensor)
+                    else np.full(one.shape, np.nan, np.float32)
+                )
+                fn(xin, *weights, out, isa=isa, threads=threads)
+                np.testing.assert_array_equal(np.asarray(out), np.asarray(one))
+    # the expert FFN's two phases claim runs the same way
+    D, width, E, k = 2048, 256, 8, 6
+    experts = make_experts(rng, E, D, width)
+    table = kernels.ExpertTable(experts)
+    x = rng.standard_normal((2, D)).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(2)])
+    wts = rng.uniform(0.1, 1.0, (2, k)).astype(np.float32)
+    one = kernels.expert_ffn(x, table, wts, ids=ids, isa=isa, threads=1)
+    np.testing.assert_array_equal(
+        kernels.expert_ffn(x, table, wts, ids=ids, isa=isa, threads=threads), one
+    )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses resource.getrusage")

@@ -70,6 +70,7 @@ static void fd_detect(fd_cpu_features *f) {
         f->avx512bw = os_avx512 && ((ebx7 >> 30) & 1);
         f->avx512vl = os_avx512 && ((ebx7 >> 31) & 1);
         f->avx512_vnni = os_avx512 && ((ecx7 >> 11) & 1);
+        f->avx512_vbmi = os_avx512 && ((ecx7 >> 1) & 1);
         f->amx_bf16 = os_amx && ((edx7 >> 22) & 1);
         f->amx_tile = os_amx && ((edx7 >> 24) & 1);
         f->amx_int8 = os_amx && ((edx7 >> 25) & 1);

@@ -25,7 +25,7 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     f = fd_get_cpu_features();
     Py_END_ALLOW_THREADS
     return Py_BuildValue(
-        "{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:i}",
+        "{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:i}",
         "sse4_2", f->sse42 ? Py_True : Py_False,
         "avx", f->avx ? Py_True : Py_False,
         "avx2", f->avx2 ? Py_True : Py_False,
@@ -37,6 +37,7 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
         "avx512dq", f->avx512dq ? Py_True : Py_False,
         "avx512_vnni", f->avx512_vnni ? Py_True : Py_False,
         "avx512_bf16", f->avx512_bf16 ? Py_True : Py_False,
+        "avx512_vbmi", f->avx512_vbmi ? Py_True : Py_False,
         "amx", (f->amx_tile && (f->amx_bf16 || f->amx_int8)) ? Py_True : Py_False,
         "amx_bf16", f->amx_bf16 ? Py_True : Py_False,
         "amx_int8", f->amx_int8 ? Py_True : Py_False,

@@ -330,5 +330,5 @@ static void index_tile_avx2(const float *q, const float *w, int H, int D, const 
 
 const fd_quant_kernels fd_kernels_avx2 = {
     "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL, NULL, NULL,
-    index_tile_avx2,
+    index_tile_avx2, FD_FP8_NATURAL,
 };

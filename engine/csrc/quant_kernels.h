@@ -46,6 +46,16 @@ enum {
 };
 #define FD_FP4_CHUNK 128
 
+/* Orders of fp8_dot_bf16's activations (fp8_bf16_layout). */
+enum {
+    FD_FP8_NATURAL = 0,
+    /* Per 64-element block, the row padded with zeros to a whole block: word w < 32 holds element
+     * 16(w/8) + w%8 and word 32 + w element 16(w/8) + 8 + w%8, the order in which vpunpcklbw and
+     * vpunpckhbw pair the low and high bytes of 64 decoded weights (AVX-512 VBMI). */
+    FD_FP8_UNPACK64 = 1,
+};
+#define FD_FP8_BLOCK 64
+
 typedef struct {
     const char *name;
     int fp4_layout;
@@ -91,6 +101,9 @@ typedef struct {
      * out[j] = sum over h < H, in order, of w[h] * max(0, dot_h), dot_h = the sum over d, in
      * order, of q[h * D + d] * kt[d * FD_INDEX_TILE + j] (fp32). Writes FD_INDEX_TILE outputs. */
     void (*index_tile)(const float *q, const float *w, int H, int D, const float *kt, float *out);
+    /* Order of fp8_dot_bf16's activations (FD_FP8_*); rows in FD_FP8_UNPACK64 are padded to a
+     * multiple of FD_FP8_BLOCK words (fd_fp8_row_words). */
+    int fp8_bf16_layout;
 } fd_quant_kernels;
 
 #define FD_INDEX_TILE 32
@@ -128,6 +141,18 @@ static inline int fd_fp4_perm_index(int layout, int k, int K) {
     if (layout == FD_FP4_QUADS) return base + 8 * (j >> 2) + 4 * odd + (j & 3);
     return k;
 }
+/* Position of natural element k in an fp8 layout, and the words a K-element row takes there. */
+static inline int fd_fp8_perm_index(int layout, int k) {
+    if (layout != FD_FP8_UNPACK64) return k;
+    const int r = k & (FD_FP8_BLOCK - 1);
+    return (k & ~(FD_FP8_BLOCK - 1)) + 32 * ((r >> 3) & 1) + 8 * (r >> 4) + (r & 7);
+}
+static inline size_t fd_fp8_row_words(int layout, int K) {
+    return layout == FD_FP8_UNPACK64 ? (size_t)(K + FD_FP8_BLOCK - 1) / FD_FP8_BLOCK * FD_FP8_BLOCK
+                                     : (size_t)K;
+}
+/* K natural-order bf16 words -> fd_fp8_row_words(layout, K) words in that layout (padding 0). */
+void fd_fp8_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K);
 /* src (K natural-order floats, K a multiple of 32) -> dst in the given layout. */
 void fd_fp4_permute_row(int layout, const float *src, float *dst, int K);
 /* The same for bf16 rows. */

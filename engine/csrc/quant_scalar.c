@@ -4,6 +4,7 @@
  * (per-block partial sums times the block scale, fp32) so variants differ only in summation order.
  */
 #include <math.h>
+#include <string.h>
 
 #include "quant_kernels.h"
 
@@ -34,6 +35,19 @@ void fd_fp4_permute_row(int layout, const float *src, float *dst, int K) {
 
 void fd_fp4_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K) {
     for (int k = 0; k < K; k++) dst[fd_fp4_perm_index(layout, k, K)] = src[k];
+}
+
+void fd_fp8_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K) {
+    const int whole = layout == FD_FP8_UNPACK64 ? K & ~(FD_FP8_BLOCK - 1) : K;
+    if (layout == FD_FP8_UNPACK64) /* whole blocks: eight runs of 8 words each */
+        for (int b = 0; b < whole; b += FD_FP8_BLOCK)
+            for (int r = 0; r < FD_FP8_BLOCK; r += 8)
+                memcpy(dst + fd_fp8_perm_index(layout, b + r), src + b + r, 8 * sizeof *src);
+    else
+        memcpy(dst, src, (size_t)K * sizeof *src);
+    const size_t n = fd_fp8_row_words(layout, K);
+    for (size_t k = (size_t)whole; k < n; k++) dst[k] = 0; /* the last, partial block */
+    for (int k = whole; k < K; k++) dst[fd_fp8_perm_index(layout, k)] = src[k];
 }
 
 static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
@@ -130,5 +144,5 @@ static void index_tile_scalar(const float *q, const float *w, int H, int D, cons
 
 const fd_quant_kernels fd_kernels_scalar = {
     "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
-    bf16_dot_scalar, NULL, NULL, NULL, index_tile_scalar,
+    bf16_dot_scalar, NULL, NULL, NULL, index_tile_scalar, FD_FP8_NATURAL,
 };
