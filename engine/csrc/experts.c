@@ -149,28 +149,33 @@ static size_t weight_row_bytes(int kind, int K) {
     return kind == FD_WEIGHT_FP4 ? (size_t)K / 2 : (size_t)K;
 }
 
-/* Units a thread claims at once: about FD_CLAIM_BYTES of consecutive weight rows, so each thread
+/* Threads claim runs of consecutive units, up to about FD_CLAIM_BYTES of weight rows, so each
  * streams long runs of memory instead of alternating 64-row units with the others (the hardware
- * prefetchers start over at every jump); at most a quarter of a thread's share, for balance.
- * Dev VM, 2 threads, RAM read ~70 GB/s: FP8 wq_b [32768, 1024] 38 -> 50 GB/s, a decode step's
- * six experts 49 -> 58 GB/s (where RAM read ~50 GB/s the kernels were near it already). */
-static int claim_units(int units, int threads, size_t unit_bytes) {
-    long claim = (long)(FD_CLAIM_BYTES / (unit_bytes ? unit_bytes : 1));
-    const long most = units / (4L * threads);
-    if (claim > most) claim = most;
+ * prefetchers start over at every jump). A claim takes at most 1/(2 * threads) of the units left
+ * (guided self-scheduling), so the runs shrink toward the end and no thread is left waiting on
+ * another's long run. Dev VM, 2 threads, RAM read ~70 GB/s: FP8 wq_b [32768, 1024] 38 -> 50
+ * GB/s, a decode step's six experts 49 -> 58 GB/s (at ~50 GB/s they were near it already). */
+static int claim_units(size_t unit_bytes) {
+    const size_t claim = FD_CLAIM_BYTES / (unit_bytes ? unit_bytes : 1);
     return claim < 1 ? 1 : (int)claim;
 }
 
-/* A thread's place in the units it claimed: next_unit hands them out in order and claims the
- * next `claim` from the shared counter when they run out. */
+/* A thread's place in its claimed run: next_unit hands the run out in order and claims the next
+ * from the shared counter when it runs out (returns >= units when none are left). */
 typedef struct {
     long u, left;
 } unit_cursor;
 
-static long next_unit(fd_atomic_int *next, int claim, unit_cursor *cur) {
-    if (cur->left == 0) {
-        cur->u = fd_atomic_add(next, claim) - claim;
-        cur->left = claim;
+static long next_unit(fd_atomic_int *next, long units, int threads, int most, unit_cursor *cur) {
+    while (cur->left == 0) {
+        const long start = fd_atomic_load(next);
+        if (start >= units) return units;
+        long n = (units - start) / (2L * threads);
+        n = n < 1 ? 1 : n > most ? most : n;
+        if (fd_atomic_cas(next, start, start + n)) {
+            cur->u = start;
+            cur->left = n;
+        }
     }
     cur->left--;
     return cur->u++;
@@ -212,7 +217,8 @@ typedef struct {
     int out_bf16;
     ffn_thread *th;
     int units1_per_expert, units2;
-    int claim1, claim2; /* units a thread takes at once in each phase (claim_units) */
+    int claim1, claim2; /* the most units a thread claims at once in each phase (claim_units) */
+    int threads;
     fd_atomic_int next1, next2;
     fd_atomic_int done1; /* phase-1 units finished: phase 2 reads every h */
 } ffn_ctx;
@@ -339,7 +345,7 @@ static void ffn_job(void *p, int tid, int nthreads) {
     const int units1 = c->n_active * c->units1_per_expert;
     unit_cursor cursor = {0, 0};
     for (;;) {
-        const long u = next_unit(&c->next1, c->claim1, &cursor);
+        const long u = next_unit(&c->next1, units1, c->threads, c->claim1, &cursor);
         if (u >= units1) break;
         ffn_unit1(c, th, (int)u);
         fd_atomic_add(&c->done1, 1);
@@ -354,7 +360,7 @@ static void ffn_job(void *p, int tid, int nthreads) {
     }
     cursor.left = 0;
     for (;;) {
-        const long u = next_unit(&c->next2, c->claim2, &cursor);
+        const long u = next_unit(&c->next2, c->units2, c->threads, c->claim2, &cursor);
         if (u >= c->units2) break;
         ffn_unit2(c, th, (int)u);
     }
@@ -486,9 +492,9 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     c.th = th;
     c.units1_per_expert = (I + FFN_ROWS - 1) / FFN_ROWS;
     c.units2 = (D + FFN_ROWS - 1) / FFN_ROWS;
-    c.claim1 = claim_units(n_active * c.units1_per_expert, threads, (size_t)FFN_ROWS * (size_t)D);
-    c.claim2 =
-        claim_units(c.units2, threads, (size_t)FFN_ROWS * (size_t)(I / 2) * (size_t)n_active);
+    c.claim1 = claim_units((size_t)FFN_ROWS * (size_t)D);
+    c.claim2 = claim_units((size_t)FFN_ROWS * (size_t)(I / 2) * (size_t)n_active);
+    c.threads = threads;
     fd_pool_run(ffn_job, &c, threads);
     rc = 0;
 done:
@@ -532,7 +538,8 @@ typedef struct {
     void *out;
     int out_bf16;
     int row_units, units;
-    int claim; /* units a thread takes at once: consecutive rows, one stream of memory */
+    int claim; /* the most units a thread claims at once (claim_units) */
+    int threads;
     void (*fp8_dot)(const uint8_t *, size_t, const float *, int, int, const float *const *, int,
                     float *, size_t); /* fp8_dot, or fp8_dot_finite for checked weights */
     int groups, group_rows; /* x row t holds `groups` inputs of K; weight rows g*group_rows.. use the g-th */
@@ -559,7 +566,7 @@ static void lin_job(void *p, int tid, int nthreads) {
     }
     unit_cursor cursor = {0, 0};
     for (;;) {
-        const long u = next_unit(&c->next, c->claim, &cursor);
+        const long u = next_unit(&c->next, c->units, c->threads, c->claim, &cursor);
         if (u >= c->units) break;
         const int n0 = (int)(u % c->row_units) * FD_ROWS_PER_UNIT;
         const int t0 = (int)(u / c->row_units) * FD_TOKENS_PER_UNIT;
@@ -755,8 +762,8 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.out_bf16 = out_bf16;
     c.row_units = (N + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
     c.units = c.row_units * ((rows_in + FD_TOKENS_PER_UNIT - 1) / FD_TOKENS_PER_UNIT);
-    c.claim = claim_units(c.units, threads,
-                          (size_t)FD_ROWS_PER_UNIT * weight_row_bytes(kind, K));
+    c.claim = claim_units((size_t)FD_ROWS_PER_UNIT * weight_row_bytes(kind, K));
+    c.threads = threads;
     fd_pool_run(lin_job, &c, threads);
     int rc = 0;
     if (fd_atomic_load(&c.failed)) {

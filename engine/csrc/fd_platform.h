@@ -48,6 +48,7 @@ typedef volatile long fd_atomic_int;
 #define fd_atomic_load(p) _InterlockedOr((p), 0)
 #define fd_atomic_store(p, v) ((void)_InterlockedExchange((p), (long)(v)))
 #define fd_atomic_add(p, v) (_InterlockedExchangeAdd((p), (long)(v)) + (long)(v))
+#define fd_atomic_cas(p, e, d) (_InterlockedCompareExchange((p), (long)(d), (long)(e)) == (long)(e))
 #if defined(_M_X64) || defined(_M_IX86)
 #define fd_cpu_relax() _mm_pause()
 #else
@@ -64,6 +65,7 @@ typedef long fd_atomic_int;
 #define fd_atomic_load(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define fd_atomic_store(p, v) __atomic_store_n((p), (long)(v), __ATOMIC_SEQ_CST)
 #define fd_atomic_add(p, v) __atomic_add_fetch((p), (long)(v), __ATOMIC_SEQ_CST)
+#define fd_atomic_cas(p, e, d) __sync_bool_compare_and_swap((p), (long)(e), (long)(d))
 #if defined(__x86_64__) || defined(__i386__)
 #define fd_cpu_relax() __builtin_ia32_pause()
 #elif defined(__aarch64__) || defined(__arm__)
