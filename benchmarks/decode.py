@@ -204,14 +204,19 @@ DEPTH_STEPS = 3
 
 def _depth_timings(rt) -> list[dict]:
     """Decode at each of DEPTHS tokens of context (`synthetic.fill_context`): tok/s with the
-    CSA indexer's C kernel and with the torch ops it replaced (rounds interleaved, the state
-    rewound between them). The planner's figures are added once this run has calibrated it
-    (`_depth_predictions`)."""
+    CSA indexer's C kernel, with the torch ops it replaced, and at the start of a context
+    (rounds interleaved, the states rewound between them). The start's steps, timed beside the
+    deep ones, give the time the depth adds in the same phase of a machine whose speed drifts
+    (the dev VM's RAM reads at ~50 GB/s at some times and ~70 at others). The planner's
+    figures are added once this run has calibrated it (`_depth_predictions`)."""
     from flashdesk.engine.model import attention
     from flashdesk.engine.synthetic import fill_context
 
     kernel = attention.host_scores
-    paths = {"kernel": kernel, "torch": lambda *args: None}
+    paths = {"kernel": kernel, "torch": lambda *args: None, "start": kernel}
+    start = rt.new_state()
+    rt.decode(1, start)
+    start_mark = start.mark()
     rows = []
     try:
         for depth in DEPTHS:
@@ -223,15 +228,17 @@ def _depth_timings(rt) -> list[dict]:
             for _ in range(DEPTH_ROUNDS):
                 for name, fn in paths.items():
                     attention.host_scores = fn
-                    state.rewind(mark)
+                    seq = start if name == "start" else state
+                    seq.rewind(start_mark if name == "start" else mark)
                     t0 = time.perf_counter()
                     for _ in range(DEPTH_STEPS):
-                        rt.decode(1, state)
+                        rt.decode(1, seq)
                     tok_s[name].append(DEPTH_STEPS / (time.perf_counter() - t0))
             rows.append(
                 {"depth": depth, "tok_s": max(tok_s["kernel"]),
-                 "torch_indexer_tok_s": max(tok_s["torch"])}
+                 "torch_indexer_tok_s": max(tok_s["torch"]), "start_tok_s": max(tok_s["start"])}
             )  # fmt: skip
+            del state
     finally:
         attention.host_scores = kernel
     return rows
@@ -239,15 +246,20 @@ def _depth_timings(rt) -> list[dict]:
 
 def _depth_predictions(rows, model_figures, profile, plan) -> list[dict]:
     """The timed depths with the planner's figure at each (`predict.decode_tok_s_at`, with the
-    calibration this run recorded)."""
+    calibration this run recorded), and the milliseconds per token the depth adds, predicted
+    and measured (against the start-of-context steps timed beside it)."""
     from flashdesk.offload.predict import Efficiency, decode_tok_s_at
 
     eff = Efficiency.load_or_defaults()
+    start_s = 1.0 / decode_tok_s_at(plan, model_figures, profile, 1, eff)
     out = []
     for row in rows:
         predicted = decode_tok_s_at(plan, model_figures, profile, row["depth"], eff)
+        added = 1e3 * (1.0 / predicted - start_s)
+        measured = 1e3 * (1.0 / row["tok_s"] - 1.0 / row["start_tok_s"])
         out.append(row | {"predicted_tok_s": predicted,
-                          "predicted_over_measured": predicted / row["tok_s"]})  # fmt: skip
+                          "predicted_over_measured": predicted / row["tok_s"],
+                          "added_ms_predicted": added, "added_ms_measured": measured})  # fmt: skip
     return out
 
 
@@ -535,9 +547,12 @@ def run(json_output: bool = False) -> dict:
         for row in figures.get("decode_at_depth", []):
             print(
                 f"decode at {row['depth']:,} tokens of context: {row['tok_s']:.2f} tok/s "
-                f"({row['torch_indexer_tok_s']:.2f} with the indexer as torch ops); planner "
+                f"({row['torch_indexer_tok_s']:.2f} with the indexer as torch ops; "
+                f"{row['start_tok_s']:.2f} at the start, timed beside it); planner "
                 f"{row['predicted_tok_s']:.2f} (predicted ÷ measured "
-                f"{row['predicted_over_measured']:.2f})"
+                f"{row['predicted_over_measured']:.2f}); the depth adds "
+                f"{row['added_ms_measured']:.1f} ms per token, the planner "
+                f"{row['added_ms_predicted']:.1f}"
             )
         for name, v in figures.get("decode_tok_s_by_head", {}).items():
             rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])
