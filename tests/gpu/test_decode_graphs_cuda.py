@@ -30,6 +30,8 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 def _runtime(name: str, **kw):
     kw.setdefault("dtype", torch.float32)
+    if kw["dtype"] == torch.float32:  # the C kernels' activations too (bf16 by default)
+        kw.setdefault("kernel_activations", torch.float32)
     placement = graph_placement(name, "cuda")
     return load_runtime(SyntheticCheckpoint(CONFIG, seed=3), placement=placement, **kw)
 

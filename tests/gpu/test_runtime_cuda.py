@@ -23,6 +23,9 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+# float32 arithmetic throughout, as the reference model: the C kernels' activations too (the
+# runtime hands them bf16 by default, whose roundings a 1e-3 comparison would see)
+EXACT = {"dtype": torch.float32, "kernel_activations": torch.float32}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def _placements(config):
 )
 def test_split_equals_cpu_model_fp32(tiny, name):
     folder, config, ids, want = tiny
-    with load_runtime(folder, placement=_placements(config)[name], dtype=torch.float32) as rt:
+    with load_runtime(folder, placement=_placements(config)[name], **EXACT) as rt:
         assert rt.device.type == "cuda"
         full = rt.forward_full(ids.cuda())
         assert (full.cpu() - want).abs().max().item() <= 1e-3
@@ -87,7 +90,7 @@ def test_streamed_prefill_equals_cpu_model(tiny):
     bytes copied out of host memory for the call."""
     folder, config, ids, want = tiny
     placement = _placements(config)["experts on cpu (pinned)"]
-    with load_runtime(folder, placement=placement, dtype=torch.float32, stream_min_tokens=8) as rt:
+    with load_runtime(folder, placement=placement, stream_min_tokens=8, **EXACT) as rt:
         logits = rt.prefill(ids, rt.new_state())
     assert (logits.cpu() - want[-1]).abs().max().item() <= 1e-3
 
@@ -141,7 +144,7 @@ def _device_tensors(model):
 def test_cache_refresh_and_hit_rate_on_gpu(tiny):
     folder, config, ids, want = tiny
     placement = Placement.uniform(config, "pinned", "cuda", cached=[0, 1])
-    with load_runtime(folder, placement=placement, dtype=torch.float32) as rt:
+    with load_runtime(folder, placement=placement, **EXACT) as rt:
         rt.forward_full(ids.cuda())
         assert 0 <= rt.expert_hit_rate <= 1
         rt.refresh_caches()
