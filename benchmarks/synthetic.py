@@ -45,6 +45,19 @@ def _config(model: str, layers: int | None):
     return config
 
 
+def _plan_context(context: int, depths, decode_steps: int, max_context: int, name: str) -> int:
+    """The context the plan is made for: decode at `depths` needs their KV cache, so room for
+    the deepest and the steps after it, up to the model's window (a depth is filled
+    DEPTH_MARGIN tokens short, which leaves its steps room there)."""
+    if not depths:
+        return context
+    if max(depths) > max_context:
+        raise SystemExit(
+            f"--depth {max(depths)} is beyond the {max_context:,}-token context of {name}"
+        )
+    return min(max(context, *(d + 2 * decode_steps for d in depths)), max_context)
+
+
 def run(
     json_output: bool = False,
     model: str = "v4-flash",
@@ -85,8 +98,7 @@ def run(
     figures_m = ModelFigures.from_inventory(inventory(config), config, name)
     profile = probe()
     # the runtime streams prompt chunks of the plan's size from its crossover on, as predicted
-    # decode at `depths` needs their KV cache: the plan keeps room for the deepest
-    context = max(context, *(d + 2 * decode_steps for d in depths)) if depths else context
+    context = _plan_context(context, depths, decode_steps, figures_m.max_context, name)
     plan, prediction = plan_and_predict(
         figures_m,
         profile,

@@ -72,13 +72,14 @@ class Efficiency:
     )
     # A GPU decode step cannot finish a layer faster than its many small kernels run (a CUDA
     # graph replays them without the host's dispatch cost, but each still takes a few µs).
-    # Measured on the lent H200 (2026-11-27, `bench --synthetic v4-flash`, 43 layers, steps
-    # replayed from CUDA graphs, the sweep's kernel shapes): 24.5 ms per token = 0.57 ms per
-    # layer, the GPU busy 15.6 ms of it (earlier builds: 32.7 ms, 0.76 ms per layer). Issued op
-    # by op (no graphs) the same steps took 5.9 ms per layer.
+    # Measured on the lent H200 (`bench --synthetic v4-flash`, 43 layers, steps replayed from
+    # CUDA graphs): 2026-11-28, 22.0 ms per token = 0.51 ms per layer, the GPU busy 12.6 ms of
+    # it (another run, planned for a 1M context: 0.46 ms); 2026-11-27, 24.5 ms = 0.57 ms, busy
+    # 15.6 ms; earlier builds 0.76 ms. Issued op by op (no graphs) the steps took ~4 ms per
+    # layer.
     gpu_layer_seconds: Sourced = field(
         default_factory=lambda: _eff(
-            0.57e-3, "small GPU kernels per layer per decode token (CUDA graphs, H200)"
+            0.51e-3, "small GPU kernels per layer per decode token (CUDA graphs, H200)"
         )
     )
 
@@ -95,11 +96,12 @@ class Efficiency:
 
     # Likewise a GPU layer's prompt work per token (attention, the experts' grouped kernels,
     # the small kernels, the host's routing read-back per layer). Measured by `bench --synthetic
-    # v4-flash` on the lent H200 (2026-11-27): 2048 tokens in 2.44 s over 43 layers, 27.7 µs
-    # per token and layer (31.1 µs with the FP8 KV cache). The benchmark records this machine's
-    # figure.
+    # v4-flash` on the lent H200: 2026-11-28, 2048 tokens in 1.85 s over 43 layers, 21.0 µs per
+    # token and layer (29.7 µs for 1024 tokens in another run, whose plan for a 1M context kept
+    # 1,729 experts in RAM); 2026-11-27, 27.7 µs (31.1 with the FP8 KV cache). The benchmark
+    # records this machine's figure.
     gpu_prefill_token_seconds: Sourced = field(
-        default_factory=lambda: _eff(28e-6, "GPU layer's prompt work per token (H200)")
+        default_factory=lambda: _eff(21e-6, "GPU layer's prompt work per token (H200)")
     )
 
     def to_json(self) -> dict:

@@ -174,13 +174,14 @@ def test_frequency_profile_raises_the_prediction(flash):
 
 def test_a_machine_holding_nearly_all_experts_is_bound_by_the_gpu_layers_kernels(flash):
     """The lent H200: 9,903 of 11,008 experts in VRAM. The per-layer floor the benchmark measured
-    there (0.57 ms with CUDA graphs) sets the prediction, not the bytes."""
+    there (0.51 ms with CUDA graphs) sets the prediction, not the bytes; the host experts' share
+    comes on top (measured there on 2026-11-28: 45.4 tok/s)."""
     profile = load("h200_lent_machine_measured")
     plan = make_plan(flash, profile, PlanOptions(context=4096))
     pred = predict(plan, flash, profile)
     floor = Efficiency().gpu_layer_seconds.value * len(plan.layers)
     assert pred.decode_limit == "dispatch"
-    assert pred.decode_tok_s == pytest.approx(1.0 / floor, rel=0.1)
+    assert 0.8 / floor < pred.decode_tok_s <= 1.0 / floor
     assert pred.decode_bound_tok_s > 3 * pred.decode_tok_s
     # prefill: the measured cost per prompt token and GPU layer sets most of it there too (the
     # RAM experts' copies add to it)

@@ -101,6 +101,19 @@ def test_synthetic_config_cuts_layers_and_refuses_nonsense():
         module._config("v5", None)
 
 
+def test_the_plan_keeps_the_deepest_context_up_to_the_window():
+    """A 1M depth plans the model's whole 1M window (its steps fit in the margin it is filled
+    short of); on the H200 the 1M run stopped with a PlanError at 1,048,608 tokens."""
+    module = _load_bench_module()
+    one_m = 1 << 20
+    assert module._plan_context(8192, (), 64, one_m, "m") == 8192
+    assert module._plan_context(8192, (131072,), 64, one_m, "m") == 131072 + 128
+    assert module._plan_context(8192, (131072, one_m), 64, one_m, "m") == one_m
+    assert module.DEPTH_MARGIN > 2 + module.DEPTH_STEPS  # the steps after a filled depth fit
+    with pytest.raises(SystemExit, match="beyond the 1,048,576-token context"):
+        module._plan_context(8192, (one_m + 1,), 64, one_m, "m")
+
+
 def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "benchmarks"
     fake.mkdir()
