@@ -58,6 +58,19 @@ def _plan_context(context: int, depths, decode_steps: int, max_context: int, nam
     return min(max(context, *(d + 2 * decode_steps for d in depths)), max_context)
 
 
+def _vram_reserve(usable: int, vram_gib: float) -> int:
+    """The VRAM reserve that leaves a plan what a `vram_gib` GiB card would have: the memory
+    above it, plus the planner's default reserve for such a card (0.5 GiB + 5 %)."""
+    gib = 1 << 30
+    card = int(vram_gib * gib)
+    if not 0 < card <= usable:
+        raise SystemExit(
+            f"--vram {vram_gib:g} must be above 0 and at most this GPU's usable "
+            f"{usable / gib:.1f} GiB"
+        )
+    return usable - card + gib // 2 + card // 20
+
+
 def run(
     json_output: bool = False,
     model: str = "v4-flash",
@@ -69,6 +82,7 @@ def run(
     profile_prefill: bool = False,
     kv_dtype: str = "bf16",
     depths: tuple[int, ...] = (),
+    vram_gib: float | None = None,
 ) -> dict:
     import torch
     from decode import (  # as `bench decode`
@@ -99,12 +113,15 @@ def run(
     profile = probe()
     # the runtime streams prompt chunks of the plan's size from its crossover on, as predicted
     context = _plan_context(context, depths, decode_steps, figures_m.max_context, name)
+    options = PlanOptions(context=context, kv_dtype=kv_dtype)
+    if vram_gib is not None:
+        gpu = profile.gpu if on_gpu else None
+        if gpu is None or gpu.usable_vram_bytes is None:
+            raise SystemExit("--vram plans a GPU's memory: this machine has no usable GPU")
+        options.vram_reserve_bytes = _vram_reserve(int(gpu.usable_vram_bytes), vram_gib)
+        name += f", planned for a {vram_gib:g} GiB GPU"
     plan, prediction = plan_and_predict(
-        figures_m,
-        profile,
-        PlanOptions(context=context, kv_dtype=kv_dtype),
-        prompt_tokens,
-        Efficiency.load(),
+        figures_m, profile, options, prompt_tokens, Efficiency.load()
     )
     paged = plan.memory.get(DISK, {}).get("mapped", 0)
     out: dict = {

@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="then time decode with the context filled to N tokens (e.g. 128K 1M; random rows)",
     )
     synthetic.add_argument(
+        "--vram",
+        type=float,
+        metavar="GIB",
+        help="plan as if the GPU had GIB of memory (e.g. 24: most experts in host RAM, as on a "
+        "desktop card; with --layers where RAM cannot hold the rest)",
+    )
+    synthetic.add_argument(
         "--profile-prefill",
         action="store_true",
         help="also profile one prefill chunk (torch.profiler) and print its costliest operations",
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 "profile_prefill": getattr(args, "profile_prefill", False),
                 "kv_dtype": getattr(args, "kv", "bf16"),
                 "depths": tuple(getattr(args, "depth", None) or ()),
+                "vram_gib": getattr(args, "vram", None),
             }
         figures = module.run(json_output=args.json, **extra)
         if args.json:

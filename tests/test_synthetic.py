@@ -114,6 +114,20 @@ def test_the_plan_keeps_the_deepest_context_up_to_the_window():
         module._plan_context(8192, (one_m + 1,), 64, one_m, "m")
 
 
+def test_vram_option_leaves_the_plan_a_desktop_cards_memory():
+    """--vram 24 on a 139 GiB H200: the reserve leaves 24 GiB less the planner's own reserve
+    for such a card, as `flashdesk fit` would plan on one."""
+    module = _load_bench_module()
+    gib = 1 << 30
+    usable = 139 * gib
+    reserve = module._vram_reserve(usable, 24)
+    assert usable - reserve == 24 * gib - (gib // 2 + 24 * gib // 20)
+    with pytest.raises(SystemExit, match="at most this GPU's usable 139.0 GiB"):
+        module._vram_reserve(usable, 200)
+    with pytest.raises(SystemExit, match="above 0"):
+        module._vram_reserve(usable, 0)
+
+
 def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "benchmarks"
     fake.mkdir()
@@ -127,6 +141,7 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = ["--synthetic", "v4-flash", "--layers", "2", "--decode-steps", "5", "--kv", "fp8"]
+    args += ["--vram", "24"]
     assert bench.run(parser.parse_args([*args, "--depth", "128K", "1M"])) == 0
     out = capsys.readouterr().out
     assert (
@@ -136,6 +151,7 @@ def test_bench_cli_passes_the_synthetic_options(tmp_path, monkeypatch, capsys):
         and "('profile_steps', 0)" in out
         and "('kv_dtype', 'fp8')" in out
         and "('depths', (131072, 1048576))" in out
+        and "('vram_gib', 24.0)" in out
     )
     assert bench.run(parser.parse_args(["--all"])) == 0  # --all leaves the full-size run out
     assert capsys.readouterr().out.strip() == "KERNELS"

@@ -12,7 +12,8 @@
 # Usage: DEADLINE=560 bash tests/gpu/run_session.sh   (LAYERS=N, PROMPT, STEPS, PROFILE for the
 # synthetic; KV=fp8 plans it with the packed FP8 KV cache; DEPTH="128K 1M" then times decode
 # with the context filled to those depths (the plan keeps their KV cache, so fewer experts fit in
-# VRAM than in the runs without it); PROFILE_PREFILL=0 leaves out the prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
+# VRAM than in the runs without it); VRAM=24 plans it as for a 24 GiB card (most experts in
+# host RAM: with LAYERS=21 or so, which the host's RAM can hold); PROFILE_PREFILL=0 leaves out the prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
 # picks the tests, TESTS= none)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -47,6 +48,7 @@ ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${S
 [ "${PROFILE_PREFILL:-1}" = 1 ] && ARGS+=(--profile-prefill)
 [ -n "$LAYERS" ] && ARGS+=(--layers "$LAYERS")
 [ -n "$KV" ] && ARGS+=(--kv "$KV")
+[ -n "$VRAM" ] && ARGS+=(--vram "$VRAM")
 # shellcheck disable=SC2206  # DEPTH is a list of token counts
 [ -n "$DEPTH" ] && ARGS+=(--depth $DEPTH)
 [ "${SYNTHETIC:-1}" = 1 ] && step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
