@@ -694,13 +694,23 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     if (finite) kind = FD_WEIGHT_FP8;
     const int rows_in = M;
     M *= groups; /* x as M*groups rows of K; the output keeps its M rows of N */
+    /* the activations as the variant reads them: fp32 rows (fp4: in its layout), and for bf16
+     * input the FP4 and FP8 dot kernels' own orders where they have one */
+    const int want_xb = x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16;
+    const int want_x8 = x_bf16 && kind == FD_WEIGHT_FP8 && kern->fp8_dot_bf16 &&
+                        kern->fp8_bf16_layout != FD_FP8_NATURAL;
+    const size_t x8_words = want_x8 ? fd_fp8_row_words(kern->fp8_bf16_layout, K) : (size_t)K;
     float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)M * padded(K));
     float *row = (float *)malloc(sizeof(float) * (size_t)K);
-    if (!xp || !row) {
-        fd_aligned_free(xp);
-        free(row);
+    uint16_t *xb =
+        want_xb ? (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * (size_t)K) : NULL;
+    uint16_t *x8 = want_x8 ? (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * x8_words)
+                           : NULL;
+    int rc = 0;
+    if (!xp || !row || (want_xb && !xb) || (want_x8 && !x8)) {
         set_err(err, errlen, "linear: out of memory for the activations");
-        return -1;
+        rc = -1;
+        goto done;
     }
     for (int t = 0; t < M; t++) {
         if (kind == FD_WEIGHT_FP4) {
@@ -709,6 +719,9 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
         } else {
             load_row(x, x_bf16, (size_t)t, K, xp + (size_t)t * padded(K));
         }
+        const uint16_t *x16 = (const uint16_t *)x + (size_t)t * K;
+        if (xb) fd_fp4_permute_row_bf16(kern->fp4_bf16_layout, x16, xb + (size_t)t * K, K);
+        if (x8) fd_fp8_permute_row_bf16(kern->fp8_bf16_layout, x16, x8 + (size_t)t * x8_words, K);
     }
     lin_ctx c;
     memset(&c, 0, sizeof c);
@@ -722,40 +735,10 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.group_rows = N / groups;
     c.ktiles = (K + 127) / 128;
     c.xp = xp;
-    uint16_t *xb = NULL;
-    if (x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16) {
-        xb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * (size_t)K);
-        if (!xb) {
-            fd_aligned_free(xp);
-            free(row);
-            set_err(err, errlen, "linear: out of memory for the activations");
-            return -1;
-        }
-        for (int t = 0; t < M; t++)
-            fd_fp4_permute_row_bf16(kern->fp4_bf16_layout, (const uint16_t *)x + (size_t)t * K,
-                                    xb + (size_t)t * K, K);
-    }
     c.xb = xb;
     c.x16 = x_bf16 ? (const uint16_t *)x : NULL;
-    c.x8 = c.x16;
-    c.x8_words = (size_t)K;
-    uint16_t *x8 = NULL;
-    if (x_bf16 && kind == FD_WEIGHT_FP8 && kern->fp8_dot_bf16 &&
-        kern->fp8_bf16_layout != FD_FP8_NATURAL) {
-        c.x8_words = fd_fp8_row_words(kern->fp8_bf16_layout, K);
-        x8 = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * c.x8_words);
-        if (!x8) {
-            fd_aligned_free(xb);
-            fd_aligned_free(xp);
-            free(row);
-            set_err(err, errlen, "linear: out of memory for the activations");
-            return -1;
-        }
-        for (int t = 0; t < M; t++)
-            fd_fp8_permute_row_bf16(kern->fp8_bf16_layout, (const uint16_t *)x + (size_t)t * K,
-                                    x8 + (size_t)t * c.x8_words, K);
-        c.x8 = x8;
-    }
+    c.x8 = x8 ? x8 : c.x16;
+    c.x8_words = x8_words;
     c.w = w;
     c.scale = scale;
     c.out = out;
@@ -765,11 +748,11 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.claim = claim_units((size_t)FD_ROWS_PER_UNIT * weight_row_bytes(kind, K));
     c.threads = threads;
     fd_pool_run(lin_job, &c, threads);
-    int rc = 0;
     if (fd_atomic_load(&c.failed)) {
         set_err(err, errlen, "linear: out of memory for the decode scratch");
         rc = -1;
     }
+done:
     fd_aligned_free(x8);
     fd_aligned_free(xb);
     fd_aligned_free(xp);
