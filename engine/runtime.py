@@ -92,12 +92,15 @@ class LoadCancelled(RuntimeError):
 @dataclass(frozen=True)
 class LayerPlacement:
     """Where one layer's routed experts live. `device`: resident in device memory; the host
-    stores hold the rest (every expert not on the device is in exactly one host store)."""
+    stores hold the rest (every expert not on the device is in exactly one host store).
+    `zero_copy`: pinned experts whose decode picks the GPU reads in place across PCIe while the
+    CPU computes the other host picks (a subset of `pinned`)."""
 
     device: tuple[int, ...] = ()
     pinned: tuple[int, ...] = ()
     pageable: tuple[int, ...] = ()
     mmap: tuple[int, ...] = ()
+    zero_copy: tuple[int, ...] = ()
 
     def stores(self) -> dict[str, tuple[int, ...]]:
         return {PINNED: self.pinned, PAGEABLE: self.pageable, MMAP: self.mmap}
@@ -162,6 +165,7 @@ class Placement:
         pin_left = plan.pinned_bytes if on_gpu else 0
         if pin_left and not torch.cuda.is_available():
             pin_left = 0
+        share = float(getattr(plan, "zero_copy_share", 0.0) or 0.0) if pin_left else 0.0
         layers = []
         for lp in plan.layers:
             order = list(range(n))
@@ -192,12 +196,16 @@ class Placement:
                     pinned=tuple(sorted(pinned)),
                     pageable=tuple(sorted(ram)),
                     mmap=tuple(sorted(disk)),
+                    zero_copy=_zero_copy_ids(pinned, share, row if frequency is not None else None),
                 )
             )
         return cls(device, tuple(layers), tuple(notes))
 
     def validate(self, config: ModelConfig) -> None:
         n = config.n_routed_experts
+        for i, lp in enumerate(self.layers):
+            if not set(lp.zero_copy) <= set(lp.pinned):
+                raise RuntimeLoadError(f"layer {i}: zero-copy experts must be pinned ones")
         if len(self.layers) != len(config.main_layers):
             raise RuntimeLoadError(
                 f"the placement covers {len(self.layers)} layers, the model has "
@@ -215,6 +223,25 @@ class Placement:
                 raise RuntimeLoadError(
                     f"layer {i}: experts {sorted(missing)[:8]} are placed nowhere"
                 )
+
+
+def _zero_copy_ids(pinned: Sequence[int], share: float, counts=None) -> tuple[int, ...]:
+    """The pinned experts whose picks the GPU reads in place: about `share` of the layer's
+    pinned picks, by routing `counts` where known (the coldest first, until their counts reach
+    that share), else by number."""
+    if share <= 0 or not pinned:
+        return ()
+    if counts is None:
+        return tuple(sorted(pinned[: round(share * len(pinned))]))
+    order = sorted(pinned, key=lambda e: counts[e])
+    total = sum(counts[e] for e in pinned)
+    chosen, mass = [], 0.0
+    for e in order:
+        if total and mass + counts[e] > share * total:
+            break
+        chosen.append(e)
+        mass += counts[e]
+    return tuple(sorted(chosen))
 
 
 # ------------------------------------------------------------------------------------ FP8 linears
@@ -664,6 +691,12 @@ class Runtime:
                 counts[store] += e not in lp.device
         where = [f"{dev} on {self.device}"] if dev else []
         where += [f"{n} {s}" for s, n in counts.items() if n]
+        in_place = sum(
+            len(b.moe.zero_copy.ids) for b in self.model.blocks
+            if getattr(b.moe, "zero_copy", None) is not None
+        )  # fmt: skip
+        if in_place:
+            where.append(f"the GPU reads {in_place} pinned ones in place")
         line = f"attention on {self.device}; routed experts: {', '.join(where)}"
         if self.kv_format != "native":
             line += f"; KV cache {self.kv_format}"
@@ -812,7 +845,10 @@ def load_runtime(
       float32 head).
     cuda_graphs: on a GPU, replay each decode step from CUDA graphs (`decode_graphs`; default
       on unless FLASHDESK_CUDA_GRAPHS=0). Checked at load against the same step run directly;
-      where capture fails or disagrees, decode runs the plain way and `notes` says why.
+      where capture fails or disagrees, decode runs the plain way and `notes` says why. The
+      placement's zero-copy experts (pinned, `LayerPlacement.zero_copy`) have their decode picks
+      read in place by the GPU beside the CPU's share (FLASHDESK_ZERO_COPY=0: the CPU computes
+      every host pick).
     kv_dtype: how sequences store their KV cache, as the planner names it: "bf16" (the
       reference cache; on the CPU half the bytes of float32 rows) or "fp8" (spec §3.2's packed
       layout, ~57% of BF16, rounds the no-rope channels to FP8). Default: the plan's `kv_dtype`;
@@ -934,14 +970,18 @@ def _build(
         return t
 
     hosts: dict[int, LayerExperts] = {}
+    # the GPU reads the placement's zero-copy experts in place (FLASHDESK_ZERO_COPY=0: the CPU
+    # computes every host pick, as before 2026-11-28)
+    zero_copy_on = dev.type == "cuda" and os.environ.get("FLASHDESK_ZERO_COPY", "1") != "0"
 
     def make_experts(spec):
         if cancel():
             raise LoadCancelled("loading was cancelled")
         lp = placement.layers[spec.index]
         hosts[spec.index] = LayerExperts.load(
-            ckpt, spec.prefix, config.n_routed_experts, lp.stores(), pin_ok
-        )
+            ckpt, spec.prefix, config.n_routed_experts, lp.stores(), pin_ok,
+            lp.zero_copy if zero_copy_on else (),
+        )  # fmt: skip
         return hosts[spec.index]
 
     try:
@@ -1002,6 +1042,13 @@ def _build(
                 else None
             )
             caches.append(cache)
+            host = hosts[i]
+            zero_copy = (
+                ExpertCache(host, host.zero_copy, dev, config.n_routed_experts,
+                            stacks=host.zero_copy_stacks)
+                if host.zero_copy
+                else None
+            )  # fmt: skip
             block.moe = HybridMoE(
                 i,
                 block.moe.router,
@@ -1015,6 +1062,7 @@ def _build(
                 stream_min_tokens if dev.type != "cpu" else None,
                 staging,
                 kernel_activations,
+                zero_copy,
             )
     except torch.OutOfMemoryError as exc:
         raise RuntimeLoadError(

@@ -8,7 +8,10 @@ A layer's 256 experts stay in their stored FP4 form (packed E2M1 + E8M0 scales, 
   checkpoint ("mmap": paged in by the OS when picked). Never two resident copies;
 * device experts (`ExpertCache`) are the same bytes in device memory, stacked by slot; a whole
   layer when the plan says so, else a set of hot experts that `refresh()` swaps towards the
-  experts routing actually picks. A few tokens' picks run from the packed bytes in two Triton
+  experts routing actually picks;
+* zero-copy experts are pinned host experts stacked by slot that the GPU's decode kernels read
+  in place across PCIe (an `ExpertCache` over the pinned stacks, nothing copied): in a host
+  layer the GPU computes their picks while the CPU computes the others, both reading RAM. A few tokens' picks run from the packed bytes in two Triton
   launches with no host sync (`gpu_kernels.moe`); long prompts, or a GPU without Triton,
   dequantize each picked expert and multiply with torch.
 
@@ -98,14 +101,23 @@ def _owned_copy(tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor
 
 class LayerExperts:
     """One layer's routed experts in host memory: `parts[e]` = its six stored tensors,
-    `store_of[e]` = pinned / pageable / mmap. mmap views are valid while the checkpoint is open."""
+    `store_of[e]` = pinned / pageable / mmap. mmap views are valid while the checkpoint is open.
+    `zero_copy` = pinned experts held in pinned stacks by slot (`zero_copy_stacks`, slot s =
+    `zero_copy[s]`; their `parts` are views of them) for a GPU to read in place."""
 
     def __init__(
-        self, parts: list[tuple[torch.Tensor, ...]], table: kernels.ExpertTable, store_of: list
+        self,
+        parts: list[tuple[torch.Tensor, ...]],
+        table: kernels.ExpertTable,
+        store_of: list,
+        zero_copy: tuple[int, ...] = (),
+        zero_copy_stacks: tuple[torch.Tensor, ...] = (),
     ):
         self.parts = parts
         self.table = table
         self.store_of = store_of
+        self.zero_copy = zero_copy
+        self.zero_copy_stacks = zero_copy_stacks
 
     def __repr__(self) -> str:  # never print the tensors: mmap views may be closed
         counts = {s: self.store_of.count(s) for s in HOST_STORES if s in self.store_of}
@@ -113,17 +125,31 @@ class LayerExperts:
 
     @classmethod
     def load(
-        cls, checkpoint, prefix: str, n_experts: int, stores: dict[str, Sequence[int]], pin_ok: bool
+        cls,
+        checkpoint,
+        prefix: str,
+        n_experts: int,
+        stores: dict[str, Sequence[int]],
+        pin_ok: bool,
+        zero_copy: Sequence[int] = (),
     ) -> LayerExperts:
         """Experts named in stores[PINNED] / stores[PAGEABLE] are copied into one owned buffer
-        each; all others (stores[MMAP] and device-resident ones) stay views of the mapped file."""
+        each; all others (stores[MMAP] and device-resident ones) stay views of the mapped file.
+        `zero_copy` (pinned ones) go into pinned stacks by slot instead, where pinning works."""
         raw = [
             tuple(checkpoint.raw(f"{prefix}ffn.experts.{e}.{p}") for p in PARTS)
             for e in range(n_experts)
         ]
         store_of = [MMAP] * n_experts
+        zc = tuple(sorted(set(zero_copy) & set(stores.get(PINNED, ())))) if pin_ok else ()
+        stacks = _pinned_stacks([raw[e] for e in zc]) if zc else None
+        if stacks is None:
+            zc = ()
+        for s, e in enumerate(zc):
+            raw[e] = tuple(stack[s] for stack in stacks)
+            store_of[e] = PINNED
         for store, pin in ((PINNED, pin_ok), (PAGEABLE, False)):
-            ids = sorted(set(stores.get(store, ())))
+            ids = sorted(set(stores.get(store, ())) - set(zc))
             if not ids:
                 continue
             flat = _owned_copy([t for e in ids for t in raw[e]], pin)
@@ -131,7 +157,7 @@ class LayerExperts:
             for j, e in enumerate(ids):
                 raw[e] = tuple(flat[6 * j : 6 * j + 6])
                 store_of[e] = PINNED if store == PINNED and pinned else PAGEABLE
-        return cls(raw, kernels.ExpertTable(raw), store_of)
+        return cls(raw, kernels.ExpertTable(raw), store_of, zc, stacks or ())
 
 
 class ExpertCache:
@@ -142,26 +168,37 @@ class ExpertCache:
     the device (−1: not resident) for kernels that look picks up without a host sync.
     """
 
-    def __init__(self, host: LayerExperts, ids: Sequence[int], device: torch.device, n: int):
+    def __init__(
+        self,
+        host: LayerExperts,
+        ids: Sequence[int],
+        device: torch.device,
+        n: int,
+        stacks: tuple[torch.Tensor, ...] | None = None,
+    ):
+        """`stacks`: read these (pinned host stacks by slot, slot s = ids[s]) in place instead of
+        copying the experts into device memory: the zero-copy experts, which `refresh` keeps."""
         self.host = host
         self.device = device
         self.n_experts = n
         self.capacity = len(ids)
+        self.in_place = stacks is not None
         self.slot_of = torch.full((n,), -1, dtype=torch.long)  # host-side map expert → slot
         self.slot_dev = torch.full((n,), -1, dtype=torch.int32, device=device)
         self.resident = torch.zeros(n, dtype=torch.bool, device=device)
         self.fused = gpu_kernels.available(device)
         first = host.parts[ids[0]] if ids else ()
-        self.stacks = tuple(
+        self.stacks = stacks if stacks is not None else tuple(
             torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=device) for t in first
-        )
+        )  # fmt: skip
         self.slots: list[list[torch.Tensor]] = []
         self.ids: list[int] = []
         for e in ids:
             slot = len(self.ids)
             self.slots.append([stack[slot] for stack in self.stacks])  # views: own bytes
-            for dst, src in zip(self.slots[slot], host.parts[e], strict=True):
-                dst.copy_(src)
+            if not self.in_place:
+                for dst, src in zip(self.slots[slot], host.parts[e], strict=True):
+                    dst.copy_(src)
             self._assign(slot, int(e))
             self.ids.append(int(e))
 
@@ -212,7 +249,7 @@ class ExpertCache:
     def refresh(self, counts: torch.Tensor) -> int:
         """Swap cold resident experts for hotter absent ones (by routing `counts` `[E]`);
         → experts replaced. A whole-layer or empty cache has nothing to do."""
-        if self.capacity == 0 or self.whole_layer:
+        if self.capacity == 0 or self.whole_layer or self.in_place:
             return 0
         counts = counts.detach().to("cpu")
         want = set(torch.topk(counts, self.capacity).indices.tolist())
@@ -266,6 +303,22 @@ class RoutingLog:
         self.total_picks.zero_()
 
 
+def _pinned_stacks(experts: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...] | None:
+    """The experts' six parts copied into six pinned stacks `[n, *part shape]` (slot s = the
+    s-th expert), as the decode kernels read a device cache; None where pinning is refused."""
+    try:
+        stacks = tuple(
+            torch.empty((len(experts), *t.shape), dtype=t.dtype, pin_memory=True)
+            for t in experts[0]
+        )
+    except RuntimeError:  # no driver, or the lock limit: these experts stay ordinary ones
+        return None
+    for s, parts in enumerate(experts):
+        for stack, t in zip(stacks, parts, strict=True):
+            stack[s].copy_(t)
+    return stacks
+
+
 class HybridMoE(MoE):
     """A block's MoE with routed experts split between host (C kernels) and device cache.
 
@@ -286,6 +339,7 @@ class HybridMoE(MoE):
         stream_min_tokens: int | None = None,
         staging: dict | None = None,
         host_dtype: torch.dtype = torch.bfloat16,
+        zero_copy: ExpertCache | None = None,
     ):
         super().__init__(router, host, shared)
         self.layer = layer
@@ -300,6 +354,20 @@ class HybridMoE(MoE):
         self.stream_min_tokens = stream_min_tokens
         self.staging = {} if staging is None else staging  # `_StagingRing`s, shared by layers
         self.host_dtype = host_dtype  # the activations the C expert kernels take
+        # pinned experts the device's decode kernels read in place (None: the CPU computes all
+        # host picks); `use_zero_copy` off gives those picks back to the CPU (A/B runs)
+        self.zero_copy = zero_copy if zero_copy is not None and zero_copy.fused else None
+        self.use_zero_copy = True
+
+    def _zero_copy_applies(self, x: torch.Tensor) -> bool:
+        """Whether the device reads this call's zero-copy picks (a decode step's few tokens, the
+        kernels `ExpertCache.fused_sum` runs); else the CPU computes them with the other host
+        picks."""
+        return (
+            self.zero_copy is not None
+            and self.use_zero_copy
+            and x.shape[0] <= gpu_kernels.MAX_TOKENS
+        )
 
     # -- a decode step in fixed-shape pieces (`engine.decode_graphs` captures them in CUDA graphs)
     @property
@@ -320,10 +388,12 @@ class HybridMoE(MoE):
                 experts, resident, log.counts[self.layer], log.device_picks, log.total_picks,
                 hits=record_hits,
             )  # fmt: skip
-            return experts, weights, host_ids
-        on_device = None if resident is None else resident[experts]
-        self.log.record(self.layer, experts, on_device if record_hits else None)
-        host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+        else:
+            on_device = None if resident is None else resident[experts]
+            self.log.record(self.layer, experts, on_device if record_hits else None)
+            host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+        if self._zero_copy_applies(x):  # the device reads these in place (step_device_parts)
+            host_ids = host_ids.masked_fill(self.zero_copy.resident[experts], -1)
         return experts, weights, host_ids
 
     def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
@@ -338,12 +408,15 @@ class HybridMoE(MoE):
         the cached picks added; the cached picks' float32 partial sums `[T, n, D]` or None), for
         `mhc.hc_post` to widen and add in its own launch."""
         f = self.shared(x, widen=False)
-        if self.cache is None or not self.cache.capacity:
-            return f, None
-        parts = self.cache.fused_sum(x, experts, weights, self.limit, summed=False)
-        if parts is None:
-            f = f.float()
-            self._add_cached(x, experts, weights, f)
+        parts = None
+        if self.cache is not None and self.cache.capacity:
+            parts = self.cache.fused_sum(x, experts, weights, self.limit, summed=False)
+            if parts is None:
+                f = f.float()
+                self._add_cached(x, experts, weights, f)
+        if self._zero_copy_applies(x):
+            read = self.zero_copy.fused_sum(x, experts, weights, self.limit, summed=False)
+            parts = read if parts is None else torch.cat((parts, read), dim=1)
         return f, parts
 
     def _add_cached(self, x, experts, weights, y) -> None:
@@ -409,8 +482,11 @@ class HybridMoE(MoE):
         y = self.shared(x)
         if streaming:
             self._stream_all(x, experts, weights, y)
-        elif self.cache is not None and self.cache.capacity:
-            self._add_cached(x, experts, weights, y)
+        else:
+            if self.cache is not None and self.cache.capacity:
+                self._add_cached(x, experts, weights, y)
+            if self._zero_copy_applies(x):  # step_route left these picks to the device
+                y += self.zero_copy.fused_sum(x, experts, weights, self.limit)
 
         # 3. Join.
         if job is not None:

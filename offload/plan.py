@@ -145,6 +145,9 @@ class Plan:
     # Prompt tokens per GPU prefill call, and the GPU memory kept free for one (in `memory` too)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     gpu_workspace_bytes: int = 0
+    # Of each host layer's pinned experts, the share whose picks the GPU reads in place across
+    # PCIe beside the CPU (`predict.zero_copy_share`, set with the prediction; 0: none).
+    zero_copy_share: float = 0.0
 
     @property
     def gpu_expert_layers(self) -> list[int]:
@@ -173,6 +176,7 @@ class Plan:
             "groups": [asdict(g) for g in self.groups],
             "memory": self.memory,
             "pinned_bytes": self.pinned_bytes,
+            "zero_copy_share": self.zero_copy_share,
             "pageable_bytes": self.pageable_bytes,
             "disk_bytes": self.disk_bytes,
             "verdict": self.verdict,

@@ -57,6 +57,12 @@ class Efficiency:
     )
     disk: Sourced = field(default_factory=lambda: _eff(0.6, "random 13 MB expert reads via mmap"))
     pcie: Sourced = field(default_factory=lambda: _eff(0.9, "large copies vs the copy bandwidth"))
+    # The GPU's decode expert kernel reading pinned host memory in place (zero-copy) vs the
+    # pinned copy rate. Measured on the lent H200 (2026-11-28, `bench gpu-kernels`, PCIe 5.0):
+    # 43.3 GB/s against 54.9, 0.79.
+    zero_copy: Sourced = field(
+        default_factory=lambda: _eff(0.79, "decode experts read across PCIe vs the pinned copy")
+    )
     # A whole CPU prefill (experts, linears, attention) vs `probe.estimate_cpu_gflops`' peak.
     # `bench decode` calibrates it (dev VM, Zen 5 with AVX512_BF16, 2 cores, 256-token prefill:
     # 0.42); the default stays below that, as a peak from the reported clock and core count
@@ -262,6 +268,18 @@ def _rates(profile: HardwareProfile) -> _Rates:
     )
 
 
+def zero_copy_share(plan: Plan, rates: _Rates, eff: Efficiency) -> float:
+    """The share of a host layer's pinned experts' picks the GPU best reads in place across PCIe
+    (zero-copy) while the CPU computes the rest: the share at which both finish together,
+    R_zc / (R_cpu + R_zc). Both read the same RAM, so its read rate bounds the two together
+    (`_decode_seconds`). 0 where nothing is pinned or there is no discrete GPU."""
+    if plan.mode != "gpu+cpu" or plan.pinned_bytes <= 0:
+        return 0.0
+    cpu = float(rates.ram.value) * float(eff.cpu_experts.value)
+    pcie = float(rates.pinned.value) * float(eff.zero_copy.value)
+    return pcie / (cpu + pcie) if cpu > 0 and pcie > 0 else 0.0
+
+
 def _decode_seconds(
     plan: Plan,
     figures: ModelFigures,
@@ -282,6 +300,12 @@ def _decode_seconds(
     hybrid = plan.mode == "gpu+cpu"
     k, eb = figures.experts_per_token, figures.expert_bytes
     by_index = {layer.index: layer for layer in figures.layers}
+    # the picks of pinned experts the GPU reads in place (zero-copy): the pinned share of the
+    # RAM experts times the split that balances the GPU's PCIe reads against the CPU's
+    ram_experts = sum(lp.experts_ram for lp in plan.layers) * eb
+    pinned_share = min(1.0, plan.pinned_bytes / ram_experts) if ram_experts else 0.0
+    zc = pinned_share * zero_copy_share(plan, rates, eff)
+    pinned_rate = float(rates.pinned.value) * 1e9
     read = {"gpu": 0.0, "ram": 0.0, "disk": 0.0}
     total = 0.0
     for lp in plan.layers:
@@ -306,7 +330,15 @@ def _decode_seconds(
         ram_bytes = k * eb * lp.ram_hit_rate
         disk_bytes = k * eb * lp.disk_rate
         gpu_side += gpu_bytes / (gpu * e(eff.gpu_memory))
-        cpu_side += ram_bytes / (ram * e(eff.cpu_experts)) + disk_bytes / (disk * e(eff.disk))
+        cpu_side += disk_bytes / (disk * e(eff.disk))
+        if zc:  # the two read the same RAM: its read rate bounds them together
+            read_in_place = ram_bytes * zc
+            gpu_side += read_in_place / (pinned_rate * e(eff.zero_copy))
+            cpu_side += max(
+                (ram_bytes - read_in_place) / (ram * e(eff.cpu_experts)), ram_bytes / ram
+            )
+        else:
+            cpu_side += ram_bytes / (ram * e(eff.cpu_experts))
         read["gpu"] += gpu_bytes
         read["ram"] += ram_bytes
         read["disk"] += disk_bytes
@@ -604,4 +636,5 @@ def plan_and_predict(
             plan, last_prefill = bigger, guess.prefill_tok_s
     prediction = predict(plan, figures, profile, prompt_tokens, eff)
     record_crossover(plan, prediction)
+    plan.zero_copy_share = zero_copy_share(plan, _rates(profile), eff)  # as predicted
     return plan, prediction

@@ -99,11 +99,15 @@ GRAPH_CONFIG = ModelConfig.tiny(
 
 
 def graph_placement(name: str, device: str = "cpu", config: ModelConfig = GRAPH_CONFIG):
-    """ "host" (every expert pinned), "cache" (3 cached per layer), "all cached", or "mixed"
-    (layer 2 whole on the device, layer i caching i % 4 experts, the rest pinned / pageable)."""
+    """ "host" (every expert pinned), "zero-copy" (every expert pinned, the device reading a
+    third of them in place), "cache" (3 cached per layer), "all cached", or "mixed" (layer 2
+    whole on the device, layer i caching i % 4 experts, the rest pinned / pageable)."""
     n = config.n_routed_experts
     if name == "host":
         return Placement.uniform(config, "pinned", device)
+    if name == "zero-copy":
+        layer = LayerPlacement(pinned=tuple(range(n)), zero_copy=tuple(range(0, n, 3)))
+        return Placement(device, tuple(layer for _ in config.main_layers))
     if name == "cache":
         return Placement.uniform(config, "pageable", device, cached=3)
     if name == "all cached":

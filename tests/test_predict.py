@@ -14,7 +14,7 @@ from flashdesk.engine.inventory import inventory
 from flashdesk.fit import _tokens
 from flashdesk.offload.figures import ModelFigures
 from flashdesk.offload.plan import PlanError, PlanOptions, make_plan
-from flashdesk.offload.predict import Efficiency, predict
+from flashdesk.offload.predict import Efficiency, _rates, predict
 from flashdesk.offload.probe import GIB, HardwareProfile, ProfileError, Sourced
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -515,3 +515,28 @@ def test_decode_at_a_full_context_pays_the_attention_compute(flash, capsys, monk
     assert f"{pred.decode_full_tok_s:.2f} tok/s once the 1,048,576-token context is full" in out
     got = _fit_json(capsys, "--profile", str(PROFILES / "cpu_only_256gb.json"), "--ctx", "1M")
     assert got["predicted"]["decode_full_tok_s"] == pytest.approx(pred.decode_full_tok_s, rel=1e-6)
+
+
+def test_the_gpu_reads_a_share_of_the_pinned_experts_in_place(flash):
+    """RTX 4090 + DDR5: the GPU reads a share of each host layer's pinned picks across PCIe
+    while the CPU computes the rest, the share at which both finish together (RAM at the CPU
+    kernels' efficiency against PCIe at the zero-copy one), the RAM read bounding the two
+    together. Decode gains; the bytes bound does not move. No GPU: no share."""
+    from flashdesk.offload.predict import plan_and_predict, zero_copy_share
+
+    profile = load("rtx4090_192gb_ddr5")
+    plan, pred = plan_and_predict(flash, profile, PlanOptions(context=8192))
+    eff = Efficiency()
+    ram = float(profile.ram_bandwidth().value) * float(eff.cpu_experts.value)
+    pcie = float(profile.gpu.h2d_pinned_gbps.value) * float(eff.zero_copy.value)
+    assert plan.pinned_bytes > 0
+    assert plan.zero_copy_share == pytest.approx(pcie / (ram + pcie), rel=1e-6)
+    assert 0.1 < plan.zero_copy_share < 0.5
+    off = Efficiency()
+    off.zero_copy = Sourced(1e-9, "estimated", "no zero-copy")
+    without = predict(plan, flash, profile, 8192, off)
+    assert pred.decode_tok_s > 1.1 * without.decode_tok_s
+    assert pred.decode_bound_tok_s == pytest.approx(without.decode_bound_tok_s)
+    cpu_plan, _ = plan_and_predict(flash, load("cpu_only_256gb"), PlanOptions(context=8192))
+    assert cpu_plan.zero_copy_share == 0.0
+    assert zero_copy_share(cpu_plan, _rates(load("cpu_only_256gb")), eff) == 0.0

@@ -19,6 +19,7 @@ from flashdesk.engine import gpu_kernels, kernels, quant
 from flashdesk.engine.checkpoint import Checkpoint
 from flashdesk.engine.checkpoint.writer import write_random
 from flashdesk.engine.config import ModelConfig
+from flashdesk.engine.decode_graphs import GraphDecoder
 from flashdesk.engine.generate import SamplingParams, Session
 from flashdesk.engine.model.loader import load_model
 from flashdesk.engine.runtime import (
@@ -29,7 +30,7 @@ from flashdesk.engine.runtime import (
     RuntimeLoadError,
     load_runtime,
 )
-from flashdesk.engine.runtime_experts import MMAP, PAGEABLE, PINNED, fp4_dequant
+from flashdesk.engine.runtime_experts import MMAP, PAGEABLE, PINNED, ExpertCache, fp4_dequant
 from flashdesk.offload.figures import ModelFigures
 from flashdesk.offload.plan import PlanOptions, make_plan
 from flashdesk.offload.probe import HardwareProfile
@@ -131,6 +132,71 @@ def test_cached_experts_through_the_fused_kernels(tiny, monkeypatch):
         rows += [rt.decode(int(t), state) for t in ids[7:10]]
         torch.testing.assert_close(torch.stack(rows), want[6:10], **TOL)
     assert len(calls) == 5 * len(config.main_layers)  # two prefill chunks, three steps
+
+
+def test_zero_copy_picks_are_read_by_the_device_beside_the_cpus(tiny, monkeypatch):
+    """Pinned experts the GPU reads in place (`LayerPlacement.zero_copy`): a decode step's picks
+    of them go to `gpu_kernels.moe` over their stacks (here in Triton's interpreter, the stacks
+    on the CPU; on a GPU they are pinned pages read across PCIe), the C kernels get the other
+    host picks, and the logits are the model's; longer calls give them back to the CPU."""
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: tests/gpu/test_runtime_cuda.py runs them there")
+    folder, config, _, ids, want = tiny
+    monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
+    reads, host_ids = [], []
+    moe_kernel, ffn = gpu_kernels.moe, kernels.expert_ffn
+    monkeypatch.setattr(gpu_kernels, "moe", lambda *a, **k: reads.append(1) or moe_kernel(*a, **k))
+
+    def seen_by_cpu(x, table, w, out=None, ids=None, **kw):
+        host_ids.append((x.shape[0], ids.clone()))
+        return ffn(x, table, w, out, ids=ids, **kw)
+
+    monkeypatch.setattr(kernels, "expert_ffn", seen_by_cpu)
+    n = config.n_routed_experts
+    zc = tuple(range(0, n, 2))
+    with load_runtime(folder, placement=PLACEMENTS["pinned"](config), **EXACT) as rt:
+        for block in rt.model.blocks:  # as load_runtime builds them on a GPU (pinned stacks)
+            moe = block.moe
+            stacks = tuple(torch.stack([moe.host.parts[e][j] for e in zc]) for j in range(6))
+            moe.zero_copy = ExpertCache(moe.host, zc, rt.device, n, stacks=stacks)
+            assert moe.zero_copy.in_place and moe.zero_copy.refresh(torch.ones(n)) == 0
+        in_place = len(zc) * len(config.main_layers)
+        assert f"the GPU reads {in_place} pinned ones in place" in rt.describe()
+        state = rt.new_state()
+        rows = [rt.prefill(ids[:17], state)]  # 17 tokens: above MAX_TOKENS, all on the CPU
+        rows += [rt.decode(int(t), state) for t in ids[17:20]]
+        torch.testing.assert_close(torch.stack(rows), want[16:20], **TOL)
+        layers = len(config.main_layers)
+        assert len(reads) == 3 * layers  # the three steps' zero-copy picks, on the device
+        prompt = [i for t, i in host_ids if t == 17]
+        steps = [i for t, i in host_ids if t == 1]
+        assert len(prompt) == layers and any(int(e) in zc for i in prompt for e in i.flatten())
+        assert len(steps) == 3 * layers
+        assert not any(int(e) in zc for i in steps for e in i.flatten())
+        # the fixed-shape step a CUDA graph captures: the same split, the same logits
+        graphs, state = GraphDecoder(rt.model, capture=False), rt.new_state()
+        rt.prefill(ids[:17], state)
+        got = torch.stack([graphs.decode(int(t), state) for t in ids[17:20]])
+        torch.testing.assert_close(got, want[17:20], **TOL)
+        assert len(reads) == 6 * layers
+
+
+def test_zero_copy_experts_are_a_share_of_the_pinned_ones():
+    """The planner's share of a layer's pinned picks: by count, or by routing counts (coldest
+    first, up to the share of the picks); the placement refuses zero-copy experts not pinned."""
+    from flashdesk.engine.runtime import _zero_copy_ids
+
+    pinned = [7, 3, 9, 1]
+    assert _zero_copy_ids(pinned, 0.0) == () and _zero_copy_ids([], 0.5) == ()
+    assert _zero_copy_ids(pinned, 0.5) == (3, 7)
+    counts = {1: 10.0, 3: 50.0, 7: 20.0, 9: 20.0}  # 100 picks: the coldest up to 30 of them
+    assert _zero_copy_ids(pinned, 0.3, counts) == (1, 7)
+    config = ModelConfig.tiny()
+    bad = Placement.uniform(config, PINNED)
+    bad = Placement("cpu", (LayerPlacement(mmap=tuple(range(config.n_routed_experts)),
+                                           zero_copy=(0,)), *bad.layers[1:]))  # fmt: skip
+    with pytest.raises(RuntimeLoadError, match="zero-copy experts must be pinned"):
+        bad.validate(config)
 
 
 def test_decode_pages_in_the_hash_layers_experts_first(tiny, monkeypatch):

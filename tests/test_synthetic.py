@@ -122,7 +122,7 @@ def test_vram_option_leaves_the_plan_a_desktop_cards_memory():
     usable = 139 * gib
     reserve = module._vram_reserve(usable, 24)
     assert usable - reserve == 24 * gib - (gib // 2 + 24 * gib // 20)
-    with pytest.raises(SystemExit, match="at most this GPU's usable 139.0 GiB"):
+    with pytest.raises(SystemExit, match=r"at most this GPU's usable 139\.0 GiB"):
         module._vram_reserve(usable, 200)
     with pytest.raises(SystemExit, match="above 0"):
         module._vram_reserve(usable, 0)

@@ -41,7 +41,7 @@ def _ids(n: int) -> list[int]:
     return torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("name", ["host", "mixed", "all cached"])
+@pytest.mark.parametrize("name", ["host", "mixed", "all cached", "zero-copy"])
 def test_replays_equal_the_step_run_directly(name, monkeypatch):
     monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)  # re-captures within the run
     torch.backends.cuda.matmul.allow_tf32 = False

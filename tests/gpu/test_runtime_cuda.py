@@ -48,8 +48,10 @@ def _placements(config):
             mixed.append(LayerPlacement(device=tuple(range(n))))  # a whole layer in VRAM
         else:
             mixed.append(LayerPlacement(device=half[:i], pinned=rest, mmap=half[i:]))
+    zero_copy = LayerPlacement(pinned=tuple(range(n)), zero_copy=half)  # read in place: half
     return {
         "experts on cpu (pinned)": Placement.uniform(config, "pinned", "cuda"),
+        "zero-copy": Placement("cuda", tuple(zero_copy for _ in config.main_layers)),
         "experts on cpu (mmap)": Placement.uniform(config, "mmap", "cuda"),
         "all in vram": Placement.uniform(config, "mmap", "cuda", cached=n),
         "mixed": Placement("cuda", tuple(mixed)),
@@ -57,12 +59,16 @@ def _placements(config):
 
 
 @pytest.mark.parametrize(
-    "name", ["experts on cpu (pinned)", "experts on cpu (mmap)", "all in vram", "mixed"]
+    "name",
+    ["experts on cpu (pinned)", "experts on cpu (mmap)", "all in vram", "mixed", "zero-copy"],
 )
 def test_split_equals_cpu_model_fp32(tiny, name):
     folder, config, ids, want = tiny
     with load_runtime(folder, placement=_placements(config)[name], **EXACT) as rt:
         assert rt.device.type == "cuda"
+        if name == "zero-copy":  # the GPU's kernels read half of each layer's experts in place
+            moes = [b.moe for b in rt.model.blocks]
+            assert all(m.zero_copy is not None and m.zero_copy.stacks[0].is_pinned() for m in moes)
         full = rt.forward_full(ids.cuda())
         assert (full.cpu() - want).abs().max().item() <= 1e-3
         state = rt.new_state()
