@@ -637,4 +637,11 @@ def plan_and_predict(
     prediction = predict(plan, figures, profile, prompt_tokens, eff)
     record_crossover(plan, prediction)
     plan.zero_copy_share = zero_copy_share(plan, _rates(profile), eff)  # as predicted
+    if plan.zero_copy_share:
+        for group in plan.groups:
+            if group.name == "routed experts" and group.location == "pinned":
+                group.detail += (
+                    f"; the GPU reads ~{plan.zero_copy_share:.0%} of their picks in place across "
+                    "PCIe beside the CPU"
+                )
     return plan, prediction
