@@ -183,6 +183,7 @@ class ExpertCache:
         self.n_experts = n
         self.capacity = len(ids)
         self.in_place = stacks is not None
+        self.keep_out: tuple[int, ...] = ()  # experts `refresh` never takes (read elsewhere)
         self.slot_of = torch.full((n,), -1, dtype=torch.long)  # host-side map expert → slot
         self.slot_dev = torch.full((n,), -1, dtype=torch.int32, device=device)
         self.resident = torch.zeros(n, dtype=torch.bool, device=device)
@@ -251,7 +252,9 @@ class ExpertCache:
         → experts replaced. A whole-layer or empty cache has nothing to do."""
         if self.capacity == 0 or self.whole_layer or self.in_place:
             return 0
-        counts = counts.detach().to("cpu")
+        counts = counts.detach().to("cpu", torch.float64)
+        if self.keep_out:  # the zero-copy experts: the device reads them in place already
+            counts[list(self.keep_out)] = -1.0
         want = set(torch.topk(counts, self.capacity).indices.tolist())
         have = set(self.ids)
         incoming = sorted(want - have, key=lambda e: -int(counts[e]))
@@ -357,7 +360,9 @@ class HybridMoE(MoE):
         # pinned experts the device's decode kernels read in place (None: the CPU computes all
         # host picks); `use_zero_copy` off gives those picks back to the CPU (A/B runs)
         self.zero_copy = zero_copy if zero_copy is not None and zero_copy.fused else None
-        self.use_zero_copy = True
+        self.use_zero_copy = True  # toggle only before a GraphDecoder captures the step
+        if self.zero_copy is not None and cache is not None:
+            cache.keep_out = tuple(self.zero_copy.ids)  # a pick is read in one place only
 
     def _zero_copy_applies(self, x: torch.Tensor) -> bool:
         """Whether the device reads this call's zero-copy picks (a decode step's few tokens, the

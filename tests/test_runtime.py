@@ -160,6 +160,11 @@ def test_zero_copy_picks_are_read_by_the_device_beside_the_cpus(tiny, monkeypatc
             stacks = tuple(torch.stack([moe.host.parts[e][j] for e in zc]) for j in range(6))
             moe.zero_copy = ExpertCache(moe.host, zc, rt.device, n, stacks=stacks)
             assert moe.zero_copy.in_place and moe.zero_copy.refresh(torch.ones(n)) == 0
+        cache = ExpertCache(rt.model.blocks[0].moe.host, (1,), rt.device, n)
+        cache.keep_out = zc  # as HybridMoE sets it: a VRAM cache never takes a zero-copy expert
+        counts = torch.zeros(n)
+        counts[0], counts[3] = 100.0, 50.0  # expert 0 is read in place: 3 comes in instead
+        assert cache.refresh(counts) == 1 and cache.ids == [3]
         in_place = len(zc) * len(config.main_layers)
         assert f"the GPU reads {in_place} pinned ones in place" in rt.describe()
         state = rt.new_state()
