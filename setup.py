@@ -39,6 +39,7 @@ GNU_VARIANT_FLAGS = {
         "-mfma",
         "-mf16c",
     ],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
     "neon": [],
 }
 

@@ -1,8 +1,9 @@
 """Routed-expert FFN on the CPU at real V4-Flash dimensions, as ratios against bounds measured here.
 
 * Batch 1 (decode): 6 experts of a layer (the weights `write_random` writes, D=4096, I=2048,
-  13.37 MB each), bf16 activations (the model's default) and fp32. Achieved GB/s of weight bytes
-  ÷ RAM read GB/s (`read_bandwidth`, same threads).
+  13.37 MB each), bf16 activations (the model's default), int8 (bf16 activations quantized per
+  32 for the integer dots, where the variant has them; timed in the same rounds) and fp32.
+  Achieved GB/s of weight bytes ÷ RAM read GB/s (`read_bandwidth`, same threads).
   Experts rotate over several groups so every call streams weights that are not in the caches.
 * In-cache decode rate per core: the same kernel on rows that fit in L2 — the compute ceiling.
   Effective expert bandwidth is min(RAM bandwidth, cores × this), which the planner needs.
@@ -93,10 +94,13 @@ def run(json_output: bool = False) -> dict:
     variants = kernels.variant_timings()
     if not json_output:
         _machine.print_machine(info)
-        print("kernel variants, in-cache FP4 decode on 1 core (GB/s, bf16 / fp32 activations):")
+        print(
+            "kernel variants, in-cache FP4 decode on 1 core (GB/s, bf16 / fp32 / int8 activations):"
+        )
         for name, v in variants.items():
             mark = "  <- measured fastest" if name == kernels.measured_isa() else ""
-            print(f"  {name:<12} {v['bf16_gbps']:6.1f} / {v['fp32_gbps']:6.1f}{mark}")
+            int8 = f"{v['int8_gbps']:6.1f}" if "int8_gbps" in v else "     -"
+            print(f"  {name:<12} {v['bf16_gbps']:6.1f} / {v['fp32_gbps']:6.1f} / {int8}{mark}")
         print(f"kernel variant {isa}, {threads} threads; generating {GROUPS * TOP_K} experts ...")
     experts = _experts(GROUPS * TOP_K)
     table = kernels.ExpertTable(experts)
@@ -110,38 +114,53 @@ def run(json_output: bool = False) -> dict:
     w1 = np.full(TOP_K, 1.5 / TOP_K, dtype=np.float32)
     out = np.zeros(table.dim, dtype=np.float32)
 
-    def decode_with(x):
+    def decode_with(x, int8=False):
         def decode(i: int) -> None:
             ids = np.arange(TOP_K) + TOP_K * (i % GROUPS)
-            kernels.expert_ffn(x, table, w1, out, ids=ids, threads=threads)
+            kernels.expert_ffn(x, table, w1, out, ids=ids, int8=int8, threads=threads)
 
         return decode
+
+    has_int8 = kernels.has_int8()
 
     # bf16 activations are the model's default (spec §2.1); fp32 is the exact oracle path.
     # RAM bandwidth and decode are measured in alternating rounds and the ratio is taken per
     # round, so a machine whose load drifts (shared hosts) still gets a like-for-like ratio.
-    rounds = []
+    rounds, int8_rounds = [], []
     for _ in range(ROUNDS):
         # 1 GiB, as the first figure: a 256 MiB buffer read up to 1.5x faster here at times, part
         # of it evidently served by the host's caches rather than its RAM
         ram_i = _kernels.read_bandwidth(1 << 30, threads, 0.3)
         t_i = _median_time(decode_with(x1_bf16), 12)
         rounds.append((call_bytes / t_i / 1e9 / ram_i, t_i, ram_i))
+        if has_int8:
+            t_q = _median_time(decode_with(x1_bf16, int8=True), 12)
+            int8_rounds.append((call_bytes / t_q / 1e9 / ram_i, t_q, ram_i))
     ratio, t_decode, ram_round = sorted(rounds)[len(rounds) // 2]
+    int8_ratio, t_decode_int8, _ = (
+        sorted(int8_rounds)[len(int8_rounds) // 2] if int8_rounds else (None, None, None)
+    )
     t_decode_fp32 = _median_time(decode_with(x1), 40)
     expert_gbps = call_bytes / t_decode / 1e9
 
     # Compute ceiling: one core's decode rate on rows that stay in L2, as the marginal cost of
     # 384 more rows (so the fixed per-call cost of the Python wrapper cancels out).
-    def in_cache(rows: int) -> float:
+    def in_cache(rows: int, int8: bool = False) -> float:
         w_c, s_c = experts[0][0][:rows], experts[0][1][:rows]
         y_c = torch.zeros(rows)
         return _median_time(
-            lambda i: kernels.fp4_linear(x1_bf16, w_c, s_c, y_c, threads=1), 400, warmup=20
+            lambda i: kernels.fp4_linear(x1_bf16, w_c, s_c, y_c, int8=int8, threads=1),
+            400,
+            warmup=20,
         )
 
     row_bytes = int(experts[0][0][0].numel() + experts[0][1][0].numel())
     core_gbps = 384 * row_bytes / max(in_cache(448) - in_cache(64), 1e-9) / 1e9
+    core_gbps_int8 = (
+        384 * row_bytes / max(in_cache(448, True) - in_cache(64, True), 1e-9) / 1e9
+        if has_int8
+        else None
+    )
     xt = torch.from_numpy(x1).reshape(1, -1)
     t_torch = _median_time(lambda i: _torch_ffn(xt, experts[:TOP_K], w1.tolist()), 3, 1)
 
@@ -153,21 +172,31 @@ def run(json_output: bool = False) -> dict:
         yb = np.zeros((m, table.dim), dtype=np.float32)
         ids = np.tile(np.arange(TOP_K), (m, 1))  # every token to the same 6 experts: m per expert
         timed = {}
-        # bf16 activations (the runtime's default: the vdpbf16ps path where the CPU has it) and
-        # fp32 (the exact path), back to back so a drifting machine affects both alike
-        for name, x in (("bf16", torch.from_numpy(xb).bfloat16()), ("fp32", xb)):
+        # bf16 activations (the runtime's default: the vdpbf16ps path where the CPU has it), the
+        # same quantized to int8 (where the variant has the path) and fp32 (the exact path),
+        # back to back so a drifting machine affects them alike
+        x16 = torch.from_numpy(xb).bfloat16()
+        modes = [("bf16", x16, False), ("fp32", xb, False)] + (
+            [("int8", x16, True)] if has_int8 else []
+        )
+        for name, x, int8 in modes:
             timed[name] = _median_time(
-                lambda i, x=x, wb=wb, yb=yb, ids=ids: kernels.expert_ffn(
-                    x, table, wb, yb, ids=ids + TOP_K * (i % GROUPS), threads=threads
+                lambda i, x=x, wb=wb, yb=yb, ids=ids, int8=int8: kernels.expert_ffn(
+                    x, table, wb, yb, ids=ids + TOP_K * (i % GROUPS), int8=int8, threads=threads
                 ),
                 3 if m >= 128 else 6,
                 1,
             )
-        t = timed["bf16"]
+        # the runtime's path: bf16 activations, through int8 where the measured rates favour it
+        runtime_mode = "int8" if "int8" in timed and kernels.int8_experts() else "bf16"
+        t = timed[runtime_mode]
         batches[m] = {
+            "mode": runtime_mode,
             "seconds": t,
+            "gflops_bf16": flops_per_token * m / timed["bf16"] / 1e9,
             "gflops": flops_per_token * m / t / 1e9,
             "gflops_fp32": flops_per_token * m / timed["fp32"] / 1e9,
+            "gflops_int8": flops_per_token * m / timed["int8"] / 1e9 if "int8" in timed else None,
             "weight_gbps": call_bytes / t / 1e9,
         }
     largest = batches[BATCHES[-1]]
@@ -188,6 +217,12 @@ def run(json_output: bool = False) -> dict:
         "bandwidth_ratio": ratio,
         "ram_read_gbps_round": ram_round,
         "core_decode_gbps": core_gbps,
+        # the int8 path (None where the variant has none), timed in the same rounds
+        "decode_ms_int8": t_decode_int8 * 1e3 if t_decode_int8 else None,
+        "expert_gbps_int8": call_bytes / t_decode_int8 / 1e9 if t_decode_int8 else None,
+        "bandwidth_ratio_int8": int8_ratio,
+        "core_decode_gbps_int8": core_gbps_int8,
+        "int8_experts": kernels.int8_experts(),
         "compute_ceiling_ratio": min(1.0, core_gbps * threads / ram),
         "torch_ms": t_torch * 1e3,
         "torch_speedup": t_torch / t_decode,
@@ -208,18 +243,30 @@ def run(json_output: bool = False) -> dict:
             f"{figures['expert_gbps_fp32']:.1f} GB/s = "
             f"{figures['expert_gbps_fp32'] / ram:.2f} x the bound"
         )
+        if t_decode_int8:
+            used = "the runtime's default here" if figures["int8_experts"] else "not the default"
+            print(
+                f"decode, int8 activations ({used}): {t_decode_int8 * 1e3:.2f} ms = "
+                f"{figures['expert_gbps_int8']:.1f} GB/s = {int8_ratio:.2f} x the bound "
+                f"(same rounds; bf16 {t_decode / t_decode_int8:.2f} x its time)"
+            )
         print(
             f"in-cache decode, 1 core: {core_gbps:.1f} GB/s; {threads} cores could reach "
             f"{figures['compute_ceiling_ratio']:.2f} x the bound (the compute ceiling)"
         )
+        if core_gbps_int8:
+            print(f"in-cache decode, 1 core, int8: {core_gbps_int8:.1f} GB/s")
         print(
             f"torch dequantize-then-matmul: {t_torch * 1e3:.1f} ms; kernel speed-up "
             f"{figures['torch_speedup']:.1f} x (goal 10)"
         )
         for m, v in batches.items():
             print(
-                f"batch {m:>3} tokens per expert, bf16 activations: {v['seconds'] * 1e3:8.1f} ms, "
-                f"{v['gflops']:6.1f} GFLOP/s (fp32: {v['gflops_fp32']:6.1f}), weights at "
+                f"batch {m:>3} tokens per expert, {v['mode']} activations: "
+                f"{v['seconds'] * 1e3:8.1f} ms, {v['gflops']:6.1f} GFLOP/s (bf16: "
+                f"{v['gflops_bf16']:6.1f}, fp32: {v['gflops_fp32']:6.1f}"
+                + (f", int8: {v['gflops_int8']:6.1f}" if v["gflops_int8"] else "")
+                + "), weights at "
                 f"{v['weight_gbps'] / ram:.2f} x the bound"
             )
         print(

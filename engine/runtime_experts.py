@@ -343,6 +343,7 @@ class HybridMoE(MoE):
         staging: dict | None = None,
         host_dtype: torch.dtype = torch.bfloat16,
         zero_copy: ExpertCache | None = None,
+        host_int8: bool = False,
     ):
         super().__init__(router, host, shared)
         self.layer = layer
@@ -357,6 +358,7 @@ class HybridMoE(MoE):
         self.stream_min_tokens = stream_min_tokens
         self.staging = {} if staging is None else staging  # `_StagingRing`s, shared by layers
         self.host_dtype = host_dtype  # the activations the C expert kernels take
+        self.host_int8 = host_int8  # ... quantized to int8 per 32 for their integer dots
         # pinned experts the device's decode kernels read in place (None: the CPU computes all
         # host picks); `use_zero_copy` off gives those picks back to the CPU (A/B runs)
         self.zero_copy = zero_copy if zero_copy is not None and zero_copy.fused else None
@@ -449,8 +451,9 @@ class HybridMoE(MoE):
         if out is None:
             out = torch.zeros(tuple(x.shape), dtype=torch.float32)
         kernels.expert_ffn(
-            x, self.host.table, weights, out, ids=experts, limit=self.limit, threads=self.threads
-        )
+            x, self.host.table, weights, out, ids=experts, limit=self.limit, int8=self.host_int8,
+            threads=self.threads,
+        )  # fmt: skip
         return out
 
     def _device_expert(self, x, w1, w3, w2, rows, slot, weights, out) -> None:

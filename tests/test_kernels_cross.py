@@ -146,8 +146,8 @@ int main(void) {
         wt[t * KS] = 0.5f; wt[t * KS + 1] = 0.25f;
     }
     char err[160];
-    int ra = fd_expert_ffn(S, 1, xt, 0, T, D, I, ex, E, ids, wt, KS, 10.0f, ya, 0, err, sizeof err);
-    int rb = fd_expert_ffn(N, 3, xt, 0, T, D, I, ex, E, ids, wt, KS, 10.0f, yb, 0, err, sizeof err);
+    int ra = fd_expert_ffn(S, 1, xt, 0, 0, T, D, I, ex, E, ids, wt, KS, 10.0f, ya, 0, err, sizeof err);
+    int rb = fd_expert_ffn(N, 3, xt, 0, 0, T, D, I, ex, E, ids, wt, KS, 10.0f, yb, 0, err, sizeof err);
     CHECK("expert_ffn", (ra || rb) ? 1.0 : rel(yb, ya, T * D));
     printf("%s\n", failures ? "FAILED" : "OK");
     return failures != 0;

@@ -77,6 +77,7 @@ static void fd_detect(fd_cpu_features *f) {
         if (max_sub7 >= 1) {
             fd_cpuid(7, 1, r);
             f->avx512_bf16 = os_avx512 && ((r[0] >> 5) & 1);
+            f->avx_vnni = os_avx && ((r[0] >> 4) & 1); /* VEX-encoded vpdpbusd */
         }
     }
 #elif defined(FD_ARM64)

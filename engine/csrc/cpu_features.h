@@ -7,7 +7,7 @@
 #define FD_CPU_FEATURES_H
 
 typedef struct {
-    int sse42, avx, avx2, fma, f16c;
+    int sse42, avx, avx2, fma, f16c, avx_vnni;
     int avx512f, avx512bw, avx512vl, avx512dq, avx512_vnni, avx512_bf16, avx512_vbmi;
     int amx_tile, amx_int8, amx_bf16;
     int neon, dotprod, sve;

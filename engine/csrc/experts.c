@@ -31,6 +31,7 @@ static const fd_quant_kernels *const g_compiled[] = {
     &fd_kernels_scalar,
 #if defined(FD_HAVE_X86_VARIANTS)
     &fd_kernels_avx2,
+    &fd_kernels_avx2_vnni,
     &fd_kernels_avx512,
     &fd_kernels_avx512_bf16,
 #endif
@@ -58,7 +59,8 @@ int fd_kernels_supported(const fd_quant_kernels *k) {
     const fd_cpu_features *f = fd_get_cpu_features();
     if (k == &fd_kernels_scalar) return 1;
 #if defined(FD_HAVE_X86_VARIANTS)
-    if (k == &fd_kernels_avx2) return f->avx2 && f->fma && f->f16c;
+    if (k == &fd_kernels_avx2 || k == &fd_kernels_avx2_vnni)
+        return f->avx2 && f->fma && f->f16c && (k == &fd_kernels_avx2 || f->avx_vnni);
     if (k == &fd_kernels_avx512 || k == &fd_kernels_avx512_bf16)
         return f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq && f->avx2 && f->fma &&
                f->f16c && (k == &fd_kernels_avx512 || (f->avx512_bf16 && f->avx512_vbmi));
@@ -193,6 +195,8 @@ typedef struct {
     float *ybuf;    /* [T, FFN_ROWS] */
     const float **xptr; /* [max_m] */
     const uint16_t **bptr; /* [max_m], bf16 rows for fp4_dot_bf16 */
+    const int8_t **qptr;   /* [max_m], int8 rows for fp4_dot_q8 */
+    const float **dptr;    /* [max_m], their block figures (steps, then sums) */
     char pad[64];
 } ffn_thread;
 
@@ -213,6 +217,12 @@ typedef struct {
     const float *pair_w;  /* [P] routing weight */
     const int *perm_i;    /* [I] position of hidden element j in the fp4 layout */
     const int *perm_ib;   /* [I] the same in fp4_bf16_layout (bf16 dot only) */
+    /* int8 activations (fp4_dot_q8 only): x and h quantized per 32 in fp4_q8_layout */
+    const int8_t *xq;     /* [T, D] */
+    const float *xd;      /* [T, D/16]: D/32 steps, then D/32 sums per row */
+    int8_t *hq;           /* [P, I] */
+    float *hd;            /* [P, I/16] the same */
+    const int *perm_iq;   /* [I] position of hidden element j in fp4_q8_layout */
     void *out;
     int out_bf16;
     ffn_thread *th;
@@ -250,6 +260,20 @@ static void fp4_dot_bf16_rows(const fd_quant_kernels *kern, const uint8_t *w, si
     }
 }
 
+/* fp4_dot_q8 for any number of activation rows, blocked as fp4_dot_bf16_rows. */
+static void fp4_dot_q8_rows(const fd_quant_kernels *kern, const uint8_t *w, size_t ws,
+                            const uint8_t *s, size_t ss, int rows, int K, const int8_t *const *xq,
+                            const float *const *xd, int m, float *y, size_t ys) {
+    for (int r0 = 0; r0 < rows; r0 += GEMM_ROWS) {
+        const int n = rows - r0 < GEMM_ROWS ? rows - r0 : GEMM_ROWS;
+        for (int t0 = 0; t0 < m; t0 += FD_DOT_MAX_M) {
+            const int mt = m - t0 < FD_DOT_MAX_M ? m - t0 : FD_DOT_MAX_M;
+            kern->fp4_dot_q8(w + (size_t)r0 * ws, ws, s + (size_t)r0 * ss, ss, n, K, xq + t0,
+                             xd + t0, mt, y + (size_t)t0 * ys + r0, ys);
+        }
+    }
+}
+
 static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     const fd_quant_kernels *kern = c->kern;
     const int e = c->active[unit / c->units1_per_expert];
@@ -263,7 +287,14 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
     const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
     const size_t DP = padded(D);
     for (int t = 0; t < m; t++) th->xptr[t] = c->xp + (size_t)c->pair_tok[p0 + t] * DP;
-    if (c->xb) {
+    if (c->xq) {
+        for (int t = 0; t < m; t++) {
+            th->qptr[t] = c->xq + (size_t)c->pair_tok[p0 + t] * D;
+            th->dptr[t] = c->xd + (size_t)c->pair_tok[p0 + t] * (D / 16);
+        }
+        fp4_dot_q8_rows(kern, w1, ws, s1, ss, nr, D, th->qptr, th->dptr, m, th->g, FFN_ROWS);
+        fp4_dot_q8_rows(kern, w3, ws, s3, ss, nr, D, th->qptr, th->dptr, m, th->u, FFN_ROWS);
+    } else if (c->xb) {
         for (int t = 0; t < m; t++) th->bptr[t] = c->xb + (size_t)c->pair_tok[p0 + t] * D;
         fp4_dot_bf16_rows(kern, w1, ws, s1, ss, nr, D, th->bptr, m, th->g, FFN_ROWS);
         fp4_dot_bf16_rows(kern, w3, ws, s3, ss, nr, D, th->bptr, m, th->u, FFN_ROWS);
@@ -295,7 +326,15 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
                 hv = bf16_to_f32(hbits);
                 if (c->hb) c->hb[(size_t)(p0 + t) * I + c->perm_ib[j0 + r]] = hbits;
             }
-            hrow[c->perm_i[j0 + r]] = hv;
+            if (c->hq)
+                th->g[at] = hv; /* quantized below, a whole number of blocks */
+            else
+                hrow[c->perm_i[j0 + r]] = hv;
+        }
+        if (c->hq) { /* nr is a multiple of 32 (I is), and j0 one of FFN_ROWS */
+            float *fig = c->hd + (size_t)(p0 + t) * (I / 16);
+            fd_q8_quantize(th->g + (size_t)t * FFN_ROWS, nr, c->perm_iq + j0,
+                           c->hq + (size_t)(p0 + t) * I, fig + j0 / 32, fig + I / 32 + j0 / 32);
         }
     }
 }
@@ -313,7 +352,13 @@ static void ffn_unit2(ffn_ctx *c, ffn_thread *th, int unit) {
         const uint8_t *w2 = ex->w2 + (size_t)n0 * ws, *s2 = ex->s2 + (size_t)n0 * ss;
         const int p0 = c->offset[e], m = c->offset[e + 1] - p0;
         for (int t = 0; t < m; t++) th->xptr[t] = c->h + (size_t)(p0 + t) * IP;
-        if (c->hb) {
+        if (c->hq) {
+            for (int t = 0; t < m; t++) {
+                th->qptr[t] = c->hq + (size_t)(p0 + t) * I;
+                th->dptr[t] = c->hd + (size_t)(p0 + t) * (I / 16);
+            }
+            fp4_dot_q8_rows(kern, w2, ws, s2, ss, nr, I, th->qptr, th->dptr, m, th->g, FFN_ROWS);
+        } else if (c->hb) {
             for (int t = 0; t < m; t++) th->bptr[t] = c->hb + (size_t)(p0 + t) * I;
             fp4_dot_bf16_rows(kern, w2, ws, s2, ss, nr, I, th->bptr, m, th->g, FFN_ROWS);
         } else if (m <= FD_DOT_MAX_M) {
@@ -366,8 +411,8 @@ static void ffn_job(void *p, int tid, int nthreads) {
     }
 }
 
-int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
-                  int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
+int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int x_q8,
+                  int T, int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
                   const float *weights, int k, float limit, void *out, int out_bf16, char *err,
                   size_t errlen) {
     if (T < 0 || D <= 0 || I <= 0 || D % 32 || I % 32 || n_experts <= 0 || k <= 0) {
@@ -390,13 +435,17 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     float *pair_w = (float *)malloc(sizeof(float) * (P ? P : 1));
     int *perm_i = (int *)malloc(sizeof(int) * (size_t)I);
     int *perm_ib = (int *)malloc(sizeof(int) * (size_t)I);
+    int *perm_iq = (int *)malloc(sizeof(int) * (size_t)I);
+    int *perm_dq = (int *)malloc(sizeof(int) * (size_t)D);
     float *xp = (float *)fd_aligned_alloc(sizeof(float) * (size_t)T * padded(D));
     float *row = (float *)malloc(sizeof(float) * (size_t)D);
     float *h = NULL;
     uint16_t *hb = NULL, *xb = NULL;
+    int8_t *xq = NULL, *hq = NULL;
+    float *xd = NULL, *hd = NULL;
     ffn_thread *th = NULL;
     if (!offset || !fill || !active || !pair_tok || !pair_e || !pair_w || !perm_i || !perm_ib ||
-        !xp || !row) {
+        !perm_iq || !perm_dq || !xp || !row) {
         set_err(err, errlen, "expert_ffn: out of memory for the routing tables");
         goto done;
     }
@@ -431,13 +480,30 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
     }
     for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j, I);
     for (int j = 0; j < I; j++) perm_ib[j] = fd_fp4_perm_index(kern->fp4_bf16_layout, j, I);
+    for (int j = 0; j < I; j++) perm_iq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, I);
+    for (int j = 0; j < D; j++) perm_dq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, D);
+    const size_t npairs = (size_t)offset[n_experts];
+    const int q8_dot = x_q8 && kern->fp4_dot_q8 != NULL;
+    const int bf16_dot = !q8_dot && x_bf16 && kern->fp4_dot_bf16 != NULL;
+    if (q8_dot) {
+        xq = (int8_t *)fd_aligned_alloc((size_t)T * (size_t)D);
+        xd = (float *)malloc(sizeof(float) * (size_t)T * (size_t)(D / 16));
+        hq = (int8_t *)fd_aligned_alloc(npairs * (size_t)I);
+        hd = (float *)malloc(sizeof(float) * npairs * (size_t)(I / 16));
+        if (!xq || !xd || !hq || !hd) {
+            set_err(err, errlen, "expert_ffn: out of memory for the int8 activations");
+            goto done;
+        }
+    }
     for (int t = 0; t < T; t++) {
         load_row(x, x_bf16, (size_t)t, D, row);
-        fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(D), D);
+        if (q8_dot)
+            fd_q8_quantize(row, D, perm_dq, xq + (size_t)t * D, xd + (size_t)t * (D / 16),
+                           xd + (size_t)t * (D / 16) + D / 32);
+        else
+            fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(D), D);
     }
-    const size_t npairs = (size_t)offset[n_experts];
     h = (float *)fd_aligned_alloc(sizeof(float) * npairs * padded(I));
-    const int bf16_dot = x_bf16 && kern->fp4_dot_bf16 != NULL;
     if (bf16_dot) {
         hb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * npairs * (size_t)I);
         xb = (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)T * (size_t)D);
@@ -447,7 +513,7 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         set_err(err, errlen, "expert_ffn: out of memory for the hidden activations");
         goto done;
     }
-    const int need_scratch = max_m > FD_DOT_MAX_M && !bf16_dot;
+    const int need_scratch = max_m > FD_DOT_MAX_M && !bf16_dot && !q8_dot;
     const size_t dmax = padded(D > I ? D : I);
     for (int i = 0; i < threads; i++) {
         th[i].g = (float *)malloc(sizeof(float) * (size_t)max_m * FFN_ROWS);
@@ -455,10 +521,12 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         th[i].ybuf = (float *)malloc(sizeof(float) * (size_t)T * FFN_ROWS);
         th[i].xptr = (const float **)malloc(sizeof(float *) * (size_t)max_m);
         th[i].bptr = (const uint16_t **)malloc(sizeof(uint16_t *) * (size_t)max_m);
+        th[i].qptr = (const int8_t **)malloc(sizeof(int8_t *) * (size_t)max_m);
+        th[i].dptr = (const float **)malloc(sizeof(float *) * (size_t)max_m);
         if (need_scratch)
             th[i].scratch = (float *)fd_aligned_alloc(sizeof(float) * GEMM_ROWS * dmax);
-        if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || !th[i].bptr ||
-            (need_scratch && !th[i].scratch)) {
+        if (!th[i].g || !th[i].u || !th[i].ybuf || !th[i].xptr || !th[i].bptr || !th[i].qptr ||
+            !th[i].dptr || (need_scratch && !th[i].scratch)) {
             set_err(err, errlen, "expert_ffn: out of memory for per-thread buffers");
             goto done;
         }
@@ -480,6 +548,11 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
                                     xb + (size_t)t * D, D);
     c.xb = xb;
     c.hb = bf16_dot ? hb : NULL;
+    c.xq = xq;
+    c.xd = xd;
+    c.hq = hq;
+    c.hd = hd;
+    c.perm_iq = perm_iq;
     c.active = active;
     c.n_active = n_active;
     c.offset = offset;
@@ -505,9 +578,17 @@ done:
             free(th[i].ybuf);
             free((void *)th[i].xptr);
             free((void *)th[i].bptr);
+            free((void *)th[i].qptr);
+            free((void *)th[i].dptr);
             fd_aligned_free(th[i].scratch);
         }
     free(th);
+    fd_aligned_free(xq);
+    fd_aligned_free(hq);
+    free(xd);
+    free(hd);
+    free(perm_iq);
+    free(perm_dq);
     fd_aligned_free(h);
     fd_aligned_free(hb);
     fd_aligned_free(xb);
@@ -531,6 +612,8 @@ typedef struct {
     int kind, M, K, N, ktiles;
     const float *xp; /* [M, K] (fp4: in the variant's layout) */
     const uint16_t *xb; /* [M, K] bf16 input in fp4_bf16_layout, when the variant has fp4_dot_bf16 */
+    const int8_t *xq;   /* [M, K] int8 input in fp4_q8_layout (FD_WEIGHT_FP4_INT8) */
+    const float *xd;    /* [M, K/16] its block figures: K/32 steps, then K/32 sums */
     const uint16_t *x16; /* [M, K] the caller's bf16 input (natural order), for gemm_bf16 */
     const uint16_t *x8;  /* [M, x8_words] the same in fp8_bf16_layout, for fp8_dot_bf16 */
     size_t x8_words;
@@ -560,6 +643,8 @@ static void lin_job(void *p, int tid, int nthreads) {
     float *ts = c->ktiles <= 64 ? ts_buf : (float *)malloc(sizeof(float) * (size_t)c->ktiles);
     const float *xptr[FD_TOKENS_PER_UNIT];
     const uint16_t *bptr[FD_TOKENS_PER_UNIT];
+    const int8_t *qptr[FD_TOKENS_PER_UNIT];
+    const float *dptr[FD_TOKENS_PER_UNIT];
     if (!ts) {
         fd_atomic_store(&c->failed, 1);
         return;
@@ -590,7 +675,13 @@ static void lin_job(void *p, int tid, int nthreads) {
             w = c->w + (size_t)n0 * ws;
             s = c->scale + (size_t)n0 * ss;
         }
-        if (c->kind == FD_WEIGHT_FP4 && c->xb) { /* any m, as the expert FFN */
+        if (c->kind == FD_WEIGHT_FP4 && c->xq) { /* any m, as the expert FFN */
+            for (int t = 0; t < m; t++) {
+                qptr[t] = c->xq + ((size_t)(t0 + t) * G + g) * K;
+                dptr[t] = c->xd + ((size_t)(t0 + t) * G + g) * (K / 16);
+            }
+            fp4_dot_q8_rows(kern, w, ws, s, ss, nr, K, qptr, dptr, m, ybuf, FD_ROWS_PER_UNIT);
+        } else if (c->kind == FD_WEIGHT_FP4 && c->xb) { /* any m, as the expert FFN */
             for (int t = 0; t < m; t++) bptr[t] = c->xb + ((size_t)(t0 + t) * G + g) * K;
             fp4_dot_bf16_rows(kern, w, ws, s, ss, nr, K, bptr, m, ybuf, FD_ROWS_PER_UNIT);
         } else if (m <= FD_DOT_MAX_M && c->kind == FD_WEIGHT_FP8 && c->x16 && kern->fp8_dot_bf16) {
@@ -680,6 +771,8 @@ int fd_fp8_nan_free(const uint8_t *w, size_t n) {
 int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const void *x, int x_bf16,
                     int M, int groups, int K, const uint8_t *w, const uint8_t *scale, int N,
                     void *out, int out_bf16, char *err, size_t errlen) {
+    const int int8 = kind == FD_WEIGHT_FP4_INT8 && kern->fp4_dot_q8 != NULL;
+    if (kind == FD_WEIGHT_FP4_INT8) kind = FD_WEIGHT_FP4;
     if (M < 0 || K <= 0 || N <= 0 || (kind == FD_WEIGHT_FP4 && K % 32)) {
         set_err(err, errlen, "linear: K and N must be positive (FP4: K a multiple of 32)");
         return -1;
@@ -696,7 +789,7 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     M *= groups; /* x as M*groups rows of K; the output keeps its M rows of N */
     /* the activations as the variant reads them: fp32 rows (fp4: in its layout), and for bf16
      * input the FP4 and FP8 dot kernels' own orders where they have one */
-    const int want_xb = x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16;
+    const int want_xb = !int8 && x_bf16 && kind == FD_WEIGHT_FP4 && kern->fp4_dot_bf16;
     const int want_x8 = x_bf16 && kind == FD_WEIGHT_FP8 && kern->fp8_dot_bf16 &&
                         kern->fp8_bf16_layout != FD_FP8_NATURAL;
     const size_t x8_words = want_x8 ? fd_fp8_row_words(kern->fp8_bf16_layout, K) : (size_t)K;
@@ -706,14 +799,23 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
         want_xb ? (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * (size_t)K) : NULL;
     uint16_t *x8 = want_x8 ? (uint16_t *)fd_aligned_alloc(sizeof(uint16_t) * (size_t)M * x8_words)
                            : NULL;
+    int8_t *xq = int8 ? (int8_t *)fd_aligned_alloc((size_t)M * (size_t)K) : NULL;
+    float *xd = int8 ? (float *)malloc(sizeof(float) * (size_t)M * (size_t)(K / 16)) : NULL;
+    int *pos = int8 ? (int *)malloc(sizeof(int) * (size_t)K) : NULL;
     int rc = 0;
-    if (!xp || !row || (want_xb && !xb) || (want_x8 && !x8)) {
+    if (!xp || !row || (want_xb && !xb) || (want_x8 && !x8) || (int8 && (!xq || !xd || !pos))) {
         set_err(err, errlen, "linear: out of memory for the activations");
         rc = -1;
         goto done;
     }
+    if (int8)
+        for (int k = 0; k < K; k++) pos[k] = fd_fp4_perm_index(kern->fp4_q8_layout, k, K);
     for (int t = 0; t < M; t++) {
-        if (kind == FD_WEIGHT_FP4) {
+        if (int8) {
+            load_row(x, x_bf16, (size_t)t, K, row);
+            fd_q8_quantize(row, K, pos, xq + (size_t)t * K, xd + (size_t)t * (K / 16),
+                           xd + (size_t)t * (K / 16) + K / 32);
+        } else if (kind == FD_WEIGHT_FP4) {
             load_row(x, x_bf16, (size_t)t, K, row);
             fd_fp4_permute_row(kern->fp4_layout, row, xp + (size_t)t * padded(K), K);
         } else {
@@ -736,6 +838,8 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
     c.ktiles = (K + 127) / 128;
     c.xp = xp;
     c.xb = xb;
+    c.xq = xq;
+    c.xd = xd;
     c.x16 = x_bf16 ? (const uint16_t *)x : NULL;
     c.x8 = x8 ? x8 : c.x16;
     c.x8_words = x8_words;
@@ -753,6 +857,9 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
         rc = -1;
     }
 done:
+    fd_aligned_free(xq);
+    free(xd);
+    free(pos);
     fd_aligned_free(x8);
     fd_aligned_free(xb);
     fd_aligned_free(xp);

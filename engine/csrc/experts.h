@@ -30,17 +30,26 @@ void fd_kernels_set_active(const fd_quant_kernels *k);
 /* Every variant compiled into this build, best last; returns the count. */
 int fd_kernels_compiled(const fd_quant_kernels **out, int max);
 
-/* x: [T, D] (fp32, or bf16 when x_bf16), ids: [T, k] int32 indices into experts (-1 = none) or
+/* x: [T, D] (fp32, or bf16 when x_bf16); x_q8: quantize x and h to int8 per 32 elements and
+ * run the variant's fp4_dot_q8 (ignored where it has none), ids: [T, k] int32 indices into experts (-1 = none) or
  * NULL (then k == n_experts and pair (t, j) uses expert j), weights: [T, k] fp32,
  * limit: swiglu_limit L (V4: 10; <= 0: no clamp), out: [T, D] fp32 or bf16, accumulated into.
  * Returns 0, or -1 with a message in err. */
-int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int T,
-                  int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
+int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int x_bf16, int x_q8,
+                  int T, int D, int I, const fd_fp4_expert *experts, int n_experts, const int32_t *ids,
                   const float *weights, int k, float limit, void *out, int out_bf16, char *err,
                   size_t errlen);
 
-/* FP8_FINITE: FP8 whose caller checked it holds no NaN code (fd_fp8_nan_free). */
-enum { FD_WEIGHT_FP4 = 4, FD_WEIGHT_FP8 = 8, FD_WEIGHT_FP8_FINITE = 9, FD_WEIGHT_BF16 = 16 };
+/* FP8_FINITE: FP8 whose caller checked it holds no NaN code (fd_fp8_nan_free). FP4_INT8: FP4
+ * with the activations quantized to int8 per 32 elements for the variant's fp4_dot_q8 (plain
+ * FP4 where it has none). */
+enum {
+    FD_WEIGHT_FP4 = 4,
+    FD_WEIGHT_FP4_INT8 = 5,
+    FD_WEIGHT_FP8 = 8,
+    FD_WEIGHT_FP8_FINITE = 9,
+    FD_WEIGHT_BF16 = 16
+};
 
 /* 1 if none of the n E4M3 bytes is a NaN code (0x7F/0xFF), else 0. */
 int fd_fp8_nan_free(const uint8_t *w, size_t n);

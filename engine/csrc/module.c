@@ -25,12 +25,13 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     f = fd_get_cpu_features();
     Py_END_ALLOW_THREADS
     return Py_BuildValue(
-        "{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:i}",
+        "{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:i}",
         "sse4_2", f->sse42 ? Py_True : Py_False,
         "avx", f->avx ? Py_True : Py_False,
         "avx2", f->avx2 ? Py_True : Py_False,
         "fma", f->fma ? Py_True : Py_False,
         "f16c", f->f16c ? Py_True : Py_False,
+        "avx_vnni", f->avx_vnni ? Py_True : Py_False,
         "avx512f", f->avx512f ? Py_True : Py_False,
         "avx512bw", f->avx512bw ? Py_True : Py_False,
         "avx512vl", f->avx512vl ? Py_True : Py_False,
@@ -130,6 +131,18 @@ static PyObject *py_isa_variants(PyObject *self, PyObject *noargs) {
     return out;
 }
 
+static PyObject *py_isa_paths(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "s:isa_paths", &isa)) return NULL;
+    const fd_quant_kernels *k = kernels_for(isa);
+    if (!k) return NULL;
+    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "fp4_bf16", k->fp4_dot_bf16 ? Py_True : Py_False,
+                         "fp4_int8", k->fp4_dot_q8 ? Py_True : Py_False, "fp8_bf16",
+                         k->fp8_dot_bf16 ? Py_True : Py_False, "gemm_bf16",
+                         k->gemm_bf16 ? Py_True : Py_False);
+}
+
 static PyObject *py_active_isa(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
@@ -164,18 +177,19 @@ static PyObject *kernel_result(int rc, const char *err) {
 static PyObject *py_expert_ffn(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, table, ids, weights, out;
-    int x_bf16, T, D, I, n_experts, k, out_bf16, threads;
+    int x_bf16, T, D, I, n_experts, k, out_bf16, threads, x_q8 = 0;
     float limit;
     const char *isa;
-    if (!PyArg_ParseTuple(args, "KpiiiKiKKifKpis:expert_ffn", &x, &x_bf16, &T, &D, &I, &table,
-                          &n_experts, &ids, &weights, &k, &limit, &out, &out_bf16, &threads, &isa))
+    if (!PyArg_ParseTuple(args, "KpiiiKiKKifKpis|p:expert_ffn", &x, &x_bf16, &T, &D, &I, &table,
+                          &n_experts, &ids, &weights, &k, &limit, &out, &out_bf16, &threads, &isa,
+                          &x_q8))
         return NULL;
     const fd_quant_kernels *kern = kernels_for(isa);
     if (!kern) return NULL;
     char err[160] = {0};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fd_expert_ffn(kern, threads, (const void *)(uintptr_t)x, x_bf16, T, D, I,
+    rc = fd_expert_ffn(kern, threads, (const void *)(uintptr_t)x, x_bf16, x_q8, T, D, I,
                        (const fd_fp4_expert *)(uintptr_t)table, n_experts,
                        (const int32_t *)(uintptr_t)ids, (const float *)(uintptr_t)weights, k,
                        limit, (void *)(uintptr_t)out, out_bf16, err, sizeof err);
@@ -191,10 +205,10 @@ static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKpiiiKKiKpis:quant_linear", &kind, &x, &x_bf16, &M, &groups, &K,
                           &w, &scale, &N, &out, &out_bf16, &threads, &isa))
         return NULL;
-    if (kind != FD_WEIGHT_FP4 && kind != FD_WEIGHT_FP8 && kind != FD_WEIGHT_FP8_FINITE &&
-        kind != FD_WEIGHT_BF16) {
-        PyErr_SetString(PyExc_ValueError,
-                        "quant_linear: kind must be 4 (FP4), 8/9 (FP8/checked FP8) or 16 (BF16)");
+    if (kind != FD_WEIGHT_FP4 && kind != FD_WEIGHT_FP4_INT8 && kind != FD_WEIGHT_FP8 &&
+        kind != FD_WEIGHT_FP8_FINITE && kind != FD_WEIGHT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "quant_linear: kind must be 4/5 (FP4, FP4 with int8 "
+                                          "activations), 8/9 (FP8/checked FP8) or 16 (BF16)");
         return NULL;
     }
     const fd_quant_kernels *kern = kernels_for(isa);
@@ -363,6 +377,9 @@ static PyMethodDef kernel_methods[] = {
      "Best memory read bandwidth in GB/s (1e9 B/s) streaming an nbytes buffer with `threads` "
      "threads (0: all logical cores). Use a buffer several times the last-level cache. With "
      "details=True returns best/mean GB/s, passes and seconds."},
+    {"isa_paths", py_isa_paths, METH_VARARGS,
+     "isa_paths(name) -> dict[str, bool]\n\nWhich optional paths a variant that runs here has: "
+     "'fp4_bf16', 'fp4_int8', 'fp8_bf16', 'gemm_bf16'."},
     {"isa_variants", py_isa_variants, METH_NOARGS,
      "isa_variants() -> dict[str, bool]\n\nKernel variants compiled into this build, mapped to "
      "whether they run on this CPU."},
@@ -373,7 +390,7 @@ static PyMethodDef kernel_methods[] = {
      "runs). ValueError if unknown or not supported here."},
     {"expert_ffn", py_expert_ffn, METH_VARARGS,
      "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, limit, out, out_bf16, "
-     "threads, isa)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
+     "threads, isa, int8=False)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
     {"quant_linear", py_quant_linear, METH_VARARGS,
      "quant_linear(kind, x, x_bf16, M, groups, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
      "FP4/FP8/BF16 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear / "
@@ -387,5 +404,6 @@ static struct PyModuleDef kernels_module = {
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     fd_get_cpu_features(); /* detect once, while the import holds the GIL */
+    fd_quant_tables_init(); /* the decode tables and the variant tables built from others */
     return PyModule_Create(&kernels_module);
 }

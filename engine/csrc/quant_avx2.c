@@ -13,6 +13,7 @@
 
 #include "fd_platform.h"
 #include "quant_kernels.h"
+#include "quant_q8_avx2.h" /* fp4_dot_q8 with vpmaddubsw */
 
 /* bf16 bit patterns of the 16 E2M1 codes, split into high and low bytes (vpshufb tables). */
 FD_INLINE __m256i bf16_hi_lut(void) {
@@ -330,5 +331,5 @@ static void index_tile_avx2(const float *q, const float *w, int H, int D, const 
 
 const fd_quant_kernels fd_kernels_avx2 = {
     "avx2", FD_FP4_QUADS, fp4_dot_avx2, fp4_decode_avx2, fp8_dot_avx2, fp8_decode_avx2, gemm_f32_avx2, NULL, FD_FP4_NATURAL, bf16_dot_avx2, NULL, NULL, NULL,
-    index_tile_avx2, FD_FP8_NATURAL,
+    index_tile_avx2, FD_FP8_NATURAL, fp4_dot_q8_rows, FD_FP4_PAIRS,
 };

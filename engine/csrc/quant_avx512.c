@@ -153,6 +153,123 @@ static void fp4_decode_avx512(const uint8_t *w, const uint8_t *s, int K, float *
     }
 }
 
+/* ---- FP4 x int8 (fp4_dot_q8): the 512-bit form of quant_q8_avx2.h. One 64-byte load holds four
+ * blocks; its nibbles, looked up with vpshufb, are 2 x E2M1 + 12 (unsigned), the activations are in
+ * FD_FP4_QUADS4 order, and dword lanes 4j..4j+3 of the unsigned-times-signed dot belong to block
+ * j of the four. The + 12 comes off through the blocks' sums of q (one multiply-add per sixteen
+ * blocks). VNNI (vpdpbusd) where the variant's CPUs all have it (avx512_bf16); the avx512
+ * variant, which also runs on Skylake-X, uses vpmaddubsw + vpmaddwd. */
+FD_INLINE __m512i q8_dot2_512(__m512i a0, __m512i b0, __m512i a1, __m512i b1, const int VNNI) {
+    if (VNNI)
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), a0, b0), a1, b1);
+    /* 16-bit pair sums are at most 2 * 24 * 127: two of them add without saturating */
+    return _mm512_madd_epi16(
+        _mm512_add_epi16(_mm512_maddubs_epi16(a0, b0), _mm512_maddubs_epi16(a1, b1)),
+        _mm512_set1_epi16(1));
+}
+
+/* Sixteen E8M0 bytes -> 2^(e-127) in lane j, as fd_e8m0_f32 (0: 2^-127; 255: NaN). */
+FD_INLINE __m512 q8_e8m0x16(const uint8_t *s) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s));
+    __m512i bits = _mm512_slli_epi32(e, 23);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+                                 _mm512_set1_epi32(0x00400000));
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255)),
+                                 _mm512_set1_epi32(0x7FC00000));
+    return _mm512_castsi512_ps(bits);
+}
+
+/* One block's dot in the scalar form, its activations wherever the layout put them: the blocks
+ * after the last whole four (K not a multiple of 128; not at V4-Flash's dims). */
+static int32_t q8_block_dot(const uint8_t *wb, const int8_t *q, int K, int b) {
+    static const int8_t x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+    int32_t sum = 0;
+    for (int j = 0; j < 16; j++) {
+        sum += x2[wb[j] & 15] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j, K)];
+        sum += x2[wb[j] >> 4] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j + 1, K)];
+    }
+    return sum;
+}
+
+FD_INLINE void fp4_q8_rm512(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
+                            const int8_t *const *xq, const float *const *xd, float *y, size_t ys,
+                            const int R, const int M, const int VNNI) {
+    const __m512i lut = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512 twelve = _mm512_set1_ps(12.0f);
+    __m512 acc[2][FD_DOT_MAX_M];
+    float tail[2][FD_DOT_MAX_M]; /* the blocks after the last whole four, in scalar form */
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = _mm512_setzero_ps(), tail[i][t] = 0.0f;
+    const int nb = K / 32, n4 = nb & ~3;
+    int b = 0;
+#define FD_Q8_QUAD(i, wp, b_)                                                                      \
+    do {                                                                                           \
+        const __m512i bytes = _mm512_loadu_si512((const void *)(wp));                              \
+        const __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, nib));                 \
+        const __m512i wh =                                                                         \
+            _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib));          \
+        for (int t = 0; t < M; t++) {                                                              \
+            const int8_t *qp = xq[t] + (size_t)(b_) * 32;                                          \
+            const __m512i sum = q8_dot2_512(wl, _mm512_loadu_si512((const void *)qp), wh,          \
+                                            _mm512_loadu_si512((const void *)(qp + 64)), VNNI);    \
+            acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), quad_scale[t], acc[i][t]);        \
+        }                                                                                          \
+    } while (0)
+    for (; b + 16 <= n4; b += 16)
+        for (int i = 0; i < R; i++) {
+            const uint8_t *wr = w + (size_t)i * ws + (size_t)b * 16;
+            _mm_prefetch((const char *)(wr + 2048), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wr + 2112), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wr + 2176), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wr + 2240), _MM_HINT_T0);
+            const __m512 sw = q8_e8m0x16(s + (size_t)i * ss + b);
+            __m512 scale16[FD_DOT_MAX_M];
+            for (int t = 0; t < M; t++) {
+                scale16[t] = _mm512_mul_ps(sw, _mm512_loadu_ps(xd[t] + b));
+                const __m512 sums = _mm512_loadu_ps(xd[t] + nb + b);
+                acc[i][t] = _mm512_fnmadd_ps(_mm512_mul_ps(sums, twelve), scale16[t], acc[i][t]);
+            }
+            for (int g = 0; g < 4; g++) {
+                const __m512i pick = _mm512_setr_epi32(4 * g, 4 * g, 4 * g, 4 * g, 4 * g + 1,
+                                                       4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 2,
+                                                       4 * g + 2, 4 * g + 2, 4 * g + 2, 4 * g + 3,
+                                                       4 * g + 3, 4 * g + 3, 4 * g + 3);
+                __m512 quad_scale[FD_DOT_MAX_M];
+                for (int t = 0; t < M; t++) quad_scale[t] = _mm512_permutexvar_ps(pick, scale16[t]);
+                FD_Q8_QUAD(i, wr + 64 * g, b + 4 * g);
+            }
+        }
+    for (; b < n4; b += 4) /* whole fours after the last sixteen blocks */
+        for (int i = 0; i < R; i++) {
+            const uint8_t *sr = s + (size_t)i * ss + b;
+            __m512 quad_scale[FD_DOT_MAX_M];
+            for (int t = 0; t < M; t++) {
+                float c[4];
+                for (int j = 0; j < 4; j++) {
+                    c[j] = fd_e8m0_f32[sr[j]] * xd[t][b + j];
+                    tail[i][t] -= 6.0f * c[j] * xd[t][nb + b + j]; /* 1/2 x 12 */
+                }
+                quad_scale[t] = _mm512_permutexvar_ps(
+                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                    _mm512_castps128_ps512(_mm_loadu_ps(c)));
+            }
+            FD_Q8_QUAD(i, w + (size_t)i * ws + (size_t)b * 16, b);
+        }
+#undef FD_Q8_QUAD
+    for (; b < nb; b++) /* the last one to three blocks */
+        for (int i = 0; i < R; i++) {
+            const uint8_t *wb = w + (size_t)i * ws + (size_t)b * 16;
+            const float sw = fd_e8m0_f32[s[(size_t)i * ss + b]];
+            for (int t = 0; t < M; t++)
+                tail[i][t] += 0.5f * (float)q8_block_dot(wb, xq[t], K, b) * (sw * xd[t][b]);
+        }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++)
+            y[(size_t)t * ys + i] = 0.5f * _mm512_reduce_add_ps(acc[i][t]) + tail[i][t];
+}
+
 /* 16 E4M3 bytes -> 16 floats equal to the E4M3 values times 2^-8, exactly: the sign-extended
  * byte shifted left 7 is the fp16 with the same sign, exponent and mantissa fields (bias 15 for
  * 7, so E4M3 subnormals stay fp16 subnormals), converted by vcvtph2ps; NaN codes patched. The
@@ -646,15 +763,44 @@ static void index_tile_avx512(const float *q, const float *w, int H, int D, cons
     _mm512_storeu_ps(out + 16, hi);
 }
 
+/* Two weight rows at a time while the registers allow it (up to two activation rows). */
+#define FP4_DOT_Q8_ROWS(VNNI)                                                                      \
+    int r = 0;                                                                                     \
+    if (m <= 2)                                                                                    \
+        for (; r + 2 <= rows; r += 2) {                                                            \
+            const uint8_t *wr = w + (size_t)r * ws, *sr = s + (size_t)r * ss;                      \
+            if (m == 1)                                                                            \
+                fp4_q8_rm512(wr, ws, sr, ss, K, xq, xd, y + r, ys, 2, 1, VNNI);                    \
+            else                                                                                   \
+                fp4_q8_rm512(wr, ws, sr, ss, K, xq, xd, y + r, ys, 2, 2, VNNI);                    \
+        }                                                                                          \
+    for (; r < rows; r++) {                                                                        \
+        const uint8_t *wr = w + (size_t)r * ws, *sr = s + (size_t)r * ss;                          \
+        FD_SWITCH_M4(m, fp4_q8_rm512(wr, ws, sr, ss, K, xq, xd, y + r, ys, 1, FD_M, VNNI))         \
+    }
+
+static void fp4_dot_q8_avx512(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                              int K, const int8_t *const *xq, const float *const *xd, int m,
+                              float *y, size_t ys) {
+    FP4_DOT_Q8_ROWS(0)
+}
+
+static void fp4_dot_q8_avx512_vnni(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss,
+                                   int rows, int K, const int8_t *const *xq,
+                                   const float *const *xd, int m, float *y, size_t ys) {
+    FP4_DOT_Q8_ROWS(1)
+}
+
 const fd_quant_kernels fd_kernels_avx512 = {
     "avx512", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, NULL, FD_FP4_NATURAL, bf16_dot_avx512,
-    fp8_dot_finite_avx512, NULL, NULL, index_tile_avx512, FD_FP8_NATURAL,
+    fp8_dot_finite_avx512, NULL, NULL, index_tile_avx512, FD_FP8_NATURAL, fp4_dot_q8_avx512,
+    FD_FP4_QUADS4,
 };
 
 const fd_quant_kernels fd_kernels_avx512_bf16 = {
     "avx512_bf16", FD_FP4_PLANES8, fp4_dot_avx512, fp4_decode_avx512, fp8_dot_avx512,
     fp8_decode_avx512, gemm_f32_avx512, FD_FP4_DOT_BF16, FD_FP4_BF16_LAYOUT,
     bf16_dot_avx512, fp8_dot_finite_avx512, FD_GEMM_BF16, FD_FP8_DOT_BF16, index_tile_avx512,
-    FD_FP8_BF16_LAYOUT,
+    FD_FP8_BF16_LAYOUT, fp4_dot_q8_avx512_vnni, FD_FP4_QUADS4,
 };

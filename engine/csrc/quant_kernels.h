@@ -43,6 +43,14 @@ enum {
      * Blocks after the last full chunk use FD_FP4_EVEN_ODD (PLANES8) or natural order (PLANES4). */
     FD_FP4_PLANES8 = 3,
     FD_FP4_PLANES4 = 4,
+    /* Per 64 elements (two blocks, one 32-byte load of weights): the 16 even elements of each
+     * block, then the 16 odd of each, as the low and high nibbles of the load come out (int8
+     * AVX2). A last, odd block is in FD_FP4_EVEN_ODD order. */
+    FD_FP4_PAIRS = 5,
+    /* The same per 128 elements (four blocks, one 64-byte load; int8 AVX-512): the 16 even
+     * elements of each of the four blocks, then the 16 odd of each. Blocks after the last whole
+     * four are in FD_FP4_PAIRS order. */
+    FD_FP4_QUADS4 = 6,
 };
 #define FD_FP4_CHUNK 128
 
@@ -104,6 +112,15 @@ typedef struct {
     /* Order of fp8_dot_bf16's activations (FD_FP8_*); rows in FD_FP8_UNPACK64 are padded to a
      * multiple of FD_FP8_BLOCK words (fd_fp8_row_words). */
     int fp8_bf16_layout;
+    /* Optional (NULL: none): fp4_dot on activations quantized to int8 per 32-element block
+     * (fd_q8_quantize): xq[t] K int8 in fp4_q8_layout order, xd[t] the K/32 block steps then
+     * the K/32 blocks' sums of q. Each
+     * block's sum of integer products (2 x E2M1 times int8) is exact; the block step, the weight
+     * scale and the final 1/2 are fp32 multiplies, the blocks summed in fp32. */
+    void (*fp4_dot_q8)(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows, int K,
+                       const int8_t *const *xq, const float *const *xd, int m, float *y,
+                       size_t ys);
+    int fp4_q8_layout;
 } fd_quant_kernels;
 
 #define FD_INDEX_TILE 32
@@ -136,6 +153,20 @@ static inline int fd_fp4_perm_index(int layout, int k, int K) {
         if (layout == FD_FP4_PLANES4) return k;
         layout = FD_FP4_EVEN_ODD;
     }
+    if (layout == FD_FP4_QUADS4) {
+        if (k < K - K % 128) {
+            const int r = k & 127;
+            return (k & ~127) + 64 * (r & 1) + 16 * (r >> 5) + ((r & 31) >> 1);
+        }
+        layout = FD_FP4_PAIRS;
+    }
+    if (layout == FD_FP4_PAIRS) {
+        if (k < K - K % 64) {
+            const int r = k & 63;
+            return (k & ~63) + 32 * (r & 1) + 16 * (r >> 5) + ((r & 31) >> 1);
+        }
+        layout = FD_FP4_EVEN_ODD;
+    }
     int j = (k & 31) >> 1, odd = k & 1, base = k & ~31;
     if (layout == FD_FP4_EVEN_ODD) return base + 16 * odd + j;
     if (layout == FD_FP4_QUADS) return base + 8 * (j >> 2) + 4 * odd + (j & 3);
@@ -157,12 +188,22 @@ void fd_fp8_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int
 void fd_fp4_permute_row(int layout, const float *src, float *dst, int K);
 /* The same for bf16 rows. */
 void fd_fp4_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int K);
+/* n floats (n a multiple of 32) -> int8 per 32-element block b: d[b] = amax / 127, q = x / d
+ * rounded to nearest even (|q| <= 127), element k stored at q[pos[k]] (pos NULL: at q[k]), and
+ * sum[b] = the block's sum of q (an exact integer). An all-zero block gets d = 0; a block holding
+ * Inf or NaN gets d = NaN (its dots are NaN). fp4_dot_q8 takes d and sum as one row of block
+ * figures: the K/32 steps, then the K/32 sums. */
+void fd_q8_quantize(const float *x, int n, const int *pos, int8_t *q, float *d, float *sum);
 
 extern const fd_quant_kernels fd_kernels_scalar;
 #if defined(FD_HAVE_X86_VARIANTS)
 extern const fd_quant_kernels fd_kernels_avx2;
 extern const fd_quant_kernels fd_kernels_avx512;
 extern const fd_quant_kernels fd_kernels_avx512_bf16; /* avx512 + vdpbf16ps for bf16 activations */
+/* avx2 with the int8 dot on AVX-VNNI (vpdpbusd); filled from fd_kernels_avx2 by
+ * fd_quant_tables_init */
+extern fd_quant_kernels fd_kernels_avx2_vnni;
+void fd_kernels_avx2_vnni_init(void);
 #endif
 #if defined(FD_HAVE_NEON_VARIANTS)
 extern const fd_quant_kernels fd_kernels_neon;

@@ -300,5 +300,5 @@ static void index_tile_neon(const float *q, const float *w, int H, int D, const 
 
 const fd_quant_kernels fd_kernels_neon = {
     "neon", FD_FP4_EVEN_ODD, fp4_dot_neon, fp4_decode_neon, fp8_dot_neon, fp8_decode_neon, gemm_f32_neon, NULL, FD_FP4_NATURAL,
-    bf16_dot_neon, NULL, NULL, NULL, index_tile_neon, FD_FP8_NATURAL,
+    bf16_dot_neon, NULL, NULL, NULL, index_tile_neon, FD_FP8_NATURAL, NULL, FD_FP4_NATURAL,
 };

@@ -13,9 +13,14 @@ float fd_e8m0_f32[256];
 float fd_e4m3_f32[256];
 
 void fd_quant_tables_init(void) {
+    static int done = 0; /* the first call runs at import, under the import lock */
+    if (done) return;
     static const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     for (int c = 0; c < 16; c++) fd_e2m1_f32[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
     for (int b = 0; b < 256; b++) fd_e8m0_f32[b] = b == 255 ? NAN : ldexpf(1.0f, b - 127);
+#if defined(FD_HAVE_X86_VARIANTS)
+    fd_kernels_avx2_vnni_init();
+#endif
     for (int b = 0; b < 256; b++) {
         int e = (b >> 3) & 15, m = b & 7;
         float v;
@@ -27,6 +32,7 @@ void fd_quant_tables_init(void) {
             v = ldexpf(1.0f + (float)m / 8.0f, e - 7);
         fd_e4m3_f32[b] = (b & 0x80) ? -v : v;
     }
+    done = 1;
 }
 
 void fd_fp4_permute_row(int layout, const float *src, float *dst, int K) {
@@ -50,6 +56,39 @@ void fd_fp8_permute_row_bf16(int layout, const uint16_t *src, uint16_t *dst, int
     for (int k = whole; k < K; k++) dst[fd_fp8_perm_index(layout, k)] = src[k];
 }
 
+/* Round to nearest even for |v| < 2^22: adding 1.5 * 2^23 leaves the integer in the low mantissa
+ * bits (no libm call, so the quantizer's loops vectorize). */
+static inline int32_t round_even(float v) {
+    float r = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &r, sizeof i);
+    return i - 0x4B400000;
+}
+
+void fd_q8_quantize(const float *x, int n, const int *pos, int8_t *q, float *d, float *sum) {
+    for (int b = 0; b < n / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(xb[j]);
+            finite &= a <= 3.4028235e38f; /* false for Inf and NaN */
+            amax = a > amax ? a : amax;
+        }
+        const float step = !finite ? NAN : amax / 127.0f;
+        const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = step;
+        int32_t total = 0;
+        for (int j = 0; j < 32; j++) {
+            int32_t v = finite ? round_even(xb[j] * inv) : 0;
+            v = v > 127 ? 127 : v < -127 ? -127 : v;
+            q[pos ? pos[32 * b + j] : 32 * b + j] = (int8_t)v;
+            total += v;
+        }
+        sum[b] = (float)total;
+    }
+}
+
 static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
                            int K, const float *const *x, int m, float *y, size_t ys) {
     const int nb = K / 32;
@@ -69,6 +108,33 @@ static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t
                 acc += part * fd_e8m0_f32[sr[b]];
             }
             y[(size_t)t * ys + r] = acc;
+        }
+    }
+}
+
+/* 2 x the E2M1 value of each code: integers in [-12, 12]. */
+static const int8_t k_e2m1_x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static void fp4_dot_q8_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                              int K, const int8_t *const *xq, const float *const *xd, int m,
+                              float *y, size_t ys) {
+    const int nb = K / 32;
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws;
+        const uint8_t *sr = s + (size_t)r * ss;
+        for (int t = 0; t < m; t++) {
+            const int8_t *qt = xq[t];
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                int32_t part = 0;
+                for (int j = 0; j < 16; j++) {
+                    const uint8_t byte = wr[b * 16 + j];
+                    part += k_e2m1_x2[byte & 15] * qt[b * 32 + 2 * j];
+                    part += k_e2m1_x2[byte >> 4] * qt[b * 32 + 2 * j + 1];
+                }
+                acc += (float)part * (fd_e8m0_f32[sr[b]] * xd[t][b]);
+            }
+            y[(size_t)t * ys + r] = 0.5f * acc;
         }
     }
 }
@@ -144,5 +210,6 @@ static void index_tile_scalar(const float *q, const float *w, int H, int D, cons
 
 const fd_quant_kernels fd_kernels_scalar = {
     "scalar", FD_FP4_NATURAL, fp4_dot_scalar, fp4_decode_scalar, fp8_dot_scalar, fp8_decode_scalar, gemm_f32_scalar, NULL, FD_FP4_NATURAL,
-    bf16_dot_scalar, NULL, NULL, NULL, index_tile_scalar, FD_FP8_NATURAL,
+    bf16_dot_scalar, NULL, NULL, NULL, index_tile_scalar, FD_FP8_NATURAL, fp4_dot_q8_scalar,
+    FD_FP4_NATURAL,
 };
