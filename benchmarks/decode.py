@@ -170,6 +170,32 @@ def _head_variants(rt, ids) -> dict:
     return result
 
 
+def _int8_variants(rt, ids) -> dict:
+    """Decode tok/s with the host experts' activations as int8 and as bf16, toggled in place on
+    the same loaded model, rounds alternating (empty where the kernels have no int8 path or the
+    runtime's kernel activations are float32)."""
+    import torch
+
+    from flashdesk.engine import kernels
+
+    moes = [b.moe for b in rt.model.blocks if hasattr(b.moe, "host_int8")]
+    if not moes or not kernels.has_int8() or moes[0].host_dtype != torch.bfloat16:
+        return {}
+    kept = [m.host_int8 for m in moes]
+    result: dict = {"int8": [], "bf16": []}
+    try:
+        for _ in range(HEAD_ROUNDS):
+            for name in result:
+                for m in moes:
+                    m.host_int8 = name == "int8"
+                step, _ = _decode(rt, ids, HEAD_STEPS)
+                result[name].append(1.0 / step)
+    finally:
+        for m, k in zip(moes, kept, strict=True):
+            m.host_int8 = k
+    return result
+
+
 def _cpu_glue_seconds(rt, ids) -> float:
     """Seconds per layer of a CPU decode step outside the C kernels (torch ops, Python): steps
     timed with the kernels' entry points stubbed out (they return at once, their outputs left
@@ -462,6 +488,7 @@ def run(json_output: bool = False) -> dict:
             step_s, expert_s = _decode(rt, ids)
             on_gpu = rt.device.type == "cuda"
             head_dtype = rt.head_dtype
+            figures["decode_tok_s_by_expert_activations"] = _int8_variants(rt, ids)
             prefill_s = glue_s = None
             depths: list[dict] = []
             if not on_gpu:
@@ -554,6 +581,9 @@ def run(json_output: bool = False) -> dict:
                 f"{row['added_ms_measured']:.1f} ms per token, the planner "
                 f"{row['added_ms_predicted']:.1f}"
             )
+        for name, tok_s in figures["decode_tok_s_by_expert_activations"].items():
+            rounds = ", ".join(f"{t:.2f}" for t in tok_s)
+            print(f"  host experts' activations {name}: decode {rounds} tok/s")
         for name, v in figures.get("decode_tok_s_by_head", {}).items():
             rounds = ", ".join(f"{t:.2f}" for t in v["tok_s"])
             print(f"  head {name} ({v['head_bytes'] / 1e6:.0f} MB): decode {rounds} tok/s")

@@ -79,7 +79,9 @@ def test_split_equals_cpu_model_fp32(tiny, name):
 
 def test_bf16_split_close_to_cpu_model(tiny):
     folder, config, ids, want = tiny
-    with load_runtime(folder, placement=_placements(config)["mixed"]) as rt:
+    # bf16 host activations, not int8 (a random tiny model's near-tied router picks amplify any
+    # rounding; tests/test_runtime.py covers the int8 path on the same C kernels)
+    with load_runtime(folder, placement=_placements(config)["mixed"], int8_experts=False) as rt:
         assert rt.model.numerics.dtype == torch.bfloat16
         # no plan: prompts of DEFAULT_STREAM_MIN_TOKENS tokens and more stream their experts
         assert {b.moe.stream_min_tokens for b in rt.model.blocks} == {DEFAULT_STREAM_MIN_TOKENS}
