@@ -13,7 +13,7 @@
 
 #include "fd_platform.h"
 #include "quant_kernels.h"
-#include "quant_q8_avx2.h" /* fp4_dot_q8 with vpmaddubsw */
+#include "quant_q8_avx2.h" /* fp4_dot_q8 with vpmaddubsw; hsum256 */
 
 /* bf16 bit patterns of the 16 E2M1 codes, split into high and low bytes (vpshufb tables). */
 FD_INLINE __m256i bf16_hi_lut(void) {
@@ -45,13 +45,6 @@ FD_INLINE void fp4_block_decode(const uint8_t *wb, __m256i hi_lut, __m256i lo_lu
     v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, wa));
     v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, wb2));
     v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, wb2));
-}
-
-FD_INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,

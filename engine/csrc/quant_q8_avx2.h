@@ -49,7 +49,8 @@ FD_INLINE __m256 q8_e8m0x8(const uint8_t *s) {
     return _mm256_castsi256_ps(bits);
 }
 
-FD_INLINE float q8_hsum256(__m256 v) {
+/* The sum of the eight lanes. */
+FD_INLINE float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -136,7 +137,7 @@ FD_INLINE void fp4_q8_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t s
         }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < M; t++)
-            y[(size_t)t * ys + i] = 0.5f * (q8_hsum256(acc[i][t]) - 12.0f * offset[i][t]);
+            y[(size_t)t * ys + i] = 0.5f * (hsum256(acc[i][t]) - 12.0f * offset[i][t]);
 }
 
 /* Two weight rows at a time while the registers allow it (up to two activation rows). */
