@@ -15,8 +15,9 @@ mislead: plain avx512 can beat avx512_bf16). `FLASHDESK_ISA=<name>` or `set_isa(
 thread count (default: physical cores).
 
 The routed experts can take their activations as int8 (`int8=`): each 32-element block scaled by
-its |max| / 127, so the FP4 codes multiply them in integer SIMD (vpmaddubsw / vpdpbusd), 2-3× the
-float path's rate per core on x86. The rounding is finer than the reference's own FP8 rounding
+its |max| / 127, so the FP4 codes multiply them in integer SIMD (vpmaddubsw / vpdpbusd; NEON's
+widening multiplies), 2-3× the float path's rate per core on x86 (NEON: checked under qemu, its
+speed not yet measured). The rounding is finer than the reference's own FP8 rounding
 of the same activations; `int8_experts()` says whether the measured rates favour it here.
 """
 

@@ -88,7 +88,9 @@ def test_the_plan_page_predicts_with_this_machines_calibration(qtbot, tmp_path, 
         text = wiz.plan_page.prediction.text()
         assert "A 64K-token document ≈ " in text
         assert f"{wiz.plan.prefill_chunk:,}-token GPU chunks" in text
-    assert speeds[1] < 0.6 * speeds[0]
+    # The slower CPU kernels lower the prediction, by less than their factor: the GPU reads a
+    # share of the pinned experts in place (zero-copy), more of it when the CPU is slower.
+    assert speeds[1] < 0.7 * speeds[0]
     Efficiency.default_path().write_text("{ damaged", encoding="utf-8")
     wiz = FitWizard(Settings(), tmp_path, profile=profile("rtx4090_192gb_ddr5"))
     qtbot.addWidget(wiz)

@@ -66,6 +66,57 @@ FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t 
         for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = vaddvq_f32(acc[i][t]);
 }
 
+/* FP4 x int8 (fp4_dot_q8): a block's low and high nibbles looked up (vqtbl1q) as 2 x E2M1, signed
+ * int8 in [-12, 12], times the int8 activations in FD_FP4_EVEN_ODD order by widening multiplies
+ * (vmull / vmlal_high: 16-bit sums of at most 2 x 12 x 127), pairwise-added into four int32
+ * lanes: the block's exact integer sum, converted once and multiplied by its scale. Baseline
+ * Advanced SIMD (no DotProd needed). */
+static const int8_t k_e2m1_x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+FD_INLINE void fp4_q8_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
+                         const int8_t *const *xq, const float *const *xd, float *y, size_t ys,
+                         const int R, const int M) {
+    const int8x16_t lut = vld1q_s8(k_e2m1_x2);
+    float32x4_t acc[2][FD_DOT_MAX_M];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) acc[i][t] = vdupq_n_f32(0.0f);
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++) {
+        for (int i = 0; i < R; i++) {
+            const uint8x16_t bytes = vld1q_u8(w + (size_t)i * ws + (size_t)b * 16);
+            const int8x16_t wl = vqtbl1q_s8(lut, vandq_u8(bytes, vdupq_n_u8(0x0F)));
+            const int8x16_t wh = vqtbl1q_s8(lut, vshrq_n_u8(bytes, 4));
+            const float sw = fd_e8m0_f32[s[(size_t)i * ss + b]];
+            for (int t = 0; t < M; t++) {
+                const int8_t *qb = xq[t] + (size_t)b * 32;
+                const int8x16_t xl = vld1q_s8(qb), xh = vld1q_s8(qb + 16);
+                int16x8_t p = vmull_s8(vget_low_s8(wl), vget_low_s8(xl));
+                p = vmlal_high_s8(p, wl, xl);
+                int16x8_t q = vmull_s8(vget_low_s8(wh), vget_low_s8(xh));
+                q = vmlal_high_s8(q, wh, xh);
+                const int32x4_t sum = vpaddlq_s16(vaddq_s16(p, q)); /* |p + q| <= 4 x 1524 */
+                acc[i][t] = vfmaq_n_f32(acc[i][t], vcvtq_f32_s32(sum), sw * xd[t][b]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < M; t++) y[(size_t)t * ys + i] = 0.5f * vaddvq_f32(acc[i][t]);
+}
+
+static void fp4_dot_q8_neon(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
+                            int K, const int8_t *const *xq, const float *const *xd, int m,
+                            float *y, size_t ys) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) {
+        const uint8_t *wr = w + (size_t)r * ws, *sr = s + (size_t)r * ss;
+        FD_SWITCH_M4(m, fp4_q8_rm(wr, ws, sr, ss, K, xq, xd, y + r, ys, 2, FD_M))
+    }
+    for (; r < rows; r++) {
+        const uint8_t *wr = w + (size_t)r * ws, *sr = s + (size_t)r * ss;
+        FD_SWITCH_M4(m, fp4_q8_rm(wr, ws, sr, ss, K, xq, xd, y + r, ys, 1, FD_M))
+    }
+}
+
 static void fp4_dot_neon(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows, int K,
                          const float *const *x, int m, float *y, size_t ys) {
     int r = 0;
@@ -300,5 +351,6 @@ static void index_tile_neon(const float *q, const float *w, int H, int D, const 
 
 const fd_quant_kernels fd_kernels_neon = {
     "neon", FD_FP4_EVEN_ODD, fp4_dot_neon, fp4_decode_neon, fp8_dot_neon, fp8_decode_neon, gemm_f32_neon, NULL, FD_FP4_NATURAL,
-    bf16_dot_neon, NULL, NULL, NULL, index_tile_neon, FD_FP8_NATURAL, NULL, FD_FP4_NATURAL,
+    bf16_dot_neon, NULL, NULL, NULL, index_tile_neon, FD_FP8_NATURAL, fp4_dot_q8_neon,
+    FD_FP4_EVEN_ODD,
 };
