@@ -172,9 +172,11 @@ def available_isas() -> list[str]:
 
 # The default variant is measured, not assumed from CPU flags: on the first kernel call (or the
 # first active_isa()/variant_timings()), every available variant decodes the same in-cache block of
-# FP4 expert rows (W1 rows of V4-Flash, K = 4096) on one core, with bf16 and with fp32
-# activations, and the one with the least total time wins for the rest of the process. The flags
-# only say what runs: on a 16-core Xeon the plain avx512 variant beat avx512_bf16 per core.
+# FP4 expert rows (W1 rows of V4-Flash, K = 4096) on one core with bf16, fp32 and int8
+# activations, and FP8 linear rows of the same width with bf16 ones; the one that runs a CPU
+# token's bytes fastest on the runtime's default paths (`_pick_rate`) wins for the rest of the
+# process. The flags only say what runs: on a 16-core Xeon the plain avx512 variant once beat
+# avx512_bf16 on FP4 rows alone.
 # FLASHDESK_ISA, set_isa() and use_isa() take precedence over the measured pick.
 _TUNE_K = 4096  # V4-Flash hidden: the K of a W1/W3 row
 _TUNE_ROWS = (32, 160)  # two row-block sizes; the difference cancels the per-call overhead
@@ -187,43 +189,45 @@ _pick: str | None = None
 _forced: str | None = None  # the variant FLASHDESK_ISA / set_isa() forced, if any
 
 
+# What a CPU-only V4-Flash token reads: ~3.4 GB of FP4 routed experts, ~6 GB of FP8 linears
+# (attention, compressors, shared experts); the pick weighs the two paths' rates by these shares.
+_FP4_SHARE = 0.36
+
+
 def _measure_variants() -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
     rows = max(_TUNE_ROWS)
     w = rng.integers(0, 256, (rows, _TUNE_K // 2), dtype=np.uint8)
     s = rng.integers(122, 129, (rows, _TUNE_K // 32), dtype=np.uint8)
+    w8 = rng.integers(0, 0x7F, (rows, _TUNE_K), dtype=np.uint8)  # FP8 codes, no NaN
+    s8 = rng.integers(118, 126, (-(-rows // 128), _TUNE_K // 128), dtype=np.uint8)
     x32 = rng.standard_normal(_TUNE_K).astype(np.float32)
     x16 = (x32.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: any values do)
     y = np.zeros(rows, dtype=np.float32)
     addr = {
         name: int(a.__array_interface__["data"][0])
-        for name, a in (("w", w), ("s", s), ("x32", x32), ("x16", x16), ("y", y))
-    }
-    row_bytes = _TUNE_K // 2 + _TUNE_K // 32
+        for name, a in (
+            ("w", w), ("s", s), ("w8", w8), ("s8", s8), ("x32", x32), ("x16", x16), ("y", y)
+        )
+    }  # fmt: skip
+    row_bytes = {"fp4": _TUNE_K // 2 + _TUNE_K // 32, "fp8": _TUNE_K}
     timings: dict[str, dict[str, float]] = {}
     for isa in available_isas():
         seconds = {}
-        modes = [("bf16", "x16", _FP4), ("fp32", "x32", _FP4)]
+        # (figure, activations, kernel kind, weights): the FP4 expert rows with bf16, fp32 and
+        # (where the variant has it) int8 activations; FP8 linear rows with bf16 activations
+        modes = [("bf16", "x16", _FP4, "fp4"), ("fp32", "x32", _FP4, "fp4")]
         if _kernels.isa_paths(isa)["fp4_int8"]:
-            modes.append(("int8", "x16", _FP4_INT8))
-        for dtype, x_key, kind in modes:
+            modes.append(("int8", "x16", _FP4_INT8, "fp4"))
+        modes.append(("fp8", "x16", _FP8_FINITE, "fp8"))
+        for mode, x_key, kind, weights in modes:
             best = {}
             for n in _TUNE_ROWS:
+                w_key, s_key = ("w", "s") if weights == "fp4" else ("w8", "s8")
                 args = (
-                    kind,
-                    addr[x_key],
-                    x_key == "x16",
-                    1,
-                    1,
-                    _TUNE_K,
-                    addr["w"],
-                    addr["s"],
-                    n,
-                    addr["y"],
-                    False,
-                    1,
-                    isa,
-                )
+                    kind, addr[x_key], x_key == "x16", 1, 1, _TUNE_K, addr[w_key], addr[s_key],
+                    n, addr["y"], False, 1, isa,
+                )  # fmt: skip
                 _kernels.quant_linear(*args)  # warm the caches and the code
                 t_best, spent, calls = float("inf"), 0.0, 0
                 while calls < _TUNE_CALLS and (calls < 3 or spent < _TUNE_BUDGET_S):
@@ -232,14 +236,21 @@ def _measure_variants() -> dict[str, dict[str, float]]:
                     dt = time.perf_counter() - t0
                     t_best, spent, calls = min(t_best, dt), spent + dt, calls + 1
                 best[n] = t_best
-            seconds[dtype] = max(best[rows] - best[min(_TUNE_ROWS)], 1e-9)
-        block = (rows - min(_TUNE_ROWS)) * row_bytes
-        figures = {f"{mode}_gbps": block / t / 1e9 for mode, t in seconds.items()}
-        # the runtime's bf16 activations take the int8 path where it is faster (int8_experts)
-        fast = max(figures["bf16_gbps"], figures.get("int8_gbps", 0.0) if _int8_allowed() else 0.0)
-        figures["gbps"] = 2 / (1 / fast + 1 / figures["fp32_gbps"])
+            block = (rows - min(_TUNE_ROWS)) * row_bytes[weights]
+            seconds[mode] = block / max(best[rows] - best[min(_TUNE_ROWS)], 1e-9)
+        figures = {f"{mode}_gbps": rate / 1e9 for mode, rate in seconds.items()}
+        figures["gbps"] = _pick_rate(figures)
         timings[isa] = figures
     return timings
+
+
+def _pick_rate(figures: Mapping[str, float]) -> float:
+    """The figure the pick maximizes: the rate of a CPU token's bytes on the runtime's default
+    paths, FP4 experts at the faster of bf16 and int8 (where allowed) and FP8 linears at bf16,
+    weighted by their shares (`_FP4_SHARE`) as a harmonic mean."""
+    int8 = figures.get("int8_gbps", 0.0) if _int8_allowed() else 0.0
+    fp4 = max(figures["bf16_gbps"], int8)
+    return 1 / (_FP4_SHARE / fp4 + (1 - _FP4_SHARE) / figures["fp8_gbps"])
 
 
 def _int8_allowed() -> bool:
@@ -278,10 +289,10 @@ def _ensure_default() -> None:
 
 def variant_timings() -> dict[str, dict[str, float]]:
     """What the variant choice measured (running the measurement now if it has not run): per
-    variant, one core's in-cache FP4 decode rate in GB/s of weight bytes with bf16 ('bf16_gbps'),
-    fp32 ('fp32_gbps') and, where the variant has the path, int8 ('int8_gbps') activations, and
-    over both dtypes ('gbps', the figure the pick maximizes: the harmonic mean of fp32 and the
-    faster of bf16 and int8)."""
+    variant, one core's in-cache rate in GB/s of weight bytes: FP4 expert rows with bf16
+    ('bf16_gbps'), fp32 ('fp32_gbps') and, where the variant has the path, int8 ('int8_gbps')
+    activations; FP8 linear rows with bf16 activations ('fp8_gbps'); and 'gbps', the figure the
+    pick maximizes: a CPU token's FP4 and FP8 bytes on the runtime's default paths."""
     _measured_pick()
     return {isa: dict(figures) for isa, figures in _timings.items()}
 

@@ -83,14 +83,14 @@ def test_the_default_variant_is_the_measured_fastest():
     assert sorted(timings) == sorted(ISAS)  # a figure for every variant this CPU runs
     for isa, figures in timings.items():
         int8 = kernels.has_int8(isa)
-        assert set(figures) == {"bf16_gbps", "fp32_gbps", "gbps"} | (
-            {"int8_gbps"} if int8 else set()
-        )
+        want = {"bf16_gbps", "fp32_gbps", "fp8_gbps", "gbps"} | ({"int8_gbps"} if int8 else set())
+        assert set(figures) == want
         assert all(np.isfinite(v) and v > 0 for v in figures.values()), (isa, figures)
-        # 'gbps' is over both workloads (equal bytes): the harmonic mean of the two rates, the
-        # bf16 one the faster of the bf16 and int8 paths (the runtime takes the faster).
-        fast = max(figures["bf16_gbps"], figures.get("int8_gbps", 0.0))
-        harmonic = 2 / (1 / fast + 1 / figures["fp32_gbps"])
+        # 'gbps' is a CPU token's bytes on the runtime's paths: FP4 at the faster of bf16 and
+        # int8, FP8 at bf16, weighted by their shares of what a token reads.
+        fp4 = max(figures["bf16_gbps"], figures.get("int8_gbps", 0.0))
+        share = kernels._FP4_SHARE
+        harmonic = 1 / (share / fp4 + (1 - share) / figures["fp8_gbps"])
         assert figures["gbps"] == pytest.approx(harmonic, rel=1e-9), isa
         assert kernels.int8_experts(isa) == (int8 and figures["int8_gbps"] > figures["bf16_gbps"])
     pick = kernels.measured_isa()
