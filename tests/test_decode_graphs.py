@@ -344,8 +344,13 @@ def test_the_step_scores_fp8_index_keys_as_stored(monkeypatch):
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: what == "indexer scores")
         graphs = GraphDecoder(rt.model, capture=False)
+        # Steps agree to ~2e-6 until an index score within rounding of the top-k cut picks the
+        # other entry on one side (the interpreter's numpy and the C kernel sum in different
+        # orders): then ~2e-4 of logits ~3 (seen on an Intel Xeon host, the 9th step). Every
+        # other key's scale 1.5x too large moves them by 0.6.
+        near = {"rtol": 1e-3, "atol": 1e-3}
         for t, logits in zip(ids[20:].tolist(), expected, strict=True):
-            torch.testing.assert_close(graphs.decode(t, got), logits, **TOL)
+            torch.testing.assert_close(graphs.decode(t, got), logits, **near)
         assert scored and all(scored)  # every CSA layer's step, from the codes and scales
 
 
