@@ -225,6 +225,87 @@ def test_sinkhorn_c_kernel_equals_the_torch_ops():
     assert sinkhorn(half, 3, 1e-6).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "hc"), [(1, 4), (3, 4), (2, 3)])
+def test_hyper_connection_c_calls_equal_the_torch_ops(dtype, tokens, hc):
+    """A decode step's hyper-connection pre and post steps on the CPU are one C call each; they
+    equal the torch ops (the definition) to float32 rounding, with the streams in float32 or
+    bf16, with and without the routed experts' partial sums; prompts keep the ops."""
+    from flashdesk.engine.model import mhc
+
+    g = torch.Generator().manual_seed(tokens * 10 + hc)
+    D, n_mix = 96, hc * (2 + hc)
+    x = torch.randn(tokens, hc, D, generator=g).to(dtype)
+    fn = torch.randn(n_mix, hc * D, generator=g) * 0.05
+    scale, base = torch.rand(3, generator=g), torch.randn(n_mix, generator=g)
+    got = mhc.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    want = mhc.hc_pre_ops(x, fn, scale, base, 20, 1e-6, 1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    _, post, comb = want
+    f = torch.randn(tokens, D, generator=g).to(dtype)
+    for add in (None, torch.randn(tokens, D, generator=g), torch.randn(tokens, 3, D, generator=g)):
+        a, b = mhc.hc_post(f, x, post, comb, add), mhc.hc_post_ops(f, x, post, comb, add)
+        assert a.dtype == b.dtype == dtype
+        # bf16 streams: f + add rounded to bf16 before use, the outputs rounded once more; a
+        # value within float32 rounding of a bf16 tie may land on either side
+        tol = (
+            {"rtol": 8e-3, "atol": 8e-3}
+            if dtype == torch.bfloat16
+            else {"rtol": 1e-5, "atol": 1e-6}
+        )
+        torch.testing.assert_close(a, b, **tol)
+    calls = []
+    real = mhc._kernels.hc_pre
+    mhc._kernels.hc_pre = lambda *a: calls.append(a) or real(*a)
+    try:
+        many = torch.randn(mhc.CPU_CALL_TOKENS + 1, hc, D, generator=g).to(dtype)
+        mhc.hc_pre(many, fn, scale, base, 20, 1e-6, 1e-6)  # a prompt's tokens: the torch ops
+        assert not calls
+        mhc.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+        assert len(calls) == 1
+    finally:
+        mhc._kernels.hc_pre = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_rms_norm_c_calls_equal_the_torch_ops(dtype):
+    """A decode step's rotary embeddings and RMSNorms on the CPU are one C call each: RoPE is
+    bit-identical to the ops (same float32 operations, output dtypes and the inverse rotation
+    included); RMSNorm equals them to float32 rounding (its sum of squares in another order);
+    prompts' many rows keep the ops."""
+    from flashdesk.engine.model import common, rope
+
+    g = torch.Generator().manual_seed(5)
+    for shape in ((1, 64, 96), (3, 96), (2, 4, 40)):
+        ang = torch.rand(shape[0], 16, generator=g) * 6
+        cos, sin = ang.cos(), ang.sin()
+        x = torch.randn(shape, generator=g).to(dtype)
+        for out_dtype in (None, torch.float32, torch.bfloat16):
+            for inverse in (False, True):
+                got = rope.apply_rope(x, cos, sin, inverse, out_dtype)
+                want = rope.apply_rope_ops(x, cos, sin, inverse, out_dtype)
+                assert got.dtype == want.dtype and torch.equal(got, want)
+        for weight in (None, torch.rand(shape[-1], generator=g) + 0.5):
+            got, want = common.rms_norm(x, weight, 1e-6), common.rms_norm_ops(x, weight, 1e-6)
+            assert got.dtype == want.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            else:  # one bf16 step where float32 rounding lands next to a tie
+                torch.testing.assert_close(got, want, rtol=8e-3, atol=8e-3)
+    calls = []
+    real = rope._kernels.rope
+    rope._kernels.rope = lambda *a: calls.append(a) or real(*a)
+    try:
+        many = torch.randn(rope.CPU_CALL_TOKENS + 1, 96, generator=g).to(dtype)
+        ang = torch.rand(many.shape[0], 16, generator=g)
+        rope.apply_rope(many, ang.cos(), ang.sin())  # a prompt: the ops
+        assert not calls
+    finally:
+        rope._kernels.rope = real
+
+
 def test_sinkhorn_gives_unit_columns_and_near_unit_rows():
     comb = sinkhorn(torch.randn(10, 4, 4), 20, 1e-6)
     assert torch.allclose(comb.sum(-2), torch.ones(10, 4), atol=1e-5)  # last pass: columns

@@ -415,7 +415,9 @@ def test_the_plans_kv_cache_is_the_runtimes_at_the_bytes_it_counted(tmp_path):
         ref.prefill(ids[:30], plain)
         for t in ids.tolist()[30:]:
             want = ref.decode(t, plain)
-        torch.testing.assert_close(logits[kv], want, **TOL)
+        # rows stored rounded (BF16, FP8): a value within float32 rounding of a tie may round
+        # the other way in the two models (different summation orders), ~1e-4 on later logits
+        torch.testing.assert_close(logits[kv], want, rtol=0, atol=2e-3)
         assert state.nbytes == plain.nbytes
         e_kv, e_key = figures.kv_entry_bytes(kv)
         held = state.breakdown()

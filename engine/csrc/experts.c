@@ -95,25 +95,10 @@ void fd_kernels_set_active(const fd_quant_kernels *k) {
 
 /* ---------------------------------------------------------------- helpers */
 
-static float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays a quiet NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 static void load_row(const void *x, int bf16, size_t row, int K, float *dst) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)x + row * (size_t)K;
-        for (int k = 0; k < K; k++) dst[k] = bf16_to_f32(src[k]);
+        for (int k = 0; k < K; k++) dst[k] = fd_bf16_f32(src[k]);
     } else {
         memcpy(dst, (const float *)x + row * (size_t)K, sizeof(float) * (size_t)K);
     }
@@ -125,7 +110,7 @@ static void store_row(void *out, int bf16, size_t row, int N, int c0, const floa
     if (bf16) {
         uint16_t *dst = (uint16_t *)out + row * (size_t)N + c0;
         for (int j = 0; j < n; j++)
-            dst[j] = f32_to_bf16(accumulate ? bf16_to_f32(dst[j]) + v[j] : v[j]);
+            dst[j] = fd_f32_bf16(accumulate ? fd_bf16_f32(dst[j]) + v[j] : v[j]);
     } else {
         float *dst = (float *)out + row * (size_t)N + c0;
         if (accumulate)
@@ -322,8 +307,8 @@ static void ffn_unit1(ffn_ctx *c, ffn_thread *th, int unit) {
             const size_t at = (size_t)t * FFN_ROWS + r;
             float hv = swiglu_clamped(th->g[at], th->u[at], c->limit) * wt;
             if (c->bf16) {
-                uint16_t hbits = f32_to_bf16(hv);
-                hv = bf16_to_f32(hbits);
+                uint16_t hbits = fd_f32_bf16(hv);
+                hv = fd_bf16_f32(hbits);
                 if (c->hb) c->hb[(size_t)(p0 + t) * I + c->perm_ib[j0 + r]] = hbits;
             }
             if (c->hq)

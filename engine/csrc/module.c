@@ -16,6 +16,8 @@
 #include "fd_platform.h"
 #include "indexer.h"
 #include "mhc.h"
+#include "norm.h"
+#include "rope.h"
 
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     (void)self;
@@ -344,7 +346,107 @@ static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_hc_pre(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, fn, scale, base, u, post, comb;
+    int x_bf16, S, hc, D, iters;
+    float hc_eps, norm_eps;
+    if (!PyArg_ParseTuple(args, "KpiiiKKKiffKKK:hc_pre", &x, &x_bf16, &S, &hc, &D, &fn, &scale,
+                          &base, &iters, &hc_eps, &norm_eps, &u, &post, &comb))
+        return NULL;
+    if (S < 0 || hc < 1 || hc > 16 || D < 1 || iters < 1) {
+        PyErr_SetString(PyExc_ValueError, "hc_pre: S >= 0, 1 <= hc <= 16, D >= 1, iters >= 1");
+        return NULL;
+    }
+    float *work =
+        (float *)malloc(sizeof(float) * ((size_t)(hc + 1) * D + (size_t)hc * (2 + hc)));
+    if (!work) return PyErr_NoMemory();
+    const fd_quant_kernels *kern = fd_kernels_active();
+    Py_BEGIN_ALLOW_THREADS
+    fd_hc_pre(kern, (const void *)(uintptr_t)x, x_bf16, S, hc, D, (const float *)(uintptr_t)fn,
+              (const float *)(uintptr_t)scale, (const float *)(uintptr_t)base, iters, hc_eps,
+              norm_eps, (void *)(uintptr_t)u, (float *)(uintptr_t)post, (float *)(uintptr_t)comb,
+              work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_hc_post(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long f, add, x, post, comb, out;
+    int f_bf16, add_n, x_bf16, S, hc, D;
+    if (!PyArg_ParseTuple(args, "KpKiKpiiiKKK:hc_post", &f, &f_bf16, &add, &add_n, &x, &x_bf16,
+                          &S, &hc, &D, &post, &comb, &out))
+        return NULL;
+    if (S < 0 || hc < 1 || hc > 16 || D < 1 || add_n < 0) {
+        PyErr_SetString(PyExc_ValueError, "hc_post: S >= 0, 1 <= hc <= 16, D >= 1, add_n >= 0");
+        return NULL;
+    }
+    float *work = (float *)malloc(sizeof(float) * 3 * (size_t)D);
+    if (!work) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    fd_hc_post((const void *)(uintptr_t)f, f_bf16, (const float *)(uintptr_t)add, add_n,
+               (const void *)(uintptr_t)x, x_bf16, S, hc, D, (const float *)(uintptr_t)post,
+               (const float *)(uintptr_t)comb, (void *)(uintptr_t)out, work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, cos, sin, out;
+    int x_bf16, S, H, d, rope_dim, inverse, out_bf16;
+    if (!PyArg_ParseTuple(args, "KpiiiiKKpKp:rope", &x, &x_bf16, &S, &H, &d, &rope_dim, &cos,
+                          &sin, &inverse, &out, &out_bf16))
+        return NULL;
+    if (S < 0 || H < 1 || rope_dim < 0 || rope_dim % 2 || rope_dim > d) {
+        PyErr_SetString(PyExc_ValueError, "rope: S >= 0, H >= 1, 0 <= rope_dim <= d, rope_dim even");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fd_rope((const void *)(uintptr_t)x, x_bf16, S, H, d, rope_dim, (const float *)(uintptr_t)cos,
+            (const float *)(uintptr_t)sin, inverse, (void *)(uintptr_t)out, out_bf16);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, weight, out;
+    int bf16, n;
+    long rows;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KpliKfK:rms_norm", &x, &bf16, &rows, &n, &weight, &eps, &out))
+        return NULL;
+    if (rows < 0 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: rows >= 0 and n >= 1 needed");
+        return NULL;
+    }
+    float *work = (float *)malloc(sizeof(float) * (size_t)n);
+    if (!work) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    fd_rms_norm((const void *)(uintptr_t)x, bf16, rows, n, (const float *)(uintptr_t)weight, eps,
+                (void *)(uintptr_t)out, work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernel_methods[] = {
+    {"rms_norm", py_rms_norm, METH_VARARGS,
+     "rms_norm(x, bf16, rows, n, weight, eps, out)\n\nRaw addresses (weight 0: none); use "
+     "flashdesk.engine.model.common.rms_norm."},
+    {"rope", py_rope, METH_VARARGS,
+     "rope(x, x_bf16, S, H, d, rope_dim, cos, sin, inverse, out, out_bf16)\n\nRaw addresses; "
+     "use flashdesk.engine.model.rope.apply_rope."},
+    {"hc_pre", py_hc_pre, METH_VARARGS,
+     "hc_pre(x, x_bf16, S, hc, D, fn, scale, base, iters, hc_eps, norm_eps, u, post, comb)\n\n"
+     "Raw addresses; use flashdesk.engine.model.mhc.hc_pre."},
+    {"hc_post", py_hc_post, METH_VARARGS,
+     "hc_post(f, f_bf16, add, add_n, x, x_bf16, S, hc, D, post, comb, out)\n\nRaw addresses "
+     "(add 0: none); use flashdesk.engine.model.mhc.hc_post."},
     {"sink_attention", py_sink_attention, METH_VARARGS,
      "sink_attention(q, scale, sink, H, D, sets, out, threads, isa)\n\nRaw addresses: one "
      "query's sink attention over row sets ((address, kind 0 f32 / 1 bf16 / 2 packed FP8, stride, "

@@ -135,6 +135,18 @@ static inline float fd_bf16_f32(uint16_t h) {
     return v.f;
 }
 
+/* A float rounded to the nearest bf16 (ties to even); NaN stays a quiet NaN. */
+static inline uint16_t fd_f32_bf16(float f) {
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    v.f = f;
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    v.u += 0x7FFFu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
 /* Exact decode tables (spec §4.3/§4.4): E2M1 code -> value, E8M0 byte -> 2^(b-127) (255: NaN),
  * E4M3 byte -> value (0x7F/0xFF: NaN). Filled by fd_quant_tables_init(). */
 extern float fd_e2m1_f32[16];

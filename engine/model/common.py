@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flashdesk.engine import gpu_kernels
+from flashdesk.engine import _kernels, gpu_kernels
 from flashdesk.engine.model import qsim
 
 # fetch(name, dtype) -> tensor: the dequantized weight under its official checkpoint name.
@@ -46,9 +46,44 @@ def float_linear(x: torch.Tensor, w) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in float32 (weight float32 or None), result in x's dtype. On a
-    GPU with Triton one launch (`gpu_kernels.rms_norm`) instead of six."""
+    GPU with Triton one launch (`gpu_kernels.rms_norm`) instead of six; a few rows on the CPU
+    one C call (`_kernels.rms_norm`)."""
     if gpu_kernels.applies(x):
         return gpu_kernels.rms_norm(x, weight, eps)
+    if _cpu_call(x, weight):
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        _kernels.rms_norm(
+            x.data_ptr(), x.dtype is torch.bfloat16, x.numel() // n, n,
+            0 if weight is None else weight.data_ptr(), float(eps), out.data_ptr(),
+        )  # fmt: skip
+        return out
+    return rms_norm_ops(x, weight, eps)
+
+
+# A CPU call of at most this many values is one C call (a decode step's rows); a prompt's
+# many rows: the torch ops, on torch's threads
+CPU_CALL_VALUES = 1 << 17
+
+
+def _cpu_call(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether `rms_norm` can take the C path: a few contiguous float32/bf16 rows on the CPU."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() >= 1
+        and 0 < x.numel() <= CPU_CALL_VALUES
+        and x.is_contiguous()
+        and (
+            weight is None
+            or (weight.dtype == torch.float32 and weight.is_contiguous()
+                and tuple(weight.shape) == (x.shape[-1],) and weight.device.type == "cpu")
+        )
+    )  # fmt: skip
+
+
+def rms_norm_ops(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`rms_norm` as torch operations (the definition)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:

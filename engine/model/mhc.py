@@ -99,7 +99,53 @@ def hc_pre(
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`.
-    On a GPU with Triton everything after the mixes is one launch (`gpu_kernels.hc_pre_tail`)."""
+    On a GPU with Triton everything after the mixes is one launch (`gpu_kernels.hc_pre_tail`);
+    a decode step's few tokens on the CPU one C call (`_kernels.hc_pre`)."""
+    if _cpu_call(x, fn, scale, base):
+        S, hc, D = x.shape
+        u = torch.empty((S, D), dtype=x.dtype)
+        post, comb = torch.empty((S, hc)), torch.empty((S, hc, hc))
+        _kernels.hc_pre(
+            x.data_ptr(), x.dtype is torch.bfloat16, S, hc, D, fn.data_ptr(), scale.data_ptr(),
+            base.data_ptr(), iters, float(hc_eps), float(norm_eps), u.data_ptr(),
+            post.data_ptr(), comb.data_ptr(),
+        )  # fmt: skip
+        return u, post, comb
+    return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps)
+
+
+# A call of at most this many tokens on the CPU goes to the C kernels (each token's mixes are one
+# GEMV there; a prompt's many tokens are one torch GEMM).
+CPU_CALL_TOKENS = 16
+
+
+def _cpu_call(x: torch.Tensor, *float32: torch.Tensor) -> bool:
+    """Whether a hyper-connection call can take the C path: a few contiguous CPU tokens of a
+    float32/bf16 stream, its float32 tensors contiguous on the CPU."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() == 3
+        and x.shape[0] <= CPU_CALL_TOKENS
+        and x.shape[1] <= 16
+        and x.is_contiguous()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in float32
+        )
+    )
+
+
+def hc_pre_ops(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hc_pre` as torch operations (and the GPU's fused tail)."""
     hc = x.shape[1]
     mixes = _mixes(x, fn, norm_eps)
     if gpu_kernels.applies(x) and not hc & (hc - 1):
@@ -124,10 +170,39 @@ def hc_post(
     f (block output `[S, D]`) taken as rounded to x's dtype. `add`: float32 partial sums
     `[S, D]` or `[S, n, D]` added to f before that rounding (a decode step's routed experts, so
     that their sum and the rounding need no launches of their own). On a GPU with Triton in
-    one launch: `gpu_kernels.hc_post`."""
+    one launch: `gpu_kernels.hc_post`; a decode step's few tokens on the CPU one C call."""
     hc = x.shape[1]
     if gpu_kernels.applies(x) and not hc & (hc - 1):
         return gpu_kernels.hc_post(f, x, post, comb, add)
+    plain = (torch.float32, torch.bfloat16)
+    if (
+        _cpu_call(x, post, comb, *(() if add is None else (add,)))
+        and f.device.type == "cpu"
+        and f.dtype in plain
+        and f.is_contiguous()
+        and tuple(f.shape) == (x.shape[0], x.shape[2])
+        and (add is None or add.dim() in (2, 3))
+    ):
+        S, _, D = x.shape
+        out = torch.empty_like(x)
+        add_n = 0 if add is None else (1 if add.dim() == 2 else add.shape[1])
+        _kernels.hc_post(
+            f.data_ptr(), f.dtype is torch.bfloat16, 0 if add is None else add.data_ptr(), add_n,
+            x.data_ptr(), x.dtype is torch.bfloat16, S, hc, D, post.data_ptr(), comb.data_ptr(),
+            out.data_ptr(),
+        )  # fmt: skip
+        return out
+    return hc_post_ops(f, x, post, comb, add)
+
+
+def hc_post_ops(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`hc_post` as torch operations."""
     if add is not None:
         f = f.float() + (add.sum(1) if add.dim() == 3 else add)
     mixed = torch.einsum("sjk,sjd->skd", comb, x.float())

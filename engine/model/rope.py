@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from flashdesk.engine import gpu_kernels
+from flashdesk.engine import _kernels, gpu_kernels
 
 
 def inverse_frequencies(
@@ -91,6 +91,50 @@ def apply_rope(
     """
     if gpu_kernels.applies(x):
         return gpu_kernels.apply_rope(x, cos, sin, inverse, out_dtype)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if _cpu_call(x, cos, sin, out_dtype):
+        S, d = x.shape[0], x.shape[-1]
+        out = torch.empty(x.shape, dtype=out_dtype)
+        _kernels.rope(
+            x.data_ptr(), x.dtype is torch.bfloat16, S, x.numel() // (S * d) if S else 1, d,
+            2 * cos.shape[-1], cos.data_ptr(), sin.data_ptr(), inverse, out.data_ptr(),
+            out_dtype is torch.bfloat16,
+        )  # fmt: skip
+        return out
+    return apply_rope_ops(x, cos, sin, inverse, out_dtype)
+
+
+# A call of at most this many tokens on the CPU is one C call (a prompt's many: the torch ops,
+# which run on torch's threads)
+CPU_CALL_TOKENS = 16
+
+
+def _cpu_call(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype) -> bool:
+    plain = (torch.float32, torch.bfloat16)
+    return (
+        x.device.type == "cpu"
+        and x.dtype in plain
+        and out_dtype in plain
+        and x.dim() in (2, 3)
+        and 0 < x.shape[0] <= CPU_CALL_TOKENS
+        and x.is_contiguous()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            and tuple(t.shape) == (x.shape[0], cos.shape[-1])
+            for t in (cos, sin)
+        )
+        and 2 * cos.shape[-1] <= x.shape[-1]
+    )  # fmt: skip
+
+
+def apply_rope_ops(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`apply_rope` as torch operations (the definition)."""
     if out_dtype is not None:
         x = x.to(out_dtype)
     half = cos.shape[-1]
