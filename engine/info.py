@@ -41,10 +41,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"logical cores: {features['logical_cores']}")
     print(f"SIMD: {' '.join(flags) or 'none beyond the baseline'}")
     active, measured = report["kernel_variant_active"], report["kernel_variant_measured"]
-    print("kernel variants, in-cache FP4 decode on 1 core (GB/s of weights, bf16 / fp32 input):")
+    print(
+        "kernel variants, in-cache decode on 1 core (GB/s of weights): FP4 experts with bf16 / "
+        "fp32 / int8 input, FP8 linears with bf16"
+    )
     for isa, figures in report["kernel_variants"].items():
         mark = "  <- fastest" if isa == measured else ""
-        print(f"  {isa:<12} {figures['bf16_gbps']:6.1f} / {figures['fp32_gbps']:6.1f}{mark}")
+        int8 = f"{figures['int8_gbps']:6.1f}" if "int8_gbps" in figures else "     -"
+        print(
+            f"  {isa:<12} {figures['bf16_gbps']:6.1f} / {figures['fp32_gbps']:6.1f} / {int8}, "
+            f"{figures['fp8_gbps']:6.1f}{mark}"
+        )
+    if kernels.int8_experts(active):
+        print("routed experts on the CPU: int8 activations (faster here; FLASHDESK_INT8=0: bf16)")
     if active != measured:
         print(f"kernel variant in use: {active} (forced by FLASHDESK_ISA)")
     else:

@@ -56,6 +56,7 @@ def test_cpu_features_agree_with_proc_cpuinfo():
             "avx2": "avx2",
             "fma": "fma",
             "f16c": "f16c",
+            "avx_vnni": "avx_vnni",
             "avx512f": "avx512f",
             "avx512bw": "avx512bw",
             "avx512vl": "avx512vl",
