@@ -101,7 +101,7 @@ def hc_pre(
     """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`.
     On a GPU with Triton everything after the mixes is one launch (`gpu_kernels.hc_pre_tail`);
     a decode step's few tokens on the CPU one C call (`_kernels.hc_pre`)."""
-    if _cpu_call(x, fn, scale, base):
+    if not gpu_kernels.applies(x) and _cpu_call(x, fn, scale, base):
         S, hc, D = x.shape
         u = torch.empty((S, D), dtype=x.dtype)
         post, comb = torch.empty((S, hc)), torch.empty((S, hc, hc))
