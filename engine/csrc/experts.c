@@ -463,13 +463,17 @@ int fd_expert_ffn(const fd_quant_kernels *kern, int threads, const void *x, int 
         rc = 0;
         goto done;
     }
-    for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j, I);
-    for (int j = 0; j < I; j++) perm_ib[j] = fd_fp4_perm_index(kern->fp4_bf16_layout, j, I);
-    for (int j = 0; j < I; j++) perm_iq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, I);
-    for (int j = 0; j < D; j++) perm_dq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, D);
     const size_t npairs = (size_t)offset[n_experts];
     const int q8_dot = x_q8 && kern->fp4_dot_q8 != NULL;
     const int bf16_dot = !q8_dot && x_bf16 && kern->fp4_dot_bf16 != NULL;
+    /* the positions of the layouts this call's path reads (a decode step pays for each) */
+    if (q8_dot) {
+        for (int j = 0; j < I; j++) perm_iq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, I);
+        for (int j = 0; j < D; j++) perm_dq[j] = fd_fp4_perm_index(kern->fp4_q8_layout, j, D);
+    } else {
+        for (int j = 0; j < I; j++) perm_i[j] = fd_fp4_perm_index(kern->fp4_layout, j, I);
+        for (int j = 0; j < I; j++) perm_ib[j] = fd_fp4_perm_index(kern->fp4_bf16_layout, j, I);
+    }
     if (q8_dot) {
         xq = (int8_t *)fd_aligned_alloc((size_t)T * (size_t)D);
         xd = (float *)malloc(sizeof(float) * (size_t)T * (size_t)(D / 16));

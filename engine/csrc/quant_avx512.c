@@ -182,11 +182,10 @@ FD_INLINE __m512 q8_e8m0x16(const uint8_t *s) {
 /* One block's dot in the scalar form, its activations wherever the layout put them: the blocks
  * after the last whole four (K not a multiple of 128; not at V4-Flash's dims). */
 static int32_t q8_block_dot(const uint8_t *wb, const int8_t *q, int K, int b) {
-    static const int8_t x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
     int32_t sum = 0;
     for (int j = 0; j < 16; j++) {
-        sum += x2[wb[j] & 15] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j, K)];
-        sum += x2[wb[j] >> 4] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j + 1, K)];
+        sum += fd_e2m1_x2[wb[j] & 15] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j, K)];
+        sum += fd_e2m1_x2[wb[j] >> 4] * q[fd_fp4_perm_index(FD_FP4_QUADS4, 32 * b + 2 * j + 1, K)];
     }
     return sum;
 }

@@ -152,6 +152,8 @@ static inline uint16_t fd_f32_bf16(float f) {
 extern float fd_e2m1_f32[16];
 extern float fd_e8m0_f32[256];
 extern float fd_e4m3_f32[256];
+/* 2 x the E2M1 value of each code: integers in [-12, 12] (the int8 dots' weights). */
+extern const int8_t fd_e2m1_x2[16];
 void fd_quant_tables_init(void);
 
 /* Position of natural element k of a K-element row in an fp4 layout. */

@@ -71,12 +71,11 @@ FD_INLINE void fp4_dot_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t 
  * (vmull / vmlal_high: 16-bit sums of at most 2 x 12 x 127), pairwise-added into four int32
  * lanes: the block's exact integer sum, converted once and multiplied by its scale. Baseline
  * Advanced SIMD (no DotProd needed). */
-static const int8_t k_e2m1_x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 FD_INLINE void fp4_q8_rm(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int K,
                          const int8_t *const *xq, const float *const *xd, float *y, size_t ys,
                          const int R, const int M) {
-    const int8x16_t lut = vld1q_s8(k_e2m1_x2);
+    const int8x16_t lut = vld1q_s8(fd_e2m1_x2);
     float32x4_t acc[2][FD_DOT_MAX_M];
     for (int i = 0; i < R; i++)
         for (int t = 0; t < M; t++) acc[i][t] = vdupq_n_f32(0.0f);

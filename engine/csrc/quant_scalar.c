@@ -112,8 +112,7 @@ static void fp4_dot_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t
     }
 }
 
-/* 2 x the E2M1 value of each code: integers in [-12, 12]. */
-static const int8_t k_e2m1_x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+const int8_t fd_e2m1_x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 static void fp4_dot_q8_scalar(const uint8_t *w, size_t ws, const uint8_t *s, size_t ss, int rows,
                               int K, const int8_t *const *xq, const float *const *xd, int m,
@@ -129,8 +128,8 @@ static void fp4_dot_q8_scalar(const uint8_t *w, size_t ws, const uint8_t *s, siz
                 int32_t part = 0;
                 for (int j = 0; j < 16; j++) {
                     const uint8_t byte = wr[b * 16 + j];
-                    part += k_e2m1_x2[byte & 15] * qt[b * 32 + 2 * j];
-                    part += k_e2m1_x2[byte >> 4] * qt[b * 32 + 2 * j + 1];
+                    part += fd_e2m1_x2[byte & 15] * qt[b * 32 + 2 * j];
+                    part += fd_e2m1_x2[byte >> 4] * qt[b * 32 + 2 * j + 1];
                 }
                 acc += (float)part * (fd_e8m0_f32[sr[b]] * xd[t][b]);
             }
