@@ -231,7 +231,7 @@ def test_hyper_connection_c_calls_equal_the_torch_ops(dtype, tokens, hc):
     """A decode step's hyper-connection pre and post steps on the CPU are one C call each; they
     equal the torch ops (the definition) to float32 rounding, with the streams in float32 or
     bf16, with and without the routed experts' partial sums; prompts keep the ops."""
-    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model import common, mhc
 
     g = torch.Generator().manual_seed(tokens * 10 + hc)
     D, n_mix = 96, hc * (2 + hc)
@@ -260,7 +260,7 @@ def test_hyper_connection_c_calls_equal_the_torch_ops(dtype, tokens, hc):
     real = mhc._kernels.hc_pre
     mhc._kernels.hc_pre = lambda *a: calls.append(a) or real(*a)
     try:
-        many = torch.randn(mhc.CPU_CALL_TOKENS + 1, hc, D, generator=g).to(dtype)
+        many = torch.randn(common.CPU_CALL_TOKENS + 1, hc, D, generator=g).to(dtype)
         mhc.hc_pre(many, fn, scale, base, 20, 1e-6, 1e-6)  # a prompt's tokens: the torch ops
         assert not calls
         mhc.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
@@ -298,7 +298,7 @@ def test_rope_and_rms_norm_c_calls_equal_the_torch_ops(dtype):
     real = rope._kernels.rope
     rope._kernels.rope = lambda *a: calls.append(a) or real(*a)
     try:
-        many = torch.randn(rope.CPU_CALL_TOKENS + 1, 96, generator=g).to(dtype)
+        many = torch.randn(common.CPU_CALL_TOKENS + 1, 96, generator=g).to(dtype)
         ang = torch.rand(many.shape[0], 16, generator=g)
         rope.apply_rope(many, ang.cos(), ang.sin())  # a prompt: the ops
         assert not calls

@@ -64,6 +64,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # A CPU call of at most this many values is one C call (a decode step's rows); a prompt's
 # many rows: the torch ops, on torch's threads
 CPU_CALL_VALUES = 1 << 17
+# The same for the hyper-connection and rotary steps, by tokens (x's first dimension)
+CPU_CALL_TOKENS = 16
+
+
+def few_cpu_tokens(x: torch.Tensor, *float32: torch.Tensor) -> bool:
+    """Whether a decode call's step can take its C kernel: 1..CPU_CALL_TOKENS contiguous tokens
+    of float32/bf16 on the CPU, its other tensors float32, contiguous, on the CPU."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and 0 < x.shape[0] <= CPU_CALL_TOKENS
+        and x.is_contiguous()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in float32
+        )
+    )
 
 
 def _cpu_call(x: torch.Tensor, weight: torch.Tensor | None) -> bool:

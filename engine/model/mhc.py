@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdesk.engine import _kernels, gpu_kernels
+from flashdesk.engine.model.common import few_cpu_tokens
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -114,26 +115,9 @@ def hc_pre(
     return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps)
 
 
-# A call of at most this many tokens on the CPU goes to the C kernels (each token's mixes are one
-# GEMV there; a prompt's many tokens are one torch GEMM).
-CPU_CALL_TOKENS = 16
-
-
 def _cpu_call(x: torch.Tensor, *float32: torch.Tensor) -> bool:
-    """Whether a hyper-connection call can take the C path: a few contiguous CPU tokens of a
-    float32/bf16 stream, its float32 tensors contiguous on the CPU."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.dim() == 3
-        and x.shape[0] <= CPU_CALL_TOKENS
-        and x.shape[1] <= 16
-        and x.is_contiguous()
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in float32
-        )
-    )
+    """Whether a hyper-connection call can take the C path (up to 16 streams)."""
+    return x.dim() == 3 and x.shape[1] <= 16 and few_cpu_tokens(x, *float32)
 
 
 def hc_pre_ops(

@@ -11,6 +11,7 @@ import math
 import torch
 
 from flashdesk.engine import _kernels, gpu_kernels
+from flashdesk.engine.model.common import few_cpu_tokens
 
 
 def inverse_frequencies(
@@ -104,27 +105,15 @@ def apply_rope(
     return apply_rope_ops(x, cos, sin, inverse, out_dtype)
 
 
-# A call of at most this many tokens on the CPU is one C call (a prompt's many: the torch ops,
-# which run on torch's threads)
-CPU_CALL_TOKENS = 16
-
-
 def _cpu_call(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype) -> bool:
-    plain = (torch.float32, torch.bfloat16)
+    """Whether `apply_rope` can take the C path: a decode call's tokens, the tables [S, half]."""
     return (
-        x.device.type == "cpu"
-        and x.dtype in plain
-        and out_dtype in plain
+        out_dtype in (torch.float32, torch.bfloat16)
         and x.dim() in (2, 3)
-        and 0 < x.shape[0] <= CPU_CALL_TOKENS
-        and x.is_contiguous()
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            and tuple(t.shape) == (x.shape[0], cos.shape[-1])
-            for t in (cos, sin)
-        )
+        and few_cpu_tokens(x, cos, sin)
+        and tuple(cos.shape) == tuple(sin.shape) == (x.shape[0], cos.shape[-1])
         and 2 * cos.shape[-1] <= x.shape[-1]
-    )  # fmt: skip
+    )
 
 
 def apply_rope_ops(
