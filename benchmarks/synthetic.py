@@ -235,9 +235,18 @@ def run(
             rt.graphs = GraphDecoder(rt.model) if graphs is not None else None
             out["zero_copy_experts"] = sum(len(m.zero_copy.ids) for m in reading)
             out["decode_tok_s_without_zero_copy"] = 1.0 / timed_decode(warmup=2)
+            out["host_experts_ms_per_step_without_zero_copy"] = host_split.get("host_experts_ms")
             for moe in reading:
                 moe.use_zero_copy = True
             rt.graphs = graphs
+        int8 = [b.moe for b in rt.model.blocks if getattr(b.moe, "host_int8", False)]
+        if int8:  # the CPU's share on bf16 activations instead (outside the graphs: no capture)
+            for moe in int8:
+                moe.host_int8 = False
+            out["decode_tok_s_without_int8"] = 1.0 / timed_decode(warmup=1)
+            out["host_experts_ms_per_step_without_int8"] = host_split.get("host_experts_ms")
+            for moe in int8:
+                moe.host_int8 = True
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
         if depths:
@@ -332,10 +341,19 @@ def run(
             f"the rest {ms - wait - cpu:.1f} ms (launches, copies, the step's end)"
         )
     if "decode_tok_s_without_zero_copy" in out:
+        cpu = out["host_experts_ms_per_step_without_zero_copy"]
         say(
             f"the GPU reading {out['zero_copy_experts']} pinned experts' picks in place beside the "
             f"CPU: {out['decode_tok_s']:.2f} tok/s; the CPU computing all host picks: "
             f"{out['decode_tok_s_without_zero_copy']:.2f} tok/s"
+            + (f" (CPU experts {cpu:.1f} ms per step)" if cpu is not None else "")
+        )
+    if "decode_tok_s_without_int8" in out:
+        cpu = out["host_experts_ms_per_step_without_int8"]
+        say(
+            f"the CPU's experts on int8 activations: {out['decode_tok_s']:.2f} tok/s; on bf16: "
+            f"{out['decode_tok_s_without_int8']:.2f} tok/s"
+            + (f" (CPU experts {cpu:.1f} ms per step)" if cpu is not None else "")
         )
     if "decode_tok_s_torch_experts" in out:
         say(
