@@ -24,6 +24,19 @@ from flashdesk.engine.model.qsim import FP4_MAX, FP4_VALUES, FP8_MAX, fp4_round,
 
 KV_FORMATS = ("native", "bf16", "fp8")
 
+# Buffers (re)allocated by any state part so far: a captured decode step's buffer addresses can
+# only have moved where this count has (`decode_graphs` compares it instead of ~300 pointers).
+_allocations = 0
+
+
+def allocations() -> int:
+    return _allocations
+
+
+def _allocated() -> None:
+    global _allocations
+    _allocations += 1
+
 
 class _Codec:
     """How rows are stored: `empty`, `encode` rows `[n, width]` → parts, `decode` parts → rows.
@@ -208,6 +221,7 @@ class RowStore:
         self.width = codec.width
         self.device = torch.device(device)
         self._parts = codec.empty(0, self.device)
+        _allocated()
         self.n = 0
 
     def append(self, rows: torch.Tensor) -> None:
@@ -242,6 +256,7 @@ class RowStore:
             for new, old in zip(grown, self._parts, strict=True):
                 new[: self.n] = old[: self.n]
             self._parts = grown
+            _allocated()
 
     def put(self, row: torch.Tensor, index: torch.Tensor) -> None:
         """row `[1, width]` written at row `index` (`[1]` int64 on the device, < capacity). `n`
@@ -266,6 +281,7 @@ class RowStore:
 
     def reset(self) -> None:
         self._parts = self.codec.empty(0, self.device)
+        _allocated()
         self.n = 0
 
     def mark(self, device=None) -> int:
@@ -283,6 +299,7 @@ class WindowRing:
         self.codec = codec
         self.device = torch.device(device)
         self._parts = codec.empty(size, self.device)
+        _allocated()
 
     def write(self, kv: torch.Tensor, start_pos: int) -> None:
         """kv `[S, width]` holds positions start_pos .. start_pos+S-1; keep the last `size`."""
@@ -315,6 +332,7 @@ class WindowRing:
 
     def reset(self) -> None:
         self._parts = self.codec.empty(self.size, self.device)
+        _allocated()
 
     def mark(self, device=None) -> tuple[torch.Tensor, ...]:
         return tuple(p.to(device or p.device, copy=True) for p in self._parts)
@@ -339,6 +357,7 @@ class CompressorCarry:
         self.prev_gate = (
             torch.full((ratio, head), float("-inf"), device=device) if overlap else None
         )
+        _allocated()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.kv, self.gate, self.prev_kv, self.prev_gate) if t is not None]

@@ -147,6 +147,39 @@ def test_stores_grow_in_powers_of_two_and_the_step_is_rebuilt(monkeypatch):
         assert _counts(got) == _counts(want)
 
 
+def test_the_key_is_read_again_only_where_a_buffer_may_have_moved(monkeypatch):
+    """A step whose stores have room and whose state allocated nothing since reuses the capture
+    key without walking the state's ~300 buffers (a V4-Flash step's host time); a grown store,
+    a reset state or another state is keyed afresh, and the step rebuilt where addresses moved."""
+    monkeypatch.setattr(decode_graphs, "MIN_ROWS", 4)
+    walks = []
+    walk = decode_graphs._state_tensors
+    monkeypatch.setattr(decode_graphs, "_state_tensors", lambda st: walks.append(1) or walk(st))
+    ids = _ids(20)
+    with _runtime("host") as rt:
+        graphs = GraphDecoder(rt.model, capture=False)
+        want, got = _twin_states(rt, ids[:3])
+        # the model's logits first: its own appends allocate, which keys any state again
+        expected = [rt.model.decode(t, want) for t in ids[3:]]
+
+        def steps(first: int, last: int, state) -> None:
+            for i in range(first, last):
+                torch.testing.assert_close(graphs.decode(ids[i], state), expected[i - 3], **TOL)
+
+        steps(3, 10, got)  # positions 3..9: the CSA stores' 4 rows hold them
+        assert (len(walks), graphs.builds) == (1, 1)
+        steps(10, 20, got)  # position 16 needs a fifth CSA row: those stores move
+        assert (len(walks), graphs.builds) == (2, 2)
+        got.reset()
+        rt.prefill(ids[:3], got)
+        steps(3, 6, got)  # the reset state's new buffers: keyed again, rebuilt
+        assert (len(walks), graphs.builds) == (3, 3)
+        other = rt.new_state()
+        rt.prefill(ids[:3], other)
+        steps(3, 4, other)
+        assert (len(walks), graphs.builds) == (4, 4)
+
+
 def _fuse_cached_experts(rt, monkeypatch) -> None:
     """Run the cached picks by `gpu_kernels.moe` (Triton's interpreter here), as on a GPU."""
     kernels_device()  # skips where neither a GPU nor the interpreter runs the kernels
