@@ -192,7 +192,8 @@ def _check_compressor_step(dev: torch.device) -> str | None:
             )  # fmt: skip
             store.put(out, index)
         (_, want, want_rows), (_, got, got_rows) = made["want"], made["got"]
-        pairs = [(got_rows.rows(), want_rows.rows())]
+        closed = (2 * ratio + 1) // ratio  # rows past the closed windows' are scratch
+        pairs = [(got_rows.rows()[:closed], want_rows.rows()[:closed])]
         pairs += list(zip(got.tensors(), want.tensors(), strict=True))
         for t, u in pairs:
             if not torch.allclose(t.cpu(), u, rtol=1e-4, atol=1e-5):
@@ -802,10 +803,14 @@ if triton is not None:
         RB: tl.constexpr,
     ):  # fmt: skip
         """`Compressor.step` after its two GEMVs, one program: the token's projection and gate
-        (+ ape) into carry slot pos mod M; the window pooled (CSA: the previous window's A
-        halves, then the current B halves); RMSNorm; RoPE at position ⌊pos/M⌋·M on the last
-        2·HALF channels → out `[C]` (its dtype) and index ⌊pos/M⌋; a closing CSA window's A
-        halves → prev. The rows written here are used from registers, never read back."""
+        (+ ape) into carry slot pos mod M. At a window's last token also: the window pooled
+        (CSA: the previous window's A halves, then the current B halves); RMSNorm; RoPE at
+        position ⌊pos/M⌋·M on the last 2·HALF channels → out `[C]` (its dtype); a CSA window's A
+        halves → prev. Other tokens write zeros to out: row ⌊pos/M⌋ is scratch until its window
+        closes (nobody reads it: the visible count is ⌊(pos+1)/M⌋), so pooling a partial window
+        each token (an HCA layer's 128 rows, ~2/3 of the launch's time) is work thrown away.
+        index ⌊pos/M⌋ either way. The rows written here are used from registers, never read
+        back."""
         W: tl.constexpr = 2 * C if OVERLAP else C
         B0: tl.constexpr = C if OVERLAP else 0  # where the current entry's half starts
         pos = tl.load(pos_ptr)
@@ -815,35 +820,38 @@ if triton is not None:
         g_b = tl.load(g_new_ptr + B0 + cols) + tl.load(ape_ptr + slot * W + B0 + cols)
         tl.store(kv_ptr + slot * W + B0 + cols, kv_b)
         tl.store(g_ptr + slot * W + B0 + cols, g_b)
-        top = tl.full((C,), float("-inf"), dtype=tl.float32)
-        den = tl.zeros((C,), dtype=tl.float32)
-        num = tl.zeros((C,), dtype=tl.float32)
         if OVERLAP:
             kv_a = tl.load(kv_new_ptr + cols)
             g_a = tl.load(g_new_ptr + cols) + tl.load(ape_ptr + slot * W + cols)
             tl.store(kv_ptr + slot * W + cols, kv_a)
             tl.store(g_ptr + slot * W + cols, g_a)
-            top, den, num = _pool_rows(prev_kv_ptr, prev_g_ptr, C, -1, kv_b, g_b, cols,
-                                       top, den, num, M, RB)  # fmt: skip
-        top, den, num = _pool_rows(kv_ptr + B0, g_ptr + B0, W, slot, kv_b, g_b, cols,
-                                   top, den, num, M, RB)  # fmt: skip
         dtype = out_ptr.dtype.element_ty
-        x = (num / den).to(dtype).to(tl.float32)  # the pooled row in the model's dtype
-        y = x / tl.sqrt(tl.sum(x * x, axis=0) / C + eps) * tl.load(norm_ptr + cols)
-        y = y.to(dtype).to(tl.float32)
         index = pos // M
-        even, odd = tl.split(tl.reshape(y, (C // 2, 2)))
-        pair = tl.arange(0, C // 2)
-        j = pair - (C // 2 - HALF)  # rotated pairs: the last HALF
-        turn = j >= 0
-        angle = (index * M).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=turn, other=0.0)
-        co, si = tl.cos(angle), tl.sin(angle)
-        even2 = tl.where(turn, even * co - odd * si, even)
-        odd2 = tl.where(turn, even * si + odd * co, odd)
-        tl.store(out_ptr + cols, tl.reshape(tl.join(even2, odd2), (C,)).to(dtype))
         tl.store(index_ptr, index)
-        if OVERLAP:  # noqa: SIM102 (a compile-time branch around a run-time one)
-            if slot == M - 1:  # the window closes: its A halves pool into the next entry
+        if slot != M - 1:
+            tl.store(out_ptr + cols, tl.zeros((C,), dtype=tl.float32).to(dtype))
+        else:
+            top = tl.full((C,), float("-inf"), dtype=tl.float32)
+            den = tl.zeros((C,), dtype=tl.float32)
+            num = tl.zeros((C,), dtype=tl.float32)
+            if OVERLAP:
+                top, den, num = _pool_rows(prev_kv_ptr, prev_g_ptr, C, -1, kv_b, g_b, cols,
+                                           top, den, num, M, RB)  # fmt: skip
+            top, den, num = _pool_rows(kv_ptr + B0, g_ptr + B0, W, slot, kv_b, g_b, cols,
+                                       top, den, num, M, RB)  # fmt: skip
+            x = (num / den).to(dtype).to(tl.float32)  # the pooled row in the model's dtype
+            y = x / tl.sqrt(tl.sum(x * x, axis=0) / C + eps) * tl.load(norm_ptr + cols)
+            y = y.to(dtype).to(tl.float32)
+            even, odd = tl.split(tl.reshape(y, (C // 2, 2)))
+            pair = tl.arange(0, C // 2)
+            j = pair - (C // 2 - HALF)  # rotated pairs: the last HALF
+            turn = j >= 0
+            angle = (index * M).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=turn, other=0.0)
+            co, si = tl.cos(angle), tl.sin(angle)
+            even2 = tl.where(turn, even * co - odd * si, even)
+            odd2 = tl.where(turn, even * si + odd * co, odd)
+            tl.store(out_ptr + cols, tl.reshape(tl.join(even2, odd2), (C,)).to(dtype))
+            if OVERLAP:  # the closing window's A halves pool into the next entry
                 tl.debug_barrier()  # every read of prev above is done
                 for r0 in range(0, M, RB):
                     r = r0 + tl.arange(0, RB)
@@ -1480,8 +1488,9 @@ def compressor_step(
     norm: torch.Tensor, inv_freq: torch.Tensor, eps: float, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`Compressor.step` after its GEMVs (kv_new, gate_new `[1, W]` float32, W = C or 2·C with
-    CSA's overlap) in one launch instead of ~25 → (the entry `[1, C]` in out_dtype, roped; its
-    row index `[1]` int64) for the store, carry updated in place (`CompressorCarry`)."""
+    CSA's overlap) in one launch instead of ~25 → (the entry `[1, C]` in out_dtype, roped, at a
+    window's last token, zeros before it: that row is scratch until then; its row index `[1]`
+    int64) for the store, carry updated in place (`CompressorCarry`)."""
     c = norm.shape[0]
     overlap = carry.prev_kv is not None
     m, w = carry.kv.shape

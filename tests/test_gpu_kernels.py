@@ -12,11 +12,15 @@ from _triton import kernels_device
 
 from flashdesk.engine import gpu_kernels as ft
 from flashdesk.engine import quant
+from flashdesk.engine.cache import NativeRows, RowStore
 from flashdesk.engine.model.moe import swiglu
 from flashdesk.engine.runtime_experts import fp4_dequant_torch as fp4_dequant
 
 # the interpreter computes with numpy, which warns where float32 overflows to ±inf as intended
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _packed(g, *shape):
@@ -504,6 +508,49 @@ def test_softmax_pool_equals_the_torch_ops(rows):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="float32"):
         ft.softmax_pool((on[0].half(), on[1]), None)
+
+
+@pytest.mark.parametrize("ratio", [4, 16])
+def test_the_compressor_step_pools_only_at_a_windows_last_token(ratio):
+    """Row ⌊pos/m⌋ is scratch until its window closes: the fused step writes zeros there before
+    (no pooling of a partial window each token) and the torch step's entry at the window's
+    last token, with the carry the torch step leaves at every position."""
+    from flashdesk.engine.cache import CompressorCarry
+    from flashdesk.engine.model.compressor import Compressor
+    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(ratio)
+    dim, c = 64, 32
+    width = 2 * c if ratio == 4 else c
+    parts = {
+        "wkv": torch.randn(width, dim, generator=g) * 0.2,
+        "wgate": torch.randn(width, dim, generator=g) * 0.2,
+        "ape": torch.randn(ratio, width, generator=g) * 0.1,
+        "norm": torch.rand(c, generator=g) + 0.5,
+    }
+    comp = Compressor(**parts, ratio=ratio, rotary=Rotary(16, inverse_frequencies(16, 1e4)),
+                      eps=1e-6, for_indexer=False)  # fmt: skip
+    want = CompressorCarry(ratio, c, ratio == 4, "cpu")
+    got = CompressorCarry(ratio, c, ratio == 4, dev)
+    rows = RowStore(NativeRows(c, torch.float32), "cpu")
+    rows.reserve(4)
+    for pos in range(3 * ratio):
+        a = torch.randn(1, dim, generator=g)
+        with torch.inference_mode():
+            comp.step(a, torch.tensor([pos]), want, rows, torch.float32)
+        out, index = ft.compressor_step(
+            (a @ comp.wkv.T).to(dev), (a @ comp.wgate.T).to(dev), comp.ape.to(dev), got,
+            torch.tensor([pos], device=dev), comp.norm.to(dev), comp.rotary.inv_freq.to(dev),
+            comp.eps, torch.float32,
+        )  # fmt: skip
+        assert int(index) == pos // ratio
+        if pos % ratio == ratio - 1:
+            torch.testing.assert_close(out.cpu()[0], rows.rows()[pos // ratio], **CLOSE)
+        else:
+            assert not out.cpu().any()
+        for t, u in zip(got.tensors(), want.tensors(), strict=True):
+            torch.testing.assert_close(t.cpu(), u, **CLOSE)
 
 
 @pytest.mark.parametrize("hashed", [False, True])
