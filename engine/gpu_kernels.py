@@ -1688,8 +1688,11 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor
         raise ValueError(f"hc_mixes: fn {fn.dtype} {tuple(fn.shape)} does not fit x {x.shape}")
     x = x.contiguous()
     out = torch.empty((x.shape[0], fn.shape[0]), dtype=torch.float32, device=x.device)
+    # One program per mix (24 for V4-Flash) walks the whole 16,384-long row: few programs, so
+    # the serial steps bound it (run 5, H200: 8 µs a launch with 16 steps of 1,024); 4 steps of
+    # 4,096 over 8 warps keep 4× the loads in flight per step.
     _hc_mixes_kernel[(x.shape[0], fn.shape[0])](
-        x, fn.contiguous(), out, float(norm_eps), K=k, BK=_block(k, 1024), num_warps=4
+        x, fn.contiguous(), out, float(norm_eps), K=k, BK=_block(k, 4096), num_warps=8
     )
     return out
 

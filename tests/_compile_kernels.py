@@ -162,8 +162,8 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             "hc mixes",
             gk._hc_mixes_kernel,
             "x_ptr:*bf16, fn_ptr:*fp32, out_ptr:*fp32, eps:fp32",
-            {"K": 4 * D, "BK": 1024},
-            {"num_warps": 4},
+            {"K": 4 * D, "BK": 4096},
+            {"num_warps": 8},
         ),
         (
             "route",
