@@ -313,17 +313,24 @@ def run(
         layers = config.num_hidden_layers
         out["step_s_per_layer"] = step_s / layers
         out["prefill_s_per_token_layer"] = prefill_s / (prompt_tokens * layers)
-        Efficiency.record(
-            {
-                "gpu_layer_seconds": out["step_s_per_layer"],
-                "gpu_prefill_token_seconds": out["prefill_s_per_token_layer"],
-            },
-            f"bench --synthetic v4-flash, {layers} layers",
+        floors = _solved_floors(
+            plan, figures_m, profile, prompt_tokens, Efficiency.load(), step_s, prefill_s
         )
+        out["calibrated_floors"] = floors
+        if floors:
+            Efficiency.record(floors, f"bench --synthetic v4-flash, {layers} layers")
         say(
             f"decode time per layer {out['step_s_per_layer'] * 1e3:.2f} ms, prefill time per "
-            f"token and layer {out['prefill_s_per_token_layer'] * 1e6:.1f} µs (recorded for fit)"
+            f"token and layer {out['prefill_s_per_token_layer'] * 1e6:.1f} µs; recorded for fit: "
+            + (", ".join(f"{k} {v:.3g}" for k, v in floors.items()) or "nothing (see below)")
         )
+        for name in ("gpu_layer_seconds", "gpu_prefill_token_seconds"):
+            if name not in floors:
+                say(
+                    f"  {name}: the planner's model does not reach this run's time with that "
+                    "figure alone (another part, e.g. the CPU's experts or PCIe, sets it): "
+                    "left as it was"
+                )
     if "decode_tok_s_without_graphs" in out:
         say(
             f"decode steps replayed from CUDA graphs: {out['decode_tok_s']:.2f} tok/s; the same "
@@ -365,6 +372,43 @@ def run(
         f"(hit rate {out['expert_hit_rate'] or 0:.2f}); a real model's skewed routing hits it more"
     )
     return out
+
+
+def _solved_floors(plan, figures_m, profile, prompt_tokens, eff, step_s, prefill_s) -> dict:
+    """The GPU's per-layer floors (`Efficiency.gpu_layer_seconds` for decode,
+    `gpu_prefill_token_seconds` for prefill) at which the planner's prediction for this run's
+    plan takes the measured time, each solved with the other figures as they are. Not the time
+    divided by the layers: where the CPU's experts or PCIe set a run's speed (a plan for a
+    24 GiB card on the lent H200: 1.12 ms a layer), that would charge them to the GPU's
+    kernels, and every later prediction for this machine would carry it (43 layers predicted
+    at 0.39 × their speed). A figure the model cannot fit that way is left out."""
+    from dataclasses import replace
+
+    from decode import _solve
+
+    from flashdesk.offload.predict import predict
+    from flashdesk.offload.probe import Sourced
+
+    def with_floor(name: str, value: float):
+        figure = Sourced(value, "calibrated", "solving")
+        return predict(plan, figures_m, profile, prompt_tokens, replace(eff, **{name: figure}))
+
+    def decode_s(v: float) -> float:
+        return 1.0 / with_floor("gpu_layer_seconds", v).decode_tok_s
+
+    def prefill_time(v: float) -> float:
+        return prompt_tokens / with_floor("gpu_prefill_token_seconds", v).prefill_tok_s
+
+    floors = {}
+    layers = max(len(plan.layers), 1)
+    for name, model, measured, hi in (  # hi: all of the time on the floor
+        ("gpu_layer_seconds", decode_s, step_s, step_s / layers),
+        ("gpu_prefill_token_seconds", prefill_time, prefill_s, prefill_s / prompt_tokens / layers),
+    ):
+        value = _solve(lambda v, model=model, measured=measured: model(v) - measured, 0.0, hi)
+        if 0.0 < value < hi and abs(model(value) - measured) <= 0.01 * measured:
+            floors[name] = value
+    return floors
 
 
 DEPTH_STEPS = 8  # decode steps timed at each depth (after two: a new capacity's graph captures)

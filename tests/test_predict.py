@@ -162,31 +162,37 @@ def test_frequency_profile_raises_the_prediction(flash):
     assert (
         predict(skewed, flash, profile).decode_tok_s > predict(uniform, flash, profile).decode_tok_s
     )
-    # where each GPU layer's kernels are the limit (the eager runtime: ~3 ms per layer), fewer
-    # RAM bytes cannot show
+    # a layer's CPU experts run after its GPU kernels up to the routing, in series: the time
+    # fewer RAM bytes save per token is the same under a far higher floor per layer (the eager
+    # runtime: ~3 ms), not hidden beneath it
     eager = Efficiency()
     eager.gpu_layer_seconds = Sourced(3.2e-3, "measured", "decode steps issued op by op")
-    assert (
-        predict(skewed, flash, profile, efficiency=eager).decode_tok_s
-        == predict(uniform, flash, profile, efficiency=eager).decode_tok_s
-    )
+
+    def saved(efficiency=None) -> float:
+        step = [1 / predict(p, flash, profile, efficiency=efficiency).decode_tok_s
+                for p in (uniform, skewed)]  # fmt: skip
+        return step[0] - step[1]
+
+    assert saved() > 0
+    assert saved(eager) == pytest.approx(saved(), rel=1e-6)
 
 
 def test_a_machine_holding_nearly_all_experts_is_bound_by_the_gpu_layers_kernels(flash):
     """The lent H200: 9,903 of 11,008 experts in VRAM. The per-layer floor the benchmark measured
-    there (0.51 ms with CUDA graphs) sets the prediction, not the bytes; the host experts' share
-    comes on top (measured there on 2026-11-28: 45.4 tok/s)."""
+    there (0.35 ms with CUDA graphs) sets most of the prediction, not the bytes; the five host
+    layers' CPU experts come on top, in series (run 5, 2026-11-28: 48.4 and 52.8 tok/s)."""
     profile = load("h200_lent_machine_measured")
     plan = make_plan(flash, profile, PlanOptions(context=4096))
     pred = predict(plan, flash, profile)
     floor = Efficiency().gpu_layer_seconds.value * len(plan.layers)
     assert pred.decode_limit == "dispatch"
-    assert 0.8 / floor < pred.decode_tok_s <= 1.0 / floor
+    assert 0.7 / floor < pred.decode_tok_s <= 1.0 / floor
+    assert 48 < pred.decode_tok_s < 56
     assert pred.decode_bound_tok_s > 3 * pred.decode_tok_s
     # prefill: the measured cost per prompt token and GPU layer sets most of it there too (the
-    # RAM experts' copies add to it)
+    # RAM experts' copies add to it, in series: their layers' grouped kernels wait for them)
     per_token = Efficiency().gpu_prefill_token_seconds.value * len(plan.layers)
-    assert 0.8 / per_token < pred.prefill_tok_s <= 1.0 / per_token
+    assert 0.6 / per_token < pred.prefill_tok_s <= 0.9 / per_token
     faster = Efficiency()
     faster.gpu_prefill_token_seconds = Sourced(5e-6, "calibrated", "bench --synthetic")
     assert predict(plan, flash, profile, efficiency=faster).prefill_tok_s > 2 * pred.prefill_tok_s
