@@ -182,3 +182,44 @@ def test_fill_context_makes_a_state_at_a_depth(kv_format):
         logits2 = rt.prefill(list(range(1, 20)), state)
         assert torch.isfinite(logits).all() and torch.isfinite(logits2).all()
         assert state.position == 992 + 20
+
+
+def test_the_floors_it_records_are_the_planners_own_model_solved_for_the_run():
+    """`bench --synthetic` records the GPU's per-layer decode and prefill floors at which the
+    planner's model gives the measured times, not time ÷ layers (a run bound by the CPU's experts
+    would put their time on the GPU's kernels); a time the figure alone cannot reach records
+    nothing."""
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import PlanOptions
+    from flashdesk.offload.predict import Efficiency, plan_and_predict, predict
+    from flashdesk.offload.probe import HardwareProfile, Sourced
+
+    module = _load_bench_module()
+    config = ModelConfig.v4_flash().replace(num_nextn_predict_layers=0)
+    figures = ModelFigures.from_inventory(inventory(config), config, "V4-Flash")
+    profile = HardwareProfile.load(
+        Path(__file__).parent / "profiles" / "h200_lent_machine_measured.json"
+    )
+    options = PlanOptions(context=8192, vram_reserve_bytes=100 << 30)  # as a ~40 GiB card
+    plan, _ = plan_and_predict(figures, profile, options, 2048, Efficiency())
+    assert sum(lp.experts_ram > 0 for lp in plan.layers) > 20  # mostly the CPU's experts
+    truth = Efficiency()
+    truth.gpu_layer_seconds = Sourced(0.42e-3, "calibrated", "the run")
+    truth.gpu_prefill_token_seconds = Sourced(25e-6, "calibrated", "the run")
+    run = predict(plan, figures, profile, 2048, truth)
+    step_s, prefill_s = 1 / run.decode_tok_s, 2048 / run.prefill_tok_s
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        floors = module._solved_floors(
+            plan, figures, profile, 2048, Efficiency(), step_s, prefill_s
+        )
+        assert floors["gpu_layer_seconds"] == pytest.approx(0.42e-3, rel=1e-3)
+        assert floors["gpu_prefill_token_seconds"] == pytest.approx(25e-6, rel=1e-3)
+        assert step_s / len(plan.layers) > 1.5 * 0.42e-3  # what time ÷ layers would have said
+        # faster than the model's CPU experts alone allow: no floor reproduces it
+        assert "gpu_layer_seconds" not in module._solved_floors(
+            plan, figures, profile, 2048, Efficiency(), step_s / 3, prefill_s
+        )
+    finally:
+        sys.path.remove(str(BENCHMARKS))
