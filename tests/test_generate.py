@@ -289,6 +289,36 @@ def test_sampling():
     assert top2 == {1, 3}
 
 
+@pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])
+def test_top_p_keeps_the_sorted_nucleus_from_the_largest_logits(spread):
+    """`_nucleus` looks at the largest few hundred logits first (growing ×8) instead of sorting
+    the vocabulary: the same tokens as the sorted-cumsum nucleus, for flat and peaked
+    distributions; draws land only inside it, in proportion."""
+    from flashdesk.engine.generate import NUCLEUS_FIRST, _nucleus
+
+    g = torch.Generator().manual_seed(int(spread * 10))
+    logits = torch.randn(129280, generator=g) * spread
+    weights = torch.exp(logits - logits.max())
+    for top_p in (0.5, 0.9, 0.99):
+        probs = weights / weights.sum()
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        want = set(order[before < top_p].tolist())
+        kept_w, kept = _nucleus(weights, top_p)
+        assert set(kept.tolist()) == want
+        assert torch.equal(kept_w, weights[kept])
+    assert len(want) > NUCLEUS_FIRST or spread > 1  # the flat case needed more than one round
+    small = torch.tensor([0.0, 3.0, 1.0, 2.5, -9.0])
+    counts = torch.zeros(5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3000):
+        counts[sample(small, SamplingParams(top_p=0.9), gen)] += 1
+    # 3.0 and 2.5 hold 0.896 of the mass, under 0.9: 1.0 joins them, 0.0 does not
+    probs = torch.softmax(small[[1, 3, 2]], 0)
+    assert counts[[0, 4]].sum() == 0
+    assert torch.allclose(counts[[1, 3, 2]], probs * 3000, atol=90)
+
+
 def test_bad_sampling_params_are_refused():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
