@@ -67,29 +67,37 @@ GROUPED_CHOICES = [
     ((64, 128, 64), 8),
     ((16, 128, 64), 4),
 ]
-# V4-Flash linears timed as a decode step runs them: (name, N, K, groups, FP8?)
+# V4-Flash linears timed as a decode step runs them: (name, N, K, groups, FP8? (else BF16),
+# float32 activations? (else bf16)); the joined ones as the runtime holds them (gpu_linears)
 LINEARS = [
-    ("wq_b", 32768, 1024, 1, True),
-    ("wo_a (8 groups)", 8192, 4096, 8, True),
-    ("wo_b", 4096, 8192, 1, True),
-    ("wq_a", 1024, 4096, 1, True),
-    ("wkv", 512, 4096, 1, True),
-    ("shared w1", 2048, 4096, 1, True),
-    ("shared w2", 4096, 2048, 1, True),
-    ("indexer wq_b", 8192, 1024, 1, True),
-    ("head (bf16)", 129280, 4096, 1, False),
+    ("wq_b", 32768, 1024, 1, True, False),
+    ("wo_a (8 groups)", 8192, 4096, 8, True, False),
+    ("wo_b", 4096, 8192, 1, True, False),
+    ("wq_a", 1024, 4096, 1, True, False),
+    ("wkv", 512, 4096, 1, True, False),
+    ("wq_a + wkv", 1536, 4096, 1, True, False),
+    ("shared w1", 2048, 4096, 1, True, False),
+    ("shared w1 + w3", 4096, 4096, 1, True, False),
+    ("shared w2", 4096, 2048, 1, True, False),
+    ("indexer wq_b", 8192, 1024, 1, True, False),
+    ("router gate (bf16)", 256, 4096, 1, False, False),
+    ("CSA compressor wkv + wgate (bf16)", 2048, 4096, 1, False, False),
+    ("HCA compressor wkv + wgate (bf16)", 1024, 4096, 1, False, False),
+    ("index compressor wkv + wgate (bf16)", 512, 4096, 1, False, False),
+    ("head (bf16)", 129280, 4096, 1, False, True),
 ]
 # `linear` kinds: ("rows", rows per program, warps, columns per step, programs wanted per launch
 # (K split below that; 0: never)) or ("dot", tiles, warps, split, stages)
 LINEAR_CHOICES = [
-    ("rows", 16, 4, 128, 0),
-    ("rows", 32, 4, 128, 0),
-    ("rows", 16, 4, 512, 0),
-    ("rows", 16, 4, 128, 1024),
+    ("rows", 16, 4, 512, 0),  # the built-in default (run 3: 128 columns per step lost 2x)
     ("rows", 16, 4, 512, 1024),
     ("rows", 8, 2, 256, 2048),
+    # fewer rows and longer steps: more programs and more loads in flight for the small linears
+    ("rows", 8, 4, 1024, 0),
+    ("rows", 8, 8, 2048, 0),
+    ("rows", 4, 4, 2048, 0),
+    ("rows", 16, 8, 1024, 0),
     ("dot", (16, 64, 128), 4, None, None),
-    ("dot", (16, 32, 128), 4, None, None),
     ("dot", (16, 64, 128), 4, 1, None),
 ]
 
@@ -403,6 +411,15 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
             choices["LINEAR_STAGES"] = spec[4]
             # split None: automatic (LINEAR_MIN_PROGRAMS); 1: never (0 programs wanted)
             choices["LINEAR_MIN_PROGRAMS"] = 0 if spec[3] == 1 else 1024
+    # and each shape's own fastest "rows" shape where that beat every other choice for it
+    # (gpu_kernels.LINEAR_ROWS_BY_SHAPE: the runtime's linears of that shape take it)
+    by_shape = {
+        "x".join(str(v) for v in lin["shape"]): tuple(lin["best_spec"][1:])  # JSON keys
+        for lin in out["linears"]
+        if lin["best_spec"][0] == "rows"
+    }
+    if by_shape:
+        choices["LINEAR_ROWS_BY_SHAPE"] = by_shape
     if "attention" in out:
         choices["DECODE_ROWS_PER_SPLIT"] = out["attention"]["best_rows_per_split"]
     return choices
@@ -538,7 +555,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
     from flashdesk.engine import gpu_kernels, quant
     from flashdesk.engine.model.attention import grouped_linear
 
-    name, n, k, groups, fp8 = spec
+    name, n, k, groups, fp8, x_float32 = spec
     g = torch.Generator(device=dev).manual_seed(n)
     if fp8:
         codes = torch.randint(0, 126, (n, k), generator=g, device=dev, dtype=torch.uint8)
@@ -550,9 +567,9 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         weight = torch.randn((n, k), generator=g, device=dev).to(torch.bfloat16)
         scale = None
     nbytes = weight.numel() * weight.element_size()
-    # the activations a decode step gives it: bf16 (the head widens them to float32)
+    # the activations a decode step gives it: bf16 (the head's float32)
     x = torch.randn((1, groups * k), generator=g, device=dev).to(torch.bfloat16)
-    if not fp8:
+    if x_float32:
         x = x.float()
     want = None
     rows = []
@@ -603,4 +620,5 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
     return {
         "name": name, "fp8": fp8, "bytes": nbytes, "choices": rows, "best": best["choice"],
         "gbps": gbps, "torch_us": torch_ms * 1e3,
+        "shape": [n, k, groups, weight.element_size()], "best_spec": best["spec"],
     }  # fmt: skip

@@ -92,6 +92,12 @@ LINEAR_ROWS_MIN_PROGRAMS = 0
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
 LINEAR_MIN_PROGRAMS = 1024
+# Per weight shape (rows N, columns K, groups, bytes per weight) the "rows" options that `bench gpu-kernels`
+# found fastest for it on this GPU: (rows per program, warps, columns per step, programs
+# wanted). One shape for every linear leaves the small ones (wq_a, wkv, the shared expert's)
+# at 0.10-0.57 × the copy rate on the H200 while the large ones reach 0.98; their best shapes
+# differ. Empty built in: the global options above.
+LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {}
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
 # it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
@@ -153,6 +159,17 @@ def checked(name: str, device: torch.device | str) -> bool:
     return FAILED_CHECKS[key] is None
 
 
+def compressor_parts(g: torch.Generator, ratio: int, dim: int, c: int) -> dict:
+    """Random weights of a small compressor (ratio 4: CSA's overlapping one) for checks."""
+    width = 2 * c if ratio == 4 else c
+    return {
+        "wkv": torch.randn(width, dim, generator=g) * 0.2,
+        "wgate": torch.randn(width, dim, generator=g) * 0.2,
+        "ape": torch.randn(ratio, width, generator=g) * 0.1,
+        "norm": torch.rand(c, generator=g) + 0.5,
+    }
+
+
 def _check_compressor_step(dev: torch.device) -> str | None:
     """`compressor_step` against `Compressor.step`'s torch path, CSA (overlap) and HCA-like
     windows, over positions that close windows."""
@@ -163,13 +180,7 @@ def _check_compressor_step(dev: torch.device) -> str | None:
     g = torch.Generator().manual_seed(4)
     dim, c = 64, 32
     for ratio in (4, 8):
-        width = 2 * c if ratio == 4 else c
-        parts = {
-            "wkv": torch.randn(width, dim, generator=g) * 0.2,
-            "wgate": torch.randn(width, dim, generator=g) * 0.2,
-            "ape": torch.randn(ratio, width, generator=g) * 0.1,
-            "norm": torch.rand(c, generator=g) + 0.5,
-        }
+        parts = compressor_parts(g, ratio, dim, c)
         rotary = Rotary(16, inverse_frequencies(16, 10000.0))
         made = {}
         for side, where in (("want", torch.device("cpu")), ("got", dev)):
@@ -1858,6 +1869,12 @@ def linear(
     tokens = x.shape[0]
     out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)
     s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
+    shaped = None
+    if kind is None and block_n is None and num_warps is None and block_k is None and split is None:
+        shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, groups, weight.element_size()))
+    if shaped is not None:
+        kind, (block_n, num_warps, block_k, wanted) = "rows", shaped
+        split = _split_k(tokens * (n // _block(group_rows, block_n)), k, _block(k, block_k), wanted)
     if kind is None:
         halves = x.dtype in (torch.bfloat16, torch.float16)
         kind = LINEAR_KIND if scale is not None and halves else "rows"

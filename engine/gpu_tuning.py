@@ -32,6 +32,9 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),
     "DECODE_ROWS_PER_SPLIT": (int, 0),
+    # {(N, K, groups, bytes per weight): (rows, warps, columns per step, programs wanted)}; in
+    # JSON keyed "NxKxGxB"
+    "LINEAR_ROWS_BY_SHAPE": (dict, 0),
 }
 CHOICES = {"DECODE_MOE": ("rows", "by pick"), "LINEAR_KIND": ("rows", "dot")}
 
@@ -45,6 +48,10 @@ def valid(name: str, value) -> bool:
     if name not in TUNABLE:
         return False
     kind, length = TUNABLE[name]
+    if kind is dict:
+        return isinstance(value, dict) and all(
+            _shape_key(key) is not None and _rows_choice(choice) for key, choice in value.items()
+        )
     if name == "LINEAR_STAGES" and value is None:
         return True
     items = value if length else [value]
@@ -67,6 +74,40 @@ def valid(name: str, value) -> bool:
     return all(low <= v <= 4096 and v & (v - 1) == 0 for v in items)
 
 
+def _shape_key(key) -> tuple[int, int, int, int] | None:
+    """(N, K, groups, bytes per weight) from a tuple or its JSON form "NxKxGxB"; None where it
+    is neither."""
+    if isinstance(key, str):
+        try:
+            key = tuple(int(v) for v in key.split("x"))
+        except ValueError:
+            return None
+    ok = isinstance(key, tuple) and len(key) == 4
+    return key if ok and all(isinstance(v, int) and v > 0 for v in key) else None
+
+
+def _rows_choice(choice) -> bool:
+    """(rows, warps, columns per step, programs wanted): powers of two, then 0..2^20."""
+    if not isinstance(choice, (list, tuple)) or len(choice) != 4:
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in choice):
+        return False
+    *sizes, wanted = choice
+    return all(1 <= v <= 4096 and v & (v - 1) == 0 for v in sizes) and 0 <= wanted <= 1 << 20
+
+
+def _from_json(name: str, value):
+    if TUNABLE[name][0] is dict:
+        return {_shape_key(k): tuple(v) for k, v in value.items()}
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _to_json(value):
+    if isinstance(value, dict):
+        return {"x".join(str(v) for v in _shape_key(k)): list(c) for k, c in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def load(gpu: str, path: str | Path | None = None) -> dict:
     """The recorded shapes for GPU model `gpu` that fit (tuples where gpu_kernels has tuples);
     {} when there are none or the file is unreadable."""
@@ -77,11 +118,7 @@ def load(gpu: str, path: str | Path | None = None) -> dict:
         return {}
     if not isinstance(entry, dict):
         return {}
-    return {
-        name: tuple(value) if isinstance(value, list) else value
-        for name, value in entry.items()
-        if valid(name, value)
-    }
+    return {name: _from_json(name, value) for name, value in entry.items() if valid(name, value)}
 
 
 def record(gpu: str, choices: dict, note: str, path: str | Path | None = None) -> Path:
@@ -97,7 +134,7 @@ def record(gpu: str, choices: dict, note: str, path: str | Path | None = None) -
             data = {}
     except (OSError, ValueError):
         data = {}
-    data[gpu] = {"choices": {k: list(v) if isinstance(v, tuple) else v for k, v in choices.items()}}
+    data[gpu] = {"choices": {k: _to_json(v) for k, v in choices.items()}}
     data[gpu]["note"] = note
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -114,6 +114,19 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     | ({"num_stages": gk.LINEAR_STAGES} if gk.LINEAR_STAGES else {}),
                 )
             )
+    # the sweep's shapes for the small linears (bench gpu-kernels, LINEAR_ROWS_BY_SHAPE)
+    for bn_, warps_, bk_ in ((8, 4, 1024), (8, 8, 2048), (4, 4, 2048), (16, 8, 1024)):
+        for name, n, w, out in (("wq_a", 1024, "fp8e4nv", "bf16"), ("gate", 256, "bf16", "fp32")):
+            fixed = {"N": n, "K": 4096, "X_STRIDE": 4096, "GROUP_ROWS": n}
+            specs.append(
+                (
+                    f"linear rows {name} {bn_}x{bk_}/{warps_}w",
+                    gk._linear_kernel,
+                    f"x_ptr:*bf16, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{out}, T:i32",
+                    fixed | {"HAS_SCALE": w == "fp8e4nv", "BN": bn_, "BK": bk_, "SPLIT": 1},
+                    {"num_warps": warps_},
+                )
+            )
     specs += [
         (
             "dequant fp4",

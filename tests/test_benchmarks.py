@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import sys
 
 import pytest
@@ -57,18 +58,18 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             reps=1,
             tile_choices=module.TILE_CHOICES[:2],
             token_counts=(2,),
-            linears=[("fp8", 256, 128, 2, True), ("bf16", 64, 64, 1, False)],
+            linears=[("fp8", 256, 128, 2, True, False), ("bf16", 64, 64, 1, False, True)],
             by_pick_choices=module.BY_PICK_CHOICES[:1],
             grouped_choices=module.GROUPED_CHOICES[:1],
             prompt_tokens=12,
-            linear_choices=[module.LINEAR_CHOICES[4], module.LINEAR_CHOICES[6]],
+            linear_choices=[module.LINEAR_CHOICES[i] for i in (1, 5, 7)],  # rows, rows, dot
             attention=(4, 64, 8),
             attention_rows=(12, 40),
             attention_splits=(16, 32),
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
-        assert [len(lin["choices"]) for lin in out["linears"]] == [2, 2]
+        assert [len(lin["choices"]) for lin in out["linears"]] == [3, 3]
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True]
         assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
@@ -79,6 +80,15 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert out["choices"]["DECODE_ROWS_PER_SPLIT"] in (16, 32)
         assert {"TILES", "DECODE_MOE", "GROUPED_TILES", "LINEAR_KIND"} <= set(out["choices"])
         assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
+        # each shape whose fastest choice was a "rows" one keeps it, keyed N x K x groups x bytes
+        rows_won = {
+            "x".join(str(v) for v in lin["shape"]): tuple(lin["best_spec"][1:])
+            for lin in out["linears"]
+            if lin["best_spec"][0] == "rows"
+        }
+        assert set(rows_won) <= {"256x128x2x1", "64x64x1x2"}
+        assert out["choices"].get("LINEAR_ROWS_BY_SHAPE", {}) == rows_won
+        json.dumps(out)  # what --json prints
         assert "skipped" in module.run(True)  # no GPU here
     finally:
         sys.modules.pop("gpu_kernels", None)

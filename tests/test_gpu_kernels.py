@@ -522,14 +522,7 @@ def test_the_compressor_step_pools_only_at_a_windows_last_token(ratio):
     dev = kernels_device()
     g = torch.Generator().manual_seed(ratio)
     dim, c = 64, 32
-    width = 2 * c if ratio == 4 else c
-    parts = {
-        "wkv": torch.randn(width, dim, generator=g) * 0.2,
-        "wgate": torch.randn(width, dim, generator=g) * 0.2,
-        "ape": torch.randn(ratio, width, generator=g) * 0.1,
-        "norm": torch.rand(c, generator=g) + 0.5,
-    }
-    comp = Compressor(**parts, ratio=ratio, rotary=Rotary(16, inverse_frequencies(16, 1e4)),
+    comp = Compressor(**ft.compressor_parts(g, ratio, dim, c), ratio=ratio, rotary=Rotary(16, inverse_frequencies(16, 1e4)),
                       eps=1e-6, for_indexer=False)  # fmt: skip
     want = CompressorCarry(ratio, c, ratio == 4, "cpu")
     got = CompressorCarry(ratio, c, ratio == 4, dev)

@@ -18,6 +18,10 @@ H200 = {
     "LINEAR_KIND": "dot",
     "LINEAR_STAGES": None,
     "LINEAR_MIN_PROGRAMS": 0,
+    "LINEAR_ROWS_BY_SHAPE": {
+        (1024, 4096, 1, 1): (8, 4, 1024, 0),
+        (256, 4096, 1, 2): (4, 4, 2048, 0),
+    },
 }
 
 
@@ -46,6 +50,9 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("LINEAR_STAGES", 0),
         ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
         ("INTERPRETED", True),  # not a shape
+        ("LINEAR_ROWS_BY_SHAPE", {"1024x4096": [8, 4, 1024, 0]}),  # N x K x groups x bytes
+        ("LINEAR_ROWS_BY_SHAPE", {"1024x4096x1x1": [8, 3, 1024, 0]}),  # 3 warps
+        ("LINEAR_ROWS_BY_SHAPE", [8, 4, 1024, 0]),  # not per shape
     ],
 )
 def test_what_does_not_fit_is_refused_and_skipped(tmp_path, name, value):
@@ -87,3 +94,34 @@ def test_the_runtime_takes_them_when_it_first_uses_the_gpu(tmp_path, monkeypatch
 def test_every_tunable_name_is_a_gpu_kernels_setting_of_that_shape():
     for name in gpu_tuning.TUNABLE:
         assert gpu_tuning.valid(name, getattr(gpu_kernels, name)), name
+
+
+def test_a_linear_takes_its_shapes_own_recorded_options(monkeypatch):
+    """`LINEAR_ROWS_BY_SHAPE` (what `bench gpu-kernels` found fastest for each V4 linear) sets
+    the rows kernel's options for weights of that shape and byte width; other shapes, and calls
+    naming their options, keep the global ones; the values are the same either way."""
+    from _triton import kernels_device
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=g).to(torch.bfloat16).to(dev)
+    x = torch.randn(1, 256, generator=g).to(dev)
+    grids = []
+    kernel = gpu_kernels._linear_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(gpu_kernels, "_linear_kernel", Spy())
+    monkeypatch.setattr(gpu_kernels, "LINEAR_ROWS", (16, 4))
+    want = gpu_kernels.linear(x, weight, out_dtype=torch.float32)
+    monkeypatch.setattr(gpu_kernels, "LINEAR_ROWS_BY_SHAPE", {(64, 256, 1, 2): (4, 2, 64, 0)})
+    got = gpu_kernels.linear(x, weight, out_dtype=torch.float32)
+    other = gpu_kernels.linear(x, weight[:32], out_dtype=torch.float32)  # another shape
+    named = gpu_kernels.linear(x, weight, out_dtype=torch.float32, block_n=16)
+    assert grids == [(1, 4, 1), (1, 16, 1), (1, 2, 1), (1, 4, 1)]  # 64 rows / rows per program
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other, want[:, :32], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(named, want, rtol=1e-5, atol=1e-5)
