@@ -89,14 +89,26 @@ def test_step_through_the_gpu_kernels_gives_the_models_decode(fused, name, monke
     ("mixed") the cached experts' partial sums added by the hyper-connection update and the
     routing log written by its kernel: the torch decode's logits and routing counts."""
     kernels_device()
-    ids = _ids(36 if name == "host" else 19)  # "mixed": the interpreted FP4 kernels are slow
-    steps = len(ids) - 3
+    # a 12-token prompt, then steps through position 19: CSA windows close at 15 and 19, the
+    # HCA one at 15, each begun by the prompt (a step costs seconds in the interpreter)
+    ids, prompt = _ids(20), 12
+    steps = len(ids) - prompt
     with _runtime(name) as rt:
-        if name == "mixed":
-            _fuse_cached_experts(rt, monkeypatch)
+
+        def prompt_then_fuse(state) -> None:
+            """The prompt through torch's expert path (12 tokens through the interpreted FP4
+            kernels take ~30 s), then the cached experts' decode kernels."""
+            if name == "mixed":
+                for block in rt.model.blocks:
+                    if block.moe.cache is not None:
+                        monkeypatch.setattr(block.moe.cache, "fused", False)
+            rt.prefill(ids[:prompt], state)
+            if name == "mixed":
+                _fuse_cached_experts(rt, monkeypatch)
+
         state = rt.new_state()
-        rt.prefill(ids[:3], state)
-        want = [rt.model.decode(t, state) for t in ids[3:]]
+        prompt_then_fuse(state)
+        want = [rt.model.decode(t, state) for t in ids[prompt:]]
         log = rt.model.blocks[0].moe.log
         want_log = [t.clone() for t in (log.counts, log.device_picks, log.total_picks)]
         calls = Counter()
@@ -113,8 +125,8 @@ def test_step_through_the_gpu_kernels_gives_the_models_decode(fused, name, monke
         state = rt.new_state()
         for t in (log.counts, log.device_picks, log.total_picks):
             t.zero_()
-        rt.prefill(ids[:3], state)
-        for t, logits in zip(ids[3:], want, strict=True):  # CSA and HCA windows close
+        prompt_then_fuse(state)
+        for t, logits in zip(ids[prompt:], want, strict=True):  # CSA and HCA windows close
             torch.testing.assert_close(graphs.decode(t, state), logits, **TOL)
         assert calls[step] == steps * 6  # 4 compressed layers, 2 of them CSA with an indexer
         layers = len(rt.model.blocks)
@@ -199,11 +211,11 @@ def test_segments_are_capture_safe(name, decode_moe, monkeypatch):
     ids = _ids(20)
     monkeypatch.setattr(gpu_kernels, "DECODE_MOE", decode_moe)
     with _runtime(name) as rt:
-        if name == "mixed":
-            _fuse_cached_experts(rt, monkeypatch)
         graphs = GraphDecoder(rt.model, capture=False)
         state = rt.new_state()
-        rt.prefill(ids[:9], state)
+        rt.prefill(ids[:9], state)  # through torch's expert path: the steps are under test
+        if name == "mixed":
+            _fuse_cached_experts(rt, monkeypatch)
         logs: dict[int, list] = {}
         run = decode_graphs._Segment.run
 
@@ -410,7 +422,7 @@ def test_a_prompt_call_scores_its_index_queries_in_launches(kv_format, monkeypat
 
     kernels_device()
     config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
-    ids = torch.randint(0, config.vocab_size, (37,), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, config.vocab_size, (21,), generator=torch.Generator().manual_seed(3))
     placement = Placement.uniform(config, PINNED)
     with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
 
@@ -429,4 +441,4 @@ def test_a_prompt_call_scores_its_index_queries_in_launches(kv_format, monkeypat
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: what == "indexer scores")
         torch.testing.assert_close(run(), want, **TOL)
         heads, dim = config.index_n_heads, config.index_head_dim
-        assert (16, heads, dim) in blocks and (5, heads, dim) in blocks  # 37 = 16 + 16 + 5
+        assert (16, heads, dim) in blocks and (5, heads, dim) in blocks  # 21 = 16 + 5
