@@ -413,8 +413,10 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
             choices["LINEAR_MIN_PROGRAMS"] = 0 if spec[3] == 1 else 1024
     # and each shape's own fastest "rows" shape where that beat every other choice for it
     # (gpu_kernels.LINEAR_ROWS_BY_SHAPE: the runtime's linears of that shape take it)
+    from flashdesk.engine.gpu_tuning import shape_name
+
     by_shape = {
-        "x".join(str(v) for v in lin["shape"]): tuple(lin["best_spec"][1:])  # JSON keys
+        shape_name(lin["shape"]): tuple(lin["best_spec"][1:])  # JSON keys
         for lin in out["linears"]
         if lin["best_spec"][0] == "rows"
     }

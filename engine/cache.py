@@ -38,6 +38,12 @@ def _allocated() -> None:
     _allocations += 1
 
 
+def _new_parts(codec, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """`codec.empty(n, device)`, counted in `allocations()`: every store and ring allocates here."""
+    _allocated()
+    return codec.empty(n, device)
+
+
 class _Codec:
     """How rows are stored: `empty`, `encode` rows `[n, width]` → parts, `decode` parts → rows.
     The row-indexed reads and writes below are what a decode step uses (device indices, fixed
@@ -220,8 +226,7 @@ class RowStore:
         self.codec = codec
         self.width = codec.width
         self.device = torch.device(device)
-        self._parts = codec.empty(0, self.device)
-        _allocated()
+        self._parts = _new_parts(codec, 0, self.device)
         self.n = 0
 
     def append(self, rows: torch.Tensor) -> None:
@@ -252,11 +257,10 @@ class RowStore:
     def reserve(self, rows: int) -> None:
         """Room for at least `rows` rows (the buffers move if they grow)."""
         if rows > self.capacity:
-            grown = self.codec.empty(rows, self.device)
+            grown = _new_parts(self.codec, rows, self.device)
             for new, old in zip(grown, self._parts, strict=True):
                 new[: self.n] = old[: self.n]
             self._parts = grown
-            _allocated()
 
     def put(self, row: torch.Tensor, index: torch.Tensor) -> None:
         """row `[1, width]` written at row `index` (`[1]` int64 on the device, < capacity). `n`
@@ -280,8 +284,7 @@ class RowStore:
         return _parts_nbytes(self._parts)
 
     def reset(self) -> None:
-        self._parts = self.codec.empty(0, self.device)
-        _allocated()
+        self._parts = _new_parts(self.codec, 0, self.device)
         self.n = 0
 
     def mark(self, device=None) -> int:
@@ -298,8 +301,7 @@ class WindowRing:
         self.size = size
         self.codec = codec
         self.device = torch.device(device)
-        self._parts = codec.empty(size, self.device)
-        _allocated()
+        self._parts = _new_parts(codec, size, self.device)
 
     def write(self, kv: torch.Tensor, start_pos: int) -> None:
         """kv `[S, width]` holds positions start_pos .. start_pos+S-1; keep the last `size`."""
@@ -331,8 +333,7 @@ class WindowRing:
         return _parts_nbytes(self._parts)
 
     def reset(self) -> None:
-        self._parts = self.codec.empty(self.size, self.device)
-        _allocated()
+        self._parts = _new_parts(self.codec, self.size, self.device)
 
     def mark(self, device=None) -> tuple[torch.Tensor, ...]:
         return tuple(p.to(device or p.device, copy=True) for p in self._parts)

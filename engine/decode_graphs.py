@@ -130,7 +130,7 @@ class GraphDecoder:
         # ones: the host's per-step bookkeeping without building the layers' specs each step
         topk = c.index_topk
         self._compressed = [
-            (i, spec.compress_ratio, max(MIN_ROWS, topk) if spec.compress_ratio == 4 else MIN_ROWS)
+            (i, spec.compress_ratio, max(MIN_ROWS, topk) if spec.has_indexer else MIN_ROWS)
             for i, spec in enumerate(c.main_layers)
             if spec.compress_ratio
         ]
@@ -265,25 +265,22 @@ class GraphDecoder:
     def _reserve(self, state: SequenceState, position: int) -> tuple:
         """Give every compressed store the rows this step needs (CSA entries and index keys the
         same count) → the key of the buffers a capture would use."""
-        same = (
-            self._key is not None
-            and self._keyed is not None
-            and self._keyed[0]() is state
-            and self._keyed[1] == cache.allocations()
-        )
-        if same and position < self._room:  # every store holds this step's row already
+        keyed = self._key is not None and self._keyed is not None and self._keyed[0]() is state
+
+        def unmoved() -> bool:  # no state buffer (re)allocated since the key was read
+            return keyed and self._keyed[1] == cache.allocations()
+
+        if unmoved() and position < self._room:  # every store holds this step's row already
             return self._key
-        room = None
+        self._room = 1 << 62
         for i, ratio, floor in self._compressed:
             layer = state.layers[i]
             stores = [s for s in (layer.kv_entries, layer.index_keys) if s is not None]
             rows = max(rows_for(position, ratio, floor), *(s.capacity for s in stores))
             for store in stores:
                 store.reserve(rows)
-            fits = rows * ratio  # row ⌊p/ratio⌋ fits while p < this
-            room = fits if room is None else min(room, fits)
-        self._room = room if room is not None else 1 << 62
-        if same and self._keyed[1] == cache.allocations():
+            self._room = min(self._room, rows * ratio)  # row ⌊p/ratio⌋ fits while p < this
+        if unmoved():  # the stores had room
             return self._key
         self._keyed = (weakref.ref(state), cache.allocations())
         return tuple((t.data_ptr(), t.shape[0]) for t in _state_tensors(state))

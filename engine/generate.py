@@ -154,14 +154,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.detach().float().reshape(-1).cpu()
     peak, best = torch.max(logits, 0)  # a NaN anywhere makes the peak NaN
     peak = float(peak)
-    if math.isnan(peak):
+    if not math.isfinite(peak):  # NaN, all −∞, or an infinite logit no probability can follow
+        what = "NaN logits" if math.isnan(peak) else "no finite logits"
         raise FloatingPointError(
-            "the model produced NaN logits: the weights or the numerics are broken "
-            "(try float32 instead of bfloat16, or re-download the checkpoint and verify it)"
-        )
-    if not math.isfinite(peak):  # all −∞, or an infinite logit no probability can follow
-        raise FloatingPointError(
-            "the model produced no finite logits: the weights or the numerics are broken "
+            f"the model produced {what}: the weights or the numerics are broken "
             "(try float32 instead of bfloat16, or re-download the checkpoint and verify it)"
         )
     if params.temperature == 0:

@@ -92,11 +92,11 @@ LINEAR_ROWS_MIN_PROGRAMS = 0
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
 LINEAR_MIN_PROGRAMS = 1024
-# Per weight shape (rows N, columns K, groups, bytes per weight) the "rows" options that `bench gpu-kernels`
-# found fastest for it on this GPU: (rows per program, warps, columns per step, programs
-# wanted). One shape for every linear leaves the small ones (wq_a, wkv, the shared expert's)
-# at 0.10-0.57 × the copy rate on the H200 while the large ones reach 0.98; their best shapes
-# differ. Empty built in: the global options above.
+# Per weight shape (rows N, columns K, groups, bytes per weight) the "rows" options that
+# `bench gpu-kernels` found fastest for it on this GPU: (rows per program, warps, columns per
+# step, programs wanted). One shape for every linear leaves the small ones (wq_a, wkv, the
+# shared expert's) at 0.10-0.57 × the copy rate on the H200 while the large ones reach 0.98;
+# their best shapes differ. Empty built in: the global options above.
 LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {}
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
@@ -1869,12 +1869,11 @@ def linear(
     tokens = x.shape[0]
     out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)
     s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
-    shaped = None
+    min_programs = LINEAR_ROWS_MIN_PROGRAMS
     if kind is None and block_n is None and num_warps is None and block_k is None and split is None:
         shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, groups, weight.element_size()))
-    if shaped is not None:
-        kind, (block_n, num_warps, block_k, wanted) = "rows", shaped
-        split = _split_k(tokens * (n // _block(group_rows, block_n)), k, _block(k, block_k), wanted)
+        if shaped is not None:
+            kind, (block_n, num_warps, block_k, min_programs) = "rows", shaped
     if kind is None:
         halves = x.dtype in (torch.bfloat16, torch.float16)
         kind = LINEAR_KIND if scale is not None and halves else "rows"
@@ -1906,7 +1905,7 @@ def linear(
     if bk < 16:
         raise ValueError(f"rows of {k} values: need a multiple of 16")
     if split is None:
-        split = _split_k(tokens * (n // bn), k, bk, LINEAR_ROWS_MIN_PROGRAMS)
+        split = _split_k(tokens * (n // bn), k, bk, min_programs)
     if k % (split * bk):
         raise ValueError(f"K {k} does not split {split} ways in steps of {bk}")
     dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,

@@ -86,6 +86,11 @@ def _shape_key(key) -> tuple[int, int, int, int] | None:
     return key if ok and all(isinstance(v, int) and v > 0 for v in key) else None
 
 
+def shape_name(shape) -> str:
+    """A weight shape (N, K, groups, bytes per weight) as its JSON key "NxKxGxB"."""
+    return "x".join(str(v) for v in shape)
+
+
 def _rows_choice(choice) -> bool:
     """(rows, warps, columns per step, programs wanted): powers of two, then 0..2^20."""
     if not isinstance(choice, (list, tuple)) or len(choice) != 4:
@@ -104,7 +109,7 @@ def _from_json(name: str, value):
 
 def _to_json(value):
     if isinstance(value, dict):
-        return {"x".join(str(v) for v in _shape_key(k)): list(c) for k, c in value.items()}
+        return {shape_name(_shape_key(k)): list(c) for k, c in value.items()}
     return list(value) if isinstance(value, tuple) else value
 
 

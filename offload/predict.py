@@ -495,7 +495,7 @@ def _prefill_chunk_seconds(
                 streamed = max(stream_time, gpu_part)
                 paths.add("gpu stream")
         # a GPU layer's measured cost per prompt token is a floor under what the model says
-        total += max(layer_s, floor) + streamed if lp.attention_on == GPU else layer_s + streamed
+        total += (max(layer_s, floor) if lp.attention_on == GPU else layer_s) + streamed
     return total, paths
 
 

@@ -82,7 +82,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
         # each shape whose fastest choice was a "rows" one keeps it, keyed N x K x groups x bytes
         rows_won = {
-            "x".join(str(v) for v in lin["shape"]): tuple(lin["best_spec"][1:])
+            gpu_tuning.shape_name(lin["shape"]): tuple(lin["best_spec"][1:])
             for lin in out["linears"]
             if lin["best_spec"][0] == "rows"
         }
