@@ -24,28 +24,30 @@ import _machine
 
 DIM, INTER, TOP_K, EXPERTS = 4096, 2048, 6, 256
 SETS, REPS = 32, 64
-# (rows, bytes per step) of gate/up, then of down; warps; (MODE, F16) of `gpu_kernels.moe`.
-# First H200 sweep (MODE 0, F16 0): 8 rows × 256 bytes, 4 warps best at 389 GB/s (0.09 × copy);
-# 16 / 32 rows 270-300 GB/s, 4 rows × 1024 bytes 302 GB/s.
+# (rows, bytes per step) of gate/up, then of down; warps; (MODE, F16[, SPLIT]) of
+# `gpu_kernels.moe`. First H200 sweep (MODE 0, F16 0): 8 rows × 256 bytes, 4 warps best at
+# 389 GB/s (0.09 × copy). Later sweeps: F16 1 halved the time; MODE 1 (103-279 µs) and MODE 0
+# without F16 (121-150 µs) lost to (0, 1) every time (70-72 µs) and are no longer timed.
 TILE_CHOICES = [
     (tiles, warps, mode)
-    for mode in ((0, 0), (0, 1), (1, 0), (1, 1))
+    for mode in ((0, 1), (0, 1, 1))
     for tiles, warps in (
         ((8, 256, 8, 256), 4),
         ((4, 512, 4, 512), 4),
         ((8, 512, 8, 512), 8),
         ((16, 256, 16, 256), 4),
     )
-] + [((2, 1024, 2, 1024), 2, (1, 1)), ((4, 256, 4, 256), 2, (1, 1))]
-# the down projection split per pick (not yet measured): the best shapes above, and deeper rows
+]
+TILE_CHOICES += [((8, 512, 16, 512), 8, (0, 1, 1)), ((8, 512, 32, 256), 8, (0, 1, 1))]
+# the word-wise decode (MODE 2, half the instructions per weight in sm_90's SASS; unmeasured):
+# its built-in shape first, then more rows per thread (64) and fewer (16), longer steps
 TILE_CHOICES += [
-    (tiles, warps, (0, 1, 1))
-    for tiles, warps in (
-        ((8, 512, 8, 512), 8),
-        ((8, 256, 8, 256), 4),
-        ((8, 512, 16, 512), 8),
-        ((8, 512, 32, 256), 8),
-    )
+    ((32, 128, 32, 128), 4, (2, 0, 1)),
+    ((16, 128, 16, 128), 4, (2, 0, 1)),
+    ((64, 128, 64, 128), 8, (2, 0, 1)),
+    ((32, 256, 32, 256), 8, (2, 0, 1)),
+    ((64, 64, 64, 64), 4, (2, 0, 1)),
+    ((32, 128, 32, 128), 4, (2, 0)),
 ]
 # A decode step's experts through the grouped tensor-core kernels, one block per pick
 # (`gpu_kernels.moe_by_pick`): (tokens, rows, bytes per step), warps.

@@ -57,13 +57,20 @@ except ImportError:  # pragma: no cover - depends on the installation
 #
 # The FP4 decode expert kernels (`moe`): (rows, bytes per step) of the gate/up launch, then of
 # the down launch; warps; (MODE, F16, SPLIT): MODE 0 sums 32-value blocks by a reshape, 1 loads
-# the tile as [rows, blocks, 16] bytes; F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
+# the tile as [rows, blocks, 16] bytes, 2 as int32 words (below; F16 unused, always through
+# float16 bits); F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
 # the down projection as one program per (pick, row block), partial sums added by torch.
 # H200, replayed from a CUDA graph: 67.6 µs per 6-expert step (1.19 TB/s, 0.29 × the copy
 # bandwidth; (0, 1, 0) 70-72 µs, MODE 0 without F16 121-150 µs, MODE 1 103-279 µs).
 TILES = (8, 256, 8, 256)
 WARPS = 4
 FP4_MODE = (0, 1, 1)
+# MODE 2 reads the rows as int32 words of eight codes and decodes two per 16-bit half of an
+# operation: in the SASS ptxas builds for sm_90, 5.2 instructions per weight in the hot loop
+# where the default shape's takes 10.4 (gate/up; down 4.9 against 8.6; tests/_compile_kernels.py
+# counts them). Unmeasured on a GPU until the next sweep; this shape, (32 rows × 128 bytes,
+# 4 warps), gives each thread two rows of the same x. The sweep times it with others.
+FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
@@ -559,11 +566,78 @@ if triton is not None:
         return tl.where((code & 0x80) != 0, -mag, mag)
 
     @triton.jit
+    def _f16_pair(p):
+        """int32 holding two float16 bit patterns → (low half, high half) as float32."""
+        lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _bf16_pair(p):
+        """int32 holding two bfloat16 bit patterns → (low, high) as float32 (exact bit moves)."""
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _words_x(x_ptr, words):
+        """x[8j + i] for word indices j `[BW]` → 8 tensors `[BW]` float32 (i = 0..7); BF16 x
+        read as int32 pairs (4 loads, bit moves), other types value by value."""
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            xw = x_ptr.to(tl.pointer_type(tl.int32)) + 4 * words
+            x0, x1 = _bf16_pair(tl.load(xw))
+            x2, x3 = _bf16_pair(tl.load(xw + 1))
+            x4, x5 = _bf16_pair(tl.load(xw + 2))
+            x6, x7 = _bf16_pair(tl.load(xw + 3))
+        else:
+            xv = x_ptr + 8 * words
+            x0, x1 = tl.load(xv).to(tl.float32), tl.load(xv + 1).to(tl.float32)
+            x2, x3 = tl.load(xv + 2).to(tl.float32), tl.load(xv + 3).to(tl.float32)
+            x4, x5 = tl.load(xv + 4).to(tl.float32), tl.load(xv + 5).to(tl.float32)
+            x6, x7 = tl.load(xv + 6).to(tl.float32), tl.load(xv + 7).to(tl.float32)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BW: tl.constexpr):
+        """`_fp4_rows_dot` reading the rows as int32 words of eight E2M1 codes (MODE 2).
+
+        A word's byte b holds values 2b (low nibble) and 2b+1; values 0 and 4 sit in the low
+        nibbles of bytes 0 and 2, one per 16-bit half, so two masks and two shifts turn them into
+        a pair of float16 bit patterns at once (2⁻¹⁴ of E2M1, as `_nibbles`), four such pairs per
+        word: about half the instructions per weight of the byte-wise decode, whose SASS for
+        sm_90 spent 10.4 instructions per weight, 5.2 here (tests/_compile_kernels.py reports
+        both). The products and sums stay float32."""
+        BN: tl.constexpr = rows.shape[0]
+        NB: tl.constexpr = BW // 4  # 32-value blocks per step
+        wp = w_ptr.to(tl.pointer_type(tl.int32))
+        acc = tl.zeros((BN, NB), dtype=tl.float32)
+        for kw in range(0, K // 8, BW):
+            words = kw + tl.arange(0, BW)
+            w = tl.load(wp + rows[:, None] * (K // 8) + words[None, :])
+            x0, x1, x2, x3, x4, x5, x6, x7 = _words_x(x_ptr, words)
+            a0, a4 = _f16_pair(((w << 9) & 0x0E000E00) | ((w << 12) & -2147450880))
+            a1, a5 = _f16_pair(((w << 5) & 0x0E000E00) | ((w << 8) & -2147450880))
+            a2, a6 = _f16_pair(((w << 1) & 0x0E000E00) | ((w << 4) & -2147450880))
+            a3, a7 = _f16_pair(((w >> 3) & 0x0E000E00) | (w & -2147450880))
+            part = a0 * x0[None, :]
+            part = a1 * x1[None, :] + part
+            part = a2 * x2[None, :] + part
+            part = a3 * x3[None, :] + part
+            part = a4 * x4[None, :] + part
+            part = a5 * x5[None, :] + part
+            part = a6 * x6[None, :] + part
+            part = a7 * x7[None, :] + part
+            blocks = kw // 4 + tl.arange(0, NB)
+            scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
+            acc += tl.sum(tl.reshape(part, (BN, NB, 4)), axis=2) * scale
+        return tl.sum(acc, axis=1) * 16384.0
+
+    @triton.jit
     def _fp4_rows_dot(
         w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BKB: tl.constexpr,
         MODE: tl.constexpr, F16: tl.constexpr,
     ):  # fmt: skip
         """Σ_k W[rows, k] · x[k] for packed rows `[BN, K/2]` bytes, scales `[BN, K/32]`."""
+        if MODE == 2:
+            return _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K, BKB // 4)
         BN: tl.constexpr = rows.shape[0]
         NB: tl.constexpr = BKB // 16  # 32-value blocks per step
         acc = tl.zeros((BN,), dtype=tl.float32)
@@ -1321,7 +1395,8 @@ def moe(
     (slot of each expert, −1 when not in the store), stacks = (w1 `[S, I, D/2]`, s1 `[S, I, D/32]`,
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
-    kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE).
+    kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE and
+    FP4_WORDS).
     `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
     next kernel (`hc_post`'s `add`), one launch fewer.
     """
@@ -1333,6 +1408,8 @@ def moe(
     if w1.shape[2] * 2 != dim or w2.shape[1:] != (dim, inter // 2) or dim % 32 or inter % 32:
         raise ValueError(f"expert stacks {w1.shape}/{w2.shape} do not fit activations {x.shape}")
     x = x.contiguous()
+    if mode[0] == 2 and any(t.data_ptr() % 4 for t in (x, w1, w2)):
+        mode = (0, 1, *mode[2:])  # MODE 2 reads int32 words; an odd view falls back to bytes
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
     split = mode[2] if len(mode) > 2 else 0

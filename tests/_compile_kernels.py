@@ -5,7 +5,12 @@ in a process without Triton's interpreter (which replaces the compiler).
 Usage: python tests/_compile_kernels.py → one JSON object: kernel label → {"registers",
 "spill_bytes"} or {"error"}. The shapes are V4-Flash's with the module's default tiles: what a
 GPU compiles first, so a kernel that cannot compile, or spills registers, shows here before a
-lent GPU's minutes are spent on it.
+lent GPU's minutes are spent on it. Pointers are compiled as aligned to 16 bytes, as Triton
+specializes them for torch's allocations at run time (its loads vectorize only then).
+
+The decode expert kernels also report "loop_instructions_per_weight": the SASS instructions of
+their hottest loop (the wheel's `nvdisasm`) per FP4 weight it reads. On a GPU they are bound by
+instructions, not bytes (run 5: 0.29 × the copy bandwidth), so this count is their cost model.
 """
 
 from __future__ import annotations
@@ -36,31 +41,38 @@ def _sig(text: str, constexprs: dict) -> dict:
     return sig | dict.fromkeys(constexprs, "constexpr")
 
 
-def _specs() -> list[tuple[str, object, str, dict, dict]]:
-    """(label, kernel, signature, constexprs, options) at the module's current defaults."""
+def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple) -> list:
+    """The decode expert kernels (`gpu_kernels.moe`) at one kernel shape."""
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
-    mode, f16 = gk.FP4_MODE[0], gk.FP4_MODE[1]
-    split = gk.FP4_MODE[2] if len(gk.FP4_MODE) > 2 else 0
-    bn_up, bkb_up = gk._block(INTER, gk.TILES[0]), gk._block(D // 2, gk.TILES[1])
-    bn_dn, bkb_dn = gk._block(D, gk.TILES[2]), gk._block(INTER // 2, gk.TILES[3])
-    shared = {"TOPK": TOPK, "D": D, "INTER": INTER}
-    specs = [
+    bn_up, bkb_up = gk._block(INTER, tiles[0]), gk._block(D // 2, tiles[1])
+    bn_dn, bkb_dn = gk._block(D, tiles[2]), gk._block(INTER // 2, tiles[3])
+    shared = {"TOPK": TOPK, "D": D, "INTER": INTER, "MODE": mode[0], "F16": mode[1]}
+    return [
         (
-            "moe gate/up",
+            f"moe gate/up{tag}",
             gk._gate_up_kernel,
             f"x_ptr:*bf16, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, {fp4}, "
             "h_ptr:*fp32, limit:fp32",
-            shared | {"BN": bn_up, "BKB": bkb_up, "MODE": mode, "F16": f16},
-            {"num_warps": gk.WARPS},
+            shared | {"BN": bn_up, "BKB": bkb_up},
+            {"num_warps": warps},
         ),
         (
-            "moe down",
+            f"moe down{tag}",
             gk._down_kernel,
             "h_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, out_ptr:*fp32",
-            shared | {"BN": bn_dn, "BKB": bkb_dn, "MODE": mode, "F16": f16, "SPLIT": split},
-            {"num_warps": gk.WARPS},
+            shared | {"BN": bn_dn, "BKB": bkb_dn, "SPLIT": (*mode, 0)[2]},
+            {"num_warps": warps},
         ),
     ]
+
+
+def _specs() -> list[tuple[str, object, str, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) at the module's current defaults."""
+    fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
+    shared = {"TOPK": TOPK, "D": D, "INTER": INTER}
+    # the default decode expert kernels, and the word-wise decode (MODE 2) the sweep times
+    specs = _moe_specs("", gk.TILES, gk.WARPS, gk.FP4_MODE)
+    specs += _moe_specs(" words", *gk.FP4_WORDS)
     for label, (bm, bn, bkb), warps in (
         ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
         ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),
@@ -321,30 +333,69 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     return [(label, fn, _sig(sig, consts), consts, opts) for label, fn, sig, consts, opts in specs]
 
 
-def _ptxas_figures(ptx: str, arch: str) -> dict:
+def _hottest_loop(sass: str) -> int:
+    """Instructions in the longest backward-branch loop of nvdisasm's listing."""
+    at, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if ins:
+            at.append((int(ins.group(1), 16), ins.group(2)))
+            labels.update(dict.fromkeys(pending, len(at) - 1))
+            pending = []
+    loops = [
+        i - labels[m.group(1)] + 1
+        for i, (_, ins) in enumerate(at)
+        if (m := re.search(r"BRA\s+`\(\.(L_x_\d+)\)", ins)) and labels.get(m.group(1), i) < i
+    ]
+    return max(loops, default=0)
+
+
+def _ptxas_figures(ptx: str, arch: str, weights_per_loop: float | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
         done = subprocess.run(
-            [str(PTXAS), "-v", "--gpu-name", arch, str(src), "-o", str(Path(tmp) / "k.cubin")],
+            [str(PTXAS), "-v", "--gpu-name", arch, str(src), "-o", str(cubin)],
             capture_output=True,
             text=True,
             check=True,
         )
+        sass = None
+        if weights_per_loop:
+            sass = subprocess.run(
+                [str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
-    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+    out = {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+    if sass is not None:
+        out["loop_instructions_per_weight"] = _hottest_loop(sass) / weights_per_loop
+    return out
 
 
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     results = {}
     for label, fn, sig, consts, opts in _specs():
+        # torch's allocations are 16-byte aligned, and Triton specializes on that at run time
+        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if "*" in t}
+        weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
+        if label.startswith("moe "):
+            weights = consts["BN"] * consts["BKB"] * 2 / (32 * opts["num_warps"])
         try:
             kernel = triton.compile(
-                ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts
+                ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+                target=target,
+                options=opts,
             )
-            results[label] = _ptxas_figures(kernel.asm["ptx"], "sm_90a")
+            results[label] = _ptxas_figures(kernel.asm["ptx"], "sm_90a", weights)
         except Exception as exc:  # reported per kernel, so one failure shows the others too
             results[label] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
     print(json.dumps(results))

@@ -12,7 +12,7 @@ from flashdesk.engine import gpu_kernels, gpu_tuning
 H200 = {
     "TILES": (8, 256, 8, 256),
     "WARPS": 4,
-    "FP4_MODE": (0, 1, 1),
+    "FP4_MODE": (2, 0, 1),  # the word-wise decode
     "DECODE_MOE": "by pick",
     "GROUPED_TILES": (64, 64, 64),
     "LINEAR_KIND": "dot",
@@ -47,6 +47,7 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("TILES", (8, 0, 8, 256)),  # 0 rows per step would divide by zero
         ("WARPS", 6),  # not a power of two
         ("FP4_MODE", (0, 2, 0)),
+        ("FP4_MODE", (3, 0, 1)),  # MODE 0-2
         ("LINEAR_STAGES", 0),
         ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
         ("INTERPRETED", True),  # not a shape
