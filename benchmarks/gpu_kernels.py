@@ -605,6 +605,17 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         ms = _replay_ms(call, reps)
         rows.append({"choice": label, "spec": choice, "ms": ms, "err": err})
     best = min((r for r in rows if r["err"] < 1e-4), key=lambda r: r["ms"])
+    # A/B of the built-in unroll (gpu_kernels.LINEAR_ROWS_UNROLL): the best "rows" choice with
+    # its steps one at a time
+    best_rows = min((r for r in rows if r["spec"][0] == "rows"), key=lambda r: r["ms"])
+    _, block_n, warps, block_k, wanted = best_rows["spec"]
+    programs = n // gpu_kernels._block(n // groups, block_n)
+    one_step = {"kind": "rows", "block_n": block_n, "num_warps": warps, "block_k": block_k}
+    one_step |= {"split": gpu_kernels._split_k(programs, k, gpu_kernels._block(k, block_k), wanted)}
+    one_step_ms = _replay_ms(
+        lambda i: gpu_kernels.linear(x, weight, scale, groups, torch.float32, unroll=1, **one_step),
+        reps,
+    )
 
     def torch_path(i):
         w = quant.dequant_fp8(weight, scale, dtype=torch.bfloat16) if fp8 else weight
@@ -619,10 +630,11 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         f"linear {name} [{n}, {k}]: " + ", ".join(
             f"{r['choice']} {r['ms'] * 1e3:.1f}" for r in rows
         ) + f" µs; best {best['choice']} {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} × copy; "
-        f"torch dequantize + matmul {torch_ms * 1e3:.0f} µs"
+        f"torch dequantize + matmul {torch_ms * 1e3:.0f} µs; {best_rows['choice']} "
+        f"{best_rows['ms'] * 1e3:.1f} µs against {one_step_ms * 1e3:.1f} without unrolled steps"
     )  # fmt: skip
     return {
         "name": name, "fp8": fp8, "bytes": nbytes, "choices": rows, "best": best["choice"],
-        "gbps": gbps, "torch_us": torch_ms * 1e3,
+        "gbps": gbps, "torch_us": torch_ms * 1e3, "rows_unroll_1_us": one_step_ms * 1e3,
         "shape": [n, k, groups, weight.element_size()], "best_spec": best["spec"],
     }  # fmt: skip

@@ -96,6 +96,9 @@ LINEAR_KIND = "rows"
 LINEAR_ROWS = (16, 4)
 LINEAR_ROWS_K = 512
 LINEAR_ROWS_MIN_PROGRAMS = 0
+# steps of a "rows" program unrolled together, so that their loads are in flight at once (a small
+# linear's few programs otherwise wait out a memory latency per step; unmeasured on a GPU)
+LINEAR_ROWS_UNROLL = 4
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
 LINEAR_MIN_PROGRAMS = 1024
@@ -1299,37 +1302,32 @@ if triton is not None:
     def _linear_kernel(
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr = 1,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
-        tile scales): one token per program, BK columns per step (BK/128 scale tiles, summed
-        through a [BN, BK/128, 128] view), SPLIT programs sharing a row block's K."""
+        tile scales): one token per program, BK columns per step (UNROLL steps at once),
+        SPLIT programs sharing a row block's K."""
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
         rows = first + tl.arange(0, BN)
         share: tl.constexpr = K // SPLIT
-        TILES: tl.constexpr = BK // 128 if BK >= 128 else 1
         k0 = tl.program_id(2) * share
         x_row = x_ptr + t * X_STRIDE + (first // GROUP_ROWS) * K
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        for step in range(0, share, BK):
-            kb = k0 + step
-            cols = kb + tl.arange(0, BK)
+        # Products are summed per thread across steps, and across threads once after the loop:
+        # a sum across threads each step cost warp shuffles and block barriers, and the barriers
+        # kept the next step's loads from being issued early. A program's rows lie in one
+        # 128-row scale tile (BN divides 128), so the tile scales multiply x's columns, not W.
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for step in tl.range(0, share, BK, loop_unroll_factor=UNROLL):
+            cols = k0 + step + tl.arange(0, BK)
+            xs = tl.load(x_row + cols)
+            if HAS_SCALE:  # × a power of two: exact in x's own type, which is then spread
+                sc = _e8m0(tl.load(s_ptr + (first // 128) * ((K + 127) // 128) + cols // 128))
+                xs = (xs.to(tl.float32) * sc).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(tl.float32)
-            part = w * tl.load(x_row + cols).to(tl.float32)[None, :]
-            if HAS_SCALE and TILES > 1:
-                tiles = kb // 128 + tl.arange(0, TILES)
-                scale = _e8m0(tl.load(s_ptr + (rows // 128)[:, None] * ((K + 127) // 128)
-                                      + tiles[None, :]))  # fmt: skip
-                per_tile = tl.sum(tl.reshape(part, (BN, TILES, BK // TILES)), axis=2)
-                acc += tl.sum(per_tile * scale, axis=1)
-            elif HAS_SCALE:
-                scale = _e8m0(tl.load(s_ptr + (rows // 128) * ((K + 127) // 128) + kb // 128))
-                acc += tl.sum(part, axis=1) * scale
-            else:
-                acc += tl.sum(part, axis=1)
+            acc += w * xs.to(tl.float32)[None, :]
         ptrs = out_ptr + (tl.program_id(2) * T + t) * N + rows
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty))
+        tl.store(ptrs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _linear_dot_kernel(
@@ -1922,6 +1920,7 @@ def linear(
     split: int | None = None,
     num_stages: int | None = None,
     block_k: int | None = None,
+    unroll: int | None = None,
 ) -> torch.Tensor:
     """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
 
@@ -1930,8 +1929,9 @@ def linear(
     `kind` "rows" (`block_n` rows per program, `block_k` columns per step, one token per
     program, float32 products) or "dot" (`tiles` = (tokens, rows, K step) per program on the
     tensor cores); `split` programs per row block's K (None: enough for LINEAR_MIN_PROGRAMS /
-    LINEAR_ROWS_MIN_PROGRAMS; partial sums added after). Defaults: LINEAR_KIND for FP8 weights
-    with bf16/fp16 activations, else "rows"; the other options from LINEAR_ROWS, LINEAR_ROWS_K,
+    LINEAR_ROWS_MIN_PROGRAMS; partial sums added after); `unroll`: "rows" steps unrolled
+    together (at most). Defaults: LINEAR_KIND for FP8 weights with bf16/fp16 activations, else
+    "rows"; the other options from LINEAR_ROWS, LINEAR_ROWS_K, LINEAR_ROWS_UNROLL,
     LINEAR_TILES, LINEAR_STAGES.
     """
     n, k = weight.shape
@@ -1979,6 +1979,8 @@ def linear(
     block_n, num_warps = block_n or LINEAR_ROWS[0], num_warps or LINEAR_ROWS[1]
     block_k = block_k or LINEAR_ROWS_K
     bn, bk = _block(group_rows, block_n), _block(k, block_k)
+    if scale is not None:  # a program's rows share one 128-row scale tile
+        bn = _block(math.gcd(group_rows, 128), block_n)
     if bk < 16:
         raise ValueError(f"rows of {k} values: need a multiple of 16")
     if split is None:
@@ -1987,9 +1989,11 @@ def linear(
         raise ValueError(f"K {k} does not split {split} ways in steps of {bk}")
     dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,
                                               device=x.device)  # fmt: skip
+    unroll = _block(k // (split * bk), unroll or LINEAR_ROWS_UNROLL)  # dividing the steps
     _linear_kernel[(tokens, n // bn, split)](
         x, weight, s, dest, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
-        HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, num_warps=num_warps,
+        HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, UNROLL=unroll,
+        num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         out.copy_(dest.sum(dim=0))

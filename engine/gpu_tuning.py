@@ -28,6 +28,7 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "LINEAR_ROWS": (int, 2),
     "LINEAR_ROWS_K": (int, 0),
     "LINEAR_ROWS_MIN_PROGRAMS": (int, 0),
+    "LINEAR_ROWS_UNROLL": (int, 0),
     "LINEAR_TILES": (int, 3),
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),

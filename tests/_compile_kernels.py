@@ -111,7 +111,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     f"linear rows {name} K step {bk} split {split}",
                     gk._linear_kernel,
                     f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{out}, T:i32",
-                    fixed | {"BN": gk.LINEAR_ROWS[0], "BK": bk, "SPLIT": split},
+                    fixed
+                    | {"BN": gk.LINEAR_ROWS[0], "BK": bk, "SPLIT": split}
+                    | {"UNROLL": gk._block(k // (split * bk), gk.LINEAR_ROWS_UNROLL)},
                     {"num_warps": gk.LINEAR_ROWS[1]},
                 )
             )
@@ -135,7 +137,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     f"linear rows {name} {bn_}x{bk_}/{warps_}w",
                     gk._linear_kernel,
                     f"x_ptr:*bf16, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{out}, T:i32",
-                    fixed | {"HAS_SCALE": w == "fp8e4nv", "BN": bn_, "BK": bk_, "SPLIT": 1},
+                    fixed
+                    | {"HAS_SCALE": w == "fp8e4nv", "BN": bn_, "BK": bk_, "SPLIT": 1}
+                    | {"UNROLL": gk._block(4096 // bk_, gk.LINEAR_ROWS_UNROLL)},
                     {"num_warps": warps_},
                 )
             )

@@ -329,6 +329,21 @@ def test_the_rows_linear_takes_wide_steps_and_splits_k(
     _check_linear(tokens, n, k, groups, wdtype, kind="rows", block_k=block_k, split=split)
 
 
+@pytest.mark.parametrize(
+    ("block_n", "block_k", "unroll", "xdtype"),
+    [
+        (256, 64, None, torch.float32),  # rows past one scale tile asked for: 128 taken
+        (16, 128, 8, torch.bfloat16),  # BF16 x scaled by the tiles' powers of two, exactly
+        (8, 256, 2, torch.float16),
+    ],
+)
+def test_the_rows_linear_unrolls_steps(block_n, block_k, unroll, xdtype):
+    _check_linear(
+        2, 512, 2048, 1, "fp8", xdtype=xdtype, kind="rows", block_n=block_n, block_k=block_k,
+        unroll=unroll,
+    )  # fmt: skip
+
+
 def test_k_is_split_until_a_launch_has_enough_programs(monkeypatch):
     assert ft._split_k(256, 8192, 128, 1024) == 4  # wo_b: 256 row blocks → 4 × 2048 columns
     assert ft._split_k(2048, 1024, 128, 1024) == 1  # wq_b: enough already
@@ -337,7 +352,7 @@ def test_k_is_split_until_a_launch_has_enough_programs(monkeypatch):
     assert ft._split_k(256, 8192, 128, 0) == 1  # 0: never
 
 
-def _check_linear(tokens, n, k, groups, wdtype, **options):
+def _check_linear(tokens, n, k, groups, wdtype, xdtype=torch.float32, **options):
     dev = kernels_device()
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn((n, k), generator=g) * torch.exp2(torch.randint(-3, 4, (n, 1), generator=g))
@@ -348,7 +363,7 @@ def _check_linear(tokens, n, k, groups, wdtype, **options):
     else:
         weight, scale = w.to(torch.bfloat16), None
         want_w = weight.float()
-    x = torch.randn((tokens, groups * k), generator=g)
+    x = torch.randn((tokens, groups * k), generator=g).to(xdtype)
     xs = x.view(tokens, groups, k).double()
     want = torch.einsum("tgk,grk->tgr", xs, want_w.double().view(groups, n // groups, k)).reshape(
         tokens, n
