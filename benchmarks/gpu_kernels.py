@@ -109,6 +109,7 @@ LINEAR_CHOICES = [
 ATTENTION = (64, 512, 128)
 ATTENTION_ROWS = (512, 1024, 8192)
 ATTENTION_SPLITS = (64, 128, 256, 512)  # rows per split; and one split per part (A/B)
+ATTENTION_HEAD_SPLITS = (16, 32, 64, 128)  # the same for head groups on the tensor cores
 
 
 def _replay_ms(fn, reps: int, calls: int = 32) -> float:
@@ -426,6 +427,9 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
         choices["LINEAR_ROWS_BY_SHAPE"] = by_shape
     if "attention" in out:
         choices["DECODE_ROWS_PER_SPLIT"] = out["attention"]["best_rows_per_split"]
+        if "best_kind" in out["attention"]:
+            choices["DECODE_ATTENTION"] = out["attention"]["best_kind"]
+            choices["DECODE_HEAD_ROWS_PER_SPLIT"] = out["attention"]["best_head_rows_per_split"]
     return choices
 
 
@@ -466,15 +470,34 @@ def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> 
             times[split] = _replay_ms(call, reps)
         whole = times.pop(None)
         best = min(times, key=times.get)
-        sizes.append({"rows": n, "ms": times, "one_split_ms": whole})
+        grouped = {}  # head groups (DECODE_ATTENTION "heads"), where the heads make a group
+        for split in ATTENTION_HEAD_SPLITS if heads % gpu_kernels.DECODE_HEAD_GROUP == 0 else ():
+
+            def call(i, rows=split, comp=comp, visible=visible):
+                return gpu_kernels.decode_attention(
+                    q, ring, own, comp, visible, pos, sink, dim**-0.5, rows_per_split=rows,
+                    kind="heads",
+                )  # fmt: skip
+
+            if not torch.allclose(call(0), want, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"decode attention in head groups ({split} rows) differs")
+            grouped[split] = _replay_ms(call, reps)
+        sizes.append({"rows": n, "ms": times, "one_split_ms": whole, "heads_ms": grouped})
         say(
             f"decode attention, {window} + {n} rows ({nbytes / 1e6:.1f} MB): "
             + ", ".join(f"{k} rows per split {v * 1e3:.1f}" for k, v in times.items())
             + f" µs; best {best}: {nbytes / times[best] / 1e6 / copy_gbps:.2f} × copy; one "
-            f"split per part {whole * 1e3:.1f} µs ({whole / times[best]:.1f}× slower)"
+            f"split per part {whole * 1e3:.1f} µs ({whole / times[best]:.1f}× slower); head "
+            "groups: " + ", ".join(f"{k} rows {v * 1e3:.1f}" for k, v in grouped.items()) + " µs"
         )
     total = {k: sum(size["ms"][k] for size in sizes) for k in splits}
-    return {"sizes": sizes, "best_rows_per_split": min(total, key=total.get)}
+    out = {"sizes": sizes, "best_rows_per_split": min(total, key=total.get)}
+    if all(size["heads_ms"] for size in sizes):
+        by_group = {k: sum(size["heads_ms"][k] for size in sizes) for k in ATTENTION_HEAD_SPLITS}
+        out["best_head_rows_per_split"] = min(by_group, key=by_group.get)
+        faster = by_group[out["best_head_rows_per_split"]] < total[out["best_rows_per_split"]]
+        out["best_kind"] = "heads" if faster else "head"
+    return out
 
 
 def _prompt_figures(dev, stacks, expert_bytes, tokens, choices, reps, copy_gbps, say) -> dict:

@@ -231,13 +231,20 @@ def _check_decode_attention(dev: torch.device) -> str | None:
     from flashdesk.engine.model.attention import Attention
 
     g = torch.Generator().manual_seed(8)
-    heads, dim, w, c = 4, 64, 8, 12
-    q, own = torch.randn(1, heads, dim, generator=g), torch.randn(1, dim, generator=g)
-    window, comp = torch.randn(w, dim, generator=g), torch.randn(c, dim, generator=g)
+    heads, dim, w, c = 16, 64, 8, 12  # 16 heads: a group, where DECODE_ATTENTION is "heads"
+
+    def randn(*shape):  # BF16 values, as the runtime's rows (the "heads" kernel's own path)
+        return torch.randn(*shape, generator=g).to(torch.bfloat16).float()
+
+    q, own = randn(1, heads, dim), randn(1, dim)
+    window, comp = randn(w, dim), randn(c, dim)
     visible = torch.rand(c, generator=g) < 0.6
     layer = SimpleNamespace(sink=torch.randn(heads, generator=g), scale=dim**-0.5)
-    for pos, with_comp, split in ((3, False, None), (5, True, None), (13, True, None),
-                                  (6, True, 4), (13, True, 4), (13, False, 4)):  # fmt: skip
+    for pos, with_comp, split, dtype in (
+        (3, False, None, torch.float32), (5, True, None, torch.float32),
+        (13, True, None, torch.bfloat16), (6, True, 4, torch.float32),
+        (13, True, 4, torch.bfloat16), (13, False, 4, torch.float32),
+    ):  # fmt: skip
         keys = window.index_copy(0, torch.tensor([pos % w]), own)
         logits = [torch.einsum("qhd,kd->qhk", q, keys)]
         logits[0][..., torch.arange(w) > pos] = float("-inf")
@@ -246,7 +253,8 @@ def _check_decode_attention(dev: torch.device) -> str | None:
             logits.append(torch.einsum("qhd,td->qht", q, comp).masked_fill(~visible, -math.inf))
             values.append(comp)
         want = Attention._sink_attend(layer, logits, values)
-        on = [t.to(dev) for t in (q, window, own, comp, visible, layer.sink)]
+        on = [t.to(dev, dtype) for t in (q, window, own, comp)]
+        on += [visible.to(dev), layer.sink.to(dev)]
         got = decode_attention(
             on[0], on[1], on[2], on[3] if with_comp else None, on[4] if with_comp else None,
             torch.tensor([pos], device=dev), on[5], layer.scale, rows_per_split=split,
@@ -1010,6 +1018,72 @@ if triton is not None:
         tl.store(acc_ptr + (h * S + s) * D + d, acc)
 
     @triton.jit
+    def _attend_heads(q, k_ptr, n, valid_ptr, limit, sub, own, top, den, acc, scale,
+                      D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr,
+                      IEEE: tl.constexpr):  # fmt: skip
+        """`_attend_rows` for a group of heads q `[HG, D]` at once: each row block read once for
+        all of them, the scores and Σ p · row as products on the tensor cores (the scores'
+        products exact in float32 from BF16; p · row in three TF32 passes, about float32's
+        precision; IEEE: float32 products throughout)."""
+        d = tl.arange(0, D)
+        for r0 in range(0, N, RB):
+            r = r0 + tl.arange(0, RB)
+            k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
+            k = tl.where((r == sub)[:, None], own[None, :], k.to(own.dtype))
+            if MASKED:
+                live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
+            else:
+                live = (r < n) & (r <= limit)
+            scores = tl.where(live[None, :], _dot(q, k, IEEE) * scale, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, axis=1))
+            alpha = tl.exp(top - new_top)
+            p = tl.exp(scores - new_top[:, None])
+            den = den * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p, k.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p, k.to(tl.float32), input_precision="tf32x3")
+            acc = acc * alpha[:, None] + pv
+            top = new_top
+        return top, den, acc
+
+    @triton.jit
+    def _decode_attention_heads_kernel(
+        q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
+        W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
+        SW: tl.constexpr, S: tl.constexpr, HG: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """`_decode_attention_split_kernel` with program (head group, split): HG heads share
+        each row they read (V4's heads all attend to one row per position), which the
+        one-head programs read once per head."""
+        heads = tl.program_id(0) * HG + tl.arange(0, HG)
+        s = tl.program_id(1)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + heads[:, None] * D + d[None, :])
+        own = tl.load(own_ptr + d)
+        if own.dtype != q.dtype:  # rows and own row in the wider of the two types
+            own = own.to(tl.float32)
+        if IEEE:
+            own = own.to(tl.float32)
+        pos = tl.load(pos_ptr)
+        top = tl.full((HG,), -1e30, tl.float32)  # finite: a split with no live row adds 0
+        den = tl.zeros((HG,), dtype=tl.float32)
+        acc = tl.zeros((HG, D), dtype=tl.float32)
+        if s < SW:
+            start = s * CH
+            top, den, acc = _attend_heads(q, win_ptr + start * D, W - start, vis_ptr, pos - start,
+                                          pos % W - start, own, top, den, acc, scale, D, CH, RB,
+                                          False, IEEE)  # fmt: skip
+        else:
+            start = (s - SW) * CH
+            top, den, acc = _attend_heads(q, comp_ptr + start * D, C - start, vis_ptr + start, 0,
+                                          -1, own, top, den, acc, scale, D, CH, RB, True,
+                                          IEEE)  # fmt: skip
+        tl.store(top_ptr + heads * S + s, top)
+        tl.store(den_ptr + heads * S + s, den)
+        tl.store(acc_ptr + (heads[:, None] * S + s) * D + d[None, :], acc)
+
+    @triton.jit
     def _decode_attention_combine_kernel(
         top_ptr, den_ptr, acc_ptr, sink_ptr, out_ptr, D: tl.constexpr, S: tl.constexpr,
         SB: tl.constexpr,
@@ -1607,16 +1681,28 @@ def decode_attention_fits(head_dim: int) -> bool:
 # DECODE_MAX_SPLITS splits per head.
 DECODE_ROWS_PER_SPLIT = 128
 DECODE_MAX_SPLITS = 64
+# "heads": a program per (group of DECODE_HEAD_GROUP heads, split), the scores and sums on the
+# tensor cores, each row read once per group (`_decode_attention_heads_kernel`); "head": a
+# program per (head, split), float32 products on the CUDA cores, each row read once per head.
+# Run 5: 36 µs per layer for ~640 rows and 64 heads, where the rows' bytes take ~0.2 µs.
+# Unmeasured on a GPU; the sweep times both.
+DECODE_ATTENTION = "head"
+DECODE_HEAD_GROUP = 16
+DECODE_HEAD_WARPS = 8
+DECODE_HEAD_ROWS_PER_SPLIT = 32  # few programs otherwise: 4 groups per split at 64 heads
 
 
 def decode_attention_split(
-    window_rows: int, comp_rows: int, head_dim: int, rows_per_split: int | None = None
-) -> tuple[int, int, int, int]:
+    window_rows: int, comp_rows: int, head_dim: int, rows_per_split: int | None = None,
+    grouped: bool = False,
+) -> tuple[int, int, int, int]:  # fmt: skip
     """How `decode_attention` splits a layer's rows → (rows per block, rows per split, window
-    splits, splits in all): the launch's constexprs, shared with the AOT compile check."""
-    rows = max(1, min(16, 8192 // head_dim))
+    splits, splits in all): the launch's constexprs, shared with the AOT compile check. Head
+    groups (`grouped`) take 16-row blocks, the tensor cores' least."""
+    rows = 16 if grouped else max(1, min(16, 8192 // head_dim))
     total = window_rows + comp_rows
-    chunk = rows_per_split or max(DECODE_ROWS_PER_SPLIT, -(-total // DECODE_MAX_SPLITS))
+    least = DECODE_HEAD_ROWS_PER_SPLIT if grouped else DECODE_ROWS_PER_SPLIT
+    chunk = rows_per_split or max(least, -(-total // DECODE_MAX_SPLITS))
     chunk = -(-chunk // rows) * rows  # whole row blocks
     sw = -(-window_rows // chunk)
     return rows, chunk, sw, sw + -(-comp_rows // chunk)
@@ -1625,29 +1711,39 @@ def decode_attention_split(
 def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
-    rows_per_split: int | None = None,
+    rows_per_split: int | None = None, kind: str | None = None, group: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`Attention.step`'s sink attention of one token in two launches (as torch ops ~20
     kernels): q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos`
     unwritten), the token's own row `[1, d]` for its slot, compressed rows `[C, d]` with
-    `visible` `[C]` bool (or None) → `[1, H, d]` float32. float32 products and sums; the rows
-    split across programs (`rows_per_split`, tests pick small ones), then merged per head."""
+    `visible` `[C]` bool (or None) → `[1, H, d]` float32. The rows split across programs
+    (`rows_per_split`, tests pick small ones), then merged per head; `kind`/`group`: see
+    DECODE_ATTENTION ("heads" where H is a multiple of a group of at least 16)."""
     heads, dim = q.shape[1], q.shape[2]
     if not decode_attention_fits(dim) or window.shape[1] != dim:
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
     w = window.shape[0]
     n = comp.shape[0] if comp is not None else 0
-    rows, chunk, sw, splits = decode_attention_split(w, n, dim, rows_per_split)
+    kind, group = kind or DECODE_ATTENTION, group or DECODE_HEAD_GROUP
+    grouped = kind == "heads" and heads % group == 0 and dim >= 16 and group >= 16
+    rows, chunk, sw, splits = decode_attention_split(w, n, dim, rows_per_split, grouped)
     dev = q.device
     top = torch.empty((heads, splits), dtype=torch.float32, device=dev)
     den = torch.empty_like(top)
     acc = torch.empty((heads, splits, dim), dtype=torch.float32, device=dev)
-    _decode_attention_split_kernel[(heads, splits)](
+    args = (
         q.contiguous(), window.contiguous(), own.contiguous(),
         comp.contiguous() if comp is not None else window,
         visible.contiguous() if visible is not None else pos, pos, top, den, acc, float(scale),
-        W=w, C=n, D=dim, RB=rows, CH=chunk, SW=sw, S=splits, num_warps=4,
     )  # fmt: skip
+    shape = {"W": w, "C": n, "D": dim, "RB": rows, "CH": chunk, "SW": sw, "S": splits}
+    if grouped:
+        ieee = q.dtype == torch.float32 or INTERPRETED
+        _decode_attention_heads_kernel[(heads // group, splits)](
+            *args, **shape, HG=group, IEEE=ieee, num_warps=DECODE_HEAD_WARPS
+        )
+    else:
+        _decode_attention_split_kernel[(heads, splits)](*args, **shape, num_warps=4)
     out = torch.empty((1, heads, dim), dtype=torch.float32, device=dev)
     _decode_attention_combine_kernel[(heads,)](
         top, den, acc, sink, out, D=dim, S=splits, SB=min(8, triton.next_power_of_2(splits)),

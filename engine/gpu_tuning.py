@@ -33,11 +33,17 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),
     "DECODE_ROWS_PER_SPLIT": (int, 0),
+    "DECODE_ATTENTION": (str, 0),
+    "DECODE_HEAD_ROWS_PER_SPLIT": (int, 0),
     # {(N, K, groups, bytes per weight): (rows, warps, columns per step, programs wanted)}; in
     # JSON keyed "NxKxGxB"
     "LINEAR_ROWS_BY_SHAPE": (dict, 0),
 }
-CHOICES = {"DECODE_MOE": ("rows", "by pick"), "LINEAR_KIND": ("rows", "dot")}
+CHOICES = {
+    "DECODE_MOE": ("rows", "by pick"),
+    "LINEAR_KIND": ("rows", "dot"),
+    "DECODE_ATTENTION": ("head", "heads"),
+}
 
 
 def default_path() -> Path:
@@ -71,7 +77,7 @@ def valid(name: str, value) -> bool:
     # tiles and warps: powers of two the kernels take (tensor-core tiles: at least 16 a side)
     # (rows per split of the decode attention: whole 16-row blocks)
     low = 16 if name in ("GROUPED_TILES", "BY_PICK_TILES", "LINEAR_TILES") else 1
-    low = 16 if name == "DECODE_ROWS_PER_SPLIT" else low
+    low = 16 if name in ("DECODE_ROWS_PER_SPLIT", "DECODE_HEAD_ROWS_PER_SPLIT") else low
     return all(low <= v <= 4096 and v & (v - 1) == 0 for v in items)
 
 

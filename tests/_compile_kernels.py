@@ -289,6 +289,18 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 4},
             )
         )
+        rows, chunk, sw, splits = gk.decode_attention_split(128, n, HEAD_DIM, grouped=True)
+        specs.append(
+            (
+                f"decode attention {label}, head groups",
+                gk._decode_attention_heads_kernel,
+                "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
+                "pos_ptr:*i64, top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32",
+                {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits}
+                | {"HG": gk.DECODE_HEAD_GROUP, "IEEE": False},
+                {"num_warps": gk.DECODE_HEAD_WARPS},
+            )
+        )
         specs.append(
             (
                 f"decode attention merge {label}",

@@ -63,7 +63,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             grouped_choices=module.GROUPED_CHOICES[:1],
             prompt_tokens=12,
             linear_choices=[module.LINEAR_CHOICES[i] for i in (1, 5, 7)],  # rows, rows, dot
-            attention=(4, 64, 8),
+            attention=(16, 64, 8),  # one group of 16 heads: both kinds timed
             attention_rows=(12, 40),
             attention_splits=(16, 32),
         )
@@ -78,6 +78,8 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
 
         assert [len(size["ms"]) for size in out["attention"]["sizes"]] == [2, 2]
         assert out["choices"]["DECODE_ROWS_PER_SPLIT"] in (16, 32)
+        assert [len(size["heads_ms"]) for size in out["attention"]["sizes"]] == [4, 4]
+        assert out["choices"]["DECODE_ATTENTION"] in ("head", "heads")
         assert {"TILES", "DECODE_MOE", "GROUPED_TILES", "LINEAR_KIND"} <= set(out["choices"])
         assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
         # each shape whose fastest choice was a "rows" one keeps it, keyed N x K x groups x bytes

@@ -730,16 +730,31 @@ def test_a_decode_step_reads_and_writes_fp8_kv_rows_in_single_launches(monkeypat
     assert calls["fp8_rows_put"] == 10 * 9 and calls["fp8_rows_read"] >= 10 * 9
 
 
-@pytest.mark.parametrize("split", [None, 16, 48])
-def test_decode_attention_split_across_programs_equals_one_softmax(split):
+@pytest.mark.parametrize(
+    ("split", "heads", "kind", "dtype"),
+    [
+        (None, 3, "head", torch.float32),
+        (16, 3, "head", torch.float32),
+        (48, 3, "head", torch.float32),
+        # head groups on the tensor cores (16 heads a program), BF16 as the runtime's rows
+        (None, 32, "heads", torch.float32),
+        (48, 32, "heads", torch.bfloat16),
+        (16, 3, "heads", torch.float32),  # 3 heads make no group: one head per program
+    ],
+)
+def test_decode_attention_split_across_programs_equals_one_softmax(split, heads, kind, dtype):
     """The rows of a decode step's sink attention split across programs and merged per head
     (the default: 128 rows per split) give the one softmax over all rows: a full window ring, a
     CSA layer's 200 picks with some invisible, a split holding no visible row."""
     dev = kernels_device()
     g = torch.Generator().manual_seed(12)
-    heads, dim, w, c = 3, 64, 32, 200
-    q, own = torch.randn(1, heads, dim, generator=g), torch.randn(1, dim, generator=g)
-    window, comp = torch.randn(w, dim, generator=g), torch.randn(c, dim, generator=g)
+    dim, w, c = 64, 32, 200
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).float()
+
+    q, own = randn(1, heads, dim), randn(1, dim)
+    window, comp = randn(w, dim), randn(c, dim)
     visible = torch.rand(c, generator=g) < 0.5
     visible[48:96] = False  # whole splits of 16 / 48 rows with nothing to attend
     sink, scale, pos = torch.randn(heads, generator=g), dim**-0.5, 77
@@ -751,10 +766,10 @@ def test_decode_attention_split_across_programs_equals_one_softmax(split):
     top = torch.maximum(logits.amax(-1), sink[None])  # the sink: a logit with no value
     p = (logits - top[..., None]).exp()
     want = p @ torch.cat([keys, comp]) / (p.sum(-1) + (sink[None] - top).exp())[..., None]
-    on = [t.to(dev) for t in (q, window, own, comp, visible, sink)]
+    on = [t.to(dev, dtype) for t in (q, window, own, comp)] + [visible.to(dev), sink.to(dev)]
     got = ft.decode_attention(
         on[0], on[1], on[2], on[3], on[4], torch.tensor([pos], device=dev), on[5], scale,
-        rows_per_split=split,
+        rows_per_split=split, kind=kind, group=16,
     )  # fmt: skip
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
