@@ -94,7 +94,7 @@ def run(
         host_expert_read,
     )
 
-    from flashdesk.engine import _kernels
+    from flashdesk.engine import _kernels, gpu_kernels
     from flashdesk.engine.inventory import inventory
     from flashdesk.engine.runtime import RuntimeLoadError, load_runtime
     from flashdesk.engine.synthetic import SyntheticCheckpoint
@@ -247,6 +247,20 @@ def run(
             out["host_experts_ms_per_step_without_int8"] = host_split.get("host_experts_ms")
             for moe in int8:
                 moe.host_int8 = True
+        usable = graphs is not None and graphs.usable
+        if usable and not gpu_kernels.PDL and gpu_kernels.pdl_possible(rt.device):
+            from flashdesk.engine.decode_graphs import GraphDecoder  # steps launched dependently
+
+            gpu_kernels.PDL = 1
+            try:
+                rt.graphs = GraphDecoder(rt.model)
+                out["decode_tok_s_pdl"] = 1.0 / timed_decode(warmup=2)
+                out["pdl_graphs"] = rt.graphs.usable or rt.graphs.reason
+            except Exception as exc:  # reported, and the run goes on without it
+                out["pdl_error"] = gpu_kernels.error_summary(exc)
+            finally:
+                gpu_kernels.PDL = 0
+                rt.graphs = graphs
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
         if depths:
@@ -354,6 +368,13 @@ def run(
             f"CPU: {out['decode_tok_s']:.2f} tok/s; the CPU computing all host picks: "
             f"{out['decode_tok_s_without_zero_copy']:.2f} tok/s"
             + (f" (CPU experts {cpu:.1f} ms per step)" if cpu is not None else "")
+        )
+    if "decode_tok_s_pdl" in out or "pdl_error" in out:
+        say(
+            f"programmatic dependent launch: {out['decode_tok_s_pdl']:.2f} tok/s (graphs: "
+            f"{out['pdl_graphs']}) against {out['decode_tok_s']:.2f} without"
+            if "decode_tok_s_pdl" in out
+            else f"programmatic dependent launch failed: {out['pdl_error']}"
         )
     if "decode_tok_s_without_int8" in out:
         cpu = out["host_experts_ms_per_step_without_int8"]

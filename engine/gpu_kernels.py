@@ -34,6 +34,7 @@ interpreter, and build each for sm_90a (tests/test_gpu_kernels_compile.py).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -71,6 +72,11 @@ FP4_MODE = (0, 1, 1)
 # counts them). Unmeasured on a GPU until the next sweep; this shape, (32 rows × 128 bytes,
 # 4 warps), gives each thread two rows of the same x. The sweep times it with others.
 FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
+# Programmatic dependent launch (sm_90 and later): a decode step runs ~1,600 small kernels,
+# and each waits for its predecessor's end before it even starts launching. 1: every Triton
+# kernel launches early and waits at its start (`_await_inputs`). Unmeasured on a GPU, so off;
+# `bench --synthetic` times a decode with it on; FLASHDESK_PDL=1 turns it on.
+PDL = int(os.environ.get("FLASHDESK_PDL", "0") not in ("", "0"))
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
@@ -539,6 +545,16 @@ def error_summary(exc: BaseException) -> str:
 if triton is not None:
 
     @triton.jit
+    def _await_inputs(PDL: tl.constexpr):
+        """With programmatic dependent launch (`PDL`, sm_90 on) a kernel may start while the one
+        before it in the stream still runs: it waits here, before its first memory access, until
+        that kernel has finished and its writes are visible, and lets the next kernel start
+        launching in turn. Only the launches' own latency overlaps; no read or write moves."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _e2m1(code):
         """int32 codes 0..15 → their E2M1 values as float32 (bits built directly)."""
         mag = code & 7
@@ -681,7 +697,9 @@ if triton is not None:
         x_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
         limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
+        _await_inputs(PDL)
         pair = tl.program_id(0)  # token · TOPK + pick
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
@@ -702,10 +720,11 @@ if triton is not None:
         h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
         TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """SPLIT 0: program (token, row block) sums the token's picks → out `[T, D]`; SPLIT 1:
         program (pick, row block) → its pick's part, out `[T·TOPK, D]`."""
+        _await_inputs(PDL)
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BN,), dtype=tl.float32)
         picks: tl.constexpr = 1 if SPLIT else TOPK
@@ -751,9 +770,11 @@ if triton is not None:
         x_ptr, picks_ptr, blocks_ptr, block0, weights_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
         limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Block b = (slot, start, end) of the picks sorted by slot: h[start:end, rows] =
         weight · SwiGLU(x W1ᵀ, x W3ᵀ) for up to BM picks of one expert, its weights read once."""
+        _await_inputs(PDL)
         b = block0 + tl.program_id(0)
         slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
         if slot >= 0:  # −1: an expert not in the stack (decode tables list every pick)
@@ -787,8 +808,10 @@ if triton is not None:
         h_ptr, picks_ptr, blocks_ptr, block0, w2_ptr, s2_ptr, out_ptr,
         D: tl.constexpr, INTER: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """out[pick, cols] = h[sorted position] · W2[cols]ᵀ for block b's picks (float32)."""
+        _await_inputs(PDL)
         b = block0 + tl.program_id(0)
         slot = tl.load(blocks_ptr + 3 * b).to(tl.int64)
         if slot >= 0:
@@ -809,8 +832,15 @@ if triton is not None:
 
     @triton.jit
     def _dequant_fp4_kernel(
-        w_ptr, s_ptr, out_ptr, K: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr
+        w_ptr,
+        s_ptr,
+        out_ptr,
+        K: tl.constexpr,
+        BN: tl.constexpr,
+        BKB: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        _await_inputs(PDL)
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         cols = tl.program_id(1) * BKB + tl.arange(0, BKB)
         b = tl.load(w_ptr + rows[:, None] * (K // 2) + cols[None, :]).to(tl.int32)
@@ -835,7 +865,15 @@ if triton is not None:
         return m
 
     @triton.jit
-    def _sinkhorn_kernel(x_ptr, out_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
+    def _sinkhorn_kernel(
+        x_ptr,
+        out_ptr,
+        eps,
+        ITERS: tl.constexpr,
+        HC: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        _await_inputs(PDL)
         r = tl.arange(0, HC)
         offs = tl.program_id(0) * HC * HC + r[:, None] * HC + r[None, :]
         tl.store(out_ptr + offs, _sinkhorn_tile(tl.load(x_ptr + offs), eps, ITERS))
@@ -851,9 +889,10 @@ if triton is not None:
     @triton.jit
     def _softmax_pool_kernel(
         kv1, g1, s1, kv2, g2, s2, out_ptr, R1: tl.constexpr, RB1: tl.constexpr,
-        R2: tl.constexpr, RB2: tl.constexpr, BC: tl.constexpr,
+        R2: tl.constexpr, RB2: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """out[c] = Σ_r kv[r, c] · softmax over r of gate[:, c], rows from one or two pieces."""
+        _await_inputs(PDL)
         cols = tl.program_id(0) * BC + tl.arange(0, BC)
         kva, ga = _softmax_pool_part(kv1, g1, s1, cols, R1, RB1)
         top = tl.max(ga, axis=0)
@@ -896,7 +935,7 @@ if triton is not None:
         kv_new_ptr, g_new_ptr, ape_ptr, kv_ptr, g_ptr, prev_kv_ptr, prev_g_ptr, pos_ptr,
         norm_ptr, inv_freq_ptr, out_ptr, index_ptr, eps,
         M: tl.constexpr, C: tl.constexpr, OVERLAP: tl.constexpr, HALF: tl.constexpr,
-        RB: tl.constexpr,
+        RB: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`Compressor.step` after its two GEMVs, one program: the token's projection and gate
         (+ ape) into carry slot pos mod M. At a window's last token also: the window pooled
@@ -907,6 +946,7 @@ if triton is not None:
         each token (an HCA layer's 128 rows, ~2/3 of the launch's time) is work thrown away.
         index ⌊pos/M⌋ either way. The rows written here are used from registers, never read
         back."""
+        _await_inputs(PDL)
         W: tl.constexpr = 2 * C if OVERLAP else C
         B0: tl.constexpr = C if OVERLAP else 0  # where the current entry's half starts
         pos = tl.load(pos_ptr)
@@ -988,12 +1028,13 @@ if triton is not None:
     def _decode_attention_split_kernel(
         q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
         W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
-        SW: tl.constexpr, S: tl.constexpr,
+        SW: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (head, split): the online softmax of one head over CH rows, a split of the
         window ring (splits < SW: slots ≤ pos, the token's own slot as computed) or of the C
         compressed rows (those visible) → its running max, sum of exponentials and Σ p · row
         (without the sink: `_decode_attention_combine_kernel` adds it)."""
+        _await_inputs(PDL)
         h = tl.program_id(0)
         s = tl.program_id(1)
         d = tl.arange(0, D)
@@ -1052,10 +1093,12 @@ if triton is not None:
         q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
         W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
         SW: tl.constexpr, S: tl.constexpr, HG: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`_decode_attention_split_kernel` with program (head group, split): HG heads share
         each row they read (V4's heads all attend to one row per position), which the
         one-head programs read once per head."""
+        _await_inputs(PDL)
         heads = tl.program_id(0) * HG + tl.arange(0, HG)
         s = tl.program_id(1)
         d = tl.arange(0, D)
@@ -1086,10 +1129,11 @@ if triton is not None:
     @triton.jit
     def _decode_attention_combine_kernel(
         top_ptr, den_ptr, acc_ptr, sink_ptr, out_ptr, D: tl.constexpr, S: tl.constexpr,
-        SB: tl.constexpr,
+        SB: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One head per program: its S splits' partial softmaxes and the sink (a logit with no
         value, e^0 in the sum) merged → Σ p · row / Σ p."""
+        _await_inputs(PDL)
         h = tl.program_id(0)
         d = tl.arange(0, D)
         top = tl.load(sink_ptr + h)
@@ -1112,12 +1156,13 @@ if triton is not None:
     @triton.jit
     def _fp8_rows_put_kernel(
         rows_ptr, index_ptr, codes_ptr, exps_ptr, rope_ptr, NOPE: tl.constexpr, NB: tl.constexpr,
-        NBP: tl.constexpr, ROPE: tl.constexpr,
+        NBP: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One row per program, `cache.Fp8Rows.encode` bit for bit, written at row index[r]:
         per 64 no-rope channels a power-of-two scale ≥ amax/448 (its biased exponent stored) and
         E4M3 codes rounded to nearest even (built from the bits: the interpreter's FP8 cast
         flushes subnormals, and rounds to BF16 by truncating), the rope channels as BF16."""
+        _await_inputs(PDL)
         r = tl.program_id(0).to(tl.int64)
         dst = tl.load(index_ptr + r)
         b = tl.arange(0, NBP)
@@ -1150,9 +1195,11 @@ if triton is not None:
     def _fp8_rows_read_kernel(
         codes_ptr, exps_ptr, rope_ptr, index_ptr, out_ptr, NOPE: tl.constexpr,
         NB: tl.constexpr, NBP: tl.constexpr, ROPE: tl.constexpr, GATHER: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Row r of the output per program: `cache.Fp8Rows.decode` of stored row index[r] (or
         r), codes · 2^(exponent − 127), rope channels widened, in the output's dtype."""
+        _await_inputs(PDL)
         r = tl.program_id(0).to(tl.int64)
         src = tl.load(index_ptr + r) if GATHER else r
         b = tl.arange(0, NBP)
@@ -1170,9 +1217,17 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        eps,
+        N: tl.constexpr,
+        BLOCK: tl.constexpr,
+        HAS_W: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One row per program: x · rsqrt(mean(x²) + eps) (· w), float32 math."""
+        _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -1186,10 +1241,12 @@ if triton is not None:
     def _rope_kernel(
         x_ptr, cos_ptr, sin_ptr, out_ptr, SIGN: tl.constexpr, H: tl.constexpr,
         D: tl.constexpr, HALF: tl.constexpr, NOPE_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Row (token s, head) per program: the first D − 2·HALF channels copied, the last 2·HALF
         rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation). x is
         taken as narrowed to out's dtype first (the attention output: float32 in, bf16 out)."""
+        _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         s = row // H
         base = row * D
@@ -1211,10 +1268,12 @@ if triton is not None:
     def _hc_pre_kernel(
         mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
         ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (token, D block): from the token's mixes `[(2+HC)·HC]` the pre weights and
         its block of the collapsed input u = Σ_j pre_j · x_j; block 0 also the post weights and
         the Sinkhorn-balanced comb (serial: the other blocks run beside it, not after it)."""
+        _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, HC)
         mix = mix_ptr + s * (2 + HC) * HC
@@ -1233,9 +1292,18 @@ if triton is not None:
         tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
 
     @triton.jit
-    def _hc_mixes_kernel(x_ptr, fn_ptr, out_ptr, eps, K: tl.constexpr, BK: tl.constexpr):
+    def _hc_mixes_kernel(
+        x_ptr,
+        fn_ptr,
+        out_ptr,
+        eps,
+        K: tl.constexpr,
+        BK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         """Program (token s, mix j): ρ · x_s · fn[j] with ρ = 1/√(mean(x_s²) + eps), x_s the
         token's streams flattened `[K]`, float32 sums."""
+        _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         acc = tl.zeros((BK,), dtype=tl.float32)
@@ -1252,10 +1320,12 @@ if triton is not None:
     def _route_kernel(
         logits_ptr, bias_ptr, picked_ptr, experts_ptr, weights_ptr, scale,
         E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, HASH: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Token per program: scores √softplus(logits) `[E]`; its K experts (HASH: given in
         picked, else the K largest scores + bias, lowest index first among equals) and their
         scores normalized to sum to `scale`."""
+        _await_inputs(PDL)
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BE)
         raw = tl.load(logits_ptr + t * E + e, mask=e < E, other=0.0)
@@ -1286,10 +1356,12 @@ if triton is not None:
     def _hc_post_kernel(
         f_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
         HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_ADD: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j,
         where f is the block output plus its N_ADD partial sums, rounded to the streams' dtype
         as the torch path rounds the block output."""
+        _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         r = tl.arange(0, HC)
@@ -1309,10 +1381,12 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_kernel(
-        gate_ptr, up_ptr, out_ptr, limit, N, BLOCK: tl.constexpr, CLAMP: tl.constexpr
+        gate_ptr, up_ptr, out_ptr, limit, N, BLOCK: tl.constexpr, CLAMP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """silu(min(gate, limit)) · clamp(up, ±limit) in float32, stored in out's dtype (N a
         plain argument: a prompt's every chunk length runs the one compiled kernel)."""
+        _await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < N
         g = tl.load(gate_ptr + offs, mask=live, other=0.0).to(tl.float32)
@@ -1326,9 +1400,11 @@ if triton is not None:
     def _record_picks_kernel(
         experts_ptr, resident_ptr, counts_ptr, device_picks_ptr, total_picks_ptr, host_ptr,
         P: tl.constexpr, BP: tl.constexpr, HAS_RESIDENT: tl.constexpr, HITS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One program: a layer's P picks counted per expert, their total and (HITS) the device
         cache's hits added to the routing log; the host's share written (−1 where resident)."""
+        _await_inputs(PDL)
         offs = tl.arange(0, BP)
         live = offs < P
         e = tl.load(experts_ptr + offs, mask=live, other=0)
@@ -1347,13 +1423,14 @@ if triton is not None:
     def _index_scores_kernel(
         q_ptr, w_ptr, keys_ptr, kscale_ptr, pos_ptr, out_ptr, scale, C, RATIO: tl.constexpr,
         H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr,
-        KSCALE: tl.constexpr,
+        KSCALE: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One query and BT index keys per program: score_t = Σ_h scale·w_h · ReLU(q_h · K_t),
         float32 sums, −∞ from the query's visible count ⌊(pos+1)/RATIO⌋ on (the keys are read as
         stored; KSCALE: E4M3 code bytes, each key times its float32 scale, `cache.Fp8KeyRows`).
         The queries of a key block are neighbours in the grid, so its keys come from L2 for all
         but the first."""
+        _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)  # the query
         rows = tl.program_id(1) * BT + tl.arange(0, BT)
         live = rows < C
@@ -1377,10 +1454,12 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr = 1,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
         tile scales): one token per program, BK columns per step (UNROLL steps at once),
         SPLIT programs sharing a row block's K."""
+        _await_inputs(PDL)
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
         rows = first + tl.arange(0, BN)
@@ -1408,12 +1487,13 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, out_ptr, T, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× tile scales) for up
         to BM tokens at once on the tensor cores (x's rows past T are zeros): W's bytes are read
         once for all of them, in BK-wide steps the compiler can pipeline (a product per step,
         no reduction across threads), and SPLIT programs share a row block's K."""
+        _await_inputs(PDL)
         first = tl.program_id(0) * BN
         rows = first + tl.arange(0, BN)
         tokens = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -1439,6 +1519,25 @@ if triton is not None:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
+
+
+def _pdl(device: torch.device) -> dict:
+    """The launch options of programmatic dependent launch where it is on (PDL) and the GPU has
+    it (compute capability 9.0 and later; `griddepcontrol` does not exist before): each kernel
+    starts launching while its predecessor finishes, and waits in `_await_inputs`."""
+    return {"PDL": True, "launch_pdl": True} if PDL and pdl_possible(device) else {}
+
+
+def pdl_possible(device: torch.device | str) -> bool:
+    """Whether kernels on `device` can launch dependently (a CUDA GPU of compute capability 9.0
+    or later, compiled kernels)."""
+    device = torch.device(device)
+    return device.type == "cuda" and not INTERPRETED and _capability(device) >= (9, 0)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _block(n: int, want: int) -> int:
@@ -1495,12 +1594,12 @@ def moe(
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
         x, experts, weights, slot_of, w1, s1, w3, s3, h, float(limit),
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
-        num_warps=num_warps,
+        num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_kernel[(out.shape[0], dim // bn_down)](
         h, experts, slot_of, w2, s2, out,
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
-        SPLIT=split, num_warps=num_warps,
+        SPLIT=split, num_warps=num_warps, **_pdl(h.device),
     )  # fmt: skip
     parts = out.view(tokens, topk if split else 1, dim)
     return parts.sum(dim=1) if summed else parts
@@ -1568,11 +1667,12 @@ def moe_grouped(
     _grouped_gate_up_kernel[(n, inter // bn_up)](
         x, picks, blocks, first_block, weights, w1, s1, w3, s3, h, float(limit),
         TOPK=topk, D=dim, INTER=inter, BM=bm, BN=bn_up, BKB=bkb_up, IEEE=ieee,
-        num_warps=num_warps,
+        num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _grouped_down_kernel[(n, dim // bn_down)](
         h, picks, blocks, first_block, w2, s2, out,
         D=dim, INTER=inter, BM=bm, BN=bn_down, BKB=bkb_down, IEEE=ieee, num_warps=num_warps,
+        **_pdl(h.device),
     )  # fmt: skip
 
 
@@ -1612,7 +1712,14 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         )
     x = comb.contiguous()
     out = torch.empty_like(x)
-    _sinkhorn_kernel[(x.numel() // (hc * hc),)](x, out, float(eps), ITERS=iters, HC=hc)
+    _sinkhorn_kernel[(x.numel() // (hc * hc),)](
+        x,
+        out,
+        float(eps),
+        ITERS=iters,
+        HC=hc,
+        **_pdl(x.device),
+    )
     return out
 
 
@@ -1638,7 +1745,7 @@ def softmax_pool(
     block = _block(c, max(16, min(128, 4096 // (rb1 + (rb2 if r2 else 0)))))
     _softmax_pool_kernel[(c // block,)](
         kv1, g1, kv1.stride(0), kv2, g2, kv2.stride(0), out, R1=r1, RB1=rb1, R2=r2, RB2=rb2,
-        BC=block,
+        BC=block, **_pdl(kv1.device),
     )  # fmt: skip
     return out
 
@@ -1664,7 +1771,7 @@ def compressor_step(
     _compressor_step_kernel[(1,)](
         kv_new.contiguous(), gate_new.contiguous(), ape, carry.kv, carry.gate, prev_kv,
         prev_gate, pos, norm, inv_freq, out, index, float(eps), M=m, C=c, OVERLAP=overlap,
-        HALF=inv_freq.shape[0], RB=rows, num_warps=8,
+        HALF=inv_freq.shape[0], RB=rows, num_warps=8, **_pdl(kv_new.device),
     )  # fmt: skip
     return out, index
 
@@ -1740,14 +1847,24 @@ def decode_attention(
     if grouped:
         ieee = q.dtype == torch.float32 or INTERPRETED
         _decode_attention_heads_kernel[(heads // group, splits)](
-            *args, **shape, HG=group, IEEE=ieee, num_warps=DECODE_HEAD_WARPS
+            *args,
+            **shape,
+            HG=group,
+            IEEE=ieee,
+            num_warps=DECODE_HEAD_WARPS,
+            **_pdl(q.device),
         )
     else:
-        _decode_attention_split_kernel[(heads, splits)](*args, **shape, num_warps=4)
+        _decode_attention_split_kernel[(heads, splits)](
+            *args,
+            **shape,
+            num_warps=4,
+            **_pdl(q.device),
+        )
     out = torch.empty((1, heads, dim), dtype=torch.float32, device=dev)
     _decode_attention_combine_kernel[(heads,)](
         top, den, acc, sink, out, D=dim, S=splits, SB=min(8, triton.next_power_of_2(splits)),
-        num_warps=4,
+        num_warps=4, **_pdl(top.device),
     )  # fmt: skip
     return out
 
@@ -1765,7 +1882,7 @@ def fp8_rows_put(parts: Sequence[torch.Tensor], rows: torch.Tensor, index: torch
     nope, nb = codes.shape[1], exps.shape[1]
     _fp8_rows_put_kernel[(rows.shape[0],)](
         rows.contiguous(), index, codes, exps, rope, NOPE=nope, NB=nb,
-        NBP=triton.next_power_of_2(nb), ROPE=rope.shape[1],
+        NBP=triton.next_power_of_2(nb), ROPE=rope.shape[1], **_pdl(rows.device),
     )  # fmt: skip
 
 
@@ -1782,6 +1899,7 @@ def fp8_rows_read(
         _fp8_rows_read_kernel[(n,)](
             codes, exps, rope, codes if index is None else index, out, NOPE=nope, NB=nb,
             NBP=triton.next_power_of_2(nb), ROPE=rope.shape[1], GATHER=index is not None,
+            **_pdl(codes.device),
         )  # fmt: skip
     return out
 
@@ -1795,7 +1913,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     w = weight.contiguous() if weight is not None else x  # x: an unused pointer
     _rms_norm_kernel[(x.numel() // n,)](
         x, w, out, float(eps), N=n, BLOCK=triton.next_power_of_2(n), HAS_W=weight is not None,
-        num_warps=4 if n <= 2048 else 8,
+        num_warps=4 if n <= 2048 else 8, **_pdl(x.device),
     )  # fmt: skip
     return out
 
@@ -1817,7 +1935,7 @@ def apply_rope(
     _rope_kernel[(x.numel() // d,)](
         x, cos.contiguous(), sin.contiguous(), out, SIGN=-1.0 if inverse else 1.0, H=heads,
         D=d, HALF=half, NOPE_BLOCK=triton.next_power_of_2(max(d - 2 * half, 1)),
-        HALF_BLOCK=triton.next_power_of_2(half),
+        HALF_BLOCK=triton.next_power_of_2(half), **_pdl(x.device),
     )  # fmt: skip
     return out
 
@@ -1835,7 +1953,7 @@ def hc_pre_tail(
     block = _block(dim, 256)
     _hc_pre_kernel[(s, dim // block)](
         mixes.contiguous(), x, scale.contiguous(), base.contiguous(), u, post, comb,
-        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block,
+        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block, **_pdl(mixes.device),
     )  # fmt: skip
     return u, post, comb
 
@@ -1856,7 +1974,7 @@ def route(
     _route_kernel[(tokens,)](
         logits.contiguous(), bias if bias is not None else logits, given, experts, weights,
         float(scale), E=n, BE=triton.next_power_of_2(n), K=k, BK=triton.next_power_of_2(k),
-        HASH=picked is not None,
+        HASH=picked is not None, **_pdl(logits.device),
     )  # fmt: skip
     return experts, weights
 
@@ -1874,7 +1992,14 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor
     # the serial steps bound it (run 5, H200: 8 µs a launch with 16 steps of 1,024); 4 steps of
     # 4,096 over 8 warps keep 4× the loads in flight per step.
     _hc_mixes_kernel[(x.shape[0], fn.shape[0])](
-        x, fn.contiguous(), out, float(norm_eps), K=k, BK=_block(k, 4096), num_warps=8
+        x,
+        fn.contiguous(),
+        out,
+        float(norm_eps),
+        K=k,
+        BK=_block(k, 4096),
+        num_warps=8,
+        **_pdl(x.device),
     )
     return out
 
@@ -1896,6 +2021,7 @@ def hc_post(
     _hc_post_kernel[(s, dim // block)](
         f.contiguous(), parts, x.contiguous(), post.contiguous(), comb.contiguous(), out,
         HC=hc, D=dim, BLOCK_D=block, N_ADD=parts.shape[1] if add is not None else 0,
+        **_pdl(f.device),
     )  # fmt: skip
     return out
 
@@ -1912,7 +2038,14 @@ def swiglu(
     n = gate.numel()
     block = min(1024, triton.next_power_of_2(n))
     _swiglu_kernel[(triton.cdiv(n, block),)](
-        gate, up, out, float(limit), N=n, BLOCK=block, CLAMP=limit > 0
+        gate,
+        up,
+        out,
+        float(limit),
+        N=n,
+        BLOCK=block,
+        CLAMP=limit > 0,
+        **_pdl(gate.device),
     )
     return out
 
@@ -1937,7 +2070,7 @@ def record_picks(
     _record_picks_kernel[(1,)](
         experts, resident if resident is not None else experts, counts, device_picks,
         total_picks, host, P=p, BP=triton.next_power_of_2(p), HAS_RESIDENT=resident is not None,
-        HITS=hits and resident is not None,
+        HITS=hits and resident is not None, **_pdl(experts.device),
     )  # fmt: skip
     return host
 
@@ -1984,7 +2117,7 @@ def index_scores(
             q3.contiguous(), w2.contiguous(), keys.contiguous(),
             key_scale.contiguous() if fp8 else out, pos.contiguous(), out, float(scale), rows,
             RATIO=ratio, H=h, D=d, BT=INDEX_ROWS, IEEE=q.dtype == torch.float32 or INTERPRETED,
-            KSCALE=fp8,
+            KSCALE=fp8, **_pdl(q3.device),
         )  # fmt: skip
     return out[0] if one else out
 
@@ -1999,7 +2132,15 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     bn, bkb = _block(rows, 16), _block(half, 64)
     if bkb < 16:
         raise ValueError(f"FP4 rows of {2 * half} values are not whole 32-value blocks")
-    _dequant_fp4_kernel[(rows // bn, half // bkb)](b, s, out, K=2 * half, BN=bn, BKB=bkb)
+    _dequant_fp4_kernel[(rows // bn, half // bkb)](
+        b,
+        s,
+        out,
+        K=2 * half,
+        BN=bn,
+        BKB=bkb,
+        **_pdl(b.device),
+    )
     return out
 
 
@@ -2068,6 +2209,7 @@ def linear(
             x, weight, s, dest, tokens, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
             HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, SPLIT=split,
             IEEE=x.dtype == torch.float32 or INTERPRETED, num_warps=num_warps, **extra,
+            **_pdl(x.device),
         )  # fmt: skip
         if split > 1:
             out.copy_(dest.sum(dim=0))
@@ -2089,7 +2231,7 @@ def linear(
     _linear_kernel[(tokens, n // bn, split)](
         x, weight, s, dest, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
         HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, UNROLL=unroll,
-        num_warps=num_warps,
+        num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     if split > 1:
         out.copy_(dest.sum(dim=0))

@@ -396,10 +396,20 @@ def _ptxas_figures(ptx: str, arch: str, weights_per_loop: float | None) -> dict:
     return out
 
 
+# kernels also compiled with programmatic dependent launch (gpu_kernels.PDL), as sm_90 runs them
+PDL_LABELS = ("moe gate/up", "linear rows wq_b K step 512 split 1", "rms norm", "hc post", "route")
+
+
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     results = {}
-    for label, fn, sig, consts, opts in _specs():
+    specs = _specs()
+    specs += [
+        (f"{label}, PDL", fn, sig | {"PDL": "constexpr"}, consts | {"PDL": True}, opts)
+        for label, fn, sig, consts, opts in specs
+        if label in PDL_LABELS
+    ]
+    for label, fn, sig, consts, opts in specs:
         # torch's allocations are 16-byte aligned, and Triton specializes on that at run time
         aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if "*" in t}
         weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
@@ -412,6 +422,7 @@ def main() -> None:
                 options=opts,
             )
             results[label] = _ptxas_figures(kernel.asm["ptx"], "sm_90a", weights)
+            results[label]["waits"] = "griddepcontrol.wait" in kernel.asm["ptx"]
         except Exception as exc:  # reported per kernel, so one failure shows the others too
             results[label] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
     print(json.dumps(results))

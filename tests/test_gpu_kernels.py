@@ -823,3 +823,23 @@ def test_index_scores_read_fp8_keys_as_stored(dtype):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="scale per key"):
         ft.index_scores(q.to(dev), w.to(dev), scale, codes.to(dev), at, 4, key_scale[:5].to(dev))
+
+
+def test_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
+    """gpu_kernels.PDL asks for programmatic dependent launch; the launches take it only on a
+    GPU of compute capability 9.0 or later with compiled kernels (not the interpreter, not the
+    CPU), and never while PDL is off."""
+    monkeypatch.setattr(ft, "INTERPRETED", False)
+    cuda = torch.device("cuda", 0)
+    capability = {"cap": (9, 0)}
+    monkeypatch.setattr(ft, "_capability", lambda device: capability["cap"])
+    monkeypatch.setattr(ft, "PDL", 0)
+    assert ft._pdl(cuda) == {}
+    monkeypatch.setattr(ft, "PDL", 1)
+    assert ft._pdl(cuda) == {"PDL": True, "launch_pdl": True}
+    assert ft._pdl(torch.device("cpu")) == {}
+    capability["cap"] = (8, 9)  # Ada: no griddepcontrol
+    assert ft._pdl(cuda) == {} and not ft.pdl_possible(cuda)
+    monkeypatch.setattr(ft, "INTERPRETED", True)
+    capability["cap"] = (9, 0)
+    assert ft._pdl(cuda) == {}

@@ -44,6 +44,10 @@ def test_every_kernel_compiles_for_hopper_without_spills():
         k: v["loop_instructions_per_weight"] for k, v in results.items() if k.startswith("moe")
     }
     assert counts["moe gate/up words"] < 6 and counts["moe down words"] < 6, counts
+    # with programmatic dependent launch each waits for its predecessor; without, none does
+    pdl = {k: v["waits"] for k, v in results.items() if k.endswith(", PDL")}
+    assert len(pdl) == 5 and all(pdl.values()), pdl
+    assert not any(v["waits"] for k, v in results.items() if k not in pdl)
     # every kernel of the module is in the list (a new one must be added there)
     kernels = {name for name in dir(gpu_kernels) if name.endswith("_kernel")}
     listed = (HERE / "_compile_kernels.py").read_text(encoding="utf-8")

@@ -68,6 +68,34 @@ def test_replays_equal_the_step_run_directly(name, monkeypatch):
         )
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
+@pytest.mark.parametrize("name", ["mixed", "zero-copy"])
+def test_dependent_launches_replay_the_same_steps(name, monkeypatch):
+    """gpu_kernels.PDL: every Triton kernel, in the prompt and in the captured steps, launches
+    while its predecessor finishes and waits for it at its start; the steps' logits are those
+    of the same steps launched one after another."""
+    from flashdesk.engine import gpu_kernels
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = _ids(40)
+    with _runtime(name, cuda_graphs=False) as rt:
+        want_state = rt.new_state()
+        rt.prefill(ids[:3], want_state)
+        direct = GraphDecoder(rt.model, capture=False)
+        want = [direct.decode(t, want_state) for t in ids[3:]]
+        monkeypatch.setattr(gpu_kernels, "PDL", 1)
+        got_state = rt.new_state()
+        rt.prefill(ids[:3], got_state)
+        graphs = GraphDecoder(rt.model)
+        for t, logits in zip(ids[3:], want, strict=True):
+            seen = graphs.decode(t, got_state)
+            assert graphs.usable, graphs.reason
+            torch.testing.assert_close(seen, logits, **TOL)
+
+
 def test_runtime_uses_graphs_after_its_check_and_generates_the_same():
     ids = _ids(12)
     params = SamplingParams(temperature=0.0, max_tokens=24)
