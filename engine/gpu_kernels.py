@@ -22,7 +22,12 @@ decode step:
   compressor's step after its GEMVs) and `decode_attention` (a decode step's sink attention):
   the other chains of small operations a layer runs per token (~5-30 kernels each as torch
   operations), one launch each. A CUDA graph removes the
-  host's cost of a kernel, not the GPU's few microseconds per launch.
+  host's cost of a kernel, not the GPU's few microseconds per launch; programmatic dependent
+  launch (`PDL`, sm_90 and later) overlaps each launch with its predecessor's end.
+
+Most of these kernels do little work per launch, so they are bound by instructions and latency,
+not bytes. tests/_compile_kernels.py builds them for sm_90a here and counts the decode expert
+kernels' SASS instructions per weight, which stands in for their speed until a GPU times them.
 
 Triton is optional: torch's Linux CUDA wheels bring it; where it is missing (Windows, CPU-only)
 `available()` is False and the runtime keeps its torch path. At first use on a GPU the kernels
