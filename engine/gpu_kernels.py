@@ -488,6 +488,13 @@ def _probe(dev: torch.device) -> str | None:
         wrong = _elementwise_mismatch(dev)
         if wrong:
             return f"Triton's {wrong} kernel gave wrong values on this GPU"
+        codes, tiles = quant.quantize_fp8(torch.linspace(-3, 3, 128 * 256).view(128, 256))
+        x = torch.linspace(-1, 1, 256)[None]
+        got = linear(x.to(dev), codes.view(torch.float8_e4m3fn).to(dev), tiles.to(dev),
+                     out_dtype=torch.float32, kind="rows")  # fmt: skip
+        want = x @ quant.dequant_fp8(codes, tiles).T
+        if (got.cpu() - want).norm() > 1e-5 * want.norm():
+            return "Triton's FP8 linear gave wrong values on this GPU"
     except Exception as exc:  # no C compiler, driver or PTX mismatch, ...: keep torch's path
         return f"Triton could not compile or run its kernels here ({error_summary(exc)})"
     return None
@@ -626,6 +633,23 @@ if triton is not None:
             x4, x5 = tl.load(xv + 4).to(tl.float32), tl.load(xv + 5).to(tl.float32)
             x6, x7 = tl.load(xv + 6).to(tl.float32), tl.load(xv + 7).to(tl.float32)
         return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _fp8_weights(w):
+        """Loaded FP8 weights → float32: as the fp8e4nv type (Ada and later), or from E4M3 code
+        bytes on older GPUs, whose Triton has no such type, through float16 bits (the sign, then
+        the exponent and mantissa fields shifted into the half's: 2⁻⁸ of the value, subnormals
+        included; `_fp8_unit` gives the factor back)."""
+        if w.dtype == tl.uint8:
+            c = w.to(tl.int32)
+            bits = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
+            return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return w.to(tl.float32)
+
+    @triton.jit
+    def _fp8_unit(w_ptr):
+        """What `_fp8_weights`' values are to be multiplied by."""
+        return 256.0 if w_ptr.dtype.element_ty == tl.uint8 else 1.0
 
     @triton.jit
     def _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BW: tl.constexpr):
@@ -1481,8 +1505,8 @@ if triton is not None:
             xs = tl.load(x_row + cols)
             if HAS_SCALE:  # × a power of two: exact in x's own type, which is then spread
                 sc = _e8m0(tl.load(s_ptr + (first // 128) * ((K + 127) // 128) + cols // 128))
-                xs = (xs.to(tl.float32) * sc).to(x_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(tl.float32)
+                xs = (xs.to(tl.float32) * (sc * _fp8_unit(w_ptr))).to(x_ptr.dtype.element_ty)
+            w = _fp8_weights(tl.load(w_ptr + rows[:, None] * K + cols[None, :]))
             acc += w * xs.to(tl.float32)[None, :]
         ptrs = out_ptr + (tl.program_id(2) * T + t) * N + rows
         tl.store(ptrs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
@@ -1512,11 +1536,11 @@ if triton is not None:
             kb = k0 + step
             cols = kb + tl.arange(0, BK)
             xt = tl.load(x_rows + cols[None, :], mask=live[:, None], other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :]).to(DT)
+            w = _fp8_weights(tl.load(w_ptr + rows[:, None] * K + cols[None, :])).to(DT)
             part = _dot(xt, w, IEEE)
             if HAS_SCALE:  # BN and BK divide 128: one scale per row in this step
                 scale = _e8m0(tl.load(s_ptr + (rows // 128) * ((K + 127) // 128) + kb // 128))
-                part = part * scale[None, :]
+                part = part * (scale * _fp8_unit(w_ptr))[None, :]
             acc += part
         ptrs = out_ptr + tl.program_id(1) * T * N + tokens[:, None] * N + rows[None, :]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None])
@@ -1531,6 +1555,21 @@ def _pdl(device: torch.device) -> dict:
     it (compute capability 9.0 and later; `griddepcontrol` does not exist before): each kernel
     starts launching while its predecessor finishes, and waits in `_await_inputs`."""
     return {"PDL": True, "launch_pdl": True} if PDL and pdl_possible(device) else {}
+
+
+# None: FP8 weights reach the kernels as Triton's fp8e4nv type where the GPU has it (compute
+# capability 8.9, Ada, and later), as code bytes elsewhere; True / False: always / never bytes
+FP8_AS_BYTES: bool | None = None
+
+
+def native_fp8(device: torch.device | str) -> bool:
+    """Whether the linears read FP8 weights as Triton's fp8e4nv type on `device`: Triton does not
+    compile that type for GPUs before Ada (RTX 30 series, A100 and older), where they read the
+    code bytes instead."""
+    if FP8_AS_BYTES is not None:
+        return not FP8_AS_BYTES
+    device = torch.device(device)
+    return device.type != "cuda" or INTERPRETED or _capability(device) >= (8, 9)
 
 
 def pdl_possible(device: torch.device | str) -> bool:
@@ -2184,6 +2223,8 @@ def linear(
     if (scale is not None) != (weight.dtype == torch.float8_e4m3fn):
         raise ValueError("FP8 weights need their tile scales; other weights take none")
     group_rows = n // groups
+    if scale is not None and not native_fp8(weight.device):
+        weight = weight.view(torch.uint8)  # decoded from the bits (`_fp8_weights`)
     x = x.contiguous()
     tokens = x.shape[0]
     out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)

@@ -2,11 +2,13 @@
 compiler and the `ptxas` its wheel carries run anywhere. Run by tests/test_gpu_kernels_compile.py
 in a process without Triton's interpreter (which replaces the compiler).
 
-Usage: python tests/_compile_kernels.py → one JSON object: kernel label → {"registers",
-"spill_bytes"} or {"error"}. The shapes are V4-Flash's with the module's default tiles: what a
-GPU compiles first, so a kernel that cannot compile, or spills registers, shows here before a
-lent GPU's minutes are spent on it. Pointers are compiled as aligned to 16 bytes, as Triton
-specializes them for torch's allocations at run time (its loads vectorize only then).
+Usage: python tests/_compile_kernels.py → one JSON object: kernel label (suffixed " @ sm_86" /
+" @ sm_89" for the desktop GPUs) → {"registers", "spill_bytes"} or {"error"}. The shapes are
+V4-Flash's with the module's default tiles: what a GPU compiles first, so a kernel that cannot
+compile, or spills registers, shows here before a lent GPU's minutes are spent on it (or a
+user's: Triton cannot build the fp8e4nv type for an RTX 30 card, which this found). Pointers
+are compiled as aligned to 16 bytes, as Triton specializes them for torch's allocations at run
+time (its loads vectorize only then).
 
 The decode expert kernels also report "loop_instructions_per_weight": the SASS instructions of
 their hottest loop (the wheel's `nvdisasm`) per FP4 weight it reads. On a GPU they are bound by
@@ -400,32 +402,51 @@ def _ptxas_figures(ptx: str, arch: str, weights_per_loop: float | None) -> dict:
 PDL_LABELS = ("moe gate/up", "linear rows wq_b K step 512 split 1", "rms norm", "hc post", "route")
 
 
+# the GPUs built for: Hopper (the lent one), Ampere and Ada (RTX 30 / 40, the desktops this is
+# for); before Ada, Triton has no fp8e4nv type and the linears read FP8 weights as bytes
+ARCHES = ((90, "sm_90a", ""), (86, "sm_86", " @ sm_86"), (89, "sm_89", " @ sm_89"))
+SWEEP_ONLY = (" words", "/4w", "/8w", "split 4", "by pick")
+
+
 def main() -> None:
-    target = GPUTarget("cuda", 90, 32)
     results = {}
-    specs = _specs()
-    specs += [
-        (f"{label}, PDL", fn, sig | {"PDL": "constexpr"}, consts | {"PDL": True}, opts)
-        for label, fn, sig, consts, opts in specs
-        if label in PDL_LABELS
-    ]
-    for label, fn, sig, consts, opts in specs:
-        # torch's allocations are 16-byte aligned, and Triton specializes on that at run time
-        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if "*" in t}
-        weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
-        if label.startswith("moe "):
-            weights = consts["BN"] * consts["BKB"] * 2 / (32 * opts["num_warps"])
-        try:
-            kernel = triton.compile(
-                ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
-                target=target,
-                options=opts,
-            )
-            results[label] = _ptxas_figures(kernel.asm["ptx"], "sm_90a", weights)
-            results[label]["waits"] = "griddepcontrol.wait" in kernel.asm["ptx"]
-        except Exception as exc:  # reported per kernel, so one failure shows the others too
-            results[label] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    for cap, arch, suffix in ARCHES:
+        specs = _specs()
+        if cap >= 90:
+            specs += [
+                (f"{label}, PDL", fn, sig | {"PDL": "constexpr"}, consts | {"PDL": True}, opts)
+                for label, fn, sig, consts, opts in specs
+                if label in PDL_LABELS
+            ]
+        else:  # the desktops: the built-in shapes (the sweep's other ones are Hopper's here)
+            specs = [spec for spec in specs if not any(t in spec[0] for t in SWEEP_ONLY)]
+        if cap < 89:
+            specs = [
+                (label, fn, {k: v.replace("fp8e4nv", "u8") for k, v in sig.items()}, c, o)
+                for label, fn, sig, c, o in specs
+            ]
+        for label, fn, sig, consts, opts in specs:
+            results[label + suffix] = _compile(GPUTarget("cuda", cap, 32), arch, label, fn, sig,
+                                               consts, opts)  # fmt: skip
     print(json.dumps(results))
+
+
+def _compile(target, arch, label, fn, sig, consts, opts) -> dict:
+    # torch's allocations are 16-byte aligned, and Triton specializes on that at run time
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if "*" in t}
+    weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
+    if label.startswith("moe ") and arch == "sm_90a":
+        weights = consts["BN"] * consts["BKB"] * 2 / (32 * opts["num_warps"])
+    try:
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+            target=target,
+            options=opts,
+        )
+        out = _ptxas_figures(kernel.asm["ptx"], arch, weights)
+        return out | {"waits": "griddepcontrol.wait" in kernel.asm["ptx"]}
+    except Exception as exc:  # reported per kernel, so one failure shows the others too
+        return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
 
 
 if __name__ == "__main__":

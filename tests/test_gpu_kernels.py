@@ -344,6 +344,29 @@ def test_the_rows_linear_unrolls_steps(block_n, block_k, unroll, xdtype):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["rows", "dot"])
+def test_fp8_weights_read_as_code_bytes_where_triton_lacks_the_type(kind, monkeypatch):
+    """GPUs before Ada (RTX 30, A100) have no fp8e4nv type in Triton: the linears read the E4M3
+    code bytes and decode them through float16 bits. Every finite code (subnormals, ±0, ±448)
+    as the torch decoding, in a wide step and a split one."""
+    monkeypatch.setattr(ft, "FP8_AS_BYTES", True)
+    dev = kernels_device()
+    codes = torch.arange(256, dtype=torch.uint8).repeat(2 * 128, 2)  # [256, 512], rows shifted
+    codes = torch.stack([codes[r].roll(r) for r in range(256)])
+    codes[(codes & 0x7F) == 0x7F] = 0x3F  # no NaN codes (the encoders never write them)
+    scale = torch.randint(120, 130, (2, 4), dtype=torch.uint8)
+    x = torch.randn((2, 512), generator=torch.Generator().manual_seed(5))
+    from flashdesk.engine import quant
+
+    want = x.double() @ quant.dequant_fp8(codes, scale).double().T
+    got = ft.linear(
+        x.to(dev), codes.view(torch.float8_e4m3fn).to(dev), scale.to(dev),
+        out_dtype=torch.float32, kind=kind, split=2, **({"block_k": 128} if kind == "rows" else {}),
+    )  # fmt: skip
+    assert ((got.cpu().double() - want).norm() / want.norm()).item() < 1e-6
+    assert not ft.native_fp8("cpu")
+
+
 def test_k_is_split_until_a_launch_has_enough_programs(monkeypatch):
     assert ft._split_k(256, 8192, 128, 1024) == 4  # wo_b: 256 row blocks → 4 × 2048 columns
     assert ft._split_k(2048, 1024, 128, 1024) == 1  # wq_b: enough already
