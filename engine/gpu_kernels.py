@@ -1031,19 +1031,27 @@ if triton is not None:
                     tl.store(prev_g_ptr + r[:, None] * C + cols[None, :], a_g)  # fmt: skip
 
     @triton.jit
+    def _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D: tl.constexpr, RB: tl.constexpr,
+                   MASKED: tl.constexpr):  # fmt: skip
+        """Rows r0..r0+RB of `[n, D]` in own's type (row `sub` is `own` instead) and which count:
+        r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit)."""
+        r = r0 + tl.arange(0, RB)
+        d = tl.arange(0, D)
+        k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
+        k = tl.where((r == sub)[:, None], own[None, :], k.to(own.dtype))
+        if MASKED:
+            live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
+        else:
+            live = (r < n) & (r <= limit)
+        return k, live
+
+    @triton.jit
     def _attend_rows(q, k_ptr, n, valid_ptr, limit, sub, own, top, den, acc, scale,
                      D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
         """Online softmax of one head over N rows `[N, D]` (float32 math): row r counts where
         r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit); row `sub` is `own` instead."""
-        d = tl.arange(0, D)
         for r0 in range(0, N, RB):
-            r = r0 + tl.arange(0, RB)
-            k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
-            k = tl.where((r == sub)[:, None], own[None, :], k.to(tl.float32))
-            if MASKED:
-                live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
-            else:
-                live = (r < n) & (r <= limit)
+            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED)
             s = tl.where(live, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(s, axis=0))
             alpha = tl.exp(top - new_top)
@@ -1095,15 +1103,8 @@ if triton is not None:
         all of them, the scores and Σ p · row as products on the tensor cores (the scores'
         products exact in float32 from BF16; p · row in three TF32 passes, about float32's
         precision; IEEE: float32 products throughout)."""
-        d = tl.arange(0, D)
         for r0 in range(0, N, RB):
-            r = r0 + tl.arange(0, RB)
-            k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
-            k = tl.where((r == sub)[:, None], own[None, :], k.to(own.dtype))
-            if MASKED:
-                live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
-            else:
-                live = (r < n) & (r <= limit)
+            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED)
             scores = tl.where(live[None, :], _dot(q, k, IEEE) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             alpha = tl.exp(top - new_top)
