@@ -186,6 +186,7 @@ def measure(
     attention=ATTENTION,
     attention_rows=ATTENTION_ROWS,
     attention_splits=ATTENTION_SPLITS,
+    attention_head_splits=ATTENTION_HEAD_SPLITS,
 ) -> dict:
     """The figures on `dev` (tests run it on the CPU in Triton's interpreter at small `dims`)."""
     import torch
@@ -341,7 +342,13 @@ def measure(
     ]
     if attention_splits:
         out["attention"] = _attention_figures(
-            dev, attention, attention_rows, attention_splits, reps, copy_gbps, say
+            dev,
+            attention,
+            attention_rows,
+            (attention_splits, attention_head_splits),
+            reps,
+            copy_gbps,
+            say,
         )
     out["choices"] = _choices(out, tiles, warps, mode)
     say(f"fastest here: {out['choices']}")
@@ -433,7 +440,7 @@ def _choices(out: dict, tiles, warps, mode) -> dict:
     return choices
 
 
-def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> dict:
+def _attention_figures(dev, shape, row_counts, kinds_splits, reps, copy_gbps, say) -> dict:
     """A decode step's sink attention (`gpu_kernels.decode_attention`) over the window and
     `row_counts` compressed rows: each rows-per-split choice, and one split per part (the
     window's and the rows': a program per head walking them all, as before the split) → the
@@ -443,6 +450,7 @@ def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> 
     from flashdesk.engine import gpu_kernels
 
     heads, dim, window = shape
+    splits, head_splits = kinds_splits  # rows per split: per head, per head group
     g = torch.Generator(device=dev).manual_seed(3)
     q = torch.randn((1, heads, dim), generator=g, device=dev).to(torch.bfloat16)
     ring = torch.randn((window, dim), generator=g, device=dev).to(torch.bfloat16)
@@ -471,7 +479,7 @@ def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> 
         whole = times.pop(None)
         best = min(times, key=times.get)
         grouped = {}  # head groups (DECODE_ATTENTION "heads"), where the heads make a group
-        for split in ATTENTION_HEAD_SPLITS if heads % gpu_kernels.DECODE_HEAD_GROUP == 0 else ():
+        for split in head_splits if heads % gpu_kernels.DECODE_HEAD_GROUP == 0 else ():
 
             def call(i, rows=split, comp=comp, visible=visible):
                 return gpu_kernels.decode_attention(
@@ -493,7 +501,7 @@ def _attention_figures(dev, shape, row_counts, splits, reps, copy_gbps, say) -> 
     total = {k: sum(size["ms"][k] for size in sizes) for k in splits}
     out = {"sizes": sizes, "best_rows_per_split": min(total, key=total.get)}
     if all(size["heads_ms"] for size in sizes):
-        by_group = {k: sum(size["heads_ms"][k] for size in sizes) for k in ATTENTION_HEAD_SPLITS}
+        by_group = {k: sum(size["heads_ms"][k] for size in sizes) for k in head_splits}
         out["best_head_rows_per_split"] = min(by_group, key=by_group.get)
         faster = by_group[out["best_head_rows_per_split"]] < total[out["best_rows_per_split"]]
         out["best_kind"] = "heads" if faster else "head"

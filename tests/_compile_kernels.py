@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -410,25 +411,34 @@ SWEEP_ONLY = (" words", "/4w", "/8w", "split 4", "by pick")
 
 def main() -> None:
     results = {}
-    for cap, arch, suffix in ARCHES:
-        specs = _specs()
-        if cap >= 90:
-            specs += [
-                (f"{label}, PDL", fn, sig | {"PDL": "constexpr"}, consts | {"PDL": True}, opts)
-                for label, fn, sig, consts, opts in specs
-                if label in PDL_LABELS
-            ]
-        else:  # the desktops: the built-in shapes (the sweep's other ones are Hopper's here)
-            specs = [spec for spec in specs if not any(t in spec[0] for t in SWEEP_ONLY)]
-        if cap < 89:
-            specs = [
-                (label, fn, {k: v.replace("fp8e4nv", "u8") for k, v in sig.items()}, c, o)
-                for label, fn, sig, c, o in specs
-            ]
-        for label, fn, sig, consts, opts in specs:
-            results[label + suffix] = _compile(GPUTarget("cuda", cap, 32), arch, label, fn, sig,
-                                               consts, opts)  # fmt: skip
+    # one process per architecture (Triton's compiler and ptxas run on one core each)
+    with ProcessPoolExecutor(max_workers=min(len(ARCHES), os.cpu_count() or 1)) as pool:
+        for part in pool.map(_build, ARCHES):
+            results |= part
     print(json.dumps(results))
+
+
+def _build(arch_spec: tuple[int, str, str]) -> dict:
+    cap, arch, suffix = arch_spec
+    specs = _specs()
+    if cap >= 90:
+        specs += [
+            (f"{label}, PDL", fn, sig | {"PDL": "constexpr"}, consts | {"PDL": True}, opts)
+            for label, fn, sig, consts, opts in specs
+            if label in PDL_LABELS
+        ]
+    else:  # the desktops: the built-in shapes (the sweep's other ones are Hopper's here)
+        specs = [spec for spec in specs if not any(t in spec[0] for t in SWEEP_ONLY)]
+    if cap < 89:
+        specs = [
+            (label, fn, {k: v.replace("fp8e4nv", "u8") for k, v in sig.items()}, c, o)
+            for label, fn, sig, c, o in specs
+        ]
+    target = GPUTarget("cuda", cap, 32)
+    return {
+        label + suffix: _compile(target, arch, label, fn, sig, consts, opts)
+        for label, fn, sig, consts, opts in specs
+    }
 
 
 def _compile(target, arch, label, fn, sig, consts, opts) -> dict:

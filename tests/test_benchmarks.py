@@ -56,14 +56,14 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             False,
             (128, 64, 8),
             reps=1,
-            tile_choices=module.TILE_CHOICES[:2],
+            tile_choices=[module.TILE_CHOICES[0], ((32, 128, 32, 128), 4, (2, 0, 1))],
             token_counts=(2,),
             linears=[("fp8", 256, 128, 2, True, False), ("bf16", 64, 64, 1, False, True)],
             by_pick_choices=module.BY_PICK_CHOICES[:1],
             grouped_choices=module.GROUPED_CHOICES[:1],
             prompt_tokens=12,
             linear_choices=[module.LINEAR_CHOICES[i] for i in (1, 5, 7)],  # rows, rows, dot
-            attention=(16, 64, 8),  # one group of 16 heads: both kinds timed
+            attention=(4, 64, 8),  # no group of 16 heads: the per-head kind alone (below)
             attention_rows=(12, 40),
             attention_splits=(16, 32),
         )
@@ -78,8 +78,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
 
         assert [len(size["ms"]) for size in out["attention"]["sizes"]] == [2, 2]
         assert out["choices"]["DECODE_ROWS_PER_SPLIT"] in (16, 32)
-        assert [len(size["heads_ms"]) for size in out["attention"]["sizes"]] == [4, 4]
-        assert out["choices"]["DECODE_ATTENTION"] in ("head", "heads")
+        assert "DECODE_ATTENTION" not in out["choices"]
         assert {"TILES", "DECODE_MOE", "GROUPED_TILES", "LINEAR_KIND"} <= set(out["choices"])
         assert all(gpu_tuning.valid(name, v) for name, v in out["choices"].items())
         # each shape whose fastest choice was a "rows" one keeps it, keyed N x K x groups x bytes
@@ -92,6 +91,25 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert out["choices"].get("LINEAR_ROWS_BY_SHAPE", {}) == rows_won
         json.dumps(out)  # what --json prints
         assert "skipped" in module.run(True)  # no GPU here
+    finally:
+        sys.modules.pop("gpu_kernels", None)
+
+
+def test_gpu_kernels_benchmark_times_attention_in_head_groups(monkeypatch):
+    """With a group's 16 heads the sink attention is timed both ways and the faster kind
+    named, as `bench gpu-kernels` records it (gpu_kernels.DECODE_ATTENTION)."""
+    from _triton import kernels_device
+
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine runs the real benchmark")
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    try:
+        module = importlib.import_module("gpu_kernels")
+        out = module._attention_figures(
+            "cpu", (16, 32, 8), (12,), ((16,), (32,)), 1, 1.0, lambda *a: None
+        )
+        assert [len(size["heads_ms"]) for size in out["sizes"]] == [1]
+        assert out["best_kind"] in ("head", "heads") and out["best_head_rows_per_split"] == 32
     finally:
         sys.modules.pop("gpu_kernels", None)
 

@@ -101,7 +101,7 @@ def _decode_case(g, tokens, dim, inter, xdtype, k=6):
         (2, 256, 128, 10.0, torch.bfloat16, (1, 1)),
         (3, 256, 128, 10.0, torch.bfloat16, (0, 1, 1)),  # down split per pick
         (2, 256, 128, 10.0, torch.bfloat16, (2, 0)),  # rows read as int32 words
-        (3, 512, 256, 10.0, torch.float32, (2, 0, 1)),
+        (2, 256, 128, 10.0, torch.float32, (2, 0, 1)),
         (1, 256, 64, 0.0, torch.float16, (2, 0, 1)),
     ],
 )
