@@ -608,6 +608,7 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         x = x.float()
     want = None
     rows = []
+    options_of = {}  # each choice's `linear` options, by its label
     for choice in choices:
         if choice[0] == "rows":
             _, block_n, warps, block_k, wanted = choice
@@ -635,14 +636,12 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         err = ((got - want).norm() / want.norm()).item()
         ms = _replay_ms(call, reps)
         rows.append({"choice": label, "spec": choice, "ms": ms, "err": err})
+        options_of[label] = options
     best = min((r for r in rows if r["err"] < 1e-4), key=lambda r: r["ms"])
     # A/B of the built-in unroll (gpu_kernels.LINEAR_ROWS_UNROLL): the best "rows" choice with
     # its steps one at a time
     best_rows = min((r for r in rows if r["spec"][0] == "rows"), key=lambda r: r["ms"])
-    _, block_n, warps, block_k, wanted = best_rows["spec"]
-    programs = n // gpu_kernels._block(n // groups, block_n)
-    one_step = {"kind": "rows", "block_n": block_n, "num_warps": warps, "block_k": block_k}
-    one_step |= {"split": gpu_kernels._split_k(programs, k, gpu_kernels._block(k, block_k), wanted)}
+    one_step = options_of[best_rows["choice"]]
     one_step_ms = _replay_ms(
         lambda i: gpu_kernels.linear(x, weight, scale, groups, torch.float32, unroll=1, **one_step),
         reps,

@@ -595,14 +595,18 @@ if triton is not None:
         return (byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _e4m3_scaled(code):
+        """E4M3 codes (int32 of the byte) → 2⁻⁸ of their values as float32, through float16 bits
+        (the sign, then the exponent and mantissa fields shifted into the half's; subnormals
+        included): no fp8 type needed, which Triton lacks before Ada. The NaN codes 0x7F/0xFF
+        read as ±480 (× 2⁻⁸), which no encoder here writes."""
+        bits = ((code & 0x7F) << 7) | ((code & 0x80) << 8)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
     def _e4m3(code):
-        """E4M3 codes (int32 of the byte) → float32 values from their bits, on any GPU (no fp8
-        type needed); the NaN codes 0x7F/0xFF read as ±480, which no encoder here writes."""
-        field = (code >> 3) & 15
-        mant = (code & 7).to(tl.float32)
-        normal = (mant + 8.0) * ((field + 117) << 23).to(tl.float32, bitcast=True)
-        mag = tl.where(field == 0, mant * 0.001953125, normal)  # subnormals: m · 2^−9
-        return tl.where((code & 0x80) != 0, -mag, mag)
+        """E4M3 codes (int32 of the byte) → their float32 values, on any GPU."""
+        return _e4m3_scaled(code) * 256.0
 
     @triton.jit
     def _f16_pair(p):
@@ -637,13 +641,10 @@ if triton is not None:
     @triton.jit
     def _fp8_weights(w):
         """Loaded FP8 weights → float32: as the fp8e4nv type (Ada and later), or from E4M3 code
-        bytes on older GPUs, whose Triton has no such type, through float16 bits (the sign, then
-        the exponent and mantissa fields shifted into the half's: 2⁻⁸ of the value, subnormals
-        included; `_fp8_unit` gives the factor back)."""
+        bytes on older GPUs, whose Triton has no such type (`_e4m3_scaled`: 2⁻⁸ of the value,
+        the factor given back by `_fp8_unit` in the tile scale, not per weight)."""
         if w.dtype == tl.uint8:
-            c = w.to(tl.int32)
-            bits = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
-            return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return _e4m3_scaled(w.to(tl.int32))
         return w.to(tl.float32)
 
     @triton.jit
@@ -1134,9 +1135,7 @@ if triton is not None:
         d = tl.arange(0, D)
         q = tl.load(q_ptr + heads[:, None] * D + d[None, :])
         own = tl.load(own_ptr + d)
-        if own.dtype != q.dtype:  # rows and own row in the wider of the two types
-            own = own.to(tl.float32)
-        if IEEE:
+        if IEEE or own.dtype != q.dtype:  # the rows in float32 (`_row_block` takes own's type)
             own = own.to(tl.float32)
         pos = tl.load(pos_ptr)
         top = tl.full((HG,), -1e30, tl.float32)  # finite: a split with no live row adds 0
