@@ -1623,7 +1623,7 @@ def moe(
     if w1.shape[2] * 2 != dim or w2.shape[1:] != (dim, inter // 2) or dim % 32 or inter % 32:
         raise ValueError(f"expert stacks {w1.shape}/{w2.shape} do not fit activations {x.shape}")
     x = x.contiguous()
-    if mode[0] == 2 and any(t.data_ptr() % 4 for t in (x, w1, w2)):
+    if mode[0] == 2 and any(t.data_ptr() % 4 for t in (x, w1, w3, w2)):
         mode = (0, 1, *mode[2:])  # MODE 2 reads int32 words; an odd view falls back to bytes
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
