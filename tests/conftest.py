@@ -60,7 +60,7 @@ def _patch_the_language_once_per_launch() -> None:
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    try:
+    import contextlib
+
+    with contextlib.suppress(ImportError, AttributeError):  # another Triton: as it is
         _patch_the_language_once_per_launch()
-    except (ImportError, AttributeError):  # another Triton: its interpreter as it is
-        pass
