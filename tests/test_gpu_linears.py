@@ -54,15 +54,17 @@ def test_linears_of_one_input_join_into_one_launch():
     become one launch each (their weights held once; the separate linears stay as views of
     the rows): the same prefill and decode logits as the separate launches."""
     kernels_device()
-    config = ModelConfig.tiny(num_nextn_predict_layers=0)
-    ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(4))
+    # a window layer and a CSA one (its compressor and its indexer's): every joined kind
+    config = ModelConfig.tiny(num_hidden_layers=2, num_nextn_predict_layers=0)
+    ids = torch.randint(0, config.vocab_size, (7,), generator=torch.Generator().manual_seed(4))
+    prompt = 4
     with load_runtime(SyntheticCheckpoint(config, seed=5), kernel_activations=torch.float32) as rt:
         _as_on_a_gpu(rt.model)
 
         def run():
             state = rt.new_state()
-            rows = [rt.prefill(ids[:6].tolist(), state)]
-            return torch.stack(rows + [rt.model.decode(int(t), state) for t in ids[6:]])
+            rows = [rt.prefill(ids[:prompt].tolist(), state)]
+            return torch.stack(rows + [rt.model.decode(int(t), state) for t in ids[prompt:]])
 
         want = run()
         runtime.join_gpu_linears(rt.model)
@@ -81,7 +83,8 @@ def test_linears_of_one_input_join_into_one_launch():
         per_layer = [
             7 + (b.attn.compressor is not None) + 2 * (b.attn.indexer is not None) for b in blocks
         ]
-        assert len(launches) == 7 * sum(per_layer)  # 13 per call fewer than separately
+        calls = 1 + len(ids) - prompt  # the prompt's, then a decode step's per token
+        assert len(launches) == calls * sum(per_layer)  # 6 per call fewer than separately
         a = blocks[0].attn
         joined = a.wq_a_wkv.linear.weight
         assert a.wkv.weight.data_ptr() == joined.data_ptr() + a.wq_a.weight.nbytes
