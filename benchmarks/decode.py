@@ -320,13 +320,8 @@ def _calibrated(
     efficiency. Dividing the step's bytes by its time would charge the floor to the bandwidth:
     an H200 "measured" 0.22 that way, and the planner then predicted 0.66 × the run."""
     from flashdesk.offload.predict import Efficiency, predict
-    from flashdesk.offload.probe import Sourced
 
-    def calibrated(measured: dict) -> Efficiency:
-        eff = Efficiency()
-        for name, value in measured.items():
-            setattr(eff, name, Sourced(value, "calibrated", "bench decode, 2 real-dims layers"))
-        return eff
+    calibrated = _efficiency
 
     def step_with(name: str, value: float) -> float:
         got = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated({name: value}))
@@ -377,6 +372,34 @@ def _calibrated(
         "predicted_calibrated_over_measured": again.decode_tok_s * step_s,
     }
     return result | prefill
+
+
+def _efficiency(measured: dict):
+    """The planner's factors with this run's measured ones in place."""
+    from flashdesk.offload.predict import Efficiency
+    from flashdesk.offload.probe import Sourced
+
+    eff = Efficiency()
+    for name, value in measured.items():
+        setattr(eff, name, Sourced(value, "calibrated", "bench decode, 2 real-dims layers"))
+    return eff
+
+
+def _attention_calibrated(rows, model_figures, profile, plan, measured: dict) -> float:
+    """`cpu_attention` that makes the planner's time added by the deepest timed context (with
+    this run's other factors) equal the measured one, against the start-of-context steps timed
+    beside it: the context a long conversation's speed is quoted at (1M tokens)."""
+    from flashdesk.offload.predict import decode_tok_s_at
+
+    deepest = max(rows, key=lambda row: row["depth"])
+    added_s = 1.0 / deepest["tok_s"] - 1.0 / deepest["start_tok_s"]
+
+    def added_with(value: float) -> float:
+        eff = _efficiency(measured | {"cpu_attention": value})
+        at = decode_tok_s_at(plan, model_figures, profile, deepest["depth"], eff)
+        return 1.0 / at - 1.0 / decode_tok_s_at(plan, model_figures, profile, 1, eff)
+
+    return _solve(lambda v: added_with(v) - added_s, 0.01, 8.0)
 
 
 def _solve(f, lo: float, hi: float, rounds: int = 60) -> float:
@@ -528,6 +551,11 @@ def run(json_output: bool = False) -> dict:
             model_figures, profile, plan, prediction, step_s, expert_s, gbps, on_gpu, prefill_s,
             glue_s,
         )  # fmt: skip
+        if depths:
+            measured = figures["measured_efficiency"]
+            measured["cpu_attention"] = _attention_calibrated(
+                depths, model_figures, profile, plan, measured
+            )
         # Fed back: the planner's next prediction (`flashdesk fit`, the wizard) uses them.
         from flashdesk.offload.predict import Efficiency
 
@@ -580,6 +608,11 @@ def run(json_output: bool = False) -> dict:
                 f"{row['predicted_over_measured']:.2f}); the depth adds "
                 f"{row['added_ms_measured']:.1f} ms per token, the planner "
                 f"{row['added_ms_predicted']:.1f}"
+            )
+        if "cpu_attention" in figures["measured_efficiency"]:
+            print(
+                f"cpu_attention calibrated to {figures['measured_efficiency']['cpu_attention']:.2f}"
+                " (the time the deepest context adds)"
             )
         for name, tok_s in figures["decode_tok_s_by_expert_activations"].items():
             rounds = ", ".join(f"{t:.2f}" for t in tok_s)

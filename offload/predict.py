@@ -73,6 +73,14 @@ class Efficiency:
     gpu_flops: Sourced = field(
         default_factory=lambda: _eff(0.4, "BF16 prefill matmuls vs the tensor-core peak")
     )
+    # A CPU decode token's attention and CSA indexer at depth (`decode_attention_seconds`) vs the
+    # same peak: the C indexer and attention kernels, not the prefill's mix of GEMMs, so a figure
+    # of its own. `bench decode` solves it from its deepest context, the time the depth adds to
+    # a step (1M tokens): 0.48 and 0.32 in two runs on the Intel dev VM (2 cores, its speed
+    # drifting; prefill 0.27 and 0.24), ~0.5 on the AMD one (prefill 0.42-0.45).
+    cpu_attention: Sourced = field(
+        default_factory=lambda: _eff(0.4, "CPU decode attention and indexer at depth vs the peak")
+    )
     hop_seconds: Sourced = field(
         default_factory=lambda: _eff(50e-6, "GPU↔CPU handoff per layer per token")
     )
@@ -388,10 +396,9 @@ def decode_attention_seconds(
     plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency, depth: int
 ) -> float:
     """Seconds of a decode token's attention compute at `depth` tokens of context, each layer
-    on the device that runs its attention at that device's prompt FLOP rate (CPU: the C
-    indexer kernel measured 230 GFLOP/s on the dev VM's two Zen 5 cores, ~0.25 of the bf16-dot
-    peak the probe reports, which is `Efficiency.cpu_flops`' default)."""
-    cpu_flops = float(rates.cpu_gflops.value) * 1e9 * float(eff.cpu_flops.value)
+    on the device that runs its attention: the GPU at its prompt FLOP rate, the CPU at
+    `Efficiency.cpu_attention` of its peak (its C indexer and attention kernels)."""
+    cpu_flops = float(rates.cpu_gflops.value) * 1e9 * float(eff.cpu_attention.value)
     gpu_flops = float(rates.gpu_tflops.value) * 1e12 * float(eff.gpu_flops.value)
     by_index = {layer.index: layer for layer in figures.layers}
     total = 0.0

@@ -207,6 +207,48 @@ def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
         sys.modules.pop("decode", None)
 
 
+def test_the_deepest_context_calibrates_the_cpu_attention(monkeypatch):
+    """The time the deepest timed context adds to a CPU step (against the start's steps timed
+    beside it) sets cpu_attention: the calibrated planner adds that time there, whether the
+    kernels ran faster or slower than the default predicts; the other factors stay as given."""
+    from pathlib import Path
+
+    from flashdesk.engine.config import ModelConfig
+    from flashdesk.engine.inventory import inventory
+    from flashdesk.offload.figures import ModelFigures
+    from flashdesk.offload.plan import PlanOptions, make_plan
+    from flashdesk.offload.predict import Efficiency, decode_tok_s_at
+    from flashdesk.offload.probe import HardwareProfile
+
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    decode = importlib.import_module("decode")
+    try:
+        config = ModelConfig.v4_flash()
+        figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+        profile = HardwareProfile.load(Path(__file__).parent / "profiles" / "cpu_only_256gb.json")
+        plan = make_plan(figures, profile, PlanOptions(context=1 << 20))
+        measured = {"cpu_layer_seconds": 1e-3}
+        eff = decode._efficiency(measured)
+        start = 1.0 / decode_tok_s_at(plan, figures, profile, 1, eff)
+        for depth, slower in ((1 << 20, 0.5), (1 << 18, 2.0)):
+            default_added = 1.0 / decode_tok_s_at(plan, figures, profile, depth, eff) - start
+            added = slower * default_added
+            rows = [  # the deepest row decides; a shallower one is ignored
+                {"depth": 4096, "tok_s": 1.0, "start_tok_s": 2.0},
+                {"depth": depth, "tok_s": 1.0 / (start + added), "start_tok_s": 1.0 / start},
+            ]
+            value = decode._attention_calibrated(rows, figures, profile, plan, measured)
+            default = Efficiency().cpu_attention.value
+            assert value == pytest.approx(default / slower, rel=0.02)  # compute ∝ 1 / efficiency
+            again = decode._efficiency(measured | {"cpu_attention": value})
+            got = 1.0 / decode_tok_s_at(plan, figures, profile, depth, again)
+            assert got - 1.0 / decode_tok_s_at(plan, figures, profile, 1, again) == pytest.approx(
+                added, rel=1e-3
+            )
+    finally:
+        sys.modules.pop("decode", None)
+
+
 def test_bisection_finds_a_root_or_the_nearer_end(monkeypatch):
     monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
     decode = importlib.import_module("decode")
