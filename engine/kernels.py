@@ -888,6 +888,91 @@ def bf16_linear(
     return _linear(_BF16, x, w, None, out, threads, isa, "bf16_linear")
 
 
+# A prompt's FP8 linears (many tokens) can run as fp32 GEMMs of torch's BLAS on the weights the
+# C kernels decode, a tile of rows at a time: on the Intel dev VM (2 cores) MKL's sgemm ran V4's
+# shapes at 220-250 GFLOP/s at 256 tokens where the variants' own GEMM ran ~115. Whether it wins
+# on this machine is measured once, at the first call that could take it (`blas_prompts`);
+# FLASHDESK_BLAS=0 / 1 decides instead. Decode steps and short prompts keep the C kernel.
+BLAS_MIN_TOKENS = 128
+_BLAS_TILE = 1 << 22  # decoded weights per tile: 16 MB of fp32
+_blas_choice: bool | None = None
+_blas_lock = threading.Lock()  # not _tune_lock: the measurement's kernel calls take that one
+_blas_local = threading.local()  # each thread's tile buffer (a fresh one costs page faults)
+
+
+def _blas_scratch(elements: int):
+    import torch
+
+    buf = getattr(_blas_local, "buf", None)
+    if buf is None or buf.numel() < elements:
+        buf = _blas_local.buf = torch.empty(elements, dtype=torch.float32)
+    return buf
+
+
+def _blas_fp8(lin: BoundLinear, x, out):
+    """`lin`'s FP8 product for x `[M, groups·K]` as torch fp32 GEMMs on decoded row tiles →
+    out `[M, N]` (its dtype; bf16 rounded from the fp32 sums once)."""
+    import torch
+
+    k, rows = lin.k, lin.n // lin.groups
+    tile = min(rows, max(64, _BLAS_TILE // k // 64 * 64))
+    buf = _blas_scratch(tile * k)
+    xf = x if x.dtype is torch.float32 else x.float()
+    whole = lin.groups == 1 and tile == rows and out.dtype is torch.float32
+    for g in range(lin.groups):
+        xg = xf[:, g * k : (g + 1) * k]
+        for r0 in range(g * rows, (g + 1) * rows, tile):
+            nr = min(tile, (g + 1) * rows - r0)
+            w = buf[: nr * k].view(nr, k)
+            _kernels.fp8_decode_rows(
+                lin._w_addr, lin._scale_addr, k, r0, nr, w.data_ptr(), _threads, ""
+            )
+            if whole:
+                torch.mm(xg, w.t(), out=out)
+            else:
+                out[:, r0 : r0 + nr].copy_(torch.mm(xg, w.t()))
+    return out
+
+
+def blas_prompts() -> bool:
+    """Whether prompts' FP8 linears go through torch's BLAS (`_blas_fp8`): FLASHDESK_BLAS=0 / 1,
+    else measured once per process (a 256-token product with a [2048, 2048] weight both ways,
+    best of three each; ~0.1 s)."""
+    global _blas_choice
+    forced = os.environ.get("FLASHDESK_BLAS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _blas_choice is None:
+        with _blas_lock:
+            if _blas_choice is None:
+                _blas_choice = _measure_blas()
+    return _blas_choice
+
+
+def _measure_blas() -> bool:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 0x7F, (2048, 2048), dtype=torch.uint8, generator=g)  # no NaN code
+    scale = torch.randint(118, 126, (16, 16), dtype=torch.uint8, generator=g)
+    lin = BoundLinear("fp8", w, scale, finite=True)
+    x = torch.randn(256, 2048, generator=g).to(torch.bfloat16)
+    out = torch.empty(256, 2048)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    own = best(lambda: lin._kernel(x, out))
+    blas = best(lambda: _blas_fp8(lin, x, out))
+    return blas < 0.9 * own  # a clear win only: the two may trade places with the load
+
+
 class BoundLinear:
     """One linear (FP8, FP4 or BF16 weight) whose weight and scales were checked once: a call
     checks only its torch activations and output and goes straight to the C kernel. The general
@@ -937,6 +1022,13 @@ class BoundLinear:
             return _linear(
                 self._code, x, self.w, self.scale, out, None, None, self.name, self.groups
             )
+        if x.shape[0] >= BLAS_MIN_TOKENS and self._code == _FP8_FINITE and blas_prompts():
+            _ensure_default()
+            return _blas_fp8(self, x, out)
+        return self._kernel(x, out)
+
+    def _kernel(self, x: Any, out: Any) -> Any:
+        """The C kernel's product (x and out as `__call__` checked them) → out."""
         if x.shape[0]:
             _ensure_default()
             _kernels.quant_linear(

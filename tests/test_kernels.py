@@ -590,6 +590,75 @@ def test_bound_linears_equal_the_checked_entry_points():
         kernels.BoundLinear("int4", w8, s8)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp8_rows_decode_to_float32_exactly(isa):
+    """`fp8_decode_rows` (a prompt's BLAS path): any run of rows from any first row, each row
+    with its 128-row tile's scales, every value the reference decoder's."""
+    rng = np.random.default_rng(5)
+    w, s = rand_fp8(rng, 300, 254)  # three row tiles, a ragged last K tile
+    want = deq8(w, s).astype(np.float32)
+    for first, n in ((0, 300), (37, 150), (250, 50), (128, 0)):
+        out = np.full((max(n, 1), 254), np.nan, np.float32)
+        _kernels.fp8_decode_rows(
+            w.ctypes.data, s.ctypes.data, 254, first, n, out.ctypes.data, 2, isa
+        )
+        np.testing.assert_array_equal(out[:n], want[first : first + n])
+
+
+def test_a_prompts_fp8_linears_can_run_through_torchs_blas(monkeypatch):
+    """From BLAS_MIN_TOKENS tokens a checked FP8 linear can run as torch fp32 GEMMs on row tiles
+    the C kernels decode (where that measured faster here, or FLASHDESK_BLAS=1): the C kernel's
+    products up to summation order, grouped too, over several tiles; fewer tokens, unchecked
+    weights and FLASHDESK_BLAS=0 keep the C kernel. Without the variable it is measured once."""
+    rng = np.random.default_rng(6)
+    w8, s8 = rand_fp8(rng, 512, 384)
+    monkeypatch.setattr(kernels, "_BLAS_TILE", 64 * 384)  # 64-row tiles: several per group
+    taken = []
+    blas = kernels._blas_fp8
+    monkeypatch.setattr(kernels, "_blas_fp8", lambda *a: taken.append(1) or blas(*a))
+    monkeypatch.setenv("FLASHDESK_BLAS", "1")
+    m = kernels.BLAS_MIN_TOKENS
+    wdeq = deq8(w8, s8)
+    for groups in (1, 2):
+        lin = kernels.BoundLinear("fp8", w8, s8, groups=groups, finite=True)
+        dense = np.zeros((512, groups * 384))  # the grouped weight as one: blocks on a diagonal
+        rows = 512 // groups
+        for g in range(groups):
+            dense[g * rows : (g + 1) * rows, g * 384 : (g + 1) * 384] = wdeq[
+                g * rows : (g + 1) * rows
+            ]
+        x = torch.randn(m, groups * 384)
+        for xs, dtype in ((x, torch.float32), (x.bfloat16(), torch.float32), (x, torch.bfloat16)):
+            taken.clear()
+            got = lin(xs, torch.empty((m, 512), dtype=dtype))
+            assert taken
+            x64 = xs.double().numpy()
+            rel = 2e-6 if dtype is torch.float32 else 2**-8  # bf16 outputs: one rounding more
+            assert_close_dot(got.double().numpy(), x64 @ dense.T, x64, dense, rel)
+    checked = kernels.BoundLinear("fp8", w8, s8, finite=True)
+    unchecked = kernels.BoundLinear("fp8", w8, s8)
+    taken.clear()
+    checked(torch.randn(m - 1, 384), torch.empty((m - 1, 512)))
+    unchecked(torch.randn(m, 384), torch.empty((m, 512)))
+    monkeypatch.setenv("FLASHDESK_BLAS", "0")
+    checked(torch.randn(m, 384), torch.empty((m, 512)))
+    assert not taken
+    monkeypatch.delenv("FLASHDESK_BLAS")
+    measured = []
+    monkeypatch.setattr(kernels, "_blas_choice", None)
+    monkeypatch.setattr(kernels, "_measure_blas", lambda: measured.append(1) or False)
+    assert kernels.blas_prompts() is False and kernels.blas_prompts() is False
+    assert measured == [1]
+    checked(torch.randn(m, 384), torch.empty((m, 512)))
+    assert not taken
+
+
+def test_the_blas_measurement_runs_both_paths():
+    """`_measure_blas` times the C kernel and the BLAS path on the same product (a bool; which
+    one wins depends on the machine)."""
+    assert kernels._measure_blas() in (True, False)
+
+
 # ------------------------------------------------------------------------------- expert FFN
 
 

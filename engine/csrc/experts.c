@@ -855,3 +855,72 @@ done:
     free(row);
     return rc;
 }
+
+typedef struct {
+    const fd_quant_kernels *kern;
+    const uint8_t *w, *scale;
+    int K, first, n, ktiles;
+    float *out;
+    int claim, threads;
+    fd_atomic_int next;
+    fd_atomic_int failed;
+} decode_ctx;
+
+static void decode_job(void *p, int tid, int nthreads) {
+    (void)tid;
+    (void)nthreads;
+    decode_ctx *c = (decode_ctx *)p;
+    float ts_buf[64];
+    float *ts = c->ktiles <= 64 ? ts_buf : (float *)malloc(sizeof(float) * (size_t)c->ktiles);
+    if (!ts) {
+        fd_atomic_store(&c->failed, 1);
+        return;
+    }
+    const long units = (c->n + FD_ROWS_PER_UNIT - 1) / FD_ROWS_PER_UNIT;
+    unit_cursor cursor = {0, 0};
+    int tile = -1;
+    for (;;) {
+        const long u = next_unit(&c->next, units, c->threads, c->claim, &cursor);
+        if (u >= units) break;
+        const int r0 = (int)u * FD_ROWS_PER_UNIT;
+        const int nr = c->n - r0 < FD_ROWS_PER_UNIT ? c->n - r0 : FD_ROWS_PER_UNIT;
+        for (int r = r0; r < r0 + nr; r++) {
+            const int row = c->first + r;
+            if (row / 128 != tile) { /* a unit may straddle two tiles when `first` is not aligned */
+                tile = row / 128;
+                const uint8_t *srow = c->scale + (size_t)tile * c->ktiles;
+                for (int kt = 0; kt < c->ktiles; kt++) ts[kt] = fd_e8m0_f32[srow[kt]];
+            }
+            c->kern->fp8_decode(c->w + (size_t)row * c->K, ts, c->K, c->out + (size_t)r * c->K);
+        }
+    }
+    if (ts != ts_buf) free(ts);
+}
+
+int fd_fp8_decode_rows(const fd_quant_kernels *kern, int threads, const uint8_t *w,
+                       const uint8_t *scale, int K, int first, int n, float *out, char *err,
+                       size_t errlen) {
+    if (K <= 0 || first < 0 || n < 0) {
+        set_err(err, errlen, "fp8_decode_rows: K must be positive, first and n not negative");
+        return -1;
+    }
+    if (n == 0) return 0;
+    decode_ctx c;
+    memset(&c, 0, sizeof c);
+    c.kern = kern;
+    c.w = w;
+    c.scale = scale;
+    c.K = K;
+    c.first = first;
+    c.n = n;
+    c.ktiles = (K + 127) / 128;
+    c.out = out;
+    c.claim = claim_units((size_t)FD_ROWS_PER_UNIT * (size_t)K);
+    c.threads = threads < 1 ? 1 : threads;
+    fd_pool_run(decode_job, &c, c.threads);
+    if (fd_atomic_load(&c.failed)) {
+        set_err(err, errlen, "fp8_decode_rows: out of memory for the tile scales");
+        return -1;
+    }
+    return 0;
+}

@@ -64,4 +64,11 @@ int fd_quant_linear(const fd_quant_kernels *kern, int threads, int kind, const v
                     int M, int groups, int K, const uint8_t *w, const uint8_t *scale, int N,
                     void *out, int out_bf16, char *err, size_t errlen);
 
+/* out[n, K] (fp32) = FP8 rows first .. first+n-1 of w [N, K] decoded and scaled by their 128x128
+ * tiles' E8M0 scales (scale [ceil(N/128), ceil(K/128)]), rows shared out on the pool: a prompt's
+ * FP8 linear can then run as one fp32 GEMM of a BLAS that beats the variant's own. */
+int fd_fp8_decode_rows(const fd_quant_kernels *kern, int threads, const uint8_t *w,
+                       const uint8_t *scale, int K, int first, int n, float *out, char *err,
+                       size_t errlen);
+
 #endif

@@ -225,6 +225,26 @@ static PyObject *py_quant_linear(PyObject *self, PyObject *args) {
     return kernel_result(rc, err);
 }
 
+static PyObject *py_fp8_decode_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, scale, out;
+    int K, first, n, threads;
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "KKiiiKis:fp8_decode_rows", &w, &scale, &K, &first, &n, &out,
+                          &threads, &isa))
+        return NULL;
+    const fd_quant_kernels *kern = kernels_for(isa);
+    if (!kern) return NULL;
+    char err[160] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fd_fp8_decode_rows(kern, threads, (const uint8_t *)(uintptr_t)w,
+                            (const uint8_t *)(uintptr_t)scale, K, first, n,
+                            (float *)(uintptr_t)out, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return kernel_result(rc, err);
+}
+
 static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address, nbytes;
@@ -493,6 +513,9 @@ static PyMethodDef kernel_methods[] = {
     {"expert_ffn", py_expert_ffn, METH_VARARGS,
      "expert_ffn(x, x_bf16, T, D, I, table, n_experts, ids, weights, k, limit, out, out_bf16, "
      "threads, isa, int8=False)\n\nRaw FP4 expert FFN on addresses; use flashdesk.engine.kernels.expert_ffn."},
+    {"fp8_decode_rows", py_fp8_decode_rows, METH_VARARGS,
+     "fp8_decode_rows(w, scale, K, first, n, out, threads, isa)\n\nFP8 weight rows first.. "
+     "first+n-1 decoded to fp32 on addresses; use flashdesk.engine.kernels.BoundLinear."},
     {"quant_linear", py_quant_linear, METH_VARARGS,
      "quant_linear(kind, x, x_bf16, M, groups, K, w, scale, N, out, out_bf16, threads, isa)\n\nRaw "
      "FP4/FP8/BF16 linear on addresses; use flashdesk.engine.kernels.fp8_linear / fp4_linear / "
