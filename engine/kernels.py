@@ -900,12 +900,14 @@ _blas_lock = threading.Lock()  # not _tune_lock: the measurement's kernel calls 
 _blas_local = threading.local()  # each thread's tile buffer (a fresh one costs page faults)
 
 
-def _blas_scratch(elements: int):
+def _blas_scratch(name: str, elements: int):
+    """This thread's float32 buffer `name` of at least `elements`, kept between calls."""
     import torch
 
-    buf = getattr(_blas_local, "buf", None)
+    buf = getattr(_blas_local, name, None)
     if buf is None or buf.numel() < elements:
-        buf = _blas_local.buf = torch.empty(elements, dtype=torch.float32)
+        buf = torch.empty(elements, dtype=torch.float32)
+        setattr(_blas_local, name, buf)
     return buf
 
 
@@ -914,23 +916,28 @@ def _blas_fp8(lin: BoundLinear, x, out):
     out `[M, N]` (its dtype; bf16 rounded from the fp32 sums once)."""
     import torch
 
-    k, rows = lin.k, lin.n // lin.groups
+    m, k, rows = x.shape[0], lin.k, lin.n // lin.groups
     tile = min(rows, max(64, _BLAS_TILE // k // 64 * 64))
-    buf = _blas_scratch(tile * k)
+    weights = _blas_scratch("weights", tile * k)
     xf = x if x.dtype is torch.float32 else x.float()
     whole = lin.groups == 1 and tile == rows and out.dtype is torch.float32
+    # a tile's products land in a kept buffer, then in out's columns: a fresh [M, tile] result
+    # each tile would cost its page faults (~16 MB per tile at 1,024 tokens)
+    products = None if whole else _blas_scratch("products", m * tile)
     for g in range(lin.groups):
         xg = xf[:, g * k : (g + 1) * k]
         for r0 in range(g * rows, (g + 1) * rows, tile):
             nr = min(tile, (g + 1) * rows - r0)
-            w = buf[: nr * k].view(nr, k)
+            w = weights[: nr * k].view(nr, k)
             _kernels.fp8_decode_rows(
                 lin._w_addr, lin._scale_addr, k, r0, nr, w.data_ptr(), _threads, ""
             )
             if whole:
                 torch.mm(xg, w.t(), out=out)
             else:
-                out[:, r0 : r0 + nr].copy_(torch.mm(xg, w.t()))
+                product = products[: m * nr].view(m, nr)
+                torch.mm(xg, w.t(), out=product)
+                out[:, r0 : r0 + nr].copy_(product)
     return out
 
 
