@@ -147,27 +147,35 @@ def test_decode_calibration_on_a_gpu_reproduces_the_measured_step(monkeypatch):
         sys.modules.pop("decode", None)
 
 
-def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
-    """On the CPU the run's decode split sets cpu_experts / cpu_dense (less the layers' measured
-    glue, which becomes cpu_layer_seconds) and its timed prefill cpu_flops, solved with the
-    decode figures in place: the calibrated planner's prefill takes
-    the measured time, whether the run was faster or slower than the default predicts."""
+def _v4_flash_cpu_plan(context: int) -> tuple:
+    """V4-Flash's figures, the CPU-only test profile and the plan for `context` tokens on it."""
     from pathlib import Path
 
     from flashdesk.engine.config import ModelConfig
     from flashdesk.engine.inventory import inventory
     from flashdesk.offload.figures import ModelFigures
     from flashdesk.offload.plan import PlanOptions, make_plan
+    from flashdesk.offload.probe import HardwareProfile
+
+    config = ModelConfig.v4_flash()
+    figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
+    profile = HardwareProfile.load(Path(__file__).parent / "profiles" / "cpu_only_256gb.json")
+    return figures, profile, make_plan(figures, profile, PlanOptions(context=context))
+
+
+def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
+    """On the CPU the run's decode split sets cpu_experts / cpu_dense (less the layers' measured
+    glue, which becomes cpu_layer_seconds) and its timed prefill cpu_flops, solved with the
+    decode figures in place: the calibrated planner's prefill takes
+    the measured time, whether the run was faster or slower than the default predicts."""
+
     from flashdesk.offload.predict import Efficiency, predict
-    from flashdesk.offload.probe import HardwareProfile, Sourced
+    from flashdesk.offload.probe import Sourced
 
     monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
     decode = importlib.import_module("decode")
     try:
-        config = ModelConfig.v4_flash()
-        figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
-        profile = HardwareProfile.load(Path(__file__).parent / "profiles" / "cpu_only_256gb.json")
-        plan = make_plan(figures, profile, PlanOptions(context=4096))
+        figures, profile, plan = _v4_flash_cpu_plan(4096)
         assert plan.mode == "cpu"
         prediction = predict(plan, figures, profile, decode.PROMPT_TOKENS)
         step_s, expert_s = 1.3 / prediction.decode_tok_s, 0.5 / prediction.decode_tok_s
@@ -211,22 +219,12 @@ def test_the_deepest_context_calibrates_the_cpu_attention(monkeypatch):
     """The time the deepest timed context adds to a CPU step (against the start's steps timed
     beside it) sets cpu_attention: the calibrated planner adds that time there, whether the
     kernels ran faster or slower than the default predicts; the other factors stay as given."""
-    from pathlib import Path
-
-    from flashdesk.engine.config import ModelConfig
-    from flashdesk.engine.inventory import inventory
-    from flashdesk.offload.figures import ModelFigures
-    from flashdesk.offload.plan import PlanOptions, make_plan
     from flashdesk.offload.predict import Efficiency, decode_tok_s_at
-    from flashdesk.offload.probe import HardwareProfile
 
     monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
     decode = importlib.import_module("decode")
     try:
-        config = ModelConfig.v4_flash()
-        figures = ModelFigures.from_inventory(inventory(config), config, "DeepSeek-V4-Flash")
-        profile = HardwareProfile.load(Path(__file__).parent / "profiles" / "cpu_only_256gb.json")
-        plan = make_plan(figures, profile, PlanOptions(context=1 << 20))
+        figures, profile, plan = _v4_flash_cpu_plan(1 << 20)
         measured = {"cpu_layer_seconds": 1e-3}
         eff = decode._efficiency(measured)
         start = 1.0 / decode_tok_s_at(plan, figures, profile, 1, eff)
