@@ -901,12 +901,15 @@ _blas_local = threading.local()  # each thread's tile buffer (a fresh one costs 
 
 
 def _blas_scratch(name: str, elements: int):
-    """This thread's float32 buffer `name` of at least `elements`, kept between calls."""
+    """This thread's float32 buffer `name` of at least `elements`, kept between calls: a normal
+    tensor even when made under `torch.inference_mode` (the runtime's calls), so that calls
+    outside it may write it too."""
     import torch
 
     buf = getattr(_blas_local, name, None)
     if buf is None or buf.numel() < elements:
-        buf = torch.empty(elements, dtype=torch.float32)
+        with torch.inference_mode(False):
+            buf = torch.empty(elements, dtype=torch.float32)
         setattr(_blas_local, name, buf)
     return buf
 

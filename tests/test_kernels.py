@@ -636,6 +636,12 @@ def test_a_prompts_fp8_linears_can_run_through_torchs_blas(monkeypatch):
             rel = 2e-6 if dtype is torch.float32 else 2**-8  # bf16 outputs: one rounding more
             assert_close_dot(got.double().numpy(), x64 @ dense.T, x64, dense, rel)
     checked = kernels.BoundLinear("fp8", w8, s8, finite=True)
+    # the thread's buffers made under inference mode (the runtime's calls) serve calls outside it
+    monkeypatch.setattr(kernels, "_blas_local", threading.local())
+    x = torch.randn(m, 384)
+    with torch.inference_mode():
+        inside = checked(x, torch.empty((m, 512)))
+    torch.testing.assert_close(checked(x, torch.empty((m, 512))), inside, rtol=0, atol=0)
     unchecked = kernels.BoundLinear("fp8", w8, s8)
     taken.clear()
     checked(torch.randn(m - 1, 384), torch.empty((m - 1, 512)))
