@@ -920,12 +920,13 @@ def _blas_fp8(lin: BoundLinear, x, out):
     import torch
 
     m, k, rows = x.shape[0], lin.k, lin.n // lin.groups
-    tile = min(rows, max(64, _BLAS_TILE // k // 64 * 64))
+    # rows per tile: its weights and its products ([M, tile]) each ~_BLAS_TILE floats at most
+    tile = min(rows, max(64, _BLAS_TILE // max(k, m) // 64 * 64))
     weights = _blas_scratch("weights", tile * k)
     xf = x if x.dtype is torch.float32 else x.float()
     whole = lin.groups == 1 and tile == rows and out.dtype is torch.float32
     # a tile's products land in a kept buffer, then in out's columns: a fresh [M, tile] result
-    # each tile would cost its page faults (~16 MB per tile at 1,024 tokens)
+    # each tile would cost its page faults
     products = None if whole else _blas_scratch("products", m * tile)
     for g in range(lin.groups):
         xg = xf[:, g * k : (g + 1) * k]
