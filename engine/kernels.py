@@ -928,20 +928,21 @@ def _blas_fp8(lin: BoundLinear, x, out):
     # a tile's products land in a kept buffer, then in out's columns: a fresh [M, tile] result
     # each tile would cost its page faults
     products = None if whole else _blas_scratch("products", m * tile)
-    for g in range(lin.groups):
-        xg = xf[:, g * k : (g + 1) * k]
-        for r0 in range(g * rows, (g + 1) * rows, tile):
-            nr = min(tile, (g + 1) * rows - r0)
-            w = weights[: nr * k].view(nr, k)
-            _kernels.fp8_decode_rows(
-                lin._w_addr, lin._scale_addr, k, r0, nr, w.data_ptr(), _threads, ""
-            )
-            if whole:
-                torch.mm(xg, w.t(), out=out)
-            else:
-                product = products[: m * nr].view(m, nr)
-                torch.mm(xg, w.t(), out=product)
-                out[:, r0 : r0 + nr].copy_(product)
+    with torch.inference_mode():  # writes out as the C kernel would, whatever mode made it
+        for g in range(lin.groups):
+            xg = xf[:, g * k : (g + 1) * k]
+            for r0 in range(g * rows, (g + 1) * rows, tile):
+                nr = min(tile, (g + 1) * rows - r0)
+                w = weights[: nr * k].view(nr, k)
+                _kernels.fp8_decode_rows(
+                    lin._w_addr, lin._scale_addr, k, r0, nr, w.data_ptr(), _threads, ""
+                )
+                if products is None:
+                    torch.mm(xg, w.t(), out=out)
+                else:
+                    product = products[: m * nr].view(m, nr)
+                    torch.mm(xg, w.t(), out=product)
+                    out[:, r0 : r0 + nr].copy_(product)
     return out
 
 

@@ -641,7 +641,9 @@ def test_a_prompts_fp8_linears_can_run_through_torchs_blas(monkeypatch):
     x = torch.randn(m, 384)
     with torch.inference_mode():
         inside = checked(x, torch.empty((m, 512)))
+        made_inside = torch.empty((m, 512))  # an output made there, written outside
     torch.testing.assert_close(checked(x, torch.empty((m, 512))), inside, rtol=0, atol=0)
+    torch.testing.assert_close(checked(x, made_inside), inside, rtol=0, atol=0)
     unchecked = kernels.BoundLinear("fp8", w8, s8)
     taken.clear()
     checked(torch.randn(m - 1, 384), torch.empty((m - 1, 512)))
