@@ -506,7 +506,7 @@ def test_decode_at_a_full_context_pays_the_attention_compute(flash, capsys, monk
     full = decode_attention_seconds(plan, flash, rates, eff, 1 << 20)
     assert indexer < full < 1.5 * indexer  # the indexer is most of it, HCA the rest
     assert 1 / pred.decode_full_tok_s == pytest.approx(1 / pred.decode_tok_s + full, rel=1e-9)
-    assert pred.decode_full_tok_s < 0.75 * pred.decode_tok_s
+    assert pred.decode_full_tok_s < 0.7 * pred.decode_tok_s
     # the figure grows with the depth, from ~nothing at the start of a context
     depths = [decode_tok_s_at(plan, flash, profile, d, eff) for d in (0, 4096, 65536, 1 << 20)]
     assert depths == sorted(depths, reverse=True)
