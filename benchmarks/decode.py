@@ -321,10 +321,8 @@ def _calibrated(
     an H200 "measured" 0.22 that way, and the planner then predicted 0.66 × the run."""
     from flashdesk.offload.predict import Efficiency, predict
 
-    calibrated = _efficiency
-
     def step_with(name: str, value: float) -> float:
-        got = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated({name: value}))
+        got = predict(plan, model_figures, profile, PROMPT_TOKENS, _efficiency({name: value}))
         return 1.0 / got.decode_tok_s
 
     measured = {}
@@ -354,10 +352,10 @@ def _calibrated(
         tokens = CPU_PREFILL_TOKENS
 
         def ttft_with(value: float) -> float:
-            eff = calibrated(measured | {"cpu_flops": value})
+            eff = _efficiency(measured | {"cpu_flops": value})
             return predict(plan, model_figures, profile, tokens, eff).ttft_s
 
-        before = predict(plan, model_figures, profile, tokens, calibrated(measured)).ttft_s
+        before = predict(plan, model_figures, profile, tokens, _efficiency(measured)).ttft_s
         measured["cpu_flops"] = _solve(lambda v: ttft_with(v) - prefill_s, 0.01, 8.0)
         prefill = {
             "prefill_tokens": tokens,
@@ -365,7 +363,7 @@ def _calibrated(
             "predicted_prefill_tok_s": tokens / before,
             "predicted_prefill_over_measured": prefill_s / before,
         }
-    again = predict(plan, model_figures, profile, PROMPT_TOKENS, calibrated(measured))
+    again = predict(plan, model_figures, profile, PROMPT_TOKENS, _efficiency(measured))
     result = {
         "measured_efficiency": measured,
         "predicted_calibrated_tok_s": again.decode_tok_s,

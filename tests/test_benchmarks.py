@@ -168,7 +168,6 @@ def test_decode_calibration_on_the_cpu_reproduces_step_and_prefill(monkeypatch):
     glue, which becomes cpu_layer_seconds) and its timed prefill cpu_flops, solved with the
     decode figures in place: the calibrated planner's prefill takes
     the measured time, whether the run was faster or slower than the default predicts."""
-
     from flashdesk.offload.predict import Efficiency, predict
     from flashdesk.offload.probe import Sourced
 
