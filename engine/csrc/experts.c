@@ -619,6 +619,12 @@ typedef struct {
     fd_atomic_int failed; /* a thread could not allocate its scratch */
 } lin_ctx;
 
+/* The float scales of an FP8 weight's 128-row tile `tile` (scale [ceil(N/128), ktiles] E8M0). */
+static void tile_scales(const uint8_t *scale, int tile, int ktiles, float *ts) {
+    const uint8_t *srow = scale + (size_t)tile * (size_t)ktiles;
+    for (int kt = 0; kt < ktiles; kt++) ts[kt] = fd_e8m0_f32[srow[kt]];
+}
+
 static void lin_job(void *p, int tid, int nthreads) {
     (void)tid;
     (void)nthreads;
@@ -656,8 +662,7 @@ static void lin_job(void *p, int tid, int nthreads) {
         } else if (c->kind == FD_WEIGHT_FP8) {
             ws = (size_t)K;
             w = c->w + (size_t)n0 * ws;
-            const uint8_t *srow = c->scale + (size_t)(n0 / 128) * c->ktiles;
-            for (int kt = 0; kt < c->ktiles; kt++) ts[kt] = fd_e8m0_f32[srow[kt]];
+            tile_scales(c->scale, n0 / 128, c->ktiles, ts);
         } else {
             ws = (size_t)K / 2;
             ss = (size_t)K / 32;
@@ -888,8 +893,7 @@ static void decode_job(void *p, int tid, int nthreads) {
             const int row = c->first + r;
             if (row / 128 != tile) { /* a unit may straddle two tiles when `first` is not aligned */
                 tile = row / 128;
-                const uint8_t *srow = c->scale + (size_t)tile * c->ktiles;
-                for (int kt = 0; kt < c->ktiles; kt++) ts[kt] = fd_e8m0_f32[srow[kt]];
+                tile_scales(c->scale, tile, c->ktiles, ts);
             }
             c->kern->fp8_decode(c->w + (size_t)row * c->K, ts, c->K, c->out + (size_t)r * c->K);
         }
