@@ -661,10 +661,17 @@ def test_a_prompts_fp8_linears_can_run_through_torchs_blas(monkeypatch):
     assert not taken
 
 
-def test_the_blas_measurement_runs_both_paths():
-    """`_measure_blas` times the C kernel and the BLAS path on the same product (a bool; which
-    one wins depends on the machine)."""
-    assert kernels._measure_blas() in (True, False)
+def test_the_blas_measurement_runs_both_paths(monkeypatch):
+    """`_measure_blas` times the C kernel and the BLAS path on the same product, a warm-up and
+    three timed calls each, and says whether the BLAS path won (which wins is the machine's)."""
+    calls = []
+    blas, own = kernels._blas_fp8, kernels.BoundLinear._kernel
+    monkeypatch.setattr(kernels, "_blas_fp8", lambda *a: calls.append("blas") or blas(*a))
+    monkeypatch.setattr(
+        kernels.BoundLinear, "_kernel", lambda self, *a: calls.append("own") or own(self, *a)
+    )
+    assert isinstance(kernels._measure_blas(), bool)
+    assert calls.count("own") == 4 and calls.count("blas") == 4
 
 
 # ------------------------------------------------------------------------------- expert FFN
