@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from flashdesk.engine import gpu_kernels, kernels
+from flashdesk.engine import gpu_kernels, host_heap, kernels
 from flashdesk.engine.cache import KV_FORMATS, Fp8Rows
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
@@ -717,6 +717,7 @@ class Runtime:
         if self.checkpoint is not None:
             self.checkpoint.close()
             self.checkpoint = None
+        host_heap.release()  # the prompts' kept temporaries (`host_heap.keep_large_blocks`)
 
     def __enter__(self) -> Runtime:
         return self

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from flashdesk import __version__
+from flashdesk.engine import host_heap
 
 # name -> (module, one-line help). The module provides `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # before any thread starts: CPU prompts' large temporaries reuse the heap's pages
+    host_heap.keep_large_blocks()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("--") and argv[0] not in ("--help", "--version")):
         # No subcommand: the desktop app (it takes its own options, e.g. --self-test).
