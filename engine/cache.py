@@ -450,6 +450,54 @@ class SequenceState:
         layers = [[(p, p.mark(device)) for p in layer.parts()] for layer in self.layers + self.mtp]
         return layers, self.position, self.mtp_position
 
+    def drop_point(self, tokens: int) -> tuple:
+        """Taken before a call of `tokens` tokens (a draft token's verification) → what
+        `drop_last` needs to take that call's last token back out. Cheap, unlike `mark`: the
+        window rings, the compressors' open windows and the stores are positional (a token's
+        rows are written again by the token that replaces it), so only the compressors whose
+        window the last token closes need anything, and of those only the overlapping ones'
+        A halves of the window before (a few KB each) are copied."""
+        ratios = [
+            carry.ratio
+            for layer in self.layers
+            for carry in (layer.carry, layer.index_carry)
+            if carry is not None
+        ]
+        if tokens < 1 or (ratios and tokens > min(ratios)):
+            raise ValueError(
+                f"a dropped call holds 1..{min(ratios, default=tokens)} tokens "
+                f"(the smallest compression ratio), got {tokens}"
+            )
+        last = self.position + tokens - 1
+        closing = []
+        for layer in self.layers:
+            for carry, store in (
+                (layer.carry, layer.kv_entries),
+                (layer.index_carry, layer.index_keys),
+            ):
+                if carry is not None and (last + 1) % carry.ratio == 0:
+                    prev = (
+                        (carry.prev_kv.clone(), carry.prev_gate.clone()) if carry.overlap else None
+                    )
+                    closing.append((carry, store, prev))
+        return self.position + tokens, closing
+
+    def drop_last(self, point: tuple) -> None:
+        """Take back out the last token of the call `point` (`drop_point`) was taken before:
+        the state is then exactly as if the call had held one token fewer."""
+        end, closing = point
+        if self.position != end:
+            raise RuntimeError(
+                f"drop_last must follow the call its point was taken for (the state is at "
+                f"{self.position} tokens, that call ended at {end})"
+            )
+        for carry, store, prev in closing:
+            store.n -= 1  # the entry the dropped token closed
+            if prev is not None:
+                carry.prev_kv.copy_(prev[0])
+                carry.prev_gate.copy_(prev[1])
+        self.position = end - 1
+
     def rewind(self, mark: tuple) -> None:
         """Back to the state at `mark` (taken from this state; rows written since are dropped)."""
         layers, self.position, self.mtp_position = mark

@@ -144,6 +144,45 @@ def test_bf16_runs_close_to_fp32():
     assert corr > 0.95
 
 
+@pytest.mark.parametrize("start", range(31, 47))  # every phase of the ratios 4 and 16
+def test_a_calls_last_token_drops_out_exactly(tiny, start):
+    """A draft token verified and rejected: a 2-token call with its last token dropped leaves
+    the state a 1-token call would, whichever windows that token closed."""
+    config, model = tiny
+    ids = _ids(start + 6, config.vocab_size, 8)
+    one, two = model.new_state(), model.new_state()
+    model.prefill(ids[:start], one)
+    model.prefill(ids[:start], two)
+    model.decode(int(ids[start]), one)
+    point = two.drop_point(2)
+    model.forward_streams(torch.tensor([int(ids[start]), 7]), two)  # 7: the rejected draft
+    two.drop_last(point)
+    assert two.position == one.position == start + 1
+    a, b = _state_tensors(one), _state_tensors(two)
+    for name in a:
+        if name.endswith(".window"):  # the dropped token's ring slot is rewritten before use
+            continue
+        assert a[name].shape == b[name].shape, name
+        finite = torch.isfinite(a[name])
+        assert torch.equal(finite, torch.isfinite(b[name])), name
+        assert torch.allclose(a[name][finite], b[name][finite], rtol=0, atol=TOL), name
+    for t in ids[start + 1 :]:
+        la, lb = model.decode(int(t), one), model.decode(int(t), two)
+        assert (la - lb).abs().max().item() <= TOL
+
+
+def test_drop_last_refuses_what_it_cannot_undo(tiny):
+    config, model = tiny
+    state = model.new_state()
+    model.prefill(_ids(9, config.vocab_size), state)
+    with pytest.raises(ValueError, match="smallest compression ratio"):
+        state.drop_point(5)
+    point = state.drop_point(2)
+    model.decode(3, state)  # one token, not the two the point was taken for
+    with pytest.raises(RuntimeError, match="must follow the call"):
+        state.drop_last(point)
+
+
 def test_mtp_draft_logits_are_incremental(tiny):
     """The MTP head on the main model's final streams: one pass equals step by step."""
     config, model = tiny

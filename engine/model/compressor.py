@@ -81,6 +81,12 @@ class Compressor:
             return torch.empty(0, c, dtype=out_dtype, device=a.device)
         positions = torch.arange(start, start + s, device=a.device)
         gate = gate + self.ape[positions % m]
+        # the open window's new tokens also go into their carry slots, though it closes here:
+        # then the call's last token can be taken back out (`SequenceState.drop_last`) and the
+        # window closed again by another one
+        first = m - n_open
+        carry.kv[n_open:] = kv[:first]
+        carry.gate[n_open:] = gate[:first]
         if n_open:
             kv = torch.cat((carry.kv[:n_open], kv))
             gate = torch.cat((carry.gate[:n_open], gate))
