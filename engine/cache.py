@@ -414,6 +414,12 @@ class SequenceState:
     mtp: list[LayerState] = field(default_factory=list)
     position: int = 0  # number of tokens already processed
     mtp_position: int = 0  # tokens processed by the MTP block(s)
+    # Speculative decoding (`V4Model.draft`): the main model's final streams `[n, hc, D]` of the
+    # positions mtp_position.. that the MTP block has not taken yet (their next tokens were not
+    # all known), and the known next tokens of all but the last of them; a dropped call's point.
+    mtp_pending: torch.Tensor | None = None
+    mtp_pending_ids: tuple[int, ...] = ()
+    verify_point: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -439,6 +445,7 @@ class SequenceState:
             layer.reset()
         self.position = 0
         self.mtp_position = 0
+        self.mtp_pending, self.mtp_pending_ids, self.verify_point = None, (), None
 
     def mark(self, device=None) -> tuple:
         """What `rewind` needs to undo the calls after this one: the window rings and compressor
@@ -448,7 +455,8 @@ class SequenceState:
         runs out of GPU memory halfway is undone, a chat turn returns to where a new prompt
         diverges from the old (`generate.Session`)."""
         layers = [[(p, p.mark(device)) for p in layer.parts()] for layer in self.layers + self.mtp]
-        return layers, self.position, self.mtp_position
+        pending = None if self.mtp_pending is None else self.mtp_pending.to(device, copy=True)
+        return layers, self.position, self.mtp_position, pending, self.mtp_pending_ids
 
     def drop_point(self, tokens: int) -> tuple:
         """Taken before a call of `tokens` tokens (a draft token's verification) → what
@@ -500,7 +508,10 @@ class SequenceState:
 
     def rewind(self, mark: tuple) -> None:
         """Back to the state at `mark` (taken from this state; rows written since are dropped)."""
-        layers, self.position, self.mtp_position = mark
+        layers, self.position, self.mtp_position, pending, self.mtp_pending_ids = mark
+        device = self.layers[0].window.device if self.layers else None
+        self.mtp_pending = None if pending is None else pending.to(device, copy=True)
+        self.verify_point = None
         for saved in layers:
             for part, value in saved:
                 part.rewind(value)

@@ -200,6 +200,55 @@ def test_mtp_draft_logits_are_incremental(tiny):
     assert (torch.stack(rows) - full).abs().max().item() <= TOL
 
 
+def test_speculation_keeps_main_and_draft_logits_exact(tiny):
+    """Prefill, then draft / verify steps whose drafts are kept or rejected in turn: every main
+    logit and every draft equals one full pass over the tokens kept (the MTP block stays in
+    step through rejections, which it never sees)."""
+    config, model = tiny
+    ids = _ids(48, config.vocab_size, 9)
+    full = model.forward_full(ids)  # row i: the token after position i
+    ref_state = model.new_state()
+    mtp_full = model.mtp_logits(model.forward_streams(ids[:-1], ref_state), ids[1:], ref_state)
+    model.enable_speculation()
+    try:
+        state = model.new_state()
+        logits = model.prefill(ids[:21], state, chunk_size=8)
+        assert (logits - full[20]).abs().max().item() <= TOL
+        i, kept = 21, 0
+        while i + 1 < ids.numel():
+            token = int(ids[i])
+            q = model.draft(token, state)
+            assert (q - mtp_full[i - 1]).abs().max().item() <= TOL, i  # the token after next
+            keep = (i // 2) % 2 == 0
+            d = int(ids[i + 1]) if keep else (int(ids[i + 1]) + 1) % config.vocab_size
+            out = model.verify([token, d], state)
+            assert (out[0] - full[i]).abs().max().item() <= TOL
+            if keep:
+                assert (out[1] - full[i + 1]).abs().max().item() <= TOL
+                i, kept = i + 2, kept + 1
+            else:
+                model.reject_last(state)
+                i += 1
+            assert state.position == i == state.mtp_position + state.mtp_pending.shape[0]
+        assert kept >= 4
+    finally:
+        model.enable_speculation(False)
+
+
+def test_speculation_needs_the_mtp_block_and_a_verify(tiny):
+    config, model = tiny
+    tensors = {k: v for k, v in random_official_tensors(config, 7).items() if "mtp." not in k}
+    plain = our_model(config, tensors)
+    with pytest.raises(RuntimeError, match="MTP block"):
+        plain.enable_speculation()
+    state = model.new_state()
+    model.prefill(_ids(5, config.vocab_size), state)
+    with pytest.raises(RuntimeError, match="reject_last must follow verify"):
+        model.reject_last(state)
+    with pytest.raises(RuntimeError, match="speculation on"):
+        model.draft(3, state)
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [([], "at least one token"), ([1, 512], "outside the vocabulary"), ([[1, 2]], "1-D")],

@@ -283,6 +283,9 @@ class V4Model:
             if with_mtp
             else []
         )
+        # Speculative decoding with the MTP block (`enable_speculation`): prefill then also
+        # feeds the block, whose draft `Session` verifies with `verify` / `reject_last`.
+        self.speculative = False
 
     def set_interrupt(self, asked: Callable[[], bool] | None) -> None:
         """`asked()` is polled between the layers of every call of several tokens; True stops
@@ -392,7 +395,10 @@ class V4Model:
         step = ids.numel() if chunk_size is None else int(chunk_size)
         x = None
         for i in range(0, ids.numel(), step):
-            x = self.forward_streams(ids[i : i + step], state)
+            chunk = ids[i : i + step]
+            x = self.forward_streams(chunk, state)
+            if self.speculative:
+                self._feed_draft(x, chunk.tolist(), state)
         return self.logits_from_streams(x[-1:])[0]
 
     @torch.inference_mode()
@@ -406,13 +412,78 @@ class V4Model:
         state = self.new_state()
         return self.logits_from_streams(self.forward_streams(ids, state))
 
+    # ------------------------------------------------------------------ speculative decoding
+
+    def enable_speculation(self, on: bool = True) -> None:
+        """Draft one token a step with the MTP block and verify it with the next (`draft`,
+        `verify`). States made before a change keep the block out of step: make new ones."""
+        if on and not self.mtp:
+            raise RuntimeError(
+                "speculative decoding needs the checkpoint's MTP block; load it with with_mtp=True"
+            )
+        self.speculative = bool(on)
+
+    @staticmethod
+    def _held(x: torch.Tensor, ids: list[int], state: SequenceState):
+        """The rows the MTP block has not taken, with x `[S, hc, D]` (the streams of the tokens
+        `ids` just fed) after them → (rows `[n, hc, D]`, the known next tokens of all but the
+        last row)."""
+        if state.mtp_pending is None:
+            return x, list(ids[1:])
+        return torch.cat((state.mtp_pending, x)), [*state.mtp_pending_ids, *ids]
+
+    def _feed_draft(self, x: torch.Tensor, ids: list[int], state: SequenceState) -> None:
+        """After the main model took tokens `ids` (final streams x `[S, hc, D]`): the MTP block
+        takes every held row whose next token is now known; the last row waits for its own."""
+        rows, next_ids = self._held(x, ids, state)
+        if next_ids:
+            self.mtp_logits(rows[:-1], next_ids, state, last_only=None)
+        state.mtp_pending, state.mtp_pending_ids = rows[-1:].clone(), ()
+
+    @torch.inference_mode()
+    def draft(self, token_id: int, state: SequenceState) -> torch.Tensor:
+        """Logits `[V]` the MTP block gives the token after `token_id` (the next token, not fed
+        yet): the block takes the held rows, the last with `token_id` as its next token."""
+        if not self.speculative or state.mtp_pending is None:
+            raise RuntimeError("draft needs speculation on and a state the model has prefilled")
+        rows = state.mtp_pending
+        logits = self.mtp_logits(
+            rows, [*state.mtp_pending_ids, int(token_id)], state, last_only=True
+        )
+        state.mtp_pending, state.mtp_pending_ids = None, ()
+        return logits[0]
+
+    @torch.inference_mode()
+    def verify(self, ids, state: SequenceState) -> torch.Tensor:
+        """Feed the next token and its draft(s) in one call → the logits after each `[n, V]`;
+        `reject_last` then takes the last one back out if it is not kept."""
+        ids = self._ids(ids)
+        point = state.drop_point(ids.numel())
+        x = self.forward_streams(ids, state)
+        rows, next_ids = self._held(x, ids.tolist(), state)
+        state.mtp_pending, state.mtp_pending_ids = rows, tuple(next_ids)
+        state.verify_point = point
+        return self.logits_from_streams(x)
+
+    def reject_last(self, state: SequenceState) -> None:
+        """Take the last token of the `verify` call just made back out of the state."""
+        if state.verify_point is None:
+            raise RuntimeError("reject_last must follow verify")
+        state.drop_last(state.verify_point)
+        state.verify_point = None
+        state.mtp_pending = state.mtp_pending[:-1]
+        state.mtp_pending_ids = state.mtp_pending_ids[: state.mtp_pending.shape[0] - 1]
+
     # ------------------------------------------------------------------ MTP
 
     @torch.inference_mode()
-    def mtp_logits(self, streams: torch.Tensor, next_ids, state: SequenceState) -> torch.Tensor:
+    def mtp_logits(
+        self, streams: torch.Tensor, next_ids, state: SequenceState, last_only: bool | None = False
+    ) -> torch.Tensor:
         """Draft logits `[S, V]` of the MTP block: streams `[S, hc, D]` are the main model's final
         streams at positions P..P+S-1 (P = state.mtp_position), `next_ids` the tokens at
-        P+1..P+S; row i predicts the token at P+i+2. Advances the MTP block's own window."""
+        P+1..P+S; row i predicts the token at P+i+2. Advances the MTP block's own window.
+        `last_only`: the last row's logits alone `[1, V]`; None: none (the block only advances)."""
         if not self.mtp:
             raise RuntimeError("this model was loaded without its MTP block (with_mtp=False)")
         c = self.config
@@ -426,6 +497,10 @@ class V4Model:
         x = (mtp.e_proj(e, sim).unsqueeze(1) + mtp.h_proj(h, sim)).to(self.numerics.dtype)
         x = mtp.block.forward(x, ids, start, state.mtp[0], self.numerics)
         state.mtp_position = start + ids.numel()
+        if last_only is None:
+            return x[:0, 0].float()
+        if last_only:
+            x = x[-1:]
         out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps)
         out = rms_norm(out, mtp.norm, c.rms_norm_eps)
         return self.head_logits(out)
