@@ -94,6 +94,7 @@ class Stats:
     context_limit: int = 0
     kv_bytes: int | None = None
     expert_hit_rate: float | None = None
+    draft_acceptance: float | None = None  # share of speculative drafts kept (MTP), if any
     stop_reason: str | None = None  # eos | stop_token | max_tokens | cancelled | context_full
 
 
@@ -151,6 +152,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     draw is one uniform number against the kept candidates' cumulative weights (inverse CDF),
     and top-p looks only at the largest logits: V4-Flash's vocabulary took 3.8 ms a token with
     torch.multinomial (15 ms with top_p < 1 and a full sort) on the dev VM's core, now ~0.3."""
+    logits, peak, best = _checked(logits)
+    if params.temperature == 0:
+        return best
+    weights, ids = _candidates(logits, peak, params)
+    pick = _draw(weights, generator)
+    return int(ids[pick]) if ids is not None else pick
+
+
+def _checked(logits: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """logits → (float32 `[V]` on the CPU, the peak, its token), refused when not finite."""
     logits = logits.detach().float().reshape(-1).cpu()
     peak, best = torch.max(logits, 0)  # a NaN anywhere makes the peak NaN
     peak = float(peak)
@@ -160,8 +171,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             f"the model produced {what}: the weights or the numerics are broken "
             "(try float32 instead of bfloat16, or re-download the checkpoint and verify it)"
         )
-    if params.temperature == 0:
-        return int(best)
+    return logits, peak, int(best)
+
+
+def _candidates(logits: torch.Tensor, peak: float, params: SamplingParams):
+    """The tokens top-k and top-p keep → (their unnormalized probabilities, their ids or None
+    for all of them)."""
     # in place on one new buffer: a few fresh 0.5-1 MB temporaries a token cost more (page
     # faults) than the arithmetic
     weights = torch.sub(logits, peak)  # ≤ 0, the peak at 0
@@ -174,10 +189,51 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p < 1.0:
         weights, kept = _nucleus(weights, params.top_p)
         ids = kept if ids is None else ids[kept]
-    cumulative = torch.cumsum(weights, 0)  # float32 values of a double-precision running sum
-    u = torch.rand((1,), generator=generator) * cumulative[-1]
-    pick = min(int(torch.searchsorted(cumulative, u, right=True)), weights.numel() - 1)
-    return int(ids[pick]) if ids is not None else pick
+    return weights, ids
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One position drawn in proportion to `weights` (unnormalized, ≥ 0): one uniform number
+    against their cumulative sums."""
+    cumulative = torch.cumsum(weights, 0)
+    u = torch.rand((1,), generator=generator, dtype=cumulative.dtype) * cumulative[-1]
+    return min(int(torch.searchsorted(cumulative, u, right=True)), weights.numel() - 1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0), `[V]` float64 summing to 1:
+    zero outside what top-k / top-p keep. Speculative decoding compares the main model's with
+    the draft's."""
+    logits, peak, _ = _checked(logits)
+    weights, ids = _candidates(logits, peak, params)
+    weights = weights.double()
+    weights /= weights.sum()
+    if ids is None:
+        return weights
+    return torch.zeros(logits.numel(), dtype=torch.float64).index_copy_(0, ids, weights)
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    draft_logits: torch.Tensor,
+    draft: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> int | None:
+    """Speculative sampling of the token a draft stands for: None keeps the draft, else the token
+    to take instead. The draft was drawn (or, greedy, picked) from `draft_logits`; it is kept
+    with probability min(1, p/q) and otherwise replaced by a draw from max(p − q, 0), so the
+    token follows the main model's `logits` exactly as `sample` would draw it (greedy: the
+    argmax, kept when the draft is it)."""
+    if params.temperature == 0:
+        best = sample(logits, params, None)
+        return None if best == draft else best
+    p, q = probabilities(logits, params), probabilities(draft_logits, params)
+    u = float(torch.rand((1,), generator=generator, dtype=torch.float64))
+    if u * float(q[draft]) < float(p[draft]):
+        return None
+    residual = (p - q).clamp_min_(0.0)
+    return _draw(residual if float(residual.sum()) > 0 else p, generator)
 
 
 def _nucleus(weights: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +259,9 @@ class _Timing:
     start: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # tokens the decode calls fed
+    drafts: int = 0  # speculative decoding: drafts verified, and kept
+    kept: int = 0
 
 
 @dataclass
@@ -213,6 +271,7 @@ class _Run:
     stats: Stats
     phase: str
     timing: _Timing = field(default_factory=_Timing)
+    decoder: object = None  # the phase's text decoder
 
 
 class Session:
@@ -389,55 +448,91 @@ class Session:
         if markable and not split:
             self._remember(logits)
 
-        decoder = self._text_decoder()
+        run.decoder = self._text_decoder()
         stop_ids = {EOS_ID, *params.stop_ids}
+        speculate = bool(getattr(self.model, "speculative", False))
+        token = sample(logits, params, generator)
         while True:
-            token = sample(logits, params, generator)
-            if run.stats.ttft_s is None:
-                run.stats = replace(run.stats, ttft_s=time.perf_counter() - run.timing.start)
-            run.stats = replace(
-                run.stats,
-                generated_tokens=run.stats.generated_tokens + 1,
-                reasoning_tokens=run.stats.reasoning_tokens + (run.phase == "reasoning"),
-            )
             # The sampled token is not fed to the state until the next step; a stop leaves it
             # unfed, and the next turn's prompt (which contains it) prefills it.
-            reason = None
-            if token in stop_ids:
-                reason = "eos" if token == EOS_ID else "stop_token"
-            elif token == THINK_END_ID and run.phase == "reasoning":
-                tail = decoder.flush()
-                if tail:
-                    yield StreamEvent(tail, run.phase, run.stats)
-                run.phase = "answer"
-                decoder = self._text_decoder()
-            elif token != THINK_START_ID:
-                text = decoder.push(token)
-                if text:
-                    yield StreamEvent(text, run.phase, run.stats)
-            if reason is None and run.stats.generated_tokens >= params.max_tokens:
-                reason = "max_tokens"
-            elif reason is None and len(self._ids) >= self.context_limit:
-                reason = "context_full"
-            elif reason is None and self._cancel.is_set():
-                reason = "cancelled"
+            reason = yield from self._emit(run, token, params, stop_ids)
             if reason is not None:
-                yield self._finish(run, reason, tail=decoder.flush())
+                yield self._finish(run, reason, tail=run.decoder.flush())
                 return
             t0 = time.perf_counter()
+            if speculate and len(self._ids) + 2 <= self.context_limit:
+                # The MTP block drafts the token after this one; one call feeds both, and the
+                # draft is kept where speculative sampling accepts it (the tokens follow the
+                # main model's distribution exactly as without a draft).
+                draft_logits = self.model.draft(token, self._state)
+                draft = sample(draft_logits, params, generator)
+                out = self.model.verify([token, draft], self._state)
+                self._ids.append(token)
+                instead = verify_draft(out[0], draft_logits, draft, params, generator)
+                run.timing.drafts += 1
+                run.timing.kept += instead is None
+                self._decoded(run, t0, tokens=1 + (instead is None))
+                if instead is None:
+                    reason = yield from self._emit(run, draft, params, stop_ids)
+                    if reason is not None:  # the last token shown stays unfed, as above
+                        self.model.reject_last(self._state)
+                        yield self._finish(run, reason, tail=run.decoder.flush())
+                        return
+                    self._ids.append(draft)
+                    token = sample(out[1], params, generator)
+                else:
+                    self.model.reject_last(self._state)
+                    token = instead
+                continue
             logits = self.model.decode(token, self._state)
-            run.timing.decode_s += time.perf_counter() - t0
-            run.timing.decode_steps += 1
             self._ids.append(token)
-            run.stats = replace(
-                run.stats,
-                decode_tok_s=run.timing.decode_steps / run.timing.decode_s
-                if run.timing.decode_s > 0
-                else None,
-                context_used=len(self._ids),
-                kv_bytes=self._kv_bytes(),
-                expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
-            )
+            self._decoded(run, t0, tokens=1)
+            token = sample(logits, params, generator)
+
+    def _emit(self, run: _Run, token: int, params: SamplingParams, stop_ids: set[int]):
+        """Count and show one generated token (yields its text, if any) → why to stop after it,
+        or None."""
+        if run.stats.ttft_s is None:
+            run.stats = replace(run.stats, ttft_s=time.perf_counter() - run.timing.start)
+        run.stats = replace(
+            run.stats,
+            generated_tokens=run.stats.generated_tokens + 1,
+            reasoning_tokens=run.stats.reasoning_tokens + (run.phase == "reasoning"),
+        )
+        reason = None
+        if token in stop_ids:
+            reason = "eos" if token == EOS_ID else "stop_token"
+        elif token == THINK_END_ID and run.phase == "reasoning":
+            tail = run.decoder.flush()
+            if tail:
+                yield StreamEvent(tail, run.phase, run.stats)
+            run.phase = "answer"
+            run.decoder = self._text_decoder()
+        elif token != THINK_START_ID:
+            text = run.decoder.push(token)
+            if text:
+                yield StreamEvent(text, run.phase, run.stats)
+        if reason is None and run.stats.generated_tokens >= params.max_tokens:
+            reason = "max_tokens"
+        elif reason is None and len(self._ids) >= self.context_limit:
+            reason = "context_full"
+        elif reason is None and self._cancel.is_set():
+            reason = "cancelled"
+        return reason
+
+    def _decoded(self, run: _Run, t0: float, tokens: int) -> None:
+        """A decode call that began at t0 fed `tokens` tokens: its time and the stats."""
+        timing = run.timing
+        timing.decode_steps += tokens
+        timing.decode_s += time.perf_counter() - t0
+        run.stats = replace(
+            run.stats,
+            decode_tok_s=timing.decode_steps / timing.decode_s if timing.decode_s > 0 else None,
+            draft_acceptance=timing.kept / timing.drafts if timing.drafts else None,
+            context_used=len(self._ids),
+            kv_bytes=self._kv_bytes(),
+            expert_hit_rate=getattr(self.model, "expert_hit_rate", None),
+        )
 
     def _finish(self, run: _Run, reason: str, tail: str = "") -> StreamEvent:
         """The final event, carrying any held-back text and the stop reason."""
