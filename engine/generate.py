@@ -7,7 +7,10 @@ the new tokens (prefix reuse), so a multi-turn chat does not re-read its history
 
 The model is anything with `new_state()`, `prefill(ids, state) -> logits[vocab]` (logits of the
 last position) and `decode(token_id, state) -> logits[vocab]`; the tokenizer anything with
-`decode(ids) -> str`. Both are duck-typed so tests can drive a session with small fakes.
+`decode(ids) -> str`. Both are duck-typed so tests can drive a session with small fakes. A model
+whose `speculative` is true also has `draft(token, state) -> logits[vocab]` (of the token after
+`token`), `verify(ids, state) -> logits[len(ids), vocab]` and `reject_last(state)`: a step then
+feeds the next token with a draft of the one after it (speculative decoding, `V4Model`'s MTP).
 """
 
 from __future__ import annotations
