@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit", action="store_true", help="place experts with the planner (spare VRAM as cache)"
     )
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="draft each next token with the checkpoint's MTP block and verify it in the same "
+        "step (CPU mode only so far; the same tokens greedy, the same distribution sampled)",
+    )
     parser.add_argument("--json", action="store_true", help="generate: print one JSON object")
 
 
@@ -58,6 +64,8 @@ def _stats_line(stats) -> str:
     parts.append(f"context {stats.context_used:,}/{stats.context_limit:,}")
     if stats.expert_hit_rate is not None:
         parts.append(f"GPU expert hits {100 * stats.expert_hit_rate:.0f}%")
+    if stats.draft_acceptance is not None:
+        parts.append(f"drafts kept {100 * stats.draft_acceptance:.0f}%")
     parts.append(f"stop: {stats.stop_reason}")
     return "[" + " · ".join(parts) + "]"
 
@@ -94,7 +102,10 @@ def _load(args):
         def progress(fraction: float, message: str) -> None:
             print(f"\r{message} {100 * fraction:3.0f}%", end="", file=sys.stderr, flush=True)
 
-    rt = load_runtime(folder, plan=plan, device=device, progress=progress, kv_dtype=args.kv)
+    rt = load_runtime(
+        folder, plan=plan, device=device, progress=progress, kv_dtype=args.kv,
+        speculative=args.speculative,
+    )  # fmt: skip
     if progress is not None:
         print(f"\r{rt.describe()}", file=sys.stderr)
         for note in rt.notes:

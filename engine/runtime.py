@@ -324,9 +324,14 @@ class Bf16Linear:
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
 
+def _blocks(model: V4Model) -> list:
+    """The main blocks, then the MTP block's (loaded for speculative decoding)."""
+    return [*model.blocks, *(m.block for m in model.mtp)]
+
+
 def _bf16_kernel_slots(model: V4Model):
     """(owner, attribute, checkpoint name) of the FP32-math linears stored in BF16."""
-    for block in model.blocks:
+    for block in _blocks(model):
         a = block.spec.prefix + "attn."
         for owner, p in (
             (block.attn.compressor, a + "compressor."),
@@ -340,7 +345,7 @@ def _bf16_kernel_slots(model: V4Model):
 
 def _bf16_kernel_names(config: ModelConfig) -> list[str]:
     names = []
-    for spec in config.main_layers:
+    for spec in (*config.main_layers, *config.mtp_layers):
         a = spec.prefix + "attn."
         if spec.has_compressor:
             names += [a + "compressor.wkv.weight", a + "compressor.wgate.weight"]
@@ -439,7 +444,7 @@ def _fp8_linear_names(config: ModelConfig) -> list[str]:
     `wo_a` where its groups split into whole 64-row kernel units."""
     names = []
     grouped_ok = config.o_lora_rank % 64 == 0  # rows per group (the kernel's unit)
-    for spec in config.main_layers:
+    for spec in (*config.main_layers, *config.mtp_layers):
         a = spec.prefix + "attn."
         names += [f"{a}{attr}.weight" for attr in _ATTN_LINEARS]
         if grouped_ok:
@@ -447,12 +452,17 @@ def _fp8_linear_names(config: ModelConfig) -> list[str]:
         if spec.has_indexer:
             names.append(f"{a}indexer.wq_b.weight")
         names += [f"{spec.prefix}ffn.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")]
+        if spec.is_mtp:
+            names += [f"{spec.prefix}{w}_proj.weight" for w in ("e", "h")]
     return names
 
 
 def _fp8_linear_slots(model: V4Model):
     """(owner, attribute, checkpoint name) of those Linears in the built model."""
-    for block in model.blocks:
+    for mtp in model.mtp:
+        for w in ("e_proj", "h_proj"):
+            yield mtp, w, f"{mtp.block.spec.prefix}{w}.weight"
+    for block in _blocks(model):
         p = block.spec.prefix
         a = p + "attn."
         for attr in _ATTN_LINEARS:
@@ -598,6 +608,28 @@ class Runtime:
     def forward_full(self, ids) -> torch.Tensor:
         return self._open().forward_full(ids)
 
+    # -- speculative decoding (`load_runtime(speculative=True)`; the contract of `Session`)
+    @property
+    def speculative(self) -> bool:
+        return self.model.speculative
+
+    def draft(self, token_id: int, state) -> torch.Tensor:
+        model = self._open()
+        with self._torch_threads(state, 1):
+            return model.draft(token_id, state)
+
+    def verify(self, ids, state) -> torch.Tensor:
+        model = self._open()
+        for token_id in ids:
+            self._prefetch_hash_experts(int(token_id))
+        with self._torch_threads(state, len(ids)):
+            logits = model.verify(ids, state)
+        self._decodes += 1
+        return logits
+
+    def reject_last(self, state) -> None:
+        self.model.reject_last(state)
+
     def _prefetch_hash_experts(self, token_id: int) -> int:
         """Page in the memory-mapped experts the hash-routed layers will run for this token
         (`kernels.prefetch`: returns at once) → bytes advised."""
@@ -702,6 +734,8 @@ class Runtime:
             line += "; host experts take int8 activations"
         if self.kv_format != "native":
             line += f"; KV cache {self.kv_format}"
+        if self.speculative:
+            line += "; the MTP block drafts the next token"
         if self.graphs is not None and self.graphs.usable:
             line += "; decode replays CUDA graphs"
         if gpu_kernels.TUNED.get(str(self.device)):
@@ -824,6 +858,7 @@ def load_runtime(
     kv_dtype: str | None = None,
     kernel_activations: torch.dtype = torch.bfloat16,
     int8_experts: bool | None = None,
+    speculative: bool = False,
 ) -> Runtime:
     """Open the checkpoint at `path` (or take an open `Checkpoint`, e.g. a `SyntheticCheckpoint`;
     the runtime then owns and closes it) and build the runtime.
@@ -868,6 +903,10 @@ def load_runtime(
       than the reference's FP8 rounding of the same activations. None (default): where the kernel
       variant's measured rates favour it (`kernels.int8_experts()`; FLASHDESK_INT8=0 turns it
       off); float32 kernel_activations never use it.
+    speculative: also load the checkpoint's MTP block and draft with it (`Session` then feeds
+      each token with a draft of the next; see `V4Model.enable_speculation`). CPU mode only so
+      far (a GPU's decode steps replay one-token CUDA graphs); the block's experts are held
+      where the last layer's are.
     """
     stream_min_tokens = streaming_threshold(stream_min_tokens, plan)
     if kernel_activations not in (torch.float32, torch.bfloat16):
@@ -903,20 +942,36 @@ def load_runtime(
         int8_experts = kernel_activations == torch.bfloat16 and kernels.int8_experts()
     int8_experts = bool(int8_experts) and kernel_activations == torch.bfloat16
     try:
+        if speculative:
+            _check_speculation(ckpt, path, dev)
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
             stream_min_tokens, refresh_every, frequency, head_dtype, cuda_graphs and dev.type == "cuda",
-            kv_dtype, kernel_activations, int8_experts,
+            kv_dtype, kernel_activations, int8_experts, speculative,
         )  # fmt: skip
     except BaseException:
         ckpt.close()
         raise
 
 
+def _check_speculation(ckpt, path, dev: torch.device) -> None:
+    """Speculative decoding needs the MTP block in the checkpoint and, so far, the CPU mode."""
+    if dev.type != "cpu":
+        raise RuntimeLoadError(
+            "speculative decoding (MTP drafts) runs in the CPU mode only so far: a GPU's decode "
+            "steps replay one-token CUDA graphs. Load without it, or on the CPU (device='cpu')."
+        )
+    if not any(n.startswith("mtp.") for n in ckpt.names()):
+        raise RuntimeLoadError(
+            f"{path} holds no MTP block (mtp.0.*), which speculative decoding drafts with; "
+            "load without it, or use the complete official checkpoint"
+        )
+
+
 def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
     stream_min_tokens, refresh_every, frequency, head_dtype="fp32", cuda_graphs=False,
-    kv_format="native", kernel_activations=torch.bfloat16, int8_experts=False,
+    kv_format="native", kernel_activations=torch.bfloat16, int8_experts=False, speculative=False,
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
@@ -990,7 +1045,11 @@ def _build(
     def make_experts(spec):
         if cancel():
             raise LoadCancelled("loading was cancelled")
-        lp = placement.layers[spec.index]
+        lp = placement.layers[-1 if spec.is_mtp else spec.index]
+        if spec.is_mtp:  # speculative decoding (CPU mode): where the last layer's are, in RAM
+            lp = LayerPlacement(
+                pinned=lp.pinned, pageable=tuple(sorted(lp.pageable + lp.device)), mmap=lp.mmap
+            )
         hosts[spec.index] = LayerExperts.load(
             ckpt, spec.prefix, config.n_routed_experts, lp.stores(), pin_ok,
             lp.zero_copy if zero_copy_on else (),
@@ -1003,6 +1062,7 @@ def _build(
             fetch,
             device=dev,
             numerics=Numerics(dtype=dtype, kv_format=kv_format),
+            with_mtp=speculative,
             make_experts=make_experts,
         )
         _install_head(model, head_dtype)
@@ -1023,7 +1083,7 @@ def _build(
                     )
                     setattr(owner, attr, lin)
                     n_fp8 += 1
-            for block in model.blocks:
+            for block in _blocks(model):
                 name = f"{block.spec.prefix}attn.wo_a.weight"
                 if name in fp8_names:
                     w, s = stored(name)
@@ -1078,6 +1138,15 @@ def _build(
                 zero_copy,
                 int8_experts,
             )
+        for mtp in model.mtp:  # its routing is recorded apart: the plan's counts are per layer
+            i = mtp.block.spec.index
+            mtp.block.moe = HybridMoE(
+                0, mtp.block.moe.router, mtp.block.moe.shared, hosts[i], None,
+                config.swiglu_limit, RoutingLog(1, config.n_routed_experts, dev), pool, threads,
+                None, staging, kernel_activations, None, int8_experts,
+            )  # fmt: skip
+        if speculative:
+            model.enable_speculation()
     except torch.OutOfMemoryError as exc:
         raise RuntimeLoadError(
             f"the GPU ran out of memory while loading ({exc}). Another program may be using it: "
@@ -1114,8 +1183,8 @@ def _build(
 
 def _check_no_placeholders(model: V4Model) -> None:
     """Every zero-stride placeholder was replaced by an FP8 kernel (else: an unmapped weight)."""
-    for block in model.blocks:
-        for obj in (block.attn, block.attn.indexer, block.attn.compressor, block.moe.shared):
+    for block, mtp in [*((b, None) for b in model.blocks), *((m.block, m) for m in model.mtp)]:
+        for obj in (block.attn, block.attn.indexer, block.attn.compressor, block.moe.shared, mtp):
             if obj is None:
                 continue
             for name in dir(obj):

@@ -274,6 +274,40 @@ def test_greedy_generation_is_identical(tiny):
     assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
 
 
+def test_speculative_runtime_gives_the_same_greedy_tokens(tiny):
+    """CPU mode with the MTP block drafting: the tokens are the plain runtime's, each step feeds
+    a token and a draft, and the block runs from its own experts."""
+    folder, config, _, ids, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=12)
+
+    def tokens(rt):
+        session = Session(rt, _Chars(), context_limit=256)
+        events = list(session.stream(ids[:9].tolist(), params))
+        return session.held_ids, events[-1].stats
+
+    with load_runtime(folder, placement=_mixed(config), **EXACT) as rt:
+        want, plain = tokens(rt)
+        assert not rt.speculative and "MTP" not in rt.describe()
+    with load_runtime(folder, placement=_mixed(config), speculative=True, **EXACT) as rt:
+        got, stats = tokens(rt)
+        assert rt.speculative and "MTP block drafts" in rt.describe()
+        mtp_moe = rt.model.mtp[0].block.moe
+        assert int(mtp_moe.log.counts.sum()) > 0  # its picks, recorded apart from the layers'
+    assert got == want
+    assert plain.draft_acceptance is None and stats.draft_acceptance is not None
+
+
+def test_speculation_is_refused_where_it_cannot_run(tiny, tmp_path):
+    from flashdesk.engine.runtime import _check_speculation
+
+    folder, config, *_ = tiny
+    with Checkpoint.open(folder) as ckpt, pytest.raises(RuntimeLoadError, match="CPU mode only"):
+        _check_speculation(ckpt, folder, torch.device("cuda"))
+    no_mtp = write_random(tmp_path / "no_mtp", config.replace(num_nextn_predict_layers=0), seed=2)
+    with pytest.raises(RuntimeLoadError, match="no MTP block"):
+        load_runtime(no_mtp, device="cpu", speculative=True)
+
+
 def test_host_experts_take_bf16_activations_by_default(tiny, monkeypatch):
     """The default rounds what the host's expert kernels read to bf16 (the reference's activation
     dtype; the kernels' fast path for prompts): every call gets bf16 rows and the logits stay
