@@ -255,3 +255,22 @@ def test_bisection_finds_a_root_or_the_nearer_end(monkeypatch):
         assert decode._solve(lambda v: v + 1.0, 0.0, 4.0) == 0.0  # never reaches: nearer end
     finally:
         sys.modules.pop("decode", None)
+
+
+def test_speculative_prediction_follows_the_specs_byte_budget(monkeypatch):
+    """V4-Flash in CPU mode by spec §6.1: 11.22 GB a token; a verify adds the draft token's
+    3.45 GB of experts, a draft reads the MTP block's share and the head again (~1.31 GB)."""
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    speculative = importlib.import_module("speculative")
+    try:
+        full = speculative.v4_flash_prediction(0.8)
+        assert full["plain_gb_per_token"] == pytest.approx(11.22, abs=0.02)
+        assert full["verify_gb"] - full["plain_gb_per_token"] == pytest.approx(3.45, abs=0.01)
+        assert full["draft_gb"] == pytest.approx(0.171 + 0.080 + 1.059, abs=0.01)
+        assert full["break_even_acceptance"] == pytest.approx(0.42, abs=0.01)
+        assert full["speedup_at_acceptance"] == pytest.approx(1.26, abs=0.01)
+        here = speculative._speedup(100.0, 50.0, 110.0, 0.6)  # a step of 160 for 1.6 tokens
+        assert here == pytest.approx({"break_even_acceptance": 0.6, "speedup_at_acceptance": 1.0})
+    finally:
+        sys.modules.pop("speculative", None)
+        sys.modules.pop("decode", None)
