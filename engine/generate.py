@@ -31,6 +31,12 @@ EOS_ID = 1
 THINK_START_ID = 128821
 THINK_END_ID = 128822
 
+# Speculative decoding pays only where a draft and a two-token step cost less than the tokens
+# they yield: a stream times its first PLAIN_FIRST steps without drafts, then drafts, and stops
+# drafting for the rest of the stream where, after DRAFT_TRIAL drafts, its tokens come slower.
+PLAIN_FIRST = 4
+DRAFT_TRIAL = 16
+
 PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory and cancel latency
 # States kept to return to (`Session._marks`; V4-Flash ~16 MB of host memory each): the ends of
 # prompts first, then the chunk boundaries of long ones.
@@ -265,6 +271,16 @@ class _Timing:
     decode_steps: int = 0  # tokens the decode calls fed
     drafts: int = 0  # speculative decoding: drafts verified, and kept
     kept: int = 0
+    plain_s: float = 0.0  # time of the steps without a draft, and of those with one
+    plain_steps: int = 0
+    draft_s: float = 0.0
+
+    def drafts_pay(self) -> bool:
+        """Whether drafting still looks faster: before its trial is over, or where its tokens
+        per second beat the plain steps'."""
+        if self.drafts < DRAFT_TRIAL or not self.plain_steps or self.draft_s <= 0:
+            return True
+        return (self.drafts + self.kept) / self.draft_s >= self.plain_steps / self.plain_s
 
 
 @dataclass
@@ -463,7 +479,13 @@ class Session:
                 yield self._finish(run, reason, tail=run.decoder.flush())
                 return
             t0 = time.perf_counter()
-            if speculate and len(self._ids) + 2 <= self.context_limit:
+            timing = run.timing
+            speculate = speculate and timing.drafts_pay()
+            if (
+                speculate
+                and timing.plain_steps >= PLAIN_FIRST
+                and len(self._ids) + 2 <= self.context_limit
+            ):
                 # The MTP block drafts the token after this one; one call feeds both, and the
                 # draft is kept where speculative sampling accepts it (the tokens follow the
                 # main model's distribution exactly as without a draft).
@@ -472,8 +494,9 @@ class Session:
                 out = self.model.verify([token, draft], self._state)
                 self._ids.append(token)
                 instead = verify_draft(out[0], draft_logits, draft, params, generator)
-                run.timing.drafts += 1
-                run.timing.kept += instead is None
+                timing.drafts += 1
+                timing.kept += instead is None
+                timing.draft_s += time.perf_counter() - t0
                 self._decoded(run, t0, tokens=1 + (instead is None))
                 if instead is None:
                     reason = yield from self._emit(run, draft, params, stop_ids)
@@ -489,6 +512,8 @@ class Session:
                 continue
             logits = self.model.decode(token, self._state)
             self._ids.append(token)
+            timing.plain_steps += 1
+            timing.plain_s += time.perf_counter() - t0
             self._decoded(run, t0, tokens=1)
             token = sample(logits, params, generator)
 

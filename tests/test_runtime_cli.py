@@ -67,7 +67,7 @@ def test_kv_format_option(folder, capsys):
 def test_speculative_option(folder, capsys, monkeypatch):
     """--speculative drafts with the MTP block: the same greedy answer, and the share of drafts
     kept in the stats (JSON and the chat's stats line)."""
-    argv = ["generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "6"]
+    argv = ["generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "10"]
     argv += ["--temperature", "0", "--json", "--device", "cpu"]
     assert main(argv) == 0
     plain = json.loads(capsys.readouterr().out)
@@ -78,6 +78,6 @@ def test_speculative_option(folder, capsys, monkeypatch):
     assert 0 <= drafted["stats"]["draft_acceptance"] <= 1
     lines = iter(["Hi there", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    chat = ["chat", "--model", str(folder), "--max-tokens", "4", "--temperature", "0"]
+    chat = ["chat", "--model", str(folder), "--max-tokens", "8", "--temperature", "0"]
     assert main([*chat, "--device", "cpu", "--speculative"]) == 0
     assert "drafts kept" in capsys.readouterr().err

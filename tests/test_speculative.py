@@ -3,9 +3,12 @@ same tokens; sampling: the same distribution), whatever share of the drafts is k
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
+from flashdesk.engine import generate
 from flashdesk.engine.generate import EOS_ID, SamplingParams, Session, probabilities, verify_draft
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -111,13 +114,52 @@ def model_state(session):
 
 
 @pytest.mark.parametrize("limit", [1, 2, 5, 6])
-def test_max_tokens_counts_kept_drafts(limit):
+def test_max_tokens_counts_kept_drafts(limit, monkeypatch):
+    monkeypatch.setattr(generate, "PLAIN_FIRST", 0)  # draft from the first step
     script = [0] * 2 + list(range(65, 91))
     session = Session(CountingModel(script), Letters())
     events = list(session.stream([5, 6], SamplingParams(temperature=0.0, max_tokens=limit)))
     assert "".join(e.text for e in events) == "".join(map(chr, script[2 : 2 + limit]))
     assert events[-1].stats.stop_reason == "max_tokens"
     assert list(session.held_ids) == model_state(session) == [5, 6, *script[2 : 1 + limit]]
+
+
+class TimedModel(CountingModel):
+    """A plain step takes 10 ms, a draft 2 and a two-token verify 12: drafting pays where more
+    than 40 % of the drafts are kept."""
+
+    def __init__(self, script, right_every: int):
+        super().__init__(script)
+        self.right_every = right_every
+
+    def decode(self, token, state):
+        time.sleep(0.010)
+        return super().decode(token, state)
+
+    def draft(self, token, state):
+        time.sleep(0.002)
+        self.drafts += 1
+        right = self._logits(len(state.fed) + 1)
+        return right if self.drafts % self.right_every == 0 else right.roll(1)
+
+    def verify(self, ids, state):
+        time.sleep(0.012)
+        return super().verify(ids, state)
+
+
+@pytest.mark.parametrize(("right_every", "drafting"), [(1, True), (10, False)])
+def test_drafting_stops_where_it_does_not_pay(right_every, drafting):
+    """Every draft right: 2 tokens per 14 ms beat 1 per 10 ms, drafting goes on. One in ten:
+    1.1 tokens per 14 ms lose, and the stream drafts no more after its trial."""
+    script = [0] * 2 + [65 + i % 26 for i in range(80)] + [EOS_ID]
+    model = TimedModel(script, right_every)
+    events = list(Session(model, Letters()).stream([5, 6], GREEDY))
+    assert "".join(e.text for e in events) == "".join(map(chr, script[2:-1]))
+    if drafting:
+        assert model.drafts > 30
+    else:
+        assert generate.DRAFT_TRIAL <= model.drafts <= generate.DRAFT_TRIAL + 1
+        assert events[-1].stats.draft_acceptance == pytest.approx(0.1, abs=0.07)
 
 
 @pytest.fixture(scope="module")
