@@ -113,6 +113,7 @@ class TurnStats:
     context_used: int = 0
     context_limit: int = 0
     kv_bytes: int | None = None
+    draft_acceptance: float | None = None  # share of the MTP block's drafts kept, if it drafts
     stop_reason: str | None = None
     elapsed_s: float = 0.0
     reasoning_s: float | None = None  # wall time from the start to the end of reasoning

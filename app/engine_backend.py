@@ -11,6 +11,7 @@ the full V4 vocabulary, so prompts encode exactly as for the real model).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,19 +53,30 @@ def test_model_config():
     return ModelConfig.tiny(vocab_size=V4_VOCAB)
 
 
-def built_bytes(ckpt, device: str = "cpu") -> int:
+def built_bytes(ckpt, device: str = "cpu", with_mtp: bool = False) -> int:
     """Memory the runtime builds on `device` beside the routed experts (those stay stored bytes,
     which the planner places): each tensor as the runtime holds it (`TensorSpec.gpu_bytes`: FP8
     and the BF16 head as stored, norms/router/compressors widened to float32; the CPU holds the
-    same or less), the MTP block left out (not loaded), and on a GPU the embedding too (it stays
-    in host memory)."""
+    same or less), the MTP block only `with_mtp` (speculative decoding; its experts stay
+    memory-mapped), and on a GPU the embedding too (it stays in host memory)."""
     from flashdesk.engine.inventory import EMBED, MTP, ROUTED_EXPERTS, inventory
 
     skip = {ROUTED_EXPERTS} | ({EMBED} if device != "cpu" else set())
     return sum(
         t.gpu_bytes
         for t in inventory(ckpt.config).tensors
-        if t.component not in skip and t.category != MTP
+        if t.component not in skip and (with_mtp or t.category != MTP)
+    )
+
+
+def drafts_with_mtp(ckpt, device: str) -> bool:
+    """Whether the runtime should draft with the checkpoint's MTP block (speculative decoding):
+    in the CPU mode (the only one it runs in so far) where the block is there, unless
+    FLASHDESK_MTP=0. A stream stops drafting by itself where the drafts do not pay."""
+    return (
+        device == "cpu"
+        and os.environ.get("FLASHDESK_MTP", "1").strip() != "0"
+        and any(name.startswith("mtp.") for name in ckpt.names())
     )
 
 
@@ -182,7 +194,8 @@ class EngineBackend(Backend):
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # The runtime keeps routed experts as stored FP4 bytes (memory-mapped unless a plan pins
         # them); everything else is built on `device`. Check that part fits before building it.
-        check_memory(built_bytes(ckpt, device), device)
+        speculative = drafts_with_mtp(ckpt, device)
+        check_memory(built_bytes(ckpt, device, with_mtp=speculative), device)
         config = ckpt.config
         ckpt.close()
         plan = None if test_model else self._plan_for(folder, progress)
@@ -193,6 +206,7 @@ class EngineBackend(Backend):
                 device=device,
                 progress=lambda f, what: progress(start + (0.95 - start) * f, what),
                 cancel=is_cancelled,
+                speculative=speculative,
             )
         except RuntimeLoadCancelled:
             raise LoadCancelled() from None

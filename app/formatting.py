@@ -57,6 +57,8 @@ def stats_line(stats: dict[str, Any]) -> str:
     parts = []
     if stats.get("decode_tok_s"):
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
+    if stats.get("draft_acceptance") is not None:
+        parts.append(f"drafts kept {100 * stats['draft_acceptance']:.0f}%")
     if stats.get("ttft_s") is not None:
         parts.append(f"first token {human_seconds(stats['ttft_s'])}")
     generated = stats.get("generated_tokens") or 0

@@ -905,8 +905,8 @@ def load_runtime(
       off); float32 kernel_activations never use it.
     speculative: also load the checkpoint's MTP block and draft with it (`Session` then feeds
       each token with a draft of the next; see `V4Model.enable_speculation`). CPU mode only so
-      far (a GPU's decode steps replay one-token CUDA graphs); the block's experts are held
-      where the last layer's are.
+      far (a GPU's decode steps replay one-token CUDA graphs); the block's experts stay
+      memory-mapped, its other weights (~0.2 GB in V4-Flash) are built as the layers' are.
     """
     stream_min_tokens = streaming_threshold(stream_min_tokens, plan)
     if kernel_activations not in (torch.float32, torch.bfloat16):
@@ -1045,11 +1045,13 @@ def _build(
     def make_experts(spec):
         if cancel():
             raise LoadCancelled("loading was cancelled")
-        lp = placement.layers[-1 if spec.is_mtp else spec.index]
-        if spec.is_mtp:  # speculative decoding (CPU mode): where the last layer's are, in RAM
-            lp = LayerPlacement(
-                pinned=lp.pinned, pageable=tuple(sorted(lp.pageable + lp.device)), mmap=lp.mmap
-            )
+        if spec.is_mtp:  # speculative decoding: memory-mapped (no RAM the plan did not count),
+            # in RAM only for a model without files
+            every = tuple(range(config.n_routed_experts))
+            shared = getattr(ckpt, "shares_expert_storage", False)
+            lp = LayerPlacement(pageable=every) if shared else LayerPlacement(mmap=every)
+        else:
+            lp = placement.layers[spec.index]
         hosts[spec.index] = LayerExperts.load(
             ckpt, spec.prefix, config.n_routed_experts, lp.stores(), pin_ok,
             lp.zero_copy if zero_copy_on else (),

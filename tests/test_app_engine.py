@@ -242,3 +242,29 @@ def test_runtime_load_errors_keep_their_kind(data_folder, monkeypatch, kind):
         backend.load(lambda f, what: None, lambda: False)
     assert err.value.kind == kind and "ran out of memory" in err.value.message
     assert runtime.RuntimeLoadError("x").kind == "load"
+
+
+def test_the_cpu_mode_drafts_with_the_mtp_block_unless_turned_off(data_folder, monkeypatch):
+    """On the CPU the checkpoint's MTP block drafts (the same tokens greedy); the stats line
+    says how many drafts were kept; FLASHDESK_MTP=0 loads without the block."""
+    from flashdesk.app.formatting import stats_line
+
+    prompt_msgs = [{"role": "user", "content": "Hello"}]
+    answers = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FLASHDESK_MTP", setting)
+        backend = EngineBackend(None, data_folder, context_limit=2048, device="cpu")
+        backend.load(lambda f, what: None, lambda: False)
+        assert backend.model.speculative is (setting == "1")
+        assert ("MTP block drafts" in backend.model.describe()) is (setting == "1")
+        events = list(
+            backend.stream(
+                backend.encode(prompt_msgs, "Non-think"), Sampling(max_tokens=10, temperature=0.0)
+            )
+        )
+        answers[setting] = "".join(e.text for e in events)
+        stats = events[-1].stats
+        assert (stats.draft_acceptance is not None) is (setting == "1")
+        assert ("drafts kept" in stats_line(stats.to_dict())) is (setting == "1")
+        backend.model.close()
+    assert answers["1"] == answers["0"]
