@@ -258,18 +258,18 @@ def test_experts_are_not_copied_twice(tiny):
         rt.forward_full(ids)
 
 
+def _greedy(model, ids):
+    """12 greedy tokens after the first 9 prompt ids → (the tokens held, the last stats)."""
+    session = Session(model, _Chars(), context_limit=256)
+    events = list(session.stream(ids[:9].tolist(), SamplingParams(temperature=0, max_tokens=12)))
+    return session.held_ids, events[-1].stats
+
+
 def test_greedy_generation_is_identical(tiny):
     folder, config, ref, ids, _ = tiny
-    params = SamplingParams(temperature=0, max_tokens=12)
-
-    def tokens(model):
-        session = Session(model, _Chars(), context_limit=256)
-        events = list(session.stream(ids[:9].tolist(), params))
-        return session.held_ids, events[-1].stats
-
-    want, _ = tokens(ref)
+    want, _ = _greedy(ref, ids)
     with load_runtime(folder, placement=_mixed(config), **EXACT) as rt:
-        got, stats = tokens(rt)
+        got, stats = _greedy(rt, ids)
     assert got == want
     assert stats.expert_hit_rate is not None and 0 < stats.expert_hit_rate < 1
 
@@ -278,18 +278,11 @@ def test_speculative_runtime_gives_the_same_greedy_tokens(tiny):
     """CPU mode with the MTP block drafting: the tokens are the plain runtime's, each step feeds
     a token and a draft, and the block runs from its own experts."""
     folder, config, _, ids, _ = tiny
-    params = SamplingParams(temperature=0, max_tokens=12)
-
-    def tokens(rt):
-        session = Session(rt, _Chars(), context_limit=256)
-        events = list(session.stream(ids[:9].tolist(), params))
-        return session.held_ids, events[-1].stats
-
     with load_runtime(folder, placement=_mixed(config), **EXACT) as rt:
-        want, plain = tokens(rt)
+        want, plain = _greedy(rt, ids)
         assert not rt.speculative and "MTP" not in rt.describe()
     with load_runtime(folder, placement=_mixed(config), speculative=True, **EXACT) as rt:
-        got, stats = tokens(rt)
+        got, stats = _greedy(rt, ids)
         assert rt.speculative and "MTP block drafts" in rt.describe()
         mtp_moe = rt.model.mtp[0].block.moe
         assert int(mtp_moe.log.counts.sum()) > 0  # its picks, recorded apart from the layers'
