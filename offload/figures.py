@@ -120,7 +120,7 @@ class ModelFigures:
     head_bytes: int
     head_params: int
     final_bytes: int  # hc_head + final norm
-    mtp_bytes: int  # not planned: FlashDesk runs without the MTP block for now
+    mtp_bytes: int  # the MTP block: planned in the CPU mode only (it drafts there)
     total_bytes: int  # the whole checkpoint on disk
     total_params: int
     window: int  # sliding-window entries per layer

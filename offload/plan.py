@@ -470,6 +470,10 @@ def _place(
             must_host += size
     if not fill.head_gpu:
         must_host += figures.head_on(gpu=False)
+    # The CPU mode drafts with the MTP block (speculative decoding): its weights but its experts
+    # (those stay memory-mapped) are built in RAM.
+    mtp_host = max(0, figures.mtp_bytes - n_exp * eb) if budgets.mode == "cpu" else 0
+    must_host += mtp_host
     if must_host > host_budget:
         return None
 
@@ -562,7 +566,7 @@ def _place(
         kv_bytes_gpu=kv_gpu,
         layers=layers,
         head_on=head_on,
-        groups=_groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes),
+        groups=_groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes, mtp_host),
         memory=memory,
         pinned_bytes=pinned,
         pageable_bytes=pageable,
@@ -610,7 +614,9 @@ def _spread_ram(
     return count
 
 
-def _groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes) -> list[Group]:
+def _groups(
+    figures, layers, fill, budgets, pinned, ram_experts, disk_bytes, mtp_host=0
+) -> list[Group]:
     gpu_layers = [lp for lp in layers if lp.attention_on == GPU]
     cpu_layers = [lp for lp in layers if lp.attention_on != GPU]
     host = PAGEABLE
@@ -697,7 +703,13 @@ def _groups(figures, layers, fill, budgets, pinned, ram_experts, disk_bytes) -> 
                 f"{disk_bytes // eb} experts memory-mapped from the checkpoint, paged in when picked",
             )
         )
-    groups.append(Group("MTP block", "not loaded", figures.mtp_bytes, "speculative decoding off"))
+    if mtp_host:
+        detail = "drafts the next token (speculative decoding); its experts memory-mapped"
+        groups.append(Group("MTP block", host, mtp_host, detail))
+    else:
+        groups.append(
+            Group("MTP block", "not loaded", figures.mtp_bytes, "speculative decoding off")
+        )
     return groups
 
 

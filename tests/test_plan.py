@@ -190,9 +190,14 @@ def test_cpu_only_256gb_fits(flash):
     check_budgets(plan, profile)
     assert plan.mode == "cpu" and plan.verdict == FITS and GPU not in plan.memory
     assert all(lp.attention_on == "cpu" and lp.experts_ram == 256 for lp in plan.layers)
+    # all but the MTP block's experts (memory-mapped: it drafts in the CPU mode, spec §6.1's
+    # 171.2 MB of its other weights in RAM)
+    mtp_experts = 256 * 13_369_344
     assert plan.memory["ram"]["used"] == pytest.approx(
-        CHECKPOINT_BYTES - 3_593_787_756 + spec_kv_bytes(131072, "bf16"), rel=1e-6
+        CHECKPOINT_BYTES - mtp_experts + spec_kv_bytes(131072, "bf16"), rel=1e-6
     )
+    mtp = next(g for g in plan.groups if g.name == "MTP block")
+    assert mtp.bytes == 3_593_787_756 - mtp_experts and "speculative" in mtp.detail
 
 
 def test_8gb_gpu_at_1m_moves_what_must_move(flash):
