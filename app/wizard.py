@@ -608,6 +608,9 @@ def prediction_text(pred, document=None, plan=None) -> str:
     full = getattr(pred, "decode_full_tok_s", 0.0)
     if full and full < 0.95 * pred.decode_tok_s and plan is not None:
         limit += f"; {full:.1f} once the {human_tokens(plan.context)}-token context is full"
+    drafted = getattr(pred, "speculative_tok_s", None)
+    if drafted:
+        limit += f"; ≈ {drafted:.1f} with the MTP block's drafts if 80 % are kept"
     return (
         f"Decode ≈ {pred.decode_tok_s:.1f} tok/s ({pred.confidence}; bound "
         f"{pred.decode_bound_tok_s:.1f}{limit}) · prefill ≈ {pred.prefill_tok_s:,.0f} tok/s "

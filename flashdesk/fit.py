@@ -281,6 +281,8 @@ def _line(name, sourced, seen: set[str]) -> str:
 
 
 def print_table(figures, profile, plan, prediction) -> None:
+    from flashdesk.offload.predict import DRAFT_ACCEPTANCE
+
     print(f"Hardware ({profile.label or 'this machine'})")
     seen: set[str] = set()
     for name, sourced in profile.sourced_items():
@@ -328,6 +330,12 @@ def print_table(figures, profile, plan, prediction) -> None:
                 f"           {p.decode_full_tok_s:.2f} tok/s once the {plan.context:,}-token "
                 f"context is full (attention and the CSA indexer then score every compressed "
                 f"entry each token)"
+            )
+        if p.speculative_tok_s:
+            print(
+                f"           {p.speculative_tok_s:.2f} tok/s with the MTP block's drafts if "
+                f"{DRAFT_ACCEPTANCE:.0%} are kept (DeepSeek's figure; they pay from "
+                f"{p.speculative_break_even:.0%}, and a stream stops drafting where they do not)"
             )
         cross = f", streaming wins from {p.crossover_tokens} tokens" if p.crossover_tokens else ""
         print(

@@ -221,6 +221,10 @@ class Prediction:
     # CSA lightning indexer then score ~context/4 keys per CSA layer, compute that the bytes
     # above do not price (V4-Flash at 1M tokens: ~90 GFLOP per token; on a CPU, seconds).
     decode_full_tok_s: float = 0.0
+    # The CPU mode drafts with the MTP block (speculative decoding): decode at DRAFT_ACCEPTANCE
+    # of the drafts kept, and the share kept at which drafting breaks even; None elsewhere.
+    speculative_tok_s: float | None = None
+    speculative_break_even: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -237,6 +241,8 @@ class Prediction:
             "inputs": self.inputs,
             "decode_limit": self.decode_limit,
             "decode_full_tok_s": self.decode_full_tok_s,
+            "speculative_tok_s": self.speculative_tok_s,
+            "speculative_break_even": self.speculative_break_even,
         }
 
 
@@ -529,6 +535,35 @@ def record_crossover(plan: Plan, prediction: Prediction) -> None:
         plan.stream_min_tokens = prediction.crossover_tokens
 
 
+# DeepSeek's reported acceptance of the MTP block's draft (the V3 report: 85-90 % for the second
+# token); random weights cannot measure it, so a prediction with drafts says it assumed this.
+DRAFT_ACCEPTANCE = 0.8
+
+
+def speculative_seconds(
+    plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency
+) -> tuple[float, float] | None:
+    """In the CPU mode with an MTP block: (seconds a draft adds to a decode step, seconds the
+    draft token adds to the step that verifies it). A draft reads the block's weights, its
+    experts for one token (memory-mapped, in the page cache once used) and the head again; the
+    verify reads the draft token's routed experts beside the step's own. None elsewhere."""
+    if plan.mode != "cpu" or not figures.mtp_bytes:
+        return None
+    ram = float(rates.ram.value) * 1e9
+    disk = float(rates.disk.value) * 1e9
+    k, eb = figures.experts_per_token, figures.expert_bytes
+    mtp_dense = max(0, figures.mtp_bytes - figures.n_experts * eb)
+    draft = (mtp_dense + figures.head_on(False)) / (ram * float(eff.cpu_dense.value))
+    draft += k * eb / (ram * float(eff.cpu_experts.value))
+    draft += float(eff.cpu_layer_seconds.value)  # the block's own torch glue, as a layer's
+    verify = sum(
+        k * eb * lp.ram_hit_rate / (ram * float(eff.cpu_experts.value))
+        + k * eb * lp.disk_rate / (disk * float(eff.disk.value))
+        for lp in plan.layers
+    )
+    return draft, verify
+
+
 def predict(
     plan: Plan,
     figures: ModelFigures,
@@ -587,6 +622,12 @@ def predict(
     confidence = "calibrated" if eff.all_calibrated() and bandwidths_measured else "estimated"
     total_picks = sum(lp.gpu_hit_rate for lp in plan.layers)
     full = seconds + decode_attention_seconds(plan, figures, rates, eff, plan.context)
+    spec_tok_s = break_even = None
+    extra = speculative_seconds(plan, figures, rates, eff)
+    if extra is not None:  # a step of draft + two tokens yields 1 + acceptance of them
+        step = seconds + sum(extra)
+        spec_tok_s = (1 + DRAFT_ACCEPTANCE) / step
+        break_even = step / seconds - 1
     return Prediction(
         decode_tok_s=1.0 / seconds,
         decode_bound_tok_s=1.0 / bound_seconds,
@@ -601,6 +642,8 @@ def predict(
         inputs=inputs,
         decode_limit="dispatch" if seconds > 1.5 * memory_seconds else "memory",
         decode_full_tok_s=1.0 / full,
+        speculative_tok_s=spec_tok_s,
+        speculative_break_even=break_even,
     )
 
 

@@ -71,6 +71,36 @@ def test_cpu_only_bound_is_all_bytes_over_ram_bandwidth(flash):
     assert pred.prefill_experts == "cpu" and pred.crossover_tokens is None
 
 
+def test_the_cpu_mode_predicts_its_mtp_drafts(flash):
+    """Drafting in the CPU mode: a draft reads the MTP block's weights, one token's experts and
+    the head again (plus one layer's glue); its verify the draft token's experts. At the assumed
+    acceptance that beats a plain step; where the GPU runs the layers nothing is predicted."""
+    from flashdesk.offload.predict import DRAFT_ACCEPTANCE, speculative_seconds
+
+    profile = load("cpu_only_256gb")
+    plan = make_plan(flash, profile, PlanOptions(context=131072))
+    pred = predict(plan, flash, profile)
+    eff = Efficiency()
+    draft, verify = speculative_seconds(plan, flash, _rates(profile), eff)
+    ram = 64.0e9
+    mtp_dense = 171_235_692
+    head = flash.head_on(False)  # the BF16 head (1,059,061,760 B) and the final norm
+    glue = eff.cpu_layer_seconds.value
+    assert draft == pytest.approx(
+        (mtp_dense + head) / (ram * eff.cpu_dense.value)
+        + 6 * EXPERT_BYTES / (ram * eff.cpu_experts.value)
+        + glue,
+        rel=1e-6,
+    )
+    assert verify == pytest.approx(EXPERTS_PER_TOKEN / (ram * eff.cpu_experts.value), rel=0.01)
+    step = 1 / pred.decode_tok_s + draft + verify
+    assert pred.speculative_tok_s == pytest.approx((1 + DRAFT_ACCEPTANCE) / step)
+    assert pred.speculative_break_even == pytest.approx(step * pred.decode_tok_s - 1)
+    assert pred.decode_tok_s < pred.speculative_tok_s and 0.2 < pred.speculative_break_even < 0.6
+    gpu = predict(*_plan_for(flash, "rtx4090_192gb_ddr5"))
+    assert gpu.speculative_tok_s is None and gpu.speculative_break_even is None
+
+
 def test_cpu_layers_pay_their_glue_per_token(flash):
     """A layer computed on the CPU costs `cpu_layer_seconds` of torch/Python glue per decode
     token beside its bytes: 43 of them in V4-Flash's CPU-only step; none in the bound, none on a
