@@ -387,7 +387,8 @@ class V4Model:
         """Feed a prompt (or its continuation) into `state`; → logits of its last token `[V]`.
 
         `chunk_size` bounds the tokens per pass (activation memory); any size gives the same
-        state and logits as one pass.
+        state and logits as one pass. With speculation on, the MTP block takes the chunk's rows
+        too (`_feed_draft`).
         """
         ids = self._ids(ids)
         if chunk_size is not None and chunk_size < 1:
@@ -437,7 +438,7 @@ class V4Model:
         takes every held row whose next token is now known; the last row waits for its own."""
         rows, next_ids = self._held(x, ids, state)
         if next_ids:
-            self.mtp_logits(rows[:-1], next_ids, state, last_only=None)
+            self._mtp_streams(rows[:-1], next_ids, state)
         state.mtp_pending, state.mtp_pending_ids = rows[-1:].clone(), ()
 
     @torch.inference_mode()
@@ -446,12 +447,10 @@ class V4Model:
         yet): the block takes the held rows, the last with `token_id` as its next token."""
         if not self.speculative or state.mtp_pending is None:
             raise RuntimeError("draft needs speculation on and a state the model has prefilled")
-        rows = state.mtp_pending
-        logits = self.mtp_logits(
-            rows, [*state.mtp_pending_ids, int(token_id)], state, last_only=True
-        )
+        next_ids = [*state.mtp_pending_ids, int(token_id)]
+        x = self._mtp_streams(state.mtp_pending, next_ids, state)
         state.mtp_pending, state.mtp_pending_ids = None, ()
-        return logits[0]
+        return self._mtp_head(x[-1:])[0]
 
     @torch.inference_mode()
     def verify(self, ids, state: SequenceState) -> torch.Tensor:
@@ -477,13 +476,15 @@ class V4Model:
     # ------------------------------------------------------------------ MTP
 
     @torch.inference_mode()
-    def mtp_logits(
-        self, streams: torch.Tensor, next_ids, state: SequenceState, last_only: bool | None = False
-    ) -> torch.Tensor:
+    def mtp_logits(self, streams: torch.Tensor, next_ids, state: SequenceState) -> torch.Tensor:
         """Draft logits `[S, V]` of the MTP block: streams `[S, hc, D]` are the main model's final
         streams at positions P..P+S-1 (P = state.mtp_position), `next_ids` the tokens at
-        P+1..P+S; row i predicts the token at P+i+2. Advances the MTP block's own window.
-        `last_only`: the last row's logits alone `[1, V]`; None: none (the block only advances)."""
+        P+1..P+S; row i predicts the token at P+i+2. Advances the MTP block's own window."""
+        return self._mtp_head(self._mtp_streams(streams, next_ids, state))
+
+    def _mtp_streams(self, streams: torch.Tensor, next_ids, state: SequenceState) -> torch.Tensor:
+        """The MTP block over `mtp_logits`' rows → its output streams `[S, hc, D]` (the block's
+        window advanced; no head, which a draft needs for its last row only)."""
         if not self.mtp:
             raise RuntimeError("this model was loaded without its MTP block (with_mtp=False)")
         c = self.config
@@ -497,10 +498,12 @@ class V4Model:
         x = (mtp.e_proj(e, sim).unsqueeze(1) + mtp.h_proj(h, sim)).to(self.numerics.dtype)
         x = mtp.block.forward(x, ids, start, state.mtp[0], self.numerics)
         state.mtp_position = start + ids.numel()
-        if last_only is None:
-            return x[:0, 0].float()
-        if last_only:
-            x = x[-1:]
+        return x
+
+    def _mtp_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The MTP block's output streams `[n, hc, D]` → logits `[n, V]` (its hc_head and norm,
+        then the shared head)."""
+        c, mtp = self.config, self.mtp[0]
         out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps)
         out = rms_norm(out, mtp.norm, c.rms_norm_eps)
         return self.head_logits(out)
