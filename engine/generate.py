@@ -267,13 +267,20 @@ def _nucleus(weights: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.T
 class _Timing:
     start: float = 0.0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0  # tokens the decode calls fed
-    drafts: int = 0  # speculative decoding: drafts verified, and kept
-    kept: int = 0
-    plain_s: float = 0.0  # time of the steps without a draft, and of those with one
+    plain_s: float = 0.0  # time of the decode steps without a draft, and of those with one
     plain_steps: int = 0
     draft_s: float = 0.0
+    drafts: int = 0  # speculative decoding: drafts verified, and kept
+    kept: int = 0
+
+    @property
+    def decode_s(self) -> float:
+        return self.plain_s + self.draft_s
+
+    @property
+    def decode_steps(self) -> int:
+        """Tokens the decode calls fed: one a plain step, one or two (a kept draft) a draft's."""
+        return self.plain_steps + self.drafts + self.kept
 
     def drafts_pay(self) -> bool:
         """Whether drafting still looks faster: before its trial is over, or where its tokens
@@ -497,7 +504,7 @@ class Session:
                 timing.drafts += 1
                 timing.kept += instead is None
                 timing.draft_s += time.perf_counter() - t0
-                self._decoded(run, t0, tokens=1 + (instead is None))
+                self._decoded(run)
                 if instead is None:
                     reason = yield from self._emit(run, draft, params, stop_ids)
                     if reason is not None:  # the last token shown stays unfed, as above
@@ -514,7 +521,7 @@ class Session:
             self._ids.append(token)
             timing.plain_steps += 1
             timing.plain_s += time.perf_counter() - t0
-            self._decoded(run, t0, tokens=1)
+            self._decoded(run)
             token = sample(logits, params, generator)
 
     def _emit(self, run: _Run, token: int, params: SamplingParams, stop_ids: set[int]):
@@ -548,11 +555,9 @@ class Session:
             reason = "cancelled"
         return reason
 
-    def _decoded(self, run: _Run, t0: float, tokens: int) -> None:
-        """A decode call that began at t0 fed `tokens` tokens: its time and the stats."""
+    def _decoded(self, run: _Run) -> None:
+        """The stats after a decode step (its time and tokens already in `run.timing`)."""
         timing = run.timing
-        timing.decode_steps += tokens
-        timing.decode_s += time.perf_counter() - t0
         run.stats = replace(
             run.stats,
             decode_tok_s=timing.decode_steps / timing.decode_s if timing.decode_s > 0 else None,
