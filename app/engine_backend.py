@@ -73,11 +73,7 @@ def drafts_with_mtp(ckpt, device: str) -> bool:
     """Whether the runtime should draft with the checkpoint's MTP block (speculative decoding):
     in the CPU mode (the only one it runs in so far) where the block is there, unless
     FLASHDESK_MTP=0. A stream stops drafting by itself where the drafts do not pay."""
-    return (
-        device == "cpu"
-        and os.environ.get("FLASHDESK_MTP", "1").strip() != "0"
-        and any(name.startswith("mtp.") for name in ckpt.names())
-    )
+    return device == "cpu" and os.environ.get("FLASHDESK_MTP", "1").strip() != "0" and ckpt.has_mtp
 
 
 def check_memory(needed: int, device: str) -> None:

@@ -961,7 +961,7 @@ def _check_speculation(ckpt, path, dev: torch.device) -> None:
             "speculative decoding (MTP drafts) runs in the CPU mode only so far: a GPU's decode "
             "steps replay one-token CUDA graphs. Load without it, or on the CPU (device='cpu')."
         )
-    if not any(n.startswith("mtp.") for n in ckpt.names()):
+    if not ckpt.has_mtp:
         raise RuntimeLoadError(
             f"{path} holds no MTP block (mtp.0.*), which speculative decoding drafts with; "
             "load without it, or use the complete official checkpoint"

@@ -289,6 +289,12 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the checkpoint holds the MTP block (`mtp.0.*`), which speculative decoding
+        drafts with."""
+        return any(n.startswith("mtp.") for n in self.names())
+
     def __len__(self) -> int:
         return len(self._infos)
 
@@ -477,10 +483,7 @@ class Checkpoint:
                 report.notes.append(f"{dequantized} weights are stored dequantized (float)")
             if recast:
                 report.notes.append(f"{recast} float tensors are stored in another float dtype")
-            if (
-                not any(n.startswith("mtp.") for n in self._infos)
-                and self.config.num_nextn_predict_layers
-            ):
+            if not self.has_mtp and self.config.num_nextn_predict_layers:
                 report.notes.append(
                     "no MTP weights (transformers drops them); speculative decoding is off"
                 )

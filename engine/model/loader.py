@@ -53,7 +53,7 @@ def _build(ckpt, path, device, dtype, simulate_quant, with_mtp) -> V4Model:
             f"{path} has no config.json next to its weights; FlashDesk needs it to know the "
             "model's shape. Download config.json from the model's page into that folder."
         )
-    if with_mtp and not any(n.startswith("mtp.") for n in ckpt.names()):
+    if with_mtp and not ckpt.has_mtp:
         raise CheckpointError(f"{path} holds no MTP block (mtp.0.*); load it with with_mtp=False")
 
     def fetch(name: str, want: torch.dtype) -> torch.Tensor:
