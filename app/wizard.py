@@ -610,7 +610,9 @@ def prediction_text(pred, document=None, plan=None) -> str:
         limit += f"; {full:.1f} once the {human_tokens(plan.context)}-token context is full"
     drafted = getattr(pred, "speculative_tok_s", None)
     if drafted:
-        limit += f"; ≈ {drafted:.1f} with the MTP block's drafts if 80 % are kept"
+        from flashdesk.offload.predict import DRAFT_ACCEPTANCE
+
+        limit += f"; ≈ {drafted:.1f} with the MTP block's drafts if {100 * DRAFT_ACCEPTANCE:.0f} % are kept"
     return (
         f"Decode ≈ {pred.decode_tok_s:.1f} tok/s ({pred.confidence}; bound "
         f"{pred.decode_bound_tok_s:.1f}{limit}) · prefill ≈ {pred.prefill_tok_s:,.0f} tok/s "

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _machine
 from decode import _nbytes, bench_config, decode_bytes
 
+from flashdesk.offload.predict import DRAFT_ACCEPTANCE
+
 PROMPT_TOKENS = 64
 ROUNDS = 12  # draft + verify against a plain step, alternated; trimmed means
-ACCEPTANCE = 0.8  # DeepSeek's reported MTP acceptance for the second token (V3 report: 0.85-0.9)
 
 
 def spec_config():
@@ -123,8 +124,8 @@ def run(json_output: bool = False) -> dict:
     ms = {name: _trimmed_ms(v) for name, v in times.items()}
     bytes_of = {"plain": dense_b + expert_b, "draft": draft_b, "verify": dense_b + 2 * expert_b}
     ratio = {name: bytes_of[name] / (gbps * 1e9) * 1e3 / ms[name] for name in ms}
-    here = _speedup(ms["plain"], ms["draft"], ms["verify"], ACCEPTANCE)
-    full = v4_flash_prediction(ACCEPTANCE)
+    here = _speedup(ms["plain"], ms["draft"], ms["verify"], DRAFT_ACCEPTANCE)
+    full = v4_flash_prediction(DRAFT_ACCEPTANCE)
     figures = {
         "machine": info,
         "placement": described,
@@ -132,7 +133,7 @@ def run(json_output: bool = False) -> dict:
         "ms": ms,
         "bytes": bytes_of,
         "ratio_to_bytes_bound": ratio,
-        "acceptance_assumed": ACCEPTANCE,
+        "acceptance_assumed": DRAFT_ACCEPTANCE,
         "this_model": here,
         "v4_flash_cpu": full,
     }
@@ -143,13 +144,13 @@ def run(json_output: bool = False) -> dict:
         )
     say(
         f"this 2-layer model: drafting breaks even at {here['break_even_acceptance']:.2f} "
-        f"acceptance; at {ACCEPTANCE} it gives {here['speedup_at_acceptance']:.2f} × "
+        f"acceptance; at {DRAFT_ACCEPTANCE} it gives {here['speedup_at_acceptance']:.2f} × "
         "(the 1 GB head, read again by each draft, is most of its bytes)"
     )
     say(
         f"V4-Flash, CPU mode, by bytes ({full['plain_gb_per_token']:.2f} GB a token; a draft "
         f"{full['draft_gb']:.2f}, a verify {full['verify_gb']:.2f}): breaks even at "
         f"{full['break_even_acceptance']:.2f}, {full['speedup_at_acceptance']:.2f} × at "
-        f"{ACCEPTANCE} (random weights cannot measure the acceptance)"
+        f"{DRAFT_ACCEPTANCE} (random weights cannot measure the acceptance)"
     )
     return figures
