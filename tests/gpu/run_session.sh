@@ -13,8 +13,10 @@
 # synthetic; KV=fp8 plans it with the packed FP8 KV cache; DEPTH="128K 1M" then times decode
 # with the context filled to those depths (the plan keeps their KV cache, so fewer experts fit in
 # VRAM than in the runs without it); VRAM=24 plans it as for a 24 GiB card (most experts in
-# host RAM: with LAYERS=21 or so, which the host's RAM can hold); PROFILE_PREFILL=0 leaves out the prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
-# picks the tests, TESTS= none)
+# host RAM: with LAYERS=21 or so, which the host's RAM can hold); PROFILE_PREFILL=0 leaves out
+# the prefill profile; GPU_KERNELS=0 / DECODE=0 / SYNTHETIC=0 skip those benchmarks; TESTS="paths"
+# picks the tests, TESTS= none; TESTS_LAST=1 runs them after the benchmarks, in whatever time the
+# deadline leaves)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -38,7 +40,8 @@ if ! python3 -c "import flashdesk.engine" 2>/dev/null; then  # a bare machine: n
   ln -sfn ../engine flashdesk/engine; ln -sfn ../offload flashdesk/offload
 fi
 read -ra TEST_PATHS <<<"${TESTS-tests/gpu tests/test_gpu_kernels.py tests/test_gpu_tuning.py}"
-[ ${#TEST_PATHS[@]} -gt 0 ] && step tests 150 12 python3 -m pytest -q -p no:cacheprovider "${TEST_PATHS[@]}"
+run_tests() { [ ${#TEST_PATHS[@]} -gt 0 ] && step tests "$1" 12 python3 -m pytest -q -p no:cacheprovider "${TEST_PATHS[@]}"; }
+[ -z "$TESTS_LAST" ] && run_tests 150
 [ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 # issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
@@ -52,6 +55,7 @@ ARGS=(--synthetic v4-flash --prompt-tokens "${PROMPT:-2048}" --decode-steps "${S
 # shellcheck disable=SC2206  # DEPTH is a list of token counts
 [ -n "$DEPTH" ] && ARGS+=(--depth $DEPTH)
 [ "${SYNTHETIC:-1}" = 1 ] && step synthetic 400 14 python3 -m flashdesk bench "${ARGS[@]}"
+[ -n "$TESTS_LAST" ] && run_tests 600  # whatever the deadline leaves
 # what the run measured and recorded for this GPU: tuning (gpu_kernels.json) and the planner's
 # calibration, to compare with the built-in defaults
 python3 -c "from flashdesk.offload.bandwidth import cache_dir; print(cache_dir())" 2>/dev/null |
