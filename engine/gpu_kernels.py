@@ -54,34 +54,37 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 # Kernel shapes. The values below are what `flashdesk bench gpu-kernels` chose on the lent H200
-# (2026-11-27) and the full synthetic V4-Flash then ran with (decode 30.3 tok/s); the benchmark
-# sweeps them on the user's GPU and records the fastest (`engine.gpu_tuning`), applied when the
-# runtime first uses that GPU. Functions read them at call time. The H200 sweep timed each call
-# eagerly, which for the decode kernels measured Python's launch cost as much as the GPU's work
-# (the same shape: 128 µs in one run, 207 µs in the next); the benchmark now times them replayed
-# from a CUDA graph, as decode runs them, and the next sweep may choose differently.
+# in run 6 (2026-11-28, each call replayed from a CUDA graph, as decode runs it), with which the
+# full synthetic V4-Flash decoded at 59.4 tok/s; the benchmark sweeps them on the user's GPU and
+# records the fastest (`engine.gpu_tuning`), applied when the runtime first uses that GPU.
+# Functions read them at call time.
 #
 # The FP4 decode expert kernels (`moe`): (rows, bytes per step) of the gate/up launch, then of
 # the down launch; warps; (MODE, F16, SPLIT): MODE 0 sums 32-value blocks by a reshape, 1 loads
 # the tile as [rows, blocks, 16] bytes, 2 as int32 words (below; F16 unused, always through
 # float16 bits); F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
 # the down projection as one program per (pick, row block), partial sums added by torch.
-# H200, replayed from a CUDA graph: 67.6 µs per 6-expert step (1.19 TB/s, 0.29 × the copy
-# bandwidth; (0, 1, 0) 70-72 µs, MODE 0 without F16 121-150 µs, MODE 1 103-279 µs).
+# H200, replayed from a CUDA graph: 66-67 µs per 6-expert step (1.2 TB/s, 0.29 × the copy
+# bandwidth; (16, 256, 16, 256) 65.8 µs in run 6, a tie; (0, 1, 0) 70-74 µs, MODE 0 without F16
+# 121-150 µs, MODE 1 103-279 µs, MODE 2 72-101 µs).
 TILES = (8, 256, 8, 256)
 WARPS = 4
 FP4_MODE = (0, 1, 1)
 # MODE 2 reads the rows as int32 words of eight codes and decodes two per 16-bit half of an
 # operation: in the SASS ptxas builds for sm_90, 5.2 instructions per weight in the hot loop
 # where the default shape's takes 10.4 (gate/up; down 4.9 against 8.6; tests/_compile_kernels.py
-# counts them). Unmeasured on a GPU until the next sweep; this shape, (32 rows × 128 bytes,
-# 4 warps), gives each thread two rows of the same x. The sweep times it with others.
+# counts them). Yet on the H200 (run 6) it lost: 72.2 µs at best against 65.8 for MODE 1 with
+# half the instructions' count, so the kernel is bound by its loads' latency, not by issuing
+# instructions. This shape (32 rows × 128 bytes, 4 warps) was its best; the sweep times it with
+# others on each GPU.
 FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
 # Programmatic dependent launch (sm_90 and later): a decode step runs ~1,600 small kernels,
 # and each waits for its predecessor's end before it even starts launching. 1: every Triton
-# kernel launches early and waits at its start (`_await_inputs`). Unmeasured on a GPU, so off;
-# `bench --synthetic` times a decode with it on; FLASHDESK_PDL=1 turns it on.
-PDL = int(os.environ.get("FLASHDESK_PDL", "0") not in ("", "0"))
+# kernel launches early and waits at its start (`_await_inputs`). H200, run 6: decode 59.4 →
+# 60.5 tok/s (43 layers), 46.2 → 47.1 (a 24 GiB card's plan), the replay check and the GPU
+# tests passed with it; so on where the GPU has it (`pdl_possible`). `bench --synthetic` times
+# the other setting beside; FLASHDESK_PDL=0 turns it off.
+PDL = int(os.environ.get("FLASHDESK_PDL", "1") not in ("", "0"))
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
@@ -108,7 +111,8 @@ LINEAR_ROWS = (16, 4)
 LINEAR_ROWS_K = 512
 LINEAR_ROWS_MIN_PROGRAMS = 0
 # steps of a "rows" program unrolled together, so that their loads are in flight at once (a small
-# linear's few programs otherwise wait out a memory latency per step; unmeasured on a GPU)
+# linear's few programs otherwise wait out a memory latency per step). H200, run 6: wq_b 9.2 →
+# 7.7 µs, wo_a 10.3 → 8.8, wo_b 8.8 → 7.6, the small ones ±0.3 µs
 LINEAR_ROWS_UNROLL = 4
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
@@ -117,8 +121,26 @@ LINEAR_MIN_PROGRAMS = 1024
 # `bench gpu-kernels` found fastest for it on this GPU: (rows per program, warps, columns per
 # step, programs wanted). One shape for every linear leaves the small ones (wq_a, wkv, the
 # shared expert's) at 0.10-0.57 × the copy rate on the H200 while the large ones reach 0.98;
-# their best shapes differ. Empty built in: the global options above.
-LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {}
+# their best shapes differ. Built in: V4-Flash's shapes as the H200 chose them in run 6 (µs
+# against the global options: wq_a 3.7 → 2.8, wkv 3.6 → 2.5, the router 3.8 → 2.4, the head
+# 260 → 231, wo_a 9.6 → 8.8); another GPU's sweep replaces them.
+LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {
+    (32768, 1024, 1, 1): (16, 4, 512, 1024),  # wq_b
+    (8192, 4096, 8, 1): (4, 4, 2048, 0),  # wo_a (8 groups)
+    (4096, 8192, 1, 1): (16, 4, 512, 0),  # wo_b
+    (1024, 4096, 1, 1): (8, 4, 1024, 0),  # wq_a
+    (512, 4096, 1, 1): (4, 4, 2048, 0),  # wkv
+    (1536, 4096, 1, 1): (8, 4, 1024, 0),  # wq_a + wkv
+    (2048, 4096, 1, 1): (8, 4, 1024, 0),  # the shared expert's w1 (or w3)
+    (4096, 4096, 1, 1): (16, 4, 512, 0),  # the shared expert's w1 + w3
+    (4096, 2048, 1, 1): (16, 4, 512, 0),  # the shared expert's w2
+    (8192, 1024, 1, 1): (8, 4, 1024, 0),  # the indexer's wq_b
+    (256, 4096, 1, 2): (4, 4, 2048, 0),  # the router's gate (BF16)
+    (2048, 4096, 1, 2): (4, 4, 2048, 0),  # a CSA compressor's wkv + wgate (BF16)
+    (1024, 4096, 1, 2): (4, 4, 2048, 0),  # an HCA compressor's
+    (512, 4096, 1, 2): (4, 4, 2048, 0),  # the index compressor's
+    (129280, 4096, 1, 2): (4, 4, 2048, 0),  # the head (BF16)
+}
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
 # it where there is no GPU): the kernels then take CPU tensors, slowly. Never for the product.
@@ -161,7 +183,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             _apply_tuning(dev)
             TENSOR_CORES[key] = _probe_tensor_cores(dev)
             if TENSOR_CORES[key] is not None:  # the FP4/FP8 kernels without tensor cores
-                globals().update(DECODE_MOE="rows", LINEAR_KIND="rows")
+                globals().update(DECODE_MOE="rows", LINEAR_KIND="rows", DECODE_ATTENTION="head")
     return _PROBED[key]
 
 
@@ -1835,12 +1857,14 @@ DECODE_MAX_SPLITS = 64
 # "heads": a program per (group of DECODE_HEAD_GROUP heads, split), the scores and sums on the
 # tensor cores, each row read once per group (`_decode_attention_heads_kernel`); "head": a
 # program per (head, split), float32 products on the CUDA cores, each row read once per head.
-# Run 5: 36 µs per layer for ~640 rows and 64 heads, where the rows' bytes take ~0.2 µs.
-# Unmeasured on a GPU; the sweep times both.
-DECODE_ATTENTION = "head"
+# H200, run 6, 64 heads: 128 + 512 rows 27.6 µs per head, 22.3 in groups; + 1,024 rows 47.1
+# against 24.2; + 8,192 rows 278.5 against 101.1 (64 rows per split; 32 won the shortest, 128
+# the longest). The sweep times both on each GPU; "head" where the tensor cores fail their
+# check (`available`).
+DECODE_ATTENTION = "heads"
 DECODE_HEAD_GROUP = 16
 DECODE_HEAD_WARPS = 8
-DECODE_HEAD_ROWS_PER_SPLIT = 32  # few programs otherwise: 4 groups per split at 64 heads
+DECODE_HEAD_ROWS_PER_SPLIT = 64
 
 
 def decode_attention_split(
