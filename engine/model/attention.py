@@ -265,7 +265,9 @@ class Attention:
                         if scores is None:
                             scores = ix.scores(qi, wi, keys.rows())
                         picked = scores[0].masked_fill(~visible, float("-inf"))  # [C]
-                    picked = picked.topk(self.indexer.topk).indices
+                    # unsorted: the picks are a set to attend, and sorting them was 0.45 ms of
+                    # a 43-layer H200 step (torch's radix sort after its selection; run 6)
+                    picked = picked.topk(self.indexer.topk, sorted=False).indices
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
             if entries is None:
                 entries = store.rows()  # [C, d]
