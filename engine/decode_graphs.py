@@ -25,6 +25,7 @@ as plain torch operations (the tests compare them with the model's own decode).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -154,34 +155,65 @@ class GraphDecoder:
         The routing record is left as it was; the scratch graphs are dropped."""
         if not self.capture or self.reason is not None:
             return self.reason
-        model, log = self.model, self.model.blocks[0].moe.log
-        saved = [t.clone() for t in (log.counts, log.device_picks, log.total_picks)]
-        vocab = self.config.vocab_size
-        ids = [(7919 * i + 11) % vocab for i in range(prompt + steps)]
-        eager = GraphDecoder(model, capture=False)
-        want, got = model.new_state(), model.new_state()
+        ids = self._scratch_ids(prompt + steps)
+        eager = GraphDecoder(self.model, capture=False)
         try:
-            for state in (want, got):
-                model.prefill(ids[:prompt], state)
-            for t in ids[prompt:]:
-                expect, seen = eager.decode(t, want), self.decode(t, got)
-                if self.reason is not None:
-                    break
-                scale = float(expect.abs().max())
-                worst = float((seen - expect).abs().max())
-                if not worst <= 1e-2 * max(scale, 1.0):  # NaN fails too
-                    self.reason = (
-                        f"replayed CUDA graphs gave other logits than the same step run directly "
-                        f"(max difference {worst:.3g} of {scale:.3g})"
-                    )
-                    break
+            with self._scratch():
+                want, got = self._prefilled(ids[:prompt]), self._prefilled(ids[:prompt])
+                for t in ids[prompt:]:
+                    expect, seen = eager.decode(t, want), self.decode(t, got)
+                    if self.reason is not None:
+                        break
+                    scale = float(expect.abs().max())
+                    worst = float((seen - expect).abs().max())
+                    if not worst <= 1e-2 * max(scale, 1.0):  # NaN fails too
+                        self.reason = (
+                            f"replayed CUDA graphs gave other logits than the same step run "
+                            f"directly (max difference {worst:.3g} of {scale:.3g})"
+                        )
+                        break
         except Exception as exc:  # e.g. out of memory for the scratch states: no graphs
             self.reason = f"the CUDA graph check failed ({gpu_kernels.error_summary(exc)})"
+        return self.reason
+
+    @torch.inference_mode()
+    def step_seconds(self, prompt: int = 8, steps: int = 10) -> float:
+        """The median wall time of a decode step on a scratch state (the first two, which may
+        capture, left out): for choices the planner's model cannot settle, timed on this
+        machine at load. Routing record and graphs as `self_check` leaves them."""
+        ids = self._scratch_ids(prompt + steps + 2)
+        times = []
+        with self._scratch():
+            state = self._prefilled(ids[:prompt])
+            for t in ids[prompt:]:
+                t0 = time.perf_counter()
+                self.decode(t, state)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+        return float(sorted(times[2:])[len(times[2:]) // 2])
+
+    def _scratch_ids(self, n: int) -> list[int]:
+        vocab = self.config.vocab_size
+        return [(7919 * i + 11) % vocab for i in range(n)]
+
+    def _prefilled(self, ids: list[int]) -> SequenceState:
+        state = self.model.new_state()
+        self.model.prefill(ids, state)
+        return state
+
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[None]:
+        """Steps on scratch states leave the routing record as it was and drop the graphs they
+        captured (the real states' buffers differ)."""
+        log = self.model.blocks[0].moe.log
+        saved = [t.clone() for t in (log.counts, log.device_picks, log.total_picks)]
+        try:
+            yield
         finally:
             for t, v in zip((log.counts, log.device_picks, log.total_picks), saved, strict=True):
                 t.copy_(v)
             self._key, self._keyed, self._plan, self._pool = None, None, [], None
-        return self.reason
 
     # ------------------------------------------------------------------ one step
 

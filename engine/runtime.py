@@ -24,6 +24,7 @@ Public use::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -725,7 +726,7 @@ class Runtime:
         where += [f"{n} {s}" for s, n in counts.items() if n]
         in_place = sum(
             len(b.moe.zero_copy.ids) for b in self.model.blocks
-            if getattr(b.moe, "zero_copy", None) is not None
+            if getattr(b.moe, "zero_copy", None) is not None and b.moe.use_zero_copy
         )  # fmt: skip
         if in_place:
             where.append(f"the GPU reads {in_place} pinned ones in place")
@@ -1038,9 +1039,11 @@ def _build(
         return t
 
     hosts: dict[int, LayerExperts] = {}
-    # the GPU reads the placement's zero-copy experts in place (FLASHDESK_ZERO_COPY=0: the CPU
-    # computes every host pick, as before 2026-11-28)
-    zero_copy_on = dev.type == "cuda" and os.environ.get("FLASHDESK_ZERO_COPY", "1") != "0"
+    # the GPU reads the placement's zero-copy experts in place where that measures faster at load
+    # (FLASHDESK_ZERO_COPY=0: the CPU computes every host pick, as before 2026-11-28; 1: the
+    # placement's share without measuring)
+    zero_copy_env = os.environ.get("FLASHDESK_ZERO_COPY", "")
+    zero_copy_on = dev.type == "cuda" and zero_copy_env != "0"
 
     def make_experts(spec):
         if cancel():
@@ -1166,6 +1169,9 @@ def _build(
         progress(0.98, "Checking CUDA graphs on this GPU")
         graphs = GraphDecoder(model)
         graphs.self_check()
+        if zero_copy_env != "1":
+            progress(0.99, "Timing the GPU's reads of experts in host memory")
+            graphs, placement = measured_zero_copy(model, graphs, placement)
     progress(1.0, "Ready")
     return Runtime(
         model,
@@ -1181,6 +1187,44 @@ def _build(
         graphs,
         getattr(plan, "prefill_chunk", None) or GPU_PREFILL_CHUNK,
     )
+
+
+# The planner's in-place share must beat the CPU alone by this much to stay (the runs' noise)
+ZERO_COPY_MARGIN = 0.02
+
+
+def measured_zero_copy(
+    model: V4Model, graphs: GraphDecoder, placement: Placement
+) -> tuple[GraphDecoder, Placement]:
+    """Whether the GPU's in-place reads of pinned experts pay on this machine, timed on scratch
+    decode steps with and without them; the faster kept → (graphs, placement with a note when
+    they were turned off). Why measured: both sides read the same RAM, and how much each loses
+    to the other the planner cannot know. The lent H200 host of run 5 gained 22 % from them on
+    a 24 GiB plan; run 6's, whose CPU alone read 0.89 of its RAM bandwidth, lost 3 %."""
+    reading = [b.moe for b in model.blocks if getattr(b.moe, "zero_copy", None) is not None]
+    if not reading or not graphs.usable:
+        return graphs, placement
+    try:
+        with_s = graphs.step_seconds()
+        for moe in reading:
+            moe.use_zero_copy = False
+        without = GraphDecoder(model)
+        if without.self_check() is None:
+            without_s = without.step_seconds()
+            if without_s < with_s * (1 - ZERO_COPY_MARGIN):
+                n = sum(len(m.zero_copy.ids) for m in reading)
+                note = (
+                    f"the CPU computes the picks of all host experts: a decode step took "
+                    f"{without_s * 1e3:.1f} ms that way against {with_s * 1e3:.1f} ms with the "
+                    f"GPU reading {n} pinned experts in place, as planned "
+                    "(FLASHDESK_ZERO_COPY=1 keeps the plan's share)"
+                )
+                return without, dataclasses.replace(placement, notes=(*placement.notes, note))
+    except Exception:  # a failed measurement (scratch states out of memory) keeps the plan
+        pass
+    for moe in reading:
+        moe.use_zero_copy = True
+    return graphs, placement
 
 
 def _check_no_placeholders(model: V4Model) -> None:

@@ -155,11 +155,7 @@ def test_zero_copy_picks_are_read_by_the_device_beside_the_cpus(tiny, monkeypatc
     n = config.n_routed_experts
     zc = tuple(range(0, n, 2))
     with load_runtime(folder, placement=PLACEMENTS["pinned"](config), **EXACT) as rt:
-        for block in rt.model.blocks:  # as load_runtime builds them on a GPU (pinned stacks)
-            moe = block.moe
-            stacks = tuple(torch.stack([moe.host.parts[e][j] for e in zc]) for j in range(6))
-            moe.zero_copy = ExpertCache(moe.host, zc, rt.device, n, stacks=stacks)
-            assert moe.zero_copy.in_place and moe.zero_copy.refresh(torch.ones(n)) == 0
+        _read_in_place(rt, zc)
         cache = ExpertCache(rt.model.blocks[0].moe.host, (1,), rt.device, n)
         cache.keep_out = zc  # as HybridMoE sets it: a VRAM cache never takes a zero-copy expert
         counts = torch.zeros(n)
@@ -184,6 +180,57 @@ def test_zero_copy_picks_are_read_by_the_device_beside_the_cpus(tiny, monkeypatc
         got = torch.stack([graphs.decode(int(t), state) for t in ids[17:20]])
         torch.testing.assert_close(got, want[17:20], **TOL)
         assert len(reads) == 6 * layers
+
+
+def _read_in_place(rt, zc: tuple[int, ...]) -> None:
+    """Every layer's experts `zc` read in place by the device, as load_runtime builds them on a
+    GPU (pinned stacks)."""
+    n = rt.config.n_routed_experts
+    for block in rt.model.blocks:
+        moe = block.moe
+        stacks = tuple(torch.stack([moe.host.parts[e][j] for e in zc]) for j in range(6))
+        moe.zero_copy = ExpertCache(moe.host, zc, rt.device, n, stacks=stacks)
+        assert moe.zero_copy.in_place and moe.zero_copy.refresh(torch.ones(n)) == 0
+
+
+@pytest.mark.parametrize(("with_ms", "without_ms", "kept"), [(10.0, 8.0, False), (10.0, 9.9, True)])
+def test_the_load_keeps_the_in_place_reads_only_where_they_time_faster(
+    tiny, monkeypatch, with_ms, without_ms, kept
+):
+    """`measured_zero_copy` times scratch decode steps with and without the GPU's in-place
+    reads: they go where the CPU alone is faster by more than the margin (with a note saying
+    so, and graphs built without them), else stay. The steps' times are faked; one real
+    `step_seconds` runs too and leaves the routing record as it was."""
+    from flashdesk.engine.runtime import measured_zero_copy
+
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: the bench --synthetic run times both sides there")
+    folder, config, *_ = tiny
+    monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
+    with load_runtime(folder, placement=PLACEMENTS["pinned"](config), **EXACT) as rt:
+        _read_in_place(rt, (0, 2))
+        moes = [b.moe for b in rt.model.blocks]
+        graphs = GraphDecoder(rt.model, capture=False)
+        log = moes[0].log
+        before = log.counts.clone()
+        assert graphs.step_seconds(prompt=4, steps=3) > 0
+        assert torch.equal(log.counts, before)
+        timed = {True: with_ms / 1e3, False: without_ms / 1e3}
+        monkeypatch.setattr(GraphDecoder, "step_seconds", lambda g: timed[moes[0].use_zero_copy])
+        chosen, placement = measured_zero_copy(rt.model, graphs, rt.placement)
+        assert all(m.use_zero_copy == kept for m in moes)
+        assert (chosen is graphs) == kept
+        notes = [n for n in placement.notes if "the CPU computes the picks" in n]
+        if kept:
+            assert placement is rt.placement and not notes
+        else:
+            in_place = 2 * len(config.main_layers)
+            assert notes == [
+                f"the CPU computes the picks of all host experts: a decode step took 8.0 ms that "
+                f"way against 10.0 ms with the GPU reading {in_place} pinned experts in place, "
+                "as planned (FLASHDESK_ZERO_COPY=1 keeps the plan's share)"
+            ]
+            assert "in place" not in rt.describe()
 
 
 def test_zero_copy_experts_are_a_share_of_the_pinned_ones():

@@ -158,3 +158,19 @@ def test_the_kv_formats_replay_from_graphs(kv, monkeypatch):
             assert graphs.usable, graphs.reason
             torch.testing.assert_close(seen, direct.decode(t, want), rtol=1e-2, atol=1e-2)
         assert graphs.builds > 1 and got.nbytes == want.nbytes
+
+
+def test_the_load_times_the_in_place_reads_and_keeps_the_faster():
+    """load_runtime with graphs on a zero-copy placement times scratch steps both ways
+    (`measured_zero_copy`): the in-place reads stay, or go with a note and graphs built
+    without them; either way the runtime decodes with usable graphs."""
+    ids = _ids(8)
+    with _runtime("zero-copy") as rt:
+        assert rt.graphs is not None and rt.graphs.usable, rt.graphs.reason
+        kept = {b.moe.use_zero_copy for b in rt.model.blocks if b.moe.zero_copy is not None}
+        assert len(kept) == 1
+        dropped = [n for n in rt.notes if "the CPU computes the picks of all host experts" in n]
+        assert bool(dropped) != kept.pop()
+        state = rt.new_state()
+        rt.prefill(ids[:4], state)
+        assert all(torch.isfinite(rt.decode(t, state)).all() for t in ids[4:])

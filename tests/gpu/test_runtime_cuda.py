@@ -62,13 +62,16 @@ def _placements(config):
     "name",
     ["experts on cpu (pinned)", "experts on cpu (mmap)", "all in vram", "mixed", "zero-copy"],
 )
-def test_split_equals_cpu_model_fp32(tiny, name):
+def test_split_equals_cpu_model_fp32(tiny, name, monkeypatch):
     folder, config, ids, want = tiny
+    # the plan's in-place share, not the load's timing of it (which a tiny model may turn off)
+    monkeypatch.setenv("FLASHDESK_ZERO_COPY", "1")
     with load_runtime(folder, placement=_placements(config)[name], **EXACT) as rt:
         assert rt.device.type == "cuda"
         if name == "zero-copy":  # the GPU's kernels read half of each layer's experts in place
             moes = [b.moe for b in rt.model.blocks]
             assert all(m.zero_copy is not None and m.zero_copy.stacks[0].is_pinned() for m in moes)
+            assert all(m.use_zero_copy for m in moes)
         full = rt.forward_full(ids.cuda())
         assert (full.cpu() - want).abs().max().item() <= 1e-3
         state = rt.new_state()
