@@ -19,6 +19,7 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "TILES": (int, 4),
     "WARPS": (int, 0),
     "FP4_MODE": (int, 3),
+    "FP4_UNROLL": (int, 0),
     "DECODE_MOE": (str, 0),
     "BY_PICK_TILES": (int, 3),
     "BY_PICK_WARPS": (int, 0),

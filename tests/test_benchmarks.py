@@ -59,7 +59,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
             tile_choices=[
                 module.TILE_CHOICES[0],
                 ((32, 128, 32, 128), 4, (2, 0, 1)),
-                ((8, 256, 8, 256), 4, (3, 1, 1)),
+                ((8, 256, 8, 256), 4, (3, 1, 1), 2),
             ],
             token_counts=(2,),
             linears=[("fp8", 256, 128, 2, True, False), ("bf16", 64, 64, 1, False, True)],
