@@ -2371,11 +2371,24 @@ def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
 
 
 # kernels checked on their own at first use on a device (`checked`): name → check
+def _check_decode_attention_kinds(dev: torch.device) -> str | None:
+    """`_check_decode_attention` of the built-in kind; where the head groups (tensor cores)
+    fail it, the one-head-per-program kernel is checked and kept instead of torch's ops."""
+    try:
+        reason = _check_decode_attention(dev)
+    except Exception as exc:  # could not compile or run
+        reason = f"could not compile or run ({error_summary(exc)})"
+    if reason is None or DECODE_ATTENTION != "heads":
+        return reason
+    globals()["DECODE_ATTENTION"] = "head"
+    return _check_decode_attention(dev)
+
+
 CHECKS = {
     "compressor step": _check_compressor_step,
     "hyper-connection mixes": _check_hc_mixes,
     "routing": _check_route,
-    "decode attention": _check_decode_attention,
+    "decode attention": _check_decode_attention_kinds,
     "FP8 KV rows": _check_fp8_rows,
     "routing log": _check_record_picks,
     "indexer scores": _check_index_scores,

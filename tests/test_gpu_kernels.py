@@ -667,6 +667,27 @@ def test_a_kernel_with_its_own_check_falls_back_alone(monkeypatch):
     assert "prompts' experts run through torch" in ft.fallback_notes(dev)[0]
 
 
+def test_head_groups_that_fail_their_check_give_way_to_the_per_head_kernel(monkeypatch):
+    """DECODE_ATTENTION "heads" (tensor cores) failing the per-GPU check: the one-head-per-
+    program kernel is checked and kept instead of torch's ops; a "head" failure stays one."""
+    dev = torch.device(kernels_device())
+    monkeypatch.setattr(ft, "DECODE_ATTENTION", "heads")
+    real = ft._check_decode_attention
+    tried = []
+
+    def heads_fail(device):
+        tried.append(ft.DECODE_ATTENTION)
+        if ft.DECODE_ATTENTION == "heads":
+            raise RuntimeError("no bf16 dot on this GPU")
+        return real(device)
+
+    monkeypatch.setattr(ft, "_check_decode_attention", heads_fail)
+    assert ft.CHECKS["decode attention"](dev) is None
+    assert tried == ["heads", "head"] and ft.DECODE_ATTENTION == "head"
+    monkeypatch.setattr(ft, "_check_decode_attention", lambda device: "wrong values")
+    assert ft.CHECKS["decode attention"](dev) == "wrong values"
+
+
 def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
     """The model's RMSNorms, rotations and hyper-connections routed to the kernels (as on a GPU
     with Triton; here in the interpreter): prefill and decode give the torch path's logits."""
