@@ -2370,7 +2370,6 @@ def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
     return split
 
 
-# kernels checked on their own at first use on a device (`checked`): name → check
 def _check_decode_attention_kinds(dev: torch.device) -> str | None:
     """`_check_decode_attention` of the built-in kind; where the head groups (tensor cores)
     fail it, the one-head-per-program kernel is checked and kept instead of torch's ops."""
@@ -2384,6 +2383,7 @@ def _check_decode_attention_kinds(dev: torch.device) -> str | None:
     return _check_decode_attention(dev)
 
 
+# kernels checked on their own at first use on a device (`checked`): name → check
 CHECKS = {
     "compressor step": _check_compressor_step,
     "hyper-connection mixes": _check_hc_mixes,
