@@ -27,10 +27,10 @@ SETS, REPS = 32, 64
 # (rows, bytes per step) of gate/up, then of down; warps; (MODE, F16[, SPLIT]) of
 # `gpu_kernels.moe`. First H200 sweep (MODE 0, F16 0): 8 rows × 256 bytes, 4 warps best at
 # 389 GB/s (0.09 × copy). Later sweeps: F16 1 halved the time; MODE 1 (103-279 µs) and MODE 0
-# without F16 (121-150 µs) lost to (0, 1) every time (70-72 µs) and are no longer timed.
+# without F16 (121-150 µs) lost to (0, 1) every time (70-72 µs) and are no longer timed; nor is
+# (0, 1) since run 6 (71.6-82.7 µs against 65.8-71.3 for (0, 1, 1), the down split per pick).
 TILE_CHOICES = [
-    (tiles, warps, mode)
-    for mode in ((0, 1), (0, 1, 1))
+    (tiles, warps, (0, 1, 1))
     for tiles, warps in (
         ((8, 256, 8, 256), 4),
         ((4, 512, 4, 512), 4),
@@ -52,6 +52,8 @@ TILE_CHOICES += [
     ((4, 256, 8, 256), 4, (3, 1, 1), 2),
     ((8, 512, 8, 512), 8, (3, 1, 1), 2),
     ((16, 128, 16, 128), 4, (3, 1, 1), 4),
+    ((4, 512, 4, 512), 4, (3, 1, 1), 2),
+    ((8, 1024, 8, 1024), 8, (3, 1, 1), 1),  # two steps a row: the fewest waits in series
 ]
 # A decode step's experts through the grouped tensor-core kernels, one block per pick
 # (`gpu_kernels.moe_by_pick`): (tokens, rows, bytes per step), warps.
