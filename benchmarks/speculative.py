@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _machine
 from decode import _nbytes, bench_config, decode_bytes
 
-from flashdesk.offload.predict import DRAFT_ACCEPTANCE
+from flashdesk.offload.predict import DRAFT_ACCEPTANCE, drafting_gain
 
 PROMPT_TOKENS = 64
 ROUNDS = 12  # draft + verify against a plain step, alternated; trimmed means
@@ -70,12 +70,9 @@ def v4_flash_prediction(acceptance: float) -> dict:
 
 
 def _speedup(plain: float, draft: float, verify: float, acceptance: float) -> dict:
-    """A step (draft + verify) yields 1 + acceptance tokens where a plain step yields one."""
-    step = draft + verify
-    return {
-        "break_even_acceptance": step / plain - 1,
-        "speedup_at_acceptance": (1 + acceptance) * plain / step,
-    }
+    """A step (draft + verify) against a plain one, as the planner prices it (`drafting_gain`)."""
+    speedup, break_even = drafting_gain(plain, draft + verify, acceptance)
+    return {"break_even_acceptance": break_even, "speedup_at_acceptance": speedup}
 
 
 def _trimmed_ms(values: list[float]) -> float:

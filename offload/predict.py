@@ -542,6 +542,13 @@ def record_crossover(plan: Plan, prediction: Prediction) -> None:
 DRAFT_ACCEPTANCE = 0.8
 
 
+def drafting_gain(plain: float, step: float, acceptance: float) -> tuple[float, float]:
+    """A speculative step (a draft and the two-token call that verifies it) costs `step` where a
+    plain decode step costs `plain` (in seconds or in bytes read) and yields 1 + acceptance
+    tokens → (its speed-up over plain decode, the acceptance at which it breaks even)."""
+    return (1 + acceptance) * plain / step, step / plain - 1
+
+
 def speculative_seconds(
     plan: Plan, figures: ModelFigures, rates: _Rates, eff: Efficiency
 ) -> tuple[float, float] | None:
@@ -626,10 +633,9 @@ def predict(
     full = seconds + decode_attention_seconds(plan, figures, rates, eff, plan.context)
     spec_tok_s = break_even = None
     extra = speculative_seconds(plan, figures, rates, eff)
-    if extra is not None:  # a step of draft + two tokens yields 1 + acceptance of them
-        step = seconds + sum(extra)
-        spec_tok_s = (1 + DRAFT_ACCEPTANCE) / step
-        break_even = step / seconds - 1
+    if extra is not None:
+        speedup, break_even = drafting_gain(seconds, seconds + sum(extra), DRAFT_ACCEPTANCE)
+        spec_tok_s = speedup / seconds
     return Prediction(
         decode_tok_s=1.0 / seconds,
         decode_bound_tok_s=1.0 / bound_seconds,
