@@ -190,7 +190,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             _apply_tuning(dev)
             TENSOR_CORES[key] = _probe_tensor_cores(dev)
             if TENSOR_CORES[key] is not None:  # the FP4/FP8 kernels without tensor cores
-                globals().update(DECODE_MOE="rows", LINEAR_KIND="rows", DECODE_ATTENTION="head")
+                globals().update(DECODE_MOE="rows", LINEAR_KIND="rows")
     return _PROBED[key]
 
 
@@ -1912,8 +1912,8 @@ DECODE_MAX_SPLITS = 64
 # program per (head, split), float32 products on the CUDA cores, each row read once per head.
 # H200, run 6, 64 heads: 128 + 512 rows 27.6 µs per head, 22.3 in groups; + 1,024 rows 47.1
 # against 24.2; + 8,192 rows 278.5 against 101.1 (64 rows per split; 32 won the shortest, 128
-# the longest). The sweep times both on each GPU; "head" where the tensor cores fail their
-# check (`available`).
+# the longest). The sweep times both on each GPU; "head" where the head groups fail their
+# per-GPU check (`_check_decode_attention_kinds`).
 DECODE_ATTENTION = "heads"
 DECODE_HEAD_GROUP = 16
 DECODE_HEAD_WARPS = 8
