@@ -42,19 +42,8 @@ TILE_CHOICES += [((8, 512, 16, 512), 8, (0, 1, 1)), ((8, 512, 32, 256), 8, (0, 1
 # the word-wise decode (MODE 2, half the instructions per weight in sm_90's SASS): run 6 timed
 # six shapes at 72-101 µs against 66 for (0, 1, 1); its best one stays in the sweep
 TILE_CHOICES += [((32, 128, 32, 128), 4, (2, 0, 1))]
-# the fused decode (MODE 3: gate and up in one loop, sums per thread, steps unrolled;
-# unmeasured): its built-in shape at 1, 2 and 4 steps at once, then fewer rows, longer steps,
-# shorter steps (a fourth item: the steps unrolled, FP4_UNROLL)
-TILE_CHOICES += [
-    ((8, 256, 8, 256), 4, (3, 1, 1), 2),
-    ((8, 256, 8, 256), 4, (3, 1, 1), 1),
-    ((8, 256, 8, 256), 4, (3, 1, 1), 4),
-    ((4, 256, 8, 256), 4, (3, 1, 1), 2),
-    ((8, 512, 8, 512), 8, (3, 1, 1), 2),
-    ((16, 128, 16, 128), 4, (3, 1, 1), 4),
-    ((4, 512, 4, 512), 4, (3, 1, 1), 2),
-    ((8, 1024, 8, 1024), 8, (3, 1, 1), 1),  # two steps a row: the fewest waits in series
-]
+# the fused decode (MODE 3: gate and up in one loop, sums per thread, steps unrolled) lost in
+# run 7 (75-126 µs over eight shapes against 64.9) and is gone
 # A decode step's experts through the grouped tensor-core kernels, one block per pick
 # (`gpu_kernels.moe_by_pick`): (tokens, rows, bytes per step), warps.
 BY_PICK_CHOICES = [
@@ -238,33 +227,29 @@ def measure(
         f"device copy bandwidth measured here {copy_gbps:.0f} GB/s"
     )
 
-    def fused(tokens, tiles, warps, mode, stacks_at=stacks, unroll=None):  # from stacks_at
+    def fused(tokens, tiles, warps, mode, stacks_at=stacks):  # from stacks_at
         return lambda i: gpu_kernels.moe(
             x[:tokens], picks[i % SETS][:tokens], weights[:tokens], slot_of, stacks_at, limit,
-            tiles=tiles, num_warps=warps, mode=mode, unroll=unroll,
+            tiles=tiles, num_warps=warps, mode=mode,
         )  # fmt: skip
 
     want = fused(1, gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE)(0)
     rows = []
-    for tiles, warps, mode, *more in tile_choices:  # more: MODE 3's steps unrolled
-        unroll = more[0] if more else None
-        err = ((fused(1, tiles, warps, mode, unroll=unroll)(0) - want).norm() / want.norm()).item()
-        ms = _replay_ms(fused(1, tiles, warps, mode, unroll=unroll), reps)
+    for tiles, warps, mode in tile_choices:
+        err = ((fused(1, tiles, warps, mode)(0) - want).norm() / want.norm()).item()
+        ms = _replay_ms(fused(1, tiles, warps, mode), reps)
         gbps = step_bytes / ms / 1e6
         rows.append(
             {"tiles": list(tiles), "warps": warps, "mode": list(mode), "ms": ms, "gbps": gbps}
-            | {"err": err, "unroll": unroll}
+            | {"err": err}
         )
         say(
-            f"  mode {mode} tiles {tiles} warps {warps}"
-            + (f" unroll {unroll}" if unroll else "")
-            + f": {ms * 1e3:7.1f} µs = {gbps:6.0f} GB/s = {gbps / copy_gbps:.2f} × copy "
-            f"(rel. diff. to default {err:.1e})"
+            f"  mode {mode} tiles {tiles} warps {warps}: {ms * 1e3:7.1f} µs = {gbps:6.0f} GB/s = "
+            f"{gbps / copy_gbps:.2f} × copy (rel. diff. to default {err:.1e})"
         )
     good = [r for r in rows if r["err"] < 1e-5]
     best = min(good, key=lambda r: r["ms"])
     tiles, warps, mode = tuple(best["tiles"]), best["warps"], tuple(best["mode"])
-    unroll = best["unroll"]
     by_pick = []
     for bp_tiles, bp_warps in by_pick_choices:
 
@@ -297,7 +282,7 @@ def measure(
         return out
 
     torch_ms = _time_ms(torch_path, max(2, reps // 4))
-    multi = {t: _replay_ms(fused(t, tiles, warps, mode, unroll=unroll), reps) for t in token_counts}
+    multi = {t: _replay_ms(fused(t, tiles, warps, mode), reps) for t in token_counts}
     one = gpu_kernels.dequant_fp4(stacks[0][0], stacks[1][0], torch.bfloat16)
     deq_bytes = stacks[0][0].numel() + stacks[1][0].numel() + one.numel() * one.element_size()
     deq_ms = _time_ms(
@@ -340,7 +325,7 @@ def measure(
             f"{best['ms'] * 1e3:.1f} µs → {out['decode_moe_best']}"
         )
     out["zero_copy"] = _zero_copy_figures(
-        dev, stacks, lambda stacks_at: fused(1, tiles, warps, mode, stacks_at, unroll), want,
+        dev, stacks, lambda stacks_at: fused(1, tiles, warps, mode, stacks_at), want,
         step_bytes, reps, say,
     )  # fmt: skip
     if grouped_choices:
@@ -360,7 +345,7 @@ def measure(
             copy_gbps,
             say,
         )
-    out["choices"] = _choices(out, tiles, warps, mode, unroll)
+    out["choices"] = _choices(out, tiles, warps, mode)
     say(f"fastest here: {out['choices']}")
     if dev == "cuda":
         from flashdesk.engine import gpu_tuning
@@ -402,11 +387,9 @@ def _zero_copy_figures(dev, stacks, call_with, want, step_bytes, reps, say) -> d
     return {"us": ms * 1e3, "gbps": gbps, "h2d_pinned_gbps": h2d, "ratio": gbps / h2d, "err": err}
 
 
-def _choices(out: dict, tiles, warps, mode, unroll=None) -> dict:
+def _choices(out: dict, tiles, warps, mode) -> dict:
     """The gpu_kernels settings this run found fastest (`engine.gpu_tuning` names)."""
     choices = {"TILES": tuple(tiles), "WARPS": warps, "FP4_MODE": (*mode, 0)[:3]}
-    if unroll:
-        choices["FP4_UNROLL"] = unroll
     if "by_pick" in out:
         fastest = min(out["by_pick"], key=lambda r: r["ms"])
         choices |= {"DECODE_MOE": out["decode_moe_best"], "BY_PICK_TILES": tuple(fastest["tiles"])}

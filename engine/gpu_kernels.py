@@ -78,13 +78,9 @@ FP4_MODE = (0, 1, 1)
 # instructions. This shape (32 rows × 128 bytes, 4 warps) was its best; the sweep times it with
 # others on each GPU.
 FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
-# MODE 3 (`_fp4_rows_dots`) takes the rows linears' measured lessons to the experts: gate and up
-# in one loop (both matrices' loads in flight together), products summed per thread across steps
-# and across threads once after the loop (MODE 0/1 sum each step's blocks across threads), and
-# FP4_UNROLL steps unrolled. Bytes decode as MODE 1's float16 bits (F16 unused). Unmeasured on a
-# GPU; the sweep times it beside the others. This shape gives each thread 16 bytes a row and step.
-FP4_FUSED = ((8, 256, 8, 256), 4, (3, 1, 1))
-FP4_UNROLL = 2
+# MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
+# rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
+# against 64.9 for (0, 1, 1), and one shape computed wrong there; so it is gone.
 # Programmatic dependent launch (sm_90 and later): a decode step runs ~1,600 small kernels,
 # and each waits for its predecessor's end before it even starts launching. 1: every Triton
 # kernel launches early and waits at its start (`_await_inputs`). H200, run 6: decode 59.4 →
@@ -717,42 +713,6 @@ if triton is not None:
         return tl.sum(acc, axis=1) * 16384.0
 
     @triton.jit
-    def _fp4_step(w_ptr, s_ptr, rows, byte, blocks, xe, xo, K: tl.constexpr):
-        """One step of MODE 3 over one matrix: packed bytes `byte` `[NB, 16]` of the rows →
-        their products with x (even and odd values xe, xo `[NB, 16]`) × the block scales,
-        `[BN, NB, 16]` float32, 2⁻¹⁴ of the true values (float16 bits, as `_nibbles`)."""
-        b = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte[None, :, :]).to(tl.int32)
-        scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
-        lo, hi = _nibbles(b, True)
-        return (lo * xe[None, :, :] + hi * xo[None, :, :]) * scale[:, :, None]
-
-    @triton.jit
-    def _fp4_rows_dots(
-        wa_ptr, sa_ptr, wb_ptr, sb_ptr, x_ptr, rows, K: tl.constexpr, BKB: tl.constexpr,
-        TWO: tl.constexpr, UNROLL: tl.constexpr,
-    ):  # fmt: skip
-        """MODE 3: Σ_k W[rows, k] · x[k] for matrix a and, with TWO, matrix b (gate and up)
-        in one loop → (a's sums, b's sums or zeros) `[BN]`. The lessons of the rows linears:
-        both matrices' loads issue in the same step and UNROLL steps at once, so more bytes are
-        in flight per program; products add up per thread across steps and are summed across
-        threads once after the loop (MODE 0/1 summed a step's blocks across threads each step:
-        warp shuffles that held back the next loads)."""
-        BN: tl.constexpr = rows.shape[0]
-        NB: tl.constexpr = BKB // 16  # 32-value blocks per step
-        acc_a = tl.zeros((BN, NB, 16), dtype=tl.float32)
-        acc_b = tl.zeros((BN, NB, 16), dtype=tl.float32)
-        for kb in tl.range(0, K // 2, BKB, loop_unroll_factor=UNROLL):
-            blocks = kb // 16 + tl.arange(0, NB)
-            byte = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]  # [NB, 16]
-            xe = tl.load(x_ptr + 2 * byte).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * byte + 1).to(tl.float32)
-            acc_a += _fp4_step(wa_ptr, sa_ptr, rows, byte, blocks, xe, xo, K)
-            if TWO:
-                acc_b += _fp4_step(wb_ptr, sb_ptr, rows, byte, blocks, xe, xo, K)
-        a = tl.sum(tl.reshape(acc_a, (BN, BKB)), axis=1) * 16384.0
-        return a, tl.sum(tl.reshape(acc_b, (BN, BKB)), axis=1) * 16384.0
-
-    @triton.jit
     def _fp4_rows_dot(
         w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BKB: tl.constexpr,
         MODE: tl.constexpr, F16: tl.constexpr,
@@ -792,7 +752,7 @@ if triton is not None:
         x_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
         limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
-        PDL: tl.constexpr = False, UNROLL: tl.constexpr = 1,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         _await_inputs(PDL)
         pair = tl.program_id(0)  # token · TOPK + pick
@@ -802,14 +762,8 @@ if triton is not None:
             x_row = x_ptr + (pair // TOPK) * D
             w_off = slot * (INTER * (D // 2))
             s_off = slot * (INTER * (D // 32))
-            if MODE == 3:
-                g, u = _fp4_rows_dots(
-                    w1_ptr + w_off, s1_ptr + s_off, w3_ptr + w_off, s3_ptr + s_off, x_row, rows,
-                    D, BKB, True, UNROLL,
-                )  # fmt: skip
-            else:
-                g = _fp4_rows_dot(w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
-                u = _fp4_rows_dot(w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
+            g = _fp4_rows_dot(w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
+            u = _fp4_rows_dot(w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
             if limit > 0:
                 g = tl.minimum(g, limit)
                 u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -821,7 +775,7 @@ if triton is not None:
         h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
         TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
-        SPLIT: tl.constexpr, PDL: tl.constexpr = False, UNROLL: tl.constexpr = 1,
+        SPLIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """SPLIT 0: program (token, row block) sums the token's picks → out `[T, D]`; SPLIT 1:
         program (pick, row block) → its pick's part, out `[T·TOPK, D]`."""
@@ -834,16 +788,9 @@ if triton is not None:
             slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
             if slot >= 0:
                 w_at, s_at = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
-                if MODE == 3:
-                    part, _ = _fp4_rows_dots(
-                        w_at, s_at, w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, False,
-                        UNROLL,
-                    )  # fmt: skip
-                    acc += part
-                else:
-                    acc += _fp4_rows_dot(
-                        w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16
-                    )  # fmt: skip
+                acc += _fp4_rows_dot(
+                    w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16
+                )  # fmt: skip
         tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     @triton.jit
@@ -1675,7 +1622,6 @@ def moe(
     num_warps: int | None = None,
     mode: tuple[int, ...] | None = None,
     summed: bool = True,
-    unroll: int | None = None,
 ) -> torch.Tensor:
     """Σ over each token's picks held in the slot store of weight · expert(x).
 
@@ -1684,12 +1630,11 @@ def moe(
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
     kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE and
-    FP4_WORDS, FP4_FUSED); `unroll`: MODE 3's steps at once (FP4_UNROLL).
+    FP4_WORDS).
     `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
     next kernel (`hc_post`'s `add`), one launch fewer.
     """
     tiles, num_warps, mode = tiles or TILES, num_warps or WARPS, mode or FP4_MODE
-    unroll = (unroll or FP4_UNROLL) if mode[0] == 3 else 1  # the others do not unroll
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
     topk = experts.shape[1]
@@ -1712,13 +1657,12 @@ def moe(
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
         x, experts, weights, slot_of, w1, s1, w3, s3, h, float(limit),
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
-        UNROLL=_block(dim // 2 // bkb_up, unroll), num_warps=num_warps, **_pdl(x.device),
+        num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_kernel[(out.shape[0], dim // bn_down)](
         h, experts, slot_of, w2, s2, out,
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
-        SPLIT=split, UNROLL=_block(inter // 2 // bkb_down, unroll), num_warps=num_warps,
-        **_pdl(h.device),
+        SPLIT=split, num_warps=num_warps, **_pdl(h.device),
     )  # fmt: skip
     parts = out.view(tokens, topk if split else 1, dim)
     return parts.sum(dim=1) if summed else parts

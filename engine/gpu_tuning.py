@@ -19,7 +19,6 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "TILES": (int, 4),
     "WARPS": (int, 0),
     "FP4_MODE": (int, 3),
-    "FP4_UNROLL": (int, 0),
     "DECODE_MOE": (str, 0),
     "BY_PICK_TILES": (int, 3),
     "BY_PICK_WARPS": (int, 0),
@@ -69,8 +68,8 @@ def valid(name: str, value) -> bool:
         return value in CHOICES[name]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         return False
-    if name == "FP4_MODE":  # (MODE 0-3, F16, SPLIT)
-        return items[0] in (0, 1, 2, 3) and all(v in (0, 1) for v in items[1:])
+    if name == "FP4_MODE":  # (MODE 0-2, F16, SPLIT)
+        return items[0] in (0, 1, 2) and all(v in (0, 1) for v in items[1:])
     if name in ("LINEAR_MIN_PROGRAMS", "LINEAR_ROWS_MIN_PROGRAMS"):
         return 0 <= value <= 1 << 20
     if name == "LINEAR_STAGES":

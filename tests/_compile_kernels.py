@@ -50,23 +50,20 @@ def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple) -> list:
     bn_up, bkb_up = gk._block(INTER, tiles[0]), gk._block(D // 2, tiles[1])
     bn_dn, bkb_dn = gk._block(D, tiles[2]), gk._block(INTER // 2, tiles[3])
     shared = {"TOPK": TOPK, "D": D, "INTER": INTER, "MODE": mode[0], "F16": mode[1]}
-    unroll = gk.FP4_UNROLL if mode[0] == 3 else 1  # as `gpu_kernels.moe` passes it
     return [
         (
             f"moe gate/up{tag}",
             gk._gate_up_kernel,
             f"x_ptr:*bf16, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, {fp4}, "
             "h_ptr:*fp32, limit:fp32",
-            shared | {"BN": bn_up, "BKB": bkb_up, "UNROLL": gk._block(D // 2 // bkb_up, unroll)},
+            shared | {"BN": bn_up, "BKB": bkb_up},
             {"num_warps": warps},
         ),
         (
             f"moe down{tag}",
             gk._down_kernel,
             "h_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, out_ptr:*fp32",
-            shared
-            | {"BN": bn_dn, "BKB": bkb_dn, "SPLIT": (*mode, 0)[2]}
-            | {"UNROLL": gk._block(INTER // 2 // bkb_dn, unroll)},
+            shared | {"BN": bn_dn, "BKB": bkb_dn, "SPLIT": (*mode, 0)[2]},
             {"num_warps": warps},
         ),
     ]
@@ -76,11 +73,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     """(label, kernel, signature, constexprs, options) at the module's current defaults."""
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
     shared = {"TOPK": TOPK, "D": D, "INTER": INTER}
-    # the default decode expert kernels, and the word-wise (MODE 2) and fused (MODE 3) decodes
-    # the sweep times
+    # the default decode expert kernels, and the word-wise (MODE 2) decode the sweep times
     specs = _moe_specs("", gk.TILES, gk.WARPS, gk.FP4_MODE)
     specs += _moe_specs(" words", *gk.FP4_WORDS)
-    specs += _moe_specs(" fused", *gk.FP4_FUSED)
     for label, (bm, bn, bkb), warps in (
         ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
         ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),
@@ -411,7 +406,7 @@ PDL_LABELS = ("moe gate/up", "linear rows wq_b K step 512 split 1", "rms norm", 
 # the GPUs built for: Hopper (the lent one), Ampere and Ada (RTX 30 / 40, the desktops this is
 # for); before Ada, Triton has no fp8e4nv type and the linears read FP8 weights as bytes
 ARCHES = ((90, "sm_90a", ""), (86, "sm_86", " @ sm_86"), (89, "sm_89", " @ sm_89"))
-SWEEP_ONLY = (" words", " fused", "/4w", "/8w", "split 4", "by pick")
+SWEEP_ONLY = (" words", "/4w", "/8w", "split 4", "by pick")
 
 
 def main() -> None:
@@ -452,8 +447,6 @@ def _compile(target, arch, label, fn, sig, consts, opts) -> dict:
     weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
     if label.startswith("moe ") and arch == "sm_90a":
         weights = consts["BN"] * consts["BKB"] * 2 / (32 * opts["num_warps"])
-        # MODE 3's loop unrolls its steps, and its gate/up loop reads both matrices
-        weights *= consts["UNROLL"] * (2 if consts["MODE"] == 3 and "gate/up" in label else 1)
     try:
         kernel = triton.compile(
             ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),

@@ -103,8 +103,6 @@ def _decode_case(g, tokens, dim, inter, xdtype, k=6):
         (2, 256, 128, 10.0, torch.bfloat16, (2, 0)),  # rows read as int32 words
         (2, 256, 128, 10.0, torch.float32, (2, 0, 1)),
         (1, 256, 64, 0.0, torch.float16, (2, 0, 1)),
-        (2, 256, 128, 10.0, torch.bfloat16, (3, 1)),  # gate and up in one loop
-        (3, 256, 128, 10.0, torch.float32, (3, 1, 1)),
     ],
 )
 def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xdtype, mode):
@@ -131,23 +129,6 @@ def test_fused_moe_equals_dequantize_then_multiply(tokens, dim, inter, limit, xd
     parts = ft.moe(*(t.to(dev) for t in on), stacks_on, limit, mode=mode, summed=False)
     assert parts.shape == (tokens, 6 if len(mode) > 2 and mode[2] else 1, dim)
     torch.testing.assert_close(parts.sum(dim=1), got, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("unroll", "split", "xdtype"),
-    [(1, 1, torch.bfloat16), (2, 0, torch.float16), (4, 1, torch.float32)],
-)
-def test_the_fused_decode_unrolls_its_steps(unroll, split, xdtype):
-    """MODE 3 over rows of several steps (32 bytes a step: 4 for gate/up, 2 for down), the
-    steps unrolled 1, 2 or 4 at once (fewer where the steps are fewer), equals the reference."""
-    dev = kernels_device()
-    g = torch.Generator().manual_seed(unroll)
-    x, experts, weights, slot_of, stacks = _decode_case(g, 2, 256, 128, xdtype)
-    want = _reference(x, experts, weights, slot_of, stacks, 10.0)
-    on = (t.to(dev) for t in (x, experts, weights, slot_of))
-    got = ft.moe(*on, tuple(t.to(dev) for t in stacks), 10.0, tiles=(8, 32, 8, 32),
-                 mode=(3, 1, split), unroll=unroll)  # fmt: skip
-    assert (got.cpu() - want).norm() / want.norm() < 1e-5
 
 
 @pytest.mark.parametrize(

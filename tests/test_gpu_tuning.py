@@ -47,7 +47,8 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("TILES", (8, 0, 8, 256)),  # 0 rows per step would divide by zero
         ("WARPS", 6),  # not a power of two
         ("FP4_MODE", (0, 2, 0)),
-        ("FP4_MODE", (4, 0, 1)),  # MODE 0-3
+        ("FP4_MODE", (3, 1, 1)),  # MODE 0-2 (MODE 3 lost on the H200 and is gone)
+        ("FP4_UNROLL", 2),  # MODE 3's, recorded by older sweeps
         ("LINEAR_STAGES", 0),
         ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
         ("INTERPRETED", True),  # not a shape
