@@ -250,22 +250,11 @@ def run(
             out["host_experts_ms_per_step_without_int8"] = host_split.get("host_experts_ms")
             for moe in int8:
                 moe.host_int8 = True
-        usable = graphs is not None and graphs.usable
-        if usable and gpu_kernels.pdl_possible(rt.device):  # the other PDL setting beside
-            from flashdesk.engine.decode_graphs import GraphDecoder  # steps captured again
-
-            on = gpu_kernels.PDL
-            gpu_kernels.PDL = 1 - on
-            try:
-                rt.graphs = GraphDecoder(rt.model)
-                key = "decode_tok_s_without_pdl" if on else "decode_tok_s_pdl"
-                out[key] = 1.0 / timed_decode(warmup=2)
-                out["pdl_graphs"] = rt.graphs.usable or rt.graphs.reason
-            except Exception as exc:  # reported, and the run goes on without it
-                out["pdl_error"] = gpu_kernels.error_summary(exc)
-            finally:
-                gpu_kernels.PDL = on
-                rt.graphs = graphs
+        if graphs is not None and graphs.usable:  # kernel switches: the other setting beside
+            switches = ["FUSED_NORMS"] + (["PDL"] if gpu_kernels.pdl_possible(rt.device) else [])
+            for name in switches:
+                out |= _other_setting(rt, name, timed_decode)
+            rt.graphs = graphs
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
         if depths:
@@ -378,14 +367,17 @@ def run(
             + (f" (CPU experts {cpu:.1f} ms per step)" if cpu is not None else "")
             + f"; the load's timing kept {'the former' if kept else 'the latter'}"
         )
-    if "pdl_error" in out:
-        say(f"decode with the other setting of programmatic dependent launch failed: "
-            f"{out['pdl_error']}")  # fmt: skip
-    if "pdl_graphs" in out:  # one of the two is the run's own decode_tok_s
-        with_pdl = out.get("decode_tok_s_pdl", out["decode_tok_s"])
-        without = out.get("decode_tok_s_without_pdl", out["decode_tok_s"])
-        say(f"programmatic dependent launch: {with_pdl:.2f} tok/s against {without:.2f} without "
-            f"(graphs: {out['pdl_graphs']})")  # fmt: skip
+    for label, what in (
+        ("pdl", "programmatic dependent launch"),
+        ("fused_norms", "RMSNorms fused into their neighbours' kernels"),
+    ):
+        if f"{label}_error" in out:
+            say(f"{what}: the other setting failed ({out[f'{label}_error']})")
+        if f"{label}_graphs" in out:  # one of the two is the run's own decode_tok_s
+            with_it = out.get(f"decode_tok_s_{label}", out["decode_tok_s"])
+            without = out.get(f"decode_tok_s_without_{label}", out["decode_tok_s"])
+            say(f"{what}: {with_it:.2f} tok/s against {without:.2f} without "
+                f"(graphs: {out[f'{label}_graphs']})")  # fmt: skip
     if "decode_tok_s_without_int8" in out:
         cpu = out["host_experts_ms_per_step_without_int8"]
         say(
@@ -512,6 +504,29 @@ def _profile_prefill(rt, ids, say) -> dict:
         f"{device_s:.2f} s"
     )
     return {"profile_prefill_s": wall, "profile_prefill_device_s": device_s}
+
+
+def _other_setting(rt, name: str, timed_decode) -> dict:
+    """Decode with gpu_kernels' on/off switch `name` (PDL, FUSED_NORMS) flipped, the steps
+    captured again → `decode_tok_s_<name>` or `decode_tok_s_without_<name>` (lower case) and
+    `<name>_graphs`, or `<name>_error`; the switch is restored (the caller restores rt.graphs)."""
+    from flashdesk.engine import gpu_kernels
+    from flashdesk.engine.decode_graphs import GraphDecoder
+
+    label = name.lower()
+    on = getattr(gpu_kernels, name)
+    setattr(gpu_kernels, name, type(on)(not on))
+    try:
+        rt.graphs = GraphDecoder(rt.model)
+        key = f"decode_tok_s_without_{label}" if on else f"decode_tok_s_{label}"
+        return {
+            key: 1.0 / timed_decode(warmup=2),
+            f"{label}_graphs": rt.graphs.usable or rt.graphs.reason,
+        }
+    except Exception as exc:  # reported, and the run goes on without it
+        return {f"{label}_error": gpu_kernels.error_summary(exc)}
+    finally:
+        setattr(gpu_kernels, name, on)
 
 
 def _profile(rt, state, logits, steps: int, say) -> dict:

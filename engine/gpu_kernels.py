@@ -88,6 +88,10 @@ FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
 # tests passed with it; so on where the GPU has it (`pdl_possible`). `bench --synthetic` times
 # the other setting beside; FLASHDESK_PDL=0 turns it off.
 PDL = int(os.environ.get("FLASHDESK_PDL", "1") not in ("", "0"))
+# A decode layer's four RMSNorms fused into the kernel before or after them: q's and kv's into
+# their RoPE (`norm_rope`), the two block inputs' into the hyper-connection collapse
+# (`hc_pre_tail`): 4 launches fewer a layer. `bench --synthetic` times the other setting beside.
+FUSED_NORMS = True
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
@@ -549,11 +553,16 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     checks = {
         "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
         "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
+        "RMSNorm and RoPE": (norm_rope(xd, wd, 1e-6, cosd, sind),
+                             rope_ops(rms_norm_ops(x, w, 1e-6), cos, sin)),
         "Sinkhorn": (sinkhorn(mixd[:, 8:].reshape(2, hc, hc), 20, 1e-6),
                      mhc.sinkhorn_ops(mixes[:, 8:].reshape(2, hc, hc), 20, 1e-6)),
         "hyper-connection collapse": (
             torch.cat([t.flatten() for t in hc_pre_tail(mixd, xd, scd, based, 20, 1e-6)]),
             torch.cat([t.flatten() for t in (u, post, comb)]),
+        ),
+        "hyper-connection collapse, normed": (
+            hc_pre_tail(mixd, xd, scd, based, 20, 1e-6, wd, 1e-6)[0], rms_norm_ops(u, w, 1e-6)
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
         "hyper-connection update with the experts' sums": (
@@ -1289,38 +1298,60 @@ if triton is not None:
     def _rope_kernel(
         x_ptr, cos_ptr, sin_ptr, out_ptr, SIGN: tl.constexpr, H: tl.constexpr,
         D: tl.constexpr, HALF: tl.constexpr, NOPE_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False, w_ptr=None, eps=0.0,
+        BLOCK: tl.constexpr = 1, HAS_W: tl.constexpr = False,
     ):  # fmt: skip
         """Row (token s, head) per program: the first D − 2·HALF channels copied, the last 2·HALF
         rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation). x is
-        taken as narrowed to out's dtype first (the attention output: float32 in, bf16 out)."""
+        taken as narrowed to out's dtype first (the attention output: float32 in, bf16 out).
+        NORM: the row RMS-normed first (· w with HAS_W), as `_rms_norm_kernel` computes and
+        rounds it, so that a norm and its rope are one launch (a decode step's q and kv)."""
         _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         s = row // H
         base = row * D
         nope = D - 2 * HALF
         dtype = out_ptr.dtype.element_ty
+        r = 1.0
+        if NORM:  # the whole row's mean square, summed as `_rms_norm_kernel` sums it
+            cols = tl.arange(0, BLOCK)
+            whole = tl.load(x_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(whole * whole, axis=0) / D + eps)
         c = tl.arange(0, NOPE_BLOCK)
-        kept = tl.load(x_ptr + base + c, mask=c < nope).to(dtype)
+        kept = _normed(x_ptr + base, w_ptr, c, c < nope, r, NORM, HAS_W).to(dtype)
         tl.store(out_ptr + base + c, kept, mask=c < nope)
         i = tl.arange(0, HALF_BLOCK)
         m = i < HALF
-        a = tl.load(x_ptr + base + nope + 2 * i, mask=m, other=0.0).to(dtype).to(tl.float32)
-        b = tl.load(x_ptr + base + nope + 2 * i + 1, mask=m, other=0.0).to(dtype).to(tl.float32)
+        a = _normed(x_ptr + base, w_ptr, nope + 2 * i, m, r, NORM, HAS_W).to(dtype).to(tl.float32)
+        b = _normed(x_ptr + base, w_ptr, nope + 2 * i + 1, m, r, NORM, HAS_W)
+        b = b.to(dtype).to(tl.float32)
         co = tl.load(cos_ptr + s * HALF + i, mask=m, other=0.0)
         si = tl.load(sin_ptr + s * HALF + i, mask=m, other=0.0) * SIGN
         tl.store(out_ptr + base + nope + 2 * i, (a * co - b * si).to(dtype), mask=m)
         tl.store(out_ptr + base + nope + 2 * i + 1, (a * si + b * co).to(dtype), mask=m)
 
     @triton.jit
+    def _normed(row_ptr, w_ptr, cols, mask, r, NORM: tl.constexpr, HAS_W: tl.constexpr):
+        """Channels `cols` of a row: as stored, or (NORM) times the row's 1/RMS r (· w)."""
+        v = tl.load(row_ptr + cols, mask=mask, other=0.0)
+        if NORM:
+            v = v.to(tl.float32) * r
+            if HAS_W:
+                v = v * tl.load(w_ptr + cols, mask=mask, other=0.0)
+        return v
+
+    @triton.jit
     def _hc_pre_kernel(
         mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
         ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False, w_ptr=None, eps=0.0,
     ):  # fmt: skip
         """Program (token, D block): from the token's mixes `[(2+HC)·HC]` the pre weights and
         its block of the collapsed input u = Σ_j pre_j · x_j; block 0 also the post weights and
-        the Sinkhorn-balanced comb (serial: the other blocks run beside it, not after it)."""
+        the Sinkhorn-balanced comb (serial: the other blocks run beside it, not after it).
+        NORM: two programs a token, block 0 post and comb only, block 1 (BLOCK_D = D) all of u,
+        rounded to u's dtype and RMS-normed · w as `_rms_norm_kernel` does (the block's input
+        norm in the same launch)."""
         _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, HC)
@@ -1334,10 +1365,19 @@ if triton is not None:
             comb = tl.load(mix + 2 * HC + square) * tl.load(scale_ptr + 2)
             comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
             tl.store(comb_ptr + s * HC * HC + square, comb)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
-        u = tl.sum(xv * pre[:, None], axis=0)
-        tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
+        if NORM:
+            if tl.program_id(1) == 1:
+                cols = tl.arange(0, BLOCK_D)
+                xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
+                u = tl.sum(xv * pre[:, None], axis=0).to(u_ptr.dtype.element_ty).to(tl.float32)
+                u = u * tl.rsqrt(tl.sum(u * u, axis=0) / D + eps)
+                u = u * tl.load(w_ptr + cols)
+                tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
+        else:
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
+            u = tl.sum(xv * pre[:, None], axis=0)
+            tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
 
     @triton.jit
     def _hc_mixes_kernel(
@@ -1992,33 +2032,67 @@ def apply_rope(
 ) -> torch.Tensor:
     """`rope.apply_rope` (x `[S, d]` or `[S, H, d]`, cos/sin `[S, r/2]` float32) in one launch;
     `out_dtype`: that of `x.to(out_dtype)` rotated, without the narrowing's own launch."""
+    return _rope(x, cos, sin, inverse, out_dtype)
+
+
+def norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """`apply_rope(rms_norm(x, weight, eps), cos, sin)` (x `[S, d]` or `[S, H, d]`, each row
+    normed) in one launch, the same values: two launches fewer a decode layer (q and kv)."""
+    if not FUSED_NORMS:
+        return apply_rope(rms_norm(x, weight, eps), cos, sin)
+    return _rope(x, cos, sin, False, None, (weight, eps))
+
+
+def _rope(x, cos, sin, inverse, out_dtype, norm=None) -> torch.Tensor:
     half = cos.shape[-1]
     d = x.shape[-1]
     heads = x.shape[1] if x.dim() == 3 else 1
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    normed = {}
+    if norm is not None:
+        weight, eps = norm
+        normed = {"NORM": True, "eps": float(eps), "BLOCK": triton.next_power_of_2(d)}
+        normed |= {"HAS_W": weight is not None, "w_ptr": x if weight is None else weight}
     _rope_kernel[(x.numel() // d,)](
         x, cos.contiguous(), sin.contiguous(), out, SIGN=-1.0 if inverse else 1.0, H=heads,
         D=d, HALF=half, NOPE_BLOCK=triton.next_power_of_2(max(d - 2 * half, 1)),
-        HALF_BLOCK=triton.next_power_of_2(half), **_pdl(x.device),
+        HALF_BLOCK=triton.next_power_of_2(half), **normed, **_pdl(x.device),
     )  # fmt: skip
     return out
 
 
 def hc_pre_tail(
-    mixes: torch.Tensor, x: torch.Tensor, scale, base, iters: int, hc_eps: float
+    mixes: torch.Tensor,
+    x: torch.Tensor,
+    scale,
+    base,
+    iters: int,
+    hc_eps: float,
+    norm: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`mhc.hc_pre` after its mixes `[S, (2+hc)·hc]` float32: → u `[S, D]` (x's dtype), post
-    `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch."""
+    `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch. `norm` `[D]` float32: u
+    comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm) in that launch."""
     s, hc, dim = x.shape
     x = x.contiguous()
     u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
     post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
     comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
-    block = _block(dim, 256)
-    _hc_pre_kernel[(s, dim // block)](
+    if norm is not None and (dim & (dim - 1) or not FUSED_NORMS):  # the row is one block
+        u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
+        return rms_norm(u, norm, norm_eps), post, comb
+    block, normed = _block(dim, 256), {}
+    if norm is not None:  # block 1 takes the whole row: its norm needs all of it
+        block, normed = dim, {"NORM": True, "w_ptr": norm.contiguous(), "eps": float(norm_eps)}
+        normed["num_warps"] = 8
+    _hc_pre_kernel[(s, 2 if norm is not None else dim // block)](
         mixes.contiguous(), x, scale.contiguous(), base.contiguous(), u, post, comb,
-        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block, **_pdl(mixes.device),
+        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block, **normed,
+        **_pdl(mixes.device),
     )  # fmt: skip
     return u, post, comb
 

@@ -183,12 +183,37 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {},
         ),
         (
+            "rope, normed",
+            gk._rope_kernel,
+            "x_ptr:*bf16, cos_ptr:*fp32, sin_ptr:*fp32, out_ptr:*bf16, w_ptr:*fp32, eps:fp32",
+            {
+                "SIGN": 1.0,
+                "H": 1,
+                "D": HEAD_DIM,
+                "HALF": ROPE_HALF,
+                "NOPE_BLOCK": 512,
+                "HALF_BLOCK": ROPE_HALF,
+                "NORM": True,
+                "BLOCK": HEAD_DIM,
+                "HAS_W": True,
+            },
+            {},
+        ),
+        (
             "hc pre",
             gk._hc_pre_kernel,
             "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
             "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32",
             {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 256},
             {},
+        ),
+        (
+            "hc pre, normed",
+            gk._hc_pre_kernel,
+            "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
+            "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32, w_ptr:*fp32, eps:fp32",
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True},
+            {"num_warps": 8},
         ),
         (
             "hc mixes",

@@ -445,6 +445,8 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got.cpu(), want, **tol)
 
+    exact = {"rtol": 0, "atol": 0}  # a fused kernel against the same kernels one by one
+
     x = torch.randn(3, 256, generator=g).to(dtype)
     w = torch.rand(256, generator=g) + 0.5
     same(ft.rms_norm(x.to(dev), w.to(dev), 1e-6), rms_norm(x, w, 1e-6))
@@ -461,6 +463,15 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     got = ft.apply_rope(o.to(dev), cos.to(dev), sin.to(dev), True, out_dtype=dtype)
     same(got, apply_rope(o.to(dtype), cos, sin, True))
     same(got, apply_rope(o, cos, sin, True, out_dtype=dtype))
+    # a norm and its rope in one launch (a decode step's q per head, its kv with a weight)
+    for t, weight in ((heads, None), (torch.randn(3, 64, generator=g).to(dtype), w[:64])):
+        on = (t.to(dev), None if weight is None else weight.to(dev))
+        got = ft.norm_rope(*on, 1e-6, cos.to(dev), sin.to(dev))
+        same(got, apply_rope(rms_norm(t, weight, 1e-6), cos, sin))
+        same(got, ft.apply_rope(ft.rms_norm(*on, 1e-6), cos.to(dev), sin.to(dev)), exact)
+        with pytest.MonkeyPatch.context() as mp:  # the switch `bench --synthetic` flips
+            mp.setattr(ft, "FUSED_NORMS", False)
+            same(ft.norm_rope(*on, 1e-6, cos.to(dev), sin.to(dev)), got, exact)
 
     hc, dim = 4, 256
     streams = torch.randn(3, hc, dim, generator=g).to(dtype)
@@ -473,6 +484,16 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     want = mhc.hc_pre(streams, fn, *args, 1e-6)
     for a, b in zip(got, want, strict=True):
         same(a, b)
+    # the block's input norm in the same launch; a dim not a power of two takes its own launch
+    for d in (dim, 96):
+        on = [t.to(dev) for t in (streams[..., :d], scale, base, w[:d])]
+        mixes = mhc._mixes(streams[..., :d], fn[:, : hc * d], 1e-6)
+        got = ft.hc_pre_tail(mixes.to(dev), *on[:3], 20, 1e-6, on[3], 1e-6)
+        want = mhc.hc_pre(streams[..., :d], fn[:, : hc * d], scale, base, 20, 1e-6, 1e-6, w[:d])
+        for a, b in zip(got, want, strict=True):
+            same(a, b)
+        unfused = ft.hc_pre_tail(mixes.to(dev), *on[:3], 20, 1e-6)[0]
+        same(got[0], ft.rms_norm(unfused, on[3], 1e-6))  # its sum of squares in another order
     f = torch.randn(3, dim, generator=g).to(dtype)
     post, comb = want[1], want[2]
     on = (streams.to(dev), post.to(dev), comb.to(dev))
@@ -691,7 +712,8 @@ def test_the_model_runs_through_the_elementwise_kernels(monkeypatch):
 
     want = run()
     calls = Counter()
-    names = ("rms_norm", "apply_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route", "swiglu")
+    names = ("rms_norm", "apply_rope", "norm_rope", "hc_mixes", "hc_pre_tail", "hc_post", "route")
+    names += ("swiglu",)
     for name in names:
         kernel = getattr(ft, name)
         monkeypatch.setattr(

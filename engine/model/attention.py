@@ -15,7 +15,7 @@ from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.compressor import Compressor
 from flashdesk.engine.model.indexer import Indexer, host_scores
-from flashdesk.engine.model.rope import Rotary, apply_rope
+from flashdesk.engine.model.rope import Rotary, apply_rope, norm_rope
 
 # Above this many visible compressed entries, CSA gathers its top-k rows per query instead of
 # scoring every entry and masking (a multiple of index_topk).
@@ -305,9 +305,8 @@ class Attention:
             qa, kva = self.wq_a(a, simulate), self.wkv(a, simulate)
         qr = rms_norm(qa, self.q_norm, self.eps)
         q = self.wq_b(qr, simulate).view(s, self.n_heads, self.head_dim)
-        q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
-        kv = rms_norm(kva, self.kv_norm, self.eps)
-        kv = apply_rope(kv, cos, sin)
+        q = norm_rope(q, None, self.eps, cos, sin)
+        kv = norm_rope(kva, self.kv_norm, self.eps, cos, sin)
         if simulate:
             kv = torch.cat((qsim.fp8_snap(kv[:, :-rd], 64), kv[:, -rd:]), -1)
         return qr, q, kv

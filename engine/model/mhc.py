@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdesk.engine import _kernels, gpu_kernels
-from flashdesk.engine.model.common import few_cpu_tokens
+from flashdesk.engine.model.common import few_cpu_tokens, rms_norm
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -98,10 +98,12 @@ def hc_pre(
     iters: int,
     hc_eps: float,
     norm_eps: float,
+    norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`.
-    On a GPU with Triton everything after the mixes is one launch (`gpu_kernels.hc_pre_tail`);
-    a decode step's few tokens on the CPU one C call (`_kernels.hc_pre`)."""
+    `norm` `[D]`: u comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm).
+    On a GPU with Triton everything after the mixes is one launch, the norm included
+    (`gpu_kernels.hc_pre_tail`); a decode step's few tokens on the CPU one C call."""
     if not gpu_kernels.applies(x) and _cpu_call(x, fn, scale, base):
         S, hc, D = x.shape
         u = torch.empty((S, D), dtype=x.dtype)
@@ -111,8 +113,12 @@ def hc_pre(
             base.data_ptr(), iters, float(hc_eps), float(norm_eps), u.data_ptr(),
             post.data_ptr(), comb.data_ptr(),
         )  # fmt: skip
-        return u, post, comb
-    return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps)
+        return _normed(u, norm, norm_eps), post, comb
+    return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps, norm)
+
+
+def _normed(u: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return u if norm is None else rms_norm(u, norm, eps)
 
 
 def _cpu_call(x: torch.Tensor, *float32: torch.Tensor) -> bool:
@@ -128,19 +134,20 @@ def hc_pre_ops(
     iters: int,
     hc_eps: float,
     norm_eps: float,
+    norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`hc_pre` as torch operations (and the GPU's fused tail)."""
     hc = x.shape[1]
     mixes = _mixes(x, fn, norm_eps)
     if gpu_kernels.applies(x) and not hc & (hc - 1):
-        return gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
+        return gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps, norm, norm_eps)
     pre_raw, post_raw, comb_raw = mixes.split([hc, hc, hc * hc], dim=-1)
     pre = torch.sigmoid(pre_raw * scale[0] + base[:hc]) + hc_eps
     post = 2 * torch.sigmoid(post_raw * scale[1] + base[hc : 2 * hc])
     comb = comb_raw.unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
     comb = sinkhorn(comb, iters, hc_eps)
     u = (pre.unsqueeze(-1) * x.float()).sum(1)
-    return u.to(x.dtype), post, comb
+    return _normed(u.to(x.dtype), norm, norm_eps), post, comb
 
 
 def hc_post(

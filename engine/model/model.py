@@ -179,8 +179,7 @@ class Block:
     def _site_input(self, x, hc, norm):
         """mHC collapse of the streams at one site, normed → (block input `[S, D]`, post, comb)."""
         c = self.config
-        u, post, comb = hc_pre(x, *hc, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
-        return rms_norm(u, norm, c.rms_norm_eps), post, comb
+        return hc_pre(x, *hc, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, norm)
 
 
 def _dense_experts(config: ModelConfig, fetch: Fetch, f: str, dt: torch.dtype) -> DenseExperts:

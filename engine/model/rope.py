@@ -11,7 +11,7 @@ import math
 import torch
 
 from flashdesk.engine import _kernels, gpu_kernels
-from flashdesk.engine.model.common import few_cpu_tokens
+from flashdesk.engine.model.common import few_cpu_tokens, rms_norm
 
 
 def inverse_frequencies(
@@ -103,6 +103,16 @@ def apply_rope(
         )  # fmt: skip
         return out
     return apply_rope_ops(x, cos, sin, inverse, out_dtype)
+
+
+def norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """`apply_rope(rms_norm(x, weight, eps), cos, sin)`: on a GPU with Triton one launch for
+    both (`gpu_kernels.norm_rope`), two fewer in each decode layer (its q and kv)."""
+    if gpu_kernels.applies(x):
+        return gpu_kernels.norm_rope(x, weight, eps, cos, sin)
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)
 
 
 def _cpu_call(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype) -> bool:
