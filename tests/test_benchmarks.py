@@ -40,6 +40,23 @@ def test_bench_list_and_unknown_name(capsys):
     assert "kernels" in capsys.readouterr().out
 
 
+def test_the_gpu_sweep_times_each_call_on_bytes_out_of_l2(monkeypatch):
+    """A sweep's timed calls cycle over copies of their operands past the L2 cache (a decode
+    step reads each weight cold): enough copies of a small weight, none of a large one."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    module = importlib.import_module("gpu_kernels")
+    weight, scale = torch.arange(64, dtype=torch.uint8), torch.ones(2)
+    copies = module._cold_copies("cuda", (weight, scale), 64 << 20)
+    assert len(copies) == 3  # 3 × 64 MB ≥ 192 MB
+    assert len({c[0].data_ptr() for c in copies}) == 3
+    assert all(torch.equal(c[0], weight) and torch.equal(c[1], scale) for c in copies)
+    assert len(module._cold_copies("cuda", (weight,), 64)) == module.MAX_COPIES
+    assert len(module._cold_copies("cuda", (weight,), 1 << 30)) == 1
+    assert len(module._cold_copies("cpu", (weight,), 64)) == 1  # the interpreter: no copies
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
     """The GPU expert benchmark (for the lent machine, where each minute counts) runs every step

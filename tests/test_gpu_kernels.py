@@ -441,9 +441,9 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
     g = torch.Generator().manual_seed(5)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
 
-    def same(got, want, tol=tol):
+    def same(got, want, tol=tol):  # want: the torch definition's, or the unfused kernels'
         assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got.cpu(), want, **tol)
+        torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
 
     exact = {"rtol": 0, "atol": 0}  # a fused kernel against the same kernels one by one
 
