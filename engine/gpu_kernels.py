@@ -130,7 +130,10 @@ LINEAR_MIN_PROGRAMS = 1024
 # shared expert's) at 0.10-0.57 × the copy rate on the H200 while the large ones reach 0.98;
 # their best shapes differ. Built in: V4-Flash's shapes as the H200 chose them in run 6 (µs
 # against the global options: wq_a 3.7 → 2.8, wkv 3.6 → 2.5, the router 3.8 → 2.4, the head
-# 260 → 231, wo_a 9.6 → 8.8); another GPU's sweep replaces them.
+# 260 → 231, wo_a 9.6 → 8.8); another GPU's sweep replaces them. Those sweeps (runs 6 and 7)
+# reread each weight from L2 (wq_b "1.12 × copy"; in the model, reading them cold, the linears
+# took 69 µs a layer against the sweep's 46): the sweep now times them cold, and may choose
+# otherwise next time.
 LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {
     (32768, 1024, 1, 1): (16, 4, 512, 1024),  # wq_b
     (8192, 4096, 8, 1): (4, 4, 2048, 0),  # wo_a (8 groups)
