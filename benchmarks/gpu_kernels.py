@@ -104,7 +104,8 @@ LINEAR_CHOICES = [
 ATTENTION = (64, 512, 128)
 ATTENTION_ROWS = (512, 1024, 8192)
 ATTENTION_SPLITS = (64, 128, 256, 512)  # rows per split; and one split per part (A/B)
-ATTENTION_HEAD_SPLITS = (16, 32, 64, 128)  # the same for head groups on the tensor cores
+# the same for head groups on the tensor cores; 0: by the rows (DECODE_HEAD_ROWS_PER_SPLIT 0)
+ATTENTION_HEAD_SPLITS = (0, 16, 32, 64, 128)
 
 
 # A decode step reads each weight (and each layer's KV rows) long after it left the L2 cache: 43
@@ -511,7 +512,9 @@ def _attention_figures(dev, shape, row_counts, kinds_splits, reps, copy_gbps, sa
             + ", ".join(f"{k} rows per split {v * 1e3:.1f}" for k, v in times.items())
             + f" µs; best {best}: {nbytes / times[best] / 1e6 / copy_gbps:.2f} × copy; one "
             f"split per part {whole * 1e3:.1f} µs ({whole / times[best]:.1f}× slower); head "
-            "groups: " + ", ".join(f"{k} rows {v * 1e3:.1f}" for k, v in grouped.items()) + " µs"
+            "groups: "
+            + ", ".join(f"{k or 'by the'} rows {v * 1e3:.1f}" for k, v in grouped.items())
+            + " µs"
         )
     total = {k: sum(size["ms"][k] for size in sizes) for k in splits}
     out = {"sizes": sizes, "best_rows_per_split": min(total, key=total.get)}

@@ -1898,13 +1898,20 @@ DECODE_MAX_SPLITS = 64
 # tensor cores, each row read once per group (`_decode_attention_heads_kernel`); "head": a
 # program per (head, split), float32 products on the CUDA cores, each row read once per head.
 # H200, run 6, 64 heads: 128 + 512 rows 27.6 µs per head, 22.3 in groups; + 1,024 rows 47.1
-# against 24.2; + 8,192 rows 278.5 against 101.1 (64 rows per split; 32 won the shortest, 128
-# the longest). The sweep times both on each GPU; "head" where the head groups fail their
-# per-GPU check (`_check_decode_attention_kinds`).
+# against 24.2; + 8,192 rows 278.5 against 101.1 (64 rows per split). The sweep times both on
+# each GPU; "head" where the head groups fail their per-GPU check
+# (`_check_decode_attention_kinds`).
 DECODE_ATTENTION = "heads"
 DECODE_HEAD_GROUP = 16
 DECODE_HEAD_WARPS = 8
-DECODE_HEAD_ROWS_PER_SPLIT = 64
+# The head groups' rows per split; 0: by the layer's rows, about DECODE_HEAD_SPLITS splits of
+# 16-128 rows. No one size won every row count: H200, run 6 / run 7, µs for 16 / 32 / 64 / 128
+# rows a split: 640 rows (a CSA layer's picks) - / 14.6 / 22.3 / - and 15.7 / 13.4 / 21.2 / 35.3;
+# 1,152 rows 25.9 / 24.9 / 23.1 / 37.4; 8,320 rows (an HCA layer at 1M) 217 / 128 / 100 / 88.
+# ~20 splits names the fastest at each (32, 64, 128); and a layer of a short context (an HCA
+# layer's 144 rows at 2K) gets 9 splits of 16 where 64 gave it 3 (19 µs in the model, run 7).
+DECODE_HEAD_ROWS_PER_SPLIT = 0
+DECODE_HEAD_SPLITS = 20
 
 
 def decode_attention_split(
@@ -1913,11 +1920,16 @@ def decode_attention_split(
 ) -> tuple[int, int, int, int]:  # fmt: skip
     """How `decode_attention` splits a layer's rows → (rows per block, rows per split, window
     splits, splits in all): the launch's constexprs, shared with the AOT compile check. Head
-    groups (`grouped`) take 16-row blocks, the tensor cores' least."""
+    groups (`grouped`) take 16-row blocks, the tensor cores' least. `rows_per_split`: None
+    the kind's default (DECODE_HEAD_ROWS_PER_SPLIT / DECODE_ROWS_PER_SPLIT), 0 by the rows."""
     rows = 16 if grouped else max(1, min(16, 8192 // head_dim))
     total = window_rows + comp_rows
-    least = DECODE_HEAD_ROWS_PER_SPLIT if grouped else DECODE_ROWS_PER_SPLIT
-    chunk = rows_per_split or max(least, -(-total // DECODE_MAX_SPLITS))
+    chunk = DECODE_HEAD_ROWS_PER_SPLIT if grouped else DECODE_ROWS_PER_SPLIT
+    chunk = chunk if rows_per_split is None else rows_per_split
+    if not rows_per_split:  # the default or 0 (by the rows): at most DECODE_MAX_SPLITS splits
+        if chunk == 0:
+            chunk = min(128, -(-total // DECODE_HEAD_SPLITS))
+        chunk = max(chunk, -(-total // DECODE_MAX_SPLITS))
     chunk = -(-chunk // rows) * rows  # whole row blocks
     sw = -(-window_rows // chunk)
     return rows, chunk, sw, sw + -(-comp_rows // chunk)

@@ -74,6 +74,8 @@ def valid(name: str, value) -> bool:
         return 0 <= value <= 1 << 20
     if name == "LINEAR_STAGES":
         return 1 <= value <= 8
+    if name == "DECODE_HEAD_ROWS_PER_SPLIT" and value == 0:
+        return True  # by the layer's rows
     # tiles and warps: powers of two the kernels take (tensor-core tiles: at least 16 a side)
     # (rows per split of the decode attention: whole 16-row blocks)
     low = 16 if name in ("GROUPED_TILES", "BY_PICK_TILES", "LINEAR_TILES") else 1

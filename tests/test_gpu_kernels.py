@@ -840,6 +840,21 @@ def test_decode_attention_split_across_programs_equals_one_softmax(split, heads,
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_head_groups_split_a_layer_s_rows_by_their_count():
+    """DECODE_HEAD_ROWS_PER_SPLIT 0 (the default): about 20 splits of 16-128 rows, the size the
+    H200's sweeps found fastest at each count, at most DECODE_MAX_SPLITS of them; a size given
+    is taken as it is, and the per-head kind keeps its own default."""
+    split = ft.decode_attention_split
+    assert ft.DECODE_HEAD_ROWS_PER_SPLIT == 0
+    assert split(128, 512, 512, grouped=True) == (16, 32, 4, 20)  # a CSA layer's picks
+    assert split(128, 1024, 512, grouped=True)[1] == 64
+    assert split(128, 8192, 512, grouped=True) == (16, 144, 1, 58)  # an HCA layer at 1M
+    assert split(128, 16, 512, grouped=True) == (16, 16, 8, 9)  # an HCA layer at 2K
+    assert split(128, 512, 512, 0, grouped=True) == split(128, 512, 512, grouped=True)
+    assert split(128, 512, 512, 64, grouped=True)[1] == 64
+    assert split(128, 512, 512)[1] == ft.DECODE_ROWS_PER_SPLIT
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_scores_in_one_launch_equal_the_indexer(dtype):
     """A CSA layer's decode-step indexer at V4-Flash's 64 heads × 128: Σ_h w_h · ReLU(q_h · K_t)

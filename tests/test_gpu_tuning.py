@@ -18,6 +18,7 @@ H200 = {
     "LINEAR_KIND": "dot",
     "LINEAR_STAGES": None,
     "LINEAR_MIN_PROGRAMS": 0,
+    "DECODE_HEAD_ROWS_PER_SPLIT": 0,  # by the layer's rows
     "LINEAR_ROWS_BY_SHAPE": {
         (1024, 4096, 1, 1): (8, 4, 1024, 0),
         (256, 4096, 1, 2): (4, 4, 2048, 0),
@@ -51,6 +52,8 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("FP4_UNROLL", 2),  # MODE 3's, recorded by older sweeps
         ("LINEAR_STAGES", 0),
         ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
+        ("DECODE_ROWS_PER_SPLIT", 0),  # "by the rows" is the head groups' alone
+        ("DECODE_HEAD_ROWS_PER_SPLIT", 8),
         ("INTERPRETED", True),  # not a shape
         ("LINEAR_ROWS_BY_SHAPE", {"1024x4096": [8, 4, 1024, 0]}),  # N x K x groups x bytes
         ("LINEAR_ROWS_BY_SHAPE", {"1024x4096x1x1": [8, 3, 1024, 0]}),  # 3 warps
