@@ -2093,13 +2093,14 @@ def hc_pre_tail(
     `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch. `norm` `[D]` float32: u
     comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm) in that launch."""
     s, hc, dim = x.shape
+    # the fused norm takes the row as one block, a power of two
+    if norm is not None and (dim & (dim - 1) or not FUSED_NORMS):
+        u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
+        return rms_norm(u, norm, norm_eps), post, comb
     x = x.contiguous()
     u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
     post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
     comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
-    if norm is not None and (dim & (dim - 1) or not FUSED_NORMS):  # the row is one block
-        u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
-        return rms_norm(u, norm, norm_eps), post, comb
     block, normed = _block(dim, 256), {}
     if norm is not None:  # block 1 takes the whole row: its norm needs all of it
         block, normed = dim, {"NORM": True, "w_ptr": norm.contiguous(), "eps": float(norm_eps)}
