@@ -42,6 +42,15 @@ TILE_CHOICES += [((8, 512, 16, 512), 8, (0, 1, 1)), ((8, 512, 32, 256), 8, (0, 1
 # the word-wise decode (MODE 2, half the instructions per weight in sm_90's SASS): run 6 timed
 # six shapes at 72-101 µs against 66 for (0, 1, 1); its best one stays in the sweep
 TILE_CHOICES += [((32, 128, 32, 128), 4, (2, 0, 1))]
+# the default shapes with 2-4 steps in flight (a fourth item: FP4_STAGES): Triton pipelines the
+# loop's loads through shared memory (cp.async), where a plain loop awaits each step's bytes
+TILE_CHOICES += [
+    ((16, 256, 16, 256), 4, (0, 1, 1), 2),
+    ((16, 256, 16, 256), 4, (0, 1, 1), 3),
+    ((16, 256, 16, 256), 4, (0, 1, 1), 4),
+    ((8, 256, 8, 256), 4, (0, 1, 1), 3),
+    ((8, 512, 8, 512), 8, (0, 1, 1), 3),
+]
 # the fused decode (MODE 3: gate and up in one loop, sums per thread, steps unrolled) lost in
 # run 7 (75-126 µs over eight shapes against 64.9) and is gone
 # A decode step's experts through the grouped tensor-core kernels, one block per pick
@@ -244,29 +253,33 @@ def measure(
         f"device copy bandwidth measured here {copy_gbps:.0f} GB/s"
     )
 
-    def fused(tokens, tiles, warps, mode, stacks_at=stacks):  # from stacks_at
+    def fused(tokens, tiles, warps, mode, stacks_at=stacks, stages=None):  # from stacks_at
         return lambda i: gpu_kernels.moe(
             x[:tokens], picks[i % SETS][:tokens], weights[:tokens], slot_of, stacks_at, limit,
-            tiles=tiles, num_warps=warps, mode=mode,
+            tiles=tiles, num_warps=warps, mode=mode, stages=stages,
         )  # fmt: skip
 
     want = fused(1, gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE)(0)
     rows = []
-    for tiles, warps, mode in tile_choices:
-        err = ((fused(1, tiles, warps, mode)(0) - want).norm() / want.norm()).item()
-        ms = _replay_ms(fused(1, tiles, warps, mode), reps)
+    for tiles, warps, mode, *more in tile_choices:  # more: the steps in flight (FP4_STAGES)
+        stages = more[0] if more else None
+        err = ((fused(1, tiles, warps, mode, stages=stages)(0) - want).norm() / want.norm()).item()
+        ms = _replay_ms(fused(1, tiles, warps, mode, stages=stages), reps)
         gbps = step_bytes / ms / 1e6
         rows.append(
             {"tiles": list(tiles), "warps": warps, "mode": list(mode), "ms": ms, "gbps": gbps}
-            | {"err": err}
+            | {"err": err, "stages": stages}
         )
         say(
-            f"  mode {mode} tiles {tiles} warps {warps}: {ms * 1e3:7.1f} µs = {gbps:6.0f} GB/s = "
+            f"  mode {mode} tiles {tiles} warps {warps}"
+            + (f" stages {stages}" if stages else "")
+            + f": {ms * 1e3:7.1f} µs = {gbps:6.0f} GB/s = "
             f"{gbps / copy_gbps:.2f} × copy (rel. diff. to default {err:.1e})"
         )
     good = [r for r in rows if r["err"] < 1e-5]
     best = min(good, key=lambda r: r["ms"])
     tiles, warps, mode = tuple(best["tiles"]), best["warps"], tuple(best["mode"])
+    stages = best["stages"]
     by_pick = []
     for bp_tiles, bp_warps in by_pick_choices:
 
@@ -299,7 +312,7 @@ def measure(
         return out
 
     torch_ms = _time_ms(torch_path, max(2, reps // 4))
-    multi = {t: _replay_ms(fused(t, tiles, warps, mode), reps) for t in token_counts}
+    multi = {t: _replay_ms(fused(t, tiles, warps, mode, stages=stages), reps) for t in token_counts}
     one = gpu_kernels.dequant_fp4(stacks[0][0], stacks[1][0], torch.bfloat16)
     deq_bytes = stacks[0][0].numel() + stacks[1][0].numel() + one.numel() * one.element_size()
     deq_ms = _time_ms(
@@ -342,7 +355,7 @@ def measure(
             f"{best['ms'] * 1e3:.1f} µs → {out['decode_moe_best']}"
         )
     out["zero_copy"] = _zero_copy_figures(
-        dev, stacks, lambda stacks_at: fused(1, tiles, warps, mode, stacks_at), want,
+        dev, stacks, lambda stacks_at: fused(1, tiles, warps, mode, stacks_at, stages), want,
         step_bytes, reps, say,
     )  # fmt: skip
     if grouped_choices:
@@ -362,7 +375,7 @@ def measure(
             copy_gbps,
             say,
         )
-    out["choices"] = _choices(out, tiles, warps, mode)
+    out["choices"] = _choices(out, tiles, warps, mode, stages)
     say(f"fastest here: {out['choices']}")
     if dev == "cuda":
         from flashdesk.engine import gpu_tuning
@@ -404,9 +417,10 @@ def _zero_copy_figures(dev, stacks, call_with, want, step_bytes, reps, say) -> d
     return {"us": ms * 1e3, "gbps": gbps, "h2d_pinned_gbps": h2d, "ratio": gbps / h2d, "err": err}
 
 
-def _choices(out: dict, tiles, warps, mode) -> dict:
+def _choices(out: dict, tiles, warps, mode, stages=None) -> dict:
     """The gpu_kernels settings this run found fastest (`engine.gpu_tuning` names)."""
     choices = {"TILES": tuple(tiles), "WARPS": warps, "FP4_MODE": (*mode, 0)[:3]}
+    choices["FP4_STAGES"] = stages or 1
     if "by_pick" in out:
         fastest = min(out["by_pick"], key=lambda r: r["ms"])
         choices |= {"DECODE_MOE": out["decode_moe_best"], "BY_PICK_TILES": tuple(fastest["tiles"])}

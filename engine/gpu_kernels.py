@@ -78,6 +78,11 @@ FP4_MODE = (0, 1, 1)
 # instructions. This shape (32 rows × 128 bytes, 4 warps) was its best; the sweep times it with
 # others on each GPU.
 FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
+# Steps of the decode expert loop in flight at once. 1: a plain loop: a step's loads issue only
+# after the step before has used its bytes (the PTX has no cp.async; each program of the default
+# shape waits out 16 memory latencies in series). N ≥ 2: Triton's pipeliner loads the next N−1
+# steps into shared memory (cp.async) while one is computed. Unmeasured; the sweep times 2-4.
+FP4_STAGES = 1
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
 # rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
 # against 64.9 for (0, 1, 1), and one shape computed wrong there; so it is gone.
@@ -690,7 +695,9 @@ if triton is not None:
         return 256.0 if w_ptr.dtype.element_ty == tl.uint8 else 1.0
 
     @triton.jit
-    def _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BW: tl.constexpr):
+    def _fp4_words_dot(
+        w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr
+    ):
         """`_fp4_rows_dot` reading the rows as int32 words of eight E2M1 codes (MODE 2).
 
         A word's byte b holds values 2b (low nibble) and 2b+1; values 0 and 4 sit in the low
@@ -703,7 +710,7 @@ if triton is not None:
         NB: tl.constexpr = BW // 4  # 32-value blocks per step
         wp = w_ptr.to(tl.pointer_type(tl.int32))
         acc = tl.zeros((BN, NB), dtype=tl.float32)
-        for kw in range(0, K // 8, BW):
+        for kw in tl.range(0, K // 8, BW, num_stages=STAGES):
             words = kw + tl.arange(0, BW)
             w = tl.load(wp + rows[:, None] * (K // 8) + words[None, :])
             x0, x1, x2, x3, x4, x5, x6, x7 = _words_x(x_ptr, words)
@@ -727,15 +734,16 @@ if triton is not None:
     @triton.jit
     def _fp4_rows_dot(
         w_ptr, s_ptr, x_ptr, rows, K: tl.constexpr, BKB: tl.constexpr,
-        MODE: tl.constexpr, F16: tl.constexpr,
+        MODE: tl.constexpr, F16: tl.constexpr, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """Σ_k W[rows, k] · x[k] for packed rows `[BN, K/2]` bytes, scales `[BN, K/32]`."""
+        """Σ_k W[rows, k] · x[k] for packed rows `[BN, K/2]` bytes, scales `[BN, K/32]`;
+        STAGES steps in flight (FP4_STAGES)."""
         if MODE == 2:
-            return _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K, BKB // 4)
+            return _fp4_words_dot(w_ptr, s_ptr, x_ptr, rows, K, BKB // 4, STAGES)
         BN: tl.constexpr = rows.shape[0]
         NB: tl.constexpr = BKB // 16  # 32-value blocks per step
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for kb in range(0, K // 2, BKB):
+        for kb in tl.range(0, K // 2, BKB, num_stages=STAGES):
             blocks = kb // 16 + tl.arange(0, NB)
             scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
             if F16:
@@ -764,7 +772,7 @@ if triton is not None:
         x_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
         limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         _await_inputs(PDL)
         pair = tl.program_id(0)  # token · TOPK + pick
@@ -774,8 +782,12 @@ if triton is not None:
             x_row = x_ptr + (pair // TOPK) * D
             w_off = slot * (INTER * (D // 2))
             s_off = slot * (INTER * (D // 32))
-            g = _fp4_rows_dot(w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
-            u = _fp4_rows_dot(w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16)
+            g = _fp4_rows_dot(
+                w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16, STAGES
+            )  # fmt: skip
+            u = _fp4_rows_dot(
+                w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16, STAGES
+            )  # fmt: skip
             if limit > 0:
                 g = tl.minimum(g, limit)
                 u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -787,7 +799,7 @@ if triton is not None:
         h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
         TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
-        SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+        SPLIT: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """SPLIT 0: program (token, row block) sums the token's picks → out `[T, D]`; SPLIT 1:
         program (pick, row block) → its pick's part, out `[T·TOPK, D]`."""
@@ -801,7 +813,7 @@ if triton is not None:
             if slot >= 0:
                 w_at, s_at = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
                 acc += _fp4_rows_dot(
-                    w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16
+                    w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16, STAGES
                 )  # fmt: skip
         tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
@@ -1665,6 +1677,7 @@ def moe(
     num_warps: int | None = None,
     mode: tuple[int, ...] | None = None,
     summed: bool = True,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """Σ over each token's picks held in the slot store of weight · expert(x).
 
@@ -1673,7 +1686,7 @@ def moe(
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
     kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE and
-    FP4_WORDS).
+    FP4_WORDS); `stages`: steps in flight (FP4_STAGES).
     `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
     next kernel (`hc_post`'s `add`), one launch fewer.
     """
@@ -1700,12 +1713,12 @@ def moe(
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
         x, experts, weights, slot_of, w1, s1, w3, s3, h, float(limit),
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
-        num_warps=num_warps, **_pdl(x.device),
+        STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_kernel[(out.shape[0], dim // bn_down)](
         h, experts, slot_of, w2, s2, out,
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
-        SPLIT=split, num_warps=num_warps, **_pdl(h.device),
+        SPLIT=split, STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(h.device),
     )  # fmt: skip
     parts = out.view(tokens, topk if split else 1, dim)
     return parts.sum(dim=1) if summed else parts

@@ -19,6 +19,7 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "TILES": (int, 4),
     "WARPS": (int, 0),
     "FP4_MODE": (int, 3),
+    "FP4_STAGES": (int, 0),
     "DECODE_MOE": (str, 0),
     "BY_PICK_TILES": (int, 3),
     "BY_PICK_WARPS": (int, 0),
@@ -72,7 +73,7 @@ def valid(name: str, value) -> bool:
         return items[0] in (0, 1, 2) and all(v in (0, 1) for v in items[1:])
     if name in ("LINEAR_MIN_PROGRAMS", "LINEAR_ROWS_MIN_PROGRAMS"):
         return 0 <= value <= 1 << 20
-    if name == "LINEAR_STAGES":
+    if name in ("LINEAR_STAGES", "FP4_STAGES"):
         return 1 <= value <= 8
     if name == "DECODE_HEAD_ROWS_PER_SPLIT" and value == 0:
         return True  # by the layer's rows

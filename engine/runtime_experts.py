@@ -228,8 +228,15 @@ class ExpertCache:
         not apply (no Triton, too many tokens)."""
         if not self.fused or x.shape[0] > gpu_kernels.MAX_TOKENS:
             return None
-        fn = gpu_kernels.moe_by_pick if gpu_kernels.DECODE_MOE == "by pick" else gpu_kernels.moe
-        return fn(x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed)
+        if gpu_kernels.DECODE_MOE == "by pick":
+            return gpu_kernels.moe_by_pick(
+                x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed
+            )  # fmt: skip
+        # pinned host stacks (zero-copy) keep the plain loop the H200 measured across PCIe
+        stages = None if self.stacks[0].is_cuda else 1
+        return gpu_kernels.moe(
+            x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed, stages=stages
+        )  # fmt: skip
 
     def add_grouped(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, limit: float,

@@ -44,12 +44,14 @@ def _sig(text: str, constexprs: dict) -> dict:
     return sig | dict.fromkeys(constexprs, "constexpr")
 
 
-def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple) -> list:
-    """The decode expert kernels (`gpu_kernels.moe`) at one kernel shape."""
+def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> list:
+    """The decode expert kernels (`gpu_kernels.moe`) at one kernel shape (`stages`: steps in
+    flight, FP4_STAGES)."""
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
     bn_up, bkb_up = gk._block(INTER, tiles[0]), gk._block(D // 2, tiles[1])
     bn_dn, bkb_dn = gk._block(D, tiles[2]), gk._block(INTER // 2, tiles[3])
     shared = {"TOPK": TOPK, "D": D, "INTER": INTER, "MODE": mode[0], "F16": mode[1]}
+    shared |= {"STAGES": stages} if stages > 1 else {}
     return [
         (
             f"moe gate/up{tag}",
@@ -76,6 +78,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     # the default decode expert kernels, and the word-wise (MODE 2) decode the sweep times
     specs = _moe_specs("", gk.TILES, gk.WARPS, gk.FP4_MODE)
     specs += _moe_specs(" words", *gk.FP4_WORDS)
+    specs += _moe_specs(" staged", gk.TILES, gk.WARPS, gk.FP4_MODE, 3)  # the sweep's pipelined
     for label, (bm, bn, bkb), warps in (
         ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
         ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),

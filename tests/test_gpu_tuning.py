@@ -13,6 +13,7 @@ H200 = {
     "TILES": (8, 256, 8, 256),
     "WARPS": 4,
     "FP4_MODE": (2, 0, 1),  # the word-wise decode
+    "FP4_STAGES": 3,
     "DECODE_MOE": "by pick",
     "GROUPED_TILES": (64, 64, 64),
     "LINEAR_KIND": "dot",
@@ -51,6 +52,7 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("FP4_MODE", (3, 1, 1)),  # MODE 0-2 (MODE 3 lost on the H200 and is gone)
         ("FP4_UNROLL", 2),  # MODE 3's, recorded by older sweeps
         ("LINEAR_STAGES", 0),
+        ("FP4_STAGES", 0),
         ("DECODE_ROWS_PER_SPLIT", 8),  # whole 16-row blocks
         ("DECODE_ROWS_PER_SPLIT", 0),  # "by the rows" is the head groups' alone
         ("DECODE_HEAD_ROWS_PER_SPLIT", 8),
