@@ -686,6 +686,13 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
         reps,
         calls,
     )
+    # and with 3 steps' loads in flight instead (LINEAR_ROWS_STAGES), not unrolled
+    staged = one_step | {"num_stages": 3}
+    staged_ms = _replay_ms(
+        lambda i: gpu_kernels.linear(x, *operands(i), groups, torch.float32, unroll=1, **staged),
+        reps,
+        calls,
+    )
 
     def torch_path(i):
         w = quant.dequant_fp8(weight, scale, dtype=torch.bfloat16) if fp8 else weight
@@ -701,10 +708,12 @@ def _linear_figures(dev, spec, reps, copy_gbps, say, choices=LINEAR_CHOICES) -> 
             f"{r['choice']} {r['ms'] * 1e3:.1f}" for r in rows
         ) + f" µs; best {best['choice']} {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} × copy; "
         f"torch dequantize + matmul {torch_ms * 1e3:.0f} µs; {best_rows['choice']} "
-        f"{best_rows['ms'] * 1e3:.1f} µs against {one_step_ms * 1e3:.1f} without unrolled steps"
+        f"{best_rows['ms'] * 1e3:.1f} µs against {one_step_ms * 1e3:.1f} without unrolled steps "
+        f"and {staged_ms * 1e3:.1f} with 3 steps in flight"
     )  # fmt: skip
     return {
         "name": name, "fp8": fp8, "bytes": nbytes, "choices": rows, "best": best["choice"],
         "gbps": gbps, "torch_us": torch_ms * 1e3, "rows_unroll_1_us": one_step_ms * 1e3,
+        "rows_stages_3_us": staged_ms * 1e3,
         "shape": [n, k, groups, weight.element_size()], "best_spec": best["spec"],
     }  # fmt: skip

@@ -126,6 +126,10 @@ LINEAR_ROWS_MIN_PROGRAMS = 0
 # linear's few programs otherwise wait out a memory latency per step). H200, run 6: wq_b 9.2 →
 # 7.7 µs, wo_a 10.3 → 8.8, wo_b 8.8 → 7.6, the small ones ±0.3 µs
 LINEAR_ROWS_UNROLL = 4
+# steps of a "rows" program whose loads Triton's pipeliner keeps in flight through shared memory
+# (cp.async; 1: none, the loop's loads issue step by step, unrolled as above). Unmeasured: the
+# sweep times each linear's best shape with 3 against this.
+LINEAR_ROWS_STAGES = 1
 LINEAR_TILES = (16, 64, 128)
 LINEAR_STAGES: int | None = None
 LINEAR_MIN_PROGRAMS = 1024
@@ -1557,11 +1561,11 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr = 1,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
-        tile scales): one token per program, BK columns per step (UNROLL steps at once),
-        SPLIT programs sharing a row block's K."""
+        tile scales): one token per program, BK columns per step (UNROLL steps at once; STAGES
+        steps' loads in flight through shared memory), SPLIT programs sharing a row block's K."""
         _await_inputs(PDL)
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
@@ -1574,7 +1578,7 @@ if triton is not None:
         # kept the next step's loads from being issued early. A program's rows lie in one
         # 128-row scale tile (BN divides 128), so the tile scales multiply x's columns, not W.
         acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for step in tl.range(0, share, BK, loop_unroll_factor=UNROLL):
+        for step in tl.range(0, share, BK, loop_unroll_factor=UNROLL, num_stages=STAGES):
             cols = k0 + step + tl.arange(0, BK)
             xs = tl.load(x_row + cols)
             if HAS_SCALE:  # × a power of two: exact in x's own type, which is then spread
@@ -2335,8 +2339,9 @@ def linear(
     program, float32 products) or "dot" (`tiles` = (tokens, rows, K step) per program on the
     tensor cores); `split` programs per row block's K (None: enough for LINEAR_MIN_PROGRAMS /
     LINEAR_ROWS_MIN_PROGRAMS; partial sums added after); `unroll`: "rows" steps unrolled
-    together (at most). Defaults: LINEAR_KIND for FP8 weights with bf16/fp16 activations, else
-    "rows"; the other options from LINEAR_ROWS, LINEAR_ROWS_K, LINEAR_ROWS_UNROLL,
+    together (at most); `num_stages`: the pipeline's depth ("dot") or steps in flight
+    ("rows"). Defaults: LINEAR_KIND for FP8 weights with bf16/fp16 activations, else "rows"; the
+    other options from LINEAR_ROWS, LINEAR_ROWS_K, LINEAR_ROWS_UNROLL, LINEAR_ROWS_STAGES,
     LINEAR_TILES, LINEAR_STAGES.
     """
     n, k = weight.shape
@@ -2401,7 +2406,7 @@ def linear(
     _linear_kernel[(tokens, n // bn, split)](
         x, weight, s, dest, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
         HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, UNROLL=unroll,
-        num_warps=num_warps, **_pdl(x.device),
+        STAGES=num_stages or LINEAR_ROWS_STAGES, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     if split > 1:
         out.copy_(dest.sum(dim=0))

@@ -30,6 +30,7 @@ TUNABLE: dict[str, tuple[type, int]] = {
     "LINEAR_ROWS_K": (int, 0),
     "LINEAR_ROWS_MIN_PROGRAMS": (int, 0),
     "LINEAR_ROWS_UNROLL": (int, 0),
+    "LINEAR_ROWS_STAGES": (int, 0),
     "LINEAR_TILES": (int, 3),
     "LINEAR_STAGES": (int, 0),
     "LINEAR_MIN_PROGRAMS": (int, 0),
@@ -73,7 +74,7 @@ def valid(name: str, value) -> bool:
         return items[0] in (0, 1, 2) and all(v in (0, 1) for v in items[1:])
     if name in ("LINEAR_MIN_PROGRAMS", "LINEAR_ROWS_MIN_PROGRAMS"):
         return 0 <= value <= 1 << 20
-    if name in ("LINEAR_STAGES", "FP4_STAGES"):
+    if name in ("LINEAR_STAGES", "FP4_STAGES", "LINEAR_ROWS_STAGES"):
         return 1 <= value <= 8
     if name == "DECODE_HEAD_ROWS_PER_SPLIT" and value == 0:
         return True  # by the layer's rows

@@ -123,6 +123,15 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     {"num_warps": gk.LINEAR_ROWS[1]},
                 )
             )
+        specs.append(  # the sweep's A/B: 3 steps in flight, not unrolled (LINEAR_ROWS_STAGES)
+            (
+                f"linear rows {name} staged",
+                gk._linear_kernel,
+                f"x_ptr:*{x}, w_ptr:*{w}, s_ptr:*u8, out_ptr:*{out}, T:i32",
+                fixed | {"BN": gk.LINEAR_ROWS[0], "BK": 512, "SPLIT": 1, "STAGES": 3},
+                {"num_warps": gk.LINEAR_ROWS[1]},
+            )
+        )
         if w == "fp8e4nv":
             specs.append(
                 (

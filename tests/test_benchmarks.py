@@ -90,6 +90,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         )
         assert out["speedup_over_torch"] > 0 and out["dequant_gbps"] > 0
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
+        assert all(lin["rows_stages_3_us"] > 0 for lin in out["linears"])
         assert [len(lin["choices"]) for lin in out["linears"]] == [3, 3]
         assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True, True]
         assert out["choices"]["FP4_STAGES"] in (1, 3)

@@ -358,6 +358,17 @@ def test_the_rows_linear_unrolls_steps(block_n, block_k, unroll, xdtype):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(("unroll", "stages"), [(1, 3), (2, 2)])
+def test_the_rows_linear_with_steps_in_flight(unroll, stages):
+    """LINEAR_ROWS_STAGES above 1 (Triton's pipeliner keeps the next steps' loads in flight)
+    changes no value, alone or with unrolled steps, split or not."""
+    for split in (1, 2):
+        _check_linear(
+            2, 512, 2048, 1, "fp8", xdtype=torch.bfloat16, kind="rows", block_n=16,
+            block_k=128, unroll=unroll, num_stages=stages, split=split,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["rows", "dot"])
 def test_fp8_weights_read_as_code_bytes_where_triton_lacks_the_type(kind, monkeypatch):
     """GPUs before Ada (RTX 30, A100) have no fp8e4nv type in Triton: the linears read the E4M3
