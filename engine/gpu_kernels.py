@@ -65,8 +65,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 # float16 bits); F16 1 decodes E2M1 through float16 bits; SPLIT 1 runs
 # the down projection as one program per (pick, row block), partial sums added by torch.
 # H200, replayed from a CUDA graph: 66-67 µs per 6-expert step (1.2 TB/s, 0.29 × the copy
-# bandwidth; (16, 256, 16, 256) 65.8 µs in run 6, a tie; (0, 1, 0) 70-74 µs, MODE 0 without F16
-# 121-150 µs, MODE 1 103-279 µs, MODE 2 72-101 µs).
+# bandwidth; (16, 256, 16, 256) 65.8 / 64.9 µs in runs 6 / 7, a tie; (0, 1, 0) 70-74 µs, MODE 0
+# without F16 121-150 µs, MODE 1 103-279 µs, MODE 2 72-101 µs).
 TILES = (8, 256, 8, 256)
 WARPS = 4
 FP4_MODE = (0, 1, 1)
