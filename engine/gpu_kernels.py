@@ -329,6 +329,34 @@ def _check_hc_mixes(dev: torch.device) -> str | None:
     return None
 
 
+def _check_fused_norms(dev: torch.device) -> str | None:
+    """The RMSNorms inside RoPE (`norm_rope`) and inside the hyper-connection collapse
+    (`hc_pre_tail(norm=)`) against the torch ops: a failure leaves the norms their own launch."""
+    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model.common import rms_norm as rms_norm_ops
+    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+    from flashdesk.engine.model.rope import apply_rope as rope_ops
+
+    g = torch.Generator().manual_seed(8)
+    hc, dim = 4, 128
+    x = torch.randn(2, hc, dim, generator=g)
+    w = torch.rand(dim, generator=g) + 0.5
+    cos, sin = Rotary(32, inverse_frequencies(32, 10000.0)).cos_sin(torch.tensor([3, 900]))
+    fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05
+    mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
+    mixes = mhc._mixes(x, fn, 1e-6)
+    u = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)[0]
+    xd, wd, cosd, sind = (t.to(dev) for t in (x, w, cos, sin))
+    roped = _rope(xd, cosd, sind, False, None, (wd, 1e-6))
+    if not torch.allclose(roped.cpu(), rope_ops(rms_norm_ops(x, w, 1e-6), cos, sin), 1e-4, 1e-5):
+        return "its RMSNorm inside RoPE gave other values than the torch ops on this GPU"
+    on = (mixes.to(dev), xd, mix_scale.to(dev), base.to(dev))
+    collapsed = _hc_pre(*on, 20, 1e-6, wd, 1e-6)[0]
+    if not torch.allclose(collapsed.cpu(), rms_norm_ops(u, w, 1e-6), 1e-4, 1e-5):
+        return "its RMSNorm inside the hyper-connection collapse gave other values on this GPU"
+    return None
+
+
 def _check_route(dev: torch.device) -> str | None:
     """`route` against `moe.Router`'s torch ops (its gate the identity, exact in float32), top-k
     and hash routing."""
@@ -565,16 +593,11 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
     checks = {
         "RMSNorm": (rms_norm(xd, wd, 1e-6), rms_norm_ops(x, w, 1e-6)),
         "RoPE": (apply_rope(xd, cosd, sind, True), rope_ops(x, cos, sin, True)),
-        "RMSNorm and RoPE": (norm_rope(xd, wd, 1e-6, cosd, sind),
-                             rope_ops(rms_norm_ops(x, w, 1e-6), cos, sin)),
         "Sinkhorn": (sinkhorn(mixd[:, 8:].reshape(2, hc, hc), 20, 1e-6),
                      mhc.sinkhorn_ops(mixes[:, 8:].reshape(2, hc, hc), 20, 1e-6)),
         "hyper-connection collapse": (
             torch.cat([t.flatten() for t in hc_pre_tail(mixd, xd, scd, based, 20, 1e-6)]),
             torch.cat([t.flatten() for t in (u, post, comb)]),
-        ),
-        "hyper-connection collapse, normed": (
-            hc_pre_tail(mixd, xd, scd, based, 20, 1e-6, wd, 1e-6)[0], rms_norm_ops(u, w, 1e-6)
         ),
         "hyper-connection update": (hc_post(fd, xd, postd, combd), mhc.hc_post(f, x, post, comb)),
         "hyper-connection update with the experts' sums": (
@@ -2072,9 +2095,14 @@ def norm_rope(
 ) -> torch.Tensor:
     """`apply_rope(rms_norm(x, weight, eps), cos, sin)` (x `[S, d]` or `[S, H, d]`, each row
     normed) in one launch, the same values: two launches fewer a decode layer (q and kv)."""
-    if not FUSED_NORMS:
+    if not _fusing_norms(x.device):
         return apply_rope(rms_norm(x, weight, eps), cos, sin)
     return _rope(x, cos, sin, False, None, (weight, eps))
+
+
+def _fusing_norms(device: torch.device) -> bool:
+    """FUSED_NORMS, where the fused kernels passed their check on `device`."""
+    return FUSED_NORMS and checked("RMSNorm fusion", device)
 
 
 def _rope(x, cos, sin, inverse, out_dtype, norm=None) -> torch.Tensor:
@@ -2109,11 +2137,15 @@ def hc_pre_tail(
     """`mhc.hc_pre` after its mixes `[S, (2+hc)·hc]` float32: → u `[S, D]` (x's dtype), post
     `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch. `norm` `[D]` float32: u
     comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm) in that launch."""
-    s, hc, dim = x.shape
     # the fused norm takes the row as one block, a power of two
-    if norm is not None and (dim & (dim - 1) or not FUSED_NORMS):
+    if norm is not None and (x.shape[2] & (x.shape[2] - 1) or not _fusing_norms(x.device)):
         u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
         return rms_norm(u, norm, norm_eps), post, comb
+    return _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps)
+
+
+def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps):
+    s, hc, dim = x.shape
     x = x.contiguous()
     u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
     post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
@@ -2443,5 +2475,6 @@ CHECKS = {
     "decode attention": _check_decode_attention_kinds,
     "FP8 KV rows": _check_fp8_rows,
     "routing log": _check_record_picks,
+    "RMSNorm fusion": _check_fused_norms,
     "indexer scores": _check_index_scores,
 }

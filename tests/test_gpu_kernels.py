@@ -455,7 +455,7 @@ def test_sinkhorn_in_one_launch_equals_the_ops():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
+def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype, monkeypatch):
     """rms_norm, apply_rope (forward and inverse, 2-D and per head), and the hyper-connections'
     pre (mixes → u, post, Sinkhorn comb) and post: one kernel each, the torch definitions' values."""
     from flashdesk.engine.model import mhc
@@ -471,6 +471,8 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype):
         torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
 
     exact = {"rtol": 0, "atol": 0}  # a fused kernel against the same kernels one by one
+    monkeypatch.setattr(ft, "checked", lambda name, device: True)  # the fused norms' check passed
+    assert ft._fusing_norms(torch.device(dev))
 
     x = torch.randn(3, 256, generator=g).to(dtype)
     w = torch.rand(256, generator=g) + 0.5
@@ -692,6 +694,39 @@ def test_a_kernel_with_its_own_check_falls_back_alone(monkeypatch):
     assert note.startswith("the compressor step runs as separate kernels") and "Zero" in note
     monkeypatch.setitem(ft.TENSOR_CORES, dev, "Triton's tensor-core kernels gave wrong values")
     assert "prompts' experts run through torch" in ft.fallback_notes(dev)[0]
+
+
+def test_fused_norms_that_fail_their_check_give_each_norm_its_own_launch(monkeypatch):
+    """The RMSNorms inside RoPE and the hyper-connection collapse have their own check: where it
+    fails, the norms run as their own kernels (the same values) and the notes say so; every
+    other kernel stays."""
+    from flashdesk.engine.model import mhc
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(2, 4, 128, generator=g).to(torch.bfloat16), torch.rand(128) + 0.5
+    cos, sin = torch.rand(2, 16, generator=g), torch.rand(2, 16, generator=g)
+    fn, scale, base = torch.randn(24, 512, generator=g) * 0.05, torch.rand(3) + 0.5, torch.randn(24)
+    mixes = mhc._mixes(x, fn, 1e-6)
+    on = [t.to(dev) for t in (x, w, cos, sin, mixes, scale, base)]
+    xd, wd, cosd, sind, mixd, scd, based = on
+    monkeypatch.setattr(ft, "available", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {})
+    assert ft._fusing_norms(torch.device(dev))  # the check passes here
+    fused = ft.norm_rope(xd, wd, 1e-6, cosd, sind), ft.hc_pre_tail(mixd, xd, scd, based, 20,
+                                                                    1e-6, wd, 1e-6)[0]  # fmt: skip
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {})
+    monkeypatch.setitem(ft.CHECKS, "RMSNorm fusion", lambda device: "wrong values")
+    alone = ft.apply_rope(ft.rms_norm(xd, wd, 1e-6), cosd, sind)
+    assert torch.equal(ft.norm_rope(xd, wd, 1e-6, cosd, sind), alone)
+    u = ft.hc_pre_tail(mixd, xd, scd, based, 20, 1e-6)[0]
+    got = ft.hc_pre_tail(mixd, xd, scd, based, 20, 1e-6, wd, 1e-6)[0]
+    assert torch.equal(got, ft.rms_norm(u, wd, 1e-6))
+    torch.testing.assert_close(got.cpu(), fused[1].cpu(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(alone, fused[0])  # the fused kernel's values, to the bit
+    (note,) = ft.fallback_notes(dev)
+    assert note.startswith("the RMSNorm fusion runs as separate kernels") and "wrong" in note
+    assert ft.checked("hyper-connection mixes", dev)
 
 
 def test_head_groups_that_fail_their_check_give_way_to_the_per_head_kernel(monkeypatch):
