@@ -334,17 +334,9 @@ def _check_fused_norms(dev: torch.device) -> str | None:
     (`hc_pre_tail(norm=)`) against the torch ops: a failure leaves the norms their own launch."""
     from flashdesk.engine.model import mhc
     from flashdesk.engine.model.common import rms_norm as rms_norm_ops
-    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
     from flashdesk.engine.model.rope import apply_rope as rope_ops
 
-    g = torch.Generator().manual_seed(8)
-    hc, dim = 4, 128
-    x = torch.randn(2, hc, dim, generator=g)
-    w = torch.rand(dim, generator=g) + 0.5
-    cos, sin = Rotary(32, inverse_frequencies(32, 10000.0)).cos_sin(torch.tensor([3, 900]))
-    fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05
-    mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
-    mixes = mhc._mixes(x, fn, 1e-6)
+    _, x, w, cos, sin, fn, mix_scale, base, mixes = _elementwise_case(8)
     u = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)[0]
     xd, wd, cosd, sind = (t.to(dev) for t in (x, w, cos, sin))
     roped = _rope(xd, cosd, sind, False, None, (wd, 1e-6))
@@ -569,22 +561,32 @@ def _probe(dev: torch.device) -> str | None:
     return None
 
 
-def _elementwise_mismatch(dev: torch.device) -> str | None:
-    """The first of the elementwise kernels whose values on `dev` differ from the torch
-    definitions (computed on the CPU), or None."""
-    from flashdesk.engine.model import mhc, moe
-    from flashdesk.engine.model.common import rms_norm as rms_norm_ops
+def _elementwise_case(seed: int) -> tuple:
+    """Small inputs for the elementwise kernels' checks → (the generator, for more; streams x
+    `[2, 4, 128]`, a norm weight `[128]`, the angles of two positions `[2, 16]` each, the mixes'
+    fn, scale and base, and the mixes)."""
+    from flashdesk.engine.model import mhc
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
-    from flashdesk.engine.model.rope import apply_rope as rope_ops
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     hc, dim = 4, 128
     x = torch.randn(2, hc, dim, generator=g)
     w = torch.rand(dim, generator=g) + 0.5
     cos, sin = Rotary(32, inverse_frequencies(32, 10000.0)).cos_sin(torch.tensor([3, 900]))
     fn = torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05
     mix_scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
-    mixes = mhc._mixes(x, fn, 1e-6)
+    return g, x, w, cos, sin, fn, mix_scale, base, mhc._mixes(x, fn, 1e-6)
+
+
+def _elementwise_mismatch(dev: torch.device) -> str | None:
+    """The first of the elementwise kernels whose values on `dev` differ from the torch
+    definitions (computed on the CPU), or None."""
+    from flashdesk.engine.model import mhc, moe
+    from flashdesk.engine.model.common import rms_norm as rms_norm_ops
+    from flashdesk.engine.model.rope import apply_rope as rope_ops
+
+    g, x, w, cos, sin, fn, mix_scale, base, mixes = _elementwise_case(0)
+    hc, dim = x.shape[1:]
     u, post, comb = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)
     f = torch.randn(2, dim, generator=g)
     parts = torch.randn(2, 3, dim, generator=g)
