@@ -83,6 +83,17 @@ FP4_WORDS = ((32, 128, 32, 128), 4, (2, 0, 1))
 # shape waits out 16 memory latencies in series). N ≥ 2: Triton's pipeliner loads the next N−1
 # steps into shared memory (cp.async) while one is computed. Unmeasured; the sweep times 2-4.
 FP4_STAGES = 1
+# MODE 4 multiplies in integers, as llama.cpp's MXFP4 kernels do on CUDA: the activations of
+# each 32-value block quantized to int8 (step amax/127, rounded to nearest even: what the CPU's
+# int8 experts take, `quant.quantize_q8`; x in one launch before, h by the gate/up kernel as it
+# writes it), each int32 word of eight E2M1 codes turned into eight int8 (twice the values: 0,
+# ±1 … ±12) by three byte permutes (`prmt`) per four codes and multiplied four at a time
+# (`dp4a`), the block's integer sum scaled once. In the SASS ptxas builds for sm_90: about 2
+# instructions per weight where MODE 1 takes 10.4 (tests/_compile_kernels.py counts them). It
+# needs 32 gate/up rows a program (h is quantized per 32). Unmeasured; the sweep times it, and
+# a GPU where its check fails keeps MODE 1 ("FP4 int8 dots" in CHECKS).
+FP4_INT8 = ((32, 512, 32, 512), 4, (4, 0, 1))
+PLAIN_FP4_MODE = (0, 1, 1)  # where MODE 4 is chosen but cannot run (check failed, zero-copy)
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
 # rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
 # against 64.9 for (0, 1, 1), and one shape computed wrong there; so it is gone.
@@ -346,6 +357,58 @@ def _check_fused_norms(dev: torch.device) -> str | None:
     collapsed = _hc_pre(*on, 20, 1e-6, wd, 1e-6)[0]
     if not torch.allclose(collapsed.cpu(), rms_norm_ops(u, w, 1e-6), 1e-4, 1e-5):
         return "its RMSNorm inside the hyper-connection collapse gave other values on this GPU"
+    return None
+
+
+def moe_q8_reference(x, experts, weights, slot_of, stacks, limit) -> torch.Tensor:
+    """What `moe` computes in MODE 4, as torch ops on the CPU: x and each h quantized to int8
+    per 32 values (`quant.quantize_q8`), the FP4 weights dequantized, float32 sums → `[T, D]`
+    over the picks whose slot is not −1 (the tests' and the sweep's reference)."""
+    from flashdesk.engine import quant
+    from flashdesk.engine.model.moe import swiglu
+
+    def q8(v):
+        q, step = quant.quantize_q8(v)
+        return (q.float().view(*step.shape, 32) * step[..., None]).view(v.shape)
+
+    w1, s1, w3, s3, w2, s2 = (t.cpu() for t in stacks)
+    x, experts, weights, slot_of = (t.cpu() for t in (x, experts, weights, slot_of))
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        xt = q8(x[t].float())
+        for j in range(experts.shape[1]):
+            s = int(slot_of[experts[t, j]])
+            if s >= 0:
+                gate = quant.dequant_fp4(w1[s], s1[s]) @ xt
+                up = quant.dequant_fp4(w3[s], s3[s]) @ xt
+                h = q8(swiglu(gate, up, limit) * weights[t, j].float())
+                out[t] += quant.dequant_fp4(w2[s], s2[s]) @ h
+    return out
+
+
+def _check_q8_moe(dev: torch.device) -> str | None:
+    """`moe` MODE 4 (inline PTX: byte permutes and dp4a) against `moe_q8_reference`: two
+    tokens, six picks of which some are not resident, every code and a spread of scales."""
+    g = torch.Generator().manual_seed(11)
+    slots, dim, inter = 4, 256, 64
+    stacks = []
+    for rows, k in ((inter, dim), (inter, dim), (dim, inter)):
+        stacks += [
+            torch.randint(0, 256, (slots, rows, k // 2), generator=g, dtype=torch.uint8),
+            torch.randint(119, 131, (slots, rows, k // 32), generator=g, dtype=torch.uint8),
+        ]
+    slot_of = torch.tensor([2, -1, 0, -1, 3, 1, -1, -1], dtype=torch.int32)
+    experts = torch.tensor([[0, 1, 2, 4, 5, 7], [5, 4, 3, 2, 6, 0]])
+    weights = torch.rand(2, 6, generator=g) + 0.1
+    x = (torch.randn(2, dim, generator=g) / 4).to(torch.bfloat16)
+    want = moe_q8_reference(x, experts, weights, slot_of, stacks, 10.0)
+    on = (t.to(dev) for t in (x, experts, weights, slot_of))
+    got = moe(*on, tuple(t.to(dev) for t in stacks), 10.0, tiles=(32, 64, 32, 32),
+              mode=(4, 0, 1))  # fmt: skip
+    # an h within float rounding of a tie between two codes may round either way (a step of
+    # its block); wrong permutes or scales are off by the whole output
+    if not torch.isfinite(got).all() or (got.cpu() - want).norm() > 1e-2 * want.norm():
+        return "its integer dots gave other values than the int8 reference on this GPU"
     return None
 
 
@@ -626,6 +689,8 @@ def error_summary(exc: BaseException) -> str:
 
 
 if triton is not None:
+    _INTERPRETED = tl.constexpr(INTERPRETED)  # kernels take the interpreter's path where asm
+    # cannot run (`_fp4_dot8`)
 
     @triton.jit
     def _await_inputs(PDL: tl.constexpr):
@@ -844,6 +909,149 @@ if triton is not None:
                 acc += _fp4_rows_dot(
                     w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16, STAGES
                 )  # fmt: skip
+        tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
+
+    # `_fp4_dot8` in PTX. m: the codes' magnitudes (bits 0-2 of each nibble; prmt reads a
+    # selector nibble's bit 3 as "replicate the sign", so it must be clear), f: per code, byte i
+    # of the positive lookup or byte i + 4 of the negative one (bit 3 → bit 2). Tables: 2 × E2M1
+    # of magnitudes 0-7 (0 1 2 3 4 6 8 12) and their negations, as little-endian bytes.
+    _FP4_DOT8_PTX = tl.constexpr("""{
+    .reg .b32 m, f, mh, fh, p, n, v0, v1, a;
+    and.b32 m, $1, 0x77777777;
+    and.b32 f, $1, 0x88888888;
+    shr.u32 f, f, 1;
+    or.b32 f, f, 0x32103210;
+    shr.u32 mh, m, 16;
+    shr.u32 fh, f, 16;
+    prmt.b32 p, 0x03020100, 0x0C080604, m;
+    prmt.b32 n, 0xFDFEFF00, 0xF4F8FAFC, m;
+    prmt.b32 v0, p, n, f;
+    prmt.b32 p, 0x03020100, 0x0C080604, mh;
+    prmt.b32 n, 0xFDFEFF00, 0xF4F8FAFC, mh;
+    prmt.b32 v1, p, n, fh;
+    dp4a.s32.s32 a, v0, $2, 0;
+    dp4a.s32.s32 $0, v1, $3, a;
+    }""")
+
+    @triton.jit
+    def _e2m1_x2(code):
+        """int32 codes 0..15 → twice their E2M1 values as int32 (0, ±1, ±2, ±3, ±4, ±6, ±8,
+        ±12): magnitudes below 4 are themselves, then (2 + m₀) · 2^(m₂m₁ − 1)."""
+        mag = code & 7
+        big = (2 + (mag & 1)) << (((mag >> 1) - 1) & 3)
+        v = tl.where(mag < 4, mag, big)
+        return tl.where((code & 8) != 0, -v, v)
+
+    @triton.jit
+    def _fp4_dot8(q, xa, xb):
+        """Σ_i 2·E2M1(code i) · x_i for int32 words q of eight codes (code i in bits 4i..4i+3,
+        element 8j + i of its row) and the int8 activations of elements 0-3 (bytes of xa) and
+        4-7 (xb) → int32, exact. On a GPU: six byte permutes and two dp4a (`_FP4_DOT8_PTX`);
+        the interpreter, which runs no asm, takes the codes one by one."""
+        if _INTERPRETED:
+            total = q * 0
+            for i in tl.static_range(8):
+                xw = xa if i < 4 else xb
+                xi = (xw << (24 - 8 * (i % 4))) >> 24  # byte i % 4, sign-extended
+                total += _e2m1_x2((q >> (4 * i)) & 15) * xi
+            return total
+        return tl.inline_asm_elementwise(
+            _FP4_DOT8_PTX, "=r,r,r,r", [q, xa, xb], dtype=tl.int32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _fp4_q8_dot(
+        w_ptr, s_ptr, xq_ptr, xd_ptr, rows, K: tl.constexpr, BW: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """Σ_k W[rows, k] · x[k] (MODE 4) for packed rows `[BN, K/2]` bytes read as int32 words,
+        scales `[BN, K/32]`, x as int8 `[K]` (read as words) with its block steps `[K/32]`: each
+        block's integer sum times its weight scale and step; BW words a step (whole blocks)."""
+        BN: tl.constexpr = rows.shape[0]
+        NB: tl.constexpr = BW // 4  # 32-value blocks per step
+        wp = w_ptr.to(tl.pointer_type(tl.int32))
+        xp = xq_ptr.to(tl.pointer_type(tl.int32))
+        acc = tl.zeros((BN, NB), dtype=tl.float32)
+        for kw in tl.range(0, K // 8, BW, num_stages=STAGES):
+            words = kw + tl.arange(0, BW)
+            w = tl.load(wp + rows[:, None] * (K // 8) + words[None, :])
+            xa = tl.load(xp + 2 * words)
+            xb = tl.load(xp + 2 * words + 1)
+            dots = tl.sum(tl.reshape(_fp4_dot8(w, xa[None, :], xb[None, :]), (BN, NB, 4)), axis=2)
+            blocks = kw // 4 + tl.arange(0, NB)
+            scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
+            acc += dots.to(tl.float32) * (scale * tl.load(xd_ptr + blocks)[None, :])
+        return tl.sum(acc, axis=1) * 0.5
+
+    @triton.jit
+    def _store_q8(v, q_ptr, d_ptr):
+        """float32 `[N]` (N a multiple of 32) → int8 at q_ptr, a step per 32 at d_ptr, as
+        `quant.quantize_q8` (a block holding Inf or NaN: step NaN, codes 0)."""
+        N: tl.constexpr = v.shape[0]
+        blocks = tl.reshape(v, (N // 32, 32))
+        finite = tl.min((tl.abs(blocks) <= 3.4028234663852886e38).to(tl.int32), axis=1) > 0
+        amax = tl.max(tl.where(finite[:, None], tl.abs(blocks), 0.0), axis=1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        q = tl.where(finite[:, None], blocks * inv[:, None], 0.0)
+        q = (q + 12582912.0) - 12582912.0  # 1.5 · 2²³: rounds |q| ≤ 2²² to nearest even
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+        tl.store(q_ptr + tl.arange(0, N), tl.reshape(q, (N,)))
+        tl.store(d_ptr + tl.arange(0, N // 32), tl.where(finite, amax / 127.0, float("nan")))
+
+    @triton.jit
+    def _q8_kernel(
+        x_ptr, q_ptr, d_ptr, K: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False
+    ):
+        """Program (row, chunk): BK values of x `[T, K]` → int8 `[T, K]` and steps `[T, K/32]`."""
+        _await_inputs(PDL)
+        at = tl.program_id(0) * K + tl.program_id(1) * BK
+        v = tl.load(x_ptr + at + tl.arange(0, BK)).to(tl.float32)
+        _store_q8(v, q_ptr + at, d_ptr + at // 32)
+
+    @triton.jit
+    def _gate_up_q8_kernel(
+        xq_ptr, xd_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr,
+        hq_ptr, hd_ptr, limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+        BN: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
+    ):  # fmt: skip
+        """`_gate_up_kernel` in integers (MODE 4): x as int8 and steps, h written as int8 and
+        a step per 32 (BN a multiple of 32) for `_down_q8_kernel`."""
+        _await_inputs(PDL)
+        pair = tl.program_id(0)  # token · TOPK + pick
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
+        if slot >= 0:
+            xq, xd = xq_ptr + (pair // TOPK) * D, xd_ptr + (pair // TOPK) * (D // 32)
+            w_off = slot * (INTER * (D // 2))
+            s_off = slot * (INTER * (D // 32))
+            g = _fp4_q8_dot(w1_ptr + w_off, s1_ptr + s_off, xq, xd, rows, D, BW, STAGES)
+            u = _fp4_q8_dot(w3_ptr + w_off, s3_ptr + s_off, xq, xd, rows, D, BW, STAGES)
+            if limit > 0:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+            h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pair)
+            first = pair * INTER + tl.program_id(1) * BN
+            _store_q8(h, hq_ptr + first, hd_ptr + first // 32)
+
+    @triton.jit
+    def _down_q8_kernel(
+        hq_ptr, hd_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
+        TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr, BN: tl.constexpr,
+        BW: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+        STAGES: tl.constexpr = 1,
+    ):  # fmt: skip
+        """`_down_kernel` in integers (MODE 4), from `_gate_up_q8_kernel`'s int8 h."""
+        _await_inputs(PDL)
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        picks: tl.constexpr = 1 if SPLIT else TOPK
+        for j in tl.static_range(picks):
+            pair = tl.program_id(0) if SPLIT else tl.program_id(0) * TOPK + j
+            slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
+            if slot >= 0:
+                w_at, s_at = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
+                hq, hd = hq_ptr + pair * INTER, hd_ptr + pair * (INTER // 32)
+                acc += _fp4_q8_dot(w_at, s_at, hq, hd, rows, INTER, BW, STAGES)
         tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     @triton.jit
@@ -1719,7 +1927,8 @@ def moe(
     `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
     next kernel (`hc_post`'s `add`), one launch fewer.
     """
-    tiles, num_warps, mode = tiles or TILES, num_warps or WARPS, mode or FP4_MODE
+    tiles, num_warps = tiles or TILES, num_warps or WARPS
+    mode = mode or default_fp4_mode(x.device)
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
     topk = experts.shape[1]
@@ -1727,11 +1936,16 @@ def moe(
     if w1.shape[2] * 2 != dim or w2.shape[1:] != (dim, inter // 2) or dim % 32 or inter % 32:
         raise ValueError(f"expert stacks {w1.shape}/{w2.shape} do not fit activations {x.shape}")
     x = x.contiguous()
-    if mode[0] == 2 and any(t.data_ptr() % 4 for t in (x, w1, w3, w2)):
-        mode = (0, 1, *mode[2:])  # MODE 2 reads int32 words; an odd view falls back to bytes
+    if mode[0] in (2, 4) and any(t.data_ptr() % 4 for t in (x, w1, w3, w2)):
+        mode = (0, 1, *mode[2:])  # MODES 2 and 4 read int32 words; an odd view reads bytes
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
     split = mode[2] if len(mode) > 2 else 0
+    if mode[0] == 4:
+        out = _moe_q8(x, experts, weights, slot_of, (w1, s1, w3, s3, w2, s2), limit, tiles,
+                      num_warps, split, stages or FP4_STAGES)  # fmt: skip
+        parts = out.view(tokens, topk if split else 1, dim)
+        return parts.sum(dim=1) if summed else parts
     # the down kernel reads h only where gate/up wrote it (picks in the store)
     h = torch.empty((tokens * topk, inter), dtype=torch.float32, device=x.device)
     out = torch.empty(
@@ -1751,6 +1965,50 @@ def moe(
     )  # fmt: skip
     parts = out.view(tokens, topk if split else 1, dim)
     return parts.sum(dim=1) if summed else parts
+
+
+def default_fp4_mode(device: torch.device | str) -> tuple[int, ...]:
+    """FP4_MODE, unless it is the integer dots (MODE 4) and their check failed on `device`:
+    then the plain byte-wise decode (PLAIN_FP4_MODE)."""
+    if FP4_MODE[0] == 4 and not INTERPRETED and not checked("FP4 int8 dots", device):
+        return PLAIN_FP4_MODE
+    return FP4_MODE
+
+
+def float_fp4_mode() -> tuple[int, ...]:
+    """FP4_MODE for float activations: the float decode (PLAIN_FP4_MODE) where FP4_MODE is the
+    integer dots (a float32 model; experts read in place across PCIe, which bounds them)."""
+    return PLAIN_FP4_MODE if FP4_MODE[0] == 4 else FP4_MODE
+
+
+def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split, stages):
+    """`moe` in integers (MODE 4): x quantized to int8 per 32 values in one launch, then
+    gate/up (which writes h as int8 and steps) and down → `[T·k or T, D]` float32."""
+    w1, s1, w3, s3, w2, s2 = stacks
+    tokens, dim = x.shape
+    topk, inter = experts.shape[1], w1.shape[1]
+    xq = torch.empty((tokens, dim), dtype=torch.int8, device=x.device)
+    xd = torch.empty((tokens, dim // 32), dtype=torch.float32, device=x.device)
+    bk = _block(dim, 1024)
+    _q8_kernel[(tokens, dim // bk)](x, xq, xd, K=dim, BK=bk, num_warps=4, **_pdl(x.device))
+    # the down kernel reads h only where gate/up wrote it (picks in the store)
+    hq = torch.empty((tokens * topk, inter), dtype=torch.int8, device=x.device)
+    hd = torch.empty((tokens * topk, inter // 32), dtype=torch.float32, device=x.device)
+    out = torch.empty((tokens * topk if split else tokens, dim), dtype=torch.float32,
+                      device=x.device)  # fmt: skip
+    bn_up, bw_up = _block(inter, max(32, tiles[0])), max(4, _block(dim // 8, tiles[1] // 4))
+    bn_down, bw_down = _block(dim, tiles[2]), max(4, _block(inter // 8, tiles[3] // 4))
+    _gate_up_q8_kernel[(tokens * topk, inter // bn_up)](
+        xq, xd, experts, weights, slot_of, w1, s1, w3, s3, hq, hd, float(limit),
+        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BW=bw_up, STAGES=stages,
+        num_warps=num_warps, **_pdl(x.device),
+    )  # fmt: skip
+    _down_q8_kernel[(out.shape[0], dim // bn_down)](
+        hq, hd, experts, slot_of, w2, s2, out,
+        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BW=bw_down, SPLIT=split, STAGES=stages,
+        num_warps=num_warps, **_pdl(x.device),
+    )  # fmt: skip
+    return out
 
 
 def expert_blocks(
@@ -2479,4 +2737,5 @@ CHECKS = {
     "routing log": _check_record_picks,
     "RMSNorm fusion": _check_fused_norms,
     "indexer scores": _check_index_scores,
+    "FP4 int8 dots": _check_q8_moe,
 }

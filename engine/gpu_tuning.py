@@ -70,8 +70,8 @@ def valid(name: str, value) -> bool:
         return value in CHOICES[name]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         return False
-    if name == "FP4_MODE":  # (MODE 0-2, F16, SPLIT)
-        return items[0] in (0, 1, 2) and all(v in (0, 1) for v in items[1:])
+    if name == "FP4_MODE":  # (MODE 0-2 or 4, F16, SPLIT)
+        return items[0] in (0, 1, 2, 4) and all(v in (0, 1) for v in items[1:])
     if name in ("LINEAR_MIN_PROGRAMS", "LINEAR_ROWS_MIN_PROGRAMS"):
         return 0 <= value <= 1 << 20
     if name in ("LINEAR_STAGES", "FP4_STAGES", "LINEAR_ROWS_STAGES"):

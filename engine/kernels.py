@@ -248,12 +248,12 @@ def _pick_rate(figures: Mapping[str, float]) -> float:
     """The figure the pick maximizes: the rate of a CPU token's bytes on the runtime's default
     paths, FP4 experts at the faster of bf16 and int8 (where allowed) and FP8 linears at bf16,
     weighted by their shares (`_FP4_SHARE`) as a harmonic mean."""
-    int8 = figures.get("int8_gbps", 0.0) if _int8_allowed() else 0.0
+    int8 = figures.get("int8_gbps", 0.0) if int8_allowed() else 0.0
     fp4 = max(figures["bf16_gbps"], int8)
     return 1 / (_FP4_SHARE / fp4 + (1 - _FP4_SHARE) / figures["fp8_gbps"])
 
 
-def _int8_allowed() -> bool:
+def int8_allowed() -> bool:
     """FLASHDESK_INT8=0 keeps the routed experts' activations in bf16 everywhere."""
     return os.environ.get("FLASHDESK_INT8", "").strip() != "0"
 
@@ -264,7 +264,7 @@ def int8_experts(isa: str | None = None) -> bool:
     FLASHDESK_INT8=0 does not forbid it. The runtime's default (`load_runtime(int8_experts=None)`).
     """
     name = isa or active_isa()
-    if not (_int8_allowed() and has_int8(name)):
+    if not (int8_allowed() and has_int8(name)):
         return False
     figures = variant_timings().get(name, {})
     return figures.get("int8_gbps", 0.0) > figures.get("bf16_gbps", float("inf"))

@@ -242,3 +242,24 @@ def quantize_fp4(w: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor,
     inv = pow2(-exp)
     codes = float_to_e2m1(g * inv[:, :, None]).view(out_f, in_f)
     return e2m1_pack(codes), (exp + 127).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- int8 activations
+
+Q8_GROUP = 32
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations `[..., K]` (K a multiple of 32) → (int8 `[..., K]`, steps float32 `[..., K/32]`)
+    per 32-element block: step = amax / 127, q = x · (127 / amax) rounded to nearest even. The
+    C kernels' `fd_q8_quantize` and the GPU's int8 expert dots (`gpu_kernels.moe` MODE 4) quantize
+    so; an all-zero block has step 0, one holding Inf or NaN step NaN (its dots are NaN)."""
+    if x.shape[-1] % Q8_GROUP:
+        raise ValueError(f"int8 activations need a multiple of {Q8_GROUP} values, got {x.shape}")
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, Q8_GROUP)
+    finite = torch.isfinite(blocks).all(dim=-1, keepdim=True)
+    amax = torch.where(finite, blocks.abs(), 0.0).amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    q = torch.where(finite, blocks * inv, 0.0).round().clamp(-127, 127).to(torch.int8)
+    step = torch.where(finite, amax / 127.0, float("nan"))
+    return q.reshape(x.shape), step.reshape(*x.shape[:-1], -1)

@@ -903,7 +903,9 @@ def load_runtime(
       int8=): 2-3× the bf16 path per core on x86 (dev VM, one core in cache), at a rounding finer
       than the reference's FP8 rounding of the same activations. None (default): where the kernel
       variant's measured rates favour it (`kernels.int8_experts()`; FLASHDESK_INT8=0 turns it
-      off); float32 kernel_activations never use it.
+      off); float32 kernel_activations never use it. The GPU's experts take int8 activations
+      where `gpu_kernels.FP4_MODE` is the integer dots (MODE 4, a sweep's choice) and this is
+      not False (None: unless FLASHDESK_INT8=0).
     speculative: also load the checkpoint's MTP block and draft with it (`Session` then feeds
       each token with a draft of the next; see `V4Model.enable_speculation`). CPU mode only so
       far (a GPU's decode steps replay one-token CUDA graphs); the block's experts stay
@@ -939,6 +941,10 @@ def load_runtime(
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     if cuda_graphs is None:
         cuda_graphs = os.environ.get("FLASHDESK_CUDA_GRAPHS", "1") != "0"
+    # the GPU's experts: their integer dots cost no speed (`gpu_kernels.moe` MODE 4), so only
+    # the precision asked for decides
+    allowed = kernels.int8_allowed() if int8_experts is None else bool(int8_experts)
+    device_int8 = kernel_activations == torch.bfloat16 and allowed
     if int8_experts is None:
         int8_experts = kernel_activations == torch.bfloat16 and kernels.int8_experts()
     int8_experts = bool(int8_experts) and kernel_activations == torch.bfloat16
@@ -948,7 +954,7 @@ def load_runtime(
         return _build(
             ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
             stream_min_tokens, refresh_every, frequency, head_dtype, cuda_graphs and dev.type == "cuda",
-            kv_dtype, kernel_activations, int8_experts, speculative,
+            kv_dtype, kernel_activations, int8_experts, speculative, device_int8,
         )  # fmt: skip
     except BaseException:
         ckpt.close()
@@ -973,6 +979,7 @@ def _build(
     ckpt, path, plan, dev, dtype, placement, progress, cancel, fp8_linears, threads,
     stream_min_tokens, refresh_every, frequency, head_dtype="fp32", cuda_graphs=False,
     kv_format="native", kernel_activations=torch.bfloat16, int8_experts=False, speculative=False,
+    device_int8=False,
 ) -> Runtime:  # fmt: skip
     config = ckpt.config
     if config is None:
@@ -1115,7 +1122,7 @@ def _build(
             i = block.spec.index
             lp = placement.layers[i]
             cache = (
-                ExpertCache(hosts[i], lp.device, dev, config.n_routed_experts)
+                ExpertCache(hosts[i], lp.device, dev, config.n_routed_experts, int8=device_int8)
                 if lp.device
                 else None
             )

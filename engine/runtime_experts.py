@@ -175,9 +175,12 @@ class ExpertCache:
         device: torch.device,
         n: int,
         stacks: tuple[torch.Tensor, ...] | None = None,
+        int8: bool = False,
     ):
         """`stacks`: read these (pinned host stacks by slot, slot s = ids[s]) in place instead of
-        copying the experts into device memory: the zero-copy experts, which `refresh` keeps."""
+        copying the experts into device memory: the zero-copy experts, which `refresh` keeps.
+        `int8`: the decode kernels may quantize the activations to int8 where FP4_MODE says
+        (`gpu_kernels.moe` MODE 4); else they keep float ones."""
         self.host = host
         self.device = device
         self.n_experts = n
@@ -188,6 +191,7 @@ class ExpertCache:
         self.slot_dev = torch.full((n,), -1, dtype=torch.int32, device=device)
         self.resident = torch.zeros(n, dtype=torch.bool, device=device)
         self.fused = gpu_kernels.available(device)
+        self.int8 = int8 and stacks is None  # zero-copy reads: PCIe bounds them, keep floats
         first = host.parts[ids[0]] if ids else ()
         self.stacks = stacks if stacks is not None else tuple(
             torch.empty((self.capacity, *t.shape), dtype=t.dtype, device=device) for t in first
@@ -234,8 +238,10 @@ class ExpertCache:
             )  # fmt: skip
         # pinned host stacks (zero-copy) keep the plain loop the H200 measured across PCIe
         stages = None if self.stacks[0].is_cuda else 1
+        mode = None if self.int8 else gpu_kernels.float_fp4_mode()
         return gpu_kernels.moe(
-            x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed, stages=stages
+            x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed, stages=stages,
+            mode=mode,
         )  # fmt: skip
 
     def add_grouped(

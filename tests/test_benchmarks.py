@@ -77,6 +77,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
                 module.TILE_CHOICES[0],
                 ((32, 128, 32, 128), 4, (2, 0, 1)),
                 ((8, 256, 8, 256), 4, (0, 1, 1), 3),  # steps in flight (FP4_STAGES)
+                ((32, 64, 32, 64), 4, (4, 0, 1)),  # the integer dots, against their reference
             ],
             token_counts=(2,),
             linears=[("fp8", 256, 128, 2, True, False), ("bf16", 64, 64, 1, False, True)],
@@ -92,7 +93,7 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
         assert all(lin["rows_stages_3_us"] > 0 for lin in out["linears"])
         assert [len(lin["choices"]) for lin in out["linears"]] == [3, 3]
-        assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True, True]
+        assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True, True, True]
         assert out["choices"]["FP4_STAGES"] in (1, 3)
         assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0

@@ -146,6 +146,153 @@ def test_the_decode_experts_with_steps_in_flight_equal_the_reference(stages, mod
 
 
 @pytest.mark.parametrize(
+    ("tokens", "dim", "inter", "limit", "xdtype", "mode", "stages"),
+    [
+        (1, 256, 64, 10.0, torch.bfloat16, (4, 0, 1), 1),
+        (3, 512, 128, 10.0, torch.float32, (4, 0, 1), 1),
+        (2, 256, 128, 0.0, torch.float16, (4, 0), 1),  # down summed per token; no clamp
+        (2, 256, 64, 10.0, torch.bfloat16, (4, 0, 1), 2),  # steps in flight
+    ],
+)
+def test_the_integer_decode_experts_equal_their_int8_reference(
+    tokens, dim, inter, limit, xdtype, mode, stages
+):
+    """MODE 4: x and h as int8 per 32 values, the dots in integers, equal what torch computes
+    from the same int8 activations (`moe_q8_reference`), gate/up and down over several steps;
+    and within int8's rounding of the float reference."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(40 + tokens + inter)
+    x, experts, weights, slot_of, stacks = _decode_case(g, tokens, dim, inter, xdtype)
+    on = (x, experts, weights, slot_of)
+    stacks_on = tuple(t.to(dev) for t in stacks)
+    got = ft.moe(*(t.to(dev) for t in on), stacks_on, limit, tiles=(32, 64, 32, 32), mode=mode,
+                 stages=stages)  # fmt: skip
+    want = ft.moe_q8_reference(*on, stacks, limit)
+    assert got.shape == (tokens, dim) and torch.isfinite(got).all()
+    # the interpreter rounds h as torch does here; a GPU's other summing order may move an h
+    # across a tie between two codes (a step of its block), never more
+    close = 1e-5 if dev == "cpu" else 1e-2
+    assert (got.cpu() - want).norm() / want.norm() < close
+    exact = _reference(x, experts, weights, slot_of, stacks, limit)
+    # int8's rounding, no more (random codes give heavy-tailed h: 2.4 % here; a wrong layout
+    # or scale would be off by the whole output)
+    assert 1e-5 < (got.cpu() - exact).norm() / exact.norm() < 5e-2
+    parts = ft.moe(*(t.to(dev) for t in on), stacks_on, limit, tiles=(32, 64, 32, 32),
+                   mode=mode, stages=stages, summed=False)  # fmt: skip
+    assert parts.shape == (tokens, 6 if len(mode) > 2 and mode[2] else 1, dim)
+    torch.testing.assert_close(parts.sum(dim=1), got, rtol=1e-6, atol=1e-6)
+
+
+def test_the_int8_reference_is_the_cpu_kernels_int8_path():
+    """`moe_q8_reference` (what MODE 4 must give) equals the C kernels' int8 experts (the
+    scalar variant) on float32 activations: the GPU's and the CPU's experts round alike."""
+    from flashdesk.engine import kernels
+
+    g = torch.Generator().manual_seed(3)
+    x, experts, weights, slot_of, stacks = _decode_case(g, 2, 256, 64, torch.float32)
+    table = kernels.ExpertTable([kernels.ExpertWeights(*(t[s] for t in stacks))
+                                 for s in range(len(RESIDENTS))])  # fmt: skip
+    slots = slot_of[experts]
+    cpu = kernels.expert_ffn(x, table, weights, ids=slots.to(torch.int32), int8=True,
+                             isa="scalar", threads=1)  # fmt: skip
+    want = ft.moe_q8_reference(x, experts, weights, slot_of, stacks, 10.0)
+    assert (cpu - want).norm() / want.norm() < 1e-5
+
+
+def _run_ptx(text: str, args: dict[str, int]) -> int:
+    """Run the integer PTX of `gpu_kernels._FP4_DOT8_PTX` (and, shr, or, prmt in its generic
+    mode, dp4a) on Python ints as the PTX ISA defines them → the value of $0."""
+    regs = dict(args)
+
+    def val(tok: str) -> int:
+        return int(tok, 16) if tok.startswith("0x") else regs[tok] if tok in regs else int(tok)
+
+    def sbyte(v: int, i: int) -> int:
+        b = (v >> (8 * i)) & 0xFF
+        return b - 256 if b & 0x80 else b
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in src]
+        if op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":  # bytes of (b:a) chosen by c's nibbles; a nibble's bit 3: sign
+            pool, r = (a[1] << 32) | a[0], 0
+            for i in range(4):
+                sel = (a[2] >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (sel & 7))) & 0xFF
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
+        elif op == "dp4a.s32.s32":
+            r = a[2] + sum(sbyte(a[0], i) * sbyte(a[1], i) for i in range(4))
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[d] = r & 0xFFFFFFFF if op != "dp4a.s32.s32" else r
+    return regs["$0"]
+
+
+def test_the_integer_dots_ptx_computes_twice_e2m1_times_int8():
+    """The PTX of the FP4 × int8 dot (its byte permutes can only run on a GPU) emulated as the
+    PTX ISA defines its instructions: for words with every code in every position and random
+    int8 activations it gives Σ 2·E2M1(code i) · x_i, what the interpreter's path computes."""
+    text = ft._FP4_DOT8_PTX.value if hasattr(ft._FP4_DOT8_PTX, "value") else ft._FP4_DOT8_PTX
+    twice = [round(2 * v) for v in quant.E2M1_VALUES]
+    g = torch.Generator().manual_seed(0)
+    words = [int("".join(f"{(c + i) % 16:x}" for i in range(8)), 16) for c in range(16)]
+    words += torch.randint(0, 1 << 32, (64,), generator=g, dtype=torch.int64).tolist()
+    for n, q in enumerate(words):
+        xs = torch.randint(-127, 128, (8,), generator=g).tolist()
+        xs[n % 8] = -128 if n % 3 == 0 else xs[n % 8]  # the extreme byte too
+        xa = sum((v & 0xFF) << (8 * i) for i, v in enumerate(xs[:4]))
+        xb = sum((v & 0xFF) << (8 * i) for i, v in enumerate(xs[4:]))
+        want = sum(twice[(q >> (4 * i)) & 15] * xs[i] for i in range(8))
+        assert _run_ptx(text, {"$1": q, "$2": xa, "$3": xb}) == want, hex(q)
+
+
+def test_a_failed_integer_dots_check_keeps_the_byte_wise_decode(monkeypatch):
+    """FP4_MODE MODE 4 on a GPU whose check of it fails: `moe` takes PLAIN_FP4_MODE."""
+    monkeypatch.setattr(ft, "FP4_MODE", (4, 0, 1))
+    monkeypatch.setattr(ft, "INTERPRETED", False)
+    monkeypatch.setattr(ft, "checked", lambda name, dev: name != "FP4 int8 dots")
+    assert ft.default_fp4_mode("cuda") == ft.PLAIN_FP4_MODE
+    monkeypatch.setattr(ft, "checked", lambda name, dev: True)
+    assert ft.default_fp4_mode("cuda") == (4, 0, 1)
+    monkeypatch.setattr(ft, "FP4_MODE", (0, 1, 1))
+    assert ft.default_fp4_mode("cuda") == (0, 1, 1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf · 0
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # 127 / 0, unused
+def test_int8_activations_round_as_the_reference():
+    """`_q8_kernel`: int8 codes and steps per 32 values as `quant.quantize_q8`, ties to even,
+    an all-zero block step 0, a block with Inf step NaN."""
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 128, generator=g) * 3
+    x[0, :32] = 0.0
+    x[0, 32:64] = torch.arange(32) - 15.5  # ties: with amax 127 (below) a value is its code
+    x[0, 32] = -127.0
+    x[1, 96] = float("inf")
+    q = torch.empty(2, 128, dtype=torch.int8, device=dev)
+    d = torch.empty(2, 4, dtype=torch.float32, device=dev)
+    ft._q8_kernel[(2, 2)](x.to(dev), q, d, K=128, BK=64)
+    want_q, want_d = quant.quantize_q8(x)
+    assert torch.equal(q.cpu(), want_q)
+    torch.testing.assert_close(d.cpu(), want_d, equal_nan=True)
+    assert want_d[0, 0] == 0 and torch.isnan(want_d[1, 3])
+    assert want_q[0, 33:37].tolist() == [-14, -14, -12, -12]  # -14.5 -13.5 -12.5 -11.5
+
+
+@pytest.mark.parametrize(
     ("tokens", "dim", "inter", "limit", "xdtype", "block_m"),
     [
         (40, 256, 128, 10.0, torch.float32, 16),  # several blocks per expert

@@ -30,9 +30,11 @@ H200 = {
 def test_recorded_shapes_come_back_per_gpu(tmp_path):
     path = tmp_path / "gpu_kernels.json"
     gpu_tuning.record("NVIDIA H200", H200, "bench", path)
-    gpu_tuning.record("NVIDIA GeForce RTX 4090", {"WARPS": 8}, "bench", path)
+    gpu_tuning.record("NVIDIA GeForce RTX 4090", {"WARPS": 8, "FP4_MODE": (4, 0, 1)}, "bench",
+                      path)  # fmt: skip
     assert gpu_tuning.load("NVIDIA H200", path) == H200
-    assert gpu_tuning.load("NVIDIA GeForce RTX 4090", path) == {"WARPS": 8}
+    # the integer dots (MODE 4) are a recordable choice
+    assert gpu_tuning.load("NVIDIA GeForce RTX 4090", path) == {"WARPS": 8, "FP4_MODE": (4, 0, 1)}
     assert gpu_tuning.load("NVIDIA A100", path) == {}
     assert json.loads(path.read_text())["NVIDIA H200"]["note"] == "bench"
 
@@ -49,7 +51,7 @@ def test_recorded_shapes_come_back_per_gpu(tmp_path):
         ("TILES", (8, 0, 8, 256)),  # 0 rows per step would divide by zero
         ("WARPS", 6),  # not a power of two
         ("FP4_MODE", (0, 2, 0)),
-        ("FP4_MODE", (3, 1, 1)),  # MODE 0-2 (MODE 3 lost on the H200 and is gone)
+        ("FP4_MODE", (3, 1, 1)),  # MODE 0-2 and 4 (MODE 3 lost on the H200 and is gone)
         ("FP4_UNROLL", 2),  # MODE 3's, recorded by older sweeps
         ("LINEAR_STAGES", 0),
         ("FP4_STAGES", 0),

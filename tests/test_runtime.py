@@ -182,6 +182,42 @@ def test_zero_copy_picks_are_read_by_the_device_beside_the_cpus(tiny, monkeypatc
         assert len(reads) == 6 * layers
 
 
+@pytest.mark.parametrize(
+    ("int8_experts", "activations", "int8"),
+    [(None, torch.bfloat16, True), (None, torch.float32, False)],
+)
+def test_device_experts_take_int8_activations_where_asked_and_chosen(
+    tiny, monkeypatch, int8_experts, activations, int8
+):
+    """With the integer dots chosen (FP4_MODE MODE 4, a sweep's choice), the device's cached
+    experts take int8 activations unless int8_experts is False or the model computes in
+    float32: those keep the float decode (`int8_experts=False` decides as float32 does: one
+    expression). The decode step runs either way (the interpreter's MODE 4 included) and its
+    logits stay close to the model's."""
+    if kernels_device() != "cpu":
+        pytest.skip("a GPU machine: tests/gpu/test_runtime_cuda.py runs the runtime there")
+    folder, config, _, ids, want = tiny
+    monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
+    monkeypatch.setattr(gpu_kernels, "FP4_MODE", (4, 0, 1))
+    modes, moe_kernel = [], gpu_kernels.moe
+
+    def recorded(*args, mode=None, **kw):
+        modes.append(mode)
+        return moe_kernel(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(gpu_kernels, "moe", recorded)
+    placement = PLACEMENTS["all cached"](config)
+    with load_runtime(folder, placement=placement, head_dtype="fp32",
+                      kernel_activations=activations, int8_experts=int8_experts) as rt:  # fmt: skip
+        assert {b.moe.cache.int8 for b in rt.model.blocks} == {int8}
+        state = rt.new_state()
+        rt.prefill(ids[:2], state)
+        logits = rt.decode(int(ids[2]), state)
+    assert modes and set(modes) == {None if int8 else gpu_kernels.PLAIN_FP4_MODE}
+    cos = torch.nn.functional.cosine_similarity(logits.float(), want[2], dim=0)
+    assert cos > 0.99, cos
+
+
 def _read_in_place(rt, zc: tuple[int, ...]) -> None:
     """Every layer's experts `zc` read in place by the device, as load_runtime builds them on a
     GPU (pinned stacks)."""
