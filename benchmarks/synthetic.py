@@ -254,6 +254,8 @@ def run(
             switches = ["FUSED_NORMS"] + (["PDL"] if gpu_kernels.pdl_possible(rt.device) else [])
             for name in switches:
                 out |= _other_setting(rt, name, timed_decode)
+            if any(b.moe.cache is not None and b.moe.cache.int8 for b in rt.model.blocks):
+                out |= _other_fp4_decode(rt, timed_decode)
             rt.graphs = graphs
         if profile_steps:
             out |= _profile(rt, state, logits, profile_steps, say)
@@ -378,6 +380,14 @@ def run(
             without = out.get(f"decode_tok_s_without_{label}", out["decode_tok_s"])
             say(f"{what}: {with_it:.2f} tok/s against {without:.2f} without "
                 f"(graphs: {out[f'{label}_graphs']})")  # fmt: skip
+    if "fp4_decode_error" in out:
+        say(f"the VRAM experts' other decode failed ({out['fp4_decode_error']})")
+    if "fp4_decode_graphs" in out:  # one of the two is the run's own decode_tok_s
+        int8 = out.get("decode_tok_s_int8_dots", out["decode_tok_s"])
+        floats = out.get("decode_tok_s_float_dots", out["decode_tok_s"])
+        say(f"VRAM experts in integer dots (MODE 4): {int8:.2f} tok/s against {floats:.2f} with "
+            f"the float decode (its check here: {'passed' if out['int8_dots_checked'] else 'failed'}"
+            f"; graphs: {out['fp4_decode_graphs']})")  # fmt: skip
     if "decode_tok_s_without_int8" in out:
         cpu = out["host_experts_ms_per_step_without_int8"]
         say(
@@ -527,6 +537,35 @@ def _other_setting(rt, name: str, timed_decode) -> dict:
         return {f"{label}_error": gpu_kernels.error_summary(exc)}
     finally:
         setattr(gpu_kernels, name, on)
+
+
+def _other_fp4_decode(rt, timed_decode) -> dict:
+    """Decode with the VRAM experts' other decode, the steps captured again: the integer dots
+    (MODE 4 in `gpu_kernels.FP4_INT8`'s shape) where FP4_MODE is a float one, else the built-in
+    float decode (`FLOAT_FP4`) → `decode_tok_s_int8_dots` or `decode_tok_s_float_dots`, whether
+    MODE 4 passed its check here, or `fp4_decode_error`; the settings are restored."""
+    from flashdesk.engine import gpu_kernels
+    from flashdesk.engine.decode_graphs import GraphDecoder
+
+    names = ("TILES", "WARPS", "FP4_MODE", "FP4_STAGES")
+    saved = {name: getattr(gpu_kernels, name) for name in names}
+    to_int8 = saved["FP4_MODE"][0] != 4
+    tiles, warps, mode = gpu_kernels.FP4_INT8 if to_int8 else gpu_kernels.FLOAT_FP4
+    for name, value in zip(names, (tiles, warps, mode, 1), strict=True):
+        setattr(gpu_kernels, name, value)
+    try:
+        rt.graphs = GraphDecoder(rt.model)
+        key = "decode_tok_s_int8_dots" if to_int8 else "decode_tok_s_float_dots"
+        return {
+            key: 1.0 / timed_decode(warmup=2),
+            "int8_dots_checked": gpu_kernels.checked("FP4 int8 dots", rt.device),
+            "fp4_decode_graphs": rt.graphs.usable or rt.graphs.reason,
+        }
+    except Exception as exc:  # reported, and the run goes on without it
+        return {"fp4_decode_error": gpu_kernels.error_summary(exc)}
+    finally:
+        for name, value in saved.items():
+            setattr(gpu_kernels, name, value)
 
 
 def _profile(rt, state, logits, steps: int, say) -> dict:

@@ -70,6 +70,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 TILES = (8, 256, 8, 256)
 WARPS = 4
 FP4_MODE = (0, 1, 1)
+FLOAT_FP4 = (TILES, WARPS, FP4_MODE)  # the built-in float decode, whatever a sweep recorded
 # MODE 2 reads the rows as int32 words of eight codes and decodes two per 16-bit half of an
 # operation: in the SASS ptxas builds for sm_90, 5.2 instructions per weight in the hot loop
 # where the default shape's takes 10.4 (gate/up; down 4.9 against 8.6; tests/_compile_kernels.py
@@ -93,7 +94,7 @@ FP4_STAGES = 1
 # needs 32 gate/up rows a program (h is quantized per 32). Unmeasured; the sweep times it, and
 # a GPU where its check fails keeps MODE 1 ("FP4 int8 dots" in CHECKS).
 FP4_INT8 = ((32, 512, 32, 512), 4, (4, 0, 1))
-PLAIN_FP4_MODE = (0, 1, 1)  # where MODE 4 is chosen but cannot run (check failed, zero-copy)
+PLAIN_FP4_MODE = FLOAT_FP4[2]  # where MODE 4 is chosen but may not run (check failed, float32)
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
 # rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
 # against 64.9 for (0, 1, 1), and one shape computed wrong there; so it is gone.

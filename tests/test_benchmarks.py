@@ -298,3 +298,46 @@ def test_speculative_prediction_follows_the_specs_byte_budget(monkeypatch):
     finally:
         sys.modules.pop("speculative", None)
         sys.modules.pop("decode", None)
+
+
+def test_synthetic_times_the_vram_experts_other_decode(monkeypatch):
+    """`bench --synthetic`'s A/B of the VRAM experts' decode (run on a lent GPU only): the
+    integer dots in FP4_INT8's shape where FP4_MODE is a float one, the built-in float decode
+    where it is MODE 4, the steps captured anew under each; the settings come back after, and a
+    failure is reported instead of ending the run."""
+    from flashdesk.engine import decode_graphs, gpu_kernels
+
+    monkeypatch.syspath_prepend(str(bench.benchmarks_dir()))
+    module = importlib.import_module("synthetic")
+    seen = []
+
+    class Graphs:  # what a capture would see of the settings
+        def __init__(self, model):
+            seen.append((gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE))
+            self.usable = True
+
+    monkeypatch.setattr(decode_graphs, "GraphDecoder", Graphs)
+    monkeypatch.setattr(gpu_kernels, "checked", lambda name, device: name == "FP4 int8 dots")
+    rt = argparse.Namespace(model=None, device="cuda", graphs=None)
+    try:
+        before = (gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE)
+        got = module._other_fp4_decode(rt, lambda warmup: 0.02)
+        assert got == {"decode_tok_s_int8_dots": 50.0, "int8_dots_checked": True,
+                       "fp4_decode_graphs": True}  # fmt: skip
+        assert seen == [gpu_kernels.FP4_INT8]
+        monkeypatch.setattr(gpu_kernels, "FP4_MODE", (4, 0, 1))
+        got = module._other_fp4_decode(rt, lambda warmup: 0.04)
+        assert got["decode_tok_s_float_dots"] == 25.0 and seen[1] == gpu_kernels.FLOAT_FP4
+        assert gpu_kernels.FP4_MODE == (4, 0, 1)
+        monkeypatch.setattr(gpu_kernels, "FP4_MODE", before[2])
+        assert (gpu_kernels.TILES, gpu_kernels.WARPS) == before[:2]
+
+        def fails(warmup):
+            raise RuntimeError("capture failed")
+
+        assert module._other_fp4_decode(rt, fails) == {
+            "fp4_decode_error": "RuntimeError: capture failed"
+        }
+        assert (gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE) == before
+    finally:
+        sys.modules.pop("synthetic", None)
