@@ -436,19 +436,24 @@ def _check_route(dev: torch.device) -> str | None:
 
 def _check_record_picks(dev: torch.device) -> str | None:
     """`record_picks` against `RoutingLog.record` and the host's share as torch ops: repeated
-    experts across tokens (the atomic counts), with and without a device cache."""
+    experts across tokens (the atomic counts), with and without a device cache and experts read
+    in place."""
     from flashdesk.engine.runtime_experts import RoutingLog
 
     experts = torch.tensor([[3, 7, 1], [7, 0, 3]])
     resident = torch.zeros(8, dtype=torch.bool)
     resident[[1, 7]] = True
-    for cache in (None, resident):
+    in_place = torch.zeros(8, dtype=torch.bool)
+    in_place[0] = True
+    for cache, read in ((None, None), (resident, None), (resident, in_place), (None, in_place)):
         want, got = RoutingLog(2, 8, torch.device("cpu")), RoutingLog(2, 8, dev)
         on = None if cache is None else cache[experts]
         want.record(1, experts, on)
         want_host = experts if on is None else experts.masked_fill(on, -1)
+        want_host = want_host if read is None else want_host.masked_fill(read[experts], -1)
         host = record_picks(experts.to(dev), None if cache is None else cache.to(dev),
-                            got.counts[1], got.device_picks, got.total_picks)  # fmt: skip
+                            got.counts[1], got.device_picks, got.total_picks,
+                            in_place=None if read is None else read.to(dev))  # fmt: skip
         pairs = [(host, want_host), (got.counts, want.counts), (got.total_picks, want.total_picks)]
         pairs.append((got.device_picks, want.device_picks))
         if not all(torch.equal(a.cpu(), b) for a, b in pairs):
@@ -1695,13 +1700,13 @@ if triton is not None:
 
     @triton.jit
     def _hc_post_kernel(
-        f_ptr, add_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
+        f_ptr, add_ptr, add2_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
         HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_ADD: tl.constexpr,
-        PDL: tl.constexpr = False,
+        N_ADD2: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j,
-        where f is the block output plus its N_ADD partial sums, rounded to the streams' dtype
-        as the torch path rounds the block output."""
+        where f is the block output plus its N_ADD and N_ADD2 partial sums (two tensors of them),
+        rounded to the streams' dtype as the torch path rounds the block output."""
         _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -1714,6 +1719,8 @@ if triton is not None:
             parts = tl.zeros((BLOCK_D,), dtype=tl.float32)
             for j in tl.static_range(N_ADD):
                 parts += tl.load(add_ptr + (s * N_ADD + j) * D + cols)
+            for j in tl.static_range(N_ADD2):
+                parts += tl.load(add2_ptr + (s * N_ADD2 + j) * D + cols)
             f = f + parts
         f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
         out = tl.load(post_ptr + s * HC + r)[:, None] * f[None, :] + mixed
@@ -1739,12 +1746,13 @@ if triton is not None:
 
     @triton.jit
     def _record_picks_kernel(
-        experts_ptr, resident_ptr, counts_ptr, device_picks_ptr, total_picks_ptr, host_ptr,
-        P: tl.constexpr, BP: tl.constexpr, HAS_RESIDENT: tl.constexpr, HITS: tl.constexpr,
-        PDL: tl.constexpr = False,
+        experts_ptr, resident_ptr, in_place_ptr, counts_ptr, device_picks_ptr, total_picks_ptr,
+        host_ptr, P: tl.constexpr, BP: tl.constexpr, HAS_RESIDENT: tl.constexpr,
+        HITS: tl.constexpr, IN_PLACE: tl.constexpr = False, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """One program: a layer's P picks counted per expert, their total and (HITS) the device
-        cache's hits added to the routing log; the host's share written (−1 where resident)."""
+        cache's hits added to the routing log; the host's share written (−1 where resident, or
+        where IN_PLACE the device reads the expert in place: not a hit)."""
         _await_inputs(PDL)
         offs = tl.arange(0, BP)
         live = offs < P
@@ -1758,6 +1766,8 @@ if triton is not None:
             if HITS:
                 hits = tl.sum((on & live).to(tl.int64), axis=0)
                 tl.store(device_picks_ptr, tl.load(device_picks_ptr) + hits)
+        if IN_PLACE:
+            host = tl.where(tl.load(in_place_ptr + e, mask=live, other=0) != 0, -1, host)
         tl.store(host_ptr + offs, host, mask=live)
 
     @triton.jit
@@ -2474,19 +2484,20 @@ def hc_post(
     x: torch.Tensor,
     post: torch.Tensor,
     comb: torch.Tensor,
-    add: torch.Tensor | None = None,
+    add: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`mhc.hc_post` in one launch: new streams `[S, hc, D]` in x's dtype; `add` `[S, D]` or
-    `[S, n, D]` float32: partial sums added to f (the routed experts' share) before f is
-    rounded to x's dtype."""
+    `[S, n, D]` float32, or two such: partial sums added to f (the routed experts' share: the
+    VRAM cache's and the in-place reads') before f is rounded to x's dtype."""
     s, hc, dim = x.shape
     out = torch.empty((s, hc, dim), dtype=x.dtype, device=x.device)
     block = _block(dim, 256)
-    parts = add.reshape(s, -1, dim).contiguous() if add is not None else f
+    adds = [] if add is None else list(add) if isinstance(add, tuple) else [add]
+    parts = [a.reshape(s, -1, dim).contiguous() for a in adds] + [f, f]  # f: unread fillers
     _hc_post_kernel[(s, dim // block)](
-        f.contiguous(), parts, x.contiguous(), post.contiguous(), comb.contiguous(), out,
-        HC=hc, D=dim, BLOCK_D=block, N_ADD=parts.shape[1] if add is not None else 0,
-        **_pdl(f.device),
+        f.contiguous(), parts[0], parts[1], x.contiguous(), post.contiguous(), comb.contiguous(),
+        out, HC=hc, D=dim, BLOCK_D=block, N_ADD=parts[0].shape[1] if adds else 0,
+        N_ADD2=parts[1].shape[1] if len(adds) > 1 else 0, **_pdl(f.device),
     )  # fmt: skip
     return out
 
@@ -2522,20 +2533,24 @@ def record_picks(
     device_picks: torch.Tensor,
     total_picks: torch.Tensor,
     hits: bool = True,
+    in_place: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`RoutingLog.record` of one layer's picks plus the host's share, in one launch (as torch
     ops ~7 kernels per layer): experts `[T, k]` int64 counted into `counts` `[E]` int64 and
     `total_picks`; with `resident` `[E]` bool (the device cache) the hits into `device_picks`
-    (when `hits`) → host ids `[T, k]` (−1 where resident)."""
+    (when `hits`) → host ids `[T, k]` (−1 where resident, and where `in_place` `[E]` bool: the
+    zero-copy experts the device reads, two torch launches fewer)."""
     if experts.dtype != torch.int64 or counts.dtype != torch.int64:
         raise ValueError("record_picks takes int64 experts and counts")
     experts = experts.contiguous()
     host = torch.empty_like(experts)
     p = experts.numel()
     _record_picks_kernel[(1,)](
-        experts, resident if resident is not None else experts, counts, device_picks,
-        total_picks, host, P=p, BP=triton.next_power_of_2(p), HAS_RESIDENT=resident is not None,
-        HITS=hits and resident is not None, **_pdl(experts.device),
+        experts, resident if resident is not None else experts,
+        in_place if in_place is not None else experts, counts, device_picks, total_picks, host,
+        P=p, BP=triton.next_power_of_2(p), HAS_RESIDENT=resident is not None,
+        HITS=hits and resident is not None, IN_PLACE=in_place is not None,
+        **_pdl(experts.device),
     )  # fmt: skip
     return host
 

@@ -402,18 +402,19 @@ class HybridMoE(MoE):
         experts, weights = self.router(x, ids)
         resident = self.cache.resident if self.cache is not None and self.cache.capacity else None
         few = experts.shape[0] <= gpu_kernels.MAX_TOKENS  # one program: a decode step's picks
+        # the device reads these in place (step_device_parts): not the host's either
+        in_place = self.zero_copy.resident if self._zero_copy_applies(x) else None
         if few and gpu_kernels.applies(experts) and gpu_kernels.checked("routing log", x.device):
             log = self.log
-            host_ids = gpu_kernels.record_picks(
+            return experts, weights, gpu_kernels.record_picks(
                 experts, resident, log.counts[self.layer], log.device_picks, log.total_picks,
-                hits=record_hits,
+                hits=record_hits, in_place=in_place,
             )  # fmt: skip
-        else:
-            on_device = None if resident is None else resident[experts]
-            self.log.record(self.layer, experts, on_device if record_hits else None)
-            host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
-        if self._zero_copy_applies(x):  # the device reads these in place (step_device_parts)
-            host_ids = host_ids.masked_fill(self.zero_copy.resident[experts], -1)
+        on_device = None if resident is None else resident[experts]
+        self.log.record(self.layer, experts, on_device if record_hits else None)
+        host_ids = experts if on_device is None else experts.masked_fill(on_device, -1)
+        if in_place is not None:
+            host_ids = host_ids.masked_fill(in_place[experts], -1)
         return experts, weights, host_ids
 
     def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
@@ -421,12 +422,15 @@ class HybridMoE(MoE):
         the fused kernels (no host reads; the caller checked `cache.fused`)."""
         f, parts = self.step_device_parts(x, experts, weights)
         y = f.float()
-        return y if parts is None else y + parts.sum(dim=1)
+        for part in () if parts is None else parts if isinstance(parts, tuple) else (parts,):
+            y = y + part.sum(dim=1)
+        return y
 
     def step_device_parts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
         """`step_device` as (the shared expert's output `[T, D]` in x's dtype, or float32 with
-        the cached picks added; the cached picks' float32 partial sums `[T, n, D]` or None), for
-        `mhc.hc_post` to widen and add in its own launch."""
+        the cached picks added; the cached picks' float32 partial sums `[T, n, D]`, a pair of
+        such with the in-place reads', or None), for `mhc.hc_post` to widen and add in its own
+        launch."""
         f = self.shared(x, widen=False)
         parts = None
         if self.cache is not None and self.cache.capacity:
@@ -436,7 +440,7 @@ class HybridMoE(MoE):
                 self._add_cached(x, experts, weights, f)
         if self._zero_copy_applies(x):
             read = self.zero_copy.fused_sum(x, experts, weights, self.limit, summed=False)
-            parts = read if parts is None else torch.cat((parts, read), dim=1)
+            parts = read if parts is None else (parts, read)  # hc_post adds both: no cat
         return f, parts
 
     def _add_cached(self, x, experts, weights, y) -> None:

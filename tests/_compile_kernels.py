@@ -280,25 +280,33 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (
             "hc post",
             gk._hc_post_kernel,
-            "f_ptr:*bf16, add_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
-            "out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 0},
+            "f_ptr:*bf16, add_ptr:*bf16, add2_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, "
+            "comb_ptr:*fp32, out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 0, "N_ADD2": 0},
             {},
         ),
         (  # a decode step's: the shared expert plus the routed experts' partial sums per pick
             "hc post with the experts' sums",
             gk._hc_post_kernel,
-            "f_ptr:*bf16, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
-            "out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK},
+            "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
+            "comb_ptr:*fp32, out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": 0},
+            {},
+        ),
+        (  # the VRAM cache's picks and the in-place reads', two tensors
+            "hc post with two tensors of sums",
+            gk._hc_post_kernel,
+            "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
+            "comb_ptr:*fp32, out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": TOPK},
             {},
         ),
         (  # after a host-expert layer: the device's share plus the CPU's
             "hc post after a host layer",
             gk._hc_post_kernel,
-            "f_ptr:*fp32, add_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, comb_ptr:*fp32, "
-            "out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 1},
+            "f_ptr:*fp32, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
+            "comb_ptr:*fp32, out_ptr:*bf16",
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 1, "N_ADD2": 0},
             {},
         ),
         (
@@ -327,9 +335,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
         (
             "routing log",
             gk._record_picks_kernel,
-            "experts_ptr:*i64, resident_ptr:*i1, counts_ptr:*i64, device_picks_ptr:*i64, "
-            "total_picks_ptr:*i64, host_ptr:*i64",
-            {"P": TOPK, "BP": 8, "HAS_RESIDENT": True, "HITS": True},
+            "experts_ptr:*i64, resident_ptr:*i1, in_place_ptr:*i1, counts_ptr:*i64, "
+            "device_picks_ptr:*i64, total_picks_ptr:*i64, host_ptr:*i64",
+            {"P": TOPK, "BP": 8, "HAS_RESIDENT": True, "HITS": True, "IN_PLACE": True},
             {},
         ),
     ]

@@ -330,7 +330,7 @@ def test_synthetic_times_the_vram_experts_other_decode(monkeypatch):
         assert got["decode_tok_s_float_dots"] == 25.0 and seen[1] == gpu_kernels.FLOAT_FP4
         assert gpu_kernels.FP4_MODE == (4, 0, 1)
         monkeypatch.setattr(gpu_kernels, "FP4_MODE", before[2])
-        assert (gpu_kernels.TILES, gpu_kernels.WARPS) == before[:2]
+        assert before[:2] == (gpu_kernels.TILES, gpu_kernels.WARPS)
 
         def fails(warmup):
             raise RuntimeError("capture failed")
@@ -338,6 +338,6 @@ def test_synthetic_times_the_vram_experts_other_decode(monkeypatch):
         assert module._other_fp4_decode(rt, fails) == {
             "fp4_decode_error": "RuntimeError: capture failed"
         }
-        assert (gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE) == before
+        assert before == (gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.FP4_MODE)
     finally:
         sys.modules.pop("synthetic", None)

@@ -683,6 +683,11 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype, monkeypatch
         sums = parts.sum(1) if parts.dim() == 3 else parts
         same(got, mhc.hc_post((shared + sums).to(dtype), streams, post, comb), rounded)
         same(got, mhc.hc_post(shared, streams, post, comb, add=parts), rounded)  # torch path
+    # two tensors of them (the VRAM cache's picks and the in-place reads'), no cat before
+    cached, read = torch.randn(3, 6, dim, generator=g), torch.randn(3, 2, dim, generator=g)
+    got = ft.hc_post(shared.to(dev), *on, add=(cached.to(dev), read.to(dev)))
+    same(got, mhc.hc_post(shared, streams, post, comb, add=torch.cat((cached, read), 1)), rounded)
+    same(got, mhc.hc_post(shared, streams, post, comb, add=(cached, read)), rounded)  # cat there
 
     from flashdesk.engine.model.moe import swiglu
 
@@ -719,6 +724,19 @@ def test_routing_log_in_one_launch_equals_the_torch_ops():
         assert torch.equal(got.counts.cpu(), want.counts)
         assert int(got.total_picks) == int(want.total_picks) == 40
         assert int(got.device_picks) == int(want.device_picks)
+    # experts the device reads in place (zero-copy) leave the host's share too, not hits
+    in_place = torch.zeros(16, dtype=torch.bool)
+    in_place[experts[0, :2]] = True
+    for cache in (None, resident):
+        got = RoutingLog(3, 16, torch.device(dev))
+        host = ft.record_picks(
+            experts.to(dev), cache.to(dev) if cache is not None else None, got.counts[2],
+            got.device_picks, got.total_picks, in_place=in_place.to(dev),
+        )  # fmt: skip
+        mine = experts if cache is None else experts.masked_fill(cache[experts], -1)
+        assert torch.equal(host.cpu(), mine.masked_fill(in_place[experts], -1))
+        hits = 0 if cache is None else int(cache[experts].sum())
+        assert int(got.device_picks) == hits and int(got.total_picks) == 20
     with pytest.raises(ValueError, match="int64"):
         ft.record_picks(experts.int().to(dev), None, got.counts[0], got.device_picks,
                         got.total_picks)  # fmt: skip

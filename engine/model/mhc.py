@@ -155,16 +155,19 @@ def hc_post(
     x: torch.Tensor,
     post: torch.Tensor,
     comb: torch.Tensor,
-    add: torch.Tensor | None = None,
+    add: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """New streams `X_new[k] = post_k · f + Σ_j comb[j, k] · X[j]` → `[S, hc, D]` in x's dtype,
     f (block output `[S, D]`) taken as rounded to x's dtype. `add`: float32 partial sums
-    `[S, D]` or `[S, n, D]` added to f before that rounding (a decode step's routed experts, so
-    that their sum and the rounding need no launches of their own). On a GPU with Triton in
-    one launch: `gpu_kernels.hc_post`; a decode step's few tokens on the CPU one C call."""
+    `[S, D]` or `[S, n, D]`, or two such, added to f before that rounding (a decode step's routed
+    experts, so that their sum and the rounding need no launches of their own). On a GPU with
+    Triton in one launch: `gpu_kernels.hc_post`; a decode step's few tokens on the CPU one C
+    call."""
     hc = x.shape[1]
     if gpu_kernels.applies(x) and not hc & (hc - 1):
         return gpu_kernels.hc_post(f, x, post, comb, add)
+    if isinstance(add, tuple):  # the other paths take one tensor of partial sums
+        add = torch.cat([a.reshape(x.shape[0], -1, x.shape[2]) for a in add], dim=1)
     plain = (torch.float32, torch.bfloat16)
     if (
         _cpu_call(x, post, comb, *(() if add is None else (add,)))
