@@ -1805,11 +1805,14 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr = 1,
-        PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
+        PDL: tl.constexpr = False, STAGES: tl.constexpr = 1, GLU: tl.constexpr = False,
+        GLU_LIMIT: tl.constexpr = 0.0,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
         tile scales): one token per program, BK columns per step (UNROLL steps at once; STAGES
-        steps' loads in flight through shared memory), SPLIT programs sharing a row block's K."""
+        steps' loads in flight through shared memory), SPLIT programs sharing a row block's K.
+        GLU: x's row holds gate then up (K each) and the product takes SwiGLU(gate, up) clamped
+        at GLU_LIMIT (0: not), rounded to x's dtype as `_swiglu_kernel` stores it."""
         _await_inputs(PDL)
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
@@ -1825,6 +1828,12 @@ if triton is not None:
         for step in tl.range(0, share, BK, loop_unroll_factor=UNROLL, num_stages=STAGES):
             cols = k0 + step + tl.arange(0, BK)
             xs = tl.load(x_row + cols)
+            if GLU:  # the shared expert's hidden, one launch fewer than SwiGLU on its own
+                g, u = xs.to(tl.float32), tl.load(x_row + K + cols).to(tl.float32)
+                if GLU_LIMIT > 0:
+                    g = tl.minimum(g, GLU_LIMIT)
+                    u = tl.minimum(tl.maximum(u, -GLU_LIMIT), GLU_LIMIT)
+                xs = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
             if HAS_SCALE:  # × a power of two: exact in x's own type, which is then spread
                 sc = _e8m0(tl.load(s_ptr + (first // 128) * ((K + 127) // 128) + cols // 128))
                 xs = (xs.to(tl.float32) * (sc * _fp8_unit(w_ptr))).to(x_ptr.dtype.element_ty)
@@ -2638,6 +2647,7 @@ def linear(
     num_stages: int | None = None,
     block_k: int | None = None,
     unroll: int | None = None,
+    glu: float | None = None,
 ) -> torch.Tensor:
     """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
 
@@ -2651,9 +2661,19 @@ def linear(
     ("rows"). Defaults: LINEAR_KIND for FP8 weights with bf16/fp16 activations, else "rows"; the
     other options from LINEAR_ROWS, LINEAR_ROWS_K, LINEAR_ROWS_UNROLL, LINEAR_ROWS_STAGES,
     LINEAR_TILES, LINEAR_STAGES.
+    `glu` (the clamp, 0 for none): x is `[T, 2K]`, gate then up, and the product takes
+    `swiglu(gate, up, glu, x.dtype)` (the shared expert's w2 after its joined w1/w3), computed
+    as the "rows" kernel reads x: one launch fewer; the "dot" kernel gets SwiGLU's launch first.
     """
     n, k = weight.shape
-    if x.shape[-1] != groups * k or n % groups:
+    if glu is not None:
+        if groups != 1 or x.shape[-1] != 2 * k:
+            raise ValueError(f"a SwiGLU input is [T, 2K] for W {tuple(weight.shape)}, one group")
+        shaped = (n, k, groups, weight.element_size()) in LINEAR_ROWS_BY_SHAPE
+        if (kind or ("rows" if shaped else _linear_kind(x, weight, scale))) != "rows":
+            x = swiglu(x[..., :k], x[..., k:], glu, x.dtype)  # the tensor cores read x as is
+            glu = None
+    if x.shape[-1] != groups * k * (1 if glu is None else 2) or n % groups:
         raise ValueError(
             f"x {tuple(x.shape)} does not fit W {tuple(weight.shape)} in {groups} groups"
         )
@@ -2671,9 +2691,7 @@ def linear(
         shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, groups, weight.element_size()))
         if shaped is not None:
             kind, (block_n, num_warps, block_k, min_programs) = "rows", shaped
-    if kind is None:
-        halves = x.dtype in (torch.bfloat16, torch.float16)
-        kind = LINEAR_KIND if scale is not None and halves else "rows"
+    kind = kind or _linear_kind(x, weight, scale)
     if kind == "dot":
         num_warps = num_warps or 4
         num_stages = num_stages or LINEAR_STAGES
@@ -2711,14 +2729,23 @@ def linear(
     dest = out if split == 1 else torch.empty((split, tokens, n), dtype=torch.float32,
                                               device=x.device)  # fmt: skip
     unroll = _block(k // (split * bk), unroll or LINEAR_ROWS_UNROLL)  # dividing the steps
+    glu_args = {} if glu is None else {"GLU": True, "GLU_LIMIT": float(glu)}
     _linear_kernel[(tokens, n // bn, split)](
-        x, weight, s, dest, N=n, K=k, X_STRIDE=groups * k, GROUP_ROWS=group_rows,
+        x, weight, s, dest, N=n, K=k, X_STRIDE=x.shape[-1], GROUP_ROWS=group_rows,
         HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, UNROLL=unroll,
-        STAGES=num_stages or LINEAR_ROWS_STAGES, num_warps=num_warps, **_pdl(x.device),
+        STAGES=num_stages or LINEAR_ROWS_STAGES, num_warps=num_warps, **glu_args,
+        **_pdl(x.device),
     )  # fmt: skip
     if split > 1:
         out.copy_(dest.sum(dim=0))
     return out
+
+
+def _linear_kind(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """The kernel `linear` takes where nothing else says: LINEAR_KIND for FP8 weights with
+    bf16/fp16 activations, else "rows"."""
+    halves = x.dtype in (torch.bfloat16, torch.float16)
+    return LINEAR_KIND if scale is not None and halves else "rows"
 
 
 def _split_k(programs: int, k: int, step: int, wanted: int) -> int:

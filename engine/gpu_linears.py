@@ -20,6 +20,7 @@ from flashdesk.engine import gpu_kernels, quant
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.attention import grouped_linear
 from flashdesk.engine.model.common import Linear
+from flashdesk.engine.model.moe import swiglu
 
 _HEAD_ROWS = 16384  # rows widened to float32 at a time for inputs of many tokens (the head)
 
@@ -52,6 +53,17 @@ class CudaFp8Linear(Linear):
             else:
                 out = grouped_linear(xs, w.view(self.groups, n // self.groups, -1))
         return out.view(*x.shape[:-1], n)
+
+    def after_swiglu(self, joined: torch.Tensor, limit: float) -> torch.Tensor:
+        """`self(swiglu(gate, up, limit))` for joined = gate then up `[..., 2K]` (the shared
+        expert's joined w1/w3 output): a decode step's few tokens in one launch, SwiGLU read
+        into the product (`gpu_kernels.linear(glu=)`), the same values as the two launches."""
+        x2 = joined.reshape(-1, joined.shape[-1])
+        n, k = self.weight.shape
+        if self.fused and x2.shape[0] <= gpu_kernels.MAX_TOKENS and self.groups == 1:
+            out = gpu_kernels.linear(x2, self.weight, self.scale, 1, self.dtype, glu=limit)
+            return out.view(*joined.shape[:-1], n)
+        return self(swiglu(joined[..., :k], joined[..., k:], limit, joined.dtype))
 
     def to(self, device):
         raise RuntimeError("a VRAM FP8 linear is built on its device; it does not move")
@@ -97,6 +109,10 @@ class JoinedRows:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(x).split(self.sizes, dim=-1)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side `[..., ΣN]`, not split."""
+        return self.linear(x)
 
 
 def join_rows(

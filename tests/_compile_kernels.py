@@ -178,6 +178,18 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     | ({"num_stages": gk.LINEAR_STAGES} if gk.LINEAR_STAGES else {}),
                 )
             )
+    # the shared expert's w2 reading SwiGLU of its joined w1/w3 output (`linear(glu=)`)
+    specs.append(
+        (
+            "linear rows shared w2 after SwiGLU",
+            gk._linear_kernel,
+            "x_ptr:*bf16, w_ptr:*fp8e4nv, s_ptr:*u8, out_ptr:*bf16, T:i32",
+            {"N": D, "K": INTER, "X_STRIDE": 2 * INTER, "GROUP_ROWS": D, "HAS_SCALE": True}
+            | {"BN": gk.LINEAR_ROWS[0], "BK": gk.LINEAR_ROWS_K, "SPLIT": 1}
+            | {"UNROLL": gk.LINEAR_ROWS_UNROLL, "GLU": True, "GLU_LIMIT": 10.0},
+            {"num_warps": gk.LINEAR_ROWS[1]},
+        )
+    )
     # the sweep's shapes for the small linears (bench gpu-kernels, LINEAR_ROWS_BY_SHAPE)
     for bn_, warps_, bk_ in ((8, 4, 1024), (8, 8, 2048), (4, 4, 2048), (16, 8, 1024)):
         for name, n, w, out in (("wq_a", 1024, "fp8e4nv", "bf16"), ("gate", 256, "bf16", "fp32")):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _triton import kernels_device
 
-from flashdesk.engine import gpu_kernels, runtime
+from flashdesk.engine import gpu_kernels, quant, runtime
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear
 from flashdesk.engine.runtime import load_runtime
@@ -88,3 +88,25 @@ def test_linears_of_one_input_join_into_one_launch():
         a = blocks[0].attn
         joined = a.wq_a_wkv.linear.weight
         assert a.wkv.weight.data_ptr() == joined.data_ptr() + a.wq_a.weight.nbytes
+
+
+@pytest.mark.parametrize(("tokens", "limit", "kind"), [(1, 10.0, None), (3, 0.0, None),
+                                                      (2, 10.0, "dot")])  # fmt: skip
+def test_swiglu_read_into_the_fp8_product_equals_its_own_launch(tokens, limit, kind):
+    """The shared expert's w2 taking the joined w1/w3 output (`linear(glu=)`, `after_swiglu`):
+    the values of SwiGLU's own launch and then the product, bf16 hidden rounded alike; the
+    tensor-core kind gets SwiGLU's launch first; a shape that is not [T, 2K] is refused."""
+    device = kernels_device()
+    g = torch.Generator().manual_seed(tokens)
+    codes, tiles = quant.quantize_fp8(torch.randn(256, 128, generator=g) * 0.1)
+    w = codes.view(torch.float8_e4m3fn).to(device)
+    joined = (torch.randn(tokens, 256, generator=g) * 4).to(torch.bfloat16).to(device)
+    h = gpu_kernels.swiglu(joined[:, :128], joined[:, 128:], limit, torch.bfloat16)
+    want = gpu_kernels.linear(h, w, tiles.to(device), kind=kind)
+    got = gpu_kernels.linear(joined, w, tiles.to(device), kind=kind, glu=limit)
+    assert torch.equal(got.cpu(), want.cpu())
+    lin = CudaFp8Linear(w, tiles.to(device), torch.bfloat16)
+    lin.fused = True
+    assert torch.equal(lin.after_swiglu(joined, limit).cpu(), lin(h).cpu())
+    with pytest.raises(ValueError, match="2K"):
+        gpu_kernels.linear(joined[:, :192], w, tiles.to(device), glu=limit)

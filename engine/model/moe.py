@@ -5,7 +5,7 @@ with the routing weight applied before `w2`, plus one always-on shared expert.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,13 +103,21 @@ class SharedExpert:
     def __init__(self, w1: Linear, w2: Linear, w3: Linear, limit: float):
         self.w1, self.w2, self.w3 = w1, w2, w3
         self.limit = limit
-        # the GPU runtime's w1 and w3 in one launch (`gpu_linears.JoinedRows`), or None
-        self.w13: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # the GPU runtime's w1 and w3 in one launch (`gpu_linears.JoinedRows`: called → the
+        # two outputs, `.whole` → them side by side), or None
+        self.w13: Any = None
 
     def __call__(self, x: torch.Tensor, simulate: bool = False, widen: bool = True) -> torch.Tensor:
         """x `[T, D]` → `[T, D]` float32 (`widen` off: in x's dtype, for a consumer that widens
         it in its own kernel)."""
-        if self.w13 is not None and not simulate:
+        fused = getattr(self.w2, "after_swiglu", None)  # the GPU runtime's FP8 w2
+        if self.w13 is not None and not simulate and fused is not None:
+            joined = self.w13.whole(x)
+            if joined.dtype == x.dtype:  # SwiGLU rounds to x's dtype, as below
+                y = fused(joined, self.limit)
+                return y.float() if widen else y
+            gate, up = joined.split(joined.shape[-1] // 2, dim=-1)
+        elif self.w13 is not None and not simulate:
             gate, up = self.w13(x)
         else:
             gate, up = self.w1(x, simulate), self.w3(x, simulate)
