@@ -39,6 +39,7 @@ interpreter, and build each for sm_90a (tests/test_gpu_kernels_compile.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -458,6 +459,37 @@ def _check_record_picks(dev: torch.device) -> str | None:
         pairs.append((got.device_picks, want.device_picks))
         if not all(torch.equal(a.cpu(), b) for a, b in pairs):
             return "it logged other routing counts than the torch ops on this GPU"
+    return _route_and_record_mismatch(dev)
+
+
+def _route_and_record_mismatch(dev: torch.device) -> str | None:
+    """`route(record=)` (routing and its log in one launch, a program per token: atomics)
+    against `route` then `record_picks` on the CPU's torch path: three tokens, top-k and hash."""
+    from flashdesk.engine.model.moe import Router
+    from flashdesk.engine.runtime_experts import RoutingLog
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 64, generator=g)
+    resident, in_place = torch.rand(64, generator=g) < 0.3, torch.rand(64, generator=g) < 0.2
+    table = torch.randint(0, 64, (10, 6), generator=g)
+    for bias, tid2eid in ((torch.randn(64, generator=g) * 0.1, None), (None, table)):
+        router = Router(weight=torch.eye(64), bias=bias, tid2eid=tid2eid, top_k=6, scale=1.5)
+        want_e, want_w = router(logits, torch.tensor([0, 5, 9]))
+        want = RoutingLog(1, 64, torch.device("cpu"))
+        want.record(0, want_e, resident[want_e])
+        want_host = want_e.masked_fill(resident[want_e] | in_place[want_e], -1)
+        got = RoutingLog(1, 64, dev)
+        record = RoutingRecord(got.counts[0], got.device_picks, got.total_picks,
+                               resident.to(dev), in_place.to(dev))  # fmt: skip
+        picked = tid2eid[torch.tensor([0, 5, 9])].to(dev) if tid2eid is not None else None
+        e, w, host = route(logits.to(dev), None if bias is None else bias.to(dev), picked, 6, 1.5,
+                           record)  # fmt: skip
+        same = [(e, want_e), (host, want_host), (got.counts, want.counts)]
+        same += [(got.total_picks, want.total_picks), (got.device_picks, want.device_picks)]
+        if not all(torch.equal(a.cpu(), b) for a, b in same) or not torch.allclose(
+            w.cpu(), want_w, 1e-5, 1e-6
+        ):
+            return "its routing and log in one launch differ from the two launches on this GPU"
     return None
 
 
@@ -540,8 +572,13 @@ def fallback_notes(device: torch.device | str) -> list[str]:
         )
     for (name, where), reason in FAILED_CHECKS.items():
         if where == key and reason:
-            notes.append(f"the {name} runs as separate kernels, slower per token: {reason}")
+            what = _FALLBACKS.get(name, f"the {name} runs as separate kernels")
+            notes.append(f"{what}, slower per token: {reason}")
     return notes
+
+
+# what a failed check leaves in place, where it is not the same work in separate kernels
+_FALLBACKS = {"FP4 int8 dots": "the VRAM experts take the float decode, not integer dots"}
 
 
 def tensor_cores(device: torch.device | str) -> bool:
@@ -1665,12 +1702,15 @@ if triton is not None:
     @triton.jit
     def _route_kernel(
         logits_ptr, bias_ptr, picked_ptr, experts_ptr, weights_ptr, scale,
+        resident_ptr, in_place_ptr, counts_ptr, device_picks_ptr, total_picks_ptr, host_ptr,
         E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, HASH: tl.constexpr,
-        PDL: tl.constexpr = False,
+        RECORD: tl.constexpr, HAS_RESIDENT: tl.constexpr, HITS: tl.constexpr,
+        IN_PLACE: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Token per program: scores √softplus(logits) `[E]`; its K experts (HASH: given in
         picked, else the K largest scores + bias, lowest index first among equals) and their
-        scores normalized to sum to `scale`."""
+        scores normalized to sum to `scale`. RECORD: the picks also logged and the host's share
+        written, as `_record_picks_kernel` does (atomics: a program per token)."""
         _await_inputs(PDL)
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BE)
@@ -1697,6 +1737,18 @@ if triton is not None:
         tl.store(experts_ptr + t * K + slots, chosen, mask=live)
         total = tl.sum(picked, axis=0)
         tl.store(weights_ptr + t * K + slots, picked / total * scale, mask=live)
+        if RECORD:
+            tl.atomic_add(counts_ptr + chosen, tl.full((BK,), 1, tl.int64), mask=live)
+            tl.atomic_add(total_picks_ptr, K)
+            host = chosen
+            if HAS_RESIDENT:
+                on = tl.load(resident_ptr + chosen, mask=live, other=0) != 0
+                host = tl.where(on, -1, chosen)
+                if HITS:
+                    tl.atomic_add(device_picks_ptr, tl.sum((on & live).to(tl.int64), axis=0))
+            if IN_PLACE:
+                host = tl.where(tl.load(in_place_ptr + chosen, mask=live, other=0) != 0, -1, host)
+            tl.store(host_ptr + t * K + slots, host, mask=live)
 
     @triton.jit
     def _hc_post_kernel(
@@ -2444,23 +2496,26 @@ def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps):
 
 def route(
     logits: torch.Tensor, bias: torch.Tensor | None, picked: torch.Tensor | None, k: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    scale: float, record: RoutingRecord | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """`moe.Router` after its gate GEMV in one launch (as torch ops ~8 kernels per layer):
     logits `[T, E]` float32, with `bias` `[E]` (top-k routing) or `picked` `[T, k]` (hash
-    routing) → experts `[T, k]` int64, weights `[T, k]` float32."""
+    routing) → experts `[T, k]` int64, weights `[T, k]` float32; with `record`, also what
+    `record_picks` does in the same launch, and the host ids `[T, k]` as a third result."""
     tokens, n = logits.shape
     if (bias is None) == (picked is None) or logits.dtype != torch.float32:
         raise ValueError("route takes float32 logits and either a bias or hash picks")
     experts = torch.empty((tokens, k), dtype=torch.int64, device=logits.device)
     weights = torch.empty((tokens, k), dtype=torch.float32, device=logits.device)
     given = picked.to(torch.int64).contiguous() if picked is not None else experts
+    host = torch.empty_like(experts) if record is not None else experts
+    logged = (record or _NO_RECORD).kernel_args(experts, host) | {"RECORD": record is not None}
     _route_kernel[(tokens,)](
         logits.contiguous(), bias if bias is not None else logits, given, experts, weights,
-        float(scale), E=n, BE=triton.next_power_of_2(n), K=k, BK=triton.next_power_of_2(k),
-        HASH=picked is not None, **_pdl(logits.device),
+        float(scale), **logged, E=n, BE=triton.next_power_of_2(n), K=k,
+        BK=triton.next_power_of_2(k), HASH=picked is not None, **_pdl(logits.device),
     )  # fmt: skip
-    return experts, weights
+    return (experts, weights) if record is None else (experts, weights, host)
 
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -2535,6 +2590,41 @@ def swiglu(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingRecord:
+    """Where a layer's picks are logged and which the host leaves to the device (`route`'s
+    `record`): counts `[E]` int64 and the totals (`runtime_experts.RoutingLog`'s), the device
+    cache's `resident` and the in-place reads' `in_place` `[E]` bool or None, `hits`: count
+    the cache's hits."""
+
+    counts: torch.Tensor | None
+    device_picks: torch.Tensor | None
+    total_picks: torch.Tensor | None
+    resident: torch.Tensor | None = None
+    in_place: torch.Tensor | None = None
+    hits: bool = True
+
+    def kernel_args(self, experts: torch.Tensor, host: torch.Tensor) -> dict:
+        """The record kernels' pointer and switch arguments, `experts` standing in for what is
+        None (never read there), `host` the host ids' output."""
+        pointers = {
+            "resident_ptr": self.resident,
+            "in_place_ptr": self.in_place,
+            "counts_ptr": self.counts,
+            "device_picks_ptr": self.device_picks,
+            "total_picks_ptr": self.total_picks,
+        }
+        return {k: experts if v is None else v for k, v in pointers.items()} | {
+            "host_ptr": host,
+            "HAS_RESIDENT": self.resident is not None,
+            "HITS": self.hits and self.resident is not None,
+            "IN_PLACE": self.in_place is not None,
+        }
+
+
+_NO_RECORD = RoutingRecord(None, None, None)  # route's arguments where it logs nothing
+
+
 def record_picks(
     experts: torch.Tensor,
     resident: torch.Tensor | None,
@@ -2554,11 +2644,9 @@ def record_picks(
     experts = experts.contiguous()
     host = torch.empty_like(experts)
     p = experts.numel()
+    record = RoutingRecord(counts, device_picks, total_picks, resident, in_place, hits)
     _record_picks_kernel[(1,)](
-        experts, resident if resident is not None else experts,
-        in_place if in_place is not None else experts, counts, device_picks, total_picks, host,
-        P=p, BP=triton.next_power_of_2(p), HAS_RESIDENT=resident is not None,
-        HITS=hits and resident is not None, IN_PLACE=in_place is not None,
+        experts, **record.kernel_args(experts, host), P=p, BP=triton.next_power_of_2(p),
         **_pdl(experts.device),
     )  # fmt: skip
     return host

@@ -399,12 +399,24 @@ class HybridMoE(MoE):
         """x `[T, D]` normed, ids `[T]` → experts, weights `[T, k]` and the host's share of the
         picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log (the
         cache's hits too, unless `record_hits` is off); no host reads."""
-        experts, weights = self.router(x, ids)
         resident = self.cache.resident if self.cache is not None and self.cache.capacity else None
-        few = experts.shape[0] <= gpu_kernels.MAX_TOKENS  # one program: a decode step's picks
+        few = x.shape[0] <= gpu_kernels.MAX_TOKENS  # one program: a decode step's picks
         # the device reads these in place (step_device_parts): not the host's either
         in_place = self.zero_copy.resident if self._zero_copy_applies(x) else None
-        if few and gpu_kernels.applies(experts) and gpu_kernels.checked("routing log", x.device):
+        logged = few and gpu_kernels.applies(x) and gpu_kernels.checked("routing log", x.device)
+        if logged and gpu_kernels.checked("routing", x.device):  # routed and logged at once
+            log = self.log
+            record = gpu_kernels.RoutingRecord(
+                log.counts[self.layer],
+                log.device_picks,
+                log.total_picks,
+                resident,
+                in_place,
+                record_hits,
+            )
+            return self.router.route_and_record(x, ids, record)  # fmt: skip
+        experts, weights = self.router(x, ids)
+        if logged:
             log = self.log
             return experts, weights, gpu_kernels.record_picks(
                 experts, resident, log.counts[self.layer], log.device_picks, log.total_picks,

@@ -107,6 +107,10 @@ def _moe_q8_specs(tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> lis
 
 def _specs() -> list[tuple[str, object, str, dict, dict]]:
     """(label, kernel, signature, constexprs, options) at the module's current defaults."""
+    route_log = (
+        "resident_ptr:*i1, in_place_ptr:*i1, counts_ptr:*i64, device_picks_ptr:*i64, "
+        "total_picks_ptr:*i64, host_ptr:*i64"
+    )
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
     shared = {"TOPK": TOPK, "D": D, "INTER": INTER}
     # the default decode expert kernels, and the word-wise (MODE 2) decode the sweep times
@@ -285,8 +289,18 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             "route",
             gk._route_kernel,
             "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
-            "weights_ptr:*fp32, scale:fp32",
-            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False},
+            "weights_ptr:*fp32, scale:fp32, " + route_log,
+            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False}
+            | {"RECORD": False, "HAS_RESIDENT": False, "HITS": False, "IN_PLACE": False},
+            {},
+        ),
+        (  # a decode step's: routed and logged in one launch
+            "route and record",
+            gk._route_kernel,
+            "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
+            "weights_ptr:*fp32, scale:fp32, " + route_log,
+            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False}
+            | {"RECORD": True, "HAS_RESIDENT": True, "HITS": True, "IN_PLACE": True},
             {},
         ),
         (

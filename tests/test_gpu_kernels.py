@@ -1149,3 +1149,40 @@ def test_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
     monkeypatch.setattr(ft, "INTERPRETED", True)
     capability["cap"] = (9, 0)
     assert ft._pdl(cuda) == {}
+
+
+def test_a_failed_integer_dots_check_says_what_runs_instead(monkeypatch):
+    """The notes name the float decode where MODE 4's check failed, not 'separate kernels'."""
+    monkeypatch.setattr(ft, "FAILED_CHECKS", {("FP4 int8 dots", "cuda:0"): "wrong values"})
+    monkeypatch.setattr(ft, "TENSOR_CORES", {})
+    assert ft.fallback_notes("cuda:0") == [
+        "the VRAM experts take the float decode, not integer dots, slower per token: wrong values"
+    ]
+
+
+def test_routing_and_its_log_in_one_launch_equal_the_two():
+    """`route(record=)`: a program per token logs its picks with atomics; the counts, totals,
+    cache hits and host ids equal route then record_picks, hash and top-k routing."""
+    assert ft._route_and_record_mismatch(torch.device(kernels_device())) is None
+    dev = kernels_device()
+    from flashdesk.engine.runtime_experts import RoutingLog
+
+    g = torch.Generator().manual_seed(12)
+    logits, bias = torch.randn(5, 32, generator=g), torch.randn(32, generator=g) * 0.1
+    resident = torch.rand(32, generator=g) < 0.5
+    for hits in (True, False):
+        one, two = RoutingLog(1, 32, torch.device(dev)), RoutingLog(1, 32, torch.device(dev))
+        record = ft.RoutingRecord(one.counts[0], one.device_picks, one.total_picks,
+                                  resident.to(dev), None, hits)  # fmt: skip
+        e, w, host = ft.route(logits.to(dev), bias.to(dev), None, 4, 2.0, record)
+        e2, w2 = ft.route(logits.to(dev), bias.to(dev), None, 4, 2.0)
+        host2 = ft.record_picks(e2, resident.to(dev), two.counts[0], two.device_picks,
+                                two.total_picks, hits=hits)  # fmt: skip
+        for a, b in ((e, e2), (w, w2), (host, host2), (one.counts, two.counts)):
+            assert torch.equal(a.cpu(), b.cpu())
+        assert int(one.total_picks) == int(two.total_picks) == 20
+        assert (
+            int(one.device_picks)
+            == int(two.device_picks)
+            == (int(resident[e2.cpu()].sum()) if hits else 0)
+        )
