@@ -42,7 +42,7 @@ fi
 read -ra TEST_PATHS <<<"${TESTS-tests/gpu tests/test_gpu_kernels.py tests/test_gpu_tuning.py}"
 run_tests() { [ ${#TEST_PATHS[@]} -gt 0 ] && step tests "$1" 12 python3 -m pytest -q -p no:cacheprovider "${TEST_PATHS[@]}"; }
 [ -z "$TESTS_LAST" ] && run_tests 150
-[ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 200 40 python3 -m flashdesk bench gpu-kernels
+[ "${GPU_KERNELS:-1}" = 1 ] && step gpu_kernels 260 40 python3 -m flashdesk bench gpu-kernels
 [ -n "$CPU_KERNELS" ] && step kernels 70 12 python3 -m flashdesk bench kernels
 # issue #8's two-layer figures: experts on the CPU vs all on the GPU, PCIe, streamed prefill
 [ "${DECODE:-1}" = 1 ] && step decode 170 20 python3 -m flashdesk bench decode
