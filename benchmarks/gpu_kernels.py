@@ -53,8 +53,9 @@ TILE_CHOICES += [
 ]
 # the integer dots (MODE 4: int8 activations, E2M1 codes to int8 by byte permutes, dp4a; about
 # 2.4 instructions per weight in sm_90's SASS against 10.4): 32 gate/up rows a program (h is
-# quantized per 32), a few steps' sizes, down rows, steps in flight and a whole row a step.
-# Their values are checked against their own int8 reference (`moe_q8_reference`).
+# quantized per 32), a few steps' sizes, down rows, steps in flight, a whole row a step, and
+# gate and up in one loop (mode (4, 1, 1)). Their values are checked against their own int8
+# reference (`moe_q8_reference`).
 TILE_CHOICES += [
     ((32, 512, 32, 512), 4, (4, 0, 1)),
     ((32, 256, 32, 256), 4, (4, 0, 1)),
@@ -62,6 +63,8 @@ TILE_CHOICES += [
     ((32, 512, 16, 512), 4, (4, 0, 1)),
     ((32, 2048, 32, 1024), 8, (4, 0, 1)),
     ((32, 512, 32, 512), 4, (4, 0, 1), 2),
+    ((32, 512, 32, 512), 4, (4, 1, 1)),
+    ((32, 256, 32, 256), 4, (4, 1, 1)),
 ]
 # the fused decode (MODE 3: gate and up in one loop, sums per thread, steps unrolled) lost in
 # run 7 (75-126 µs over eight shapes against 64.9) and is gone

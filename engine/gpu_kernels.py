@@ -92,8 +92,10 @@ FP4_STAGES = 1
 # ±1 … ±12) by three byte permutes (`prmt`) per four codes and multiplied four at a time
 # (`dp4a`), the block's integer sum scaled once. In the SASS ptxas builds for sm_90: about 2
 # instructions per weight where MODE 1 takes 10.4 (tests/_compile_kernels.py counts them). It
-# needs 32 gate/up rows a program (h is quantized per 32). Unmeasured; the sweep times it, and
-# a GPU where its check fails keeps MODE 1 ("FP4 int8 dots" in CHECKS).
+# needs 32 gate/up rows a program (h is quantized per 32). Its mode's second item, F16 for the
+# float modes, is JOINT here: 1 runs gate and up in one loop, both matrices' loads in flight
+# together. Unmeasured; the sweep times it, and a GPU where its check fails keeps MODE 1 ("FP4
+# int8 dots" in CHECKS).
 FP4_INT8 = ((32, 512, 32, 512), 4, (4, 0, 1))
 PLAIN_FP4_MODE = FLOAT_FP4[2]  # where MODE 4 is chosen but may not run (check failed, float32)
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
@@ -1003,6 +1005,31 @@ if triton is not None:
         )
 
     @triton.jit
+    def _q8_words(xq_ptr, xd_ptr, kw, BW: tl.constexpr):
+        """int8 activations `[K]` (read as int32 words) and their block steps `[K/32]` → what
+        weight words kw..kw+BW meet: the words of their elements 0-3 and 4-7 `[BW]` each, and
+        the steps of their BW/4 blocks."""
+        words = kw + tl.arange(0, BW)
+        xp = xq_ptr.to(tl.pointer_type(tl.int32))
+        steps = tl.load(xd_ptr + kw // 4 + tl.arange(0, BW // 4))
+        return tl.load(xp + 2 * words), tl.load(xp + 2 * words + 1), steps
+
+    @triton.jit
+    def _fp4_q8_part(w_ptr, s_ptr, rows, kw, x, K: tl.constexpr, BW: tl.constexpr):
+        """One step of `_fp4_q8_dot`: words kw..kw+BW of packed rows `[BN, K/2]` bytes with
+        scales `[BN, K/32]` against `_q8_words`' x → `[BN, BW/4]` float32, per block its
+        integer sum times the block's weight scale and step."""
+        BN: tl.constexpr = rows.shape[0]
+        NB: tl.constexpr = BW // 4  # 32-value blocks per step
+        xa, xb, steps = x
+        words = kw + tl.arange(0, BW)
+        w = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (K // 8) + words[None, :])
+        dots = tl.sum(tl.reshape(_fp4_dot8(w, xa[None, :], xb[None, :]), (BN, NB, 4)), axis=2)
+        blocks = kw // 4 + tl.arange(0, NB)
+        scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
+        return dots.to(tl.float32) * (scale * steps[None, :])
+
+    @triton.jit
     def _fp4_q8_dot(
         w_ptr, s_ptr, xq_ptr, xd_ptr, rows, K: tl.constexpr, BW: tl.constexpr,
         STAGES: tl.constexpr,
@@ -1010,21 +1037,25 @@ if triton is not None:
         """Σ_k W[rows, k] · x[k] (MODE 4) for packed rows `[BN, K/2]` bytes read as int32 words,
         scales `[BN, K/32]`, x as int8 `[K]` (read as words) with its block steps `[K/32]`: each
         block's integer sum times its weight scale and step; BW words a step (whole blocks)."""
-        BN: tl.constexpr = rows.shape[0]
-        NB: tl.constexpr = BW // 4  # 32-value blocks per step
-        wp = w_ptr.to(tl.pointer_type(tl.int32))
-        xp = xq_ptr.to(tl.pointer_type(tl.int32))
-        acc = tl.zeros((BN, NB), dtype=tl.float32)
+        acc = tl.zeros((rows.shape[0], BW // 4), dtype=tl.float32)
         for kw in tl.range(0, K // 8, BW, num_stages=STAGES):
-            words = kw + tl.arange(0, BW)
-            w = tl.load(wp + rows[:, None] * (K // 8) + words[None, :])
-            xa = tl.load(xp + 2 * words)
-            xb = tl.load(xp + 2 * words + 1)
-            dots = tl.sum(tl.reshape(_fp4_dot8(w, xa[None, :], xb[None, :]), (BN, NB, 4)), axis=2)
-            blocks = kw // 4 + tl.arange(0, NB)
-            scale = _e8m0(tl.load(s_ptr + rows[:, None] * (K // 32) + blocks[None, :]))
-            acc += dots.to(tl.float32) * (scale * tl.load(xd_ptr + blocks)[None, :])
+            acc += _fp4_q8_part(w_ptr, s_ptr, rows, kw, _q8_words(xq_ptr, xd_ptr, kw, BW), K, BW)
         return tl.sum(acc, axis=1) * 0.5
+
+    @triton.jit
+    def _fp4_q8_dot2(
+        w1_ptr, s1_ptr, w3_ptr, s3_ptr, xq_ptr, xd_ptr, rows, K: tl.constexpr,
+        BW: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """`_fp4_q8_dot` of two matrices on the same x in one loop (gate and up): each step's
+        loads of both in flight together, x read once → (W1 · x, W3 · x) `[BN]` each."""
+        acc1 = tl.zeros((rows.shape[0], BW // 4), dtype=tl.float32)
+        acc3 = tl.zeros((rows.shape[0], BW // 4), dtype=tl.float32)
+        for kw in tl.range(0, K // 8, BW, num_stages=STAGES):
+            x = _q8_words(xq_ptr, xd_ptr, kw, BW)
+            acc1 += _fp4_q8_part(w1_ptr, s1_ptr, rows, kw, x, K, BW)
+            acc3 += _fp4_q8_part(w3_ptr, s3_ptr, rows, kw, x, K, BW)
+        return tl.sum(acc1, axis=1) * 0.5, tl.sum(acc3, axis=1) * 0.5
 
     @triton.jit
     def _store_q8(v, q_ptr, d_ptr):
@@ -1056,9 +1087,11 @@ if triton is not None:
         xq_ptr, xd_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr,
         hq_ptr, hd_ptr, limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
+        JOINT: tl.constexpr = False,
     ):  # fmt: skip
         """`_gate_up_kernel` in integers (MODE 4): x as int8 and steps, h written as int8 and
-        a step per 32 (BN a multiple of 32) for `_down_q8_kernel`."""
+        a step per 32 (BN a multiple of 32) for `_down_q8_kernel`; JOINT: gate and up in one
+        loop (`_fp4_q8_dot2`)."""
         _await_inputs(PDL)
         pair = tl.program_id(0)  # token · TOPK + pick
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -1067,8 +1100,13 @@ if triton is not None:
             xq, xd = xq_ptr + (pair // TOPK) * D, xd_ptr + (pair // TOPK) * (D // 32)
             w_off = slot * (INTER * (D // 2))
             s_off = slot * (INTER * (D // 32))
-            g = _fp4_q8_dot(w1_ptr + w_off, s1_ptr + s_off, xq, xd, rows, D, BW, STAGES)
-            u = _fp4_q8_dot(w3_ptr + w_off, s3_ptr + s_off, xq, xd, rows, D, BW, STAGES)
+            w1, s1 = w1_ptr + w_off, s1_ptr + s_off
+            w3, s3 = w3_ptr + w_off, s3_ptr + s_off
+            if JOINT:
+                g, u = _fp4_q8_dot2(w1, s1, w3, s3, xq, xd, rows, D, BW, STAGES)
+            else:
+                g = _fp4_q8_dot(w1, s1, xq, xd, rows, D, BW, STAGES)
+                u = _fp4_q8_dot(w3, s3, xq, xd, rows, D, BW, STAGES)
             if limit > 0:
                 g = tl.minimum(g, limit)
                 u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -2015,7 +2053,7 @@ def moe(
     split = mode[2] if len(mode) > 2 else 0
     if mode[0] == 4:
         out = _moe_q8(x, experts, weights, slot_of, (w1, s1, w3, s3, w2, s2), limit, tiles,
-                      num_warps, split, stages or FP4_STAGES)  # fmt: skip
+                      num_warps, split, stages or FP4_STAGES, bool(mode[1]))  # fmt: skip
         parts = out.view(tokens, topk if split else 1, dim)
         return parts.sum(dim=1) if summed else parts
     # the down kernel reads h only where gate/up wrote it (picks in the store)
@@ -2053,9 +2091,10 @@ def float_fp4_mode() -> tuple[int, ...]:
     return PLAIN_FP4_MODE if FP4_MODE[0] == 4 else FP4_MODE
 
 
-def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split, stages):
+def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split, stages, joint):
     """`moe` in integers (MODE 4): x quantized to int8 per 32 values in one launch, then
-    gate/up (which writes h as int8 and steps) and down → `[T·k or T, D]` float32."""
+    gate/up (which writes h as int8 and steps; `joint`: gate and up in one loop) and down →
+    `[T·k or T, D]` float32."""
     w1, s1, w3, s3, w2, s2 = stacks
     tokens, dim = x.shape
     topk, inter = experts.shape[1], w1.shape[1]
@@ -2072,7 +2111,7 @@ def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split
     bn_down, bw_down = _block(dim, tiles[2]), max(4, _block(inter // 8, tiles[3] // 4))
     _gate_up_q8_kernel[(tokens * topk, inter // bn_up)](
         xq, xd, experts, weights, slot_of, w1, s1, w3, s3, hq, hd, float(limit),
-        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BW=bw_up, STAGES=stages,
+        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BW=bw_up, STAGES=stages, JOINT=joint,
         num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_q8_kernel[(out.shape[0], dim // bn_down)](

@@ -71,24 +71,24 @@ def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple, stages: int = 1)
     ]
 
 
-def _moe_q8_specs(tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> list:
-    """The decode expert kernels in integers (MODE 4, `gpu_kernels.FP4_INT8`) and the int8
-    quantization of their input."""
+def _moe_q8_specs(tiles: tuple, warps: int, mode: tuple, stages: int = 1, tag: str = "") -> list:
+    """The decode expert kernels in integers (MODE 4, `gpu_kernels.FP4_INT8`; mode[1]: gate
+    and up in one loop) and the int8 quantization of their input."""
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
     bn_up, bw_up = gk._block(INTER, max(32, tiles[0])), gk._block(D // 8, tiles[1] // 4)
     bn_dn, bw_dn = gk._block(D, tiles[2]), gk._block(INTER // 8, tiles[3] // 4)
     shared = {"TOPK": TOPK, "D": D, "INTER": INTER} | ({"STAGES": stages} if stages > 1 else {})
     return [
         (
-            "moe int8 gate/up",
+            f"moe int8 gate/up{tag}",
             gk._gate_up_q8_kernel,
             f"xq_ptr:*i8, xd_ptr:*fp32, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, "
             f"{fp4}, hq_ptr:*i8, hd_ptr:*fp32, limit:fp32",
-            shared | {"BN": bn_up, "BW": bw_up},
+            shared | {"BN": bn_up, "BW": bw_up, "JOINT": bool(mode[1])},
             {"num_warps": warps},
         ),
         (
-            "moe int8 down",
+            f"moe int8 down{tag}",
             gk._down_q8_kernel,
             "hq_ptr:*i8, hd_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, "
             "out_ptr:*fp32",
@@ -96,7 +96,7 @@ def _moe_q8_specs(tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> lis
             {"num_warps": warps},
         ),
         (
-            "int8 activations",
+            f"int8 activations{tag}",
             gk._q8_kernel,
             "x_ptr:*bf16, q_ptr:*i8, d_ptr:*fp32",
             {"K": D, "BK": 1024},
@@ -118,6 +118,8 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     specs += _moe_specs(" words", *gk.FP4_WORDS)
     specs += _moe_specs(" staged", gk.TILES, gk.WARPS, gk.FP4_MODE, 3)  # the sweep's pipelined
     specs += _moe_q8_specs(*gk.FP4_INT8)  # the integer dots (MODE 4)
+    tiles, warps, mode = gk.FP4_INT8  # and with gate and up in one loop, as the sweep times it
+    specs += _moe_q8_specs(tiles, warps, (4, 1, *mode[2:]), tag=" joint")[:1]
     for label, (bm, bn, bkb), warps in (
         ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
         ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),
@@ -553,6 +555,7 @@ def _compile(target, arch, label, fn, sig, consts, opts) -> dict:
     weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
     if label.startswith("moe ") and arch == "sm_90a":
         per_step = consts["BKB"] * 2 if "BKB" in consts else consts["BW"] * 8  # bytes or words
+        per_step *= 2 if consts.get("JOINT") else 1  # gate and up in one loop
         weights = consts["BN"] * per_step / (32 * opts["num_warps"])
     try:
         kernel = triton.compile(

@@ -152,6 +152,8 @@ def test_the_decode_experts_with_steps_in_flight_equal_the_reference(stages, mod
         (3, 512, 128, 10.0, torch.float32, (4, 0, 1), 1),
         (2, 256, 128, 0.0, torch.float16, (4, 0), 1),  # down summed per token; no clamp
         (2, 256, 64, 10.0, torch.bfloat16, (4, 0, 1), 2),  # steps in flight
+        (2, 256, 64, 10.0, torch.bfloat16, (4, 1, 1), 1),  # gate and up in one loop
+        (1, 256, 128, 0.0, torch.float32, (4, 1, 0), 2),
     ],
 )
 def test_the_integer_decode_experts_equal_their_int8_reference(

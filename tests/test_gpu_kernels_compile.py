@@ -49,6 +49,7 @@ def test_every_kernel_compiles_for_hopper_and_desktop_gpus_without_spills():
     assert counts["moe gate/up words"] < 6 and counts["moe down words"] < 6, counts
     # and the integer dots theirs (2.4 per weight: byte permutes and dp4a in inline PTX)
     assert counts["moe int8 gate/up"] < 3 and counts["moe int8 down"] < 3, counts
+    assert counts["moe int8 gate/up joint"] < 3, counts
     # with programmatic dependent launch each waits for its predecessor; without, none does
     pdl = {k: v["waits"] for k, v in results.items() if k.endswith(", PDL")}
     assert len(pdl) == 5 and all(pdl.values()), pdl
