@@ -414,7 +414,7 @@ class HybridMoE(MoE):
                 in_place,
                 record_hits,
             )
-            return self.router.route_and_record(x, ids, record)  # fmt: skip
+            return self.router.route_and_record(x, ids, record)
         experts, weights = self.router(x, ids)
         if logged:
             log = self.log
