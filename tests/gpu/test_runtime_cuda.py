@@ -209,3 +209,28 @@ def test_a_prefill_chunk_fits_the_planners_workspace():
             assert peak <= planned, f"{chunk} tokens: peak {peak / 2**20:.0f} MiB > {planned}"
         per_token = (seen[4096] - seen[1024]) / 3072
         assert per_token <= figures.prefill_token_bytes, f"{per_token / 1024:.0f} KiB per token"
+
+
+def test_integer_decode_experts_in_the_split_runtime(tiny, monkeypatch):
+    """The VRAM experts' integer dots (FP4_MODE MODE 4, as a sweep may record it), with bf16
+    numerics and the decode steps replayed from CUDA graphs: the GPU's check passes, the step
+    takes them (the caches' int8), and the logits stay those of the float decode within int8's
+    rounding of the expert activations."""
+    from flashdesk.engine import gpu_kernels
+
+    folder, config, ids, _ = tiny
+    placement = _placements(config)["all in vram"]
+    logits = {}
+    for mode in (gpu_kernels.PLAIN_FP4_MODE, (4, 0, 1), (4, 1, 1)):
+        monkeypatch.setattr(gpu_kernels, "FP4_MODE", mode)
+        with load_runtime(folder, placement=placement, int8_experts=None) as rt:
+            assert all(b.moe.cache.int8 for b in rt.model.blocks)
+            assert not [n for n in rt.notes if "integer dots" in n], rt.notes
+            state = rt.new_state()
+            rt.prefill(ids[:8], state)
+            logits[mode] = torch.stack([rt.decode(int(t), state) for t in ids[8:14]]).float()
+    assert gpu_kernels.checked("FP4 int8 dots", "cuda")
+    want = logits[gpu_kernels.PLAIN_FP4_MODE]
+    for mode in ((4, 0, 1), (4, 1, 1)):
+        cos = torch.nn.functional.cosine_similarity(logits[mode], want, dim=-1)
+        assert cos.min().item() > 0.99, (mode, cos)
