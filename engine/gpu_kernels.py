@@ -908,11 +908,15 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr,
-        limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+        x_ptr, xd_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr,
+        h_ptr, hd_ptr, limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
         PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
+        """Program (pick, row block): h = weight · SwiGLU(W1 x, W3 x) for BN rows. MODE 4 (the
+        integer dots): x as int8 with its block steps at xd_ptr, h written as int8 with a step
+        per 32 at hd_ptr (BN a multiple of 32), F16 meaning gate and up in one loop; the float
+        modes read x and write float32 h (xd_ptr, hd_ptr unused)."""
         _await_inputs(PDL)
         pair = tl.program_id(0)  # token · TOPK + pick
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -921,27 +925,37 @@ if triton is not None:
             x_row = x_ptr + (pair // TOPK) * D
             w_off = slot * (INTER * (D // 2))
             s_off = slot * (INTER * (D // 32))
-            g = _fp4_rows_dot(
-                w1_ptr + w_off, s1_ptr + s_off, x_row, rows, D, BKB, MODE, F16, STAGES
-            )  # fmt: skip
-            u = _fp4_rows_dot(
-                w3_ptr + w_off, s3_ptr + s_off, x_row, rows, D, BKB, MODE, F16, STAGES
-            )  # fmt: skip
+            w1, s1, w3, s3 = w1_ptr + w_off, s1_ptr + s_off, w3_ptr + w_off, s3_ptr + s_off
+            if MODE == 4:
+                xd = xd_ptr + (pair // TOPK) * (D // 32)
+                if F16:
+                    g, u = _fp4_q8_dot2(w1, s1, w3, s3, x_row, xd, rows, D, BKB // 4, STAGES)
+                else:
+                    g = _fp4_q8_dot(w1, s1, x_row, xd, rows, D, BKB // 4, STAGES)
+                    u = _fp4_q8_dot(w3, s3, x_row, xd, rows, D, BKB // 4, STAGES)
+            else:
+                g = _fp4_rows_dot(w1, s1, x_row, rows, D, BKB, MODE, F16, STAGES)
+                u = _fp4_rows_dot(w3, s3, x_row, rows, D, BKB, MODE, F16, STAGES)
             if limit > 0:
                 g = tl.minimum(g, limit)
                 u = tl.minimum(tl.maximum(u, -limit), limit)
             h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pair)
-            tl.store(h_ptr + pair * INTER + rows, h)
+            if MODE == 4:
+                first = pair * INTER + tl.program_id(1) * BN
+                _store_q8(h, h_ptr + first, hd_ptr + first // 32)
+            else:
+                tl.store(h_ptr + pair * INTER + rows, h)
 
     @triton.jit
     def _down_kernel(
-        h_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
+        h_ptr, hd_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
         TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
         BN: tl.constexpr, BKB: tl.constexpr, MODE: tl.constexpr, F16: tl.constexpr,
         SPLIT: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """SPLIT 0: program (token, row block) sums the token's picks → out `[T, D]`; SPLIT 1:
-        program (pick, row block) → its pick's part, out `[T·TOPK, D]`."""
+        program (pick, row block) → its pick's part, out `[T·TOPK, D]`. MODE 4: h as int8 with
+        its block steps at hd_ptr (the gate/up kernel's)."""
         _await_inputs(PDL)
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BN,), dtype=tl.float32)
@@ -951,9 +965,12 @@ if triton is not None:
             slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
             if slot >= 0:
                 w_at, s_at = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
-                acc += _fp4_rows_dot(
-                    w_at, s_at, h_ptr + pair * INTER, rows, INTER, BKB, MODE, F16, STAGES
-                )  # fmt: skip
+                h_row = h_ptr + pair * INTER
+                if MODE == 4:
+                    hd = hd_ptr + pair * (INTER // 32)
+                    acc += _fp4_q8_dot(w_at, s_at, h_row, hd, rows, INTER, BKB // 4, STAGES)
+                else:
+                    acc += _fp4_rows_dot(w_at, s_at, h_row, rows, INTER, BKB, MODE, F16, STAGES)
         tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     # `_fp4_dot8` in PTX. m: the codes' magnitudes (bits 0-2 of each nibble; prmt reads a
@@ -1081,59 +1098,6 @@ if triton is not None:
         at = tl.program_id(0) * K + tl.program_id(1) * BK
         v = tl.load(x_ptr + at + tl.arange(0, BK)).to(tl.float32)
         _store_q8(v, q_ptr + at, d_ptr + at // 32)
-
-    @triton.jit
-    def _gate_up_q8_kernel(
-        xq_ptr, xd_ptr, experts_ptr, weights_ptr, slot_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr,
-        hq_ptr, hd_ptr, limit, TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
-        BN: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
-        JOINT: tl.constexpr = False,
-    ):  # fmt: skip
-        """`_gate_up_kernel` in integers (MODE 4): x as int8 and steps, h written as int8 and
-        a step per 32 (BN a multiple of 32) for `_down_q8_kernel`; JOINT: gate and up in one
-        loop (`_fp4_q8_dot2`)."""
-        _await_inputs(PDL)
-        pair = tl.program_id(0)  # token · TOPK + pick
-        rows = tl.program_id(1) * BN + tl.arange(0, BN)
-        slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
-        if slot >= 0:
-            xq, xd = xq_ptr + (pair // TOPK) * D, xd_ptr + (pair // TOPK) * (D // 32)
-            w_off = slot * (INTER * (D // 2))
-            s_off = slot * (INTER * (D // 32))
-            w1, s1 = w1_ptr + w_off, s1_ptr + s_off
-            w3, s3 = w3_ptr + w_off, s3_ptr + s_off
-            if JOINT:
-                g, u = _fp4_q8_dot2(w1, s1, w3, s3, xq, xd, rows, D, BW, STAGES)
-            else:
-                g = _fp4_q8_dot(w1, s1, xq, xd, rows, D, BW, STAGES)
-                u = _fp4_q8_dot(w3, s3, xq, xd, rows, D, BW, STAGES)
-            if limit > 0:
-                g = tl.minimum(g, limit)
-                u = tl.minimum(tl.maximum(u, -limit), limit)
-            h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + pair)
-            first = pair * INTER + tl.program_id(1) * BN
-            _store_q8(h, hq_ptr + first, hd_ptr + first // 32)
-
-    @triton.jit
-    def _down_q8_kernel(
-        hq_ptr, hd_ptr, experts_ptr, slot_ptr, w2_ptr, s2_ptr, out_ptr,
-        TOPK: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr, BN: tl.constexpr,
-        BW: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-        STAGES: tl.constexpr = 1,
-    ):  # fmt: skip
-        """`_down_kernel` in integers (MODE 4), from `_gate_up_q8_kernel`'s int8 h."""
-        _await_inputs(PDL)
-        rows = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        picks: tl.constexpr = 1 if SPLIT else TOPK
-        for j in tl.static_range(picks):
-            pair = tl.program_id(0) if SPLIT else tl.program_id(0) * TOPK + j
-            slot = tl.load(slot_ptr + tl.load(experts_ptr + pair)).to(tl.int64)
-            if slot >= 0:
-                w_at, s_at = w2_ptr + slot * (D * (INTER // 2)), s2_ptr + slot * (D * (INTER // 32))
-                hq, hd = hq_ptr + pair * INTER, hd_ptr + pair * (INTER // 32)
-                acc += _fp4_q8_dot(w_at, s_at, hq, hd, rows, INTER, BW, STAGES)
-        tl.store(out_ptr + tl.program_id(0) * D + rows, acc)
 
     @triton.jit
     def _fp4_tile(w_ptr, s_ptr, rows, kb, K: tl.constexpr, BKB: tl.constexpr, DT: tl.constexpr):
@@ -2064,12 +2028,12 @@ def moe(
     bn_up, bkb_up = _block(inter, tiles[0]), max(16, _block(dim // 2, tiles[1]))
     bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
-        x, experts, weights, slot_of, w1, s1, w3, s3, h, float(limit),
+        x, x, experts, weights, slot_of, w1, s1, w3, s3, h, h, float(limit),
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
         STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_kernel[(out.shape[0], dim // bn_down)](
-        h, experts, slot_of, w2, s2, out,
+        h, h, experts, slot_of, w2, s2, out,
         TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
         SPLIT=split, STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(h.device),
     )  # fmt: skip
@@ -2107,17 +2071,18 @@ def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split
     hd = torch.empty((tokens * topk, inter // 32), dtype=torch.float32, device=x.device)
     out = torch.empty((tokens * topk if split else tokens, dim), dtype=torch.float32,
                       device=x.device)  # fmt: skip
-    bn_up, bw_up = _block(inter, max(32, tiles[0])), max(4, _block(dim // 8, tiles[1] // 4))
-    bn_down, bw_down = _block(dim, tiles[2]), max(4, _block(inter // 8, tiles[3] // 4))
-    _gate_up_q8_kernel[(tokens * topk, inter // bn_up)](
+    # bytes a step: whole words of whole 32-value blocks (16 bytes each)
+    bn_up, bkb_up = _block(inter, max(32, tiles[0])), max(16, _block(dim // 2, tiles[1]))
+    bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
+    _gate_up_kernel[(tokens * topk, inter // bn_up)](
         xq, xd, experts, weights, slot_of, w1, s1, w3, s3, hq, hd, float(limit),
-        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BW=bw_up, STAGES=stages, JOINT=joint,
-        num_warps=num_warps, **_pdl(x.device),
+        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=4, F16=int(joint),
+        STAGES=stages, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
-    _down_q8_kernel[(out.shape[0], dim // bn_down)](
+    _down_kernel[(out.shape[0], dim // bn_down)](
         hq, hd, experts, slot_of, w2, s2, out,
-        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BW=bw_down, SPLIT=split, STAGES=stages,
-        num_warps=num_warps, **_pdl(x.device),
+        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=4, F16=0, SPLIT=split,
+        STAGES=stages, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     return out
 

@@ -46,63 +46,50 @@ def _sig(text: str, constexprs: dict) -> dict:
 
 def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> list:
     """The decode expert kernels (`gpu_kernels.moe`) at one kernel shape (`stages`: steps in
-    flight, FP4_STAGES)."""
+    flight, FP4_STAGES). MODE 4 (the integer dots): int8 activations and h, 32 gate/up rows at
+    least, mode[1] gate and up in one loop; and the int8 quantization of x before them."""
     fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
-    bn_up, bkb_up = gk._block(INTER, tiles[0]), gk._block(D // 2, tiles[1])
+    q8 = mode[0] == 4
+    x, h, steps = ("i8", "i8", "fp32") if q8 else ("bf16", "fp32", "bf16")
+    bn_up, bkb_up = (
+        gk._block(INTER, max(32, tiles[0]) if q8 else tiles[0]),
+        gk._block(D // 2, tiles[1]),
+    )
     bn_dn, bkb_dn = gk._block(D, tiles[2]), gk._block(INTER // 2, tiles[3])
-    shared = {"TOPK": TOPK, "D": D, "INTER": INTER, "MODE": mode[0], "F16": mode[1]}
+    shared = {"TOPK": TOPK, "D": D, "INTER": INTER, "MODE": mode[0]}
     shared |= {"STAGES": stages} if stages > 1 else {}
-    return [
+    kind = " int8" if q8 else ""
+    specs = [
         (
-            f"moe gate/up{tag}",
+            f"moe{kind} gate/up{tag}",
             gk._gate_up_kernel,
-            f"x_ptr:*bf16, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, {fp4}, "
-            "h_ptr:*fp32, limit:fp32",
-            shared | {"BN": bn_up, "BKB": bkb_up},
+            f"x_ptr:*{x}, xd_ptr:*{steps}, experts_ptr:*i64, weights_ptr:*fp32, "
+            f"slot_ptr:*i32, {fp4}, h_ptr:*{h}, hd_ptr:*fp32, limit:fp32",
+            shared | {"BN": bn_up, "BKB": bkb_up, "F16": mode[1]},
             {"num_warps": warps},
         ),
         (
-            f"moe down{tag}",
+            f"moe{kind} down{tag}",
             gk._down_kernel,
-            "h_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, out_ptr:*fp32",
-            shared | {"BN": bn_dn, "BKB": bkb_dn, "SPLIT": (*mode, 0)[2]},
+            f"h_ptr:*{h}, hd_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, "
+            "s2_ptr:*u8, out_ptr:*fp32",
+            shared
+            | {"BN": bn_dn, "BKB": bkb_dn, "F16": 0 if q8 else mode[1]}
+            | {"SPLIT": (*mode, 0)[2]},
             {"num_warps": warps},
         ),
     ]
-
-
-def _moe_q8_specs(tiles: tuple, warps: int, mode: tuple, stages: int = 1, tag: str = "") -> list:
-    """The decode expert kernels in integers (MODE 4, `gpu_kernels.FP4_INT8`; mode[1]: gate
-    and up in one loop) and the int8 quantization of their input."""
-    fp4 = "w1_ptr:*u8, s1_ptr:*u8, w3_ptr:*u8, s3_ptr:*u8"
-    bn_up, bw_up = gk._block(INTER, max(32, tiles[0])), gk._block(D // 8, tiles[1] // 4)
-    bn_dn, bw_dn = gk._block(D, tiles[2]), gk._block(INTER // 8, tiles[3] // 4)
-    shared = {"TOPK": TOPK, "D": D, "INTER": INTER} | ({"STAGES": stages} if stages > 1 else {})
-    return [
-        (
-            f"moe int8 gate/up{tag}",
-            gk._gate_up_q8_kernel,
-            f"xq_ptr:*i8, xd_ptr:*fp32, experts_ptr:*i64, weights_ptr:*fp32, slot_ptr:*i32, "
-            f"{fp4}, hq_ptr:*i8, hd_ptr:*fp32, limit:fp32",
-            shared | {"BN": bn_up, "BW": bw_up, "JOINT": bool(mode[1])},
-            {"num_warps": warps},
-        ),
-        (
-            f"moe int8 down{tag}",
-            gk._down_q8_kernel,
-            "hq_ptr:*i8, hd_ptr:*fp32, experts_ptr:*i64, slot_ptr:*i32, w2_ptr:*u8, s2_ptr:*u8, "
-            "out_ptr:*fp32",
-            shared | {"BN": bn_dn, "BW": bw_dn, "SPLIT": (*mode, 0)[2]},
-            {"num_warps": warps},
-        ),
-        (
-            f"int8 activations{tag}",
-            gk._q8_kernel,
-            "x_ptr:*bf16, q_ptr:*i8, d_ptr:*fp32",
-            {"K": D, "BK": 1024},
-            {"num_warps": 4},
-        ),
-    ]
+    if q8:
+        specs.append(
+            (
+                f"int8 activations{tag}",
+                gk._q8_kernel,
+                "x_ptr:*bf16, q_ptr:*i8, d_ptr:*fp32",
+                {"K": D, "BK": 1024},
+                {"num_warps": 4},
+            )
+        )
+    return specs
 
 
 def _specs() -> list[tuple[str, object, str, dict, dict]]:
@@ -117,9 +104,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
     specs = _moe_specs("", gk.TILES, gk.WARPS, gk.FP4_MODE)
     specs += _moe_specs(" words", *gk.FP4_WORDS)
     specs += _moe_specs(" staged", gk.TILES, gk.WARPS, gk.FP4_MODE, 3)  # the sweep's pipelined
-    specs += _moe_q8_specs(*gk.FP4_INT8)  # the integer dots (MODE 4)
+    specs += _moe_specs("", *gk.FP4_INT8)  # the integer dots (MODE 4)
     tiles, warps, mode = gk.FP4_INT8  # and with gate and up in one loop, as the sweep times it
-    specs += _moe_q8_specs(tiles, warps, (4, 1, *mode[2:]), tag=" joint")[:1]
+    specs += _moe_specs(" joint", tiles, warps, (4, 1, *mode[2:]))[:1]
     for label, (bm, bn, bkb), warps in (
         ("grouped", gk.GROUPED_TILES, gk.GROUPED_WARPS),
         ("by pick", gk.BY_PICK_TILES, gk.BY_PICK_WARPS),
@@ -287,23 +274,17 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {"K": 4 * D, "BK": 4096},
             {"num_warps": 8},
         ),
-        (
-            "route",
-            gk._route_kernel,
-            "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
-            "weights_ptr:*fp32, scale:fp32, " + route_log,
-            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False}
-            | {"RECORD": False, "HAS_RESIDENT": False, "HITS": False, "IN_PLACE": False},
-            {},
-        ),
-        (  # a decode step's: routed and logged in one launch
-            "route and record",
-            gk._route_kernel,
-            "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
-            "weights_ptr:*fp32, scale:fp32, " + route_log,
-            {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False}
-            | {"RECORD": True, "HAS_RESIDENT": True, "HITS": True, "IN_PLACE": True},
-            {},
+        *(  # alone, and (a decode step's) routed and logged in one launch
+            (
+                label,
+                gk._route_kernel,
+                "logits_ptr:*fp32, bias_ptr:*fp32, picked_ptr:*i64, experts_ptr:*i64, "
+                "weights_ptr:*fp32, scale:fp32, " + route_log,
+                {"E": 256, "BE": 256, "K": TOPK, "BK": 8, "HASH": False}
+                | dict.fromkeys(("RECORD", "HAS_RESIDENT", "HITS", "IN_PLACE"), record),
+                {},
+            )
+            for label, record in (("route", False), ("route and record", True))
         ),
         (
             "hc post",
@@ -554,8 +535,8 @@ def _compile(target, arch, label, fn, sig, consts, opts) -> dict:
     aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if "*" in t}
     weights = None  # FP4 weights a thread decodes per pass of a decode expert loop
     if label.startswith("moe ") and arch == "sm_90a":
-        per_step = consts["BKB"] * 2 if "BKB" in consts else consts["BW"] * 8  # bytes or words
-        per_step *= 2 if consts.get("JOINT") else 1  # gate and up in one loop
+        per_step = consts["BKB"] * 2
+        per_step *= 2 if consts.get("MODE") == 4 and consts.get("F16") else 1  # gate and up
         weights = consts["BN"] * per_step / (32 * opts["num_warps"])
     try:
         kernel = triton.compile(
