@@ -274,7 +274,7 @@ def measure(
             tiles=tiles, num_warps=warps, mode=mode, stages=stages,
         )  # fmt: skip
 
-    want = fused(1, gpu_kernels.TILES, gpu_kernels.WARPS, gpu_kernels.PLAIN_FP4_MODE)(0)
+    want = fused(1, *gpu_kernels.FLOAT_FP4)(0)  # the built-in float decode
     want_q8 = None  # MODE 4's own reference (int8 activations), on the CPU when first needed
     rows = []
     for tiles, warps, mode, *more in tile_choices:  # more: the steps in flight (FP4_STAGES)

@@ -97,7 +97,6 @@ FP4_STAGES = 1
 # together. Unmeasured; the sweep times it, and a GPU where its check fails keeps MODE 1 ("FP4
 # int8 dots" in CHECKS).
 FP4_INT8 = ((32, 512, 32, 512), 4, (4, 0, 1))
-PLAIN_FP4_MODE = FLOAT_FP4[2]  # where MODE 4 is chosen but may not run (check failed, float32)
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
 # rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
 # against 64.9 for (0, 1, 1), and one shape computed wrong there; so it is gone.
@@ -1989,6 +1988,7 @@ def moe(
     mode: tuple[int, ...] | None = None,
     summed: bool = True,
     stages: int | None = None,
+    floats: bool = False,
 ) -> torch.Tensor:
     """Σ over each token's picks held in the slot store of weight · expert(x).
 
@@ -1997,12 +1997,15 @@ def moe(
     w3, s3, w2 `[S, D, I/2]`, s2 `[S, D, I/32]`) packed bytes → `[T, D]` float32; picks with
     slot −1 add nothing (their part comes from elsewhere). `tiles`, `num_warps`, `mode`: the
     kernel shape (benchmarks sweep them; `mode` = (MODE, F16[, SPLIT]), see FP4_MODE and
-    FP4_WORDS); `stages`: steps in flight (FP4_STAGES).
+    FP4_WORDS; by default `decode_shape`'s, `floats` asking for float activations); `stages`:
+    steps in flight (FP4_STAGES).
     `summed` False: `[T, n, D]` partial sums instead (n = k or 1) for the caller to add in its
     next kernel (`hc_post`'s `add`), one launch fewer.
     """
+    if mode is None:
+        shape = decode_shape(x.device, floats)
+        tiles, num_warps, mode = tiles or shape[0], num_warps or shape[1], shape[2]
     tiles, num_warps = tiles or TILES, num_warps or WARPS
-    mode = mode or default_fp4_mode(x.device)
     w1, s1, w3, s3, w2, s2 = (_bytes(t) for t in stacks)
     tokens, dim = x.shape
     topk = experts.shape[1]
@@ -2041,18 +2044,16 @@ def moe(
     return parts.sum(dim=1) if summed else parts
 
 
-def default_fp4_mode(device: torch.device | str) -> tuple[int, ...]:
-    """FP4_MODE, unless it is the integer dots (MODE 4) and their check failed on `device`:
-    then the plain byte-wise decode (PLAIN_FP4_MODE)."""
-    if FP4_MODE[0] == 4 and not INTERPRETED and not checked("FP4 int8 dots", device):
-        return PLAIN_FP4_MODE
-    return FP4_MODE
-
-
-def float_fp4_mode() -> tuple[int, ...]:
-    """FP4_MODE for float activations: the float decode (PLAIN_FP4_MODE) where FP4_MODE is the
-    integer dots (a float32 model; experts read in place across PCIe, which bounds them)."""
-    return PLAIN_FP4_MODE if FP4_MODE[0] == 4 else FP4_MODE
+def decode_shape(device: torch.device | str, floats: bool = False) -> tuple:
+    """The decode expert kernels' (tiles, warps, mode) on `device`: TILES, WARPS and FP4_MODE,
+    but the built-in float decode (FLOAT_FP4, its own shape) where FP4_MODE is the integer
+    dots (MODE 4) and `floats` asks for float activations (a float32 model; experts read in
+    place across PCIe, which bounds them) or their check failed there."""
+    if FP4_MODE[0] == 4 and (
+        floats or (not INTERPRETED and not checked("FP4 int8 dots", device))
+    ):  # fmt: skip
+        return FLOAT_FP4
+    return TILES, WARPS, FP4_MODE
 
 
 def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split, stages, joint):

@@ -238,10 +238,9 @@ class ExpertCache:
             )  # fmt: skip
         # pinned host stacks (zero-copy) keep the plain loop the H200 measured across PCIe
         stages = None if self.stacks[0].is_cuda else 1
-        mode = None if self.int8 else gpu_kernels.float_fp4_mode()
         return gpu_kernels.moe(
             x, experts, weights, self.slot_dev, self.stacks, limit, summed=summed, stages=stages,
-            mode=mode,
+            floats=not self.int8,
         )  # fmt: skip
 
     def add_grouped(

@@ -261,15 +261,19 @@ def test_the_integer_dots_ptx_computes_twice_e2m1_times_int8():
 
 
 def test_a_failed_integer_dots_check_keeps_the_byte_wise_decode(monkeypatch):
-    """FP4_MODE MODE 4 on a GPU whose check of it fails: `moe` takes PLAIN_FP4_MODE."""
+    """FP4_MODE MODE 4 (with its own recorded shape) on a GPU whose check of it fails, or
+    where float activations are asked for: `moe` takes the built-in float decode, its shape
+    too (the integer dots' 32 × 512 tiles would make the float loop spill)."""
     monkeypatch.setattr(ft, "FP4_MODE", (4, 0, 1))
+    monkeypatch.setattr(ft, "TILES", (32, 512, 32, 512))
     monkeypatch.setattr(ft, "INTERPRETED", False)
     monkeypatch.setattr(ft, "checked", lambda name, dev: name != "FP4 int8 dots")
-    assert ft.default_fp4_mode("cuda") == ft.PLAIN_FP4_MODE
+    assert ft.decode_shape("cuda") == ft.FLOAT_FP4 == ((8, 256, 8, 256), 4, (0, 1, 1))
     monkeypatch.setattr(ft, "checked", lambda name, dev: True)
-    assert ft.default_fp4_mode("cuda") == (4, 0, 1)
-    monkeypatch.setattr(ft, "FP4_MODE", (0, 1, 1))
-    assert ft.default_fp4_mode("cuda") == (0, 1, 1)
+    assert ft.decode_shape("cuda") == ((32, 512, 32, 512), 4, (4, 0, 1))
+    assert ft.decode_shape("cuda", floats=True) == ft.FLOAT_FP4
+    monkeypatch.setattr(ft, "FP4_MODE", (2, 0, 1))  # a float mode recorded: kept either way
+    assert ft.decode_shape("cuda", floats=True) == ((32, 512, 32, 512), 4, (2, 0, 1))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf · 0

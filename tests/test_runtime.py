@@ -199,11 +199,11 @@ def test_device_experts_take_int8_activations_where_asked_and_chosen(
     folder, config, _, ids, want = tiny
     monkeypatch.setattr(gpu_kernels, "available", lambda device: True)
     monkeypatch.setattr(gpu_kernels, "FP4_MODE", (4, 0, 1))
-    modes, moe_kernel = [], gpu_kernels.moe
+    floats, moe_kernel = [], gpu_kernels.moe
 
-    def recorded(*args, mode=None, **kw):
-        modes.append(mode)
-        return moe_kernel(*args, mode=mode, **kw)
+    def recorded(*args, **kw):
+        floats.append(kw.get("floats", False))
+        return moe_kernel(*args, **kw)
 
     monkeypatch.setattr(gpu_kernels, "moe", recorded)
     placement = PLACEMENTS["all cached"](config)
@@ -213,7 +213,7 @@ def test_device_experts_take_int8_activations_where_asked_and_chosen(
         state = rt.new_state()
         rt.prefill(ids[:2], state)
         logits = rt.decode(int(ids[2]), state)
-    assert modes and set(modes) == {None if int8 else gpu_kernels.PLAIN_FP4_MODE}
+    assert floats and set(floats) == {not int8}
     cos = torch.nn.functional.cosine_similarity(logits.float(), want[2], dim=0)
     assert cos > 0.99, cos
 

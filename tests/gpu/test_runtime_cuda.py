@@ -221,7 +221,8 @@ def test_integer_decode_experts_in_the_split_runtime(tiny, monkeypatch):
     folder, config, ids, _ = tiny
     placement = _placements(config)["all in vram"]
     logits = {}
-    for mode in (gpu_kernels.PLAIN_FP4_MODE, (4, 0, 1), (4, 1, 1)):
+    plain = gpu_kernels.FLOAT_FP4[2]
+    for mode in (plain, (4, 0, 1), (4, 1, 1)):
         monkeypatch.setattr(gpu_kernels, "FP4_MODE", mode)
         with load_runtime(folder, placement=placement, int8_experts=None) as rt:
             assert all(b.moe.cache.int8 for b in rt.model.blocks)
@@ -230,7 +231,7 @@ def test_integer_decode_experts_in_the_split_runtime(tiny, monkeypatch):
             rt.prefill(ids[:8], state)
             logits[mode] = torch.stack([rt.decode(int(t), state) for t in ids[8:14]]).float()
     assert gpu_kernels.checked("FP4 int8 dots", "cuda")
-    want = logits[gpu_kernels.PLAIN_FP4_MODE]
+    want = logits[plain]
     for mode in ((4, 0, 1), (4, 1, 1)):
         cos = torch.nn.functional.cosine_similarity(logits[mode], want, dim=-1)
         assert cos.min().item() > 0.99, (mode, cos)
