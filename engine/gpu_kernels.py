@@ -90,12 +90,12 @@ FP4_STAGES = 1
 # int8 experts take, `quant.quantize_q8`; x in one launch before, h by the gate/up kernel as it
 # writes it), each int32 word of eight E2M1 codes turned into eight int8 (twice the values: 0,
 # ±1 … ±12) by three byte permutes (`prmt`) per four codes and multiplied four at a time
-# (`dp4a`), the block's integer sum scaled once. In the SASS ptxas builds for sm_90: about 2
+# (`dp4a`), the block's integer sum scaled once. In the SASS ptxas builds for sm_90: 2.4
 # instructions per weight where MODE 1 takes 10.4 (tests/_compile_kernels.py counts them). It
 # needs 32 gate/up rows a program (h is quantized per 32). Its mode's second item, F16 for the
 # float modes, is JOINT here: 1 runs gate and up in one loop, both matrices' loads in flight
-# together. Unmeasured; the sweep times it, and a GPU where its check fails keeps MODE 1 ("FP4
-# int8 dots" in CHECKS).
+# together. Unmeasured; the sweep times it, and a GPU where its check fails ("FP4 int8 dots" in
+# CHECKS) keeps the built-in float decode (`decode_shape`).
 FP4_INT8 = ((32, 512, 32, 512), 4, (4, 0, 1))
 # MODE 3 (gate and up in one loop, sums kept per thread, steps unrolled: what made the FP8
 # rows linears reach the copy rate) lost on the H200 in run 7: 75-126 µs over eight shapes
@@ -733,8 +733,8 @@ def error_summary(exc: BaseException) -> str:
 
 
 if triton is not None:
-    _INTERPRETED = tl.constexpr(INTERPRETED)  # kernels take the interpreter's path where asm
-    # cannot run (`_fp4_dot8`)
+    # the interpreter runs no inline asm: kernels that use it take another path there
+    _INTERPRETED = tl.constexpr(INTERPRETED)
 
     @triton.jit
     def _await_inputs(PDL: tl.constexpr):
