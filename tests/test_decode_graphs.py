@@ -450,3 +450,21 @@ def test_a_prompt_call_scores_its_index_queries_in_launches(kv_format, monkeypat
         torch.testing.assert_close(run(), want, **TOL)
         heads, dim = config.index_n_heads, config.index_head_dim
         assert (16, heads, dim) in blocks and (5, heads, dim) in blocks  # 21 = 16 + 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_host_layers_input_crosses_in_one_copy(dtype):
+    """The MoE input, host picks and weights a host layer's CPU share reads lie in one byte
+    buffer (`_mailbox`), so one copy brings all three across, each value as written."""
+    from flashdesk.engine.decode_graphs import _mailbox
+
+    box, xn, ids, w = _mailbox(256, 6, dtype, "cpu")
+    h_box, h_xn, h_ids, h_w = _mailbox(256, 6, dtype, "cpu")
+    assert box.dtype == torch.uint8 and box.numel() == 256 * dtype.itemsize + 6 * 12
+    for view in (xn, ids, w):
+        assert view.untyped_storage().data_ptr() == box.untyped_storage().data_ptr()
+    xn.copy_(torch.linspace(-3, 3, 256).view(1, -1))
+    ids.copy_(torch.tensor([[5, -1, 7, 0, 255, -1]]))
+    w.copy_(torch.rand(1, 6))
+    h_box.copy_(box)
+    assert torch.equal(h_xn, xn) and torch.equal(h_ids, ids) and torch.equal(h_w, w)
