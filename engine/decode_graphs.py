@@ -380,11 +380,9 @@ class GraphDecoder:
                 self.logits.copy_(model.logits_from_streams(x)[0])
                 return
             x, a, post, comb = self._attention(cut, x, tables, state)
-            experts, weights, host_ids = blocks[cut].moe.step_route(a, self.ids)
-            for dst, src in (
-                (self.x, x), (self.xn, a), (self.post, post), (self.comb, comb),
-                (self.experts, experts), (self.weights, weights), (self.host_ids, host_ids),
-            ):  # fmt: skip
+            # the routing writes its results into the fixed buffers itself (no copies after)
+            blocks[cut].moe.step_route(a, self.ids, out=(self.experts, self.weights, self.host_ids))
+            for dst, src in ((self.x, x), (self.xn, a), (self.post, post), (self.comb, comb)):
                 dst.copy_(src)
             if self.xn_host is not self.xn:  # the CPU's kernels take another dtype
                 self.xn_host.copy_(a)

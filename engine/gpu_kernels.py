@@ -2501,19 +2501,24 @@ def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps):
 
 def route(
     logits: torch.Tensor, bias: torch.Tensor | None, picked: torch.Tensor | None, k: int,
-    scale: float, record: RoutingRecord | None = None,
+    scale: float, record: RoutingRecord | None = None, out: tuple | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """`moe.Router` after its gate GEMV in one launch (as torch ops ~8 kernels per layer):
     logits `[T, E]` float32, with `bias` `[E]` (top-k routing) or `picked` `[T, k]` (hash
     routing) → experts `[T, k]` int64, weights `[T, k]` float32; with `record`, also what
-    `record_picks` does in the same launch, and the host ids `[T, k]` as a third result."""
+    `record_picks` does in the same launch, and the host ids `[T, k]` as a third result.
+    `out`: contiguous tensors of those shapes to write them into (a captured decode step's
+    fixed buffers: no copies after)."""
     tokens, n = logits.shape
     if (bias is None) == (picked is None) or logits.dtype != torch.float32:
         raise ValueError("route takes float32 logits and either a bias or hash picks")
-    experts = torch.empty((tokens, k), dtype=torch.int64, device=logits.device)
-    weights = torch.empty((tokens, k), dtype=torch.float32, device=logits.device)
+    if out is None:
+        experts = torch.empty((tokens, k), dtype=torch.int64, device=logits.device)
+        weights = torch.empty((tokens, k), dtype=torch.float32, device=logits.device)
+        host = torch.empty_like(experts) if record is not None else experts
+    else:
+        experts, weights, host = (*out, out[0])[:3]
     given = picked.to(torch.int64).contiguous() if picked is not None else experts
-    host = torch.empty_like(experts) if record is not None else experts
     logged = (record or _NO_RECORD).kernel_args(experts, host) | {"RECORD": record is not None}
     _route_kernel[(tokens,)](
         logits.contiguous(), bias if bias is not None else logits, given, experts, weights,

@@ -160,6 +160,15 @@ class LayerExperts:
         return cls(raw, kernels.ExpertTable(raw), store_of, zc, stacks or ())
 
 
+def _into(out: tuple | None, got: tuple) -> tuple:
+    """`got`'s tensors copied into `out`'s where given (→ `out`), else `got` itself."""
+    if out is None:
+        return got
+    for dst, src in zip(out, got, strict=True):
+        dst.copy_(src)
+    return out
+
+
 class ExpertCache:
     """Experts held in device memory as their packed bytes: slot s holds expert `ids[s]`.
 
@@ -394,10 +403,11 @@ class HybridMoE(MoE):
         """Whether some of this layer's picks run on the host (the device does not hold it all)."""
         return not (self.cache is not None and self.cache.whole_layer)
 
-    def step_route(self, x: torch.Tensor, ids: torch.Tensor, record_hits: bool = True):
+    def step_route(self, x: torch.Tensor, ids: torch.Tensor, record_hits: bool = True, out=None):
         """x `[T, D]` normed, ids `[T]` → experts, weights `[T, k]` and the host's share of the
         picks (`[T, k]`, −1 where the device cache holds the expert), recorded in the log (the
-        cache's hits too, unless `record_hits` is off); no host reads."""
+        cache's hits too, unless `record_hits` is off); no host reads. `out`: three tensors to
+        hold them (a captured step's fixed buffers; the fused routing writes them directly)."""
         resident = self.cache.resident if self.cache is not None and self.cache.capacity else None
         few = x.shape[0] <= gpu_kernels.MAX_TOKENS  # one program: a decode step's picks
         # the device reads these in place (step_device_parts): not the host's either
@@ -413,7 +423,11 @@ class HybridMoE(MoE):
                 in_place,
                 record_hits,
             )
-            return self.router.route_and_record(x, ids, record)
+            return self.router.route_and_record(x, ids, record, out)
+        return _into(out, self._route_apart(x, ids, resident, in_place, logged, record_hits))
+
+    def _route_apart(self, x, ids, resident, in_place, logged: bool, record_hits: bool):
+        """`step_route` where the routing and its log take launches of their own."""
         experts, weights = self.router(x, ids)
         if logged:
             log = self.log

@@ -1192,3 +1192,24 @@ def test_routing_and_its_log_in_one_launch_equal_the_two():
             == int(two.device_picks)
             == (int(resident[e2.cpu()].sum()) if hits else 0)
         )
+
+
+def test_routing_writes_into_given_buffers():
+    """`route(out=)`: a captured step's fixed buffers get the experts, weights and host ids
+    directly (no copies after), the same values as fresh ones."""
+    dev = kernels_device()
+    from flashdesk.engine.runtime_experts import RoutingLog
+
+    g = torch.Generator().manual_seed(13)
+    logits, bias = torch.randn(1, 32, generator=g).to(dev), (torch.randn(32, generator=g) * 0.1)
+    resident = (torch.rand(32, generator=g) < 0.5).to(dev)
+    got = []
+    for out in (None, tuple(torch.full((1, 4), 9, dtype=t, device=dev)
+                            for t in (torch.int64, torch.float32, torch.int64))):  # fmt: skip
+        log = RoutingLog(1, 32, torch.device(dev))
+        record = ft.RoutingRecord(log.counts[0], log.device_picks, log.total_picks, resident)
+        got.append(ft.route(logits, bias.to(dev), None, 4, 2.0, record, out))
+        if out is not None:
+            assert all(a is b for a, b in zip(got[-1], out, strict=True))
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())

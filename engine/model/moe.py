@@ -53,13 +53,14 @@ class Router:
             return gpu_kernels.route(logits, self.bias, picked, self.top_k, self.scale)
         return self._route_ops(logits, ids)
 
-    def route_and_record(self, x: torch.Tensor, ids: torch.Tensor, record) -> tuple:
+    def route_and_record(self, x: torch.Tensor, ids: torch.Tensor, record, out=None) -> tuple:
         """`self(x, ids)` with the routing log's record of the picks in the same launch
         (`gpu_kernels.route(record=)`, a `RoutingRecord`) → experts, weights and the host ids
-        `[T, k]`. For a GPU where the "routing" and "routing log" kernels passed their checks."""
+        `[T, k]` (written into `out`'s three tensors where given). For a GPU where the
+        "routing" and "routing log" kernels passed their checks."""
         logits = float_linear(x, self.weight)
         picked = self.tid2eid[ids] if self.tid2eid is not None else None
-        return gpu_kernels.route(logits, self.bias, picked, self.top_k, self.scale, record)
+        return gpu_kernels.route(logits, self.bias, picked, self.top_k, self.scale, record, out)
 
     def _route_ops(self, logits: torch.Tensor, ids: torch.Tensor):
         """The routing after the gate as torch operations."""
