@@ -2018,27 +2018,32 @@ def moe(
     experts = experts.contiguous()
     weights = weights.to(torch.float32).contiguous()
     split = mode[2] if len(mode) > 2 else 0
-    if mode[0] == 4:
-        out = _moe_q8(x, experts, weights, slot_of, (w1, s1, w3, s3, w2, s2), limit, tiles,
-                      num_warps, split, stages or FP4_STAGES, bool(mode[1]))  # fmt: skip
-        parts = out.view(tokens, topk if split else 1, dim)
-        return parts.sum(dim=1) if summed else parts
+    q8 = mode[0] == 4  # the integer dots: x, then h, as int8 with a step per 32 values
+    if q8:
+        x_in, x_steps = _quantize_q8(x)
+        h = torch.empty((tokens * topk, inter), dtype=torch.int8, device=x.device)
+        h_steps = torch.empty((tokens * topk, inter // 32), dtype=torch.float32, device=x.device)
+    else:  # the float modes read x and write float32 h (no steps: their pointers unread)
+        x_in = x_steps = x
+        h = h_steps = torch.empty((tokens * topk, inter), dtype=torch.float32, device=x.device)
     # the down kernel reads h only where gate/up wrote it (picks in the store)
-    h = torch.empty((tokens * topk, inter), dtype=torch.float32, device=x.device)
     out = torch.empty(
         (tokens * topk if split else tokens, dim), dtype=torch.float32, device=x.device
     )
-    bn_up, bkb_up = _block(inter, tiles[0]), max(16, _block(dim // 2, tiles[1]))
+    # MODE 4 quantizes h per 32 values: 32 gate/up rows a program at least
+    bn_up = _block(inter, max(32, tiles[0]) if q8 else tiles[0])
+    bkb_up = max(16, _block(dim // 2, tiles[1]))
     bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
     _gate_up_kernel[(tokens * topk, inter // bn_up)](
-        x, x, experts, weights, slot_of, w1, s1, w3, s3, h, h, float(limit),
+        x_in, x_steps, experts, weights, slot_of, w1, s1, w3, s3, h, h_steps, float(limit),
         TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=mode[0], F16=mode[1],
         STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(x.device),
     )  # fmt: skip
     _down_kernel[(out.shape[0], dim // bn_down)](
-        h, h, experts, slot_of, w2, s2, out,
-        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0], F16=mode[1],
-        SPLIT=split, STAGES=stages or FP4_STAGES, num_warps=num_warps, **_pdl(h.device),
+        h, h_steps, experts, slot_of, w2, s2, out,
+        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=mode[0],
+        F16=0 if q8 else mode[1], SPLIT=split, STAGES=stages or FP4_STAGES, num_warps=num_warps,
+        **_pdl(x.device),
     )  # fmt: skip
     parts = out.view(tokens, topk if split else 1, dim)
     return parts.sum(dim=1) if summed else parts
@@ -2056,36 +2061,15 @@ def decode_shape(device: torch.device | str, floats: bool = False) -> tuple:
     return TILES, WARPS, FP4_MODE
 
 
-def _moe_q8(x, experts, weights, slot_of, stacks, limit, tiles, num_warps, split, stages, joint):
-    """`moe` in integers (MODE 4): x quantized to int8 per 32 values in one launch, then
-    gate/up (which writes h as int8 and steps; `joint`: gate and up in one loop) and down →
-    `[T·k or T, D]` float32."""
-    w1, s1, w3, s3, w2, s2 = stacks
+def _quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[T, K]` → int8 `[T, K]` and a step per 32 values `[T, K/32]` float32, in one launch
+    (`quant.quantize_q8`'s rounding)."""
     tokens, dim = x.shape
-    topk, inter = experts.shape[1], w1.shape[1]
-    xq = torch.empty((tokens, dim), dtype=torch.int8, device=x.device)
-    xd = torch.empty((tokens, dim // 32), dtype=torch.float32, device=x.device)
+    q = torch.empty((tokens, dim), dtype=torch.int8, device=x.device)
+    steps = torch.empty((tokens, dim // 32), dtype=torch.float32, device=x.device)
     bk = _block(dim, 1024)
-    _q8_kernel[(tokens, dim // bk)](x, xq, xd, K=dim, BK=bk, num_warps=4, **_pdl(x.device))
-    # the down kernel reads h only where gate/up wrote it (picks in the store)
-    hq = torch.empty((tokens * topk, inter), dtype=torch.int8, device=x.device)
-    hd = torch.empty((tokens * topk, inter // 32), dtype=torch.float32, device=x.device)
-    out = torch.empty((tokens * topk if split else tokens, dim), dtype=torch.float32,
-                      device=x.device)  # fmt: skip
-    # bytes a step: whole words of whole 32-value blocks (16 bytes each)
-    bn_up, bkb_up = _block(inter, max(32, tiles[0])), max(16, _block(dim // 2, tiles[1]))
-    bn_down, bkb_down = _block(dim, tiles[2]), max(16, _block(inter // 2, tiles[3]))
-    _gate_up_kernel[(tokens * topk, inter // bn_up)](
-        xq, xd, experts, weights, slot_of, w1, s1, w3, s3, hq, hd, float(limit),
-        TOPK=topk, D=dim, INTER=inter, BN=bn_up, BKB=bkb_up, MODE=4, F16=int(joint),
-        STAGES=stages, num_warps=num_warps, **_pdl(x.device),
-    )  # fmt: skip
-    _down_kernel[(out.shape[0], dim // bn_down)](
-        hq, hd, experts, slot_of, w2, s2, out,
-        TOPK=topk, D=dim, INTER=inter, BN=bn_down, BKB=bkb_down, MODE=4, F16=0, SPLIT=split,
-        STAGES=stages, num_warps=num_warps, **_pdl(x.device),
-    )  # fmt: skip
-    return out
+    _q8_kernel[(tokens, dim // bk)](x, q, steps, K=dim, BK=bk, num_warps=4, **_pdl(x.device))
+    return q, steps
 
 
 def expert_blocks(
@@ -2764,13 +2748,8 @@ def linear(
     as the "rows" kernel reads x: one launch fewer; the "dot" kernel gets SwiGLU's launch first.
     """
     n, k = weight.shape
-    if glu is not None:
-        if groups != 1 or x.shape[-1] != 2 * k:
-            raise ValueError(f"a SwiGLU input is [T, 2K] for W {tuple(weight.shape)}, one group")
-        shaped = (n, k, groups, weight.element_size()) in LINEAR_ROWS_BY_SHAPE
-        if (kind or ("rows" if shaped else _linear_kind(x, weight, scale))) != "rows":
-            x = swiglu(x[..., :k], x[..., k:], glu, x.dtype)  # the tensor cores read x as is
-            glu = None
+    if glu is not None and (groups != 1 or x.shape[-1] != 2 * k):
+        raise ValueError(f"a SwiGLU input is [T, 2K] for W {tuple(weight.shape)}, one group")
     if x.shape[-1] != groups * k * (1 if glu is None else 2) or n % groups:
         raise ValueError(
             f"x {tuple(x.shape)} does not fit W {tuple(weight.shape)} in {groups} groups"
@@ -2789,8 +2768,12 @@ def linear(
         shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, groups, weight.element_size()))
         if shaped is not None:
             kind, (block_n, num_warps, block_k, min_programs) = "rows", shaped
-    kind = kind or _linear_kind(x, weight, scale)
+    if kind is None:
+        halves = x.dtype in (torch.bfloat16, torch.float16)
+        kind = LINEAR_KIND if scale is not None and halves else "rows"
     if kind == "dot":
+        if glu is not None:  # the tensor cores read x as it is: SwiGLU's own launch first
+            x = swiglu(x[:, :k], x[:, k:], glu, x.dtype)
         num_warps = num_warps or 4
         num_stages = num_stages or LINEAR_STAGES
         bm, bn, bk = tiles or LINEAR_TILES
@@ -2837,13 +2820,6 @@ def linear(
     if split > 1:
         out.copy_(dest.sum(dim=0))
     return out
-
-
-def _linear_kind(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> str:
-    """The kernel `linear` takes where nothing else says: LINEAR_KIND for FP8 weights with
-    bf16/fp16 activations, else "rows"."""
-    halves = x.dtype in (torch.bfloat16, torch.float16)
-    return LINEAR_KIND if scale is not None and halves else "rows"
 
 
 def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
