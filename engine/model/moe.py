@@ -123,15 +123,13 @@ class SharedExpert:
     def __call__(self, x: torch.Tensor, simulate: bool = False, widen: bool = True) -> torch.Tensor:
         """x `[T, D]` → `[T, D]` float32 (`widen` off: in x's dtype, for a consumer that widens
         it in its own kernel)."""
-        fused = getattr(self.w2, "after_swiglu", None)  # the GPU runtime's FP8 w2
-        if self.w13 is not None and not simulate and fused is not None:
+        if self.w13 is not None and not simulate:
             joined = self.w13.whole(x)
-            if joined.dtype == x.dtype:  # SwiGLU rounds to x's dtype, as below
-                y = fused(joined, self.limit)
+            after = getattr(self.w2, "after_swiglu", None)  # the GPU runtime's FP8 w2
+            if after is not None and joined.dtype == x.dtype:  # SwiGLU rounds to x's dtype
+                y = after(joined, self.limit)
                 return y.float() if widen else y
-            gate, up = joined.split(joined.shape[-1] // 2, dim=-1)
-        elif self.w13 is not None and not simulate:
-            gate, up = self.w13(x)
+            gate, up = joined.split(self.w13.sizes, dim=-1)
         else:
             gate, up = self.w1(x, simulate), self.w3(x, simulate)
         h = swiglu(gate, up, self.limit, x.dtype)
