@@ -516,19 +516,18 @@ def _profile_prefill(rt, ids, say) -> dict:
     return {"profile_prefill_s": wall, "profile_prefill_device_s": device_s}
 
 
-def _other_setting(rt, name: str, timed_decode) -> dict:
-    """Decode with gpu_kernels' on/off switch `name` (PDL, FUSED_NORMS) flipped, the steps
-    captured again → `decode_tok_s_<name>` or `decode_tok_s_without_<name>` (lower case) and
-    `<name>_graphs`, or `<name>_error`; the switch is restored (the caller restores rt.graphs)."""
+def _decode_with(rt, settings: dict, key: str, label: str, timed_decode) -> dict:
+    """Decode with gpu_kernels' `settings` (name → value) in force, the steps captured again →
+    {`key`: tok/s, `<label>_graphs`: usable or why not}, or {`<label>_error`: why}; the settings
+    are restored after (the caller restores rt.graphs)."""
     from flashdesk.engine import gpu_kernels
     from flashdesk.engine.decode_graphs import GraphDecoder
 
-    label = name.lower()
-    on = getattr(gpu_kernels, name)
-    setattr(gpu_kernels, name, type(on)(not on))
+    saved = {name: getattr(gpu_kernels, name) for name in settings}
+    for name, value in settings.items():
+        setattr(gpu_kernels, name, value)
     try:
         rt.graphs = GraphDecoder(rt.model)
-        key = f"decode_tok_s_without_{label}" if on else f"decode_tok_s_{label}"
         return {
             key: 1.0 / timed_decode(warmup=2),
             f"{label}_graphs": rt.graphs.usable or rt.graphs.reason,
@@ -536,36 +535,36 @@ def _other_setting(rt, name: str, timed_decode) -> dict:
     except Exception as exc:  # reported, and the run goes on without it
         return {f"{label}_error": gpu_kernels.error_summary(exc)}
     finally:
-        setattr(gpu_kernels, name, on)
+        for name, value in saved.items():
+            setattr(gpu_kernels, name, value)
+
+
+def _other_setting(rt, name: str, timed_decode) -> dict:
+    """Decode with gpu_kernels' on/off switch `name` (PDL, FUSED_NORMS) flipped →
+    `decode_tok_s_<name>` or `decode_tok_s_without_<name>` (lower case) and `<name>_graphs`, or
+    `<name>_error` (`_decode_with`)."""
+    from flashdesk.engine import gpu_kernels
+
+    label, on = name.lower(), getattr(gpu_kernels, name)
+    key = f"decode_tok_s_without_{label}" if on else f"decode_tok_s_{label}"
+    return _decode_with(rt, {name: type(on)(not on)}, key, label, timed_decode)
 
 
 def _other_fp4_decode(rt, timed_decode) -> dict:
-    """Decode with the VRAM experts' other decode, the steps captured again: the integer dots
-    (MODE 4 in `gpu_kernels.FP4_INT8`'s shape) where FP4_MODE is a float one, else the built-in
-    float decode (`FLOAT_FP4`) → `decode_tok_s_int8_dots` or `decode_tok_s_float_dots`, whether
-    MODE 4 passed its check here, or `fp4_decode_error`; the settings are restored."""
+    """Decode with the VRAM experts' other decode: the integer dots (MODE 4 in
+    `gpu_kernels.FP4_INT8`'s shape) where FP4_MODE is a float one, else the built-in float
+    decode (`FLOAT_FP4`) → `decode_tok_s_int8_dots` or `decode_tok_s_float_dots` and whether
+    MODE 4 passed its check here, or `fp4_decode_error` (`_decode_with`)."""
     from flashdesk.engine import gpu_kernels
-    from flashdesk.engine.decode_graphs import GraphDecoder
 
-    names = ("TILES", "WARPS", "FP4_MODE", "FP4_STAGES")
-    saved = {name: getattr(gpu_kernels, name) for name in names}
-    to_int8 = saved["FP4_MODE"][0] != 4
+    to_int8 = gpu_kernels.FP4_MODE[0] != 4
     tiles, warps, mode = gpu_kernels.FP4_INT8 if to_int8 else gpu_kernels.FLOAT_FP4
-    for name, value in zip(names, (tiles, warps, mode, 1), strict=True):
-        setattr(gpu_kernels, name, value)
-    try:
-        rt.graphs = GraphDecoder(rt.model)
-        key = "decode_tok_s_int8_dots" if to_int8 else "decode_tok_s_float_dots"
-        return {
-            key: 1.0 / timed_decode(warmup=2),
-            "int8_dots_checked": gpu_kernels.checked("FP4 int8 dots", rt.device),
-            "fp4_decode_graphs": rt.graphs.usable or rt.graphs.reason,
-        }
-    except Exception as exc:  # reported, and the run goes on without it
-        return {"fp4_decode_error": gpu_kernels.error_summary(exc)}
-    finally:
-        for name, value in saved.items():
-            setattr(gpu_kernels, name, value)
+    settings = {"TILES": tiles, "WARPS": warps, "FP4_MODE": mode, "FP4_STAGES": 1}
+    key = "decode_tok_s_int8_dots" if to_int8 else "decode_tok_s_float_dots"
+    out = _decode_with(rt, settings, key, "fp4_decode", timed_decode)
+    if "fp4_decode_graphs" in out:
+        out["int8_dots_checked"] = gpu_kernels.checked("FP4 int8 dots", rt.device)
+    return out
 
 
 def _profile(rt, state, logits, steps: int, say) -> dict:
