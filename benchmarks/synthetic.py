@@ -251,7 +251,8 @@ def run(
             for moe in int8:
                 moe.host_int8 = True
         if graphs is not None and graphs.usable:  # kernel switches: the other setting beside
-            switches = ["FUSED_NORMS"] + (["PDL"] if gpu_kernels.pdl_possible(rt.device) else [])
+            switches = ["FUSED_NORMS", "FUSED_SEAMS"]
+            switches += ["PDL"] if gpu_kernels.pdl_possible(rt.device) else []
             for name in switches:
                 out |= _other_setting(rt, name, timed_decode)
             if any(b.moe.cache is not None and b.moe.cache.int8 for b in rt.model.blocks):
@@ -372,6 +373,7 @@ def run(
     for label, what in (
         ("pdl", "programmatic dependent launch"),
         ("fused_norms", "RMSNorms fused into their neighbours' kernels"),
+        ("fused_seams", "mixes, ring and row writes, de-rotation folded into neighbours"),
     ):
         if f"{label}_error" in out:
             say(f"{what}: the other setting failed ({out[f'{label}_error']})")
@@ -540,7 +542,7 @@ def _decode_with(rt, settings: dict, key: str, label: str, timed_decode) -> dict
 
 
 def _other_setting(rt, name: str, timed_decode) -> dict:
-    """Decode with gpu_kernels' on/off switch `name` (PDL, FUSED_NORMS) flipped →
+    """Decode with gpu_kernels' on/off switch `name` (PDL, FUSED_NORMS, FUSED_SEAMS) flipped →
     `decode_tok_s_<name>` or `decode_tok_s_without_<name>` (lower case) and `<name>_graphs`, or
     `<name>_error` (`_decode_with`)."""
     from flashdesk.engine import gpu_kernels

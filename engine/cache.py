@@ -54,6 +54,11 @@ class _Codec:
         for buf, enc in zip(parts, self.encode(rows), strict=True):
             buf.index_copy_(0, index, enc)
 
+    def as_stored(self, parts, dtype: torch.dtype) -> torch.Tensor | None:
+        """The buffer rows of `dtype` are kept in unchanged, where there is one (NativeRows of
+        that dtype): a kernel may write rows there itself. None: rows go through `write_rows`."""
+        return None
+
     def read_rows(self, parts, index: torch.Tensor | None = None) -> torch.Tensor:
         """The rows at `index` `[n]` int64 (None: every row) decoded → `[n, width]`."""
         return self.decode(
@@ -72,6 +77,9 @@ class NativeRows(_Codec):
 
     def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (rows.to(self.dtype),)
+
+    def as_stored(self, parts, dtype: torch.dtype) -> torch.Tensor | None:
+        return parts[0] if dtype == self.dtype else None
 
     def decode(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return parts[0]
@@ -117,6 +125,11 @@ class Fp8Rows(_Codec):
             gpu_kernels.fp8_rows_put(parts, rows, index)
         else:
             super().write_rows(parts, rows, index)
+
+    def as_stored(self, parts, dtype: torch.dtype) -> torch.Tensor | None:
+        """The buffer rows of `dtype` are kept in unchanged, where there is one (NativeRows of
+        that dtype): a kernel may write rows there itself. None: rows go through `write_rows`."""
+        return None
 
     def read_rows(self, parts, index: torch.Tensor | None = None) -> torch.Tensor:
         if self._fused(parts[0]):
@@ -274,6 +287,10 @@ class RowStore:
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self._parts
 
+    def as_stored(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`[capacity, width]`: where rows of `dtype` can be written as they are (`_Codec`)."""
+        return self.codec.as_stored(self._parts, dtype)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the rows held (the allocation may be up to 2× larger while growing)."""
@@ -327,6 +344,10 @@ class WindowRing:
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self._parts
+
+    def as_stored(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`[size, width]`: where rows of `dtype` can be written as they are (`_Codec`)."""
+        return self.codec.as_stored(self._parts, dtype)
 
     @property
     def nbytes(self) -> int:

@@ -35,7 +35,7 @@ import torch
 from flashdesk.engine import cache, gpu_kernels, kernels
 from flashdesk.engine.cache import SequenceState
 from flashdesk.engine.model.attention import StepPositions
-from flashdesk.engine.model.mhc import hc_post
+from flashdesk.engine.model.mhc import hc_post_then
 from flashdesk.engine.model.model import V4Model
 from flashdesk.engine.runtime_experts import HybridMoE
 
@@ -77,6 +77,53 @@ def _mailbox(dim: int, k: int, dtype: torch.dtype, device, pin: bool = False) ->
         buf[a:b].view(torch.long).view(1, k),
         buf[b:].view(torch.float32).view(1, k),
     )
+
+
+class _StepTables:
+    """What a step's layers derive from its position alone (both RoPE tables' cos/sin, the
+    window slot, the compressed rows visible at each store size) in fixed buffers that the first
+    segment fills once a step and every segment reads: each segment made its own before, ~12
+    launches more at every host-expert layer's cut."""
+
+    def __init__(self, model: V4Model, pos: torch.Tensor, state: SequenceState, compressed):
+        dev = pos.device
+        self.pos = pos
+        self._pos_f = torch.zeros(1, device=dev)
+
+        def row(n: int) -> torch.Tensor:
+            return torch.zeros(1, n, device=dev)
+
+        # per table: inverse frequencies, angles, cos, sin `[1, r/2]` (`Rotary.cos_sin`'s)
+        self._rope = [(r.inv_freq.to(dev), *(row(r.inv_freq.shape[0]) for _ in range(3)))
+                      for r in model.rotaries]  # fmt: skip
+        windows = {b.attn.window for b in model.blocks}
+        self._slots = {w: torch.zeros(1, dtype=torch.long, device=dev) for w in windows}
+        # per (rows, ratio): each row's last position before it is visible, and the mask:
+        # row r is visible from position (r+1)·ratio − 1 on, i.e. r < ⌊(pos+1)/ratio⌋
+        self._visible = {}
+        for i, ratio, _ in compressed:
+            rows = state.layers[i].kv_entries.capacity
+            if (rows, ratio) not in self._visible:
+                last = (torch.arange(rows, device=dev) + 1) * ratio - 1
+                self._visible[rows, ratio] = (last, torch.zeros(rows, dtype=torch.bool, device=dev))
+
+    def fill(self) -> None:
+        """This step's values, in place (the first segment's first launches)."""
+        self._pos_f.copy_(self.pos)
+        for inv, angles, cos, sin in self._rope:
+            torch.mul(self._pos_f[:, None], inv[None, :], out=angles)
+            torch.cos(angles, out=cos)
+            torch.sin(angles, out=sin)
+        for window, slot in self._slots.items():
+            torch.remainder(self.pos, window, out=slot)
+        for last, visible in self._visible.values():
+            torch.le(last, self.pos, out=visible)
+
+    def tables(self) -> tuple[list, StepPositions]:
+        """(cos, sin) per RoPE table, and the layers' `StepPositions`, for one segment."""
+        made = {("slot", w): t for w, t in self._slots.items()}
+        made |= {("visible", *key): v for key, (_, v) in self._visible.items()}
+        return [(cos, sin) for _, _, cos, sin in self._rope], StepPositions(self.pos, made)
 
 
 class _Segment:
@@ -159,6 +206,7 @@ class GraphDecoder:
         self._keyed: tuple[weakref.ref, int] | None = None
         self._room = 0  # positions below this need no store to grow (for the keyed state)
         self._plan: list[tuple[str, object]] = []  # ("body", segment) / ("cut", (layer, segment))
+        self._tables: _StepTables | None = None  # the plan's per-step tables
         self._pool = None
 
     @property
@@ -346,6 +394,7 @@ class GraphDecoder:
 
     def _segments(self, state: SequenceState) -> list[tuple[str, object]]:
         n = len(self.model.blocks)
+        self._tables = _StepTables(self.model, self.pos, state, self._compressed)
         plan: list[tuple[str, object]] = []
         joined = None
         for cut in [*self.cuts, None]:
@@ -362,43 +411,55 @@ class GraphDecoder:
         full-device `layers`, then the attention and routing of layer `cut` (None: the head)."""
         model, c = self.model, self.config
         blocks = model.blocks
+        step_tables = self._tables
 
         def body() -> None:
-            pos = self.pos
-            # per step, not per layer: the angles (main, compress), window slot, visible rows
-            tables = [r.cos_sin(pos) for r in model.rotaries], StepPositions(pos)
+            # per step, not per layer or segment: the angles (main, compress), window slot,
+            # visible rows, made by the first segment
+            if joined is None:
+                step_tables.fill()
+            tables = step_tables.tables()
+            mixes = None  # the next site's, as the hyper-connection update computed them
             if joined is None:
                 x = self.embed.unsqueeze(1).expand(-1, c.hc_mult, -1)
             else:
-                x = hc_post(self.y, self.x, self.post, self.comb, add=self.host_y)
+                x, mixes = hc_post_then(
+                    self.y, self.x, self.post, self.comb, self.host_y, self._mixes_of(joined + 1)
+                )
             for i in layers:
-                x, a, post, comb = self._attention(i, x, tables, state)
+                x, a, post, comb = self._attention(i, x, tables, state, mixes)
                 experts, weights, _ = blocks[i].moe.step_route(a, self.ids)
                 f, parts = blocks[i].moe.step_device_parts(a, experts, weights)
-                x = hc_post(f, x, post, comb, add=parts)
+                x, mixes = hc_post_then(f, x, post, comb, parts, self._mixes_of(i + 1))
             if cut is None:
                 self.logits.copy_(model.logits_from_streams(x)[0])
                 return
-            x, a, post, comb = self._attention(cut, x, tables, state)
-            # the routing writes its results into the fixed buffers itself (no copies after)
+            # the streams, MoE input, post and comb, then the routing, written by their kernels
+            # into the fixed buffers the next segments read (no copies after)
+            fixed = (self.x, self.xn, self.post, self.comb)
+            _, a, _, _ = self._attention(cut, x, tables, state, mixes, fixed)
             blocks[cut].moe.step_route(a, self.ids, out=(self.experts, self.weights, self.host_ids))
-            for dst, src in ((self.x, x), (self.xn, a), (self.post, post), (self.comb, comb)):
-                dst.copy_(src)
             if self.xn_host is not self.xn:  # the CPU's kernels take another dtype
                 self.xn_host.copy_(a)
 
         return body
 
-    def _attention(self, i: int, x, tables, state):
+    def _attention(self, i: int, x, tables, state, mixes, out=None):
         block = self.model.blocks[i]
         angles, at = tables
         cos, sin = angles[1] if block.spec.has_compressor else angles[0]
-        return block.step_attention(x, self.pos, cos, sin, state.layers[i], at)
+        return block.step_attention(x, self.pos, cos, sin, state.layers[i], at, mixes, out)
+
+    def _mixes_of(self, layer: int) -> torch.Tensor | None:
+        """The mixes weights of `layer`'s attention site (None past the last layer: the head
+        makes its own)."""
+        blocks = self.model.blocks
+        return blocks[layer].hc_attn[0] if layer < len(blocks) else None
 
     def _device_part(self, layer: int):
         moe = self.model.blocks[layer].moe
 
         def device_part() -> None:
-            self.y.copy_(moe.step_device(self.xn, self.experts, self.weights))
+            moe.step_device(self.xn, self.experts, self.weights, out=self.y)
 
         return device_part

@@ -111,6 +111,12 @@ PDL = int(os.environ.get("FLASHDESK_PDL", "1") not in ("", "0"))
 # their RoPE (`norm_rope`), the two block inputs' into the hyper-connection collapse
 # (`hc_pre_tail`): 4 launches fewer a layer. `bench --synthetic` times the other setting beside.
 FUSED_NORMS = True
+# Launches of a decode layer folded into their neighbours' (twenty-first session, unmeasured
+# on a GPU; the census by tests/test_decode_graphs.py): the next site's mixes into `hc_post`
+# (`then=`), the window ring's write and the output's de-rotation into the attention's merge
+# (`decode_attention(keep_own=, rope=)`), the compressed row's write into `compressor_step`
+# (`into=`): ~3.5 launches fewer a layer. `bench --synthetic` times the other setting beside.
+FUSED_SEAMS = True
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
 DECODE_MOE = "rows"
@@ -248,7 +254,7 @@ def compressor_parts(g: torch.Generator, ratio: int, dim: int, c: int) -> dict:
 
 def _check_compressor_step(dev: torch.device) -> str | None:
     """`compressor_step` against `Compressor.step`'s torch path, CSA (overlap) and HCA-like
-    windows, over positions that close windows."""
+    windows, over positions that close windows; the HCA-like one writing into its store."""
     from flashdesk.engine.cache import CompressorCarry, NativeRows, RowStore
     from flashdesk.engine.model.compressor import Compressor
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
@@ -273,11 +279,13 @@ def _check_compressor_step(dev: torch.device) -> str | None:
                 comp.step(a, torch.tensor([pos]), carry, store, torch.float32)
             comp, carry, store = made["got"]
             x, at = a.to(dev), torch.tensor([pos], device=dev)
-            out, index = compressor_step(
+            into = store.as_stored(torch.float32) if ratio == 8 else None  # both ways
+            entry = compressor_step(
                 x @ comp.wkv.T, x @ comp.wgate.T, comp.ape, carry, at, comp.norm,
-                comp.rotary.inv_freq, comp.eps, torch.float32,
+                comp.rotary.inv_freq, comp.eps, torch.float32, into,
             )  # fmt: skip
-            store.put(out, index)
+            if entry is not None:
+                store.put(*entry)
         (_, want, want_rows), (_, got, got_rows) = made["want"], made["got"]
         closed = (2 * ratio + 1) // ratio  # rows past the closed windows' are scratch
         pairs = [(got_rows.rows()[:closed], want_rows.rows()[:closed])]
@@ -291,10 +299,12 @@ def _check_compressor_step(dev: torch.device) -> str | None:
 def _check_decode_attention(dev: torch.device) -> str | None:
     """`decode_attention` against `Attention.step`'s torch ops (`Attention._sink_attend`), the
     ring filling and full, with and without compressed rows, in one split per part and in
-    several (the own slot and masked rows in later splits)."""
+    several (the own slot and masked rows in later splits); in bf16 with the ring write and
+    the de-rotation a decode step has the merge do (`keep_own`, `rope`)."""
     from types import SimpleNamespace
 
     from flashdesk.engine.model.attention import Attention
+    from flashdesk.engine.model.rope import apply_rope_ops
 
     g = torch.Generator().manual_seed(8)
     heads, dim, w, c = 16, 64, 8, 12  # 16 heads: a group, where DECODE_ATTENTION is "heads"
@@ -321,17 +331,30 @@ def _check_decode_attention(dev: torch.device) -> str | None:
         want = Attention._sink_attend(layer, logits, values)
         on = [t.to(dev, dtype) for t in (q, window, own, comp)]
         on += [visible.to(dev), layer.sink.to(dev)]
+        # the bf16 cases also as a decode step asks: the ring written, the output de-rotated
+        fused = dtype == torch.bfloat16
+        angles = torch.rand(1, 8, generator=g) * 6.0
+        rope = (angles.cos().to(dev), angles.sin().to(dev), dtype) if fused else None
         got = decode_attention(
             on[0], on[1], on[2], on[3] if with_comp else None, on[4] if with_comp else None,
             torch.tensor([pos], device=dev), on[5], layer.scale, rows_per_split=split,
+            keep_own=fused, rope=rope,
         )  # fmt: skip
-        if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5):
+        if fused:
+            want = apply_rope_ops(want, angles.cos(), angles.sin(), True, dtype).float()
+            if not torch.equal(on[1].cpu(), keys.to(dtype)):  # the ring took own at its slot
+                return "it wrote the window ring wrongly on this GPU"
+            got = got.float()
+        tol = {"rtol": 1e-2, "atol": 1e-2} if fused else {"rtol": 1e-4, "atol": 1e-5}
+        if not torch.allclose(got.cpu(), want, **tol):
             return "it gave other values than the torch ops on this GPU"
     return None
 
 
 def _check_hc_mixes(dev: torch.device) -> str | None:
-    """`hc_mixes` against `mhc._mixes`' torch ops."""
+    """`hc_mixes` against `mhc._mixes`' torch ops; and the mixes as `hc_post(then=)` sums them
+    in parts and `hc_pre_tail` finishes them (two column blocks' parts) against the torch
+    update and collapse."""
     from flashdesk.engine.model import mhc
 
     g = torch.Generator().manual_seed(6)
@@ -340,6 +363,21 @@ def _check_hc_mixes(dev: torch.device) -> str | None:
     want = mhc._mixes(x, fn, 1e-6)
     if not torch.allclose(hc_mixes(x.to(dev), fn.to(dev), 1e-6).cpu(), want, 1e-4, 1e-5):
         return "it gave other values than the torch ops on this GPU"
+    _, streams, w, _, _, fn, mix_scale, base, _ = _elementwise_case(9)
+    streams = streams.repeat(1, 1, 4)  # 512 columns: 2 programs' parts
+    fn, w = fn.unflatten(1, (4, 128)).repeat(1, 1, 4).flatten(1), w.repeat(4)
+    f = torch.randn(2, 512, generator=g)
+    post, comb = torch.rand(2, 4, generator=g), torch.rand(2, 4, 4, generator=g)
+    on = [t.to(dev) for t in (f, streams, post, comb, fn, mix_scale, base, w)]
+    new, parts = hc_post(*on[:4], then=on[4])
+    new = new.cpu()
+    got = hc_pre_tail(parts, new.to(dev), on[5], on[6], 20, 1e-6, on[7], 1e-6)
+    want = mhc.hc_pre_ops(new, fn, mix_scale, base, 20, 1e-6, 1e-6, w)  # of the same streams
+    close = torch.allclose(new, mhc.hc_post_ops(f, streams, post, comb), 1e-4, 1e-5)
+    if not close or not all(
+        torch.allclose(a.cpu(), b, 1e-4, 1e-5) for a, b in zip(got, want, strict=True)
+    ):
+        return "the mixes summed by the hyper-connection update gave other values on this GPU"
     return None
 
 
@@ -712,6 +750,10 @@ def _elementwise_mismatch(dev: torch.device) -> str | None:
         "hyper-connection update with the experts' sums": (
             hc_post(fd, xd, postd, combd, add=partsd),
             mhc.hc_post((f + parts.sum(1)), x, post, comb),
+        ),
+        "a host layer's device share summed": (
+            sum_parts(fd.to(torch.bfloat16), (partsd, partsd[:, :2]), torch.empty_like(fd)),
+            f.to(torch.bfloat16).float() + parts.sum(1) + parts[:, :2].sum(1),
         ),
         "SwiGLU": (torch.cat([swiglu(xd[:, 0] * 9, xd[:, 1] * 9, lim, torch.float32)
                               for lim in (0.0, 7.0)]),
@@ -1289,7 +1331,7 @@ if triton is not None:
         kv_new_ptr, g_new_ptr, ape_ptr, kv_ptr, g_ptr, prev_kv_ptr, prev_g_ptr, pos_ptr,
         norm_ptr, inv_freq_ptr, out_ptr, index_ptr, eps,
         M: tl.constexpr, C: tl.constexpr, OVERLAP: tl.constexpr, HALF: tl.constexpr,
-        RB: tl.constexpr, PDL: tl.constexpr = False,
+        RB: tl.constexpr, PDL: tl.constexpr = False, INTO: tl.constexpr = False,
     ):  # fmt: skip
         """`Compressor.step` after its two GEMVs, one program: the token's projection and gate
         (+ ape) into carry slot pos mod M. At a window's last token also: the window pooled
@@ -1298,8 +1340,9 @@ if triton is not None:
         halves → prev. Other tokens write zeros to out: row ⌊pos/M⌋ is scratch until its window
         closes (nobody reads it: the visible count is ⌊(pos+1)/M⌋), so pooling a partial window
         each token (an HCA layer's 128 rows, ~2/3 of the launch's time) is work thrown away.
-        index ⌊pos/M⌋ either way. The rows written here are used from registers, never read
-        back."""
+        index ⌊pos/M⌋ either way. INTO: out is the store's rows `[capacity, C]` and the row
+        goes to row index (no write of its own after). The rows written here are used from
+        registers, never read back."""
         _await_inputs(PDL)
         W: tl.constexpr = 2 * C if OVERLAP else C
         B0: tl.constexpr = C if OVERLAP else 0  # where the current entry's half starts
@@ -1318,6 +1361,8 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         index = pos // M
         tl.store(index_ptr, index)
+        if INTO:
+            out_ptr += index * C
         if slot != M - 1:
             tl.store(out_ptr + cols, tl.zeros((C,), dtype=tl.float32).to(dtype))
         else:
@@ -1482,13 +1527,21 @@ if triton is not None:
     @triton.jit
     def _decode_attention_combine_kernel(
         top_ptr, den_ptr, acc_ptr, sink_ptr, out_ptr, D: tl.constexpr, S: tl.constexpr,
-        SB: tl.constexpr, PDL: tl.constexpr = False,
+        SB: tl.constexpr, PDL: tl.constexpr = False, KEEP: tl.constexpr = False, own_ptr=None,
+        win_ptr=None, pos_ptr=None, W: tl.constexpr = 1, ROPE: tl.constexpr = False,
+        cos_ptr=None, sin_ptr=None, HALF: tl.constexpr = 1,
     ):  # fmt: skip
         """One head per program: its S splits' partial softmaxes and the sink (a logit with no
-        value, e^0 in the sum) merged → Σ p · row / Σ p."""
+        value, e^0 in the sum) merged → Σ p · row / Σ p. KEEP: program 0 also writes the
+        token's own row into the window ring's slot pos mod W (every split has read the ring
+        by now). ROPE: the result narrowed to out's dtype and its last 2·HALF channels rotated
+        back as consecutive pairs, as `_rope_kernel` with SIGN −1 computes it."""
         _await_inputs(PDL)
         h = tl.program_id(0)
         d = tl.arange(0, D)
+        if KEEP:  # noqa: SIM102 (a compile-time branch, then a run-time one)
+            if h == 0:
+                tl.store(win_ptr + (tl.load(pos_ptr) % W) * D + d, tl.load(own_ptr + d))
         top = tl.load(sink_ptr + h)
         den = top * 0.0 + 1.0
         acc = tl.zeros((D,), dtype=tl.float32)
@@ -1504,7 +1557,19 @@ if triton is not None:
             den = den * alpha + tl.sum(w * tl.load(den_ptr + h * S + j, mask=live, other=0.0))
             acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
             top = new_top
-        tl.store(out_ptr + h * D + d, acc / den)
+        if ROPE:
+            dtype = out_ptr.dtype.element_ty
+            y = (acc / den).to(dtype).to(tl.float32)
+            even, odd = tl.split(tl.reshape(y, (D // 2, 2)))
+            j = tl.arange(0, D // 2) - (D // 2 - HALF)  # rotated pairs: the last HALF
+            turn = j >= 0
+            co = tl.load(cos_ptr + j, mask=turn, other=1.0)
+            si = -tl.load(sin_ptr + j, mask=turn, other=0.0)
+            even2 = tl.where(turn, even * co - odd * si, even)
+            odd2 = tl.where(turn, even * si + odd * co, odd)
+            tl.store(out_ptr + h * D + d, tl.reshape(tl.join(even2, odd2), (D,)).to(dtype))
+        else:
+            tl.store(out_ptr + h * D + d, acc / den)
 
     @triton.jit
     def _fp8_rows_put_kernel(
@@ -1641,24 +1706,38 @@ if triton is not None:
         mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
         ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         PDL: tl.constexpr = False, NORM: tl.constexpr = False, w_ptr=None, eps=0.0,
+        PARTS: tl.constexpr = 0, PB: tl.constexpr = 1,
     ):  # fmt: skip
         """Program (token, D block): from the token's mixes `[(2+HC)·HC]` the pre weights and
         its block of the collapsed input u = Σ_j pre_j · x_j; block 0 also the post weights and
         the Sinkhorn-balanced comb (serial: the other blocks run beside it, not after it).
         NORM: two programs a token, block 0 post and comb only, block 1 (BLOCK_D = D) all of u,
         rounded to u's dtype and RMS-normed · w as `_rms_norm_kernel` does (the block's input
-        norm in the same launch)."""
+        norm in the same launch). PARTS: the mixes come as the previous `_hc_post_kernel`'s
+        PARTS partial sums (`[PARTS, NM + 1]` a token, the last the sum of squares), finished
+        here as `_hc_mixes_kernel` finishes them, eps being the mixes' RMS epsilon."""
         _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, HC)
-        mix = mix_ptr + s * (2 + HC) * HC
-        pre = tl.load(mix + r) * tl.load(scale_ptr) + tl.load(base_ptr + r)
+        NM: tl.constexpr = (2 + HC) * HC
+        rho = 1.0
+        if PARTS > 0:
+            mix = mix_ptr + s * PARTS * (NM + 1)
+            p = tl.arange(0, PB)
+            squares = tl.sum(tl.load(mix + p * (NM + 1) + NM, mask=p < PARTS, other=0.0), axis=0)
+            rho = 1.0 / tl.sqrt(squares / (HC * D) + eps)
+        else:
+            mix = mix_ptr + s * NM
+        pre = _mix_values(mix, r, NM, PARTS, PB, rho) * tl.load(scale_ptr) + tl.load(base_ptr + r)
         pre = tl.sigmoid(pre) + hc_eps
         if tl.program_id(1) == 0:
-            post = tl.load(mix + HC + r) * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + r)
+            post = _mix_values(mix, HC + r, NM, PARTS, PB, rho) * tl.load(scale_ptr + 1)
+            post += tl.load(base_ptr + HC + r)
             tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
             square = r[:, None] * HC + r[None, :]
-            comb = tl.load(mix + 2 * HC + square) * tl.load(scale_ptr + 2)
+            flat = 2 * HC + tl.arange(0, HC * HC)
+            comb = tl.reshape(_mix_values(mix, flat, NM, PARTS, PB, rho), (HC, HC))
+            comb = comb * tl.load(scale_ptr + 2)
             comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
             tl.store(comb_ptr + s * HC * HC + square, comb)
         if NORM:
@@ -1674,6 +1753,16 @@ if triton is not None:
             xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
             u = tl.sum(xv * pre[:, None], axis=0)
             tl.store(u_ptr + s * D + cols, u.to(u_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _mix_values(mix, idx, NM: tl.constexpr, PARTS: tl.constexpr, PB: tl.constexpr, rho):
+        """A token's mixes at `idx` `[n]`: as stored, or (PARTS) its partial sums added, · rho."""
+        if PARTS == 0:
+            return tl.load(mix + idx)
+        p = tl.arange(0, PB)
+        parts = tl.load(mix + p[:, None] * (NM + 1) + idx[None, :], mask=(p < PARTS)[:, None],
+                        other=0.0)  # fmt: skip
+        return tl.sum(parts, axis=0) * rho
 
     @triton.jit
     def _hc_mixes_kernel(
@@ -1752,14 +1841,45 @@ if triton is not None:
             tl.store(host_ptr + t * K + slots, host, mask=live)
 
     @triton.jit
+    def _block_output(f_ptr, add_ptr, add2_ptr, s, cols, D: tl.constexpr, N_ADD: tl.constexpr,
+                      N_ADD2: tl.constexpr):  # fmt: skip
+        """Token s's block output f at `cols`, widened to float32, plus its N_ADD and N_ADD2
+        partial sums (`[S, N, D]` float32 each)."""
+        f = tl.load(f_ptr + s * D + cols).to(tl.float32)
+        if N_ADD > 0:
+            parts = tl.zeros(cols.shape, dtype=tl.float32)
+            for j in tl.static_range(N_ADD):
+                parts += tl.load(add_ptr + (s * N_ADD + j) * D + cols)
+            for j in tl.static_range(N_ADD2):
+                parts += tl.load(add2_ptr + (s * N_ADD2 + j) * D + cols)
+            f = f + parts
+        return f
+
+    @triton.jit
+    def _sum_parts_kernel(
+        f_ptr, add_ptr, add2_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        N_ADD: tl.constexpr, N_ADD2: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """(token, column block) per program: out = f + its partial sums, float32."""
+        _await_inputs(PDL)
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        f = _block_output(f_ptr, add_ptr, add2_ptr, s, cols, D, N_ADD, N_ADD2)
+        tl.store(out_ptr + s * D + cols, f)
+
+    @triton.jit
     def _hc_post_kernel(
         f_ptr, add_ptr, add2_ptr, x_ptr, post_ptr, comb_ptr, out_ptr,
         HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, N_ADD: tl.constexpr,
-        N_ADD2: tl.constexpr, PDL: tl.constexpr = False,
+        N_ADD2: tl.constexpr, PDL: tl.constexpr = False, NM: tl.constexpr = 0,
+        NMB: tl.constexpr = 1, fn_ptr=None, parts_ptr=None,
     ):  # fmt: skip
         """(token, column block) per program: new stream k = post_k · f + Σ_j comb[j, k] · x_j,
         where f is the block output plus its N_ADD and N_ADD2 partial sums (two tensors of them),
-        rounded to the streams' dtype as the torch path rounds the block output."""
+        rounded to the streams' dtype as the torch path rounds the block output. NM: also the
+        next site's NM mixes of the new streams over this block's columns, unscaled, and their
+        sum of squares → parts `[S, programs, NM + 1]` (`_hc_pre_kernel` finishes them: the
+        mixes' own launch, a GEMV over all hc·D columns in a few programs, is not needed)."""
         _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -1767,18 +1887,22 @@ if triton is not None:
         xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
         comb = tl.load(comb_ptr + s * HC * HC + r[:, None] * HC + r[None, :])  # [j, k]
         mixed = tl.sum(comb[:, :, None] * xv[:, None, :], axis=0)  # [k, BLOCK_D]
-        f = tl.load(f_ptr + s * D + cols).to(tl.float32)
-        if N_ADD > 0:
-            parts = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for j in tl.static_range(N_ADD):
-                parts += tl.load(add_ptr + (s * N_ADD + j) * D + cols)
-            for j in tl.static_range(N_ADD2):
-                parts += tl.load(add2_ptr + (s * N_ADD2 + j) * D + cols)
-            f = f + parts
+        f = _block_output(f_ptr, add_ptr, add2_ptr, s, cols, D, N_ADD, N_ADD2)
         f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
         out = tl.load(post_ptr + s * HC + r)[:, None] * f[None, :] + mixed
         ptrs = out_ptr + s * HC * D + r[:, None] * D + cols[None, :]
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty))
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(ptrs, out)
+        if NM > 0:  # the streams as stored, as the mixes' kernel would read them back
+            o = out.to(tl.float32)
+            part = parts_ptr + (s * tl.num_programs(1) + tl.program_id(1)) * (NM + 1)
+            tl.store(part + NM, tl.sum(tl.sum(o * o, axis=1), axis=0))
+            # every mix's weights for these columns in one load (all in flight at once: one
+            # mix at a time left each program 24 round trips to memory in series)
+            j = tl.arange(0, NMB)
+            w = tl.load(fn_ptr + j[:, None, None] * (HC * D) + r[None, :, None] * D
+                        + cols[None, None, :], mask=(j < NM)[:, None, None], other=0.0)  # fmt: skip
+            tl.store(part + j, tl.sum(tl.sum(w * o[None, :, :], axis=2), axis=1), mask=j < NM)
 
     @triton.jit
     def _swiglu_kernel(
@@ -2220,17 +2344,23 @@ def softmax_pool(
 def compressor_step(
     kv_new: torch.Tensor, gate_new: torch.Tensor, ape: torch.Tensor, carry, pos: torch.Tensor,
     norm: torch.Tensor, inv_freq: torch.Tensor, eps: float, out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    into: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """`Compressor.step` after its GEMVs (kv_new, gate_new `[1, W]` float32, W = C or 2·C with
     CSA's overlap) in one launch instead of ~25 → (the entry `[1, C]` in out_dtype, roped, at a
     window's last token, zeros before it: that row is scratch until then; its row index `[1]`
-    int64) for the store, carry updated in place (`CompressorCarry`)."""
+    int64) for the store, carry updated in place (`CompressorCarry`). `into`: the store's rows
+    `[capacity, C]` in out_dtype (`RowStore.as_stored`): the entry is written there at its
+    index by the same launch (one launch fewer a compressor), and nothing is returned."""
     c = norm.shape[0]
     overlap = carry.prev_kv is not None
     m, w = carry.kv.shape
     if c & (c - 1) or w != (2 * c if overlap else c) or kv_new.dtype != torch.float32:
         raise ValueError(f"compressor_step: rows of {c} (a power of two) in a carry of {w}")
-    out = torch.empty((1, c), dtype=out_dtype, device=kv_new.device)
+    if into is not None and (into.dtype != out_dtype or into.shape[1:] != (c,)):
+        raise ValueError(f"compressor_step: rows {tuple(into.shape)} {into.dtype} do not take "
+                         f"entries of {c} in {out_dtype}")  # fmt: skip
+    out = into if into is not None else torch.empty((1, c), dtype=out_dtype, device=kv_new.device)
     index = torch.empty((1,), dtype=torch.int64, device=kv_new.device)
     prev_kv = carry.prev_kv if overlap else carry.kv
     prev_gate = carry.prev_gate if overlap else carry.gate
@@ -2238,9 +2368,10 @@ def compressor_step(
     _compressor_step_kernel[(1,)](
         kv_new.contiguous(), gate_new.contiguous(), ape, carry.kv, carry.gate, prev_kv,
         prev_gate, pos, norm, inv_freq, out, index, float(eps), M=m, C=c, OVERLAP=overlap,
-        HALF=inv_freq.shape[0], RB=rows, num_warps=8, **_pdl(kv_new.device),
+        HALF=inv_freq.shape[0], RB=rows, INTO=into is not None, num_warps=8,
+        **_pdl(kv_new.device),
     )  # fmt: skip
-    return out, index
+    return None if into is not None else (out, index)
 
 
 def decode_attention_fits(head_dim: int) -> bool:
@@ -2300,13 +2431,19 @@ def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
     rows_per_split: int | None = None, kind: str | None = None, group: int | None = None,
+    keep_own: bool = False, rope: tuple | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`Attention.step`'s sink attention of one token in two launches (as torch ops ~20
     kernels): q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos`
     unwritten), the token's own row `[1, d]` for its slot, compressed rows `[C, d]` with
     `visible` `[C]` bool (or None) → `[1, H, d]` float32. The rows split across programs
     (`rows_per_split`, tests pick small ones), then merged per head; `kind`/`group`: see
-    DECODE_ATTENTION ("heads" where H is a multiple of a group of at least 16)."""
+    DECODE_ATTENTION ("heads" where H is a multiple of a group of at least 16).
+
+    Two launches fewer a layer where asked, in the merge's launch: `keep_own` writes own into
+    the ring's slot pos mod W (a ring of own's dtype: the step's cache write); `rope` (cos,
+    sin `[1, r/2]`, dtype) gives the output as `apply_rope(out, cos, sin, inverse=True,
+    out_dtype=dtype)` does."""
     heads, dim = q.shape[1], q.shape[2]
     if not decode_attention_fits(dim) or window.shape[1] != dim:
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
@@ -2342,10 +2479,19 @@ def decode_attention(
             num_warps=4,
             **_pdl(q.device),
         )
-    out = torch.empty((1, heads, dim), dtype=torch.float32, device=dev)
+    extra = {}
+    if keep_own:
+        if window.dtype != own.dtype or not window.is_contiguous():
+            raise ValueError(f"keep_own: a ring of {window.dtype} cannot take {own.dtype} rows")
+        extra |= {"KEEP": True, "own_ptr": args[2], "win_ptr": window, "pos_ptr": pos, "W": w}
+    if rope is not None:
+        cos, sin, _ = rope
+        extra |= {"ROPE": True, "cos_ptr": cos.contiguous(), "sin_ptr": sin.contiguous()}
+        extra |= {"HALF": cos.shape[-1]}
+    out = torch.empty((1, heads, dim), dtype=rope[2] if rope else torch.float32, device=dev)
     _decode_attention_combine_kernel[(heads,)](
         top, den, acc, sink, out, D=dim, S=splits, SB=min(8, triton.next_power_of_2(splits)),
-        num_warps=4, **_pdl(top.device),
+        **extra, num_warps=4, **_pdl(top.device),
     )  # fmt: skip
     return out
 
@@ -2454,31 +2600,41 @@ def hc_pre_tail(
     hc_eps: float,
     norm: torch.Tensor | None = None,
     norm_eps: float = 0.0,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`mhc.hc_pre` after its mixes `[S, (2+hc)·hc]` float32: → u `[S, D]` (x's dtype), post
     `[S, hc]`, comb `[S, hc, hc]` (Sinkhorn-balanced), in one launch. `norm` `[D]` float32: u
-    comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm) in that launch."""
+    comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm) in that launch. The
+    mixes may come as `hc_post(then=)`'s partial sums `[S, P, (2+hc)·hc + 1]`, finished here
+    with the RMS epsilon norm_eps (that of the mixes and the norm alike). `out`: contiguous
+    tensors of the results' shapes and dtypes to write them into (a captured step's fixed
+    buffers), where the launch can; the caller copies what came back elsewhere."""
     # the fused norm takes the row as one block, a power of two
     if norm is not None and (x.shape[2] & (x.shape[2] - 1) or not _fusing_norms(x.device)):
-        u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps)
+        u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps, None, norm_eps)
         return rms_norm(u, norm, norm_eps), post, comb
-    return _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps)
+    return _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out)
 
 
-def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps):
+def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out=None):
     s, hc, dim = x.shape
     x = x.contiguous()
-    u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
-    post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
-    comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
+    parts = mixes.shape[1] if mixes.dim() == 3 else 0  # hc_post's partial sums
+    if out is not None:
+        u, post, comb = out
+    else:
+        u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
+        post = torch.empty((s, hc), dtype=torch.float32, device=x.device)
+        comb = torch.empty((s, hc, hc), dtype=torch.float32, device=x.device)
     block, normed = _block(dim, 256), {}
     if norm is not None:  # block 1 takes the whole row: its norm needs all of it
         block, normed = dim, {"NORM": True, "w_ptr": norm.contiguous(), "eps": float(norm_eps)}
         normed["num_warps"] = 8
+    normed.setdefault("eps", float(norm_eps))  # the partial mixes' RMS epsilon too
     _hc_pre_kernel[(s, 2 if norm is not None else dim // block)](
         mixes.contiguous(), x, scale.contiguous(), base.contiguous(), u, post, comb,
-        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block, **normed,
-        **_pdl(mixes.device),
+        float(hc_eps), ITERS=iters, HC=hc, D=dim, BLOCK_D=block, **normed, PARTS=parts,
+        PB=triton.next_power_of_2(max(parts, 1)), **_pdl(mixes.device),
     )  # fmt: skip
     return u, post, comb
 
@@ -2543,20 +2699,59 @@ def hc_post(
     post: torch.Tensor,
     comb: torch.Tensor,
     add: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """`mhc.hc_post` in one launch: new streams `[S, hc, D]` in x's dtype; `add` `[S, D]` or
-    `[S, n, D]` float32, or two such: partial sums added to f (the routed experts' share: the
-    VRAM cache's and the in-place reads') before f is rounded to x's dtype."""
+    then: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`mhc.hc_post` in one launch: new streams `[S, hc, D]` in x's dtype (into `out`, a
+    contiguous tensor of that shape, where given); `add` `[S, D]` or `[S, n, D]` float32, or two
+    such: partial sums added to f (the routed experts' share: the VRAM cache's and the in-place
+    reads') before f is rounded to x's dtype.
+
+    `then` (the next site's mixes weights `[n_mix, hc·D]` float32): → (the streams, their
+    mixes as partial sums `[S, P, n_mix + 1]` for `hc_pre_tail`), the mixes' own launch saved."""
     s, hc, dim = x.shape
-    out = torch.empty((s, hc, dim), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((s, hc, dim), dtype=x.dtype, device=x.device)
     block = _block(dim, 256)
-    adds = [] if add is None else list(add) if isinstance(add, tuple) else [add]
-    parts = [a.reshape(s, -1, dim).contiguous() for a in adds] + [f, f]  # f: unread fillers
+    mixed = {}
+    if then is not None:
+        if then.dtype != torch.float32 or then.shape[1] != hc * dim:
+            raise ValueError(f"hc_post: mixes weights {tuple(then.shape)} for streams {x.shape}")
+        # narrower blocks: more programs share the weights' reads (V4-Flash: 1.5 MB a site)
+        block = _block(dim, 64)
+        n = then.shape[0]
+        sums = torch.empty((s, dim // block, n + 1), device=x.device)
+        mixed = {"NM": n, "NMB": triton.next_power_of_2(n), "fn_ptr": then.contiguous()}
+        mixed["parts_ptr"] = sums
+    parts, counts = _partial_sums(f, add)
     _hc_post_kernel[(s, dim // block)](
-        f.contiguous(), parts[0], parts[1], x.contiguous(), post.contiguous(), comb.contiguous(),
-        out, HC=hc, D=dim, BLOCK_D=block, N_ADD=parts[0].shape[1] if adds else 0,
-        N_ADD2=parts[1].shape[1] if len(adds) > 1 else 0, **_pdl(f.device),
+        f.contiguous(), *parts, x.contiguous(), post.contiguous(), comb.contiguous(), out,
+        HC=hc, D=dim, BLOCK_D=block, **counts, **mixed, **_pdl(f.device),
     )  # fmt: skip
+    return (out, mixed["parts_ptr"]) if mixed else out
+
+
+def _partial_sums(f: torch.Tensor, add) -> tuple[list[torch.Tensor], dict]:
+    """`add` (None, `[S, D]` / `[S, n, D]`, or two such) → the two `[S, n, D]` tensors the
+    kernels read (f as an unread filler where there are fewer) and their N_ADD, N_ADD2."""
+    s, dim = f.shape
+    adds = [] if add is None else list(add) if isinstance(add, tuple) else [add]
+    parts = [a.reshape(s, -1, dim).contiguous() for a in adds]
+    counts = {"N_ADD": parts[0].shape[1] if parts else 0}
+    counts["N_ADD2"] = parts[1].shape[1] if len(parts) > 1 else 0
+    return [*parts, f, f][:2], counts
+
+
+def sum_parts(f: torch.Tensor, add, out: torch.Tensor) -> torch.Tensor:
+    """f `[S, D]` widened plus its partial sums (`hc_post`'s `add`) → out `[S, D]` float32 in
+    one launch (a host layer's device share, handed to the next segment: as torch ops a
+    widening, a sum and an add per tensor, and a copy into the fixed buffer)."""
+    s, dim = f.shape
+    block = _block(dim, 256)
+    parts, counts = _partial_sums(f, add)
+    _sum_parts_kernel[(s, dim // block)](
+        f.contiguous(), *parts, out, D=dim, BLOCK_D=block, **counts, **_pdl(f.device)
+    )
     return out
 
 

@@ -442,14 +442,19 @@ class HybridMoE(MoE):
             host_ids = host_ids.masked_fill(in_place[experts], -1)
         return experts, weights, host_ids
 
-    def step_device(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+    def step_device(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out=None
+    ) -> torch.Tensor:
         """The device's share → `[T, D]` float32: the shared expert plus the cached picks through
-        the fused kernels (no host reads; the caller checked `cache.fused`)."""
+        the fused kernels (no host reads; the caller checked `cache.fused`). `out`: a float32
+        tensor to write it into (a captured step's fixed buffer), on a GPU in one launch."""
         f, parts = self.step_device_parts(x, experts, weights)
+        if out is not None and gpu_kernels.applies(f) and f.dim() == 2:
+            return gpu_kernels.sum_parts(f, parts, out)
         y = f.float()
         for part in () if parts is None else parts if isinstance(parts, tuple) else (parts,):
             y = y + part.sum(dim=1)
-        return y
+        return y if out is None else out.copy_(y)
 
     def step_device_parts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
         """`step_device` as (the shared expert's output `[T, D]` in x's dtype, or float32 with

@@ -256,7 +256,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_pre_kernel,
             "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
             "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32",
-            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 256},
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": 256, "PARTS": 0, "PB": 1},
             {},
         ),
         (
@@ -264,7 +264,16 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_pre_kernel,
             "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
             "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32, w_ptr:*fp32, eps:fp32",
-            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True},
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True, "PARTS": 0, "PB": 1},
+            {"num_warps": 8},
+        ),
+        (  # a decode step's: the mixes as the hyper-connection update summed them in parts
+            "hc pre, normed, from parts",
+            gk._hc_pre_kernel,
+            "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
+            "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32, w_ptr:*fp32, eps:fp32",
+            {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True, "PARTS": D // 64}
+            | {"PB": D // 64},
             {"num_warps": 8},
         ),
         (
@@ -291,7 +300,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_post_kernel,
             "f_ptr:*bf16, add_ptr:*bf16, add2_ptr:*bf16, x_ptr:*bf16, post_ptr:*fp32, "
             "comb_ptr:*fp32, out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 0, "N_ADD2": 0},
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 0, "N_ADD2": 0, "NM": 0},
             {},
         ),
         (  # a decode step's: the shared expert plus the routed experts' partial sums per pick
@@ -299,7 +308,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_post_kernel,
             "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
             "comb_ptr:*fp32, out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": 0},
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": 0, "NM": 0},
             {},
         ),
         (  # the VRAM cache's picks and the in-place reads', two tensors
@@ -307,7 +316,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_post_kernel,
             "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
             "comb_ptr:*fp32, out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": TOPK},
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": TOPK, "NM": 0},
             {},
         ),
         (  # after a host-expert layer: the device's share plus the CPU's
@@ -315,7 +324,22 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             gk._hc_post_kernel,
             "f_ptr:*fp32, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
             "comb_ptr:*fp32, out_ptr:*bf16",
-            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 1, "N_ADD2": 0},
+            {"HC": 4, "D": D, "BLOCK_D": 256, "N_ADD": 1, "N_ADD2": 0, "NM": 0},
+            {},
+        ),
+        (  # and the next site's mixes summed in parts in the same launch
+            "hc post with the next mixes",
+            gk._hc_post_kernel,
+            "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, x_ptr:*bf16, post_ptr:*fp32, "
+            "comb_ptr:*fp32, out_ptr:*bf16, fn_ptr:*fp32, parts_ptr:*fp32",
+            {"HC": 4, "D": D, "BLOCK_D": 64, "N_ADD": TOPK, "N_ADD2": TOPK, "NM": 24, "NMB": 32},
+            {},
+        ),
+        (  # a host layer's device share: the shared expert and both tensors of sums
+            "sum parts",
+            gk._sum_parts_kernel,
+            "f_ptr:*bf16, add_ptr:*fp32, add2_ptr:*fp32, out_ptr:*fp32",
+            {"D": D, "BLOCK_D": 256, "N_ADD": TOPK, "N_ADD2": TOPK},
             {},
         ),
         (
@@ -350,8 +374,9 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {},
         ),
     ]
-    for label, m, c, overlap in (("CSA", 4, 512, True), ("HCA", 128, 512, False),
-                                 ("indexer", 4, 128, True)):  # fmt: skip
+    for label, m, c, overlap, into in (("CSA", 4, 512, True, True), ("HCA", 128, 512, False, True),
+                                       ("indexer", 4, 128, True, True),
+                                       ("HCA, the row returned", 128, 512, False, False)):  # fmt: skip
         specs.append(
             (
                 f"compressor step {label}",
@@ -365,6 +390,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                     "OVERLAP": overlap,
                     "HALF": ROPE_HALF,
                     "RB": min(m, 4096 // c),
+                    "INTO": into,
                 },  # as compressor_step picks
                 {"num_warps": 8},
             )
@@ -398,7 +424,19 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 f"decode attention merge {label}",
                 gk._decode_attention_combine_kernel,
                 "top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, sink_ptr:*fp32, out_ptr:*fp32",
-                {"D": HEAD_DIM, "S": splits, "SB": min(8, triton.next_power_of_2(splits))},
+                {"D": HEAD_DIM, "S": splits, "SB": min(8, triton.next_power_of_2(splits))}
+                | {"KEEP": False, "ROPE": False},
+                {"num_warps": 4},
+            )
+        )
+        specs.append(  # as a decode step has it: the ring written, the output de-rotated
+            (
+                f"decode attention merge {label}, ring and RoPE",
+                gk._decode_attention_combine_kernel,
+                "top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, sink_ptr:*fp32, out_ptr:*bf16, "
+                "own_ptr:*bf16, win_ptr:*bf16, pos_ptr:*i64, cos_ptr:*fp32, sin_ptr:*fp32",
+                {"D": HEAD_DIM, "S": splits, "SB": min(8, triton.next_power_of_2(splits))}
+                | {"KEEP": True, "W": 128, "ROPE": True, "HALF": ROPE_HALF},
                 {"num_warps": 4},
             )
         )

@@ -410,7 +410,7 @@ def test_the_step_scores_fp8_index_keys_as_stored(monkeypatch):
 def test_a_layer_step_without_the_shared_positions_makes_its_own(monkeypatch):
     """`Attention.step` called alone (no `StepPositions` from the step's body) derives its
     window slot and visible rows itself: the same logits."""
-    monkeypatch.setattr(decode_graphs, "StepPositions", lambda pos: None)
+    monkeypatch.setattr(decode_graphs, "StepPositions", lambda pos, made: None)
     ids = _ids(24)
     with _runtime("host") as rt:
         graphs = GraphDecoder(rt.model, capture=False)
@@ -468,3 +468,75 @@ def test_a_host_layers_input_crosses_in_one_copy(dtype):
     w.copy_(torch.rand(1, 6))
     h_box.copy_(box)
     assert torch.equal(h_xn, xn) and torch.equal(h_ids, ids) and torch.equal(h_w, w)
+
+
+def _step_launches(rt, graphs, token: int, state) -> Counter:
+    """The kernels one graph decode step launches, by name: Triton's (here interpreted) and
+    the torch operations that launch one on a GPU (views and no-op conversions left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    free = {"view", "_unsafe_view", "reshape", "select", "slice", "as_strided", "expand", "t",
+            "transpose", "permute", "unsqueeze", "squeeze", "detach", "alias", "split",
+            "unbind", "_reshape_alias", "unflatten", "empty", "empty_strided", "new_empty",
+            "empty_like", "to", "contiguous", "resolve_conj", "resolve_neg", "lift_fresh"}  # fmt: skip
+    launches, inside = Counter(), [0]
+
+    class Torch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not inside[0] and name not in free:
+                launches[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def triton_run(fn, *a, **k):  # what the kernel does inside is one launch
+        launches[fn.fn.__name__] += 1
+        inside[0] += 1
+        try:
+            return run(fn, *a, **k)
+        finally:
+            inside[0] -= 1
+
+    with pytest.MonkeyPatch.context() as mp, Torch():
+        mp.setattr(InterpretedFunction, "run", triton_run)
+        graphs.decode(token, state)
+    return launches
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
+    """A GPU decode step's census (the step cut at every layer: each a host-expert layer):
+    the window ring's and the compressed rows' writes, the output's de-rotation and the mixes
+    of every site after the first happen inside neighbouring launches, the position tables are
+    made once a step however many segments it has, and what a cut hands on is written in place.
+    FUSED_SEAMS off gives the writes, the de-rotation and the mixes their own launches again."""
+    kernels_device()
+    ids = _ids(12)
+    with _runtime("host") as rt:
+        state = rt.new_state()
+        rt.prefill(ids[:8], state)  # through the torch path: the step is under test
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
+        graphs = GraphDecoder(rt.model, capture=False)
+        layers, csa = len(rt.model.blocks), 2  # ratios (0, 4, 16, 4, 16)
+        assert graphs.cuts == list(range(layers))
+        graphs.decode(ids[8], state)  # builds the segments
+        fused = _step_launches(rt, graphs, ids[9], state)
+        monkeypatch.setattr(gpu_kernels, "FUSED_SEAMS", False)
+        apart = _step_launches(rt, graphs, ids[10], state)
+    assert fused["index_copy_"] == 0 and apart["index_copy_"] == layers + 2 * csa + 2
+    assert fused["_hc_mixes_kernel"] == 2  # the first site's and the head's
+    assert apart["_hc_mixes_kernel"] == 2 * layers + 1
+    assert fused["_rope_kernel"] == 2 * layers + csa  # q and kv; the indexer's queries
+    assert apart["_rope_kernel"] == 3 * layers + csa  # and the output's de-rotation
+    # made once a step: both tables' angles, the window slot, a mask per store size and ratio
+    assert fused["cos"] == 2 and fused["remainder"] == 1 and fused["le"] == 2
+    # the cuts' streams, MoE input, post, comb and device share are written where the next
+    # segment reads them: the copies left are each host layer's input and output across PCIe,
+    # the embedding row, the position's widening and the logits
+    assert fused["copy_"] == 2 * layers + 3 and fused["_sum_parts_kernel"] == layers
+    # nothing else changed: the row writes, de-rotations and mixes, 25 launches of 5 layers
+    saved = sum(apart.values()) - sum(fused.values())
+    assert saved == (layers + 2 * csa + 2) + layers + (2 * layers - 1)

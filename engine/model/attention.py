@@ -115,9 +115,10 @@ class StepPositions:
     compressed rows visible in a store of a given capacity and ratio), made once per step and
     shared by the layers: on a GPU each was a few kernels per layer."""
 
-    def __init__(self, pos: torch.Tensor):  # [1] int64 on the device
+    def __init__(self, pos: torch.Tensor, made: dict | None = None):  # [1] int64 on the device
         self.pos = pos
-        self._made: dict[tuple, torch.Tensor] = {}
+        # `made`: tables already made for this position (a captured step's fixed buffers)
+        self._made: dict[tuple, torch.Tensor] = dict(made or {})
 
     def slot(self, window: int) -> torch.Tensor:
         """pos mod window `[1]`."""
@@ -240,7 +241,16 @@ class Attention:
         qr, q, kv = self._project(a, cos, sin, False)
         device = a.device
         slot = at.slot(self.window)
-        state.window.put(kv, slot)
+        on_gpu = (
+            gpu_kernels.applies(q)
+            and gpu_kernels.decode_attention_fits(q.shape[-1])
+            and gpu_kernels.checked("decode attention", device)
+        )
+        # the GPU's attention writes the token's row into a plain ring itself, after its reads
+        seams = on_gpu and gpu_kernels.FUSED_SEAMS
+        ring = state.window.as_stored(kv.dtype) if seams else None
+        if ring is None:
+            state.window.put(kv, slot)
         entries = visible = None
         if self.compressor is not None:
             self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
@@ -271,16 +281,14 @@ class Attention:
                     entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
             if entries is None:
                 entries = store.rows()  # [C, d]
-        window = state.window.slots()  # [W, d]
-        if (
-            gpu_kernels.applies(q)
-            and gpu_kernels.decode_attention_fits(q.shape[-1])
-            and gpu_kernels.checked("decode attention", device)
-        ):
+        if on_gpu:  # the ring write and the de-rotation in the attention's last launch
             o = gpu_kernels.decode_attention(
-                q, window, kv, entries, visible, pos, self.sink, self.scale
-            )
-            return self._output(o, a.dtype, cos, sin, False)
+                q, state.window.slots() if ring is None else ring, kv, entries, visible, pos,
+                self.sink, self.scale, keep_own=ring is not None,
+                rope=(cos, sin, a.dtype) if seams else None,
+            )  # fmt: skip
+            return self._projected(o, False) if seams else self._output(o, a.dtype, cos, sin, False)
+        window = state.window.slots()  # [W, d]
         # the token's own row as computed, as `forward` uses it (a packed ring rounds it)
         keys = window.float().index_copy(0, slot, kv.float())
         qf = q.float()  # [1, H, d]
@@ -315,6 +323,10 @@ class Attention:
         """Attention output `[S, H, d]` float32 → `dtype`, de-rotated, through wo_a and wo_b →
         `[S, D]`."""
         o = apply_rope(o, cos, sin, inverse=True, out_dtype=dtype)
+        return self._projected(o, simulate)
+
+    def _projected(self, o: torch.Tensor, simulate: bool) -> torch.Tensor:
+        """De-rotated attention output `[S, H, d]` (the model's dtype) through wo_a and wo_b."""
         return self.wo_b(self._grouped_out(o.view(o.shape[0], -1)), simulate)
 
     def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:

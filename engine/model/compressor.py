@@ -142,11 +142,12 @@ class Compressor:
         kv, gate = self._projections(a)
         fused = gpu_kernels.applies(a) and not c & (c - 1)
         if fused and gpu_kernels.checked("compressor step", a.device):  # after the GEMVs
-            entry, index = gpu_kernels.compressor_step(
+            entry = gpu_kernels.compressor_step(
                 kv, gate, self.ape, carry, pos, self.norm, self.rotary.inv_freq, self.eps,
-                out_dtype,
+                out_dtype, store.as_stored(out_dtype) if gpu_kernels.FUSED_SEAMS else None,
             )  # fmt: skip
-            store.put(entry, index)
+            if entry is not None:  # a store that encodes its rows (FP8)
+                store.put(*entry)
             return
         slot = pos % m
         carry.kv.index_copy_(0, slot, kv)

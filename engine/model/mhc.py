@@ -99,11 +99,35 @@ def hc_pre(
     hc_eps: float,
     norm_eps: float,
     norm: torch.Tensor | None = None,
+    mixes: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x `[S, hc, D]` → block input u `[S, D]` (x's dtype), post `[S, hc]`, comb `[S, hc, hc]`.
     `norm` `[D]`: u comes back as `rms_norm(u, norm, norm_eps)` (the block's input norm).
     On a GPU with Triton everything after the mixes is one launch, the norm included
-    (`gpu_kernels.hc_pre_tail`); a decode step's few tokens on the CPU one C call."""
+    (`gpu_kernels.hc_pre_tail`); a decode step's few tokens on the CPU one C call. `mixes`:
+    x's mixes as `hc_post_then` gave them (partial sums, on a GPU), or None. `out`: tensors
+    to hold the results (a captured step's fixed buffers), written by the kernel where it can."""
+    if mixes is not None:
+        got = gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out)
+    else:
+        got = _hc_pre_any(x, fn, scale, base, iters, hc_eps, norm_eps, norm, out)
+    return _into(out, got)
+
+
+def _into(out: tuple | None, got: tuple) -> tuple:
+    """`got`, or `out` holding it where the path that made it wrote elsewhere."""
+    if out is None:
+        return got
+    for dst, src in zip(out, got, strict=True):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+    return out
+
+
+def _hc_pre_any(x, fn, scale, base, iters, hc_eps, norm_eps, norm, out):
+    """`hc_pre` by the C kernel (a decode step's few tokens on the CPU) or torch's ops (into
+    `out` where the GPU's tail kernel takes it)."""
     if not gpu_kernels.applies(x) and _cpu_call(x, fn, scale, base):
         S, hc, D = x.shape
         u = torch.empty((S, D), dtype=x.dtype)
@@ -114,7 +138,7 @@ def hc_pre(
             post.data_ptr(), comb.data_ptr(),
         )  # fmt: skip
         return _normed(u, norm, norm_eps), post, comb
-    return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps, norm)
+    return hc_pre_ops(x, fn, scale, base, iters, hc_eps, norm_eps, norm, out)
 
 
 def _normed(u: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -135,12 +159,13 @@ def hc_pre_ops(
     hc_eps: float,
     norm_eps: float,
     norm: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hc_pre` as torch operations (and the GPU's fused tail)."""
+    """`hc_pre` as torch operations (and the GPU's fused tail, into `out` where it can)."""
     hc = x.shape[1]
     mixes = _mixes(x, fn, norm_eps)
     if gpu_kernels.applies(x) and not hc & (hc - 1):
-        return gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps, norm, norm_eps)
+        return gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out)
     pre_raw, post_raw, comb_raw = mixes.split([hc, hc, hc * hc], dim=-1)
     pre = torch.sigmoid(pre_raw * scale[0] + base[:hc]) + hc_eps
     post = 2 * torch.sigmoid(post_raw * scale[1] + base[hc : 2 * hc])
@@ -163,9 +188,35 @@ def hc_post(
     experts, so that their sum and the rounding need no launches of their own). On a GPU with
     Triton in one launch: `gpu_kernels.hc_post`; a decode step's few tokens on the CPU one C
     call."""
+    return hc_post_then(f, x, post, comb, add)[0]
+
+
+def hc_post_then(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    add: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    then: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`hc_post` → (the new streams, their mixes for the next site or None). `then`: that
+    site's mixes weights `[n_mix, hc·D]`; where the GPU's kernel takes them (a decode step's
+    few tokens, the mixes' own kernel checked) it also sums the new streams against them in
+    the same launch, for `hc_pre(mixes=)`: two launches fewer a layer. `out`: a tensor to
+    hold the streams (a captured step's fixed buffer)."""
     hc = x.shape[1]
     if gpu_kernels.applies(x) and not hc & (hc - 1):
-        return gpu_kernels.hc_post(f, x, post, comb, add)
+        if then is not None and _mixes_in_post(x, then):
+            return gpu_kernels.hc_post(f, x, post, comb, add, then, out)
+        return gpu_kernels.hc_post(f, x, post, comb, add, out=out), None
+    streams = _hc_post_any(f, x, post, comb, add)
+    return (streams if out is None else out.copy_(streams)), None
+
+
+def _hc_post_any(f, x, post, comb, add):
+    """`hc_post` by the C kernel (a decode step's few tokens on the CPU) or torch's ops."""
+    hc = x.shape[1]
     if isinstance(add, tuple):  # the other paths take one tensor of partial sums
         add = torch.cat([a.reshape(x.shape[0], -1, x.shape[2]) for a in add], dim=1)
     plain = (torch.float32, torch.bfloat16)
@@ -187,6 +238,13 @@ def hc_post(
         )  # fmt: skip
         return out
     return hc_post_ops(f, x, post, comb, add)
+
+
+def _mixes_in_post(x: torch.Tensor, fn: torch.Tensor) -> bool:
+    """Whether the GPU's `hc_post` computes the next mixes (where `_mixes` takes its kernel)."""
+    few = x.shape[0] <= gpu_kernels.MAX_TOKENS and fn.dtype == torch.float32
+    seams = gpu_kernels.FUSED_SEAMS
+    return few and seams and gpu_kernels.checked("hyper-connection mixes", x.device)
 
 
 def hc_post_ops(

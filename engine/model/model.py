@@ -26,7 +26,7 @@ from flashdesk.engine.model.attention import Attention, StepPositions
 from flashdesk.engine.model.common import Fetch, Linear, Numerics, rms_norm
 from flashdesk.engine.model.compressor import Compressor
 from flashdesk.engine.model.indexer import Indexer
-from flashdesk.engine.model.mhc import hc_head, hc_post, hc_pre
+from flashdesk.engine.model.mhc import hc_head, hc_post, hc_post_then, hc_pre
 from flashdesk.engine.model.moe import DenseExperts, MoE, Router, SharedExpert
 from flashdesk.engine.model.rope import Rotary, inverse_frequencies
 
@@ -166,20 +166,26 @@ class Block:
         sin: torch.Tensor,
         state: LayerState,
         at: StepPositions | None = None,
+        mixes: torch.Tensor | None = None,
+        out: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A decode step's attention half with fixed shapes (`Attention.step`; `at` shared by
         the step's layers) → streams after attention `[1, hc, D]`, the MoE's normed input
         `[1, D]` and the FFN site's post `[1, hc]` and comb `[1, hc, hc]` for `hc_post` once
-        the MoE's output is known."""
-        a, post, comb = self._site_input(x, self.hc_attn, self.attn_norm)
-        x = hc_post(self.attn.step(a, pos, cos, sin, state, at), x, post, comb)
-        a, post, comb = self._site_input(x, self.hc_ffn, self.ffn_norm)
+        the MoE's output is known. `mixes`: x's attention-site mixes as the previous
+        `hc_post_then` gave them, or None. `out`: four tensors to hold the results (a captured
+        step's fixed buffers, written by the kernels themselves where they can)."""
+        fixed_x, fixed_rest = (out[0], out[1:]) if out is not None else (None, None)
+        a, post, comb = self._site_input(x, self.hc_attn, self.attn_norm, mixes)
+        f = self.attn.step(a, pos, cos, sin, state, at)
+        x, mixes = hc_post_then(f, x, post, comb, then=self.hc_ffn[0], out=fixed_x)
+        a, post, comb = self._site_input(x, self.hc_ffn, self.ffn_norm, mixes, fixed_rest)
         return x, a, post, comb
 
-    def _site_input(self, x, hc, norm):
+    def _site_input(self, x, hc, norm, mixes=None, out=None):
         """mHC collapse of the streams at one site, normed → (block input `[S, D]`, post, comb)."""
         c = self.config
-        return hc_pre(x, *hc, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, norm)
+        return hc_pre(x, *hc, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps, norm, mixes, out)
 
 
 def _dense_experts(config: ModelConfig, fetch: Fetch, f: str, dt: torch.dtype) -> DenseExperts:
