@@ -300,7 +300,8 @@ def _check_decode_attention(dev: torch.device) -> str | None:
     """`decode_attention` against `Attention.step`'s torch ops (`Attention._sink_attend`), the
     ring filling and full, with and without compressed rows, in one split per part and in
     several (the own slot and masked rows in later splits); in bf16 with the ring write and
-    the de-rotation a decode step has the merge do (`keep_own`, `rope`)."""
+    the de-rotation a decode step has the merge do (`keep_own`, `rope`), and the compressed
+    rows read where a store holds them (`picks`)."""
     from types import SimpleNamespace
 
     from flashdesk.engine.model.attention import Attention
@@ -335,10 +336,16 @@ def _check_decode_attention(dev: torch.device) -> str | None:
         fused = dtype == torch.bfloat16
         angles = torch.rand(1, 8, generator=g) * 6.0
         rope = (angles.cos().to(dev), angles.sin().to(dev), dtype) if fused else None
+        comp_in, vis_in, picks = on[3], on[4], None
+        if fused and with_comp:  # the rows picked where they lie (the store and mask whole)
+            order = torch.randperm(c + 5, generator=g)
+            comp_in = torch.zeros(c + 5, dim, dtype=dtype).index_copy_(0, order[:c], comp.to(dtype))
+            vis_in = torch.zeros(c + 5, dtype=torch.bool).index_copy_(0, order[:c], visible)
+            comp_in, vis_in, picks = comp_in.to(dev), vis_in.to(dev), order[:c].to(dev)
         got = decode_attention(
-            on[0], on[1], on[2], on[3] if with_comp else None, on[4] if with_comp else None,
+            on[0], on[1], on[2], comp_in if with_comp else None, vis_in if with_comp else None,
             torch.tensor([pos], device=dev), on[5], layer.scale, rows_per_split=split,
-            keep_own=fused, rope=rope,
+            keep_own=fused, rope=rope, picks=picks,
         )  # fmt: skip
         if fused:
             want = apply_rope_ops(want, angles.cos(), angles.sin(), True, dtype).float()
@@ -1402,26 +1409,32 @@ if triton is not None:
 
     @triton.jit
     def _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D: tl.constexpr, RB: tl.constexpr,
-                   MASKED: tl.constexpr):  # fmt: skip
+                   MASKED: tl.constexpr, idx_ptr, GATHER: tl.constexpr):  # fmt: skip
         """Rows r0..r0+RB of `[n, D]` in own's type (row `sub` is `own` instead) and which count:
-        r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit)."""
+        r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit). GATHER: row r is row idx[r] of k and
+        of valid (a CSA layer's picks read where they are stored, not gathered first)."""
         r = r0 + tl.arange(0, RB)
+        at = r
+        if GATHER:
+            at = tl.load(idx_ptr + r, mask=r < n, other=0)
         d = tl.arange(0, D)
-        k = tl.load(k_ptr + r[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
+        k = tl.load(k_ptr + at[:, None] * D + d[None, :], mask=(r < n)[:, None], other=0.0)
         k = tl.where((r == sub)[:, None], own[None, :], k.to(own.dtype))
         if MASKED:
-            live = (r < n) & (tl.load(valid_ptr + r, mask=r < n, other=0) != 0)
+            live = (r < n) & (tl.load(valid_ptr + at, mask=r < n, other=0) != 0)
         else:
             live = (r < n) & (r <= limit)
         return k, live
 
     @triton.jit
     def _attend_rows(q, k_ptr, n, valid_ptr, limit, sub, own, top, den, acc, scale,
-                     D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+                     D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr,
+                     idx_ptr, GATHER: tl.constexpr):  # fmt: skip
         """Online softmax of one head over N rows `[N, D]` (float32 math): row r counts where
         r < n and (MASKED: valid[r] ≠ 0, else r ≤ limit); row `sub` is `own` instead."""
         for r0 in range(0, N, RB):
-            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED)
+            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED,
+                                 idx_ptr, GATHER)  # fmt: skip
             s = tl.where(live, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(s, axis=0))
             alpha = tl.exp(top - new_top)
@@ -1435,12 +1448,14 @@ if triton is not None:
     def _decode_attention_split_kernel(
         q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
         W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
-        SW: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr = False,
+        SW: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr = False, GATHER: tl.constexpr = False,
+        idx_ptr=None,
     ):  # fmt: skip
         """Program (head, split): the online softmax of one head over CH rows, a split of the
         window ring (splits < SW: slots ≤ pos, the token's own slot as computed) or of the C
-        compressed rows (those visible) → its running max, sum of exponentials and Σ p · row
-        (without the sink: `_decode_attention_combine_kernel` adds it)."""
+        compressed rows (those visible; GATHER: rows idx[0..C) of the store and its mask) → its
+        running max, sum of exponentials and Σ p · row (without the sink:
+        `_decode_attention_combine_kernel` adds it)."""
         _await_inputs(PDL)
         h = tl.program_id(0)
         s = tl.program_id(1)
@@ -1455,12 +1470,15 @@ if triton is not None:
             start = s * CH
             top, den, acc = _attend_rows(q, win_ptr + start * D, W - start, vis_ptr, pos - start,
                                          pos % W - start, own, top, den, acc, scale, D, CH, RB,
-                                         False)  # fmt: skip
+                                         False, idx_ptr, False)  # fmt: skip
         else:
             start = (s - SW) * CH
-            top, den, acc = _attend_rows(q, comp_ptr + start * D, C - start, vis_ptr + start, 0,
-                                         -1, own, top, den, acc, scale, D, CH, RB,
-                                         True)  # fmt: skip
+            at, idx = start, idx_ptr
+            if GATHER:  # the split's rows are found through idx[start..]
+                at, idx = 0, idx_ptr + start
+            top, den, acc = _attend_rows(q, comp_ptr + at * D, C - start, vis_ptr + at, 0, -1,
+                                         own, top, den, acc, scale, D, CH, RB, True, idx,
+                                         GATHER)  # fmt: skip
         tl.store(top_ptr + h * S + s, top)
         tl.store(den_ptr + h * S + s, den)
         tl.store(acc_ptr + (h * S + s) * D + d, acc)
@@ -1468,13 +1486,14 @@ if triton is not None:
     @triton.jit
     def _attend_heads(q, k_ptr, n, valid_ptr, limit, sub, own, top, den, acc, scale,
                       D: tl.constexpr, N: tl.constexpr, RB: tl.constexpr, MASKED: tl.constexpr,
-                      IEEE: tl.constexpr):  # fmt: skip
+                      IEEE: tl.constexpr, idx_ptr, GATHER: tl.constexpr):  # fmt: skip
         """`_attend_rows` for a group of heads q `[HG, D]` at once: each row block read once for
         all of them, the scores and Σ p · row as products on the tensor cores (the scores'
         products exact in float32 from BF16; p · row in three TF32 passes, about float32's
         precision; IEEE: float32 products throughout)."""
         for r0 in range(0, N, RB):
-            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED)
+            k, live = _row_block(k_ptr, r0, n, valid_ptr, limit, sub, own, D, RB, MASKED,
+                                 idx_ptr, GATHER)  # fmt: skip
             scores = tl.where(live[None, :], _dot(q, k, IEEE) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             alpha = tl.exp(top - new_top)
@@ -1493,7 +1512,7 @@ if triton is not None:
         q_ptr, win_ptr, own_ptr, comp_ptr, vis_ptr, pos_ptr, top_ptr, den_ptr, acc_ptr, scale,
         W: tl.constexpr, C: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
         SW: tl.constexpr, S: tl.constexpr, HG: tl.constexpr, IEEE: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, GATHER: tl.constexpr = False, idx_ptr=None,
     ):  # fmt: skip
         """`_decode_attention_split_kernel` with program (head group, split): HG heads share
         each row they read (V4's heads all attend to one row per position), which the
@@ -1514,12 +1533,15 @@ if triton is not None:
             start = s * CH
             top, den, acc = _attend_heads(q, win_ptr + start * D, W - start, vis_ptr, pos - start,
                                           pos % W - start, own, top, den, acc, scale, D, CH, RB,
-                                          False, IEEE)  # fmt: skip
+                                          False, IEEE, idx_ptr, False)  # fmt: skip
         else:
             start = (s - SW) * CH
-            top, den, acc = _attend_heads(q, comp_ptr + start * D, C - start, vis_ptr + start, 0,
-                                          -1, own, top, den, acc, scale, D, CH, RB, True,
-                                          IEEE)  # fmt: skip
+            at, idx = start, idx_ptr
+            if GATHER:  # as the one-head kernel
+                at, idx = 0, idx_ptr + start
+            top, den, acc = _attend_heads(q, comp_ptr + at * D, C - start, vis_ptr + at, 0, -1,
+                                          own, top, den, acc, scale, D, CH, RB, True, IEEE, idx,
+                                          GATHER)  # fmt: skip
         tl.store(top_ptr + heads * S + s, top)
         tl.store(den_ptr + heads * S + s, den)
         tl.store(acc_ptr + (heads[:, None] * S + s) * D + d[None, :], acc)
@@ -2431,7 +2453,7 @@ def decode_attention(
     q: torch.Tensor, window: torch.Tensor, own: torch.Tensor, comp: torch.Tensor | None,
     visible: torch.Tensor | None, pos: torch.Tensor, sink: torch.Tensor, scale: float,
     rows_per_split: int | None = None, kind: str | None = None, group: int | None = None,
-    keep_own: bool = False, rope: tuple | None = None,
+    keep_own: bool = False, rope: tuple | None = None, picks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`Attention.step`'s sink attention of one token in two launches (as torch ops ~20
     kernels): q `[1, H, d]`, the window ring `[W, d]` in slot order (slots past `pos`
@@ -2443,12 +2465,19 @@ def decode_attention(
     Two launches fewer a layer where asked, in the merge's launch: `keep_own` writes own into
     the ring's slot pos mod W (a ring of own's dtype: the step's cache write); `rope` (cos,
     sin `[1, r/2]`, dtype) gives the output as `apply_rope(out, cos, sin, inverse=True,
-    out_dtype=dtype)` does."""
+    out_dtype=dtype)` does. `picks` `[k]` int64: the compressed rows attended are comp[picks]
+    with visible[picks] (comp and visible a store's whole capacity), read where they lie: no
+    gathered copies (two launches fewer a CSA layer)."""
     heads, dim = q.shape[1], q.shape[2]
     if not decode_attention_fits(dim) or window.shape[1] != dim:
         raise ValueError(f"decode_attention takes heads of a power-of-two width, got {q.shape}")
     w = window.shape[0]
     n = comp.shape[0] if comp is not None else 0
+    gathered = {}
+    if picks is not None:
+        if comp is None or visible is None or visible.shape[0] != n:
+            raise ValueError("decode_attention: picks index a store's rows and their mask")
+        n, gathered = picks.numel(), {"GATHER": True, "idx_ptr": picks.contiguous()}
     kind, group = kind or DECODE_ATTENTION, group or DECODE_HEAD_GROUP
     grouped = kind == "heads" and heads % group == 0 and dim >= 16 and group >= 16
     rows, chunk, sw, splits = decode_attention_split(w, n, dim, rows_per_split, grouped)
@@ -2469,6 +2498,7 @@ def decode_attention(
             **shape,
             HG=group,
             IEEE=ieee,
+            **gathered,
             num_warps=DECODE_HEAD_WARPS,
             **_pdl(q.device),
         )
@@ -2476,6 +2506,7 @@ def decode_attention(
         _decode_attention_split_kernel[(heads, splits)](
             *args,
             **shape,
+            **gathered,
             num_warps=4,
             **_pdl(q.device),
         )

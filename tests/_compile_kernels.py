@@ -395,27 +395,33 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 8},
             )
         )
-    for label, n in (("window only", 0), ("CSA top-k", 512), ("HCA", 8192)):
+    attention_args = (
+        "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, pos_ptr:*i64, "
+        "top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32"
+    )
+    # a CSA layer's picks read where the store holds them ("gathered"), as a decode step has it
+    for label, n, gather in (("window only", 0, False), ("CSA top-k", 512, False),
+                             ("CSA top-k gathered", 512, True), ("HCA", 8192, False)):  # fmt: skip
+        args = attention_args + (", idx_ptr:*i64" if gather else "")
         rows, chunk, sw, splits = gk.decode_attention_split(128, n, HEAD_DIM)
+        shape = {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits}
         specs.append(
             (
                 f"decode attention {label}",
                 gk._decode_attention_split_kernel,
-                "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
-                "pos_ptr:*i64, top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32",
-                {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits},
+                args,
+                shape | {"GATHER": gather},
                 {"num_warps": 4},
             )
         )
         rows, chunk, sw, splits = gk.decode_attention_split(128, n, HEAD_DIM, grouped=True)
+        shape = {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits}
         specs.append(
             (
                 f"decode attention {label}, head groups",
                 gk._decode_attention_heads_kernel,
-                "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, "
-                "pos_ptr:*i64, top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32",
-                {"W": 128, "C": n, "D": HEAD_DIM, "RB": rows, "CH": chunk, "SW": sw, "S": splits}
-                | {"HG": gk.DECODE_HEAD_GROUP, "IEEE": False},
+                args,
+                shape | {"HG": gk.DECODE_HEAD_GROUP, "IEEE": False, "GATHER": gather},
                 {"num_warps": gk.DECODE_HEAD_WARPS},
             )
         )

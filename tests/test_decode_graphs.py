@@ -508,10 +508,11 @@ def _step_launches(rt, graphs, token: int, state) -> Counter:
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     """A GPU decode step's census (the step cut at every layer: each a host-expert layer):
-    the window ring's and the compressed rows' writes, the output's de-rotation and the mixes
-    of every site after the first happen inside neighbouring launches, the position tables are
-    made once a step however many segments it has, and what a cut hands on is written in place.
-    FUSED_SEAMS off gives the writes, the de-rotation and the mixes their own launches again."""
+    the window ring's and the compressed rows' writes, the output's de-rotation, the mixes of
+    every site after the first and the CSA picks' gather happen inside neighbouring launches,
+    the position tables are made once a step however many segments it has, and what a cut
+    hands on is written in place. FUSED_SEAMS off gives the writes, the de-rotation, the mixes and the gathers their own
+    launches again."""
     kernels_device()
     ids = _ids(12)
     with _runtime("host") as rt:
@@ -531,12 +532,14 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     assert apart["_hc_mixes_kernel"] == 2 * layers + 1
     assert fused["_rope_kernel"] == 2 * layers + csa  # q and kv; the indexer's queries
     assert apart["_rope_kernel"] == 3 * layers + csa  # and the output's de-rotation
+    # a CSA layer's picked rows and their mask read where they lie, not gathered first
+    assert fused["index_select"] == 0 and apart["index_select"] == csa
     # made once a step: both tables' angles, the window slot, a mask per store size and ratio
     assert fused["cos"] == 2 and fused["remainder"] == 1 and fused["le"] == 2
     # the cuts' streams, MoE input, post, comb and device share are written where the next
     # segment reads them: the copies left are each host layer's input and output across PCIe,
     # the embedding row, the position's widening and the logits
     assert fused["copy_"] == 2 * layers + 3 and fused["_sum_parts_kernel"] == layers
-    # nothing else changed: the row writes, de-rotations and mixes, 25 launches of 5 layers
+    # nothing else changed: the row writes, de-rotations, mixes and gathers, 29 launches of 5
     saved = sum(apart.values()) - sum(fused.values())
-    assert saved == (layers + 2 * csa + 2) + layers + (2 * layers - 1)
+    assert saved == (layers + 2 * csa + 2) + layers + (2 * layers - 1) + 2 * csa

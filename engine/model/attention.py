@@ -251,7 +251,7 @@ class Attention:
         ring = state.window.as_stored(kv.dtype) if seams else None
         if ring is None:
             state.window.put(kv, slot)
-        entries = visible = None
+        entries = visible = picks = None
         if self.compressor is not None:
             self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
             store = state.kv_entries
@@ -278,14 +278,17 @@ class Attention:
                     # unsorted: the picks are a set to attend, and sorting them was 0.45 ms of
                     # a 43-layer H200 step (torch's radix sort after its selection; run 6)
                     picked = picked.topk(self.indexer.topk, sorted=False).indices
-                    entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
+                    if seams and store.as_stored(q.dtype) is not None:  # read where they lie
+                        entries, picks = store.rows(), picked
+                    else:
+                        entries, visible = store.gather(picked), visible[picked]  # [k, d], [k]
             if entries is None:
                 entries = store.rows()  # [C, d]
         if on_gpu:  # the ring write and the de-rotation in the attention's last launch
             o = gpu_kernels.decode_attention(
                 q, state.window.slots() if ring is None else ring, kv, entries, visible, pos,
                 self.sink, self.scale, keep_own=ring is not None,
-                rope=(cos, sin, a.dtype) if seams else None,
+                rope=(cos, sin, a.dtype) if seams else None, picks=picks,
             )  # fmt: skip
             return self._projected(o, False) if seams else self._output(o, a.dtype, cos, sin, False)
         window = state.window.slots()  # [W, d]
