@@ -126,11 +126,6 @@ class Fp8Rows(_Codec):
         else:
             super().write_rows(parts, rows, index)
 
-    def as_stored(self, parts, dtype: torch.dtype) -> torch.Tensor | None:
-        """The buffer rows of `dtype` are kept in unchanged, where there is one (NativeRows of
-        that dtype): a kernel may write rows there itself. None: rows go through `write_rows`."""
-        return None
-
     def read_rows(self, parts, index: torch.Tensor | None = None) -> torch.Tensor:
         if self._fused(parts[0]):
             return gpu_kernels.fp8_rows_read(parts, index, self.dtype)

@@ -113,9 +113,10 @@ PDL = int(os.environ.get("FLASHDESK_PDL", "1") not in ("", "0"))
 FUSED_NORMS = True
 # Launches of a decode layer folded into their neighbours' (twenty-first session, unmeasured
 # on a GPU; the census by tests/test_decode_graphs.py): the next site's mixes into `hc_post`
-# (`then=`), the window ring's write and the output's de-rotation into the attention's merge
-# (`decode_attention(keep_own=, rope=)`), the compressed row's write into `compressor_step`
-# (`into=`): ~3.5 launches fewer a layer. `bench --synthetic` times the other setting beside.
+# (`then=`, 2 a layer), the window ring's write and the output's de-rotation into the
+# attention's merge (`decode_attention(keep_own=, rope=)`, 2), the compressed row's write into
+# `compressor_step` (`into=`, 1 a compressor), a CSA layer's picked rows read where they lie
+# (`decode_attention(picks=)`, 2). `bench --synthetic` times the other setting beside.
 FUSED_SEAMS = True
 # A decode step's cached experts: "rows" (`moe`) or "by pick" (`moe_by_pick`: the grouped
 # tensor-core kernels, one 16-row block per pick, one row of it live; H200: 210-242 µs, lost).
