@@ -375,6 +375,29 @@ def test_step_with_the_packed_fp8_kv_layout():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_the_gpu_step_with_the_packed_fp8_kv_layout_keeps_its_own_writes(monkeypatch):
+    """Through the GPU kernels with FUSED_SEAMS on, packed FP8 rows cannot be written or read
+    where they lie as they are: the ring's and the stores' rows go through their codec, the CSA
+    picks are gathered and decoded, and the merge still de-rotates. The model's decode logits."""
+    kernels_device()
+    # power-of-two heads whose no-rope channels are whole 64-blocks (the FP8 layout's)
+    config = CONFIG.replace(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
+    ids = torch.randint(0, config.vocab_size, (13,), generator=torch.Generator().manual_seed(1))
+    placement = Placement.uniform(config, PINNED)
+    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
+        want, got = rt.new_state("fp8"), rt.new_state("fp8")
+        for state in (want, got):
+            rt.prefill(ids[:8].tolist(), state)
+        logits = [rt.model.decode(t, want) for t in ids[8:].tolist()]
+        assert got.layers[0].window.as_stored(torch.float32) is None  # packed
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
+        graphs = GraphDecoder(rt.model, capture=False)
+        for t, expected in zip(ids[8:].tolist(), logits, strict=True):
+            torch.testing.assert_close(graphs.decode(t, got), expected, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_the_step_scores_fp8_index_keys_as_stored(monkeypatch):
     """With the packed KV format a GPU step's indexer reads the FP8 index keys and their scales
     from the store (`gpu_kernels.index_scores` with `key_scale`; here in the interpreter), not
