@@ -9,6 +9,7 @@ tests/gpu/test_decode_graphs_cuda.py captures and replays them on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -374,6 +375,18 @@ def test_step_with_the_packed_fp8_kv_layout():
             torch.testing.assert_close(graphs.decode(t, got), rt.model.decode(t, want), **TOL)
 
 
+@contextlib.contextmanager
+def _fp8_twins(config, ids: torch.Tensor, prompt: int):
+    """A runtime (every expert pinned) and two packed-FP8 states after the same prompt → (the
+    runtime, the second state, the model's decode logits of the rest of `ids` on the first)."""
+    placement = Placement.uniform(config, PINNED)
+    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
+        want, got = rt.new_state("fp8"), rt.new_state("fp8")
+        for state in (want, got):
+            rt.prefill(ids[:prompt].tolist(), state)
+        yield rt, got, [rt.model.decode(t, want) for t in ids[prompt:].tolist()]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_the_gpu_step_with_the_packed_fp8_kv_layout_keeps_its_own_writes(monkeypatch):
     """Through the GPU kernels with FUSED_SEAMS on, packed FP8 rows cannot be written or read
@@ -383,12 +396,7 @@ def test_the_gpu_step_with_the_packed_fp8_kv_layout_keeps_its_own_writes(monkeyp
     # power-of-two heads whose no-rope channels are whole 64-blocks (the FP8 layout's)
     config = CONFIG.replace(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
     ids = torch.randint(0, config.vocab_size, (13,), generator=torch.Generator().manual_seed(1))
-    placement = Placement.uniform(config, PINNED)
-    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
-        want, got = rt.new_state("fp8"), rt.new_state("fp8")
-        for state in (want, got):
-            rt.prefill(ids[:8].tolist(), state)
-        logits = [rt.model.decode(t, want) for t in ids[8:].tolist()]
+    with _fp8_twins(config, ids, 8) as (rt, got, logits):
         assert got.layers[0].window.as_stored(torch.float32) is None  # packed
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
@@ -405,12 +413,7 @@ def test_the_step_scores_fp8_index_keys_as_stored(monkeypatch):
     kernels_device()
     config = CONFIG.replace(head_dim=80)  # no-rope channels in whole 64-blocks
     ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
-    placement = Placement.uniform(config, PINNED)
-    with load_runtime(SyntheticCheckpoint(config), placement=placement, **EXACT) as rt:
-        want, got = rt.new_state("fp8"), rt.new_state("fp8")
-        for state in (want, got):
-            rt.prefill(ids[:20].tolist(), state)
-        expected = [rt.model.decode(t, want) for t in ids[20:].tolist()]
+    with _fp8_twins(config, ids, 20) as (rt, got, expected):
         scored = []
         real = gpu_kernels.index_scores
         monkeypatch.setattr(
