@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdesk.engine import gpu_kernels, kernels
+from flashdesk.engine.model.common import into
 from flashdesk.engine.model.moe import MoE, Router, SharedExpert, swiglu
 
 PINNED = "pinned"
@@ -158,15 +159,6 @@ class LayerExperts:
                 raw[e] = tuple(flat[6 * j : 6 * j + 6])
                 store_of[e] = PINNED if store == PINNED and pinned else PAGEABLE
         return cls(raw, kernels.ExpertTable(raw), store_of, zc, stacks or ())
-
-
-def _into(out: tuple | None, got: tuple) -> tuple:
-    """`got`'s tensors copied into `out`'s where given (→ `out`), else `got` itself."""
-    if out is None:
-        return got
-    for dst, src in zip(out, got, strict=True):
-        dst.copy_(src)
-    return out
 
 
 class ExpertCache:
@@ -424,7 +416,7 @@ class HybridMoE(MoE):
                 record_hits,
             )
             return self.router.route_and_record(x, ids, record, out)
-        return _into(out, self._route_apart(x, ids, resident, in_place, logged, record_hits))
+        return into(out, self._route_apart(x, ids, resident, in_place, logged, record_hits))
 
     def _route_apart(self, x, ids, resident, in_place, logged: bool, record_hits: bool):
         """`step_route` where the routing and its log take launches of their own."""

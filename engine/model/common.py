@@ -125,3 +125,14 @@ class Linear:
 
     def to(self, device: torch.device | str) -> Linear:
         return Linear(self.weight.to(device), self.quantized)
+
+
+def into(out: tuple | None, got: tuple) -> tuple:
+    """`got`, or `out` holding it (a captured step's fixed buffers): each tensor copied there
+    unless the path that made it already wrote in place."""
+    if out is None:
+        return got
+    for dst, src in zip(out, got, strict=True):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+    return out

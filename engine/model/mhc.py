@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from flashdesk.engine import _kernels, gpu_kernels
-from flashdesk.engine.model.common import few_cpu_tokens, rms_norm
+from flashdesk.engine.model.common import few_cpu_tokens, into, rms_norm
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """x `[S, hc, D]` → `ρ · (flatten(x) · fnᵀ)` `[S, n_mix]` with the un-weighted RMS ρ (a
     few tokens on a GPU with Triton: one launch, `gpu_kernels.hc_mixes`)."""
-    few = x.shape[0] <= gpu_kernels.MAX_TOKENS and fn.dtype == torch.float32
-    if few and gpu_kernels.applies(x) and gpu_kernels.checked("hyper-connection mixes", x.device):
+    if _mixes_on_gpu(x, fn):
         return gpu_kernels.hc_mixes(x, fn, norm_eps)
     flat = x.flatten(1).float()
     rho = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
@@ -112,17 +111,7 @@ def hc_pre(
         got = gpu_kernels.hc_pre_tail(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out)
     else:
         got = _hc_pre_any(x, fn, scale, base, iters, hc_eps, norm_eps, norm, out)
-    return _into(out, got)
-
-
-def _into(out: tuple | None, got: tuple) -> tuple:
-    """`got`, or `out` holding it where the path that made it wrote elsewhere."""
-    if out is None:
-        return got
-    for dst, src in zip(out, got, strict=True):
-        if dst.data_ptr() != src.data_ptr():
-            dst.copy_(src)
-    return out
+    return into(out, got)
 
 
 def _hc_pre_any(x, fn, scale, base, iters, hc_eps, norm_eps, norm, out):
@@ -207,7 +196,7 @@ def hc_post_then(
     hold the streams (a captured step's fixed buffer)."""
     hc = x.shape[1]
     if gpu_kernels.applies(x) and not hc & (hc - 1):
-        if then is not None and _mixes_in_post(x, then):
+        if then is not None and gpu_kernels.FUSED_SEAMS and _mixes_on_gpu(x, then):
             return gpu_kernels.hc_post(f, x, post, comb, add, then, out)
         return gpu_kernels.hc_post(f, x, post, comb, add, out=out), None
     streams = _hc_post_any(f, x, post, comb, add)
@@ -240,11 +229,13 @@ def _hc_post_any(f, x, post, comb, add):
     return hc_post_ops(f, x, post, comb, add)
 
 
-def _mixes_in_post(x: torch.Tensor, fn: torch.Tensor) -> bool:
-    """Whether the GPU's `hc_post` computes the next mixes (where `_mixes` takes its kernel)."""
+def _mixes_on_gpu(x: torch.Tensor, fn: torch.Tensor) -> bool:
+    """Whether the GPU's mixes kernels take x and fn (`hc_mixes`, and `hc_post(then=)`): a few
+    tokens, float32 weights, the kernels checked on this device."""
     few = x.shape[0] <= gpu_kernels.MAX_TOKENS and fn.dtype == torch.float32
-    seams = gpu_kernels.FUSED_SEAMS
-    return few and seams and gpu_kernels.checked("hyper-connection mixes", x.device)
+    return (
+        few and gpu_kernels.applies(x) and gpu_kernels.checked("hyper-connection mixes", x.device)
+    )
 
 
 def hc_post_ops(
