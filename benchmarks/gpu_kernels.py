@@ -101,10 +101,12 @@ LINEARS = [
     ("shared w1 + w3", 4096, 4096, 1, True, False),
     ("shared w2", 4096, 2048, 1, True, False),
     ("indexer wq_b", 8192, 1024, 1, True, False),
+    ("wq_b + indexer wq_b", 40960, 1024, 1, True, False),
     ("router gate (bf16)", 256, 4096, 1, False, False),
     ("CSA compressor wkv + wgate (bf16)", 2048, 4096, 1, False, False),
     ("HCA compressor wkv + wgate (bf16)", 1024, 4096, 1, False, False),
     ("index compressor wkv + wgate (bf16)", 512, 4096, 1, False, False),
+    ("CSA projections: both compressors' + indexer weights (bf16)", 2624, 4096, 1, False, False),
     ("head (bf16)", 129280, 4096, 1, False, True),
 ]
 # `linear` kinds: ("rows", rows per program, warps, columns per step, programs wanted per launch

@@ -432,7 +432,7 @@ class GraphDecoder:
                 f, parts = blocks[i].moe.step_device_parts(a, experts, weights)
                 x, mixes = hc_post_then(f, x, post, comb, parts, self._mixes_of(i + 1))
             if cut is None:
-                self.logits.copy_(model.logits_from_streams(x)[0])
+                self.logits.copy_(model.logits_from_streams(x, mixes)[0])
                 return
             # the streams, MoE input, post and comb, then the routing, written by their kernels
             # into the fixed buffers the next segments read (no copies after)
@@ -450,11 +450,10 @@ class GraphDecoder:
         cos, sin = angles[1] if block.spec.has_compressor else angles[0]
         return block.step_attention(x, self.pos, cos, sin, state.layers[i], at, mixes, out)
 
-    def _mixes_of(self, layer: int) -> torch.Tensor | None:
-        """The mixes weights of `layer`'s attention site (None past the last layer: the head
-        makes its own)."""
+    def _mixes_of(self, layer: int) -> torch.Tensor:
+        """The mixes weights of `layer`'s attention site (past the last layer: the head's)."""
         blocks = self.model.blocks
-        return blocks[layer].hc_attn[0] if layer < len(blocks) else None
+        return blocks[layer].hc_attn[0] if layer < len(blocks) else self.model.hc_head[0]
 
     def _device_part(self, layer: int):
         moe = self.model.blocks[layer].moe

@@ -180,6 +180,9 @@ LINEAR_ROWS_BY_SHAPE: dict[tuple[int, int, int, int], tuple[int, int, int, int]]
     (1024, 4096, 1, 2): (4, 4, 2048, 0),  # an HCA compressor's
     (512, 4096, 1, 2): (4, 4, 2048, 0),  # the index compressor's
     (129280, 4096, 1, 2): (4, 4, 2048, 0),  # the head (BF16)
+    # a CSA layer's decode-step joins, not swept yet: as wq_b's and a CSA compressor's shapes
+    (40960, 1024, 1, 1): (16, 4, 512, 1024),  # wq_b + the indexer's wq_b
+    (2624, 4096, 1, 2): (4, 4, 2048, 0),  # both compressors' projections + the index weights
 }
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; tests/conftest.py sets
@@ -390,22 +393,47 @@ def _check_hc_mixes(dev: torch.device) -> str | None:
 
 
 def _check_fused_norms(dev: torch.device) -> str | None:
-    """The RMSNorms inside RoPE (`norm_rope`) and inside the hyper-connection collapse
-    (`hc_pre_tail(norm=)`) against the torch ops: a failure leaves the norms their own launch."""
+    """The RMSNorms inside RoPE (`norm_rope`, and `norm_ropes`' three parts in one launch),
+    inside the hyper-connection collapse (`hc_pre_tail(norm=)`, and the head's,
+    `hc_head_tail`) and inside a linear (`linear(norm=)`) against the torch ops: a failure
+    leaves the norms (and those RoPE parts) their own launches."""
+    from flashdesk.engine import quant
     from flashdesk.engine.model import mhc
     from flashdesk.engine.model.common import rms_norm as rms_norm_ops
     from flashdesk.engine.model.rope import apply_rope as rope_ops
 
-    _, x, w, cos, sin, fn, mix_scale, base, mixes = _elementwise_case(8)
+    g, x, w, cos, sin, fn, mix_scale, base, mixes = _elementwise_case(8)
     u = mhc.hc_pre(x, fn, mix_scale, base, 20, 1e-6, 1e-6)[0]
     xd, wd, cosd, sind = (t.to(dev) for t in (x, w, cos, sin))
     roped = _rope(xd, cosd, sind, False, None, (wd, 1e-6))
     if not torch.allclose(roped.cpu(), rope_ops(rms_norm_ops(x, w, 1e-6), cos, sin), 1e-4, 1e-5):
         return "its RMSNorm inside RoPE gave other values than the torch ops on this GPU"
+    parts = (x, x[:, 0], x[:, :2, :64])  # per head normed, normed · w, roped only
+    want = [rope_ops(rms_norm_ops(parts[0], None, 1e-6), cos, sin),
+            rope_ops(rms_norm_ops(parts[1], w, 1e-6), cos, sin), rope_ops(parts[2], cos, sin)]  # fmt: skip
+    on_dev = [(parts[0].to(dev), None, True), (parts[1].to(dev), wd, True),
+              (parts[2].to(dev), None, False)]  # fmt: skip
+    for got, ref in zip(_norm_ropes(on_dev, 1e-6, cosd, sind), want, strict=True):
+        if not torch.allclose(got.cpu(), ref, 1e-4, 1e-5):
+            return "its RMSNorms and RoPE of three tensors in one launch gave other values"
     on = (mixes.to(dev), xd, mix_scale.to(dev), base.to(dev))
     collapsed = _hc_pre(*on, 20, 1e-6, wd, 1e-6)[0]
     if not torch.allclose(collapsed.cpu(), rms_norm_ops(u, w, 1e-6), 1e-4, 1e-5):
         return "its RMSNorm inside the hyper-connection collapse gave other values on this GPU"
+    head_fn, head_scale = fn[:4], mix_scale[:1]
+    head = mhc.hc_head(x, head_fn, head_scale, base[:4], 1e-6, 1e-6)
+    on = (mhc._mixes(x, head_fn, 1e-6).to(dev), xd, head_scale.to(dev), base[:4].to(dev))
+    if not torch.allclose(_hc_head_tail(*on, 1e-6, wd, 1e-6).cpu(), rms_norm_ops(head, w, 1e-6),
+                          1e-4, 1e-5):  # fmt: skip
+        return "its RMSNorm inside the head's collapse gave other values on this GPU"
+    codes, tiles = quant.quantize_fp8(torch.randn(256, 128, generator=g) * 0.1)
+    weight = quant.dequant_fp8(codes, tiles, dtype=torch.float32)
+    rows = x[:, 0]  # [2, 128]
+    want = torch.nn.functional.linear(rms_norm_ops(rows, w, 1e-6), weight)
+    got = linear(rows.to(dev), codes.view(torch.float8_e4m3fn).to(dev), tiles.to(dev),
+                 kind="rows", norm=(wd, 1e-6))  # fmt: skip
+    if not torch.allclose(got.cpu(), want, 1e-4, 1e-4):
+        return "its RMSNorm inside an FP8 linear gave other values on this GPU"
     return None
 
 
@@ -1689,10 +1717,47 @@ if triton is not None:
         rotated as consecutive pairs by the token's angles (SIGN −1: the inverse rotation). x is
         taken as narrowed to out's dtype first (the attention output: float32 in, bf16 out).
         NORM: the row RMS-normed first (· w with HAS_W), as `_rms_norm_kernel` computes and
-        rounds it, so that a norm and its rope are one launch (a decode step's q and kv)."""
+        rounds it, so that a norm and its rope are one launch."""
         _await_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
-        s = row // H
+        _rope_row(x_ptr, out_ptr, cos_ptr, sin_ptr, row, row // H, SIGN, D, HALF, NOPE_BLOCK,
+                  HALF_BLOCK, NORM, w_ptr, eps, BLOCK, HAS_W)  # fmt: skip
+
+    @triton.jit
+    def _ropes_kernel(
+        cos_ptr, sin_ptr, eps, T, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+        x0, o0, w0, H0: tl.constexpr, D0: tl.constexpr, NB0: tl.constexpr, B0: tl.constexpr,
+        N0: tl.constexpr, W0: tl.constexpr,
+        x1, o1, w1, H1: tl.constexpr, D1: tl.constexpr, NB1: tl.constexpr, B1: tl.constexpr,
+        N1: tl.constexpr, W1: tl.constexpr,
+        x2, o2, w2, H2: tl.constexpr, D2: tl.constexpr, NB2: tl.constexpr, B2: tl.constexpr,
+        N2: tl.constexpr, W2: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Three tensors' rows roped in one launch (T tokens of Hp rows of Dp channels each),
+        each as `_rope_kernel` ropes it forward (Np: RMS-normed first, · wp with Wp): a decode
+        step's q, kv and the indexer's queries. The grid covers the parts in use, in order (a
+        part left out has H 1 and no programs)."""
+        _await_inputs(PDL)
+        pid = tl.program_id(0).to(tl.int64)
+        if pid < T * H0:
+            _rope_row(x0, o0, cos_ptr, sin_ptr, pid, pid // H0, 1.0, D0, HALF, NB0, HALF_BLOCK,
+                      N0, w0, eps, B0, W0)  # fmt: skip
+        elif pid < T * (H0 + H1):
+            row = pid - T * H0
+            _rope_row(x1, o1, cos_ptr, sin_ptr, row, row // H1, 1.0, D1, HALF, NB1, HALF_BLOCK,
+                      N1, w1, eps, B1, W1)  # fmt: skip
+        else:
+            row = pid - T * (H0 + H1)
+            _rope_row(x2, o2, cos_ptr, sin_ptr, row, row // H2, 1.0, D2, HALF, NB2, HALF_BLOCK,
+                      N2, w2, eps, B2, W2)  # fmt: skip
+
+    @triton.jit
+    def _rope_row(
+        x_ptr, out_ptr, cos_ptr, sin_ptr, row, s, SIGN: tl.constexpr, D: tl.constexpr,
+        HALF: tl.constexpr, NOPE_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+        NORM: tl.constexpr, w_ptr, eps, BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+    ):  # fmt: skip
+        """`_rope_kernel`'s work on row `row` of x, token s's angles."""
         base = row * D
         nope = D - 2 * HALF
         dtype = out_ptr.dtype.element_ty
@@ -1729,7 +1794,7 @@ if triton is not None:
         mix_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, hc_eps,
         ITERS: tl.constexpr, HC: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         PDL: tl.constexpr = False, NORM: tl.constexpr = False, w_ptr=None, eps=0.0,
-        PARTS: tl.constexpr = 0, PB: tl.constexpr = 1,
+        PARTS: tl.constexpr = 0, PB: tl.constexpr = 1, HEAD: tl.constexpr = False,
     ):  # fmt: skip
         """Program (token, D block): from the token's mixes `[(2+HC)·HC]` the pre weights and
         its block of the collapsed input u = Σ_j pre_j · x_j; block 0 also the post weights and
@@ -1738,11 +1803,14 @@ if triton is not None:
         rounded to u's dtype and RMS-normed · w as `_rms_norm_kernel` does (the block's input
         norm in the same launch). PARTS: the mixes come as the previous `_hc_post_kernel`'s
         PARTS partial sums (`[PARTS, NM + 1]` a token, the last the sum of squares), finished
-        here as `_hc_mixes_kernel` finishes them, eps being the mixes' RMS epsilon."""
+        here as `_hc_mixes_kernel` finishes them, eps being the mixes' RMS epsilon. HEAD: the
+        model's last collapse (`mhc.hc_head`): HC mixes, pre weights only, no post or comb, one
+        program a token (with NORM: all of u, normed: the final norm in the same launch)."""
         _await_inputs(PDL)
         s = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, HC)
-        NM: tl.constexpr = (2 + HC) * HC
+        NM: tl.constexpr = HC if HEAD else (2 + HC) * HC
+        U_PROGRAM: tl.constexpr = 0 if HEAD else 1  # the program that norms u
         rho = 1.0
         if PARTS > 0:
             mix = mix_ptr + s * PARTS * (NM + 1)
@@ -1753,18 +1821,19 @@ if triton is not None:
             mix = mix_ptr + s * NM
         pre = _mix_values(mix, r, NM, PARTS, PB, rho) * tl.load(scale_ptr) + tl.load(base_ptr + r)
         pre = tl.sigmoid(pre) + hc_eps
-        if tl.program_id(1) == 0:
-            post = _mix_values(mix, HC + r, NM, PARTS, PB, rho) * tl.load(scale_ptr + 1)
-            post += tl.load(base_ptr + HC + r)
-            tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
-            square = r[:, None] * HC + r[None, :]
-            flat = 2 * HC + tl.arange(0, HC * HC)
-            comb = tl.reshape(_mix_values(mix, flat, NM, PARTS, PB, rho), (HC, HC))
-            comb = comb * tl.load(scale_ptr + 2)
-            comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
-            tl.store(comb_ptr + s * HC * HC + square, comb)
+        if not HEAD:  # noqa: SIM102 (a compile-time branch, then a run-time one)
+            if tl.program_id(1) == 0:
+                post = _mix_values(mix, HC + r, NM, PARTS, PB, rho) * tl.load(scale_ptr + 1)
+                post += tl.load(base_ptr + HC + r)
+                tl.store(post_ptr + s * HC + r, 2 * tl.sigmoid(post))
+                square = r[:, None] * HC + r[None, :]
+                flat = 2 * HC + tl.arange(0, HC * HC)
+                comb = tl.reshape(_mix_values(mix, flat, NM, PARTS, PB, rho), (HC, HC))
+                comb = comb * tl.load(scale_ptr + 2)
+                comb = _sinkhorn_tile(comb + tl.load(base_ptr + 2 * HC + square), hc_eps, ITERS)
+                tl.store(comb_ptr + s * HC * HC + square, comb)
         if NORM:
-            if tl.program_id(1) == 1:
+            if tl.program_id(1) == U_PROGRAM:
                 cols = tl.arange(0, BLOCK_D)
                 xv = tl.load(x_ptr + s * HC * D + r[:, None] * D + cols[None, :]).to(tl.float32)
                 u = tl.sum(xv * pre[:, None], axis=0).to(u_ptr.dtype.element_ty).to(tl.float32)
@@ -1995,7 +2064,9 @@ if triton is not None:
         logits = _dot(q, keys, IEEE)  # [H, BT]
         if KSCALE:
             logits = logits * tl.load(kscale_ptr + rows, mask=live, other=0.0)[None, :]
-        w = tl.load(w_ptr + s * H + h).to(tl.float32) * scale
+        # weights_proj's output in the activations' dtype (float32 sums of a joined launch are
+        # rounded here as torch's linear rounds them)
+        w = tl.load(w_ptr + s * H + h).to(q_ptr.dtype.element_ty).to(tl.float32) * scale
         score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)
         visible = (tl.load(pos_ptr + s) + 1) // RATIO
         tl.store(out_ptr + s * C + rows, tl.where(rows < visible, score, float("-inf")), mask=live)
@@ -2006,13 +2077,16 @@ if triton is not None:
         X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr = 1,
         PDL: tl.constexpr = False, STAGES: tl.constexpr = 1, GLU: tl.constexpr = False,
-        GLU_LIMIT: tl.constexpr = 0.0,
+        GLU_LIMIT: tl.constexpr = 0.0, NORM: tl.constexpr = False, nw_ptr=None, eps=0.0,
+        NORM_BLOCK: tl.constexpr = 1,
     ):  # fmt: skip
         """out[split, t, rows] = x[t, group's K share] · W[rows, K share]ᵀ (× the rows' 128×128
         tile scales): one token per program, BK columns per step (UNROLL steps at once; STAGES
         steps' loads in flight through shared memory), SPLIT programs sharing a row block's K.
         GLU: x's row holds gate then up (K each) and the product takes SwiGLU(gate, up) clamped
-        at GLU_LIMIT (0: not), rounded to x's dtype as `_swiglu_kernel` stores it."""
+        at GLU_LIMIT (0: not), rounded to x's dtype as `_swiglu_kernel` stores it. NORM (one
+        group): x's row RMS-normed over all of K (· nw) and rounded to x's dtype as
+        `_rms_norm_kernel` computes it (the q_a norm read into `wq_b`: one launch fewer)."""
         _await_inputs(PDL)
         t = tl.program_id(0)
         first = tl.program_id(1) * BN
@@ -2020,6 +2094,11 @@ if triton is not None:
         share: tl.constexpr = K // SPLIT
         k0 = tl.program_id(2) * share
         x_row = x_ptr + t * X_STRIDE + (first // GROUP_ROWS) * K
+        r = 1.0
+        if NORM:  # the whole row's mean square, summed as `_rms_norm_kernel` sums it
+            kc = tl.arange(0, NORM_BLOCK)
+            whole = tl.load(x_row + kc, mask=kc < K, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(whole * whole, axis=0) / K + eps)
         # Products are summed per thread across steps, and across threads once after the loop:
         # a sum across threads each step cost warp shuffles and block barriers, and the barriers
         # kept the next step's loads from being issued early. A program's rows lie in one
@@ -2028,6 +2107,8 @@ if triton is not None:
         for step in tl.range(0, share, BK, loop_unroll_factor=UNROLL, num_stages=STAGES):
             cols = k0 + step + tl.arange(0, BK)
             xs = tl.load(x_row + cols)
+            if NORM:
+                xs = (xs.to(tl.float32) * r * tl.load(nw_ptr + cols)).to(x_ptr.dtype.element_ty)
             if GLU:  # the shared expert's hidden, one launch fewer than SwiGLU on its own
                 g, u = xs.to(tl.float32), tl.load(x_row + K + cols).to(tl.float32)
                 if GLU_LIMIT > 0:
@@ -2594,12 +2675,59 @@ def norm_rope(
 ) -> torch.Tensor:
     """`apply_rope(rms_norm(x, weight, eps), cos, sin)` (x `[S, d]` or `[S, H, d]`, each row
     normed) in one launch, the same values: two launches fewer a decode layer (q and kv)."""
-    if not _fusing_norms(x.device):
+    if not fusing_norms(x.device):
         return apply_rope(rms_norm(x, weight, eps), cos, sin)
     return _rope(x, cos, sin, False, None, (weight, eps))
 
 
-def _fusing_norms(device: torch.device) -> bool:
+def norm_ropes(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor | None, bool]],
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Each part (x `[S, d]` or `[S, H, d]`, norm weight or None, normed) →
+    `norm_rope(x, weight, eps, cos, sin)` where normed, else `apply_rope(x, cos, sin)`: up to
+    three in one launch (a decode step's q, kv and the indexer's queries: two launches fewer
+    a CSA layer, one fewer another), the same values."""
+    if not parts or len(parts) > 3:
+        raise ValueError(f"norm_ropes: 1 to 3 parts, not {len(parts)}")
+    if not fusing_norms(parts[0][0].device):
+        return [norm_rope(x, w, eps, cos, sin) if n else apply_rope(x, cos, sin)
+                for x, w, n in parts]  # fmt: skip
+    return _norm_ropes(parts, eps, cos, sin)
+
+
+def _norm_ropes(parts, eps, cos, sin) -> list[torch.Tensor]:
+    half = cos.shape[-1]
+    tokens = parts[0][0].shape[0]
+    args, outs, rows = {}, [], 0
+    for p in range(3):
+        x, weight, normed = parts[min(p, len(parts) - 1)]
+        if x.shape[0] != tokens:
+            raise ValueError("norm_ropes: the parts hold the same tokens")
+        x = x.contiguous()
+        d = x.shape[-1]
+        heads = x.shape[1] if x.dim() == 3 else 1
+        out = torch.empty_like(x) if p < len(parts) else outs[-1]
+        if p < len(parts):
+            outs.append(out)
+            rows += tokens * heads
+        else:  # no programs: any valid constants
+            heads = 1
+        w = weight.contiguous() if normed and weight is not None else x
+        args |= {f"x{p}": x, f"o{p}": out, f"w{p}": w, f"H{p}": heads, f"D{p}": d,
+                 f"NB{p}": triton.next_power_of_2(max(d - 2 * half, 1)),
+                 f"B{p}": triton.next_power_of_2(d), f"N{p}": bool(normed),
+                 f"W{p}": bool(normed and weight is not None)}  # fmt: skip
+    _ropes_kernel[(rows,)](
+        cos.contiguous(), sin.contiguous(), float(eps), tokens, HALF=half,
+        HALF_BLOCK=triton.next_power_of_2(half), **args, **_pdl(cos.device),
+    )  # fmt: skip
+    return outs
+
+
+def fusing_norms(device: torch.device) -> bool:
     """FUSED_NORMS, where the fused kernels passed their check on `device`."""
     return FUSED_NORMS and checked("RMSNorm fusion", device)
 
@@ -2642,10 +2770,40 @@ def hc_pre_tail(
     tensors of the results' shapes and dtypes to write them into (a captured step's fixed
     buffers), where the launch can; the caller copies what came back elsewhere."""
     # the fused norm takes the row as one block, a power of two
-    if norm is not None and (x.shape[2] & (x.shape[2] - 1) or not _fusing_norms(x.device)):
+    if norm is not None and (x.shape[2] & (x.shape[2] - 1) or not fusing_norms(x.device)):
         u, post, comb = hc_pre_tail(mixes, x, scale, base, iters, hc_eps, None, norm_eps)
         return rms_norm(u, norm, norm_eps), post, comb
     return _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out)
+
+
+def hc_head_tail(
+    mixes: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_eps: float,
+    norm: torch.Tensor,
+    norm_eps: float,
+) -> torch.Tensor:
+    """`rms_norm(mhc.hc_head(x, ...), norm, norm_eps)` after the head's mixes `[S, hc]` (or
+    `hc_post(then=)`'s partial sums `[S, P, hc + 1]`) → `[S, D]` in x's dtype, in one launch
+    (as torch ops six launches and the norm's). D a power of two, the norms fusing."""
+    if x.shape[2] & (x.shape[2] - 1) or not fusing_norms(x.device):
+        raise ValueError(f"hc_head_tail: streams of {x.shape[2]} (a power of two), norms fusing")
+    return _hc_head_tail(mixes, x, scale, base, hc_eps, norm, norm_eps)
+
+
+def _hc_head_tail(mixes, x, scale, base, hc_eps, norm, norm_eps) -> torch.Tensor:
+    s, hc, dim = x.shape
+    u = torch.empty((s, dim), dtype=x.dtype, device=x.device)
+    parts = mixes.shape[1] if mixes.dim() == 3 else 0
+    _hc_pre_kernel[(s, 1)](
+        mixes.contiguous(), x.contiguous(), scale.contiguous(), base.contiguous(), u, u, u,
+        float(hc_eps), ITERS=1, HC=hc, D=dim, BLOCK_D=dim, NORM=True, w_ptr=norm.contiguous(),
+        eps=float(norm_eps), PARTS=parts, PB=triton.next_power_of_2(max(parts, 1)), HEAD=True,
+        num_warps=8, **_pdl(x.device),
+    )  # fmt: skip
+    return u
 
 
 def _hc_pre(mixes, x, scale, base, iters, hc_eps, norm, norm_eps, out=None):
@@ -2889,8 +3047,8 @@ def index_scores(
     ReLU, the mask: ~9 kernels per CSA layer, a float32 copy of every index key, and for a
     prompt's block of queries a `[b, H, C]` float32 temporary, 1 GB per block at 1M tokens):
     q `[H, d]` roped queries (or `[S, H, d]`: S queries), w `[H]` (`[S, H]`) the head weights
-    before `scale`, keys `[C, d]` of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with
-    `key_scale` `[C]` / `[C, 1]` float32 per key (`cache.Fp8KeyRows`, read without decoding them
+    before `scale` (taken as rounded to q's dtype, as `weights_proj` gives them), keys `[C, d]`
+    of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with `key_scale` `[C]` / `[C, 1]` float32 per key (`cache.Fp8KeyRows`, read without decoding them
     first), pos `[1]` (`[S]`) int64 positions → `[C]` (`[S, C]`) float32, −∞ from each query's
     ⌊(pos+1)/ratio⌋ on."""
     one = q.dim() == 2
@@ -2957,6 +3115,7 @@ def linear(
     block_k: int | None = None,
     unroll: int | None = None,
     glu: float | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x `[T, G·K]` · W `[N, K]`ᵀ → `[T, N]` (out_dtype, default x's), float32 sums.
 
@@ -2973,10 +3132,15 @@ def linear(
     `glu` (the clamp, 0 for none): x is `[T, 2K]`, gate then up, and the product takes
     `swiglu(gate, up, glu, x.dtype)` (the shared expert's w2 after its joined w1/w3), computed
     as the "rows" kernel reads x: one launch fewer; the "dot" kernel gets SwiGLU's launch first.
+    `norm` (weight `[K]` float32, eps): the product takes `rms_norm(x, weight, eps)` instead
+    of x, normed as the "rows" kernel reads it (`wq_b` after the q_a norm); the "dot" kernel
+    gets the norm's launch first.
     """
     n, k = weight.shape
     if glu is not None and (groups != 1 or x.shape[-1] != 2 * k):
         raise ValueError(f"a SwiGLU input is [T, 2K] for W {tuple(weight.shape)}, one group")
+    if norm is not None and (groups != 1 or glu is not None or norm[0].shape != (k,)):
+        raise ValueError(f"a normed input is [T, K] for W {tuple(weight.shape)}, one group")
     if x.shape[-1] != groups * k * (1 if glu is None else 2) or n % groups:
         raise ValueError(
             f"x {tuple(x.shape)} does not fit W {tuple(weight.shape)} in {groups} groups"
@@ -3001,6 +3165,8 @@ def linear(
     if kind == "dot":
         if glu is not None:  # the tensor cores read x as it is: SwiGLU's own launch first
             x = swiglu(x[:, :k], x[:, k:], glu, x.dtype)
+        if norm is not None:  # and the norm's
+            x = rms_norm(x, norm[0], norm[1])
         num_warps = num_warps or 4
         num_stages = num_stages or LINEAR_STAGES
         bm, bn, bk = tiles or LINEAR_TILES
@@ -3038,6 +3204,9 @@ def linear(
                                               device=x.device)  # fmt: skip
     unroll = _block(k // (split * bk), unroll or LINEAR_ROWS_UNROLL)  # dividing the steps
     glu_args = {} if glu is None else {"GLU": True, "GLU_LIMIT": float(glu)}
+    if norm is not None:
+        glu_args |= {"NORM": True, "nw_ptr": norm[0].contiguous(), "eps": float(norm[1])}
+        glu_args["NORM_BLOCK"] = triton.next_power_of_2(k)
     _linear_kernel[(tokens, n // bn, split)](
         x, weight, s, dest, N=n, K=k, X_STRIDE=x.shape[-1], GROUP_ROWS=group_rows,
         HAS_SCALE=scale is not None, BN=bn, BK=bk, SPLIT=split, T=tokens, UNROLL=unroll,

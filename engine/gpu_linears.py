@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from flashdesk.engine import gpu_kernels, quant
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.attention import grouped_linear
-from flashdesk.engine.model.common import Linear
+from flashdesk.engine.model.common import Linear, rms_norm
 from flashdesk.engine.model.moe import swiglu
 
 _HEAD_ROWS = 16384  # rows widened to float32 at a time for inputs of many tokens (the head)
@@ -38,13 +38,27 @@ class CudaFp8Linear(Linear):
         self.groups = groups
         self.fused = gpu_kernels.available(weight.device)
 
-    def __call__(self, x: torch.Tensor, simulate: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        simulate: bool = False,
+        norm: tuple[torch.Tensor, float] | None = None,
+    ) -> torch.Tensor:
+        """`norm` (weight, eps): of `rms_norm(x, weight, eps)`, a decode step's few tokens
+        normed as the kernel reads them (`gpu_kernels.linear(norm=)`: the norm's launch saved)."""
+        n = self.weight.shape[0]
+        few = self.fused and x.numel() // x.shape[-1] <= gpu_kernels.MAX_TOKENS
+        if norm is not None and (
+            simulate or not few or self.groups != 1 or not gpu_kernels.fusing_norms(x.device)
+        ):
+            x, norm = rms_norm(x, *norm), None
         if simulate:
             x = qsim.act_snap(x)
-        n = self.weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.fused and x2.shape[0] <= gpu_kernels.MAX_TOKENS:
-            out = gpu_kernels.linear(x2, self.weight, self.scale, self.groups, self.dtype)
+        if few:
+            out = gpu_kernels.linear(
+                x2, self.weight, self.scale, self.groups, self.dtype, norm=norm
+            )
         else:
             w = quant.dequant_fp8(self.weight, self.scale, dtype=self.dtype)
             xs = x2.to(self.dtype)
@@ -107,8 +121,9 @@ class JoinedRows:
     def __init__(self, linear: CudaFp8Linear | CudaBf16Linear, sizes: Sequence[int]):
         self.linear, self.sizes = linear, tuple(sizes)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x).split(self.sizes, dim=-1)
+    def __call__(self, x: torch.Tensor, **options) -> tuple[torch.Tensor, ...]:
+        """`options`: the joined linear's (`CudaFp8Linear`'s `norm`)."""
+        return self.linear(x, **options).split(self.sizes, dim=-1)
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         """The parts' outputs side by side `[..., ΣN]`, not split."""

@@ -41,7 +41,7 @@ from flashdesk.engine.cache import KV_FORMATS, Fp8Rows
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder
-from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear, join_rows
+from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear, JoinedRows, join_rows
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
 from flashdesk.engine.model.model import V4Model
@@ -408,12 +408,16 @@ class Fp8Head:
 def join_gpu_linears(model: V4Model) -> None:
     """On a GPU the linears that read one input run in one launch (`gpu_linears.join_rows`):
     `wq_a` with `wkv`, the shared expert's `w1` with `w3`, each compressor's `wkv` with
-    `wgate` (about 3.5 launches fewer per V4 layer); the separate ones stay, as views."""
+    `wgate` (about 3.5 launches fewer per V4 layer); the separate ones stay, as views. A CSA
+    layer's decode step also takes `wq_b` with the indexer's `wq_b`, and both compressors'
+    projections with the indexer's head weights, in one launch each (`_join_csa`)."""
     for block in model.blocks:
         attn, shared = block.attn, block.moe.shared
         sites = [(attn, ("wq_a", "wkv"), "wq_a_wkv"), (shared, ("w1", "w3"), "w13")]
+        if attn.indexer is not None:
+            _join_csa(attn)
         for comp in (attn.compressor, getattr(attn.indexer, "compressor", None)):
-            if comp is not None:
+            if comp is not None and comp.wkv_wgate is None:
                 sites.append((comp, ("wkv", "wgate"), "wkv_wgate"))
         for owner, names, joined_attr in sites:
             made = join_rows([getattr(owner, n) for n in names])
@@ -422,6 +426,41 @@ def join_gpu_linears(model: V4Model) -> None:
                 setattr(owner, joined_attr, joined)
                 for n, view in zip(names, views, strict=True):
                     setattr(owner, n, view)
+
+
+def _join_csa(attn) -> None:
+    """A CSA layer's decode-step joins: `wq_b` with the indexer's `wq_b` (both read the normed
+    q_a) as `attn.wq_b_ix`, and the compressor's `wkv`/`wgate`, the indexer compressor's and
+    the indexer's `weights_proj` as `attn.csa_inputs` (its float32 sums are rounded to the
+    activations' dtype by `gpu_kernels.index_scores`, as torch's linear rounds them); each
+    compressor's pair stays joined as a view of the rows."""
+    ix = attn.indexer
+    made = join_rows([attn.wq_b, ix.wq_b])
+    if made is not None:
+        attn.wq_b_ix, (attn.wq_b, ix.wq_b) = made
+    comps = (attn.compressor, ix.compressor)
+    parts = [lin for c in comps for lin in (c.wkv, c.wgate)]
+    proj = ix.weights_proj
+    with_weights = isinstance(proj, Linear) and proj.weight.dtype in (torch.bfloat16, torch.float32)
+    if with_weights:  # stored in BF16: a float32 copy holds the same values, read the same
+        as_bf16 = proj.weight.to(torch.bfloat16)
+        with_weights = torch.equal(as_bf16.to(proj.weight.dtype), proj.weight)
+    if with_weights:
+        parts.append(CudaBf16Linear(as_bf16))
+    made = join_rows(parts)
+    if made is None:
+        return
+    joined, views = made
+    attn.csa_inputs, start = joined, 0
+    for j, comp in enumerate(comps):
+        wkv, wgate = views[2 * j : 2 * j + 2]
+        n_kv, n_gate = wkv.weight.shape[0], wgate.weight.shape[0]
+        pair = CudaBf16Linear(joined.linear.weight[start : start + n_kv + n_gate])
+        pair.fused = wkv.fused
+        comp.wkv, comp.wgate, comp.wkv_wgate = wkv, wgate, JoinedRows(pair, (n_kv, n_gate))
+        start += n_kv + n_gate
+    if with_weights and proj.weight.dtype == torch.bfloat16:  # held once
+        ix.weights_proj = Linear(views[4].weight, False)
 
 
 def _install_head(model: V4Model, head_dtype: str) -> None:

@@ -183,6 +183,17 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {"num_warps": gk.LINEAR_ROWS[1]},
         )
     )
+    # wq_b (joined with the indexer's) reading the q_a norm (`linear(norm=)`)
+    specs.append(
+        (
+            "linear rows wq_b + indexer wq_b, q_a normed",
+            gk._linear_kernel,
+            "x_ptr:*bf16, w_ptr:*fp8e4nv, s_ptr:*u8, out_ptr:*bf16, T:i32, nw_ptr:*fp32, eps:fp32",
+            {"N": 40960, "K": 1024, "X_STRIDE": 1024, "GROUP_ROWS": 40960, "HAS_SCALE": True}
+            | {"BN": 16, "BK": 512, "SPLIT": 1, "UNROLL": 2, "NORM": True, "NORM_BLOCK": 1024},
+            {"num_warps": 4},
+        )
+    )
     # the sweep's shapes for the small linears (bench gpu-kernels, LINEAR_ROWS_BY_SHAPE)
     for bn_, warps_, bk_ in ((8, 4, 1024), (8, 8, 2048), (4, 4, 2048), (16, 8, 1024)):
         for name, n, w, out in (("wq_a", 1024, "fp8e4nv", "bf16"), ("gate", 256, "bf16", "fp32")):
@@ -251,6 +262,26 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             },
             {},
         ),
+        *(  # a decode step's q (per head, normed), kv (normed · w) and index queries at once
+            (
+                label,
+                gk._ropes_kernel,
+                "cos_ptr:*fp32, sin_ptr:*fp32, eps:fp32, T:i32, x0:*bf16, o0:*bf16, w0:*bf16, "
+                f"x1:*bf16, o1:*bf16, w1:*fp32, x2:*bf16, o2:*bf16, w2:*{w2}",
+                {"HALF": ROPE_HALF, "HALF_BLOCK": ROPE_HALF}
+                | {"H0": HEADS, "D0": HEAD_DIM, "NB0": 512, "B0": HEAD_DIM, "N0": True}
+                | {"W0": False, "H1": 1, "D1": HEAD_DIM, "NB1": 512, "B1": HEAD_DIM, "N1": True}
+                | {"W1": True}
+                | third,
+                {},
+            )
+            for label, w2, third in (
+                ("ropes, q kv and index queries", "bf16",
+                 {"H2": HEADS, "D2": 128, "NB2": 64, "B2": 128, "N2": False, "W2": False}),
+                ("ropes, q and kv", "fp32",  # the third part left out: kv's, no programs
+                 {"H2": 1, "D2": HEAD_DIM, "NB2": 512, "B2": HEAD_DIM, "N2": True, "W2": True}),
+            )  # fmt: skip
+        ),
         (
             "hc pre",
             gk._hc_pre_kernel,
@@ -274,6 +305,15 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             "post_ptr:*fp32, comb_ptr:*fp32, hc_eps:fp32, w_ptr:*fp32, eps:fp32",
             {"ITERS": 20, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True, "PARTS": D // 64}
             | {"PB": D // 64},
+            {"num_warps": 8},
+        ),
+        (  # the model's last collapse and final norm, from the last update's partial sums
+            "hc head, normed, from parts",
+            gk._hc_pre_kernel,
+            "mix_ptr:*fp32, x_ptr:*bf16, scale_ptr:*fp32, base_ptr:*fp32, u_ptr:*bf16, "
+            "post_ptr:*bf16, comb_ptr:*bf16, hc_eps:fp32, w_ptr:*fp32, eps:fp32",
+            {"ITERS": 1, "HC": 4, "D": D, "BLOCK_D": D, "NORM": True, "PARTS": D // 64}
+            | {"PB": D // 64, "HEAD": True},
             {"num_warps": 8},
         ),
         (

@@ -15,9 +15,9 @@ from collections import Counter
 import pytest
 import torch
 from _graph_safety import GRAPH_CONFIG, graph_placement, record
-from _triton import kernels_device
+from _triton import as_on_a_gpu, kernels_device
 
-from flashdesk.engine import decode_graphs, gpu_kernels
+from flashdesk.engine import decode_graphs, gpu_kernels, runtime
 from flashdesk.engine.decode_graphs import GraphDecoder, rows_for
 from flashdesk.engine.model.model import V4Model
 from flashdesk.engine.runtime import Placement, load_runtime
@@ -505,7 +505,8 @@ def _step_launches(rt, graphs, token: int, state) -> Counter:
     free = {"view", "_unsafe_view", "reshape", "select", "slice", "as_strided", "expand", "t",
             "transpose", "permute", "unsqueeze", "squeeze", "detach", "alias", "split",
             "unbind", "_reshape_alias", "unflatten", "empty", "empty_strided", "new_empty",
-            "empty_like", "to", "contiguous", "resolve_conj", "resolve_neg", "lift_fresh"}  # fmt: skip
+            "empty_like", "to", "contiguous", "resolve_conj", "resolve_neg", "lift_fresh",
+            "split_with_sizes"}  # fmt: skip
     launches, inside = Counter(), [0]
 
     class Torch(TorchDispatchMode):
@@ -532,18 +533,44 @@ def _step_launches(rt, graphs, token: int, state) -> Counter:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_the_gpu_step_with_joined_linears_gives_the_models_decode(monkeypatch):
+    """With the GPU runtime's linears (joined as on a GPU) the step's folds: the q_a norm read
+    by `wq_b`, a CSA layer's two `wq_b` and its compressors' and indexer's projections in one
+    launch each, q's, kv's and the index queries' RoPE in one, and the head's collapse with
+    the final norm read from the last update's partial sums (the census test counts them).
+    The model's decode logits, its norms, RoPE and head as torch ops, its linears the CPU's
+    (the same weights); the step cut at every layer (every expert on the host)."""
+    kernels_device()
+    ids = _ids(12)
+    with _runtime("host") as rt:
+        want, got = _twin_states(rt, ids[:8])
+        expected = [rt.model.decode(t, want) for t in ids[8:]]  # the CPU's linears: faster
+        as_on_a_gpu(rt.model)
+        runtime.join_gpu_linears(rt.model)
+        assert all(b.attn.csa_inputs is not None for b in rt.model.blocks if b.attn.indexer)
+        monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
+        monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
+        graphs = GraphDecoder(rt.model, capture=False)
+        for t, logits in zip(ids[8:], expected, strict=True):
+            torch.testing.assert_close(graphs.decode(t, got), logits, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
-    """A GPU decode step's census (the step cut at every layer: each a host-expert layer):
-    the window ring's and the compressed rows' writes, the output's de-rotation, the mixes of
-    every site after the first and the CSA picks' gather happen inside neighbouring launches,
-    the position tables are made once a step however many segments it has, and what a cut
-    hands on is written in place. FUSED_SEAMS off gives the writes, the de-rotation, the mixes and the gathers their own
-    launches again."""
+    """A GPU decode step's census (the GPU runtime's linears; the step cut at every layer: each
+    a host-expert layer): the window ring's and the compressed rows' writes, the output's
+    de-rotation, the mixes of every site after the first (the head's too), the CSA picks'
+    gather, the q_a norm, q's, kv's and the index queries' separate RoPE launches, and a CSA
+    layer's separate projections happen inside neighbouring launches; the position tables are
+    made once a step however many segments it has, and what a cut hands on is written in
+    place. FUSED_SEAMS off gives those folds their own launches again."""
     kernels_device()
     ids = _ids(12)
     with _runtime("host") as rt:
         state = rt.new_state()
-        rt.prefill(ids[:8], state)  # through the torch path: the step is under test
+        rt.prefill(ids[:8], state)  # through the CPU's linears: the step is under test
+        as_on_a_gpu(rt.model)
+        runtime.join_gpu_linears(rt.model)
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
         graphs = GraphDecoder(rt.model, capture=False)
@@ -554,10 +581,18 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
         monkeypatch.setattr(gpu_kernels, "FUSED_SEAMS", False)
         apart = _step_launches(rt, graphs, ids[10], state)
     assert fused["index_copy_"] == 0 and apart["index_copy_"] == layers + 2 * csa + 2
-    assert fused["_hc_mixes_kernel"] == 2  # the first site's and the head's
+    assert fused["_hc_mixes_kernel"] == 1  # the first site's
     assert apart["_hc_mixes_kernel"] == 2 * layers + 1
-    assert fused["_rope_kernel"] == 2 * layers + csa  # q and kv; the indexer's queries
-    assert apart["_rope_kernel"] == 3 * layers + csa  # and the output's de-rotation
+    # q, kv and a CSA layer's index queries roped in one launch, the output de-rotated in the
+    # attention's merge; apart, each its own launch
+    assert fused["_rope_kernel"] == 0 and fused["_ropes_kernel"] == layers
+    assert apart["_rope_kernel"] == 3 * layers + csa and apart["_ropes_kernel"] == 0
+    # the q_a norm read by wq_b (the final norm is the head collapse's, either way)
+    assert fused["_rms_norm_kernel"] == 0 and apart["_rms_norm_kernel"] == layers
+    # a CSA layer's two wq_b in one launch, and both compressors' projections with the
+    # indexer's head weights (torch's linear apart) in one
+    assert fused["_linear_kernel"] == apart["_linear_kernel"] - 2 * csa
+    assert fused["linear"] == 0 and apart["linear"] == csa
     # a CSA layer's picked rows and their mask read where they lie, not gathered first
     assert fused["index_select"] == 0 and apart["index_select"] == csa
     # made once a step: both tables' angles, the window slot, a mask per store size and ratio
@@ -566,6 +601,8 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     # segment reads them: the copies left are each host layer's input and output across PCIe,
     # the embedding row, the position's widening and the logits
     assert fused["copy_"] == 2 * layers + 3 and fused["_sum_parts_kernel"] == layers
-    # nothing else changed: the row writes, de-rotations, mixes and gathers, 29 launches of 5
+    # nothing else changed: the row writes, mixes, RoPE launches, q_a norms, CSA projections
+    # and gathers, 48 launches of 5 layers
     saved = sum(apart.values()) - sum(fused.values())
-    assert saved == (layers + 2 * csa + 2) + layers + (2 * layers - 1) + 2 * csa
+    ropes = 3 * layers + csa - layers
+    assert saved == (layers + 2 * csa + 2) + 2 * layers + ropes + layers + 3 * csa + 2 * csa

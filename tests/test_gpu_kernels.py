@@ -625,7 +625,7 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype, monkeypatch
 
     exact = {"rtol": 0, "atol": 0}  # a fused kernel against the same kernels one by one
     monkeypatch.setattr(ft, "checked", lambda name, device: True)  # the fused norms' check passed
-    assert ft._fusing_norms(torch.device(dev))
+    assert ft.fusing_norms(torch.device(dev))
 
     x = torch.randn(3, 256, generator=g).to(dtype)
     w = torch.rand(256, generator=g) + 0.5
@@ -701,6 +701,68 @@ def test_elementwise_chains_in_one_launch_equal_the_torch_ops(dtype, monkeypatch
     for limit in (0.0, 7.0):
         for out in (torch.float32, dtype):
             same(ft.swiglu(gate.to(dev), up.to(dev), limit, out), swiglu(gate, up, limit, out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_steps_ropes_and_head_collapse_in_one_launch_each(dtype, monkeypatch):
+    """`norm_ropes`: q per head (normed), kv (normed · w) and the index queries (roped only) in
+    one launch, each what its own launch gives; `hc_head_tail`: the head's collapse and the
+    final norm in one launch, from its mixes or from the last update's partial sums, the
+    torch definitions' values."""
+    from flashdesk.engine.model import mhc
+    from flashdesk.engine.model.common import rms_norm
+    from flashdesk.engine.model.rope import Rotary, inverse_frequencies
+
+    dev = kernels_device()
+    g = torch.Generator().manual_seed(15)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    monkeypatch.setattr(ft, "checked", lambda name, device: True)
+    cos, sin = (
+        t.to(dev) for t in Rotary(16, inverse_frequencies(16, 1e4)).cos_sin(torch.tensor([9]))
+    )
+    q = torch.randn(1, 4, 64, generator=g).to(dtype).to(dev)
+    kv = torch.randn(1, 64, generator=g).to(dtype).to(dev)
+    ix = torch.randn(1, 8, 32, generator=g).to(dtype).to(dev)
+    w = (torch.rand(64, generator=g) + 0.5).to(dev)
+    parts = [(q, None, True), (kv, w, True), (ix, None, False)]
+    alone = [ft.norm_rope(q, None, 1e-6, cos, sin), ft.norm_rope(kv, w, 1e-6, cos, sin),
+             ft.apply_rope(ix, cos, sin)]  # fmt: skip
+    for n in (3, 2):
+        got = ft.norm_ropes(parts[:n], 1e-6, cos, sin)
+        assert len(got) == n
+        for a, b in zip(got, alone, strict=False):
+            assert a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    monkeypatch.setattr(ft, "FUSED_NORMS", False)  # each its own launch (norm, then rope)
+    for a, b in zip(ft.norm_ropes(parts, 1e-6, cos, sin), alone, strict=True):
+        torch.testing.assert_close(a.cpu(), b.cpu(), **tol)
+    monkeypatch.setattr(ft, "FUSED_NORMS", True)
+    with pytest.raises(ValueError, match="1 to 3"):
+        ft.norm_ropes(parts + parts[:1], 1e-6, cos, sin)
+
+    hc, dim = 4, 256
+    streams = torch.randn(2, hc, dim, generator=g).to(dtype)
+    fn = torch.randn(hc, hc * dim, generator=g) * 0.02
+    scale, base = torch.rand(1, generator=g) + 0.5, torch.randn(hc, generator=g)
+    norm = torch.rand(dim, generator=g) + 0.5
+    want = rms_norm(mhc.hc_head(streams, fn, scale, base, 1e-6, 1e-6), norm, 1e-6)
+    on = [t.to(dev) for t in (streams, scale, base)]
+    mixes = mhc._mixes(streams, fn, 1e-6).to(dev)
+    got = ft.hc_head_tail(mixes, on[0], *on[1:], 1e-6, norm.to(dev), 1e-6)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    # the mixes as the last update's partial sums (`hc_post(then=)`), finished in the launch
+    f = torch.randn(2, dim, generator=g).to(dtype)
+    post, comb = torch.rand(2, hc, generator=g), torch.rand(2, hc, hc, generator=g)
+    new, sums = ft.hc_post(f.to(dev), on[0], post.to(dev), comb.to(dev), then=fn.to(dev))
+    want = rms_norm(mhc.hc_head(new.cpu(), fn, scale, base, 1e-6, 1e-6), norm, 1e-6)
+    monkeypatch.setattr(ft, "applies", lambda t: True)  # mhc's dispatch to the kernels
+    launches = []
+    tail = ft.hc_head_tail
+    monkeypatch.setattr(ft, "hc_head_tail", lambda *a: launches.append(a[0].dim()) or tail(*a))
+    got = mhc.hc_head(new, fn.to(dev), *on[1:], 1e-6, 1e-6, norm.to(dev), sums)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    assert launches == [3]  # the partial sums went into the one launch
+    with pytest.raises(ValueError, match="power of two"):
+        ft.hc_head_tail(mixes, on[0][..., :96], *on[1:], 1e-6, norm[:96].to(dev), 1e-6)
 
 
 def test_the_probe_checks_the_elementwise_kernels():
@@ -883,7 +945,7 @@ def test_fused_norms_that_fail_their_check_give_each_norm_its_own_launch(monkeyp
     xd, wd, cosd, sind, mixd, scd, based = on
     monkeypatch.setattr(ft, "available", lambda device: True)  # as on a GPU
     monkeypatch.setattr(ft, "FAILED_CHECKS", {})
-    assert ft._fusing_norms(torch.device(dev))  # the check passes here
+    assert ft.fusing_norms(torch.device(dev))  # the check passes here
     fused = ft.norm_rope(xd, wd, 1e-6, cosd, sind), ft.hc_pre_tail(mixd, xd, scd, based, 20,
                                                                     1e-6, wd, 1e-6)[0]  # fmt: skip
     monkeypatch.setattr(ft, "FAILED_CHECKS", {})
@@ -1105,6 +1167,13 @@ def test_index_scores_in_one_launch_equal_the_indexer(dtype):
         at = torch.tensor([pos], device=dev)
         got = ft.index_scores(q.to(dev), w.to(dev), scale, keys.to(dev), at, 4)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    # float32 head weights (a joined launch's sums) are read as rounded to q's dtype, as
+    # weights_proj gives them (Triton's interpreter narrows by truncation: one bf16 step apart)
+    wide = w.float() + torch.randn(64, generator=g) * 1e-3
+    got = ft.index_scores(q.to(dev), wide.to(dev), scale, keys.to(dev), at, 4)
+    want = ft.index_scores(q.to(dev), wide.to(dtype).to(dev), scale, keys.to(dev), at, 4)
+    close = {"rtol": 0, "atol": 0} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.cpu(), want.cpu(), **close)
     with pytest.raises(ValueError, match="do not fit"):
         ft.index_scores(q.to(dev), w.to(dev), scale, keys.half().to(dev), at, 4)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton import kernels_device
+from _triton import as_on_a_gpu, kernels_device
 
 from flashdesk.engine import gpu_kernels, quant, runtime
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear
+from flashdesk.engine.model.common import rms_norm
 from flashdesk.engine.runtime import load_runtime
 from flashdesk.engine.synthetic import SyntheticCheckpoint
 
@@ -32,23 +33,6 @@ def test_bf16_linear_gives_the_float32_weights_product(x_dtype, tokens):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-def _as_on_a_gpu(model) -> None:
-    """The CPU runtime's C-kernel linears swapped for the ones `load_runtime` builds on a GPU
-    (their Triton kernels here in the interpreter)."""
-    for owner, attr, _ in runtime._fp8_linear_slots(model):
-        lin = getattr(owner, attr)
-        setattr(owner, attr, CudaFp8Linear(lin.weight, lin.scale, lin.dtype))
-    for block in model.blocks:
-        lin = block.attn.wo_a
-        block.attn.wo_a = CudaFp8Linear(lin.weight, lin.scale, lin.dtype, groups=lin.groups)
-    for owner, attr, _ in runtime._bf16_kernel_slots(model):
-        setattr(owner, attr, CudaBf16Linear(getattr(owner, attr).weight))
-    for owner, attr, _ in [*runtime._fp8_linear_slots(model), *runtime._bf16_kernel_slots(model)]:
-        getattr(owner, attr).fused = True
-    for block in model.blocks:
-        block.attn.wo_a.fused = True
-
-
 def test_linears_of_one_input_join_into_one_launch():
     """On a GPU `wq_a`+`wkv`, the shared expert's `w1`+`w3` and each compressor's `wkv`+`wgate`
     become one launch each (their weights held once; the separate linears stay as views of
@@ -59,7 +43,7 @@ def test_linears_of_one_input_join_into_one_launch():
     ids = torch.randint(0, config.vocab_size, (7,), generator=torch.Generator().manual_seed(4))
     prompt = 4
     with load_runtime(SyntheticCheckpoint(config, seed=5), kernel_activations=torch.float32) as rt:
-        _as_on_a_gpu(rt.model)
+        as_on_a_gpu(rt.model)
 
         def run():
             state = rt.new_state()
@@ -110,3 +94,35 @@ def test_swiglu_read_into_the_fp8_product_equals_its_own_launch(tokens, limit, k
     assert torch.equal(lin.after_swiglu(joined, limit).cpu(), lin(h).cpu())
     with pytest.raises(ValueError, match="2K"):
         gpu_kernels.linear(joined[:, :192], w, tiles.to(device), glu=limit)
+
+
+@pytest.mark.parametrize(("tokens", "dtype", "kind"), [(1, torch.bfloat16, None),
+                                                      (3, torch.float32, None),
+                                                      (2, torch.bfloat16, "dot")])  # fmt: skip
+def test_an_rms_norm_read_into_the_fp8_product_equals_its_own_launch(
+    tokens, dtype, kind, monkeypatch
+):
+    """`wq_b` reading the q_a norm (`linear(norm=)`, `CudaFp8Linear(norm=)`): the values of the
+    norm's own launch and then the product (the tensor-core kind gets the norm's launch
+    first, as does the linear where the fused norms are off); a grouped weight is refused."""
+    device = kernels_device()
+    monkeypatch.setattr(gpu_kernels, "checked", lambda name, device: True)
+    g = torch.Generator().manual_seed(tokens)
+    codes, tiles = quant.quantize_fp8(torch.randn(256, 128, generator=g) * 0.1)
+    w, tiles = codes.view(torch.float8_e4m3fn).to(device), tiles.to(device)
+    x = (torch.randn(tokens, 128, generator=g) * 3).to(dtype).to(device)
+    norm = ((torch.rand(128, generator=g) + 0.5).to(device), 1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    normed = gpu_kernels.rms_norm(x, *norm)
+    want = gpu_kernels.linear(normed, w, tiles, kind=kind)
+    got = gpu_kernels.linear(x, w, tiles, kind=kind, norm=norm)
+    # the row's sum of squares may be summed in another order on a GPU: one rounding apart
+    torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
+    lin = CudaFp8Linear(w, tiles, dtype)
+    lin.fused = True
+    torch.testing.assert_close(lin(x, norm=norm).cpu(), lin(normed).cpu(), **tol)
+    monkeypatch.setattr(gpu_kernels, "FUSED_NORMS", False)
+    own = lin(rms_norm(x, *norm))  # the norm's own launch (the model's, on any device)
+    assert torch.equal(lin(x, norm=norm).cpu(), own.cpu())
+    with pytest.raises(ValueError, match="one group"):
+        gpu_kernels.linear(x, w, tiles, groups=2, norm=(norm[0][:64], 1e-6))

@@ -162,6 +162,10 @@ class Attention:
         self.wkv, self.kv_norm = wkv, kv_norm
         # the GPU runtime's wq_a and wkv in one launch (`gpu_linears.JoinedRows`), or None
         self.wq_a_wkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # a CSA layer's on the GPU: wq_b with the indexer's wq_b, and the compressors' wkv and
+        # wgate with the indexer's weights_proj, each in one launch (`runtime.join_gpu_linears`)
+        self.wq_b_ix: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self.csa_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self.wo_a = wo_a.view(o_groups, -1, wo_a.shape[-1])  # [G, R, H·d/G]
         self.wo_b = wo_b
         self.sink = sink
@@ -238,7 +242,10 @@ class Attention:
         `at`: the step's `StepPositions`, shared by its layers.
         """
         at = at or StepPositions(pos)
-        qr, q, kv = self._project(a, cos, sin, False)
+        # a store of at most top-k rows is attended whole (as `forward` does): no indexer
+        # queries, scores or top-k (the first 4·top-k tokens of a context)
+        indexing = self.indexer is not None and state.kv_entries.capacity > self.indexer.topk
+        qr, q, kv, inputs, index_q = self._step_project(a, cos, sin, indexing)
         device = a.device
         slot = at.slot(self.window)
         on_gpu = (
@@ -253,24 +260,25 @@ class Attention:
             state.window.put(kv, slot)
         entries = visible = picks = None
         if self.compressor is not None:
-            self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype)
+            projected = (None, None) if inputs is None else (inputs[:2], inputs[2:4])
+            self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype, projected[0])
             store = state.kv_entries
             visible = at.visible(store.capacity, self.ratio)
             if self.indexer is not None:
-                self.indexer.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype)
-                # a store of at most top-k rows is attended whole (as `forward` does): no
-                # indexer queries, scores or top-k (the first 4·top-k tokens of a context)
-                if store.capacity > self.indexer.topk:
-                    ix, keys = self.indexer, state.index_keys
-                    q_ix, w_ix = ix.queries(qr, a, cos, sin, widen=False)
+                ix = self.indexer
+                ix.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype,
+                                   projected[1])  # fmt: skip
+                if indexing:
+                    keys = state.index_keys
+                    q_ix, w_ix = index_q or ix.queries(qr, a, cos, sin, widen=False)
                     stored = _gpu_index_keys(keys, ix, q_ix, whole=True)
                     if stored is not None:  # one launch, −∞ past the visible rows
                         picked = gpu_kernels.index_scores(
                             q_ix[0], w_ix[0], ix.weight_scale, stored[0], pos, self.ratio,
                             stored[1],
                         )  # fmt: skip
-                    else:  # the CPU kernel, or the torch ops
-                        qi, wi = ix.widen(q_ix, w_ix)
+                    else:  # the CPU kernel, or the torch ops (w as weights_proj gives it)
+                        qi, wi = ix.widen(q_ix, w_ix.to(a.dtype))
                         scores = host_scores(qi, wi, keys, keys.capacity)
                         if scores is None:
                             scores = ix.scores(qi, wi, keys.rows())
@@ -305,6 +313,41 @@ class Attention:
             )
             values.append(comp)
         return self._output(self._sink_attend(logits, values), a.dtype, cos, sin, False)
+
+    def _step_project(self, a, cos, sin, indexing: bool):
+        """A decode step's `_project` → qr (None where not needed), q, kv, the compressors'
+        projections (kv and gate of each, then the indexer's head weights where joined) or
+        None, and the indexer's queries and head weights where `indexing`, or None. On a GPU
+        with FUSED_SEAMS and the fused norms in fewer launches: `wq_b` (in a CSA layer joined
+        with the indexer's) normalizes q_a as it reads it, one launch ropes q, kv and the index
+        queries, and one projects a for both compressors and the indexer's weights."""
+        joined = self.indexer is None or (self.wq_b_ix is not None and self.csa_inputs is not None)
+        if not (
+            self.wq_a_wkv is not None
+            and joined
+            and gpu_kernels.FUSED_SEAMS
+            and gpu_kernels.applies(a)
+            and gpu_kernels.fusing_norms(a.device)
+        ):
+            return (*self._project(a, cos, sin, False), None, None)
+        qa, kva = self.wq_a_wkv(a)
+        norm = (self.q_norm, self.eps)
+        ix = self.indexer
+        q_ix = None
+        if indexing:
+            q, q_ix = self.wq_b_ix(qa, norm=norm)
+        else:
+            q = self.wq_b(qa, norm=norm)
+        parts = [(q.view(1, self.n_heads, self.head_dim), None, True), (kva, self.kv_norm, True)]
+        if q_ix is not None:
+            parts.append((q_ix.view(1, ix.n_heads, ix.head_dim), None, False))
+        roped = gpu_kernels.norm_ropes(parts, self.eps, cos, sin)
+        inputs = self.csa_inputs(a) if self.csa_inputs is not None else None
+        index_q = None
+        if q_ix is not None:
+            w = inputs[4] if len(inputs) > 4 else ix.weights_proj(a)
+            index_q = (roped[2], w)
+        return None, roped[0], roped[1], inputs, index_q
 
     def _project(self, a, cos, sin, simulate):
         """a `[S, D]` → low-rank query qr `[S, q_lora]`, roped queries `[S, H, d]`, roped KV `[S, d]`."""

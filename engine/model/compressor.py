@@ -15,7 +15,7 @@ entry being formed, which becomes visible when its window closes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -131,15 +131,18 @@ class Compressor:
         carry: CompressorCarry,
         store: RowStore,
         out_dtype: torch.dtype,
+        projected: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """One token a `[1, D]` at device position `pos` (`[1]` int64): its projection goes into
         carry slot pos mod m, and the window pooled so far into `store` row ⌊pos/m⌋ (scratch
         until the window closes: the caller's visible count is ⌊(pos+1)/m⌋). Every shape is fixed
         and nothing is read back to the host, so the step can be captured in a CUDA graph; at a
         closing token it writes the entry `update` would return (float32 sums in another order).
+        `projected`: kv and gate as `_projections(a)` gives them, made already (a CSA layer's
+        joined launch, `Attention.csa_inputs`).
         """
         m, c = self.ratio, self.head
-        kv, gate = self._projections(a)
+        kv, gate = projected if projected is not None else self._projections(a)
         fused = gpu_kernels.applies(a) and not c & (c - 1)
         if fused and gpu_kernels.checked("compressor step", a.device):  # after the GEMVs
             entry = gpu_kernels.compressor_step(

@@ -259,8 +259,20 @@ def hc_head(
     base: torch.Tensor,
     hc_eps: float,
     norm_eps: float,
+    norm: torch.Tensor | None = None,
+    mixes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final collapse of the streams, `[S, hc, D]` → `[S, D]`; no Sinkhorn, no post."""
-    mixes = _mixes(x, fn, norm_eps)
+    """Final collapse of the streams, `[S, hc, D]` → `[S, D]`; no Sinkhorn, no post. `norm`
+    `[D]`: the collapse RMS-normed (the model's final norm, eps norm_eps). `mixes`: x's mixes
+    as `hc_post_then` gave them, or None. On a GPU with the fused norms, one launch after the
+    mixes (`gpu_kernels.hc_head_tail`; as torch ops six and the norm's)."""
+    dim = x.shape[2]
+    one_launch = norm is not None and gpu_kernels.applies(x) and not dim & (dim - 1)
+    if one_launch and gpu_kernels.fusing_norms(x.device):
+        on = mixes if mixes is not None else _mixes(x, fn, norm_eps)
+        return gpu_kernels.hc_head_tail(on, x, scale, base, hc_eps, norm, norm_eps)
+    if mixes is None or mixes.dim() == 3:  # partial sums are only for the kernel above
+        mixes = _mixes(x, fn, norm_eps)
     pre = torch.sigmoid(mixes * scale + base) + hc_eps
-    return (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
+    h = (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
+    return h if norm is None else rms_norm(h, norm, norm_eps)

@@ -374,11 +374,13 @@ class V4Model:
         state.position = start + ids.numel()
         return x
 
-    def logits_from_streams(self, x: torch.Tensor) -> torch.Tensor:
-        """Streams `[n, hc, D]` → logits `[n, V]` float32 (hc_head, norm, head)."""
+    def logits_from_streams(
+        self, x: torch.Tensor, mixes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Streams `[n, hc, D]` → logits `[n, V]` float32 (hc_head, norm, head). `mixes`: the
+        head's, as the last layer's `hc_post_then` gave them, or None."""
         c = self.config
-        h = hc_head(x, *self.hc_head, c.hc_eps, c.rms_norm_eps)
-        h = rms_norm(h, self.norm, c.rms_norm_eps)
+        h = hc_head(x, *self.hc_head, c.hc_eps, c.rms_norm_eps, self.norm, mixes)
         return self.head_logits(h)
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -509,6 +511,5 @@ class V4Model:
         """The MTP block's output streams `[n, hc, D]` → logits `[n, V]` (its hc_head and norm,
         then the shared head)."""
         c, mtp = self.config, self.mtp[0]
-        out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps)
-        out = rms_norm(out, mtp.norm, c.rms_norm_eps)
+        out = hc_head(x, *mtp.hc_head, c.hc_eps, c.rms_norm_eps, mtp.norm)
         return self.head_logits(out)
