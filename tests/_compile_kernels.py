@@ -44,6 +44,22 @@ def _sig(text: str, constexprs: dict) -> dict:
     return sig | dict.fromkeys(constexprs, "constexpr")
 
 
+# `_ropes_kernel`'s third part: the index queries (roped only), or left out (kv's arguments
+# again, no programs)
+ROPES_THIRD_PART = (
+    (
+        "ropes, q kv and index queries",
+        "bf16",
+        {"H2": HEADS, "D2": 128, "NB2": 64, "B2": 128, "N2": False, "W2": False},
+    ),
+    (
+        "ropes, q and kv",
+        "fp32",
+        {"H2": 1, "D2": HEAD_DIM, "NB2": 512, "B2": HEAD_DIM, "N2": True, "W2": True},
+    ),
+)
+
+
 def _moe_specs(tag: str, tiles: tuple, warps: int, mode: tuple, stages: int = 1) -> list:
     """The decode expert kernels (`gpu_kernels.moe`) at one kernel shape (`stages`: steps in
     flight, FP4_STAGES). MODE 4 (the integer dots): int8 activations and h, 32 gate/up rows at
@@ -275,12 +291,7 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 | third,
                 {},
             )
-            for label, w2, third in (
-                ("ropes, q kv and index queries", "bf16",
-                 {"H2": HEADS, "D2": 128, "NB2": 64, "B2": 128, "N2": False, "W2": False}),
-                ("ropes, q and kv", "fp32",  # the third part left out: kv's, no programs
-                 {"H2": 1, "D2": HEAD_DIM, "NB2": 512, "B2": HEAD_DIM, "N2": True, "W2": True}),
-            )  # fmt: skip
+            for label, w2, third in ROPES_THIRD_PART
         ),
         (
             "hc pre",
