@@ -258,45 +258,57 @@ def compressor_parts(g: torch.Generator, ratio: int, dim: int, c: int) -> dict:
 
 def _check_compressor_step(dev: torch.device) -> str | None:
     """`compressor_step` against `Compressor.step`'s torch path, CSA (overlap) and HCA-like
-    windows, over positions that close windows; the HCA-like one writing into its store."""
+    windows, over positions that close windows; the HCA-like one writing into its store. Then
+    both in one launch (`compressor_steps`, as a CSA layer runs its two)."""
     from flashdesk.engine.cache import CompressorCarry, NativeRows, RowStore
     from flashdesk.engine.model.compressor import Compressor
     from flashdesk.engine.model.rope import Rotary, inverse_frequencies
 
     g = torch.Generator().manual_seed(4)
     dim, c = 64, 32
-    for ratio in (4, 8):
-        parts = compressor_parts(g, ratio, dim, c)
-        rotary = Rotary(16, inverse_frequencies(16, 10000.0))
+    for together in (False, True):
         made = {}
-        for side, where in (("want", torch.device("cpu")), ("got", dev)):
-            on = {k: v.to(where) for k, v in parts.items()}
-            comp = Compressor(**on, ratio=ratio, rotary=rotary.to(where), eps=1e-6,
-                              for_indexer=False)  # fmt: skip
-            store = RowStore(NativeRows(c, torch.float32), where)
-            store.reserve(8)
-            made[side] = (comp, CompressorCarry(ratio, c, ratio == 4, where), store)
-        for pos in range(2 * ratio + 1):
+        for ratio in (4, 8):
+            parts = compressor_parts(g, ratio, dim, c)
+            rotary = Rotary(16, inverse_frequencies(16, 10000.0))
+            for side, where in (("want", torch.device("cpu")), ("got", dev)):
+                on = {k: v.to(where) for k, v in parts.items()}
+                comp = Compressor(**on, ratio=ratio, rotary=rotary.to(where), eps=1e-6,
+                                  for_indexer=False)  # fmt: skip
+                store = RowStore(NativeRows(c, torch.float32), where)
+                store.reserve(8)
+                made[side, ratio] = (comp, CompressorCarry(ratio, c, ratio == 4, where), store)
+        for pos in range(17):  # windows of both ratios close
             a = torch.randn(1, dim, generator=g)
-            comp, carry, store = made["want"]
-            with torch.inference_mode():  # the torch ops on the CPU
-                comp.step(a, torch.tensor([pos]), carry, store, torch.float32)
-            comp, carry, store = made["got"]
-            x, at = a.to(dev), torch.tensor([pos], device=dev)
-            into = store.as_stored(torch.float32) if ratio == 8 else None  # both ways
-            entry = compressor_step(
-                x @ comp.wkv.T, x @ comp.wgate.T, comp.ape, carry, at, comp.norm,
-                comp.rotary.inv_freq, comp.eps, torch.float32, into,
-            )  # fmt: skip
-            if entry is not None:
-                store.put(*entry)
-        (_, want, want_rows), (_, got, got_rows) = made["want"], made["got"]
-        closed = (2 * ratio + 1) // ratio  # rows past the closed windows' are scratch
-        pairs = [(got_rows.rows()[:closed], want_rows.rows()[:closed])]
-        pairs += list(zip(got.tensors(), want.tensors(), strict=True))
-        for t, u in pairs:
-            if not torch.allclose(t.cpu(), u, rtol=1e-4, atol=1e-5):
-                return "it gave other values than the torch step on this GPU"
+            launch = []
+            for ratio in (4, 8):
+                comp, carry, store = made["want", ratio]
+                with torch.inference_mode():  # the torch ops on the CPU
+                    comp.step(a, torch.tensor([pos]), carry, store, torch.float32)
+                comp, carry, store = made["got", ratio]
+                x = a.to(dev)
+                into = store.as_stored(torch.float32) if ratio == 8 else None  # both ways
+                launch.append({"kv_new": x @ comp.wkv.T, "gate_new": x @ comp.wgate.T,
+                               "ape": comp.ape, "carry": carry, "norm": comp.norm,
+                               "inv_freq": comp.rotary.inv_freq, "eps": comp.eps,
+                               "out_dtype": torch.float32, "into": into})  # fmt: skip
+            at = torch.tensor([pos], device=dev)
+            if together:
+                entries = compressor_steps(launch, at)
+            else:
+                entries = [compressor_step(pos=at, **part) for part in launch]
+            for ratio, entry in zip((4, 8), entries, strict=True):
+                if entry is not None:
+                    made["got", ratio][2].put(*entry)
+        for ratio in (4, 8):
+            (_, want, want_rows), (_, got, got_rows) = made["want", ratio], made["got", ratio]
+            closed = 17 // ratio  # rows past the closed windows' are scratch
+            pairs = [(got_rows.rows()[:closed], want_rows.rows()[:closed])]
+            pairs += list(zip(got.tensors(), want.tensors(), strict=True))
+            for t, u in pairs:
+                if not torch.allclose(t.cpu(), u, rtol=1e-4, atol=1e-5):
+                    how = "two in one launch" if together else "one"
+                    return f"it gave other values than the torch step on this GPU ({how})"
     return None
 
 
@@ -1380,6 +1392,38 @@ if triton is not None:
         goes to row index (no write of its own after). The rows written here are used from
         registers, never read back."""
         _await_inputs(PDL)
+        _compress_one(kv_new_ptr, g_new_ptr, ape_ptr, kv_ptr, g_ptr, prev_kv_ptr, prev_g_ptr,
+                      pos_ptr, norm_ptr, inv_freq_ptr, out_ptr, index_ptr, eps, M, C, OVERLAP,
+                      HALF, RB, INTO)  # fmt: skip
+
+    @triton.jit
+    def _compressor_steps_kernel(
+        pos_ptr,
+        kv_new0, g_new0, ape0, kv0, g0, prev_kv0, prev_g0, norm0, inv_freq0, out0, index0, eps0,
+        M0: tl.constexpr, C0: tl.constexpr, OVERLAP0: tl.constexpr, HALF0: tl.constexpr,
+        RB0: tl.constexpr, INTO0: tl.constexpr,
+        kv_new1, g_new1, ape1, kv1, g1, prev_kv1, prev_g1, norm1, inv_freq1, out1, index1, eps1,
+        M1: tl.constexpr, C1: tl.constexpr, OVERLAP1: tl.constexpr, HALF1: tl.constexpr,
+        RB1: tl.constexpr, INTO1: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Two `_compressor_step_kernel`s of one token in one launch, a program each (a CSA
+        layer's compressor and its indexer's): one launch fewer, and their serial work side by
+        side."""
+        _await_inputs(PDL)
+        if tl.program_id(0) == 0:
+            _compress_one(kv_new0, g_new0, ape0, kv0, g0, prev_kv0, prev_g0, pos_ptr, norm0,
+                          inv_freq0, out0, index0, eps0, M0, C0, OVERLAP0, HALF0, RB0, INTO0)  # fmt: skip
+        else:
+            _compress_one(kv_new1, g_new1, ape1, kv1, g1, prev_kv1, prev_g1, pos_ptr, norm1,
+                          inv_freq1, out1, index1, eps1, M1, C1, OVERLAP1, HALF1, RB1, INTO1)  # fmt: skip
+
+    @triton.jit
+    def _compress_one(
+        kv_new_ptr, g_new_ptr, ape_ptr, kv_ptr, g_ptr, prev_kv_ptr, prev_g_ptr, pos_ptr,
+        norm_ptr, inv_freq_ptr, out_ptr, index_ptr, eps, M: tl.constexpr, C: tl.constexpr,
+        OVERLAP: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, INTO: tl.constexpr,
+    ):  # fmt: skip
+        """`_compressor_step_kernel`'s work."""
         W: tl.constexpr = 2 * C if OVERLAP else C
         B0: tl.constexpr = C if OVERLAP else 0  # where the current entry's half starts
         pos = tl.load(pos_ptr)
@@ -2456,6 +2500,35 @@ def compressor_step(
     int64) for the store, carry updated in place (`CompressorCarry`). `into`: the store's rows
     `[capacity, C]` in out_dtype (`RowStore.as_stored`): the entry is written there at its
     index by the same launch (one launch fewer a compressor), and nothing is returned."""
+    args, consts, result = _compressor_args(
+        kv_new, gate_new, ape, carry, norm, inv_freq, eps, out_dtype, into
+    )
+    _compressor_step_kernel[(1,)](
+        *args[:7], pos, *args[7:], **consts, num_warps=8, **_pdl(kv_new.device)
+    )
+    return result
+
+
+def compressor_steps(parts: Sequence[dict], pos: torch.Tensor) -> list:
+    """Two `compressor_step`s of one token (each part its keyword arguments but `pos`: a CSA
+    layer's compressor and its indexer's) in one launch → each one's result."""
+    if len(parts) != 2:
+        raise ValueError(f"compressor_steps: two compressors, not {len(parts)}")
+    kwargs, results = {}, []
+    names = ("kv_new", "g_new", "ape", "kv", "g", "prev_kv", "prev_g", "norm", "inv_freq", "out",
+             "index", "eps")  # fmt: skip
+    for p, part in enumerate(parts):
+        args, consts, result = _compressor_args(**part)
+        kwargs |= {f"{n}{p}": v for n, v in zip(names, args, strict=True)}
+        kwargs |= {f"{n}{p}": v for n, v in consts.items()}
+        results.append(result)
+    _compressor_steps_kernel[(2,)](pos, **kwargs, num_warps=8, **_pdl(pos.device))
+    return results
+
+
+def _compressor_args(kv_new, gate_new, ape, carry, norm, inv_freq, eps, out_dtype, into=None):
+    """A compressor step's kernel arguments but pos (pointers and eps), its constants, and
+    what the caller gets back (None where the entry goes `into` the store)."""
     c = norm.shape[0]
     overlap = carry.prev_kv is not None
     m, w = carry.kv.shape
@@ -2469,13 +2542,11 @@ def compressor_step(
     prev_kv = carry.prev_kv if overlap else carry.kv
     prev_gate = carry.prev_gate if overlap else carry.gate
     rows = min(triton.next_power_of_2(m), max(1, 4096 // c))
-    _compressor_step_kernel[(1,)](
-        kv_new.contiguous(), gate_new.contiguous(), ape, carry.kv, carry.gate, prev_kv,
-        prev_gate, pos, norm, inv_freq, out, index, float(eps), M=m, C=c, OVERLAP=overlap,
-        HALF=inv_freq.shape[0], RB=rows, INTO=into is not None, num_warps=8,
-        **_pdl(kv_new.device),
-    )  # fmt: skip
-    return None if into is not None else (out, index)
+    args = (kv_new.contiguous(), gate_new.contiguous(), ape, carry.kv, carry.gate, prev_kv,
+            prev_gate, norm, inv_freq, out, index, float(eps))  # fmt: skip
+    consts = {"M": m, "C": c, "OVERLAP": overlap, "HALF": inv_freq.shape[0], "RB": rows}
+    consts["INTO"] = into is not None
+    return args, consts, None if into is not None else (out, index)
 
 
 def decode_attention_fits(head_dim: int) -> bool:

@@ -446,6 +446,18 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
                 {"num_warps": 8},
             )
         )
+    # a CSA layer's compressor and its indexer's in one launch (`compressor_steps`)
+    pair_sig, pair_consts = "pos_ptr:*i64", {}
+    for p, c in ((0, 512), (1, 128)):
+        pair_sig += "".join(
+            f", {n}{p}:*fp32"
+            for n in ("kv_new", "g_new", "ape", "kv", "g", "prev_kv", "prev_g", "norm", "inv_freq")
+        )
+        pair_sig += f", out{p}:*bf16, index{p}:*i64, eps{p}:fp32"
+        pair_consts |= {f"M{p}": 4, f"C{p}": c, f"OVERLAP{p}": True, f"HALF{p}": ROPE_HALF}
+        pair_consts |= {f"RB{p}": 4, f"INTO{p}": True}
+    label = "compressor steps CSA + indexer"
+    specs.append((label, gk._compressor_steps_kernel, pair_sig, pair_consts, {"num_warps": 8}))
     attention_args = (
         "q_ptr:*bf16, win_ptr:*bf16, own_ptr:*bf16, comp_ptr:*bf16, vis_ptr:*i1, pos_ptr:*i64, "
         "top_ptr:*fp32, den_ptr:*fp32, acc_ptr:*fp32, scale:fp32"

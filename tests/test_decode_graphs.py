@@ -561,7 +561,7 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     a host-expert layer): the window ring's and the compressed rows' writes, the output's
     de-rotation, the mixes of every site after the first (the head's too), the CSA picks'
     gather, the q_a norm, q's, kv's and the index queries' separate RoPE launches, and a CSA
-    layer's separate projections happen inside neighbouring launches; the position tables are
+    layer's separate projections and compressor steps happen inside neighbouring launches; the position tables are
     made once a step however many segments it has, and what a cut hands on is written in
     place. FUSED_SEAMS off gives those folds their own launches again."""
     kernels_device()
@@ -593,6 +593,10 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     # indexer's head weights (torch's linear apart) in one
     assert fused["_linear_kernel"] == apart["_linear_kernel"] - 2 * csa
     assert fused["linear"] == 0 and apart["linear"] == csa
+    # and its two compressors' steps in one launch
+    assert fused["_compressor_steps_kernel"] == csa and apart["_compressor_steps_kernel"] == 0
+    assert fused["_compressor_step_kernel"] == layers - 1 - csa  # the HCA layers'
+    assert apart["_compressor_step_kernel"] == layers - 1 + csa
     # a CSA layer's picked rows and their mask read where they lie, not gathered first
     assert fused["index_select"] == 0 and apart["index_select"] == csa
     # made once a step: both tables' angles, the window slot, a mask per store size and ratio
@@ -602,7 +606,7 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     # the embedding row, the position's widening and the logits
     assert fused["copy_"] == 2 * layers + 3 and fused["_sum_parts_kernel"] == layers
     # nothing else changed: the row writes, mixes, RoPE launches, q_a norms, CSA projections
-    # and gathers, 48 launches of 5 layers
+    # and compressor steps, and gathers, 50 launches of 5 layers
     saved = sum(apart.values()) - sum(fused.values())
     ropes = 3 * layers + csa - layers
-    assert saved == (layers + 2 * csa + 2) + 2 * layers + ropes + layers + 3 * csa + 2 * csa
+    assert saved == (layers + 2 * csa + 2) + 2 * layers + ropes + layers + 4 * csa + 2 * csa

@@ -13,7 +13,7 @@ from flashdesk.engine import gpu_kernels, kernels
 from flashdesk.engine.cache import Fp8KeyRows, Fp8Rows, LayerState, RowStore
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, rms_norm
-from flashdesk.engine.model.compressor import Compressor
+from flashdesk.engine.model.compressor import Compressor, step_together
 from flashdesk.engine.model.indexer import Indexer, host_scores
 from flashdesk.engine.model.rope import Rotary, apply_rope, norm_rope
 
@@ -261,13 +261,15 @@ class Attention:
         entries = visible = picks = None
         if self.compressor is not None:
             projected = (None, None) if inputs is None else (inputs[:2], inputs[2:4])
-            self.compressor.step(a, pos, state.carry, state.kv_entries, a.dtype, projected[0])
+            steps = [(self.compressor, state.carry, state.kv_entries, projected[0])]
+            if self.indexer is not None:
+                steps.append((self.indexer.compressor, state.index_carry, state.index_keys,
+                              projected[1]))  # fmt: skip
+            step_together(steps, a, pos, a.dtype)
             store = state.kv_entries
             visible = at.visible(store.capacity, self.ratio)
             if self.indexer is not None:
                 ix = self.indexer
-                ix.compressor.step(a, pos, state.index_carry, state.index_keys, a.dtype,
-                                   projected[1])  # fmt: skip
                 if indexing:
                     keys = state.index_keys
                     q_ix, w_ix = index_q or ix.queries(qr, a, cos, sin, widen=False)

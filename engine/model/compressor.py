@@ -57,6 +57,19 @@ class Compressor:
             return kv, gate
         return float_linear(a, self.wkv), float_linear(a, self.wgate)
 
+    def _kernel_part(self, kv, gate, carry, store, out_dtype) -> dict | None:
+        """`gpu_kernels.compressor_step`'s arguments but pos for this step, where it applies
+        (a GPU whose kernel passed its check, a power-of-two head), else None."""
+        c = self.head
+        if not (gpu_kernels.applies(kv) and not c & (c - 1)):
+            return None
+        if not gpu_kernels.checked("compressor step", kv.device):
+            return None
+        into = store.as_stored(out_dtype) if gpu_kernels.FUSED_SEAMS else None
+        return {"kv_new": kv, "gate_new": gate, "ape": self.ape, "carry": carry,
+                "norm": self.norm, "inv_freq": self.rotary.inv_freq, "eps": self.eps,
+                "out_dtype": out_dtype, "into": into}  # fmt: skip
+
     def update(
         self,
         a: torch.Tensor,
@@ -143,12 +156,9 @@ class Compressor:
         """
         m, c = self.ratio, self.head
         kv, gate = projected if projected is not None else self._projections(a)
-        fused = gpu_kernels.applies(a) and not c & (c - 1)
-        if fused and gpu_kernels.checked("compressor step", a.device):  # after the GEMVs
-            entry = gpu_kernels.compressor_step(
-                kv, gate, self.ape, carry, pos, self.norm, self.rotary.inv_freq, self.eps,
-                out_dtype, store.as_stored(out_dtype) if gpu_kernels.FUSED_SEAMS else None,
-            )  # fmt: skip
+        part = self._kernel_part(kv, gate, carry, store, out_dtype)
+        if part is not None:  # after the GEMVs, one launch
+            entry = gpu_kernels.compressor_step(pos=pos, **part)
             if entry is not None:  # a store that encodes its rows (FP8)
                 store.put(*entry)
             return
@@ -174,3 +184,25 @@ class Compressor:
             closing = slot == m - 1
             carry.prev_kv.copy_(torch.where(closing, carry.kv[:, :c], carry.prev_kv))
             carry.prev_gate.copy_(torch.where(closing, carry.gate[:, :c], carry.prev_gate))
+
+
+def step_together(
+    steps: Sequence[tuple[Compressor, CompressorCarry, RowStore, Sequence[torch.Tensor] | None]],
+    a: torch.Tensor,
+    pos: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> None:
+    """`Compressor.step` of a layer's two compressors for one token (a CSA layer's and its
+    indexer's: (compressor, carry, store, projected)): on a GPU with FUSED_SEAMS one launch of
+    a program each (`gpu_kernels.compressor_steps`), else one after the other."""
+    projected = [p if p is not None else comp._projections(a) for comp, _, _, p in steps]
+    parts = [comp._kernel_part(*kv_gate, carry, store, out_dtype)
+             for (comp, carry, store, _), kv_gate in zip(steps, projected, strict=True)]  # fmt: skip
+    if len(steps) == 2 and gpu_kernels.FUSED_SEAMS and all(p is not None for p in parts):
+        for (_, _, store, _), entry in zip(steps, gpu_kernels.compressor_steps(parts, pos),
+                                           strict=True):  # fmt: skip
+            if entry is not None:  # a store that encodes its rows (FP8)
+                store.put(*entry)
+        return
+    for (comp, carry, store, _), kv_gate in zip(steps, projected, strict=True):
+        comp.step(a, pos, carry, store, out_dtype, kv_gate)
