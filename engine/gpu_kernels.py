@@ -312,6 +312,30 @@ def _check_compressor_step(dev: torch.device) -> str | None:
     return None
 
 
+def _check_paired_linears(dev: torch.device) -> str | None:
+    """`linear_pair` (an FP8 linear with tile scales and a BF16 one in one launch) against
+    each alone, bit for bit, and against the float32 products."""
+    from flashdesk.engine import quant
+
+    g = torch.Generator().manual_seed(10)
+    codes, tiles = quant.quantize_fp8(torch.randn(256, 256, generator=g) * 0.1)
+    fp8 = codes.view(torch.float8_e4m3fn).to(dev)
+    bf16 = (torch.randn(96, 256, generator=g) * 0.1).to(torch.bfloat16)
+    x = torch.randn(2, 256, generator=g).to(torch.bfloat16)
+    xd = x.to(dev)
+    pair = linear_pair((xd, fp8, tiles.to(dev), torch.bfloat16), (xd, bf16.to(dev), None,
+                                                                  torch.float32))  # fmt: skip
+    if pair is None:
+        return None  # the shapes take separate launches: nothing runs paired
+    alone = (linear(xd, fp8, tiles.to(dev)), linear(xd, bf16.to(dev), out_dtype=torch.float32))
+    if not all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(pair, alone, strict=True)):
+        return "its two linears in one launch gave other values than each alone on this GPU"
+    want = torch.nn.functional.linear(x.float(), bf16.float())
+    if not torch.allclose(pair[1].cpu(), want, 1e-4, 1e-4):
+        return "its paired BF16 linear gave other values than the float32 product on this GPU"
+    return None
+
+
 def _check_decode_attention(dev: torch.device) -> str | None:
     """`decode_attention` against `Attention.step`'s torch ops (`Attention._sink_attend`), the
     ring filling and full, with and without compressed rows, in one split per part and in
@@ -665,7 +689,10 @@ def fallback_notes(device: torch.device | str) -> list[str]:
 
 
 # what a failed check leaves in place, where it is not the same work in separate kernels
-_FALLBACKS = {"FP4 int8 dots": "the VRAM experts take the float decode, not integer dots"}
+_FALLBACKS = {
+    "FP4 int8 dots": "the VRAM experts take the float decode, not integer dots",
+    "paired linears": "the linears of a decode step's attention input run in two launches",
+}
 
 
 def tensor_cores(device: torch.device | str) -> bool:
@@ -2132,11 +2159,46 @@ if triton is not None:
         group): x's row RMS-normed over all of K (· nw) and rounded to x's dtype as
         `_rms_norm_kernel` computes it (the q_a norm read into `wq_b`: one launch fewer)."""
         _await_inputs(PDL)
-        t = tl.program_id(0)
-        first = tl.program_id(1) * BN
+        _linear_block(x_ptr, w_ptr, s_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                      tl.program_id(2), N, K, X_STRIDE, GROUP_ROWS, HAS_SCALE, BN, BK, SPLIT, T,
+                      UNROLL, STAGES, GLU, GLU_LIMIT, NORM, nw_ptr, eps, NORM_BLOCK)  # fmt: skip
+
+    @triton.jit
+    def _linear_pair_kernel(
+        T, x0, w0, s0, out0, N0: tl.constexpr, K0: tl.constexpr, X_STRIDE0: tl.constexpr,
+        HAS_SCALE0: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr,
+        UNROLL0: tl.constexpr, STAGES0: tl.constexpr,
+        x1, w1, s1, out1, N1: tl.constexpr, K1: tl.constexpr, X_STRIDE1: tl.constexpr,
+        HAS_SCALE1: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
+        UNROLL1: tl.constexpr, STAGES1: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Two `_linear_kernel`s (one group, K unsplit) in one launch: row blocks 0..N0/BN0−1
+        of the grid's second axis are the first's, the rest the second's (a decode step's
+        linears that read one input but whose weights differ in kind: `wq_a`+`wkv` FP8 and the
+        compressors' BF16 projections)."""
+        _await_inputs(PDL)
+        t, rb = tl.program_id(0), tl.program_id(1)
+        if rb < N0 // BN0:
+            _linear_block(x0, w0, s0, out0, t, rb, 0, N0, K0, X_STRIDE0, N0, HAS_SCALE0, BN0,
+                          BK0, 1, T, UNROLL0, STAGES0, False, 0.0, False, w0, 0.0, 1)  # fmt: skip
+        else:
+            _linear_block(x1, w1, s1, out1, t, rb - N0 // BN0, 0, N1, K1, X_STRIDE1, N1,
+                          HAS_SCALE1, BN1, BK1, 1, T, UNROLL1, STAGES1, False, 0.0, False, w1,
+                          0.0, 1)  # fmt: skip
+
+    @triton.jit
+    def _linear_block(
+        x_ptr, w_ptr, s_ptr, out_ptr, t, rb, kz, N: tl.constexpr, K: tl.constexpr,
+        X_STRIDE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, T, UNROLL: tl.constexpr,
+        STAGES: tl.constexpr, GLU: tl.constexpr, GLU_LIMIT: tl.constexpr, NORM: tl.constexpr,
+        nw_ptr, eps, NORM_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """`_linear_kernel`'s work for token t, row block rb, K share kz."""
+        first = rb * BN
         rows = first + tl.arange(0, BN)
         share: tl.constexpr = K // SPLIT
-        k0 = tl.program_id(2) * share
+        k0 = kz * share
         x_row = x_ptr + t * X_STRIDE + (first // GROUP_ROWS) * K
         r = 1.0
         if NORM:  # the whole row's mean square, summed as `_rms_norm_kernel` sums it
@@ -2164,7 +2226,7 @@ if triton is not None:
                 xs = (xs.to(tl.float32) * (sc * _fp8_unit(w_ptr))).to(x_ptr.dtype.element_ty)
             w = _fp8_weights(tl.load(w_ptr + rows[:, None] * K + cols[None, :]))
             acc += w * xs.to(tl.float32)[None, :]
-        ptrs = out_ptr + (tl.program_id(2) * T + t) * N + rows
+        ptrs = out_ptr + (kz * T + t) * N + rows
         tl.store(ptrs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
 
     @triton.jit
@@ -3260,13 +3322,8 @@ def linear(
         if split > 1:
             out.copy_(dest.sum(dim=0))
         return out
-    block_n, num_warps = block_n or LINEAR_ROWS[0], num_warps or LINEAR_ROWS[1]
-    block_k = block_k or LINEAR_ROWS_K
-    bn, bk = _block(group_rows, block_n), _block(k, block_k)
-    if scale is not None:  # a program's rows share one 128-row scale tile
-        bn = _block(math.gcd(group_rows, 128), block_n)
-    if bk < 16:
-        raise ValueError(f"rows of {k} values: need a multiple of 16")
+    num_warps = num_warps or LINEAR_ROWS[1]
+    bn, bk = _rows_tiles(group_rows, k, scale is not None, block_n, block_k)
     if split is None:
         split = _split_k(tokens * (n // bn), k, bk, min_programs)
     if k % (split * bk):
@@ -3287,6 +3344,61 @@ def linear(
     if split > 1:
         out.copy_(dest.sum(dim=0))
     return out
+
+
+def _rows_tiles(group_rows: int, k: int, scaled: bool, block_n=None, block_k=None) -> tuple:
+    """The "rows" kernel's rows per program and columns per step (BN, BK) for a group of
+    `group_rows` rows of K: the wanted ones (default LINEAR_ROWS, LINEAR_ROWS_K) where they
+    divide, and within one 128-row scale tile for FP8 weights."""
+    block_n, block_k = block_n or LINEAR_ROWS[0], block_k or LINEAR_ROWS_K
+    bn = _block(math.gcd(group_rows, 128) if scaled else group_rows, block_n)
+    bk = _block(k, block_k)
+    if bk < 16:
+        raise ValueError(f"rows of {k} values: need a multiple of 16")
+    return bn, bk
+
+
+def linear_pair(
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two `linear(x, weight, scale, out_dtype=...)`s, each (x, weight, scale, out_dtype) with
+    x `[T, K]` of the same T, in one launch (`_linear_pair_kernel`): the same values. Where
+    their shapes' options (LINEAR_ROWS_BY_SHAPE, else the defaults) are the "rows" kind with
+    the same warps and K unsplit; else None (the caller launches each)."""
+    plans, tokens = [], first[0].shape[0]
+    for x, weight, scale, out_dtype in (first, second):
+        n, k = weight.shape
+        if (
+            x.dim() != 2
+            or x.shape != (tokens, k)
+            or (scale is not None) != (weight.dtype == torch.float8_e4m3fn)
+        ):
+            return None
+        halves = x.dtype in (torch.bfloat16, torch.float16)
+        shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, 1, weight.element_size()))
+        if shaped is None and scale is not None and halves and LINEAR_KIND != "rows":
+            return None  # the tensor cores' kind
+        block_n, warps, block_k, wanted = shaped or (*LINEAR_ROWS, LINEAR_ROWS_K, 0)
+        bn, bk = _rows_tiles(n, k, scale is not None, block_n, block_k)
+        if n % bn or _split_k(tokens * (n // bn), k, bk, wanted) != 1:
+            return None
+        if scale is not None and not native_fp8(weight.device):
+            weight = weight.view(torch.uint8)
+        out = torch.empty((tokens, n), dtype=out_dtype, device=x.device)
+        s = _bytes(scale).contiguous() if scale is not None else weight
+        plans.append((warps, out, {"x": x.contiguous(), "w": weight, "s": s, "out": out, "N": n,
+                                   "K": k, "X_STRIDE": k, "HAS_SCALE": scale is not None,
+                                   "BN": bn, "BK": bk, "UNROLL": _block(k // bk, LINEAR_ROWS_UNROLL),
+                                   "STAGES": LINEAR_ROWS_STAGES}))  # fmt: skip
+    if plans[0][0] != plans[1][0]:
+        return None
+    args = {f"{name}{p}": v for p, plan in enumerate(plans) for name, v in plan[2].items()}
+    blocks = sum(plan[2]["N"] // plan[2]["BN"] for plan in plans)
+    _linear_pair_kernel[(tokens, blocks)](
+        tokens, **args, num_warps=plans[0][0], **_pdl(first[0].device)
+    )
+    return plans[0][1], plans[1][1]
 
 
 def _split_k(programs: int, k: int, step: int, wanted: int) -> int:
@@ -3314,6 +3426,7 @@ def _check_decode_attention_kinds(dev: torch.device) -> str | None:
 # kernels checked on their own at first use on a device (`checked`): name → check
 CHECKS = {
     "compressor step": _check_compressor_step,
+    "paired linears": _check_paired_linears,
     "hyper-connection mixes": _check_hc_mixes,
     "routing": _check_route,
     "decode attention": _check_decode_attention_kinds,

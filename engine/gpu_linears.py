@@ -167,3 +167,42 @@ def join_rows(
     for linear in made:
         linear.fused = first.fused  # as the parts were (the same device)
     return JoinedRows(made[0], sizes), made[1:]
+
+
+def run_pair(
+    first: JoinedRows | CudaFp8Linear | CudaBf16Linear,
+    second: JoinedRows | CudaFp8Linear | CudaBf16Linear,
+    x: torch.Tensor,
+) -> tuple:
+    """Two linears (or joined ones) that read the same x `[..., K]` → each one's output (its
+    parts, for joined rows), in one launch where the kernel takes them
+    (`gpu_kernels.linear_pair`: a decode step's few tokens, weights of different kinds such as
+    `wq_a`+`wkv` in FP8 and the compressors' BF16 projections), else one launch each."""
+    linears = [j.linear if isinstance(j, JoinedRows) else j for j in (first, second)]
+    x2 = x.reshape(-1, x.shape[-1])
+    outs = None
+    if (
+        all(getattr(lin, "fused", False) for lin in linears)
+        and x2.shape[0] <= gpu_kernels.MAX_TOKENS
+        and gpu_kernels.checked("paired linears", x.device)
+    ):
+        args = [_kernel_args(lin, x2) for lin in linears]
+        if None not in args:
+            outs = gpu_kernels.linear_pair(*args)
+    if outs is None:
+        outs = [lin(x) for lin in linears]
+    else:
+        outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    return tuple(
+        o.split(j.sizes, dim=-1) if isinstance(j, JoinedRows) else o
+        for j, o in zip((first, second), outs, strict=True)
+    )
+
+
+def _kernel_args(linear, x2: torch.Tensor) -> tuple | None:
+    """`linear`'s (x, weight, scale, out_dtype) as `gpu_kernels.linear` takes them, or None."""
+    if isinstance(linear, CudaFp8Linear) and linear.groups == 1:
+        return x2, linear.weight, linear.scale, linear.dtype
+    if isinstance(linear, CudaBf16Linear):
+        return x2, linear.weight, None, torch.float32
+    return None

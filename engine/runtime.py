@@ -25,6 +25,7 @@ Public use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -41,7 +42,13 @@ from flashdesk.engine.cache import KV_FORMATS, Fp8Rows
 from flashdesk.engine.checkpoint import Checkpoint, CheckpointError
 from flashdesk.engine.config import ModelConfig
 from flashdesk.engine.decode_graphs import GraphDecoder
-from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear, JoinedRows, join_rows
+from flashdesk.engine.gpu_linears import (
+    CudaBf16Linear,
+    CudaFp8Linear,
+    JoinedRows,
+    join_rows,
+    run_pair,
+)
 from flashdesk.engine.model import qsim
 from flashdesk.engine.model.common import Linear, Numerics
 from flashdesk.engine.model.model import V4Model
@@ -410,7 +417,9 @@ def join_gpu_linears(model: V4Model) -> None:
     `wq_a` with `wkv`, the shared expert's `w1` with `w3`, each compressor's `wkv` with
     `wgate` (about 3.5 launches fewer per V4 layer); the separate ones stay, as views. A CSA
     layer's decode step also takes `wq_b` with the indexer's `wq_b`, and both compressors'
-    projections with the indexer's head weights, in one launch each (`_join_csa`)."""
+    projections with the indexer's head weights, in one launch each (`_join_csa`), and a
+    compressed layer's step its `wq_a`+`wkv` with its compressors' projections in one
+    (`Attention.step_inputs`)."""
     for block in model.blocks:
         attn, shared = block.attn, block.moe.shared
         sites = [(attn, ("wq_a", "wkv"), "wq_a_wkv"), (shared, ("w1", "w3"), "w13")]
@@ -426,6 +435,10 @@ def join_gpu_linears(model: V4Model) -> None:
                 setattr(owner, joined_attr, joined)
                 for n, view in zip(names, views, strict=True):
                     setattr(owner, n, view)
+        # what reads the attention input, FP8 and BF16, in one launch (`gpu_linears.run_pair`)
+        inputs = attn.csa_inputs or (attn.compressor and attn.compressor.wkv_wgate)
+        if attn.wq_a_wkv is not None and inputs is not None:
+            attn.step_inputs = functools.partial(run_pair, attn.wq_a_wkv, inputs)
 
 
 def _join_csa(attn) -> None:

@@ -210,6 +210,21 @@ def _specs() -> list[tuple[str, object, str, dict, dict]]:
             {"num_warps": 4},
         )
     )
+    # a compressed layer's wq_a + wkv (FP8) and its compressors' projections (BF16) at once
+    for label, n1 in (("CSA", 2624), ("HCA", 1024)):
+        consts = {"N0": 1536, "K0": D, "X_STRIDE0": D, "HAS_SCALE0": True, "BN0": 8}
+        consts |= {"BK0": 1024, "UNROLL0": 4, "STAGES0": 1, "N1": n1, "K1": D, "X_STRIDE1": D}
+        consts |= {"HAS_SCALE1": False, "BN1": 4, "BK1": 2048, "UNROLL1": 2, "STAGES1": 1}
+        specs.append(
+            (
+                f"linear pair {label} attention inputs",
+                gk._linear_pair_kernel,
+                "T:i32, x0:*bf16, w0:*fp8e4nv, s0:*u8, out0:*bf16, x1:*bf16, w1:*bf16, s1:*bf16, "
+                "out1:*fp32",
+                consts,
+                {"num_warps": 4},
+            )
+        )
     # the sweep's shapes for the small linears (bench gpu-kernels, LINEAR_ROWS_BY_SHAPE)
     for bn_, warps_, bk_ in ((8, 4, 1024), (8, 8, 2048), (4, 4, 2048), (16, 8, 1024)):
         for name, n, w, out in (("wq_a", 1024, "fp8e4nv", "bf16"), ("gate", 256, "bf16", "fp32")):

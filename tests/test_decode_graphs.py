@@ -564,8 +564,9 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     """A GPU decode step's census (the GPU runtime's linears; the step cut at every layer: each
     a host-expert layer): the window ring's and the compressed rows' writes, the output's
     de-rotation, the mixes of every site after the first (the head's too), the CSA picks'
-    gather, the q_a norm, q's, kv's and the index queries' separate RoPE launches, and a CSA
-    layer's separate projections and compressor steps happen inside neighbouring launches; the position tables are
+    gather, the q_a norm, q's, kv's and the index queries' separate RoPE launches, a CSA
+    layer's separate projections and compressor steps, and a compressed layer's linears of
+    its attention input happen inside neighbouring launches; the position tables are
     made once a step however many segments it has, and what a cut hands on is written in
     place. FUSED_SEAMS off gives those folds their own launches again."""
     kernels_device()
@@ -594,8 +595,11 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     # the q_a norm read by wq_b (the final norm is the head collapse's, either way)
     assert fused["_rms_norm_kernel"] == 0 and apart["_rms_norm_kernel"] == layers
     # a CSA layer's two wq_b in one launch, and both compressors' projections with the
-    # indexer's head weights (torch's linear apart) in one
-    assert fused["_linear_kernel"] == apart["_linear_kernel"] - 2 * csa
+    # indexer's head weights (torch's linear apart) in one; a compressed layer's wq_a+wkv
+    # and its compressors' projections (FP8 and BF16 weights) in one
+    compressed = layers - 1
+    assert fused["_linear_pair_kernel"] == compressed and apart["_linear_pair_kernel"] == 0
+    assert fused["_linear_kernel"] == apart["_linear_kernel"] - 2 * csa - 2 * compressed
     assert fused["linear"] == 0 and apart["linear"] == csa
     # and its two compressors' steps in one launch
     assert fused["_compressor_steps_kernel"] == csa and apart["_compressor_steps_kernel"] == 0
@@ -610,7 +614,8 @@ def test_a_decode_step_folds_its_seams_into_neighbouring_launches(monkeypatch):
     # the embedding row, the position's widening and the logits
     assert fused["copy_"] == 2 * layers + 3 and fused["_sum_parts_kernel"] == layers
     # nothing else changed: the row writes, mixes, RoPE launches, q_a norms, CSA projections
-    # and compressor steps, and gathers, 50 launches of 5 layers
+    # and compressor steps, paired linears and gathers, 54 launches of 5 layers
     saved = sum(apart.values()) - sum(fused.values())
     ropes = 3 * layers + csa - layers
-    assert saved == (layers + 2 * csa + 2) + 2 * layers + ropes + layers + 4 * csa + 2 * csa
+    folds = (layers + 2 * csa + 2) + 2 * layers + ropes + layers + 4 * csa + compressed
+    assert saved == folds + 2 * csa

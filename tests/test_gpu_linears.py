@@ -10,7 +10,7 @@ from _triton import as_on_a_gpu, kernels_device
 
 from flashdesk.engine import gpu_kernels, quant, runtime
 from flashdesk.engine.config import ModelConfig
-from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear
+from flashdesk.engine.gpu_linears import CudaBf16Linear, CudaFp8Linear, JoinedRows, run_pair
 from flashdesk.engine.model.common import rms_norm
 from flashdesk.engine.runtime import load_runtime
 from flashdesk.engine.synthetic import SyntheticCheckpoint
@@ -126,3 +126,42 @@ def test_an_rms_norm_read_into_the_fp8_product_equals_its_own_launch(
     assert torch.equal(lin(x, norm=norm).cpu(), own.cpu())
     with pytest.raises(ValueError, match="one group"):
         gpu_kernels.linear(x, w, tiles, groups=2, norm=(norm[0][:64], 1e-6))
+
+
+def test_two_linears_of_different_kinds_share_one_launch(monkeypatch):
+    """`linear_pair` (an FP8 linear with tile scales and a BF16 one reading the same x, as a
+    compressed layer's `wq_a`+`wkv` and its compressors' projections) gives each alone's values;
+    shapes whose options differ in warps take separate launches (None, as where K would be
+    split), and `run_pair` then launches each; joined rows come back as their parts."""
+    device = kernels_device()
+    monkeypatch.setattr(gpu_kernels, "checked", lambda name, device: True)
+    g = torch.Generator().manual_seed(6)
+    codes, tiles = quant.quantize_fp8(torch.randn(384, 256, generator=g) * 0.1)
+    fp8 = CudaFp8Linear(codes.view(torch.float8_e4m3fn).to(device), tiles.to(device),
+                        torch.bfloat16)  # fmt: skip
+    bf16 = CudaBf16Linear((torch.randn(96, 256, generator=g) * 0.1).to(device))
+    for lin in (fp8, bf16):
+        lin.fused = True
+    x = torch.randn(1, 256, generator=g).to(torch.bfloat16).to(device)
+    pair = gpu_kernels.linear_pair((x, fp8.weight, fp8.scale, torch.bfloat16),
+                                   (x, bf16.weight, None, torch.float32))  # fmt: skip
+    assert pair is not None
+    for got, want in zip(pair, (fp8(x), bf16(x)), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got.cpu(), want.cpu())
+    joined = JoinedRows(fp8, (256, 128))
+    (qa, kv), comp = run_pair(joined, bf16, x)
+    assert torch.equal(qa.cpu(), fp8(x)[:, :256].cpu()) and torch.equal(
+        kv.cpu(), fp8(x)[:, 256:].cpu()
+    )
+    assert torch.equal(comp.cpu(), bf16(x).cpu())
+    launched = []
+    real = gpu_kernels.linear
+    monkeypatch.setattr(gpu_kernels, "linear", lambda *a, **k: launched.append(1) or real(*a, **k))
+    shape = (96, 256, 1, 2)
+    for warps in (8, 2):  # other warps than the FP8 shape's (the defaults', 4)
+        monkeypatch.setitem(gpu_kernels.LINEAR_ROWS_BY_SHAPE, shape, (4, warps, 256, 0))
+        assert gpu_kernels.linear_pair((x, fp8.weight, fp8.scale, torch.bfloat16),
+                                       (x, bf16.weight, None, torch.float32)) is None  # fmt: skip
+        launched.clear()
+        (qa, kv), comp = run_pair(joined, bf16, x)
+        assert len(launched) == 2 and torch.allclose(comp.cpu(), bf16(x).cpu(), 1e-5, 1e-5)

@@ -166,6 +166,9 @@ class Attention:
         # wgate with the indexer's weights_proj, each in one launch (`runtime.join_gpu_linears`)
         self.wq_b_ix: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self.csa_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # a compressed layer's on the GPU: a → ((q_a, kv), the compressors' projections as
+        # csa_inputs or the compressor's wkv_wgate gives them) in one launch
+        self.step_inputs: Callable[[torch.Tensor], tuple[tuple, tuple]] | None = None
         self.wo_a = wo_a.view(o_groups, -1, wo_a.shape[-1])  # [G, R, H·d/G]
         self.wo_b = wo_b
         self.sink = sink
@@ -320,9 +323,10 @@ class Attention:
         """A decode step's `_project` → qr (None where not needed), q, kv, the compressors'
         projections (kv and gate of each, then the indexer's head weights where joined) or
         None, and the indexer's queries and head weights where `indexing`, or None. On a GPU
-        with FUSED_SEAMS and the fused norms in fewer launches: `wq_b` (in a CSA layer joined
-        with the indexer's) normalizes q_a as it reads it, one launch ropes q, kv and the index
-        queries, and one projects a for both compressors and the indexer's weights."""
+        with FUSED_SEAMS and the fused norms in fewer launches: one projects a for q_a, kv and
+        the compressors (and the indexer's weights), `wq_b` (in a CSA layer joined with the
+        indexer's) normalizes q_a as it reads it, and one launch ropes q, kv and the index
+        queries."""
         joined = self.indexer is None or (self.wq_b_ix is not None and self.csa_inputs is not None)
         if not (
             self.wq_a_wkv is not None
@@ -332,7 +336,10 @@ class Attention:
             and gpu_kernels.fusing_norms(a.device)
         ):
             return (*self._project(a, cos, sin, False), None, None)
-        qa, kva = self.wq_a_wkv(a)
+        if self.step_inputs is not None:
+            (qa, kva), inputs = self.step_inputs(a)
+        else:
+            (qa, kva), inputs = self.wq_a_wkv(a), self.csa_inputs and self.csa_inputs(a)
         norm = (self.q_norm, self.eps)
         ix = self.indexer
         q_ix = None
@@ -344,7 +351,6 @@ class Attention:
         if q_ix is not None:
             parts.append((q_ix.view(1, ix.n_heads, ix.head_dim), None, False))
         roped = gpu_kernels.norm_ropes(parts, self.eps, cos, sin)
-        inputs = self.csa_inputs(a) if self.csa_inputs is not None else None
         index_q = None
         if q_ix is not None:
             w = inputs[4] if len(inputs) > 4 else ix.weights_proj(a)
