@@ -394,14 +394,18 @@ def _fp8_twins(config, ids: torch.Tensor, prompt: int):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_the_gpu_step_with_the_packed_fp8_kv_layout_keeps_its_own_writes(monkeypatch):
     """Through the GPU kernels with FUSED_SEAMS on, packed FP8 rows cannot be written or read
-    where they lie as they are: the ring's and the stores' rows go through their codec, the CSA
-    picks are gathered and decoded, and the merge still de-rotates. The model's decode logits."""
+    where they lie as they are: the ring's and the stores' rows go through their codec (a CSA
+    layer's two compressors, stepped in one launch, return their rows for it), the CSA picks
+    are gathered and decoded, and the merge still de-rotates. The model's decode logits."""
     kernels_device()
     # power-of-two heads whose no-rope channels are whole 64-blocks (the FP8 layout's)
     config = CONFIG.replace(head_dim=128, qk_rope_head_dim=64, index_head_dim=128)
-    ids = torch.randint(0, config.vocab_size, (13,), generator=torch.Generator().manual_seed(1))
+    # positions 8..11: a CSA window closes
+    ids = torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     with _fp8_twins(config, ids, 8) as (rt, got, logits):
         assert got.layers[0].window.as_stored(torch.float32) is None  # packed
+        as_on_a_gpu(rt.model)  # and the GPU runtime's linears, joined: every fold of the step
+        runtime.join_gpu_linears(rt.model)
         monkeypatch.setattr(gpu_kernels, "applies", lambda t: True)
         monkeypatch.setattr(gpu_kernels, "checked", lambda what, device: True)
         graphs = GraphDecoder(rt.model, capture=False)
