@@ -266,6 +266,7 @@ def _check_compressor_step(dev: torch.device) -> str | None:
 
     g = torch.Generator().manual_seed(4)
     dim, c = 64, 32
+    steps = 17  # windows of both ratios close
     for together in (False, True):
         made = {}
         for ratio in (4, 8):
@@ -278,7 +279,7 @@ def _check_compressor_step(dev: torch.device) -> str | None:
                 store = RowStore(NativeRows(c, torch.float32), where)
                 store.reserve(8)
                 made[side, ratio] = (comp, CompressorCarry(ratio, c, ratio == 4, where), store)
-        for pos in range(17):  # windows of both ratios close
+        for pos in range(steps):
             a = torch.randn(1, dim, generator=g)
             launch = []
             for ratio in (4, 8):
@@ -302,7 +303,7 @@ def _check_compressor_step(dev: torch.device) -> str | None:
                     made["got", ratio][2].put(*entry)
         for ratio in (4, 8):
             (_, want, want_rows), (_, got, got_rows) = made["want", ratio], made["got", ratio]
-            closed = 17 // ratio  # rows past the closed windows' are scratch
+            closed = steps // ratio  # rows past the closed windows' are scratch
             pairs = [(got_rows.rows()[:closed], want_rows.rows()[:closed])]
             pairs += list(zip(got.tensors(), want.tensors(), strict=True))
             for t, u in pairs:
@@ -2577,20 +2578,23 @@ def compressor_steps(parts: Sequence[dict], pos: torch.Tensor) -> list:
     if len(parts) != 2:
         raise ValueError(f"compressor_steps: two compressors, not {len(parts)}")
     kwargs, results = {}, []
-    names = ("kv_new", "g_new", "ape", "kv", "g", "prev_kv", "prev_g", "norm", "inv_freq", "out",
-             "index", "eps")  # fmt: skip
     for p, part in enumerate(parts):
         args, consts, result = _compressor_args(**part)
-        kwargs |= {f"{n}{p}": v for n, v in zip(names, args, strict=True)}
+        kwargs |= {f"{n}{p}": v for n, v in zip(_COMPRESSOR_ARGS, args, strict=True)}
         kwargs |= {f"{n}{p}": v for n, v in consts.items()}
         results.append(result)
     _compressor_steps_kernel[(2,)](pos, **kwargs, num_warps=8, **_pdl(pos.device))
     return results
 
 
+# `_compressor_args`' arguments in order, as `_compressor_steps_kernel` names each part's
+_COMPRESSOR_ARGS = ("kv_new", "g_new", "ape", "kv", "g", "prev_kv", "prev_g", "norm", "inv_freq",
+                    "out", "index", "eps")  # fmt: skip
+
+
 def _compressor_args(kv_new, gate_new, ape, carry, norm, inv_freq, eps, out_dtype, into=None):
-    """A compressor step's kernel arguments but pos (pointers and eps), its constants, and
-    what the caller gets back (None where the entry goes `into` the store)."""
+    """A compressor step's kernel arguments but pos (pointers and eps, `_COMPRESSOR_ARGS`), its
+    constants, and what the caller gets back (None where the entry goes `into` the store)."""
     c = norm.shape[0]
     overlap = carry.prev_kv is not None
     m, w = carry.kv.shape
@@ -2836,18 +2840,17 @@ def _norm_ropes(parts, eps, cos, sin) -> list[torch.Tensor]:
     tokens = parts[0][0].shape[0]
     args, outs, rows = {}, [], 0
     for p in range(3):
-        x, weight, normed = parts[min(p, len(parts) - 1)]
+        used = p < len(parts)  # a part left out repeats the last one's, without programs
+        x, weight, normed = parts[p if used else -1]
         if x.shape[0] != tokens:
             raise ValueError("norm_ropes: the parts hold the same tokens")
         x = x.contiguous()
         d = x.shape[-1]
-        heads = x.shape[1] if x.dim() == 3 else 1
-        out = torch.empty_like(x) if p < len(parts) else outs[-1]
-        if p < len(parts):
+        heads = (x.shape[1] if x.dim() == 3 else 1) if used else 1
+        out = torch.empty_like(x) if used else outs[-1]
+        if used:
             outs.append(out)
             rows += tokens * heads
-        else:  # no programs: any valid constants
-            heads = 1
         w = weight.contiguous() if normed and weight is not None else x
         args |= {f"x{p}": x, f"o{p}": out, f"w{p}": w, f"H{p}": heads, f"D{p}": d,
                  f"NB{p}": triton.next_power_of_2(max(d - 2 * half, 1)),
@@ -3181,8 +3184,8 @@ def index_scores(
     prompt's block of queries a `[b, H, C]` float32 temporary, 1 GB per block at 1M tokens):
     q `[H, d]` roped queries (or `[S, H, d]`: S queries), w `[H]` (`[S, H]`) the head weights
     before `scale` (taken as rounded to q's dtype, as `weights_proj` gives them), keys `[C, d]`
-    of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with `key_scale` `[C]` / `[C, 1]` float32 per key (`cache.Fp8KeyRows`, read without decoding them
-    first), pos `[1]` (`[S]`) int64 positions → `[C]` (`[S, C]`) float32, −∞ from each query's
+    of q's dtype, or E4M3 code bytes (uint8 / float8_e4m3fn) with `key_scale` `[C]` / `[C, 1]`
+    float32 per key (`cache.Fp8KeyRows`, read without decoding them first), pos `[1]` (`[S]`) int64 positions → `[C]` (`[S, C]`) float32, −∞ from each query's
     ⌊(pos+1)/ratio⌋ on."""
     one = q.dim() == 2
     q3, w2 = (q[None], w[None]) if one else (q, w)
@@ -3281,12 +3284,10 @@ def linear(
     if (scale is not None) != (weight.dtype == torch.float8_e4m3fn):
         raise ValueError("FP8 weights need their tile scales; other weights take none")
     group_rows = n // groups
-    if scale is not None and not native_fp8(weight.device):
-        weight = weight.view(torch.uint8)  # decoded from the bits (`_fp8_weights`)
+    weight, s = _as_read(weight, scale)
     x = x.contiguous()
     tokens = x.shape[0]
     out = torch.empty((tokens, n), dtype=out_dtype or x.dtype, device=x.device)
-    s = _bytes(scale).contiguous() if scale is not None else weight  # unused without scales
     min_programs = LINEAR_ROWS_MIN_PROGRAMS
     if kind is None and block_n is None and num_warps is None and block_k is None and split is None:
         shaped = LINEAR_ROWS_BY_SHAPE.get((n, k, groups, weight.element_size()))
@@ -3346,6 +3347,17 @@ def linear(
     return out
 
 
+def _as_read(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+    """A linear's weight and scale pointers as its kernels read them: FP8 weights as bytes
+    where the GPU has no FP8 type (decoded from the bits, `_fp8_weights`), E8M0 scales as
+    bytes (the weight again where there are none: an unused pointer)."""
+    if scale is None:
+        return weight, weight
+    if not native_fp8(weight.device):
+        weight = weight.view(torch.uint8)
+    return weight, _bytes(scale).contiguous()
+
+
 def _rows_tiles(group_rows: int, k: int, scaled: bool, block_n=None, block_k=None) -> tuple:
     """The "rows" kernel's rows per program and columns per step (BN, BK) for a group of
     `group_rows` rows of K: the wanted ones (default LINEAR_ROWS, LINEAR_ROWS_K) where they
@@ -3383,10 +3395,8 @@ def linear_pair(
         bn, bk = _rows_tiles(n, k, scale is not None, block_n, block_k)
         if n % bn or _split_k(tokens * (n // bn), k, bk, wanted) != 1:
             return None
-        if scale is not None and not native_fp8(weight.device):
-            weight = weight.view(torch.uint8)
+        weight, s = _as_read(weight, scale)
         out = torch.empty((tokens, n), dtype=out_dtype, device=x.device)
-        s = _bytes(scale).contiguous() if scale is not None else weight
         plans.append((warps, out, {"x": x.contiguous(), "w": weight, "s": s, "out": out, "N": n,
                                    "K": k, "X_STRIDE": k, "HAS_SCALE": scale is not None,
                                    "BN": bn, "BK": bk, "UNROLL": _block(k // bk, LINEAR_ROWS_UNROLL),
